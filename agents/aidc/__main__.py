@@ -1,0 +1,3 @@
+from aidc.cli.main import main
+
+main()

@@ -1,0 +1,175 @@
+"""An append-only, hash-chained audit log in SQLite (WAL).
+
+Each record's hash covers its own fields and the previous record's hash, so editing,
+deleting or reordering any row breaks the chain at that row. Truncating the tail
+leaves a valid but shorter chain; that is caught by the anchor file beside the
+database (`<db>.anchor`: the last sequence number and hash), rewritten after every
+append. An attacker who rewrites the whole chain *and* the anchor is not caught here:
+signing anchors with the cluster KMS key is the next layer (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GENESIS = "0" * 64
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    node TEXT,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    ts: float
+    actor: str
+    node: str | None
+    kind: str
+    reason: str
+    payload: dict
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "records": self.records, "first_bad_seq": self.first_bad_seq, "problem": self.problem}
+
+
+def record_hash(prev_hash: str, seq: int, ts: float, actor: str, node: str | None, kind: str,
+                reason: str, payload_json: str) -> str:
+    body = json.dumps([prev_hash, seq, repr(ts), actor, node, kind, reason, payload_json],
+                      separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def default_actor(stage: str) -> str:
+    return f"{stage}@{socket.gethostname()}:{os.getpid()}"
+
+
+class AuditLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.anchor_path = self.path.with_name(self.path.name + ".anchor")
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "AuditLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def append(self, kind: str, reason: str, *, actor: str, node: str | None = None,
+               payload: dict | None = None) -> AuditRecord:
+        payload_json = json.dumps(payload or {}, sort_keys=True, default=str)
+        # BEGIN IMMEDIATE serialises writers across processes: the chain has one head.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+            ts = time.time()
+            digest = record_hash(prev, seq, ts, actor, node, kind, reason, payload_json)
+            self._db.execute(
+                "INSERT INTO audit(seq, ts, actor, node, kind, reason, payload, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, ts, actor, node, kind, reason, payload_json, prev, digest),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._write_anchor(seq, digest)
+        return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
+
+    def _write_anchor(self, seq: int, digest: str) -> None:
+        # A writer that crashed between COMMIT and here leaves the anchor one record behind;
+        # verify accepts an anchor that lags (it checks the anchored record) but not a chain
+        # shorter than the anchor.
+        current = self._read_anchor()
+        if current and current[0] >= seq:
+            return
+        tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"seq": seq, "hash": digest}))
+        os.replace(tmp, self.anchor_path)
+
+    def _read_anchor(self) -> tuple[int, str] | None:
+        try:
+            data = json.loads(self.anchor_path.read_text())
+            return int(data["seq"]), str(data["hash"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def records(self, kind: str | None = None, node: str | None = None) -> list[AuditRecord]:
+        # Physical order (rowid), not seq order: verify must see rows as they are stored.
+        sql, args, where = "SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit", [], []
+        if kind:
+            where.append("kind = ?"), args.append(kind)
+        if node:
+            where.append("node = ?"), args.append(node)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        out = []
+        for seq, ts, actor, nd, kd, reason, payload, prev, digest in self._db.execute(sql + " ORDER BY seq", args):
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                data = {"_unparseable": payload}
+            out.append(AuditRecord(seq, ts, actor, nd, kd, reason, data, prev, digest))
+        return out
+
+    def verify(self) -> VerifyResult:
+        """Walk the chain; name the first record that does not hold."""
+        rows = self._db.execute(
+            "SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit ORDER BY rowid"
+        ).fetchall()
+        prev = GENESIS
+        for expected_seq, (seq, ts, actor, node, kind, reason, payload, prev_hash, digest) in enumerate(rows, 1):
+            if seq != expected_seq:
+                problem = "missing (deleted)" if seq > expected_seq else "out of order"
+                return VerifyResult(False, len(rows), expected_seq, f"record {expected_seq} {problem}; found {seq}")
+            if prev_hash != prev:
+                return VerifyResult(False, len(rows), seq, f"record {seq} does not follow record {seq - 1}")
+            if record_hash(prev_hash, seq, ts, actor, node, kind, reason, payload) != digest:
+                return VerifyResult(False, len(rows), seq, f"record {seq} was changed after it was written")
+            prev = digest
+        anchor = self._read_anchor()
+        if anchor:
+            a_seq, a_hash = anchor
+            if a_seq > len(rows):
+                return VerifyResult(False, len(rows), len(rows) + 1,
+                                    f"log truncated: anchor names record {a_seq}, log ends at {len(rows)}")
+            if rows[a_seq - 1][8] != a_hash:
+                return VerifyResult(False, len(rows), a_seq, f"record {a_seq} does not match the anchor")
+        elif rows:
+            return VerifyResult(False, len(rows), None, f"anchor file {self.anchor_path} is missing")
+        return VerifyResult(True, len(rows))

@@ -1,0 +1,1 @@
+"""The `aidc` command: a thin shell over the stages."""

@@ -1,0 +1,44 @@
+"""`aidc audit`: verify the hash chain and write reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from aidc.audit import AuditLog
+from aidc.cli.output import JSON_OPTION, emit
+from aidc.errors import AuditError
+
+app = typer.Typer(help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
+
+DB_OPTION = typer.Option(Path(".aidc/lab/audit.db"), "--db", help="Audit database (SQLite).")
+
+
+def _open(db: Path) -> AuditLog:
+    if not db.exists():
+        raise AuditError(f"no audit database at {db}")
+    return AuditLog(db)
+
+
+@app.command("verify")
+def verify(db: Path = DB_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Check every record's hash and the chain; exit 1 naming the first bad record."""
+    with _open(db) as log:
+        result = log.verify()
+    text = (f"{db}: OK, {result.records} records, chain intact" if result.ok
+            else f"{db}: FAILED at record {result.first_bad_seq}: {result.problem}")
+    emit(result.to_dict(), as_json, text)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command("show")
+def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this node."),
+         kind: str = typer.Option(None, help="Only this kind of record."), as_json: bool = JSON_OPTION) -> None:
+    """List audit records."""
+    with _open(db) as log:
+        recs = log.records(kind=kind, node=node)
+    data = [r.__dict__ for r in recs]
+    text = "\n".join(f"{r.seq:5d} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} {r.reason}" for r in recs)
+    emit(data, as_json, text or "(no records)")

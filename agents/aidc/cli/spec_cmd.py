@@ -1,0 +1,45 @@
+"""`aidc spec`: show and check the cluster spec of a stack."""
+
+from __future__ import annotations
+
+import typer
+
+from aidc.cli.output import JSON_OPTION, emit
+from aidc.spec import load_stack
+
+app = typer.Typer(help="Show and validate the cluster spec (Pulumi.<stack>.yaml, key aidc:cluster).",
+                  no_args_is_help=True)
+
+STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+
+
+@app.command("show")
+def show(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Print the validated spec with defaults filled in, and the nodes it defines."""
+    spec = load_stack(stack)
+    data = spec.model_dump(mode="json")
+    data["nodes"] = [n.__dict__ for n in spec.nodes()]
+    if as_json:
+        return emit(data, True)
+    lines = [f"cluster {spec.name}: device backend {spec.device_backend}, scheduler {spec.scheduler}"]
+    for pool in spec.node_pools:
+        lines.append(f"  pool {pool.name}: {pool.count} x {pool.gpus_per_node} {pool.gpu_model}"
+                     f" + {pool.spares} spare(s), provisioner {pool.provisioner}")
+    f = spec.fabric
+    lines.append(f"  fabric: {f.kind}, {f.rails} rail(s) at {f.link_speed_gbps:g} Gb/s")
+    s = spec.storage
+    lines.append(f"  storage: datasets {s.datasets.storage_class} {s.datasets.size},"
+                 f" checkpoints {s.checkpoints.storage_class} {s.checkpoints.size}")
+    lines.append(f"  kms: {spec.kms.provider} key {spec.kms.key_id}, rotation {spec.kms.rotation_days} d")
+    p = spec.policy
+    lines.append(f"  policy: dry_run={p.dry_run}, max_unavailable={p.max_unavailable}"
+                 f" ({p.max_unavailable_nodes(len(spec.nodes()))} node(s))")
+    lines.append("  nodes: " + ", ".join(n.name + (" (spare)" if n.spare else "") for n in spec.nodes()))
+    emit(data, False, "\n".join(lines))
+
+
+@app.command("check")
+def check(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Validate the stack file; exit 0 when it is valid, 2 with the key path when not."""
+    spec = load_stack(stack)
+    emit({"ok": True, "stack": stack, "nodes": len(spec.nodes())}, as_json, f"{stack}: valid ({len(spec.nodes())} nodes)")

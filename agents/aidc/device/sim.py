@@ -1,0 +1,247 @@
+"""The lab's simulated GPUs: the same interface as NVML, backed by one JSON file per node.
+
+A node directory holds `device.json` (the GPUs' state) and `kern.log` (the node's
+kernel log). Fault injection (`inject`) changes the state under a file lock and writes
+the kernel-log lines the real driver writes, so the health stage's kernel-log path is
+exercised end to end. Everything here is named simulated; nothing else in aidc
+special-cases it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from aidc.device.base import GpuTelemetry, XidEvent
+from aidc.errors import DeviceError
+
+STATE_FILE = "device.json"
+KERNEL_LOG = "kern.log"
+MAX_HANG_S = 600  # an injected hang is bounded, so no test can hang forever
+
+FAULTS = ("xid", "ecc_dbe", "thermal", "nvlink_down", "fallen_off_bus", "slowdown", "hang", "clear")
+
+XID_TEXT = {
+    13: "pid=2317, name=python, Ch 00000008, Graphics Exception: ESR 0x50df30=0x1000e",
+    31: "pid=2317, name=python, Ch 00000008, intr 10000000. MMU Fault: ENGINE GRAPHICS GPCCLIENT_T1_0 faulted @ 0x7f_1a2b3000.",
+    43: "pid=2317, name=python, Ch 00000008",
+    48: "An uncorrectable double bit error (DBE) has been detected on GPU in the framebuffer at partition 3, subpartition 0.",
+    63: "Row Remapper: New row (0x0000000000a3c000) was marked for remapping, reset gpu to activate.",
+    64: "Row Remapper: Failed to remap row (0x0000000000a3c000).",
+    74: "NVLink: fatal error detected on link 3(0x10000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0)",
+    79: "pid='<unknown>', name=<unknown>, GPU has fallen off the bus.",
+    94: "pid=2317, name=python, Ch 00000008, Contained: SM (0x1). RST: No, D-RST: No",
+    95: "pid=2317, name=python, Ch 00000008, Uncontained: FBHUB. RST: Yes, D-RST: No",
+    109: "pid=2317, name=python, Ch 00000008, errorString CTX SWITCH TIMEOUT, Info 0x3c00c",
+    154: "GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)",
+}
+
+
+def _pci(node_index: int, gpu: int) -> str:
+    return f"00000000:{0x17 + 0x10 * gpu + node_index:02X}:00.0"
+
+
+def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0) -> Path:
+    """Lay out a simulated node: healthy GPUs and an empty kernel log."""
+    node_dir = Path(node_dir)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "node": node,
+        "boot_time": time.time(),
+        "slowdown": 1.0,
+        "hang_s": 0.0,
+        "xid_events": [],
+        "gpus": [
+            {
+                "index": i,
+                "uuid": f"GPU-SIM-{node}-{i}",
+                "pci_bus_id": _pci(node_index, i),
+                "name": "Simulated GPU (aidc lab)",
+                "temperature_c": 41.0 + i,
+                "power_w": 85.0,
+                "sm_clock_mhz": 1980.0,
+                "mem_clock_mhz": 2619.0,
+                "throttle_reasons": [],
+                "ecc_sbe_volatile": 0,
+                "ecc_dbe_volatile": 0,
+                "ecc_sbe_aggregate": 0,
+                "ecc_dbe_aggregate": 0,
+                "retired_pages_sbe": 0,
+                "retired_pages_dbe": 0,
+                "retired_pages_pending": False,
+                "row_remap_correctable": 0,
+                "row_remap_uncorrectable": 0,
+                "row_remap_pending": False,
+                "row_remap_failure": False,
+                "pcie_gen": 5,
+                "pcie_gen_max": 5,
+                "pcie_width": 16,
+                "pcie_width_max": 16,
+                "nvlink_up": [],
+                "fallen_off_bus": False,
+            }
+            for i in range(gpus)
+        ],
+    }
+    _write(node_dir, state)
+    (node_dir / KERNEL_LOG).touch()
+    return node_dir
+
+
+@contextlib.contextmanager
+def _locked_state(node_dir: Path):
+    with open(node_dir / (STATE_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads((node_dir / STATE_FILE).read_text())
+        yield state
+        _write(node_dir, state)
+
+
+def _write(node_dir: Path, state: dict) -> None:
+    tmp = node_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, node_dir / STATE_FILE)
+
+
+def _kernel_lines(node_dir: Path, state: dict, lines: list[str]) -> None:
+    """Append lines as the kernel would log them: dmesg's `[seconds.micros]` prefix."""
+    uptime = time.time() - state["boot_time"]
+    with open(node_dir / KERNEL_LOG, "a") as log:
+        for line in lines:
+            log.write(f"[{uptime:12.6f}] {line}\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def _short_pci(pci: str) -> str:
+    # The driver prints PCI:DDDD:BB:DD without the function, as in the real log.
+    domain, bus, devfn = pci.split(":")
+    return f"{domain[-4:]}:{bus}:{devfn.split('.')[0]}"
+
+
+def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, factor: float = 4.0,
+           seconds: float = 30.0) -> dict:
+    """Inject a fault into a simulated node. Returns what was done (with the time written)."""
+    node_dir = Path(node_dir)
+    if fault not in FAULTS:
+        raise DeviceError(f"unknown fault {fault!r}; valid: {', '.join(FAULTS)}")
+    with _locked_state(node_dir) as state:
+        if not 0 <= gpu < len(state["gpus"]):
+            raise DeviceError(f"gpu {gpu} out of range: node has {len(state['gpus'])} GPUs")
+        g = state["gpus"][gpu]
+        pci = g["pci_bus_id"]
+        lines: list[str] = []
+        if fault == "xid":
+            lines.append(f"NVRM: Xid (PCI:{_short_pci(pci)}): {xid}, {XID_TEXT.get(xid, 'pid=<unknown>, name=<unknown>, Ch 00000000')}")
+            state["xid_events"].append({"gpu": gpu, "xid": xid, "ts": time.time()})
+            if xid == 79:
+                g["fallen_off_bus"] = True
+            if xid == 48:
+                g["ecc_dbe_volatile"] += 1
+                g["ecc_dbe_aggregate"] += 1
+        elif fault == "ecc_dbe":
+            g["ecc_dbe_volatile"] += 1
+            g["ecc_dbe_aggregate"] += 1
+            g["retired_pages_dbe"] += 1
+            g["row_remap_pending"] = True
+            lines.append(f"NVRM: Xid (PCI:{_short_pci(pci)}): 48, {XID_TEXT[48]}")
+            state["xid_events"].append({"gpu": gpu, "xid": 48, "ts": time.time()})
+        elif fault == "thermal":
+            g["temperature_c"] = 93.0
+            g["sm_clock_mhz"] = 1100.0
+            g["throttle_reasons"] = ["hw_thermal_slowdown", "sw_thermal_slowdown"]
+        elif fault == "nvlink_down":
+            g["nvlink_up"] = [False] + [True] * 17 if not g["nvlink_up"] else [False] + g["nvlink_up"][1:]
+        elif fault == "fallen_off_bus":
+            # The multi-line message the driver prints when the GPU vanishes without an XID.
+            g["fallen_off_bus"] = True
+            lines += [
+                f"NVRM: The NVIDIA GPU {pci}",
+                "NVRM: (PCI ID: 10de:2330) installed in this system has",
+                "NVRM: fallen off the bus and is not responding to commands.",
+            ]
+        elif fault == "slowdown":
+            if factor < 1.0:
+                raise DeviceError(f"slowdown factor must be >= 1.0, got {factor}")
+            state["slowdown"] = factor
+        elif fault == "hang":
+            state["hang_s"] = min(max(seconds, 0.0), MAX_HANG_S)
+            state["hang_until"] = time.time() + state["hang_s"]
+        elif fault == "clear":
+            fresh = json.loads(json.dumps(state))
+            for gg in fresh["gpus"]:
+                gg.update(throttle_reasons=[], temperature_c=41.0 + gg["index"], sm_clock_mhz=1980.0,
+                          fallen_off_bus=False, ecc_dbe_volatile=0, row_remap_pending=False,
+                          nvlink_up=[True] * len(gg["nvlink_up"]))
+            fresh.update(slowdown=1.0, hang_s=0.0, hang_until=0.0)
+            state.clear()
+            state.update(fresh)
+        written_at = time.time()
+        if lines:
+            _kernel_lines(node_dir, state, lines)
+    return {"fault": fault, "gpu": gpu, "pci": pci, "lines": lines, "written_at": written_at}
+
+
+class SimBackend:
+    """DeviceBackend over a simulated node directory."""
+
+    name = "sim"
+
+    def __init__(self, node_dir: str | os.PathLike):
+        self.node_dir = Path(node_dir)
+        if not (self.node_dir / STATE_FILE).exists():
+            raise DeviceError(f"no simulated node at {self.node_dir} (missing {STATE_FILE})")
+        self._xid_cursor = len(self._state()["xid_events"])
+
+    def _state(self) -> dict:
+        return json.loads((self.node_dir / STATE_FILE).read_text())
+
+    def _maybe_hang(self, state: dict) -> None:
+        # An injected hang blocks the call like a wedged driver would; TimedBackend turns it
+        # into DeviceHang. Bounded by the injection's duration.
+        remaining = state.get("hang_until", 0.0) - time.time()
+        if remaining > 0:
+            time.sleep(min(remaining, MAX_HANG_S))
+
+    def gpu_count(self) -> int:
+        state = self._state()
+        self._maybe_hang(state)
+        return len(state["gpus"])
+
+    def telemetry(self, index: int) -> GpuTelemetry:
+        state = self._state()
+        self._maybe_hang(state)
+        g = state["gpus"][index]
+        if g["fallen_off_bus"]:
+            # NVML answers NVML_ERROR_GPU_IS_LOST for a GPU that fell off the bus.
+            raise DeviceError(f"GPU {index} ({g['pci_bus_id']}) is lost: fallen off the bus")
+        fields = {k: v for k, v in g.items() if k in GpuTelemetry.__dataclass_fields__}
+        fields["throttle_reasons"] = tuple(fields["throttle_reasons"])
+        fields["nvlink_up"] = tuple(fields["nvlink_up"])
+        return GpuTelemetry(**fields)
+
+    def xid_events(self, timeout_ms: int = 0) -> list[XidEvent]:
+        state = self._state()
+        self._maybe_hang(state)
+        new = state["xid_events"][self._xid_cursor:]
+        self._xid_cursor += len(new)
+        gpus = state["gpus"]
+        return [XidEvent(e["gpu"], gpus[e["gpu"]]["pci_bus_id"], e["xid"], e["ts"]) for e in new]
+
+    def torch_device(self, index: int) -> str:
+        return "cpu"
+
+    def compute_slowdown(self) -> float:
+        return float(self._state().get("slowdown", 1.0))
+
+    def close(self) -> None:
+        pass
+
+
+def telemetry_dict(t: GpuTelemetry) -> dict:
+    return asdict(t)

@@ -1,0 +1,42 @@
+"""One error hierarchy for the whole package.
+
+Library code raises these; only the CLI turns them into messages and exit codes.
+"""
+
+
+class AidcError(Exception):
+    """Base of every error aidc raises on purpose."""
+
+    exit_code = 2
+
+
+class SpecError(AidcError):
+    """The cluster spec (stack file) is missing or invalid."""
+
+    def __init__(self, file: str, key: str, expected: str):
+        self.file, self.key, self.expected = file, key, expected
+        super().__init__(f"{file}: {key}: {expected}")
+
+
+class DeviceError(AidcError):
+    """A device backend could not answer."""
+
+
+class NoDriverError(DeviceError):
+    """No NVIDIA driver / NVML library on this machine."""
+
+
+class DeviceHang(DeviceError):
+    """A device call did not return within its timeout: itself a fault."""
+
+
+class AuditError(AidcError):
+    """The audit log is unreadable or fails verification."""
+
+    exit_code = 1
+
+
+class PolicyRefusal(AidcError):
+    """A guarded action was refused by policy (blast radius, dry-run, lock)."""
+
+    exit_code = 3
