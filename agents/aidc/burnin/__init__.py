@@ -1,0 +1,1 @@
+"""aidc.burnin stage."""

@@ -1,0 +1,1 @@
+"""Failover: turn fault events into guarded quarantines through a scheduler backend."""

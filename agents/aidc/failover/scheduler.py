@@ -1,0 +1,86 @@
+"""Scheduler backends: how failover takes a node out of service and gives it back.
+
+The lab backend is here; Slurm (`scontrol update state=drain`) and Kubernetes (cordon +
+eviction) implement the same protocol later. Every method is idempotent, because a
+restarted controller may repeat a call whose result it did not get to record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class SchedulerBackend(Protocol):
+    name: str
+
+    def quarantine(self, node: str, reason: str) -> None:
+        """Stop new work on the node and stop its current work (drain). Idempotent."""
+        ...
+
+    def release(self, node: str, reason: str) -> None:
+        """Return the node to service. Idempotent."""
+        ...
+
+    def state(self, node: str) -> str:
+        """"in_service" or "quarantined", as the scheduler sees it."""
+        ...
+
+
+class LabScheduler:
+    """The lab's scheduler: a node is a directory; quarantine stops the whole node.
+
+    Stopping the whole node (its torchrun agent *and* its workers, each in its own
+    process group) matters: killing only the agent leaves the worker training and
+    writing checkpoints for seconds, and killing only a worker livelocks torchrun.
+    The node's process groups are listed in `nodes/<node>/pgids.json` by whoever starts them.
+    """
+
+    name = "lab"
+
+    def __init__(self, lab_dir: str | os.PathLike, on_quarantine=None):
+        self.lab_dir = Path(lab_dir)
+        # Called after the node is stopped, e.g. to tell the rendezvous at once.
+        self.on_quarantine = on_quarantine
+
+    def _node_dir(self, node: str) -> Path:
+        path = self.lab_dir / "nodes" / node
+        if not path.is_dir():
+            raise KeyError(f"no lab node {node!r} under {self.lab_dir / 'nodes'}")
+        return path
+
+    def quarantine(self, node: str, reason: str) -> None:
+        d = self._node_dir(node)
+        (d / "quarantined").write_text(json.dumps({"reason": reason, "at": time.time()}))
+        for pgid in self.process_groups(node):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.on_quarantine:
+            self.on_quarantine(node)
+
+    def release(self, node: str, reason: str) -> None:
+        (self._node_dir(node) / "quarantined").unlink(missing_ok=True)
+
+    def state(self, node: str) -> str:
+        return "quarantined" if (self._node_dir(node) / "quarantined").exists() else "in_service"
+
+    def process_groups(self, node: str) -> list[int]:
+        path = self._node_dir(node) / "pgids.json"
+        try:
+            return [int(p) for p in json.loads(path.read_text())]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    def add_process_group(self, node: str, pgid: int) -> None:
+        path = self._node_dir(node) / "pgids.json"
+        groups = sorted(set(self.process_groups(node)) | {pgid})
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(groups))
+        os.replace(tmp, path)

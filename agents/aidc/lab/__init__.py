@@ -1,0 +1,1 @@
+"""aidc.lab stage."""
