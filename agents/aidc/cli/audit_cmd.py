@@ -42,3 +42,14 @@ def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this no
     data = [r.__dict__ for r in recs]
     text = "\n".join(f"{r.seq:5d} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} {r.reason}" for r in recs)
     emit(data, as_json, text or "(no records)")
+
+
+@app.command("report")
+def report(db: Path = DB_OPTION, out: Path = typer.Option(Path(".aidc/report"), "--out", help="Output directory."),
+           as_json: bool = JSON_OPTION) -> None:
+    """Write report.html (timeline, per-node burn-in) and report.json."""
+    from aidc.audit.report import write_report
+
+    with _open(db) as log:
+        html_path, json_path = write_report(log, out)
+    emit({"html": str(html_path), "json": str(json_path)}, as_json, f"wrote {html_path} and {json_path}")

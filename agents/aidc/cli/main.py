@@ -24,6 +24,8 @@ GROUPS = [
     ("aidc.cli.spec_cmd", "spec"),
     ("aidc.cli.device_cmd", "device"),
     ("aidc.cli.audit_cmd", "audit"),
+    ("aidc.cli.failover_cmd", "failover"),
+    ("aidc.cli.lab_cmd", "lab"),
 ]
 
 for module, name in GROUPS:

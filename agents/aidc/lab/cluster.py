@@ -1,0 +1,179 @@
+"""The lab's processes: simulated nodes, their agents, the controller and the training job.
+
+Everything the lab starts is recorded in `<lab>/lab.json` (name, pid, process group,
+node), so `aidc lab down` can stop it from another shell, and so the lab scheduler
+can stop a whole node. Each process gets its own process group; a node's groups are
+also listed in `nodes/<node>/pgids.json` for the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aidc.device import sim
+from aidc.failover.scheduler import LabScheduler
+from aidc.spec import ClusterSpec
+
+RUN_ID = "aidc-lab"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LabCluster:
+    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike):
+        self.spec = spec
+        self.dir = Path(lab_dir).resolve()
+        self.manifest = self.dir / "lab.json"
+        self.nodes = spec.nodes()
+
+    # -- layout -------------------------------------------------------------------
+    def create(self) -> None:
+        if self.manifest.exists() and self.running():
+            raise RuntimeError(f"a lab is already running in {self.dir}: run `aidc lab down` first")
+        if self.dir.exists():
+            import shutil
+
+            shutil.rmtree(self.dir)
+        (self.dir / "logs").mkdir(parents=True)
+        for i, node in enumerate(self.nodes):
+            sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i)
+        ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
+        self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID})
+
+    def node_dir(self, node: str) -> Path:
+        return self.dir / "nodes" / node
+
+    @property
+    def store_path(self) -> Path:
+        return self.dir / "state.db"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.dir / "audit.db"
+
+    def info(self) -> dict:
+        return json.loads(self.manifest.read_text())
+
+    def _write(self, data: dict) -> None:
+        tmp = self.manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.manifest)
+
+    def port(self, name: str) -> int:
+        return self.info()["ports"][name]
+
+    # -- processes ----------------------------------------------------------------
+    def start(self, name: str, argv: list[str], node: str | None = None, workload: bool = False) -> subprocess.Popen:
+        """Start a lab process in its own group. A node's *workload* is what quarantine stops."""
+        log = open(self.dir / "logs" / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=self.dir)
+        log.close()
+        data = self.info()
+        data["processes"].append({"name": name, "pid": proc.pid, "pgid": proc.pid, "node": node})
+        self._write(data)
+        if node and workload:
+            LabScheduler(self.dir).add_process_group(node, proc.pid)
+        if node:
+            (self.node_dir(node) / f"{name.split(':')[0]}.pid").write_text(str(proc.pid))
+        return proc
+
+    def aidc(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "aidc", *args]
+
+    def start_rendezvous_store(self) -> subprocess.Popen:
+        return self.start("rdzv-store", [sys.executable, "-m", "aidc.lab.rdzv_store", "--port", str(self.port("rdzv"))])
+
+    def start_agent(self, node: str) -> subprocess.Popen:
+        a = self.spec.agent
+        return self.start(f"agent:{node}", self.aidc(
+            "agent", "run", "--node", node, "--backend", "sim", "--node-dir", str(self.node_dir(node)),
+            "--kernel-log", str(self.node_dir(node) / sim.KERNEL_LOG), "--store", str(self.store_path),
+            "--audit-db", str(self.audit_path), "--port", str(self.port(f"metrics:{node}")),
+            "--poll-interval", str(a.poll_interval_s), "--device-timeout", str(a.device_timeout_s)), node=node)
+
+    def start_controller(self, stack: str) -> subprocess.Popen:
+        return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir)))
+
+    def start_trainer(self, node: str) -> subprocess.Popen:
+        lab = self.spec.lab
+        primaries = sum(1 for n in self.nodes if not n.spare)
+        return self.start(f"launcher:{node}", [
+            sys.executable, "-m", "aidc.lab.node_launcher", "--node", node, "--lab-dir", str(self.dir),
+            "--rdzv", f"127.0.0.1:{self.port('rdzv')}", "--run-id", RUN_ID, "--nnodes", str(primaries),
+            "--total-steps", str(lab.train_steps), "--checkpoint-every", str(lab.checkpoint_every)], node=node, workload=True)
+
+    def running(self) -> list[dict]:
+        out = []
+        for p in json.loads(self.manifest.read_text()).get("processes", []):
+            try:
+                os.kill(p["pid"], 0)
+                out.append(p)
+            except ProcessLookupError:
+                pass
+        return out
+
+    def stop(self, names_prefix: str = "", timeout_s: float = 10.0) -> int:
+        """Stop the lab's processes (whole process groups): TERM, then KILL after the timeout."""
+        procs = [p for p in self.info()["processes"] if p["name"].startswith(names_prefix)]
+        for p in procs:
+            _signal_group(p["pgid"], signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(_alive(p["pid"]) for p in procs):
+            time.sleep(0.1)
+        for p in procs:
+            _signal_group(p["pgid"], signal.SIGKILL)
+        for p in procs:  # reap our own children so none is left a zombie
+            try:
+                os.waitpid(p["pid"], os.WNOHANG)
+            except ChildProcessError:
+                pass
+        return len(procs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def lab_scheduler(lab_dir: str | os.PathLike) -> LabScheduler:
+    """The lab's scheduler backend, wired to tell the rendezvous at once about a quarantine."""
+    lab_dir = Path(lab_dir)
+
+    def evict_from_rendezvous(node: str) -> None:
+        from aidc.failover.rendezvous import evict
+
+        pid_file = lab_dir / "nodes" / node / "launcher.pid"
+        if not pid_file.exists():
+            return
+        info = json.loads((lab_dir / "lab.json").read_text())
+        evict("127.0.0.1", info["ports"]["rdzv"], info["run_id"], pids={int(pid_file.read_text())})
+
+    return LabScheduler(lab_dir, on_quarantine=evict_from_rendezvous)

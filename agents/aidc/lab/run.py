@@ -1,0 +1,208 @@
+"""`aidc lab run`: the whole loop on one machine.
+
+Bring up the lab from the stack file, burn every node in, start the node agents and
+the failover controller, train under torchrun's elastic agent with a warm spare,
+inject a fault into one training node, watch failover move the job to the spare,
+finish training, write the report and verify the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from aidc.audit import AuditLog
+from aidc.audit.log import default_actor
+from aidc.device import sim
+from aidc.errors import AidcError
+from aidc.lab.cluster import LabCluster
+from aidc.spec import ClusterSpec
+
+
+class LabError(AidcError):
+    exit_code = 1
+
+
+@dataclass
+class LabResult:
+    certified_nodes: list[str] = field(default_factory=list)
+    failed_nodes: list[str] = field(default_factory=list)
+    victim: str | None = None
+    xid: int | None = None
+    detect_ms: float | None = None
+    resume_s: float | None = None
+    steps_lost: int | None = None
+    ettr: float | None = None
+    train_steps: int = 0
+    report_html: str = ""
+    report_json: str = ""
+    audit_db: str = ""
+    audit_verified: bool = False
+    completed: bool = False
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written right now
+            pass
+    return out
+
+
+def _wait(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise LabError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class LabRun:
+    def __init__(self, spec: ClusterSpec, stack: str, lab_dir: Path, progress: Callable[[str], None] = print):
+        self.spec, self.stack = spec, stack
+        self.cluster = LabCluster(spec, lab_dir)
+        self.say = progress
+        self.result = LabResult()
+        self.actor = default_actor("lab")
+
+    @property
+    def steps_log(self) -> Path:
+        return self.cluster.dir / "train" / "steps.jsonl"
+
+    def run(self, keep: bool = False) -> LabResult:
+        started = time.monotonic()
+        c = self.cluster
+        c.create()
+        self.audit = AuditLog(c.audit_path)
+        self.result.audit_db = str(c.audit_path)
+        self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
+                          payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir)})
+        try:
+            self._burnin()
+            self._start_services()
+            self._train_and_fail_over()
+            self.result.completed = True
+        finally:
+            if not keep:
+                c.stop()
+            self._finish(started)
+        return self.result
+
+    # -- stages -----------------------------------------------------------------------
+    def _burnin(self) -> None:
+        from aidc.burnin.runner import run_burnin
+
+        self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, all_reduce sweep, DDP + SDC check)")
+        node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
+        report = run_burnin(self.spec, node_dirs, self.audit, progress=False)
+        data = report.to_dict()
+        verdicts = {name: node["passed"] for name, node in data["nodes"].items()}
+        self.result.certified_nodes = sorted(n for n, ok in verdicts.items() if ok)
+        self.result.failed_nodes = sorted(n for n, ok in verdicts.items() if not ok)
+        self.say(f"burn-in: certified {', '.join(self.result.certified_nodes) or 'none'}"
+                 + (f"; FAILED {', '.join(self.result.failed_nodes)}" if self.result.failed_nodes else ""))
+        if self.result.failed_nodes:
+            raise LabError(f"burn-in failed on {', '.join(self.result.failed_nodes)}: see the report")
+
+    def _start_services(self) -> None:
+        c = self.cluster
+        self.say("starting the rendezvous store, one health agent per node and the failover controller")
+        c.start_rendezvous_store()
+        for n in c.nodes:
+            c.start_agent(n.name)
+        c.start_controller(self.stack)
+
+    def _train_and_fail_over(self) -> None:
+        c, lab = self.cluster, self.spec.lab
+        primaries = [n.name for n in c.nodes if not n.spare]
+        spares = [n.name for n in c.nodes if n.spare]
+        self.say(f"training: {lab.train_steps} steps on {', '.join(primaries)} (elastic, checkpoint every"
+                 f" {lab.checkpoint_every} step(s)); spare(s) {', '.join(spares)} wait warm")
+        for name in primaries:
+            c.start_trainer(name)
+        _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
+        # The spare joins only after the first round formed, so it is the one on the
+        # rendezvous' redundancy list (which agent becomes spare is otherwise a race).
+        for name in spares:
+            c.start_trainer(name)
+        last = _wait(f"step {lab.inject_at_step}",
+                     lambda: next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
+        victim = last["world"][-1]
+        self.result.victim, self.result.xid = victim, lab.inject_xid
+        injected = sim.inject(c.node_dir(victim), "xid", 0, xid=lab.inject_xid)
+        t_fault = injected["written_at"]
+        self.audit.append("lab.inject", f"injected XID {lab.inject_xid} on {victim} gpu 0", actor=self.actor,
+                          node=victim, payload=injected)
+        self.say(f"fault: XID {lab.inject_xid} written to {victim}'s kernel log at step {last['step']}")
+
+        decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim), 60)
+        self.result.detect_ms = round((decision.ts - t_fault) * 1000, 1)
+        self.say(f"failover: {victim} quarantined {self.result.detect_ms:.0f} ms after the kernel-log line")
+
+        first_new = _wait("a step on the new membership",
+                          lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and victim not in s["world"]), None), 120)
+        self.result.resume_s = round(first_new["t"] - t_fault, 2)
+        starts = _read_jsonl(c.dir / "train" / "starts.jsonl")
+        resumed_from = next(s["resumed_from"] for s in starts if victim not in s["world"])
+        before = [s["step"] for s in _read_jsonl(self.steps_log) if victim in s["world"]]
+        self.result.steps_lost = max(0, max(before) - resumed_from)
+        self.audit.append("lab.resume", f"training resumed on {', '.join(first_new['world'])}", actor=self.actor,
+                          payload={"resume_s": self.result.resume_s, "resumed_from_step": resumed_from,
+                                   "steps_lost": self.result.steps_lost, "world": first_new["world"]})
+        self.say(f"resumed: step {first_new['step']} on {', '.join(first_new['world'])} {self.result.resume_s:.2f} s"
+                 f" after the fault, {self.result.steps_lost} step(s) lost")
+
+        _wait("the end of training", lambda: (c.dir / "train" / "done.json").exists(), 600, poll_s=0.2)
+        # Let the launchers exit on their own (barrier, teardown) before anything is stopped.
+        try:
+            _wait("the training launchers to exit", lambda: not [p for p in c.running() if p["name"].startswith("launcher:")], 30, 0.2)
+        except LabError:
+            self.say("warning: a training launcher did not exit by itself; stopping it")
+        steps = _read_jsonl(self.steps_log)
+        self.result.train_steps = max(s["step"] for s in steps)
+        self.result.ettr = self._ettr(steps)
+
+    def _quarantine_decision(self, node: str):
+        for rec in self.audit.records(kind="failover.decision", node=node):
+            if rec.payload.get("verdict") == "quarantine":
+                return rec
+        return None
+
+    @staticmethod
+    def _ettr(steps: list[dict]) -> float:
+        """Effective training time ratio: productive time / wall-clock time of the job.
+
+        Productive time counts each step of the final trajectory once, at the median
+        step duration of the run; the wall clock runs from the first to the last step.
+        """
+        times = [s["t"] for s in steps]
+        gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+        if not gaps:
+            return 0.0
+        productive = (max(s["step"] for s in steps) - min(s["step"] for s in steps)) * statistics.median(gaps)
+        return round(min(1.0, productive / (times[-1] - times[0])), 3)
+
+    def _finish(self, started: float) -> None:
+        from aidc.audit.report import write_report
+
+        self.result.wall_s = round(time.monotonic() - started, 1)
+        self.audit.append("lab.summary", "lab loop " + ("completed" if self.result.completed else "did not complete"),
+                          actor=self.actor, payload=self.result.to_dict())
+        html, js = write_report(self.audit, self.cluster.dir / "report")
+        self.result.report_html, self.result.report_json = str(html), str(js)
+        self.result.audit_verified = self.audit.verify().ok
+        self.audit.close()

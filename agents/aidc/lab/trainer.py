@@ -1,0 +1,133 @@
+"""The lab's training job: a small data-parallel run that checkpoints every step.
+
+Each elastic worker runs `train()`. Like torchtitan's loop it is a short sequence of
+named steps; what it adds for the lab is bookkeeping the failover measurements need:
+every completed step is logged with its time and membership, and every start records
+which checkpoint it resumed from.
+
+The optimizer update is a plain SGD step written out: `torch.optim` imports
+`torch._dynamo` on first use (~2 s here), which would be paid again on every failover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from aidc.device.sim import SimBackend
+
+IN_FEATURES, HIDDEN, LAYERS = 64, 384, 3
+
+
+def build_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh()]
+    for _ in range(LAYERS - 1):
+        layers += [nn.Linear(HIDDEN, HIDDEN), nn.Tanh()]
+    layers.append(nn.Linear(HIDDEN, 1))
+    return nn.Sequential(*layers)
+
+
+def batch(seed: int, step: int, rank: int, size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic batch: inputs and the targets of a fixed random 'teacher' function."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + rank)
+    x = torch.randn(size, IN_FEATURES, generator=g)
+    teacher = torch.Generator().manual_seed(seed)
+    w = torch.randn(IN_FEATURES, 1, generator=teacher) / IN_FEATURES**0.5
+    return x, torch.sin(3 * x @ w) + 0.5 * (x[:, :1] ** 2)
+
+
+class Checkpoints:
+    """Atomic checkpoints on shared storage: write a temp file, then rename over `latest.pt`."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.latest = self.dir / "latest.pt"
+
+    def load(self) -> dict | None:
+        if not self.latest.exists():
+            return None
+        return torch.load(self.latest, weights_only=True)
+
+    def save(self, step: int, model: nn.Module) -> None:
+        tmp = self.dir / f".latest.{os.getpid()}.tmp"
+        torch.save({"step": step, "model": model.state_dict()}, tmp)
+        os.replace(tmp, self.latest)
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: dict) -> int:
+    """Entry point of one worker. cfg: lab_dir, node, total_steps, checkpoint_every, seed, lr."""
+    lab = Path(cfg["lab_dir"])
+    node = cfg["node"]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    members: list[str | None] = [None] * world
+    dist.all_gather_object(members, node)
+
+    ckpt = Checkpoints(lab / "checkpoints")
+    model = build_model(cfg["seed"])
+    state = ckpt.load()
+    start_step = 1
+    if state:
+        model.load_state_dict(state["model"])
+        start_step = state["step"] + 1
+    ddp = DistributedDataParallel(model)
+    device = SimBackend(lab / "nodes" / node)
+    log = lab / "train" / "steps.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _append(lab / "train" / "starts.jsonl", {
+            "t": time.time(), "resumed_from": start_step - 1, "world": members,
+            "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        })
+
+    for step in range(start_step, cfg["total_steps"] + 1):
+        loss = train_step(ddp, device, cfg, step, rank)
+        if rank == 0:
+            if step % cfg["checkpoint_every"] == 0 or step == cfg["total_steps"]:
+                ckpt.save(step, model)
+            _append(log, {"step": step, "loss": loss, "t": time.time(), "world": members})
+
+    if rank == 0:
+        (lab / "train" / "done.json").write_text(json.dumps({"t": time.time(), "steps": cfg["total_steps"]}))
+    # A barrier before teardown: without it a rank sometimes aborts at exit
+    # ("terminate called without an active exception") despite correct results.
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step: int, rank: int) -> float:
+    x, y = batch(cfg["seed"], step, rank)
+    loss = nn.functional.mse_loss(ddp(x), y)
+    loss.backward()  # DDP all-reduces the gradients here
+    _straggle(ddp, device, x)
+    with torch.no_grad():
+        for p in ddp.parameters():
+            p -= cfg["lr"] * p.grad
+            p.grad = None
+    return loss.detach().item()
+
+
+def _straggle(ddp: DistributedDataParallel, device: SimBackend, x: torch.Tensor) -> None:
+    """A simulated GPU with a slowdown factor really computes that much longer."""
+    extra = device.compute_slowdown() - 1.0
+    if extra <= 0:
+        return
+    with torch.no_grad():
+        for _ in range(3 * int(round(extra))):  # forward+backward ~ 3 forwards
+            ddp.module(x)

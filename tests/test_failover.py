@@ -1,0 +1,181 @@
+"""Failover: faults become guarded, audited quarantines; a crash neither loses nor repeats one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from aidc.audit import AuditLog
+from aidc.events import Action, FaultEvent, FaultKind
+from aidc.failover.controller import FailoverController
+from aidc.failover.scheduler import LabScheduler
+from aidc.spec import load_stack, parse_spec
+from aidc.store import Store
+
+
+class RecordingScheduler:
+    """Test double of a scheduler backend: records calls, can fail once like a crash."""
+
+    name = "recording"
+
+    def __init__(self, crash_on_quarantine: bool = False):
+        self.calls: list[tuple[str, str]] = []
+        self.crash = crash_on_quarantine
+
+    def quarantine(self, node, reason):
+        self.calls.append(("quarantine", node))
+        if self.crash:
+            self.crash = False
+            raise SystemExit("controller killed mid-quarantine")
+
+    def release(self, node, reason):
+        self.calls.append(("release", node))
+
+    def state(self, node):
+        return "quarantined" if ("quarantine", node) in self.calls else "in_service"
+
+
+def _spec(**policy):
+    return parse_spec({"name": "t", "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM",
+                                                     "gpus_per_node": 2, "spares": 1}],
+                       "policy": {"max_unavailable": 1, **policy}})
+
+
+def _fault(node="gpu-1", action=Action.REBOOT_NODE, xid=79):
+    return FaultEvent(node, FaultKind.XID, action, f"XID {xid}", "kmsg", gpu=0, xid=xid)
+
+
+@pytest.fixture
+def env(tmp_path):
+    store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+    yield tmp_path, store, audit
+    store.close()
+    audit.close()
+
+
+def test_a_fatal_xid_quarantines_the_node_once_and_audits_decision_and_action(env):
+    _, store, audit = env
+    sched = RecordingScheduler()
+    ctl = FailoverController(_spec(), store, audit, sched)
+    store.append(_fault())
+    store.append(_fault())  # the same fault reported twice (kernel log and NVML)
+    verdicts = [d.verdict for d in ctl.run_once()]
+    assert verdicts == ["quarantine", "already_quarantined"]
+    assert sched.calls == [("quarantine", "gpu-1")]
+    assert store.node_state("gpu-1") == "quarantined"
+    kinds = [r.kind for r in audit.records(node="gpu-1")]
+    assert kinds == ["failover.decision", "failover.action", "failover.decision"]
+    assert store.pending() == []
+
+
+def test_a_fault_that_keeps_the_node_in_service_changes_nothing(env):
+    _, store, audit = env
+    sched = RecordingScheduler()
+    store.append(_fault(action=Action.RESTART_APP, xid=13))
+    [decision] = FailoverController(_spec(), store, audit, sched).run_once()
+    assert decision.verdict == "no_action" and sched.calls == []
+    assert store.node_state("gpu-1") == "in_service"
+
+
+def test_beyond_max_unavailable_it_alerts_and_does_not_quarantine(env):
+    _, store, audit = env
+    sched = RecordingScheduler()
+    ctl = FailoverController(_spec(), store, audit, sched)
+    store.append(_fault("gpu-1"))
+    store.append(_fault("gpu-2"))
+    assert [d.verdict for d in ctl.run_once()] == ["quarantine", "refused_blast_radius"]
+    assert sched.calls == [("quarantine", "gpu-1")]
+    assert store.node_state("gpu-2") == "in_service"
+    [alert] = audit.records(kind="failover.alert")
+    assert alert.node == "gpu-2" and "max_unavailable is 1" in alert.reason
+
+
+def test_dry_run_records_what_it_would_do_and_does_nothing(env):
+    _, store, audit = env
+    sched = RecordingScheduler()
+    store.append(_fault())
+    [decision] = FailoverController(_spec(dry_run=True), store, audit, sched).run_once()
+    assert decision.verdict == "would_quarantine" and decision.dry_run
+    assert sched.calls == [] and store.node_state("gpu-1") == "in_service"
+    assert audit.records(kind="failover.decision")[0].payload["dry_run"] is True
+
+
+def test_a_controller_killed_mid_quarantine_finishes_it_after_restart_without_acting_twice(env):
+    _, store, audit = env
+    crashing = RecordingScheduler(crash_on_quarantine=True)
+    store.append(_fault())
+    with pytest.raises(SystemExit):
+        FailoverController(_spec(), store, audit, crashing).run_once()
+    assert store.node_state("gpu-1") == "quarantining" and len(store.pending()) == 1
+
+    restarted = RecordingScheduler()
+    ctl = FailoverController(_spec(), store, audit, restarted)
+    assert ctl.recover() == ["gpu-1"]
+    assert [d.verdict for d in ctl.run_once()] == ["already_quarantined"]
+    assert restarted.calls == [("quarantine", "gpu-1")]  # finished once, not repeated
+    assert store.node_state("gpu-1") == "quarantined"
+    assert audit.verify().ok
+
+
+def test_release_is_an_audited_operator_decision(env):
+    _, store, audit = env
+    sched = RecordingScheduler()
+    ctl = FailoverController(_spec(), store, audit, sched)
+    store.append(_fault())
+    ctl.run_once()
+    ctl.release("gpu-1", "GPU replaced, burn-in passed", actor="alice")
+    assert store.node_state("gpu-1") == "in_service"
+    rec = audit.records(kind="failover.release")[0]
+    assert rec.actor == "alice" and "GPU replaced" in rec.reason
+
+
+def test_lab_scheduler_stops_the_whole_node_workload(tmp_path):
+    node_dir = tmp_path / "nodes" / "gpu-0"
+    node_dir.mkdir(parents=True)
+    # A "node workload" with a child of its own, in its own process group.
+    proc = subprocess.Popen(["bash", "-c", "sleep 300 & wait"], start_new_session=True)
+    sched = LabScheduler(tmp_path)
+    sched.add_process_group("gpu-0", proc.pid)
+    assert sched.state("gpu-0") == "in_service"
+    sched.quarantine("gpu-0", "test")
+    assert proc.wait(timeout=10) != 0
+    group_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout
+    assert group_left == b""
+    assert sched.state("gpu-0") == "quarantined"
+    sched.quarantine("gpu-0", "again")  # idempotent
+    sched.release("gpu-0", "fixed")
+    assert sched.state("gpu-0") == "in_service"
+
+
+def test_evicting_a_node_makes_the_rendezvous_drop_it_at_the_next_sync():
+    """The shortcut failover takes: expire the node's heartbeat in the c10d state."""
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        RendezvousSettings, RendezvousTimeout, _BackendRendezvousStateHolder, _NodeDesc)
+
+    from aidc.failover.rendezvous import evict
+    from aidc.lab.cluster import free_port
+
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
+    settings = RendezvousSettings("run1", 2, 2, RendezvousTimeout(), timedelta(seconds=1), 3)
+    holder = _BackendRendezvousStateHolder(C10dRendezvousBackend(server, "run1"), settings, cache_duration=0)
+    holder.sync()
+    alive, doomed = _NodeDesc("127.0.0.1", 111, 0), _NodeDesc("127.0.0.1", 222, 0)
+    now = datetime.now(timezone.utc)
+    holder.state.participants = {alive: 0, doomed: 1}
+    holder.state.last_heartbeats = {alive: now, doomed: now}
+    holder.state.complete = True
+    holder.mark_dirty()
+    holder.sync()
+    assert set(holder.state.participants) == {alive, doomed}  # both alive by heartbeat
+
+    assert evict("127.0.0.1", port, "run1", pids={222}) == [repr(doomed)]
+    holder.sync()
+    assert set(holder.state.participants) == {alive}
+    assert evict("127.0.0.1", port, "run1", pids={222}) == []  # already gone: nothing to do
