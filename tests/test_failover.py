@@ -143,7 +143,11 @@ def test_lab_scheduler_stops_the_whole_node_workload(tmp_path):
     assert sched.state("gpu-0") == "in_service"
     sched.quarantine("gpu-0", "test")
     assert proc.wait(timeout=10) != 0
-    group_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout
+    for _ in range(50):  # the child dies with the group; allow the kernel a moment to reap it
+        group_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout
+        if not group_left:
+            break
+        time.sleep(0.1)
     assert group_left == b""
     assert sched.state("gpu-0") == "quarantined"
     sched.quarantine("gpu-0", "again")  # idempotent
