@@ -24,6 +24,8 @@ GROUPS = [
     ("aidc.cli.spec_cmd", "spec"),
     ("aidc.cli.device_cmd", "device"),
     ("aidc.cli.audit_cmd", "audit"),
+    ("aidc.cli.health_cmd", "health"),
+    ("aidc.cli.agent_cmd", "agent"),
 ]
 
 for module, name in GROUPS:
