@@ -26,6 +26,8 @@ GROUPS = [
     ("aidc.cli.audit_cmd", "audit"),
     ("aidc.cli.failover_cmd", "failover"),
     ("aidc.cli.lab_cmd", "lab"),
+    ("aidc.cli.health_cmd", "health"),
+    ("aidc.cli.agent_cmd", "agent"),
 ]
 
 for module, name in GROUPS:

@@ -1,0 +1,71 @@
+"""`aidc agent`: the node agent (watch loop) as a long-running process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import typer
+
+from aidc.cli.output import JSON_OPTION, emit
+from aidc.errors import DeviceError
+
+app = typer.Typer(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.",
+                  no_args_is_help=True)
+
+
+@app.command("run")
+def run(node: str = typer.Option(..., help="This node's name (as in the cluster spec)."),
+        backend: str = typer.Option("nvml", help="Device backend: nvml (real driver) or sim (lab)."),
+        node_dir: Path = typer.Option(None, help="Simulated node directory (sim backend)."),
+        kernel_log: Path = typer.Option(None, help="Kernel log to follow: a file or /dev/kmsg "
+                                                   "(default: <node-dir>/kern.log for sim, /dev/kmsg for nvml)."),
+        store: Path = typer.Option(..., help="Durable event store (SQLite) that failover reads."),
+        audit_db: Path = typer.Option(..., help="Audit log database (SQLite)."),
+        port: int = typer.Option(9400, min=0, max=65535, help="Metrics port on 127.0.0.1 (0: no metrics server)."),
+        poll_interval: float = typer.Option(1.0, min=0.001, help="Seconds between polls (device and kernel log)."),
+        device_timeout: float = typer.Option(2.0, min=0.01, help="Seconds before a device call counts as hung."),
+        as_json: bool = JSON_OPTION) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
+    from aidc.device import open_backend
+    from aidc.health.agent import run_agent
+
+    if backend == "sim":
+        if node_dir is None:
+            raise DeviceError("--backend sim needs --node-dir (the lab node's directory)")
+        dev = open_backend("sim", node_dir=node_dir)
+        kernel_log = kernel_log or node_dir / "kern.log"
+    else:
+        dev = open_backend(backend)
+        kernel_log = kernel_log or Path("/dev/kmsg")
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def announce():
+        ready.wait()
+        if not stop.is_set():
+            where = f"http://127.0.0.1:{port}/metrics" if port else "no metrics server"
+            print(f"aidc agent: watching {node} ({backend}), kernel log {kernel_log}, {where}",
+                  file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
+                      device_timeout_s=device_timeout, ready=ready)
+    summary = {"node": node, "backend": backend, "events_emitted": agent.emitted,
+               "hung_device_calls": agent.dev.hung_calls, "active_conditions": sorted(agent.conditions.active)}
+    emit(summary, as_json, f"aidc agent: {node} stopped; {agent.emitted} fault event(s) emitted")
+    if agent.dev.hung_calls:
+        # A hung driver call's thread cannot be joined or killed; the interpreter would wait
+        # for it at exit. Everything is written and closed, so leave without waiting.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

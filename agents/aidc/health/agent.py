@@ -1,0 +1,314 @@
+"""The node agent's watch loop.
+
+Two loops, so that a sick GPU cannot blind the kernel-log path: a device poller thread
+reads telemetry and NVML XID events through `TimedBackend` (a call past its timeout is a
+`device_hang` fault, and the poller carries on), and the main loop follows the kernel
+log every `poll_interval_s` and handles what the poller observed. Only the main loop
+writes: fault events go to the durable store together with the kernel-log position and
+the active conditions, in one transaction, then to the audit log and the metrics. No
+wait in either loop is longer than `poll_interval_s`, so a kernel-log line becomes an
+event in the store within about one poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aidc.audit.log import AuditLog, default_actor
+from aidc.device.base import DeviceBackend, GpuTelemetry, XidEvent
+from aidc.device.timed import TimedBackend
+from aidc.errors import DeviceError, DeviceHang
+from aidc.events import Action, FaultEvent, FaultKind
+from aidc.health.catalog import Classification, XidCatalog, load_catalog
+from aidc.health.conditions import Condition, ConditionBook, Observed, condition_key, telemetry_conditions, worsened
+from aidc.health.exporter import HealthMetrics
+from aidc.health.kmsg import KernelFault, KernelLogFollower, KernelLogParser, Position, normalize_pci
+from aidc.store import Store
+
+log = logging.getLogger("aidc.health")
+
+XID_DEDUPE_WINDOW_S = 5.0  # the same XID from NVML and the kernel log within this window is one fault
+LOST_MARKERS = ("fallen off the bus", "is lost", "gpu_is_lost", "gpu is lost")
+
+
+@dataclass
+class Observation:
+    """One device poll, as the poller saw it."""
+
+    telemetry: dict[int, GpuTelemetry] = field(default_factory=dict)
+    lost: dict[int, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    xids: list[XidEvent] = field(default_factory=list)
+    hang: str | None = None
+
+
+def poll_device(dev: TimedBackend) -> Observation:
+    obs = Observation()
+    try:
+        count = dev.gpu_count()
+        for index in range(count):
+            try:
+                obs.telemetry[index] = dev.telemetry(index)
+            except DeviceHang:
+                raise
+            except DeviceError as exc:
+                if any(m in str(exc).lower() for m in LOST_MARKERS):
+                    obs.lost[index] = str(exc)
+                else:
+                    obs.errors.append(str(exc))
+        obs.xids = dev.xid_events(0)
+    except DeviceHang as exc:
+        obs.hang = str(exc)
+    except DeviceError as exc:
+        obs.errors.append(str(exc))
+    return obs
+
+
+class HealthAgent:
+    def __init__(self, node: str, backend: DeviceBackend, kernel_log: str | Path | None, store: Store,
+                 audit: AuditLog, *, poll_interval_s: float = 1.0, device_timeout_s: float = 2.0,
+                 catalog: XidCatalog | None = None, metrics: HealthMetrics | None = None):
+        self.node = node
+        self.dev = backend if isinstance(backend, TimedBackend) else TimedBackend(backend, device_timeout_s)
+        self.store, self.audit = store, audit
+        self.poll_interval_s = poll_interval_s
+        self.catalog = catalog or load_catalog()
+        self.metrics = metrics or HealthMetrics(node, self.dev.name)
+        self.actor = default_actor("health")
+        self.conditions = ConditionBook(node, store.get(f"health.conditions:{node}"))
+        self.kernel_log = str(kernel_log) if kernel_log else None
+        self.position_key = KernelLogFollower.position_key(node, kernel_log) if kernel_log else None
+        position = Position.from_json(store.get(self.position_key)) if kernel_log else Position()
+        self.parser = KernelLogParser(position.parser)
+        self.follower = KernelLogFollower(kernel_log, position) if kernel_log else None
+        self._saved_position = position.to_json()
+        self.observations: queue.Queue[Observation] = queue.Queue()
+        self.pci_to_gpu: dict[str, int] = {}
+        self._recent_xids: list[tuple[tuple[int, str | None], str, float]] = []
+        self._hung_seen = 0
+        self.emitted = 0
+        for c in self.conditions.active.values():  # a lost GPU stays lost across restarts
+            if c.kind == FaultKind.FALLEN_OFF_BUS.value and c.gpu is not None:
+                self.metrics.set_lost(c.gpu, True)
+
+    # device poller (its own thread) -------------------------------------------
+    def poller(self, halt: threading.Event) -> None:
+        while not halt.is_set():
+            started = time.monotonic()
+            obs = poll_device(self.dev)
+            self.observations.put(obs)
+            halt.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+
+    # main loop ------------------------------------------------------------------
+    def step(self, wait_s: float = 0.0) -> int:
+        """Follow the kernel log once, then handle device observations for up to `wait_s`."""
+        before = self.emitted
+        self.follow_kernel_log()
+        deadline = time.monotonic() + wait_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                obs = self.observations.get(timeout=remaining) if remaining > 0 else self.observations.get_nowait()
+            except queue.Empty:
+                break
+            self.handle_observation(obs)
+        self.metrics.quarantined.labels(self.node).set(
+            1 if self.store.node_state(self.node) in ("quarantining", "quarantined") else 0)
+        return self.emitted - before
+
+    def follow_kernel_log(self) -> None:
+        if self.follower is None:
+            return
+        lines, position = self.follower.read()
+        if not lines and position.to_json() == self._saved_position:
+            return
+        pending: list[tuple[FaultEvent, Classification]] = []
+        for line in lines:
+            for fault in self.parser.feed(line):
+                item = self._from_kernel(fault)
+                if item:
+                    pending.append(item)
+        position.parser = self.parser.state()
+        saved = position.to_json()
+        self._commit(pending, extra_kv={self.position_key: saved})
+        self._saved_position = saved
+
+    def _from_kernel(self, fault: KernelFault) -> tuple[FaultEvent, Classification] | None:
+        gpu = self.pci_to_gpu.get(fault.pci) if fault.pci else None
+        if fault.kind == FaultKind.XID and self._duplicate_xid(fault.xid, fault.pci, "kmsg"):
+            return None
+        cls = self.catalog.classify_kernel(fault.kind, fault.xid, fault.message, fault.severity)
+        if fault.kind == FaultKind.XID:
+            self.metrics.xid(gpu, fault.pci, fault.xid)
+        lost_key = condition_key(FaultKind.FALLEN_OFF_BUS, gpu)
+        if fault.kind == FaultKind.FALLEN_OFF_BUS and lost_key in self.conditions.active:
+            return None  # already reported by the poller (GPU lost)
+        if gpu is not None and (fault.kind == FaultKind.FALLEN_OFF_BUS or
+                                (fault.kind == FaultKind.XID and fault.xid == 79)):
+            # The GPU is gone: the poller's "lost" is the same fault, not a new one.
+            self._set_condition(FaultKind.FALLEN_OFF_BUS, gpu, True, fault.message, cls.action)
+        what = f"XID {fault.xid}" if fault.xid is not None else fault.kind.value
+        message = f"{what} on {fault.pci or 'unknown PCI'}: {cls.reason} -> {cls.action.value}"
+        return FaultEvent(self.node, fault.kind, cls.action, message, "kmsg", gpu=gpu, pci=fault.pci,
+                          xid=fault.xid, line=fault.line), cls
+
+    def _duplicate_xid(self, xid: int, pci: str | None, source: str) -> bool:
+        """True when the other source reported this XID on this GPU within the window."""
+        now = time.monotonic()
+        self._recent_xids = [r for r in self._recent_xids if now - r[2] < XID_DEDUPE_WINDOW_S]
+        key = (xid, pci)
+        for i, (k, src, _t) in enumerate(self._recent_xids):
+            if k == key and src != source:
+                del self._recent_xids[i]  # one report from each source pairs off once
+                return True
+        self._recent_xids.append((key, source, now))
+        return False
+
+    def handle_observation(self, obs: Observation) -> None:
+        pending: list[tuple[FaultEvent, Classification]] = []
+        hang_key = condition_key(FaultKind.DEVICE_HANG, None)
+        hung_now = self.dev.hung_calls
+        if hung_now > self._hung_seen:
+            self.metrics.hung_total.labels(self.node).inc(hung_now - self._hung_seen)
+            self._hung_seen = hung_now
+        if obs.hang:
+            self.metrics.monitor_hung.labels(self.node).set(1)
+            if hang_key not in self.conditions.active:
+                pending.append(self._condition_event(Observed(FaultKind.DEVICE_HANG, None, True, obs.hang),
+                                                     "watchdog"))
+        else:
+            self.metrics.monitor_hung.labels(self.node).set(0)
+            if hang_key in self.conditions.active and (obs.telemetry or obs.lost):
+                self._clear(hang_key, "device calls answer again")
+        for index, t in obs.telemetry.items():
+            self.metrics.update_gpu(t)
+            if t.pci_bus_id:
+                self.pci_to_gpu[normalize_pci(t.pci_bus_id)] = index
+            seen = {o.key: o for o in telemetry_conditions(t)}
+            for key in self.conditions.gpu_keys(index):
+                if key not in seen:
+                    self._clear(key, "telemetry no longer shows it")
+            for key, o in seen.items():
+                current = self.conditions.active.get(key)
+                if current is None or worsened(o.kind, current.value, o.value):
+                    pending.append(self._condition_event(o, "device"))
+                elif current.value != o.value:
+                    current.value = o.value
+                    self._conditions_dirty = True
+        for index, why in obs.lost.items():
+            self.metrics.set_lost(index, True)
+            if condition_key(FaultKind.FALLEN_OFF_BUS, index) not in self.conditions.active:
+                pending.append(self._condition_event(Observed(FaultKind.FALLEN_OFF_BUS, index, True, why), "device"))
+        for x in obs.xids:
+            pci = normalize_pci(x.pci_bus_id)
+            if self._duplicate_xid(x.xid, pci, "device"):
+                continue
+            cls = self.catalog.classify_xid(x.xid)
+            self.metrics.xid(x.gpu, pci, x.xid)
+            pending.append((FaultEvent(self.node, FaultKind.XID, cls.action,
+                                       f"XID {x.xid} on {pci} (NVML event): {cls.reason} -> {cls.action.value}",
+                                       "device", gpu=x.gpu, pci=pci, xid=x.xid), cls))
+        for e in obs.errors:
+            log.warning("%s: device poll error: %s", self.node, e)
+        self._commit(pending)
+
+    # conditions -------------------------------------------------------------------
+    def _set_condition(self, kind: FaultKind, gpu: int | None, value, message: str, action: Action) -> None:
+        key = condition_key(kind, gpu)
+        if key not in self.conditions.active:
+            self.conditions.active[key] = Condition(kind.value, gpu, value, message, action.value, time.time())
+            self._conditions_dirty = True
+
+    def _condition_event(self, o: Observed, source: str) -> tuple[FaultEvent, Classification]:
+        cls = self.catalog.classify_fault(o.kind)
+        self.conditions.active[o.key] = Condition(o.kind.value, o.gpu, o.value, o.message, cls.action.value,
+                                                  time.time())
+        pci = None
+        if o.gpu is not None:
+            pci = next((p for p, g in self.pci_to_gpu.items() if g == o.gpu), None)
+        event = FaultEvent(self.node, o.kind, cls.action, f"{o.message} -> {cls.action.value}", source,
+                           gpu=o.gpu, pci=pci)
+        return event, cls
+
+    def _clear(self, key: str, why: str) -> None:
+        cond = self.conditions.active.pop(key, None)
+        if cond is None:
+            return
+        if cond.kind == FaultKind.FALLEN_OFF_BUS.value and cond.gpu is not None:
+            self.metrics.set_lost(cond.gpu, False)
+        self._conditions_dirty = True
+        self.audit.append("health.cleared", f"{cond.kind} cleared: {why}", actor=self.actor, node=self.node,
+                          payload={"kind": cond.kind, "gpu": cond.gpu, "since": cond.since})
+
+    # writing ----------------------------------------------------------------------
+    _conditions_dirty = False
+
+    def _commit(self, pending: list[tuple[FaultEvent, Classification]], extra_kv: dict | None = None) -> None:
+        """Events, conditions and the kernel-log position in one store transaction; then audit
+        and metrics (the store is what failover acts on, so it is written first)."""
+        if not pending and not extra_kv and not self._conditions_dirty:
+            return
+        with self.store.transaction():
+            ids = [self.store.append(event) for event, _ in pending]
+            if pending or self._conditions_dirty:
+                self.store.put(self.conditions.key, self.conditions.to_json())
+            for k, v in (extra_kv or {}).items():
+                self.store.put(k, v)
+        self._conditions_dirty = False
+        for event_id, (event, cls) in zip(ids, pending):
+            self.emitted += 1
+            self.metrics.fault(event.kind.value, event.action.value)
+            self.audit.append("health.fault", event.message, actor=self.actor, node=self.node,
+                              payload={"event_id": event_id, "kind": event.kind.value, "action": event.action.value,
+                                       "gpu": event.gpu, "pci": event.pci, "xid": event.xid, "line": event.line,
+                                       "source": event.source, "catalog_version": cls.catalog_version})
+
+    def close(self) -> None:
+        if self.follower:
+            self.follower.close()
+        self.metrics.shutdown()
+
+
+def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, store: Store | str | Path,
+              audit: AuditLog | str | Path, port: int | None, poll_interval_s: float, stop: threading.Event, *,
+              device_timeout_s: float = 2.0, catalog: XidCatalog | None = None,
+              ready: threading.Event | None = None) -> HealthAgent:
+    """Run the watch loop until `stop` is set. `port` None or 0: no metrics server.
+    Returns the (closed) agent, for its counters."""
+    own_store = not isinstance(store, Store)
+    own_audit = not isinstance(audit, AuditLog)
+    store = Store(store) if own_store else store
+    audit = AuditLog(audit) if own_audit else audit
+    agent = HealthAgent(node, backend, kernel_log, store, audit, poll_interval_s=poll_interval_s,
+                        device_timeout_s=device_timeout_s, catalog=catalog)
+    halt = threading.Event()
+    poller = threading.Thread(target=agent.poller, args=(halt,), name=f"device-poller-{node}", daemon=True)
+    try:
+        if port:
+            agent.metrics.serve(port)
+        audit.append("health.agent_started", f"watching {node}", actor=agent.actor, node=node,
+                     payload={"backend": agent.dev.name, "kernel_log": agent.kernel_log, "port": port,
+                              "poll_interval_s": poll_interval_s, "catalog_version": agent.catalog.version,
+                              "active_conditions": sorted(agent.conditions.active)})
+        poller.start()
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            agent.step(wait_s=poll_interval_s)
+        agent.step(0.0)  # what arrived while stopping is still recorded
+    finally:
+        halt.set()
+        if poller.is_alive():
+            poller.join(timeout=device_timeout_s + poll_interval_s + 1.0)
+        agent.close()
+        agent.dev.close()
+        if own_store:
+            store.close()
+        if own_audit:
+            audit.close()
+    return agent
