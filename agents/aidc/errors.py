@@ -40,3 +40,10 @@ class PolicyRefusal(AidcError):
     """A guarded action was refused by policy (blast radius, dry-run, lock)."""
 
     exit_code = 3
+
+
+class BurninError(AidcError):
+    """A burn-in run could not complete (a node process died or the run timed out).
+
+    Nodes that complete and fail their checks are not errors: they are verdicts.
+    """

@@ -111,6 +111,12 @@ class BurninPolicy(_Strict):
     allreduce_min_bytes: Annotated[int, Field(ge=4)] = 1024
     allreduce_max_bytes: Annotated[int, Field(ge=4)] = 4 * 1024 * 1024
     train_steps: Annotated[int, Field(ge=2, le=100000)] = 30
+    # Memory-copy burn-in buffer (bytes copied per pass; bandwidth counts read + write).
+    memcpy_bytes: Annotated[int, Field(ge=4096)] = 256 * 1024 * 1024
+    # Timed repeats per measurement; the median is reported.
+    repeats: Annotated[int, Field(ge=1, le=1000)] = 5
+    # The DDP run's loss on a fixed batch must fall by at least this fraction.
+    min_loss_drop: Annotated[float, Field(ge=0, lt=1)] = 0.1
     floors: dict[str, float] = {}  # overrides of the GPU model's floors
 
     @model_validator(mode="after")

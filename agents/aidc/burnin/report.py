@@ -1,0 +1,75 @@
+"""What a burn-in run returns: per-node figures and verdicts, and the fleet's view."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Units of every judged metric, so each figure is printed with its unit.
+UNITS = {
+    "gemm_fp32_tflops": "TFLOP/s",
+    "gemm_bf16_tflops": "TFLOP/s",
+    "memcpy_gbps": "GB/s",
+    "allreduce_busbw_gbps": "GB/s",
+}
+
+
+@dataclass
+class NodeResult:
+    node: str
+    gpu_model: str
+    spare: bool
+    # Node figures: the worst GPU of the node (one bad GPU makes a bad node).
+    metrics: dict[str, float] = field(default_factory=dict)
+    gpus: list[dict] = field(default_factory=list)  # per-GPU GEMM and memcpy results
+    training: dict = field(default_factory=dict)  # loss_before/after, steps, param_digest
+    allreduce_correct: bool = True
+    errors: list[str] = field(default_factory=list)  # measurements that raised (device errors)
+    passed: bool = False
+    reasons: list[str] = field(default_factory=list)  # one per failed check
+    notes: list[str] = field(default_factory=list)  # checks skipped and why (never silent)
+    robust_z: dict[str, float | None] = field(default_factory=dict)  # per metric, vs the fleet
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BurninReport:
+    stack: str
+    nodes: dict[str, NodeResult]
+    fleet: dict  # medians, MADs, tolerance, all_reduce sweep, world size, link rate
+    duration_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.nodes) and all(n.passed for n in self.nodes.values())
+
+    @property
+    def certified_nodes(self) -> list[str]:
+        return [name for name, n in self.nodes.items() if n.passed]
+
+    @property
+    def failed_nodes(self) -> list[str]:
+        return [name for name, n in self.nodes.items() if not n.passed]
+
+    @property
+    def verdicts(self) -> dict[str, str]:
+        return {name: "pass" if n.passed else "fail" for name, n in self.nodes.items()}
+
+    @property
+    def reasons(self) -> dict[str, list[str]]:
+        return {name: list(n.reasons) for name, n in self.nodes.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "stack": self.stack,
+            "passed": self.passed,
+            "certified_nodes": self.certified_nodes,
+            "failed_nodes": self.failed_nodes,
+            "verdicts": self.verdicts,
+            "reasons": self.reasons,
+            "nodes": {name: n.to_dict() for name, n in self.nodes.items()},
+            "fleet": self.fleet,
+            "units": UNITS,
+            "duration_s": round(self.duration_s, 3),
+        }

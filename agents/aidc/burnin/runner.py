@@ -1,0 +1,233 @@
+"""Run a lab burn-in: one process per node on this machine, gloo on 127.0.0.1.
+
+The runner holds the rendezvous store itself (a TCPStore bound to a free loopback
+port chosen by the kernel, so no port race), starts one `aidc.burnin.worker` process
+per node in its own session, follows their progress, and on any failure or timeout
+kills every one of them (no orphans). Then it judges the fleet and appends one
+certificate per node to the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from aidc.audit.log import AuditLog, default_actor
+from aidc.burnin.collectives import sweep_sizes
+from aidc.burnin.judge import judge
+from aidc.burnin.report import BurninReport, NodeResult
+from aidc.burnin.worker import PREFIX
+from aidc.errors import BurninError
+from aidc.spec import ClusterSpec
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `aidc/`
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # One compute thread per node process: the lab shares a few cores among all nodes.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    return env
+
+
+class _Fleet:
+    """The node processes: started together, followed, and always stopped together."""
+
+    def __init__(self):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.events: queue.Queue = queue.Queue()
+
+    def start(self, node: str, config_path: Path, log_path: Path) -> None:
+        self.logs[node] = log_path
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.worker", str(config_path)],
+                                    stdout=subprocess.PIPE, stderr=log, env=_worker_env(),
+                                    start_new_session=True)
+        self.procs[node] = proc
+        threading.Thread(target=self._follow, args=(node, proc), daemon=True).start()
+
+    def _follow(self, node: str, proc: subprocess.Popen) -> None:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith(PREFIX):
+                try:
+                    self.events.put(json.loads(line[len(PREFIX):]))
+                except json.JSONDecodeError:
+                    pass
+
+    def log_tail(self, node: str, chars: int = 1500) -> str:
+        try:
+            return self.logs[node].read_text(errors="replace")[-chars:].strip()
+        except OSError:
+            return ""
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:  # the worker leads its own session: stop it and anything it started
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.stdout:
+                proc.stdout.close()
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("burn-in"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
+    bar.start()
+    bar.add_task("starting nodes", total=total)
+    return bar
+
+
+def _describe(event: dict) -> str:
+    kind = event["event"]
+    if kind == "sampled":
+        return f"GEMM + memcpy on {event['node']} (round {event['round'] + 1})"
+    if kind == "allreduce":
+        return f"all_reduce {event['nbytes']} B"
+    if kind == "train":
+        return f"DDP step {event['step']} loss {event['loss']:.4f}"
+    return f"{event['node']} {kind}"
+
+
+def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
+               progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
+               target_sample_s: float = 0.02) -> BurninReport:
+    """Burn in every node of the spec (spares included) on this machine; judge; certify.
+
+    `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
+    is lab fault injection: those nodes flip one parameter bit after training, which the
+    silent-data-corruption check must catch.
+    """
+    nodes = spec.nodes()
+    if spec.device_backend != "sim":
+        raise BurninError("run_burnin runs a fleet of simulated nodes on one machine; the stack uses the"
+                          f" {spec.device_backend!r} backend (use bench/gpu_check.sh on a GPU machine)")
+    missing = [n.name for n in nodes if not node_dirs or n.name not in node_dirs]
+    if missing:
+        raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
+    policy = spec.policy.burnin
+    sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
+    world = len(nodes)
+    started = time.monotonic()
+
+    import torch.distributed as dist  # only the store: the parent computes nothing
+
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
+    fleet = _Fleet()
+    total = world + world * policy.repeats + len(sizes) + policy.train_steps
+    bar = _progress_bar(progress, total)
+    with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
+        tmpdir = Path(tmp)
+        try:
+            for rank, node in enumerate(nodes):
+                cfg = {
+                    "rank": rank, "world": world, "node": node.name, "store_port": store.port,
+                    "backend": "sim", "backend_kwargs": {"node_dir": str(node_dirs[node.name])},
+                    "device_timeout_s": spec.agent.device_timeout_s, "pg_timeout_s": timeout_s,
+        "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
+                    "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
+                    "corrupt_parameters": node.name in corrupt_nodes,
+                    "result_path": str(tmpdir / f"{node.name}.result.json"),
+                }
+                (tmpdir / f"{node.name}.json").write_text(json.dumps(cfg))
+                fleet.start(node.name, tmpdir / f"{node.name}.json", tmpdir / f"{node.name}.log")
+            _follow_until_done(fleet, bar, started + timeout_s, timeout_s)
+            raw = {}
+            for node in nodes:
+                path = tmpdir / f"{node.name}.result.json"
+                if not path.exists():
+                    raise BurninError(f"node {node.name} exited without a result: {fleet.log_tail(node.name)}")
+                raw[node.name] = json.loads(path.read_text())
+        finally:
+            fleet.stop_all()
+            if bar:
+                bar.stop()
+    del store
+
+    results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
+    floors = {n.name: spec.floors(n.gpu_model) for n in nodes}
+    stats = judge(results, floors, policy.fleet_tolerance, policy.min_loss_drop)
+    first = raw[nodes[0].name]
+    fleet_info = {
+        "nodes": world, "fleet_tolerance": policy.fleet_tolerance, "rule": "fail when more than fleet_tolerance"
+        " below the fleet median; robust z (MAD) reported, not a rule on its own",
+        "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": world,
+        "allreduce_backend": "gloo", "link_rate_gbit_s": spec.fabric.link_speed_gbps,
+        "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
+        "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
+        "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
+    }
+    report = BurninReport(spec.name, results, fleet_info, time.monotonic() - started)
+    if audit is not None:
+        _certify(audit, report)
+    return report
+
+
+def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) -> None:
+    while True:
+        try:
+            event = fleet.events.get(timeout=0.1)
+            if bar:
+                bar.update(bar.task_ids[0], advance=1 if event["event"] != "done" else 0,
+                           description=_describe(event))
+            continue
+        except queue.Empty:
+            pass
+        codes = {node: p.poll() for node, p in fleet.procs.items()}
+        failed = {node: rc for node, rc in codes.items() if rc not in (None, 0)}
+        if failed:
+            node, rc = next(iter(failed.items()))
+            raise BurninError(f"burn-in process of node {node} died (exit code {rc}): {fleet.log_tail(node)}")
+        if all(rc == 0 for rc in codes.values()):
+            return
+        if time.monotonic() > deadline:
+            stuck = sorted(node for node, rc in codes.items() if rc is None)
+            raise BurninError(f"burn-in timed out after {timeout_s:.0f} s; still running: {', '.join(stuck)}")
+
+
+def _node_result(node, raw: dict) -> NodeResult:
+    metrics = dict(raw["metrics"])
+    if raw["allreduce"]:
+        metrics["allreduce_busbw_gbps"] = raw["allreduce"][-1]["busbw_gbps"]
+    return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
+                      gpus=raw["gpus"], training=raw["training"], allreduce_correct=raw["allreduce_correct"],
+                      errors=list(raw["errors"]))
+
+
+def _certify(audit: AuditLog, report: BurninReport) -> None:
+    actor = default_actor("burnin")
+    for name, n in report.nodes.items():
+        reason = "passed burn-in" if n.passed else "failed burn-in: " + "; ".join(n.reasons)
+        training = {k: v for k, v in n.training.items() if k != "step_losses"}
+        audit.append("burnin.certificate", reason, actor=actor, node=name, payload={
+            "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
+            "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
+            "allreduce_correct": n.allreduce_correct, "errors": n.errors, "spare": n.spare,
+            "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "allreduce", "link_rate_gbit_s",
+                                                   "memcpy_counting")},
+        })

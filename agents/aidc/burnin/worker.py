@@ -1,0 +1,150 @@
+"""One burn-in process per node: `python -m aidc.burnin.worker CONFIG.json`.
+
+The runner starts one of these per node and reads progress from its stdout (lines
+starting with `@@aidc `). Per-node measurements are taken one node at a time, in
+rounds (every node takes its first sample, then every node its second, ...), so nodes
+never share cores while timing and a burst of load from elsewhere hits every node
+alike instead of one. Then all nodes run the all_reduce sweep and DDP training together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+PREFIX = "@@aidc "
+
+
+def emit(event: str, **fields) -> None:
+    sys.stdout.write(PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _open_device(cfg: dict):
+    from aidc.device import TimedBackend, open_backend
+
+    return TimedBackend(open_backend(cfg["backend"], **cfg.get("backend_kwargs", {})), cfg["device_timeout_s"])
+
+
+class NodeBenches:
+    """This node's GEMM and memcpy benches, one set per GPU; device errors become reasons."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.errors, self.gpus, self.slowdown = cfg, [], [], 1.0
+        self.device_of: dict[int, str] = {}
+
+    def setup(self) -> None:
+        from aidc.burnin.gemm import GemmBench
+        from aidc.burnin.memory import MemcpyBench
+
+        cfg = self.cfg
+        try:
+            dev = _open_device(cfg)
+            count = dev.gpu_count()
+            self.slowdown = dev.compute_slowdown()
+        except Exception as exc:  # a node whose driver cannot answer fails with the reason
+            self.errors.append(f"device: {exc}")
+            return
+        try:
+            for i in range(count):
+                try:
+                    dev.telemetry(i)  # a GPU that fell off the bus cannot be certified
+                    device = dev.torch_device(i)
+                    self.gpus.append({
+                        "index": i, "device": device,
+                        "fp32": GemmBench(device, "fp32", cfg["gemm_size"], self.slowdown, cfg["target_sample_s"]),
+                        "bf16": GemmBench(device, "bf16", cfg["gemm_size"], self.slowdown, cfg["target_sample_s"]),
+                        "memcpy": MemcpyBench(device, cfg["memcpy_bytes"]),
+                    })
+                except Exception as exc:
+                    self.errors.append(f"gpu {i}: {exc}")
+        finally:
+            dev.close()
+
+    def sample(self) -> None:
+        for g in list(self.gpus):
+            try:
+                for key in ("fp32", "bf16", "memcpy"):
+                    g[key].sample()
+            except Exception as exc:  # e.g. a CUDA error mid-run: that GPU fails, the run goes on
+                self.errors.append(f"gpu {g['index']}: {exc}")
+                self.gpus.remove(g)
+
+    def results(self) -> tuple[list[dict], dict[str, float]]:
+        gpus = []
+        for g in self.gpus:
+            try:
+                gpus.append({"index": g["index"], "device": g["device"], "gemm_fp32": g["fp32"].result().to_dict(),
+                             "gemm_bf16": g["bf16"].result().to_dict(), "memcpy": g["memcpy"].result().to_dict()})
+            except Exception as exc:
+                self.errors.append(f"gpu {g['index']}: {exc}")
+        metrics = {}
+        if gpus:
+            metrics = {"gemm_fp32_tflops": min(g["gemm_fp32"]["tflops"] for g in gpus),
+                       "gemm_bf16_tflops": min(g["gemm_bf16"]["tflops"] for g in gpus),
+                       "memcpy_gbps": min(g["memcpy"]["gbps"] for g in gpus)}
+        return gpus, metrics
+
+
+def main(config_path: str) -> int:
+    t_start = time.monotonic()
+    cfg = json.loads(Path(config_path).read_text())
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(cfg.get("threads", 1))
+    torch.set_num_interop_threads(1)
+    from aidc.burnin.collectives import allreduce_sweep
+    from aidc.burnin.train import run_ddp_training
+
+    rank, world, node = cfg["rank"], cfg["world"], cfg["node"]
+    timeout = timedelta(seconds=cfg["pg_timeout_s"])
+    store = dist.TCPStore("127.0.0.1", cfg["store_port"], world_size=None, is_master=False, timeout=timeout)
+    backend = "nccl" if cfg.get("collective_device", "cpu").startswith("cuda") else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    emit("ready", node=node)
+    phase_s = {"startup": time.monotonic() - t_start}
+    t0 = time.monotonic()
+
+    benches = NodeBenches(cfg)
+    for round_no in range(cfg["repeats"]):
+        for turn in range(world):
+            if turn == rank:
+                if round_no == 0:
+                    benches.setup()
+                benches.sample()
+                emit("sampled", node=node, round=round_no)
+            dist.barrier()
+    gpus, metrics = benches.results()
+    phase_s["per_node"], t0 = time.monotonic() - t0, time.monotonic()
+
+    device = cfg.get("collective_device", "cpu")
+    rows = allreduce_sweep(device, cfg["sizes"], on_size=(lambda b: emit("allreduce", node=node, nbytes=b))
+                           if rank == 0 else None)
+    phase_s["allreduce"], t0 = time.monotonic() - t0, time.monotonic()
+    training = run_ddp_training(device, cfg["train_steps"],
+                                on_step=(lambda s, l: emit("train", node=node, step=s, loss=l)) if rank == 0 else None,
+                                corrupt_after=cfg.get("corrupt_parameters", False))
+    phase_s["train"] = time.monotonic() - t0
+    result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
+              "slowdown": benches.slowdown, "allreduce": [r.to_dict() for r in rows],
+              "allreduce_correct": all(r.correct for r in rows), "training": training.to_dict()}
+    tmp = Path(cfg["result_path"] + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cfg["result_path"])
+    # A barrier before tearing down: without it a rank can abort at exit (seen here with gloo).
+    dist.barrier()
+    dist.destroy_process_group()
+    emit("done", node=node)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.stderr.write("usage: python -m aidc.burnin.worker CONFIG.json\n")
+        sys.exit(2)
+    sys.exit(main(sys.argv[1]))
