@@ -62,11 +62,27 @@ class Build:
         return out
 
 
+SECRET_SIG = ("4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270")
+
+
+def unwrap_secrets(value):
+    """Replace Pulumi's secret envelopes ({sig: secret, value: ...}) by their values."""
+    if isinstance(value, dict):
+        if value.get(SECRET_SIG[0]) == SECRET_SIG[1]:
+            return unwrap_secrets(value["value"])
+        return {k: unwrap_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap_secrets(v) for v in value]
+    return value
+
+
 class Recorder(pulumi.runtime.Mocks):
     def __init__(self, build: Build):
         self.build = build
+        self.inputs: dict[tuple[str, str], dict] = {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        self.inputs[(args.typ, args.name)] = unwrap_secrets(dict(args.inputs))
         state = dict(args.inputs)
         if args.typ == "kubernetes:helm.sh/v3:Release":
             # What the provider reports after an install; the program may read it.
@@ -86,7 +102,7 @@ class RecordingMonitor(MockMonitor):
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
-            inputs = self.resources[response.urn].state if request.custom else {}
+            inputs = self.recorder.inputs.get((request.type, request.name), {}) if request.custom else {}
             self.recorder.build.resources.append(
                 Registered(request.type, request.name, dict(inputs), bool(request.custom), request.parent))
         return response
