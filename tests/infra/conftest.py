@@ -13,7 +13,7 @@ for path in (HERE, ROOT / "infra", ROOT / "policy"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from harness import Build, run_program  # noqa: E402
+from pulumi_harness import Build, run_program  # noqa: E402
 
 _builds: dict[str, Build] = {}
 

@@ -143,3 +143,22 @@ def test_agent_reads_the_same_spec_that_pulumi_deployed(stack):
     config = [c for c in build.of_type("kubernetes:core/v1:ConfigMap") if c.parent_type == AGENT][0]
     (doc,) = config.inputs["data"].values()
     assert yaml.safe_load(doc)["config"]["aidc:cluster"] == spec.model_dump(mode="json")
+
+
+def test_agent_alert_rule_file_becomes_a_prometheus_rule_valid_for_the_pinned_operator(tmp_path):
+    from pulumi_harness import run_under_mocks
+    from pulumi_schema_check import custom_resource_errors
+
+    from aidc_infra.program import ALERT_RULES, build
+
+    rules = tmp_path / ALERT_RULES
+    rules.parent.mkdir(parents=True)
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "aidc-node", "rules": [
+        {"alert": "AidcFatalXid", "expr": "increase(aidc_xid_total{action!=\"ignore\"}[5m]) > 0", "for": "0s",
+         "labels": {"severity": "critical"}, "annotations": {"runbook": "xid-fatal"}}]}]}))
+    spec = load_stack("h100-example")
+    result = run_under_mocks("alerts", {}, lambda: build(spec, tmp_path))
+    rule = result.one("kubernetes:monitoring.coreos.com/v1:PrometheusRule")
+    assert rule.parent_type == AGENT
+    assert rule.inputs["spec"]["groups"][0]["rules"][0]["alert"] == "AidcFatalXid"
+    assert custom_resource_errors(rule.k8s_object) == []

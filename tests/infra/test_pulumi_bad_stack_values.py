@@ -8,7 +8,7 @@ import pulumi
 import pytest
 import yaml
 from conftest import ROOT
-from harness import run_program
+from pulumi_harness import run_program
 
 
 def _cluster():

@@ -113,15 +113,21 @@ def stack_config(stack_file: Path) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc["config"].items()}
 
 
-def run_program(stack_file: Path, config: dict[str, str] | None = None) -> Build:
-    """Run infra/__main__.py for one stack under mocks; return what it registered and exported."""
+def run_under_mocks(stack: str, config: dict[str, str], program) -> Build:
+    """Run `program()` as a Pulumi program of stack `stack` under mocks; return what it registered."""
     build = Build()
     mocks = Recorder(build)
-    pulumi.runtime.set_all_config(config if config is not None else stack_config(stack_file))
+    pulumi.runtime.set_all_config(config)
     pulumi_settings.ROOT.set(None)
-    stack = stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
     pulumi.runtime.set_mocks(mocks, project="aidc", stack=stack, preview=False, monitor=RecordingMonitor(mocks))
     pulumi_settings.SETTINGS.rpc_manager.clear()
-    _sync_await(run_pulumi_func(lambda: runpy.run_path(str(PROGRAM), run_name="__main__")))
+    _sync_await(run_pulumi_func(program))
     build.exports = dict(pulumi.runtime.get_root_resource().outputs)
     return build
+
+
+def run_program(stack_file: Path, config: dict[str, str] | None = None) -> Build:
+    """Run infra/__main__.py for one stack file under mocks, as `pulumi up` would."""
+    stack = stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
+    return run_under_mocks(stack, config if config is not None else stack_config(stack_file),
+                           lambda: runpy.run_path(str(PROGRAM), run_name="__main__"))

@@ -55,19 +55,12 @@ def custom_resource_errors(obj: dict) -> list[str]:
     return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(obj)]
 
 
-def is_builtin(obj: dict, version: str) -> bool:
+def builtin_errors(obj: dict, version: str) -> list[str] | None:
+    """kubernetes-validate's strict verdict; None when the kind is not a Kubernetes built-in."""
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.SchemaNotFoundError:
-        return False
-    except kubernetes_validate.ValidationError:
-        return True
-    return True
-
-
-def builtin_errors(obj: dict, version: str) -> list[str]:
-    try:
-        kubernetes_validate.validate(obj, version, strict=True)
+        return None
     except kubernetes_validate.ValidationError as exc:
         return [f"{'.'.join(map(str, exc.path))}: {exc.message}"]
     return []
