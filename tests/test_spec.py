@@ -88,3 +88,26 @@ def test_cli_spec_show_json_and_bad_stack_without_traceback(aidc_cli, tmp_path):
     assert out.returncode == 2
     assert "aidc:cluster.node_pools[0].count" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_provisioning_fields_have_defaults_so_older_stack_files_still_load():
+    spec = parse_spec(_minimal())
+    assert spec.node_pools[0].provisioner == "static"
+    assert spec.fabric.rail_ifnames == [] and spec.fabric.ipam_cidr == "10.224.0.0/12"
+    assert spec.software.driver_source == "host" and spec.software.kubernetes_minor == "1.31"
+    assert spec.agent.command == ["aidc", "health", "watch"] and spec.agent.image
+
+
+def test_rail_interface_list_must_match_the_rail_count():
+    with pytest.raises(SpecError) as err:
+        parse_spec({**_minimal(), "fabric": {"kind": "infiniband", "rails": 2, "rail_ifnames": ["ib0"]}})
+    assert "rail_ifnames lists 1" in err.value.expected
+
+
+def test_cluster_api_pools_need_a_kubernetes_patch_release():
+    cluster = {**_minimal(provisioner="cluster-api"), "software": {"kubernetes_version": "1.33"}}
+    with pytest.raises(SpecError) as err:
+        parse_spec(cluster)
+    assert "software.kubernetes_version" in err.value.expected
+    cluster["software"]["kubernetes_version"] = "1.33.4"
+    assert parse_spec(cluster).software.kubernetes_minor == "1.33"

@@ -8,6 +8,7 @@ agent sees.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -43,9 +44,14 @@ class NodePool(_Strict):
     gpu_model: str
     gpus_per_node: Annotated[int, Field(ge=1, le=16)]
     spares: Annotated[int, Field(ge=0, le=1000)] = 0
+    # How nodes come to exist: a Karpenter NodePool, a Cluster API MachineDeployment, or
+    # "static" (machines that already exist, e.g. the lab or a hand-racked cluster).
     provisioner: Literal["karpenter", "cluster-api", "static"] = "static"
     instance_type: str | None = None
     labels: dict[str, str] = {}
+    # Cluster API only: the infrastructure provider's machine template kind that the site's
+    # tooling creates under the name `<cluster>-<pool>` (group infrastructure.cluster.x-k8s.io).
+    machine_template_kind: str = "Metal3MachineTemplate"
 
     @field_validator("gpu_model")
     @classmethod
@@ -67,11 +73,27 @@ class Fabric(_Strict):
     socket_ifname: str = "lo"
     gid_index: Annotated[int, Field(ge=0)] | None = None
     topology_file: str | None = None
+    # One network interface per rail (the netdev the secondary network attaches to); empty means
+    # the conventional names: ib0..ibN-1 on InfiniBand, rail0..railN-1 otherwise.
+    rail_ifnames: list[str] = []
+    # Address space the per-rail IP pools are carved from (one equal subnet per rail).
+    ipam_cidr: str = "10.224.0.0/12"
+
+    @field_validator("ipam_cidr")
+    @classmethod
+    def _ipv4_network(cls, value: str) -> str:
+        try:
+            ipaddress.IPv4Network(value)
+        except ValueError as exc:
+            raise ValueError(f"an IPv4 network such as 10.224.0.0/12 ({exc})") from None
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Fabric":
         if self.hcas and len(self.hcas) != self.rails:
             raise ValueError(f"hcas lists {len(self.hcas)} devices but rails is {self.rails}")
+        if self.rail_ifnames and len(self.rail_ifnames) != self.rails:
+            raise ValueError(f"rail_ifnames lists {len(self.rail_ifnames)} interfaces but rails is {self.rails}")
         if self.kind == "roce" and self.gid_index is None:
             raise ValueError("gid_index is required for RoCE fabrics")
         if self.kind in ("infiniband", "roce") and self.rails < 1:
@@ -83,6 +105,11 @@ class Volume(_Strict):
     storage_class: Literal["lustre", "nfs", "weka", "gpfs", "local-nvme", "hostpath"] = "hostpath"
     size: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|Pi)$")] = "10Gi"
     mount_path: str
+    # The CSI provisioner and StorageClass parameters; None takes the catalog default for
+    # storage_class (infra/aidc_infra/data/storage_provisioners.yaml). Site values such as a
+    # Lustre filesystem's subnet go in parameters.
+    provisioner: str | None = None
+    parameters: dict[str, str] = {}
 
 
 class Storage(_Strict):
@@ -100,7 +127,17 @@ class Software(_Strict):
     driver_branch: str = "570"
     cuda_version: str = "12.8"
     nccl_version: str = "2.26.2"
-    kubernetes_version: str = "1.31"
+    kubernetes_version: Annotated[str, Field(pattern=r"^1\.[0-9]{2}(\.[0-9]+)?$")] = "1.31"
+    # "host": the driver is installed on the host (Ansible, or the machine image), so the GPU
+    # Operator leaves it alone; "operator": the GPU Operator installs driver_branch.
+    driver_source: Literal["host", "operator"] = "host"
+    # Pinned Helm chart versions; the custom-resource field checks in tests/infra are tied to these.
+    gpu_operator_chart: str = "v26.7.0"
+    network_operator_chart: str = "26.4.1"
+
+    @property
+    def kubernetes_minor(self) -> str:
+        return ".".join(self.kubernetes_version.split(".")[:2])
 
 
 class BurninPolicy(_Strict):
@@ -155,6 +192,9 @@ class Agent(_Strict):
     poll_interval_s: Annotated[float, Field(gt=0, le=300)] = 1.0
     device_timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     kernel_log: str = "/dev/kmsg"
+    # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet).
+    image: str = "ghcr.io/aidc-project/aidc-agent:0.1.0"
+    command: Annotated[list[str], Field(min_length=1)] = ["aidc", "health", "watch"]
 
 
 class Lab(_Strict):
@@ -183,6 +223,15 @@ class ClusterSpec(_Strict):
         names = [p.name for p in self.node_pools]
         if len(set(names)) != len(names):
             raise ValueError(f"node pool names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_api_needs_patch_version(self) -> "ClusterSpec":
+        # A Cluster API machine runs an exact Kubernetes release (v1.33.4), not a minor line.
+        if any(p.provisioner == "cluster-api" for p in self.node_pools) and \
+                self.software.kubernetes_version.count(".") != 2:
+            raise ValueError(f"software.kubernetes_version with a patch release (e.g. 1.33.4) for "
+                             f"cluster-api pools, not {self.software.kubernetes_version!r}")
         return self
 
     def nodes(self, include_spares: bool = True) -> list["Node"]:
