@@ -38,7 +38,7 @@ def _burnin_table(certs: list[AuditRecord]) -> str:
     rows = []
     for c in certs:
         m = c.payload.get("metrics") or {}
-        passed = c.payload.get("passed")
+        passed = c.payload.get("verdict") == "pass"
         verdict = f'<span class="{"pass" if passed else "fail"}">{"PASS" if passed else "FAIL"}</span>'
         cells = "".join(f"<td>{m[k]:.4g}</td>" if isinstance(m.get(k), (int, float)) else "<td>-</td>" for k in keys)
         reasons = "<br>".join(_e(r) for r in c.payload.get("reasons", [])) or "-"

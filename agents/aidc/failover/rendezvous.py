@@ -61,3 +61,17 @@ def evict(host: str, port: int, run_id: str, *, pids: set[int] | None = None, ad
         if result == b64encode(new_bits):
             return hit
     raise RuntimeError(f"rendezvous state of {run_id} kept changing; gave up after {attempts} attempts")
+
+
+def read_state(host: str, port: int, run_id: str, timeout_s: float = 5.0):
+    """The rendezvous state as torch keeps it (participants, wait and redundancy lists), or None."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    key = state_key(run_id)
+    if not store.check([key]):
+        return None
+    try:
+        return pickle.loads(b64decode(store.get(key)))
+    except Exception:  # the backend's "no state yet" sentinel
+        return None

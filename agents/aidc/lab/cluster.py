@@ -106,13 +106,25 @@ class LabCluster:
     def start_controller(self, stack: str) -> subprocess.Popen:
         return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir)))
 
-    def start_trainer(self, node: str) -> subprocess.Popen:
+    def start_trainer(self, node: str, spare: bool = False) -> subprocess.Popen:
         lab = self.spec.lab
         primaries = sum(1 for n in self.nodes if not n.spare)
         return self.start(f"launcher:{node}", [
             sys.executable, "-m", "aidc.lab.node_launcher", "--node", node, "--lab-dir", str(self.dir),
             "--rdzv", f"127.0.0.1:{self.port('rdzv')}", "--run-id", RUN_ID, "--nnodes", str(primaries),
-            "--total-steps", str(lab.train_steps), "--checkpoint-every", str(lab.checkpoint_every)], node=node, workload=True)
+            "--total-steps", str(lab.train_steps), "--checkpoint-every", str(lab.checkpoint_every),
+            "--start-gate", str(self.start_gate), *(["--spare"] if spare else [])], node=node, workload=True)
+
+    @property
+    def start_gate(self) -> Path:
+        return self.dir / "train" / "go"
+
+    def warm_nodes(self) -> list[str]:
+        return [n.name for n in self.nodes if (self.node_dir(n.name) / "warm").exists()]
+
+    def open_start_gate(self) -> None:
+        self.start_gate.parent.mkdir(parents=True, exist_ok=True)
+        self.start_gate.touch()
 
     def running(self) -> list[dict]:
         out = []
@@ -174,6 +186,10 @@ def lab_scheduler(lab_dir: str | os.PathLike) -> LabScheduler:
         if not pid_file.exists():
             return
         info = json.loads((lab_dir / "lab.json").read_text())
-        evict("127.0.0.1", info["ports"]["rdzv"], info["run_id"], pids={int(pid_file.read_text())})
+        started = time.time()
+        expired = evict("127.0.0.1", info["ports"]["rdzv"], info["run_id"], pids={int(pid_file.read_text())})
+        # Kept beside the node for the failover timeline (and the audit report).
+        (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
+            json.dumps({"at": started, "took_s": time.time() - started, "expired": expired}))
 
     return LabScheduler(lab_dir, on_quarantine=evict_from_rendezvous)

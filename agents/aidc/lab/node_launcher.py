@@ -8,7 +8,8 @@ external store) with two changes made at the smallest layer that works:
   paid a full `import torch` (~2-4 s on 2 cores) on every survivor and on the spare;
   here the spare and the survivors are warm.
 * The rendezvous polls every 0.1 s instead of its hard-coded 1 s when it waits for
-  other nodes (`dynamic_rendezvous._delay`), so a new round forms as soon as it can.
+  other nodes (`dynamic_rendezvous._delay`, and the state holder's 1 s cache), so a new
+  round forms as soon as it can.
 
 Run as `python -m aidc.lab.node_launcher --node NAME --lab-dir DIR --rdzv HOST:PORT ...`.
 """
@@ -20,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import sys
+from pathlib import Path
 
 
 def _fast_rendezvous_poll(poll_s: float) -> None:
@@ -33,6 +35,38 @@ def _fast_rendezvous_poll(poll_s: float) -> None:
         original(seconds=poll_s if seconds == 1 else seconds)
 
     dynamic_rendezvous._delay = delay
+    # The state holder also serves a cached copy of the shared state for 1 s, so a
+    # faster poll alone would still see changes once a second.
+    holder = dynamic_rendezvous._BackendRendezvousStateHolder.__init__
+    holder.__defaults__ = (poll_s,)
+
+
+def _wait_at_gate(warm_marker: Path, gate: Path, timeout_s: float = 600) -> None:
+    import time
+
+    warm_marker.write_text(str(os.getpid()))
+    deadline = time.monotonic() + timeout_s
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"start gate {gate} did not open within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def _wait_for_full_round(endpoint: str, run_id: str, nnodes: int, timeout_s: float = 600) -> None:
+    # Which agent ends up on the redundancy list is otherwise a race; joining after the
+    # first round is complete makes this one the spare, deterministically.
+    import time
+
+    from aidc.failover.rendezvous import read_state
+
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = read_state(host, int(port), run_id)
+        if state is not None and state.complete and len(state.participants) >= nnodes:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"no full rendezvous round of {nnodes} nodes within {timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,24 +81,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--poll", type=float, default=0.1)
+    p.add_argument("--start-gate", help="Once warm, touch <lab>/nodes/<node>/warm and wait for this file to exist")
+    p.add_argument("--spare", action="store_true",
+                   help="Warm up now, join only once the first round is full (so this node is the spare)")
     args = p.parse_args(argv)
 
     # The default shared store breaks after a membership change; keep it per round.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["AIDC_NODE"] = args.node
-    logging.basicConfig(level=logging.WARNING, format=f"[{args.node} agent] %(levelname)s %(message)s")
+    if os.environ.get("AIDC_LAB_DEBUG"):
+        logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous").setLevel(logging.DEBUG)
+    logging.basicConfig(level=logging.INFO if os.environ.get("AIDC_LAB_DEBUG") else logging.WARNING, format=f"[{args.node} agent] %(levelname)s %(message)s")
 
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "aidc.lab.trainer"])
+    # torch._dynamo is what DDP's constructor imports on first use (~800 modules, 2-9 s
+    # here); preloading it keeps that off the failover path too.
+    warm = ["torch", "torch.distributed", "torch._dynamo", "aidc.lab.trainer"]
+    multiprocessing.set_forkserver_preload(warm)
     from multiprocessing import forkserver
 
     forkserver.ensure_running()  # warm now, not at the first (or the failover) round
 
+    import importlib
+
+    for module in warm:  # the agent itself too: its failure handling imports lazily
+        importlib.import_module(module)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from aidc.lab.trainer import train
 
     _fast_rendezvous_poll(args.poll)
+    if args.start_gate:
+        _wait_at_gate(Path(args.lab_dir) / "nodes" / args.node / "warm", Path(args.start_gate))
+    if args.spare:
+        _wait_for_full_round(args.rdzv, args.run_id, args.nnodes)
     config = LaunchConfig(
         min_nodes=args.nnodes,
         max_nodes=args.nnodes,
@@ -74,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         rdzv_endpoint=args.rdzv,
         # The store lives outside every agent (is_host=false): killing any node,
         # rank 0's included, must not take the rendezvous with it.
+        # Heartbeats are compare-and-set writes of the whole rendezvous state: at 1 s on 2
+        # busy cores they collided with the write that completes a round (seen: 14 s of
+        # retries) and a starved spare was declared dead. Failover tells the rendezvous
+        # about quarantined nodes directly, so expiry only matters for unplanned deaths.
         rdzv_configs={"is_host": False, "join_timeout": 300, "last_call_timeout": 1,
-                      "keep_alive_interval": 1, "keep_alive_max_attempt": 3},
+                      "keep_alive_interval": 3, "keep_alive_max_attempt": 3},
         max_restarts=100,  # each failover spends one restart on every survivor
         monitor_interval=0.1,
         start_method="forkserver",

@@ -109,10 +109,8 @@ class LabRun:
         self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, all_reduce sweep, DDP + SDC check)")
         node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
         report = run_burnin(self.spec, node_dirs, self.audit, progress=False)
-        data = report.to_dict()
-        verdicts = {name: node["passed"] for name, node in data["nodes"].items()}
-        self.result.certified_nodes = sorted(n for n, ok in verdicts.items() if ok)
-        self.result.failed_nodes = sorted(n for n, ok in verdicts.items() if not ok)
+        self.result.certified_nodes = sorted(report.certified_nodes)
+        self.result.failed_nodes = sorted(report.failed_nodes)
         self.say(f"burn-in: certified {', '.join(self.result.certified_nodes) or 'none'}"
                  + (f"; FAILED {', '.join(self.result.failed_nodes)}" if self.result.failed_nodes else ""))
         if self.result.failed_nodes:
@@ -134,11 +132,14 @@ class LabRun:
                  f" {lab.checkpoint_every} step(s)); spare(s) {', '.join(spares)} wait warm")
         for name in primaries:
             c.start_trainer(name)
+        for name in spares:  # joins only after the first round is full: it is the spare
+            c.start_trainer(name, spare=True)
+        # Training starts when every node is warm (torch imported in its agent and worker
+        # pool), so the spare is ready before the job needs it.
+        _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
+        c.open_start_gate()
         _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
-        # The spare joins only after the first round formed, so it is the one on the
-        # rendezvous' redundancy list (which agent becomes spare is otherwise a race).
-        for name in spares:
-            c.start_trainer(name)
+        _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)
         last = _wait(f"step {lab.inject_at_step}",
                      lambda: next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
         victim = last["world"][-1]
@@ -175,6 +176,16 @@ class LabRun:
         steps = _read_jsonl(self.steps_log)
         self.result.train_steps = max(s["step"] for s in steps)
         self.result.ettr = self._ettr(steps)
+
+    def _spares_waiting(self, spares: list[str]) -> bool:
+        from aidc.failover.rendezvous import read_state
+
+        c = self.cluster
+        state = read_state("127.0.0.1", c.port("rdzv"), c.info()["run_id"])
+        if state is None:
+            return False
+        pids = {int((c.node_dir(n) / "launcher.pid").read_text()) for n in spares}
+        return pids <= {node.pid for node in state.redundancy_list}
 
     def _quarantine_decision(self, node: str):
         for rec in self.audit.records(kind="failover.decision", node=node):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -68,15 +69,37 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _trace(lab: Path, node: str, what: str) -> None:
+    """Timestamped phases of this worker's life, for the failover timeline."""
+    with open(lab / "train" / f"trace-{node}.log", "a") as f:
+        f.write(f"{time.time():.3f} pid={os.getpid()} {what}\n")
+
+
 def train(cfg: dict) -> int:
     """Entry point of one worker. cfg: lab_dir, node, total_steps, checkpoint_every, seed, lr."""
     lab = Path(cfg["lab_dir"])
     node = cfg["node"]
+    (lab / "train").mkdir(parents=True, exist_ok=True)
+    _trace(lab, node, "worker started")
+    try:
+        return _train(cfg, lab, node)
+    except Exception as exc:
+        _trace(lab, node, f"worker failed: {type(exc).__name__}: {str(exc)[:160]}")
+        # Exit now. A normal exit after a peer died tears down the gloo process group and
+        # DDP's reducer, which took ~9 s here; the elastic agent only needs the exit code,
+        # and the last checkpoint is already on disk (atomic rename).
+        sys.stderr.write(f"[{node}] worker failed: {exc}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _train(cfg: dict, lab: Path, node: str) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     members: list[str | None] = [None] * world
     dist.all_gather_object(members, node)
+    _trace(lab, node, f"process group ready: rank {rank} of {world}")
 
     ckpt = Checkpoints(lab / "checkpoints")
     model = build_model(cfg["seed"])
@@ -85,7 +108,9 @@ def train(cfg: dict) -> int:
     if state:
         model.load_state_dict(state["model"])
         start_step = state["step"] + 1
+    _trace(lab, node, f"checkpoint loaded: resume at step {start_step}")
     ddp = DistributedDataParallel(model)
+    _trace(lab, node, "DDP ready")
     device = SimBackend(lab / "nodes" / node)
     log = lab / "train" / "steps.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +126,8 @@ def train(cfg: dict) -> int:
             if step % cfg["checkpoint_every"] == 0 or step == cfg["total_steps"]:
                 ckpt.save(step, model)
             _append(log, {"step": step, "loss": loss, "t": time.time(), "world": members})
+        if step == start_step:
+            _trace(lab, node, f"first step done: {step}")
 
     if rank == 0:
         (lab / "train" / "done.json").write_text(json.dumps({"t": time.time(), "steps": cfg["total_steps"]}))
