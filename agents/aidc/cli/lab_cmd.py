@@ -25,8 +25,14 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
 
     Exit 0 only when the loop completed and the audit log verifies.
     """
+    import signal
+
     from aidc.lab.run import LabRun
 
+    def interrupted(*_):  # SIGTERM stops the lab like Ctrl-C: cleanup runs, nothing is orphaned
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     spec = load_stack(stack)
     if spec.device_backend != "sim" or spec.scheduler != "lab":
         raise typer.BadParameter(f"stack {stack!r} is not a lab stack (device_backend sim, scheduler lab)")
