@@ -24,6 +24,7 @@ GROUPS = [
     ("aidc.cli.spec_cmd", "spec"),
     ("aidc.cli.device_cmd", "device"),
     ("aidc.cli.audit_cmd", "audit"),
+    ("aidc.cli.runbook_cmd", "runbook"),
 ]
 
 for module, name in GROUPS:
