@@ -123,13 +123,22 @@ def _error_path(err: jsonschema.ValidationError) -> str:
 
 def parse_runbook(doc: object, file: str = "<memory>") -> Runbook:
     """Validate one runbook document; errors name the file, key path and what was wrong."""
-    errors = sorted(_validator(str(schema_path())).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    validator = _validator(str(schema_path()))
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
-        # The deepest error is the most specific one ("steps[2].reason is required").
-        err = max(errors, key=lambda e: len(e.absolute_path))
-        best = jsonschema.exceptions.best_match([err] + errors)
+        best = jsonschema.exceptions.best_match(errors)
+        path, message = _error_path(best), best.message
+        kind = best.instance.get("kind") if isinstance(best.instance, dict) else None
+        if best.validator == "oneOf" and kind in validator.schema["$defs"]:
+            # "not valid under any of the given schemas" helps nobody: check the step
+            # against the schema of the kind it claims to be, and report that.
+            sub = validator.evolve(schema={"$defs": validator.schema["$defs"], "$ref": f"#/$defs/{kind}"})
+            inner = jsonschema.exceptions.best_match(sub.iter_errors(best.instance))
+            if inner is not None:
+                path = path + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner.absolute_path)
+                message = f"{kind} step: {inner.message}"
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise RunbookError(f"{file}: {_error_path(best)}: {best.message}{more}")
+        raise RunbookError(f"{file}: {path}: {message}{more}")
     assert isinstance(doc, dict)
     ids = [s.get("id") for s in doc["steps"] + doc.get("on_failure", []) if s.get("id")]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
