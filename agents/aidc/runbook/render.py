@@ -7,7 +7,7 @@ from pathlib import Path
 from aidc.runbook.catalog import Catalog, Runbook, Step
 from aidc.runbook.steps import describe
 
-NODE = "<node>"
+NODE = "${node}"  # rendered pages show the variable, as the YAML does
 
 
 def _trigger_text(rb: Runbook) -> list[str]:
@@ -22,7 +22,7 @@ def _trigger_text(rb: Runbook) -> list[str]:
 
 
 def _step_line(i: int, step: Step) -> str:
-    text = describe(step, {**step.raw}, NODE, None)
+    text = describe(step, {**step.raw}, NODE, None).rstrip(".")
     flags = []
     if step.destructive:
         flags.append("destructive")
@@ -51,8 +51,8 @@ def render_markdown(rb: Runbook) -> str:
               f"- After a run finishes, the same alert on the same node starts nothing for {rb.cooldown_s:g} s.",
               "- Destructive steps run only after an approved `approve` step, or when the cluster policy "
               "(`policy.runbook_auto_approve`) allows their kind; quarantine also honours `policy.max_unavailable`.",
-              "", "## By hand", "", "```", f"aidc runbook run {rb.name} --node {NODE} --dry-run   # what it would do",
-              f"aidc runbook run {rb.name} --node {NODE}             # do it (audited)", "```", ""]
+              "", "## By hand", "", "```", f"aidc runbook run {rb.name} --node <node> --dry-run   # what it would do",
+              f"aidc runbook run {rb.name} --node <node>             # do it (audited)", "```", ""]
     return "\n".join(lines)
 
 

@@ -136,7 +136,7 @@ def _check_text(spec: dict, node: str, actuators: Actuators | None) -> str:
 
 def describe(step: Step, params: dict, node: str, actuators: Actuators | None) -> str:
     kind = step.kind
-    sched = actuators.scheduler.name if actuators else "the"
+    sched = f"the {actuators.scheduler.name} scheduler" if actuators else "the scheduler"
     if kind == "check":
         return _check_text(params, node, actuators)
     if kind == "wait":
@@ -145,9 +145,9 @@ def describe(step: Step, params: dict, node: str, actuators: Actuators | None) -
                     f"(poll every {params.get('poll_s', 1.0):g} s, give up after {step.timeout_s:g} s)")
         return f"wait {float(params['seconds']):g} s"
     if kind == "quarantine":
-        return f"take {node} out of service through the {sched} scheduler (reason: {params['reason']})"
+        return f"take {node} out of service through {sched} (reason: {params['reason']})"
     if kind == "release":
-        return f"return {node} to service through the {sched} scheduler (reason: {params['reason']})"
+        return f"return {node} to service through {sched} (reason: {params['reason']})"
     if kind == "playbook":
         extra = f" with extravars {params['extravars']}" if params.get("extravars") else ""
         return f"run playbook {params['playbook']} limited to {node}{extra}"
