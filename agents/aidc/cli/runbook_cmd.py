@@ -20,13 +20,16 @@ STATE_DB = typer.Option(Path(".aidc/runbook/state.db"), "--state-db", help="Dura
 AUDIT_DB = typer.Option(Path(".aidc/lab/audit.db"), "--audit-db", help="Audit log (SQLite).")
 PROMETHEUS = typer.Option(None, "--prometheus", help="Prometheus base URL for check steps, e.g. http://127.0.0.1:9090.")
 NOTIFY_FILE = typer.Option(None, "--notify-file", help="Append notifications here as JSON lines.")
+INVENTORY = typer.Option(None, "--inventory",
+                         help="Ansible inventory for playbook steps (default: playbooks/inventory/aidc_spec.sh).")
 
 
-def _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus=None, notify_file=None):
+def _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus=None, notify_file=None, inventory=None):
     from aidc.runbook.context import EngineOptions, build_engine
 
     return build_engine(EngineOptions(stack=stack, lab_dir=lab_dir, state_db=state_db, audit_db=audit_db,
-                                      runbooks=runbooks, prometheus=prometheus, notify_file=notify_file))
+                                      runbooks=runbooks, prometheus=prometheus, notify_file=notify_file,
+                                      inventory=inventory))
 
 
 def _catalog(runbooks):
@@ -63,9 +66,9 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         label: list[str] = typer.Option([], "--label", help="KEY=VALUE an alert would carry (e.g. gpu=0); repeatable."),
         stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
         runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
-        as_json: bool = JSON_OPTION) -> None:
+        inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Run a runbook on a node by hand (audited; the same guards as an alert-triggered run)."""
-    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file)
+    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     if node not in engine.nodes:
         raise AidcError(f"{node!r} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}")
     labels = {}
@@ -129,9 +132,9 @@ def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook ru
                                         help="Continue the run here (else a running `serve` picks it up)."),
             stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
             runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
-            as_json: bool = JSON_OPTION) -> None:
+            inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Approve a run's waiting `approve` step."""
-    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file)
+    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     engine.approve(run_id, by)
     if resume:
         engine.execute(run_id)
@@ -154,7 +157,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
           token_file: Path = typer.Option(None, "--token-file",
                                           help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN)."),
           stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
-          runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE) -> None:
+          runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
+          inventory: Path = INVENTORY) -> None:
     """Alertmanager webhook receiver (bearer-token auth). Resumes interrupted runs on start."""
     from aidc.runbook.receiver import Receiver
 
@@ -167,7 +171,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
         token = os.environ.get("AIDC_RUNBOOK_TOKEN", "").strip()
     if not token:
         raise AidcError("a bearer token is required: --token-file FILE or $AIDC_RUNBOOK_TOKEN")
-    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file)
+    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     try:
         receiver = Receiver(engine, token, host, port)
     except OSError as exc:

@@ -86,33 +86,38 @@ class Actuators:
 
 
 class AnsiblePlaybookRunner:
-    """Runs playbooks through the ansible-runner wrapper of the Ansible stage.
+    """Runs remediation playbooks through the Ansible stage's ansible-runner wrapper.
 
-    Integration point: the wrapper lives in `aidc.ansible` (branch `ansible`); the lead
-    wires its entry point here after merging. Ansible playbooks are idempotent by design,
-    which is what the engine's crash recovery relies on.
+    Integration point: `aidc.ansible.run_playbook(playbook, inventory=, extravars=, limit=,
+    timeout_s=) -> PlaybookResult` (branch `ansible`). Ansible playbooks are idempotent by
+    design; the engine still never re-runs one that was interrupted (outcome unknown).
     """
 
-    def __init__(self, playbook_dir: Path):
-        self.playbook_dir = playbook_dir
+    def __init__(self, playbook_dir: Path, inventory: Path | str):
+        self.playbook_dir, self.inventory = playbook_dir, inventory
 
     def run(self, playbook: str, node: str, extravars: dict, timeout_s: float) -> ActionResult:
         try:
-            import aidc.ansible as wrapper  # noqa: F401  (branch `ansible`)
-        except ModuleNotFoundError:
+            from aidc.ansible import run_playbook
+        except ImportError:
             raise StepUnavailable("playbook steps need the ansible-runner wrapper (aidc.ansible), "
                                   "which this build does not include") from None
-        runner = getattr(wrapper, "run_playbook", None)
-        if runner is None:
-            raise StepUnavailable("aidc.ansible has no run_playbook(); wire the wrapper in aidc.runbook.actuators")
-        result = runner(self.playbook_dir / playbook, limit=node, extravars=extravars, timeout_s=timeout_s)
-        ok = bool(getattr(result, "ok", getattr(result, "rc", 1) == 0))
-        return ActionResult(ok, f"playbook {playbook} on {node}: {'ok' if ok else 'failed'}",
-                            {"status": getattr(result, "status", None)})
+        result = run_playbook(self.playbook_dir / playbook, inventory=self.inventory, extravars=extravars,
+                              limit=node, timeout_s=max(1, int(timeout_s)))
+        return ActionResult(bool(result.ok), result.describe() or f"playbook {playbook}: {result.status}",
+                            {"status": result.status, "changed": result.changed})
 
 
 class StageBurninRunner:
-    """Integration point: the burn-in stage's `aidc.burnin.runner.run_burnin` (branch `burnin`)."""
+    """Burns a node in through the burn-in stage (`aidc.burnin.runner.run_burnin`).
+
+    Integration point: run_burnin judges nodes against the fleet median, so it burns in
+    the whole (lab) fleet and this reads the one node's verdict. On a production cluster a
+    single-node burn-in against stored fleet baselines is needed; until then this is lab-only.
+    """
+
+    def __init__(self, spec, lab_dir: Path):
+        self.spec, self.lab_dir = spec, lab_dir
 
     def run(self, node: str, tests: list[str], timeout_s: float) -> ActionResult:
         try:
@@ -120,9 +125,14 @@ class StageBurninRunner:
         except ImportError:
             raise StepUnavailable("burnin steps need aidc.burnin.runner.run_burnin, which this build "
                                   "does not include") from None
-        result = run_burnin(nodes=[node], tests=tests or None, timeout_s=timeout_s)
-        passed = bool(getattr(result, "passed", False))
-        return ActionResult(passed, f"burn-in of {node}: {'certified' if passed else 'FAILED'}")
+        node_dirs = {n.name: self.lab_dir / "nodes" / n.name for n in self.spec.nodes()}
+        report = run_burnin(self.spec, node_dirs, None, timeout_s=timeout_s)
+        verdict = report.nodes.get(node)
+        if verdict is None:
+            return ActionResult(False, f"burn-in report has no result for {node}")
+        reasons = list(getattr(verdict, "reasons", []))
+        return ActionResult(bool(verdict.passed), f"burn-in of {node}: {'certified' if verdict.passed else 'FAILED'}"
+                            + (f" ({'; '.join(reasons)})" if reasons else ""), {"reasons": reasons})
 
 
 class LogNotifier:

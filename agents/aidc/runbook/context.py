@@ -24,6 +24,7 @@ class EngineOptions:
     runbooks: Path | None = None
     prometheus: str | None = None
     notify_file: Path | None = None
+    inventory: Path | None = None
 
 
 def scheduler_for(spec: ClusterSpec, lab_dir: Path) -> SchedulerBackend:
@@ -49,8 +50,9 @@ def build_engine(opts: EngineOptions) -> Engine:
     actuators = Actuators(
         scheduler=scheduler_for(spec, opts.lab_dir),
         metrics=HttpMetrics(opts.prometheus, agent_url_for(spec)),
-        playbooks=AnsiblePlaybookRunner(project_root() / "playbooks"),
-        burnin=StageBurninRunner(),
+        playbooks=AnsiblePlaybookRunner(project_root() / "playbooks",
+                                        opts.inventory or project_root() / "playbooks" / "inventory" / "aidc_spec.sh"),
+        burnin=StageBurninRunner(spec, opts.lab_dir),
         notifier=LogNotifier(opts.notify_file),
     )
     return Engine(catalog=catalog, state=RunState(opts.state_db), audit=AuditLog(opts.audit_db),
