@@ -181,9 +181,15 @@ class Receiver:
 
     def _execute(self, run_id: int) -> None:
         try:
+            before = self.engine.state.get_run(run_id)
+            if before.status == "running" and before.owner:
+                self.log(f"run {run_id} {before.runbook} on {before.node}: resuming after its executor "
+                         f"({before.owner}) died")
             run = self.engine.execute(run_id)
-            self.log(f"run {run_id} {run.runbook} on {run.node}: {run.status}"
-                     + (f" ({run.error})" if run.error else ""))
+            # A run waiting for approval is re-checked every scan: log only what changed.
+            if run.status != before.status or run.status != "awaiting_approval":
+                self.log(f"run {run_id} {run.runbook} on {run.node}: {run.status}"
+                         + (f" ({run.error})" if run.error else ""))
         except Exception as exc:  # the executor thread must report, not vanish
             self.log(f"run {run_id}: executor error: {type(exc).__name__}: {exc}")
         finally:
