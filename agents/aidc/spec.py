@@ -173,6 +173,9 @@ class Policy(_Strict):
         "reboot_node",
         "contact_support",
     ]
+    # Destructive runbook step kinds that may run without a human `approve` step. Quarantine
+    # within max_unavailable is the automatic first response; everything else waits for a human.
+    runbook_auto_approve: list[Literal["quarantine", "release", "playbook", "burnin"]] = ["quarantine"]
 
     @field_validator("max_unavailable")
     @classmethod

@@ -28,6 +28,7 @@ GROUPS = [
     ("aidc.cli.lab_cmd", "lab"),
     ("aidc.cli.health_cmd", "health"),
     ("aidc.cli.agent_cmd", "agent"),
+    ("aidc.cli.runbook_cmd", "runbook"),
 ]
 
 for module, name in GROUPS:

@@ -1,0 +1,188 @@
+"""`aidc runbook`: list, show, run (or dry-run), approve, render and serve runbooks."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import typer
+
+from aidc.cli.output import JSON_OPTION, emit
+from aidc.errors import AidcError
+
+app = typer.Typer(help="Guarded, audited runbooks triggered by Alertmanager or by hand.", no_args_is_help=True)
+
+RUNBOOKS = typer.Option(None, "--runbooks", help="Runbook directory (default: runbooks/ or $AIDC_RUNBOOKS).")
+STACK = typer.Option("lab", "--stack", help="Stack name or Pulumi.<stack>.yaml path (nodes, policy, scheduler).")
+LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab directory (lab scheduler: nodes/<node>/).")
+STATE_DB = typer.Option(Path(".aidc/runbook/state.db"), "--state-db", help="Durable run state (SQLite).")
+AUDIT_DB = typer.Option(Path(".aidc/lab/audit.db"), "--audit-db", help="Audit log (SQLite).")
+PROMETHEUS = typer.Option(None, "--prometheus", help="Prometheus base URL for check steps, e.g. http://127.0.0.1:9090.")
+NOTIFY_FILE = typer.Option(None, "--notify-file", help="Append notifications here as JSON lines.")
+INVENTORY = typer.Option(None, "--inventory",
+                         help="Ansible inventory for playbook steps (default: playbooks/inventory/aidc_spec.sh).")
+
+
+def _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus=None, notify_file=None, inventory=None):
+    from aidc.runbook.context import EngineOptions, build_engine
+
+    return build_engine(EngineOptions(stack=stack, lab_dir=lab_dir, state_db=state_db, audit_db=audit_db,
+                                      runbooks=runbooks, prometheus=prometheus, notify_file=notify_file,
+                                      inventory=inventory))
+
+
+def _catalog(runbooks):
+    from aidc.runbook.catalog import Catalog
+
+    return Catalog.load(runbooks)
+
+
+@app.command("list")
+def list_cmd(runbooks: Path = RUNBOOKS, as_json: bool = JSON_OPTION) -> None:
+    """List the runbooks (each is validated against the schema on load)."""
+    cat = _catalog(runbooks)
+    data = [{"name": n, "title": cat.get(n).title, "steps": len(cat.get(n).steps),
+             "alerts": [a["alertname"] for a in cat.get(n).trigger.get("alerts", [])],
+             "faults": cat.get(n).trigger.get("faults", [])} for n in cat.names()]
+    text = "\n".join(f"{d['name']:28s} {d['title']}" for d in data)
+    emit(data, as_json, text or "(no runbooks)")
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., help="Runbook name."), runbooks: Path = RUNBOOKS,
+         as_json: bool = JSON_OPTION) -> None:
+    """Show one runbook: trigger, guards, steps."""
+    from aidc.runbook.render import render_markdown
+
+    rb = _catalog(runbooks).get(name)
+    emit(rb.raw, as_json, render_markdown(rb))
+
+
+@app.command("run")
+def run(name: str = typer.Argument(..., help="Runbook name."),
+        node: str = typer.Option(..., "--node", help="The node to run it on."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print each step and what it would do; change nothing."),
+        label: list[str] = typer.Option([], "--label", help="KEY=VALUE an alert would carry (e.g. gpu=0); repeatable."),
+        stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
+        runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
+        inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
+    """Run a runbook on a node by hand (audited; the same guards as an alert-triggered run)."""
+    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    if node not in engine.nodes:
+        raise AidcError(f"{node!r} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}")
+    labels = {}
+    for item in label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AidcError(f"--label expects KEY=VALUE, got {item!r}")
+        labels[key] = value
+    user = os.environ.get("USER") or "unknown"
+    trigger = {"source": "cli", "user": user, "labels": labels}
+    if dry_run or engine.policy.dry_run:
+        plan = engine.plan(name, node, trigger)
+        lines = [f"DRY RUN of {name} on {node}: nothing will be changed"]
+        for p in plan:
+            phase = " [on failure]" if p.phase == "on_failure" else ""
+            gate = f"  ({p.gate})" if p.gate else ""
+            lines.append(f"{p.idx + 1:2d}. {p.id} [{p.kind}]{phase}: would {p.would}{gate}")
+        emit({"runbook": name, "node": node, "dry_run": True, "steps": [p.to_dict() for p in plan]},
+             as_json, "\n".join(lines))
+        return
+    sub = engine.submit(name, node, trigger)
+    if sub.outcome != "started":
+        emit(sub.to_dict(), as_json, f"not started: {sub.outcome}: {sub.reason}")
+        raise typer.Exit(1)
+    result = engine.execute(sub.run_id)
+    _emit_run(engine, result.id, as_json)
+    if result.status == "failed":
+        raise typer.Exit(1)
+
+
+def _emit_run(engine, run_id: int, as_json: bool) -> None:
+    run = engine.state.get_run(run_id)
+    steps = engine.state.steps(run_id)
+    lines = [f"run {run.id}: {run.runbook} on {run.node}: {run.status}" + (f" ({run.error})" if run.error else "")]
+    for s in steps:
+        res = s.result or {}
+        note = res.get("error") or res.get("detail") or res.get("approved_by") or ""
+        lines.append(f"  {s.idx + 1:2d}. {s.step_id:22s} {s.kind:10s} {s.status:8s} {note}")
+    emit({**run.to_dict(), "steps": [s.to_dict() for s in steps]}, as_json, "\n".join(lines))
+
+
+@app.command("runs")
+def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", help="Only this node."),
+         as_json: bool = JSON_OPTION) -> None:
+    """List runs and their status from the durable state."""
+    from aidc.runbook.state import RunState
+
+    if not state_db.exists():
+        raise AidcError(f"no run state at {state_db}")
+    st = RunState(state_db)
+    data = [r.to_dict() for r in st.runs(node=node)]
+    text = "\n".join(f"{r['id']:5d} {r['runbook']:28s} {r['node']:14s} {r['status']:18s} {r['error'] or ''}"
+                     for r in data)
+    emit(data, as_json, text or "(no runs)")
+
+
+@app.command("approve")
+def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook runs`)."),
+            by: str = typer.Option(..., "--by", help="Who approves (recorded in the audit log)."),
+            resume: bool = typer.Option(True, "--resume/--no-resume",
+                                        help="Continue the run here (else a running `serve` picks it up)."),
+            stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
+            runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
+            inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
+    """Approve a run's waiting `approve` step."""
+    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    engine.approve(run_id, by)
+    if resume:
+        engine.execute(run_id)
+    _emit_run(engine, run_id, as_json)
+
+
+@app.command("render")
+def render(out: Path = typer.Option(Path("docs/runbooks"), "--out", help="Output directory."),
+           runbooks: Path = RUNBOOKS, as_json: bool = JSON_OPTION) -> None:
+    """Render every runbook to Markdown for humans."""
+    from aidc.runbook.render import render_all
+
+    paths = render_all(_catalog(runbooks), out)
+    emit([str(p) for p in paths], as_json, "\n".join(f"wrote {p}" for p in paths))
+
+
+@app.command("serve")
+def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(9097, "--port", help="Port to listen on (0: any free port)."),
+          token_file: Path = typer.Option(None, "--token-file",
+                                          help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN)."),
+          stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
+          runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
+          inventory: Path = INVENTORY) -> None:
+    """Alertmanager webhook receiver (bearer-token auth). Resumes interrupted runs on start."""
+    from aidc.runbook.receiver import Receiver
+
+    if token_file:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise AidcError(f"cannot read token file {token_file}: {exc.strerror}") from None
+    else:
+        token = os.environ.get("AIDC_RUNBOOK_TOKEN", "").strip()
+    if not token:
+        raise AidcError("a bearer token is required: --token-file FILE or $AIDC_RUNBOOK_TOKEN")
+    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    try:
+        receiver = Receiver(engine, token, host, port)
+    except OSError as exc:
+        raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    signal.signal(signal.SIGTERM, lambda *_: receiver.engine.stop.set() or _shutdown_later(receiver))
+    typer.echo(f"aidc runbook serve: ready on http://{host}:{receiver.port}/alerts", err=True)
+    receiver.serve_forever()
+
+
+def _shutdown_later(receiver) -> None:
+    # httpd.shutdown() blocks until serve_forever returns: call it off the signal handler's thread.
+    import threading
+
+    threading.Thread(target=receiver.httpd.shutdown, daemon=True).start()

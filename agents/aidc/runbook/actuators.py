@@ -1,0 +1,214 @@
+"""What runbook steps act through. Each is a small Protocol with one real implementation,
+so the engine is tested with fakes and the real parts are wired in one place (`context.py`).
+
+Integration points owned by other stages:
+- `PlaybookRunner`: the ansible-runner wrapper (`aidc.ansible`, branch `ansible`).
+- `BurninRunner`: the burn-in stage (`aidc.burnin.runner.run_burnin`, branch `burnin`).
+Until those exist, the default implementations raise a clear `StepUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+from aidc.errors import AidcError
+from aidc.failover.scheduler import SchedulerBackend
+
+HTTP_TIMEOUT_S = 5.0
+
+
+class StepUnavailable(AidcError):
+    """A step needs a part that this build or configuration does not have."""
+
+
+class CheckFailed(AidcError):
+    """A check could not be evaluated (source unreachable, bad answer)."""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    ok: bool
+    detail: str
+    data: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class PlaybookRunner(Protocol):
+    def run(self, playbook: str, node: str, extravars: dict, timeout_s: float) -> ActionResult:
+        """Run one playbook limited to `node`. Must be safe to call again after an interruption."""
+        ...
+
+
+@runtime_checkable
+class BurninRunner(Protocol):
+    def run(self, node: str, tests: list[str], timeout_s: float) -> ActionResult:
+        """Burn in one node; ok=True when it is certified."""
+        ...
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    def notify(self, severity: str, message: str, context: dict) -> None:
+        ...
+
+
+@runtime_checkable
+class MetricsSource(Protocol):
+    def prometheus(self, query: str, timeout_s: float) -> list[float]:
+        """Values of an instant PromQL query (empty list: no series)."""
+        ...
+
+    def agent(self, node: str, metric: str, labels: dict, timeout_s: float) -> list[float]:
+        """Values of one metric read straight from the node agent's /metrics."""
+        ...
+
+
+@dataclass
+class Actuators:
+    scheduler: SchedulerBackend
+    metrics: MetricsSource
+    playbooks: PlaybookRunner
+    burnin: BurninRunner
+    notifier: Notifier
+
+
+# --- real implementations ------------------------------------------------------------
+
+
+class AnsiblePlaybookRunner:
+    """Runs remediation playbooks through the Ansible stage's ansible-runner wrapper.
+
+    Integration point: `aidc.ansible.run_playbook(playbook, inventory=, extravars=, limit=,
+    timeout_s=) -> PlaybookResult` (branch `ansible`). Ansible playbooks are idempotent by
+    design; the engine still never re-runs one that was interrupted (outcome unknown).
+    """
+
+    def __init__(self, playbook_dir: Path, inventory: Path | str):
+        self.playbook_dir, self.inventory = playbook_dir, inventory
+
+    def run(self, playbook: str, node: str, extravars: dict, timeout_s: float) -> ActionResult:
+        try:
+            from aidc.ansible import run_playbook
+        except ImportError:
+            raise StepUnavailable("playbook steps need the ansible-runner wrapper (aidc.ansible), "
+                                  "which this build does not include") from None
+        result = run_playbook(self.playbook_dir / playbook, inventory=self.inventory, extravars=extravars,
+                              limit=node, timeout_s=max(1, int(timeout_s)))
+        return ActionResult(bool(result.ok), result.describe() or f"playbook {playbook}: {result.status}",
+                            {"status": result.status, "changed": result.changed})
+
+
+class StageBurninRunner:
+    """Burns a node in through the burn-in stage (`aidc.burnin.runner.run_burnin`).
+
+    Integration point: run_burnin judges nodes against the fleet median, so it burns in
+    the whole (lab) fleet and this reads the one node's verdict. On a production cluster a
+    single-node burn-in against stored fleet baselines is needed; until then this is lab-only.
+    """
+
+    def __init__(self, spec, lab_dir: Path):
+        self.spec, self.lab_dir = spec, lab_dir
+
+    def run(self, node: str, tests: list[str], timeout_s: float) -> ActionResult:
+        try:
+            from aidc.burnin.runner import run_burnin
+        except ImportError:
+            raise StepUnavailable("burnin steps need aidc.burnin.runner.run_burnin, which this build "
+                                  "does not include") from None
+        node_dirs = {n.name: self.lab_dir / "nodes" / n.name for n in self.spec.nodes()}
+        report = run_burnin(self.spec, node_dirs, None, timeout_s=timeout_s)
+        verdict = report.nodes.get(node)
+        if verdict is None:
+            return ActionResult(False, f"burn-in report has no result for {node}")
+        reasons = list(getattr(verdict, "reasons", []))
+        return ActionResult(bool(verdict.passed), f"burn-in of {node}: {'certified' if verdict.passed else 'FAILED'}"
+                            + (f" ({'; '.join(reasons)})" if reasons else ""), {"reasons": reasons})
+
+
+class LogNotifier:
+    """Writes notifications to stderr and, when given, one JSON object per line to a file
+    (the place a pager or chat integration reads from)."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+
+    def notify(self, severity: str, message: str, context: dict) -> None:
+        line = {"ts": time.time(), "severity": severity, "message": message, **context}
+        print(f"aidc runbook notify [{severity}] {message}", file=sys.stderr, flush=True)
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line, sort_keys=True, default=str) + "\n")
+
+
+class HttpMetrics:
+    """Reads Prometheus' HTTP API and the agents' /metrics pages."""
+
+    def __init__(self, prometheus_url: str | None, agent_url: Callable[[str], str] | None):
+        self.prometheus_url = prometheus_url.rstrip("/") if prometheus_url else None
+        self.agent_url = agent_url
+
+    def prometheus(self, query: str, timeout_s: float) -> list[float]:
+        if not self.prometheus_url:
+            raise StepUnavailable("check step needs Prometheus: pass --prometheus URL")
+        url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+        try:
+            with urllib.request.urlopen(url, timeout=min(timeout_s, HTTP_TIMEOUT_S)) as resp:
+                body = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise CheckFailed(f"Prometheus query {query!r} failed: {exc}") from None
+        if body.get("status") != "success":
+            raise CheckFailed(f"Prometheus query {query!r}: {body.get('error', 'no success status')}")
+        data = body["data"]
+        if data["resultType"] == "scalar":
+            return [float(data["result"][1])]
+        return [float(r["value"][1]) for r in data["result"]]
+
+    def agent(self, node: str, metric: str, labels: dict, timeout_s: float) -> list[float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if not self.agent_url:
+            raise StepUnavailable("check step needs the agent's address")
+        url = self.agent_url(node)
+        try:
+            with urllib.request.urlopen(url, timeout=min(timeout_s, HTTP_TIMEOUT_S)) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            raise CheckFailed(f"agent of {node} at {url} unreachable: {exc}") from None
+        out = []
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    out.append(float(sample.value))
+        return out
+
+
+# --- check expectations --------------------------------------------------------------
+
+_OPS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_COMPARE = re.compile(r"^(==|!=|>=|<=|>|<) ?(-?[0-9]+(?:\.[0-9]+)?)$")
+
+
+def expectation_met(expect: str, values: list[float] | str) -> bool:
+    """`empty` / `nonempty` / `> 0` over query values, or a scheduler state by name."""
+    if isinstance(values, str):
+        return values == expect
+    if expect == "empty":
+        return not values
+    if expect == "nonempty":
+        return bool(values)
+    m = _COMPARE.match(expect)
+    if not m:
+        raise CheckFailed(f"expectation {expect!r} does not apply to metric values")
+    op, ref = _OPS[m.group(1)], float(m.group(2))
+    return any(op(v, ref) for v in values)

@@ -1,0 +1,59 @@
+"""Wiring: build an Engine with the real actuators from the cluster spec and command options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aidc.audit.log import AuditLog
+from aidc.errors import AidcError
+from aidc.failover.scheduler import LabScheduler, SchedulerBackend
+from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics, LogNotifier, StageBurninRunner
+from aidc.runbook.catalog import Catalog
+from aidc.runbook.engine import Engine
+from aidc.runbook.state import RunState
+from aidc.spec import ClusterSpec, load_stack, project_root
+
+
+@dataclass
+class EngineOptions:
+    stack: str = "lab"
+    lab_dir: Path = Path(".aidc/lab")
+    state_db: Path = Path(".aidc/runbook/state.db")
+    audit_db: Path = Path(".aidc/lab/audit.db")
+    runbooks: Path | None = None
+    prometheus: str | None = None
+    notify_file: Path | None = None
+    inventory: Path | None = None
+
+
+def scheduler_for(spec: ClusterSpec, lab_dir: Path) -> SchedulerBackend:
+    if spec.scheduler == "lab":
+        return LabScheduler(lab_dir)
+    # Slurm and Kubernetes backends implement the same protocol (aidc.failover) when they land.
+    raise AidcError(f"scheduler {spec.scheduler!r} has no backend in this build; the lab scheduler is available")
+
+
+def agent_url_for(spec: ClusterSpec):
+    """The lab convention (docs/metrics.md): node i's agent serves on metrics_port + i."""
+    index = {n.name: i for i, n in enumerate(spec.nodes())}
+
+    def url(node: str) -> str:
+        return f"http://127.0.0.1:{spec.agent.metrics_port + index[node]}/metrics"
+
+    return url
+
+
+def build_engine(opts: EngineOptions) -> Engine:
+    spec = load_stack(opts.stack)
+    catalog = Catalog.load(opts.runbooks)
+    actuators = Actuators(
+        scheduler=scheduler_for(spec, opts.lab_dir),
+        metrics=HttpMetrics(opts.prometheus, agent_url_for(spec)),
+        playbooks=AnsiblePlaybookRunner(project_root() / "playbooks",
+                                        opts.inventory or project_root() / "playbooks" / "inventory" / "aidc_spec.sh"),
+        burnin=StageBurninRunner(spec, opts.lab_dir),
+        notifier=LogNotifier(opts.notify_file),
+    )
+    return Engine(catalog=catalog, state=RunState(opts.state_db), audit=AuditLog(opts.audit_db),
+                  actuators=actuators, nodes=[n.name for n in spec.nodes()], policy=spec.policy)

@@ -1,0 +1,76 @@
+"""Start and stop `aidc runbook serve` as a real subprocess (crash and end-to-end tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+class ServeProcess:
+    def __init__(self, workdir: Path, token: str, extra: list[str], name: str = "serve"):
+        self.workdir, self.token, self.extra, self.name = workdir, token, extra, name
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.log = workdir / f"{name}.log"
+
+    def start(self, timeout: float = 60) -> "ServeProcess":
+        token_file = self.workdir / "token"
+        token_file.write_text(self.token)
+        self.log_handle = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aidc", "runbook", "serve", "--port", "0", "--token-file", str(token_file),
+             *self.extra],
+            stdout=self.log_handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.findall(r"ready on http://127\.0\.0\.1:(\d+)/alerts", self.log.read_text())
+            if m:
+                self.port = int(m[-1])
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"serve not ready in {timeout} s: {self.log.read_text()[-2000:]}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/alerts"
+
+    def post(self, payload: dict) -> dict:
+        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if getattr(self, "log_handle", None):
+            self.log_handle.close()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -1,0 +1,140 @@
+"""The real actuators' adapters: metrics sources over HTTP, and the Ansible / burn-in integration points."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from aidc.runbook.actuators import (AnsiblePlaybookRunner, CheckFailed, HttpMetrics, StageBurninRunner,
+                                    StepUnavailable, expectation_met)
+from aidc.spec import load_stack
+
+METRICS_PAGE = """# HELP aidc_gpu_lost 1 when the GPU has fallen off the bus
+# TYPE aidc_gpu_lost gauge
+aidc_gpu_lost{Hostname="gpu-1",gpu="0",pci_bus_id="00000000:18:00.0",UUID="GPU-1"} 1.0
+aidc_gpu_lost{Hostname="gpu-1",gpu="1",pci_bus_id="00000000:28:00.0",UUID="GPU-2"} 0.0
+"""
+
+
+@pytest.fixture
+def http_stub():
+    """A loopback HTTP server answering fixed pages: {path-prefix: (status, body)}."""
+    pages: dict[str, tuple[int, str]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            for prefix, (status, body) in pages.items():
+                if self.path.startswith(prefix):
+                    data = body.encode()
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+            self.send_response(404)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", pages
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("expect, values, met", [
+    ("empty", [], True), ("empty", [0.0], False), ("nonempty", [0.0], True), ("== 1", [0.0, 1.0], True),
+    ("> 0.9", [0.5], False), ("< 0.8", [0.79], True), ("!= 0", [], False),
+    ("quarantined", "quarantined", True), ("in_service", "quarantined", False),
+])
+def test_check_expectations(expect, values, met):
+    assert expectation_met(expect, values) is met
+
+
+def test_prometheus_check_reads_the_query_api(http_stub):
+    url, pages = http_stub
+    pages["/api/v1/query"] = (200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"Hostname": "gpu-1"}, "value": [1700000000, "1"]}]}}))
+    assert HttpMetrics(url, None).prometheus('aidc_gpu_lost{Hostname="gpu-1"}', 5) == [1.0]
+
+
+def test_prometheus_errors_are_check_failures_not_tracebacks(http_stub):
+    url, pages = http_stub
+    pages["/api/v1/query"] = (400, json.dumps({"status": "error", "error": "parse error"}))
+    with pytest.raises(CheckFailed, match="failed"):
+        HttpMetrics(url, None).prometheus("bad{", 5)
+    with pytest.raises(StepUnavailable, match="--prometheus"):
+        HttpMetrics(None, None).prometheus("up", 5)
+
+
+def test_agent_check_reads_the_agent_metrics_page(http_stub):
+    url, pages = http_stub
+    pages["/metrics"] = (200, METRICS_PAGE)
+    metrics = HttpMetrics(None, lambda node: f"{url}/metrics")
+    assert metrics.agent("gpu-1", "aidc_gpu_lost", {}, 5) == [1.0, 0.0]
+    assert metrics.agent("gpu-1", "aidc_gpu_lost", {"gpu": "1"}, 5) == [0.0]
+
+
+def test_agent_check_on_an_unreachable_agent_fails_the_check():
+    with pytest.raises(CheckFailed, match="unreachable"):
+        HttpMetrics(None, lambda node: "http://127.0.0.1:9/metrics").agent("gpu-1", "up", {}, 1)
+
+
+@dataclass
+class FakePlaybookResult:
+    ok: bool
+    status: str = "successful"
+    changed: int = 1
+
+    def describe(self) -> str:
+        return "gpu-1: ok=3 changed=1 failed=0"
+
+
+def test_playbook_steps_run_through_the_ansible_wrapper_limited_to_the_node(monkeypatch, tmp_path):
+    calls = []
+
+    def run_playbook(playbook, *, inventory, extravars=None, limit=None, timeout_s=None):
+        calls.append((playbook, inventory, extravars, limit, timeout_s))
+        return FakePlaybookResult(ok=True)
+
+    monkeypatch.setitem(sys.modules, "aidc.ansible", types.SimpleNamespace(run_playbook=run_playbook))
+    res = AnsiblePlaybookRunner(tmp_path, "inv.sh").run("gpu-reset.yml", "gpu-1", {"gpu": "0"}, 90.5)
+    assert res.ok and res.data == {"status": "successful", "changed": 1}
+    assert calls == [(tmp_path / "gpu-reset.yml", "inv.sh", {"gpu": "0"}, "gpu-1", 90)]
+
+
+def test_without_the_ansible_wrapper_a_playbook_step_is_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "aidc.ansible", None)  # import of it raises ImportError
+    with pytest.raises(StepUnavailable, match="ansible-runner wrapper"):
+        AnsiblePlaybookRunner(tmp_path, "inv").run("x.yml", "gpu-1", {}, 10)
+
+
+@dataclass
+class FakeNodeResult:
+    passed: bool
+    reasons: list = field(default_factory=list)
+
+
+def test_burnin_steps_read_the_node_verdict_from_the_burnin_stage(monkeypatch, tmp_path):
+    seen = {}
+
+    def run_burnin(spec, node_dirs, audit=None, progress=False, *, timeout_s=300.0):
+        seen.update(nodes=sorted(node_dirs), timeout=timeout_s)
+        return types.SimpleNamespace(nodes={"gpu-1": FakeNodeResult(False, ["gemm 40% below fleet median"]),
+                                            "gpu-2": FakeNodeResult(True)})
+
+    monkeypatch.setitem(sys.modules, "aidc.burnin.runner", types.SimpleNamespace(run_burnin=run_burnin))
+    runner = StageBurninRunner(load_stack("lab"), tmp_path)
+    bad = runner.run("gpu-1", [], 120)
+    assert not bad.ok and "gemm 40% below" in bad.detail
+    assert runner.run("gpu-2", [], 120).ok
+    assert seen == {"nodes": ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"], "timeout": 120}
