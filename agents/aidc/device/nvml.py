@@ -11,6 +11,7 @@ driver call is itself a fault.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
@@ -223,8 +224,9 @@ class NvmlBackend:
                     self._pci[index] = ""
 
     def _index_of(self, handle) -> int:
+        address = ctypes.cast(handle, ctypes.c_void_p).value
         for index, h in self._handles.items():
-            if getattr(h, "value", h) == getattr(handle, "value", handle):
+            if ctypes.cast(h, ctypes.c_void_p).value == address:
                 return index
         try:
             return int(pynvml.nvmlDeviceGetIndex(handle))

@@ -108,6 +108,11 @@ class HealthAgent:
     def step(self, wait_s: float = 0.0) -> int:
         """Follow the kernel log once, then handle device observations for up to `wait_s`."""
         before = self.emitted
+        while True:  # what the poller already saw first: it maps PCI addresses to GPUs
+            try:
+                self.handle_observation(self.observations.get_nowait())
+            except queue.Empty:
+                break
         self.follow_kernel_log()
         deadline = time.monotonic() + wait_s
         while True:
@@ -296,6 +301,13 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
                               "poll_interval_s": poll_interval_s, "catalog_version": agent.catalog.version,
                               "active_conditions": sorted(agent.conditions.active)})
         poller.start()
+        # Startup only: learn the GPUs (PCI address -> index) before reading the kernel log,
+        # so the first lines are attributed to their GPU. Bounded: a hung device answers
+        # with an observation (the hang) within the device timeout.
+        try:
+            agent.handle_observation(agent.observations.get(timeout=device_timeout_s + poll_interval_s))
+        except queue.Empty:
+            pass
         if ready is not None:
             ready.set()
         while not stop.is_set():
