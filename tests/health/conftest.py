@@ -58,7 +58,8 @@ def sim_node(tmp_path):
 class AgentRun:
     """run_agent on a thread, stopped and joined on exit, pass or fail."""
 
-    def __init__(self, node_dir, store_path, audit_path, port=None, poll_interval_s=0.05, device_timeout_s=0.5):
+    def __init__(self, node_dir, store_path, audit_path, port=None, poll_interval_s=0.05, device_timeout_s=5.0):
+        # A generous device timeout: on a loaded test machine a slow call must not read as a hang.
         self.node_dir, self.store_path, self.audit_path = node_dir, store_path, audit_path
         self.port, self.poll, self.timeout = port, poll_interval_s, device_timeout_s
         self.stop, self.ready = threading.Event(), threading.Event()

@@ -61,7 +61,7 @@ def test_health_and_agent_commands_have_help(aidc_cli):
 
 def start_agent(tmp_path, *extra, env=None):
     return subprocess.Popen([sys.executable, "-m", "aidc", "agent", "run", "--store", str(tmp_path / "store.db"),
-                             "--audit-db", str(tmp_path / "audit.db"), "--poll-interval", "0.05", "--json", *extra],
+                             "--audit-db", str(tmp_path / "audit.db"), "--poll-interval", "0.05", "--device-timeout", "5", "--json", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
