@@ -126,3 +126,24 @@ def _scrape_or_none(port):
         return scrape(port)
     except OSError:
         return None
+
+
+def test_agent_with_its_metrics_port_taken_exits_2_with_a_clear_message(tmp_path, aidc_cli):
+    import socket
+
+    node_dir = sim.create_node(tmp_path / "n1", "n1", gpus=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = aidc_cli("agent", "run", "--node", "n1", "--backend", "sim", "--node-dir", str(node_dir),
+                     "--store", str(tmp_path / "s.db"), "--audit-db", str(tmp_path / "a.db"), "--port", str(port),
+                     timeout=60)
+    assert r.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_sim_backend_without_node_dir_is_a_clear_error(tmp_path, aidc_cli):
+    r = aidc_cli("agent", "run", "--node", "n1", "--backend", "sim", "--store", str(tmp_path / "s.db"),
+                 "--audit-db", str(tmp_path / "a.db"))
+    assert r.returncode == 2 and "needs --node-dir" in r.stderr

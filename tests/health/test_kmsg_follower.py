@@ -100,3 +100,13 @@ def test_dev_kmsg_records_are_followed_by_sequence_number_without_repeats():
     more, _ = again.read()
     again.close()
     assert all(int(l.split(",")[1]) > pos.kmsg_seq for l in more)
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg not readable here")
+def test_dev_kmsg_position_from_an_earlier_boot_starts_over():
+    stale = Position(kmsg_seq=10**12, boot_id="an-earlier-boot")
+    f = KernelLogFollower("/dev/kmsg", stale)
+    lines, pos = f.read()
+    f.close()
+    assert lines, "sequence numbers restart at boot: the old position must not hide this boot's records"
+    assert pos.boot_id != "an-earlier-boot" and pos.kmsg_seq < 10**12

@@ -13,6 +13,7 @@ event in the store within about one poll interval.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from aidc.audit.log import AuditLog, default_actor
 from aidc.device.base import DeviceBackend, GpuTelemetry, XidEvent
 from aidc.device.timed import TimedBackend
-from aidc.errors import DeviceError, DeviceHang
+from aidc.errors import AidcError, DeviceError, DeviceHang
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.health.catalog import Classification, XidCatalog, load_catalog
 from aidc.health.conditions import Condition, ConditionBook, Observed, condition_key, telemetry_conditions, worsened
@@ -294,8 +295,13 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
     halt = threading.Event()
     poller = threading.Thread(target=agent.poller, args=(halt,), name=f"device-poller-{node}", daemon=True)
     try:
+        if agent.kernel_log and os.path.exists(agent.kernel_log) and not os.access(agent.kernel_log, os.R_OK):
+            raise AidcError(f"kernel log {agent.kernel_log} is not readable by this user")
         if port:
-            agent.metrics.serve(port)
+            try:
+                agent.metrics.serve(port)
+            except OSError as exc:
+                raise AidcError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from None
         audit.append("health.agent_started", f"watching {node}", actor=agent.actor, node=node,
                      payload={"backend": agent.dev.name, "kernel_log": agent.kernel_log, "port": port,
                               "poll_interval_s": poll_interval_s, "catalog_version": agent.catalog.version,
@@ -313,6 +319,8 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
         while not stop.is_set():
             agent.step(wait_s=poll_interval_s)
         agent.step(0.0)  # what arrived while stopping is still recorded
+        audit.append("health.agent_stopped", f"stopped watching {node}", actor=agent.actor, node=node,
+                     payload={"events_emitted": agent.emitted, "active_conditions": sorted(agent.conditions.active)})
     finally:
         halt.set()
         if poller.is_alive():
