@@ -114,9 +114,7 @@ def opened_audit(path):
         log.close()
 
 
-@pytest.fixture(scope="session")
-def fake_nvml_dir(tmp_path_factory):
-    """libnvidia-ml.so.1 test double (tests/health/fake_nvml/fake_nvml.c), compiled once."""
+def _build_fake_nvml(tmp_path_factory, *defines: str):
     import shutil
     import subprocess
     from pathlib import Path
@@ -126,6 +124,18 @@ def fake_nvml_dir(tmp_path_factory):
         pytest.skip("no C compiler (Debian package gcc) to build the libnvidia-ml test double")
     out = tmp_path_factory.mktemp("fake-nvml")
     src = Path(__file__).parent / "fake_nvml" / "fake_nvml.c"
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-o", str(out / "libnvidia-ml.so.1"), str(src)],
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", *defines, "-o", str(out / "libnvidia-ml.so.1"), str(src)],
                    check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_dir(tmp_path_factory):
+    """libnvidia-ml.so.1 test double (tests/health/fake_nvml/fake_nvml.c), compiled once."""
+    return _build_fake_nvml(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def fake_old_nvml_dir(tmp_path_factory):
+    """The same double as a pre-R535 driver (no nvmlDeviceGetCurrentClocksEventReasons)."""
+    return _build_fake_nvml(tmp_path_factory, "-DOLD_DRIVER")

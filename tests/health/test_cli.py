@@ -147,3 +147,17 @@ def test_agent_sim_backend_without_node_dir_is_a_clear_error(tmp_path, aidc_cli)
     r = aidc_cli("agent", "run", "--node", "n1", "--backend", "sim", "--store", str(tmp_path / "s.db"),
                  "--audit-db", str(tmp_path / "a.db"))
     assert r.returncode == 2 and "needs --node-dir" in r.stderr
+
+
+def test_health_events_lists_what_the_agent_stored(tmp_path, aidc_cli):
+    from aidc.events import FaultEvent
+
+    store = Store(tmp_path / "s.db")
+    store.append(FaultEvent("n1", FaultKind.XID, Action.REBOOT_NODE, "XID 79 on 0000:17:00.0", "kmsg", gpu=0,
+                            pci="0000:17:00.0", xid=79))
+    store.close()
+    r = aidc_cli("health", "events", "--store", str(tmp_path / "s.db"), "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert (row["node"], row["xid"], row["action"], row["outcome"]) == ("n1", 79, "reboot_node", None)
+    assert aidc_cli("health", "events", "--store", str(tmp_path / "none.db")).returncode == 2

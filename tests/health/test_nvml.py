@@ -123,3 +123,10 @@ def test_a_wedged_nvml_call_becomes_device_hang_through_the_timed_backend(fake_n
     r = with_fake_nvml(fake_nvml_dir, code, FAKE_NVML_HANG_MS="3000")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("HANG nvml: telemetry(gpu 0) did not return") and r.stdout.strip().endswith(" 1")
+
+
+def test_an_older_driver_without_clocks_event_reasons_uses_the_throttle_reasons_call(fake_old_nvml_dir):
+    r = with_fake_nvml(fake_old_nvml_dir, READ_ALL)
+    assert r.returncode == 0, r.stderr
+    g0 = json.loads(r.stdout)["gpus"][0]
+    assert g0["throttle_reasons"] == ["sw_power_cap", "hw_thermal_slowdown"] and g0["unsupported"] == []

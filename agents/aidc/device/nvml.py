@@ -142,7 +142,7 @@ class NvmlBackend:
         fields["sm_clock_mhz"] = float(sm) if sm is not None else 0.0
         mem = rd("mem_clock_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM)
         fields["mem_clock_mhz"] = float(mem) if mem is not None else 0.0
-        mask = rd("throttle_reasons", pynvml.nvmlDeviceGetCurrentClocksEventReasons)
+        mask = rd("throttle_reasons", self._clock_event_reasons)
         fields["throttle_reasons"] = decode_clock_event_reasons(int(mask)) if mask is not None else ()
 
         for field, err_type, counter in (
@@ -186,6 +186,16 @@ class NvmlBackend:
         fields["nvlink_up"] = self._nvlink_states(index, h, u)
         fields["unsupported"] = tuple(u)
         return GpuTelemetry(**fields)
+
+    @staticmethod
+    def _clock_event_reasons(handle) -> int:
+        # Drivers before R535 only have the older name for the same bitmask.
+        try:
+            return pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
+        except pynvml.NVMLError as exc:
+            if not _is(exc, "NVML_ERROR_FUNCTION_NOT_FOUND"):
+                raise
+            return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
 
     def _nvlink_states(self, index: int, handle, unsupported: list[str]) -> tuple[bool, ...]:
         """State of each NVLink. NVML answers NOT_SUPPORTED / INVALID_ARGUMENT past the last

@@ -8,6 +8,7 @@
  *          slowdown);
  *   GPU 1: a PCIe card for which ECC, row remapping and NVLink answer NOT_SUPPORTED.
  * One XID 79 event on GPU 1 is queued in every event set.
+ * Compiled with -DOLD_DRIVER it lacks nvmlDeviceGetCurrentClocksEventReasons (pre-R535).
  * Environment: FAKE_NVML_LOST=1 makes GPU 1 answer GPU_IS_LOST; FAKE_NVML_HANG_MS=N makes
  * the temperature call block N ms (a wedged driver).
  */
@@ -104,11 +105,18 @@ ret_t nvmlDeviceGetClockInfo(void *d, int type, unsigned *mhz) {
     return OK;
 }
 
-ret_t nvmlDeviceGetCurrentClocksEventReasons(void *d, unsigned long long *mask) {
+/* Built with -DOLD_DRIVER: only the pre-R535 name of the same call exists. */
+ret_t nvmlDeviceGetCurrentClocksThrottleReasons(void *d, unsigned long long *mask) {
     GUARD(d);
     *mask = idx(d) ? 0x1ULL : 0x40ULL | 0x4ULL;  /* GPU 1 idle; GPU 0 HW thermal + SW power cap */
     return OK;
 }
+
+#ifndef OLD_DRIVER
+ret_t nvmlDeviceGetCurrentClocksEventReasons(void *d, unsigned long long *mask) {
+    return nvmlDeviceGetCurrentClocksThrottleReasons(d, mask);
+}
+#endif
 
 ret_t nvmlDeviceGetTotalEccErrors(void *d, int err_type, int counter, unsigned long long *n) {
     GUARD(d);
