@@ -9,8 +9,13 @@ from aidc.events import Action, FaultKind
 from tests.health.conftest import free_port, metric_value, opened_audit, scrape, wait_for
 
 
-def kinds(events):
-    return [(e.kind, e.action) for e in events]
+SENTINEL_XID = 43
+
+
+def write_sentinel(node_dir):
+    """A harmless XID line appended to the kernel log, to know when earlier lines were read."""
+    with open(node_dir / "kern.log", "a") as log:
+        log.write(f"NVRM: Xid (PCI:0000:17:00): {SENTINEL_XID}, pid=1, name=sentinel, Ch 00000001\n")
 
 
 def test_xid_79_becomes_a_reboot_node_event_in_the_store_and_counts_in_the_metrics(sim_node, agent_run, tmp_path):
@@ -18,8 +23,12 @@ def test_xid_79_becomes_a_reboot_node_event_in_the_store_and_counts_in_the_metri
     with agent_run(sim_node, port=port) as run:
         wait_for(lambda: metric_value(scrape(port), "DCGM_FI_DEV_GPU_TEMP", gpu="1") is not None)
         sim.inject(sim_node, "xid", gpu=1, xid=79)
-        events = wait_for(lambda: [e for e in run.events() if e.xid == 79])
-        text = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_gpu_lost", gpu="1") == 1.0 and t)
+        wait_for(lambda: [e for e in run.events() if e.xid == 79])
+        write_sentinel(sim_node)  # the kernel path reads in order: past it, the XID 79 line was read
+        wait_for(lambda: [e for e in run.events() if e.xid == SENTINEL_XID])
+        text = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_gpu_lost", gpu="1") == 1.0
+                        and metric_value(t, "aidc_faults_total", kind="xid") is not None and t)
+    events = [e for e in run.events() if e.xid == 79]
     assert len(events) == 1, "the same XID from NVML events and the kernel log is one fault"
     xid79 = events[0]
     assert (xid79.kind, xid79.action, xid79.gpu, xid79.pci) == (FaultKind.XID, Action.REBOOT_NODE, 1, "0000:27:00.0")
@@ -95,8 +104,10 @@ def test_nvlink_down_and_fallen_off_bus_without_xid_are_caught(sim_node, agent_r
     with agent_run(sim_node) as run:
         sim.inject(sim_node, "nvlink_down", gpu=0)
         sim.inject(sim_node, "fallen_off_bus", gpu=1)
-        events = wait_for(lambda: (ev := run.events()) and {e.kind for e in ev} >= {
-            FaultKind.NVLINK_DOWN, FaultKind.FALLEN_OFF_BUS} and ev)
+        wait_for(lambda: {e.kind for e in run.events()} >= {FaultKind.NVLINK_DOWN, FaultKind.FALLEN_OFF_BUS})
+        write_sentinel(sim_node)
+        wait_for(lambda: [e for e in run.events() if e.xid == SENTINEL_XID])
+        events = run.events()
     by_kind = {e.kind: e for e in events}
     assert by_kind[FaultKind.NVLINK_DOWN].action == Action.CONTACT_SUPPORT
     assert (by_kind[FaultKind.FALLEN_OFF_BUS].action, by_kind[FaultKind.FALLEN_OFF_BUS].gpu) == (Action.REBOOT_NODE, 1)

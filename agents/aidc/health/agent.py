@@ -266,9 +266,10 @@ class HealthAgent:
             for k, v in (extra_kv or {}).items():
                 self.store.put(k, v)
         self._conditions_dirty = False
-        for event_id, (event, cls) in zip(ids, pending):
+        for event, _ in pending:
             self.emitted += 1
             self.metrics.fault(event.kind.value, event.action.value)
+        for event_id, (event, cls) in zip(ids, pending):
             self.audit.append("health.fault", event.message, actor=self.actor, node=self.node,
                               payload={"event_id": event_id, "kind": event.kind.value, "action": event.action.value,
                                        "gpu": event.gpu, "pci": event.pci, "xid": event.xid, "line": event.line,
