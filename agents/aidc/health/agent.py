@@ -88,7 +88,7 @@ class HealthAgent:
         self.parser = KernelLogParser(position.parser)
         self.follower = KernelLogFollower(kernel_log, position) if kernel_log else None
         self._saved_position = position.to_json()
-        self.observations: queue.Queue[Observation] = queue.Queue()
+        self.observations: queue.Queue[Observation] = queue.Queue(maxsize=64)
         self.pci_to_gpu: dict[str, int] = {}
         self._recent_xids: list[tuple[tuple[int, str | None], str, float]] = []
         self._hung_seen = 0
@@ -102,7 +102,12 @@ class HealthAgent:
         while not halt.is_set():
             started = time.monotonic()
             obs = poll_device(self.dev)
-            self.observations.put(obs)
+            while not halt.is_set():  # bounded queue: a slow main loop slows the poller, not memory
+                try:
+                    self.observations.put(obs, timeout=self.poll_interval_s)
+                    break
+                except queue.Full:
+                    continue
             halt.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
 
     # main loop ------------------------------------------------------------------
