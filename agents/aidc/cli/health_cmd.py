@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -69,3 +70,22 @@ def show_catalog(as_json: bool = JSON_OPTION) -> None:
     lines += [f"  {code:>4}  {e['action']:<16} {e.get('name', '')}" for code, e in sorted(cat.xids.items())]
     lines += [f"  {k:>18}  {v.value}" for k, v in cat.faults.items()]
     emit(data, as_json, "\n".join(lines))
+
+
+@app.command("events")
+def events(store: Path = typer.Option(..., help="The agent's event store (SQLite)."),
+           node: str = typer.Option(None, help="Only this node's events."),
+           as_json: bool = JSON_OPTION) -> None:
+    """List the fault events the agents emitted, with failover's outcome where handled."""
+    from aidc.store import Store
+
+    if not store.exists():
+        raise LogFileError(f"{store}: no such event store")
+    db = Store(store)
+    try:
+        rows = [{"id": i, "outcome": outcome, **json.loads(e.to_json())} for i, e, outcome in db.events(node)]
+    finally:
+        db.close()
+    lines = [f"{r['id']:>5}  {r['node']:<12} {r['kind']:<18} {'' if r['xid'] is None else r['xid']:>4}  "
+             f"{r['action']:<16} {r['outcome'] or 'pending':<14} {r['message']}" for r in rows]
+    emit(rows, as_json, "\n".join(lines) or "no fault events")

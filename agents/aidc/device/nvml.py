@@ -11,6 +11,7 @@ driver call is itself a fault.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
@@ -141,7 +142,7 @@ class NvmlBackend:
         fields["sm_clock_mhz"] = float(sm) if sm is not None else 0.0
         mem = rd("mem_clock_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM)
         fields["mem_clock_mhz"] = float(mem) if mem is not None else 0.0
-        mask = rd("throttle_reasons", pynvml.nvmlDeviceGetCurrentClocksEventReasons)
+        mask = rd("throttle_reasons", self._clock_event_reasons)
         fields["throttle_reasons"] = decode_clock_event_reasons(int(mask)) if mask is not None else ()
 
         for field, err_type, counter in (
@@ -186,6 +187,16 @@ class NvmlBackend:
         fields["unsupported"] = tuple(u)
         return GpuTelemetry(**fields)
 
+    @staticmethod
+    def _clock_event_reasons(handle) -> int:
+        # Drivers before R535 only have the older name for the same bitmask.
+        try:
+            return pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
+        except pynvml.NVMLError as exc:
+            if not _is(exc, "NVML_ERROR_FUNCTION_NOT_FOUND"):
+                raise
+            return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
+
     def _nvlink_states(self, index: int, handle, unsupported: list[str]) -> tuple[bool, ...]:
         """State of each NVLink. NVML answers NOT_SUPPORTED / INVALID_ARGUMENT past the last
         link the GPU has, so the first such answer ends the list; none at all -> unsupported."""
@@ -223,8 +234,9 @@ class NvmlBackend:
                     self._pci[index] = ""
 
     def _index_of(self, handle) -> int:
+        address = ctypes.cast(handle, ctypes.c_void_p).value
         for index, h in self._handles.items():
-            if getattr(h, "value", h) == getattr(handle, "value", handle):
+            if ctypes.cast(h, ctypes.c_void_p).value == address:
                 return index
         try:
             return int(pynvml.nvmlDeviceGetIndex(handle))

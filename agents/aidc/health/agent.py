@@ -13,6 +13,7 @@ event in the store within about one poll interval.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from aidc.audit.log import AuditLog, default_actor
 from aidc.device.base import DeviceBackend, GpuTelemetry, XidEvent
 from aidc.device.timed import TimedBackend
-from aidc.errors import DeviceError, DeviceHang
+from aidc.errors import AidcError, DeviceError, DeviceHang
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.health.catalog import Classification, XidCatalog, load_catalog
 from aidc.health.conditions import Condition, ConditionBook, Observed, condition_key, telemetry_conditions, worsened
@@ -87,7 +88,7 @@ class HealthAgent:
         self.parser = KernelLogParser(position.parser)
         self.follower = KernelLogFollower(kernel_log, position) if kernel_log else None
         self._saved_position = position.to_json()
-        self.observations: queue.Queue[Observation] = queue.Queue()
+        self.observations: queue.Queue[Observation] = queue.Queue(maxsize=64)
         self.pci_to_gpu: dict[str, int] = {}
         self._recent_xids: list[tuple[tuple[int, str | None], str, float]] = []
         self._hung_seen = 0
@@ -101,13 +102,23 @@ class HealthAgent:
         while not halt.is_set():
             started = time.monotonic()
             obs = poll_device(self.dev)
-            self.observations.put(obs)
+            while not halt.is_set():  # bounded queue: a slow main loop slows the poller, not memory
+                try:
+                    self.observations.put(obs, timeout=self.poll_interval_s)
+                    break
+                except queue.Full:
+                    continue
             halt.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
 
     # main loop ------------------------------------------------------------------
     def step(self, wait_s: float = 0.0) -> int:
         """Follow the kernel log once, then handle device observations for up to `wait_s`."""
         before = self.emitted
+        while True:  # what the poller already saw first: it maps PCI addresses to GPUs
+            try:
+                self.handle_observation(self.observations.get_nowait())
+            except queue.Empty:
+                break
         self.follow_kernel_log()
         deadline = time.monotonic() + wait_s
         while True:
@@ -260,9 +271,10 @@ class HealthAgent:
             for k, v in (extra_kv or {}).items():
                 self.store.put(k, v)
         self._conditions_dirty = False
-        for event_id, (event, cls) in zip(ids, pending):
+        for event, _ in pending:
             self.emitted += 1
             self.metrics.fault(event.kind.value, event.action.value)
+        for event_id, (event, cls) in zip(ids, pending):
             self.audit.append("health.fault", event.message, actor=self.actor, node=self.node,
                               payload={"event_id": event_id, "kind": event.kind.value, "action": event.action.value,
                                        "gpu": event.gpu, "pci": event.pci, "xid": event.xid, "line": event.line,
@@ -289,18 +301,32 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
     halt = threading.Event()
     poller = threading.Thread(target=agent.poller, args=(halt,), name=f"device-poller-{node}", daemon=True)
     try:
+        if agent.kernel_log and os.path.exists(agent.kernel_log) and not os.access(agent.kernel_log, os.R_OK):
+            raise AidcError(f"kernel log {agent.kernel_log} is not readable by this user")
         if port:
-            agent.metrics.serve(port)
+            try:
+                agent.metrics.serve(port)
+            except OSError as exc:
+                raise AidcError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from None
         audit.append("health.agent_started", f"watching {node}", actor=agent.actor, node=node,
                      payload={"backend": agent.dev.name, "kernel_log": agent.kernel_log, "port": port,
                               "poll_interval_s": poll_interval_s, "catalog_version": agent.catalog.version,
                               "active_conditions": sorted(agent.conditions.active)})
         poller.start()
+        # Startup only: learn the GPUs (PCI address -> index) before reading the kernel log,
+        # so the first lines are attributed to their GPU. Bounded: a hung device answers
+        # with an observation (the hang) within the device timeout.
+        try:
+            agent.handle_observation(agent.observations.get(timeout=device_timeout_s + poll_interval_s))
+        except queue.Empty:
+            pass
         if ready is not None:
             ready.set()
         while not stop.is_set():
             agent.step(wait_s=poll_interval_s)
         agent.step(0.0)  # what arrived while stopping is still recorded
+        audit.append("health.agent_stopped", f"stopped watching {node}", actor=agent.actor, node=node,
+                     payload={"events_emitted": agent.emitted, "active_conditions": sorted(agent.conditions.active)})
     finally:
         halt.set()
         if poller.is_alive():

@@ -145,6 +145,7 @@ class Position:
     ino: int = 0
     offset: int = 0
     kmsg_seq: int = -1
+    boot_id: str = ""  # /dev/kmsg sequence numbers restart at boot
     parser: dict | None = None
 
     def to_json(self) -> str:
@@ -153,6 +154,13 @@ class Position:
     @classmethod
     def from_json(cls, text: str | None) -> "Position":
         return cls(**json.loads(text)) if text else cls()
+
+
+def current_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 class KernelLogFollower:
@@ -194,6 +202,9 @@ class KernelLogFollower:
         if stat.S_ISCHR(st.st_mode):
             self._is_kmsg = True
             self._fh = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            boot = current_boot_id()
+            if boot != self.pos.boot_id:  # a new boot: its records are all new
+                self.pos.boot_id, self.pos.kmsg_seq = boot, -1
             return True
         self._fh = open(self.path, "rb")
         fst = os.fstat(self._fh.fileno())

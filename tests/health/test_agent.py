@@ -1,0 +1,147 @@
+"""The watch agent against a simulated node: faults injected with aidc.device.sim.inject become
+typed events in the durable store, audit records and Prometheus metrics over HTTP."""
+
+from __future__ import annotations
+
+from aidc.device import sim
+from aidc.events import Action, FaultKind
+
+from tests.health.conftest import free_port, metric_value, opened_audit, scrape, wait_for
+
+
+SENTINEL_XID = 43
+
+
+def write_sentinel(node_dir):
+    """A harmless XID line appended to the kernel log, to know when earlier lines were read."""
+    with open(node_dir / "kern.log", "a") as log:
+        log.write(f"NVRM: Xid (PCI:0000:17:00): {SENTINEL_XID}, pid=1, name=sentinel, Ch 00000001\n")
+
+
+def test_xid_79_becomes_a_reboot_node_event_in_the_store_and_counts_in_the_metrics(sim_node, agent_run, tmp_path):
+    port = free_port()
+    with agent_run(sim_node, port=port) as run:
+        wait_for(lambda: metric_value(scrape(port), "DCGM_FI_DEV_GPU_TEMP", gpu="1") is not None)
+        sim.inject(sim_node, "xid", gpu=1, xid=79)
+        wait_for(lambda: [e for e in run.events() if e.xid == 79])
+        write_sentinel(sim_node)  # the kernel path reads in order: past it, the XID 79 line was read
+        wait_for(lambda: [e for e in run.events() if e.xid == SENTINEL_XID])
+        text = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_gpu_lost", gpu="1") == 1.0
+                        and metric_value(t, "aidc_faults_total", kind="xid") is not None and t)
+    events = [e for e in run.events() if e.xid == 79]
+    assert len(events) == 1, "the same XID from NVML events and the kernel log is one fault"
+    xid79 = events[0]
+    assert (xid79.kind, xid79.action, xid79.gpu, xid79.pci) == (FaultKind.XID, Action.REBOOT_NODE, 1, "0000:27:00.0")
+    assert metric_value(text, "aidc_xid_errors_total", xid="79", gpu="1") == 1.0
+    assert metric_value(text, "DCGM_FI_DEV_XID_ERRORS", gpu="1") == 79.0
+    assert metric_value(text, "aidc_faults_total", kind="xid", action="reboot_node") == 1.0
+    assert metric_value(text, "aidc_agent_info", Hostname="node-a", backend="sim") == 1.0
+    with opened_audit(tmp_path / "audit.db") as audit:
+        faults = audit.records(kind="health.fault", node="node-a")
+        assert any(r.payload["xid"] == 79 and r.payload["action"] == "reboot_node" for r in faults)
+        assert audit.verify().ok
+
+
+def test_a_kernel_log_line_alone_is_detected_with_its_line_and_classified(sim_node, agent_run):
+    with agent_run(sim_node) as run:
+        line = "[ 2001.000001] NVRM: Xid (PCI:0000:17:00): 13, pid=2317, name=python, Ch 00000008, Graphics Exception"
+        with open(sim_node / "kern.log", "a") as log:
+            log.write(line + "\n")
+        (event,) = wait_for(lambda: [e for e in run.events() if e.xid == 13])
+    assert (event.action, event.source, event.line, event.gpu) == (Action.RESTART_APP, "kmsg", line, 0)
+
+
+def test_double_bit_ecc_gives_an_xid_48_and_an_ecc_dbe_event_both_reset_gpu(sim_node, agent_run):
+    port = free_port()
+    with agent_run(sim_node, port=port) as run:
+        wait_for(lambda: metric_value(scrape(port), "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", gpu="0") == 0.0)
+        sim.inject(sim_node, "ecc_dbe", gpu=0)
+        events = wait_for(lambda: (ev := run.events()) and {e.kind for e in ev} >= {
+            FaultKind.XID, FaultKind.ECC_DBE, FaultKind.ROW_REMAP_PENDING} and ev)
+        text = scrape(port)
+    assert {(e.kind, e.action) for e in events} == {(FaultKind.XID, Action.RESET_GPU),
+                                                    (FaultKind.ECC_DBE, Action.RESET_GPU),
+                                                    (FaultKind.ROW_REMAP_PENDING, Action.RESET_GPU)}
+    assert metric_value(text, "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", gpu="0") == 1.0
+    assert metric_value(text, "DCGM_FI_DEV_ROW_REMAP_PENDING", gpu="0") == 1.0
+
+
+def test_a_hung_device_call_is_a_device_hang_fault_and_the_kernel_log_is_still_followed(sim_node, agent_run):
+    port = free_port()
+    with agent_run(sim_node, port=port, device_timeout_s=0.3) as run:
+        wait_for(lambda: metric_value(scrape(port), "aidc_monitor_hung") == 0.0)
+        sim.inject(sim_node, "hang", seconds=4.0)
+        (hang,) = wait_for(lambda: [e for e in run.events() if e.kind == FaultKind.DEVICE_HANG])
+        # While the device is hung, a kernel-log line still becomes an event.
+        with open(sim_node / "kern.log", "a") as log:
+            log.write("NVRM: Xid (PCI:0000:27:00): 109, pid=1, name=python, Ch 00000008, errorString CTX SWITCH TIMEOUT\n")
+        wait_for(lambda: [e for e in run.events() if e.xid == 109])
+        # Several calls hang in a row, and the hang is one fault, not one per call.
+        hung_text = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_device_call_hung_total") >= 3 and t)
+        during = [e.kind for e in run.events()].count(FaultKind.DEVICE_HANG)
+        # When calls answer again, the hang clears.
+        wait_for(lambda: metric_value(scrape(port), "aidc_monitor_hung") == 0.0)
+    assert (hang.action, hang.source) == (Action.REBOOT_NODE, "watchdog")
+    assert metric_value(hung_text, "aidc_monitor_hung") == 1.0
+    assert during == 1
+
+
+def test_thermal_throttle_is_recorded_with_action_ignore_and_exported(sim_node, agent_run):
+    port = free_port()
+    with agent_run(sim_node, port=port) as run:
+        wait_for(lambda: metric_value(scrape(port), "aidc_gpu_thermal_throttled", gpu="1") == 0.0)
+        sim.inject(sim_node, "thermal", gpu=1)
+        (event,) = wait_for(lambda: [e for e in run.events() if e.kind == FaultKind.THERMAL_THROTTLE])
+        text = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_gpu_thermal_throttled", gpu="1") == 1
+                        and t)
+    assert (event.action, event.gpu) == (Action.IGNORE, 1)
+    assert metric_value(text, "DCGM_FI_DEV_GPU_TEMP", gpu="1") == 93.0
+    # hw_thermal_slowdown (0x40) | sw_thermal_slowdown (0x20)
+    assert metric_value(text, "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", gpu="1") == float(0x60)
+
+
+def test_nvlink_down_and_fallen_off_bus_without_xid_are_caught(sim_node, agent_run):
+    with agent_run(sim_node) as run:
+        sim.inject(sim_node, "nvlink_down", gpu=0)
+        sim.inject(sim_node, "fallen_off_bus", gpu=1)
+        wait_for(lambda: {e.kind for e in run.events()} >= {FaultKind.NVLINK_DOWN, FaultKind.FALLEN_OFF_BUS})
+        write_sentinel(sim_node)
+        wait_for(lambda: [e for e in run.events() if e.xid == SENTINEL_XID])
+        events = run.events()
+    by_kind = {e.kind: e for e in events}
+    assert by_kind[FaultKind.NVLINK_DOWN].action == Action.CONTACT_SUPPORT
+    assert (by_kind[FaultKind.FALLEN_OFF_BUS].action, by_kind[FaultKind.FALLEN_OFF_BUS].gpu) == (Action.REBOOT_NODE, 1)
+    assert [e.kind for e in events].count(FaultKind.FALLEN_OFF_BUS) == 1, "device and kernel log report one fault"
+
+
+def test_a_restart_keeps_the_log_position_and_the_active_conditions(sim_node, agent_run, tmp_path):
+    with agent_run(sim_node) as run:
+        sim.inject(sim_node, "xid", gpu=0, xid=43)
+        sim.inject(sim_node, "thermal", gpu=0)
+        wait_for(lambda: {e.kind for e in run.events()} >= {FaultKind.XID, FaultKind.THERMAL_THROTTLE})
+    before = run.events()
+    # While the agent is down: one more line. After the restart it is read, the old ones are not.
+    sim.inject(sim_node, "xid", gpu=1, xid=94)
+    port = free_port()
+    with agent_run(sim_node, port=port) as run2:
+        wait_for(lambda: [e for e in run2.events() if e.xid == 94])
+        text = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_gpu_thermal_throttled", gpu="0") == 1
+                        and t)
+        after = run2.events()
+    assert "thermal_throttle:0" in run2.agent.conditions.active
+    assert after[: len(before)] == before
+    new = after[len(before):]
+    assert [(e.kind, e.xid) for e in new] == [(FaultKind.XID, 94)], \
+        "no XID repeated from the log and the standing thermal condition is not reported again"
+    assert metric_value(text, "aidc_faults_total", kind="thermal_throttle", action="ignore") is None
+
+
+def test_a_cleared_condition_is_audited_and_reported_again_when_it_returns(sim_node, agent_run, tmp_path):
+    with agent_run(sim_node) as run:
+        sim.inject(sim_node, "thermal", gpu=0)
+        wait_for(lambda: [e for e in run.events() if e.kind == FaultKind.THERMAL_THROTTLE])
+        sim.inject(sim_node, "clear")
+        with opened_audit(tmp_path / "audit.db") as audit:
+            wait_for(lambda: audit.records(kind="health.cleared", node="node-a"))
+        sim.inject(sim_node, "thermal", gpu=0)
+        wait_for(lambda: len([e for e in run.events() if e.kind == FaultKind.THERMAL_THROTTLE]) == 2)

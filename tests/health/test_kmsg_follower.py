@@ -1,0 +1,112 @@
+"""Following a kernel log from a durable position: restarts neither lose nor repeat lines;
+partial lines wait; truncation and rotation are survived."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aidc.health.kmsg import KernelLogFollower, Position
+from aidc.store import Store
+
+
+def follower(path, store=None, key="k"):
+    saved = store.get(key) if store else None
+    return KernelLogFollower(path, Position.from_json(saved))
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
+
+
+def test_lines_are_returned_once_and_a_partial_line_waits_for_its_newline(tmp_path):
+    log = tmp_path / "kern.log"
+    append(log, "one\ntw")
+    f = follower(log)
+    assert f.read()[0] == ["one"]
+    assert f.read()[0] == []
+    append(log, "o\nthree\n")
+    assert f.read()[0] == ["two", "three"]
+
+
+def test_a_restarted_follower_resumes_from_the_position_saved_in_the_store(tmp_path):
+    log, store = tmp_path / "kern.log", Store(tmp_path / "s.db")
+    append(log, "a\nb\n")
+    first = follower(log, store)
+    lines, pos = first.read()
+    store.put("k", pos.to_json())
+    first.close()
+    append(log, "c\n")
+    second = follower(log, store)
+    assert second.read()[0] == ["c"]
+    store.close()
+
+
+def test_a_file_missing_at_start_is_read_from_its_beginning_once_it_appears(tmp_path):
+    log = tmp_path / "kern.log"
+    f = follower(log)
+    assert f.read()[0] == []
+    append(log, "late\n")
+    assert f.read()[0] == ["late"]
+
+
+def test_a_truncated_file_is_read_again_from_the_start(tmp_path):
+    log = tmp_path / "kern.log"
+    append(log, "old line 1\nold line 2\n")
+    f = follower(log)
+    f.read()
+    log.write_text("new\n")
+    assert f.read()[0] == ["new"]
+
+
+def test_rotation_drains_the_old_file_then_reads_the_new_one(tmp_path):
+    log = tmp_path / "kern.log"
+    append(log, "1\n")
+    f = follower(log)
+    assert f.read()[0] == ["1"]
+    append(log, "2\n")
+    os.rename(log, tmp_path / "kern.log.1")
+    append(tmp_path / "kern.log.1", "3\n")  # written by the logger before it reopened
+    append(log, "4\n")
+    assert f.read()[0] == ["2", "3", "4"]
+    append(log, "5\n")
+    assert f.read()[0] == ["5"]
+
+
+def test_a_file_rotated_while_the_agent_was_down_is_read_from_its_start(tmp_path):
+    log = tmp_path / "kern.log"
+    append(log, "a\nb\nc\n")
+    f = follower(log)
+    _, pos = f.read()
+    saved = pos.to_json()
+    f.close()
+    os.rename(log, tmp_path / "kern.log.1")
+    append(log, "x\n")
+    assert KernelLogFollower(log, Position.from_json(saved)).read()[0] == ["x"]
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg not readable here")
+def test_dev_kmsg_records_are_followed_by_sequence_number_without_repeats():
+    first = KernelLogFollower("/dev/kmsg", Position())
+    lines, pos = first.read()
+    first.close()
+    assert lines and pos.kmsg_seq >= 0
+    seqs = [int(l.split(",")[1]) for l in lines]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    again = KernelLogFollower("/dev/kmsg", Position.from_json(pos.to_json()))
+    more, _ = again.read()
+    again.close()
+    assert all(int(l.split(",")[1]) > pos.kmsg_seq for l in more)
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg not readable here")
+def test_dev_kmsg_position_from_an_earlier_boot_starts_over():
+    stale = Position(kmsg_seq=10**12, boot_id="an-earlier-boot")
+    f = KernelLogFollower("/dev/kmsg", stale)
+    lines, pos = f.read()
+    f.close()
+    assert lines, "sequence numbers restart at boot: the old position must not hide this boot's records"
+    assert pos.boot_id != "an-earlier-boot" and pos.kmsg_seq < 10**12
