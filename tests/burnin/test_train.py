@@ -3,7 +3,8 @@
 import pytest
 import torch.distributed as dist
 
-from aidc.burnin.train import compare_digests, flip_one_bit, parameter_digest, run_ddp_training, tiny_model
+from aidc.burnin.judge import compare_digests
+from aidc.burnin.train import flip_one_bit, parameter_digest, run_ddp_training, tiny_model
 
 
 @pytest.fixture

@@ -52,13 +52,13 @@ def run(stack: str = STACK_OPTION,
         as_json: bool = JSON_OPTION) -> None:
     """Burn in every node of the stack (spares included); exit 1 when any node fails."""
     from aidc.audit.log import AuditLog
-    from aidc.burnin.runner import run_burnin
     from aidc.spec import load_stack
 
     spec = load_stack(stack)
     if spec.device_backend != "sim":
         raise BurninError(f"stack {stack!r} uses the {spec.device_backend} backend; `aidc burnin run` burns in"
                           " a simulated lab fleet (on a GPU machine use bench/gpu_check.sh)")
+    from aidc.burnin.runner import run_burnin  # imports torch: only once the input is known good
     dirs = lab_node_dirs(spec, lab_dir)
     with AuditLog(audit_db or lab_dir / "audit.db") as audit:
         report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout)
