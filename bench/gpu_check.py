@@ -43,10 +43,10 @@ def probe_driver() -> str | None:
     return None
 
 
-def read_nvml(timeout_s: float) -> dict:
+def read_nvml(timeout_s: float, kind: str = "nvml", **kwargs) -> dict:
     from aidc.device import TimedBackend, open_backend
 
-    dev = TimedBackend(open_backend("nvml"), timeout_s)
+    dev = TimedBackend(open_backend(kind, **kwargs), timeout_s)
     try:
         t0 = time.perf_counter()
         gpus = []
@@ -64,11 +64,19 @@ def read_nvml(timeout_s: float) -> dict:
         dev.close()
 
 
-def gpu_model_of(name: str) -> str | None:
-    from aidc.spec import gpu_models
+def catalog() -> dict:
+    """The GPU model catalog (floors), or {} when this python lacks pydantic/PyYAML."""
+    try:
+        from aidc.spec import gpu_models
+    except ImportError:
+        return {}
+    return gpu_models()
 
-    for model in sorted(gpu_models(), key=len, reverse=True):
-        if model in name.upper() and not gpu_models()[model].get("simulated"):
+
+def gpu_model_of(name: str) -> str | None:
+    models = catalog()
+    for model in sorted(models, key=len, reverse=True):
+        if model in name.upper() and not models[model].get("simulated"):
             return model
     return None
 
@@ -79,9 +87,12 @@ def measure(index: int, args) -> dict:
     from aidc.burnin.gemm import measure_gemm
     from aidc.burnin.memory import measure_memcpy
 
-    device = f"cuda:{index}"
-    torch.cuda.set_device(index)
-    out = {"device": device, "torch_name": torch.cuda.get_device_name(index)}
+    if args.simulate:
+        device, name = "cpu", "cpu (--simulate)"
+    else:
+        device, name = f"cuda:{index}", torch.cuda.get_device_name(index)
+        torch.cuda.set_device(index)
+    out = {"device": device, "torch_name": name}
     for dtype in ("bf16", "fp32"):
         out[f"gemm_{dtype}"] = measure_gemm(device, dtype, args.gemm_size, args.repeats,
                                             target_sample_s=0.2).to_dict()
@@ -95,14 +106,15 @@ def nccl_checks(args) -> dict:
     from aidc.burnin.collectives import allreduce_sweep, sweep_sizes
     from aidc.burnin.train import run_ddp_training
 
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    device, backend = ("cpu", "gloo") if args.simulate else ("cuda:0", "nccl")
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        rows = allreduce_sweep("cuda:0", sweep_sizes(args.allreduce_min, args.allreduce_max))
-        training = run_ddp_training("cuda:0", args.train_steps)
+        rows = allreduce_sweep(device, sweep_sizes(args.allreduce_min, args.allreduce_max))
+        training = run_ddp_training(device, args.train_steps)
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    return {"allreduce": [r.to_dict() for r in rows], "training": training.to_dict()}
+    return {"backend": backend, "allreduce": [r.to_dict() for r in rows], "training": training.to_dict()}
 
 
 def main() -> int:
@@ -115,39 +127,50 @@ def main() -> int:
     parser.add_argument("--allreduce-max", type=int, default=1 << 28)
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--device-timeout", type=float, default=5.0)
+    parser.add_argument("--simulate", metavar="NODE_DIR", default=None,
+                        help="test this script without a GPU: a simulated node, CPU tensors, gloo")
     args = parser.parse_args()
     out = Path(args.out)
     started = time.time()
     doc: dict = {"ok": False, "started_at": started, "host": os.uname().nodename}
 
-    why = probe_driver()
+    why = None if args.simulate else probe_driver()
     if why:
         doc["error"] = why
         path = _write(out, doc)
         print(f"gpu_check: {why}; nothing measured ({path})", file=sys.stderr)
         return NO_GPU
-    doc["nvml"] = read_nvml(args.device_timeout)
-
-    import torch
+    try:
+        doc["nvml"] = (read_nvml(args.device_timeout, "sim", node_dir=args.simulate) if args.simulate
+                       else read_nvml(args.device_timeout))
+    except Exception as exc:  # the backend's own error, or a checkout without aidc.device.nvml
+        doc["error"] = f"the nvml backend failed: {type(exc).__name__}: {exc}"
+        path = _write(out, doc)
+        print(f"gpu_check: {doc['error']} ({path})", file=sys.stderr)
+        return 1
+    try:
+        import torch
+    except ImportError:
+        doc["error"] = f"torch is not installed for {sys.executable} (set PYTHON to one that has it)"
+        path = _write(out, doc)
+        print(f"gpu_check: {doc['error']}; NVML fields written to {path}", file=sys.stderr)
+        return NO_GPU
 
     doc["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
                     "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None}
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.simulate:
         doc["error"] = f"torch {torch.__version__} sees no CUDA device (CPU build?)"
         path = _write(out, doc)
         print(f"gpu_check: {doc['error']}; NVML fields written to {path}", file=sys.stderr)
         return NO_GPU
-    doc["measure"] = [measure(i, args) for i in range(torch.cuda.device_count())]
+    gpus = len(doc["nvml"]["gpus"]) if args.simulate else torch.cuda.device_count()
+    doc["measure"] = [measure(i, args) for i in range(gpus)]
     doc["nccl"] = nccl_checks(args)
 
     failures = []
     for g, m in zip(doc["nvml"]["gpus"], doc["measure"]):
         model = gpu_model_of(g["name"])
-        floors = {}
-        if model:
-            from aidc.spec import gpu_models
-
-            floors = gpu_models()[model]["floors"]
+        floors = catalog()[model]["floors"] if model else {}
         figures = {"gemm_bf16_tflops": m["gemm_bf16"]["tflops"], "gemm_fp32_tflops": m["gemm_fp32"]["tflops"],
                    "memcpy_gbps": m["memcpy"]["gbps"]}
         m["model"], m["floors"] = model, floors
@@ -171,10 +194,10 @@ def main() -> int:
           f"{'fp32 TFLOP/s':>14}{'memcpy GB/s':>13}")
     for g, m in zip(doc["nvml"]["gpus"], doc["measure"]):
         print(f"{g['index']:<5}{g['name'][:27]:<28}{g['temperature_c']:>7.0f}{g['power_w']:>9.0f}"
-              f"{'Gen%dx%d' % (g['pcie_gen'], g['pcie_width']):>10}{m['gemm_bf16']['tflops']:>14.1f}"
-              f"{m['gemm_fp32']['tflops']:>14.1f}{m['memcpy']['gbps']:>13.0f}")
+              f"{'Gen%dx%d' % (g['pcie_gen'], g['pcie_width']):>10}{m['gemm_bf16']['tflops']:>14.4g}"
+              f"{m['gemm_fp32']['tflops']:>14.4g}{m['memcpy']['gbps']:>13.4g}")
     top = doc["nccl"]["allreduce"][-1]
-    print(f"NCCL all_reduce, 1 rank, {top['nbytes']} B: {top['time_us']:.0f} us, algbw {top['algbw_gbps']:.1f} GB/s,"
+    print(f"{doc['nccl']['backend']} all_reduce, 1 rank, {top['nbytes']} B: {top['time_us']:.0f} us, algbw {top['algbw_gbps']:.1f} GB/s,"
           f" busbw {top['busbw_gbps']:.1f} GB/s (2(n-1)/n = 0 with one rank)")
     print(f"DDP {t['steps']} steps: loss {t['loss_before']:.4f} -> {t['loss_after']:.4f};"
           f" NVML: {len(doc['nvml']['gpus'])} GPU(s) read in {doc['nvml']['read_all_ms']} ms,"

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/agents${PYTHONPATH:+:$PYTHONPATH}"
 export OUT="${OUT:-./out}"
+# The project's venv when this checkout has one, else the machine's python3 (set PYTHON to override).
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
-  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then PYTHON=.venv/bin/python; fi
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 fi
 # The whole check must end within 4 minutes, whatever hangs.
 exec timeout --kill-after=10 230 "$PYTHON" bench/gpu_check.py "$@"

@@ -43,3 +43,27 @@ def test_gpu_names_map_to_catalog_models_for_their_floors():
     assert gpu_model_of("NVIDIA H200") == "H200"
     assert gpu_model_of("NVIDIA H100 80GB HBM3") == "H100"
     assert gpu_model_of("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.slow
+def test_the_check_runs_through_on_a_simulated_node_and_writes_every_figure(tmp_path):
+    from dataclasses import fields
+
+    from aidc.device.base import GpuTelemetry
+    from aidc.device.sim import create_node
+
+    node = create_node(tmp_path / "node", "n0", gpus=1)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHONPATH": str(ROOT / "agents")}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--simulate", str(node), "--gemm-size", "64",
+                           "--memcpy-bytes", "1048576", "--repeats", "2", "--allreduce-max", "65536",
+                           "--train-steps", "10"], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert doc["ok"] and doc["failures"] == []
+    assert {f.name for f in fields(GpuTelemetry)} <= set(doc["nvml"]["gpus"][0])
+    assert doc["nvml"]["xid_events"] == [] and doc["nvml"]["hung_calls"] == 0
+    m = doc["measure"][0]
+    assert m["gemm_bf16"]["tflops"] > 0 and m["gemm_fp32"]["tflops"] > 0 and m["memcpy"]["gbps"] > 0
+    rows = doc["nccl"]["allreduce"]
+    assert [r["nbytes"] for r in rows][-1] == 65536 and all(r["busbw_gbps"] == 0 for r in rows)
+    assert "busbw" in proc.stdout and "TFLOP/s" in proc.stdout
