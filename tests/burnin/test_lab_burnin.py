@@ -189,3 +189,43 @@ def test_cli_refuses_a_stack_that_is_not_simulated_without_a_traceback(tmp_path,
     proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(tmp_path / "lab"))
     assert proc.returncode == 2
     assert "aidc: error:" in proc.stderr and "nvml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_killing_the_burnin_command_outright_leaves_no_node_processes(tmp_path, aidc_cli):
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    spec_file = tmp_path / "Pulumi.mini.yaml"
+    spec_file.write_text("config:\n  aidc:cluster:\n    name: mini\n    device_backend: sim\n    node_pools:\n"
+                         "      - {name: n, count: 2, gpu_model: SIM, gpus_per_node: 1}\n"
+                         "    agent: {device_timeout_s: 200}\n")  # n-0 waits silently in a device call
+    dirs = make_nodes(parse_spec({"name": "mini", "device_backend": "sim", "node_pools": [
+        {"name": "n", "count": 2, "gpu_model": "SIM", "gpus_per_node": 1}]}), tmp_path / "lab" / "nodes")
+    inject(dirs["n-0"], "hang", seconds=200)  # the run cannot finish on its own before we kill it
+    cli = subprocess.Popen([sys.executable, "-m", "aidc", "burnin", "run", "--stack", str(spec_file),
+                            "--lab-dir", str(tmp_path / "lab"), "--json"],
+                           env={**os.environ, "TMPDIR": str(runs)}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # until both node processes run (bounded: 120 s)
+            procs = burnin_processes(runs)
+            if sum(1 for ppid in procs.values() if ppid in procs) == 2:
+                break
+            time.sleep(0.1)
+        assert burnin_processes(runs), "the node processes never started"
+        cli.kill()
+        cli.wait(timeout=10)
+        for _ in range(100):  # the kernel delivers the parent-death signals: wait for them (bounded: 10 s)
+            if not burnin_processes(runs):
+                break
+            time.sleep(0.1)
+        assert burnin_processes(runs) == {}
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        for pid in burnin_processes(runs):
+            os.kill(pid, signal.SIGKILL)

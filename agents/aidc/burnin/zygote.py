@@ -13,13 +13,27 @@ child's exit on stdout, and on the first failure kills the remaining children.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import traceback
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Be killed when the parent dies, even by SIGKILL: a dead runner leaves no workers behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the runner's process-group kill still applies
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
 
 def main(config_paths: list[str]) -> int:
+    die_with_parent(os.getppid())
     import torch  # noqa: F401  (preloaded for the children)
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401
@@ -28,11 +42,13 @@ def main(config_paths: list[str]) -> int:
     from aidc.burnin import collectives, gemm, memory, train, worker  # noqa: F401
 
     children: dict[int, str] = {}
+    zygote = os.getpid()
     for path in config_paths:
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                die_with_parent(zygote)
                 log = os.open(path.removesuffix(".json") + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(log, 2)
                 code = worker.main(path)
