@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 
 from aidc.burnin.report import UNITS, NodeResult
-from aidc.burnin.train import compare_digests
 
 # Metrics compared across the fleet: measured per node, one node at a time. The
 # all_reduce busbw is one fleet-wide figure (a collective is as slow as its slowest
@@ -100,3 +100,21 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
     for n in nodes.values():
         n.passed = not n.reasons
     return stats
+
+
+def compare_digests(digests: dict[str, str]) -> dict[str, str]:
+    """Reasons, by node, for nodes whose parameters differ from the majority.
+
+    With no strict majority there is no trustworthy reference, so every node fails.
+    """
+    if not digests:
+        return {}
+    counts = Counter(digests.values())
+    reference, votes = counts.most_common(1)[0]
+    if votes * 2 <= len(digests):
+        return {node: f"parameters after DDP training differ across ranks with no majority"
+                      f" ({len(counts)} distinct digests among {len(digests)} ranks): silent data corruption"
+                for node in digests}
+    return {node: f"parameters after DDP training differ from the {votes} of {len(digests)} ranks that agree"
+                  f" (digest {d[:12]} vs {reference[:12]}): silent data corruption"
+            for node, d in digests.items() if d != reference}

@@ -1,9 +1,9 @@
 """Run a lab burn-in: one process per node on this machine, gloo on 127.0.0.1.
 
 The runner holds the rendezvous store itself (a TCPStore bound to a free loopback
-port chosen by the kernel, so no port race), starts one `aidc.burnin.worker` process
-per node in its own session, follows their progress, and on any failure or timeout
-kills every one of them (no orphans). Then it judges the fleet and appends one
+port chosen by the kernel, so no port race), starts the node processes (forked by
+`aidc.burnin.zygote`, in a session of their own), follows their progress on one pipe,
+and on any failure or timeout kills the whole session (no orphans). Then it judges the fleet and appends one
 certificate per node to the audit log.
 """
 
@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
@@ -40,51 +41,62 @@ def _worker_env() -> dict[str, str]:
 
 
 class _Fleet:
-    """The node processes: started together, followed, and always stopped together."""
+    """The node processes: one zygote that forks a worker per node, in its own session.
 
-    def __init__(self):
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
+    Stopping the session's process group stops the zygote and every worker at once.
+    """
+
+    def __init__(self, tmpdir: Path):
+        self.tmpdir = tmpdir
+        self.proc: subprocess.Popen | None = None
         self.events: queue.Queue = queue.Queue()
+        self.exit_codes: dict[str, int] = {}
 
-    def start(self, node: str, config_path: Path, log_path: Path) -> None:
-        self.logs[node] = log_path
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.worker", str(config_path)],
-                                    stdout=subprocess.PIPE, stderr=log, env=_worker_env(),
-                                    start_new_session=True)
-        self.procs[node] = proc
-        threading.Thread(target=self._follow, args=(node, proc), daemon=True).start()
+    def start(self, configs: dict[str, Path]) -> None:
+        self.node_of = {str(path): node for node, path in configs.items()}
+        with open(self.tmpdir / "zygote.log", "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.zygote", *map(str, configs.values())],
+                                         stdout=subprocess.PIPE, stderr=log, env=_worker_env(),
+                                         start_new_session=True)
+        threading.Thread(target=self._follow, args=(self.proc,), daemon=True).start()
 
-    def _follow(self, node: str, proc: subprocess.Popen) -> None:
-        for raw in proc.stdout:
+    def _follow(self, proc: subprocess.Popen) -> None:
+        with proc.stdout:
+            self._read(proc.stdout)
+
+    def _read(self, stream) -> None:
+        for raw in stream:
             line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith(PREFIX):
-                try:
-                    self.events.put(json.loads(line[len(PREFIX):]))
-                except json.JSONDecodeError:
-                    pass
+            if not line.startswith(PREFIX):
+                continue
+            try:
+                event = json.loads(line[len(PREFIX):])
+            except json.JSONDecodeError:
+                continue
+            if event["event"] == "exit":
+                event["node"] = self.node_of.get(event["config"], event["config"])
+            self.events.put(event)
 
-    def log_tail(self, node: str, chars: int = 1500) -> str:
+    def log_tail(self, node: str | None, chars: int = 1500) -> str:
+        path = self.tmpdir / (f"{node}.log" if node else "zygote.log")
         try:
-            return self.logs[node].read_text(errors="replace")[-chars:].strip()
+            return path.read_text(errors="replace")[-chars:].strip() or "(no output)"
         except OSError:
-            return ""
+            return "(no log)"
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:  # the worker leads its own session: stop it and anything it started
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            if proc.stdout:
-                proc.stdout.close()
+        if self.proc is None:
+            return
+        try:  # the zygote leads its own session; its forked workers share its process group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        # The pipe is closed by its reader at end of file (closing it here could block
+        # behind that reader while any writer lives).
 
 
 def _progress_bar(enabled: bool, total: int):
@@ -132,30 +144,30 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     world = len(nodes)
     started = time.monotonic()
 
-    import torch.distributed as dist  # only the store: the parent computes nothing
-
-    from datetime import timedelta
+    import torch.distributed as dist  # only the rendezvous store: the parent computes nothing
 
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=timeout_s))
-    fleet = _Fleet()
     total = world + world * policy.repeats + len(sizes) + policy.train_steps
     bar = _progress_bar(progress, total)
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
         tmpdir = Path(tmp)
+        fleet = _Fleet(tmpdir)
+        configs = {}
         try:
             for rank, node in enumerate(nodes):
                 cfg = {
                     "rank": rank, "world": world, "node": node.name, "store_port": store.port,
                     "backend": "sim", "backend_kwargs": {"node_dir": str(node_dirs[node.name])},
                     "device_timeout_s": spec.agent.device_timeout_s, "pg_timeout_s": timeout_s,
-        "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
-                    "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
+                    "gemm_size": policy.gemm_size, "repeats": policy.repeats,
+                    "memcpy_bytes": policy.memcpy_bytes, "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
                     "corrupt_parameters": node.name in corrupt_nodes,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
                 }
-                (tmpdir / f"{node.name}.json").write_text(json.dumps(cfg))
-                fleet.start(node.name, tmpdir / f"{node.name}.json", tmpdir / f"{node.name}.log")
+                configs[node.name] = tmpdir / f"{node.name}.json"
+                configs[node.name].write_text(json.dumps(cfg))
+            fleet.start(configs)
             _follow_until_done(fleet, bar, started + timeout_s, timeout_s)
             raw = {}
             for node in nodes:
@@ -192,22 +204,24 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) ->
     while True:
         try:
             event = fleet.events.get(timeout=0.1)
+        except queue.Empty:
+            event = None
+        if event and event["event"] == "exit":
+            if event["code"] != 0:
+                raise BurninError(f"burn-in process of node {event['node']} died (exit code {event['code']}):"
+                                  f" {fleet.log_tail(event['node'])}")
+        elif event:
             if bar:
                 bar.update(bar.task_ids[0], advance=1 if event["event"] != "done" else 0,
                            description=_describe(event))
             continue
-        except queue.Empty:
-            pass
-        codes = {node: p.poll() for node, p in fleet.procs.items()}
-        failed = {node: rc for node, rc in codes.items() if rc not in (None, 0)}
-        if failed:
-            node, rc = next(iter(failed.items()))
-            raise BurninError(f"burn-in process of node {node} died (exit code {rc}): {fleet.log_tail(node)}")
-        if all(rc == 0 for rc in codes.values()):
+        code = fleet.proc.poll()
+        if code is not None and fleet.events.empty():
+            if code != 0:
+                raise BurninError(f"burn-in processes ended with exit code {code}: {fleet.log_tail(None)}")
             return
         if time.monotonic() > deadline:
-            stuck = sorted(node for node, rc in codes.items() if rc is None)
-            raise BurninError(f"burn-in timed out after {timeout_s:.0f} s; still running: {', '.join(stuck)}")
+            raise BurninError(f"burn-in timed out after {timeout_s:.0f} s (nodes still running were stopped)")
 
 
 def _node_result(node, raw: dict) -> NodeResult:

@@ -9,7 +9,6 @@ error: silent data corruption, which only this kind of check finds.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -95,21 +94,3 @@ def run_ddp_training(device: str, steps: int, seed: int = 2024, batch: int = 64,
     if corrupt_after:
         flip_one_bit(model)
     return TrainResult(steps, loss_before, loss_after, losses, parameter_digest(model))
-
-
-def compare_digests(digests: dict[str, str]) -> dict[str, str]:
-    """Reasons, by node, for nodes whose parameters differ from the majority.
-
-    With no strict majority there is no trustworthy reference, so every node fails.
-    """
-    if not digests:
-        return {}
-    counts = Counter(digests.values())
-    reference, votes = counts.most_common(1)[0]
-    if votes * 2 <= len(digests):
-        return {node: f"parameters after DDP training differ across ranks with no majority"
-                      f" ({len(counts)} distinct digests among {len(digests)} ranks): silent data corruption"
-                for node in digests}
-    return {node: f"parameters after DDP training differ from the {votes} of {len(digests)} ranks that agree"
-                  f" (digest {d[:12]} vs {reference[:12]}): silent data corruption"
-            for node, d in digests.items() if d != reference}

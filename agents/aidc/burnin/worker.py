@@ -1,4 +1,5 @@
-"""One burn-in process per node: `python -m aidc.burnin.worker CONFIG.json`.
+"""One burn-in process per node: `python -m aidc.burnin.worker CONFIG.json`, or forked
+by `aidc.burnin.zygote` (what the runner does: torch is imported once for all nodes).
 
 The runner starts one of these per node and reads progress from its stdout (lines
 starting with `@@aidc `). Per-node measurements are taken one node at a time, in
@@ -147,4 +148,9 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.stderr.write("usage: python -m aidc.burnin.worker CONFIG.json\n")
         sys.exit(2)
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without joining threads: a device call abandoned by TimedBackend (a hung driver)
+    # would otherwise keep this process alive until the call returns, maybe never.
+    os._exit(code)

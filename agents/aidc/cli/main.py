@@ -29,6 +29,7 @@ GROUPS = [
     ("aidc.cli.health_cmd", "health"),
     ("aidc.cli.agent_cmd", "agent"),
     ("aidc.cli.runbook_cmd", "runbook"),
+    ("aidc.cli.burnin_cmd", "burnin"),
 ]
 
 for module, name in GROUPS:

@@ -1,0 +1,121 @@
+"""Judging nodes: fleet median with a tolerance, floors, training checks; a reason for every failure."""
+
+import pytest
+
+from aidc.burnin.judge import judge, mad, robust_z
+from aidc.burnin.report import BurninReport, NodeResult
+
+TRAINED = {"loss_before": 1.0, "loss_after": 0.2, "param_digest": "a" * 64, "steps": 10}
+
+
+def fleet(**fp32):
+    return {name: NodeResult(name, "SIM", False,
+                             metrics={"gemm_fp32_tflops": v, "gemm_bf16_tflops": 1.0, "memcpy_gbps": 10.0},
+                             training=dict(TRAINED))
+            for name, v in fp32.items()}
+
+
+def run(nodes, floors=None, tolerance=0.25, min_loss_drop=0.1):
+    return judge(nodes, floors or {}, tolerance, min_loss_drop)
+
+
+def test_a_healthy_fleet_with_noise_inside_the_tolerance_passes():
+    nodes = fleet(a=2.4, b=2.3, c=2.5, d=2.0)
+    run(nodes)
+    assert all(n.passed and not n.reasons for n in nodes.values())
+
+
+def test_a_node_far_below_the_fleet_median_fails_with_the_median_in_the_reason():
+    nodes = fleet(a=2.4, b=2.4, c=2.5, d=0.9, e=2.3)
+    stats = run(nodes)
+    assert stats["gemm_fp32_tflops"]["median"] == 2.4
+    assert not nodes["d"].passed
+    assert nodes["d"].reasons == ["gemm_fp32_tflops 0.9 TFLOP/s is 62% below the fleet median 2.4 TFLOP/s"
+                                  " (tolerance 25%)"]
+    assert all(nodes[n].passed for n in "abce")
+
+
+def test_the_median_is_robust_to_two_slow_nodes_out_of_five():
+    nodes = fleet(a=2.4, b=2.4, c=2.4, d=0.5, e=0.6)
+    run(nodes)
+    assert [n for n, r in nodes.items() if not r.passed] == ["d", "e"]
+
+
+def test_a_fast_node_never_fails_the_fleet_check():
+    nodes = fleet(a=2.4, b=2.4, c=9.0)
+    run(nodes)
+    assert nodes["c"].passed
+
+
+def test_mad_z_score_is_reported_but_a_tiny_mad_alone_does_not_fail_a_node():
+    nodes = fleet(a=2.40, b=2.40, c=2.40, d=2.30)  # MAD 0: d has an infinite z-score, 4% slow
+    run(nodes)
+    assert nodes["d"].passed
+    assert nodes["d"].robust_z["gemm_fp32_tflops"] is None  # infinite: not representable in JSON
+    assert nodes["a"].robust_z["gemm_fp32_tflops"] == 0.0
+
+
+def test_robust_statistics_helpers():
+    assert mad([1, 2, 3, 4, 100]) == 1
+    assert robust_z(5.0, 3.0, 1.0) == pytest.approx(0.6745 * 2)
+
+
+def test_a_fleet_uniformly_below_the_floor_fails_every_node_naming_the_floor():
+    nodes = fleet(a=1.0, b=1.0, c=1.0)
+    run(nodes, floors={n: {"gemm_fp32_tflops": 37.0} for n in nodes})
+    for n in nodes.values():
+        assert n.reasons == ["gemm_fp32_tflops 1 TFLOP/s is below the SIM floor 37 TFLOP/s"]
+
+
+def test_a_floor_for_something_not_measured_is_noted_not_silently_skipped():
+    nodes = fleet(a=1.0, b=1.0)
+    run(nodes, floors={"a": {"nvlink_gbps": 100.0}})
+    assert nodes["a"].passed and any("nvlink_gbps" in note for note in nodes["a"].notes)
+
+
+def test_a_lone_node_gets_a_note_that_the_fleet_comparison_was_skipped():
+    nodes = fleet(a=1.0)
+    run(nodes)
+    assert nodes["a"].passed and any("skipped" in note for note in nodes["a"].notes)
+
+
+def test_loss_that_does_not_fall_fails_the_node_with_both_losses():
+    nodes = fleet(a=2.4, b=2.4, c=2.4)
+    nodes["b"].training.update(loss_before=1.0, loss_after=0.95)
+    run(nodes, min_loss_drop=0.1)
+    assert nodes["b"].reasons == ["training loss did not fall enough: 1 -> 0.95 (needs a 10% drop)"]
+    assert nodes["a"].passed and nodes["c"].passed
+
+
+def test_parameters_differing_on_one_rank_fail_that_node_as_silent_data_corruption():
+    nodes = fleet(a=2.4, b=2.4, c=2.4)
+    nodes["c"].training["param_digest"] = "b" * 64
+    run(nodes)
+    assert not nodes["c"].passed and "silent data corruption" in nodes["c"].reasons[0]
+    assert nodes["a"].passed and nodes["b"].passed
+
+
+def test_a_measurement_error_and_a_wrong_allreduce_sum_fail_the_node():
+    nodes = fleet(a=2.4, b=2.4, c=2.4)
+    nodes["a"].errors = ["gpu 0: GPU 0 is lost: fallen off the bus"]
+    nodes["b"].allreduce_correct = False
+    run(nodes)
+    assert nodes["a"].reasons == ["measurement failed: gpu 0: GPU 0 is lost: fallen off the bus"]
+    assert nodes["b"].reasons == ["all_reduce returned a wrong sum on this node"]
+
+
+def test_a_node_that_measured_nothing_without_an_error_is_not_passed():
+    nodes = fleet(a=2.4, b=2.4)
+    nodes["b"].metrics = {}
+    run(nodes)
+    assert not nodes["b"].passed and "gemm_fp32_tflops was not measured" in nodes["b"].reasons
+
+
+def test_report_lists_certified_and_failed_nodes_and_serialises():
+    nodes = fleet(a=2.4, b=2.4, c=0.5)
+    run(nodes)
+    report = BurninReport("lab", nodes, {"stats": {}})
+    d = report.to_dict()
+    assert (d["passed"], d["certified_nodes"], d["failed_nodes"]) == (False, ["a", "b"], ["c"])
+    assert d["verdicts"] == {"a": "pass", "b": "pass", "c": "fail"}
+    assert d["units"]["gemm_fp32_tflops"] == "TFLOP/s"

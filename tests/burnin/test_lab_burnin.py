@@ -1,0 +1,231 @@
+"""End to end: real worker processes, real gloo all_reduce and DDP on 127.0.0.1."""
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from aidc.audit.log import AuditLog
+from aidc.burnin import runner
+from aidc.burnin.runner import run_burnin
+from aidc.device.sim import create_node, inject
+from aidc.errors import BurninError
+from aidc.spec import parse_spec
+
+
+def small_spec(nodes: int = 3, **burnin) -> object:
+    return parse_spec({
+        "name": "mini", "device_backend": "sim", "scheduler": "lab",
+        "node_pools": [{"name": "n", "count": nodes, "gpu_model": "SIM", "gpus_per_node": 1}],
+        "agent": {"device_timeout_s": 1.0},
+        "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
+                              "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
+                              **burnin}},
+    })
+
+
+def make_nodes(spec, root: Path) -> dict[str, Path]:
+    return {n.name: create_node(root / n.name, n.name, n.gpus, i) for i, n in enumerate(spec.nodes())}
+
+
+def burnin_processes(marker: Path) -> dict[int, int]:
+    """pid -> ppid of live processes whose command line names `marker` (the run's temp dir)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z" and str(marker).encode() in cmdline:
+            out[int(proc.name)] = int(ppid)
+    return out
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """The runner's temp dir goes under tmp_path, so the test can find its processes."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(runs))
+    return runs
+
+
+@pytest.mark.slow
+def test_flipped_bit_on_one_rank_and_hung_device_on_another_fail_only_those_nodes(tmp_path, run_dir):
+    spec = small_spec(3, fleet_tolerance=0.95)  # timing noise is not under test here
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    inject(dirs["n-1"], "hang", seconds=120)
+    with AuditLog(tmp_path / "audit.db") as audit:
+        report = run_burnin(spec, dirs, audit, corrupt_nodes=frozenset({"n-0"}))
+        certs = {r.node: r for r in audit.records(kind="burnin.certificate")}
+    assert report.verdicts == {"n-0": "fail", "n-1": "fail", "n-2": "pass"}
+    assert any("silent data corruption" in r for r in report.nodes["n-0"].reasons)
+    assert any("did not return within" in r for r in report.nodes["n-1"].reasons)
+    assert set(certs) == {"n-0", "n-1", "n-2"}
+    assert certs["n-2"].payload["verdict"] == "pass" and certs["n-0"].payload["verdict"] == "fail"
+    assert report.fleet["allreduce"][0]["busbw_gbps"] == pytest.approx(
+        report.fleet["allreduce"][0]["algbw_gbps"] * 2 * 2 / 3)
+    assert all(row["correct"] for row in report.fleet["allreduce"])
+    assert burnin_processes(run_dir) == {}
+
+
+def test_a_run_past_its_deadline_is_an_error_and_leaves_no_processes(tmp_path, run_dir):
+    spec = small_spec(2)
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    with pytest.raises(BurninError, match="timed out"):
+        run_burnin(spec, dirs, None, timeout_s=0.5)
+    assert burnin_processes(run_dir) == {}
+
+
+@pytest.mark.slow
+def test_a_deadline_reached_while_nodes_compute_stops_every_node_process(tmp_path, run_dir, monkeypatch):
+    spec = small_spec(2).model_copy(update={"agent": small_spec(2).agent.model_copy(update={"device_timeout_s": 200})})
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    inject(dirs["n-0"], "hang", seconds=200)  # n-0 blocks in a device call, n-1 in a barrier
+    # The runner's clock jumps past the deadline once both node processes run, so the
+    # deadline is reached mid-computation however long the machine takes to start them.
+    skew = [0.0]
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: time.monotonic() + skew[0]))
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            procs = burnin_processes(run_dir)
+            seen.append(sum(1 for ppid in procs.values() if ppid in procs))
+            if seen[-1] == 2:
+                time.sleep(1.0)
+                skew[0] = 10_000.0
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(BurninError, match="timed out"):
+            run_burnin(spec, dirs, None, timeout_s=300)
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(seen) == 2
+    assert burnin_processes(run_dir) == {}
+
+
+@pytest.mark.slow
+def test_a_node_process_that_dies_is_an_error_naming_it_and_its_peers_are_stopped(tmp_path, run_dir):
+    spec = small_spec(3)
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    inject(dirs["n-0"], "hang", seconds=120)  # keeps the workers alive until one is killed
+    killed = []
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            procs = burnin_processes(run_dir)
+            workers = [pid for pid, ppid in procs.items() if ppid in procs]  # forked by the zygote
+            if len(workers) == 3:
+                time.sleep(0.5)
+                os.kill(max(workers), signal.SIGKILL)
+                killed.append(max(workers))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    try:
+        with pytest.raises(BurninError, match=r"burn-in process of node n-\d died \(exit code -9\)"):
+            run_burnin(spec, dirs, None, timeout_s=120)
+    finally:
+        killer.join()
+    assert killed
+    assert burnin_processes(run_dir) == {}
+
+
+def test_missing_node_directories_are_named(tmp_path):
+    spec = small_spec(2)
+    with pytest.raises(BurninError, match="no node directory for n-1"):
+        run_burnin(spec, {"n-0": tmp_path}, None)
+
+
+@pytest.mark.slow
+def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the_rest(tmp_path, aidc_cli):
+    lab = tmp_path / "lab"
+    setup = aidc_cli("burnin", "run", "--help")
+    assert setup.returncode == 0 and "--lab-dir" in setup.stdout
+    from aidc.cli.burnin_cmd import lab_node_dirs
+    from aidc.spec import load_stack
+
+    dirs = lab_node_dirs(load_stack("lab"), lab)
+    inject(dirs["gpu-2"], "slowdown", factor=4.0)
+    proc = aidc_cli("burnin", "run", "--stack", "lab", "--lab-dir", str(lab), "--json", timeout=240)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["failed_nodes"] == ["gpu-2"]
+    assert out["certified_nodes"] == ["gpu-0", "gpu-1", "gpu-3", "gpu-spare-0"]
+    assert any("below the fleet median" in r and r.startswith("gemm_") for r in out["reasons"]["gpu-2"])
+    assert set(out["nodes"]["gpu-0"]["metrics"]) >= {"gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps",
+                                                     "allreduce_busbw_gbps"}
+    assert out["nodes"]["gpu-2"]["gpus"][0]["gemm_fp32"]["work_factor"] == 4.0
+    assert {"nbytes", "time_us", "algbw_gbps", "busbw_gbps"} <= set(out["fleet"]["allreduce"][-1])
+    assert out["fleet"]["allreduce"][-1]["nbytes"] == 4 * 1024 * 1024
+    with AuditLog(lab / "audit.db") as audit:
+        certs = audit.records(kind="burnin.certificate")
+        assert audit.verify().ok
+    assert sorted(r.node for r in certs) == sorted(out["verdicts"])
+    assert "fleet median" in next(r for r in certs if r.node == "gpu-2").reason
+
+
+def test_cli_refuses_a_stack_that_is_not_simulated_without_a_traceback(tmp_path, aidc_cli):
+    stack = tmp_path / "Pulumi.real.yaml"
+    stack.write_text("config:\n  aidc:cluster:\n    name: real\n    device_backend: nvml\n    node_pools:\n"
+                     "      - {name: gpu, count: 2, gpu_model: H100, gpus_per_node: 8}\n")
+    proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(tmp_path / "lab"))
+    assert proc.returncode == 2
+    assert "aidc: error:" in proc.stderr and "nvml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_killing_the_burnin_command_outright_leaves_no_node_processes(tmp_path, aidc_cli):
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    spec_file = tmp_path / "Pulumi.mini.yaml"
+    spec_file.write_text("config:\n  aidc:cluster:\n    name: mini\n    device_backend: sim\n    node_pools:\n"
+                         "      - {name: n, count: 2, gpu_model: SIM, gpus_per_node: 1}\n"
+                         "    agent: {device_timeout_s: 200}\n")  # n-0 waits silently in a device call
+    dirs = make_nodes(parse_spec({"name": "mini", "device_backend": "sim", "node_pools": [
+        {"name": "n", "count": 2, "gpu_model": "SIM", "gpus_per_node": 1}]}), tmp_path / "lab" / "nodes")
+    inject(dirs["n-0"], "hang", seconds=200)  # the run cannot finish on its own before we kill it
+    cli = subprocess.Popen([sys.executable, "-m", "aidc", "burnin", "run", "--stack", str(spec_file),
+                            "--lab-dir", str(tmp_path / "lab"), "--json"],
+                           env={**os.environ, "TMPDIR": str(runs)}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # until both node processes run (bounded: 120 s)
+            procs = burnin_processes(runs)
+            if sum(1 for ppid in procs.values() if ppid in procs) == 2:
+                break
+            time.sleep(0.1)
+        assert burnin_processes(runs), "the node processes never started"
+        cli.kill()
+        cli.wait(timeout=10)
+        for _ in range(100):  # the kernel delivers the parent-death signals: wait for them (bounded: 10 s)
+            if not burnin_processes(runs):
+                break
+            time.sleep(0.1)
+        assert burnin_processes(runs) == {}
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        for pid in burnin_processes(runs):
+            os.kill(pid, signal.SIGKILL)
