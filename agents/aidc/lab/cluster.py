@@ -127,14 +127,7 @@ class LabCluster:
         self.start_gate.touch()
 
     def running(self) -> list[dict]:
-        out = []
-        for p in json.loads(self.manifest.read_text()).get("processes", []):
-            try:
-                os.kill(p["pid"], 0)
-                out.append(p)
-            except ProcessLookupError:
-                pass
-        return out
+        return [p for p in json.loads(self.manifest.read_text()).get("processes", []) if _alive(p["pid"])]
 
     def stop(self, names_prefix: str = "", timeout_s: float = 10.0) -> int:
         """Stop the lab's processes (whole process groups): TERM, then KILL after the timeout."""
