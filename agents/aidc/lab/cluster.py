@@ -18,10 +18,17 @@ import time
 from pathlib import Path
 
 from aidc.device import sim
+from aidc.errors import AidcError
 from aidc.failover.scheduler import LabScheduler
 from aidc.spec import ClusterSpec
 
 RUN_ID = "aidc-lab"
+
+
+class LabError(AidcError):
+    """The lab could not be brought up or did not complete its loop."""
+
+    exit_code = 1
 
 
 def free_port() -> int:
@@ -40,7 +47,7 @@ class LabCluster:
     # -- layout -------------------------------------------------------------------
     def create(self) -> None:
         if self.manifest.exists() and self.running():
-            raise RuntimeError(f"a lab is already running in {self.dir}: run `aidc lab down` first")
+            raise LabError(f"a lab is already running in {self.dir}: run `aidc lab down --lab-dir {self.dir}` first")
         if self.dir.exists():
             import shutil
 

@@ -18,13 +18,8 @@ from typing import Callable
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.device import sim
-from aidc.errors import AidcError
-from aidc.lab.cluster import LabCluster
+from aidc.lab.cluster import LabCluster, LabError
 from aidc.spec import ClusterSpec
-
-
-class LabError(AidcError):
-    exit_code = 1
 
 
 @dataclass

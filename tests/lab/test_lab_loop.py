@@ -1,0 +1,84 @@
+"""The lab: one command certifies the cluster, catches a fault, fails over and audits it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from aidc.lab.cluster import LabCluster, LabError
+from aidc.spec import load_stack
+
+
+@pytest.mark.slow
+def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(aidc_cli, tmp_path):
+    lab_dir = tmp_path / "lab"
+    out = aidc_cli("lab", "run", "--json", "--lab-dir", str(lab_dir), timeout=570)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    for key in ("certified_nodes", "detect_ms", "resume_s", "steps_lost", "ettr", "report_html", "audit_db"):
+        assert key in summary, key
+    assert summary["certified_nodes"] == ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"]
+    assert summary["completed"] and summary["audit_verified"]
+    assert summary["detect_ms"] > 0 and summary["resume_s"] > 0
+    assert summary["steps_lost"] <= 1  # checkpoints every step
+    assert 0 < summary["ettr"] <= 1
+
+    # The training finished on the new membership: the spare replaced the faulty node.
+    steps = [json.loads(line) for line in (lab_dir / "train" / "steps.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == load_stack("lab").lab.train_steps
+    assert "gpu-spare-0" in steps[-1]["world"] and summary["victim"] not in steps[-1]["world"]
+
+    # Every stage left its mark in one verified log.
+    kinds = {r["kind"] for r in json.loads((lab_dir / "report" / "report.json").read_text())["records"]}
+    assert {"burnin.certificate", "health.fault", "failover.decision", "failover.action",
+            "lab.inject", "lab.resume", "lab.summary"} <= kinds
+    html = (lab_dir / "report" / "report.html").read_text()
+    assert "Hash chain verified" in html and "gpu-spare-0" in html
+
+    # Nothing the lab started is left running.
+    assert LabCluster(load_stack("lab"), lab_dir).running() == []
+
+    # One row changed with the sqlite3 shell breaks verification, naming the record.
+    assert aidc_cli("audit", "verify", "--db", summary["audit_db"]).returncode == 0
+    if shutil.which("sqlite3"):
+        subprocess.run(["sqlite3", summary["audit_db"], "UPDATE audit SET reason = 'all good' WHERE seq = 3"],
+                       check=True)
+    else:
+        db = sqlite3.connect(summary["audit_db"])
+        db.execute("UPDATE audit SET reason = 'all good' WHERE seq = 3")
+        db.commit()
+    failed = aidc_cli("audit", "verify", "--db", summary["audit_db"], "--json")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["first_bad_seq"] == 3
+
+
+def test_lab_down_stops_what_a_kept_lab_left_running(aidc_cli, tmp_path):
+    cluster = LabCluster(load_stack("lab"), tmp_path / "lab")
+    cluster.create()
+    cluster.start_agent("gpu-0")
+    assert [p["name"] for p in cluster.running()] == ["agent:gpu-0"]
+    listed = aidc_cli("lab", "status", "--lab-dir", str(cluster.dir), "--json")
+    assert [p["name"] for p in json.loads(listed.stdout)["running"]] == ["agent:gpu-0"]
+    out = aidc_cli("lab", "down", "--lab-dir", str(cluster.dir), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["stopped"] == 1
+    for _ in range(50):
+        if not cluster.running():
+            break
+        time.sleep(0.1)
+    assert cluster.running() == []
+
+
+def test_a_running_lab_is_not_overwritten(tmp_path):
+    cluster = LabCluster(load_stack("lab"), tmp_path / "lab")
+    cluster.create()
+    cluster.start("sleeper", ["sleep", "60"])
+    try:
+        with pytest.raises(LabError, match="already running"):
+            LabCluster(load_stack("lab"), tmp_path / "lab").create()
+    finally:
+        cluster.stop()
