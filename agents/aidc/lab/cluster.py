@@ -122,6 +122,11 @@ class LabCluster:
             "--total-steps", str(lab.train_steps), "--checkpoint-every", str(lab.checkpoint_every),
             "--start-gate", str(self.start_gate), *(["--spare"] if spare else [])], node=node, workload=True)
 
+    def restart_trainer(self, node: str, spare: bool = True) -> subprocess.Popen:
+        """Start a node's elastic agent again (after a release); its old process groups are gone."""
+        (self.node_dir(node) / "pgids.json").unlink(missing_ok=True)
+        return self.start_trainer(node, spare=spare)
+
     @property
     def start_gate(self) -> Path:
         return self.dir / "train" / "go"

@@ -78,17 +78,23 @@ class LabRun:
     def steps_log(self) -> Path:
         return self.cluster.dir / "train" / "steps.jsonl"
 
-    def run(self, keep: bool = False) -> LabResult:
-        started = time.monotonic()
+    def bring_up(self, burn_in: bool = True) -> None:
+        """Create the lab, burn it in, start the agents and the controller (not the training)."""
         c = self.cluster
         c.create()
         self.audit = AuditLog(c.audit_path)
         self.result.audit_db = str(c.audit_path)
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
                           payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir)})
-        try:
+        if burn_in:
             self._burnin()
-            self._start_services()
+        self._start_services()
+
+    def run(self, keep: bool = False) -> LabResult:
+        started = time.monotonic()
+        c = self.cluster
+        try:
+            self.bring_up()
             self._train_and_fail_over()
             self.result.completed = True
         finally:
@@ -120,6 +126,16 @@ class LabRun:
         c.start_controller(self.stack)
 
     def _train_and_fail_over(self) -> None:
+        lab = self.spec.lab
+        self.start_training()
+        last = _wait(f"step {lab.inject_at_step}",
+                     lambda: next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
+        m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
+        self.result.victim, self.result.xid = m["victim"], m["xid"]
+        self.result.detect_ms, self.result.resume_s, self.result.steps_lost = m["detect_ms"], m["resume_s"], m["steps_lost"]
+        self.finish_training()
+
+    def start_training(self) -> None:
         c, lab = self.cluster, self.spec.lab
         primaries = [n.name for n in c.nodes if not n.spare]
         spares = [n.name for n in c.nodes if n.spare]
@@ -135,33 +151,54 @@ class LabRun:
         c.open_start_gate()
         _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
         _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)
-        last = _wait(f"step {lab.inject_at_step}",
-                     lambda: next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
-        victim = last["world"][-1]
-        self.result.victim, self.result.xid = victim, lab.inject_xid
-        injected = sim.inject(c.node_dir(victim), "xid", 0, xid=lab.inject_xid)
-        t_fault = injected["written_at"]
-        self.audit.append("lab.inject", f"injected XID {lab.inject_xid} on {victim} gpu 0", actor=self.actor,
-                          node=victim, payload=injected)
-        self.say(f"fault: XID {lab.inject_xid} written to {victim}'s kernel log at step {last['step']}")
 
-        decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim), 60)
-        self.result.detect_ms = round((decision.ts - t_fault) * 1000, 1)
-        self.say(f"failover: {victim} quarantined {self.result.detect_ms:.0f} ms after the kernel-log line")
+    def inject_and_measure(self, victim: str, xid: int = 79) -> dict:
+        """Write XID `xid` into `victim`'s kernel log; measure detection, resumption and loss."""
+        c = self.cluster
+        step_now = _read_jsonl(self.steps_log)[-1]["step"]
+        injected = sim.inject(c.node_dir(victim), "xid", 0, xid=xid)
+        t_fault = injected["written_at"]
+        self.audit.append("lab.inject", f"injected XID {xid} on {victim} gpu 0", actor=self.actor,
+                          node=victim, payload=injected)
+        self.say(f"fault: XID {xid} written to {victim}'s kernel log at step {step_now}")
+
+        decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
+        detect_ms = round((decision.ts - t_fault) * 1000, 1)
+        self.say(f"failover: {victim} quarantined {detect_ms:.0f} ms after the kernel-log line")
 
         first_new = _wait("a step on the new membership",
                           lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and victim not in s["world"]), None), 120)
-        self.result.resume_s = round(first_new["t"] - t_fault, 2)
-        starts = _read_jsonl(c.dir / "train" / "starts.jsonl")
-        resumed_from = next(s["resumed_from"] for s in starts if victim not in s["world"])
-        before = [s["step"] for s in _read_jsonl(self.steps_log) if victim in s["world"]]
-        self.result.steps_lost = max(0, max(before) - resumed_from)
+        resume_s = round(first_new["t"] - t_fault, 2)
+        start = next(s for s in _read_jsonl(c.dir / "train" / "starts.jsonl") if s["t"] > t_fault)
+        done_before = max(s["step"] for s in _read_jsonl(self.steps_log) if s["t"] < start["t"])
+        steps_lost = max(0, done_before - start["resumed_from"])
         self.audit.append("lab.resume", f"training resumed on {', '.join(first_new['world'])}", actor=self.actor,
-                          payload={"resume_s": self.result.resume_s, "resumed_from_step": resumed_from,
-                                   "steps_lost": self.result.steps_lost, "world": first_new["world"]})
-        self.say(f"resumed: step {first_new['step']} on {', '.join(first_new['world'])} {self.result.resume_s:.2f} s"
-                 f" after the fault, {self.result.steps_lost} step(s) lost")
+                          payload={"resume_s": resume_s, "resumed_from_step": start["resumed_from"],
+                                   "steps_lost": steps_lost, "world": first_new["world"], "victim": victim})
+        self.say(f"resumed: step {first_new['step']} on {', '.join(first_new['world'])} {resume_s:.2f} s"
+                 f" after the fault, {steps_lost} step(s) lost")
+        return {"victim": victim, "xid": xid, "detect_ms": detect_ms, "resume_s": resume_s, "steps_lost": steps_lost,
+                "world": first_new["world"]}
 
+    def return_to_service(self, node: str) -> None:
+        """Repair a quarantined lab node and bring it back as the new warm spare (operator path)."""
+        from aidc.failover.controller import FailoverController
+        from aidc.lab.cluster import lab_scheduler
+        from aidc.store import Store
+
+        c = self.cluster
+        sim.inject(c.node_dir(node), "clear")
+        store = Store(c.store_path)
+        try:
+            FailoverController(self.spec, store, self.audit, lab_scheduler(c.dir)).release(
+                node, "lab: GPU repaired (fault cleared)", actor="lab-operator")
+        finally:
+            store.close()
+        c.restart_trainer(node, spare=True)
+        _wait(f"{node} to wait as the spare", lambda: self._spares_waiting([node]), 120, 0.1)
+
+    def finish_training(self) -> None:
+        c = self.cluster
         _wait("the end of training", lambda: (c.dir / "train" / "done.json").exists(), 600, poll_s=0.2)
         # Let the launchers exit on their own (barrier, teardown) before anything is stopped.
         try:
@@ -182,9 +219,9 @@ class LabRun:
         pids = {int((c.node_dir(n) / "launcher.pid").read_text()) for n in spares}
         return pids <= {node.pid for node in state.redundancy_list}
 
-    def _quarantine_decision(self, node: str):
+    def _quarantine_decision(self, node: str, after: float = 0.0):
         for rec in self.audit.records(kind="failover.decision", node=node):
-            if rec.payload.get("verdict") == "quarantine":
+            if rec.payload.get("verdict") == "quarantine" and rec.ts > after:
                 return rec
         return None
 
