@@ -197,7 +197,8 @@ class Agent(_Strict):
     kernel_log: str = "/dev/kmsg"
     # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet).
     image: str = "ghcr.io/aidc-project/aidc-agent:0.1.0"
-    command: Annotated[list[str], Field(min_length=1)] = ["aidc", "health", "watch"]
+    # The program; infra/ appends the flags derived from this spec (node, backend, store, port...).
+    command: Annotated[list[str], Field(min_length=1)] = ["aidc", "agent", "run"]
 
 
 class Lab(_Strict):

@@ -25,6 +25,15 @@ MONITORING_API = "monitoring.coreos.com/v1"  # pinned: prometheus-operator v0.93
 APP = "aidc-agent"
 CONTAINER = "agent"
 CONFIG_DIR = "/etc/aidc"
+
+
+def agent_command(spec) -> list[str]:
+    """`aidc agent run` with the flags this spec implies; $(VAR) is expanded by the kubelet."""
+    a = spec.agent
+    return [*a.command, "--node", "$(AIDC_NODE)", "--backend", spec.device_backend,
+            "--store", f"{STATE_DIR}/state.db", "--audit-db", f"{STATE_DIR}/audit.db",
+            "--port", str(a.metrics_port), "--poll-interval", str(a.poll_interval_s),
+            "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log]
 STATE_DIR = "/var/lib/aidc"
 RULES = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
@@ -98,7 +107,7 @@ def pod_spec(spec: ClusterSpec) -> dict:
         "containers": [{
             "name": CONTAINER,
             "image": spec.agent.image,
-            "command": list(spec.agent.command),
+            "command": agent_command(spec),
             "env": env,
             "ports": [{"name": "metrics", "containerPort": spec.agent.metrics_port, "protocol": "TCP"}],
             "livenessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
