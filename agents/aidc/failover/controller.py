@@ -76,8 +76,8 @@ class FailoverController:
                       f" max_unavailable is {self.max_unavailable}; alerting instead of quarantining")
             self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
             return self._decide(event_id, node, "refused_blast_radius", reason, payload)
-        reason = f"{event.kind.value}" + (f" XID {event.xid}" if event.xid is not None else "") + \
-                 f" on gpu {event.gpu} asks for {event.action.value}"
+        what = f"XID {event.xid}" if event.xid is not None else event.kind.value.replace("_", " ")
+        reason = f"{what} on gpu {event.gpu} asks for {event.action.value}"
         if self.dry_run:
             return self._decide(event_id, node, "would_quarantine", f"dry-run: would quarantine ({reason})", payload)
         return self._quarantine(event_id, node, reason, payload)
