@@ -24,6 +24,7 @@ GROUPS = [
     ("aidc.cli.spec_cmd", "spec"),
     ("aidc.cli.device_cmd", "device"),
     ("aidc.cli.audit_cmd", "audit"),
+    ("aidc.cli.inventory_cmd", "inventory"),
 ]
 
 for module, name in GROUPS:
