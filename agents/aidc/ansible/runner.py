@@ -41,7 +41,9 @@ class TaskOutcome:
     task: str
     role: str | None
     action: str | None
-    detail: str = ""  # failure message, or the condition that skipped the task
+    # The failure message. Skip events carry no condition (ansible-runner sends no result for
+    # them): site.yml's preflight report says why each concern is skipped.
+    detail: str = ""
 
     def label(self) -> str:
         where = f"{self.role} : " if self.role else ""
@@ -73,7 +75,13 @@ class PlaybookResult:
 
     @property
     def ok(self) -> bool:
-        return self.rc == 0 and not self.failed_tasks and not any(h.unreachable for h in self.hosts.values())
+        """True when the run finished, reached at least one host, and no task failed.
+
+        A run that matched no host exits 0 in Ansible; here it is not ok, so a typo in a limit or
+        an empty inventory can never pass for a clean (or an idempotent) run.
+        """
+        return (self.rc == 0 and bool(self.hosts) and not self.failed_tasks
+                and not any(h.unreachable for h in self.hosts.values()))
 
     @property
     def changed(self) -> int:
@@ -94,8 +102,6 @@ def _outcome(event: Mapping[str, Any]) -> TaskOutcome:
     detail = ""
     if event.get("event") == "runner_on_failed":
         detail = str(res.get("msg") or res.get("stderr") or "")[:500]
-    elif event.get("event") == "runner_on_skipped":
-        detail = str(res.get("false_condition") or res.get("skip_reason") or "")
     return TaskOutcome(host=str(data.get("host", "")), task=str(data.get("task", "")),
                        role=data.get("role") or None, action=data.get("task_action") or None, detail=detail)
 
