@@ -3,7 +3,7 @@
 Specification: the first converge configures what applies to a GPU-less host (NCCL config,
 tuning files, the agent) and reports each skipped concern with its reason; a second converge
 changes nothing (and a failure names the tasks that changed); `--check --diff` then reports no
-change either. See sandbox.py for why the target is an overlay root in its own namespaces.
+change either. See ansible_sandbox.py for why the target is an overlay root in its own namespaces.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from aidc.spec import load_stack
-from conftest import ROOT
+from ansible_sandbox import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from aidc.errors import SpecError
 from aidc.inventory import inventory_host, inventory_list, pool_group
 from aidc.spec import load_stack, parse_spec
-from conftest import H100_STACK, ROOT, inventory_script
+from ansible_sandbox import H100_STACK, ROOT, inventory_script
 
 
 def test_h100_inventory_has_one_group_per_pool_a_spares_group_and_host_vars_from_the_spec():

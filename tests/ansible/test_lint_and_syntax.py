@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, inventory_script
+from ansible_sandbox import ROOT, inventory_script
 
 BIN = Path(sys.executable).parent
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from aidc.spec import load_stack
-from conftest import H100_STACK, ROOT, fake_sysfs
+from ansible_sandbox import H100_STACK, ROOT, fake_sysfs
 
 pytestmark = pytest.mark.slow
 

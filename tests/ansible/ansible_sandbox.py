@@ -24,9 +24,51 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+from aidc.ansible import PlaybookResult, run_playbook
+from aidc.ansible.runner import SITE_PLAYBOOK
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+H100_STACK = HERE / "Pulumi.h100-fixture.yaml"
+# The sandbox shares this machine's kernel and has no network: files only (see the module docstring).
+SANDBOX_VARS = {"aidc_manage_packages": False, "aidc_runtime_changes": False}
+
+
+def inventory_script(directory: Path, stack: str | Path) -> Path:
+    """A dynamic-inventory script running `python -m aidc inventory` on `stack`, as users do."""
+    script = directory / "inventory.sh"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m aidc inventory --stack {stack} \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def fake_sysfs(root: Path, gpu_device_id: str = "0x2330", gpus: int = 8, nvswitches: int = 4,
+               hcas: int = 8) -> Path:
+    """A sysfs tree as an HGX H100 node shows it before any driver is installed."""
+    pci = root / "bus" / "pci" / "devices"
+
+    def device(addr: str, vendor: str, device_id: str, klass: str) -> None:
+        d = pci / addr
+        d.mkdir(parents=True)
+        for name, value in (("vendor", vendor), ("device", device_id), ("class", klass)):
+            (d / name).write_text(value + "\n")
+
+    for i in range(gpus):
+        device(f"0000:{0x18 + i * 0x10:02x}:00.0", "0x10de", gpu_device_id, "0x030200")
+    for i in range(nvswitches):
+        device(f"0000:{0x05 + i:02x}:00.0", "0x10de", "0x22a3", "0x068000")
+    device("0000:00:1f.0", "0x8086", "0x1234", "0x060100")  # not NVIDIA: ignored
+    for i in range(hcas):
+        port = root / "class" / "infiniband" / f"mlx5_{i}" / "ports" / "1"
+        port.mkdir(parents=True)
+        (port / "link_layer").write_text("InfiniBand\n")
+    return root
 
 SSHD = "/usr/sbin/sshd"
 SANDBOX_ETC = "/etc/ssh/aidc-sandbox"  # inside the sandbox (written into the upper layer)
@@ -120,6 +162,9 @@ class SandboxHost:
             "ansible_ssh_common_args": (f'-o ProxyCommand="{proxy}" -o StrictHostKeyChecking=no '
                                         "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"),
             "ansible_ssh_pipelining": True,
+            # No compression (a local pipe gains nothing from it) and no sftp subsystem per file.
+            "ansible_ssh_args": "-o ControlMaster=auto -o ControlPersist=300s",
+            "ansible_ssh_transfer_method": "piped",
             "ansible_python_interpreter": "/usr/bin/python3",
         }
 
@@ -140,3 +185,17 @@ class SandboxHost:
         deadline = time.monotonic() + 5
         while Path(f"/run/netns/{self.netns}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+class Target:
+    """One sandbox plus the inventory of a stack; `converge()` runs site.yml on one node through the wrapper."""
+
+    def __init__(self, sandbox: SandboxHost, inventory: Path, node: str, extravars: dict):
+        self.sandbox, self.inventory, self.node, self.extravars = sandbox, inventory, node, extravars
+
+    def converge(self, check: bool = False, diff: bool = False, tags: tuple[str, ...] = (),
+                 on_event=None, **extra) -> PlaybookResult:
+        return run_playbook(SITE_PLAYBOOK, inventory=self.inventory, limit=self.node, check=check, diff=diff,
+                            tags=tags, on_event=on_event, timeout_s=300,
+                            extravars={**self.sandbox.connection_vars(), **SANDBOX_VARS, **self.extravars,
+                                       **extra})
