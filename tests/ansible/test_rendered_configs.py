@@ -86,3 +86,32 @@ def test_lab_node_under_slurm_gets_gres_conf_with_the_spec_count_and_no_ib(make_
     assert gres_lines(target.sandbox.written("/etc/slurm/gres.conf").read_text()) == [
         f"NodeName=gpu-2 Name=gpu Type={pool.gpu_model.lower()} File=/dev/nvidia[0-{pool.gpus_per_node - 1}]"]
     assert nccl_settings(target.sandbox.written("/etc/nccl.conf").read_text())["NCCL_IB_DISABLE"] == "1"
+
+
+def test_roce_fabric_nccl_conf_sets_the_gid_index(tmp_path):
+    """The role's own template rendered by Ansible (ad hoc, into a temporary file) for a RoCE spec."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aidc.inventory import cluster_vars
+    from aidc.spec import parse_spec
+
+    spec = parse_spec({"name": "roce", "node_pools": [{"name": "a", "count": 1, "gpu_model": "H200",
+                                                       "gpus_per_node": 8}],
+                       "fabric": {"kind": "roce", "rails": 2, "hcas": ["mlx5_0", "mlx5_3"], "gid_index": 3,
+                                  "socket_ifname": "eth0"}})
+    variables = {**cluster_vars(spec), "nccl_hcas": spec.fabric.hcas}
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    template = ROOT / "playbooks" / "roles" / "nccl" / "templates" / "nccl.conf.j2"
+    dest = tmp_path / "nccl.conf"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible"), "localhost", "-c", "local", "-m", "ansible.builtin.template",
+         "-a", f"src={template} dest={dest}", "-e", f"@{tmp_path / 'vars.json'}",
+         "-e", f"ansible_python_interpreter={sys.executable}"],
+        env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert nccl_settings(dest.read_text()) == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_DISABLE": "0",
+                                               "NCCL_IB_HCA": "=mlx5_0:1,mlx5_3:1", "NCCL_IB_GID_INDEX": "3"}

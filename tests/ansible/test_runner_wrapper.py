@@ -55,9 +55,11 @@ def test_changes_are_counted_and_named_and_a_rerun_changes_nothing(local):
     second = run_playbook(playbook, inventory=inventory, extravars={"value": "a"})
     assert second.ok and second.changed == 0 and second.changed_tasks == []
 
-    # Extra vars are never saved for later runs (ansible-runner would reuse env/extravars).
+    # Extra vars are never saved for later runs (ansible-runner would reuse env/extravars), and a
+    # run that is not idempotent names the task that changed.
     third = run_playbook(playbook, inventory=inventory)
     assert third.ok and (out / "value").read_text() == "unset\n"
+    assert [t.label() for t in third.changed_tasks] == ["here: Write the value file"]
 
 
 def test_a_failing_task_is_named_with_its_message_and_the_run_is_not_ok(local):
