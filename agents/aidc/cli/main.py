@@ -30,6 +30,7 @@ GROUPS = [
     ("aidc.cli.agent_cmd", "agent"),
     ("aidc.cli.runbook_cmd", "runbook"),
     ("aidc.cli.burnin_cmd", "burnin"),
+    ("aidc.cli.inventory_cmd", "inventory"),
 ]
 
 for module, name in GROUPS:

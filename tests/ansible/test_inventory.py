@@ -1,0 +1,83 @@
+"""`aidc inventory`: the spec as an Ansible dynamic inventory (groups per pool, host vars from the spec)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aidc.errors import SpecError
+from aidc.inventory import inventory_host, inventory_list, pool_group
+from aidc.spec import load_stack, parse_spec
+from ansible_sandbox import H100_STACK, ROOT, inventory_script
+
+
+def test_h100_inventory_has_one_group_per_pool_a_spares_group_and_host_vars_from_the_spec():
+    spec = load_stack(H100_STACK)
+    inv = inventory_list(spec)
+    assert inv["all"]["children"] == ["pool_h100", "spares"]
+    assert len(inv["pool_h100"]["hosts"]) == 64 + 2
+    assert inv["spares"]["hosts"] == ["h100-spare-0", "h100-spare-1"]
+    assert inv["_meta"]["hostvars"]["h100-63"] == {
+        "aidc_node_name": "h100-63", "aidc_pool": "h100", "aidc_spare": False, "aidc_gpu_model": "H100",
+        "aidc_gpus": 8, "aidc_gpu_simulated": False, "aidc_gpu_nvlink": True}
+    cluster = inv["all"]["vars"]
+    assert cluster["aidc_scheduler"] == "slurm"
+    assert cluster["aidc_fabric"]["hcas"] == [f"mlx5_{i}" for i in range(8)]
+    assert cluster["aidc_fabric"]["link_speed_gbps"] == 400
+    assert parse_spec(cluster["aidc_cluster_spec"]) == spec  # the whole spec round-trips
+
+
+def test_pool_names_with_dashes_become_underscored_group_names():
+    spec = parse_spec({"name": "x", "node_pools": [
+        {"name": "h100-a", "count": 1, "gpu_model": "H100", "gpus_per_node": 8},
+        {"name": "l40s", "count": 2, "gpu_model": "L40S", "gpus_per_node": 4}]})
+    inv = inventory_list(spec)
+    assert pool_group("h100-a") == "pool_h100_a"
+    assert inv["pool_h100_a"]["hosts"] == ["h100-a-0"]
+    assert inv["pool_l40s"]["hosts"] == ["l40s-0", "l40s-1"]
+    assert inventory_host(spec, "l40s-1")["aidc_gpus"] == 4
+
+
+def test_unknown_host_is_a_spec_error_naming_known_nodes():
+    with pytest.raises(SpecError, match="gpu-0, gpu-1"):
+        inventory_host(load_stack(ROOT / "Pulumi.lab.yaml"), "nope")
+
+
+def test_cli_list_and_host_follow_the_dynamic_inventory_protocol(aidc_cli):
+    listed = aidc_cli("inventory", "--stack", str(H100_STACK), "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == inventory_list(load_stack(H100_STACK))
+    host = aidc_cli("inventory", "--stack", str(H100_STACK), "--host", "h100-spare-1")
+    assert host.returncode == 0, host.stderr
+    assert json.loads(host.stdout)["aidc_spare"] is True
+
+
+def test_cli_reports_bad_input_without_a_traceback(aidc_cli):
+    bad = aidc_cli("inventory", "--stack", "lab", "--host", "nope")
+    assert bad.returncode == 2 and "aidc: error:" in bad.stderr and "Traceback" not in bad.stderr
+    missing = aidc_cli("inventory", "--stack", "no-such-stack", "--list")
+    assert missing.returncode == 2 and "known stacks here" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_ansible_reads_the_inventory_script_and_merges_group_and_host_vars(tmp_path):
+    script = inventory_script(tmp_path, ROOT / "Pulumi.lab.yaml")
+    env = {**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah"), "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(script),
+                           "--host", "gpu-spare-0"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    hostvars = json.loads(proc.stdout)
+    assert hostvars["aidc_spare"] is True and hostvars["aidc_gpus"] == 2
+    assert hostvars["aidc_scheduler"] == "lab" and hostvars["aidc_fabric"]["kind"] == "loopback"
+
+
+def test_shipped_inventory_script_passes_its_arguments_to_aidc(tmp_path):
+    env = {**os.environ, "AIDC": f"{sys.executable} -m aidc", "AIDC_STACK": str(H100_STACK)}
+    proc = subprocess.run([str(ROOT / "playbooks" / "inventory" / "aidc_spec.sh"), "--host", "h100-0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["aidc_node_name"] == "h100-0"
