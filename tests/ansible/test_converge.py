@@ -101,6 +101,16 @@ def test_agent_gets_the_spec_its_identity_and_a_unit_with_kernel_log_access(lab_
     unit = target.sandbox.written("/etc/systemd/system/aidc-agent.service").read_text()
     assert "AmbientCapabilities=CAP_SYSLOG" in unit and "SupplementaryGroups=adm" in unit
     assert "ExecStart=/opt/aidc/venv/bin/aidc " in unit
+    exec_args = next(l for l in unit.splitlines() if l.startswith("ExecStart=")).split()[1:]
+    assert exec_args[:3] == ["agent", "run", "--node"] and exec_args[3] == "gpu-0"
+    import typer.main
+
+    from aidc.cli.agent_cmd import app as agent_app
+
+    command = typer.main.get_command(agent_app)
+    run = command.commands["run"] if hasattr(command, "commands") else command
+    known = {opt for p in run.params for opt in p.opts}
+    assert {a for a in exec_args if a.startswith("--")} <= known
     site = target.sandbox.written("/opt/aidc/venv/lib/python3.11/site-packages")
     assert list(site.glob("aidc-0.1.0.dist-info")), "the agent wheel is not installed in the venv"
     passwd = target.sandbox.written("/etc/passwd").read_text()
