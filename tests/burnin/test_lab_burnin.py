@@ -79,11 +79,15 @@ def test_flipped_bit_on_one_rank_and_hung_device_on_another_fail_only_those_node
     assert burnin_processes(run_dir) == {}
 
 
-def test_a_run_past_its_deadline_is_an_error_and_leaves_no_processes(tmp_path, run_dir):
+def test_a_run_past_its_deadline_is_an_error_audited_as_aborted_and_leaves_no_processes(tmp_path, run_dir):
     spec = small_spec(2)
     dirs = make_nodes(spec, tmp_path / "nodes")
-    with pytest.raises(BurninError, match="timed out"):
-        run_burnin(spec, dirs, None, timeout_s=0.5)
+    with AuditLog(tmp_path / "audit.db") as audit:
+        with pytest.raises(BurninError, match="timed out"):
+            run_burnin(spec, dirs, audit, timeout_s=0.5)
+        aborted = audit.records(kind="burnin.aborted")
+        assert audit.records(kind="burnin.certificate") == []
+    assert len(aborted) == 1 and "timed out" in aborted[0].reason
     assert burnin_processes(run_dir) == {}
 
 

@@ -175,6 +175,11 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                 if not path.exists():
                     raise BurninError(f"node {node.name} exited without a result: {fleet.log_tail(node.name)}")
                 raw[node.name] = json.loads(path.read_text())
+        except BurninError as exc:
+            if audit is not None:  # an aborted burn-in is a result too: no node was certified
+                audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
+                             payload={"nodes": [n.name for n in nodes], "timeout_s": timeout_s})
+            raise
         finally:
             fleet.stop_all()
             if bar:
