@@ -32,7 +32,8 @@ def _table(report) -> "object":
     from rich.table import Table
 
     table = Table(title=f"burn-in of stack {report.stack} ({report.duration_s:.1f} s)")
-    for col in ("node", "GEMM fp32\nTFLOP/s", "GEMM bf16\nTFLOP/s", "memcpy\nGB/s (r+w)",
+    table.add_column("node", no_wrap=True)
+    for col in ("GEMM fp32\nTFLOP/s", "GEMM bf16\nTFLOP/s", "memcpy\nGB/s (r+w)",
                 "busbw max\nGB/s", "verdict", "reasons"):
         table.add_column(col, overflow="fold")
     for name, n in report.nodes.items():
