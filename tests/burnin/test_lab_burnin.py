@@ -163,7 +163,7 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
     lab = tmp_path / "lab"
     setup = aidc_cli("burnin", "run", "--help")
     assert setup.returncode == 0 and "--lab-dir" in setup.stdout
-    from aidc.cli.burnin_cmd import lab_node_dirs
+    from aidc.burnin.runner import lab_node_dirs
     from aidc.spec import load_stack
 
     dirs = lab_node_dirs(load_stack("lab"), lab)

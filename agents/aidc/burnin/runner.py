@@ -134,6 +134,19 @@ def _describe(event: dict) -> str:
     return f"{event['node']} {kind}"
 
 
+def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
+    """The lab's simulated node directories `<lab_dir>/nodes/<node>`, created healthy where missing."""
+    from aidc.device.sim import STATE_FILE, create_node
+
+    dirs = {}
+    for index, node in enumerate(spec.nodes()):
+        d = lab_dir / "nodes" / node.name
+        if not (d / STATE_FILE).exists():
+            create_node(d, node.name, node.gpus, index)
+        dirs[node.name] = d
+    return dirs
+
+
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02) -> BurninReport:
