@@ -79,11 +79,15 @@ def test_flipped_bit_on_one_rank_and_hung_device_on_another_fail_only_those_node
     assert burnin_processes(run_dir) == {}
 
 
-def test_a_run_past_its_deadline_is_an_error_and_leaves_no_processes(tmp_path, run_dir):
+def test_a_run_past_its_deadline_is_an_error_audited_as_aborted_and_leaves_no_processes(tmp_path, run_dir):
     spec = small_spec(2)
     dirs = make_nodes(spec, tmp_path / "nodes")
-    with pytest.raises(BurninError, match="timed out"):
-        run_burnin(spec, dirs, None, timeout_s=0.5)
+    with AuditLog(tmp_path / "audit.db") as audit:
+        with pytest.raises(BurninError, match="timed out"):
+            run_burnin(spec, dirs, audit, timeout_s=0.5)
+        aborted = audit.records(kind="burnin.aborted")
+        assert audit.records(kind="burnin.certificate") == []
+    assert len(aborted) == 1 and "timed out" in aborted[0].reason
     assert burnin_processes(run_dir) == {}
 
 
@@ -159,7 +163,7 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
     lab = tmp_path / "lab"
     setup = aidc_cli("burnin", "run", "--help")
     assert setup.returncode == 0 and "--lab-dir" in setup.stdout
-    from aidc.cli.burnin_cmd import lab_node_dirs
+    from aidc.burnin.runner import lab_node_dirs
     from aidc.spec import load_stack
 
     dirs = lab_node_dirs(load_stack("lab"), lab)

@@ -40,7 +40,7 @@ def sweep_sizes(min_bytes: int, max_bytes: int) -> list[int]:
     return out
 
 
-def iterations_for(nbytes: int, budget_bytes: int = 32 * 1024 * 1024, lo: int = 3, hi: int = 20) -> int:
+def iterations_for(nbytes: int, budget_bytes: int = 16 * 1024 * 1024, lo: int = 3, hi: int = 10) -> int:
     # Small messages are latency-bound and cheap: time more of them; large ones fewer.
     return max(lo, min(hi, budget_bytes // max(nbytes, 1)))
 

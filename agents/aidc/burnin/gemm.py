@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from aidc.burnin.timing import device_clock, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,6 +30,7 @@ class GemmResult:
     slowdown: float
     work_factor: float  # FLOPs executed / nominal FLOPs (== slowdown)
     matmuls_executed: int  # every torch.matmul call, warm-up included (behavioural evidence)
+    clock: str = "wall"  # what the times measure (see aidc.burnin.timing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,11 +61,6 @@ class SlowedMatmul:
             self.calls += 1
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 class GemmBench:
     """GEMM timing, one sample at a time, so the runner can interleave nodes' samples.
 
@@ -80,22 +77,23 @@ class GemmBench:
         a = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
         b = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
         self.step = SlowedMatmul(a, b, slowdown)
+        self.clock_name, self.clock = device_clock(device)
         self.step()  # warm-up: allocations, kernel selection
-        _sync(device)
-        t0 = time.perf_counter()
+        sync(device)
+        t0 = self.clock()
         self.step()
-        _sync(device)
-        one = max(time.perf_counter() - t0, 1e-9)
+        sync(device)
+        one = max(self.clock() - t0, 1e-9)
         self.per_sample = max(1, min(max_per_sample, math.ceil(target_sample_s / one)))
         self.times: list[float] = []
 
     def sample(self) -> float:
-        _sync(self.device)
-        t0 = time.perf_counter()
+        sync(self.device)
+        t0 = self.clock()
         for _ in range(self.per_sample):
             self.step()
-        _sync(self.device)
-        self.times.append(time.perf_counter() - t0)
+        sync(self.device)
+        self.times.append(max(self.clock() - t0, 1e-9))
         return self.times[-1]
 
     def result(self) -> GemmResult:
@@ -104,7 +102,7 @@ class GemmBench:
         median = statistics.median(self.times)
         tflops = 2.0 * self.size**3 * self.per_sample / median / 1e12
         return GemmResult(self.dtype, self.size, tflops, median, self.per_sample, len(self.times),
-                          self.slowdown, self.step.work_factor, self.step.calls)
+                          self.slowdown, self.step.work_factor, self.step.calls, self.clock_name)
 
 
 def measure_gemm(device: str, dtype: str, size: int, repeats: int = 5, slowdown: float = 1.0,

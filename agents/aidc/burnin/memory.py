@@ -7,10 +7,11 @@ buffer once and writes it once, so bytes moved = 2 x buffer size.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from aidc.burnin.timing import device_clock, sync
 
 COUNTING = "read+write (2 x bytes per copy, like a device-to-device copy)"
 
@@ -23,14 +24,10 @@ class MemcpyResult:
     copies_per_sample: int
     samples: int
     counting: str = COUNTING
+    clock: str = "wall"  # what the times measure (see aidc.burnin.timing)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 class MemcpyBench:
@@ -41,16 +38,17 @@ class MemcpyBench:
         self.src = torch.ones(nbytes, dtype=torch.uint8, device=device)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)  # warm-up: page in both buffers
-        _sync(device)
+        sync(device)
+        self.clock_name, self.clock = device_clock(device)
         self.times: list[float] = []
 
     def sample(self) -> float:
-        _sync(self.device)
-        t0 = time.perf_counter()
+        sync(self.device)
+        t0 = self.clock()
         for _ in range(self.copies):
             self.dst.copy_(self.src)
-        _sync(self.device)
-        self.times.append(time.perf_counter() - t0)
+        sync(self.device)
+        self.times.append(max(self.clock() - t0, 1e-9))
         return self.times[-1]
 
     def result(self) -> MemcpyResult:
@@ -61,7 +59,7 @@ class MemcpyBench:
             raise RuntimeError(f"memory copy on {self.device} produced wrong data")
         median = statistics.median(self.times)
         return MemcpyResult(self.nbytes, 2.0 * self.nbytes * self.copies / median / 1e9, median,
-                            self.copies, len(self.times))
+                            self.copies, len(self.times), clock=self.clock_name)
 
 
 def measure_memcpy(device: str, nbytes: int, repeats: int = 5, copies_per_sample: int = 4) -> MemcpyResult:

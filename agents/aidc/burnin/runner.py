@@ -3,8 +3,8 @@
 The runner holds the rendezvous store itself (a TCPStore bound to a free loopback
 port chosen by the kernel, so no port race), starts the node processes (forked by
 `aidc.burnin.zygote`, in a session of their own), follows their progress on one pipe,
-and on any failure or timeout kills the whole session (no orphans). Then it judges the fleet and appends one
-certificate per node to the audit log.
+and on any failure or timeout kills the whole session (no orphans). Then it judges
+the fleet and appends one certificate per node to the audit log.
 """
 
 from __future__ import annotations
@@ -50,15 +50,26 @@ class _Fleet:
         self.tmpdir = tmpdir
         self.proc: subprocess.Popen | None = None
         self.events: queue.Queue = queue.Queue()
-        self.exit_codes: dict[str, int] = {}
+        self.node_of: dict[str, str] = {}
 
-    def start(self, configs: dict[str, Path]) -> None:
-        self.node_of = {str(path): node for node, path in configs.items()}
+    def start(self) -> None:
+        """Start the zygote now: it imports torch while the runner prepares the work."""
         with open(self.tmpdir / "zygote.log", "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.zygote", *map(str, configs.values())],
+            # The run directory on the command line names the run in `ps` (and for tests).
+            self.proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.zygote", str(self.tmpdir)],
+                                         stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=log, env=_worker_env(),
                                          start_new_session=True)
         threading.Thread(target=self._follow, args=(self.proc,), daemon=True).start()
+
+    def release(self, configs: dict[str, Path]) -> None:
+        """Hand the zygote one worker config per node; it forks them once its imports are done."""
+        self.node_of = {str(path): node for node, path in configs.items()}
+        try:
+            self.proc.stdin.write("".join(f"{path}\n" for path in configs.values()).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died while importing: the follow loop reports its exit code
+            pass
 
     def _follow(self, proc: subprocess.Popen) -> None:
         with proc.stdout:
@@ -123,6 +134,19 @@ def _describe(event: dict) -> str:
     return f"{event['node']} {kind}"
 
 
+def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
+    """The lab's simulated node directories `<lab_dir>/nodes/<node>`, created healthy where missing."""
+    from aidc.device.sim import STATE_FILE, create_node
+
+    dirs = {}
+    for index, node in enumerate(spec.nodes()):
+        d = lab_dir / "nodes" / node.name
+        if not (d / STATE_FILE).exists():
+            create_node(d, node.name, node.gpus, index)
+        dirs[node.name] = d
+    return dirs
+
+
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02) -> BurninReport:
@@ -130,7 +154,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
     is lab fault injection: those nodes flip one parameter bit after training, which the
-    silent-data-corruption check must catch.
+    silent-data-corruption check must catch. Raises BurninError when the run cannot
+    complete (recorded in the audit log as `burnin.aborted`); failed nodes are verdicts.
     """
     nodes = spec.nodes()
     if spec.device_backend != "sim":
@@ -139,35 +164,33 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     missing = [n.name for n in nodes if not node_dirs or n.name not in node_dirs]
     if missing:
         raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
+    started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
-    world = len(nodes)
-    started = time.monotonic()
-
-    import torch.distributed as dist  # only the rendezvous store: the parent computes nothing
-
-    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout_s))
-    total = world + world * policy.repeats + len(sizes) + policy.train_steps
-    bar = _progress_bar(progress, total)
+    bar = _progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) + policy.train_steps)
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
         tmpdir = Path(tmp)
         fleet = _Fleet(tmpdir)
-        configs = {}
         try:
+            fleet.start()  # the zygote imports torch while this process does the same for the store
+            import torch.distributed as dist  # only for the rendezvous store: the parent computes nothing
+
+            store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
+                                  timeout=timedelta(seconds=timeout_s))
+            configs = {}
             for rank, node in enumerate(nodes):
                 cfg = {
-                    "rank": rank, "world": world, "node": node.name, "store_port": store.port,
+                    "rank": rank, "world": len(nodes), "node": node.name, "store_port": store.port,
                     "backend": "sim", "backend_kwargs": {"node_dir": str(node_dirs[node.name])},
                     "device_timeout_s": spec.agent.device_timeout_s, "pg_timeout_s": timeout_s,
-                    "gemm_size": policy.gemm_size, "repeats": policy.repeats,
-                    "memcpy_bytes": policy.memcpy_bytes, "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
+                    "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
+                    "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
                     "corrupt_parameters": node.name in corrupt_nodes,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
                 }
                 configs[node.name] = tmpdir / f"{node.name}.json"
                 configs[node.name].write_text(json.dumps(cfg))
-            fleet.start(configs)
+            fleet.release(configs)
             _follow_until_done(fleet, bar, started + timeout_s, timeout_s)
             raw = {}
             for node in nodes:
@@ -175,29 +198,38 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                 if not path.exists():
                     raise BurninError(f"node {node.name} exited without a result: {fleet.log_tail(node.name)}")
                 raw[node.name] = json.loads(path.read_text())
+        except BurninError as exc:
+            if audit is not None:  # an aborted burn-in is a result too: no node was certified
+                audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
+                             payload={"nodes": [n.name for n in nodes], "timeout_s": timeout_s})
+            raise
         finally:
             fleet.stop_all()
             if bar:
                 bar.stop()
-    del store
+    report = _judged_report(spec, nodes, raw, time.monotonic() - started)
+    if audit is not None:
+        _certify(audit, report)
+    return report
 
+
+def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float) -> BurninReport:
+    policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
-    floors = {n.name: spec.floors(n.gpu_model) for n in nodes}
-    stats = judge(results, floors, policy.fleet_tolerance, policy.min_loss_drop)
-    first = raw[nodes[0].name]
+    stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
+                  policy.min_loss_drop)
+    first = raw[nodes[0].name]  # the collective figures are the same on every rank
     fleet_info = {
-        "nodes": world, "fleet_tolerance": policy.fleet_tolerance, "rule": "fail when more than fleet_tolerance"
-        " below the fleet median; robust z (MAD) reported, not a rule on its own",
-        "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": world,
+        "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
+        "rule": "fail when more than fleet_tolerance below the fleet median; robust z (MAD) reported, not a rule"
+                " on its own",
+        "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": len(nodes),
         "allreduce_backend": "gloo", "link_rate_gbit_s": spec.fabric.link_speed_gbps,
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
     }
-    report = BurninReport(spec.name, results, fleet_info, time.monotonic() - started)
-    if audit is not None:
-        _certify(audit, report)
-    return report
+    return BurninReport(spec.name, results, fleet_info, duration_s)
 
 
 def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) -> None:

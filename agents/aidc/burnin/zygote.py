@@ -6,7 +6,9 @@ CPU-seconds per process; five lab nodes on two shared cores paid that five times
 DataLoader forks its workers. Nothing has computed yet when we fork (no thread pool has
 started), and every child sets its own thread count.
 
-`python -m aidc.burnin.zygote CONFIG.json...` forks one child per config, runs
+`python -m aidc.burnin.zygote [RUN_DIR]` (RUN_DIR only names the run in `ps`) imports
+first, then reads the worker config paths from stdin, one per line (the runner writes
+them meanwhile, so both processes import at once), forks one child per config, runs
 `aidc.burnin.worker.main` in it with stderr to the config's log file, reports each
 child's exit on stdout, and on the first failure kills the remaining children.
 """
@@ -32,7 +34,7 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def main(config_paths: list[str]) -> int:
+def main() -> int:
     die_with_parent(os.getppid())
     import torch  # noqa: F401  (preloaded for the children)
     import torch._dynamo  # noqa: F401
@@ -41,6 +43,9 @@ def main(config_paths: list[str]) -> int:
 
     from aidc.burnin import collectives, gemm, memory, train, worker  # noqa: F401
 
+    config_paths = [line.strip() for line in sys.stdin if line.strip()]
+    if not config_paths:  # the runner gave up before sending any work
+        return 2
     children: dict[int, str] = {}
     zygote = os.getpid()
     for path in config_paths:
@@ -78,9 +83,6 @@ def main(config_paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m aidc.burnin.zygote CONFIG.json...\n")
-        sys.exit(2)
-    code = main(sys.argv[1:])
+    code = main()
     sys.stdout.flush()
     os._exit(code)

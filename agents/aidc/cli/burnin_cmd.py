@@ -15,24 +15,12 @@ app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, all_r
 STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
 
 
-def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
-    """The lab's simulated node directories, created healthy where missing."""
-    from aidc.device.sim import STATE_FILE, create_node
-
-    dirs = {}
-    for index, node in enumerate(spec.nodes()):
-        d = lab_dir / "nodes" / node.name
-        if not (d / STATE_FILE).exists():
-            create_node(d, node.name, node.gpus, index)
-        dirs[node.name] = d
-    return dirs
-
-
 def _table(report) -> "object":
     from rich.table import Table
 
     table = Table(title=f"burn-in of stack {report.stack} ({report.duration_s:.1f} s)")
-    for col in ("node", "GEMM fp32\nTFLOP/s", "GEMM bf16\nTFLOP/s", "memcpy\nGB/s (r+w)",
+    table.add_column("node", no_wrap=True)
+    for col in ("GEMM fp32\nTFLOP/s", "GEMM bf16\nTFLOP/s", "memcpy\nGB/s (r+w)",
                 "busbw max\nGB/s", "verdict", "reasons"):
         table.add_column(col, overflow="fold")
     for name, n in report.nodes.items():
@@ -58,7 +46,8 @@ def run(stack: str = STACK_OPTION,
     if spec.device_backend != "sim":
         raise BurninError(f"stack {stack!r} uses the {spec.device_backend} backend; `aidc burnin run` burns in"
                           " a simulated lab fleet (on a GPU machine use bench/gpu_check.sh)")
-    from aidc.burnin.runner import run_burnin  # imports torch: only once the input is known good
+    from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
+
     dirs = lab_node_dirs(spec, lab_dir)
     with AuditLog(audit_db or lab_dir / "audit.db") as audit:
         report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout)
