@@ -25,7 +25,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +34,7 @@ os.environ["PYTHONPATH"] = str(ROOT / "agents") + os.pathsep + os.environ.get("P
 
 import yaml  # noqa: E402
 
+from aidc import polling  # noqa: E402
 from aidc.device.sim import create_node, inject  # noqa: E402
 from aidc.failover.scheduler import LabScheduler  # noqa: E402
 from aidc.runbook.promstack import PromStack, free_port, missing_binaries  # noqa: E402
@@ -52,13 +52,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+    return polling.wait_for(what, predicate, timeout, interval)
 
 
 def bench_runbook(directory: Path) -> None:

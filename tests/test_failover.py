@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -13,7 +12,7 @@ from aidc.audit import AuditLog
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import FailoverController
 from aidc.failover.scheduler import LabScheduler
-from aidc.spec import load_stack, parse_spec
+from aidc.spec import parse_spec
 from aidc.store import Store
 
 

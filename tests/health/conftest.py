@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
-import time
 import urllib.request
 
 import pytest
 
+from aidc import polling
 from aidc.audit.log import AuditLog
 from aidc.device.sim import SimBackend, create_node
 from aidc.health.agent import run_agent
+from aidc.polling import free_port  # noqa: F401  (used by the tests through this module)
 from aidc.store import Store
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float = 15.0, every_s: float = 0.02):
     """Poll until predicate() is truthy (returns it) or fail after timeout_s (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"condition not met within {timeout_s} s: {getattr(predicate, '__doc__', predicate)}")
+    return polling.wait_for(getattr(predicate, "__doc__", None) or repr(predicate), predicate, timeout_s, every_s,
+                             error=AssertionError)
 
 
 def scrape(port: int) -> str:

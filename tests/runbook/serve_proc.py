@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from aidc import polling
+
 
 class ServeProcess:
     def __init__(self, workdir: Path, token: str, extra: list[str], name: str = "serve"):
@@ -67,10 +69,4 @@ class ServeProcess:
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return polling.wait_for(what, predicate, timeout, interval, error=AssertionError)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from aidc import polling
 from aidc.runbook.receiver import MAX_BODY_BYTES, Receiver
 from runbook_fakes import QUARANTINE_AND_NOTIFY, alert
 
@@ -46,14 +47,6 @@ def webhook(*alerts) -> bytes:
                        "truncatedAlerts": 0, "alerts": list(alerts)}).encode()
 
 
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def healthy(rec) -> bool:
     conn = http.client.HTTPConnection("127.0.0.1", rec.port, timeout=5)
@@ -76,7 +69,9 @@ def test_malformed_json_gets_400_and_a_log_line_and_the_server_lives_on(receiver
     for body in (b"{not json", b"\xff\xfe", b"[]", b'{"alerts": "x"}', b'{"alerts": [{"labels": {"a": 1}}]}'):
         status, reply = post(receiver, body)
         assert status == 400 and reply["error"]
-    assert sum(line.startswith("400 POST") for line in receiver.lines) == 5
+    # The server logs after it has answered: allow it a moment to write the last line.
+    polling.wait_for("five '400 POST' log lines",
+             lambda: sum(line.startswith("400 POST") for line in receiver.lines) == 5, 5.0)
     assert healthy(receiver)
 
 
@@ -108,7 +103,7 @@ def test_duplicate_notifications_execute_the_runbook_once(receiver, fakes):
     outcomes = sorted(r["results"][0]["outcome"] for _, r in replies)
     assert outcomes == ["duplicate"] * 5 + ["started"]
     run_id = next(r["results"][0]["run_id"] for _, r in replies if r["results"][0]["outcome"] == "started")
-    assert wait_for(lambda: receiver.engine.state.get_run(run_id).status == "done")
+    polling.wait_for("the run to finish", lambda: receiver.engine.state.get_run(run_id).status == "done", 15.0)
     for _ in range(3):  # Alertmanager's later repeats
         assert post(receiver, body)[1]["results"][0]["outcome"] == "duplicate"
     assert fakes.scheduler.calls == [("quarantine", "gpu-1")]

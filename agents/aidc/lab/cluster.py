@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from aidc.device import sim
 from aidc.errors import AidcError
 from aidc.failover.scheduler import LabScheduler
+from aidc.polling import free_port
 from aidc.spec import ClusterSpec
 
 RUN_ID = "aidc-lab"
@@ -29,12 +29,6 @@ class LabError(AidcError):
     """The lab could not be brought up or did not complete its loop."""
 
     exit_code = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LabCluster:

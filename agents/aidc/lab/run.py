@@ -19,6 +19,7 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.device import sim
 from aidc.lab.cluster import LabCluster, LabError
+from aidc.polling import wait_for
 from aidc.spec import ClusterSpec
 
 
@@ -57,13 +58,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _wait(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise LabError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    return wait_for(what, predicate, timeout_s, poll_s, error=LabError)
 
 
 class LabRun:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,15 +26,11 @@ import yaml
 PROMETHEUS = "prometheus"
 ALERTMANAGER = "prometheus-alertmanager"  # Debian's name for the alertmanager binary
 
+from aidc.polling import free_port  # noqa: F401  (re-exported: tests and bench use it)
+
 
 def missing_binaries() -> list[str]:
     return [b for b in (PROMETHEUS, ALERTMANAGER) if shutil.which(b) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 2.0) -> bytes:
