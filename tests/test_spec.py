@@ -95,7 +95,7 @@ def test_provisioning_fields_have_defaults_so_older_stack_files_still_load():
     assert spec.node_pools[0].provisioner == "static"
     assert spec.fabric.rail_ifnames == [] and spec.fabric.ipam_cidr == "10.224.0.0/12"
     assert spec.software.driver_source == "host" and spec.software.kubernetes_minor == "1.31"
-    assert spec.agent.command == ["aidc", "health", "watch"] and spec.agent.image
+    assert spec.agent.command == ["aidc", "agent", "run"] and spec.agent.image
 
 
 def test_rail_interface_list_must_match_the_rail_count():
