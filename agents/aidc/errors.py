@@ -40,3 +40,7 @@ class PolicyRefusal(AidcError):
     """A guarded action was refused by policy (blast radius, dry-run, lock)."""
 
     exit_code = 3
+
+
+class CompressError(AidcError):
+    """A compression benchmark was asked for something invalid (unknown technique, bad sparsity)."""

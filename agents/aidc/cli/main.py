@@ -24,6 +24,7 @@ GROUPS = [
     ("aidc.cli.spec_cmd", "spec"),
     ("aidc.cli.device_cmd", "device"),
     ("aidc.cli.audit_cmd", "audit"),
+    ("aidc.cli.compress_cmd", "compress"),
 ]
 
 for module, name in GROUPS:
