@@ -9,7 +9,7 @@ import pytest
 def tiny_digits():
     from aidc.compress.cases import DigitsCase
 
-    return DigitsCase(hidden=(64, 64), epochs=8, seed=0)
+    return DigitsCase(hidden=(256, 256), epochs=8, seed=0)
 
 
 @pytest.fixture(scope="session")

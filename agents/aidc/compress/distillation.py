@@ -24,7 +24,7 @@ def distill(case, model: nn.Module, *, max_param_ratio: float = 0.25, width_divi
         raise CompressError(f"student would have {ratio:.2f} of the teacher's parameters (max {max_param_ratio})")
     teacher = model.eval()
     train_classifier(student, case.data.x_train, case.data.y_train, epochs=epochs or case.epochs,
-                     seed=case.seed + 1, teacher=teacher)
+                     seed=case.seed + 1, teacher=teacher, lr=2e-3)
     return Variant("distill", f"distilled student {'-'.join(map(str, student_widths))}", "distillation",
                    student, {"student_widths": list(student_widths), "param_ratio": round(ratio, 4),
                              "loss": "0.7 KL(T=4) + 0.3 CE"}, note=f"{ratio:.1%} of the teacher's parameters")

@@ -21,7 +21,7 @@ def fine_tunes(case, model: nn.Module, count: int, steps: int) -> list[nn.Module
 def average_weights(models: list[nn.Module]) -> nn.Module:
     """Uniform weight average (a "model soup"); all models must share one architecture."""
     states = [m.state_dict() for m in models]
-    if any(s.keys() != states[0].keys() for s in states):
+    if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
         raise CompressError("weight averaging needs checkpoints of the same architecture")
     fused = copy.deepcopy(models[0])
     fused.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)
