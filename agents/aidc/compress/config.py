@@ -48,7 +48,7 @@ class BenchConfig:
     sparsities: tuple[float, ...] = ()        # empty: (0.5,) quick, (0.3, 0.5, 0.7) full
     threads: int = 2
     seed: int = 0
-    repeats: int = 0                          # 0: 5 quick, 15 full
+    repeats: int = 0                          # 0: 5 quick, 10 full
     out_dir: str | None = None
     audit_db: str | None = None
     extra: dict = field(default_factory=dict)
@@ -75,4 +75,4 @@ class BenchConfig:
         return self.sparsities or ((0.5,) if self.quick else (0.3, 0.5, 0.7))
 
     def chosen_repeats(self) -> int:
-        return self.repeats or (5 if self.quick else 15)
+        return self.repeats or (5 if self.quick else 10)

@@ -30,6 +30,7 @@ from aidc.compress.variant import Variant, record_linear_ranges, replace_linears
 def _quiet_torch_ao():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+        warnings.filterwarnings("ignore", message=".*quantize_per.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         yield
@@ -105,8 +106,9 @@ class StaticInt8Linear(nn.Module):
 
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
-        qweight = torch.quantize_per_channel(w, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
         with _quiet_torch_ao():
+            qweight = torch.quantize_per_channel(w, scales, torch.zeros(len(scales), dtype=torch.long), 0,
+                                                 torch.qint8)
             self.inner = nnq.Linear(linear.in_features, linear.out_features, dtype=torch.qint8)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.inner.set_weight_bias(qweight, bias)
@@ -161,6 +163,9 @@ def half_precision(case, model: nn.Module, dtype_name: str) -> Variant:
 
 
 def torchao_int8(case, model: nn.Module, *, dynamic_activations: bool) -> Variant:
+    from aidc.compress.cases import quiet_library_logs
+
+    quiet_library_logs()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
     m = copy.deepcopy(model).eval()

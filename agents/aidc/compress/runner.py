@@ -34,7 +34,7 @@ def build_case(name: str, config: BenchConfig):
 
 def finetune_steps(case, quick: bool) -> int:
     if case.name == "minilm-l6":
-        return 15 if quick else 80
+        return 15 if quick else 40
     if case.name.startswith("digits"):
         return 3 if quick else 8
     return 2  # tiny test cases
@@ -66,29 +66,64 @@ def make_variants(case, technique: str, config: BenchConfig) -> list[Variant]:
 
 def applicable(case, technique: str) -> str | None:
     """None when the technique runs on this model, else the reason it is skipped."""
-    if technique in ("distill", "fusion-average", "fusion-ensemble") and not isinstance(case.model, torch.nn.Sequential):
-        return ("implemented for the MLP classifier only: a MiniLM student at 1/4 of the parameters needs a "
-                "smaller vocabulary embedding (half the weights), and its fine-tunes would need a labelled task")
+    if isinstance(case.model, torch.nn.Sequential):
+        return None
+    if technique == "distill":
+        return ("implemented for the MLP classifier only: half of MiniLM's weights are its vocabulary "
+                "embedding, so a student at 1/4 of the parameters needs a new, smaller vocabulary")
+    if technique in ("fusion-average", "fusion-ensemble"):
+        return ("implemented for the MLP classifier only: MiniLM has no labelled task here to make "
+                "several distinct fine-tunes from")
     return None
 
 
 def _timed(case, model, batch, max_repeats: int, budget_s: float) -> float:
     """Median seconds of one forward; fewer repeats for slow models so a run stays bounded."""
-    once = median_seconds(lambda: case.forward(model, batch), repeats=1, warmup=2)
+    once = median_seconds(lambda: case.forward(model, batch), repeats=1, warmup=1)
     repeats = max(3, min(max_repeats, int(budget_s / max(once, 1e-6))))
-    return median_seconds(lambda: case.forward(model, batch), repeats=repeats, warmup=1)
+    return median_seconds(lambda: case.forward(model, batch), repeats=repeats, warmup=0)
 
 
-def time_variant(case, model, config: BenchConfig) -> dict:
-    budget = 0.6 if config.quick else 4.0
-    b1 = _timed(case, model, case.batch(1), config.chosen_repeats(), budget)
+def _paired(case, model, reference, batch, max_repeats: int, budget_s: float) -> tuple[float, float]:
+    """Median seconds of model and of reference, timed alternately so both see the same load.
+
+    Other processes share this machine's cores; timing the baseline once and every variant
+    later would turn changes in their load into speed-ups or slow-downs."""
+    import statistics
+    import time as _time
+
+    def once(m) -> float:
+        start = _time.perf_counter()
+        case.forward(m, batch)
+        return _time.perf_counter() - start
+
+    with torch.inference_mode():
+        once(model), once(reference)  # warm-up
+        first = once(model) + once(reference)
+        pairs = max(3, min(max_repeats, int(budget_s / max(first, 1e-6))))
+        mine, theirs = [], []
+        for _ in range(pairs):
+            mine.append(once(model))
+            theirs.append(once(reference))
+    return statistics.median(mine), statistics.median(theirs)
+
+
+def time_variant(case, model, config: BenchConfig, reference=None) -> dict:
+    budget = 1.0 if config.quick else 3.0
+    b1 = _timed(case, model, case.batch(1), config.chosen_repeats(), budget / 2)
     tp_batch = case.throughput_batch
-    bt = _timed(case, model, case.batch(tp_batch), config.chosen_repeats(), budget)
+    batch = case.batch(tp_batch)
+    if reference is None:
+        bt = _timed(case, model, batch, config.chosen_repeats(), budget)
+        paired = {}
+    else:
+        bt, ref = _paired(case, model, reference, batch, config.chosen_repeats(), budget)
+        paired = {"baseline_batch_ms": round(ref * 1e3, 3)}
     return {"latency_b1_ms": round(b1 * 1e3, 3), "batch_ms": round(bt * 1e3, 3), "throughput_batch": tp_batch,
-            "throughput_per_s": round(tp_batch / bt, 1)}
+            "throughput_per_s": round(tp_batch / bt, 1), **paired}
 
 
-def measure(case, variant: Variant, config: BenchConfig) -> dict:
+def measure(case, variant: Variant, config: BenchConfig, baseline: Variant | None = None) -> dict:
     quality = case.evaluate(variant.model)
     return {
         "technique": variant.technique, "label": variant.label, "family": variant.family,
@@ -96,14 +131,14 @@ def measure(case, variant: Variant, config: BenchConfig) -> dict:
         "params": count_params(variant.model),
         "disk_bytes": model_bytes(variant.model, variant.to_disk),
         "linear_bytes": linear_bytes(variant.model, variant.to_disk),
-        **time_variant(case, variant.model, config),
+        **time_variant(case, variant.model, config, baseline.model if baseline else None),
         "quality": quality, "quality_value": quality[case.quality_key],
     }
 
 
 def retime_baseline(case, baseline: Variant, row: dict, config: BenchConfig) -> None:
-    """Time fp32 again after the variants and keep the faster figures: on a shared machine a
-    slow first measurement would otherwise flatter every technique."""
+    """Time fp32 at batch 1 again after the variants and keep the faster figure (batch-1 latency
+    is not paired; a slow first measurement would otherwise flatter every technique)."""
     again = time_variant(case, baseline.model, config)
     row["latency_b1_ms"] = min(row["latency_b1_ms"], again["latency_b1_ms"])
     if again["batch_ms"] < row["batch_ms"]:
@@ -117,10 +152,13 @@ def add_ratios(rows: list[dict], quality_unit: str) -> None:
         r["linear_ratio"] = round(base["linear_bytes"] / r["linear_bytes"], 3) if r["linear_bytes"] else None
         r["param_ratio"] = round(r["params"] / base["params"], 4)
         r["speedup_b1"] = round(base["latency_b1_ms"] / r["latency_b1_ms"], 3)
-        r["speedup_tp"] = round(r["throughput_per_s"] / base["throughput_per_s"], 3)
+        # at the throughput batch each variant was timed alternately with fp32 (paired)
+        r["speedup_tp"] = round(r.get("baseline_batch_ms", base["batch_ms"]) / r["batch_ms"], 3)
         r["quality_delta"] = round(r["quality_value"] - base["quality_value"], 5)
         r["quality_drop"] = round(-r["quality_delta"], 5)
-    for axis, key in (("latency", "batch_ms"), ("size", "disk_bytes")):
+    for r in rows:  # latency on fp32's clock: the paired ratio applied to fp32's own figure
+        r["batch_ms_normalised"] = round(base["batch_ms"] / r["speedup_tp"], 3)
+    for axis, key in (("latency", "batch_ms_normalised"), ("size", "disk_bytes")):
         flags = non_dominated([(r[key], r["quality_value"]) for r in rows])
         for r, flag in zip(rows, flags):
             r[f"pareto_{axis}"] = flag
@@ -210,7 +248,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cases: dict
                 done += steps
                 continue
             for v in variants:
-                rows.append(measure(case, v, config))
+                rows.append(measure(case, v, config, baseline))
                 done += 1
                 progress(f"{name}: {v.label}", done, total)
         retime_baseline(case, baseline, rows[0], config)
