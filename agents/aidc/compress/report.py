@@ -57,12 +57,19 @@ def text_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
 def pareto_png(model: dict) -> bytes:
     """Quality against batch latency and against size; non-dominated points ringed and joined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = model["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -75,16 +82,20 @@ def pareto_png(model: dict) -> bytes:
             front = r[f"pareto_{axis}"]
             ax.scatter([x], [y], s=60 if front else 30, c="tab:red" if front else "tab:gray",
                        edgecolors="black" if front else "none", zorder=3)
-            ax.annotate(r["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            # numbers keep crowded points readable; the key below the plots names them
+            ax.annotate(str(rows.index(r)), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
         front = sorted((x, y) for r, x, y in zip(rows, xs, ys) if r[f"pareto_{axis}"])
         if len(front) > 1:
             ax.plot(*zip(*front), c="tab:red", lw=1, zorder=2)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(model["quality_key"])
         ax.grid(alpha=0.3)
     fig.suptitle(f"{model['model']}: quality vs cost (red: non-dominated)")
-    fig.tight_layout()
+    key = "   ".join(f"{i} {r['label']}" for i, r in enumerate(rows))
+    fig.text(0.01, 0.01, "\n".join(_wrap(key, 170)), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
