@@ -26,7 +26,7 @@ def build_case(name: str, config: BenchConfig):
     from aidc.compress.cases import DigitsCase, MiniLMCase
 
     if name == "digits-mlp":
-        return DigitsCase(epochs=15 if config.quick else 30, seed=config.seed)
+        return DigitsCase(epochs=10 if config.quick else 30, seed=config.seed)
     if name == "minilm-l6":
         return MiniLMCase(tuning_size=64 if config.quick else 160, seed=config.seed)
     raise CompressError(f"unknown model {name!r}")
@@ -34,7 +34,7 @@ def build_case(name: str, config: BenchConfig):
 
 def finetune_steps(case, quick: bool) -> int:
     if case.name == "minilm-l6":
-        return 15 if quick else 40
+        return 8 if quick else 40
     if case.name.startswith("digits"):
         return 3 if quick else 8
     return 2  # tiny test cases
@@ -109,7 +109,7 @@ def _paired(case, model, reference, batch, max_repeats: int, budget_s: float) ->
 
 
 def time_variant(case, model, config: BenchConfig, reference=None) -> dict:
-    budget = 1.0 if config.quick else 3.0
+    budget = 0.5 if config.quick else 3.0
     b1 = _timed(case, model, case.batch(1), config.chosen_repeats(), budget / 2)
     tp_batch = case.throughput_batch
     batch = case.batch(tp_batch)
