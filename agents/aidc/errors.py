@@ -47,3 +47,7 @@ class BurninError(AidcError):
 
     Nodes that complete and fail their checks are not errors: they are verdicts.
     """
+
+
+class CompressError(AidcError):
+    """A compression benchmark was asked for something invalid (unknown technique, bad sparsity)."""

@@ -31,6 +31,7 @@ GROUPS = [
     ("aidc.cli.runbook_cmd", "runbook"),
     ("aidc.cli.burnin_cmd", "burnin"),
     ("aidc.cli.inventory_cmd", "inventory"),
+    ("aidc.cli.compress_cmd", "compress"),
 ]
 
 for module, name in GROUPS:
