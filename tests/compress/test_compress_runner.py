@@ -119,3 +119,12 @@ def test_outputs_json_png_html_and_audit_records(tiny_results, tmp_path):
     assert [r.seq for r in recs] == seqs and recs[0].payload["model"] == "digits-mlp"
     assert recs[0].reason == results["models"][0]["recommendation"]
     assert len(recs[0].payload["rows"]) == 5
+
+    # The audit report shows the same tables and plots, rebuilt from the records alone.
+    from aidc.audit.report import write_report
+
+    with AuditLog(tmp_path / "audit.db") as log:
+        html_path, _ = write_report(log, tmp_path / "report")
+    audit_page = html_path.read_text()
+    assert "Compression benchmarks" in audit_page and "data:image/png;base64," in audit_page
+    assert results["models"][0]["recommendation"] in audit_page

@@ -61,13 +61,11 @@ def render_html(log: AuditLog) -> str:
         parts.append("<h2>Lab loop</h2><table>" + "".join(
             f"<tr><th>{k}</th><td>{_e(summary.get(k))}</td></tr>" for k in keys if k in summary) + "</table>")
     parts.append("<h2>Burn-in per node</h2>" + _burnin_table(certs))
-    try:
-        from aidc.compress.report import html_section  # optional stage
-    except ImportError:
-        html_section = None
-    compress = [r for r in records if r.kind == "compress.result"]
-    if compress and html_section:
-        parts.append(html_section([r.payload for r in compress]))
+    compress = [r.payload for r in records if r.kind == "compress.result"]
+    if compress:
+        from aidc.compress.report import html_section, results_from_audit
+
+        parts.append(html_section(results_from_audit(compress)))
     rows = "".join(
         f"<tr><td>{r.seq}</td><td>{_when(r.ts)}</td><td>{_e(r.kind)}</td><td>{_e(r.node or '-')}</td>"
         f"<td>{_e(r.actor)}</td><td>{_e(r.reason)}</td></tr>" for r in records)

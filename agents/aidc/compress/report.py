@@ -102,6 +102,18 @@ def pareto_png(model: dict) -> bytes:
     return buf.getvalue()
 
 
+def results_from_audit(payloads: list[dict]) -> dict:
+    """Rebuild a results document from `compress.result` audit payloads (the latest per model)."""
+    latest = {p["model"]: p for p in payloads}
+    last = payloads[-1]
+    return {"torch": last["torch"], "threads": last["threads"], "cpu_capability": last.get("cpu_capability", "?"),
+            "quick": last["quick"], "started": last.get("started", "?"),
+            "models": [{"model": m, "rows": p["rows"], "skipped": p["skipped"],
+                        "recommendation": p.get("recommendation", ""), "quality_key": p.get("quality_key", "quality"),
+                        "quality_unit": p.get("quality_unit", "")} for m, p in latest.items()],
+            "targets": [t for p in latest.values() for t in p.get("targets", [])]}
+
+
 def html_section(results: dict) -> str:
     """An HTML fragment (no <html>/<body>) for the audit report: tables, plots inline, recommendations."""
     parts = [f"<section class=\"compress\"><h2>Compression benchmarks</h2>"
@@ -158,6 +170,9 @@ def audit_results(results: dict, db_path: str | Path) -> list[int]:
             rec = log.append("compress.result", model["recommendation"], actor=default_actor("compress"),
                              payload={"model": model["model"], "quick": results["quick"],
                                       "threads": results["threads"], "torch": results["torch"],
+                                      "cpu_capability": results["cpu_capability"], "started": results["started"],
+                                      "recommendation": model["recommendation"],
+                                      "quality_key": model["quality_key"], "quality_unit": model["quality_unit"],
                                       "rows": model["rows"], "skipped": model["skipped"],
                                       "targets": [t for t in results["targets"]
                                                   if t["id"].startswith(model["model"].split("-")[0])]})
