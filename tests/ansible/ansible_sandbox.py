@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from aidc.ansible import PlaybookResult, run_playbook
 from aidc.ansible.runner import SITE_PLAYBOOK
+from aidc.polling import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -174,13 +174,8 @@ class SandboxHost:
 
     # --- teardown ------------------------------------------------------------------------------
     def stop(self) -> None:
-        if self.holder is not None and self.holder.poll() is None:
-            os.killpg(self.holder.pid, signal.SIGTERM)
-            try:
-                self.holder.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.holder.pid, signal.SIGKILL)
-                self.holder.wait(timeout=10)
+        if self.holder is not None:
+            stop_process_group(self.holder)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
         deadline = time.monotonic() + 5
         while Path(f"/run/netns/{self.netns}").exists() and time.monotonic() < deadline:

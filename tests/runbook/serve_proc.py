@@ -57,13 +57,8 @@ class ServeProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        if self.proc:
+            polling.stop_process_group(self.proc)
         if getattr(self, "log_handle", None):
             self.log_handle.close()
 

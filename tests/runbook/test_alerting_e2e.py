@@ -11,8 +11,6 @@ Every process started here is stopped, pass or fail.
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from aidc.audit.log import AuditLog
 from aidc.device.sim import create_node, inject
 from aidc.failover.scheduler import LabScheduler
+from aidc.polling import stop_process_group
 from aidc.runbook.promstack import PromStack, free_port, missing_binaries
 from aidc.runbook.state import RunState
 from runbook_fakes import write_runbook
@@ -134,11 +133,5 @@ def test_injected_fault_fires_alert_and_runbook_quarantines_the_node(tmp_path):
         if serve:
             serve.stop()
         for proc in agents:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+            stop_process_group(proc)
         state.close()
