@@ -182,3 +182,12 @@ def test_evicting_a_node_makes_the_rendezvous_drop_it_at_the_next_sync():
     holder.sync()
     assert set(holder.state.participants) == {alive}
     assert evict("127.0.0.1", port, "run1", pids={222}) == []  # already gone: nothing to do
+
+
+def test_cli_on_a_missing_lab_is_a_clear_error_that_creates_nothing(aidc_cli, tmp_path):
+    missing = tmp_path / "no-lab"
+    out = aidc_cli("failover", "status", "--lab-dir", str(missing))
+    assert out.returncode == 1 and "no lab state" in out.stderr and "Traceback" not in out.stderr
+    out = aidc_cli("device", "inject", str(missing / "nodes" / "gpu-0"), "xid")
+    assert out.returncode == 2 and "no simulated node" in out.stderr
+    assert not missing.exists()

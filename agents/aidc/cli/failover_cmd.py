@@ -20,7 +20,16 @@ STACK = typer.Option("lab", "--stack", "-s", help="Stack file (policy: max_unava
 LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="The lab (scheduler backend 'lab').")
 
 
-def _controller(stack: str, lab_dir: Path, dry_run: bool | None):
+def _state_db(lab_dir: Path) -> Path:
+    path = lab_dir / "state.db"
+    if not path.exists():
+        from aidc.lab.cluster import LabError
+
+        raise LabError(f"no lab state in {lab_dir} (missing state.db): start one with `aidc lab run --keep`")
+    return path
+
+
+def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False):
     from aidc.failover.controller import FailoverController
 
     spec = load_stack(stack)
@@ -28,7 +37,9 @@ def _controller(stack: str, lab_dir: Path, dry_run: bool | None):
         raise typer.BadParameter(f"scheduler backend {spec.scheduler!r} is not available yet; only 'lab'")
     from aidc.lab.cluster import lab_scheduler
 
-    return FailoverController(spec, Store(lab_dir / "state.db"), AuditLog(lab_dir / "audit.db"),
+    # The controller of a new lab may start before any agent has created the store.
+    db = lab_dir / "state.db" if create else _state_db(lab_dir)
+    return FailoverController(spec, Store(db), AuditLog(lab_dir / "audit.db"),
                               lab_scheduler(lab_dir), dry_run=dry_run)
 
 
@@ -37,7 +48,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
         poll: float = typer.Option(0.05, help="Seconds between looks at the event store.")) -> None:
     """Run the controller until SIGTERM/SIGINT."""
-    ctl = _controller(stack, lab_dir, dry_run)
+    ctl = _controller(stack, lab_dir, dry_run, create=True)
     # Warm: the rendezvous notification needs torch.distributed; import it now, not
     # on the failover path.
     import torch.distributed  # noqa: F401
@@ -64,7 +75,7 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
 @app.command("status")
 def status(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Show node states and the fault events with their outcomes."""
-    store = Store(lab_dir / "state.db")
+    store = Store(_state_db(lab_dir))
     events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o}
               for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}

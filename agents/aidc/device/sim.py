@@ -128,6 +128,8 @@ def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, fac
            seconds: float = 30.0) -> dict:
     """Inject a fault into a simulated node. Returns what was done (with the time written)."""
     node_dir = Path(node_dir)
+    if not (node_dir / STATE_FILE).exists():
+        raise DeviceError(f"no simulated node at {node_dir} (missing {STATE_FILE}); lab nodes live in <lab-dir>/nodes/<name>")
     if fault not in FAULTS:
         raise DeviceError(f"unknown fault {fault!r}; valid: {', '.join(FAULTS)}")
     with _locked_state(node_dir) as state:
