@@ -124,7 +124,7 @@ def test_outputs_json_png_html_and_audit_records(tiny_results, tmp_path):
     from aidc.audit.report import write_report
 
     with AuditLog(tmp_path / "audit.db") as log:
-        html_path, _ = write_report(log, tmp_path / "report")
+        html_path, _, _ = write_report(log, tmp_path / "report")
     audit_page = html_path.read_text()
     assert "Compression benchmarks" in audit_page and "data:image/png;base64," in audit_page
     assert results["models"][0]["recommendation"] in audit_page

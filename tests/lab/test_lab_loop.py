@@ -82,3 +82,15 @@ def test_a_running_lab_is_not_overwritten(tmp_path):
             LabCluster(load_stack("lab"), tmp_path / "lab").create()
     finally:
         cluster.stop()
+
+
+def test_lab_run_refused_on_a_running_lab_reports_that_and_leaves_it_alone(aidc_cli, tmp_path):
+    cluster = LabCluster(load_stack("lab"), tmp_path / "lab")
+    cluster.create()
+    cluster.start("sleeper", ["sleep", "60"])
+    try:
+        out = aidc_cli("lab", "run", "--lab-dir", str(cluster.dir))
+        assert out.returncode == 1 and "already running" in out.stderr and "Traceback" not in out.stderr
+        assert [p["name"] for p in cluster.running()] == ["sleeper"]
+    finally:
+        cluster.stop()

@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from aidc.audit.log import AuditLog, AuditRecord
+from aidc.audit.log import AuditLog, AuditRecord, VerifyResult
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -46,15 +46,15 @@ def _burnin_table(certs: list[AuditRecord]) -> str:
     return f"<table><tr><th>node</th><th>verdict</th>{head}<th>reasons</th></tr>{''.join(rows)}</table>"
 
 
-def render_html(log: AuditLog) -> str:
+def render_html(log: AuditLog, verified: VerifyResult | None = None) -> str:
     records = log.records()
-    verified = log.verify()
+    verified = verified or log.verify()
     certs = [r for r in records if r.kind == "burnin.certificate"]
     summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), None)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>aidc audit report</title>"
              f"<style>{CSS}</style></head><body><h1>aidc audit report</h1>",
              f"<p>Audit log <code>{_e(log.path)}</code>: {verified.records} records. </p>",
-             (f"<p class='ok'>Hash chain verified: every record intact.</p>" if verified.ok else
+             ("<p class='ok'>Hash chain verified: every record intact.</p>" if verified.ok else
               f"<p class='bad'>Verification FAILED at record {verified.first_bad_seq}: {_e(verified.problem)}</p>")]
     if summary:
         keys = ["certified_nodes", "victim", "xid", "detect_ms", "resume_s", "steps_lost", "ettr", "train_steps", "wall_s"]
@@ -74,15 +74,17 @@ def render_html(log: AuditLog) -> str:
     return "\n".join(parts)
 
 
-def render_json(log: AuditLog) -> dict:
-    return {"verification": log.verify().to_dict(),
+def render_json(log: AuditLog, verified: VerifyResult | None = None) -> dict:
+    return {"verification": (verified or log.verify()).to_dict(),
             "records": [r.__dict__ for r in log.records()]}
 
 
-def write_report(log: AuditLog, out_dir: str | Path) -> tuple[Path, Path]:
+def write_report(log: AuditLog, out_dir: str | Path) -> tuple[Path, Path, VerifyResult]:
+    """Write report.html and report.json; the chain is verified once for both (and returned)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    verified = log.verify()
     html_path, json_path = out / "report.html", out / "report.json"
-    html_path.write_text(render_html(log))
-    json_path.write_text(json.dumps(render_json(log), indent=1, default=str))
-    return html_path, json_path
+    html_path.write_text(render_html(log, verified))
+    json_path.write_text(json.dumps(render_json(log, verified), indent=1, default=str))
+    return html_path, json_path, verified

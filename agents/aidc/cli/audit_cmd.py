@@ -51,5 +51,5 @@ def report(db: Path = DB_OPTION, out: Path = typer.Option(Path(".aidc/report"), 
     from aidc.audit.report import write_report
 
     with _open(db) as log:
-        html_path, json_path = write_report(log, out)
+        html_path, json_path, _ = write_report(log, out)
     emit({"html": str(html_path), "json": str(json_path)}, as_json, f"wrote {html_path} and {json_path}")

@@ -68,6 +68,7 @@ class LabRun:
         self.say = progress
         self.result = LabResult()
         self.actor = default_actor("lab")
+        self.audit: AuditLog | None = None  # opened by bring_up(), once the lab directory exists
 
     @property
     def steps_log(self) -> Path:
@@ -87,15 +88,15 @@ class LabRun:
 
     def run(self, keep: bool = False) -> LabResult:
         started = time.monotonic()
-        c = self.cluster
         try:
             self.bring_up()
             self._train_and_fail_over()
             self.result.completed = True
         finally:
-            if not keep:
-                c.stop()
-            self._finish(started)
+            if self.audit is not None:  # else create() refused (a lab already running): touch nothing
+                if not keep:
+                    self.cluster.stop()
+                self._finish(started)
         return self.result
 
     # -- stages -----------------------------------------------------------------------
@@ -238,9 +239,10 @@ class LabRun:
         from aidc.audit.report import write_report
 
         self.result.wall_s = round(time.monotonic() - started, 1)
+        report_dir = self.cluster.dir / "report"
+        self.result.report_html, self.result.report_json = str(report_dir / "report.html"), str(report_dir / "report.json")
         self.audit.append("lab.summary", "lab loop " + ("completed" if self.result.completed else "did not complete"),
                           actor=self.actor, payload=self.result.to_dict())
-        html, js = write_report(self.audit, self.cluster.dir / "report")
-        self.result.report_html, self.result.report_json = str(html), str(js)
-        self.result.audit_verified = self.audit.verify().ok
+        _, _, verified = write_report(self.audit, report_dir)
+        self.result.audit_verified = verified.ok
         self.audit.close()
