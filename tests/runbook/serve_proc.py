@@ -16,25 +16,28 @@ from aidc import polling
 
 
 class ServeProcess:
-    def __init__(self, workdir: Path, token: str, extra: list[str], name: str = "serve"):
+    def __init__(self, workdir: Path, token: str | None, extra: list[str], name: str = "serve"):
         self.workdir, self.token, self.extra, self.name = workdir, token, extra, name
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.scheme = "http"
         self.log = workdir / f"{name}.log"
 
     def start(self, timeout: float = 60) -> "ServeProcess":
-        token_file = self.workdir / "token"
-        token_file.write_text(self.token)
+        auth = []
+        if self.token:  # None: the receiver authenticates by mutual TLS alone (extra names the files)
+            token_file = self.workdir / "token"
+            token_file.write_text(self.token)
+            auth = ["--token-file", str(token_file)]
         self.log_handle = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aidc", "runbook", "serve", "--port", "0", "--token-file", str(token_file),
-             *self.extra],
+            [sys.executable, "-m", "aidc", "runbook", "serve", "--port", "0", *auth, *self.extra],
             stdout=self.log_handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.findall(r"ready on http://127\.0\.0\.1:(\d+)/alerts", self.log.read_text())
+            m = re.findall(r"ready on (https?)://127\.0\.0\.1:(\d+)/alerts", self.log.read_text())
             if m:
-                self.port = int(m[-1])
+                self.scheme, self.port = m[-1][0], int(m[-1][1])
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
@@ -43,7 +46,7 @@ class ServeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/alerts"
+        return f"{self.scheme}://127.0.0.1:{self.port}/alerts"
 
     def post(self, payload: dict) -> dict:
         req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST",

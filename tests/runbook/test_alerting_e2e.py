@@ -24,6 +24,7 @@ from aidc.failover.scheduler import LabScheduler
 from aidc.polling import stop_process_group
 from aidc.runbook.promstack import PromStack, free_port, missing_binaries
 from aidc.runbook.state import RunState
+from certs import CA
 from runbook_fakes import write_runbook
 from serve_proc import ServeProcess, wait_until
 
@@ -82,6 +83,45 @@ def test_alertmanager_delivers_with_the_token_and_repeats_run_nothing_twice(tmp_
             assert [r.payload["step"] for r in audit.records(kind="runbook.step")] == ["out", "tell"]
             trig = audit.records(kind="runbook.step")[0].payload["trigger"]
             assert trig["source"] == "alertmanager" and trig["fingerprint"]
+    finally:
+        if stack:
+            stack.stop()
+        serve.stop()
+        state.close()
+
+
+@pytest.mark.slow
+@needs_stack
+def test_alertmanager_delivers_over_mutual_tls_without_a_token(tmp_path):
+    """Alertmanager's own TLS client (Go) against the receiver's mutual TLS: the handshake is the
+    authentication, and the run's audited trigger names the verified client certificate."""
+    lab = make_lab(tmp_path)
+    rb_dir = tmp_path / "runbooks"
+    rb_dir.mkdir()
+    write_runbook(rb_dir, DELIVERY)
+    ca = CA.create(tmp_path / "pki", "aidc-test-ca")
+    server = ca.issue(tmp_path / "pki", "aidc-runbook", server=True)
+    client = ca.issue(tmp_path / "pki", "alertmanager", server=False)
+    serve = ServeProcess(tmp_path, None, ["--tls-cert", str(server.cert), "--tls-key", str(server.key),
+                                          "--client-ca", str(ca.cert_file), "--lab-dir", str(lab),
+                                          "--state-db", str(tmp_path / "state.db"),
+                                          "--audit-db", str(tmp_path / "audit.db"), "--runbooks", str(rb_dir)])
+    stack = None
+    state = RunState(tmp_path / "state.db")
+    try:
+        serve.start()
+        assert serve.url.startswith("https://")
+        stack = PromStack(tmp_path / "prom", {}, RULES, serve.url, None, repeat_interval="1s",
+                          webhook_tls={"ca_file": ca.cert_file, "cert_file": client.cert,
+                                       "key_file": client.key}).start()
+        stack.push_alert({"alertname": "AidcDeliveryDrill", "Hostname": "gpu-2", "severity": "critical"},
+                         {"runbook": "am-drill"})
+        wait_until(lambda: state.runs() and state.runs()[0].status == "done", 30, "the run to finish")
+        assert LabScheduler(lab).state("gpu-2") == "quarantined"
+        assert state.runs()[0].trigger["sender"]["client"] == "CN=alertmanager"
+        with AuditLog(tmp_path / "audit.db") as audit:
+            first = audit.records(kind="runbook.step")[0].payload["trigger"]
+            assert first["sender"] == {"address": "127.0.0.1", "client": "CN=alertmanager"}
     finally:
         if stack:
             stack.stop()

@@ -95,9 +95,10 @@ def test_bad_input_is_a_clear_error_not_a_traceback(aidc_cli, lab):
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def test_serve_refuses_to_start_without_a_token(aidc_cli, lab):
+def test_serve_refuses_to_start_without_a_token_or_mutual_tls(aidc_cli, lab):
     out = aidc_cli("runbook", "serve", "--port", "0", *opts(lab), env={k: v for k, v in os.environ.items() if k != "AIDC_RUNBOOK_TOKEN"})
-    assert out.returncode == 2 and "bearer token is required" in out.stderr
+    assert out.returncode == 2 and "authentication is required" in out.stderr
+    assert "--token-file" in out.stderr and "--client-ca" in out.stderr  # says both ways out
 
 
 def test_the_committed_markdown_matches_the_runbooks(aidc_cli, tmp_path):

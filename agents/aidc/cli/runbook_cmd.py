@@ -158,8 +158,18 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                                           help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN)."),
           stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
           runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
-          inventory: Path = INVENTORY) -> None:
-    """Alertmanager webhook receiver (bearer-token auth). Resumes interrupted runs on start."""
+          inventory: Path = INVENTORY,
+          tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM server certificate: serve HTTPS."),
+          tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+          client_ca: Path = typer.Option(None, "--client-ca",
+                                         help="PEM CA whose client certificates are accepted: mutual TLS "
+                                              "(then the token is optional).")) -> None:
+    """Alertmanager webhook receiver. Resumes interrupted runs on start.
+
+    Authentication: a bearer token (--token-file or $AIDC_RUNBOOK_TOKEN), mutual TLS
+    (--tls-cert, --tls-key, --client-ca), or both, in which case both are required.
+    """
+    from aidc.runbook import tls
     from aidc.runbook.receiver import Receiver
 
     if token_file:
@@ -169,15 +179,23 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
             raise AidcError(f"cannot read token file {token_file}: {exc.strerror}") from None
     else:
         token = os.environ.get("AIDC_RUNBOOK_TOKEN", "").strip()
-    if not token:
-        raise AidcError("a bearer token is required: --token-file FILE or $AIDC_RUNBOOK_TOKEN")
+    tls_config = tls.from_options(tls_cert, tls_key, client_ca)
+    if not token and not (tls_config and tls_config.mutual):
+        raise AidcError("authentication is required: a bearer token (--token-file FILE or $AIDC_RUNBOOK_TOKEN), "
+                        "or mutual TLS (--tls-cert, --tls-key and --client-ca)")
+    if token_file and not token:
+        raise AidcError(f"token file {token_file} is empty")
+    if tls_config:
+        tls_config.server_context()  # bad certificate files fail here, before any state is opened
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     try:
-        receiver = Receiver(engine, token, host, port)
+        receiver = Receiver(engine, token or None, host, port, tls=tls_config)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, lambda *_: receiver.engine.stop.set() or _shutdown_later(receiver))
-    typer.echo(f"aidc runbook serve: ready on http://{host}:{receiver.port}/alerts", err=True)
+    auth = " + ".join(name for name, on in (("bearer token", bool(token)),
+                                            ("mutual TLS", bool(tls_config and tls_config.mutual))) if on)
+    typer.echo(f"aidc runbook serve: ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth})", err=True)
     receiver.serve_forever()
 
 

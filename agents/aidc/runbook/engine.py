@@ -74,8 +74,10 @@ class Engine:
             self.audit.append(kind, reason, actor=self.actor, node=node, payload=payload)
 
     # --- intake -------------------------------------------------------------------------
-    def submit_alert(self, alert: dict) -> Submission:
-        """One alert from an Alertmanager webhook: match, deduplicate, start at most one run."""
+    def submit_alert(self, alert: dict, sender: dict | None = None) -> Submission:
+        """One alert from an Alertmanager webhook: match, deduplicate, start at most one run.
+
+        `sender` (address, verified client certificate) goes into the audited trigger."""
         labels = alert.get("labels") or {}
         if alert.get("status") == "resolved":
             return Submission("resolved", "resolved notifications start nothing")
@@ -88,6 +90,8 @@ class Engine:
         fingerprint = str(alert.get("fingerprint") or _label_fingerprint(labels))
         trigger = {"source": "alertmanager", "alertname": labels.get("alertname"), "labels": labels,
                    "fingerprint": fingerprint, "startsAt": alert.get("startsAt")}
+        if sender:
+            trigger["sender"] = sender
         return self.submit(rb.name, node, trigger, fingerprint, str(alert.get("startsAt", "")))
 
     def submit(self, runbook: str, node: str, trigger: dict, fingerprint: str | None = None,

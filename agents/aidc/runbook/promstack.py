@@ -44,8 +44,10 @@ class PromStack:
     targets: dict[str, int]              # node name -> agent metrics port on 127.0.0.1
     rules_file: Path
     webhook_url: str
-    token_file: Path
+    token_file: Path | None              # bearer token for the receiver; None: no Authorization header
     repeat_interval: str = "10s"
+    # Alertmanager's webhook tls_config (ca_file, cert_file, key_file): HTTPS / mutual TLS to the receiver
+    webhook_tls: dict | None = None
     prom_port: int = field(default_factory=free_port)
     am_port: int = field(default_factory=free_port)
     procs: list[subprocess.Popen] = field(default_factory=list)
@@ -64,8 +66,7 @@ class PromStack:
             "route": {"receiver": "aidc", "group_by": ["alertname", "Hostname"], "group_wait": "0s",
                       "group_interval": "1s", "repeat_interval": self.repeat_interval},
             "receivers": [{"name": "aidc", "webhook_configs": [{
-                "url": self.webhook_url, "send_resolved": False,
-                "http_config": {"authorization": {"type": "Bearer", "credentials_file": str(self.token_file)}},
+                "url": self.webhook_url, "send_resolved": False, "http_config": self._webhook_http_config(),
             }]}],
         }
         prom = {
@@ -83,6 +84,14 @@ class PromStack:
         am_file.write_text(yaml.safe_dump(am))
         prom_file.write_text(yaml.safe_dump(prom))
         return am_file, prom_file
+
+    def _webhook_http_config(self) -> dict:
+        config: dict = {}
+        if self.token_file is not None:
+            config["authorization"] = {"type": "Bearer", "credentials_file": str(self.token_file)}
+        if self.webhook_tls:
+            config["tls_config"] = {key: str(value) for key, value in self.webhook_tls.items()}
+        return config
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         log = open(self.workdir / log_name, "ab")

@@ -5,18 +5,24 @@ Requests are checked in the cheapest order (auth, then size, then JSON), answere
 through the engine (which deduplicates); runs execute on worker threads, and a scanner
 picks up runs nobody executes: after a restart (crash recovery), after an approval, or
 when all workers were busy.
+
+Authentication is a bearer token, mutual TLS (`aidc.runbook.tls`), or both; a receiver
+with neither refuses to start. Under TLS the handshake runs on the request's own thread,
+so a slow or hostile client cannot stall the accept loop.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import ssl
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from aidc.runbook.engine import Engine, Submission
+from aidc.runbook.tls import HANDSHAKE_TIMEOUT_S, TLSConfig, peer_identity
 
 MAX_BODY_BYTES = 1 << 20  # Alertmanager caps a notification's alerts; 1 MiB is far beyond a real one
 DRAIN_LIMIT_BYTES = 8 << 20
@@ -45,20 +51,55 @@ def validate_payload(body: bytes) -> list[dict]:
     return doc["alerts"]
 
 
+class _WebhookServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, handler, ssl_context: ssl.SSLContext | None, log):
+        self.ssl_context, self.log = ssl_context, log
+        super().__init__(address, handler)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.ssl_context is not None:
+            # Wrap only: the handshake waits for the request's thread (finish_request).
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is not None:
+            request.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+                self.log(f"TLS handshake refused from {client_address[0]}: {reason}")
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        # One line, not socketserver's traceback on stderr.
+        exc = sys.exc_info()[1]
+        self.log(f"connection from {client_address[0]} ended: {type(exc).__name__}: {exc}")
+
+
 class Receiver:
-    def __init__(self, engine: Engine, token: str, host: str = "127.0.0.1", port: int = 9097,
-                 max_workers: int = 8, scan_interval_s: float = 1.0, log=None):
-        if not token:
-            raise ValueError("a bearer token is required")
-        self.engine, self.token = engine, token
+    def __init__(self, engine: Engine, token: str | None, host: str = "127.0.0.1", port: int = 9097,
+                 max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None):
+        if not token and not (tls and tls.mutual):
+            raise ValueError("authentication is required: a bearer token, or mutual TLS (a client CA)")
+        self.engine, self.token, self.tls = engine, token or None, tls
         self.max_workers, self.scan_interval_s = max_workers, scan_interval_s
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}",
                                                file=sys.stderr, flush=True))
         self._executing: set[int] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        context = tls.server_context() if tls else None
+        self.httpd = _WebhookServer((host, port), self._handler_class(), context, self.log)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def port(self) -> int:
@@ -84,9 +125,16 @@ class Receiver:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                receiver.log(f"{code} {self.command} {self.path} from {self.client_address[0]}: {note}")
+                who = self.client_address[0] + (f" ({self.peer})" if self.peer else "")
+                receiver.log(f"{code} {self.command} {self.path} from {who}: {note}")
+
+            @property
+            def peer(self) -> str | None:
+                return peer_identity(self.connection)
 
             def _authorized(self) -> bool:
+                if receiver.token is None:
+                    return True  # mutual TLS only: the handshake already verified the client
                 header = self.headers.get("Authorization", "")
                 scheme, _, token = header.partition(" ")
                 return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
@@ -149,22 +197,24 @@ class Receiver:
                     self._drain(size)
                     raise BadRequest(413, f"payload of {size} bytes exceeds {MAX_BODY_BYTES}")
                 alerts = validate_payload(self.rfile.read(size))
-                results = [receiver.accept(a) for a in alerts]
+                sender = {"address": self.client_address[0], **({"client": self.peer} if self.peer else {})}
+                results = [receiver.accept(a, sender) for a in alerts]
                 summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results) or "no alerts"
                 self._respond(200, {"results": [r.to_dict() for r in results]}, summary)
 
         return Handler
 
     # --- runs -----------------------------------------------------------------------------
-    def accept(self, alert: dict) -> Submission:
+    def accept(self, alert: dict, sender: dict | None = None) -> Submission:
         engine = self.engine
         if engine.policy.dry_run and alert.get("status") != "resolved":
             rb = engine.catalog.match(alert.get("labels", {}))
             node = (alert.get("labels") or {}).get(rb.node_label) if rb else None
             if rb and node in engine.nodes:
-                engine.plan(rb.name, node, {"source": "alertmanager", "labels": alert["labels"]})
+                engine.plan(rb.name, node, {"source": "alertmanager", "labels": alert["labels"],
+                                            **({"sender": sender} if sender else {})})
                 return Submission("dry_run", "policy.dry_run: planned and audited, nothing changed", rb.name, node)
-        sub = engine.submit_alert(alert)
+        sub = engine.submit_alert(alert, sender)
         if sub.outcome == "started" and sub.run_id is not None:
             self._dispatch(sub.run_id)
         return sub
@@ -211,7 +261,7 @@ class Receiver:
     def serve_forever(self) -> None:
         scanner = threading.Thread(target=self._scan, name="scanner", daemon=True)
         scanner.start()
-        self.log(f"listening on http://{self.httpd.server_address[0]}:{self.port}/alerts")
+        self.log(f"listening on {self.scheme}://{self.httpd.server_address[0]}:{self.port}/alerts")
         try:
             self.httpd.serve_forever(poll_interval=0.2)
         finally:
