@@ -127,3 +127,40 @@ def test_the_runs_listing_needs_the_token_too(receiver):
 def test_a_receiver_refuses_to_start_without_a_token(make_engine):
     with pytest.raises(ValueError, match="token"):
         Receiver(make_engine(QUARANTINE_AND_NOTIFY), "", "127.0.0.1", 0)
+
+
+def test_deeply_nested_json_gets_400_not_a_500(receiver):
+    status, reply = post(receiver, b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in reply["error"]
+    assert healthy(receiver)
+
+
+def raw_exchange(port: int, request: bytes, close_after_send: bool) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        if close_after_send:
+            sock.shutdown(socket.SHUT_WR)
+        return sock.recv(4096)
+
+
+def test_a_body_shorter_than_its_content_length_gets_a_4xx(make_engine, fakes):
+    engine = make_engine(QUARANTINE_AND_NOTIFY)
+    lines: list[str] = []
+    rec = Receiver(engine, TOKEN, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, request_timeout_s=0.5)
+    thread = threading.Thread(target=rec.serve_forever, daemon=True)
+    thread.start()
+    try:
+        head = f"POST /alerts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n"
+        request = head.encode() + b'{"alerts":'
+        # A client that stalls mid-body: 408 once the request timeout passes.
+        assert raw_exchange(rec.port, request, close_after_send=False).startswith(b"HTTP/1.0 408")
+        # A client that closes mid-body: 400.
+        assert raw_exchange(rec.port, request, close_after_send=True).startswith(b"HTTP/1.0 400")
+        assert engine.state.runs() == [] and healthy(rec)
+        polling.wait_for("the two log lines", lambda: any(line.startswith("408 POST") for line in lines)
+                         and any(line.startswith("400 POST") for line in lines), 5.0)
+    finally:
+        rec.shutdown()
+        thread.join(timeout=10)

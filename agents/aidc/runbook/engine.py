@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from aidc.audit.log import AuditLog, default_actor
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators
-from aidc.runbook.catalog import Catalog, Runbook, Step
+from aidc.runbook.catalog import Catalog, Runbook, RunbookError, Step
+from aidc.runbook import state as run_state
 from aidc.runbook.state import ACTIVE, RunRow, RunState, StepRow, owner_alive
 from aidc.runbook.steps import ACTIONS, Interrupted, StepContext, describe, scheduler_state, step_params
 from aidc.spec import Policy
@@ -132,29 +133,55 @@ class Engine:
     # --- execution ----------------------------------------------------------------------
     def runnable(self) -> list[int]:
         """Active runs that no live process is executing (after a crash or an approval)."""
-        return [r.id for r in self.state.runs(status=ACTIVE) if not owner_alive(r.owner)]
+        return [r.id for r in self.state.runs(status=ACTIVE) if not owner_alive(r.owner, r.updated_at)]
 
     def execute(self, run_id: int) -> RunRow:
         """Drive a run until it finishes, waits for a human, or the engine stops."""
         if not self.state.claim(run_id):
             return self.state.get_run(run_id)
+        # Renew the run's lease while driving it: an executor on another host takes a run
+        # over only when its lease has expired (the executor died with its host or pod).
+        driving = threading.Event()
+        lease = threading.Thread(target=self._renew_lease, args=(run_id, driving), daemon=True,
+                                 name=f"lease-{run_id}")
+        lease.start()
         try:
             self._drive(run_id)
         except Interrupted:
             pass
         finally:
+            driving.set()
+            lease.join(timeout=5)
             self.state.disown(run_id)
         return self.state.get_run(run_id)
 
+    def _renew_lease(self, run_id: int, done: threading.Event) -> None:
+        while not done.wait(run_state.LEASE_S / 3):
+            try:
+                self.state.renew(run_id)
+            except Exception:  # a busy database delays a renewal; the next one comes soon
+                pass
+
     def _drive(self, run_id: int) -> None:
         run = self.state.get_run(run_id)
-        rb = self.catalog.get(run.runbook)
-        variables = {**run.trigger.get("labels", {}), "node": run.node, "runbook": rb.name, "run_id": run_id}
         rows = self.state.steps(run_id)
+        try:
+            rb = self.catalog.get(run.runbook)
+            changed = _definition_changed(rb, rows)
+        except RunbookError as exc:
+            rb, changed = None, str(exc)
+        if changed:
+            # Never map recorded steps onto a different definition: a step could run twice or
+            # be skipped. Finish the run (releasing the node's lock) and leave it to a human.
+            self._abandon(run, f"runbook {run.runbook!r} changed since run {run_id} started ({changed}); "
+                               "the run is not resumed: check the node and start a new run")
+            return
+        variables = {**run.trigger.get("labels", {}), "node": run.node, "runbook": rb.name, "run_id": run_id}
         if all(r.status == "pending" for r in rows if r.phase == "main") and run.status == "pending":
             refusal = self._guards(rb, run)
             if refusal:
-                self._fail_step(run, rb, rows[0], {"error": f"guard refused: {refusal}"}, 0.0)
+                # A refused guard fails the run, whatever the first step's on_failure says.
+                self._fail_step(run, rb, rows[0], {"error": f"guard refused: {refusal}", "refused": "guard"}, 0.0)
         for _ in range(4 * (len(rb.steps) + len(rb.on_failure)) + 4):  # bounded: each pass settles a step
             rows = self.state.steps(run_id)
             row, failed = _next_row(rows, rb)
@@ -174,6 +201,12 @@ class Engine:
         self.state.set_run_status(run_id, status, error)
         self._audit("runbook.run.finished", f"{rb.name} on {run.node}: {status}", run.node,
                     {"run_id": run_id, "runbook": rb.name, "status": status, "error": error,
+                     "duration_s": round(time.time() - run.created_at, 3)})
+
+    def _abandon(self, run: RunRow, error: str) -> None:
+        self.state.set_run_status(run.id, "failed", error)
+        self._audit("runbook.run.finished", f"{run.runbook} on {run.node}: failed", run.node,
+                    {"run_id": run.id, "runbook": run.runbook, "status": "failed", "error": error,
                      "duration_s": round(time.time() - run.created_at, 3)})
 
     def _guards(self, rb: Runbook, run: RunRow) -> str | None:
@@ -213,7 +246,11 @@ class Engine:
         """None when a destructive step may run; else why not."""
         if not step.destructive or step.kind in self.policy.runbook_auto_approve:
             return None
-        if any(r.kind == "approve" and r.status == "done" and r.idx < upto for r in rows):
+        # Only a person's approval counts here: policy approves an `approve` step only when
+        # every step it guards is allowed anyway, so its approval must not carry further
+        # (to an on_failure step, say).
+        if any(r.kind == "approve" and r.status == "done" and r.idx < upto
+               and (r.result or {}).get("approved_by") != "policy" for r in rows):
             return None
         return (f"{step.kind} step {step.id!r} is destructive and needs an approved `approve` step before it "
                 f"(or policy.runbook_auto_approve listing {step.kind!r})")
@@ -249,6 +286,11 @@ class Engine:
                 if status == "failed":
                     self._enter_failure(run, rb, row)
                 return status
+        if step.destructive and self.policy.dry_run:
+            # Intake plans instead of running under dry-run; this catches runs accepted before
+            # dry-run was switched on and resumed after it (a restart, an approval).
+            return self._fail_step(run, rb, row, {"error": "policy.dry_run is on: destructive step not executed",
+                                                  "refused": "dry_run"}, 0.0, base)
         if step.kind == "quarantine":
             with self.state.transaction() as db:
                 refusal = self._blast_radius(db, run)
@@ -329,7 +371,8 @@ class Engine:
         return "failed"
 
     def _enter_failure(self, run: RunRow, rb: Runbook, row: StepRow) -> None:
-        if row.phase == "main" and self._step_def(rb, row).on_failure == "abort":
+        refused_by_guard = (self.state.steps(run.id)[row.idx].result or {}).get("refused") == "guard"
+        if row.phase == "main" and (refused_by_guard or self._step_def(rb, row).on_failure == "abort"):
             self.state.append_failure_steps(run.id, [(s.id, s.kind) for s in rb.on_failure])
 
     def approve(self, run_id: int, by: str) -> StepRow:
@@ -389,7 +432,8 @@ def _next_row(rows: list[StepRow], rb: Runbook) -> tuple[StepRow | None, bool]:
         if row.status == "done":
             continue
         if row.status == "failed":
-            if row.phase == "main" and rb.steps[row.idx].on_failure == "continue":
+            guard_refused = (row.result or {}).get("refused") == "guard"
+            if row.phase == "main" and rb.steps[row.idx].on_failure == "continue" and not guard_refused:
                 continue
             failed = True
             continue
@@ -397,6 +441,19 @@ def _next_row(rows: list[StepRow], rb: Runbook) -> tuple[StepRow | None, bool]:
             continue
         return row, failed
     return None, failed
+
+
+def _definition_changed(rb: Runbook, rows: list[StepRow]) -> str | None:
+    """Why the recorded steps of a run no longer match its runbook's definition, or None."""
+    recorded = [(r.step_id, r.kind) for r in rows if r.phase == "main"]
+    defined = [(s.id, s.kind) for s in rb.steps]
+    if recorded != defined:
+        return f"steps {recorded} now read {defined}"
+    recovery = {(s.id, s.kind) for s in rb.on_failure}
+    gone = [r.step_id for r in rows if r.phase == "on_failure" and (r.step_id, r.kind) not in recovery]
+    if gone:
+        return f"on_failure steps {gone} are no longer defined"
+    return None
 
 
 def _label_fingerprint(labels: dict) -> str:

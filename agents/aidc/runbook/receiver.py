@@ -41,6 +41,8 @@ def validate_payload(body: bytes) -> list[dict]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(400, f"malformed JSON: {exc}") from None
+    except RecursionError:  # deeply nested arrays or objects: no real notification looks like that
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("alerts"), list):
         raise BadRequest(400, "expected an Alertmanager webhook object with an 'alerts' list")
     for i, alert in enumerate(doc["alerts"]):
@@ -84,11 +86,13 @@ class _WebhookServer(ThreadingHTTPServer):
 
 class Receiver:
     def __init__(self, engine: Engine, token: str | None, host: str = "127.0.0.1", port: int = 9097,
-                 max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None):
+                 max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None,
+                 request_timeout_s: float = 10.0):
         if not token and not (tls and tls.mutual):
             raise ValueError("authentication is required: a bearer token, or mutual TLS (a client CA)")
         self.engine, self.token, self.tls = engine, token or None, tls
         self.max_workers, self.scan_interval_s = max_workers, scan_interval_s
+        self.request_timeout_s = request_timeout_s
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}",
                                                file=sys.stderr, flush=True))
         self._executing: set[int] = set()
@@ -110,7 +114,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = 10  # a client that stalls mid-body loses its connection, not a thread forever
+            timeout = receiver.request_timeout_s  # a client that stalls mid-body loses its connection, not a thread
             server_version = "aidc-runbook"
 
             def log_message(self, fmt, *args):  # one line per request comes from _respond instead
@@ -196,7 +200,13 @@ class Receiver:
                 if size > MAX_BODY_BYTES:
                     self._drain(size)
                     raise BadRequest(413, f"payload of {size} bytes exceeds {MAX_BODY_BYTES}")
-                alerts = validate_payload(self.rfile.read(size))
+                try:
+                    body = self.rfile.read(size)
+                except TimeoutError:
+                    raise BadRequest(408, f"body not received within {self.timeout:g} s") from None
+                if len(body) < size:
+                    raise BadRequest(400, f"body ended after {len(body)} of {size} bytes (Content-Length)")
+                alerts = validate_payload(body)
                 sender = {"address": self.client_address[0], **({"client": self.peer} if self.peer else {})}
                 results = [receiver.accept(a, sender) for a in alerts]
                 summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results) or "no alerts"

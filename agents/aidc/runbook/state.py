@@ -26,10 +26,10 @@ CREATE TABLE IF NOT EXISTS runs (
     node TEXT NOT NULL,
     status TEXT NOT NULL,            -- pending | running | awaiting_approval | done | failed
     trigger TEXT NOT NULL,           -- JSON: who/what started it (alert labels, user)
-    owner TEXT,                      -- host:pid of the process executing it
+    owner TEXT,                      -- host:pid:start-ticks of the process executing it
     error TEXT,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
+    updated_at REAL NOT NULL,        -- also the executor's lease, renewed while it drives the run
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS runs_active ON runs(status);
@@ -105,23 +105,49 @@ class StepRow:
         return dict(self.__dict__)
 
 
+# An executor renews its run's lease (runs.updated_at) every LEASE_S / 3 seconds. Another
+# host's executor whose lease is older than this is taken for dead: its host or pod is gone
+# (a replaced pod comes back under a new hostname).
+LEASE_S = 30.0
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
 def this_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # The start time tells this process from an earlier one with the same pid: a receiver
+    # running as a container's PID 1 comes back as PID 1 after a restart.
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or 0}"
 
 
-def owner_alive(owner: str | None) -> bool:
-    """Whether the process named by `host:pid` still runs (only this host's can be checked)."""
+def owner_alive(owner: str | None, lease_renewed_at: float | None = None) -> bool:
+    """Whether the executor named by `host:pid[:start-ticks]` still runs.
+
+    This host's processes are checked directly; another host's executor counts as alive
+    while its lease is fresh."""
     if not owner:
         return False
-    host, _, pid = owner.rpartition(":")
+    host, pid, ticks = (owner.split(":") + [""])[:3]
     if host != socket.gethostname():
-        return True  # another host's executor: never steal its runs
+        return lease_renewed_at is not None and time.time() - lease_renewed_at < LEASE_S
     try:
-        os.kill(int(pid), 0)
+        pid_number = int(pid)
+        os.kill(pid_number, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError):
         return True
+    if ticks and ticks != "0":
+        current = _start_ticks(pid_number)
+        return current is None or current == ticks  # another start time: the pid was reused
     return True
 
 
@@ -221,13 +247,17 @@ class RunState:
         """Make this process the run's executor unless a live process already is."""
         owner = owner or this_owner()
         with self.transaction() as db:
-            row = db.execute("SELECT owner, status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = db.execute("SELECT owner, status, updated_at FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[1] not in ACTIVE:
                 return False
-            if row[0] and row[0] != owner and owner_alive(row[0]):
+            if row[0] and row[0] != owner and owner_alive(row[0], row[2]):
                 return False
             db.execute("UPDATE runs SET owner = ?, updated_at = ? WHERE id = ?", (owner, time.time(), run_id))
             return True
+
+    def renew(self, run_id: int) -> None:
+        """Renew this process's lease on a run it executes."""
+        self.db.execute("UPDATE runs SET updated_at = ? WHERE id = ? AND owner = ?", (time.time(), run_id, this_owner()))
 
     def disown(self, run_id: int) -> None:
         self.db.execute("UPDATE runs SET owner = NULL WHERE id = ? AND owner = ?", (run_id, this_owner()))
