@@ -1,10 +1,14 @@
 """The audit log: append-only, hash-chained, and every kind of tampering is named."""
 
+import fcntl
+import json
 import sqlite3
+import threading
 
 import pytest
 
 from aidc.audit import AuditLog
+from aidc.audit import log as audit_log
 
 
 @pytest.fixture
@@ -64,6 +68,115 @@ def test_appends_from_two_connections_keep_one_chain(tmp_path):
     for i in range(10):
         (a if i % 2 else b).append("x", str(i), actor="t")
     assert a.verify().ok and a.verify().records == 10
+
+
+@pytest.mark.parametrize("records_before", [0, 3])
+@pytest.mark.parametrize("lands", ["before", "after"])
+def test_an_append_landing_while_verify_reads_is_not_taken_for_tampering(tmp_path, monkeypatch, records_before,
+                                                                          lands):
+    writer, reader = AuditLog(tmp_path / "audit.db"), AuditLog(tmp_path / "audit.db")
+    for i in range(records_before):
+        writer.append("x", str(i), actor="writer")
+    read_anchor = reader._read_anchor
+
+    def anchor_read_with_an_append_landing():
+        # Another process commits a record (and moves the anchor) just before or just after
+        # verify reads the anchor: once, in the middle of verify.
+        monkeypatch.setattr(reader, "_read_anchor", read_anchor)
+        if lands == "before":
+            writer.append("x", "racing", actor="writer")
+        anchor = read_anchor()
+        if lands == "after":
+            writer.append("x", "racing", actor="writer")
+        return anchor
+
+    monkeypatch.setattr(reader, "_read_anchor", anchor_read_with_an_append_landing)
+    result = reader.verify()
+    assert result.ok, result.problem
+
+
+def _wait_until_finished_or_waiting(thread: threading.Thread, waiting: threading.Event) -> None:
+    for _ in range(3000):  # bounded: either happens within moments
+        if waiting.wait(0.01) or not thread.is_alive():
+            return
+    raise AssertionError(f"{thread.name} neither finished nor waited")
+
+
+def test_the_anchor_never_moves_back_when_writers_finish_out_of_order(tmp_path, monkeypatch):
+    a, b = AuditLog(tmp_path / "audit.db"), AuditLog(tmp_path / "audit.db")
+    a.append("x", "1", actor="a")
+    b_appends = threading.Thread(target=b.append, args=("x", "3"), kwargs={"actor": "b"}, name="writer b")
+    b_waits_for_the_anchor = threading.Event()
+    flock = fcntl.flock
+
+    def observed_flock(fd, operation):
+        if threading.current_thread() is b_appends:
+            b_waits_for_the_anchor.set()
+        return flock(fd, operation)
+
+    read_anchor = a._read_anchor
+
+    def b_appends_while_a_updates_the_anchor():
+        # a has committed record 2 and is updating the anchor (it reads 1): b commits record 3
+        # now and either updates the anchor to 3 at once or waits for a's update to finish.
+        monkeypatch.setattr(a, "_read_anchor", read_anchor)
+        current = read_anchor()
+        b_appends.start()
+        _wait_until_finished_or_waiting(b_appends, b_waits_for_the_anchor)
+        return current
+
+    monkeypatch.setattr(fcntl, "flock", observed_flock)
+    monkeypatch.setattr(a, "_read_anchor", b_appends_while_a_updates_the_anchor)
+    a.append("x", "2", actor="a")
+    b_appends.join(timeout=60)
+    assert json.loads(a.anchor_path.read_text())["seq"] == 3
+    _sql(a, "DELETE FROM audit WHERE seq = 3")
+    result = a.verify()
+    assert not result.ok and "truncated" in result.problem
+
+
+class _ObservedLock:
+    """A lock that tells when some thread had to wait for it."""
+
+    def __init__(self, lock):
+        self.lock, self.contended = lock, threading.Event()
+
+    def __enter__(self):
+        if not self.lock.acquire(blocking=False):
+            self.contended.set()
+            self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_threads_sharing_one_log_append_one_at_a_time(tmp_path, monkeypatch):
+    log = AuditLog(tmp_path / "audit.db")
+    log._lock = observed = _ObservedLock(log._lock)
+    errors = []
+
+    def append_second():
+        try:
+            log.append("x", "second", actor="t2")
+        except Exception as exc:  # the failure this test is about; reported below
+            errors.append(repr(exc))
+
+    second = threading.Thread(target=append_second, name="second appender")
+    record_hash = audit_log.record_hash
+
+    def hash_while_another_thread_appends(*args):
+        # The first append is inside its transaction now: the second thread appends meanwhile.
+        monkeypatch.setattr(audit_log, "record_hash", record_hash)
+        second.start()
+        _wait_until_finished_or_waiting(second, observed.contended)
+        return record_hash(*args)
+
+    monkeypatch.setattr(audit_log, "record_hash", hash_while_another_thread_appends)
+    log.append("x", "first", actor="t1")
+    second.join(timeout=60)
+    assert errors == []
+    assert [r.reason for r in log.records()] == ["first", "second"]
+    assert log.verify().ok
 
 
 def test_cli_verify_exits_non_zero_and_names_the_record(aidc_cli, log):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 from aidc.audit import AuditLog
+from aidc.cli.main import app
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import FailoverController
 from aidc.failover.scheduler import LabScheduler
@@ -103,6 +108,95 @@ def test_dry_run_records_what_it_would_do_and_does_nothing(env):
     assert audit.records(kind="failover.decision")[0].payload["dry_run"] is True
 
 
+def test_dry_run_decides_what_a_real_run_would_including_repeats_and_the_blast_radius(tmp_path):
+    def decide(dry_run: bool):
+        store, audit = Store(tmp_path / f"state-{dry_run}.db"), AuditLog(tmp_path / f"audit-{dry_run}.db")
+        sched = RecordingScheduler()
+        for node in ("gpu-1", "gpu-1", "gpu-2"):  # max_unavailable is 1
+            store.append(_fault(node))
+        decisions = FailoverController(_spec(dry_run=dry_run), store, audit, sched).run_once()
+        alerted = [r.node for r in audit.records(kind="failover.alert")]
+        store.close()
+        audit.close()
+        return [d.verdict for d in decisions], alerted, sched.calls
+
+    assert decide(dry_run=False) == (["quarantine", "already_quarantined", "refused_blast_radius"], ["gpu-2"],
+                                     [("quarantine", "gpu-1")])
+    assert decide(dry_run=True) == (["would_quarantine", "already_quarantined", "refused_blast_radius"], ["gpu-2"],
+                                    [])
+
+
+def test_a_failing_rendezvous_eviction_leaves_the_quarantine_done_and_audits_the_failure(env):
+    tmp_path, store, audit = env
+    (tmp_path / "nodes" / "gpu-1").mkdir(parents=True)
+
+    def rendezvous_gone(node):
+        raise ConnectionError("rendezvous store unreachable")
+
+    store.append(_fault())
+    ctl = FailoverController(_spec(), store, audit, LabScheduler(tmp_path, on_quarantine=rendezvous_gone))
+    assert [d.verdict for d in ctl.run_once()] == ["quarantine"]
+    assert store.node_state("gpu-1") == "quarantined" and store.pending() == []
+    [action] = audit.records(kind="failover.action")
+    assert "rendezvous store unreachable" in action.payload["warning"]
+    assert "rendezvous store unreachable" in action.reason
+
+
+def test_a_restart_that_cannot_finish_one_quarantine_audits_it_and_goes_on_to_other_events(env):
+    tmp_path, store, audit = env
+    (tmp_path / "nodes" / "gpu-2").mkdir(parents=True)
+    # A quarantine interrupted by a crash, of a node this scheduler does not know (any error will do).
+    store.set_node_state("gpu-9", "quarantining", "XID 79", "failover@before-the-crash")
+    store.append(_fault("gpu-2"))
+    ctl = FailoverController(_spec(max_unavailable=2), store, audit, LabScheduler(tmp_path))
+    assert ctl.recover() == []
+    [error] = audit.records(kind="failover.error")
+    assert error.node == "gpu-9" and "no lab node 'gpu-9'" in error.reason
+    assert store.node_state("gpu-9") == "quarantining"  # still counted out of service; an operator decides
+    assert [d.verdict for d in ctl.run_once()] == ["quarantine"]
+    assert store.node_state("gpu-2") == "quarantined"
+
+
+@pytest.mark.parametrize("dry_run, killed_at", [(True, "would_quarantine"), (False, "quarantine"),
+                                                (False, "failover.action")])
+def test_a_controller_killed_while_auditing_writes_the_record_after_restart(env, monkeypatch, dry_run, killed_at):
+    _, store, audit = env
+    store.append(_fault())
+    append = audit.append
+
+    def what(kind, payload):
+        return payload.get("verdict") if kind == "failover.decision" else kind
+
+    def killed_while_appending(kind, reason, **kw):
+        if what(kind, kw["payload"]) == killed_at:
+            monkeypatch.setattr(audit, "append", append)  # the restarted controller lives on
+            raise SystemExit("controller killed while auditing")
+        return append(kind, reason, **kw)
+
+    monkeypatch.setattr(audit, "append", killed_while_appending)
+    with pytest.raises(SystemExit):
+        FailoverController(_spec(dry_run=dry_run), store, audit, RecordingScheduler()).run_once()
+    restarted = FailoverController(_spec(dry_run=dry_run), store, audit, RecordingScheduler())
+    restarted.recover()
+    restarted.run_once()
+    assert store.pending() == []
+    assert killed_at in [what(r.kind, r.payload) for r in audit.records(node="gpu-1")]
+
+
+def test_a_dry_run_restart_leaves_an_interrupted_quarantine_alone_and_audits_what_it_would_do(env):
+    _, store, audit = env
+    store.append(_fault())
+    with pytest.raises(SystemExit):
+        FailoverController(_spec(), store, audit, RecordingScheduler(crash_on_quarantine=True)).run_once()
+
+    sched = RecordingScheduler()
+    assert FailoverController(_spec(), store, audit, sched, dry_run=True).recover() == []
+    assert sched.calls == [] and store.node_state("gpu-1") == "quarantining"
+    [resumed] = [r for r in audit.records(node="gpu-1") if r.payload.get("resumed")]
+    assert resumed.kind == "failover.decision" and resumed.payload["dry_run"] is True
+    assert "would finish the quarantine" in resumed.reason
+
+
 def test_a_controller_killed_mid_quarantine_finishes_it_after_restart_without_acting_twice(env):
     _, store, audit = env
     crashing = RecordingScheduler(crash_on_quarantine=True)
@@ -130,6 +224,26 @@ def test_release_is_an_audited_operator_decision(env):
     assert store.node_state("gpu-1") == "in_service"
     rec = audit.records(kind="failover.release")[0]
     assert rec.actor == "alice" and "GPU replaced" in rec.reason
+
+
+@pytest.mark.parametrize("flag, released", [((), False), (("--no-dry-run",), True)])
+def test_cli_release_follows_the_specs_dry_run_unless_told_otherwise(tmp_path, flag, released):
+    stack = yaml.safe_load((Path(__file__).resolve().parents[1] / "Pulumi.lab.yaml").read_text())
+    stack["config"]["aidc:cluster"]["policy"]["dry_run"] = True
+    (tmp_path / "Pulumi.dry.yaml").write_text(yaml.safe_dump(stack))
+    lab = tmp_path / "lab"
+    (lab / "nodes" / "gpu-1").mkdir(parents=True)
+    LabScheduler(lab).quarantine("gpu-1", "XID 79")
+    store = Store(lab / "state.db")
+    store.set_node_state("gpu-1", "quarantined", "XID 79", "failover")
+
+    result = CliRunner().invoke(app, ["failover", "release", "gpu-1", "--reason", "repaired", "--json",
+                                      "--stack", str(tmp_path / "Pulumi.dry.yaml"), "--lab-dir", str(lab), *flag])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["released"] is released
+    assert store.node_state("gpu-1") == ("in_service" if released else "quarantined")
+    store.close()
+    assert LabScheduler(lab).state("gpu-1") == ("in_service" if released else "quarantined")
 
 
 def test_lab_scheduler_stops_the_whole_node_workload(tmp_path):

@@ -4,17 +4,20 @@ Each record's hash covers its own fields and the previous record's hash, so edit
 deleting or reordering any row breaks the chain at that row. Truncating the tail
 leaves a valid but shorter chain; that is caught by the anchor file beside the
 database (`<db>.anchor`: the last sequence number and hash), rewritten after every
-append. An attacker who rewrites the whole chain *and* the anchor is not caught here:
-signing anchors with the cluster KMS key is the next layer (docs/architecture.md).
+append under a lock file (`<db>.anchor.lock`) so that it only ever moves forward. An
+attacker who rewrites the whole chain *and* the anchor is not caught here: signing
+anchors with the cluster KMS key is the next layer (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,10 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.anchor_path = self.path.with_name(self.path.name + ".anchor")
+        self._anchor_lock_path = self.anchor_path.with_name(self.anchor_path.name + ".lock")
+        # Threads may share one AuditLog (and so one connection, whose transaction state is
+        # shared too): one append at a time, and no read in the middle of an append.
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
@@ -92,35 +99,43 @@ class AuditLog:
     def append(self, kind: str, reason: str, *, actor: str, node: str | None = None,
                payload: dict | None = None) -> AuditRecord:
         payload_json = json.dumps(payload or {}, sort_keys=True, default=str)
-        # BEGIN IMMEDIATE serialises writers across processes: the chain has one head.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-            ts = time.time()
-            digest = record_hash(prev, seq, ts, actor, node, kind, reason, payload_json)
-            self._db.execute(
-                "INSERT INTO audit(seq, ts, actor, node, kind, reason, payload, prev_hash, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, ts, actor, node, kind, reason, payload_json, prev, digest),
-            )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        with self._lock:
+            # BEGIN IMMEDIATE serialises writers across processes: the chain has one head.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+                ts = time.time()
+                digest = record_hash(prev, seq, ts, actor, node, kind, reason, payload_json)
+                self._db.execute(
+                    "INSERT INTO audit(seq, ts, actor, node, kind, reason, payload, prev_hash, hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (seq, ts, actor, node, kind, reason, payload_json, prev, digest),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         self._write_anchor(seq, digest)
         return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         # A writer that crashed between COMMIT and here leaves the anchor one record behind;
         # verify accepts an anchor that lags (it checks the anchored record) but not a chain
-        # shorter than the anchor.
-        current = self._read_anchor()
-        if current and current[0] >= seq:
-            return
-        tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"seq": seq, "hash": digest}))
-        os.replace(tmp, self.anchor_path)
+        # shorter than the anchor. Writers finish in any order, so read, compare and replace
+        # happen under a lock: otherwise one could read anchor N, another write N+1, and the
+        # first replace it with N, moving the anchor back so that cutting N+1 goes unseen.
+        with open(self._anchor_lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            current = self._read_anchor()
+            if current and current[0] >= seq:
+                return
+            tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"seq": seq, "hash": digest}))
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty anchor
+            os.replace(tmp, self.anchor_path)
 
     def _read_anchor(self) -> tuple[int, str] | None:
         try:
@@ -138,8 +153,10 @@ class AuditLog:
             where.append("node = ?"), args.append(node)
         if where:
             sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
         out = []
-        for seq, ts, actor, nd, kd, reason, payload, prev, digest in self._db.execute(sql + " ORDER BY seq", args):
+        for seq, ts, actor, nd, kd, reason, payload, prev, digest in rows:
             try:
                 data = json.loads(payload)
             except ValueError:
@@ -149,9 +166,11 @@ class AuditLog:
 
     def verify(self) -> VerifyResult:
         """Walk the chain; name the first record that does not hold."""
-        rows = self._db.execute(
-            "SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit ORDER BY rowid"
-        ).fetchall()
+        anchor, rows = self._anchor_and_rows()
+        if anchor is None and rows:
+            # The very first append may have committed after the anchor was read. Once written,
+            # the anchor file is only ever replaced, never removed, so one more look decides.
+            anchor, rows = self._anchor_and_rows()
         prev = GENESIS
         for expected_seq, (seq, ts, actor, node, kind, reason, payload, prev_hash, digest) in enumerate(rows, 1):
             if seq != expected_seq:
@@ -162,7 +181,6 @@ class AuditLog:
             if record_hash(prev_hash, seq, ts, actor, node, kind, reason, payload) != digest:
                 return VerifyResult(False, len(rows), seq, f"record {seq} was changed after it was written")
             prev = digest
-        anchor = self._read_anchor()
         if anchor:
             a_seq, a_hash = anchor
             if a_seq > len(rows):
@@ -173,3 +191,14 @@ class AuditLog:
         elif rows:
             return VerifyResult(False, len(rows), None, f"anchor file {self.anchor_path} is missing")
         return VerifyResult(True, len(rows))
+
+    def _anchor_and_rows(self) -> tuple[tuple[int, str] | None, list[tuple]]:
+        # The anchor first: it is written only after its record is committed, so rows read
+        # afterwards include the anchored one even while others append. Read the other way
+        # round, an append landing in between looks like a truncated log.
+        anchor = self._read_anchor()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit ORDER BY rowid"
+            ).fetchall()
+        return anchor, rows

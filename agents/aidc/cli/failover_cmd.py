@@ -64,12 +64,15 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
             reason: str = typer.Option(..., "--reason", help="Why (recorded in the audit log)."),
             actor: str = typer.Option("operator", "--actor", help="Who is releasing it."),
             stack: str = STACK, lab_dir: Path = LAB_DIR,
-            dry_run: bool = typer.Option(False, "--dry-run", help="Record what would happen; change nothing."),
+            dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run",
+                                         help="Override the spec's policy.dry_run (record, change nothing)."),
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node to service (an operator's decision, audited as theirs)."""
     ctl = _controller(stack, lab_dir, dry_run)
     ctl.release(node, reason, actor)
-    emit({"node": node, "released": not dry_run}, as_json, f"{node}: {'would be ' if dry_run else ''}released")
+    # The controller settled dry-run (flag, else the spec's policy); report what it did.
+    emit({"node": node, "released": not ctl.dry_run}, as_json,
+         f"{node}: {'would be ' if ctl.dry_run else ''}released")
 
 
 @app.command("status")

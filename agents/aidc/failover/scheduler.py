@@ -19,8 +19,12 @@ from typing import Protocol, runtime_checkable
 class SchedulerBackend(Protocol):
     name: str
 
-    def quarantine(self, node: str, reason: str) -> None:
-        """Stop new work on the node and stop its current work (drain). Idempotent."""
+    def quarantine(self, node: str, reason: str) -> str | None:
+        """Stop new work on the node and stop its current work (drain). Idempotent.
+
+        Returns what a best-effort step after the drain could not do (None when all went
+        well); the node is out of service either way. Raises when the drain itself fails.
+        """
         ...
 
     def release(self, node: str, reason: str) -> None:
@@ -54,7 +58,7 @@ class LabScheduler:
             raise KeyError(f"no lab node {node!r} under {self.lab_dir / 'nodes'}")
         return path
 
-    def quarantine(self, node: str, reason: str) -> None:
+    def quarantine(self, node: str, reason: str) -> str | None:
         d = self._node_dir(node)
         (d / "quarantined").write_text(json.dumps({"reason": reason, "at": time.time()}))
         for pgid in self.process_groups(node):
@@ -63,7 +67,14 @@ class LabScheduler:
             except (ProcessLookupError, PermissionError):
                 pass
         if self.on_quarantine:
-            self.on_quarantine(node)
+            # Best effort: the node is stopped already, and the rendezvous drops it when its
+            # heartbeat expires anyway. Failing here (say the rendezvous store is gone because
+            # training ended) must not leave the quarantine unrecorded.
+            try:
+                self.on_quarantine(node)
+            except Exception as exc:
+                return f"on_quarantine hook failed: {exc!r}"
+        return None
 
     def release(self, node: str, reason: str) -> None:
         (self._node_dir(node) / "quarantined").unlink(missing_ok=True)
