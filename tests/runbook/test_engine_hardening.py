@@ -153,3 +153,18 @@ def test_the_executor_renews_its_lease_while_a_step_runs(make_engine, fakes, mon
     monkeypatch.setattr(fakes.scheduler, "quarantine", slow_quarantine)
     assert engine.execute(sub.run_id).status == "done"
     assert renewed.is_set()
+
+
+def test_a_quarantine_warning_from_the_backend_is_kept_in_the_audited_result(make_engine, fakes, monkeypatch):
+    engine = make_engine(QUARANTINE_AND_NOTIFY)
+    fakes.metrics.values[BROKEN_Q] = [1.0]
+
+    def quarantine_with_warning(node, reason):
+        fakes.scheduler.states[node] = "quarantined"
+        return "on_quarantine hook failed: ConnectionRefusedError()"
+
+    monkeypatch.setattr(fakes.scheduler, "quarantine", quarantine_with_warning)
+    run = engine.execute(engine.submit_alert(alert("NodeBroken", "gpu-1")).run_id)
+    assert run.status == "done"
+    out = next(r for r in engine.audit.records(kind="runbook.step") if r.payload["step"] == "out")
+    assert out.payload["result"]["warning"].startswith("on_quarantine hook failed")

@@ -86,9 +86,14 @@ def run_wait(ctx: StepContext) -> tuple[bool, dict]:
 
 def run_quarantine(ctx: StepContext) -> tuple[bool, dict]:
     before = scheduler_state(ctx.actuators, ctx.node)
-    ctx.actuators.scheduler.quarantine(ctx.node, ctx.params["reason"])
+    # A backend reports what a best-effort part of the drain could not do (the rendezvous
+    # eviction, say): the node is out either way, and the warning goes into the audited result.
+    warning = ctx.actuators.scheduler.quarantine(ctx.node, ctx.params["reason"])
     after = scheduler_state(ctx.actuators, ctx.node)
-    return after == "quarantined", {"scheduler": ctx.actuators.scheduler.name, "before": before, "after": after}
+    result = {"scheduler": ctx.actuators.scheduler.name, "before": before, "after": after}
+    if warning:
+        result["warning"] = warning
+    return after == "quarantined", result
 
 
 def run_release(ctx: StepContext) -> tuple[bool, dict]:
