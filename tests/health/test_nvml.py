@@ -115,6 +115,47 @@ def test_a_lost_gpu_is_a_device_error_saying_it_fell_off_the_bus(fake_nvml_dir):
     assert "GPU 1" in r.stdout and "fallen off the bus" in r.stdout
 
 
+POLL_ONCE = """
+import json
+from aidc.device import TimedBackend
+from aidc.device.nvml import NvmlBackend
+from aidc.health.agent import poll_device
+obs = poll_device(TimedBackend(NvmlBackend(), 5.0))
+print(json.dumps({"xids": [(x.gpu, x.xid) for x in obs.xids], "errors": obs.errors,
+                  "lost": sorted(obs.lost), "read": sorted(obs.telemetry)}))
+"""
+
+
+def test_a_gpu_lost_at_start_does_not_stop_the_other_gpus_xid_events(fake_nvml_dir):
+    # GPU 0 is lost; the double queues its XID 79 on GPU 1 only if GPU 1 got registered.
+    r = with_fake_nvml(fake_nvml_dir, POLL_ONCE, FAKE_NVML_LOST="0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"xids": [[1, 79]], "errors": [], "lost": [0], "read": [1]}
+
+
+LOST_THEN_BACK = """
+import json, os
+from aidc.device.nvml import NvmlBackend
+def run(retry_s):
+    os.environ["FAKE_NVML_LOST"] = "1"  # the double reads it on every call
+    b = NvmlBackend()
+    b.XID_RETRY_S = retry_s
+    first = b.xid_events(0)
+    del os.environ["FAKE_NVML_LOST"]    # GPU 1 answers again (e.g. after a reset)
+    second = b.xid_events(0)
+    return [[(x.gpu, x.xid) for x in first], [(x.gpu, x.xid) for x in second]]
+print(json.dumps({"not_yet_due": run(60.0), "due": run(0.0)}))
+"""
+
+
+def test_a_gpu_that_could_not_be_registered_for_xid_events_is_tried_again_after_a_while(fake_nvml_dir):
+    r = with_fake_nvml(fake_nvml_dir, LOST_THEN_BACK)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["not_yet_due"] == [[], []], "bounded: not retried on every call"
+    assert out["due"] == [[], [[1, 79]]]
+
+
 def test_a_wedged_nvml_call_becomes_device_hang_through_the_timed_backend(fake_nvml_dir):
     code = ("from aidc.device import TimedBackend\nfrom aidc.device.nvml import NvmlBackend\n"
             "from aidc.errors import DeviceHang\nimport os\nb = TimedBackend(NvmlBackend(), 0.2)\n"

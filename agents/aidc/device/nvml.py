@@ -73,6 +73,7 @@ class NvmlBackend:
     """DeviceBackend over NVML. Raises `NoDriverError` when there is no driver to talk to."""
 
     name = "nvml"
+    XID_RETRY_S = 60.0  # how often a GPU that could not be registered for XID events is retried
 
     def __init__(self) -> None:
         try:
@@ -87,6 +88,7 @@ class NvmlBackend:
         self._pci: dict[int, str] = {}
         self._event_set = None
         self._xid_registered: set[int] = set()
+        self._xid_retry_at: dict[int, float] = {}  # GPU -> monotonic time to retry registering
         self._closed = False
 
     # helpers ----------------------------------------------------------------
@@ -213,17 +215,27 @@ class NvmlBackend:
         return tuple(states)
 
     def _ensure_xid_registration(self) -> None:
-        """Register every GPU for XidCriticalError events once (GPUs that cannot are skipped:
-        their XIDs still reach the kernel log, which the health stage follows too)."""
+        """Register every GPU for XidCriticalError events once. GPUs that cannot are skipped:
+        their XIDs still reach the kernel log, which the health stage follows too. One GPU
+        failing must not stop the others' events, so a lost GPU (or one whose handle cannot be
+        had) is skipped as well, and tried again at most every XID_RETRY_S; telemetry still
+        reports it lost."""
         if self._event_set is None:
             self._event_set = pynvml.nvmlEventSetCreate()
+        now = time.monotonic()
         for index in range(self.gpu_count()):
-            if index in self._xid_registered:
+            if index in self._xid_registered or now < self._xid_retry_at.get(index, 0.0):
                 continue
-            h = self._handle(index)
             try:
+                h = self._handle(index)
                 pynvml.nvmlDeviceRegisterEvents(h, pynvml.nvmlEventTypeXidCriticalError, self._event_set)
+            except DeviceError:  # no handle
+                self._xid_retry_at[index] = now + self.XID_RETRY_S
+                continue
             except pynvml.NVMLError as exc:
+                if _is(exc, "NVML_ERROR_GPU_IS_LOST"):
+                    self._xid_retry_at[index] = now + self.XID_RETRY_S
+                    continue
                 if not _is(exc, "NVML_ERROR_NOT_SUPPORTED"):
                     raise self._device_error(index, "register XID events", exc) from None
             self._xid_registered.add(index)

@@ -7,9 +7,9 @@
  *          remap, PCIe Gen4 x16 of Gen5 x16, NVLink 0-2 with link 1 down, HW thermal
  *          slowdown);
  *   GPU 1: a PCIe card for which ECC, row remapping and NVLink answer NOT_SUPPORTED.
- * One XID 79 event on GPU 1 is queued in every event set.
+ * One XID 79 event on GPU 1 is queued in every event set in which GPU 1 is registered.
  * Compiled with -DOLD_DRIVER it lacks nvmlDeviceGetCurrentClocksEventReasons (pre-R535).
- * Environment: FAKE_NVML_LOST=1 makes GPU 1 answer GPU_IS_LOST; FAKE_NVML_HANG_MS=N makes
+ * Environment: FAKE_NVML_LOST=N makes GPU N (0 or 1) answer GPU_IS_LOST; FAKE_NVML_HANG_MS=N makes
  * the temperature call block N ms (a wedged driver).
  */
 #include <stdlib.h>
@@ -34,10 +34,10 @@ typedef struct {
     unsigned gpuInstanceId, computeInstanceId;
 } event_data_t;
 
-typedef struct { int delivered; } event_set_t;
+typedef struct { int delivered, registered[2]; } event_set_t;
 
 static int idx(void *d) { return d ? ((dev_t_ *)d)->index : -1; }
-static int lost(void *d) { const char *e = getenv("FAKE_NVML_LOST"); return idx(d) == 1 && e && *e == '1'; }
+static int lost(void *d) { const char *e = getenv("FAKE_NVML_LOST"); return e && *e == '0' + idx(d); }
 #define GUARD(d) do { if (idx(d) < 0) return INVALID_ARGUMENT; if (lost(d)) return GPU_IS_LOST; } while (0)
 
 ret_t nvmlInitWithFlags(unsigned flags) { (void)flags; return OK; }
@@ -173,13 +173,14 @@ ret_t nvmlEventSetCreate(void **set) {
 
 ret_t nvmlDeviceRegisterEvents(void *d, unsigned long long types, void *set) {
     GUARD(d);
-    (void)set;
-    return (types & 0x8ULL) ? OK : NOT_SUPPORTED;  /* nvmlEventTypeXidCriticalError */
+    if (!(types & 0x8ULL)) return NOT_SUPPORTED;  /* nvmlEventTypeXidCriticalError */
+    ((event_set_t *)set)->registered[idx(d)] = 1;
+    return OK;
 }
 
 ret_t nvmlEventSetWait_v2(void *set, event_data_t *data, unsigned timeout_ms) {
     event_set_t *s = set;
-    if (s->delivered) { usleep(timeout_ms * 1000); return TIMEOUT; }
+    if (s->delivered || !s->registered[1]) { usleep(timeout_ms * 1000); return TIMEOUT; }
     s->delivered = 1;
     memset(data, 0, sizeof *data);
     data->device = &devices[1];
