@@ -3,8 +3,15 @@ typed events in the durable store, audit records and Prometheus metrics over HTT
 
 from __future__ import annotations
 
+import pytest
+
+from aidc.audit.log import AuditLog
 from aidc.device import sim
+from aidc.device.base import XidEvent
+from aidc.device.sim import SimBackend
 from aidc.events import Action, FaultKind
+from aidc.health.agent import XID_DEDUPE_WINDOW_S, HealthAgent, Observation, poll_device
+from aidc.store import Store
 
 from tests.health.conftest import free_port, metric_value, opened_audit, scrape, wait_for
 
@@ -145,3 +152,81 @@ def test_a_cleared_condition_is_audited_and_reported_again_when_it_returns(sim_n
             wait_for(lambda: audit.records(kind="health.cleared", node="node-a"))
         sim.inject(sim_node, "thermal", gpu=0)
         wait_for(lambda: len([e for e in run.events() if e.kind == FaultKind.THERMAL_THROTTLE]) == 2)
+
+
+# The agent driven by hand (no threads): which source is handled first is chosen by the test.
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def agent(sim_node, tmp_path):
+    a = HealthAgent("node-a", SimBackend(sim_node), sim_node / "kern.log", Store(tmp_path / "store.db"),
+                    AuditLog(tmp_path / "audit.db"))
+    a.clock = FakeClock()
+    a.handle_observation(poll_device(a.dev))  # learn PCI address -> GPU, as run_agent does at startup
+    yield a
+    a.close()
+    a.dev.close()
+    a.store.close()
+    a.audit.close()
+
+
+def handle_in_order(agent, first: str) -> None:
+    if first == "kernel log":
+        agent.follow_kernel_log()
+        agent.handle_observation(poll_device(agent.dev))
+    else:
+        agent.handle_observation(poll_device(agent.dev))
+        agent.follow_kernel_log()
+
+
+def stored(agent):
+    return [(e.kind, e.xid, e.action, e.gpu) for _, e, _ in agent.store.events("node-a")]
+
+
+@pytest.mark.parametrize("first", ["kernel log", "device"])
+def test_xid_79_and_the_lost_gpu_are_one_reboot_node_fault_whichever_source_is_handled_first(agent, sim_node, first):
+    sim.inject(sim_node, "xid", gpu=1, xid=79)  # the kernel line, the NVML event and the lost GPU
+    handle_in_order(agent, first)
+    assert stored(agent) == [(FaultKind.XID, 79, Action.REBOOT_NODE, 1)]
+    assert "fallen_off_bus:1" in agent.conditions.active, "the GPU stays known as lost"
+
+
+@pytest.mark.parametrize("first", ["kernel log", "device"])
+def test_xid_154_takes_the_action_the_driver_states_whichever_source_is_handled_first(agent, sim_node, first):
+    sim.inject(sim_node, "xid", gpu=0, xid=154)  # "... to 0x2 (Node Reboot Required)"; NVML has no text
+    handle_in_order(agent, first)
+    assert stored(agent) == [(FaultKind.XID, 154, Action.REBOOT_NODE, 0)]
+
+
+def test_xid_154_seen_by_the_poller_and_the_kernel_log_in_one_step_is_the_stated_action(agent, sim_node):
+    sim.inject(sim_node, "xid", gpu=0, xid=154)
+    agent.observations.put(poll_device(agent.dev))  # step() handles the poller's observations first
+    agent.step(0.0)
+    assert stored(agent) == [(FaultKind.XID, 154, Action.REBOOT_NODE, 0)]
+
+
+def nvml_only_xid_154() -> Observation:
+    """An NVML XID 154 event whose kernel-log line never arrives."""
+    return Observation(xids=[XidEvent(0, "00000000:17:00.0", 154, 0.0)])
+
+
+def test_an_nvml_xid_154_without_its_kernel_line_is_reported_to_a_human_once_the_window_is_over(agent):
+    agent.observations.put(nvml_only_xid_154())
+    agent.step(0.0)
+    assert stored(agent) == [], "the kernel line that states the action may still come"
+    agent.clock.now += XID_DEDUPE_WINDOW_S
+    agent.step(0.0)
+    assert stored(agent) == [(FaultKind.XID, 154, Action.CONTACT_SUPPORT, 0)]
+
+
+def test_an_nvml_xid_154_still_waiting_when_the_agent_stops_is_reported_not_lost(agent):
+    agent.observations.put(nvml_only_xid_154())
+    agent.step(0.0, final=True)
+    assert stored(agent) == [(FaultKind.XID, 154, Action.CONTACT_SUPPORT, 0)]

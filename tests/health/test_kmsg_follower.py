@@ -76,6 +76,71 @@ def test_rotation_drains_the_old_file_then_reads_the_new_one(tmp_path):
     assert f.read()[0] == ["5"]
 
 
+SMALL_READ = 64  # bytes per read() in the tests below, so a short file is more than one read
+
+
+def read_until(f, last: str, max_calls: int = 100) -> list[str]:
+    """Lines from repeated read() calls up to and including `last` (bounded)."""
+    got: list[str] = []
+    for _ in range(max_calls):
+        got += f.read()[0]
+        if last in got:
+            return got
+    raise AssertionError(f"{last!r} not read in {max_calls} calls; got {got}")
+
+
+def test_rotation_drains_all_of_the_old_file_over_several_bounded_reads_before_the_new_one(tmp_path):
+    log = tmp_path / "kern.log"
+    log.touch()
+    f = follower(log)
+    f.MAX_READ = SMALL_READ
+    assert f.read()[0] == []
+    old = [f"old line {i:03d}" for i in range(40)]  # far more than one read's worth
+    append(log, "".join(l + "\n" for l in old))
+    os.rename(log, tmp_path / "kern.log.1")
+    append(log, "new line\n")
+    assert f.read()[0] == old[:4], "each read stays bounded"
+    assert read_until(f, "new line") == old[4:] + ["new line"]
+
+
+def test_a_restart_in_the_middle_of_draining_a_rotated_file_neither_loses_nor_repeats_lines(tmp_path):
+    log, store = tmp_path / "kern.log", Store(tmp_path / "s.db")
+    old = [f"old line {i:03d}" for i in range(40)]
+    append(log, "".join(l + "\n" for l in old))
+    first = follower(log, store)
+    first.MAX_READ = SMALL_READ
+    got, pos = first.read()
+    store.put("k", pos.to_json())
+    first.close()
+    # While the agent is down, the file it was reading is rotated and a new one started.
+    os.rename(log, tmp_path / "kern.log.1")
+    append(log, "new line\n")
+    second = follower(log, store)
+    second.MAX_READ = SMALL_READ
+    lines, pos = second.read()
+    got += lines
+    store.put("k", pos.to_json())
+    second.close()
+    third = follower(log, store)  # and once more, while the old file is still being drained
+    third.MAX_READ = SMALL_READ
+    got += read_until(third, "new line")
+    assert got == old + ["new line"]
+    store.close()
+
+
+def test_a_line_longer_than_one_read_does_not_stop_the_follower(tmp_path):
+    log = tmp_path / "kern.log"
+    log.touch()
+    f = follower(log)
+    f.MAX_READ = SMALL_READ
+    assert f.read()[0] == []
+    append(log, "x" * (3 * SMALL_READ) + "\nafter the long line\n")
+    os.rename(log, tmp_path / "kern.log.1")
+    append(log, "new line\n")
+    got = read_until(f, "new line")
+    assert got[-2:] == ["after the long line", "new line"]
+
+
 def test_a_file_rotated_while_the_agent_was_down_is_read_from_its_start(tmp_path):
     log = tmp_path / "kern.log"
     append(log, "a\nb\nc\n")

@@ -88,6 +88,21 @@ def test_nvswitch_sxid_lines_carry_their_severity():
     assert cat.classify_kernel(nonfatal.kind, nonfatal.xid, severity=nonfatal.severity).action == Action.IGNORE
 
 
+@pytest.mark.parametrize("severity, action", [("Non-fatal", Action.IGNORE), ("Fatal", Action.REBOOT_NODE)])
+def test_an_nvswitch_error_printed_as_three_lines_is_one_fault_classified_by_its_first_line(severity, action):
+    # The driver prints one SXid as a report line, then its severity/engine line and its data
+    # line, all three under the same "SXid (PCI:..): <code>," prefix.
+    lines = [
+        f"[ 812.1] nvidia-nvswitch2: SXid (PCI:0000:07:00.0): 12028, {severity}, Link 03 egress non-posted PRIV error",
+        "[ 812.1] nvidia-nvswitch2: SXid (PCI:0000:07:00.0): 12028, Severity 0 Engine instance 03 Sub-engine instance 00",
+        "[ 812.1] nvidia-nvswitch2: SXid (PCI:0000:07:00.0): 12028, Data {0x00000000, 0x00000000, 0x00000000, "
+        "0x00000000, 0x00000000, 0x00000000, 0x00000000, 0x00000000}",
+    ]
+    (fault,) = parse_lines(lines)
+    assert (fault.kind, fault.xid, fault.severity, fault.line) == (FaultKind.NVSWITCH_SXID, 12028, severity, lines[0])
+    assert load_catalog().classify_kernel(fault.kind, fault.xid, fault.message, fault.severity).action == action
+
+
 def test_unrelated_lines_and_look_alikes_are_ignored():
     assert parse_lines([
         "[    0.000000] Linux version 6.1.0-18-amd64",

@@ -91,6 +91,9 @@ class HealthAgent:
         self.observations: queue.Queue[Observation] = queue.Queue(maxsize=64)
         self.pci_to_gpu: dict[str, int] = {}
         self._recent_xids: list[tuple[tuple[int, str | None], str, float]] = []
+        # NVML events of follow_stated XIDs waiting for their kernel line: (key, event, cls, seen at).
+        self._held: list[tuple[tuple[int, str | None], FaultEvent, Classification, float]] = []
+        self.clock = time.monotonic  # for the dedupe window; tests replace it
         self._hung_seen = 0
         self.emitted = 0
         for c in self.conditions.active.values():  # a lost GPU stays lost across restarts
@@ -111,8 +114,9 @@ class HealthAgent:
             halt.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
 
     # main loop ------------------------------------------------------------------
-    def step(self, wait_s: float = 0.0) -> int:
-        """Follow the kernel log once, then handle device observations for up to `wait_s`."""
+    def step(self, wait_s: float = 0.0, *, final: bool = False) -> int:
+        """Follow the kernel log once, then handle device observations for up to `wait_s`.
+        `final`: the agent is stopping, so held NVML events are reported now, not lost."""
         before = self.emitted
         while True:  # what the poller already saw first: it maps PCI addresses to GPUs
             try:
@@ -128,6 +132,7 @@ class HealthAgent:
             except queue.Empty:
                 break
             self.handle_observation(obs)
+        self._release_held(everything=final)
         self.metrics.quarantined.labels(self.node).set(
             1 if self.store.node_state(self.node) in ("quarantining", "quarantined") else 0)
         return self.emitted - before
@@ -151,8 +156,11 @@ class HealthAgent:
 
     def _from_kernel(self, fault: KernelFault) -> tuple[FaultEvent, Classification] | None:
         gpu = self.pci_to_gpu.get(fault.pci) if fault.pci else None
-        if fault.kind == FaultKind.XID and self._duplicate_xid(fault.xid, fault.pci, "kmsg"):
-            return None
+        if fault.kind == FaultKind.XID:
+            duplicate = self._duplicate_xid(fault.xid, fault.pci, "kmsg")
+            # A held NVML event of this XID gives way to this line, which states the action.
+            if not self._take_held((fault.xid, fault.pci)) and duplicate:
+                return None
         cls = self.catalog.classify_kernel(fault.kind, fault.xid, fault.message, fault.severity)
         if fault.kind == FaultKind.XID:
             self.metrics.xid(gpu, fault.pci, fault.xid)
@@ -170,7 +178,7 @@ class HealthAgent:
 
     def _duplicate_xid(self, xid: int, pci: str | None, source: str) -> bool:
         """True when the other source reported this XID on this GPU within the window."""
-        now = time.monotonic()
+        now = self.clock()
         self._recent_xids = [r for r in self._recent_xids if now - r[2] < XID_DEDUPE_WINDOW_S]
         key = (xid, pci)
         for i, (k, src, _t) in enumerate(self._recent_xids):
@@ -179,6 +187,27 @@ class HealthAgent:
                 return True
         self._recent_xids.append((key, source, now))
         return False
+
+    def _take_held(self, key: tuple[int, str | None]) -> bool:
+        """Drop the oldest held NVML event with this key; True if there was one."""
+        for i, held in enumerate(self._held):
+            if held[0] == key:
+                del self._held[i]
+                return True
+        return False
+
+    def _release_held(self, everything: bool = False) -> None:
+        """Report held NVML events whose kernel line did not come within the dedupe window."""
+        now = self.clock()
+        due, waiting = [], []
+        for held in self._held:
+            (due if everything or now - held[3] >= XID_DEDUPE_WINDOW_S else waiting).append(held)
+        if not due:
+            return
+        self._held = waiting
+        for _key, event, _cls, _seen in due:
+            self.metrics.xid(event.gpu, event.pci, event.xid)
+        self._commit([(event, cls) for _key, event, cls, _seen in due])
 
     def handle_observation(self, obs: Observation) -> None:
         pending: list[tuple[FaultEvent, Classification]] = []
@@ -211,19 +240,32 @@ class HealthAgent:
                 elif current.value != o.value:
                     current.value = o.value
                     self._conditions_dirty = True
-        for index, why in obs.lost.items():
-            self.metrics.set_lost(index, True)
-            if condition_key(FaultKind.FALLEN_OFF_BUS, index) not in self.conditions.active:
-                pending.append(self._condition_event(Observed(FaultKind.FALLEN_OFF_BUS, index, True, why), "device"))
+        # XIDs before lost GPUs: an XID 79 and the lost GPU it explains are one fault, as on
+        # the kernel-log path, so the XID sets the condition and the lost GPU adds no event.
         for x in obs.xids:
             pci = normalize_pci(x.pci_bus_id)
             if self._duplicate_xid(x.xid, pci, "device"):
                 continue
             cls = self.catalog.classify_xid(x.xid)
+            event = FaultEvent(self.node, FaultKind.XID, cls.action,
+                               f"XID {x.xid} on {pci} (NVML event): {cls.reason} -> {cls.action.value}",
+                               "device", gpu=x.gpu, pci=pci, xid=x.xid)
+            if x.xid == 79:
+                self._set_condition(FaultKind.FALLEN_OFF_BUS, x.gpu, True, event.message, cls.action)
+            if self.follower is not None and self.catalog.follows_stated(x.xid):
+                # The event has no text, so it cannot say which action the driver states
+                # (contact_support by default); its kernel line can, and usually follows
+                # within the dedupe window. Hold the event that long rather than emit it
+                # and then either drop the line as a duplicate or emit a second,
+                # contradicting event. Without its line it is still reported (_release_held).
+                self._held.append(((x.xid, pci), event, cls, self.clock()))
+                continue
             self.metrics.xid(x.gpu, pci, x.xid)
-            pending.append((FaultEvent(self.node, FaultKind.XID, cls.action,
-                                       f"XID {x.xid} on {pci} (NVML event): {cls.reason} -> {cls.action.value}",
-                                       "device", gpu=x.gpu, pci=pci, xid=x.xid), cls))
+            pending.append((event, cls))
+        for index, why in obs.lost.items():
+            self.metrics.set_lost(index, True)
+            if condition_key(FaultKind.FALLEN_OFF_BUS, index) not in self.conditions.active:
+                pending.append(self._condition_event(Observed(FaultKind.FALLEN_OFF_BUS, index, True, why), "device"))
         for e in obs.errors:
             log.warning("%s: device poll error: %s", self.node, e)
         self._commit(pending)
@@ -324,7 +366,7 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
             ready.set()
         while not stop.is_set():
             agent.step(wait_s=poll_interval_s)
-        agent.step(0.0)  # what arrived while stopping is still recorded
+        agent.step(0.0, final=True)  # what arrived while stopping is still recorded
         audit.append("health.agent_stopped", f"stopped watching {node}", actor=agent.actor, node=node,
                      payload={"events_emitted": agent.emitted, "active_conditions": sorted(agent.conditions.active)})
     finally:

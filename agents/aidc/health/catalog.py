@@ -51,6 +51,11 @@ class XidCatalog:
             return self._stated(xid, entry, text)
         return Classification(Action(entry["action"]), f"XID {xid}: {entry.get('name', '')}", self.version)
 
+    def follows_stated(self, xid: int) -> bool:
+        """True when the XID's action is the one its message text states (XID 154): an NVML
+        event, which carries no text, cannot be classified by itself."""
+        return (self.xids.get(int(xid)) or {}).get("action") == FOLLOW_STATED
+
     def _stated(self, xid: int, entry: dict, text: str) -> Classification:
         """XID 154: honour the driver's own stated recovery action."""
         m = _RECOVERY_RE.search(text or "")

@@ -36,6 +36,10 @@ _PREFIXES = [
 _XID = re.compile(r"NVRM: Xid \((?:PCI:)?([0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?)\):\s*(\d+),?\s*(.*)$")
 _SXID = re.compile(r"nvidia-nvswitch(\d+): SXid \((?:PCI:)?([0-9A-Fa-f:.]+)\):\s*(\d+),\s*(Non-fatal|Fatal)?,?\s*(.*)$",
                    re.IGNORECASE)
+# The driver prints each SXid as three lines under the same "SXid (PCI:..): <code>," prefix:
+# the report (with its severity), then "Severity N Engine instance .." and "Data {..}".
+# Only the report is the fault; the other two are its details.
+_SXID_DETAIL = re.compile(r"^(?:Severity\s|Data\s*\{)")
 _FOB_GPU = re.compile(r"NVRM: The NVIDIA GPU ([0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?)\s*$")
 _FOB_MID = re.compile(r"NVRM: \(PCI ID: [0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}\) installed in this system has")
 _FOB_END = re.compile(r"NVRM: fallen off the bus and is not responding to commands")
@@ -107,6 +111,8 @@ class KernelLogParser:
             return [KernelFault(FaultKind.XID, int(m.group(2)), normalize_pci(m.group(1)), raw, text)]
         m = _SXID.search(text)
         if m:
+            if m.group(4) is None and _SXID_DETAIL.match(m.group(5)):
+                return []
             return [KernelFault(FaultKind.NVSWITCH_SXID, int(m.group(3)), normalize_pci(m.group(2)), raw, text,
                                 severity=(m.group(4) or "").capitalize() or None)]
         m = _FOB_GPU.search(text)
@@ -171,7 +177,9 @@ class KernelLogFollower:
     the events it derived, so a crash between the two repeats nothing and loses nothing.
     A partial last line waits for its newline. A file that shrank (truncated) is read
     from its start; a file replaced under the same name (rotated) is first drained to its
-    end through the still-open handle, then the new file is read from its start.
+    end through the still-open handle, over as many calls as that takes, then the new file
+    is read from its start. The position names the file by device and inode, so a restart
+    while a rotated file is still being drained finds it again under its new name.
     """
 
     MAX_READ = 1 << 20  # bytes per call: bounded work per poll
@@ -181,6 +189,7 @@ class KernelLogFollower:
         self.pos = position
         self._fh = None
         self._is_kmsg = False
+        self._unread = False  # the last read stopped at MAX_READ before the file's end
 
     @staticmethod
     def position_key(node: str, path: str | os.PathLike) -> str:
@@ -209,10 +218,34 @@ class KernelLogFollower:
         self._fh = open(self.path, "rb")
         fst = os.fstat(self._fh.fileno())
         if (fst.st_dev, fst.st_ino) != (self.pos.dev, self.pos.ino):
-            if self.pos.ino:  # a different file than the one we left: start it from the top
-                self.pos.offset = 0
+            if self.pos.ino:
+                rotated = self._open_rotated()
+                if rotated is not None:  # finish the file we left first; read() moves on when it is drained
+                    self._fh.close()
+                    self._fh = rotated
+                    return True
+                self.pos.offset = 0  # a different file than the one we left: start it from the top
             self.pos.dev, self.pos.ino = fst.st_dev, fst.st_ino
         return True
+
+    def _open_rotated(self):
+        """The file the position names, if it is still in this directory under a rotated
+        name (kern.log.1, kern.log-20240830, ...); None when it is gone (deleted, compressed)."""
+        try:
+            names = sorted(n for n in os.listdir(self.path.parent)
+                           if n.startswith(self.path.name) and n != self.path.name)
+        except OSError:
+            return None
+        for name in names:
+            try:
+                fh = open(self.path.parent / name, "rb")
+            except OSError:
+                continue
+            fst = os.fstat(fh.fileno())
+            if (fst.st_dev, fst.st_ino) == (self.pos.dev, self.pos.ino) and stat.S_ISREG(fst.st_mode):
+                return fh
+            fh.close()
+        return None
 
     def read(self) -> tuple[list[str], Position]:
         if self._fh is None and not self._open():
@@ -220,12 +253,14 @@ class KernelLogFollower:
         if self._is_kmsg:
             return self._read_kmsg()
         lines = self._read_file()
+        if self._unread:  # more complete lines wait in this file: the next call reads on here
+            return lines, self.pos
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return lines, self.pos
         if (st.st_dev, st.st_ino) != (self.pos.dev, self.pos.ino):
-            # Rotated: the old handle was drained above; switch to the new file.
+            # Rotated, and the old handle is drained to its end: switch to the new file.
             self.close()
             self.pos = Position(parser=self.pos.parser)
             if self._open():
@@ -233,6 +268,9 @@ class KernelLogFollower:
         return lines, self.pos
 
     def _read_file(self) -> list[str]:
+        """Up to MAX_READ bytes of complete lines; sets `_unread` when the read stopped at
+        MAX_READ before the end of the file."""
+        self._unread = False
         size = os.fstat(self._fh.fileno()).st_size
         if size < self.pos.offset:  # truncated in place
             self.pos.offset = 0
@@ -240,8 +278,12 @@ class KernelLogFollower:
             return []
         self._fh.seek(self.pos.offset)
         data = self._fh.read(self.MAX_READ)
+        self._unread = len(data) == self.MAX_READ and self.pos.offset + len(data) < size
         end = data.rfind(b"\n")
         if end < 0:
+            # A line longer than MAX_READ would otherwise stop the follower for good: skip its head.
+            if self._unread:
+                self.pos.offset += len(data)
             return []
         chunk = data[: end + 1]
         self.pos.offset += len(chunk)
