@@ -160,6 +160,11 @@ class BurninPolicy(_Strict):
     def _sizes(self) -> "BurninPolicy":
         if self.allreduce_min_bytes > self.allreduce_max_bytes:
             raise ValueError("allreduce_min_bytes must not exceed allreduce_max_bytes")
+        # The sweep runs the powers of two in the range; a range without one checks nothing.
+        smallest = 1 << (self.allreduce_min_bytes - 1).bit_length()
+        if smallest > self.allreduce_max_bytes:
+            raise ValueError(f"allreduce_min_bytes..allreduce_max_bytes ({self.allreduce_min_bytes}.."
+                             f"{self.allreduce_max_bytes}) holds no power of two: the sweep would be empty")
         return self
 
 

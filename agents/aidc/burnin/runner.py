@@ -158,6 +158,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     complete (recorded in the audit log as `burnin.aborted`); failed nodes are verdicts.
     """
     nodes = spec.nodes()
+    if not timeout_s > 0:
+        raise BurninError(f"the burn-in timeout must be positive, got {timeout_s:g} s")
     if spec.device_backend != "sim":
         raise BurninError("run_burnin runs a fleet of simulated nodes on one machine; the stack uses the"
                           f" {spec.device_backend!r} backend (use bench/gpu_check.sh on a GPU machine)")
@@ -258,11 +260,14 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) ->
 
 def _node_result(node, raw: dict) -> NodeResult:
     metrics = dict(raw["metrics"])
+    errors = list(raw["errors"])
     if raw["allreduce"]:
         metrics["allreduce_busbw_gbps"] = raw["allreduce"][-1]["busbw_gbps"]
+    else:  # an empty sweep checks nothing: it must not pass as "every all_reduce was correct"
+        errors.append("the all_reduce sweep measured no size")
     return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
                       gpus=raw["gpus"], training=raw["training"], allreduce_correct=raw["allreduce_correct"],
-                      errors=list(raw["errors"]))
+                      errors=errors)
 
 
 def _certify(audit: AuditLog, report: BurninReport) -> None:

@@ -36,7 +36,8 @@ def _table(report) -> "object":
 def run(stack: str = STACK_OPTION,
         lab_dir: Path = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab directory (nodes/<node> live here)."),
         audit_db: Path = typer.Option(None, "--audit-db", help="Audit database (default: <lab-dir>/audit.db)."),
-        timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the whole run is abandoned."),
+        timeout: float = typer.Option(300.0, "--timeout", min=1.0,
+                                     help="Seconds before the whole run is abandoned."),
         as_json: bool = JSON_OPTION) -> None:
     """Burn in every node of the stack (spares included); exit 1 when any node fails."""
     from aidc.audit.log import AuditLog

@@ -2,7 +2,9 @@
 
 Everything the lab starts is recorded in `<lab>/lab.json` (name, pid, process group,
 node), so `aidc lab down` can stop it from another shell, and so the lab scheduler
-can stop a whole node. Each process gets its own process group; a node's groups are
+can stop a whole node. The `aidc lab run` process itself is recorded as the lab's owner
+(pid and start time) from the moment the lab is created: during burn-in nothing else is
+running yet, and a second run must not take that for an idle lab. Each process gets its own process group; a node's groups are
 also listed in `nodes/<node>/pgids.json` for the scheduler.
 """
 
@@ -20,6 +22,7 @@ from aidc.device import sim
 from aidc.errors import AidcError
 from aidc.failover.scheduler import LabScheduler
 from aidc.polling import free_port
+from aidc.process import same_process_alive, start_ticks
 from aidc.spec import ClusterSpec
 
 RUN_ID = "aidc-lab"
@@ -39,10 +42,19 @@ class LabCluster:
         self.nodes = spec.nodes()
 
     # -- layout -------------------------------------------------------------------
-    def create(self) -> None:
+    def create(self, owned: bool = False) -> None:
+        """Lay out a new lab. `owned`: this process drives it (`aidc lab run`) and is recorded
+        as its owner until `disown()`, so the lab counts as running from the first moment."""
         if self.manifest.exists() and self.running():
             raise LabError(f"a lab is already running in {self.dir}: run `aidc lab down --lab-dir {self.dir}` first")
         if self.dir.exists():
+            if not self.dir.is_dir():
+                raise LabError(f"--lab-dir {self.dir} is a file, not a directory")
+            # A new lab replaces an old one, and nothing else: never delete a directory that
+            # is not a lab (`--lab-dir .` by mistake).
+            if not self.manifest.exists() and any(self.dir.iterdir()):
+                raise LabError(f"--lab-dir {self.dir} is not empty and holds no lab (no lab.json): refusing to "
+                               "delete it; choose a new or empty directory")
             import shutil
 
             shutil.rmtree(self.dir)
@@ -50,7 +62,15 @@ class LabCluster:
         for i, node in enumerate(self.nodes):
             sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i)
         ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
-        self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID})
+        owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
+        self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
+
+    def disown(self) -> None:
+        """The driving run is over (what it kept up is recorded in `processes`)."""
+        if self.manifest.exists():
+            data = self.info()
+            data["owner"] = None
+            self._write(data)
 
     def node_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node
@@ -132,12 +152,33 @@ class LabCluster:
         self.start_gate.parent.mkdir(parents=True, exist_ok=True)
         self.start_gate.touch()
 
+    def _foreign_owner(self) -> dict | None:
+        """The `aidc lab run` process that owns this lab, when it is alive and not this process."""
+        owner = json.loads(self.manifest.read_text()).get("owner")
+        if not owner or owner["pid"] == os.getpid() or not same_process_alive(owner["pid"], owner.get("start")):
+            return None
+        return owner
+
     def running(self) -> list[dict]:
-        return [p for p in json.loads(self.manifest.read_text()).get("processes", []) if _alive(p["pid"])]
+        procs = [p for p in json.loads(self.manifest.read_text()).get("processes", []) if _alive(p["pid"])]
+        owner = self._foreign_owner()
+        return ([{"name": owner["name"], "pid": owner["pid"], "pgid": None, "node": None}] if owner else []) + procs
 
     def stop(self, names_prefix: str = "", timeout_s: float = 10.0) -> int:
-        """Stop the lab's processes (whole process groups): TERM, then KILL after the timeout."""
-        procs = [p for p in self.info()["processes"] if p["name"].startswith(names_prefix)]
+        """Stop the lab's processes (whole process groups): TERM, then KILL after the timeout.
+
+        Returns how many were still running. Stopped entries leave lab.json, so a later
+        `down` never signals a process group whose number has been reused since."""
+        owner = self._foreign_owner() if not names_prefix else None
+        if owner:
+            # Another shell's `aidc lab run` (maybe still burning in): SIGTERM makes it clean up
+            # what it started, as Ctrl-C would. Only its pid: its group is the user's shell job.
+            try:
+                os.kill(owner["pid"], signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        listed = [p for p in self.info()["processes"] if p["name"].startswith(names_prefix)]
+        procs = [p for p in listed if _alive(p["pid"])]
         for p in procs:
             _signal_group(p["pgid"], signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -150,7 +191,14 @@ class LabCluster:
                 os.waitpid(p["pid"], os.WNOHANG)
             except ChildProcessError:
                 pass
-        return len(procs)
+        if owner:
+            while time.monotonic() < deadline and same_process_alive(owner["pid"], owner.get("start")):
+                time.sleep(0.1)
+        data = self.info()
+        stopped = {p["pid"] for p in listed}
+        data["processes"] = [p for p in data["processes"] if p["pid"] not in stopped]
+        self._write(data)
+        return len(procs) + (1 if owner else 0)
 
 
 def _alive(pid: int) -> bool:
@@ -164,6 +212,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
         return True
     except ProcessLookupError:
+        return False
+    except PermissionError:  # the pid now belongs to another user: not a lab process any more
         return False
 
 

@@ -77,7 +77,7 @@ class LabRun:
     def bring_up(self, burn_in: bool = True) -> None:
         """Create the lab, burn it in, start the agents and the controller (not the training)."""
         c = self.cluster
-        c.create()
+        c.create(owned=True)
         self.audit = AuditLog(c.audit_path)
         self.result.audit_db = str(c.audit_path)
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
@@ -97,6 +97,7 @@ class LabRun:
                 if not keep:
                     self.cluster.stop()
                 self._finish(started)
+                self.cluster.disown()
         return self.result
 
     # -- stages -----------------------------------------------------------------------

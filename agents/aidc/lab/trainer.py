@@ -156,5 +156,7 @@ def _straggle(ddp: DistributedDataParallel, device: SimBackend, x: torch.Tensor)
     if extra <= 0:
         return
     with torch.no_grad():
-        for _ in range(3 * int(round(extra))):  # forward+backward ~ 3 forwards
+        # forward+backward ~ 3 forwards: round the product, not the factor, so that a
+        # slowdown of 1.5 adds work (round(0.5) would be 0) and 2.5 adds ~4.5 forwards, not 6
+        for _ in range(round(3 * extra)):
             ddp.module(x)

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aidc.process import start_ticks
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -111,21 +113,11 @@ class StepRow:
 LEASE_S = 30.0
 
 
-def _start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
-    return fields[19] if len(fields) > 19 else None
-
-
 def this_owner() -> str:
     # The start time tells this process from an earlier one with the same pid: a receiver
     # running as a container's PID 1 comes back as PID 1 after a restart.
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or 0}"
+    return f"{socket.gethostname()}:{pid}:{start_ticks(pid) or 0}"
 
 
 def owner_alive(owner: str | None, lease_renewed_at: float | None = None) -> bool:
@@ -146,7 +138,7 @@ def owner_alive(owner: str | None, lease_renewed_at: float | None = None) -> boo
     except (PermissionError, ValueError):
         return True
     if ticks and ticks != "0":
-        current = _start_ticks(pid_number)
+        current = start_ticks(pid_number)
         return current is None or current == ticks  # another start time: the pid was reused
     return True
 

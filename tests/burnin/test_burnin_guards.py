@@ -1,0 +1,50 @@
+"""Burn-in inputs that would certify nothing, or crash, are refused; the lab's straggler
+simulation scales with the slowdown factor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from aidc.burnin.runner import _node_result
+from aidc.lab.trainer import _straggle
+from aidc.spec import BurninPolicy
+
+
+def test_an_all_reduce_range_without_a_power_of_two_is_a_spec_error():
+    with pytest.raises(ValidationError, match="holds no power of two"):
+        BurninPolicy(allreduce_min_bytes=5000, allreduce_max_bytes=8000)
+    assert BurninPolicy(allreduce_min_bytes=4096, allreduce_max_bytes=4096)
+
+
+def test_a_node_whose_sweep_measured_nothing_is_not_certified_as_correct():
+    class Node:
+        name, gpu_model, spare = "gpu-0", "SIM", False
+
+    raw = {"metrics": {}, "allreduce": [], "gpus": [], "training": {}, "allreduce_correct": True, "errors": []}
+    assert _node_result(Node, raw).errors == ["the all_reduce sweep measured no size"]
+
+
+def test_burnin_refuses_a_non_positive_timeout_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "aidc", "burnin", "run", "--lab-dir", str(tmp_path), "--timeout", "-5"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "--timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("slowdown", "forwards"), [(1.0, 0), (1.3, 1), (1.5, 2), (2.0, 3), (2.5, 4)])
+def test_a_slow_simulated_gpu_does_proportionally_more_work(slowdown, forwards):
+    calls = []
+
+    class Device:
+        def compute_slowdown(self):
+            return slowdown
+
+    class DDP:
+        def module(self, x):
+            calls.append(x)
+
+    _straggle(DDP(), Device(), 0)
+    assert len(calls) == forwards
