@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -35,7 +36,9 @@ def gpu_models() -> dict[str, dict]:
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a misspelt key silently ignored is a misconfigured cluster.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Infinity are never meaningful settings (a NaN floor passes every comparison) and
+    # would be printed as non-JSON by `aidc spec show --json`.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NodePool(_Strict):
@@ -185,8 +188,9 @@ class Policy(_Strict):
     @field_validator("max_unavailable")
     @classmethod
     def _non_negative(cls, value):
-        if isinstance(value, int) and value < 0:
-            raise ValueError("max_unavailable must be >= 0")
+        # A percentage above 100% would let more nodes go than exist.
+        if (isinstance(value, int) and value < 0) or (isinstance(value, str) and int(value[:-1]) > 100):
+            raise ValueError(f"an integer >= 0 or a percentage 0-100%, not {value!r}")
         return value
 
     def max_unavailable_nodes(self, total_nodes: int) -> int:
@@ -232,6 +236,14 @@ class ClusterSpec(_Strict):
         names = [p.name for p in self.node_pools]
         if len(set(names)) != len(names):
             raise ValueError(f"node pool names must be unique, got {names}")
+        # Node names are derived (`<pool>-<i>`, `<pool>-spare-<i>`), so distinct pools can still
+        # collide, e.g. pool `gpu` with spares and pool `gpu-spare`; one name must be one machine.
+        owner: dict[str, str] = {}
+        for node in self.nodes():
+            if node.name in owner:
+                raise ValueError(f"unique node names, but {node.name!r} comes from both pool {owner[node.name]!r} "
+                                 f"and pool {node.pool!r}; rename one pool")
+            owner[node.name] = node.pool
         return self
 
     @model_validator(mode="after")
@@ -284,9 +296,17 @@ def stack_path(stack: str | os.PathLike) -> Path:
     return project_root() / f"Pulumi.{text}.yaml"
 
 
+# Pydantic names the union branch it tried in the error location (`int`, `constrained-str`,
+# `function-after[...]`); those are not keys in the stack file, so they are left out.
+_UNION_BRANCH = re.compile(r"^(int|str|float|bool|constrained-\w+|function-\w+\[.*\])$")
+_UNION_FIELDS = {"max_unavailable": "an integer >= 0 or a percentage 0-100%"}
+
+
 def _key_path(loc: tuple) -> str:
     out = CONFIG_KEY
-    for part in loc:
+    for i, part in enumerate(loc):
+        if i and isinstance(part, str) and loc[i - 1] in _UNION_FIELDS and _UNION_BRANCH.match(part):
+            continue
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out
 
@@ -302,18 +322,55 @@ def parse_spec(data: object, file: str = "<memory>") -> ClusterSpec:
             msg = "unknown key (misspelt?)"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        elif err["type"] == "finite_number":
+            msg = "a finite number (not NaN or infinity)"
+        # A union field gives one error per branch; say what the field accepts as a whole.
+        for name, wanted in _UNION_FIELDS.items():
+            if name in err["loc"][:-1] and err["loc"][-1] != name:
+                msg = f"{wanted}, not {err['input']!r}"
+        # Count problems per key path, so a union's per-branch errors count once.
+        others = {_key_path(tuple(e["loc"])) for e in exc.errors()} - {_key_path(tuple(err["loc"]))}
+        more = f" (and {len(others)} more problem(s))" if others else ""
         raise SpecError(file, _key_path(tuple(err["loc"])), f"expected {msg}{more}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys: YAML keeps the last one silently, so a
+    key written twice (two `node_pools:`) would drop half the cluster without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key; the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_stack(stack: str | os.PathLike = "lab") -> ClusterSpec:
     """Read `Pulumi.<stack>.yaml` (or a path) and return its validated cluster spec."""
     path = stack_path(stack)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. ENAMETOOLONG: not a usable path at all
+        raise SpecError(str(path)[:200], "-", f"a readable stack file ({exc.strerror})") from None
+    if not exists:
         known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in path.parent.glob("Pulumi.*.yaml"))
         raise SpecError(str(path), "-", f"a stack file; known stacks here: {', '.join(known) or 'none'}")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), "-", f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from None
+    except OSError as exc:  # a directory, unreadable, ...
+        raise SpecError(str(path), "-", f"a readable stack file ({exc.strerror or exc})") from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "-"

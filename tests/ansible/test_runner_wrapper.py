@@ -80,3 +80,28 @@ def test_a_run_that_reaches_no_host_is_not_ok_although_ansible_exits_0(local):
 def test_a_missing_playbook_is_an_error_before_anything_runs(tmp_path):
     with pytest.raises(AnsibleRunError, match="no such playbook"):
         run_playbook(tmp_path / "absent.yml", inventory={"all": {"hosts": {}}})
+
+
+def test_a_rescued_failure_is_ok_and_an_ignored_failure_that_changed_is_listed(tmp_path):
+    playbook = tmp_path / "rescue.yml"
+    playbook.write_text("""
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: ignored failure
+      ansible.builtin.command: "false"
+      ignore_errors: true
+    - block:
+        - name: fails then rescued
+          ansible.builtin.command: "false"
+      rescue:
+        - name: rescue task
+          ansible.builtin.debug: msg=rescued
+""")
+    inventory = {"all": {"hosts": {"here": {"ansible_connection": "local",
+                                            "ansible_python_interpreter": sys.executable}}}}
+    result = run_playbook(playbook, inventory=inventory)
+    assert result.ok and result.failed_tasks == [], result.describe()
+    # The recap counts the ignored failure as changed (a command always reports changed).
+    assert [t.task for t in result.changed_tasks] == ["ignored failure"]
+    assert result.hosts["here"].changed == 1

@@ -80,8 +80,10 @@ class PlaybookResult:
         A run that matched no host exits 0 in Ansible; here it is not ok, so a typo in a limit or
         an empty inventory can never pass for a clean (or an idempotent) run.
         """
-        return (self.rc == 0 and bool(self.hosts) and not self.failed_tasks
-                and not any(h.unreachable for h in self.hosts.values()))
+        # Judged on Ansible's own recap: a task that failed inside a block and was handled by its
+        # `rescue:` is not a failure there (the run succeeded), though its event was "failed".
+        return (self.rc == 0 and bool(self.hosts)
+                and not any(h.failed or h.unreachable for h in self.hosts.values()))
 
     @property
     def changed(self) -> int:
@@ -164,10 +166,17 @@ def run_playbook(
         kind = event.get("event", "")
         if event.get("stdout"):
             stdout.append(event["stdout"])
-        if kind == "runner_on_ok" and (event.get("event_data", {}).get("res") or {}).get("changed"):
+        data = event.get("event_data", {})
+        reported_changed = bool((data.get("res") or {}).get("changed"))
+        if kind == "runner_on_ok" and reported_changed:
             result.changed_tasks.append(_outcome(event))
-        elif kind == "runner_on_failed" and not event.get("event_data", {}).get("ignore_errors"):
-            result.failed_tasks.append(_outcome(event))
+        elif kind == "runner_on_failed":
+            # A failure with ignore_errors that reports a change is counted in the recap's
+            # `changed` (and as ok): list it, so the task lists match the counts.
+            if not data.get("ignore_errors"):
+                result.failed_tasks.append(_outcome(event))
+            elif reported_changed:
+                result.changed_tasks.append(_outcome(event))
         elif kind == "runner_on_unreachable":
             result.failed_tasks.append(_outcome(event))
         elif kind == "runner_on_skipped":
@@ -220,6 +229,11 @@ def run_playbook(
         for key in ("processed", "ok"):
             for host in stats.get(key) or {}:
                 counts.setdefault(host, HostCounts())
+    # A host whose recap shows rescued blocks and no failures had every failed task rescued:
+    # those are handled, not failures (Ansible's own recap does not count them as failed).
+    rescued = {h for h, n in (stats.get("rescued") or {}).items()
+               if n and h in counts and not counts[h].failed}
+    result.failed_tasks = [t for t in result.failed_tasks if t.host not in rescued]
     result.hosts = counts
     result.stdout = "".join(s + "\n" for s in stdout)
     return result

@@ -21,6 +21,12 @@ def show(backend: str = typer.Option("nvml", help="nvml (real driver) or sim (la
          timeout: float = typer.Option(2.0, help="Seconds before a device call counts as hung."),
          as_json: bool = JSON_OPTION) -> None:
     """Print every telemetry field of every GPU."""
+    if timeout <= 0:
+        raise typer.BadParameter(f"must be > 0 seconds, not {timeout}", param_hint="--timeout")
+    if backend == "sim" and node_dir is None:
+        # The sim backend reads one simulated node's state; without it there is nothing to show.
+        raise typer.BadParameter("is required with --backend sim (the lab's nodes/<name>)",
+                                 param_hint="--node-dir")
     kwargs = {"node_dir": node_dir} if backend == "sim" else {}
     dev = TimedBackend(open_backend(backend, **kwargs), timeout)
     try:

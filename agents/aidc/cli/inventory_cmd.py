@@ -24,7 +24,13 @@ def inventory(
     (that script runs `aidc inventory --stack "$AIDC_STACK" "$@"`).
     """
     spec = load_stack(stack)
-    if list_ and host:
+    if list_ and host is not None:
         raise typer.BadParameter("give --list or --host, not both")
     # Always JSON (that is what Ansible reads); --json is accepted like on every other command.
-    emit(inventory_host(spec, host) if host else inventory_list(spec), True)
+    if host is None:
+        emit(inventory_list(spec), True)
+    else:
+        # The dynamic-inventory protocol: `--host H` answers H's variables, and `{}` for a host
+        # it has no variables for (including "") -- never the whole --list document, never an error.
+        known = {node.name for node in spec.nodes()}
+        emit(inventory_host(spec, host) if host in known else {}, True)

@@ -8,12 +8,23 @@ from typing import Any
 
 import typer
 
+from aidc.errors import AidcError
+
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document for machines instead of text.")
+
+
+def _dumps(data: Any, **kwargs) -> str:
+    # allow_nan=False: NaN/Infinity are not JSON, and a consumer's parser would reject the whole
+    # document; refuse to print it rather than emit something that only looks like JSON.
+    try:
+        return json.dumps(data, default=str, allow_nan=False, **kwargs)
+    except ValueError as exc:
+        raise AidcError(f"cannot print as JSON: {exc}") from None
 
 
 def emit(data: Any, as_json: bool, text: str | None = None) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(_dumps(data, indent=2, sort_keys=True) + "\n")
     else:
         typer.echo(text if text is not None else json.dumps(data, indent=2, default=str))
 
@@ -21,4 +32,4 @@ def emit(data: Any, as_json: bool, text: str | None = None) -> None:
 def emit_lines(items: list[dict]) -> None:
     """JSON Lines: one object per line, for streams of events."""
     for item in items:
-        sys.stdout.write(json.dumps(item, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(_dumps(item, sort_keys=True) + "\n")

@@ -97,9 +97,21 @@ def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0)
 def _locked_state(node_dir: Path):
     with open(node_dir / (STATE_FILE + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        state = json.loads((node_dir / STATE_FILE).read_text())
+        state = _read_state(node_dir)
         yield state
         _write(node_dir, state)
+
+
+def _read_state(node_dir: Path) -> dict:
+    path = node_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DeviceError(f"simulated node state {path} is unreadable or corrupt "
+                          f"(expected the JSON object written by `aidc lab up`): {exc}") from None
+    if not isinstance(state, dict):
+        raise DeviceError(f"simulated node state {path} is corrupt (expected a JSON object)")
+    return state
 
 
 def _write(node_dir: Path, state: dict) -> None:
@@ -201,7 +213,7 @@ class SimBackend:
         self._xid_cursor = len(self._state()["xid_events"])
 
     def _state(self) -> dict:
-        return json.loads((self.node_dir / STATE_FILE).read_text())
+        return _read_state(self.node_dir)
 
     def _maybe_hang(self, state: dict) -> None:
         # An injected hang blocks the call like a wedged driver would; TimedBackend turns it
