@@ -104,7 +104,7 @@ def test_spec_show_json_on_inf_stack_is_one_error_line(tmp_path, aidc_cli):
 
 
 # f. and h. max_unavailable
-@pytest.mark.parametrize("value", ["150%", "101%", "-5%", "abc", -1])
+@pytest.mark.parametrize("value", ["150%", "101%", "-5%", "abc", -1, True])
 def test_max_unavailable_out_of_range_names_the_real_key(value):
     with pytest.raises(SpecError) as err:
         parse_spec(_spec(policy={"max_unavailable": value}))

@@ -185,6 +185,14 @@ class Policy(_Strict):
     # within max_unavailable is the automatic first response; everything else waits for a human.
     runbook_auto_approve: list[Literal["quarantine", "release", "playbook", "burnin"]] = ["quarantine"]
 
+    @field_validator("max_unavailable", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        # YAML `true` would otherwise pass as the integer 1: a setting nobody meant.
+        if isinstance(value, bool):
+            raise ValueError(f"an integer >= 0 or a percentage 0-100%, not {value!r}")
+        return value
+
     @field_validator("max_unavailable")
     @classmethod
     def _non_negative(cls, value):
