@@ -12,9 +12,12 @@ from aidc.health.kmsg import KernelLogFollower, Position
 from aidc.store import Store
 
 
-def follower(path, store=None, key="k"):
+def follower(path, store=None, key="k", max_read=None):
     saved = store.get(key) if store else None
-    return KernelLogFollower(path, Position.from_json(saved))
+    f = KernelLogFollower(path, Position.from_json(saved))
+    if max_read:
+        f.MAX_READ = max_read
+    return f
 
 
 def append(path: Path, text: str) -> None:
@@ -92,8 +95,7 @@ def read_until(f, last: str, max_calls: int = 100) -> list[str]:
 def test_rotation_drains_all_of_the_old_file_over_several_bounded_reads_before_the_new_one(tmp_path):
     log = tmp_path / "kern.log"
     log.touch()
-    f = follower(log)
-    f.MAX_READ = SMALL_READ
+    f = follower(log, max_read=SMALL_READ)
     assert f.read()[0] == []
     old = [f"old line {i:03d}" for i in range(40)]  # far more than one read's worth
     append(log, "".join(l + "\n" for l in old))
@@ -107,22 +109,19 @@ def test_a_restart_in_the_middle_of_draining_a_rotated_file_neither_loses_nor_re
     log, store = tmp_path / "kern.log", Store(tmp_path / "s.db")
     old = [f"old line {i:03d}" for i in range(40)]
     append(log, "".join(l + "\n" for l in old))
-    first = follower(log, store)
-    first.MAX_READ = SMALL_READ
+    first = follower(log, store, max_read=SMALL_READ)
     got, pos = first.read()
     store.put("k", pos.to_json())
     first.close()
     # While the agent is down, the file it was reading is rotated and a new one started.
     os.rename(log, tmp_path / "kern.log.1")
     append(log, "new line\n")
-    second = follower(log, store)
-    second.MAX_READ = SMALL_READ
+    second = follower(log, store, max_read=SMALL_READ)
     lines, pos = second.read()
     got += lines
     store.put("k", pos.to_json())
     second.close()
-    third = follower(log, store)  # and once more, while the old file is still being drained
-    third.MAX_READ = SMALL_READ
+    third = follower(log, store, max_read=SMALL_READ)  # and once more, while the old file is still being drained
     got += read_until(third, "new line")
     assert got == old + ["new line"]
     store.close()
@@ -131,8 +130,7 @@ def test_a_restart_in_the_middle_of_draining_a_rotated_file_neither_loses_nor_re
 def test_a_line_longer_than_one_read_does_not_stop_the_follower(tmp_path):
     log = tmp_path / "kern.log"
     log.touch()
-    f = follower(log)
-    f.MAX_READ = SMALL_READ
+    f = follower(log, max_read=SMALL_READ)
     assert f.read()[0] == []
     append(log, "x" * (3 * SMALL_READ) + "\nafter the long line\n")
     os.rename(log, tmp_path / "kern.log.1")

@@ -38,8 +38,18 @@ def test_an_empty_or_old_lab_directory_is_used(spec, tmp_path):
     assert not (empty / "old-report.html").exists()
 
 
+SLEEP_60 = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
 def sleeper() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    return subprocess.Popen(SLEEP_60)
+
+
+def record_owner(lab: LabCluster, pid: int, start: str | None) -> None:
+    """Make `pid` (with that start time) the lab's recorded `aidc lab run`."""
+    data = lab.info()
+    data["owner"] = {"name": "lab-run", "pid": pid, "start": start}
+    (lab.dir / "lab.json").write_text(json.dumps(data))
 
 
 def test_a_lab_whose_run_is_still_burning_in_is_running_and_down_stops_that_run(spec, tmp_path):
@@ -48,9 +58,7 @@ def test_a_lab_whose_run_is_still_burning_in_is_running_and_down_stops_that_run(
     assert lab.running() == []  # its own run is not a stranger's
     other_run = sleeper()  # stands for another shell's `aidc lab run`, nothing else started yet
     try:
-        data = lab.info()
-        data["owner"] = {"name": "lab-run", "pid": other_run.pid, "start": start_ticks(other_run.pid)}
-        (lab.dir / "lab.json").write_text(json.dumps(data))
+        record_owner(lab, other_run.pid, start_ticks(other_run.pid))
         assert [p["name"] for p in lab.running()] == ["lab-run"]
         with pytest.raises(LabError, match="already running"):
             LabCluster(spec, lab.dir).create()
@@ -70,9 +78,7 @@ def test_the_owner_record_of_an_earlier_process_with_the_same_pid_is_not_a_runni
     lab.create()
     live = sleeper()
     try:
-        data = lab.info()
-        data["owner"] = {"name": "lab-run", "pid": live.pid, "start": str(int(start_ticks(live.pid)) - 1)}
-        (lab.dir / "lab.json").write_text(json.dumps(data))
+        record_owner(lab, live.pid, str(int(start_ticks(live.pid)) - 1))
         assert lab.running() == []
     finally:
         live.kill()
@@ -82,7 +88,7 @@ def test_the_owner_record_of_an_earlier_process_with_the_same_pid_is_not_a_runni
 def test_down_forgets_what_it_stopped_so_a_reused_process_group_is_never_signalled(spec, tmp_path):
     lab = LabCluster(spec, tmp_path / "lab")
     lab.create()
-    lab.start("dummy", [sys.executable, "-c", "import time; time.sleep(60)"])
+    lab.start("dummy", SLEEP_60)
     assert lab.stop(timeout_s=10) == 1
     assert lab.info()["processes"] == []
     assert lab.stop(timeout_s=1) == 0

@@ -152,16 +152,17 @@ class LabCluster:
         self.start_gate.parent.mkdir(parents=True, exist_ok=True)
         self.start_gate.touch()
 
-    def _foreign_owner(self) -> dict | None:
+    def _foreign_owner(self, data: dict) -> dict | None:
         """The `aidc lab run` process that owns this lab, when it is alive and not this process."""
-        owner = json.loads(self.manifest.read_text()).get("owner")
+        owner = data.get("owner")
         if not owner or owner["pid"] == os.getpid() or not same_process_alive(owner["pid"], owner.get("start")):
             return None
         return owner
 
     def running(self) -> list[dict]:
-        procs = [p for p in json.loads(self.manifest.read_text()).get("processes", []) if _alive(p["pid"])]
-        owner = self._foreign_owner()
+        data = self.info()
+        procs = [p for p in data.get("processes", []) if _alive(p["pid"])]
+        owner = self._foreign_owner(data)
         return ([{"name": owner["name"], "pid": owner["pid"], "pgid": None, "node": None}] if owner else []) + procs
 
     def stop(self, names_prefix: str = "", timeout_s: float = 10.0) -> int:
@@ -169,7 +170,8 @@ class LabCluster:
 
         Returns how many were still running. Stopped entries leave lab.json, so a later
         `down` never signals a process group whose number has been reused since."""
-        owner = self._foreign_owner() if not names_prefix else None
+        data = self.info()
+        owner = self._foreign_owner(data) if not names_prefix else None
         if owner:
             # Another shell's `aidc lab run` (maybe still burning in): SIGTERM makes it clean up
             # what it started, as Ctrl-C would. Only its pid: its group is the user's shell job.
@@ -177,7 +179,7 @@ class LabCluster:
                 os.kill(owner["pid"], signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
-        listed = [p for p in self.info()["processes"] if p["name"].startswith(names_prefix)]
+        listed = [p for p in data["processes"] if p["name"].startswith(names_prefix)]
         procs = [p for p in listed if _alive(p["pid"])]
         for p in procs:
             _signal_group(p["pgid"], signal.SIGTERM)
@@ -194,7 +196,7 @@ class LabCluster:
         if owner:
             while time.monotonic() < deadline and same_process_alive(owner["pid"], owner.get("start")):
                 time.sleep(0.1)
-        data = self.info()
+        data = self.info()  # again: processes may have been recorded meanwhile
         stopped = {p["pid"] for p in listed}
         data["processes"] = [p for p in data["processes"] if p["pid"] not in stopped]
         self._write(data)
@@ -208,13 +210,7 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the pid now belongs to another user: not a lab process any more
-        return False
+    return same_process_alive(pid, None)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

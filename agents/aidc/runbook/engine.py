@@ -284,7 +284,7 @@ class Engine:
                 self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: {status} (after restart)",
                             run.node, {**base, "status": status, "result": result, "duration_s": 0.0})
                 if status == "failed":
-                    self._enter_failure(run, rb, row)
+                    self._enter_failure(run, rb, row, result)
                 return status
         if step.destructive and self.policy.dry_run:
             # Intake plans instead of running under dry-run; this catches runs accepted before
@@ -367,11 +367,11 @@ class Engine:
                     run.node, {**(base or {"run_id": run.id, "runbook": rb.name, "step": row.step_id,
                                            "kind": row.kind, "phase": row.phase, "trigger": run.trigger}),
                                "status": "failed", "result": result, "duration_s": round(duration, 3)})
-        self._enter_failure(run, rb, row)
+        self._enter_failure(run, rb, row, result)
         return "failed"
 
-    def _enter_failure(self, run: RunRow, rb: Runbook, row: StepRow) -> None:
-        refused_by_guard = (self.state.steps(run.id)[row.idx].result or {}).get("refused") == "guard"
+    def _enter_failure(self, run: RunRow, rb: Runbook, row: StepRow, result: dict) -> None:
+        refused_by_guard = result.get("refused") == "guard"
         if row.phase == "main" and (refused_by_guard or self._step_def(rb, row).on_failure == "abort"):
             self.state.append_failure_steps(run.id, [(s.id, s.kind) for s in rb.on_failure])
 

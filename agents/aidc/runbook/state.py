@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aidc.process import start_ticks
+from aidc.process import same_process_alive, start_ticks
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -132,15 +132,10 @@ def owner_alive(owner: str | None, lease_renewed_at: float | None = None) -> boo
         return lease_renewed_at is not None and time.time() - lease_renewed_at < LEASE_S
     try:
         pid_number = int(pid)
-        os.kill(pid_number, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    if ticks and ticks != "0":
-        current = start_ticks(pid_number)
-        return current is None or current == ticks  # another start time: the pid was reused
-    return True
+    except ValueError:
+        return True  # not an owner this code wrote: never take its run over
+    # Another user's process cannot be our executor; another start time means the pid was reused.
+    return same_process_alive(pid_number, ticks if ticks != "0" else None)
 
 
 class RunState:
