@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 
 # Debian packages that some end-to-end tests drive for real (Prometheus, Alertmanager,
 # sshd, Slurm, SoftHSM). Tests skip with the reason when these are absent.
-SYSTEM_PACKAGES := prometheus prometheus-alertmanager openssh-server iproute2 sqlite3 gcc
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager openssh-server iproute2 sqlite3 gcc slurm-wlm munge softhsm2 opensc nftables
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
