@@ -184,6 +184,9 @@ class Policy(_Strict):
     # Destructive runbook step kinds that may run without a human `approve` step. Quarantine
     # within max_unavailable is the automatic first response; everything else waits for a human.
     runbook_auto_approve: list[Literal["quarantine", "release", "playbook", "burnin"]] = ["quarantine"]
+    # Nodes the scheduler itself reports down (Slurm DOWN, Kubernetes NotReady) count towards
+    # max_unavailable: they are not training either, so quarantining more would widen the outage.
+    count_down_nodes: bool = True
 
     @field_validator("max_unavailable", mode="before")
     @classmethod
@@ -218,6 +221,21 @@ class Agent(_Strict):
     command: Annotated[list[str], Field(min_length=1)] = ["aidc", "agent", "run"]
 
 
+class Slurm(_Strict):
+    """How aidc reaches an existing Slurm cluster (`scheduler: slurm`)."""
+    # The slurm.conf Slurm's client tools read (exported to them as SLURM_CONF); None: the
+    # compiled-in default (/etc/slurm/slurm.conf on Debian).
+    conf: str | None = None
+    # Where scontrol, sinfo, squeue and scancel live; None: found on PATH.
+    bin_dir: str | None = None
+    # Seconds one Slurm client call may take before it counts as failed.
+    command_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # slurm.conf HealthCheckInterval / HealthCheckNodeState for `aidc health check`
+    # (set by the slurm_node role; 0 turns the periodic check off).
+    health_check_interval_s: Annotated[int, Field(ge=0, le=86400)] = 300
+    health_check_node_state: Literal["ANY", "IDLE", "ALLOC", "MIXED", "NONDRAINED_IDLE", "CYCLE"] = "ANY"
+
+
 class Lab(_Strict):
     train_steps: Annotated[int, Field(ge=10)] = 120
     inject_at_step: Annotated[int, Field(ge=1)] = 25
@@ -237,6 +255,7 @@ class ClusterSpec(_Strict):
     software: Software = Software()
     policy: Policy = Policy()
     agent: Agent = Agent()
+    slurm: Slurm = Slurm()
     lab: Lab = Lab()
 
     @model_validator(mode="after")
