@@ -24,3 +24,23 @@ def aidc_cli():
                               timeout=timeout, check=check, **kw)
 
     return run
+
+
+@pytest.fixture
+def local_slurm(tmp_path_factory):
+    """A private, real Slurm (munged, slurmctld, 4 slurmd + 1 spare) for one test; skips when
+    Slurm is not installed (`make system-deps`) or the test does not run as root."""
+    from aidc.lab.slurm_cluster import LocalSlurm, SlurmNode, missing_packages
+
+    missing = missing_packages()
+    if missing:
+        pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}): run `make system-deps`")
+    if os.geteuid() != 0:
+        pytest.skip("a private Slurm needs root (slurmd launches job steps as their user)")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"),
+                         [SlurmNode(f"gpu-{i}", 2) for i in range(4)] + [SlurmNode("gpu-spare-0", 2)])
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
