@@ -236,6 +236,34 @@ class Slurm(_Strict):
     health_check_node_state: Literal["ANY", "IDLE", "ALLOC", "MIXED", "NONDRAINED_IDLE", "CYCLE"] = "ANY"
 
 
+class Kubernetes(_Strict):
+    """How aidc acts on a Kubernetes cluster (`scheduler: kubernetes`)."""
+    # Where the controller keeps its leader-election Lease and writes its Events.
+    namespace: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-system"
+    lease_name: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-failover-controller"
+    # A leader that has not renewed its Lease for this long is replaced; it stops acting
+    # on its own as soon as it cannot renew within renew_deadline_s.
+    lease_duration_s: Annotated[int, Field(ge=5, le=300)] = 15
+    renew_deadline_s: Annotated[int, Field(ge=2, le=300)] = 10
+    retry_period_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # The quarantine taint's effect: NoSchedule keeps running pods (they are evicted through
+    # the Eviction API, which honours PodDisruptionBudgets); NoExecute also removes pods
+    # that do not tolerate it, without asking their budgets.
+    quarantine_taint_effect: Literal["NoSchedule", "NoExecute"] = "NoSchedule"
+    # How long evictions refused by a PodDisruptionBudget (HTTP 429) are retried before the
+    # quarantine reports the pods it could not evict.
+    eviction_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    # Take the spare taint off one healthy spare for every quarantined node, and put it back
+    # when that node is released.
+    promote_spares: bool = True
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> "Kubernetes":
+        if not self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError("retry_period_s < renew_deadline_s < lease_duration_s (as client-go's leader election)")
+        return self
+
+
 class Lab(_Strict):
     train_steps: Annotated[int, Field(ge=10)] = 120
     inject_at_step: Annotated[int, Field(ge=1)] = 25
@@ -256,6 +284,7 @@ class ClusterSpec(_Strict):
     policy: Policy = Policy()
     agent: Agent = Agent()
     slurm: Slurm = Slurm()
+    kubernetes: Kubernetes = Kubernetes()
     lab: Lab = Lab()
 
     @model_validator(mode="after")
