@@ -278,6 +278,10 @@ class FakeApiServer:
         doc = {"apiVersion": api_version, "kind": "Event", **doc}
         self._validate(doc)
         with self.lock:
+            meta = doc.get("metadata") or {}
+            if any((e["metadata"].get("namespace"), e["metadata"].get("name")) == (meta.get("namespace"), meta.get("name"))
+                   for e in self.events):
+                raise ApiError(409, "AlreadyExists", f'events "{meta.get("name")}" already exists')
             self.rv += 1
             stored = copy.deepcopy(doc)
             stored.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
