@@ -7,7 +7,7 @@ import json
 import pytest
 
 from aidc.failover.kubernetes import (CONDITION, PROMOTED_FOR, QUARANTINE_TAINT, RECORD, SPARE_TAINT,
-                                      KubernetesError, KubernetesScheduler)
+                                      KubernetesError, KubernetesScheduler, ReleaseRefused)
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.spec import Kubernetes
 
@@ -54,13 +54,14 @@ def test_it_is_a_scheduler_backend(cluster):
 
 def test_quarantine_cordons_taints_sets_the_condition_evicts_the_workload_and_promotes_a_spare(cluster):
     k8s, _ = scheduler(cluster)
-    assert k8s.quarantine("gpu-1", "XID 79 on gpu 0 asks for reboot_node") is None
+    assert k8s.quarantine("gpu-1", "XID 79 on gpu 0 asks for reboot_node", event="17") is None
     node = cluster.node("gpu-1")
     assert node["spec"]["unschedulable"] is True
     assert taints(node)[QUARANTINE_TAINT] == {"key": QUARANTINE_TAINT, "value": "xid-79", "effect": "NoSchedule"}
     cond = condition(node)
     assert cond["status"] == "False" and cond["reason"] == "Xid79" and "XID 79" in cond["message"]
-    assert json.loads(node["metadata"]["annotations"][RECORD])["cordoned"] is True
+    record = json.loads(node["metadata"]["annotations"][RECORD])
+    assert record["cordoned"] is True and record["event"] == "17"
     assert ("train", "trainer-1") not in cluster.pods                   # evicted
     assert ("gpu-operator", "dcgm-exporter-x") in cluster.pods          # DaemonSet pods stay
     spare = cluster.node("gpu-spare-0")
@@ -94,8 +95,9 @@ def test_a_disruption_budget_refusal_is_retried_with_backoff_then_reported(clust
 def test_an_operators_cordon_is_never_undone(cluster):
     cluster.set_node("gpu-2", lambda n: n["spec"].update(unschedulable=True))
     k8s, _ = scheduler(cluster)
-    decision = k8s.release("gpu-2", "operator's own cordon")
-    assert decision.verdict == "operator_cordon"
+    with pytest.raises(ReleaseRefused) as refused:
+        k8s.release("gpu-2", "operator's own cordon")
+    assert refused.value.decision.verdict == "operator_cordon"
     assert cluster.node("gpu-2")["spec"]["unschedulable"] is True
     k8s.quarantine("gpu-2", "XID 79")
     decision = k8s.release("gpu-2", "GPU reseated")
@@ -140,7 +142,9 @@ def test_a_node_deleted_while_quarantining_is_reported_not_an_error(cluster):
     k8s, _ = scheduler(cluster)
     cluster.delete_node("gpu-0")
     assert "no longer exists" in k8s.quarantine("gpu-0", "XID 79")
-    assert k8s.release("gpu-0", "x").verdict == "node_gone"
+    with pytest.raises(ReleaseRefused) as refused:
+        k8s.release("gpu-0", "x")
+    assert refused.value.decision.verdict == "node_gone"
 
 
 def test_only_a_node_carrying_the_spare_taint_is_promoted(apiserver):

@@ -47,12 +47,24 @@ class NodeGone(KubernetesError):
     """The node object no longer exists."""
 
 
+class ReleaseRefused(KubernetesError):
+    """aidc did not quarantine this node (an operator cordoned it, or it is gone): not released."""
+
+    def __init__(self, decision: "ReleaseDecision"):
+        super().__init__(decision.detail)
+        self.decision = decision
+
+
 @dataclass(frozen=True)
 class ReleaseDecision:
     node: str
     verdict: str  # released | operator_cordon | not_quarantined | node_gone
     detail: str
     restored_spares: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "verdict": self.verdict, "detail": self.detail,
+                "restored_spares": list(self.restored_spares)}
 
 
 def reason_code(reason: str) -> str:
@@ -83,11 +95,11 @@ class KubernetesScheduler:
         self._sleep, self._clock = sleep, clock
 
     # -- the protocol ---------------------------------------------------------------
-    def quarantine(self, node: str, reason: str) -> str | None:
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         _check_name(node)
         code = reason_code(reason)
         try:
-            self._patch_with_retry(node, lambda obj: self._quarantine_patch(obj, code, reason))
+            self._patch_with_retry(node, lambda obj: self._quarantine_patch(obj, code, reason, event))
         except NodeGone:
             return f"node {node} no longer exists: nothing left to quarantine"
         warnings = []
@@ -103,17 +115,19 @@ class KubernetesScheduler:
         return "; ".join(warnings) or None
 
     def release(self, node: str, reason: str) -> ReleaseDecision:
+        """Undo what aidc did. Raises ReleaseRefused (with the decision) for a node aidc did not
+        quarantine: an operator's cordon is theirs to lift."""
         _check_name(node)
         try:
             obj = self._read(node)
         except NodeGone:
-            return ReleaseDecision(node, "node_gone", f"node {node} no longer exists")
+            raise ReleaseRefused(ReleaseDecision(node, "node_gone", f"node {node} no longer exists")) from None
         record = _record(obj)
         if record is None:
             if obj.spec.unschedulable:
-                return ReleaseDecision(node, "operator_cordon",
-                                       f"{node} is cordoned, but not by aidc: left for the operator")
-            return ReleaseDecision(node, "not_quarantined", f"{node} is not quarantined by aidc")
+                raise ReleaseRefused(ReleaseDecision(node, "operator_cordon",
+                                                     f"{node} is cordoned, but not by aidc: left for the operator"))
+            raise ReleaseRefused(ReleaseDecision(node, "not_quarantined", f"{node} is not quarantined by aidc"))
         self._patch_with_retry(node, lambda o: self._release_patch(o))
         self._set_condition(node, "True", "Released", reason[:1024])
         restored = self.restore_spares(node)
@@ -210,13 +224,13 @@ class KubernetesScheduler:
         return restored
 
     # -- building blocks -------------------------------------------------------------
-    def _quarantine_patch(self, obj, code: str, reason: str) -> dict | None:
+    def _quarantine_patch(self, obj, code: str, reason: str, event: str | None) -> dict | None:
         record = _record(obj)
         if record is not None and _has_taint(obj, QUARANTINE_TAINT) and obj.spec.unschedulable:
             return None  # done already: a repeated call changes nothing
         if record is None:
             record = {"cordoned": not obj.spec.unschedulable, "tainted": not _has_taint(obj, QUARANTINE_TAINT),
-                      "reason": reason[:512], "at": time.time()}
+                      "reason": reason[:512], "event": event, "at": time.time()}
         taints = [_taint_dict(t) for t in (obj.spec.taints or [])]
         if not _has_taint(obj, QUARANTINE_TAINT):
             taints.append({"key": QUARANTINE_TAINT, "value": code,

@@ -48,6 +48,7 @@ class LeaseElector:
         self._observed: tuple[str | None, str | None] | None = None  # (holder, renewTime) last seen
         self._observed_at = 0.0
         self.transitions_seen = 0
+        self._last_try: float | None = None
         self._lock = threading.Lock()
 
     # -- the question every action asks --------------------------------------------------
@@ -58,6 +59,21 @@ class LeaseElector:
     def check(self) -> None:
         if not self.is_leader():
             raise NotLeader(f"{self.identity} does not hold lease {self.namespace}/{self.name}")
+
+    # -- the controller's lease interface (as aidc.failover.lease.Lease) ------------------------
+    def hold(self) -> bool:
+        """Acquire or renew at most every retry period (the controller asks on every poll)."""
+        if self._last_try is None or self._clock() - self._last_try >= self.retry_period_s:
+            self._last_try = self._clock()
+            return self.try_acquire_or_renew()
+        return self.is_leader()
+
+    def held(self) -> bool:
+        return self.is_leader()
+
+    def describe(self) -> dict:
+        return {"holder": self.identity, "lease": f"{self.namespace}/{self.name}",
+                "lease_duration_s": self.lease_duration_s, "renew_deadline_s": self.renew_deadline_s}
 
     # -- one round -----------------------------------------------------------------------------
     def try_acquire_or_renew(self) -> bool:
