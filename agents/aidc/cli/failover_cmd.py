@@ -16,8 +16,9 @@ from aidc.store import Store
 app = typer.Typer(help="Fail over faulty nodes: quarantine within the blast radius, release by hand.",
                   no_args_is_help=True)
 
-STACK = typer.Option("lab", "--stack", "-s", help="Stack file (policy: max_unavailable, dry_run).")
-LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="The lab (scheduler backend 'lab').")
+STACK = typer.Option("lab", "--stack", "-s", help="Stack file (scheduler, policy: max_unavailable, dry_run).")
+LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir",
+                       help="State directory: the event store and audit log (and the lab's nodes, scheduler 'lab').")
 
 
 def _state_db(lab_dir: Path) -> Path:
@@ -30,33 +31,40 @@ def _state_db(lab_dir: Path) -> Path:
 
 
 def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False):
+    from aidc.audit.log import default_actor
+    from aidc.failover.backends import open_scheduler
     from aidc.failover.controller import FailoverController
 
     spec = load_stack(stack)
-    if spec.scheduler != "lab":
-        raise typer.BadParameter(f"scheduler backend {spec.scheduler!r} is not available yet; only 'lab'")
-    from aidc.lab.cluster import lab_scheduler
-
     # The controller of a new lab may start before any agent has created the store.
     db = lab_dir / "state.db" if create else _state_db(lab_dir)
-    return FailoverController(spec, Store(db), AuditLog(lab_dir / "audit.db"),
-                              lab_scheduler(lab_dir), dry_run=dry_run)
+    audit = AuditLog(lab_dir / "audit.db")
+    scheduler = open_scheduler(spec, lab_dir, audit=audit, actor=default_actor("failover"))
+    return FailoverController(spec, Store(db), audit, scheduler, dry_run=dry_run)
 
 
 @app.command("run")
 def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
-        poll: float = typer.Option(0.05, help="Seconds between looks at the event store.")) -> None:
-    """Run the controller until SIGTERM/SIGINT."""
+        poll: float = typer.Option(0.05, help="Seconds between looks at the event store."),
+        lease_dir: Path = typer.Option(None, "--lease-dir",
+                                       help="Controller lease directory; one controller acts at a time. Put it on "
+                                            "a filesystem every controller host shares (default: LAB_DIR/lease)."),
+        lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
+                                        help="Seconds without a heartbeat before another controller takes over.")) -> None:
+    """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
+    from aidc.failover.lease import Lease
+
     ctl = _controller(stack, lab_dir, dry_run, create=True)
-    # Warm: the rendezvous notification needs torch.distributed; import it now, not
-    # on the failover path.
-    import torch.distributed  # noqa: F401
+    if ctl.scheduler.name == "lab":
+        # Warm: the rendezvous notification needs torch.distributed; import it now, not
+        # on the failover path.
+        import torch.distributed  # noqa: F401
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ctl.run(stop, poll)
+    ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
 
 
 @app.command("release")
@@ -69,10 +77,13 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node to service (an operator's decision, audited as theirs)."""
     ctl = _controller(stack, lab_dir, dry_run)
-    ctl.release(node, reason, actor)
+    decision = ctl.release(node, reason, actor)
     # The controller settled dry-run (flag, else the spec's policy); report what it did.
-    emit({"node": node, "released": not ctl.dry_run}, as_json,
-         f"{node}: {'would be ' if ctl.dry_run else ''}released")
+    said = (decision or {}).get("decision")
+    text = f"{node}: {'would be ' if ctl.dry_run else ''}released"
+    if said == "not_drained":
+        text = f"{node}: not drained, nothing to release"
+    emit({"node": node, "released": not ctl.dry_run, **({"decision": said} if said else {})}, as_json, text)
 
 
 @app.command("status")
