@@ -238,6 +238,9 @@ class Slurm(_Strict):
 
 class Kubernetes(_Strict):
     """How aidc acts on a Kubernetes cluster (`scheduler: kubernetes`)."""
+    # A kubeconfig for the controller outside the cluster; None: in-cluster credentials in a
+    # pod, else $KUBECONFIG or ~/.kube/config.
+    kubeconfig: str | None = None
     # Where the controller keeps its leader-election Lease and writes its Events.
     namespace: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-system"
     lease_name: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-failover-controller"

@@ -166,7 +166,8 @@ def test_an_unready_spare_is_not_promoted(apiserver):
 
 
 def test_out_of_service_comes_from_the_cluster_quarantined_and_not_ready_nodes(cluster):
-    cluster.add_node("gpu-9", ready=False)
+    cluster.add_node("gpu-9", labels={"aidc.dev/pool": "gpu"}, ready=False)
+    cluster.add_node("cpu-0", ready=False)   # not a node of aidc's pools: not counted
     k8s, _ = scheduler(cluster)
     k8s.quarantine("gpu-1", "XID 79")
     assert k8s.out_of_service() == {"gpu-1": "quarantined by aidc", "gpu-9": "not Ready"}

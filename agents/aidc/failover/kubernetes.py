@@ -32,6 +32,7 @@ SPARE_TAINT = f"{GROUP}/spare"
 RECORD = f"{GROUP}/quarantine"          # node annotation: what aidc changed, as JSON
 PROMOTED_FOR = f"{GROUP}/promoted-for"  # spare annotation: the quarantined node it replaces
 CONDITION = "AidcGpuHealthy"
+POOL_LABEL = f"{GROUP}/pool"                # set on every node of aidc's node pools (infra/)
 CONFLICT_RETRIES = 8
 # Node names are DNS subdomains (RFC 1123), at most 253 characters.
 NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -45,6 +46,47 @@ class KubernetesError(AidcError):
 
 class NodeGone(KubernetesError):
     """The node object no longer exists."""
+
+
+class LeaderGuarded:
+    """A backend that acts only while its controller holds the leader lease: the check is made
+    right before every change, so a replica that lost the lease stops at its next call."""
+
+    def __init__(self, backend, lease):
+        self.backend, self.lease = backend, lease
+        self.name = backend.name
+        self.reports_only_managed_nodes = getattr(backend, "reports_only_managed_nodes", False)
+
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
+        self.lease.check()
+        return self.backend.quarantine(node, reason, event=event)
+
+    def release(self, node: str, reason: str):
+        self.lease.check()
+        return self.backend.release(node, reason)
+
+    def state(self, node: str) -> str:
+        return self.backend.state(node)
+
+    def out_of_service(self):
+        return self.backend.out_of_service()
+
+
+def api_client_from(settings):
+    """An API client: in-cluster credentials in a pod, else the kubeconfig (spec, $KUBECONFIG, ~/.kube/config)."""
+    import os
+
+    from kubernetes import client, config
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not settings.kubeconfig:
+            config.load_incluster_config()
+            return client.ApiClient()
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=settings.kubeconfig, client_configuration=cfg)
+        return client.ApiClient(cfg)
+    except (config.ConfigException, OSError) as exc:
+        raise KubernetesError(f"no Kubernetes credentials: {exc}") from None
 
 
 class ReleaseRefused(KubernetesError):
@@ -83,6 +125,8 @@ def _condition_reason(code: str) -> str:
 
 class KubernetesScheduler:
     name = "kubernetes"
+    # Node names are the cluster's; out_of_service() counts only nodes of aidc's pools.
+    reports_only_managed_nodes = True
 
     def __init__(self, api_client, settings, count_down_nodes: bool = True,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
@@ -142,7 +186,7 @@ class KubernetesScheduler:
     def out_of_service(self) -> dict[str, str]:
         """Nodes out of service as the cluster says: quarantined by aidc, and (by policy) not Ready."""
         out = {}
-        for obj in self._call(self.core.list_node).items:
+        for obj in self._call(self.core.list_node, label_selector=POOL_LABEL).items:
             name = obj.metadata.name
             if _record(obj) is not None or _has_taint(obj, QUARANTINE_TAINT):
                 out[name] = "quarantined by aidc"
