@@ -25,13 +25,18 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                    "(default: <node-dir>/kern.log for sim, /dev/kmsg for nvml)."),
         store: Path = typer.Option(..., help="Durable event store (SQLite) that failover reads."),
         audit_db: Path = typer.Option(..., help="Audit log database (SQLite)."),
-        port: int = typer.Option(9400, min=0, max=65535, help="Metrics port on 127.0.0.1 (0: no metrics server)."),
+        port: int = typer.Option(9400, min=0, max=65535, help="Metrics port (0: no metrics server)."),
+        listen_address: str = typer.Option("127.0.0.1", "--listen-address",
+                                           help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
+                                                "or the pod IP where Prometheus scrapes it (the DaemonSet)."),
         poll_interval: float = typer.Option(1.0, min=0.001, help="Seconds between polls (device and kernel log)."),
         device_timeout: float = typer.Option(2.0, min=0.01, help="Seconds before a device call counts as hung."),
         as_json: bool = JSON_OPTION) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
     from aidc.device import open_backend
     from aidc.health.agent import run_agent
+
+    _check_listen_address(listen_address)
 
     if backend == "sim":
         if node_dir is None:
@@ -53,13 +58,13 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
     def announce():
         ready.wait()
         if not stop.is_set():
-            where = f"http://127.0.0.1:{port}/metrics" if port else "no metrics server"
+            where = f"http://{listen_address}:{port}/metrics" if port else "no metrics server"
             print(f"aidc agent: watching {node} ({backend}), kernel log {kernel_log}, {where}",
                   file=sys.stderr, flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
-                      device_timeout_s=device_timeout, ready=ready)
+                      device_timeout_s=device_timeout, ready=ready, listen_address=listen_address)
     summary = {"node": node, "backend": backend, "events_emitted": agent.emitted,
                "hung_device_calls": agent.dev.hung_calls, "active_conditions": sorted(agent.conditions.active)}
     emit(summary, as_json, f"aidc agent: {node} stopped; {agent.emitted} fault event(s) emitted")
@@ -69,3 +74,13 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _check_listen_address(address: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise typer.BadParameter(f"an IP address (127.0.0.1, 0.0.0.0, ::, or the pod IP), not {address!r}",
+                                 param_hint="--listen-address") from None
