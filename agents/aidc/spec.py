@@ -219,6 +219,9 @@ class Agent(_Strict):
     image: str = "ghcr.io/aidc-project/aidc-agent:0.1.0"
     # The program; infra/ appends the flags derived from this spec (node, backend, store, port...).
     command: Annotated[list[str], Field(min_length=1)] = ["aidc", "agent", "run"]
+    # Labels on the agent's ServiceMonitor, for the Prometheus that selects monitors by label
+    # (kube-prometheus-stack: `release: <its Helm release name>`).
+    service_monitor_labels: dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=63)]] = {}
 
 
 class Slurm(_Strict):
@@ -259,6 +262,8 @@ class Kubernetes(_Strict):
     # Take the spare taint off one healthy spare for every quarantined node, and put it back
     # when that node is released.
     promote_spares: bool = True
+    # Failover controller replicas (infra/ deploys them; one leads through the Lease).
+    controller_replicas: Annotated[int, Field(ge=1, le=5)] = 2
 
     @model_validator(mode="after")
     def _lease_timing(self) -> "Kubernetes":
