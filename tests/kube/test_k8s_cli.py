@@ -71,3 +71,45 @@ def test_a_kubernetes_stack_without_credentials_is_one_clear_error(aidc_cli, tmp
     r = aidc_cli("failover", "run", "--stack", str(stack), "--lab-dir", str(tmp_path / "state"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "no Kubernetes credentials" in r.stderr
+
+
+DRAIN_AND_BACK = """\
+name: drain-and-back
+title: Take a node out and give it back
+summary: A test runbook with the two scheduler steps.
+trigger:
+  alerts:
+    - alertname: AidcTestDrain
+guards:
+  - guard: node_known
+  - guard: blast_radius
+steps:
+  - id: out
+    kind: quarantine
+    reason: "test drain of ${node}"
+  - id: back
+    kind: release
+    reason: "test over"
+"""
+
+
+@pytest.mark.slow
+def test_runbook_run_with_a_kubernetes_stack_cordons_and_releases_through_the_api(apiserver, tmp_path, aidc_cli):
+    for i in range(4):
+        apiserver.add_node(f"gpu-{i}", labels={"aidc.dev/pool": "gpu"})
+    apiserver.add_node("login-0")   # not one of aidc's nodes
+    stack = k8s_stack(tmp_path, apiserver.url, runbook_auto_approve=["quarantine", "release"])
+    books = tmp_path / "runbooks"
+    books.mkdir()
+    (books / "drain-and-back.yaml").write_text(DRAIN_AND_BACK)
+    common = ["--stack", str(stack), "--runbooks", str(books), "--state-db", str(tmp_path / "rb.db"),
+              "--audit-db", str(tmp_path / "audit.db"), "--json"]
+    r = aidc_cli("runbook", "run", "drain-and-back", "--node", "gpu-3", *common)
+    assert r.returncode == 0, r.stderr
+    patches = [w for w in apiserver.writes() if w[0] == "PATCH" and w[1] == "/api/v1/nodes/gpu-3"]
+    assert len(patches) >= 2                      # cordon + taint, then their undoing
+    node = apiserver.node("gpu-3")
+    assert not node["spec"].get("unschedulable") and not node["spec"].get("taints")
+    r = aidc_cli("runbook", "run", "drain-and-back", "--node", "login-0", *common)
+    assert r.returncode != 0 and "login-0' is not a node of" in r.stderr
+    assert not apiserver.node("login-0")["spec"].get("unschedulable")

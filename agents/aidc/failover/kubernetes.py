@@ -194,6 +194,10 @@ class KubernetesScheduler:
                 out[name] = "not Ready"
         return out
 
+    def managed_nodes(self) -> list[str]:
+        """The nodes of aidc's pools (label aidc.dev/pool): what runbooks may act on."""
+        return sorted(o.metadata.name for o in self._call(self.core.list_node, label_selector=POOL_LABEL).items)
+
     # -- eviction --------------------------------------------------------------------
     def evict_pods(self, node: str) -> list[str]:
         """Evict the node's workload pods; returns those a disruption budget kept past the timeout."""
