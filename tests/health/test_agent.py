@@ -312,3 +312,21 @@ def test_a_fault_the_agent_cannot_handle_is_skipped_like_an_unreadable_line(agen
     agent.follow_kernel_log()
     assert [e[1] for e in stored(agent)] == [79]
     assert unparsed_total(agent) == 1
+
+
+def test_the_running_agent_exports_the_unreadable_line_count_and_detects_past_it_across_a_restart(sim_node, agent_run):
+    port = free_port()
+    with agent_run(sim_node, port=port) as run:
+        with open(sim_node / "kern.log", "a") as log:
+            log.write(UNREADABLE_LINES[0] + "\n" + XID79_LINE + "\n")
+        wait_for(lambda: [e for e in run.events() if e.xid == 79])
+        assert metric_value(scrape(port), "aidc_kernel_log_unparsed_lines_total", Hostname="node-a") == 1.0
+    with open(sim_node / "kern.log", "a") as log:  # while the agent is down
+        log.write(UNREADABLE_LINES[1] + "\n" + XID79_LINE.replace("0000:27:00", "0000:17:00") + "\n")
+    port = free_port()
+    with agent_run(sim_node, port=port) as run2:
+        wait_for(lambda: [e for e in run2.events() if e.xid == 79 and e.gpu == 0])
+        text = scrape(port)
+    assert [(e.xid, e.gpu) for e in run2.events() if e.xid == 79] == [(79, 1), (79, 0)], "none lost, none repeated"
+    assert metric_value(text, "aidc_kernel_log_unparsed_lines_total", Hostname="node-a") == 1.0, \
+        "only the line written while it was down: the first is behind the saved position"
