@@ -7,12 +7,13 @@ a driver line is ignored."""
 from __future__ import annotations
 
 import json
+import os
+import uuid
 
 import pytest
 
 from aidc.events import FaultKind
-from aidc.health import kmsg
-from aidc.health.kmsg import KernelLogParser, parse_lines
+from aidc.health.kmsg import KernelLogFollower, KernelLogParser, Position, kernel_message, parse_lines
 
 XID79 = "NVRM: Xid (PCI:0000:17:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus."
 SXID = "nvidia-nvswitch2: SXid (PCI:0000:c3:00.0): 20034, Fatal, Link 43 LTSSM Fault Up"
@@ -86,7 +87,7 @@ NOT_FROM_THE_KERNEL = {
                                       f"PWD=/home/alice ; USER=root ; COMMAND=/usr/bin/logger {XID79}"),
     "user facility in /dev/kmsg (root wrote to it)": f"12,1235,1843308999,-;{XID79}",
     "daemon facility in /dev/kmsg": f"30,1236,1843309000,-;{XID79}",
-    "user facility in dmesg -r": f"<12>[ 1843.308145] {XID79}",
+    "user facility in a raw <pri> prefix (/proc/kmsg)": f"<12>[ 1843.308145] {XID79}",
     "user facility in dmesg -x": f"user  :warn  : [ 1843.308145] {XID79}",
     "journald json, syslog transport with the tag 'kernel'":
         journal_json(XID79, _TRANSPORT="syslog", SYSLOG_FACILITY="0", SYSLOG_IDENTIFIER="kernel"),
@@ -143,8 +144,29 @@ def test_non_ascii_digits_in_a_prefix_do_not_make_a_kernel_line(digits):
 
 
 def test_kernel_message_is_the_message_of_a_kernel_line_and_none_for_any_other_line():
-    kernel_message = kmsg.kernel_message
     assert kernel_message(f"Aug 30 11:43:14 h kernel: [ 5.1] {XID79}\n") == XID79
     assert kernel_message(f"Aug 30 11:43:14 h alice: {XID79}") is None
     assert kernel_message(f"12,1,1,-;{XID79}") is None
     assert kernel_message(f"[ 5.1] usb 1-1: Product: {XID79}") == f"usb 1-1: Product: {XID79}"
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK | os.W_OK), reason="/dev/kmsg not writable here (needs root)")
+def test_a_record_userspace_writes_into_dev_kmsg_is_not_the_kernels_even_when_it_claims_facility_0():
+    # The real kernel: a write to /dev/kmsg that asks for priority <6> (kernel facility, info)
+    # is stored with the user facility, which is how the parser tells it from the kernel's own.
+    marker = f"aidc-test-{uuid.uuid4().hex} a userspace record"
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(f"<6>{marker}\n")
+    follower = KernelLogFollower("/dev/kmsg", Position())
+    seen: list[str] = []
+    try:
+        for _ in range(50):  # bounded: each read returns up to 4096 records
+            seen += follower.read()[0]
+            if any(marker in line for line in seen):
+                break
+    finally:
+        follower.close()
+    (ours,) = [line for line in seen if marker in line]
+    assert int(ours.split(",")[0]) >> 3 == 1, "the kernel gave it the user facility"
+    assert kernel_message(ours) is None
+    assert any(kernel_message(line) is not None for line in seen), "the kernel's own records still read"

@@ -13,8 +13,11 @@ kernel facility (pri >> 3 == 0); syslog and journald text (`-o short`, `short-is
 `SYSLOG_FACILITY=0`); and dmesg's own buffer (`[ 1843.308145] `, `dmesg -T`,
 `--time-format iso`, or no prefix at all). The driver's text must then start the message, in
 ASCII digits: `logger "NVRM: Xid ..."`, a USB product string or a sudo line that contains
-the text is not a fault. (Plain-text syslog cannot tell a `logger -t kernel` line from the
-kernel's; journald JSON can.)
+the text is not a fault. What a format cannot show is not guessed: plain-text syslog cannot
+tell a `logger -t kernel` line from the kernel's (journald JSON can), and plain dmesg shows
+records root wrote into /dev/kmsg like the kernel's (`dmesg -x` and /dev/kmsg show their
+user facility; util-linux 2.38's `dmesg -r` prints such a record as `<7>`, so a `<pri>` below
+8 is only as good as the tool that printed it, as in /proc/kmsg).
 
 A kernel line that starts like the driver's but cannot be read (a malformed PCI address, a
 number longer than the driver prints) is skipped and reported through `on_unparsed`; the
