@@ -297,16 +297,19 @@ def test_a_flood_of_unreadable_lines_is_counted_in_full_but_logged_a_bounded_num
 
 def test_a_fault_the_agent_cannot_handle_is_skipped_like_an_unreadable_line(agent, sim_node, monkeypatch):
     # Whatever goes wrong between a line and its event, the lines after it are still read.
-    real = agent.catalog.classify_kernel
+    class FailsOnXid13:
+        def __init__(self, catalog):
+            self.catalog = catalog
 
-    def classify(kind, xid, *args, **kw):
-        if xid == 13:
-            raise ValueError("catalog cannot classify this one")
-        return real(kind, xid, *args, **kw)
+        def __getattr__(self, name):
+            return getattr(self.catalog, name)
 
-    monkeypatch.setattr(agent, "catalog", type("Catalog", (), {"classify_kernel": staticmethod(classify),
-                                                               "classify_xid": real.__self__.classify_xid,
-                                                               "follows_stated": real.__self__.follows_stated}))
+        def classify_kernel(self, kind, xid, *args, **kw):
+            if xid == 13:
+                raise ValueError("catalog cannot classify this one")
+            return self.catalog.classify_kernel(kind, xid, *args, **kw)
+
+    monkeypatch.setattr(agent, "catalog", FailsOnXid13(agent.catalog))
     with open(sim_node / "kern.log", "a") as log:
         log.write("[ 1.0] NVRM: Xid (PCI:0000:17:00): 13, pid=1, name=python, Ch 00000008\n" + XID79_LINE + "\n")
     agent.follow_kernel_log()

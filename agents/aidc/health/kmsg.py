@@ -48,7 +48,7 @@ _A = re.ASCII
 
 # --- where a line came from ----------------------------------------------------------------
 _KMSG_RECORD = re.compile(r"([0-9]{1,10}),[0-9]{1,20},[0-9]{1,20},[^;]{0,200};", _A)  # /dev/kmsg
-_RAW_PRIORITY = re.compile(r"<([0-9]{1,10})>", _A)                                       # dmesg -r
+_RAW_PRIORITY = re.compile(r"<([0-9]{1,10})>", _A)                          # /proc/kmsg, dmesg -r
 _FACILITIES = ("kern|user|mail|daemon|auth|syslog|lpr|news|uucp|cron|authpriv|ftp|"
                "res[0-7]|local[0-7]")
 _DECODED_FACILITY = re.compile(rf"({_FACILITIES}) *:(?:emerg|alert|crit|err|warn|notice|info|debug) *: ",
@@ -130,7 +130,7 @@ def _journal_json_message(text: str) -> str | None:
 
 # --- the driver's messages, anchored at the start of the kernel message -------------------
 _PCI_TEXT = r"((?:[0-9A-Fa-f]{1,8}:)?[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?)"
-_CODE = r"([0-9]{1,9})"  # the driver prints a 32-bit code; a longer number is not its line
+_CODE = r"([0-9]{1,9})"  # XID and SXid codes are far below 10**9; a longer number is not the driver's
 _XID = re.compile(rf"NVRM: Xid \((?:PCI:)?{_PCI_TEXT}\): *{_CODE}(?:,(.*)| *)$", _A)
 _SXID = re.compile(rf"nvidia-nvswitch[0-9]{{1,9}}: SXid \((?:PCI:)?{_PCI_TEXT}\): *{_CODE}, *(Non-fatal|Fatal)?,? *(.*)$",
                    re.IGNORECASE | _A)
