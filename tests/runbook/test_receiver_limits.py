@@ -113,10 +113,25 @@ def test_transfer_encoding_is_refused_explicitly(start):
     assert rec.engine.state.runs() == []
 
 
-def test_a_declared_body_that_never_arrives_is_408(start):
-    rec = start(body_timeout_s=0.3)
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory):
+    from certs import CA
+
+    root = tmp_path_factory.mktemp("limits-pki")
+    ca = CA.create(root, "limits-ca")
+    return ca, ca.issue(root, "aidc-runbook", server=True)
+
+
+@pytest.mark.parametrize("over_tls", [False, True], ids=["http", "https"])
+def test_a_declared_body_that_never_arrives_is_408(start, server_cert, over_tls):
+    from aidc.runbook import tls
+
+    ca, server = server_cert
+    rec = start(body_timeout_s=0.3, tls=tls.TLSConfig(server.cert, server.key) if over_tls else None)
     head = request(b"", length=False).removesuffix(b"\r\n\r\n") + b"\r\nContent-Length: 100\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", rec.port), timeout=10) as sock:
+    raw = socket.create_connection(("127.0.0.1", rec.port), timeout=10)
+    with (ssl.create_default_context(cafile=str(ca.cert_file)).wrap_socket(raw, server_hostname="127.0.0.1")
+          if over_tls else raw) as sock:
         sock.sendall(head)  # and then nothing, connection held open
         assert status_of_reply(sock) == 408
     polling.wait_for("the 408 log line", lambda: any(line.startswith("408 POST /alerts") for line in rec.lines), 5)
@@ -246,12 +261,10 @@ def test_a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_deadline(start)
     assert rec.engine.state.runs() == []
 
 
-def test_a_tls_handshake_trickled_a_byte_at_a_time_is_cut_off_at_the_header_deadline(start, tmp_path):
+def test_a_tls_handshake_trickled_a_byte_at_a_time_is_cut_off_at_the_header_deadline(start, server_cert):
     from aidc.runbook import tls
-    from certs import CA
 
-    ca = CA.create(tmp_path, "limits-ca")
-    server = ca.issue(tmp_path, "aidc-runbook", server=True)
+    _, server = server_cert
     rec = start(tls=tls.TLSConfig(server.cert, server.key), header_timeout_s=0.5)
     # A real ClientHello, produced in memory, then sent one byte at a time.
     client = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
@@ -311,7 +324,6 @@ class Tricklers:
             sock.close()
 
 
-@pytest.mark.slow
 def test_real_alerts_are_answered_within_2_s_while_200_clients_trickle_headers(start):
     rec = start()  # the default limits, as `aidc runbook serve` runs
     tricklers = Tricklers(rec.port, TRICKLERS, interval_s=0.5).open()
@@ -354,3 +366,39 @@ def test_real_alerts_are_answered_within_2_s_while_200_clients_trickle_headers(s
     assert statuses == [200] * REAL_ALERTS
     assert len(latencies) == REAL_ALERTS and latencies[-1] < ANSWER_WITHIN_S
     assert still_trickling >= TRICKLERS // 2, "the tricklers were not actually holding connections"
+
+
+# --- what is already stored, and what an operator is told ---------------------------------------------
+
+def test_a_nan_stored_by_an_older_receiver_does_not_break_the_json_listings(tmp_path, aidc_cli):
+    """Before NaN was refused at the door it reached the run state and the audit log; one such
+    row must not make `runbook runs --json` or `audit show --json` fail for the whole database."""
+    from aidc.audit.log import AuditLog
+    from aidc.runbook.state import RunState
+
+    state = RunState(tmp_path / "state.db")
+    with state.transaction() as db:
+        state.create_run(db, "take-out", "gpu-1", {"labels": {}, "annotations": {"v": float("nan")}},
+                         [("out", "quarantine")])
+    state.close()
+    with AuditLog(tmp_path / "audit.db") as audit:
+        audit.append("runbook.run.started", "take-out on gpu-1", actor="test", node="gpu-1",
+                     payload={"trigger": {"annotations": {"v": float("inf")}}})
+    runs = aidc_cli("runbook", "runs", "--json", "--state-db", str(tmp_path / "state.db"))
+    assert runs.returncode == 0, runs.stderr
+    assert json.loads(runs.stdout)[0]["trigger"]["annotations"]["v"] == "NaN"
+    shown = aidc_cli("audit", "show", "--json", "--db", str(tmp_path / "audit.db"))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)[0]["payload"]["trigger"]["annotations"]["v"] == "Infinity"
+
+
+def test_serve_help_names_every_limit_and_the_accepted_authorization(aidc_cli):
+    out = aidc_cli("runbook", "serve", "--help", check=True, env={**__import__("os").environ, "COLUMNS": "200"}).stdout
+    for flag in ("--max-connections", "--header-timeout", "--body-timeout", "--max-alerts", "--request-workers"):
+        assert flag in out
+    assert "Authorization: Bearer <token>" in out and "any case" in out
+
+
+def test_serve_refuses_limits_that_make_no_sense_with_one_error_line(aidc_cli, tmp_path):
+    out = aidc_cli("runbook", "serve", "--max-connections", "0", "--token-file", str(tmp_path / "none"))
+    assert out.returncode != 0 and "--max-connections" in out.stderr and "Traceback" not in out.stderr
