@@ -402,3 +402,16 @@ def test_serve_help_names_every_limit_and_the_accepted_authorization(aidc_cli):
 def test_serve_refuses_limits_that_make_no_sense_with_one_error_line(aidc_cli, tmp_path):
     out = aidc_cli("runbook", "serve", "--max-connections", "0", "--token-file", str(tmp_path / "none"))
     assert out.returncode != 0 and "--max-connections" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(start):
+    """curl sends `Expect: 100-continue` for bodies over 1 KiB and waits for the go-ahead."""
+    rec = start()
+    body = webhook(alert("NodeBroken", "gpu-1"))
+    data = request(body, "Expect: 100-continue")
+    head_len = data.index(b"\r\n\r\n") + 4
+    with socket.create_connection(("127.0.0.1", rec.port), timeout=10) as sock:
+        sock.sendall(data[:head_len])
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(data[head_len:])
+        assert status_of_reply(sock) == 200
