@@ -318,9 +318,11 @@ class BoundedHTTPServer:
         return True
 
     def _read(self, conn: _Conn) -> bool:
-        """Append what has arrived to conn.buf (dropped while lingering), up to a bounded
-        buffer; True at the end of the stream (or a broken one)."""
-        room = self.limits.max_head_bytes + self.limits.max_body_bytes + 65536
+        """Append what has arrived to conn.buf (dropped while lingering), no more than the
+        phase needs: a head's limit, or the declared body (so an unauthenticated client never
+        gets a body buffered). True at the end of the stream (or a broken one)."""
+        room = (self.limits.max_head_bytes + 4 if conn.phase in ("head", "handshake")
+                else (conn.request.content_length or 0) if conn.phase == "body" else 0)
         for _ in range(64):  # bounded: other connections get their turn
             try:
                 chunk = conn.sock.recv(65536)
@@ -333,7 +335,7 @@ class BoundedHTTPServer:
             if conn.phase != "drain":
                 conn.buf += chunk
                 if len(conn.buf) >= room:
-                    return False
+                    return False  # the rest waits in the kernel until this phase is over
         return False
 
     def _on_head_bytes(self, conn: _Conn, eof: bool) -> None:
