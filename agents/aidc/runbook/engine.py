@@ -29,9 +29,13 @@ from aidc.runbook.steps import ACTIONS, Interrupted, StepContext, describe, sche
 from aidc.spec import Policy
 
 
+# alerts_seen key prefix for alerts planned under policy.dry_run (see Engine._plan_alert).
+DRY_RUN_SEEN = "dry-run:"
+
+
 @dataclass(frozen=True)
 class Submission:
-    outcome: str  # started | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
+    outcome: str  # started | dry_run | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
     reason: str
     runbook: str | None = None
     node: str | None = None
@@ -93,7 +97,23 @@ class Engine:
                    "fingerprint": fingerprint, "startsAt": alert.get("startsAt")}
         if sender:
             trigger["sender"] = sender
+        if self.policy.dry_run:
+            return self._plan_alert(rb, node, trigger, fingerprint, str(alert.get("startsAt", "")))
         return self.submit(rb.name, node, trigger, fingerprint, str(alert.get("startsAt", "")))
+
+    def _plan_alert(self, rb: Runbook, node: str, trigger: dict, fingerprint: str, starts_at: str) -> Submission:
+        """Under policy.dry_run: plan (and audit) the run an alert would start, once per alert,
+        deduplicated by fingerprint and start like a live one. Sightings are kept apart from live
+        ones, so an alert planned under dry-run still starts a run once dry-run is off."""
+        if node not in self.nodes:
+            return Submission("unknown_node", f"{node!r} is not a node of this cluster", rb.name, node)
+        with self.state.transaction() as db:
+            if self.state.alert_seen(db, DRY_RUN_SEEN + fingerprint, starts_at) is not False:
+                return Submission("duplicate", "alert already planned under policy.dry_run "
+                                  "(same fingerprint and start)", rb.name, node)
+            self.state.record_alert(db, DRY_RUN_SEEN + fingerprint, starts_at, None)
+        self.plan(rb.name, node, trigger)
+        return Submission("dry_run", "policy.dry_run: planned and audited, nothing changed", rb.name, node)
 
     def submit(self, runbook: str, node: str, trigger: dict, fingerprint: str | None = None,
                starts_at: str = "") -> Submission:
