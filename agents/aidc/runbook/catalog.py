@@ -157,7 +157,7 @@ def parse_runbook(doc: object, file: str = "<memory>") -> Runbook:
     )
 
 
-_WHOLE_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+WHOLE_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _references(value, where: str):
@@ -190,7 +190,7 @@ def _check_variables(doc: dict, file: str) -> None:
                 where = f"{phase}[{i}].extravars.{key}"
                 if not isinstance(value, str) or not Template(value).get_identifiers():
                     continue
-                m = _WHOLE_VARIABLE.fullmatch(value)
+                m = WHOLE_VARIABLE.fullmatch(value)
                 if not m or m.group(1) not in params:
                     raise RunbookError(f"{file}: {where}: a playbook variable is a literal or one whole "
                                        f"\"${{param}}\" of a declared param, got {value!r}")
@@ -261,7 +261,7 @@ def expand(value, variables: dict, typed: bool = False):
     typed: a string that is one whole `${name}` becomes the variable's value itself (an int
     stays an int), as playbook variables need."""
     if isinstance(value, str):
-        m = _WHOLE_VARIABLE.fullmatch(value) if typed else None
+        m = WHOLE_VARIABLE.fullmatch(value) if typed else None
         if m and m.group(1) in variables:
             return variables[m.group(1)]
         return Template(value).safe_substitute(_Variables(variables))
