@@ -261,3 +261,27 @@ def test_a_dry_run_refuses_a_value_that_does_not_fit_and_shows_a_missing_one(mak
         engine.plan("reset-one", "gpu-1", {"source": "cli", "labels": {"gpu": "0 --x"}})
     plan = engine.plan("reset-one", "gpu-1", {"source": "cli", "labels": {}})
     assert "<gpu?>" in plan[1].would
+
+
+def test_every_alert_rule_carries_the_labels_its_runbook_requires():
+    """A required param the alert cannot carry would fail every run of that alert."""
+    import re
+
+    import yaml
+
+    from aidc.runbook.catalog import Catalog
+
+    catalog = Catalog.load(ROOT / "runbooks")
+    rules = [r for g in yaml.safe_load((ROOT / "runbooks" / "alerts" / "aidc-alerts.yml").read_text())["groups"]
+             for r in g["rules"] if "alert" in r]
+    checked = 0
+    for rule in rules:
+        rb = catalog.get(rule["annotations"]["runbook"])
+        groupings = [{x.strip() for x in m.split(",")} for m in re.findall(r"\bby \(([^)]*)\)", rule["expr"])]
+        assert groupings, f"{rule['alert']}: no `by (...)`: which labels it carries is unclear"
+        for name, spec in rb.params.items():
+            if spec.get("required", True) and spec.get("source", "label") == "label":
+                key = spec.get("key", name)
+                assert all(key in g for g in groupings), f"{rule['alert']} does not always carry {key!r} ({rb.name})"
+                checked += 1
+    assert checked >= 6
