@@ -147,3 +147,27 @@ def test_an_enum_param_must_fit_the_playbook_choices():
     assert step_mismatches(rb, rb.steps[1], {"mode": {"type": "str", "choices": ["soft", "hard", "cold"]}}) == []
     [problem] = step_mismatches(rb, rb.steps[1], {"mode": {"type": "str", "choices": ["soft"]}})
     assert "outside the playbook's choices" in problem
+
+
+@pytest.mark.parametrize("playbook", REMEDIATION, ids=lambda p: p.name)
+def test_remediation_playbooks_run_programs_with_argv_lists_never_a_shell_string(playbook):
+    """A command line string is split on spaces after templating: `gpu="0 --x"` became two
+    arguments. An argv list keeps every value one argument."""
+    for play in yaml.safe_load(playbook.read_text()):
+        for task in (play.get("pre_tasks") or []) + (play.get("tasks") or []):
+            assert not {"ansible.builtin.shell", "shell", "ansible.builtin.raw", "raw"} & set(task), task["name"]
+            for action in ("ansible.builtin.command", "command"):
+                if action in task:
+                    assert isinstance(task[action], dict) and "argv" in task[action], task["name"]
+
+
+def test_extra_variables_are_written_as_unsafe_text_and_odd_input_is_one_clear_error(tmp_path):
+    from aidc.ansible.runner import AnsibleRunError, write_unsafe_extravars
+
+    path = write_unsafe_extravars({"gpu": "0 {{ x }}", "n": 3, "more": {"k": ["a"]}}, tmp_path / "ev.yml")
+    text = path.read_text()
+    assert "gpu: !unsafe '0 {{ x }}'" in text and "n: 3" in text and "- !unsafe 'a'" in text
+    with pytest.raises(AnsibleRunError, match="variable names"):
+        write_unsafe_extravars({"bad name": 1}, tmp_path / "x.yml")
+    with pytest.raises(AnsibleRunError, match="plain data"):
+        write_unsafe_extravars({"p": tmp_path}, tmp_path / "y.yml")

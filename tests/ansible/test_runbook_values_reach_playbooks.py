@@ -10,7 +10,9 @@ exactly what the test needs to see. sysfs is the test's own tree (`sysfs_root`).
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
 from aidc.runbook.state import RunState
+from aidc.runbook.steps import step_params
 from aidc.spec import Policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runbook"))
@@ -34,14 +37,13 @@ PLAYBOOKS = ROOT / "playbooks"
 NODE = "gpu-0"
 
 
-def _recording_program(bin_dir: Path, name: str, log: Path, stdout: str = "") -> None:
+def _recording_program(bin_dir: Path, name: str, log: Path) -> None:
     """A stand-in for `name` that appends its argv to `log` as `[arg][arg]...` lines."""
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / name
     script.write_text("#!/bin/sh\n"
                       f"for a in \"$@\"; do printf '[%s]' \"$a\"; done >> '{log}'\n"
-                      f"echo >> '{log}'\n"
-                      f"printf '%s' '{stdout}'\n")
+                      f"echo >> '{log}'\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
@@ -55,7 +57,7 @@ def localhost(tmp_path, monkeypatch):
     monkeypatch.setenv("ANSIBLE_HOME", str(tmp_path / "ansible-home"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return {"all": {"hosts": {NODE: {"ansible_connection": "local", "ansible_become": False,
                                      "ansible_python_interpreter": sys.executable}}}}
 
@@ -151,7 +153,7 @@ def test_extravars_reach_the_playbook_as_text_never_as_a_template(tmp_path, loca
     assert (tmp_path / "argv").read_text() == value + "|"
 
 
-def test_gpu_reset_passes_its_gpu_as_one_argument_even_without_validation(tmp_path, localhost):
+def test_gpu_reset_refuses_a_gpu_that_is_not_an_index_even_when_called_directly(tmp_path, localhost):
     calls = tmp_path / "nvidia-smi.calls"
     _recording_program(tmp_path / "bin", "nvidia-smi", calls)
     result = run_playbook(PLAYBOOKS / "gpu-reset.yml", inventory=localhost, extravars={"gpu": "0 --other-flag"},
@@ -185,7 +187,6 @@ def test_ib_port_reset_bounces_the_interface_of_the_alerts_device_and_port(tmp_p
     _recording_program(tmp_path / "bin", "ip", calls)
     # The variables exactly as the runbook's reset step passes them, after validation.
     [step] = [s for s in Catalog.load(ROOT / "runbooks").get("infiniband-link").steps if s.kind == "playbook"]
-    from aidc.runbook.steps import step_params
     extravars = step_params(step, {"node": NODE, "device": "mlx5_1", "port": 2})["extravars"]
     result = run_playbook(PLAYBOOKS / step.raw["playbook"], inventory=localhost,
                           extravars={**extravars, "sysfs_root": str(sysfs)}, limit=NODE, timeout_s=240)
@@ -197,8 +198,6 @@ def test_checkpoint_prune_removes_files_under_the_path_the_approver_saw(tmp_path
     """checkpoint-disk-full's prompt names ${path}; the playbook must prune that directory."""
     volume = tmp_path / "ckpt"
     volume.mkdir()
-    import os
-    import time
     for i in range(5):
         f = volume / f"step-{i}.pt"
         f.write_text(str(i))
@@ -206,7 +205,6 @@ def test_checkpoint_prune_removes_files_under_the_path_the_approver_saw(tmp_path
     rb = Catalog.load(ROOT / "runbooks").get("checkpoint-disk-full")
     [step] = [s for s in rb.steps if s.kind == "playbook"]
     approve = next(s for s in rb.steps if s.kind == "approve")
-    from aidc.runbook.steps import step_params
     variables = {"node": NODE, "path": str(volume)}
     assert str(volume) in step_params(approve, variables)["prompt"]
     extravars = step_params(step, variables)["extravars"]

@@ -153,7 +153,11 @@ def write_unsafe_extravars(extravars: Mapping[str, Any], path: Path) -> Path:
     bad = [k for k in extravars if not isinstance(k, str) or not _VAR_NAME.fullmatch(k)]
     if bad:
         raise AnsibleRunError(f"extra variable names must be Ansible variable names, got {bad!r}")
-    path.write_text(yaml.dump(dict(extravars), Dumper=_UnsafeDumper, default_flow_style=False))
+    try:
+        text = yaml.dump(dict(extravars), Dumper=_UnsafeDumper, default_flow_style=False)
+    except yaml.representer.RepresenterError as exc:
+        raise AnsibleRunError(f"extra variables must be plain data (text, numbers, lists, maps): {exc}") from None
+    path.write_text(text)
     return path
 
 
