@@ -23,6 +23,7 @@ from aidc.audit.log import AuditLog, default_actor
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators
 from aidc.runbook.catalog import Catalog, Runbook, RunbookError, Step
+from aidc.runbook import params as run_params
 from aidc.runbook import state as run_state
 from aidc.runbook.state import ACTIVE, RunRow, RunState, StepRow, owner_alive
 from aidc.runbook.steps import ACTIONS, Interrupted, StepContext, describe, scheduler_state, step_params
@@ -95,6 +96,8 @@ class Engine:
         fingerprint = str(alert.get("fingerprint") or _label_fingerprint(labels))
         trigger = {"source": "alertmanager", "alertname": labels.get("alertname"), "labels": labels,
                    "fingerprint": fingerprint, "startsAt": alert.get("startsAt")}
+        if alert.get("annotations"):
+            trigger["annotations"] = alert["annotations"]
         if sender:
             trigger["sender"] = sender
         if self.policy.dry_run:
@@ -196,7 +199,16 @@ class Engine:
             self._abandon(run, f"runbook {run.runbook!r} changed since run {run_id} started ({changed}); "
                                "the run is not resumed: check the node and start a new run")
             return
-        variables = {**run.trigger.get("labels", {}), "node": run.node, "runbook": rb.name, "run_id": run_id}
+        try:
+            # Only declared, typed values reach a step (runbooks/schema.json `params`).
+            values = run_params.validate(rb.params, run.trigger.get("labels") or {},
+                                         run.trigger.get("annotations") or {}, nodes=self.nodes)
+        except run_params.ParamError as exc:
+            self._audit("runbook.params.rejected", f"{rb.name} on {run.node}: {exc}", run.node,
+                        {"run_id": run_id, "runbook": rb.name, "trigger": run.trigger, "error": str(exc)})
+            self._abandon(run, f"trigger values do not fit the runbook's params: {exc}")
+            return
+        variables = {**values, "node": run.node, "runbook": rb.name, "run_id": run_id}
         if all(r.status == "pending" for r in rows if r.phase == "main") and run.status == "pending":
             refusal = self._guards(rb, run)
             if refusal:
@@ -413,7 +425,10 @@ class Engine:
         """What a run would do, step by step. Changes nothing; the plan itself is audited."""
         rb = self.catalog.get(runbook)
         trigger = trigger or {"source": "cli"}
-        variables = {**trigger.get("labels", {}), "node": node, "runbook": rb.name, "run_id": "(dry-run)"}
+        # A value given must fit (ParamError otherwise); one not given shows as <name?>.
+        values = run_params.validate(rb.params, trigger.get("labels") or {}, trigger.get("annotations") or {},
+                                     nodes=self.nodes, allow_missing=True)
+        variables = {**values, "node": node, "runbook": rb.name, "run_id": "(dry-run)"}
         out = []
         fake_run = RunRow(-1, rb.name, node, "pending", trigger, None, None, time.time(), time.time(), None)
         with self.state.transaction() as db:

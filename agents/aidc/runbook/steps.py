@@ -167,4 +167,8 @@ def describe(step: Step, params: dict, node: str, actuators: Actuators | None) -
 
 
 def step_params(step: Step, variables: dict) -> dict:
-    return expand(dict(step.raw), variables)
+    params = expand(dict(step.raw), variables)
+    if "extravars" in step.raw:
+        # Playbook variables keep their declared types (gpu: 3, not "3").
+        params["extravars"] = expand(step.raw["extravars"], variables, typed=True)
+    return params
