@@ -91,8 +91,15 @@ class FailoverController:
             finished.append(node)
         return finished
 
-    def run_once(self) -> list[Decision]:
-        return [self.handle(event_id, event) for event_id, event in self.store.pending()]
+    def run_once(self, may_act=None) -> list[Decision]:
+        """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
+        so a controller whose lease lapsed mid-batch stops at once."""
+        decisions = []
+        for event_id, event in self.store.pending():
+            if may_act is not None and not may_act():
+                break
+            decisions.append(self.handle(event_id, event))
+        return decisions
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
         """Act on events until `stop`; with a `lease`, only while holding it (one controller acts)."""
@@ -110,7 +117,7 @@ class FailoverController:
                         # The previous holder may have died between a drain and its record.
                         self.recover()
             if held:
-                self.run_once()
+                self.run_once(lease.held if lease is not None else None)
             stop.wait(poll_s)
         if lease is not None and held:
             lease.release()
