@@ -121,3 +121,28 @@ def test_two_controllers_only_the_lease_holder_acts_and_the_other_takes_over_whe
     finally:
         _stop(a), _stop(b)
         store.close()
+
+
+def test_failover_status_and_release_speak_for_slurm(aidc_cli, local_slurm, tmp_path):
+    import json
+
+    from aidc.failover.slurm import SlurmScheduler
+
+    stack = write_stack(local_slurm, tmp_path)
+    state = tmp_path / "state"
+    Store(state / "state.db").close()
+    SlurmScheduler(conf=str(local_slurm.conf)).quarantine("gpu-1", "XID 79", event="4")
+    local_slurm.run("scontrol", "update", "NodeName=gpu-2", "State=DRAIN", "Reason=cable swap")
+    common = ("--stack", str(stack), "--lab-dir", str(state))
+
+    status = json.loads(aidc_cli("failover", "status", *common, "--json", check=True).stdout)
+    assert {n: s["why_out"] for n, s in status["scheduler_out_of_service"].items()} == {"gpu-1": "aidc"}
+
+    refused = aidc_cli("failover", "release", "gpu-2", "--reason", "done", *common)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+    assert "aidc: error: gpu-2 was drained by root ('cable swap'), not by aidc; aidc never resumes it" in refused.stderr
+    out = json.loads(aidc_cli("failover", "release", "gpu-1", "--reason", "fixed", *common, "--json", check=True).stdout)
+    assert out == {"node": "gpu-1", "released": True, "decision": "released"}
+    assert local_slurm.node_states()["gpu-1"].startswith("idle") and local_slurm.node_states()["gpu-2"] == "drained"
+    kinds = [r.kind for r in AuditLog(state / "audit.db").records()]
+    assert kinds == ["slurm.release", "failover.release_refused", "slurm.command", "slurm.release", "failover.release"]
