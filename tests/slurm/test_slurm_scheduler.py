@@ -200,3 +200,42 @@ def test_blast_radius_counts_what_slurm_says_not_the_local_store(slurm, tmp_path
     assert decision.verdict == "refused_blast_radius" and "gpu-0" in decision.reason
     assert cluster.node_states()["gpu-2"] == "idle"
     store.close()
+
+
+@pytest.mark.slow
+def test_jobs_that_cannot_lose_one_node_are_requeued_or_reported_never_silently_kept(slurm, tmp_path):
+    cluster, _, audit, sched = slurm
+
+    def submit(nodes: str, script: str, *flags: str) -> str:
+        path = tmp_path / f"job-{nodes}.sh"
+        path.write_text("#!/bin/bash\n" + script + "\n")
+        return cluster.run("sbatch", "--parsable", f"-N{nodes.count(',') + 1}", "-w", nodes, *flags,
+                           "-o", str(tmp_path / f"{nodes}.out"), str(path)).stdout.strip()
+
+    def running_steps(job: str) -> list[str]:
+        out = cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i").stdout.split()
+        return [s for s in out if not s.endswith((".batch", ".extern"))]
+
+    # A: one step across two nodes, requeueable. B: the same, not requeueable. C: only a batch script.
+    a = submit("gpu-0,gpu-1", "srun -N2 -n2 sleep 300", "--requeue")
+    b = submit("gpu-2,gpu-3", "srun -N2 -n2 sleep 300; sleep 300", "--no-requeue")
+    c = submit("gpu-spare-0", "sleep 300", "--no-requeue")
+    import time
+    deadline = time.monotonic() + 30
+    while not (running_steps(a) and running_steps(b)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert sched.quarantine("gpu-1", "XID 79", event="1") is None
+    assert sched.quarantine("gpu-3", "XID 79", event="2") is None
+    note = sched.quarantine("gpu-spare-0", "XID 79", event="3")
+    assert f"{c}: left_running" in note and "not requeueable" in note
+
+    done = [r.payload["argv"] for r in audit.records(kind="slurm.command") if "State=DRAIN" not in r.payload["argv"]]
+    assert done == [["scontrol", "requeue", a], ["scancel", f"{b}.0"]]
+    fields = cluster.run("scontrol", "show", "job", "-o", a).stdout
+    assert "Restarts=1" in fields  # requeued: it restarts from its checkpoints once nodes allow
+    deadline = time.monotonic() + 30
+    while running_steps(b) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_steps(b) == []
+    assert cluster.run("squeue", "-h", "-j", c, "-o", "%T").stdout.strip() == "RUNNING"
