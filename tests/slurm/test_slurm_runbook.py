@@ -70,3 +70,17 @@ def test_kubernetes_is_still_refused_with_a_clear_error(aidc_cli, tmp_path):
                    "--state-db", str(tmp_path / "s.db"), "--audit-db", str(tmp_path / "a.db"))
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "aidc: error: scheduler 'kubernetes' has no backend in this build (available: lab, slurm)" in out.stderr
+
+
+def test_with_slurmctld_down_a_runbook_quarantine_fails_closed_with_a_clear_reason(aidc_cli, local_slurm, tmp_path):
+    stack = write_stack(local_slurm, tmp_path, timeout_s=1.0)
+    local_slurm.stop_daemon("slurmctld")
+    out = _run(aidc_cli, tmp_path, stack, "gpu-1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    run = json.loads(out.stdout)
+    assert run["status"] == "failed"
+    assert "blast radius unknown: cannot read the out-of-service nodes" in run["error"]
+    assert "did not answer within 1 s (is slurmctld up?)" in run["error"]
+    local_slurm.start_daemon("slurmctld")
+    local_slurm.wait_states({"gpu-1": "idle"})  # nothing was drained
+    assert reason(local_slurm, "gpu-1") == "none"

@@ -235,7 +235,10 @@ class Engine:
         return out | set(self.state.running_quarantines(db, run.id))
 
     def _blast_radius(self, db, run: RunRow) -> str | None:
-        out = self._unavailable(db, run)
+        try:
+            out = self._unavailable(db, run)
+        except AidcError as exc:  # fail closed: no count, no quarantine
+            return f"blast radius unknown: cannot read the out-of-service nodes from the scheduler ({exc})"
         if run.node in out:
             return None  # already out of service: quarantining again changes nothing
         limit = self.policy.max_unavailable_nodes(len(self.nodes))

@@ -39,7 +39,7 @@ class StepContext:
 def scheduler_state(actuators: Actuators, node: str) -> str:
     try:
         return actuators.scheduler.state(node)
-    except KeyError:
+    except (KeyError, AidcError):  # an unknown node, or a scheduler that does not answer (slurmctld down)
         return "unknown"
 
 
