@@ -5,6 +5,7 @@ only the lease holder acts; when the holder is killed the other takes over."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,10 +58,10 @@ def test_a_controller_killed_between_the_drain_and_its_record_issues_no_second_d
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("sinfo", "squeue", "scancel"):
-        (bin_dir / tool).symlink_to(f"/usr/bin/{tool}")
+        (bin_dir / tool).symlink_to(shutil.which(tool))
     marker = tmp_path / "killed-once"
     (bin_dir / "scontrol").write_text(
-        "#!/bin/bash\n/usr/bin/scontrol \"$@\"; rc=$?\n"
+        f"#!/bin/bash\n{shutil.which('scontrol')} \"$@\"; rc=$?\n"
         f"case \" $* \" in *' State=DRAIN '*) [ -e {marker} ] || {{ touch {marker}; kill -9 $PPID; }};; esac\n"
         "exit $rc\n")
     (bin_dir / "scontrol").chmod(0o755)
