@@ -108,7 +108,10 @@ class FailoverController:
             self.recover()
         while not stop.is_set():
             if lease is not None:
-                now_held = lease.hold()
+                try:
+                    now_held = lease.hold()
+                except OSError:  # the lease directory is unreachable: not knowing means not acting
+                    now_held = False
                 if now_held != held:
                     held = now_held
                     self.audit.append("failover.lease", f"controller lease {'acquired' if held else 'lost'}",
