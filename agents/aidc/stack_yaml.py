@@ -118,6 +118,8 @@ class _LimitedComposer(Composer):
             self._depth += 1
         anchor = event.anchor if isinstance(event, (ScalarEvent, CollectionStartEvent)) else None
         if anchor is not None:
+            # YAML 1.2 (and Pulumi's reader) let an anchor be redefined: later aliases name the new node.
+            self.anchors.pop(anchor, None)
             self._open_anchors.add(anchor)
         try:
             return super().compose_node(parent, index)
@@ -262,8 +264,9 @@ class _StackLoader(Reader, Scanner, Parser, _LimitedComposer, _StrictConstructor
 
 def load_stack_yaml(text: str) -> object:
     """Parse one YAML document with the stack-file rules; raises StackYamlError."""
-    loader = _StackLoader(text)
+    loader = None
     try:
+        loader = _StackLoader(text)  # the reader checks every character here
         return loader.get_single_data()
     except ReaderError as exc:  # a character YAML does not allow; it has a position, not a mark
         line = text.count("\n", 0, exc.position) + 1
@@ -278,4 +281,5 @@ def load_stack_yaml(text: str) -> object:
     except YAMLError as exc:
         raise StackYamlError(None, f"valid YAML ({one_line(str(exc))})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
