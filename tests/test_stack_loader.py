@@ -3,11 +3,14 @@ aliases and nesting; every failure is one `aidc: error:` line naming the file an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aidc.errors import SpecError
 from aidc.spec import load_stack, parse_spec
 
+ROOT = Path(__file__).resolve().parents[1]
 POOL = "{name: gpu, count: 2, gpu_model: SIM, gpus_per_node: 2}"
 
 
@@ -210,3 +213,26 @@ def test_a_key_with_a_newline_is_shown_on_one_line():
                     "bad\nkey": 1})
     assert err.value.key == "aidc:cluster.'bad\\nkey'"
     assert "\n" not in str(err.value)
+
+
+
+# The copy of the spec the aidc_agent role installs on every host is read back by this loader.
+def test_the_spec_the_agent_role_installs_reads_back_unchanged_even_with_number_like_strings(tmp_path):
+    import jinja2
+    import yaml
+    from ansible.plugins.filter.core import FilterModule
+
+    tasks = yaml.safe_load((ROOT / "playbooks/roles/aidc_agent/tasks/main.yml").read_text())
+    install = next(t for t in tasks if t["name"].startswith("Install the cluster spec"))
+    expression = install["ansible.builtin.copy"]["content"]
+    # Strings a YAML 1.1 writer leaves unquoted but YAML 1.2 reads as numbers or booleans.
+    labels = {"build": "3141e59", "mode": "0o17", "answer": "yes", "time": "1:30", "share": ".5", "n": "12"}
+    spec = load_stack("lab")
+    cluster = spec.model_dump(mode="json")
+    cluster["node_pools"][0]["labels"] = labels
+    env = jinja2.Environment()
+    env.filters.update(FilterModule().filters())
+    (tmp_path / "stack.yaml").write_text(env.from_string(expression).render(aidc_cluster_spec=cluster))
+    installed = load_stack(tmp_path / "stack.yaml")
+    assert installed.node_pools[0].labels == labels
+    assert installed == parse_spec(cluster)
