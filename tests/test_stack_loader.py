@@ -144,6 +144,12 @@ def test_very_deep_nesting_is_refused_with_a_line_not_a_recursion_error(tmp_path
     _refused(tmp_path, _stack_text(f"agent: {{command: {deep}}}"), "line 5", "nest")
 
 
+def test_nesting_built_from_aliases_is_bounded_like_written_nesting(tmp_path):
+    preamble = ("x-deep:\n  a: &a " + "[" * 20 + "x" + "]" * 20 + "\n"
+                "  b: &b " + "[" * 20 + "*a" + "]" * 20 + "\n")
+    _refused(tmp_path, _stack_text("agent: {command: *b}", preamble=preamble), "line 3", "levels of nesting")
+
+
 @pytest.mark.parametrize("value, needle", [
     ("!!int abc", "integer"),
     ("!!float abc", "number"),
@@ -236,3 +242,16 @@ def test_the_spec_the_agent_role_installs_reads_back_unchanged_even_with_number_
     installed = load_stack(tmp_path / "stack.yaml")
     assert installed.node_pools[0].labels == labels
     assert installed == parse_spec(cluster)
+
+
+@pytest.mark.parametrize("text, needle", [
+    (_stack_text("fabric: {hcas: *a8}", preamble=_alias_bomb()), "alias bomb"),
+    (_stack_text(pools="[{name: gpu, count: 1:30, gpu_model: SIM, gpus_per_node: 2}]"), "not the string '1:30'"),
+])
+def test_the_cli_reports_each_class_as_one_error_line(tmp_path, aidc_cli, text, needle):
+    path = tmp_path / "Pulumi.t.yaml"
+    path.write_text(text)
+    proc = aidc_cli("spec", "show", "--stack", str(path))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"aidc: error: {path}: ") and needle in lines[0], lines[0]

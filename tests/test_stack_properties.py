@@ -160,15 +160,14 @@ def test_one_value_of_a_real_stack_file_replaced_gives_a_valid_spec_or_one_error
 YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
 
 
-def _shape(value, depth: int = 0) -> int:
-    """Checks a loaded document holds only plain YAML 1.2 core values; returns its expanded size."""
-    assert depth <= MAX_DEPTH + 1
-    if isinstance(value, dict):
-        return 1 + sum(_shape(k, depth + 1) + _shape(v, depth + 1) for k, v in value.items())
-    if isinstance(value, list):
-        return 1 + sum(_shape(v, depth + 1) for v in value)
+def _shape(value) -> tuple[int, int]:
+    """Checks a loaded document holds only plain YAML 1.2 core values; returns (values, nesting)."""
+    if isinstance(value, (dict, list)):
+        children = [x for pair in value.items() for x in pair] if isinstance(value, dict) else value
+        measured = [_shape(child) for child in children]
+        return 1 + sum(n for n, _ in measured), 1 + max((d for _, d in measured), default=0)
     assert value is None or type(value) in (str, int, float, bool), type(value)
-    return 1
+    return 1, 0
 
 
 @BOUNDED
@@ -181,4 +180,5 @@ def test_any_text_loads_as_core_yaml_values_within_the_limits_or_one_yaml_error(
         assert err.line is None or 1 <= err.line <= len(YAML_LINE_BREAK.split(text)) + 1
         assert "\n" not in str(err) and len(str(err)) < 500, str(err)
         return
-    assert _shape(doc) <= MAX_VALUES
+    values, nesting = _shape(doc)
+    assert values <= MAX_VALUES and nesting <= MAX_DEPTH

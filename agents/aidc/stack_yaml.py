@@ -57,19 +57,20 @@ def quote(value: object, limit: int = 40) -> str:
     """A short one-line repr of a value from the file, however large it is."""
     if isinstance(value, (dict, list)):
         return f"a {'mapping' if isinstance(value, dict) else 'list'} of {len(value)} item(s)"
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(truncated)"
+    return _cut(repr(value), limit)
 
 
 def one_line(text: str, limit: int = 200) -> str:
     """Text from the file or from PyYAML made fit for a one-line error message."""
-    text = " ".join(text.split())
+    return _cut(" ".join(text.split()), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "...(truncated)"
 
 
 def _tag_name(tag: str) -> str:
-    short = "!!" + tag[len(TAG):] if tag.startswith(TAG) else tag
-    return short if len(short) <= 40 else short[:40] + "..."
+    return _cut("!!" + tag[len(TAG):] if tag.startswith(TAG) else tag, 40)
 
 
 class _Refusal(MarkedYAMLError):
@@ -99,7 +100,7 @@ class _LimitedComposer(Composer):
     def compose_document(self):
         self._depth, self._aliases, self._open_anchors = 0, 0, set()
         node = super().compose_document()
-        _expanded_size(node, {})
+        _expanded(node, {})
         return node
 
     def compose_node(self, parent, index):
@@ -129,21 +130,26 @@ class _LimitedComposer(Composer):
                 self._depth -= 1
 
 
-def _expanded_size(node: Node, sizes: dict[int, int]) -> int:
-    """How many values the node stands for once every alias is expanded (capped past the limit)."""
-    if id(node) in sizes:
-        return sizes[id(node)]
+def _expanded(node: Node, seen: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, levels of nesting) the node stands for once every alias is expanded.
+
+    Each node is measured once (aliases share nodes), so this is linear in the file, while
+    what it measures can be exponential: that is what it refuses."""
+    if id(node) in seen:
+        return seen[id(node)]
     if isinstance(node, ScalarNode):
-        size = 1
-    elif isinstance(node, SequenceNode):
-        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
-    else:
-        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        return 1, 0
+    children = node.value if isinstance(node, SequenceNode) else [n for pair in node.value for n in pair]
+    measured = [_expanded(child, seen) for child in children]
+    size = 1 + sum(values for values, _ in measured)
+    depth = 1 + max((levels for _, levels in measured), default=0)
     if size > MAX_VALUES:
         raise _Refusal(f"aliases that expand to at most {MAX_VALUES} values in all (this node expands to "
                        f"more: an alias bomb?)", node.start_mark)
-    sizes[id(node)] = size
-    return size
+    if depth > MAX_DEPTH:
+        raise _Refusal(f"at most {MAX_DEPTH} levels of nesting (aliases expanded)", node.start_mark)
+    seen[id(node)] = size, depth
+    return size, depth
 
 
 class _StrictConstructor(SafeConstructor):
