@@ -30,8 +30,8 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 # Upper bounds for a real cluster, so that no value in a stack file can make the agent, the burn-in,
 # the Pulumi program or an error message handle more than a real cluster needs.
 MAX_STACK_BYTES = 1 << 20  # real stack files are a few KiB
-MAX_NODES = 50_000  # nodes in all pools together, spares included (today's largest sites: ~25,000)
-MAX_BUFFER_BYTES = 8 << 30  # burn-in buffers: nccl-tests' customary 8 GiB sweep ceiling
+MAX_NODES = 50_000  # nodes in all pools together, spares included (200,000 GPUs at 8 a node is 25,000)
+MAX_BUFFER_BYTES = 8 << 30  # burn-in buffers: the usual nccl-tests sweep ends at 8 GiB (-e 8G)
 MAX_VOLUME_BYTES = 1 << 60  # 1 EiB: larger than any parallel filesystem in service
 ShortText = Annotated[str, Field(max_length=256)]  # names, versions, labels, Kubernetes kinds
 LongText = Annotated[str, Field(max_length=4096)]  # paths, images, ARNs, command arguments

@@ -43,6 +43,7 @@ _INF = re.compile(r"[-+]?\.(inf|Inf|INF)")
 _NAN = re.compile(r"\.(nan|NaN|NAN)")
 _BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 _NULL = ("", "~", "null", "Null", "NULL")
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # what PyYAML counts as a new line
 
 
 class StackYamlError(Exception):
@@ -275,14 +276,13 @@ def load_stack_yaml(text: str) -> object:
         loader = _StackLoader(text)  # the reader checks every character here
         return loader.get_single_data()
     except ReaderError as exc:  # a character YAML does not allow; it has a position, not a mark
-        line = text.count("\n", 0, exc.position) + 1
-        raise StackYamlError(line, f"printable text (character {exc.character!r} is not allowed in YAML)") from None
+        line = len(_LINE_BREAK.findall(text, 0, exc.position)) + 1
+        raise StackYamlError(line, f"printable text (character U+{exc.character:04X} is not allowed in YAML)") from None
     except _Refusal as exc:
         raise StackYamlError(exc.problem_mark.line + 1, exc.problem) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        # PyYAML splits "found duplicate anchor 'a'; first occurrence ... second occurrence" in two.
-        what = exc.context.split(";")[0] if exc.problem == "second occurrence" and exc.context else exc.problem
+        what = exc.problem or exc.context
         raise StackYamlError(mark.line + 1 if mark else None, f"valid YAML ({one_line(str(what))})") from None
     except YAMLError as exc:
         raise StackYamlError(None, f"valid YAML ({one_line(str(exc))})") from None
