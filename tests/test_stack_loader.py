@@ -116,6 +116,14 @@ def test_a_stack_file_larger_than_the_limit_is_refused_before_parsing(tmp_path):
     _refused(tmp_path, _stack_text() + "# padding\n" * 200_000, "Pulumi.t.yaml", "MiB")
 
 
+def test_a_file_with_more_values_than_the_limit_is_refused_at_the_first_one_too_many(tmp_path):
+    from aidc.stack_yaml import MAX_VALUES
+
+    text = _stack_text(preamble="x-many:\n" + "  - v\n" * (MAX_VALUES + 10))
+    err = _refused(tmp_path, text, f"at most {MAX_VALUES} values")
+    assert err.key == f"line {MAX_VALUES - 1}"  # the root, x-many and its list are values too
+
+
 def test_an_endless_device_file_is_refused_without_reading_it_all():
     with pytest.raises(SpecError, match="MiB"):
         load_stack("/dev/zero")

@@ -99,7 +99,7 @@ class _LimitedComposer(Composer):
     """Composes the node graph with bounded depth and alias count, and no recursive aliases."""
 
     def compose_document(self):
-        self._depth, self._aliases, self._open_anchors = 0, 0, set()
+        self._depth, self._aliases, self._values, self._open_anchors = 0, 0, 0, set()
         node = super().compose_document()
         _expanded(node, {})
         return node
@@ -114,6 +114,9 @@ class _LimitedComposer(Composer):
                 raise _Refusal(f"no alias inside the node it names (*{event.anchor[:40]} is recursive)",
                                event.start_mark)
             return super().compose_node(parent, index)
+        self._values += 1  # written values; what aliases add is measured once the graph is whole
+        if self._values > MAX_VALUES:
+            raise _Refusal(f"at most {MAX_VALUES} values in a stack file", event.start_mark)
         if isinstance(event, CollectionStartEvent):
             if self._depth >= MAX_DEPTH:
                 raise _Refusal(f"at most {MAX_DEPTH} levels of nesting", event.start_mark)
