@@ -22,9 +22,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aidc.errors import SpecError
+from aidc.stack_yaml import StackYamlError, load_stack_yaml, one_line, quote
 
 CONFIG_KEY = "aidc:cluster"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
+
+# Upper bounds for a real cluster, so that no value in a stack file can make the agent, the burn-in,
+# the Pulumi program or an error message handle more than a real cluster needs.
+MAX_STACK_BYTES = 1 << 20  # real stack files are a few KiB
+MAX_NODES = 50_000  # nodes in all pools together, spares included (200,000 GPUs at 8 a node is 25,000)
+MAX_BUFFER_BYTES = 8 << 30  # burn-in buffers: the usual nccl-tests sweep ends at 8 GiB (-e 8G)
+MAX_VOLUME_BYTES = 1 << 60  # 1 EiB: larger than any parallel filesystem in service
+ShortText = Annotated[str, Field(max_length=256)]  # names, versions, labels, Kubernetes kinds
+LongText = Annotated[str, Field(max_length=4096)]  # paths, images, ARNs, command arguments
+IfName = Annotated[str, Field(min_length=1, max_length=15)]  # Linux IFNAMSIZ - 1
+Labels = Annotated[dict[ShortText, ShortText], Field(max_length=64)]
 
 
 @lru_cache(maxsize=1)
@@ -38,23 +50,25 @@ class _Strict(BaseModel):
     # Unknown keys are errors: a misspelt key silently ignored is a misconfigured cluster.
     # NaN/Infinity are never meaningful settings (a NaN floor passes every comparison) and
     # would be printed as non-JSON by `aidc spec show --json`.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # strict: no coercion between types. YAML `true` is not the integer 1, the string "4" is not a
+    # number, and 2.0 is not an integer; what the file says is what the field gets.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class NodePool(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     count: Annotated[int, Field(ge=1, le=10000)]
-    gpu_model: str
+    gpu_model: ShortText
     gpus_per_node: Annotated[int, Field(ge=1, le=16)]
     spares: Annotated[int, Field(ge=0, le=1000)] = 0
     # How nodes come to exist: a Karpenter NodePool, a Cluster API MachineDeployment, or
     # "static" (machines that already exist, e.g. the lab or a hand-racked cluster).
     provisioner: Literal["karpenter", "cluster-api", "static"] = "static"
-    instance_type: str | None = None
-    labels: dict[str, str] = {}
+    instance_type: ShortText | None = None
+    labels: Labels = {}
     # Cluster API only: the infrastructure provider's machine template kind that the site's
     # tooling creates under the name `<cluster>-<pool>` (group infrastructure.cluster.x-k8s.io).
-    machine_template_kind: str = "Metal3MachineTemplate"
+    machine_template_kind: ShortText = "Metal3MachineTemplate"
 
     @field_validator("gpu_model")
     @classmethod
@@ -71,16 +85,17 @@ class NodePool(_Strict):
 class Fabric(_Strict):
     kind: Literal["infiniband", "roce", "ethernet", "loopback"] = "loopback"
     rails: Annotated[int, Field(ge=0, le=32)] = 0
-    link_speed_gbps: Annotated[float, Field(gt=0)] = 100
-    hcas: list[str] = []
-    socket_ifname: str = "lo"
-    gid_index: Annotated[int, Field(ge=0)] | None = None
-    topology_file: str | None = None
+    link_speed_gbps: Annotated[float, Field(gt=0, le=3200)] = 100
+    hcas: Annotated[list[ShortText], Field(max_length=32)] = []
+    # NCCL_SOCKET_IFNAME: an interface, or a list/prefix expression such as "^docker,lo".
+    socket_ifname: ShortText = "lo"
+    gid_index: Annotated[int, Field(ge=0, le=255)] | None = None  # the RoCE GID table has 256 entries
+    topology_file: LongText | None = None
     # One network interface per rail (the netdev the secondary network attaches to); empty means
     # the conventional names: ib0..ibN-1 on InfiniBand, rail0..railN-1 otherwise.
-    rail_ifnames: list[str] = []
+    rail_ifnames: Annotated[list[IfName], Field(max_length=32)] = []
     # Address space the per-rail IP pools are carved from (one equal subnet per rail).
-    ipam_cidr: str = "10.224.0.0/12"
+    ipam_cidr: ShortText = "10.224.0.0/12"
 
     @field_validator("ipam_cidr")
     @classmethod
@@ -106,13 +121,20 @@ class Fabric(_Strict):
 
 class Volume(_Strict):
     storage_class: Literal["lustre", "nfs", "weka", "gpfs", "local-nvme", "hostpath"] = "hostpath"
-    size: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|Pi)$")] = "10Gi"
-    mount_path: str
+    size: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,6}(Ki|Mi|Gi|Ti|Pi)$")] = "10Gi"
+    mount_path: LongText
     # The CSI provisioner and StorageClass parameters; None takes the catalog default for
     # storage_class (infra/aidc_infra/data/storage_provisioners.yaml). Site values such as a
     # Lustre filesystem's subnet go in parameters.
-    provisioner: str | None = None
-    parameters: dict[str, str] = {}
+    provisioner: ShortText | None = None
+    parameters: Labels = {}
+
+    @field_validator("size")
+    @classmethod
+    def _at_most_an_exbibyte(cls, value: str) -> str:
+        if int(value[:-2]) << (10 * ("KMGTP".index(value[-2]) + 1)) > MAX_VOLUME_BYTES:
+            raise ValueError(f"a size of at most 1024Pi, not {value!r}")
+        return value
 
 
 class Storage(_Strict):
@@ -122,21 +144,21 @@ class Storage(_Strict):
 
 class Kms(_Strict):
     provider: Literal["softhsm", "aws-kms", "gcp-kms", "azure-keyvault", "vault", "local"] = "local"
-    key_id: str = "aidc-lab-key"
+    key_id: LongText = "aidc-lab-key"
     rotation_days: Annotated[int, Field(ge=1, le=3650)] = 90
 
 
 class Software(_Strict):
-    driver_branch: str = "570"
-    cuda_version: str = "12.8"
-    nccl_version: str = "2.26.2"
-    kubernetes_version: Annotated[str, Field(pattern=r"^1\.[0-9]{2}(\.[0-9]+)?$")] = "1.31"
+    driver_branch: ShortText = "570"
+    cuda_version: ShortText = "12.8"
+    nccl_version: ShortText = "2.26.2"
+    kubernetes_version: Annotated[str, Field(pattern=r"^1\.[0-9]{2}(\.[0-9]{1,3})?$")] = "1.31"
     # "host": the driver is installed on the host (Ansible, or the machine image), so the GPU
     # Operator leaves it alone; "operator": the GPU Operator installs driver_branch.
     driver_source: Literal["host", "operator"] = "host"
     # Pinned Helm chart versions; the custom-resource field checks in tests/infra are tied to these.
-    gpu_operator_chart: str = "v26.7.0"
-    network_operator_chart: str = "26.4.1"
+    gpu_operator_chart: ShortText = "v26.7.0"
+    network_operator_chart: ShortText = "26.4.1"
 
     @property
     def kubernetes_minor(self) -> str:
@@ -148,16 +170,17 @@ class BurninPolicy(_Strict):
     # see aidc.burnin.judge). Fleet-relative checks are trusted over fixed thresholds.
     fleet_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.25
     gemm_size: Annotated[int, Field(ge=16, le=65536)] = 1024
-    allreduce_min_bytes: Annotated[int, Field(ge=4)] = 1024
-    allreduce_max_bytes: Annotated[int, Field(ge=4)] = 4 * 1024 * 1024
+    allreduce_min_bytes: Annotated[int, Field(ge=4, le=MAX_BUFFER_BYTES)] = 1024
+    allreduce_max_bytes: Annotated[int, Field(ge=4, le=MAX_BUFFER_BYTES)] = 4 * 1024 * 1024
     train_steps: Annotated[int, Field(ge=2, le=100000)] = 30
     # Memory-copy burn-in buffer (bytes copied per pass; bandwidth counts read + write).
-    memcpy_bytes: Annotated[int, Field(ge=4096)] = 256 * 1024 * 1024
+    memcpy_bytes: Annotated[int, Field(ge=4096, le=MAX_BUFFER_BYTES)] = 256 * 1024 * 1024
     # Timed repeats per measurement; the median is reported.
     repeats: Annotated[int, Field(ge=1, le=1000)] = 5
     # The DDP run's loss on a fixed batch must fall by at least this fraction.
     min_loss_drop: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    floors: dict[str, float] = {}  # overrides of the GPU model's floors
+    # Overrides of the GPU model's floors (TFLOP/s, GB/s: a million is past any GPU).
+    floors: Annotated[dict[ShortText, Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=32)] = {}
 
     @model_validator(mode="after")
     def _sizes(self) -> "BurninPolicy":
@@ -174,27 +197,21 @@ class BurninPolicy(_Strict):
 class Policy(_Strict):
     dry_run: bool = False
     # An int (nodes) or a percentage of all nodes ("25%"), like Kubernetes' maxUnavailable.
-    max_unavailable: int | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 1
+    max_unavailable: Annotated[int, Field(le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 1
     burnin: BurninPolicy = BurninPolicy()
-    out_of_service_actions: list[Literal["restart_app", "reset_gpu", "reboot_node", "contact_support"]] = [
+    out_of_service_actions: Annotated[list[Literal["restart_app", "reset_gpu", "reboot_node", "contact_support"]],
+                                      Field(max_length=16)] = [
         "reset_gpu",
         "reboot_node",
         "contact_support",
     ]
     # Destructive runbook step kinds that may run without a human `approve` step. Quarantine
     # within max_unavailable is the automatic first response; everything else waits for a human.
-    runbook_auto_approve: list[Literal["quarantine", "release", "playbook", "burnin"]] = ["quarantine"]
+    runbook_auto_approve: Annotated[list[Literal["quarantine", "release", "playbook", "burnin"]],
+                                    Field(max_length=16)] = ["quarantine"]
     # Nodes the scheduler itself reports down (Slurm DOWN, Kubernetes NotReady) count towards
     # max_unavailable: they are not training either, so quarantining more would widen the outage.
     count_down_nodes: bool = True
-
-    @field_validator("max_unavailable", mode="before")
-    @classmethod
-    def _not_a_boolean(cls, value):
-        # YAML `true` would otherwise pass as the integer 1: a setting nobody meant.
-        if isinstance(value, bool):
-            raise ValueError(f"an integer >= 0 or a percentage 0-100%, not {value!r}")
-        return value
 
     @field_validator("max_unavailable")
     @classmethod
@@ -214,23 +231,24 @@ class Agent(_Strict):
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9400
     poll_interval_s: Annotated[float, Field(gt=0, le=300)] = 1.0
     device_timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
-    kernel_log: str = "/dev/kmsg"
+    kernel_log: LongText = "/dev/kmsg"
     # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet).
-    image: str = "ghcr.io/aidc-project/aidc-agent:0.1.0"
+    image: LongText = "ghcr.io/aidc-project/aidc-agent:0.1.0"
     # The program; infra/ appends the flags derived from this spec (node, backend, store, port...).
-    command: Annotated[list[str], Field(min_length=1)] = ["aidc", "agent", "run"]
+    command: Annotated[list[LongText], Field(min_length=1, max_length=64)] = ["aidc", "agent", "run"]
     # Labels on the agent's ServiceMonitor, for the Prometheus that selects monitors by label
     # (kube-prometheus-stack: `release: <its Helm release name>`).
-    service_monitor_labels: dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=63)]] = {}
+    service_monitor_labels: Annotated[dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=63)]],
+                                      Field(max_length=16)] = {}
 
 
 class Slurm(_Strict):
     """How aidc reaches an existing Slurm cluster (`scheduler: slurm`)."""
     # The slurm.conf Slurm's client tools read (exported to them as SLURM_CONF); None: the
     # compiled-in default (/etc/slurm/slurm.conf on Debian).
-    conf: str | None = None
+    conf: LongText | None = None
     # Where scontrol, sinfo, squeue and scancel live; None: found on PATH.
-    bin_dir: str | None = None
+    bin_dir: LongText | None = None
     # Seconds one Slurm client call may take before it counts as failed.
     command_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     # slurm.conf HealthCheckInterval / HealthCheckNodeState for `aidc health check`
@@ -243,7 +261,7 @@ class Kubernetes(_Strict):
     """How aidc acts on a Kubernetes cluster (`scheduler: kubernetes`)."""
     # A kubeconfig for the controller outside the cluster; None: in-cluster credentials in a
     # pod, else $KUBECONFIG or ~/.kube/config.
-    kubeconfig: str | None = None
+    kubeconfig: LongText | None = None
     # Where the controller keeps its leader-election Lease and writes its Events.
     namespace: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-system"
     lease_name: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-failover-controller"
@@ -273,10 +291,10 @@ class Kubernetes(_Strict):
 
 
 class Lab(_Strict):
-    train_steps: Annotated[int, Field(ge=10)] = 120
-    inject_at_step: Annotated[int, Field(ge=1)] = 25
-    inject_xid: int = 79
-    checkpoint_every: Annotated[int, Field(ge=1)] = 1
+    train_steps: Annotated[int, Field(ge=10, le=100000)] = 120
+    inject_at_step: Annotated[int, Field(ge=1, le=100000)] = 25
+    inject_xid: Annotated[int, Field(ge=1, le=999)] = 79  # NVIDIA Xid codes are 1..~160
+    checkpoint_every: Annotated[int, Field(ge=1, le=100000)] = 1
     base_port: Annotated[int, Field(ge=1024, le=60000)] = 29400
 
 
@@ -284,7 +302,7 @@ class ClusterSpec(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     device_backend: Literal["sim", "nvml"] = "nvml"
     scheduler: Literal["lab", "slurm", "kubernetes"] = "kubernetes"
-    node_pools: Annotated[list[NodePool], Field(min_length=1)]
+    node_pools: Annotated[list[NodePool], Field(min_length=1, max_length=64)]
     fabric: Fabric = Fabric()
     storage: Storage = Storage()
     kms: Kms = Kms()
@@ -294,6 +312,15 @@ class ClusterSpec(_Strict):
     slurm: Slurm = Slurm()
     kubernetes: Kubernetes = Kubernetes()
     lab: Lab = Lab()
+
+    @field_validator("node_pools")
+    @classmethod
+    def _total_nodes(cls, pools: list[NodePool]) -> list[NodePool]:
+        # Checked before the node names are listed (nodes()), which costs one object per node.
+        total = sum(p.count + p.spares for p in pools)
+        if total > MAX_NODES:
+            raise ValueError(f"at most {MAX_NODES} nodes in all pools together (spares included), not {total}")
+        return pools
 
     @model_validator(mode="after")
     def _unique_pools(self) -> "ClusterSpec":
@@ -364,6 +391,11 @@ def stack_path(stack: str | os.PathLike) -> Path:
 # `function-after[...]`); those are not keys in the stack file, so they are left out.
 _UNION_BRANCH = re.compile(r"^(int|str|float|bool|constrained-\w+|function-\w+\[.*\])$")
 _UNION_FIELDS = {"max_unavailable": "an integer >= 0 or a percentage 0-100%"}
+# What a field of each type takes, in the stack file's words rather than Python's.
+_TYPE_WANTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+                "model_type": "a mapping"}
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 
 
 def _key_path(loc: tuple) -> str:
@@ -371,8 +403,20 @@ def _key_path(loc: tuple) -> str:
     for i, part in enumerate(loc):
         if i and isinstance(part, str) and loc[i - 1] in _UNION_FIELDS and _UNION_BRANCH.match(part):
             continue
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:  # a key from the file: quoted (and cut short) unless it is plain text
+            out += f".{part}" if isinstance(part, str) and _PLAIN_KEY.fullmatch(part) else f".{quote(part)}"
     return out
+
+
+def _given(value: object) -> str:
+    """The value a field was given, as the stack file would spell it, cut short."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return f"the string {quote(value)}" if isinstance(value, str) else quote(value)
 
 
 def parse_spec(data: object, file: str = "<memory>") -> ClusterSpec:
@@ -380,7 +424,8 @@ def parse_spec(data: object, file: str = "<memory>") -> ClusterSpec:
     try:
         return ClusterSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors(include_url=False)
+        err = errors[0]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?)"
@@ -388,33 +433,31 @@ def parse_spec(data: object, file: str = "<memory>") -> ClusterSpec:
             msg = "required key is missing"
         elif err["type"] == "finite_number":
             msg = "a finite number (not NaN or infinity)"
+        elif err["type"] in _TYPE_WANTED:
+            msg = f"{_TYPE_WANTED[err['type']]}, not {_given(err['input'])}"
+        elif err["type"] != "value_error":
+            msg = f"{msg}, not {_given(err['input'])}"
         # A union field gives one error per branch; say what the field accepts as a whole.
         for name, wanted in _UNION_FIELDS.items():
             if name in err["loc"][:-1] and err["loc"][-1] != name:
-                msg = f"{wanted}, not {err['input']!r}"
+                msg = f"{wanted}, not {_given(err['input'])}"
         # Count problems per key path, so a union's per-branch errors count once.
-        others = {_key_path(tuple(e["loc"])) for e in exc.errors()} - {_key_path(tuple(err["loc"]))}
+        others = {_key_path(tuple(e["loc"])) for e in errors} - {_key_path(tuple(err["loc"]))}
         more = f" (and {len(others)} more problem(s))" if others else ""
-        raise SpecError(file, _key_path(tuple(err["loc"])), f"expected {msg}{more}") from None
+        raise SpecError(file, _key_path(tuple(err["loc"])), one_line(f"expected {msg}{more}", 300)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys: YAML keeps the last one silently, so a
-    key written twice (two `node_pools:`) would drop half the cluster without a word."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # an unhashable key; the base class reports it
-                break
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def parse_stack_text(text: str, file: str = "<memory>") -> ClusterSpec:
+    """The cluster spec in the text of a stack file (YAML), read by aidc.stack_yaml's rules."""
+    try:
+        doc = load_stack_yaml(text)
+    except StackYamlError as exc:
+        raise SpecError(file, f"line {exc.line}" if exc.line else "-", exc.expected) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise SpecError(file, "config", "a mapping named 'config' (a Pulumi stack file)")
+    if CONFIG_KEY not in doc["config"]:
+        raise SpecError(file, f"config.{CONFIG_KEY}", "the cluster spec under this key")
+    return parse_spec(doc["config"][CONFIG_KEY], file)
 
 
 def load_stack(stack: str | os.PathLike = "lab") -> ClusterSpec:
@@ -428,21 +471,14 @@ def load_stack(stack: str | os.PathLike = "lab") -> ClusterSpec:
         known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in path.parent.glob("Pulumi.*.yaml"))
         raise SpecError(str(path), "-", f"a stack file; known stacks here: {', '.join(known) or 'none'}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(str(path), "-", f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from None
+        with path.open("rb") as stream:  # read at most one byte past the limit: /dev/zero never ends
+            raw = stream.read(MAX_STACK_BYTES + 1)
     except OSError as exc:  # a directory, unreadable, ...
         raise SpecError(str(path), "-", f"a readable stack file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_STACK_BYTES:
+        raise SpecError(str(path), "-", f"a stack file of at most {MAX_STACK_BYTES >> 20} MiB")
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "-"
-        raise SpecError(str(path), where, f"valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
-        raise SpecError(str(path), "config", "a mapping named 'config' (a Pulumi stack file)")
-    if CONFIG_KEY not in doc["config"]:
-        raise SpecError(str(path), f"config.{CONFIG_KEY}", "the cluster spec under this key")
-    return parse_spec(doc["config"][CONFIG_KEY], str(path))
-
-
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), "-", f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from None
+    return parse_stack_text(text, str(path))

@@ -115,3 +115,17 @@ def test_agent_gets_the_spec_its_identity_and_a_unit_with_kernel_log_access(lab_
     assert list(site.glob("aidc-0.1.0.dist-info")), "the agent wheel is not installed in the venv"
     passwd = target.sandbox.written("/etc/passwd").read_text()
     assert any(line.startswith("aidc:") for line in passwd.splitlines())
+
+
+def test_every_role_that_runs_checks_its_arguments_first(lab_runs):
+    """meta/argument_specs.yml is enforced, not documentation: Ansible validates each role's
+    variables before the role's first task."""
+    validated, ran = set(), set()
+    for event in lab_runs["events"]:
+        data = event.get("event_data", {})
+        if event.get("event") != "runner_on_ok" or not data.get("role"):
+            continue
+        ran.add(data["role"])
+        if data.get("task_action") in ("ansible.builtin.validate_argument_spec", "validate_argument_spec"):
+            validated.add(data["role"])
+    assert ran and validated == ran, sorted(ran - validated)

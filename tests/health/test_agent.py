@@ -230,3 +230,106 @@ def test_an_nvml_xid_154_still_waiting_when_the_agent_stops_is_reported_not_lost
     agent.observations.put(nvml_only_xid_154())
     agent.step(0.0, final=True)
     assert stored(agent) == [(FaultKind.XID, 154, Action.CONTACT_SUPPORT, 0)]
+
+
+# A kernel-log line the parser cannot read: counted, logged once, skipped, never a stop.
+
+UNREADABLE_LINES = [
+    "[ 1890.5] nvidia-nvswitch0: SXid (PCI:::): 12028, Fatal, Link 32 egress non-posted PRIV error",
+    "[ 1890.6] NVRM: Xid (PCI:0000:17:00): " + "9" * 5000 + ", pid=1, name=python",
+]
+XID79_LINE = "[ 1900.000001] NVRM: Xid (PCI:0000:27:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus."
+
+
+def unparsed_total(agent) -> float | None:
+    return agent.metrics.registry.get_sample_value("aidc_kernel_log_unparsed_lines_total", {"Hostname": "node-a"})
+
+
+def restarted(agent, sim_node) -> HealthAgent:
+    """A new agent on the same store, as after a crash or a restart of the service."""
+    agent.follower.close()
+    return HealthAgent("node-a", SimBackend(sim_node), sim_node / "kern.log", agent.store, agent.audit)
+
+
+def unreadable_warnings(caplog) -> list:
+    return [r for r in caplog.records if r.name == "aidc.health" and "cannot read" in r.getMessage()]
+
+
+def test_unreadable_lines_are_counted_skipped_and_the_xid_79_after_them_is_detected(agent, sim_node, caplog):
+    with open(sim_node / "kern.log", "a") as log:
+        log.write("".join(line + "\n" for line in UNREADABLE_LINES) + XID79_LINE + "\n")
+    agent.follow_kernel_log()
+    assert stored(agent) == [(FaultKind.XID, 79, Action.REBOOT_NODE, 1)]
+    assert unparsed_total(agent) == len(UNREADABLE_LINES)
+    assert len(unreadable_warnings(caplog)) == len(UNREADABLE_LINES), "each skipped line is logged once"
+
+
+def test_after_an_unreadable_line_the_saved_position_is_past_it_so_a_restart_neither_rereads_nor_misses(
+        agent, sim_node, caplog):
+    with open(sim_node / "kern.log", "a") as log:
+        log.write(UNREADABLE_LINES[0] + "\n")
+    agent.follow_kernel_log()
+    assert unparsed_total(agent) == 1
+    # The agent restarts; the XID 79 is written while it is down.
+    with open(sim_node / "kern.log", "a") as log:
+        log.write(XID79_LINE + "\n")
+    again = restarted(agent, sim_node)
+    try:
+        again.follow_kernel_log()
+        assert stored(again) == [(FaultKind.XID, 79, Action.REBOOT_NODE, None)]
+        assert unparsed_total(again) == 0, "the bad line is behind the saved position: not read again"
+    finally:
+        again.close()
+    assert len(unreadable_warnings(caplog)) == 1, "logged once, not once per restart"
+
+
+def test_a_flood_of_unreadable_lines_is_counted_in_full_but_logged_a_bounded_number_of_times(agent, sim_node, caplog):
+    from aidc.health.agent import UNPARSED_LOG_LIMIT
+
+    with open(sim_node / "kern.log", "a") as log:
+        log.write((UNREADABLE_LINES[0] + "\n") * (UNPARSED_LOG_LIMIT * 3) + XID79_LINE + "\n")
+    agent.follow_kernel_log()
+    assert unparsed_total(agent) == UNPARSED_LOG_LIMIT * 3
+    assert len(unreadable_warnings(caplog)) == UNPARSED_LOG_LIMIT
+    assert any("only counted" in r.getMessage() for r in caplog.records if r.name == "aidc.health")
+    assert [e[1] for e in stored(agent)] == [79]
+
+
+def test_a_fault_the_agent_cannot_handle_is_skipped_like_an_unreadable_line(agent, sim_node, monkeypatch):
+    # Whatever goes wrong between a line and its event, the lines after it are still read.
+    class FailsOnXid13:
+        def __init__(self, catalog):
+            self.catalog = catalog
+
+        def __getattr__(self, name):
+            return getattr(self.catalog, name)
+
+        def classify_kernel(self, kind, xid, *args, **kw):
+            if xid == 13:
+                raise ValueError("catalog cannot classify this one")
+            return self.catalog.classify_kernel(kind, xid, *args, **kw)
+
+    monkeypatch.setattr(agent, "catalog", FailsOnXid13(agent.catalog))
+    with open(sim_node / "kern.log", "a") as log:
+        log.write("[ 1.0] NVRM: Xid (PCI:0000:17:00): 13, pid=1, name=python, Ch 00000008\n" + XID79_LINE + "\n")
+    agent.follow_kernel_log()
+    assert [e[1] for e in stored(agent)] == [79]
+    assert unparsed_total(agent) == 1
+
+
+def test_the_running_agent_exports_the_unreadable_line_count_and_detects_past_it_across_a_restart(sim_node, agent_run):
+    port = free_port()
+    with agent_run(sim_node, port=port) as run:
+        with open(sim_node / "kern.log", "a") as log:
+            log.write(UNREADABLE_LINES[0] + "\n" + XID79_LINE + "\n")
+        wait_for(lambda: [e for e in run.events() if e.xid == 79])
+        assert metric_value(scrape(port), "aidc_kernel_log_unparsed_lines_total", Hostname="node-a") == 1.0
+    with open(sim_node / "kern.log", "a") as log:  # while the agent is down
+        log.write(UNREADABLE_LINES[1] + "\n" + XID79_LINE.replace("0000:27:00", "0000:17:00") + "\n")
+    port = free_port()
+    with agent_run(sim_node, port=port) as run2:
+        wait_for(lambda: [e for e in run2.events() if e.xid == 79 and e.gpu == 0])
+        text = scrape(port)
+    assert [(e.xid, e.gpu) for e in run2.events() if e.xid == 79] == [(79, 1), (79, 0)], "none lost, none repeated"
+    assert metric_value(text, "aidc_kernel_log_unparsed_lines_total", Hostname="node-a") == 1.0, \
+        "only the line written while it was down: the first is behind the saved position"

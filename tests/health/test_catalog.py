@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aidc.errors import SpecError
 from aidc.events import Action, FaultKind
@@ -79,3 +81,36 @@ def test_an_operator_catalog_changes_the_action_without_code(tmp_path):
 def test_a_missing_catalog_file_is_a_clear_error(tmp_path):
     with pytest.raises(SpecError, match="readable catalog file"):
         load_catalog(tmp_path / "absent.yaml")
+
+
+# XID 154's text comes from the kernel log: whatever it says, classifying it raises nothing,
+# ends, and only ASCII codes the driver could print are read as a stated action.
+
+STATED = "GPU recovery action changed from 0x0 (None) to {}"
+
+
+@pytest.mark.parametrize("code", ["\uff12", "0x\uff12", "\u0662", "9" * 5000, "0x" + "f" * 5000, "2" * 30])
+def test_xid_154_with_a_code_no_driver_prints_goes_to_a_human(code):
+    c = load_catalog().classify_xid(154, STATED.format(code))
+    assert c.action == Action.CONTACT_SUPPORT
+
+
+def test_xid_154_text_full_of_spaces_is_classified_without_hanging():
+    # The stated-action pattern once backtracked cubically on runs of spaces (2,000 took 25 s).
+    # A thread with a generous limit turns such a hang into a failure instead of a stuck CI run.
+    import threading
+
+    results = []
+    text = "GPU recovery action changed from" + " " * 50_000 + "to" + " " * 50_000 + "x"
+    worker = threading.Thread(target=lambda: results.append(load_catalog().classify_xid(154, text)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert results and results[0].action == Action.CONTACT_SUPPORT
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["GPU recovery action changed from", " ", "to", "(", ")", "0x", "2", "7", "\uff12",
+                                 "Node Reboot Required", "None", "f"]) | st.text(max_size=5), max_size=30).map("".join))
+def test_xid_154_classification_of_any_text_raises_nothing_and_gives_a_catalog_action(text):
+    c = load_catalog().classify_xid(154, text)
+    assert isinstance(c.action, Action) and c.catalog_version

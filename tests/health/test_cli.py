@@ -53,6 +53,27 @@ def test_parse_log_of_a_log_without_gpu_faults_prints_nothing_in_json(aidc_cli, 
     assert (r.returncode, r.stdout) == (0, "")
 
 
+def test_parse_log_reads_through_any_bytes_skips_what_it_cannot_read_and_reports_the_real_fault(aidc_cli, tmp_path):
+    hostile = tmp_path / "hostile.log"
+    hostile.write_bytes(b"\n".join([
+        b"[ 1.0] \xff\xfe invalid UTF-8 \xc3\x28 and NULs \x00\x00\x00",
+        b"[ 1.1] NVRM: Xid (PCI:0000:17:00): " + b"9" * 5000 + b", pid=1",            # unreadable: number
+        b"[ 1.2] nvidia-nvswitch0: SXid (PCI:::): 12028, Fatal, Link 32",             # unreadable: PCI id
+        b"[ 1.3] usb 1-1: Product: NVRM: Xid (PCI:0000:17:00): 79, a USB stick",     # not the driver's line
+        b"Aug 30 11:43:14 gpu-node-7 alice: NVRM: Xid (PCI:0000:17:00): 79, logger",  # not the kernel's
+        "[ 1.4] NVRM: Xid (PCI:0000:17:00): \uff17\uff19, full-width".encode(),      # unreadable: digits
+        b"[ 1.5] " + b"x" * (3 << 20),                                                # 3 MiB line
+        b"[ 1.6] NVRM: Xid (PCI:0000:27:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.",
+    ]) + b"\n")
+    r = aidc_cli("health", "parse-log", str(hostile), "--json")
+    assert r.returncode == 0, r.stderr
+    (event,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert (event["xid"], event["pci"], event["action"], event["line_number"]) == (79, "0000:27:00.0", "reboot_node", 8)
+    warnings = r.stderr.splitlines()
+    assert [w.split(":")[3] for w in warnings] == ["2", "3", "6"], r.stderr
+    assert all(w.startswith(f"aidc: warning: {hostile}:") for w in warnings)
+
+
 def test_health_and_agent_commands_have_help(aidc_cli):
     for args in (("health", "--help"), ("health", "parse-log", "--help"), ("agent", "run", "--help"),
                  ("health", "catalog", "--json")):

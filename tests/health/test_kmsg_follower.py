@@ -173,3 +173,11 @@ def test_dev_kmsg_position_from_an_earlier_boot_starts_over():
     f.close()
     assert lines, "sequence numbers restart at boot: the old position must not hide this boot's records"
     assert pos.boot_id != "an-earlier-boot" and pos.kmsg_seq < 10**12
+
+
+def test_a_line_is_split_at_line_feeds_only_and_invalid_utf8_is_replaced(tmp_path):
+    # str.splitlines() would also split at \x0b, \x1c, \x85, U+2028: a process name or a USB
+    # string holding one must not start a new "line" that could read as the driver's.
+    log = tmp_path / "kern.log"
+    log.write_bytes("[ 1.0] usb 1-1: Product: a\x1c\x0b\u2028\x85b\r\n".encode() + b"[ 1.1] \xff\x00 ok\n")
+    assert follower(log).read()[0] == ["[ 1.0] usb 1-1: Product: a\x1c\x0b\u2028\x85b\r", "[ 1.1] \ufffd\x00 ok"]

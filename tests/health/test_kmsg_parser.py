@@ -7,7 +7,7 @@ import pytest
 
 from aidc.events import Action, FaultKind
 from aidc.health.catalog import load_catalog
-from aidc.health.kmsg import KernelLogParser, normalize_pci, parse_lines, strip_prefix
+from aidc.health.kmsg import KernelLogParser, kernel_message, normalize_pci, parse_lines
 
 PREFIXES = {
     "dmesg": "[ 1843.308145] ",
@@ -115,7 +115,7 @@ def test_unrelated_lines_and_look_alikes_are_ignored():
 
 
 def test_prefix_stripping_and_pci_spellings():
-    assert strip_prefix("Aug 30 11:43:14 h kernel: [ 5.1] NVRM: x\n") == "NVRM: x"
+    assert kernel_message("Aug 30 11:43:14 h kernel: [ 5.1] NVRM: x\n") == "NVRM: x"
     assert normalize_pci("00000000:17:00.0") == normalize_pci("0000:17:00") == "0000:17:00.0"
     assert normalize_pci("0000:AB:01.1") == "0000:ab:01.1"
     assert normalize_pci(None) is None

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pulumi
-import yaml
 from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.mocks import MockMonitor
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
+
+from aidc.stack_yaml import load_stack_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = ROOT / "infra" / "__main__.py"
@@ -109,7 +110,9 @@ class RecordingMonitor(MockMonitor):
 
 
 def stack_config(stack_file: Path) -> dict[str, str]:
-    doc = yaml.safe_load(stack_file.read_text())
+    # Pulumi reads stack files as YAML 1.2 (`yes` and `1:30` are strings), as aidc's reader does;
+    # PyYAML's safe_load would hand the program YAML 1.1 values Pulumi never produces.
+    doc = load_stack_yaml(stack_file.read_text())
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc["config"].items()}
 
 

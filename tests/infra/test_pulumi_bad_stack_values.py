@@ -32,6 +32,11 @@ def _run_with(tmp_path, cluster):
     (lambda c: c["fabric"].update(ipam_cidr="10.224.0.0/40"), "aidc:cluster.fabric.ipam_cidr", "IPv4 network"),
     (lambda c: c["software"].update(kubernetes_version="one-thirty"), "aidc:cluster.software.kubernetes_version",
      "pattern"),
+    # Strict types: the program gets no coerced values either.
+    (lambda c: c["node_pools"][0].update(count=True), "aidc:cluster.node_pools[0].count", "an integer, not true"),
+    (lambda c: c["policy"].update(dry_run="yes"), "aidc:cluster.policy.dry_run", "true or false, not the string"),
+    (lambda c: c["fabric"].update(link_speed_gbps=10 ** 6), "aidc:cluster.fabric.link_speed_gbps",
+     "less than or equal to 3200"),
 ])
 def test_bad_value_fails_the_program_naming_the_key(tmp_path, change, key, expected):
     cluster = _cluster()

@@ -83,6 +83,8 @@ summary: Quarantine the node and tell on-call.
 trigger:
   alerts: [{alertname: NodeBroken}]
   faults: [fallen_off_bus]
+params:
+  gpu: {type: int, min: 0, max: 15, required: false, description: The GPU the alert names.}
 guards: [{guard: node_known}, {guard: blast_radius}]
 steps:
   - {id: confirm, kind: check, source: prometheus, query: 'broken{Hostname="${node}"}', expect: "== 1"}

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from aidc import polling
-from aidc.runbook.receiver import MAX_BODY_BYTES, Receiver
+from aidc.runbook.receiver import MAX_BODY_BYTES, Limits, Receiver
 from runbook_fakes import QUARANTINE_AND_NOTIFY, alert
 
 TOKEN = "s3cret-token"
@@ -148,16 +148,16 @@ def raw_exchange(port: int, request: bytes, close_after_send: bool) -> bytes:
 def test_a_body_shorter_than_its_content_length_gets_a_4xx(make_engine, fakes):
     engine = make_engine(QUARANTINE_AND_NOTIFY)
     lines: list[str] = []
-    rec = Receiver(engine, TOKEN, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, request_timeout_s=0.5)
+    rec = Receiver(engine, TOKEN, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, limits=Limits(body_timeout_s=0.5))
     thread = threading.Thread(target=rec.serve_forever, daemon=True)
     thread.start()
     try:
         head = f"POST /alerts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n"
         request = head.encode() + b'{"alerts":'
         # A client that stalls mid-body: 408 once the request timeout passes.
-        assert raw_exchange(rec.port, request, close_after_send=False).startswith(b"HTTP/1.0 408")
+        assert raw_exchange(rec.port, request, close_after_send=False).startswith(b"HTTP/1.1 408")
         # A client that closes mid-body: 400.
-        assert raw_exchange(rec.port, request, close_after_send=True).startswith(b"HTTP/1.0 400")
+        assert raw_exchange(rec.port, request, close_after_send=True).startswith(b"HTTP/1.1 400")
         assert engine.state.runs() == [] and healthy(rec)
         polling.wait_for("the two log lines", lambda: any(line.startswith("408 POST") for line in lines)
                          and any(line.startswith("400 POST") for line in lines), 5.0)

@@ -70,7 +70,7 @@ def test_a_real_run_quarantines_through_the_lab_scheduler(aidc_cli, lab, tmp_pat
         steps:
           - {id: out, kind: quarantine, reason: "drained by hand"}
           - {id: is-out, kind: check, source: scheduler, expect: quarantined}
-          - {id: tell, kind: notify, message: "${node} drained by ${user}"}
+          - {id: tell, kind: notify, message: "${node} drained (run ${run_id})"}
         """)
     out = aidc_cli("runbook", "run", "drain-now", "--node", "gpu-3", "--runbooks", str(rb_dir), "--json",
                    "--notify-file", str(tmp_path / "notify.jsonl"), *opts(lab))
@@ -90,6 +90,8 @@ def test_bad_input_is_a_clear_error_not_a_traceback(aidc_cli, lab):
         (("run", "no-such-runbook", "--node", "gpu-1"), "no runbook named 'no-such-runbook'"),
         (("run", "gpu-fallen-off-bus", "--node", "gpu-99"), "'gpu-99' is not a node"),
         (("run", "gpu-fallen-off-bus", "--node", "gpu-1", "--label", "oops"), "--label expects KEY=VALUE"),
+        (("run", "ecc-row-remap", "--node", "gpu-1", "--label", "gpu=0 --other-flag", "--dry-run"),
+         "gpu: '0 --other-flag' is not an integer"),
     ]:
         out = aidc_cli("runbook", *args, *opts(lab))
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

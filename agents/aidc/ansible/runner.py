@@ -7,11 +7,18 @@ silently reuses them (so every run gets its own temporary private data dir and
 `suppress_env_files=True`), ansible-playbook must be on PATH (the running interpreter's bin dir
 is put first), and the ssh control masters Ansible leaves behind are told to exit after the run
 (their sockets live in the run's own temporary directory).
+
+Extra variables are data, never templates: Ansible templates every string it is given, so a
+value like `0 {{ lookup('pipe', ...) }}` (from an alert label, say) would run a command. They are
+written to a YAML file in the run's directory with every string tagged `!unsafe` and passed as
+`-e @file`; ansible-runner's own `extravars` (a JSON `-e` string, templated) is not used.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,12 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from aidc.errors import AidcError
 
 PLAYBOOK_DIR = Path(__file__).resolve().parents[3] / "playbooks"
 SITE_PLAYBOOK = PLAYBOOK_DIR / "site.yml"
 
 EventCallback = Callable[[dict[str, Any]], None]
+
+# Ansible variable names: a letter or underscore, then letters, digits, underscores.
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class AnsibleRunError(AidcError):
@@ -118,6 +130,37 @@ def _close_control_masters(control_dir: Path) -> None:
                        capture_output=True, timeout=10, check=False)
 
 
+class _UnsafeDumper(yaml.SafeDumper):
+    """YAML whose every string value carries Ansible's `!unsafe` tag (never templated)."""
+
+
+def _represent_unsafe_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("!unsafe", value, style="'")
+
+
+def _represent_plain_keys(dumper: yaml.SafeDumper, value: dict) -> yaml.Node:
+    # Keys stay plain strings (variable names); only values are data to protect.
+    pairs = [(yaml.ScalarNode("tag:yaml.org,2002:str", str(k)), dumper.represent_data(v)) for k, v in value.items()]
+    return yaml.MappingNode("tag:yaml.org,2002:map", pairs)
+
+
+_UnsafeDumper.add_representer(str, _represent_unsafe_str)
+_UnsafeDumper.add_representer(dict, _represent_plain_keys)
+
+
+def write_unsafe_extravars(extravars: Mapping[str, Any], path: Path) -> Path:
+    """Write extra variables for `-e @path`, every string (nested too) tagged `!unsafe`."""
+    bad = [k for k in extravars if not isinstance(k, str) or not _VAR_NAME.fullmatch(k)]
+    if bad:
+        raise AnsibleRunError(f"extra variable names must be Ansible variable names, got {bad!r}")
+    try:
+        text = yaml.dump(dict(extravars), Dumper=_UnsafeDumper, default_flow_style=False)
+    except yaml.representer.RepresenterError as exc:
+        raise AnsibleRunError(f"extra variables must be plain data (text, numbers, lists, maps): {exc}") from None
+    path.write_text(text)
+    return path
+
+
 def run_playbook(
     playbook: str | os.PathLike = SITE_PLAYBOOK,
     *,
@@ -137,7 +180,8 @@ def run_playbook(
 
     inventory: a path (static file, directory, or an executable dynamic-inventory script such as
         `playbooks/inventory/aidc_spec.sh`) or an inventory as a dict (Ansible's YAML/JSON shape).
-    extravars: passed with `-e` (highest precedence), never saved for later runs.
+    extravars: passed with `-e @file` (highest precedence), strings as unsafe text (never
+        templated), never saved for later runs.
     limit / tags / skip_tags: as ansible-playbook's --limit, --tags, --skip-tags.
     check / diff: --check / --diff (a dry run that shows what would change).
     on_event: called with every ansible-runner event dict as it arrives (`event`,
@@ -200,14 +244,16 @@ def run_playbook(
             "ANSIBLE_NOCOLOR": "1",
             **dict(envvars or {}),
         }
-        cmdline = " ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on)
+        args = [flag for flag, on in (("--check", check), ("--diff", diff)) if on]
+        if extravars:
+            args += ["-e", "@" + str(write_unsafe_extravars(extravars, Path(private) / "aidc-extravars.yml"))]
+        cmdline = " ".join(shlex.quote(a) for a in args)
         inv: Any = dict(inventory) if isinstance(inventory, Mapping) else str(Path(inventory).resolve())
         try:
             runner = ansible_runner.run(
                 private_data_dir=private,
                 playbook=str(playbook),
                 inventory=inv,
-                extravars=dict(extravars or {}),
                 limit=limit,
                 tags=",".join(tags) or None,
                 skip_tags=",".join(skip_tags) or None,

@@ -10,6 +10,7 @@ import typer
 from aidc.audit import AuditLog
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AuditError
+from aidc.strict_json import finite
 
 app = typer.Typer(help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
 
@@ -45,7 +46,7 @@ def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this no
     """List audit records."""
     with _open(db) as log:
         recs = log.records(kind=kind, node=node)
-    data = [r.__dict__ for r in recs]
+    data = finite([r.__dict__ for r in recs])  # an old record's NaN prints as "NaN", not a failed listing
     text = "\n".join(f"{r.seq:5d} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} {r.reason}" for r in recs)
     emit(data, as_json, text or "(no records)")
 

@@ -94,12 +94,24 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
 
 
 @app.command("status")
-def status(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
-    """Show node states and the fault events with their outcomes."""
+def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """Show node states and the fault events with their outcomes (on Slurm: what Slurm says)."""
+    from aidc.failover.backends import open_scheduler
+
     store = Store(_state_db(lab_dir))
     events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o}
               for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}
-    text = "\n".join([f"{n}: {s}" for n, s in sorted(states.items())] +
-                     [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} [{e['outcome'] or 'pending'}]" for e in events])
-    emit({"nodes": states, "events": events}, as_json, text or "no events")
+    lines = [f"{n}: {s}" for n, s in sorted(states.items())]
+    data: dict = {"nodes": states, "events": events}
+    scheduler = open_scheduler(load_stack(stack), lab_dir, tell_rendezvous=False)
+    wide = getattr(scheduler, "out_of_service", None)
+    if wide is not None:
+        # The scheduler's truth (what the blast radius counts), next to this host's records.
+        out = {name: st.to_dict() for name, st in sorted(wide().items())}
+        data["scheduler_out_of_service"] = out
+        lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
+            or [f"{scheduler.name}: no node out of service"]
+    text = "\n".join(lines + [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} "
+                              f"[{e['outcome'] or 'pending'}]" for e in events])
+    emit(data, as_json, text or "no events")

@@ -18,25 +18,30 @@ class LogFileError(AidcError):
 
 
 @app.command("parse-log")
-def parse_log(file: Path = typer.Argument(..., help="Kernel log: dmesg, dmesg -T, journald/syslog or /dev/kmsg text."),
+def parse_log(file: Path = typer.Argument(..., help="Kernel log: dmesg, dmesg -T/-r/-x, journald/syslog text or "
+                                                    "JSON, or /dev/kmsg records."),
               catalog: Path = typer.Option(None, help="XID catalog file (default: the shipped data/xid_catalog.yaml)."),
               as_json: bool = typer.Option(False, "--json", help="One JSON object per detected event, one per line.")
               ) -> None:
-    """Print every GPU fault in a kernel log with the catalog's action (XID lines, NVSwitch
-    SXid lines, and the multi-line fallen-off-the-bus message that has no XID)."""
+    """Print every GPU fault the kernel logged, with the catalog's action (XID lines, NVSwitch
+    SXid lines, and the multi-line fallen-off-the-bus message that has no XID). Lines other
+    programs logged are ignored; a driver line that cannot be read is skipped with a warning
+    on stderr. Any file content is accepted (invalid UTF-8, NULs, over-long lines)."""
     from aidc.health.catalog import load_catalog
-    from aidc.health.kmsg import KernelLogParser
+    from aidc.health.kmsg import KernelLogParser, read_lines
 
     cat = load_catalog(catalog)
     if not file.exists():
         raise LogFileError(f"{file}: no such file")
     if file.is_dir():
         raise LogFileError(f"{file}: is a directory, expected a kernel log file")
-    parser = KernelLogParser()
+    number = 0
+    skipped: list[tuple[int, str]] = []
+    parser = KernelLogParser(on_unparsed=lambda _line, why: skipped.append((number, why)))
     rows: list[dict] = []
     try:
-        with open(file, encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, 1):
+        with open(file, "rb") as fh:
+            for number, line in enumerate(read_lines(fh), 1):
                 for fault in parser.feed(line):
                     cls = cat.classify_kernel(fault.kind, fault.xid, fault.message, fault.severity)
                     rows.append({"xid": fault.xid, "pci": fault.pci, "action": cls.action.value,
@@ -45,6 +50,7 @@ def parse_log(file: Path = typer.Argument(..., help="Kernel log: dmesg, dmesg -T
                                  "catalog_version": cls.catalog_version})
     except OSError as exc:
         raise LogFileError(f"{file}: cannot read: {exc.strerror}") from None
+    _warn_skipped(file, skipped)
     if as_json:
         emit_lines(rows)
         return
@@ -55,6 +61,17 @@ def parse_log(file: Path = typer.Argument(..., help="Kernel log: dmesg, dmesg -T
     body = [f"{r['line_number']:>6}  {r['kind']:<15} {'' if r['xid'] is None else r['xid']:>4}  "
             f"{r['pci'] or '-':<13} {r['action']:<16} {r['reason']}" for r in rows]
     emit(rows, False, "\n".join([header, *body, f"{len(rows)} fault(s); catalog {cat.version}"]))
+
+
+SKIPPED_SHOWN = 10  # unreadable lines named one by one on stderr; the rest are counted
+
+
+def _warn_skipped(file: Path, skipped: list[tuple[int, str]]) -> None:
+    for number, why in skipped[:SKIPPED_SHOWN]:
+        typer.echo(f"aidc: warning: {file}:{number}: driver line skipped, cannot read it: {why}", err=True)
+    if len(skipped) > SKIPPED_SHOWN:
+        typer.echo(f"aidc: warning: {file}: {len(skipped) - SKIPPED_SHOWN} more unreadable driver line(s) skipped",
+                   err=True)
 
 
 @app.command("catalog")

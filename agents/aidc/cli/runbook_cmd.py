@@ -10,6 +10,7 @@ import typer
 
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError
+from aidc.strict_json import finite
 
 app = typer.Typer(help="Guarded, audited runbooks triggered by Alertmanager or by hand.", no_args_is_help=True)
 
@@ -107,7 +108,7 @@ def _emit_run(engine, run_id: int, as_json: bool) -> None:
         res = s.result or {}
         note = res.get("error") or res.get("detail") or res.get("approved_by") or ""
         lines.append(f"  {s.idx + 1:2d}. {s.step_id:22s} {s.kind:10s} {s.status:8s} {note}")
-    emit({**run.to_dict(), "steps": [s.to_dict() for s in steps]}, as_json, "\n".join(lines))
+    emit(finite({**run.to_dict(), "steps": [s.to_dict() for s in steps]}), as_json, "\n".join(lines))
 
 
 @app.command("runs")
@@ -119,7 +120,8 @@ def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", hel
     if not state_db.exists():
         raise AidcError(f"no run state at {state_db}")
     st = RunState(state_db)
-    data = [r.to_dict() for r in st.runs(node=node)]
+    # finite(): a NaN stored by an older receiver is printed as "NaN", not a failed listing.
+    data = finite([r.to_dict() for r in st.runs(node=node)])
     text = "\n".join(f"{r['id']:5d} {r['runbook']:28s} {r['node']:14s} {r['status']:18s} {r['error'] or ''}"
                      for r in data)
     emit(data, as_json, text or "(no runs)")
@@ -163,14 +165,29 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
           tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
           client_ca: Path = typer.Option(None, "--client-ca",
                                          help="PEM CA whose client certificates are accepted: mutual TLS "
-                                              "(then the token is optional).")) -> None:
+                                              "(then the token is optional)."),
+          max_connections: int = typer.Option(512, "--max-connections", min=1,
+                                              help="Open connections at once; more are answered 503 and logged."),
+          header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, max=3600,
+                                               help="Seconds from connect to the end of the request headers "
+                                                    "(TLS handshake included), however slowly they trickle; then 408."),
+          body_timeout: float = typer.Option(10.0, "--body-timeout", min=0.01, max=3600,
+                                             help="Seconds from the end of the headers to the end of the body; "
+                                                  "then 408."),
+          max_alerts: int = typer.Option(1000, "--max-alerts", min=1,
+                                         help="Alerts in one notification; more is 413 (match Alertmanager's "
+                                              "webhook max_alerts)."),
+          request_workers: int = typer.Option(4, "--request-workers", min=1, max=256,
+                                              help="Threads handling complete requests (slow clients use none).")) -> None:
     """Alertmanager webhook receiver. Resumes interrupted runs on start.
 
-    Authentication: a bearer token (--token-file or $AIDC_RUNBOOK_TOKEN), mutual TLS
-    (--tls-cert, --tls-key, --client-ca), or both, in which case both are required.
+    Authentication: a bearer token (--token-file or $AIDC_RUNBOOK_TOKEN; sent as
+    `Authorization: Bearer <token>`, the scheme in any case), mutual TLS (--tls-cert,
+    --tls-key, --client-ca), or both, in which case both are required. One request per
+    connection; bodies only as Content-Length (no chunked), at most 1 MiB; no NaN/Infinity.
     """
     from aidc.runbook import tls
-    from aidc.runbook.receiver import Receiver
+    from aidc.runbook.receiver import Limits, Receiver
 
     if token_file:
         try:
@@ -187,9 +204,12 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
         raise AidcError(f"token file {token_file} is empty")
     if tls_config:
         tls_config.server_context()  # bad certificate files fail here, before any state is opened
+    limits = Limits(max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                    max_alerts=max_alerts, request_workers=request_workers)
+    _ensure_file_descriptors(max_connections)
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     try:
-        receiver = Receiver(engine, token or None, host, port, tls=tls_config)
+        receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, lambda *_: receiver.engine.stop.set() or _shutdown_later(receiver))
@@ -197,6 +217,19 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                                             ("mutual TLS", bool(tls_config and tls_config.mutual))) if on)
     typer.echo(f"aidc runbook serve: ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth})", err=True)
     receiver.serve_forever()
+
+
+def _ensure_file_descriptors(max_connections: int) -> None:
+    """Every connection is a file descriptor: raise the soft limit to fit, or say it cannot."""
+    import resource
+
+    needed = max_connections + 128  # the databases, the listener, runs' subprocesses
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise AidcError(f"--max-connections {max_connections} needs {needed} file descriptors; "
+                            f"the hard limit (ulimit -Hn) is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _shutdown_later(receiver) -> None:

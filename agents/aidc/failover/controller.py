@@ -96,10 +96,19 @@ class FailoverController:
             finished.append(node)
         return finished
 
-    def run_once(self) -> list[Decision]:
+    def run_once(self, may_act=None) -> list[Decision]:
+        """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
+        so a controller whose lease lapsed mid-batch stops at once. An event whose last try
+        failed waits out its backoff."""
+        decisions = []
         now = time.monotonic()
-        return [self.handle(event_id, event) for event_id, event in self.store.pending()
-                if self._retry_at.get(event_id, 0.0) <= now]
+        for event_id, event in self.store.pending():
+            if self._retry_at.get(event_id, 0.0) > now:
+                continue
+            if may_act is not None and not may_act():
+                break
+            decisions.append(self.handle(event_id, event))
+        return decisions
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
         """Act on events until `stop`; with a `lease`, only while holding it (one controller acts)."""
@@ -108,7 +117,10 @@ class FailoverController:
             self.recover()
         while not stop.is_set():
             if lease is not None:
-                now_held = lease.hold()
+                try:
+                    now_held = lease.hold()
+                except OSError:  # the lease directory is unreachable: not knowing means not acting
+                    now_held = False
                 if now_held != held:
                     held = now_held
                     self.audit.append("failover.lease", f"controller lease {'acquired' if held else 'lost'}",
@@ -117,7 +129,7 @@ class FailoverController:
                         # The previous holder may have died between a drain and its record.
                         self.recover()
             if held:
-                self.run_once()
+                self.run_once(lease.held if lease is not None else None)
             stop.wait(poll_s)
         if lease is not None and held:
             lease.release()

@@ -90,7 +90,11 @@ class Lease:
 
     # -- internals --------------------------------------------------------------------------
     def _top(self) -> int | None:
-        gens = [int(m.group(1)) for name in os.listdir(self.dir) if (m := _GEN.match(name))]
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return None
+        gens = [int(m.group(1)) for name in names if (m := _GEN.match(name))]
         return max(gens) if gens else None
 
     def _claim(self, gen: int) -> bool:

@@ -34,6 +34,7 @@ from aidc.store import Store
 log = logging.getLogger("aidc.health")
 
 XID_DEDUPE_WINDOW_S = 5.0  # the same XID from NVML and the kernel log within this window is one fault
+UNPARSED_LOG_LIMIT = 10  # unreadable kernel-log lines logged per agent run; all are counted in the metric
 LOST_MARKERS = ("fallen off the bus", "is lost", "gpu_is_lost", "gpu is lost")
 
 
@@ -85,7 +86,8 @@ class HealthAgent:
         self.kernel_log = str(kernel_log) if kernel_log else None
         self.position_key = KernelLogFollower.position_key(node, kernel_log) if kernel_log else None
         position = Position.from_json(store.get(self.position_key)) if kernel_log else Position()
-        self.parser = KernelLogParser(position.parser)
+        self.parser = KernelLogParser(position.parser, on_unparsed=self._unparsed)
+        self._unparsed_logged = 0
         self.follower = KernelLogFollower(kernel_log, position) if kernel_log else None
         self._saved_position = position.to_json()
         self.observations: queue.Queue[Observation] = queue.Queue(maxsize=64)
@@ -145,14 +147,28 @@ class HealthAgent:
             return
         pending: list[tuple[FaultEvent, Classification]] = []
         for line in lines:
-            for fault in self.parser.feed(line):
-                item = self._from_kernel(fault)
-                if item:
-                    pending.append(item)
+            try:
+                for fault in self.parser.feed(line):
+                    item = self._from_kernel(fault)
+                    if item:
+                        pending.append(item)
+            except Exception as exc:  # one line's fault, not the follower's: the lines after it are read
+                self._unparsed(line, f"cannot handle its fault: {exc!r}")
+        # Saved past every line read, unreadable ones included, so a restart does not meet them again.
         position.parser = self.parser.state()
         saved = position.to_json()
         self._commit(pending, extra_kv={self.position_key: saved})
         self._saved_position = saved
+
+    def _unparsed(self, line: str, why: str) -> None:
+        """A kernel-log line skipped: counted always, logged for the first few of this run."""
+        self.metrics.kernel_log_unparsed.labels(self.node).inc()
+        self._unparsed_logged += 1
+        if self._unparsed_logged <= UNPARSED_LOG_LIMIT:
+            log.warning("%s: cannot read kernel-log line, skipped (%s): %.300r", self.node, why, line)
+        elif self._unparsed_logged == UNPARSED_LOG_LIMIT + 1:
+            log.warning("%s: further unreadable kernel-log lines are only counted "
+                        "(aidc_kernel_log_unparsed_lines_total)", self.node)
 
     def _from_kernel(self, fault: KernelFault) -> tuple[FaultEvent, Classification] | None:
         gpu = self.pci_to_gpu.get(fault.pci) if fault.pci else None

@@ -20,9 +20,13 @@ from aidc.events import Action, FaultKind
 CATALOG_FILE = "data/xid_catalog.yaml"
 FOLLOW_STATED = "follow_stated"
 
-# "GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)"
-_RECOVERY_RE = re.compile(r"recovery action changed from\s+(0x[0-9a-fA-F]+|\d+)?\s*(?:\(([^)]*)\))?\s*"
-                          r"to\s+(0x[0-9a-fA-F]+|\d+)?\s*(?:\(([^)]*)\))?", re.IGNORECASE)
+# "GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)". The text is a
+# kernel-log line: ASCII digits only (int() would read "２" as 2), a code no longer than the
+# driver's 32-bit value, and each run of spaces matched by one quantifier, so that no input
+# can make the pattern backtrack for long.
+_RECOVERY_CODE = r"(0x[0-9a-f]{1,8}|[0-9]{1,10})(?![0-9a-z])"
+_RECOVERY_RE = re.compile(rf"recovery action changed from\s+(?:{_RECOVERY_CODE}\s*)?(?:\(([^)]*)\)\s*)?"
+                          rf"to\s+(?:{_RECOVERY_CODE}\s*)?(?:\(([^)]*)\))?", re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True)

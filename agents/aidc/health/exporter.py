@@ -57,6 +57,9 @@ class HealthMetrics:
                                  registry=r)
         self.faults_total = Counter("aidc_faults", "Fault events emitted", ("Hostname", "kind", "action"), registry=r)
         self.hung_total = Counter("aidc_device_call_hung", "Device calls that timed out", ("Hostname",), registry=r)
+        self.kernel_log_unparsed = Counter(
+            "aidc_kernel_log_unparsed_lines", "Kernel-log lines that start like the GPU driver's but could not be read "
+            "(skipped)", ("Hostname",), registry=r)
         self.monitor_hung = Gauge("aidc_monitor_hung", "1 while the last device poll timed out", ("Hostname",),
                                   registry=r)
         self.quarantined = Gauge("aidc_node_quarantined", "1 while failover holds the node out of service",
@@ -65,6 +68,7 @@ class HealthMetrics:
         info.labels(node, version, backend).set(1)
         self.monitor_hung.labels(node).set(0)
         self.hung_total.labels(node)
+        self.kernel_log_unparsed.labels(node)
         self._labels: dict[int, tuple[str, str, str, str]] = {}
         self._server = None
 

@@ -2,10 +2,26 @@
 
 `KernelLogParser` turns kernel-log lines into `KernelFault`s: NVRM XID lines, NVSwitch
 SXid lines, and the multi-line "fallen off the bus" message, which carries no XID at all
-(a known blind spot of monitors that only look for XIDs). It accepts the prefixes the
-same line gets from different tools: dmesg `[ 1843.308145] `, `dmesg -T`
-`[Fri Aug 30 11:43:14 2024] `, journald/syslog `Aug 30 11:43:14 host kernel: ` (or an
-ISO-8601 timestamp), /dev/kmsg `6,1234,5678,-;`, or none.
+(a known blind spot of monitors that only look for XIDs).
+
+Only the kernel speaks for the driver. `kernel_message` accepts a line when its source
+format shows the kernel logged it, and returns the message: /dev/kmsg records
+(`pri,seq,usec,flags;`), `dmesg -r` (`<pri>`) and `dmesg -x` (`kern  :err   : `) with the
+kernel facility (pri >> 3 == 0); syslog and journald text (`-o short`, `short-iso`,
+`short-precise`, `short-monotonic`, `short-unix`, `short-full`, RFC 3339) with the tag
+`kernel:`; `journalctl -o json` with `_TRANSPORT=kernel` (or, when that field was left out,
+`SYSLOG_FACILITY=0`); and dmesg's own buffer (`[ 1843.308145] `, `dmesg -T`,
+`--time-format iso`, or no prefix at all). The driver's text must then start the message, in
+ASCII digits: `logger "NVRM: Xid ..."`, a USB product string or a sudo line that contains
+the text is not a fault. What a format cannot show is not guessed: plain-text syslog cannot
+tell a `logger -t kernel` line from the kernel's (journald JSON can), and plain dmesg shows
+records root wrote into /dev/kmsg like the kernel's (`dmesg -x` and /dev/kmsg show their
+user facility; util-linux 2.38's `dmesg -r` prints such a record as `<7>`, so a `<pri>` below
+8 is only as good as the tool that printed it, as in /proc/kmsg).
+
+A kernel line that starts like the driver's but cannot be read (a malformed PCI address, a
+number longer than the driver prints) is skipped and reported through `on_unparsed`; the
+parser never raises, so one line can never stop detection.
 
 `KernelLogFollower` tails a file (or /dev/kmsg) from a durable position kept in the
 store, so an agent restart neither loses nor repeats lines; it survives truncation and
@@ -19,62 +35,151 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from aidc.events import FaultKind
 
-_PREFIXES = [
-    re.compile(r"^<\d+>"),                                             # printk level, e.g. <3>
-    re.compile(r"^\d+,\d+,\d+,[^;]*;"),                                # /dev/kmsg record header
-    re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?\s+\S+\s+kernel:\s*"),
-    re.compile(r"^[A-Z][a-z]{2}\s+\d{1,2}\s+\d\d:\d\d:\d\d\s+\S+\s+kernel:\s*"),  # syslog / journald
-    re.compile(r"^\[[A-Z][a-z]{2}\s+[A-Z][a-z]{2}\s+\d{1,2}\s+\d\d:\d\d:\d\d\s+\d{4}\]\s*"),  # dmesg -T
-    re.compile(r"^\[\s*\d+\.\d+\]\s*"),                                # dmesg
-]
+# Every pattern is ASCII-only (re.ASCII): \d, \s and \w must not match full-width or other
+# Unicode digits and spaces, which the kernel never prints but a forged line can.
+_A = re.ASCII
 
-_XID = re.compile(r"NVRM: Xid \((?:PCI:)?([0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?)\):\s*(\d+),?\s*(.*)$")
-_SXID = re.compile(r"nvidia-nvswitch(\d+): SXid \((?:PCI:)?([0-9A-Fa-f:.]+)\):\s*(\d+),\s*(Non-fatal|Fatal)?,?\s*(.*)$",
-                   re.IGNORECASE)
+# --- where a line came from ----------------------------------------------------------------
+_KMSG_RECORD = re.compile(r"([0-9]{1,10}),[0-9]{1,20},[0-9]{1,20},[^;]{0,200};", _A)  # /dev/kmsg
+_RAW_PRIORITY = re.compile(r"<([0-9]{1,10})>", _A)                          # /proc/kmsg, dmesg -r
+_FACILITIES = ("kern|user|mail|daemon|auth|syslog|lpr|news|uucp|cron|authpriv|ftp|"
+               "res[0-7]|local[0-7]")
+_DECODED_FACILITY = re.compile(rf"({_FACILITIES}) *:(?:emerg|alert|crit|err|warn|notice|info|debug) *: ",
+                               _A)                                                       # dmesg -x
+# syslog and journald text: a time stamp, the host, then the tag ("kernel" for the kernel).
+_SYSLOG = re.compile(
+    r"(?:[A-Z][a-z]{2} +[0-9]{1,2} [0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"        # BSD; short, short-precise
+    r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"(?:Z|[+-][0-9]{2}:?[0-9]{2})?"                                                     # RFC 3339; short-iso
+    r"|[0-9]{1,12}\.[0-9]{1,9}"                                                          # short-unix
+    r"|[A-Z][a-z]{2} [0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} [A-Za-z0-9+-]{1,32}"  # short-full
+    r") +(\S{1,255}) +([^\s:\[]{1,64})(?:\[[0-9]{1,10}\])?: ?", _A)
+# dmesg's time stamps: seconds since boot, `dmesg -T`, `dmesg --time-format iso` (a comma
+# before the fraction, unlike syslog's RFC 3339).
+_DMESG_TIME = re.compile(
+    r"(?:\[ *[0-9]{1,12}\.[0-9]{1,9}\]"
+    r"|\[[A-Z][a-z]{2} [A-Z][a-z]{2} +[0-9]{1,2} [0-9]{2}:[0-9]{2}:[0-9]{2} [0-9]{4}\]"
+    r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2},[0-9]{1,9}[+-][0-9]{2}:?[0-9]{2}) ?", _A)
+# journalctl -o short-monotonic: dmesg's seconds, then the host and the tag.
+_MONOTONIC_KERNEL_TAG = re.compile(r"\S{1,255} kernel: ?", _A)
+
+
+def _kernel_facility(priority: str) -> bool:
+    """syslog priority = facility * 8 + level; facility 0 is the kernel (userspace cannot
+    write facility 0 into /dev/kmsg: the kernel makes it 1, user)."""
+    return int(priority) >> 3 == 0
+
+
+def kernel_message(line: str) -> str | None:
+    """The message of a line the kernel logged, without the prefix its source added; None for
+    a line from anywhere else (another program's syslog tag, a userspace facility)."""
+    text = line.rstrip("\r\n")
+    if text.startswith("{"):
+        return _journal_json_message(text)
+    m = _KMSG_RECORD.match(text)
+    if m:  # a /dev/kmsg record: nothing else follows the header
+        return text[m.end():] if _kernel_facility(m.group(1)) else None
+    for origin in (_RAW_PRIORITY, _DECODED_FACILITY, _SYSLOG):
+        m = origin.match(text)
+        if m:
+            if origin is _RAW_PRIORITY and not _kernel_facility(m.group(1)):
+                return None
+            if origin is _DECODED_FACILITY and m.group(1) != "kern":
+                return None
+            if origin is _SYSLOG and m.group(2) != "kernel":
+                return None
+            text = text[m.end():]
+            break
+    m = _DMESG_TIME.match(text)  # dmesg's own, or inside a syslog line (rsyslog's imklog keeps it)
+    if m:
+        text = text[m.end():]
+        tag = _MONOTONIC_KERNEL_TAG.match(text)
+        if tag:
+            text = text[tag.end():]
+    return text
+
+
+def _journal_json_message(text: str) -> str | None:
+    """`journalctl -o json`: _TRANSPORT is set by journald itself, so it cannot be forged by
+    the logging program (SYSLOG_FACILITY and SYSLOG_IDENTIFIER can)."""
+    try:
+        entry = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    transport, facility = entry.get("_TRANSPORT"), entry.get("SYSLOG_FACILITY")
+    if transport is not None:
+        # A root write to /dev/kmsg also arrives by the kernel transport, with facility 1.
+        if transport != "kernel" or facility not in (None, "0"):
+            return None
+    elif facility != "0":
+        return None
+    message = entry.get("MESSAGE")
+    if isinstance(message, list) and all(type(b) is int and 0 <= b < 256 for b in message):
+        message = bytes(message).decode("utf-8", errors="replace")  # journald's form for non-UTF-8
+    return message if isinstance(message, str) else None
+
+
+# --- the driver's messages, anchored at the start of the kernel message -------------------
+_PCI_TEXT = r"((?:[0-9A-Fa-f]{1,8}:)?[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?)"
+_CODE = r"([0-9]{1,9})"  # XID and SXid codes are far below 10**9; a longer number is not the driver's
+_XID = re.compile(rf"NVRM: Xid \((?:PCI:)?{_PCI_TEXT}\): *{_CODE}(?:,(.*)| *)$", _A)
+_SXID = re.compile(rf"nvidia-nvswitch[0-9]{{1,9}}: SXid \((?:PCI:)?{_PCI_TEXT}\): *{_CODE}, *(Non-fatal|Fatal)?,? *(.*)$",
+                   re.IGNORECASE | _A)
+# How a line the driver printed as an XID or SXid starts; one that does not then match the
+# full pattern is an unreadable driver line, not an unrelated one.
+_DRIVER_FAULT_START = re.compile(r"NVRM: Xid\b|nvidia-nvswitch[^:\s]{0,12}: *SXid\b", re.IGNORECASE | _A)
 # The driver prints each SXid as three lines under the same "SXid (PCI:..): <code>," prefix:
 # the report (with its severity), then "Severity N Engine instance .." and "Data {..}".
 # Only the report is the fault; the other two are its details.
-_SXID_DETAIL = re.compile(r"^(?:Severity\s|Data\s*\{)")
-_FOB_GPU = re.compile(r"NVRM: The NVIDIA GPU ([0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?)\s*$")
-_FOB_MID = re.compile(r"NVRM: \(PCI ID: [0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}\) installed in this system has")
-_FOB_END = re.compile(r"NVRM: fallen off the bus and is not responding to commands")
+_SXID_DETAIL = re.compile(r"(?:Severity\s|Data\s*\{)", _A)
+_FOB_GPU = re.compile(r"NVRM: The NVIDIA GPU ([0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?) *$", _A)
+_FOB_MID = re.compile(r"NVRM: \(PCI ID: [0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}\) installed in this system has", _A)
+_FOB_END = re.compile(r"NVRM: fallen off the bus and is not responding to commands", _A)
+_FOB_LINES = 3  # the multi-line message: GPU, PCI ID, "fallen off the bus"
 # Newer drivers also print a single line without an XID.
 _FOB_ONE = re.compile(r"NVRM: GPU (?:at )?(?:PCI:)?([0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?):? "
-                      r"GPU has fallen off the bus")
+                      r"GPU has fallen off the bus", _A)
+_PCI_ADDRESS = re.compile(r"(?:([0-9a-f]{1,8}):)?([0-9a-f]{1,2}):([0-9a-f]{1,2})(?:\.([0-7]))?", _A)
 
 
-def strip_prefix(line: str) -> str:
-    """The message without the timestamp/host prefix any of the supported sources add."""
-    text = line.rstrip("\r\n")
-    for _ in range(3):  # syslog lines may still carry dmesg's [seconds] after "kernel:"
-        for rx in _PREFIXES:
-            m = rx.match(text)
-            if m:
-                text = text[m.end():]
-                break
-        else:
-            break
-    return text
+def parse_pci(text: str | None) -> str | None:
+    """`0000:17:00.0` for a PCI address in any of its spellings (NVML's `00000000:17:00.0`,
+    the driver's `0000:17:00`, `17:00.0`); None when the text is not one (a device number
+    is 5 bits, so at most 0x1f)."""
+    m = _PCI_ADDRESS.fullmatch((text or "").strip().lower())
+    if not m or int(m.group(3), 16) > 0x1F:
+        return None
+    domain, bus, dev, fn = m.group(1) or "0", m.group(2), m.group(3), m.group(4) or "0"
+    return f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn}"
 
 
 def normalize_pci(pci: str | None) -> str | None:
     """One spelling for a PCI address: NVML's `00000000:17:00.0` and the driver's
-    `0000:17:00` both become `0000:17:00.0`."""
+    `0000:17:00` both become `0000:17:00.0`. Text that is not a PCI address is returned
+    lower-cased, never an error."""
     if not pci:
         return None
-    parts = pci.strip().lower().split(":")
-    if len(parts) == 2:
-        parts = ["0000"] + parts
-    if len(parts) != 3:
-        return pci
-    domain, bus, devfn = parts
-    dev, _, fn = devfn.partition(".")
-    return f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{int(fn or '0', 16)}"
+    return parse_pci(pci) or pci.strip().lower()
+
+
+class Unreadable(ValueError):
+    """A kernel line that starts like a driver fault line but cannot be read."""
+
+
+def _pci(text: str) -> str:
+    pci = parse_pci(text)
+    if pci is None:
+        raise Unreadable(f"{text!r} is not a PCI address")
+    return pci
 
 
 @dataclass(frozen=True)
@@ -93,46 +198,92 @@ class KernelFault:
 
 
 class KernelLogParser:
-    """Stateful line parser: the fallen-off-bus message spans lines (and may span reads)."""
+    """Stateful line parser: the fallen-off-bus message spans lines (and may span reads).
 
-    def __init__(self, state: dict | None = None):
+    `feed` never raises. A kernel line that starts like the driver's but cannot be read is
+    counted in `unparsed`, passed to `on_unparsed(line, why)`, and skipped."""
+
+    # The kernel's records are under 1 KiB and a journald JSON line of one a few KiB: a
+    # longer line is not a driver line, and is not scanned past this.
+    MAX_LINE_CHARS = 16384
+
+    def __init__(self, state: dict | None = None, on_unparsed: Callable[[str, str], None] | None = None):
         # The pending first line of a fallen-off-bus message: {"pci": ..., "lines": [...]}.
-        self.pending: dict | None = (state or {}).get("pending")
+        self.pending: dict | None = _valid_pending(state)
+        self.on_unparsed = on_unparsed
+        self.unparsed = 0
 
     def state(self) -> dict:
         return {"pending": self.pending}
 
     def feed(self, line: str) -> list[KernelFault]:
         raw = line.rstrip("\r\n")
-        text = strip_prefix(raw)
-        m = _XID.search(text)
-        if m:
-            self.pending = None
-            return [KernelFault(FaultKind.XID, int(m.group(2)), normalize_pci(m.group(1)), raw, text)]
-        m = _SXID.search(text)
-        if m:
-            if m.group(4) is None and _SXID_DETAIL.match(m.group(5)):
-                return []
-            return [KernelFault(FaultKind.NVSWITCH_SXID, int(m.group(3)), normalize_pci(m.group(2)), raw, text,
-                                severity=(m.group(4) or "").capitalize() or None)]
-        m = _FOB_GPU.search(text)
-        if m:
-            self.pending = {"pci": normalize_pci(m.group(1)), "lines": [raw]}
+        try:
+            return self._parse(raw)
+        except Unreadable as exc:
+            why = str(exc)
+        except Exception as exc:  # a parser bug must cost one line, never the follower
+            why = f"parser error {exc!r}"
+        self.unparsed += 1
+        if self.on_unparsed is not None:
+            self.on_unparsed(raw, why)
+        return []
+
+    def _parse(self, raw: str) -> list[KernelFault]:
+        if len(raw) > self.MAX_LINE_CHARS:
+            head = kernel_message(raw[: self.MAX_LINE_CHARS])
+            if head is not None and _DRIVER_FAULT_START.match(head):
+                raise Unreadable(f"a driver line longer than {self.MAX_LINE_CHARS} characters")
             return []
-        if _FOB_MID.search(text):
-            if self.pending is not None:
+        text = kernel_message(raw)
+        if text is None:
+            return []
+        m = _XID.match(text)
+        if m:
+            pci = _pci(m.group(1))
+            self.pending = None
+            return [KernelFault(FaultKind.XID, int(m.group(2)), pci, raw, text)]
+        m = _SXID.match(text)
+        if m:
+            pci = _pci(m.group(1))
+            if m.group(3) is None and _SXID_DETAIL.match(m.group(4)):
+                return []
+            return [KernelFault(FaultKind.NVSWITCH_SXID, int(m.group(2)), pci, raw, text,
+                                severity=(m.group(3) or "").capitalize() or None)]
+        if _DRIVER_FAULT_START.match(text):
+            raise Unreadable("starts like an XID or SXid line but is not "
+                             "'<Xid|SXid> (PCI:<address>): <code of at most 9 ASCII digits>, ...'")
+        m = _FOB_GPU.match(text)
+        if m:
+            self.pending = {"pci": _pci(m.group(1)), "lines": [raw]}
+            return []
+        if _FOB_MID.match(text):
+            if self.pending is not None and len(self.pending["lines"]) < _FOB_LINES - 1:
                 self.pending["lines"].append(raw)
             return []
-        if _FOB_END.search(text):
+        if _FOB_END.match(text):
             pending, self.pending = self.pending, None
             lines = (pending["lines"] if pending else []) + [raw]
             pci = pending["pci"] if pending else None
             message = "GPU has fallen off the bus and is not responding to commands (no XID line)"
             return [KernelFault(FaultKind.FALLEN_OFF_BUS, None, pci, " / ".join(lines), message)]
-        m = _FOB_ONE.search(text)
+        m = _FOB_ONE.match(text)
         if m:
-            return [KernelFault(FaultKind.FALLEN_OFF_BUS, None, normalize_pci(m.group(1)), raw, text)]
+            return [KernelFault(FaultKind.FALLEN_OFF_BUS, None, _pci(m.group(1)), raw, text)]
         return []
+
+
+def _valid_pending(state) -> dict | None:
+    """The saved start of a fallen-off-bus message, or None when the saved state is not one
+    (written by an older version, or damaged): losing it costs one message's PCI address."""
+    pending = state.get("pending") if isinstance(state, dict) else None
+    if not isinstance(pending, dict):
+        return None
+    pci, lines = pending.get("pci"), pending.get("lines")
+    if not (pci is None or isinstance(pci, str)) or not isinstance(lines, list) \
+            or not all(isinstance(line, str) for line in lines):
+        return None
+    return {"pci": pci, "lines": lines[: _FOB_LINES - 1]}
 
 
 def parse_lines(lines) -> list[KernelFault]:
@@ -141,6 +292,23 @@ def parse_lines(lines) -> list[KernelFault]:
     for line in lines:
         out += parser.feed(line)
     return out
+
+
+def read_lines(fh: BinaryIO, max_chars: int = KernelLogParser.MAX_LINE_CHARS) -> Iterator[str]:
+    """The lines of a binary file, decoded (invalid UTF-8 replaced), split at line feeds only.
+    A line longer than the parser reads is cut, and the rest of it skipped without holding it
+    in memory; what is yielded for it is still longer than `max_chars` characters."""
+    limit = 4 * max_chars + 1  # bytes: at least max_chars + 1 characters, however they decode
+    while True:
+        chunk = fh.readline(limit)
+        if not chunk:
+            return
+        if len(chunk) == limit and not chunk.endswith(b"\n"):
+            while True:  # the rest of the over-long line, one bounded read at a time
+                rest = fh.readline(1 << 16)
+                if not rest or rest.endswith(b"\n"):
+                    break
+        yield chunk.decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -287,7 +455,9 @@ class KernelLogFollower:
             return []
         chunk = data[: end + 1]
         self.pos.offset += len(chunk)
-        return chunk.decode("utf-8", errors="replace").splitlines()
+        # Split at "\n" only: str.splitlines() also splits at \x0b, \x1c, U+2028 and others,
+        # which would start a new "line" in the middle of one the kernel logged.
+        return [line.decode("utf-8", errors="replace") for line in chunk.split(b"\n")[:-1]]
 
     def _read_kmsg(self) -> tuple[list[str], Position]:
         """/dev/kmsg: one record per read; the record's sequence number is the position."""

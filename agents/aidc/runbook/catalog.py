@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ import jsonschema
 import yaml
 
 from aidc.errors import AidcError
+from aidc.runbook.params import BUILTIN_VARIABLES
 from aidc.spec import project_root
 
 # Kinds that change a node. Such a step runs only after an approved `approve` step, or when
@@ -89,6 +91,7 @@ class Runbook:
     guards: tuple[dict, ...] = ()
     timeout_s: float = DEFAULT_RUN_TIMEOUT_S
     cooldown_s: float = DEFAULT_COOLDOWN_S
+    params: dict = field(default_factory=dict)  # name -> declared type (aidc.runbook.params)
     path: str = ""
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -144,12 +147,56 @@ def parse_runbook(doc: object, file: str = "<memory>") -> Runbook:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise RunbookError(f"{file}: steps: step ids must be unique, repeated: {', '.join(dupes)}")
+    _check_variables(doc, file)
     return Runbook(
         name=doc["name"], title=doc["title"], summary=doc["summary"], trigger=doc["trigger"],
         steps=_steps(doc["steps"]), on_failure=_steps(doc.get("on_failure", []), "on-failure-"),
         guards=tuple(doc.get("guards", [])), timeout_s=float(doc.get("timeout_s", DEFAULT_RUN_TIMEOUT_S)),
-        cooldown_s=float(doc.get("cooldown_s", DEFAULT_COOLDOWN_S)), path=file, raw=doc,
+        cooldown_s=float(doc.get("cooldown_s", DEFAULT_COOLDOWN_S)), params=dict(doc.get("params", {})),
+        path=file, raw=doc,
     )
+
+
+WHOLE_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _references(value, where: str):
+    """(key path, variable name) for every ${name} / $name in the strings of a step."""
+    if isinstance(value, str):
+        for name in Template(value).get_identifiers():
+            yield where, name
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _references(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _references(v, f"{where}[{i}]")
+
+
+def _check_variables(doc: dict, file: str) -> None:
+    """Every variable a step uses is a builtin or a declared param; a playbook gets only whole,
+    required params (typed, never pasted into a larger string)."""
+    params = doc.get("params", {})
+    for name, spec in params.items():
+        if spec["type"] == "int" and spec["min"] > spec["max"]:
+            raise RunbookError(f"{file}: params.{name}: min {spec['min']} is above max {spec['max']}")
+    for phase in ("steps", "on_failure"):
+        for i, step in enumerate(doc.get(phase, [])):
+            for where, name in _references(step, f"{phase}[{i}]"):
+                if name not in params and name not in BUILTIN_VARIABLES:
+                    raise RunbookError(f"{file}: {where}: ${{{name}}} is neither a declared param nor one of "
+                                       f"{', '.join(sorted(BUILTIN_VARIABLES))}: declare it under params")
+            for key, value in (step.get("extravars") or {}).items():
+                where = f"{phase}[{i}].extravars.{key}"
+                if not isinstance(value, str) or not Template(value).get_identifiers():
+                    continue
+                m = WHOLE_VARIABLE.fullmatch(value)
+                if not m or m.group(1) not in params:
+                    raise RunbookError(f"{file}: {where}: a playbook variable is a literal or one whole "
+                                       f"\"${{param}}\" of a declared param, got {value!r}")
+                if not params[m.group(1)].get("required", True):
+                    raise RunbookError(f"{file}: {where}: param {m.group(1)!r} is optional; a playbook "
+                                       "only gets required params")
 
 
 def load_runbook(path: str | Path) -> Runbook:
@@ -208,12 +255,18 @@ class _Variables(dict):
         return f"<{key}?>"
 
 
-def expand(value, variables: dict):
-    """Fill `${node}`-style variables in strings, recursively (PromQL keeps its `{...}`)."""
+def expand(value, variables: dict, typed: bool = False):
+    """Fill `${node}`-style variables in strings, recursively (PromQL keeps its `{...}`).
+
+    typed: a string that is one whole `${name}` becomes the variable's value itself (an int
+    stays an int), as playbook variables need."""
     if isinstance(value, str):
+        m = WHOLE_VARIABLE.fullmatch(value) if typed else None
+        if m and m.group(1) in variables:
+            return variables[m.group(1)]
         return Template(value).safe_substitute(_Variables(variables))
     if isinstance(value, dict):
-        return {k: expand(v, variables) for k, v in value.items()}
+        return {k: expand(v, variables, typed) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand(v, variables) for v in value]
+        return [expand(v, variables, typed) for v in value]
     return value

@@ -23,15 +23,20 @@ from aidc.audit.log import AuditLog, default_actor
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators
 from aidc.runbook.catalog import Catalog, Runbook, RunbookError, Step
+from aidc.runbook import params as run_params
 from aidc.runbook import state as run_state
 from aidc.runbook.state import ACTIVE, RunRow, RunState, StepRow, owner_alive
 from aidc.runbook.steps import ACTIONS, Interrupted, StepContext, describe, scheduler_state, step_params
 from aidc.spec import Policy
 
 
+# alerts_seen key prefix for alerts planned under policy.dry_run (see Engine._plan_alert).
+DRY_RUN_SEEN = "dry-run:"
+
+
 @dataclass(frozen=True)
 class Submission:
-    outcome: str  # started | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
+    outcome: str  # started | dry_run | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
     reason: str
     runbook: str | None = None
     node: str | None = None
@@ -91,9 +96,27 @@ class Engine:
         fingerprint = str(alert.get("fingerprint") or _label_fingerprint(labels))
         trigger = {"source": "alertmanager", "alertname": labels.get("alertname"), "labels": labels,
                    "fingerprint": fingerprint, "startsAt": alert.get("startsAt")}
+        if alert.get("annotations"):
+            trigger["annotations"] = alert["annotations"]
         if sender:
             trigger["sender"] = sender
+        if self.policy.dry_run:
+            return self._plan_alert(rb, node, trigger, fingerprint, str(alert.get("startsAt", "")))
         return self.submit(rb.name, node, trigger, fingerprint, str(alert.get("startsAt", "")))
+
+    def _plan_alert(self, rb: Runbook, node: str, trigger: dict, fingerprint: str, starts_at: str) -> Submission:
+        """Under policy.dry_run: plan (and audit) the run an alert would start, once per alert,
+        deduplicated by fingerprint and start like a live one. Sightings are kept apart from live
+        ones, so an alert planned under dry-run still starts a run once dry-run is off."""
+        if node not in self.nodes:
+            return Submission("unknown_node", f"{node!r} is not a node of this cluster", rb.name, node)
+        with self.state.transaction() as db:
+            if self.state.alert_seen(db, DRY_RUN_SEEN + fingerprint, starts_at) is not False:
+                return Submission("duplicate", "alert already planned under policy.dry_run "
+                                  "(same fingerprint and start)", rb.name, node)
+            self.state.record_alert(db, DRY_RUN_SEEN + fingerprint, starts_at, None)
+        self.plan(rb.name, node, trigger)
+        return Submission("dry_run", "policy.dry_run: planned and audited, nothing changed", rb.name, node)
 
     def submit(self, runbook: str, node: str, trigger: dict, fingerprint: str | None = None,
                starts_at: str = "") -> Submission:
@@ -176,7 +199,16 @@ class Engine:
             self._abandon(run, f"runbook {run.runbook!r} changed since run {run_id} started ({changed}); "
                                "the run is not resumed: check the node and start a new run")
             return
-        variables = {**run.trigger.get("labels", {}), "node": run.node, "runbook": rb.name, "run_id": run_id}
+        try:
+            # Only declared, typed values reach a step (runbooks/schema.json `params`).
+            values = run_params.validate(rb.params, run.trigger.get("labels") or {},
+                                         run.trigger.get("annotations") or {}, nodes=self.nodes)
+        except run_params.ParamError as exc:
+            self._audit("runbook.params.rejected", f"{rb.name} on {run.node}: {exc}", run.node,
+                        {"run_id": run_id, "runbook": rb.name, "trigger": run.trigger, "error": str(exc)})
+            self._abandon(run, f"trigger values do not fit the runbook's params: {exc}")
+            return
+        variables = {**values, "node": run.node, "runbook": rb.name, "run_id": run_id}
         if all(r.status == "pending" for r in rows if r.phase == "main") and run.status == "pending":
             refusal = self._guards(rb, run)
             if refusal:
@@ -235,7 +267,10 @@ class Engine:
         return out | set(self.state.running_quarantines(db, run.id))
 
     def _blast_radius(self, db, run: RunRow) -> str | None:
-        out = self._unavailable(db, run)
+        try:
+            out = self._unavailable(db, run)
+        except AidcError as exc:  # fail closed: no count, no quarantine
+            return f"blast radius unknown: cannot read the out-of-service nodes from the scheduler ({exc})"
         if run.node in out:
             return None  # already out of service: quarantining again changes nothing
         limit = self.policy.max_unavailable_nodes(len(self.nodes))
@@ -400,7 +435,10 @@ class Engine:
         """What a run would do, step by step. Changes nothing; the plan itself is audited."""
         rb = self.catalog.get(runbook)
         trigger = trigger or {"source": "cli"}
-        variables = {**trigger.get("labels", {}), "node": node, "runbook": rb.name, "run_id": "(dry-run)"}
+        # A value given must fit (ParamError otherwise); one not given shows as <name?>.
+        values = run_params.validate(rb.params, trigger.get("labels") or {}, trigger.get("annotations") or {},
+                                     nodes=self.nodes, allow_missing=True)
+        variables = {**values, "node": node, "runbook": rb.name, "run_id": "(dry-run)"}
         out = []
         fake_run = RunRow(-1, rb.name, node, "pending", trigger, None, None, time.time(), time.time(), None)
         with self.state.transaction() as db:

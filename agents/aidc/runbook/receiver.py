@@ -1,32 +1,50 @@
 """`aidc runbook serve`: the Alertmanager webhook receiver.
 
-Requests are checked in the cheapest order (auth, then size, then JSON), answered with a
-4xx and one log line when bad, and never crash the server. Accepted alerts become runs
-through the engine (which deduplicates); runs execute on worker threads, and a scanner
-picks up runs nobody executes: after a restart (crash recovery), after an approval, or
-when all workers were busy.
+Requests are checked in the cheapest order (framing and authentication as soon as the head
+is in, then size, then JSON), answered with a 4xx and one log line when bad, and never crash
+the server. Connections, deadlines and framing are `aidc.runbook.http_server`'s: a slow or
+hostile client costs a socket, never a thread, and is cut off at its deadline. Accepted alerts
+become runs through the engine (which deduplicates, under dry-run too); runs execute on worker
+threads, and a scanner picks up runs nobody executes: after a restart (crash recovery), after
+an approval, or when all workers were busy.
 
-Authentication is a bearer token, mutual TLS (`aidc.runbook.tls`), or both; a receiver
-with neither refuses to start. Under TLS the handshake runs on the request's own thread,
-so a slow or hostile client cannot stall the accept loop.
+Authentication is a bearer token (`Authorization: Bearer <token>`, the scheme in any case, as
+RFC 7235 has it), mutual TLS (`aidc.runbook.tls`), or both; a receiver with neither refuses to
+start.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import ssl
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 
+from aidc import strict_json
 from aidc.runbook.engine import Engine, Submission
-from aidc.runbook.tls import HANDSHAKE_TIMEOUT_S, TLSConfig, peer_identity
+from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
+from aidc.runbook.tls import TLSConfig
 
-MAX_BODY_BYTES = 1 << 20  # Alertmanager caps a notification's alerts; 1 MiB is far beyond a real one
-DRAIN_LIMIT_BYTES = 8 << 20
 WEBHOOK_PATHS = ("/", "/alerts", "/api/v1/alerts")
+AUTH_EXPECTED = "expected 'Authorization: Bearer <token>' (the scheme in any case)"
+# The Alertmanager webhook fields the engine reads, when present, must be strings.
+STRING_FIELDS = ("status", "fingerprint", "startsAt", "endsAt", "generatorURL")
+
+
+@dataclass(frozen=True)
+class Limits(ServerLimits):
+    # Alerts in one notification; more is 413 (Alertmanager: set `max_alerts` in webhook_configs
+    # to this or less, and it sends the rest as `truncatedAlerts`).
+    max_alerts: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.max_alerts, int) or self.max_alerts < 1:
+            raise ValueError(f"max_alerts must be a positive integer, not {self.max_alerts!r}")
+
+
+MAX_BODY_BYTES = Limits.max_body_bytes
 
 
 class BadRequest(Exception):
@@ -35,71 +53,50 @@ class BadRequest(Exception):
         self.code, self.reason = code, reason
 
 
-def validate_payload(body: bytes) -> list[dict]:
-    """The alerts of an Alertmanager webhook (version 4) payload, or BadRequest(400)."""
+def validate_payload(body: bytes, max_alerts: int = Limits.max_alerts) -> list[dict]:
+    """The alerts of an Alertmanager webhook (version 4) payload, or BadRequest (400, or 413 over max_alerts).
+
+    Strict JSON (no NaN or Infinity: a stored one would break every JSON listing it is in);
+    each alert an object with string labels, its other fields the engine reads strings."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
+        doc = strict_json.loads(body)
     except RecursionError:  # deeply nested arrays or objects: no real notification looks like that
         raise BadRequest(400, "malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("alerts"), list):
         raise BadRequest(400, "expected an Alertmanager webhook object with an 'alerts' list")
-    for i, alert in enumerate(doc["alerts"]):
+    alerts = doc["alerts"]
+    if len(alerts) > max_alerts:
+        raise BadRequest(413, f"{len(alerts)} alerts in one notification; at most {max_alerts} "
+                              f"(set max_alerts: {max_alerts} in Alertmanager's webhook_configs)")
+    for i, alert in enumerate(alerts):
         if not isinstance(alert, dict) or not isinstance(alert.get("labels"), dict):
             raise BadRequest(400, f"alerts[{i}]: expected an object with a 'labels' object")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in alert["labels"].items()):
             raise BadRequest(400, f"alerts[{i}].labels: expected string keys and values")
-    return doc["alerts"]
-
-
-class _WebhookServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address, handler, ssl_context: ssl.SSLContext | None, log):
-        self.ssl_context, self.log = ssl_context, log
-        super().__init__(address, handler)
-
-    def get_request(self):
-        sock, address = super().get_request()
-        if self.ssl_context is not None:
-            # Wrap only: the handshake waits for the request's thread (finish_request).
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
-
-    def finish_request(self, request, client_address):
-        if self.ssl_context is not None:
-            request.settimeout(HANDSHAKE_TIMEOUT_S)
-            try:
-                request.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
-                self.log(f"TLS handshake refused from {client_address[0]}: {reason}")
-                return
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request, client_address):
-        # One line, not socketserver's traceback on stderr.
-        exc = sys.exc_info()[1]
-        self.log(f"connection from {client_address[0]} ended: {type(exc).__name__}: {exc}")
+        for name in STRING_FIELDS:
+            if name in alert and alert[name] is not None and not isinstance(alert[name], str):
+                raise BadRequest(400, f"alerts[{i}].{name}: expected a string")
+    return alerts
 
 
 class Receiver:
     def __init__(self, engine: Engine, token: str | None, host: str = "127.0.0.1", port: int = 9097,
                  max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None,
-                 request_timeout_s: float = 10.0):
+                 limits: Limits | None = None):
         if not token and not (tls and tls.mutual):
             raise ValueError("authentication is required: a bearer token, or mutual TLS (a client CA)")
         self.engine, self.token, self.tls = engine, token or None, tls
         self.max_workers, self.scan_interval_s = max_workers, scan_interval_s
-        self.request_timeout_s = request_timeout_s
+        self.limits = limits or Limits()
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}",
                                                file=sys.stderr, flush=True))
         self._executing: set[int] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         context = tls.server_context() if tls else None
-        self.httpd = _WebhookServer((host, port), self._handler_class(), context, self.log)
+        self.httpd = BoundedHTTPServer((host, port), self.limits, context, self._check_head, self._handle, self.log)
 
     @property
     def scheme(self) -> str:
@@ -109,122 +106,52 @@ class Receiver:
     def port(self) -> int:
         return self.httpd.server_address[1]
 
+    @property
+    def open_connections(self) -> int:
+        return self.httpd.open_connections
+
     # --- HTTP -----------------------------------------------------------------------------
-    def _handler_class(self):
-        receiver = self
+    def _authorized(self, request: Request) -> bool:
+        if self.token is None:
+            return True  # mutual TLS only: the handshake already verified the client
+        scheme, _, token = request.header("authorization").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token.encode())
 
-        class Handler(BaseHTTPRequestHandler):
-            timeout = receiver.request_timeout_s  # a client that stalls mid-body loses its connection, not a thread
-            server_version = "aidc-runbook"
+    def _check_head(self, request: Request) -> Response | None:
+        """Before any body is read: health needs nothing, everything else the token and a known route."""
+        if request.method == "GET" and request.path == "/healthz":
+            return None
+        if not self._authorized(request):
+            return Response(401, {"error": f"missing or wrong bearer token: {AUTH_EXPECTED}"}, "unauthenticated",
+                            {"WWW-Authenticate": 'Bearer realm="aidc-runbook"'})
+        routes = {"GET": ("/runs",), "POST": WEBHOOK_PATHS}
+        if request.method not in routes:
+            return Response(405, {"error": f"method {request.method} not allowed"}, "method not allowed",
+                            {"Allow": "GET, POST"})
+        if request.path not in routes[request.method]:
+            return Response(404, {"error": "not found"}, f"unknown path {request.path[:200]}")
+        return None
 
-            def log_message(self, fmt, *args):  # one line per request comes from _respond instead
-                pass
-
-            def _respond(self, code: int, body: dict, note: str) -> None:
-                data = json.dumps(body, default=str).encode()
-                self.send_response(code)
-                if code == 401:
-                    self.send_header("WWW-Authenticate", 'Bearer realm="aidc-runbook"')
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                who = self.client_address[0] + (f" ({self.peer})" if self.peer else "")
-                receiver.log(f"{code} {self.command} {self.path} from {who}: {note}")
-
-            @property
-            def peer(self) -> str | None:
-                return peer_identity(self.connection)
-
-            def _authorized(self) -> bool:
-                if receiver.token is None:
-                    return True  # mutual TLS only: the handshake already verified the client
-                header = self.headers.get("Authorization", "")
-                scheme, _, token = header.partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                          receiver.token.encode())
-
-            def do_GET(self):
-                try:
-                    if self.path == "/healthz":
-                        return self._respond(200, {"ok": True}, "health")
-                    if not self._authorized():
-                        return self._respond(401, {"error": "bearer token required"}, "unauthenticated")
-                    if self.path == "/runs":
-                        runs = [r.to_dict() for r in receiver.engine.state.runs()]
-                        return self._respond(200, {"runs": runs}, f"{len(runs)} runs")
-                    self._respond(404, {"error": "not found"}, "unknown path")
-                except Exception as exc:  # never let a request kill the server
-                    self._fail(exc)
-
-            def do_POST(self):
-                try:
-                    self._post()
-                except BadRequest as exc:
-                    self.close_connection = True
-                    self._respond(exc.code, {"error": exc.reason}, exc.reason)
-                except Exception as exc:
-                    self._fail(exc)
-
-            def _fail(self, exc: Exception) -> None:
-                self.close_connection = True
-                try:
-                    self._respond(500, {"error": "internal error"}, f"internal error: {type(exc).__name__}: {exc}")
-                except Exception:
-                    receiver.log(f"500 {self.path}: {type(exc).__name__}: {exc} (response not sent)")
-
-            def _drain(self, size: int) -> None:
-                # Read (and drop) a moderately oversized body so the client sees the 413 rather
-                # than a reset connection; a huge one is cut off.
-                left = min(size, DRAIN_LIMIT_BYTES)
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 65536))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-
-            def _post(self):
-                if not self._authorized():
-                    raise BadRequest(401, "missing or wrong bearer token")
-                if self.path not in WEBHOOK_PATHS:
-                    raise BadRequest(404, f"unknown path {self.path}")
-                length = self.headers.get("Content-Length")
-                if length is None:
-                    raise BadRequest(411, "Content-Length required")
-                try:
-                    size = int(length)
-                except ValueError:
-                    raise BadRequest(400, f"bad Content-Length {length!r}") from None
-                if size < 0:
-                    raise BadRequest(400, f"bad Content-Length {length!r}")
-                if size > MAX_BODY_BYTES:
-                    self._drain(size)
-                    raise BadRequest(413, f"payload of {size} bytes exceeds {MAX_BODY_BYTES}")
-                try:
-                    body = self.rfile.read(size)
-                except TimeoutError:
-                    raise BadRequest(408, f"body not received within {self.timeout:g} s") from None
-                if len(body) < size:
-                    raise BadRequest(400, f"body ended after {len(body)} of {size} bytes (Content-Length)")
-                alerts = validate_payload(body)
-                sender = {"address": self.client_address[0], **({"client": self.peer} if self.peer else {})}
-                results = [receiver.accept(a, sender) for a in alerts]
-                summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results) or "no alerts"
-                self._respond(200, {"results": [r.to_dict() for r in results]}, summary)
-
-        return Handler
+    def _handle(self, request: Request) -> Response:
+        if request.path == "/healthz":
+            return Response(200, {"ok": True}, "health")
+        if request.method == "GET":  # /runs: _check_head allowed nothing else
+            runs = [r.to_dict() for r in self.engine.state.runs()]
+            return Response(200, {"runs": runs}, f"{len(runs)} runs")
+        try:
+            alerts = validate_payload(request.body, self.limits.max_alerts)
+        except BadRequest as exc:
+            return Response(exc.code, {"error": exc.reason}, exc.reason)
+        sender = {"address": request.client, **({"client": request.peer} if request.peer else {})}
+        results = [self.accept(a, sender) for a in alerts]
+        summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results[:20]) or "no alerts"
+        if len(results) > 20:
+            summary += f", ... ({len(results)} alerts)"
+        return Response(200, {"results": [r.to_dict() for r in results]}, summary)
 
     # --- runs -----------------------------------------------------------------------------
     def accept(self, alert: dict, sender: dict | None = None) -> Submission:
-        engine = self.engine
-        if engine.policy.dry_run and alert.get("status") != "resolved":
-            rb = engine.catalog.match(alert.get("labels", {}))
-            node = (alert.get("labels") or {}).get(rb.node_label) if rb else None
-            if rb and node in engine.nodes:
-                engine.plan(rb.name, node, {"source": "alertmanager", "labels": alert["labels"],
-                                            **({"sender": sender} if sender else {})})
-                return Submission("dry_run", "policy.dry_run: planned and audited, nothing changed", rb.name, node)
-        sub = engine.submit_alert(alert, sender)
+        sub = self.engine.submit_alert(alert, sender)  # under policy.dry_run: planned once, never started
         if sub.outcome == "started" and sub.run_id is not None:
             self._dispatch(sub.run_id)
         return sub
@@ -273,11 +200,17 @@ class Receiver:
         scanner.start()
         self.log(f"listening on {self.scheme}://{self.httpd.server_address[0]}:{self.port}/alerts")
         try:
-            self.httpd.serve_forever(poll_interval=0.2)
+            self.httpd.serve_forever()
         finally:
             self.engine.stop.set()
             scanner.join(timeout=5)
-            self.httpd.server_close()
+            # Executors stop at their next step boundary; wait for them (bounded) so whoever
+            # closes the engine's databases next does not pull them from under a running step.
+            deadline = time.monotonic() + 10
+            with self._lock:
+                running = list(self._threads)
+            for t in running:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def shutdown(self) -> None:
         self.engine.stop.set()

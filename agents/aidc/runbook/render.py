@@ -35,10 +35,27 @@ def _step_line(i: int, step: Step) -> str:
     return f"{i}. **{step.id}** (`{step.kind}`): {text}.{desc}{extra}"
 
 
+def _param_type(spec: dict) -> str:
+    kind = spec["type"]
+    if kind == "int":
+        return f"integer {spec['min']}-{spec['max']}"
+    if kind == "enum":
+        return "one of " + ", ".join(f"`{v}`" for v in spec["values"])
+    if kind == "path":
+        return "absolute path under " + " or ".join(f"`{r}`" for r in spec["under"])
+    return {"netdev": "network interface name", "rdma_device": "RDMA device name", "node": "node name",
+            "pci_bus_id": "PCI bus id"}[kind]
+
+
 def render_markdown(rb: Runbook) -> str:
     lines = [f"# {rb.title}", "", f"_Runbook `{rb.name}`, generated from `runbooks/{rb.name}.yaml` by "
              "`aidc runbook render`; edit the YAML, not this page._", "", rb.summary.strip(), "",
              "## Trigger", "", *_trigger_text(rb), ""]
+    lines += ["## Parameters (checked before the first step)", ""]
+    lines += [f"- `{name}`: {_param_type(spec)}{'' if spec.get('required', True) else ', optional'}. "
+              f"{spec['description']}" for name, spec in rb.params.items()] or ["- None: the runbook takes "
+                                                                                "nothing from the alert but the node."]
+    lines.append("")
     if rb.guards:
         lines += ["## Guards (checked before the first step)", ""]
         for g in rb.guards:

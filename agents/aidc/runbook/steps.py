@@ -39,7 +39,7 @@ class StepContext:
 def scheduler_state(actuators: Actuators, node: str) -> str:
     try:
         return actuators.scheduler.state(node)
-    except KeyError:
+    except (KeyError, AidcError):  # an unknown node, or a scheduler that does not answer (slurmctld down)
         return "unknown"
 
 
@@ -179,4 +179,8 @@ def describe(step: Step, params: dict, node: str, actuators: Actuators | None) -
 
 
 def step_params(step: Step, variables: dict) -> dict:
-    return expand(dict(step.raw), variables)
+    params = expand(dict(step.raw), variables)
+    if "extravars" in step.raw:
+        # Playbook variables keep their declared types (gpu: 3, not "3").
+        params["extravars"] = expand(step.raw["extravars"], variables, typed=True)
+    return params

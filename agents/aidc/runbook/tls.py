@@ -3,7 +3,8 @@
 Alertmanager's webhook `http_config.tls_config` (`ca_file`, `cert_file`, `key_file`) is the
 other side. With a client CA the handshake itself refuses a sender without a certificate
 signed by that CA, before any HTTP is read; the bearer token, when also set, is checked on
-top. Certificates are loaded when the receiver starts, so a bad path or PEM is a clear
+top. The handshake runs on the server's I/O thread under the request's header deadline
+(`aidc.runbook.http_server`), so a client that stalls in it holds no thread. Certificates are loaded when the receiver starts, so a bad path or PEM is a clear
 error at start-up rather than a refused connection later.
 """
 
@@ -14,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc.errors import AidcError
-
-HANDSHAKE_TIMEOUT_S = 10.0  # a client that stalls mid-handshake loses its connection, not a thread
 
 
 @dataclass(frozen=True)
