@@ -37,7 +37,9 @@ def run_on_kubernetes(ctl: FailoverController, stop: threading.Event, poll_s: fl
     try:
         ctl.run(stop, poll_s, lease=lease)
     finally:
-        watcher.join(timeout=watch_timeout_s + 5)
+        # The watch may sit in a long poll; it is a daemon thread and its work is idempotent
+        # (the store dedupes by key), so a stop does not wait out the poll.
+        watcher.join(timeout=2)
 
 
 def _log_watch_error(exc: Exception) -> None:
