@@ -164,6 +164,20 @@ class AuditLog:
             out.append(AuditRecord(seq, ts, actor, nd, kd, reason, data, prev, digest))
         return out
 
+    def find(self, kind: str, **payload) -> list[AuditRecord]:
+        """Records of this kind whose payload has these top-level values, in order."""
+        sql, args = ("SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit "
+                     "WHERE kind = ?"), [kind]
+        for key, value in payload.items():
+            if not key.isidentifier():
+                raise ValueError(f"payload key {key!r} is not a plain name")
+            sql += f" AND json_extract(payload, '$.{key}') = ?"
+            args.append(value)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        return [AuditRecord(seq, ts, actor, nd, kd, reason, json.loads(data), prev, digest)
+                for seq, ts, actor, nd, kd, reason, data, prev, digest in rows]
+
     def verify(self) -> VerifyResult:
         """Walk the chain; name the first record that does not hold."""
         anchor, rows = self._anchor_and_rows()

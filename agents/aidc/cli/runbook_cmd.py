@@ -188,6 +188,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     if tls_config:
         tls_config.server_context()  # bad certificate files fail here, before any state is opened
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    engine.recover_audit()  # records a crash of older code left out (runs finished without one)
     try:
         receiver = Receiver(engine, token or None, host, port, tls=tls_config)
     except OSError as exc:
