@@ -205,7 +205,9 @@ def measure(lab: Path, work: Path, alerts: Alerts, injected: set) -> dict:
 
         lost = {"agent": [], "failover": [], "runbook": []}
         for event_id, event, outcome in events:
-            if not audit.find("health.fault", event_id=event_id):
+            # The node too: a record of an event whose commit a kill prevented names an id
+            # that another agent's event may take next.
+            if not any(r.node == event.node for r in audit.find("health.fault", event_id=event_id)):
                 lost["agent"].append(f"event {event_id} ({event.node} XID {event.xid})")
             if outcome and not audit.find("failover.decision", event_id=event_id, verdict=outcome):
                 lost["failover"].append(f"event {event_id} decision {outcome}")
