@@ -251,3 +251,12 @@ def test_cli_verify_reports_a_bad_anchor_as_a_failure_not_a_traceback(log, aidc_
     out = aidc_cli("audit", "verify", "--db", str(log.path))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "FAILED" in out.stdout and "anchor file" in out.stdout
+
+
+def test_a_log_with_a_payload_edited_into_junk_still_opens_and_verify_names_the_record(log):
+    _sql(log, "DROP INDEX IF EXISTS audit_kind_run")  # what an editor must do first
+    _sql(log, "UPDATE audit SET payload = 'not json' WHERE seq = 3")
+    reopened = AuditLog(log.path)
+    result = reopened.verify()
+    assert not result.ok and result.first_bad_seq == 3
+    reopened.close()

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL
 );
 """
+# find(kind, run_id=...) runs on every resumed runbook run: without it each look reads the
+# whole log. An index, not part of the chain; a log whose payloads are not all JSON (edited
+# by hand) cannot have it, and is read without it.
+RUN_INDEX = "CREATE INDEX IF NOT EXISTS audit_kind_run ON audit(kind, json_extract(payload, '$.run_id'))"
 COLUMNS = ["seq", "ts", "actor", "node", "kind", "reason", "payload", "prev_hash", "hash"]
 
 
@@ -110,6 +114,10 @@ class AuditLog:
         self._check_is_audit_log(create=True)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        try:
+            self._db.execute(RUN_INDEX)
+        except sqlite3.OperationalError:  # malformed JSON in some payload: verify names that record
+            pass
 
     def _check_is_audit_log(self, create: bool) -> None:
         """Refuse another program's database: never read it as a log, never add a table to it."""
