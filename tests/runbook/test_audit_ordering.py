@@ -195,7 +195,7 @@ def test_a_step_found_done_without_its_record_gets_a_recovered_record_once(make_
     assert engine.recover_audit() == 0  # a second restart adds nothing
 
 
-def test_a_finished_run_without_its_record_is_recovered_when_serve_starts(make_engine, tmp_path):
+def test_a_finished_run_without_its_record_gets_a_recovered_record_from_recover_audit(make_engine, tmp_path):
     engine = make_engine(OUT_AND_BACK, policy=POLICY)
     run = engine.execute(engine.submit_alert(alert("OutAndBack", "gpu-1", fingerprint="f")).run_id)
     assert run.status == "done"
