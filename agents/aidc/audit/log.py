@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from aidc import strict_json
 from aidc.errors import AuditError
 
 GENESIS = "0" * 64
@@ -48,7 +49,10 @@ CREATE TABLE IF NOT EXISTS audit (
 # find(kind, run_id=...) runs on every resumed runbook run: without it each look reads the
 # whole log. An index, not part of the chain; a log whose payloads are not all JSON (edited
 # by hand) cannot have it, and is read without it.
-RUN_INDEX = "CREATE INDEX IF NOT EXISTS audit_kind_run ON audit(kind, json_extract(payload, '$.run_id'))"
+# Payload lookups guard json_extract with json_valid: a row written by older code may hold
+# Python's non-standard NaN/Infinity, which SQLite's JSON functions reject ("malformed JSON").
+PAYLOAD_FIELD = "CASE WHEN json_valid(payload) THEN json_extract(payload, '$.{key}') END"
+RUN_INDEX = f"CREATE INDEX IF NOT EXISTS audit_kind_run ON audit(kind, {PAYLOAD_FIELD.format(key='run_id')})"
 COLUMNS = ["seq", "ts", "actor", "node", "kind", "reason", "payload", "prev_hash", "hash"]
 
 
@@ -147,7 +151,9 @@ class AuditLog:
                payload: dict | None = None) -> AuditRecord:
         if self.read_only:
             raise AuditError(f"{self.path} was opened read-only")
-        payload_json = json.dumps(payload or {}, sort_keys=True, default=str)
+        # Strict JSON: a non-finite float is written as its name, so every record stays readable
+        # by strict consumers (and by SQLite's JSON functions).
+        payload_json = strict_json.dumps(payload or {}, sort_keys=True)
         # A bad anchor is refused before the record commits: failing after the commit would
         # tell the caller its record was not written when it was.
         self._read_anchor()
@@ -239,7 +245,7 @@ class AuditLog:
         for key, value in payload.items():
             if not key.isidentifier():
                 raise ValueError(f"payload key {key!r} is not a plain name")
-            sql += f" AND json_extract(payload, '$.{key}') = ?"
+            sql += f" AND {PAYLOAD_FIELD.format(key=key)} = ?"
             args.append(value)
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
