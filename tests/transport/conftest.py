@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runbook"))
 from certs import CA  # noqa: E402
 
 NODES = [n.name for n in load_stack("lab").nodes()]
+ROOT_AGENTS = str(Path(__file__).resolve().parents[2] / "agents")
 
 
 def wait_for(what: str, predicate, timeout_s: float = 20.0):
