@@ -24,9 +24,10 @@ def test_h100_inventory_has_one_group_per_pool_a_spares_group_and_host_vars_from
     assert inv["spares"]["hosts"] == ["h100-spare-0", "h100-spare-1"]
     assert inv["_meta"]["hostvars"]["h100-63"] == {
         "aidc_node_name": "h100-63", "aidc_pool": "h100", "aidc_spare": False, "aidc_gpu_model": "H100",
-        "aidc_gpus": 8, "aidc_gpu_simulated": False, "aidc_gpu_nvlink": True}
+        "aidc_gpus": 8, "aidc_gpu_simulated": False, "aidc_gpu_vendor": "nvidia", "aidc_gpu_nvlink": True}
     cluster = inv["all"]["vars"]
     assert cluster["aidc_scheduler"] == "slurm"
+    assert cluster["aidc_slurm"] == spec.slurm.model_dump(mode="json")  # health-check settings for slurm_node
     assert cluster["aidc_fabric"]["hcas"] == [f"mlx5_{i}" for i in range(8)]
     assert cluster["aidc_fabric"]["link_speed_gbps"] == 400
     assert parse_spec(cluster["aidc_cluster_spec"]) == spec  # the whole spec round-trips

@@ -54,3 +54,4 @@ def test_invalid_requests_are_refused_with_the_reason(raw, says):
     with pytest.raises(wire.WireError) as err:
         wire.decode(raw)
     assert says in str(err.value)
+

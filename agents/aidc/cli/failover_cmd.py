@@ -44,9 +44,9 @@ def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = 
                               lab_scheduler(lab_dir), dry_run=dry_run)
 
 
-def _listener(ctl, listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None,
-              allow_client: list[str]):
-    """The HTTPS listener for agents on other hosts (aidc.transport.ingest), or None."""
+def _listen_options(listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None,
+                    allow_client: list[str]):
+    """(host, port, TLS config) for the agents' listener, or None; checked before anything starts."""
     from aidc.runbook.tls import from_options
 
     tls = from_options(cert, key, client_ca)
@@ -60,14 +60,20 @@ def _listener(ctl, listen: str | None, cert: Path | None, key: Path | None, clie
     if tls is None or not tls.mutual:
         raise AidcError("--listen needs --tls-cert, --tls-key and --client-ca: agents are known by their "
                         "client certificates")
+    tls.server_context()  # unreadable or mismatched files: an error now, not after the controller started
+    return host.strip("[]"), int(port), tls
+
+
+def _listener(ctl, options, allow_client: list[str]):
+    """The HTTPS listener for agents on other hosts (aidc.transport.ingest)."""
     from aidc.transport.ingest import IngestServer
 
-    nodes = {n.name for n in ctl.spec.nodes()}
+    host, port, tls = options
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, nodes, tls, host.strip("[]"), int(port),
+        return IngestServer(ctl.store.path, ctl.audit.path, {n.name for n in ctl.spec.nodes()}, tls, host, port,
                             allowed_clients=set(allow_client))
     except OSError as exc:
-        raise AidcError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @app.command("run")
@@ -84,8 +90,9 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                                help="A certificate name that may report for any node (a relay)."),
         ) -> None:
     """Run the controller until SIGTERM/SIGINT."""
+    options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
     ctl = _controller(stack, lab_dir, dry_run, create=True)
-    listener = _listener(ctl, listen, tls_cert, tls_key, client_ca, allow_client)
+    listener = _listener(ctl, options, allow_client) if options else None
     # Warm: the rendezvous notification needs torch.distributed; import it now, not
     # on the failover path.
     import torch.distributed  # noqa: F401
