@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import random
 import sqlite3
 import statistics
 import subprocess
@@ -93,7 +93,9 @@ def main() -> int:
             releaser = FailoverController(spec, Store(lab / "state.db"), AuditLog(lab / "audit.db"),
                                           LabScheduler(lab), dry_run=False, actor="bench")
             for n in range(1, args.events + 1):
-                time.sleep(0.2)  # between samples: the agent's and the controller's loops at random phase
+                # A random pause, so each line meets the agent's, the forwarder's and the controller's
+                # loops at a random phase (a fixed multiple of their period would measure one phase).
+                time.sleep(random.uniform(0.1, 0.3))
                 written = time.time()
                 inject(node_dir, "xid", 0, xid=79)
                 marker = node_dir / "quarantined"
