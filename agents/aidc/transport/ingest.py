@@ -47,15 +47,13 @@ class IngestServer:
     time: SQLite serializes writers anyway."""
 
     def __init__(self, store_path, audit_path, nodes: set[str], tls: TLSConfig, host: str, port: int, *,
-                 allowed_clients: set[str] = frozenset(), request_timeout_s: float = 10.0, log=None,
-                 on_ingest=None):
+                 allowed_clients: set[str] = frozenset(), request_timeout_s: float = 10.0, log=None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
         self.nodes, self.allowed_clients = set(nodes), set(allowed_clients)
         self.request_timeout_s = request_timeout_s
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc failover: {line}",
                                                file=sys.stderr, flush=True))
-        self.on_ingest = on_ingest  # called after a commit that added events (wakes the controller)
         self.actor = default_actor("failover-ingest")
         self._lock = threading.Lock()
         self._connections: set = set()  # open keep-alive connections, closed at shutdown
@@ -115,8 +113,6 @@ class IngestServer:
                                                "observed_at": event.observed_at})
                     self.store.ingest(key, event)
                     accepted.append(key)
-        if accepted and self.on_ingest:
-            self.on_ingest()
         return {"accepted": accepted, "duplicates": duplicates}
 
     def _handler_class(self):
