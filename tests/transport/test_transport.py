@@ -239,3 +239,21 @@ def test_a_store_made_before_the_transport_gets_the_columns_and_keys_for_its_old
     with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # the key is unique in the schema itself
         store._db.execute("INSERT INTO events(node, payload, created_at, key) VALUES ('gpu-0', '{}', 0, ?)", (key,))
     store.close()
+
+
+def test_a_store_the_forwarder_cannot_open_yet_is_retried_not_fatal(controller, pki, tmp_path):
+    ctl = controller()
+    path = tmp_path / "agent" / "store.db"
+    path.mkdir(parents=True)  # a directory where the store belongs: SQLite cannot open it
+    lines: list[str] = []
+    fwd = forwarder(path, "gpu-0", ctl, pki, log=lines.append)
+    halt = running(fwd)
+    wait_for("a failed try", lambda: fwd.failed_tries >= 1)
+    assert "unable to open database file" in lines[0] and "unknown event(s) queued" in lines[0]
+    path.rmdir()
+    store = Store(path)
+    append(store, fault("gpu-0"))
+    wait_for("the event delivered", lambda: store.outbox_depth("gpu-0") == 0)
+    halt()
+    store.close()
+    assert len(received(ctl)) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import sqlite3
 import ssl
 import sys
 import threading
@@ -128,17 +129,19 @@ class Forwarder:
 
     # --- the thread -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        store = Store(self.store_path)
+        store: Store | None = None
         try:
             while not stop.is_set():
                 try:
+                    store = store or Store(self.store_path)
                     sent = self.forward_once(store)
-                except TransportError as exc:
+                except (TransportError, sqlite3.Error) as exc:
+                    # sqlite3.Error: the store busy or unreadable for a moment; the events stay in it.
                     self.failures += 1
                     self.failed_tries += 1
                     wait = self.backoff_s()
                     if self.failures == 1 or self.failures % 10 == 0:  # first failure and then every tenth
-                        self.log(f"{exc}; {store.outbox_depth(self.node)} event(s) queued, "
+                        self.log(f"{exc}; {self._queued(store)} event(s) queued, "
                                  f"retrying (try {self.failures}, next in {wait:.2f} s)")
                     stop.wait(wait)
                     continue
@@ -150,7 +153,14 @@ class Forwarder:
                     self.wake.clear()
         finally:
             self.close()
-            store.close()
+            if store is not None:
+                store.close()
+
+    def _queued(self, store: Store | None) -> int | str:
+        try:
+            return store.outbox_depth(self.node) if store is not None else "unknown"
+        except sqlite3.Error:
+            return "unknown"
 
     def close(self) -> None:
         if self._conn is not None:
