@@ -87,3 +87,11 @@ def test_shipped_inventory_script_passes_its_arguments_to_aidc(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["aidc_node_name"] == "h100-0"
+
+
+def test_every_gpu_model_names_its_vendor_for_slurm_gres_detection():
+    from aidc.spec import gpu_models
+
+    vendors = {name: model.get("vendor") for name, model in gpu_models().items()}
+    assert all(isinstance(v, str) and v for v in vendors.values()), vendors
+    assert vendors["SIM"] == "simulated" and vendors["H100"] == "nvidia"
