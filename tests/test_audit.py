@@ -184,3 +184,79 @@ def test_cli_verify_exits_non_zero_and_names_the_record(aidc_cli, log):
     _sql(log, "UPDATE audit SET actor = 'mallory' WHERE seq = 1")
     out = aidc_cli("audit", "verify", "--db", str(log.path))
     assert out.returncode == 1 and "record 1" in out.stdout
+
+
+# --- reading a file that may not be an audit log (issue #13, class 8) ------------------------
+
+def _fingerprint(path):
+    """What reading must leave unchanged: the file's bytes, its mtime, and its neighbours."""
+    return path.read_bytes(), path.stat().st_mtime_ns, sorted(p.name for p in path.parent.iterdir())
+
+
+def test_verify_refuses_another_programs_sqlite_file_and_leaves_it_as_it_was(tmp_path, aidc_cli):
+    foreign = tmp_path / "inventory.sqlite"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE hosts (name TEXT)")
+    db.execute("INSERT INTO hosts VALUES ('gpu-0')")
+    db.commit()
+    db.close()
+    before = _fingerprint(foreign)
+    out = aidc_cli("audit", "verify", "--db", str(foreign))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "not an aidc audit log" in out.stderr and "hosts" in out.stderr
+    assert _fingerprint(foreign) == before  # not converted to WAL, no table added
+    with pytest.raises(audit_log.AuditError, match="not an aidc audit log"):
+        AuditLog(foreign)  # a writer pointed at it by mistake refuses too
+
+
+def test_verify_reads_a_real_log_without_changing_a_byte(log, aidc_cli):
+    log.close()
+    before = _fingerprint(log.path)
+    out = aidc_cli("audit", "verify", "--db", str(log.path))
+    assert out.returncode == 0 and "OK, 6 records" in out.stdout
+    data, mtime, neighbours = _fingerprint(log.path)
+    assert (data, mtime) == before[:2]
+    # A log in WAL mode is read through SQLite's own -wal/-shm files (its writers use them
+    # too); nothing else appears beside it.
+    assert set(neighbours) - set(before[2]) <= {"audit.db-wal", "audit.db-shm"}
+
+
+@pytest.mark.parametrize("anchor", ["[1, 2]", '{"seq": null}', '{"seq": 6}', '{"seq": true, "hash": "x"}',
+                                    "\x00\xff garbage", "directory"])
+def test_a_bad_anchor_is_a_verification_failure_with_a_reason(log, anchor):
+    log.anchor_path.unlink()
+    if anchor == "directory":
+        log.anchor_path.mkdir()
+    else:
+        log.anchor_path.write_bytes(anchor.encode("latin-1"))
+    result = AuditLog(log.path, read_only=True).verify()
+    assert not result.ok and result.records == 6
+    assert str(log.anchor_path) in result.problem
+
+
+@pytest.mark.parametrize("anchor", ["[1, 2]", '{"seq": null}', "directory"])
+def test_a_writer_refuses_to_append_past_a_bad_anchor_before_committing(log, anchor):
+    log.anchor_path.unlink()
+    if anchor == "directory":
+        log.anchor_path.mkdir()
+    else:
+        log.anchor_path.write_text(anchor)
+    with pytest.raises(audit_log.AuditError, match="anchor file"):
+        log.append("x", "after the anchor was damaged", actor="t")
+    assert len(log.records()) == 6  # refused, not committed and then failed
+
+
+def test_cli_verify_reports_a_bad_anchor_as_a_failure_not_a_traceback(log, aidc_cli):
+    log.anchor_path.write_text('{"seq": null}')
+    out = aidc_cli("audit", "verify", "--db", str(log.path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "FAILED" in out.stdout and "anchor file" in out.stdout
+
+
+def test_a_log_with_a_payload_edited_into_junk_still_opens_and_verify_names_the_record(log):
+    _sql(log, "DROP INDEX IF EXISTS audit_kind_run")  # what an editor must do first
+    _sql(log, "UPDATE audit SET payload = 'not json' WHERE seq = 3")
+    reopened = AuditLog(log.path)
+    result = reopened.verify()
+    assert not result.ok and result.first_bad_seq == 3
+    reopened.close()

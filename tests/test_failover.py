@@ -307,3 +307,109 @@ def test_cli_on_a_missing_lab_is_a_clear_error_that_creates_nothing(aidc_cli, tm
     out = aidc_cli("device", "inject", str(missing / "nodes" / "gpu-0"), "xid")
     assert out.returncode == 2 and "no simulated node" in out.stderr
     assert not missing.exists()
+
+
+# --- the rendezvous trust boundary (issue #13, class 9) ---------------------------------------
+
+class _RunsACommand:
+    """A pickle that runs a shell command when loaded with plain pickle.loads."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _store_with_state(run_id: str, state_bits: bytes):
+    from base64 import b64encode
+
+    from torch.distributed import TCPStore
+
+    from aidc.failover.rendezvous import state_key
+    from aidc.lab.cluster import free_port
+
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
+    server.set(state_key(run_id), b64encode(state_bits))
+    return server, port
+
+
+def test_a_malicious_pickle_in_the_rendezvous_store_is_refused_and_never_runs(tmp_path):
+    import pickle
+
+    from aidc.failover.rendezvous import UntrustedRendezvous, evict, read_state
+
+    marker = tmp_path / "pwned"
+    server, port = _store_with_state("run1", pickle.dumps(_RunsACommand(marker)))
+    with pytest.raises(UntrustedRendezvous, match="posix.system|os.system"):
+        evict("127.0.0.1", port, "run1", pids={222})
+    with pytest.raises(UntrustedRendezvous):
+        read_state("127.0.0.1", port, "run1")
+    assert not marker.exists()
+    del server
+
+
+def test_a_real_rendezvous_state_round_trips_through_the_restricted_unpickler():
+    import pickle
+
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc, _RendezvousState
+
+    from aidc.failover.rendezvous import load_state
+
+    state = _RendezvousState()
+    a, b = _NodeDesc("127.0.0.1", 111, 0), _NodeDesc("127.0.0.1", 222, 0)
+    state.round, state.complete = 3, True
+    state.deadline = datetime.now(timezone.utc) + timedelta(seconds=30)
+    state.participants, state.wait_list, state.redundancy_list = {a: 0}, {b}, set()
+    state.last_heartbeats = {a: datetime.now(timezone.utc), b: datetime.now(timezone.utc)}
+    loaded = load_state(pickle.dumps(state))
+    assert type(loaded) is _RendezvousState and vars(loaded) == vars(state)
+
+
+@pytest.mark.parametrize("host, trusted, allowed", [
+    ("127.0.0.1", (), True), ("::1", (), True), ("localhost", (), True),
+    ("10.4.0.7", (), False), ("10.4.0.7", ("10.4.0.0/16",), True), ("192.168.1.5", ("10.4.0.0/16",), False),
+    ("8.8.8.8", (), False)])
+def test_eviction_talks_only_to_a_store_on_loopback_or_a_listed_private_network(host, trusted, allowed):
+    from aidc.failover.rendezvous import UntrustedRendezvous, check_trusted_host
+
+    if allowed:
+        check_trusted_host(host, trusted)
+    else:
+        with pytest.raises(UntrustedRendezvous, match="not on loopback or a trusted private network"):
+            check_trusted_host(host, trusted)
+
+
+def test_a_public_network_cannot_be_listed_as_trusted():
+    from aidc.failover.rendezvous import UntrustedRendezvous, evict
+
+    with pytest.raises(UntrustedRendezvous, match="8.8.8.0/24 is not a private network"):
+        evict("8.8.8.8", 29500, "run1", pids={1}, trusted_networks=["8.8.8.0/24"])
+
+
+def test_the_lab_rendezvous_store_listens_on_loopback_only(tmp_path):
+    import sys
+
+    from aidc import polling
+    from aidc.lab.cluster import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "aidc.lab.rdzv_store", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def listeners():
+            out = []
+            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    local, state = line.split()[1], line.split()[3]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        out.append(local.rsplit(":", 1)[0])
+            return out
+
+        found = polling.wait_for("the store to listen", listeners, 60, 0.1, error=AssertionError)
+        assert found == ["0100007F"]  # 127.0.0.1, and no wildcard listener
+    finally:
+        polling.stop_process_group(proc)

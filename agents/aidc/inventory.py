@@ -34,6 +34,7 @@ def cluster_vars(spec: ClusterSpec) -> dict[str, Any]:
         "aidc_fabric": spec.fabric.model_dump(mode="json"),
         "aidc_software": spec.software.model_dump(mode="json"),
         "aidc_agent": spec.agent.model_dump(mode="json"),
+        "aidc_slurm": spec.slurm.model_dump(mode="json"),
         # The whole spec, so the agent role can install exactly what the controller validated.
         "aidc_cluster_spec": spec.model_dump(mode="json"),
     }
@@ -49,6 +50,7 @@ def host_vars(spec: ClusterSpec, node: Node) -> dict[str, Any]:
         "aidc_gpu_model": node.gpu_model,
         "aidc_gpus": node.gpus,
         "aidc_gpu_simulated": bool(model.get("simulated", False)),
+        "aidc_gpu_vendor": model["vendor"],
         "aidc_gpu_nvlink": bool(model.get("nvlink", False)),
     }
 

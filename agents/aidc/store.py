@@ -3,6 +3,13 @@
 Monitors append events; failover claims them in order and records node states. State
 survives an agent restart, so a fault seen before a crash is still acted on after it,
 once, and a node quarantined stays quarantined until someone releases it.
+
+Every event carries an idempotency key, `<node>:<store id>:<event id>`: the store id is a
+random id made when the database file is created, so the key stays unique even if a node's
+store is deleted and recreated (event ids restart then). On a node whose agent forwards to
+a remote controller (aidc.transport) the events table is also the outbox: `forwarded_at`
+is set once the controller has committed the event. The controller's store inserts
+forwarded events under their key with INSERT OR IGNORE, so a repeated delivery is one event.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 
 from aidc.events import FaultEvent
@@ -21,7 +29,9 @@ CREATE TABLE IF NOT EXISTS events (
     payload TEXT NOT NULL,
     created_at REAL NOT NULL,
     handled_at REAL,
-    outcome TEXT
+    outcome TEXT,
+    key TEXT,                     -- idempotency key <node>:<store id>:<event id> (see above)
+    forwarded_at REAL             -- when a controller's store is known to hold the event
 );
 CREATE INDEX IF NOT EXISTS events_pending ON events(handled_at, id);
 CREATE TABLE IF NOT EXISTS node_state (
@@ -46,6 +56,33 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+        self.store_id = self._store_id()
+
+    def _migrate(self) -> None:
+        """Add the transport's columns to a store made before them, and key its old events.
+        Under the write lock, re-checked inside it: agents and the controller may open one
+        store at the same moment."""
+        def columns() -> set[str]:
+            return {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+
+        if {"key", "forwarded_at"} - columns():
+            with self.transaction():
+                have = columns()
+                for name, kind in (("key", "TEXT"), ("forwarded_at", "REAL")):
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE events ADD COLUMN {name} {kind}")
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_key ON events(key)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_outbox ON events(forwarded_at, node, id)")
+        if self._db.execute("SELECT 1 FROM events WHERE key IS NULL LIMIT 1").fetchone():
+            store_id = self._store_id()
+            with self.transaction():
+                self._db.execute("UPDATE events SET key = node || ':' || ? || ':' || id WHERE key IS NULL",
+                                 (store_id,))
+
+    def _store_id(self) -> str:
+        self._db.execute("INSERT OR IGNORE INTO kv(key, value) VALUES ('store.id', ?)", (uuid.uuid4().hex,))
+        return self._db.execute("SELECT value FROM kv WHERE key = 'store.id'").fetchone()[0]
 
     def close(self) -> None:
         self._db.close()
@@ -63,11 +100,45 @@ class Store:
 
     # events -----------------------------------------------------------------
     def append(self, event: FaultEvent) -> int:
+        """A fault observed here; keyed `<node>:<store id>:<event id>`. Call inside a transaction
+        (the insert and its key are two statements)."""
         cur = self._db.execute(
             "INSERT INTO events(node, payload, created_at) VALUES (?, ?, ?)",
             (event.node, event.to_json(), time.time()),
         )
-        return int(cur.lastrowid)
+        event_id = int(cur.lastrowid)
+        self._db.execute("UPDATE events SET key = ? WHERE id = ?", (f"{event.node}:{self.store_id}:{event_id}", event_id))
+        return event_id
+
+    def ingest(self, key: str, event: FaultEvent) -> int | None:
+        """A fault forwarded by a node's agent: its id here, or None when this key is here already."""
+        now = time.time()
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO events(node, payload, created_at, key, forwarded_at) VALUES (?, ?, ?, ?, ?)",
+            (event.node, event.to_json(), now, key, now),
+        )
+        return int(cur.lastrowid) if cur.rowcount else None
+
+    def has_key(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM events WHERE key = ?", (key,)).fetchone() is not None
+
+    # outbox (agents that forward to a remote controller) ------------------------
+    def unforwarded(self, node: str, limit: int = 100) -> list[tuple[int, str, FaultEvent]]:
+        """This node's events no controller holds yet, oldest first: (id, key, event). Events a
+        local controller already handled (a shared lab store) are not forwarded again."""
+        rows = self._db.execute(
+            "SELECT id, key, payload FROM events WHERE forwarded_at IS NULL AND node = ? AND handled_at IS NULL "
+            "ORDER BY id LIMIT ?", (node, limit)).fetchall()
+        return [(i, k, FaultEvent.from_json(p)) for i, k, p in rows]
+
+    def mark_forwarded(self, event_ids: list[int]) -> None:
+        now = time.time()
+        with self.transaction():
+            self._db.executemany("UPDATE events SET forwarded_at = ? WHERE id = ?", [(now, i) for i in event_ids])
+
+    def outbox_depth(self, node: str) -> int:
+        return self._db.execute("SELECT count(*) FROM events WHERE forwarded_at IS NULL AND node = ? "
+                                "AND handled_at IS NULL", (node,)).fetchone()[0]
 
     def pending(self, limit: int = 100) -> list[tuple[int, FaultEvent]]:
         rows = self._db.execute(

@@ -24,9 +24,10 @@ def test_h100_inventory_has_one_group_per_pool_a_spares_group_and_host_vars_from
     assert inv["spares"]["hosts"] == ["h100-spare-0", "h100-spare-1"]
     assert inv["_meta"]["hostvars"]["h100-63"] == {
         "aidc_node_name": "h100-63", "aidc_pool": "h100", "aidc_spare": False, "aidc_gpu_model": "H100",
-        "aidc_gpus": 8, "aidc_gpu_simulated": False, "aidc_gpu_nvlink": True}
+        "aidc_gpus": 8, "aidc_gpu_simulated": False, "aidc_gpu_vendor": "nvidia", "aidc_gpu_nvlink": True}
     cluster = inv["all"]["vars"]
     assert cluster["aidc_scheduler"] == "slurm"
+    assert cluster["aidc_slurm"] == spec.slurm.model_dump(mode="json")  # health-check settings for slurm_node
     assert cluster["aidc_fabric"]["hcas"] == [f"mlx5_{i}" for i in range(8)]
     assert cluster["aidc_fabric"]["link_speed_gbps"] == 400
     assert parse_spec(cluster["aidc_cluster_spec"]) == spec  # the whole spec round-trips
@@ -86,3 +87,11 @@ def test_shipped_inventory_script_passes_its_arguments_to_aidc(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["aidc_node_name"] == "h100-0"
+
+
+def test_every_gpu_model_names_its_vendor_for_slurm_gres_detection():
+    from aidc.spec import gpu_models
+
+    vendors = {name: model.get("vendor") for name, model in gpu_models().items()}
+    assert all(isinstance(v, str) and v for v in vendors.values()), vendors
+    assert vendors["SIM"] == "simulated" and vendors["H100"] == "nvidia"

@@ -1,4 +1,5 @@
-"""/etc/nccl.conf and gres.conf rendered by the roles match the spec (lab and an HGX H100 stack).
+"""/etc/nccl.conf, gres.conf and the Slurm health check rendered by the roles match the spec
+(lab and an HGX H100 stack).
 
 The H100 node is played by a sysfs fixture (8 H100 GPUs by PCI id, 4 NVSwitches, 8 mlx5 HCAs)
 that preflight scans instead of /sys, so the GPU-guarded paths run for real on the sandbox.
@@ -6,6 +7,8 @@ Expected contents are built here from the spec objects, not copied from the temp
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +56,7 @@ def test_h100_node_gres_conf_lists_the_eight_gpus_found(h100_node):
     assert result.ok, result.describe()
     pool = load_stack(H100_STACK).node_pools[0]
     assert gres_lines(target.sandbox.written("/etc/slurm/gres.conf").read_text()) == [
+        "AutoDetect=nvml",  # NVIDIA GPUs: slurmd asks NVML, and checks the explicit line against it
         f"NodeName=h100-7 Name=gpu Type={pool.gpu_model.lower()} File=/dev/nvidia[0-{pool.gpus_per_node - 1}]"]
 
 
@@ -84,8 +88,77 @@ def test_lab_node_under_slurm_gets_gres_conf_with_the_spec_count_and_no_ib(make_
     assert result.ok, result.describe()
     pool = load_stack(stack).node_pools[0]
     assert gres_lines(target.sandbox.written("/etc/slurm/gres.conf").read_text()) == [
+        "AutoDetect=off",  # simulated GPUs: nothing for NVML to find
         f"NodeName=gpu-2 Name=gpu Type={pool.gpu_model.lower()} File=/dev/nvidia[0-{pool.gpus_per_node - 1}]"]
     assert nccl_settings(target.sandbox.written("/etc/nccl.conf").read_text())["NCCL_IB_DISABLE"] == "1"
+
+
+@pytest.fixture(scope="module")
+def slurm_lab_node(make_target):
+    """A lab node under Slurm whose site slurm.conf exists already: converge, converge again, check+diff."""
+    stack = ROOT / "Pulumi.lab.yaml"
+    target = make_target(stack, "gpu-2", aidc_scheduler="slurm")
+    site_conf = target.sandbox.written("/etc/slurm/slurm.conf")
+    site_conf.parent.mkdir(parents=True, exist_ok=True)
+    site_conf.write_text("ClusterName=lab\nSlurmctldHost=ctl\n")
+    runs = [target.converge(tags=("slurm_node",)) for _ in range(2)]
+    runs.append(target.converge(tags=("slurm_node",), check=True, diff=True))
+    return target, runs
+
+
+def test_slurm_runs_aidc_health_check_with_the_specs_interval_and_node_state(slurm_lab_node):
+    target, (first, _, _) = slurm_lab_node
+    assert first.ok, first.describe()
+    slurm = load_stack(ROOT / "Pulumi.lab.yaml").slurm
+    settings = nccl_settings(target.sandbox.written("/etc/slurm/aidc-health-check.conf").read_text())
+    assert settings == {"HealthCheckProgram": "/usr/local/sbin/aidc-health-check",
+                        "HealthCheckInterval": str(slurm.health_check_interval_s),
+                        "HealthCheckNodeState": slurm.health_check_node_state}
+    assert target.sandbox.written("/etc/slurm/slurm.conf").read_text().splitlines() == [
+        "ClusterName=lab", "SlurmctldHost=ctl", "Include /etc/slurm/aidc-health-check.conf"]
+    wrapper = target.sandbox.written("/usr/local/sbin/aidc-health-check")
+    assert wrapper.stat().st_mode & 0o777 == 0o755
+    # Slurm passes no arguments: the wrapper names the node and the spec the agent role installs.
+    assert wrapper.read_text().splitlines()[-1] == (
+        "exec /opt/aidc/venv/bin/aidc health check --node gpu-2 --stack /etc/aidc/stack.yaml")
+
+
+def test_slurm_node_converges_idempotently_and_check_mode_agrees(slurm_lab_node):
+    _, (_, second, check) = slurm_lab_node
+    assert second.ok and second.changed_tasks == [], second.describe()
+    assert check.ok and check.changed_tasks == [], check.describe()
+
+
+def test_the_health_check_wrapper_runs_aidc_with_what_slurm_would_give_it(tmp_path):
+    """The rendered wrapper, run as slurmd runs it (no arguments), against a healthy and a faulty
+    simulated node: exit 0, then 1 with the reason."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from aidc.device.sim import create_node, inject
+
+    node = create_node(tmp_path / "gpu-2", "gpu-2", gpus=2)
+    aidc = tmp_path / "aidc"
+    aidc.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT / 'agents'} exec {sys.executable} -m aidc \"$@\"\n")
+    aidc.chmod(0o755)
+    wrapper = tmp_path / "aidc-health-check"
+    template = ROOT / "playbooks" / "roles" / "slurm_node" / "templates" / "aidc-health-check.j2"
+    variables = {"slurm_node_aidc": str(aidc), "aidc_node_name": "gpu-2", "slurm_node_spec_file": "lab",
+                 "slurm_node_health_check_extra_args": f"--backend sim --node-dir {node}"}
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible"), "localhost", "-c", "local", "-m", "ansible.builtin.template",
+         "-a", f"src={template} dest={wrapper} mode=0755", "-e", f"@{tmp_path / 'vars.json'}",
+         "-e", f"ansible_python_interpreter={sys.executable}"],
+        env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    healthy = subprocess.run([str(wrapper)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (healthy.returncode, healthy.stdout.strip()) == (0, "gpu-2: healthy"), healthy.stderr
+    inject(node, "xid", 1, xid=79)
+    faulty = subprocess.run([str(wrapper)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert faulty.returncode == 1 and faulty.stdout.startswith("gpu-2: unhealthy: GPU 1 lost")
 
 
 def test_roce_fabric_nccl_conf_sets_the_gid_index(tmp_path):

@@ -7,6 +7,11 @@ database (`<db>.anchor`: the last sequence number and hash), rewritten after eve
 append under a lock file (`<db>.anchor.lock`) so that it only ever moves forward. An
 attacker who rewrites the whole chain *and* the anchor is not caught here: signing
 anchors with the cluster KMS key is the next layer (docs/architecture.md).
+
+Reading (`AuditLog(path, read_only=True)`, what `aidc audit` uses) opens the file with
+SQLite's read-only mode: it changes no byte of it, creates nothing, and refuses a file
+that is not an aidc audit log. An anchor file that is not what a writer writes is a
+verification failure, and writers refuse to append (before committing) until it is fixed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
+
+from aidc import strict_json
+from aidc.errors import AuditError
 
 GENESIS = "0" * 64
 
@@ -37,6 +46,18 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL
 );
 """
+# find(kind, run_id=...) runs on every resumed runbook run: without it each look reads the
+# whole log. An index, not part of the chain; a log whose payloads are not all JSON (edited
+# by hand) cannot have it, and is read without it.
+# Payload lookups guard json_extract with json_valid: a row written by older code may hold
+# Python's non-standard NaN/Infinity, which SQLite's JSON functions reject ("malformed JSON").
+PAYLOAD_FIELD = "CASE WHEN json_valid(payload) THEN json_extract(payload, '$.{key}') END"
+RUN_INDEX = f"CREATE INDEX IF NOT EXISTS audit_kind_run ON audit(kind, {PAYLOAD_FIELD.format(key='run_id')})"
+COLUMNS = ["seq", "ts", "actor", "node", "kind", "reason", "payload", "prev_hash", "hash"]
+
+
+class BadAnchor(AuditError):
+    """The anchor file exists but is not what a writer writes."""
 
 
 @dataclass(frozen=True)
@@ -75,17 +96,47 @@ def default_actor(stage: str) -> str:
 
 
 class AuditLog:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self.anchor_path = self.path.with_name(self.path.name + ".anchor")
         self._anchor_lock_path = self.anchor_path.with_name(self.anchor_path.name + ".lock")
         # Threads may share one AuditLog (and so one connection, whose transaction state is
         # shared too): one append at a time, and no read in the middle of an append.
         self._lock = threading.Lock()
+        if read_only:
+            if not self.path.is_file():
+                raise AuditError(f"no audit database at {self.path}" if not self.path.exists()
+                                 else f"{self.path} is not a file, so not an audit database (SQLite file)")
+            # mode=ro: no journal-mode change, no table created, no byte of the file written.
+            uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            self._check_is_audit_log(create=False)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._check_is_audit_log(create=True)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        try:
+            self._db.execute(RUN_INDEX)
+        except sqlite3.OperationalError:  # malformed JSON in some payload: verify names that record
+            pass
+
+    def _check_is_audit_log(self, create: bool) -> None:
+        """Refuse another program's database: never read it as a log, never add a table to it."""
+        try:
+            tables = [r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            columns = [r[1] for r in self._db.execute("PRAGMA table_info(audit)")] if "audit" in tables else []
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise AuditError(f"{self.path} is not an audit database ({exc})") from None
+        if columns == COLUMNS or (create and not tables):
+            return
+        self._db.close()
+        found = (f"its `audit` table has columns {columns}" if "audit" in tables
+                 else f"it holds tables {sorted(tables)} and no `audit` table" if tables else "it is empty")
+        raise AuditError(f"{self.path} is not an aidc audit log: {found}")
 
     def close(self) -> None:
         self._db.close()
@@ -98,7 +149,14 @@ class AuditLog:
 
     def append(self, kind: str, reason: str, *, actor: str, node: str | None = None,
                payload: dict | None = None) -> AuditRecord:
-        payload_json = json.dumps(payload or {}, sort_keys=True, default=str)
+        if self.read_only:
+            raise AuditError(f"{self.path} was opened read-only")
+        # Strict JSON: a non-finite float is written as its name, so every record stays readable
+        # by strict consumers (and by SQLite's JSON functions).
+        payload_json = strict_json.dumps(payload or {}, sort_keys=True)
+        # A bad anchor is refused before the record commits: failing after the commit would
+        # tell the caller its record was not written when it was.
+        self._read_anchor()
         with self._lock:
             # BEGIN IMMEDIATE serialises writers across processes: the chain has one head.
             self._db.execute("BEGIN IMMEDIATE")
@@ -127,7 +185,10 @@ class AuditLog:
         # first replace it with N, moving the anchor back so that cutting N+1 goes unseen.
         with open(self._anchor_lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-            current = self._read_anchor()
+            try:
+                current = self._read_anchor()
+            except BadAnchor:
+                return  # replaced since append checked it: leave it for verify to report
             if current and current[0] >= seq:
                 return
             tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
@@ -138,11 +199,24 @@ class AuditLog:
             os.replace(tmp, self.anchor_path)
 
     def _read_anchor(self) -> tuple[int, str] | None:
+        """(seq, hash) of the anchor; None when there is none yet; BadAnchor when it is not one."""
         try:
-            data = json.loads(self.anchor_path.read_text())
-            return int(data["seq"]), str(data["hash"])
-        except (FileNotFoundError, ValueError, KeyError):
+            text = self.anchor_path.read_text()
+        except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadAnchor(f"anchor file {self.anchor_path} cannot be read: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise BadAnchor(f"anchor file {self.anchor_path} is not JSON") from None
+        seq, digest = (data.get("seq"), data.get("hash")) if isinstance(data, dict) else (None, None)
+        if (type(seq) is not int or seq < 1 or not isinstance(digest, str) or len(digest) != 64
+                or any(c not in "0123456789abcdef" for c in digest)):
+            raise BadAnchor(f"anchor file {self.anchor_path} does not hold a record number and hash "
+                            f"(found {text[:80]!r})")
+        return seq, digest
 
     def records(self, kind: str | None = None, node: str | None = None) -> list[AuditRecord]:
         # Physical order (rowid), not seq order: verify must see rows as they are stored.
@@ -164,13 +238,32 @@ class AuditLog:
             out.append(AuditRecord(seq, ts, actor, nd, kd, reason, data, prev, digest))
         return out
 
+    def find(self, kind: str, **payload) -> list[AuditRecord]:
+        """Records of this kind whose payload has these top-level values, in order."""
+        sql, args = ("SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit "
+                     "WHERE kind = ?"), [kind]
+        for key, value in payload.items():
+            if not key.isidentifier():
+                raise ValueError(f"payload key {key!r} is not a plain name")
+            sql += f" AND {PAYLOAD_FIELD.format(key=key)} = ?"
+            args.append(value)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        return [AuditRecord(seq, ts, actor, nd, kd, reason, json.loads(data), prev, digest)
+                for seq, ts, actor, nd, kd, reason, data, prev, digest in rows]
+
     def verify(self) -> VerifyResult:
         """Walk the chain; name the first record that does not hold."""
-        anchor, rows = self._anchor_and_rows()
-        if anchor is None and rows:
-            # The very first append may have committed after the anchor was read. Once written,
-            # the anchor file is only ever replaced, never removed, so one more look decides.
+        try:
             anchor, rows = self._anchor_and_rows()
+            if anchor is None and rows:
+                # The very first append may have committed after the anchor was read. Once written,
+                # the anchor file is only ever replaced, never removed, so one more look decides.
+                anchor, rows = self._anchor_and_rows()
+        except BadAnchor as exc:
+            with self._lock:
+                count = self._db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+            return VerifyResult(False, count, None, str(exc))
         prev = GENESIS
         for expected_seq, (seq, ts, actor, node, kind, reason, payload, prev_hash, digest) in enumerate(rows, 1):
             if seq != expected_seq:

@@ -31,10 +31,21 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                 "or the pod IP where Prometheus scrapes it (the DaemonSet)."),
         poll_interval: float = typer.Option(1.0, min=0.001, help="Seconds between polls (device and kernel log)."),
         device_timeout: float = typer.Option(2.0, min=0.01, help="Seconds before a device call counts as hung."),
+        controller_url: str = typer.Option(None, "--controller-url",
+                                           help="https://HOST:PORT of a failover controller on another host: "
+                                                "forward this node's fault events there (the store is the outbox)."),
+        tls_cert: Path = typer.Option(None, "--tls-cert", help="This node's client certificate (PEM); its CN or "
+                                                             "a DNS subjectAltName must be the node's name."),
+        tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
+        ca: Path = typer.Option(None, "--ca", help="CA certificate (PEM) that signed the controller's certificate."),
         as_json: bool = JSON_OPTION) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
     from aidc.device import open_backend
     from aidc.health.agent import run_agent
+    from aidc.transport.forwarder import Forwarder, client_tls
+
+    transport = client_tls(controller_url, tls_cert, tls_key, ca)
+    forwarder = Forwarder(store, node, controller_url, transport) if transport else None
 
     _check_listen_address(listen_address)
 
@@ -63,10 +74,23 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                   file=sys.stderr, flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
-    agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
-                      device_timeout_s=device_timeout, ready=ready, listen_address=listen_address)
+    forwarding = None
+    if forwarder is not None:
+        # Stopped after the agent: what the agent wrote while stopping still gets a chance to go.
+        forwarder_stop = threading.Event()
+        forwarding = threading.Thread(target=forwarder.run, args=(forwarder_stop,), name="forwarder", daemon=True)
+        forwarding.start()
+    try:
+        agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
+                          device_timeout_s=device_timeout, ready=ready, listen_address=listen_address)
+    finally:
+        if forwarding is not None:
+            forwarder_stop.set()
+            forwarding.join(timeout=forwarder.timeout_s + 1)
     summary = {"node": node, "backend": backend, "events_emitted": agent.emitted,
                "hung_device_calls": agent.dev.hung_calls, "active_conditions": sorted(agent.conditions.active)}
+    if forwarder is not None:
+        summary["events_forwarded"] = forwarder.forwarded
     emit(summary, as_json, f"aidc agent: {node} stopped; {agent.emitted} fault event(s) emitted")
     if agent.dev.hung_calls:
         # A hung driver call's thread cannot be joined or killed; the interpreter would wait

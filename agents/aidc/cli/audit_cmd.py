@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import typer
@@ -18,14 +17,8 @@ DB_OPTION = typer.Option(Path(".aidc/lab/audit.db"), "--db", help="Audit databas
 
 
 def _open(db: Path) -> AuditLog:
-    if not db.exists():
-        raise AuditError(f"no audit database at {db}")
-    if db.is_dir():
-        raise AuditError(f"{db} is a directory, not an audit database (SQLite file)")
-    try:
-        return AuditLog(db)
-    except sqlite3.Error as exc:  # junk or another program's file: say so, not a sqlite traceback
-        raise AuditError(f"{db} is not an audit database ({exc})") from None
+    # Read-only: reading a log never changes it, and another program's file is refused, not converted.
+    return AuditLog(db, read_only=True)
 
 
 @app.command("verify")

@@ -10,6 +10,7 @@ import typer
 
 from aidc.audit import AuditLog
 from aidc.cli.output import JSON_OPTION, emit
+from aidc.errors import AidcError
 from aidc.spec import load_stack
 from aidc.store import Store
 
@@ -43,6 +44,38 @@ def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = 
     return FailoverController(spec, Store(db), audit, scheduler, dry_run=dry_run)
 
 
+def _listen_options(listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None,
+                    allow_client: list[str]):
+    """(host, port, TLS config) for the agents' listener, or None; checked before anything starts."""
+    from aidc.runbook.tls import from_options
+
+    tls = from_options(cert, key, client_ca)
+    if listen is None:
+        if tls is not None or allow_client:
+            raise AidcError("--tls-cert/--tls-key/--client-ca/--allow-client need --listen HOST:PORT")
+        return None
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise AidcError(f"--listen {listen}: expected HOST:PORT")
+    if tls is None or not tls.mutual:
+        raise AidcError("--listen needs --tls-cert, --tls-key and --client-ca: agents are known by their "
+                        "client certificates")
+    tls.server_context()  # unreadable or mismatched files: an error now, not after the controller started
+    return host.strip("[]"), int(port), tls
+
+
+def _listener(ctl, options, allow_client: list[str]):
+    """The HTTPS listener for agents on other hosts (aidc.transport.ingest)."""
+    from aidc.transport.ingest import IngestServer
+
+    host, port, tls = options
+    try:
+        return IngestServer(ctl.store.path, ctl.audit.path, {n.name for n in ctl.spec.nodes()}, tls, host, port,
+                            allowed_clients=set(allow_client))
+    except OSError as exc:
+        raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 @app.command("run")
 def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
@@ -53,11 +86,22 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                             "On Kubernetes the lease is a coordination.k8s.io Lease instead "
                                             "(spec kubernetes.namespace/lease_name)."),
         lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
-                                        help="Seconds without a heartbeat before another controller takes over.")) -> None:
+                                        help="Seconds without a heartbeat before another controller takes over."),
+        listen: str = typer.Option(None, "--listen", help="HOST:PORT: also receive fault events from agents "
+                                   "on other hosts (HTTPS, mutual TLS; POST /v1/events)."),
+        tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM) for --listen."),
+        tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
+        client_ca: Path = typer.Option(None, "--client-ca", help="CA that signs the agents' client certificates; "
+                                       "an agent may report only the node its certificate names (CN or DNS SAN)."),
+        allow_client: list[str] = typer.Option([], "--allow-client",
+                                               help="A certificate name that may report for any node (a relay)."),
+        ) -> None:
     """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
     from aidc.failover.lease import Lease
 
+    options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
     ctl = _controller(stack, lab_dir, dry_run, create=True)
+    listener = _listener(ctl, options, allow_client) if options else None
     if ctl.scheduler.name == "lab":
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
         # on the failover path.
@@ -66,12 +110,21 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    if ctl.scheduler.name == "kubernetes":
-        from aidc.failover.k8s_controller import run_on_kubernetes
+    serving = None
+    if listener is not None:
+        serving = threading.Thread(target=listener.serve_forever, name="event-listener", daemon=True)
+        serving.start()
+    try:
+        if ctl.scheduler.name == "kubernetes":
+            from aidc.failover.k8s_controller import run_on_kubernetes
 
-        run_on_kubernetes(ctl, stop, poll)
-        return
-    ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
+            run_on_kubernetes(ctl, stop, poll)
+        else:
+            ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
+    finally:
+        if listener is not None:
+            listener.shutdown()
+            serving.join(timeout=10)
 
 
 @app.command("release")

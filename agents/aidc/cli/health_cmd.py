@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit, emit_lines
-from aidc.errors import AidcError
+from aidc.errors import AidcError, DeviceError
 
 app = typer.Typer(help="GPU fault detection: kernel-log parsing and XID classification.", no_args_is_help=True)
 
@@ -106,3 +106,87 @@ def events(store: Path = typer.Option(..., help="The agent's event store (SQLite
     lines = [f"{r['id']:>5}  {r['node']:<12} {r['kind']:<18} {'' if r['xid'] is None else r['xid']:>4}  "
              f"{r['action']:<16} {r['outcome'] or 'pending':<14} {r['message']}" for r in rows]
     emit(rows, as_json, "\n".join(lines) or "no fault events")
+
+
+@app.command("check", context_settings={"help_option_names": ["--help", "-h"]})
+def check(node: str = typer.Option(..., "--node", help="This node's name (as in the cluster spec)."),
+          stack: str = typer.Option(None, "--stack", "-s", help="Cluster spec (name or file, e.g. /etc/aidc/stack.yaml): "
+                                    "the node's GPU count, policy.out_of_service_actions, the device backend "
+                                    "and the window (2 x slurm.health_check_interval_s)."),
+          backend: str = typer.Option(None, help="Device backend: nvml or sim (default: the spec's, else nvml)."),
+          node_dir: Path = typer.Option(None, help="Simulated node directory (sim backend)."),
+          kernel_log: Path = typer.Option(None, help="Kernel log to look at: a file or /dev/kmsg (default: "
+                                                     "<node-dir>/kern.log for sim, the spec's agent.kernel_log "
+                                                     "or /dev/kmsg for nvml)."),
+          no_kernel_log: bool = typer.Option(False, "--no-kernel-log", help="Check the device layer only."),
+          since_s: float = typer.Option(None, "--since-s", min=0.001, help="Only kernel-log faults this recent count "
+                                        "(default: twice the spec's health-check interval, else 600)."),
+          gpus: int = typer.Option(None, "--gpus", min=0, help="GPUs this node must show (default: the spec's)."),
+          device_timeout: float = typer.Option(1.0, "--device-timeout", min=0.01,
+                                               help="Seconds before a device call counts as hung (unhealthy)."),
+          as_json: bool = JSON_OPTION) -> None:
+    """One-shot node health check for Slurm's HealthCheckProgram: exit 0 healthy, 1 unhealthy
+    (with one reason line), 2 bad usage.
+
+    Looks at the device layer (GPU count, lost GPUs, pending row remaps, ECC, links, a hang
+    under --device-timeout) and the recent kernel log (XIDs and other GPU faults within
+    --since-s), and calls the node unhealthy when a finding's catalog action is one of the
+    spec's policy.out_of_service_actions. Read-only: it never drains the node. The failover
+    controller does that (audited, within the blast radius) from the agent's events; Slurm
+    may also act on the exit code if its HealthCheckProgram wrapper is told to.
+    """
+    import os
+    import sys
+
+    from aidc.device import open_backend
+    from aidc.health.catalog import load_catalog
+    from aidc.health.check import check_node
+
+    out_of_service = {"reset_gpu", "reboot_node", "contact_support"}  # Policy()'s default, without pydantic
+    if stack is not None:
+        from aidc.spec import load_stack
+
+        spec = load_stack(stack)
+        match = [n for n in spec.nodes() if n.name == node]
+        if not match:
+            raise typer.BadParameter(f"{node!r} is not a node of cluster {spec.name}", param_hint="--node")
+        gpus = match[0].gpus if gpus is None else gpus
+        backend = backend or spec.device_backend
+        out_of_service = set(spec.policy.out_of_service_actions)
+        since_s = since_s or 2 * max(spec.slurm.health_check_interval_s, 30)
+        if kernel_log is None and backend == "nvml":
+            kernel_log = Path(spec.agent.kernel_log)
+    backend = backend or "nvml"
+    since_s = since_s or 600.0
+    if backend not in ("sim", "nvml"):
+        raise typer.BadParameter(f"{backend!r}; valid: nvml, sim", param_hint="--backend")
+    if backend == "sim" and node_dir is None:
+        raise typer.BadParameter("is required with --backend sim (the lab's nodes/<name>)", param_hint="--node-dir")
+    if not no_kernel_log:
+        kernel_log = kernel_log or (node_dir / "kern.log" if backend == "sim" else Path("/dev/kmsg"))
+        if not kernel_log.exists() or not os.access(kernel_log, os.R_OK):
+            raise LogFileError(f"kernel log {kernel_log}: "
+                               f"{'not readable by this user' if kernel_log.exists() else 'no such file'}")
+    else:
+        kernel_log = None
+    try:
+        dev = open_backend(backend, **({"node_dir": node_dir} if backend == "sim" else {}))
+    except DeviceError as exc:
+        # A GPU node whose driver does not answer cannot run GPU work: unhealthy, not a usage error.
+        emit({"node": node, "healthy": False, "reason": f"device layer unavailable: {exc}"}, as_json,
+             f"{node}: unhealthy: device layer unavailable: {exc}")
+        raise typer.Exit(1) from None
+    boot_time = None
+    if backend == "sim":
+        from aidc.device import sim
+
+        boot_time = sim.boot_time(node_dir)
+    result = check_node(node, dev, catalog=load_catalog(), out_of_service=out_of_service, kernel_log=kernel_log,
+                        since_s=since_s, boot_time=boot_time, expected_gpus=gpus, device_timeout_s=device_timeout)
+    emit(result.to_dict(), as_json, f"{node}: {'healthy' if result.healthy else 'unhealthy: ' + result.reason}")
+    if result.device_hung:
+        # The hung call still runs on a daemon thread; leave without waiting for the driver.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    raise typer.Exit(0 if result.healthy else 1)

@@ -208,6 +208,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                     max_alerts=max_alerts, request_workers=request_workers)
     _ensure_file_descriptors(max_connections)
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    engine.recover_audit()  # records a crash of older code left out (runs finished without one)
     try:
         receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits)
     except OSError as exc:

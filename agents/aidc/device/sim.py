@@ -120,6 +120,11 @@ def _write(node_dir: Path, state: dict) -> None:
     os.replace(tmp, node_dir / STATE_FILE)
 
 
+def boot_time(node_dir: str | Path) -> float:
+    """When the simulated node "booted": its kernel log's `[seconds]` stamps count from here."""
+    return float(_read_state(Path(node_dir))["boot_time"])
+
+
 def _kernel_lines(node_dir: Path, state: dict, lines: list[str]) -> None:
     """Append lines as the kernel would log them: dmesg's `[seconds.micros]` prefix."""
     uptime = time.time() - state["boot_time"]

@@ -47,6 +47,9 @@ class LabScheduler:
     process group) matters: killing only the agent leaves the worker training and
     writing checkpoints for seconds, and killing only a worker livelocks torchrun.
     The node's process groups are listed in `nodes/<node>/pgids.json` by whoever starts them.
+    Every call is journaled in `nodes/<node>/scheduler.jsonl` before it acts, with the node's
+    state as the scheduler saw it (`was`): a quarantine of a node that `was` quarantined is
+    a repeated action (bench/crash_harness.py counts them).
     """
 
     name = "lab"
@@ -62,8 +65,14 @@ class LabScheduler:
             raise KeyError(f"no lab node {node!r} under {self.lab_dir / 'nodes'}")
         return path
 
+    def _journal(self, node: str, op: str, reason: str) -> None:
+        entry = {"op": op, "reason": reason, "was": self.state(node), "at": time.time(), "pid": os.getpid()}
+        with open(self._node_dir(node) / "scheduler.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
     def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         d = self._node_dir(node)
+        self._journal(node, "quarantine", reason)
         (d / "quarantined").write_text(json.dumps({"reason": reason, "event": event, "at": time.time()}))
         for pgid in self.process_groups(node):
             try:
@@ -81,6 +90,7 @@ class LabScheduler:
         return None
 
     def release(self, node: str, reason: str) -> None:
+        self._journal(node, "release", reason)
         (self._node_dir(node) / "quarantined").unlink(missing_ok=True)
 
     def state(self, node: str) -> str:

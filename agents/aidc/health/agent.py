@@ -318,8 +318,10 @@ class HealthAgent:
     _conditions_dirty = False
 
     def _commit(self, pending: list[tuple[FaultEvent, Classification]], extra_kv: dict | None = None) -> None:
-        """Events, conditions and the kernel-log position in one store transaction; then audit
-        and metrics (the store is what failover acts on, so it is written first)."""
+        """Events, conditions and the kernel-log position in one store transaction, each event
+        audited inside it before it commits; then metrics. A kill between the audit record and
+        the commit leaves a record of an event that was not stored (the restarted agent reads
+        those lines again and records them again), never a stored event without its record."""
         if not pending and not extra_kv and not self._conditions_dirty:
             return
         with self.store.transaction():
@@ -328,15 +330,16 @@ class HealthAgent:
                 self.store.put(self.conditions.key, self.conditions.to_json())
             for k, v in (extra_kv or {}).items():
                 self.store.put(k, v)
+            for event_id, (event, cls) in zip(ids, pending):
+                self.audit.append("health.fault", event.message, actor=self.actor, node=self.node,
+                                  payload={"event_id": event_id, "kind": event.kind.value,
+                                           "action": event.action.value, "gpu": event.gpu, "pci": event.pci,
+                                           "xid": event.xid, "line": event.line, "source": event.source,
+                                           "catalog_version": cls.catalog_version})
         self._conditions_dirty = False
         for event, _ in pending:
             self.emitted += 1
             self.metrics.fault(event.kind.value, event.action.value)
-        for event_id, (event, cls) in zip(ids, pending):
-            self.audit.append("health.fault", event.message, actor=self.actor, node=self.node,
-                              payload={"event_id": event_id, "kind": event.kind.value, "action": event.action.value,
-                                       "gpu": event.gpu, "pci": event.pci, "xid": event.xid, "line": event.line,
-                                       "source": event.source, "catalog_version": cls.catalog_version})
 
     def close(self) -> None:
         if self.follower:

@@ -11,6 +11,11 @@ Safety rules, in the order they are applied:
 4. A step's intent (`running`) is written before it acts. After a crash, a step found
    `running` is reconciled: quarantine/release check the scheduler's state, playbook and
    burn-in are marked failed (outcome unknown) and never repeated, the rest re-run.
+5. Every audit record is appended *before* the state change it describes (a run created, a
+   step started or finished, a run finished): a kill in between repeats a record after the
+   restart, never loses one. A step found `running` whose outcome is already in the audit
+   log takes that outcome instead of running again; a step or run found finished without
+   its record (state written by older code) gets one marked `recovered`.
 """
 
 from __future__ import annotations
@@ -149,8 +154,11 @@ class Engine:
             run_id = self.state.create_run(db, rb.name, node, trigger, [(s.id, s.kind) for s in rb.steps])
             if fingerprint:
                 self.state.record_alert(db, fingerprint, starts_at, run_id)
-        self._audit("runbook.run.started", f"{rb.name} on {node}", node,
-                    {"run_id": run_id, "runbook": rb.name, "trigger": trigger})
+            # Audited before the run commits: a kill in between leaves a record of a run that
+            # never started (its alert is not marked seen, so Alertmanager's repeat starts it),
+            # never a run without its record.
+            self._audit("runbook.run.started", f"{rb.name} on {node}", node,
+                        {"run_id": run_id, "runbook": rb.name, "trigger": trigger})
         return Submission("started", "new run", rb.name, node, run_id)
 
     # --- execution ----------------------------------------------------------------------
@@ -186,6 +194,7 @@ class Engine:
                 pass
 
     def _drive(self, run_id: int) -> None:
+        self.recover_audit([run_id])
         run = self.state.get_run(run_id)
         rows = self.state.steps(run_id)
         try:
@@ -230,16 +239,48 @@ class Engine:
         first_bad = next((r for r in rows if r.status == "failed" and r.phase == "main"), None)
         error = (first_bad.result or {}).get("error") if first_bad else None
         status = "failed" if failed else "done"
-        self.state.set_run_status(run_id, status, error)
-        self._audit("runbook.run.finished", f"{rb.name} on {run.node}: {status}", run.node,
-                    {"run_id": run_id, "runbook": rb.name, "status": status, "error": error,
-                     "duration_s": round(time.time() - run.created_at, 3)})
+        self._finish_run(run, status, error)
 
     def _abandon(self, run: RunRow, error: str) -> None:
-        self.state.set_run_status(run.id, "failed", error)
-        self._audit("runbook.run.finished", f"{run.runbook} on {run.node}: failed", run.node,
-                    {"run_id": run.id, "runbook": run.runbook, "status": "failed", "error": error,
-                     "duration_s": round(time.time() - run.created_at, 3)})
+        self._finish_run(run, "failed", error)
+
+    def _finish_run(self, run: RunRow, status: str, error: str | None) -> None:
+        # A kill after the record and before the state change leaves the run active: the
+        # restarted engine comes here again and finds the record already written.
+        if not self.audit.find("runbook.run.finished", run_id=run.id):
+            self._audit("runbook.run.finished", f"{run.runbook} on {run.node}: {status}", run.node,
+                        {"run_id": run.id, "runbook": run.runbook, "status": status, "error": error,
+                         "duration_s": round(time.time() - run.created_at, 3)})
+        self.state.set_run_status(run.id, status, error)
+
+    def recover_audit(self, run_ids: list[int] | None = None) -> int:
+        """Write a `recovered` record for each run start, finished step and finished run that
+        the state holds and the audit log lacks. Returns how many were written.
+
+        Records come before state changes, so this finds nothing in state this engine wrote;
+        it repairs state written by older code (which recorded after the state change)."""
+        runs = [self.state.get_run(i) for i in run_ids] if run_ids is not None else self.state.runs()
+        written = 0
+        for run in runs:
+            base = {"run_id": run.id, "runbook": run.runbook, "recovered": True}
+            if not self.audit.find("runbook.run.started", run_id=run.id):
+                self._audit("runbook.run.started", f"{run.runbook} on {run.node} (recovered after restart)",
+                            run.node, {**base, "trigger": run.trigger})
+                written += 1
+            for row in self.state.steps(run.id):
+                if row.status in ("done", "failed") and not self.audit.find(
+                        "runbook.step", run_id=run.id, idx=row.idx, status=row.status):
+                    self._audit("runbook.step", f"{run.runbook}/{row.step_id} on {run.node}: {row.status} "
+                                "(recovered after restart)", run.node,
+                                {**base, "step": row.step_id, "idx": row.idx, "kind": row.kind, "phase": row.phase,
+                                 "attempt": row.attempts, "status": row.status, "result": row.result})
+                    written += 1
+            if run.status in ("done", "failed") and not self.audit.find("runbook.run.finished", run_id=run.id):
+                self._audit("runbook.run.finished", f"{run.runbook} on {run.node}: {run.status} "
+                            "(recovered after restart)", run.node,
+                            {**base, "status": run.status, "error": run.error})
+                written += 1
+        return written
 
     def _guards(self, rb: Runbook, run: RunRow) -> str | None:
         for guard in rb.guards:
@@ -311,8 +352,18 @@ class Engine:
         step = self._step_def(rb, row)
         params = step_params(step, variables)
         resumed = row.status == "running"
-        base = {"run_id": run.id, "runbook": rb.name, "step": step.id, "kind": step.kind, "phase": row.phase,
-                "trigger": run.trigger, "inputs": params, "attempt": row.attempts + 1}
+        base = {"run_id": run.id, "runbook": rb.name, "step": step.id, "idx": row.idx, "kind": step.kind,
+                "phase": row.phase, "trigger": run.trigger, "inputs": params, "attempt": row.attempts + 1}
+        if resumed:
+            recorded = self._recorded_outcome(run, row)
+            if recorded is not None:
+                # Killed after auditing the outcome and before recording it here: take the
+                # audited outcome; the action is not repeated and nothing is audited twice.
+                status, result = recorded
+                self.state.finish_step(run.id, row.idx, status, result)
+                if status == "failed":
+                    self._enter_failure(run, rb, row, result)
+                return status
         if step.kind == "approve":
             return self._approve(run, rb, row, step, base)
         refusal = self._gate(rb, step, self.state.steps(run.id), row.idx if row.phase == "main" else 10**9)
@@ -322,9 +373,11 @@ class Engine:
             reconciled = self._reconcile(run, row, step)
             if reconciled is not None:
                 status, result = reconciled
-                self.state.finish_step(run.id, row.idx, status, result)
+                # The outcome of the attempt in flight at the restart (not a new attempt).
                 self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: {status} (after restart)",
-                            run.node, {**base, "status": status, "result": result, "duration_s": 0.0})
+                            run.node, {**base, "attempt": row.attempts, "status": status, "result": result,
+                                       "duration_s": 0.0})
+                self.state.finish_step(run.id, row.idx, status, result)
                 if status == "failed":
                     self._enter_failure(run, rb, row, result)
                 return status
@@ -341,11 +394,12 @@ class Engine:
                                "started_at=COALESCE(started_at, ?) WHERE run_id=? AND idx=?",
                                (time.time(), run.id, row.idx))
                     db.execute("UPDATE runs SET status='running', updated_at=? WHERE id=?", (time.time(), run.id))
+                    self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}", run.node, base)
             if refusal:
                 return self._fail_step(run, rb, row, {"error": refusal, "refused": "blast_radius"}, 0.0, base)
         else:
+            self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}", run.node, base)
             self.state.mark_step_running(run.id, row.idx)
-        self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}", run.node, base)
         started = self.state.steps(run.id)[row.idx].started_at or time.time()
         ctx = StepContext(run.id, rb, run.node, step, params, started, self.actuators, self.stop)
         t0 = time.monotonic()
@@ -361,10 +415,17 @@ class Engine:
         if not ok:
             result.setdefault("error", f"{step.kind} step did not succeed")
             return self._fail_step(run, rb, row, result, duration, base)
-        self.state.finish_step(run.id, row.idx, "done", result)
         self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: done", run.node,
                     {**base, "status": "done", "result": result, "duration_s": round(duration, 3)})
+        self.state.finish_step(run.id, row.idx, "done", result)
         return "done"
+
+    def _recorded_outcome(self, run: RunRow, row: StepRow) -> tuple[str, dict] | None:
+        """The audited outcome of the attempt a restart interrupted, if it was audited."""
+        for rec in reversed(self.audit.find("runbook.step", run_id=run.id, idx=row.idx, attempt=row.attempts)):
+            if rec.payload.get("status") in ("done", "failed"):
+                return rec.payload["status"], rec.payload.get("result") or {}
+        return None
 
     def _reconcile(self, run: RunRow, row: StepRow, step: Step) -> tuple[str, dict] | None:
         """A step found `running` after a restart. None: run it (again) normally."""
@@ -380,23 +441,25 @@ class Engine:
 
     def _approve(self, run: RunRow, rb: Runbook, row: StepRow, step: Step, base: dict) -> str:
         if row.status == "pending":
-            self.state.mark_step_running(run.id, row.idx)
-            row = self.state.steps(run.id)[row.idx]
             if row.phase == "main" and self._approve_is_automatic(rb, row):
                 result = {"approved_by": "policy", "detail": "every step it guards is allowed by policy"}
-                self.state.finish_step(run.id, row.idx, "done", result)
                 self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: approved by policy", run.node,
                             {**base, "status": "done", "result": result, "duration_s": 0.0})
+                self.state.mark_step_running(run.id, row.idx)
+                self.state.finish_step(run.id, row.idx, "done", result)
                 return "done"
             self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}: waiting for approval",
                         run.node, base)
+            self.state.mark_step_running(run.id, row.idx)
+            row = self.state.steps(run.id)[row.idx]
         by = self.state.approval(run.id, row.idx)
         waited = time.time() - (row.started_at or time.time())
         if by:
             result = {"approved_by": by, "waited_s": round(waited, 3)}
-            self.state.finish_step(run.id, row.idx, "done", result)
             self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: approved by {by}", run.node,
-                        {**base, "status": "done", "result": result, "duration_s": round(waited, 3)})
+                        {**base, "attempt": row.attempts, "status": "done", "result": result,
+                         "duration_s": round(waited, 3)})
+            self.state.finish_step(run.id, row.idx, "done", result)
             return "done"
         if waited > step.timeout_s:
             return self._fail_step(run, rb, row, {"error": f"not approved within {step.timeout_s:g} s"}, waited, base)
@@ -404,11 +467,11 @@ class Engine:
 
     def _fail_step(self, run: RunRow, rb: Runbook, row: StepRow, result: dict, duration: float,
                    base: dict | None = None) -> str:
-        self.state.finish_step(run.id, row.idx, "failed", result)
         self._audit("runbook.step", f"{rb.name}/{row.step_id} on {run.node}: failed: {result.get('error')}",
-                    run.node, {**(base or {"run_id": run.id, "runbook": rb.name, "step": row.step_id,
+                    run.node, {**(base or {"run_id": run.id, "runbook": rb.name, "step": row.step_id, "idx": row.idx,
                                            "kind": row.kind, "phase": row.phase, "trigger": run.trigger}),
                                "status": "failed", "result": result, "duration_s": round(duration, 3)})
+        self.state.finish_step(run.id, row.idx, "failed", result)
         self._enter_failure(run, rb, row, result)
         return "failed"
 
@@ -425,9 +488,10 @@ class Engine:
         row = next((r for r in self.state.steps(run_id) if r.kind == "approve" and r.status == "running"), None)
         if row is None:
             raise AidcError(f"run {run_id} has no approve step waiting")
-        self.state.approve(run_id, row.idx, by)
         self._audit("runbook.approval", f"run {run_id} step {row.step_id} approved by {by}", run.node,
-                    {"run_id": run_id, "runbook": run.runbook, "step": row.step_id, "approved_by": by})
+                    {"run_id": run_id, "runbook": run.runbook, "step": row.step_id, "idx": row.idx,
+                     "approved_by": by})
+        self.state.approve(run_id, row.idx, by)
         return row
 
     # --- dry run ------------------------------------------------------------------------

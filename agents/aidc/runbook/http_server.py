@@ -25,7 +25,7 @@ from email.utils import formatdate
 from typing import Callable
 
 from aidc import strict_json
-from aidc.runbook.tls import peer_identity
+from aidc.runbook.tls import certificate_names, peer_identity
 
 # After an early refusal (401, 413, ...) the client may still be sending its body; the
 # connection is kept open this long, reading and dropping, so the client reads the answer
@@ -75,6 +75,7 @@ class Request:
     body: bytes = b""
     client: str = "-"
     peer: str | None = None  # a verified client certificate's `CN=...`
+    peer_names: frozenset = frozenset()  # its CN and DNS subjectAltNames
 
     def header(self, name: str, default: str = "") -> str:
         values = self.headers.get(name.lower())
@@ -147,13 +148,15 @@ def parse_head(data: bytes) -> Request:
 class _Conn:
     """One client connection as the I/O thread sees it."""
 
-    __slots__ = ("sock", "client", "phase", "deadline", "buf", "request", "counted", "peer", "scanned")
+    __slots__ = ("sock", "client", "phase", "deadline", "buf", "request", "counted", "peer", "peer_names",
+                 "scanned")
 
     def __init__(self, sock, client: str, phase: str, deadline: float, counted: bool):
         self.sock, self.client, self.phase, self.deadline, self.counted = sock, client, phase, deadline, counted
         self.buf = bytearray()
         self.request: Request | None = None
         self.peer: str | None = None
+        self.peer_names: frozenset = frozenset()
         self.scanned = 0  # bytes of buf already searched for the end of the head
 
 
@@ -314,7 +317,7 @@ class BoundedHTTPServer:
             self._close(conn)
             return False
         self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        conn.phase, conn.peer = "head", peer_identity(conn.sock)
+        conn.phase, conn.peer, conn.peer_names = "head", peer_identity(conn.sock), certificate_names(conn.sock)
         return True
 
     def _read(self, conn: _Conn) -> bool:
@@ -355,7 +358,7 @@ class BoundedHTTPServer:
         except HTTPError as exc:
             self._refuse(conn, exc)
             return
-        request.client, request.peer = conn.client, conn.peer
+        request.client, request.peer, request.peer_names = conn.client, conn.peer, conn.peer_names
         conn.request = request
         del conn.buf[:match.end()]
         refusal = self.check_head(request)

@@ -60,6 +60,17 @@ def from_options(cert: Path | None, key: Path | None, client_ca: Path | None) ->
     return TLSConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
+def certificate_names(sock) -> frozenset[str]:
+    """The names a verified client certificate vouches for: its CN and its DNS subjectAltNames."""
+    getpeercert = getattr(sock, "getpeercert", None)
+    cert = getpeercert() if getpeercert else None
+    if not cert:
+        return frozenset()
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names |= {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+    return frozenset(names)
+
+
 def peer_identity(sock) -> str | None:
     """`CN=...` of a verified client certificate, for the log and the audit trigger."""
     getpeercert = getattr(sock, "getpeercert", None)

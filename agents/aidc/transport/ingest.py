@@ -1,0 +1,128 @@
+"""The controller's side: receive fault events from node agents over HTTPS with mutual TLS.
+
+Only a client certificate from the configured CA gets past the handshake. A node may report
+only its own faults: every event's node must be the certificate's common name or one of its
+DNS subjectAltNames, unless the certificate's name is on the allowed list (a relay); anything
+else is refused with 403, logged and audited. A valid batch is inserted under its idempotency
+keys (INSERT OR IGNORE) and committed before the answer, so a 200 means the events are
+durable, and a batch sent again after a lost answer changes nothing. The failover loop picks
+the new events up from the store like any other.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from aidc.audit.log import AuditLog, default_actor
+from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
+from aidc.runbook.tls import TLSConfig, certificate_names
+from aidc.store import Store
+from aidc.transport import wire
+
+# The receiver's connection model (aidc.runbook.http_server): one I/O thread reads every
+# connection under total deadlines, so an agent stuck mid-request, or a slow or hostile
+# client, holds a socket, never a worker; connections are capped.
+peer_names = certificate_names
+
+
+class Refused(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class IngestServer:
+    """`serve_forever()` on a thread; `shutdown()` from another. Store and audit log are its own
+    connections, used one request at a time: SQLite serializes writers anyway."""
+
+    def __init__(self, store_path, audit_path, nodes: set[str], tls: TLSConfig, host: str, port: int, *,
+                 allowed_clients: set[str] = frozenset(), request_timeout_s: float = 10.0, log=None):
+        if not tls.mutual:
+            raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
+        self.nodes, self.allowed_clients = set(nodes), set(allowed_clients)
+        self.request_timeout_s = request_timeout_s
+        self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc failover: {line}",
+                                               file=sys.stderr, flush=True))
+        self.actor = default_actor("failover-ingest")
+        self._lock = threading.Lock()
+        self.store, self.audit = Store(store_path), AuditLog(audit_path)
+        limits = ServerLimits(header_timeout_s=request_timeout_s, body_timeout_s=request_timeout_s,
+                              max_body_bytes=wire.MAX_BODY_BYTES)
+        self.httpd = BoundedHTTPServer((host, port), limits, tls.server_context(), self._check_head,
+                                       self._handle, self.log)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def serve_forever(self) -> None:
+        self.log(f"receiving fault events on https://{self.httpd.server_address[0]}:{self.port}{wire.PATH}")
+        try:
+            self.httpd.serve_forever()
+        finally:
+            with self._lock:
+                self.store.close()
+                self.audit.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting and end the open connections."""
+        self.httpd.shutdown()
+
+    # --- one batch ----------------------------------------------------------------------------
+    def accept(self, batch: list[tuple[str, object]], names: set[str], client: str) -> dict:
+        """Check who may report what, then store the new events durably. Returns the answer."""
+        relay = bool(names & self.allowed_clients)
+        for key, event in batch:
+            if event.node not in self.nodes:
+                raise Refused(422, f"{event.node!r} is not a node of this cluster")
+            if not relay and event.node not in names:
+                reason = f"certificate {client} may not report faults of node {event.node!r}"
+                with self._lock:
+                    self.audit.append("transport.refused", reason, actor=self.actor, node=event.node,
+                                      payload={"client": client, "key": key, "kind": event.kind.value})
+                raise Refused(403, reason)
+        accepted, duplicates = [], []
+        with self._lock:
+            with self.store.transaction():
+                for key, event in batch:
+                    if self.store.has_key(key):
+                        duplicates.append(key)
+                        continue
+                    # Audited before the commit it describes: a crash may repeat the record, not lose it.
+                    self.audit.append("transport.received", event.message, actor=self.actor, node=event.node,
+                                      payload={"key": key, "client": client, "kind": event.kind.value,
+                                               "action": event.action.value, "xid": event.xid,
+                                               "observed_at": event.observed_at})
+                    self.store.ingest(key, event)
+                    accepted.append(key)
+        return {"accepted": accepted, "duplicates": duplicates}
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    def _check_head(self, request: Request) -> Response | None:
+        """Before any body is read: the route. (Who the client is, the handshake settled.)"""
+        if request.method == "GET" and request.path == "/healthz":
+            return None
+        if request.method != "POST":
+            return Response(405, {"error": f"method {request.method} not allowed"}, "method not allowed",
+                            {"Allow": "GET, POST"})
+        if request.path != wire.PATH:
+            return Response(404, {"error": "not found"}, f"unknown path {request.path[:200]}")
+        return None
+
+    def _handle(self, request: Request) -> Response:
+        if request.method == "GET":
+            return Response(200, {"ok": True}, "health")
+        try:
+            try:
+                batch = wire.decode(request.body)
+            except wire.WireError as exc:
+                raise Refused(400, str(exc)) from None
+            result = self.accept(batch, set(request.peer_names), request.peer or "without a name")
+        except Refused as exc:
+            return Response(exc.code, {"error": exc.reason}, exc.reason)
+        except Exception as exc:  # never let a request kill the listener
+            return Response(500, {"error": "internal error"}, f"internal error: {type(exc).__name__}: {exc}")
+        note = f"{len(result['accepted'])} new, {len(result['duplicates'])} already here"
+        return Response(200, result, note)
