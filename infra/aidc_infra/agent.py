@@ -36,7 +36,9 @@ def agent_command(spec) -> list[str]:
             "--store", f"{STATE_DIR}/state.db", "--audit-db", f"{STATE_DIR}/audit.db",
             "--port", str(a.metrics_port), "--listen-address", "0.0.0.0",
             "--poll-interval", str(a.poll_interval_s),
-            "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log]
+            "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log,
+            # On Kubernetes the agent reports through the API (node condition + Events).
+            *(["--kubernetes"] if spec.scheduler == "kubernetes" else [])]
 STATE_DIR = "/var/lib/aidc"
 RULES = [
     {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
@@ -100,6 +102,11 @@ def pod_spec(spec: ClusterSpec) -> dict:
     ]
     body = {
         "serviceAccountName": APP,
+        # The agent reads the kernel log (/dev/kmsg needs root and CAP_SYSLOG under
+        # dmesg_restrict) and keeps its store and audit log in a root-owned hostPath directory
+        # that outlives the pod: it runs as root, unlike the image's default user (10001),
+        # which the failover controller keeps.
+        "securityContext": {"runAsUser": 0, "runAsGroup": 0},
         "priorityClassName": "system-node-critical",
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchExpressions": [{"key": f"{LABEL_DOMAIN}/pool", "operator": "Exists"}]}]}}},

@@ -113,3 +113,43 @@ def test_runbook_run_with_a_kubernetes_stack_cordons_and_releases_through_the_ap
     r = aidc_cli("runbook", "run", "drain-and-back", "--node", "login-0", *common)
     assert r.returncode != 0 and "login-0' is not a node of" in r.stderr
     assert not apiserver.node("login-0")["spec"].get("unschedulable")
+
+
+@pytest.mark.slow
+def test_the_agent_reports_a_fault_as_a_node_condition_and_an_event_and_keeps_it_while_the_api_is_down(
+        apiserver, tmp_path):
+    from aidc.device import sim
+    from aidc.failover.k8s_faults import fault_from_condition
+
+    apiserver.add_node("gpu-1", labels={"aidc.dev/pool": "gpu"})
+    node_dir = sim.create_node(tmp_path / "gpu-1", "gpu-1", gpus=2)
+    env = {**__import__("os").environ, "KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", apiserver.url))}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    apiserver.fail_next(503, 3)   # the API server is away for the first tries
+    proc = subprocess.Popen([sys.executable, "-m", "aidc", "agent", "run", "--node", "gpu-1", "--backend", "sim",
+                             "--node-dir", str(node_dir), "--store", str(tmp_path / "store.db"),
+                             "--audit-db", str(tmp_path / "audit.db"), "--port", "0", "--poll-interval", "0.05",
+                             "--kubernetes", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        time.sleep(1)
+        sim.inject(node_dir, "xid", gpu=0, xid=79)
+        deadline = time.monotonic() + 60
+        found = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            conds = apiserver.node("gpu-1")["status"]["conditions"]
+            found = [f for f in (fault_from_condition("gpu-1", c) for c in conds) if f]
+            if found and "Xid79" in [e["reason"] for e in apiserver.events]:
+                break
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    # XID 79 is also a lost GPU (a device condition): the node condition holds the latest of
+    # the two faults, and every fault has its own Event.
+    (key, event), = found
+    assert key.startswith("gpu-1:") and event.gpu == 0 and event.action.value == "reboot_node"
+    assert "Xid79" in [e["reason"] for e in apiserver.events]
+    assert __import__("json").loads(out)["events_forwarded"] >= 1
+    assert apiserver.invalid == []

@@ -38,6 +38,10 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                              "a DNS subjectAltName must be the node's name."),
         tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
         ca: Path = typer.Option(None, "--ca", help="CA certificate (PEM) that signed the controller's certificate."),
+        kubernetes: bool = typer.Option(False, "--kubernetes",
+                                        help="Report this node's faults through the Kubernetes API (the "
+                                             "AidcGpuHealthy node condition and an Event each), with the pod's "
+                                             "service account, for the failover controller to watch."),
         as_json: bool = JSON_OPTION) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
     from aidc.device import open_backend
@@ -45,7 +49,16 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
     from aidc.transport.forwarder import Forwarder, client_tls
 
     transport = client_tls(controller_url, tls_cert, tls_key, ca)
+    if kubernetes and transport:
+        raise typer.BadParameter("report through --kubernetes or to --controller-url, not both",
+                                 param_hint="--kubernetes")
     forwarder = Forwarder(store, node, controller_url, transport) if transport else None
+    if kubernetes:
+        from aidc.failover.kubernetes import api_client_from
+        from aidc.health.k8s_publisher import KubernetesForwarder, NodeFaultPublisher
+        from aidc.spec import Kubernetes
+
+        forwarder = KubernetesForwarder(store, node, NodeFaultPublisher(api_client_from(Kubernetes()), node))
 
     _check_listen_address(listen_address)
 
