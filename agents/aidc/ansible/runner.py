@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from aidc.errors import AidcError
+from aidc.shipped import installed_root
 
-PLAYBOOK_DIR = Path(__file__).resolve().parents[3] / "playbooks"
+# The checkout's playbooks, or the copy an installed wheel carries (aidc.shipped).
+PLAYBOOK_DIR = installed_root() / "playbooks"
 SITE_PLAYBOOK = PLAYBOOK_DIR / "site.yml"
 
 EventCallback = Callable[[dict[str, Any]], None]

