@@ -44,6 +44,17 @@ EXTRA_OF_MODULE = {
     "prometheus_client": "agent", "pynvml": "agent", "kubernetes": "agent",
     "ansible_runner": "ansible", "ansible": "ansible", "pulumi": "infra", "pulumi_kubernetes": "infra",
 }
+# Groups whose whole purpose is one extra: that extra brings every module the group needs.
+EXTRA_OF_GROUP = {"burnin": "burnin", "lab": "lab", "compress": "compress", "agent": "agent"}
+
+
+def missing_extra(exc: ModuleNotFoundError, argv: list[str]) -> str | None:
+    """The extra to install for a module this installation lacks; None: not an optional one."""
+    top = (exc.name or "").partition(".")[0]
+    if top not in EXTRA_OF_MODULE:
+        return None
+    group = next((a for a in argv if not a.startswith("-")), "")
+    return EXTRA_OF_GROUP.get(group, EXTRA_OF_MODULE[top])
 
 
 def _version(show: bool) -> None:
@@ -75,11 +86,11 @@ def main() -> None:
         typer.echo(f"aidc: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except ModuleNotFoundError as exc:
-        top = (exc.name or "").partition(".")[0]
-        if top not in EXTRA_OF_MODULE:
+        extra = missing_extra(exc, sys.argv[1:])
+        if extra is None:
             raise
-        typer.echo(f"aidc: error: this command needs {top}, which this installation lacks; "
-                   f"install it with: pip install 'aidc[{EXTRA_OF_MODULE[top]}]'", err=True)
+        typer.echo(f"aidc: error: this command needs {exc.name.partition('.')[0]}, which this installation "
+                   f"lacks; install it with: pip install 'aidc[{extra}]'", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("aidc: interrupted", err=True)
