@@ -9,19 +9,23 @@
 # checks this file against the package metadata.
 
 # Stage 1: build the wheel from the checkout (runbooks, playbooks and example stacks go in as
-# package data, see setup.py).
+# package data, see setup.py), and the one requirement line that installs it with the agent
+# extra, hashed like every line of the lock (pip checks either all hashes or none).
 FROM python:3.11-slim AS wheel
 WORKDIR /src
 COPY . .
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
+    && cd /dist && wheel="$(ls aidc-*.whl)" \
+    && echo "aidc[agent] @ file:///dist/${wheel} --hash=sha256:$(sha256sum "${wheel}" | cut -d' ' -f1)" > requirement.txt
 
-# Stage 2: the runtime. Dependencies are held to the versions and hashes of requirements.lock;
-# the wheel and the lock are mounted for the install only, so neither stays in a layer.
+# Stage 2: the runtime. The agent extra's dependencies come from requirements-agent.lock (the
+# agent's part of requirements.lock: versions and hashes, no torch); the wheel and the lock are
+# mounted for the install only, so neither stays in a layer.
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    --mount=type=bind,source=requirements.lock,target=/tmp/requirements.lock \
-    pip install --no-cache-dir --constraint /tmp/requirements.lock "$(ls /dist/aidc-*.whl)[agent]"
+    --mount=type=bind,source=requirements-agent.lock,target=/tmp/requirements-agent.lock \
+    pip install --no-cache-dir --require-hashes -r /tmp/requirements-agent.lock -r /dist/requirement.txt
 # The unprivileged user the controller Deployment names (runAsUser/runAsGroup 10001). The agent
 # DaemonSet overrides it only where the spec's kernel log is /dev/kmsg (privileged).
 RUN groupadd --gid 10001 aidc \

@@ -16,12 +16,14 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	touch $@
 
 # Recompile the locks from pyproject.toml's extras (pip-tools, from requirements-dev.lock);
-# existing pins are kept unless a requirement changed (add --upgrade to move them).
+# existing pins are kept unless a requirement changed (add --upgrade to move them). The agent
+# lock is the image's (Dockerfile): the agent extra's part of requirements.lock.
 LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 RUNTIME_EXTRAS := agent burnin lab compress infra ansible
 lock: $(STAMP)
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) $(addprefix --extra ,$(RUNTIME_EXTRAS)) -o requirements.lock pyproject.toml
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra agent -c requirements.lock -o requirements-agent.lock pyproject.toml
 
 # The agent/controller container image (Dockerfile), tagged as the spec's default agent.image.
 VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' agents/aidc/__init__.py)

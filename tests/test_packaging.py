@@ -56,10 +56,12 @@ def read_lock(name: str) -> dict[str, dict]:
 
 RUNTIME_LOCK = read_lock("requirements.lock")
 DEV_LOCK = read_lock("requirements-dev.lock")
+AGENT_LOCK = read_lock("requirements-agent.lock")
 
 
 def test_every_pin_in_both_locks_carries_hashes():
-    for lock_name, lock in (("requirements.lock", RUNTIME_LOCK), ("requirements-dev.lock", DEV_LOCK)):
+    for lock_name, lock in (("requirements.lock", RUNTIME_LOCK), ("requirements-dev.lock", DEV_LOCK),
+                            ("requirements-agent.lock", AGENT_LOCK)):
         assert lock, f"{lock_name} pins nothing"
         unhashed = sorted(name for name, entry in lock.items() if not entry["hashes"])
         assert not unhashed, f"{lock_name}: pins without --hash: {unhashed}"
@@ -105,6 +107,11 @@ def test_the_agent_extra_pulls_no_torch_and_the_lab_extra_does():
     agent = lock_closure(names(PYPROJECT["dependencies"]) | names(EXTRAS["agent"]))
     assert {"kubernetes", "prometheus-client", "nvidia-ml-py"} <= agent
     assert not agent & {"torch", "torchao", "transformers", "numpy", "pulumi", "ansible-core"}
+    # the image's lock is exactly that part of the runtime lock, pin for pin
+    assert set(AGENT_LOCK) == agent
+    for name in agent:
+        assert (AGENT_LOCK[name]["version"], AGENT_LOCK[name]["hashes"]) == \
+            (RUNTIME_LOCK[name]["version"], RUNTIME_LOCK[name]["hashes"]), name
     assert "torch" in lock_closure(names(EXTRAS["lab"]))
     assert names(EXTRAS["lab"]) >= names(EXTRAS["agent"]) | names(EXTRAS["burnin"])
 
@@ -206,17 +213,27 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
+def stages() -> list[list[tuple[str, str]]]:
+    out: list[list[tuple[str, str]]] = []
+    for step in dockerfile():
+        if step[0] == "FROM":
+            out.append([])
+        out[-1].append(step)
+    return out
+
+
 def final_stage() -> list[tuple[str, str]]:
-    steps = dockerfile()
-    last_from = max(i for i, (ins, _) in enumerate(steps) if ins == "FROM")
-    return steps[last_from:]
+    return stages()[-1]
 
 
-def dockerfile_install_command() -> list[str]:
-    """The final stage's `pip install` command line, without BuildKit's --mount flags."""
-    runs = [shlex.split(args) for ins, args in final_stage() if ins == "RUN" and "pip install" in args]
-    assert len(runs) == 1, "the image installs aidc in exactly one RUN"
-    return [word for word in runs[0] if not word.startswith("--mount=")]
+def install_steps() -> list[str]:
+    """The shell commands that make the image's Python environment, in build order: the
+    wheel stage's `pip wheel` step and the final stage's `pip install`, BuildKit's --mount
+    flags left out (tests/test_wheel_install.py runs them with its own paths)."""
+    wheel = [args for ins, args in stages()[0] if ins == "RUN" and "pip wheel" in args]
+    install = [args for ins, args in final_stage() if ins == "RUN" and "pip install" in args]
+    assert len(stages()) == 2 and len(wheel) == 1 and len(install) == 1, "one wheel build, one install"
+    return [wheel[0], re.sub(r"--mount=\S+\s+", "", install[0])]
 
 
 def test_every_stage_builds_on_a_slim_python_that_satisfies_requires_python():
@@ -228,18 +245,18 @@ def test_every_stage_builds_on_a_slim_python_that_satisfies_requires_python():
         assert SpecifierSet(PYPROJECT["requires-python"]).contains(f"{match[1]}.0"), base
 
 
-def test_the_image_installs_the_built_wheel_with_the_agent_extra_held_to_the_lock():
-    command = dockerfile_install_command()
-    assert command[:2] == ["pip", "install"]
-    (target,) = [w for w in command[2:] if not w.startswith("-") and w != "/tmp/requirements.lock"]
-    extra = re.fullmatch(r"\$\(ls /dist/aidc-\*\.whl\)\[(\w+)\]", target)
-    assert extra and extra[1] == "agent" and "agent" in EXTRAS
-    assert command[command.index("--constraint") + 1] == "/tmp/requirements.lock"
+def test_the_image_installs_the_built_wheel_with_the_agent_extra_and_only_hashed_locked_dependencies():
+    wheel, install = install_steps()
+    assert wheel.startswith("pip wheel --no-cache-dir --no-deps --wheel-dir /dist . ")
+    # the requirement line names the extra, and pins the wheel by its hash
+    requirement = re.search(r'echo "aidc\[(\w+)\] @ file:///dist/\$\{wheel\} --hash=sha256:\$\(sha256sum', wheel)
+    assert requirement and requirement[1] == "agent" and "agent" in EXTRAS
+    assert shlex.split(install) == ["pip", "install", "--no-cache-dir", "--require-hashes",
+                                    "-r", "/tmp/requirements-agent.lock", "-r", "/dist/requirement.txt"]
     mounts = " ".join(args for ins, args in final_stage() if ins == "RUN" and "pip install" in args)
-    assert "source=requirements.lock,target=/tmp/requirements.lock" in mounts
+    assert "source=requirements-agent.lock,target=/tmp/requirements-agent.lock" in mounts
+    assert "from=wheel,source=/dist,target=/dist" in mounts
     assert "torch" not in " ".join(args for _, args in dockerfile())
-    wheel_build = [args for ins, args in dockerfile() if ins == "RUN" and "pip wheel" in args]
-    assert wheel_build == ["pip wheel --no-cache-dir --no-deps --wheel-dir /dist ."]
 
 
 def test_the_image_runs_as_the_unprivileged_uid_the_controller_deployment_names():
