@@ -183,6 +183,21 @@ def test_loading_the_cli_imports_no_optional_dependency():
     assert out.stdout.strip() == "[]"
 
 
+def test_every_module_of_the_agent_extra_imports_without_the_other_extras():
+    # The image has no torch, pulumi or ansible: nothing the agent, the failover controller or
+    # the runbook engine imports may need them at import time.
+    blocked = ("torch", "torchao", "transformers", "sklearn", "matplotlib", "numpy", "pulumi", "ansible_runner")
+    code = (f"import sys, pkgutil, importlib, aidc\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            "failed = []\n"
+            "for info in pkgutil.walk_packages(aidc.__path__, 'aidc.'):\n"
+            "    if info.name.split('.')[1] in ('burnin', 'compress', 'lab', '__main__'): continue\n"
+            "    try: importlib.import_module(info.name)\n"
+            "    except ImportError as exc: failed.append(f'{info.name}: {exc}')\n"
+            "print(len(failed)); print(*failed, sep='\\n')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines()[0] == "0", out.stdout
+
+
 @pytest.mark.parametrize("args, blocked, extra", [
     (["compress", "bench", "--quick"], "torch", "compress"),
     (["agent", "run", "--node", "n", "--backend", "sim", "--node-dir", ".", "--store", "s.db",
