@@ -10,7 +10,8 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# Exact pins with hashes: the runtime of every extra (torch is the 2.13.0 CPU build, on
-	# local disk here) and the test tools. `make lock` regenerates both.
+	# local disk here; elsewhere add PyTorch's CPU wheel index as an extra index) and the test
+	# tools. `make lock` regenerates them.
 	$(VENV)/bin/pip install --quiet --require-hashes -r requirements.lock -r requirements-dev.lock
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
