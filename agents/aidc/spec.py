@@ -21,8 +21,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aidc import __version__
 from aidc.errors import SpecError
-from aidc.stack_yaml import StackYamlError, load_stack_yaml, one_line, quote
+from aidc.shipped import installed_root
 
 CONFIG_KEY = "aidc:cluster"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
@@ -227,13 +228,19 @@ class Policy(_Strict):
         return math.floor(total_nodes * int(self.max_unavailable[:-1]) / 100)
 
 
+# The repository the root Dockerfile's image is pushed to (its build line names it too).
+AGENT_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-agent"
+
+
 class Agent(_Strict):
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9400
     poll_interval_s: Annotated[float, Field(gt=0, le=300)] = 1.0
     device_timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     kernel_log: LongText = "/dev/kmsg"
-    # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet).
-    image: LongText = "ghcr.io/aidc-project/aidc-agent:0.1.0"
+    # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet,
+    # and the failover controller's Deployment runs the same image): what the Dockerfile at the
+    # repository root builds, tagged with this package's version.
+    image: LongText = f"{AGENT_IMAGE_REPOSITORY}:{__version__}"
     # The program; infra/ appends the flags derived from this spec (node, backend, store, port...).
     command: Annotated[list[LongText], Field(min_length=1, max_length=64)] = ["aidc", "agent", "run"]
     # Labels on the agent's ServiceMonitor, for the Prometheus that selects monitors by label
@@ -370,14 +377,15 @@ class Node:
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The directory holding Pulumi.yaml: $AIDC_ROOT, else upwards from cwd, else the checkout."""
+    """The directory holding Pulumi.yaml: $AIDC_ROOT, else upwards from cwd, else the checkout,
+    else the example project the installed package carries (aidc.shipped)."""
     if os.environ.get("AIDC_ROOT"):
         return Path(os.environ["AIDC_ROOT"])
     here = (start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / "Pulumi.yaml").exists():
             return d
-    return Path(__file__).resolve().parents[2]
+    return installed_root()
 
 
 def stack_path(stack: str | os.PathLike) -> Path:

@@ -12,6 +12,7 @@ from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
 from aidc.runbook.state import RunState
+from aidc.shipped import project_file
 from aidc.spec import ClusterSpec, load_stack, project_root
 
 
@@ -55,8 +56,8 @@ def build_engine(opts: EngineOptions) -> Engine:
     actuators = Actuators(
         scheduler=scheduler,
         metrics=HttpMetrics(opts.prometheus, agent_url_for(spec)),
-        playbooks=AnsiblePlaybookRunner(project_root() / "playbooks",
-                                        opts.inventory or project_root() / "playbooks" / "inventory" / "aidc_spec.sh"),
+        playbooks=AnsiblePlaybookRunner(project_file("playbooks", project_root()),
+                                        opts.inventory or project_file("playbooks/inventory/aidc_spec.sh", project_root())),
         burnin=StageBurninRunner(spec, opts.lab_dir),
         notifier=LogNotifier(opts.notify_file),
     )
