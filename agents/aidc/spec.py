@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aidc import __version__
 from aidc.errors import SpecError
 from aidc.shipped import installed_root
+from aidc.stack_yaml import StackYamlError, load_stack_yaml, one_line, quote
 
 CONFIG_KEY = "aidc:cluster"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
