@@ -4,15 +4,33 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/agents
 
-.PHONY: lab test test-fast system-deps lint clean lab-down
+.PHONY: lab test test-fast system-deps lint clean lab-down lock image
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	# torch==2.13.0 is pinned in the lock: it installs a CPU build from local disk.
-	$(VENV)/bin/pip install --quiet -r requirements.lock
+	# Exact pins with hashes: the runtime of every extra (torch is the 2.13.0 CPU build, on
+	# local disk here; elsewhere add PyTorch's CPU wheel index as an extra index) and the test
+	# tools. `make lock` regenerates them.
+	$(VENV)/bin/pip install --quiet --require-hashes -r requirements.lock -r requirements-dev.lock
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
+
+# Recompile the locks from pyproject.toml's extras (pip-tools, from requirements-dev.lock);
+# existing pins are kept unless a requirement changed (add --upgrade to move them). The agent
+# lock is the image's (Dockerfile): the agent extra's part of requirements.lock.
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+RUNTIME_EXTRAS := agent burnin lab compress infra ansible
+lock: $(STAMP)
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) $(addprefix --extra ,$(RUNTIME_EXTRAS)) -o requirements.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra agent -c requirements.lock -o requirements-agent.lock pyproject.toml
+
+# The agent/controller container image (Dockerfile), tagged as the spec's default agent.image.
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' agents/aidc/__init__.py)
+IMAGE ?= ghcr.io/aidc-project/aidc-agent:$(VERSION)
+image:
+	docker build -t $(IMAGE) .
 
 lab: $(STAMP)
 	$(VENV)/bin/aidc lab run

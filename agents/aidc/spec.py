@@ -21,7 +21,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aidc import __version__
 from aidc.errors import SpecError
+from aidc.shipped import installed_root
 from aidc.stack_yaml import StackYamlError, load_stack_yaml, one_line, quote
 
 CONFIG_KEY = "aidc:cluster"
@@ -227,15 +229,25 @@ class Policy(_Strict):
         return math.floor(total_nodes * int(self.max_unavailable[:-1]) / 100)
 
 
+# The repository the root Dockerfile's image is pushed to (its build line names it too).
+AGENT_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-agent"
+
+
 class Agent(_Strict):
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9400
     poll_interval_s: Annotated[float, Field(gt=0, le=300)] = 1.0
     device_timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     kernel_log: LongText = "/dev/kmsg"
-    # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet).
-    image: LongText = "ghcr.io/aidc-project/aidc-agent:0.1.0"
+    # The agent's container image and entry point on Kubernetes (infra/ deploys it as a DaemonSet,
+    # and the failover controller's Deployment runs the same image): what the Dockerfile at the
+    # repository root builds, tagged with this package's version.
+    image: LongText = f"{AGENT_IMAGE_REPOSITORY}:{__version__}"
     # The program; infra/ appends the flags derived from this spec (node, backend, store, port...).
     command: Annotated[list[LongText], Field(min_length=1, max_length=64)] = ["aidc", "agent", "run"]
+    # Labels on the agent's ServiceMonitor, for the Prometheus that selects monitors by label
+    # (kube-prometheus-stack: `release: <its Helm release name>`).
+    service_monitor_labels: Annotated[dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=63)]],
+                                      Field(max_length=16)] = {}
 
 
 class Slurm(_Strict):
@@ -251,6 +263,39 @@ class Slurm(_Strict):
     # (set by the slurm_node role; 0 turns the periodic check off).
     health_check_interval_s: Annotated[int, Field(ge=0, le=86400)] = 300
     health_check_node_state: Literal["ANY", "IDLE", "ALLOC", "MIXED", "NONDRAINED_IDLE", "CYCLE"] = "ANY"
+
+
+class Kubernetes(_Strict):
+    """How aidc acts on a Kubernetes cluster (`scheduler: kubernetes`)."""
+    # A kubeconfig for the controller outside the cluster; None: in-cluster credentials in a
+    # pod, else $KUBECONFIG or ~/.kube/config.
+    kubeconfig: LongText | None = None
+    # Where the controller keeps its leader-election Lease and writes its Events.
+    namespace: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-system"
+    lease_name: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-failover-controller"
+    # A leader that has not renewed its Lease for this long is replaced; it stops acting
+    # on its own as soon as it cannot renew within renew_deadline_s.
+    lease_duration_s: Annotated[int, Field(ge=5, le=300)] = 15
+    renew_deadline_s: Annotated[int, Field(ge=2, le=300)] = 10
+    retry_period_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # The quarantine taint's effect: NoSchedule keeps running pods (they are evicted through
+    # the Eviction API, which honours PodDisruptionBudgets); NoExecute also removes pods
+    # that do not tolerate it, without asking their budgets.
+    quarantine_taint_effect: Literal["NoSchedule", "NoExecute"] = "NoSchedule"
+    # How long evictions refused by a PodDisruptionBudget (HTTP 429) are retried before the
+    # quarantine reports the pods it could not evict.
+    eviction_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    # Take the spare taint off one healthy spare for every quarantined node, and put it back
+    # when that node is released.
+    promote_spares: bool = True
+    # Failover controller replicas (infra/ deploys them; one leads through the Lease).
+    controller_replicas: Annotated[int, Field(ge=1, le=5)] = 2
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> "Kubernetes":
+        if not self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError("retry_period_s < renew_deadline_s < lease_duration_s (as client-go's leader election)")
+        return self
 
 
 class Lab(_Strict):
@@ -273,6 +318,7 @@ class ClusterSpec(_Strict):
     policy: Policy = Policy()
     agent: Agent = Agent()
     slurm: Slurm = Slurm()
+    kubernetes: Kubernetes = Kubernetes()
     lab: Lab = Lab()
 
     @field_validator("node_pools")
@@ -332,14 +378,15 @@ class Node:
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The directory holding Pulumi.yaml: $AIDC_ROOT, else upwards from cwd, else the checkout."""
+    """The directory holding Pulumi.yaml: $AIDC_ROOT, else upwards from cwd, else the checkout,
+    else the example project the installed package carries (aidc.shipped)."""
     if os.environ.get("AIDC_ROOT"):
         return Path(os.environ["AIDC_ROOT"])
     here = (start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / "Pulumi.yaml").exists():
             return d
-    return Path(__file__).resolve().parents[2]
+    return installed_root()
 
 
 def stack_path(stack: str | os.PathLike) -> Path:

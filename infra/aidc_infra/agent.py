@@ -1,7 +1,9 @@
 """The aidc node agent on every GPU node: DaemonSet, least-privilege RBAC, Service, monitoring.
 
-RBAC is exactly what quarantine needs: read and patch nodes (cordon, taint, conditions) and
-create evictions (drain). Nothing else; the policy pack rejects wildcards.
+The agent detects and reports; it never acts on the cluster. Its RBAC is exactly what
+reporting needs, as node-problem-detector's: patch its node's status (the AidcGpuHealthy
+condition) and create Events. Quarantine belongs to the failover controller (controller.py).
+The policy pack rejects wildcards.
 """
 
 from __future__ import annotations
@@ -32,13 +34,19 @@ def agent_command(spec) -> list[str]:
     a = spec.agent
     return [*a.command, "--node", "$(AIDC_NODE)", "--backend", spec.device_backend,
             "--store", f"{STATE_DIR}/state.db", "--audit-db", f"{STATE_DIR}/audit.db",
-            "--port", str(a.metrics_port), "--poll-interval", str(a.poll_interval_s),
-            "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log]
+            "--port", str(a.metrics_port), "--listen-address", "0.0.0.0",
+            "--poll-interval", str(a.poll_interval_s),
+            "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log,
+            # On Kubernetes the agent reports through the API (node condition + Events).
+            *(["--kubernetes"] if spec.scheduler == "kubernetes" else [])]
 STATE_DIR = "/var/lib/aidc"
 RULES = [
-    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
+# Prometheus' own label for the node a scraped pod runs on, copied to dcgm-exporter's `Hostname`.
+HOSTNAME_RELABELING = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "Hostname",
+                       "action": "replace"}
 
 
 def load_alert_rules(path: Path) -> dict | None:
@@ -94,6 +102,11 @@ def pod_spec(spec: ClusterSpec) -> dict:
     ]
     body = {
         "serviceAccountName": APP,
+        # The agent reads the kernel log (/dev/kmsg needs root and CAP_SYSLOG under
+        # dmesg_restrict) and keeps its store and audit log in a root-owned hostPath directory
+        # that outlives the pod: it runs as root, unlike the image's default user (10001),
+        # which the failover controller keeps.
+        "securityContext": {"runAsUser": 0, "runAsGroup": 0},
         "priorityClassName": "system-node-critical",
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchExpressions": [{"key": f"{LABEL_DOMAIN}/pool", "operator": "Exists"}]}]}}},
@@ -161,9 +174,11 @@ class NodeAgent(pulumi.ComponentResource):
                   "ports": [{"name": "metrics", "port": spec.agent.metrics_port, "targetPort": "metrics"}]},
             opts=child)
         self.service_monitor = CustomResource(
-            f"{name}-servicemonitor", api_version=MONITORING_API, kind="ServiceMonitor", metadata=meta(APP),
+            f"{name}-servicemonitor", api_version=MONITORING_API, kind="ServiceMonitor",
+            metadata={**meta(APP), "labels": {**labels, **spec.agent.service_monitor_labels}},
             spec={"selector": {"matchLabels": selector}, "namespaceSelector": {"matchNames": [ns]},
-                  "endpoints": [{"port": "metrics", "interval": scrape_interval(spec)}]},
+                  "endpoints": [{"port": "metrics", "interval": scrape_interval(spec),
+                                 "relabelings": [HOSTNAME_RELABELING]}]},
             opts=child)
         rules = load_alert_rules(args.alert_rules) if args.alert_rules else None
         self.alert_rules = None if rules is None else CustomResource(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pulumi
+
 from aidc.spec import ClusterSpec
 from aidc_infra.agent import NodeAgent, NodeAgentArgs, needs_privilege
 from aidc_infra.common import has_rail_fabric, real_gpu_pools
+from aidc_infra.controller import FailoverControllerArgs, FailoverControllerDeployment
 from aidc_infra.fabric import Fabric, FabricArgs
 from aidc_infra.gpu_platform import GpuPlatform, GpuPlatformArgs, driver_upgrade_policy
 from aidc_infra.kms import KmsEncryption, KmsEncryptionArgs
@@ -28,8 +31,11 @@ def build(spec: ClusterSpec, root: Path) -> dict:
               if has_rail_fabric(spec) else None)
     storage = Storage("aidc", StorageArgs(spec, training_namespace=namespaces.training.metadata.name))
     kms = KmsEncryption("aidc", KmsEncryptionArgs(spec, agent_namespace=namespaces.agent.metadata.name))
-    NodeAgent("aidc", NodeAgentArgs(spec, alert_rules=root / ALERT_RULES,
-                                    namespace=namespaces.agent.metadata.name))
+    agent = NodeAgent("aidc", NodeAgentArgs(spec, alert_rules=root / ALERT_RULES,
+                                            namespace=namespaces.agent.metadata.name))
+    # Failover acts through the Kubernetes API only on a Kubernetes-scheduled cluster.
+    controller = (FailoverControllerDeployment("aidc", FailoverControllerArgs(spec), opts=pulumi.ResourceOptions(
+        depends_on=[namespaces, agent])) if spec.scheduler == "kubernetes" else None)
     return {
         "cluster": spec.name,
         "node_pools": [p.name for p in pools.plans],
@@ -41,4 +47,5 @@ def build(spec: ClusterSpec, root: Path) -> dict:
         "encryption_configuration": kms.document,
         "kms_key_id": spec.kms.key_id,
         "agent_privileged": needs_privilege(spec),
+        "failover_controller_replicas": spec.kubernetes.controller_replicas if controller else 0,
     }

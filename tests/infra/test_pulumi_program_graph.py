@@ -77,7 +77,7 @@ def test_h100_example_agent_daemonset_with_its_rbac_service_and_monitor(h100):
     for kind in ("apps/v1:DaemonSet", "rbac.authorization.k8s.io/v1:ClusterRole",
                  "rbac.authorization.k8s.io/v1:ClusterRoleBinding", "core/v1:ServiceAccount", "core/v1:Service",
                  "monitoring.coreos.com/v1:ServiceMonitor"):
-        assert h100.one(f"kubernetes:{kind}").parent_type == AGENT, kind
+        assert [r.parent_type for r in h100.of_type(f"kubernetes:{kind}")].count(AGENT) == 1, kind
 
 
 def test_prometheus_rule_exists_exactly_when_the_agent_alert_file_exists(h100):

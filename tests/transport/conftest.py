@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transport_helpers import CA, Controller
+from tests.transport.transport_helpers import CA, Controller
 
 
 @pytest.fixture(scope="session")

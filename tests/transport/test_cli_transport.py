@@ -21,7 +21,7 @@ import pytest
 from aidc import polling
 from aidc.audit.log import AuditLog
 from aidc.device.sim import create_node, inject
-from transport_helpers import NODES, ROOT_AGENTS, wait_for
+from tests.transport.transport_helpers import NODES, ROOT_AGENTS, wait_for
 
 pytestmark = pytest.mark.slow
 

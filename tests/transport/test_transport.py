@@ -24,7 +24,7 @@ from aidc.spec import load_stack
 from aidc.store import Store
 from aidc.transport import wire
 from aidc.transport.forwarder import Forwarder, TransportError
-from transport_helpers import NODES, agent_tls, wait_for
+from tests.transport.transport_helpers import NODES, agent_tls, wait_for
 
 
 def fault(node: str, xid: int = 79) -> FaultEvent:

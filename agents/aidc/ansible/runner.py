@@ -31,8 +31,10 @@ from typing import Any
 import yaml
 
 from aidc.errors import AidcError
+from aidc.shipped import installed_root
 
-PLAYBOOK_DIR = Path(__file__).resolve().parents[3] / "playbooks"
+# The checkout's playbooks, or the copy an installed wheel carries (aidc.shipped).
+PLAYBOOK_DIR = installed_root() / "playbooks"
 SITE_PLAYBOOK = PLAYBOOK_DIR / "site.yml"
 
 EventCallback = Callable[[dict[str, Any]], None]

@@ -25,7 +25,10 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                    "(default: <node-dir>/kern.log for sim, /dev/kmsg for nvml)."),
         store: Path = typer.Option(..., help="Durable event store (SQLite) that failover reads."),
         audit_db: Path = typer.Option(..., help="Audit log database (SQLite)."),
-        port: int = typer.Option(9400, min=0, max=65535, help="Metrics port on 127.0.0.1 (0: no metrics server)."),
+        port: int = typer.Option(9400, min=0, max=65535, help="Metrics port (0: no metrics server)."),
+        listen_address: str = typer.Option("127.0.0.1", "--listen-address",
+                                           help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
+                                                "or the pod IP where Prometheus scrapes it (the DaemonSet)."),
         poll_interval: float = typer.Option(1.0, min=0.001, help="Seconds between polls (device and kernel log)."),
         device_timeout: float = typer.Option(2.0, min=0.01, help="Seconds before a device call counts as hung."),
         controller_url: str = typer.Option(None, "--controller-url",
@@ -35,6 +38,10 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                              "a DNS subjectAltName must be the node's name."),
         tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
         ca: Path = typer.Option(None, "--ca", help="CA certificate (PEM) that signed the controller's certificate."),
+        kubernetes: bool = typer.Option(False, "--kubernetes",
+                                        help="Report this node's faults through the Kubernetes API (the "
+                                             "AidcGpuHealthy node condition and an Event each), with the pod's "
+                                             "service account, for the failover controller to watch."),
         as_json: bool = JSON_OPTION) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
     from aidc.device import open_backend
@@ -42,7 +49,18 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
     from aidc.transport.forwarder import Forwarder, client_tls
 
     transport = client_tls(controller_url, tls_cert, tls_key, ca)
+    if kubernetes and transport:
+        raise typer.BadParameter("report through --kubernetes or to --controller-url, not both",
+                                 param_hint="--kubernetes")
     forwarder = Forwarder(store, node, controller_url, transport) if transport else None
+    if kubernetes:
+        from aidc.failover.kubernetes import api_client_from
+        from aidc.health.k8s_publisher import KubernetesForwarder, NodeFaultPublisher
+        from aidc.spec import Kubernetes
+
+        forwarder = KubernetesForwarder(store, node, NodeFaultPublisher(api_client_from(Kubernetes()), node))
+
+    _check_listen_address(listen_address)
 
     if backend == "sim":
         if node_dir is None:
@@ -64,7 +82,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
     def announce():
         ready.wait()
         if not stop.is_set():
-            where = f"http://127.0.0.1:{port}/metrics" if port else "no metrics server"
+            where = f"http://{listen_address}:{port}/metrics" if port else "no metrics server"
             print(f"aidc agent: watching {node} ({backend}), kernel log {kernel_log}, {where}",
                   file=sys.stderr, flush=True)
 
@@ -77,7 +95,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         forwarding.start()
     try:
         agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
-                          device_timeout_s=device_timeout, ready=ready)
+                          device_timeout_s=device_timeout, ready=ready, listen_address=listen_address)
     finally:
         if forwarding is not None:
             forwarder_stop.set()
@@ -93,3 +111,13 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _check_listen_address(address: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise typer.BadParameter(f"an IP address (127.0.0.1, 0.0.0.0, ::, or the pod IP), not {address!r}",
+                                 param_hint="--listen-address") from None

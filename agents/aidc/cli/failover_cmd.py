@@ -82,7 +82,9 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         poll: float = typer.Option(0.05, help="Seconds between looks at the event store."),
         lease_dir: Path = typer.Option(None, "--lease-dir",
                                        help="Controller lease directory; one controller acts at a time. Put it on "
-                                            "a filesystem every controller host shares (default: LAB_DIR/lease)."),
+                                            "a filesystem every controller host shares (default: LAB_DIR/lease). "
+                                            "On Kubernetes the lease is a coordination.k8s.io Lease instead "
+                                            "(spec kubernetes.namespace/lease_name)."),
         lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
                                         help="Seconds without a heartbeat before another controller takes over."),
         listen: str = typer.Option(None, "--listen", help="HOST:PORT: also receive fault events from agents "
@@ -113,7 +115,12 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         serving = threading.Thread(target=listener.serve_forever, name="event-listener", daemon=True)
         serving.start()
     try:
-        ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
+        if ctl.scheduler.name == "kubernetes":
+            from aidc.failover.k8s_controller import run_on_kubernetes
+
+            run_on_kubernetes(ctl, stop, poll)
+        else:
+            ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
     finally:
         if listener is not None:
             listener.shutdown()

@@ -33,7 +33,15 @@ def _open_slurm(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -
     return SlurmScheduler.from_spec(spec, audit=audit, actor=actor)
 
 
-BACKENDS: dict[str, Callable[..., SchedulerBackend]] = {"lab": _open_lab, "slurm": _open_slurm}
+def _open_kubernetes(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> SchedulerBackend:
+    from aidc.failover.kubernetes import KubernetesScheduler, api_client_from
+
+    return KubernetesScheduler(api_client_from(spec.kubernetes), spec.kubernetes,
+                               count_down_nodes=spec.policy.count_down_nodes)
+
+
+BACKENDS: dict[str, Callable[..., SchedulerBackend]] = {"lab": _open_lab, "slurm": _open_slurm,
+                                                        "kubernetes": _open_kubernetes}
 
 
 def open_scheduler(spec, lab_dir: str | Path = ".aidc/lab", audit=None, actor: str = "aidc",

@@ -38,6 +38,7 @@ from aidc.spec import ClusterSpec
 from aidc.store import Store
 
 OUT_OF_SERVICE = ("quarantining", "quarantined")
+RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
 
 
 class FailoverController:
@@ -55,6 +56,10 @@ class FailoverController:
         # The last error audited per pending event, so a scheduler that stays down for an hour
         # gives one record per event, not one per poll.
         self._errors: dict[int, str] = {}
+        # A failed event is retried with capped exponential backoff, not on every 50 ms poll:
+        # an API server that is down is not hammered by every pending event.
+        self._retry_at: dict[int, float] = {}
+        self._retry_delay: dict[int, float] = {}
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -93,9 +98,13 @@ class FailoverController:
 
     def run_once(self, may_act=None) -> list[Decision]:
         """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
-        so a controller whose lease lapsed mid-batch stops at once."""
+        so a controller whose lease lapsed mid-batch stops at once. An event whose last try
+        failed waits out its backoff."""
         decisions = []
+        now = time.monotonic()
         for event_id, event in self.store.pending():
+            if self._retry_at.get(event_id, 0.0) > now:
+                continue
             if may_act is not None and not may_act():
                 break
             decisions.append(self.handle(event_id, event))
@@ -178,6 +187,10 @@ class FailoverController:
         in_flight = self.store.nodes_in_state("quarantining")
         if wide is None:
             return self.store.nodes_in_state(*OUT_OF_SERVICE)
+        if getattr(self.scheduler, "reports_only_managed_nodes", False):
+            # Kubernetes: node names are the cluster's (hostnames), not the spec's derived names;
+            # the backend counts only nodes of aidc's pools (label aidc.dev/pool).
+            return sorted(set(wide()) | set(in_flight))
         known = {n.name for n in self.spec.nodes()}
         return sorted((set(wide()) & known) | set(in_flight))
 
@@ -204,6 +217,8 @@ class FailoverController:
                                 "the event stays pending and is retried", payload, exc)
         took_ms = (time.monotonic() - started) * 1000
         self._errors.pop(event_id, None)
+        self._retry_at.pop(event_id, None)
+        self._retry_delay.pop(event_id, None)
         self.audit.append("failover.action", _with_warning(f"quarantined through {self.scheduler.name}", warning),
                           actor=self.actor, node=node,
                           payload={"event_id": event_id, "scheduler": self.scheduler.name, "warning": warning,
@@ -216,7 +231,10 @@ class FailoverController:
                         decided_at=decided.ts if decided else time.time())
 
     def _failed(self, event_id: int, node: str, reason: str, payload: dict, exc: Exception) -> Decision:
-        """Audit a failure once per event (not on every poll) and leave the event pending."""
+        """Audit a failure once per event (not on every poll), leave the event pending, back off."""
+        delay = min(self._retry_delay.get(event_id, RETRY_FIRST_S / 2) * 2, RETRY_MAX_S)
+        self._retry_delay[event_id] = delay
+        self._retry_at[event_id] = time.monotonic() + delay
         if self._errors.get(event_id) != str(exc):
             self._errors[event_id] = str(exc)
             self.audit.append("failover.error", reason, actor=self.actor, node=node,

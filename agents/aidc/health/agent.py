@@ -350,8 +350,9 @@ class HealthAgent:
 def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, store: Store | str | Path,
               audit: AuditLog | str | Path, port: int | None, poll_interval_s: float, stop: threading.Event, *,
               device_timeout_s: float = 2.0, catalog: XidCatalog | None = None,
-              ready: threading.Event | None = None) -> HealthAgent:
-    """Run the watch loop until `stop` is set. `port` None or 0: no metrics server.
+              ready: threading.Event | None = None, listen_address: str = "127.0.0.1") -> HealthAgent:
+    """Run the watch loop until `stop` is set. `port` None or 0: no metrics server; the server
+    listens on `listen_address` (loopback by default; 0.0.0.0 or the pod IP in a DaemonSet).
     Returns the (closed) agent, for its counters."""
     own_store = not isinstance(store, Store)
     own_audit = not isinstance(audit, AuditLog)
@@ -366,11 +367,12 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
             raise AidcError(f"kernel log {agent.kernel_log} is not readable by this user")
         if port:
             try:
-                agent.metrics.serve(port)
+                agent.metrics.serve(port, addr=listen_address)
             except OSError as exc:
-                raise AidcError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from None
+                raise AidcError(f"cannot serve metrics on {listen_address}:{port}: {exc.strerror or exc}") from None
         audit.append("health.agent_started", f"watching {node}", actor=agent.actor, node=node,
                      payload={"backend": agent.dev.name, "kernel_log": agent.kernel_log, "port": port,
+                              "listen_address": listen_address,
                               "poll_interval_s": poll_interval_s, "catalog_version": agent.catalog.version,
                               "active_conditions": sorted(agent.conditions.active)})
         poller.start()

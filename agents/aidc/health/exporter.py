@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from aidc import __version__
 from aidc.device.base import GpuTelemetry
 from aidc.device.nvml import POWER_REASONS, THERMAL_REASONS, encode_clock_event_reasons
 
@@ -44,7 +45,7 @@ _GPU_GAUGES = (
 
 
 class HealthMetrics:
-    def __init__(self, node: str, backend: str, version: str = "0.1.0"):
+    def __init__(self, node: str, backend: str, version: str = __version__):
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

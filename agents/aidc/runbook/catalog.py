@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from aidc.errors import AidcError
-from aidc.runbook.params import BUILTIN_VARIABLES
+from aidc.shipped import project_file
 from aidc.spec import project_root
 
 # Kinds that change a node. Such a step runs only after an approved `approve` step, or when
@@ -37,16 +37,16 @@ class RunbookError(AidcError):
 
 
 def runbooks_dir() -> Path:
-    """$AIDC_RUNBOOKS, else `runbooks/` in the project root."""
+    """$AIDC_RUNBOOKS, else `runbooks/` in the project root, else the installed package's."""
     env = os.environ.get("AIDC_RUNBOOKS")
-    return Path(env) if env else project_root() / "runbooks"
+    return Path(env) if env else project_file("runbooks", project_root())
 
 
 def schema_path() -> Path:
     # The schema ships beside the runbooks in the checkout; a custom runbook directory
     # without its own schema is validated against the project's.
     local = runbooks_dir() / "schema.json"
-    return local if local.exists() else project_root() / "runbooks" / "schema.json"
+    return local if local.exists() else project_file("runbooks/schema.json", project_root())
 
 
 @lru_cache(maxsize=4)

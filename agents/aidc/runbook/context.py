@@ -12,6 +12,7 @@ from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
 from aidc.runbook.state import RunState
+from aidc.shipped import project_file
 from aidc.spec import ClusterSpec, load_stack, project_root
 
 
@@ -47,13 +48,18 @@ def build_engine(opts: EngineOptions) -> Engine:
     spec = load_stack(opts.stack)
     catalog = Catalog.load(opts.runbooks)
     audit = AuditLog(opts.audit_db)
+    scheduler = scheduler_for(spec, opts.lab_dir, audit)
+    # Kubernetes names nodes after hosts, not after the spec's pools: ask the cluster which
+    # nodes are aidc's. Elsewhere the spec's node names are the scheduler's.
+    managed = getattr(scheduler, "managed_nodes", None)
+    nodes = managed() if managed else [n.name for n in spec.nodes()]
     actuators = Actuators(
-        scheduler=scheduler_for(spec, opts.lab_dir, audit),
+        scheduler=scheduler,
         metrics=HttpMetrics(opts.prometheus, agent_url_for(spec)),
-        playbooks=AnsiblePlaybookRunner(project_root() / "playbooks",
-                                        opts.inventory or project_root() / "playbooks" / "inventory" / "aidc_spec.sh"),
+        playbooks=AnsiblePlaybookRunner(project_file("playbooks", project_root()),
+                                        opts.inventory or project_file("playbooks/inventory/aidc_spec.sh", project_root())),
         burnin=StageBurninRunner(spec, opts.lab_dir),
         notifier=LogNotifier(opts.notify_file),
     )
     return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,
-                  actuators=actuators, nodes=[n.name for n in spec.nodes()], policy=spec.policy)
+                  actuators=actuators, nodes=nodes, policy=spec.policy)

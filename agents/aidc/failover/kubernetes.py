@@ -1,0 +1,383 @@
+"""The Kubernetes scheduler backend: cordon, taint, condition, evict, and promote a spare.
+
+Quarantine does, in this order, each step idempotent:
+1. one node patch (carrying the resourceVersion it read, so a concurrent change is a 409 that
+   is re-read and retried, never overwritten): `spec.unschedulable`, the taint
+   `aidc.dev/quarantine=<reason code>:<effect>`, and the annotation `aidc.dev/quarantine`
+   recording what aidc changed (did it cordon? did it add the taint?) so release undoes
+   exactly that and nothing an operator did;
+2. the node condition `AidcGpuHealthy=False` through the status subresource, as
+   node-problem-detector reports problems;
+3. eviction of the node's pods through the Eviction API (DaemonSet and mirror pods stay: they
+   belong to the node, not to the workload). A PodDisruptionBudget refusal (429) is retried
+   with backoff up to `eviction_timeout_s`, then reported as a warning: the node is out of
+   service either way;
+4. with `promote_spares`, the spare taint comes off one healthy spare, which is annotated with
+   the node it stands in for, and goes back on when that node is released.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aidc.errors import AidcError
+
+GROUP = "aidc.dev"
+QUARANTINE_TAINT = f"{GROUP}/quarantine"
+SPARE_TAINT = f"{GROUP}/spare"
+RECORD = f"{GROUP}/quarantine"          # node annotation: what aidc changed, as JSON
+PROMOTED_FOR = f"{GROUP}/promoted-for"  # spare annotation: the quarantined node it replaces
+CONDITION = "AidcGpuHealthy"
+POOL_LABEL = f"{GROUP}/pool"                # set on every node of aidc's node pools (infra/)
+CONFLICT_RETRIES = 8
+# Node names are DNS subdomains (RFC 1123), at most 253 characters.
+NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class KubernetesError(AidcError):
+    """The API server refused or could not be reached; the quarantine did not happen."""
+
+    exit_code = 1
+
+
+class NodeGone(KubernetesError):
+    """The node object no longer exists."""
+
+
+class LeaderGuarded:
+    """A backend that acts only while its controller holds the leader lease: the check is made
+    right before every change, so a replica that lost the lease stops at its next call."""
+
+    def __init__(self, backend, lease):
+        self.backend, self.lease = backend, lease
+        self.name = backend.name
+        self.reports_only_managed_nodes = getattr(backend, "reports_only_managed_nodes", False)
+
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
+        self.lease.check()
+        return self.backend.quarantine(node, reason, event=event)
+
+    def release(self, node: str, reason: str):
+        self.lease.check()
+        return self.backend.release(node, reason)
+
+    def state(self, node: str) -> str:
+        return self.backend.state(node)
+
+    def out_of_service(self):
+        return self.backend.out_of_service()
+
+
+def api_client_from(settings):
+    """An API client: in-cluster credentials in a pod, else the kubeconfig (spec, $KUBECONFIG, ~/.kube/config)."""
+    import os
+
+    from kubernetes import client, config
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not settings.kubeconfig:
+            config.load_incluster_config()
+            return client.ApiClient()
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=settings.kubeconfig, client_configuration=cfg)
+        return client.ApiClient(cfg)
+    except (config.ConfigException, OSError) as exc:
+        raise KubernetesError(f"no Kubernetes credentials: {exc}") from None
+
+
+class ReleaseRefused(KubernetesError):
+    """aidc did not quarantine this node (an operator cordoned it, or it is gone): not released."""
+
+    def __init__(self, decision: "ReleaseDecision"):
+        super().__init__(decision.detail)
+        self.decision = decision
+
+
+@dataclass(frozen=True)
+class ReleaseDecision:
+    node: str
+    verdict: str  # released | operator_cordon | not_quarantined | node_gone
+    detail: str
+    restored_spares: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "verdict": self.verdict, "detail": self.detail,
+                "restored_spares": list(self.restored_spares)}
+
+
+def reason_code(reason: str) -> str:
+    """A short label-value form of a free-text reason, for the taint value and condition reason."""
+    xid = re.search(r"\bXID (\d{1,4})\b", reason)
+    if xid:
+        return f"xid-{xid.group(1)}"
+    words = re.findall(r"[a-z0-9]+", reason.lower())[:4]
+    return "-".join(words)[:63].strip("-") or "fault"
+
+
+def _condition_reason(code: str) -> str:
+    # Condition reasons are CamelCase identifiers by convention (KubeletReady, XidDetected...).
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", code) if part) or "Fault"
+
+
+class KubernetesScheduler:
+    name = "kubernetes"
+    # Node names are the cluster's; out_of_service() counts only nodes of aidc's pools.
+    reports_only_managed_nodes = True
+
+    def __init__(self, api_client, settings, count_down_nodes: bool = True,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        from kubernetes import client
+
+        self._client = client
+        self.core = client.CoreV1Api(api_client)
+        self.settings = settings
+        self.count_down_nodes = count_down_nodes
+        self._sleep, self._clock = sleep, clock
+
+    # -- the protocol ---------------------------------------------------------------
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
+        _check_name(node)
+        code = reason_code(reason)
+        try:
+            self._patch_with_retry(node, lambda obj: self._quarantine_patch(obj, code, reason, event))
+        except NodeGone:
+            return f"node {node} no longer exists: nothing left to quarantine"
+        warnings = []
+        self._set_condition(node, "False", _condition_reason(code), reason[:1024])
+        left = self.evict_pods(node)
+        if left:
+            warnings.append(f"{len(left)} pod(s) not evicted within {self.settings.eviction_timeout_s:g} s "
+                            f"(disruption budget): {', '.join(left)}")
+        if self.settings.promote_spares:
+            spare = self.promote_spare(node)
+            if spare is None:
+                warnings.append("no healthy spare to promote")
+        return "; ".join(warnings) or None
+
+    def release(self, node: str, reason: str) -> ReleaseDecision:
+        """Undo what aidc did. Raises ReleaseRefused (with the decision) for a node aidc did not
+        quarantine: an operator's cordon is theirs to lift."""
+        _check_name(node)
+        try:
+            obj = self._read(node)
+        except NodeGone:
+            raise ReleaseRefused(ReleaseDecision(node, "node_gone", f"node {node} no longer exists")) from None
+        record = _record(obj)
+        if record is None:
+            if obj.spec.unschedulable:
+                raise ReleaseRefused(ReleaseDecision(node, "operator_cordon",
+                                                     f"{node} is cordoned, but not by aidc: left for the operator"))
+            raise ReleaseRefused(ReleaseDecision(node, "not_quarantined", f"{node} is not quarantined by aidc"))
+        self._patch_with_retry(node, lambda o: self._release_patch(o))
+        self._set_condition(node, "True", "Released", reason[:1024])
+        restored = self.restore_spares(node)
+        kept = "" if record.get("cordoned") else " (the operator's cordon stays)"
+        return ReleaseDecision(node, "released", f"released {node}{kept}", restored)
+
+    def state(self, node: str) -> str:
+        _check_name(node)
+        obj = self._read(node)
+        return "quarantined" if _record(obj) is not None or _has_taint(obj, QUARANTINE_TAINT) else "in_service"
+
+    def out_of_service(self) -> dict[str, str]:
+        """Nodes out of service as the cluster says: quarantined by aidc, and (by policy) not Ready."""
+        out = {}
+        for obj in self._call(self.core.list_node, label_selector=POOL_LABEL).items:
+            name = obj.metadata.name
+            if _record(obj) is not None or _has_taint(obj, QUARANTINE_TAINT):
+                out[name] = "quarantined by aidc"
+            elif self.count_down_nodes and not _ready(obj):
+                out[name] = "not Ready"
+        return out
+
+    def managed_nodes(self) -> list[str]:
+        """The nodes of aidc's pools (label aidc.dev/pool): what runbooks may act on."""
+        return sorted(o.metadata.name for o in self._call(self.core.list_node, label_selector=POOL_LABEL).items)
+
+    # -- eviction --------------------------------------------------------------------
+    def evict_pods(self, node: str) -> list[str]:
+        """Evict the node's workload pods; returns those a disruption budget kept past the timeout."""
+        deadline = self._clock() + self.settings.eviction_timeout_s
+        delay = 0.5
+        pending = [p for p in self._call(self.core.list_pod_for_all_namespaces,
+                                         field_selector=f"spec.nodeName={node}").items if _evictable(p)]
+        while pending:
+            refused = []
+            for pod in pending:
+                body = self._client.V1Eviction(metadata=self._client.V1ObjectMeta(
+                    name=pod.metadata.name, namespace=pod.metadata.namespace))
+                try:
+                    self.core.create_namespaced_pod_eviction(pod.metadata.name, pod.metadata.namespace, body)
+                except self._client.ApiException as exc:
+                    if exc.status == 404:
+                        continue  # gone already
+                    if exc.status == 429:
+                        refused.append(pod)
+                        continue
+                    raise KubernetesError(f"evicting {pod.metadata.namespace}/{pod.metadata.name}: "
+                                          f"{exc.status} {exc.reason}") from None
+            pending = refused
+            if not pending or self._clock() + delay > deadline:
+                break
+            self._sleep(delay)
+            delay = min(delay * 2, 8.0)
+        return [f"{p.metadata.namespace}/{p.metadata.name}" for p in pending]
+
+    # -- spares ----------------------------------------------------------------------
+    def promote_spare(self, for_node: str) -> str | None:
+        """Take the spare taint off one healthy, unpromoted spare; None when there is none."""
+        for obj in sorted(self._call(self.core.list_node).items, key=lambda o: o.metadata.name):
+            annotations = obj.metadata.annotations or {}
+            if annotations.get(PROMOTED_FOR) == for_node:
+                return obj.metadata.name  # promoted for this node already (a repeated call)
+        for obj in sorted(self._call(self.core.list_node).items, key=lambda o: o.metadata.name):
+            if not _has_taint(obj, SPARE_TAINT) or not _ready(obj) or _record(obj) is not None \
+                    or obj.spec.unschedulable:
+                continue
+            name = obj.metadata.name
+
+            def promote(o, _for=for_node):
+                if not _has_taint(o, SPARE_TAINT) or (o.metadata.annotations or {}).get(PROMOTED_FOR):
+                    return None  # taken by someone else meanwhile
+                return {"metadata": {"annotations": {PROMOTED_FOR: _for}},
+                        "spec": {"taints": [_taint_dict(t) for t in (o.spec.taints or []) if t.key != SPARE_TAINT]}}
+
+            try:
+                if self._patch_with_retry(name, promote):
+                    return name
+            except NodeGone:
+                continue
+        return None
+
+    def restore_spares(self, for_node: str) -> list[str]:
+        restored = []
+        for obj in self._call(self.core.list_node).items:
+            if (obj.metadata.annotations or {}).get(PROMOTED_FOR) != for_node:
+                continue
+
+            def demote(o):
+                taints = [_taint_dict(t) for t in (o.spec.taints or []) if t.key != SPARE_TAINT]
+                taints.append({"key": SPARE_TAINT, "value": "true", "effect": "NoSchedule"})
+                return {"metadata": {"annotations": {PROMOTED_FOR: None}}, "spec": {"taints": taints}}
+
+            try:
+                self._patch_with_retry(obj.metadata.name, demote)
+                restored.append(obj.metadata.name)
+            except NodeGone:
+                pass
+        return restored
+
+    # -- building blocks -------------------------------------------------------------
+    def _quarantine_patch(self, obj, code: str, reason: str, event: str | None) -> dict | None:
+        record = _record(obj)
+        if record is not None and _has_taint(obj, QUARANTINE_TAINT) and obj.spec.unschedulable:
+            return None  # done already: a repeated call changes nothing
+        if record is None:
+            record = {"cordoned": not obj.spec.unschedulable, "tainted": not _has_taint(obj, QUARANTINE_TAINT),
+                      "reason": reason[:512], "event": event, "at": time.time()}
+        taints = [_taint_dict(t) for t in (obj.spec.taints or [])]
+        if not _has_taint(obj, QUARANTINE_TAINT):
+            taints.append({"key": QUARANTINE_TAINT, "value": code,
+                           "effect": self.settings.quarantine_taint_effect})
+        return {"metadata": {"annotations": {RECORD: json.dumps(record, sort_keys=True)}},
+                "spec": {"unschedulable": True, "taints": taints}}
+
+    def _release_patch(self, obj) -> dict | None:
+        record = _record(obj)
+        if record is None:
+            return None
+        spec: dict = {}
+        if record.get("tainted", True):
+            spec["taints"] = [_taint_dict(t) for t in (obj.spec.taints or []) if t.key != QUARANTINE_TAINT]
+        if record.get("cordoned", True):
+            spec["unschedulable"] = False
+        return {"metadata": {"annotations": {RECORD: None}}, "spec": spec}
+
+    def _patch_with_retry(self, node: str, build) -> bool:
+        """Read, build a patch from what was read, patch with that resourceVersion; on 409, again."""
+        for _ in range(CONFLICT_RETRIES):
+            obj = self._read(node)
+            patch = build(obj)
+            if patch is None:
+                return False
+            patch.setdefault("metadata", {})["resourceVersion"] = obj.metadata.resource_version
+            try:
+                self.core.patch_node(node, patch)
+                return True
+            except self._client.ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 404:
+                    raise NodeGone(f"node {node} no longer exists") from None
+                raise KubernetesError(f"patching node {node}: {exc.status} {exc.reason}") from None
+        raise KubernetesError(f"node {node} kept changing under {CONFLICT_RETRIES} attempts to patch it")
+
+    def _set_condition(self, node: str, status: str, reason: str, message: str) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        cond = {"type": CONDITION, "status": status, "reason": reason, "message": message,
+                "lastHeartbeatTime": now, "lastTransitionTime": now}
+        try:
+            self.core.patch_node_status(node, {"status": {"conditions": [cond]}})
+        except self._client.ApiException as exc:
+            if exc.status != 404:
+                raise KubernetesError(f"setting condition {CONDITION} on {node}: {exc.status} {exc.reason}") from None
+
+    def _read(self, node: str):
+        try:
+            return self.core.read_node(node)
+        except self._client.ApiException as exc:
+            if exc.status == 404:
+                raise NodeGone(f"node {node} no longer exists") from None
+            raise KubernetesError(f"reading node {node}: {exc.status} {exc.reason}") from None
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except self._client.ApiException as exc:
+            raise KubernetesError(f"{fn.__name__}: {exc.status} {exc.reason}") from None
+
+
+def _check_name(node: str) -> None:
+    if not isinstance(node, str) or len(node) > 253 or not NODE_NAME.fullmatch(node):
+        raise KubernetesError(f"not a Kubernetes node name: {str(node)[:80]!r}")
+
+
+def _record(obj) -> dict | None:
+    text = (obj.metadata.annotations or {}).get(RECORD)
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {"cordoned": False, "tainted": True}  # unreadable: undo only our own taint
+    return record if isinstance(record, dict) else {"cordoned": False, "tainted": True}
+
+
+def _has_taint(obj, key: str) -> bool:
+    return any(t.key == key for t in (obj.spec.taints or []))
+
+
+def _taint_dict(taint) -> dict:
+    out = {"key": taint.key, "effect": taint.effect}
+    if taint.value is not None:
+        out["value"] = taint.value
+    if taint.time_added is not None:
+        out["timeAdded"] = taint.time_added.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return out
+
+
+def _ready(obj) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in (obj.status.conditions or []))
+
+
+def _evictable(pod) -> bool:
+    meta = pod.metadata
+    if (meta.annotations or {}).get("kubernetes.io/config.mirror"):
+        return False  # a static pod's mirror: the kubelet owns it
+    if any(ref.kind == "DaemonSet" for ref in (meta.owner_references or [])):
+        return False
+    return (pod.status.phase if pod.status else None) not in ("Succeeded", "Failed")

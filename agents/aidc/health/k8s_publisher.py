@@ -1,0 +1,89 @@
+"""Publish a node's faults where Kubernetes users look for them (node-problem-detector's contract).
+
+Each fault sets the node condition `AidcGpuHealthy=False` through the status subresource and
+creates a Warning Event about the node; `kubectl describe node` shows both. The agent's RBAC
+allows exactly these two writes (nodes/status patch, events create). Publishing is idempotent:
+the Event's name derives from the fault's key, so a retried publish finds it exists (409).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from aidc.errors import AidcError
+from aidc.events import FaultEvent
+from aidc.failover.k8s_faults import condition_reason, fault_condition
+from aidc.transport.forwarder import Forwarder, TransportError
+
+
+class PublishError(AidcError):
+    """The API server did not take the fault; the caller keeps it and retries."""
+
+    exit_code = 1
+
+
+class NodeFaultPublisher:
+    def __init__(self, api_client, node: str, events_namespace: str = "default", component: str = "aidc-agent"):
+        from kubernetes import client
+
+        self._client = client
+        self.core = client.CoreV1Api(api_client)
+        self.node, self.events_namespace, self.component = node, events_namespace, component
+
+    def publish(self, key: str, event: FaultEvent) -> None:
+        c = self._client
+        try:
+            self.core.patch_node_status(self.node, {"status": {"conditions": [fault_condition(event, key)]}})
+        except c.ApiException as exc:
+            raise PublishError(f"setting the fault condition on {self.node}: {exc.status} {exc.reason}") from None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.observed_at))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{self.node}.aidc-{digest}", "namespace": self.events_namespace},
+                "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+                "reason": condition_reason(event), "message": event.message[:1024], "type": "Warning",
+                "source": {"component": self.component, "host": socket.gethostname()},
+                "firstTimestamp": when, "lastTimestamp": when, "count": 1}
+        try:
+            self.core.create_namespaced_event(self.events_namespace, body)
+        except c.ApiException as exc:
+            if exc.status != 409:  # 409: published before (a retry after a lost answer)
+                raise PublishError(f"creating the Event for {self.node}: {exc.status} {exc.reason}") from None
+
+
+class KubernetesForwarder(Forwarder):
+    """Drain this node's outbox (the agent's store) into the API server: each fault a condition
+    and an Event, marked forwarded once the API server took it. The loop, backoff and restart
+    behaviour are the HTTPS forwarder's (aidc.transport.forwarder); only the sink differs."""
+
+    def __init__(self, store_path, node: str, publisher: NodeFaultPublisher, *, batch_size: int = 20,
+                 poll_s: float = 0.05, backoff_base_s: float = 0.2, backoff_max_s: float = 10.0,
+                 timeout_s: float = 10.0, log=None):
+        # No URL or TLS here: the client's own credentials (in-cluster service account) reach the API.
+        self.publisher = publisher
+        self.node, self.store_path = node, Path(store_path)
+        self.batch_size, self.poll_s, self.timeout_s = batch_size, poll_s, timeout_s
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc agent: {line}",
+                                               file=sys.stderr, flush=True))
+        self.wake = threading.Event()
+        self.forwarded = self.failures = self.failed_tries = 0
+        self._conn = None
+
+    def forward_once(self, store) -> int:
+        rows = store.unforwarded(self.node, self.batch_size)
+        for event_id, key, event in rows:
+            try:
+                self.publisher.publish(key, event)
+            except PublishError as exc:
+                raise TransportError(str(exc)) from None
+            except Exception as exc:  # the API server unreachable (urllib3's errors)
+                raise TransportError(f"API server unreachable: {type(exc).__name__}: {exc}") from None
+            store.mark_forwarded([event_id])  # one at a time: a failure mid-batch repeats nothing
+            self.forwarded += 1
+        return len(rows)

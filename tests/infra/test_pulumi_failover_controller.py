@@ -1,0 +1,79 @@
+"""What the program deploys for failover on Kubernetes, under Pulumi's mocks: the controller
+Deployment with leader election, least-privilege RBAC for it and the agent, a scrapeable agent."""
+
+from __future__ import annotations
+
+import yaml
+from conftest import ROOT, build_of
+
+from aidc.spec import parse_spec
+
+CONTROLLER = "aidc:controller:FailoverController"
+AGENT = "aidc:agent:NodeAgent"
+
+
+def of_parent(build, type_, parent):
+    return [r for r in build.of_type(f"kubernetes:{type_}") if r.parent_type == parent]
+
+
+def test_the_controller_is_a_deployment_of_two_replicas_spread_over_nodes_running_failover(h100):
+    (dep,) = of_parent(h100, "apps/v1:Deployment", CONTROLLER)
+    spec = dep.inputs["spec"]
+    assert spec["replicas"] == 2
+    pod = spec["template"]["spec"]
+    assert pod["containers"][0]["command"][:3] == ["aidc", "failover", "run"]
+    assert pod["containers"][0]["command"][pod["containers"][0]["command"].index("--stack") + 1] == "h100-example"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert h100.exports["failover_controller_replicas"] == 2
+
+
+def test_the_controller_may_do_what_quarantine_needs_and_nothing_else(h100):
+    (role,) = of_parent(h100, "rbac.authorization.k8s.io/v1:ClusterRole", CONTROLLER)
+    grants = {(r, v) for rule in role.inputs["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert grants == {("nodes", "get"), ("nodes", "list"), ("nodes", "watch"), ("nodes", "patch"),
+                      ("nodes/status", "patch"), ("pods", "list"), ("pods/eviction", "create"),
+                      ("events", "create")}
+    (lease_role,) = of_parent(h100, "rbac.authorization.k8s.io/v1:Role", CONTROLLER)
+    assert lease_role.inputs["metadata"]["namespace"] == "aidc-system"
+    assert lease_role.inputs["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                           "verbs": ["get", "create", "update"]}]
+    (binding,) = of_parent(h100, "rbac.authorization.k8s.io/v1:RoleBinding", CONTROLLER)
+    assert binding.inputs["roleRef"]["name"] == lease_role.inputs["metadata"]["name"]
+
+
+def test_the_agent_may_only_report_a_condition_and_events(h100):
+    (role,) = of_parent(h100, "rbac.authorization.k8s.io/v1:ClusterRole", AGENT)
+    grants = {(r, v) for rule in role.inputs["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert grants == {("nodes/status", "patch"), ("events", "create")}
+
+
+def test_the_agent_listens_on_all_addresses_in_its_pod_so_probe_and_scrape_reach_it(h100):
+    (ds,) = of_parent(h100, "apps/v1:DaemonSet", AGENT)
+    cmd = ds.inputs["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--listen-address") + 1] == "0.0.0.0"
+
+
+def test_the_service_monitor_sets_hostname_from_the_node_and_carries_the_specs_selector_labels(tmp_path):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
+    doc["config"]["aidc:cluster"].setdefault("agent", {})["service_monitor_labels"] = {"release": "kube-prometheus-stack"}
+    path = tmp_path / "Pulumi.monitored.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    build = build_of(path)
+    (monitor,) = of_parent(build, "monitoring.coreos.com/v1:ServiceMonitor", AGENT)
+    assert monitor.inputs["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor.inputs["spec"]["endpoints"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "Hostname",
+            "action": "replace"} in endpoint["relabelings"]
+
+
+def test_a_stack_not_scheduled_by_kubernetes_gets_no_controller(lab):
+    assert not [r for r in lab.resources if r.parent_type == CONTROLLER or r.type == CONTROLLER]
+    assert lab.exports["failover_controller_replicas"] == 0
+
+
+def test_the_controller_reads_the_same_spec_the_program_deployed(h100):
+    (cm,) = of_parent(h100, "core/v1:ConfigMap", CONTROLLER)
+    (text,) = cm.inputs["data"].values()
+    assert parse_spec(yaml.safe_load(text)["config"]["aidc:cluster"]).name == "h100-example"
