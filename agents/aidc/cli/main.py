@@ -32,6 +32,7 @@ GROUPS = [
     ("aidc.cli.burnin_cmd", "burnin"),
     ("aidc.cli.inventory_cmd", "inventory"),
     ("aidc.cli.compress_cmd", "compress"),
+    ("aidc.cli.kms_cmd", "kms"),
 ]
 
 for module, name in GROUPS:

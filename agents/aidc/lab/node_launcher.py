@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         start_method="forkserver",
         local_addr="127.0.0.1",
     )
-    cfg = {"lab_dir": args.lab_dir, "node": args.node, "total_steps": args.total_steps,
+    cfg = {"lab_dir": args.lab_dir, "node": args.node, "job": args.run_id,
+           "keyring": str(Path(args.lab_dir) / "keyring"), "total_steps": args.total_steps,
            "checkpoint_every": args.checkpoint_every, "seed": args.seed, "lr": args.lr}
     try:
         elastic_launch(config, train)(cfg)
