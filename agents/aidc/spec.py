@@ -133,7 +133,7 @@ class Kms(_Strict):
     # local: a keyring directory on the node; pkcs11: an HSM. The cloud providers keep their
     # place in the spec and the interface; this build cannot reach them (aidc.kms says so).
     provider: Literal["local", "pkcs11", "aws-kms", "vault-transit", "gcp-kms", "azure-keyvault"] = "local"
-    # Key names appear in file names and token labels: no spaces, no path tricks (ARNs fit).
+    # Key ids appear in token labels, headers and messages: printable, no spaces (ARNs fit).
     key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")] = "aidc-lab-key"
     rotation_days: Annotated[int, Field(ge=1, le=3650)] = 90
     # local only: the keyring directory (None: /var/lib/aidc/keyring; the lab keeps its own

@@ -13,8 +13,11 @@ stack file. SoftHSM 2.6.1 here does AES-GCM and EdDSA (it lacks ECDSA-with-SHA25
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import threading
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -73,12 +76,8 @@ class Pkcs11Provider(KeyProvider):
                            "(for SoftHSM2: is SOFTHSM2_CONF pointing at its token directory?)") from None
         except pkcs11.exceptions.PKCS11Error as exc:
             raise KmsError(f"PKCS#11 module {settings.module}: cannot list tokens ({type(exc).__name__})") from None
-        try:
-            self._session = token.open(user_pin=read_pin(settings), rw=True)
-        except pkcs11.exceptions.PinIncorrect:
-            raise KmsError(f"token {settings.token_label!r} refused the PIN") from None
-        except pkcs11.exceptions.PKCS11Error as exc:
-            raise KmsError(f"cannot log in to token {settings.token_label!r} ({type(exc).__name__})") from None
+        self._session_key = (settings.module, settings.token_label)
+        self._session = _acquire_session(pkcs11, token, self._session_key, read_pin(settings))
         if not _create and not self.versions():
             self.close()
             raise KmsError(f"token {settings.token_label!r} holds no key {key_id!r} (create it with `aidc kms init`)")
@@ -203,4 +202,42 @@ class Pkcs11Provider(KeyProvider):
     def close(self) -> None:
         session, self._session = getattr(self, "_session", None), None
         if session is not None:
-            session.close()
+            _release_session(self._session_key)
+
+
+# PKCS#11 logs in per application, not per session: a second C_Login from this process fails
+# (CKR_USER_ALREADY_LOGGED_IN) and closing any logged-in session logs all of them out. So one
+# logged-in session per token is shared in the process and closed with its last user. A later
+# opener must present the same PIN (compared as a digest), as the token would demand.
+_SESSIONS: dict[tuple[str, str], list] = {}  # (module, token label) -> [session, PIN digest, users]
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _acquire_session(pkcs11, token, key: tuple[str, str], pin: str):
+    digest = hashlib.sha256(pin.encode()).digest()
+    with _SESSIONS_LOCK:
+        shared = _SESSIONS.get(key)
+        if shared is not None:
+            if not hmac.compare_digest(shared[1], digest):
+                raise KmsError(f"token {key[1]!r} refused the PIN (not the PIN this process logged in with)")
+            shared[2] += 1
+            return shared[0]
+        try:
+            session = token.open(user_pin=pin, rw=True)
+        except pkcs11.exceptions.PinIncorrect:
+            raise KmsError(f"token {key[1]!r} refused the PIN") from None
+        except pkcs11.exceptions.PKCS11Error as exc:
+            raise KmsError(f"cannot log in to token {key[1]!r} ({type(exc).__name__})") from None
+        _SESSIONS[key] = [session, digest, 1]
+        return session
+
+
+def _release_session(key: tuple[str, str]) -> None:
+    with _SESSIONS_LOCK:
+        shared = _SESSIONS.get(key)
+        if shared is None:
+            return
+        shared[2] -= 1
+        if shared[2] <= 0:
+            del _SESSIONS[key]
+            shared[0].close()
