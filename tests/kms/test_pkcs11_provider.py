@@ -103,3 +103,16 @@ def test_missing_module_is_a_clear_error(softhsm, monkeypatch):
     monkeypatch.setenv("AIDC_TEST_PIN", softhsm["pin"])
     with pytest.raises(KmsError, match="PKCS#11 module /nonexistent/lib.so does not exist"):
         open_provider(_kms(softhsm, "k", module="/nonexistent/lib.so"))
+
+
+def test_checkpoints_encrypted_under_the_token_key_survive_rotation(hsm_key, tmp_path):
+    torch = pytest.importorskip("torch")
+    from aidc.checkpoint import load, read_header, rewrap, save
+
+    _, hsm = hsm_key
+    path = tmp_path / "step-3.ckpt"
+    save(path, {"w": torch.arange(10)}, job="j", step=3, kms=hsm, chunk_size=64)
+    assert read_header(path).to_dict()["provider"] == "pkcs11"
+    hsm.rotate()
+    assert rewrap(path, hsm) == (1, 2)
+    assert torch.equal(load(path, job="j", kms=hsm)["w"], torch.arange(10))
