@@ -103,13 +103,16 @@ def rotate(stack: str = STACK, lab_dir: Path = LAB_DIR,
 
 
 @app.command("public-key")
-def public_key(stack: str = STACK, lab_dir: Path = LAB_DIR) -> None:
+def public_key(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Print the signing key's public half (PEM), for anyone verifying aidc's signatures."""
     provider, _ = _open(stack, lab_dir)
     try:
-        typer.echo(provider.public_key_pem(), nl=False)
+        pem = provider.public_key_pem()
+        data = {"key_id": provider.key_id, "algorithm": "Ed25519",
+                "signing_key_version": provider.signing_key_version, "pem": pem}
     finally:
         provider.close()
+    emit(data, as_json, pem.rstrip("\n"))
 
 
 @app.command("status")
