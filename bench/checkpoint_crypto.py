@@ -4,9 +4,9 @@ Both paths run in the same process on the same state, interleaved repeat by repe
 alternates, so neither always runs on a warmer cache), and write the same way: a temp file
 renamed over the target, no fsync unless --fsync. A load counts until every tensor is usable.
 Prints median MiB/s of each and `save_ratio` / `load_ratio` = encrypted / plain throughput
-(goal: >= 0.9 each at 256 MiB).
+(goal: >= 0.9 each at 256 MiB), and the same ratios of the best runs.
 
-Usage: python bench/checkpoint_crypto.py [--mib 256] [--repeats 5] [--fsync] [--json]
+Usage: python bench/checkpoint_crypto.py [--mib 256] [--repeats 7] [--chunk-kib 256] [--fsync] [--json]
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ def run(mib: int, repeats: int, fsync: bool, directory: Path, chunk_size: int = 
         "plain_load_mib_s": mibs["plain_load"], "enc_load_mib_s": mibs["enc_load"],
         "save_ratio": round(med["plain_save"] / med["enc_save"], 3),
         "load_ratio": round(med["plain_load"] / med["enc_load"], 3),
+        # Best-of-N beside the medians: on a shared machine other load inflates single runs.
+        "save_ratio_best": round(min(times["plain_save"]) / min(times["enc_save"]), 3),
+        "load_ratio_best": round(min(times["plain_load"]) / min(times["enc_load"]), 3),
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "enc_file_overhead_bytes": enc_path.stat().st_size - plain_path.stat().st_size,
     }
@@ -106,7 +109,7 @@ def run(mib: int, repeats: int, fsync: bool, directory: Path, chunk_size: int = 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--fsync", action="store_true", help="fsync every file before the rename (both paths)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     ap.add_argument("--chunk-kib", type=int, default=checkpoint.CHUNK_SIZE >> 10, help="AES-GCM chunk size")
@@ -125,7 +128,8 @@ def main() -> int:
               f"   save_ratio {result['save_ratio']}")
         print(f"  load  plain {result['plain_load_mib_s']:8.1f} MiB/s   encrypted {result['enc_load_mib_s']:8.1f} MiB/s"
               f"   load_ratio {result['load_ratio']}")
-        print(f"  goal >= {GOAL} each: {'met' if result['goal_met'] else 'NOT met'}")
+        print(f"  best of {args.repeats}: save_ratio {result['save_ratio_best']}, load_ratio {result['load_ratio_best']}")
+        print(f"  goal >= {GOAL} each (medians): {'met' if result['goal_met'] else 'NOT met'}")
     return 0
 
 
