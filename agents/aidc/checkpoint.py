@@ -424,6 +424,9 @@ def rewrap(path: str | os.PathLike, kms: KeyProvider, fsync: bool = True) -> tup
                 dst.flush()
                 os.fsync(dst.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. pruned by its trainer meanwhile
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot re-wrap: {exc.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -21,8 +21,9 @@ def _spec_kms(stack: str, lab_dir: Path | None):
     if lab_dir is None and spec.scheduler == "lab" and spec.kms.provider == "local" and not spec.kms.keyring:
         lab_dir = Path(".aidc/lab")  # a lab stack's keyring lives in the default lab
     if lab_dir is not None and spec.kms.provider != "local":
-        raise typer.BadParameter(f"--lab-dir uses a local keyring, but stack {stack!r} names provider "
-                                 f"{spec.kms.provider!r}")
+        from aidc.kms import KmsError
+
+        raise KmsError(f"--lab-dir uses a local keyring, but stack {stack!r} names provider {spec.kms.provider!r}")
     return spec.kms, lab_dir
 
 
