@@ -226,3 +226,12 @@ def _rewrite_header(src, dst, **fields) -> None:
     body.update(fields)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _write_with_body(dst, raw, h, body)
+
+
+def test_a_rotation_by_another_process_applies_to_the_next_save_of_a_running_trainer(tmp_path, keyring):
+    d = CheckpointDir(tmp_path / "ckpts", job="job-a", kms=keyring, keep=3, fsync=False)
+    assert d.save(1, {"w": torch.zeros(2)}).wrapped.version == 1
+    assert LocalKeyring(keyring.path).rotate() == 2  # `aidc kms rotate` elsewhere
+    assert d.save(2, {"w": torch.ones(2)}).wrapped.version == 2
+    assert read_header(d.path(1)).wrapped.version == 1  # untouched until re-wrapped, and still loads
+    assert torch.equal(load(d.path(1), job="job-a", kms=keyring)["w"], torch.zeros(2))
