@@ -21,11 +21,13 @@ checkpoint is one clear error naming the file, never a partial load.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,7 @@ def save(path: str | os.PathLike, state: Any, *, job: str, step: int, kms: KeyPr
     import torch
 
     path = Path(path)
-    if not isinstance(step, int) or step < 0:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path}: step must be an integer >= 0, not {step!r}")
     if not 1 <= chunk_size <= 1 << 30:
         raise CheckpointError(f"{path}: chunk_size {chunk_size} out of range")
@@ -161,23 +163,48 @@ def save(path: str | os.PathLike, state: Any, *, job: str, step: int, kms: KeyPr
         with open(tmp, "wb", buffering=0) as f:
             f.write(_header_bytes(header))
             writer = _EncryptingWriter(f, data_key, header)
-            # torch's per-record CRC-32 is redundant under AES-GCM (every byte is authenticated)
-            # and cost ~20% of an encrypted save here. The switch is process-wide; a torch.save
-            # in another thread meanwhile merely writes a file without CRCs, which loads fine.
-            crc = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(False)
-            try:
+            with _without_torch_crc(torch):
                 torch.save(state, writer)
-            finally:
-                torch.serialization.set_crc32_options(crc)
             writer.finish()
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if fsync:  # the rename itself must survive a power loss too
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return header
+    return Header(job, step, chunk_size, prefix, wrapped, kms.provider, len(_header_bytes(header)))
+
+
+_crc_lock = threading.Lock()
+_crc_users = 0
+_crc_saved = True
+
+
+@contextlib.contextmanager
+def _without_torch_crc(torch):
+    """torch's per-record CRC-32 is redundant under AES-GCM (every byte is authenticated) and
+    cost ~20% of an encrypted save here. torch's switch is process-wide: it is turned off while
+    any encrypted save runs and restored after the last one (a plain torch.save in another
+    thread meanwhile writes a file without CRCs, which loads the same)."""
+    global _crc_users, _crc_saved
+    with _crc_lock:
+        if _crc_users == 0:
+            _crc_saved = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+        _crc_users += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_users -= 1
+            if _crc_users == 0:
+                torch.serialization.set_crc32_options(_crc_saved)
 
 
 def _field(path: Path, body: dict, name: str, kind: type):

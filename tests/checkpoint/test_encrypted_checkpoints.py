@@ -235,3 +235,10 @@ def test_a_rotation_by_another_process_applies_to_the_next_save_of_a_running_tra
     assert d.save(2, {"w": torch.ones(2)}).wrapped.version == 2
     assert read_header(d.path(1)).wrapped.version == 1  # untouched until re-wrapped, and still loads
     assert torch.equal(load(d.path(1), job="job-a", kms=keyring)["w"], torch.zeros(2))
+
+
+def test_save_leaves_torchs_crc_setting_as_it_found_it(tmp_path, keyring):
+    assert torch.serialization.get_crc32_options() is True
+    _save(tmp_path / "step-7.ckpt", keyring)
+    assert torch.serialization.get_crc32_options() is True
+    assert _save(tmp_path / "step-7.ckpt", keyring, fsync=True).header_len == read_header(tmp_path / "step-7.ckpt").header_len
