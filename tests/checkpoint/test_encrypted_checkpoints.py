@@ -242,3 +242,13 @@ def test_save_leaves_torchs_crc_setting_as_it_found_it(tmp_path, keyring):
     _save(tmp_path / "step-7.ckpt", keyring)
     assert torch.serialization.get_crc32_options() is True
     assert _save(tmp_path / "step-7.ckpt", keyring, fsync=True).header_len == read_header(tmp_path / "step-7.ckpt").header_len
+
+
+@pytest.mark.parametrize("body, message", [(b"[" * 30000 + b"]" * 30000, "corrupt header .not JSON"),
+                                           (b'{"kms": {}}', "corrupt header .cipher None"),
+                                           (b"x" * 70000, "corrupt header .length 70000")])
+def test_junk_headers_are_named_not_a_traceback(tmp_path, keyring, body, message):
+    path = tmp_path / "step-1.ckpt"
+    path.write_bytes(struct.pack(">8sHI", checkpoint.MAGIC, checkpoint.FORMAT_VERSION, len(body)) + body)
+    with pytest.raises(CheckpointError, match=f"step-1.ckpt: {message}"):
+        load(path, job="j", kms=keyring)
