@@ -97,3 +97,13 @@ def test_pkcs11_key_through_the_cli(tmp_path, aidc_cli, softhsm):
     assert aidc_cli("kms", "public-key", "--stack", stack, env=env).stdout.startswith("-----BEGIN PUBLIC KEY-----")
     _one_error_line(aidc_cli("kms", "status", "--stack", stack, env={**env, "AIDC_CLI_PIN": "000000"}),
                     "refused the PIN")
+
+
+def test_a_lab_node_without_its_keyring_stops_at_start_with_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "aidc.lab.node_launcher", "--node", "gpu-0", "--lab-dir", str(tmp_path),
+                           "--rdzv", "127.0.0.1:1", "--nnodes", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"aidc: error: no keyring at {tmp_path / 'keyring'} (create one with `aidc kms init`)"
