@@ -43,10 +43,18 @@ def encryption_configuration(spec: ClusterSpec) -> dict:
 
 
 def key_reference(spec: ClusterSpec) -> dict[str, str]:
-    """What the agent needs to envelope-encrypt checkpoints under the cluster's key."""
-    return {"provider": spec.kms.provider, "key_id": spec.kms.key_id,
-            "rotation_days": str(spec.kms.rotation_days),
-            "envelope": "AES-256-GCM data key per checkpoint, wrapped by key_id"}
+    """What the agent needs to envelope-encrypt checkpoints under the cluster's key (aidc.kms):
+    where the key lives, never a secret (a pkcs11 PIN stays in the named variable or file)."""
+    kms = spec.kms
+    ref = {"provider": kms.provider, "key_id": kms.key_id, "rotation_days": str(kms.rotation_days),
+           "envelope": "AES-256-GCM data key per checkpoint (aidc.checkpoint format 1), wrapped by key_id"}
+    if kms.provider == "local":
+        ref["keyring"] = kms.keyring or "/var/lib/aidc/keyring"
+    if kms.pkcs11 is not None:
+        ref.update({"pkcs11_module": kms.pkcs11.module, "pkcs11_token_label": kms.pkcs11.token_label})
+        ref.update({f"pkcs11_{k}": v for k, v in (("pin_env", kms.pkcs11.pin_env),
+                                                  ("pin_file", kms.pkcs11.pin_file)) if v})
+    return ref
 
 
 @dataclass(frozen=True)

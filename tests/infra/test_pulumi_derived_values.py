@@ -117,6 +117,14 @@ def test_encryption_configuration_names_the_provider_and_the_key_reference_carri
     assert ref["rotation_days"] == "30" and ref["key_id"].startswith("arn:aws:kms:")
 
 
+def test_key_reference_says_where_a_pkcs11_key_lives_and_carries_no_pin():
+    spec = _spec(kms__provider="pkcs11", kms__pkcs11={"token_label": "aidc", "pin_file": "/etc/aidc/pin"})
+    ref = key_reference(spec)
+    assert ref["pkcs11_token_label"] == "aidc" and ref["pkcs11_pin_file"] == "/etc/aidc/pin"
+    assert ref["pkcs11_pin_env"] == "AIDC_PKCS11_PIN" and "pin" not in ref
+    assert all(isinstance(v, str) for v in ref.values())  # ConfigMap data
+
+
 def test_agent_runs_privileged_only_to_read_a_kernel_log_device():
     assert needs_privilege(_spec()) is True
     plain = _spec(agent__kernel_log="/var/log/kern.log")

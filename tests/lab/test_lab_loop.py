@@ -33,12 +33,19 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     assert steps[-1]["step"] == load_stack("lab").lab.train_steps
     assert "gpu-spare-0" in steps[-1]["world"] and summary["victim"] not in steps[-1]["world"]
 
+    # It trained on encrypted checkpoints, and says under which key version.
+    assert summary["checkpoint_key"] == {"checkpoint": f"step-{steps[-1]['step']:08d}.ckpt", "cipher": "AES-256-GCM",
+                                         "provider": "local", "key_id": "aidc-lab-key", "key_version": 1}
+    ckpts = sorted((lab_dir / "checkpoints").glob("step-*.ckpt"))
+    assert ckpts and all(p.read_bytes()[:8] == b"AIDCCKPT" for p in ckpts)
+
     # Every stage left its mark in one verified log.
     kinds = {r["kind"] for r in json.loads((lab_dir / "report" / "report.json").read_text())["records"]}
     assert {"burnin.certificate", "health.fault", "failover.decision", "failover.action",
-            "lab.inject", "lab.resume", "lab.summary"} <= kinds
+            "lab.inject", "lab.resume", "lab.summary", "kms.keyring.created"} <= kinds
     html = (lab_dir / "report" / "report.html").read_text()
     assert "Hash chain verified" in html and "gpu-spare-0" in html
+    assert "AES-256-GCM, key aidc-lab-key version 1 (local)" in html
 
     # Nothing the lab started is left running.
     assert LabCluster(load_stack("lab"), lab_dir).running() == []

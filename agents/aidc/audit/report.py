@@ -46,6 +46,13 @@ def _burnin_table(certs: list[AuditRecord]) -> str:
     return f"<table><tr><th>node</th><th>verdict</th>{head}<th>reasons</th></tr>{''.join(rows)}</table>"
 
 
+def _summary_value(key: str, value):
+    if key == "checkpoint_key" and isinstance(value, dict) and value:
+        return (f"{value.get('cipher')}, key {value.get('key_id')} version {value.get('key_version')} "
+                f"({value.get('provider')})")
+    return value
+
+
 def render_html(log: AuditLog, verified: VerifyResult | None = None) -> str:
     records = log.records()
     verified = verified or log.verify()
@@ -57,9 +64,10 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None) -> str:
              ("<p class='ok'>Hash chain verified: every record intact.</p>" if verified.ok else
               f"<p class='bad'>Verification FAILED at record {verified.first_bad_seq}: {_e(verified.problem)}</p>")]
     if summary:
-        keys = ["certified_nodes", "victim", "xid", "detect_ms", "resume_s", "steps_lost", "ettr", "train_steps", "wall_s"]
+        keys = ["certified_nodes", "victim", "xid", "detect_ms", "resume_s", "steps_lost", "ettr", "train_steps", "checkpoint_key", "wall_s"]
         parts.append("<h2>Lab loop</h2><table>" + "".join(
-            f"<tr><th>{k}</th><td>{_e(summary.get(k))}</td></tr>" for k in keys if k in summary) + "</table>")
+            f"<tr><th>{k}</th><td>{_e(_summary_value(k, summary.get(k)))}</td></tr>" for k in keys if k in summary)
+            + "</table>")
     parts.append("<h2>Burn-in per node</h2>" + _burnin_table(certs))
     compress = [r.payload for r in records if r.kind == "compress.result"]
     if compress:

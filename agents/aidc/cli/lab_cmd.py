@@ -48,6 +48,7 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         f"  resume_s          {result.resume_s}   (fault -> first step on the new membership)",
         f"  steps_lost        {result.steps_lost}",
         f"  ettr              {result.ettr}",
+        f"  checkpoints       {_key_line(result.checkpoint_key)}",
         f"  report            {result.report_html}",
         f"  audit log         {result.audit_db} ({'verified' if result.audit_verified else 'VERIFICATION FAILED'})",
         f"  wall time         {result.wall_s} s",
@@ -55,6 +56,12 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
     emit(data, as_json, text)
     if not (result.completed and result.audit_verified):
         raise typer.Exit(1)
+
+
+def _key_line(key: dict) -> str:
+    if not key:
+        return "none written"
+    return f"{key['cipher']}, key {key['key_id']} version {key['key_version']} ({key['provider']}; newest {key['checkpoint']})"
 
 
 @app.command("down")

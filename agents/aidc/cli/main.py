@@ -33,6 +33,7 @@ GROUPS = [
     ("aidc.cli.burnin_cmd", "burnin"),
     ("aidc.cli.inventory_cmd", "inventory"),
     ("aidc.cli.compress_cmd", "compress"),
+    ("aidc.cli.kms_cmd", "kms"),
 ]
 
 # A command that needs an optional part names the extra that installs it (pyproject.toml),

@@ -86,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="Warm up now, join only once the first round is full (so this node is the spare)")
     args = p.parse_args(argv)
 
+    # Checkpoints are encrypted under the lab's keyring: a missing or unreadable one is one
+    # clear error now, not a failure in every worker the elastic agent restarts.
+    from aidc.kms import KmsError
+    from aidc.kms.local import LocalKeyring
+
+    try:
+        LocalKeyring(Path(args.lab_dir) / "keyring")
+    except KmsError as exc:
+        print(f"aidc: error: {exc}", file=sys.stderr)
+        return 2
+
     # The default shared store breaks after a membership change; keep it per round.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         start_method="forkserver",
         local_addr="127.0.0.1",
     )
-    cfg = {"lab_dir": args.lab_dir, "node": args.node, "total_steps": args.total_steps,
+    cfg = {"lab_dir": args.lab_dir, "node": args.node, "job": args.run_id,
+           "keyring": str(Path(args.lab_dir) / "keyring"), "total_steps": args.total_steps,
            "checkpoint_every": args.checkpoint_every, "seed": args.seed, "lr": args.lr}
     try:
         elastic_launch(config, train)(cfg)

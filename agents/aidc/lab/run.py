@@ -38,6 +38,8 @@ class LabResult:
     report_json: str = ""
     audit_db: str = ""
     audit_verified: bool = False
+    # Which key the final checkpoint is encrypted under: provider, key_id, key_version, cipher.
+    checkpoint_key: dict = field(default_factory=dict)
     completed: bool = False
     wall_s: float = 0.0
 
@@ -82,6 +84,7 @@ class LabRun:
         self.result.audit_db = str(c.audit_path)
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
                           payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir)})
+        self._create_keyring()
         if burn_in:
             self._burnin()
         self._start_services()
@@ -113,6 +116,14 @@ class LabRun:
                  + (f"; FAILED {', '.join(self.result.failed_nodes)}" if self.result.failed_nodes else ""))
         if self.result.failed_nodes:
             raise LabError(f"burn-in failed on {', '.join(self.result.failed_nodes)}: see the report")
+
+    def _create_keyring(self) -> None:
+        """The lab's own local keyring (<lab>/keyring): the trainer encrypts checkpoints under it."""
+        from aidc.kms.local import LocalKeyring
+
+        keyring = LocalKeyring.create(self.cluster.dir / "keyring", self.spec.kms.key_id)
+        self.audit.append("kms.keyring.created", f"local keyring for key {keyring.key_id}", actor=self.actor,
+                          payload=keyring.status())
 
     def _start_services(self) -> None:
         c = self.cluster
@@ -204,7 +215,19 @@ class LabRun:
             self.say("warning: a training launcher did not exit by itself; stopping it")
         steps = _read_jsonl(self.steps_log)
         self.result.train_steps = max(s["step"] for s in steps)
+        self.result.checkpoint_key = self.checkpoint_key()
         self.result.ettr = self._ettr(steps)
+
+    def checkpoint_key(self) -> dict:
+        """The key the newest checkpoint is encrypted under, read from its header."""
+        from aidc.checkpoint import read_header
+
+        ckpts = sorted((self.cluster.dir / "checkpoints").glob("step-*.ckpt"))
+        if not ckpts:
+            return {}
+        h = read_header(ckpts[-1]).to_dict()
+        return {"checkpoint": ckpts[-1].name, "cipher": h["cipher"], "provider": h["provider"],
+                "key_id": h["key_id"], "key_version": h["key_version"]}
 
     def _spares_waiting(self, spares: list[str]) -> bool:
         from aidc.failover.rendezvous import read_state

@@ -3,7 +3,7 @@
 Each elastic worker runs `train()`. Like torchtitan's loop it is a short sequence of
 named steps; what it adds for the lab is bookkeeping the failover measurements need:
 every completed step is logged with its time and membership, and every start records
-which checkpoint it resumed from.
+which checkpoint it resumed from. Checkpoints are encrypted (`aidc.checkpoint`).
 
 The optimizer update is a plain SGD step written out: `torch.optim` imports
 `torch._dynamo` on first use (~2 s here), which would be paid again on every failover.
@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aidc.checkpoint import CheckpointDir
 from aidc.device.sim import SimBackend
+from aidc.kms.local import LocalKeyring
 
 IN_FEATURES, HIDDEN, LAYERS = 64, 384, 3
 
@@ -45,25 +47,6 @@ def batch(seed: int, step: int, rank: int, size: int = 256) -> tuple[torch.Tenso
     return x, torch.sin(3 * x @ w) + 0.5 * (x[:, :1] ** 2)
 
 
-class Checkpoints:
-    """Atomic checkpoints on shared storage: write a temp file, then rename over `latest.pt`."""
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.latest = self.dir / "latest.pt"
-
-    def load(self) -> dict | None:
-        if not self.latest.exists():
-            return None
-        return torch.load(self.latest, weights_only=True)
-
-    def save(self, step: int, model: nn.Module) -> None:
-        tmp = self.dir / f".latest.{os.getpid()}.tmp"
-        torch.save({"step": step, "model": model.state_dict()}, tmp)
-        os.replace(tmp, self.latest)
-
-
 def _append(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -76,7 +59,7 @@ def _trace(lab: Path, node: str, what: str) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Entry point of one worker. cfg: lab_dir, node, total_steps, checkpoint_every, seed, lr."""
+    """Entry point of one worker. cfg: lab_dir, node, job, keyring, total_steps, checkpoint_every, seed, lr."""
     lab = Path(cfg["lab_dir"])
     node = cfg["node"]
     (lab / "train").mkdir(parents=True, exist_ok=True)
@@ -101,13 +84,17 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
     dist.all_gather_object(members, node)
     _trace(lab, node, f"process group ready: rank {rank} of {world}")
 
-    ckpt = Checkpoints(lab / "checkpoints")
+    # Encrypted checkpoints, a fresh data key each, wrapped by the lab's keyring and bound to
+    # the job and step. No fsync: the lab's failures are process deaths (the page cache
+    # survives them); a real job on shared storage keeps save()'s default fsync.
+    ckpt = CheckpointDir(lab / "checkpoints", job=cfg["job"], kms=LocalKeyring(cfg["keyring"]), keep=2, fsync=False)
     model = build_model(cfg["seed"])
-    state = ckpt.load()
+    latest = ckpt.load_latest()
     start_step = 1
-    if state:
+    if latest:
+        step, state = latest
         model.load_state_dict(state["model"])
-        start_step = state["step"] + 1
+        start_step = step + 1
     _trace(lab, node, f"checkpoint loaded: resume at step {start_step}")
     ddp = DistributedDataParallel(model)
     _trace(lab, node, "DDP ready")
@@ -124,7 +111,7 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
         loss = train_step(ddp, device, cfg, step, rank)
         if rank == 0:
             if step % cfg["checkpoint_every"] == 0 or step == cfg["total_steps"]:
-                ckpt.save(step, model)
+                ckpt.save(step, {"step": step, "model": model.state_dict()})
             _append(log, {"step": step, "loss": loss, "t": time.time(), "world": members})
         if step == start_step:
             _trace(lab, node, f"first step done: {step}")
