@@ -172,7 +172,9 @@ def test_a_controller_restarted_while_an_agent_forwards_loses_and_repeats_nothin
         for _ in range(10):
             ids += append(agent_store, fault("gpu-0", 13))
         ctl.stop()  # mid-stream: some batches in flight or queued
+        tried = fwd.failed_tries
         ids += append(agent_store, fault("gpu-0", 13))
+        wait_for("the agent to find the controller gone", lambda: fwd.failed_tries > tried)
         ctl.start()
     wait_for("every event forwarded", lambda: agent_store.outbox_depth("gpu-0") == 0)
     halt()
