@@ -33,14 +33,21 @@ def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = 
     from aidc.failover.controller import FailoverController
 
     spec = load_stack(stack)
-    if spec.scheduler != "lab":
+    if spec.scheduler == "lab":
+        from aidc.lab.cluster import lab_scheduler
+
+        scheduler = lab_scheduler(lab_dir)
+    elif spec.scheduler == "slurm" and (lab_dir / "lab.json").exists():
+        # `aidc lab run --scheduler slurm`: the lab's private Slurm, plus rendezvous eviction.
+        from aidc.lab.slurm_lab import lab_slurm_scheduler
+
+        scheduler = lab_slurm_scheduler(lab_dir, spec)
+    else:
         raise typer.BadParameter(f"scheduler backend {spec.scheduler!r} is not available yet; only 'lab'")
-    from aidc.lab.cluster import lab_scheduler
 
     # The controller of a new lab may start before any agent has created the store.
     db = lab_dir / "state.db" if create else _state_db(lab_dir)
-    return FailoverController(spec, Store(db), AuditLog(lab_dir / "audit.db"),
-                              lab_scheduler(lab_dir), dry_run=dry_run)
+    return FailoverController(spec, Store(db), AuditLog(lab_dir / "audit.db"), scheduler, dry_run=dry_run)
 
 
 @app.command("run")

@@ -132,6 +132,10 @@ class LocalSlurm:
         for pid in self._step_daemons():
             _stop_pid(pid)
             stopped.append(f"slurmstepd:{pid}")
+        # Job tasks whose slurmstepd went before them (a killed slurmd, a stop mid-cancel).
+        for proc in self.processes():
+            _stop_pid(proc["pid"])
+            stopped.append(f"{proc['name']}:{proc['pid']}")
         info["daemons"] = {}
         self._write(info)
         return stopped
@@ -161,6 +165,18 @@ class LocalSlurm:
     def running(self) -> bool:
         return self.manifest.exists() and any(
             same_process_alive(p["pid"], p.get("start")) for p in self._info()["daemons"].values())
+
+    def processes(self) -> list[dict]:
+        """Every live process of this cluster: its daemons, slurmstepd, and job tasks with their
+        children (all of which carry this cluster's SLURM_CONF in their environment)."""
+        daemons = {p["pid"]: name for name, p in self._info()["daemons"].items()
+                   if same_process_alive(p["pid"], p.get("start"))}
+        found = [{"name": name, "pid": pid} for pid, name in daemons.items()]
+        mark = f"SLURM_CONF={self.conf}".encode()
+        for pid in _pids_with_environ(mark):
+            if pid not in daemons and pid != os.getpid():
+                found.append({"name": _comm(pid) or "?", "pid": pid})
+        return found
 
     # -- internals ------------------------------------------------------------------
     def _lay_out(self) -> None:
@@ -261,19 +277,8 @@ class LocalSlurm:
 
     def _step_daemons(self) -> list[int]:
         """slurmstepd processes of this cluster (they outlive a killed slurmd)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if not (entry / "comm").read_text().startswith("slurmstepd"):
-                    continue
-                environ = (entry / "environ").read_bytes()
-            except OSError:
-                continue
-            if f"SLURM_CONF={self.conf}".encode() in environ.split(b"\0"):
-                found.append(int(entry.name))
-        return found
+        return [pid for pid in _pids_with_environ(f"SLURM_CONF={self.conf}".encode())
+                if (_comm(pid) or "").startswith("slurmstepd")]
 
     def _info(self) -> dict:
         try:
@@ -285,6 +290,27 @@ class LocalSlurm:
         tmp = self.manifest.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.manifest)
+
+
+def _pids_with_environ(entry: bytes) -> list[int]:
+    """Processes whose environment holds exactly this `NAME=value` entry."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if entry in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+    return found
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
 
 
 def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
