@@ -126,7 +126,7 @@ class LocalSlurm:
         # slurmd first (it owns the job steps), munged last (everyone else authenticates with it).
         order = sorted(info["daemons"].items(), key=lambda kv: (kv[0] == "munged", kv[0] == "slurmctld"))
         for name, proc in order:
-            if same_process_alive(proc["pid"], proc.get("start")):
+            if _daemon_alive(proc):
                 _stop_pid(proc["pid"])
                 stopped.append(name)
         for pid in self._step_daemons():
@@ -143,7 +143,7 @@ class LocalSlurm:
     def stop_daemon(self, name: str) -> None:
         """Stop one daemon (`slurmctld`, `slurmd:<node>`), e.g. to test aidc while it is down."""
         proc = self._info()["daemons"].get(name)
-        if proc and same_process_alive(proc["pid"], proc.get("start")):
+        if proc and _daemon_alive(proc):
             _stop_pid(proc["pid"])
 
     def start_daemon(self, name: str, timeout: float = 30) -> None:
@@ -164,13 +164,13 @@ class LocalSlurm:
 
     def running(self) -> bool:
         return self.manifest.exists() and any(
-            same_process_alive(p["pid"], p.get("start")) for p in self._info()["daemons"].values())
+            _daemon_alive(p) for p in self._info()["daemons"].values())
 
     def processes(self) -> list[dict]:
         """Every live process of this cluster: its daemons, slurmstepd, and job tasks with their
         children (all of which carry this cluster's SLURM_CONF in their environment)."""
         daemons = {p["pid"]: name for name, p in self._info()["daemons"].items()
-                   if same_process_alive(p["pid"], p.get("start"))}
+                   if _daemon_alive(p)}
         found = [{"name": name, "pid": pid} for pid, name in daemons.items()]
         mark = f"SLURM_CONF={self.conf}".encode()
         for pid in _pids_with_environ(mark):
@@ -267,13 +267,13 @@ class LocalSlurm:
 
     def _check_daemons_alive(self) -> None:
         for name, proc in self._info()["daemons"].items():
-            if not same_process_alive(proc["pid"], proc.get("start")):
+            if not _daemon_alive(proc):
                 log = name.replace(":", ".").split(".")[0]
                 raise SlurmLabError(f"{name} exited during start-up; see {self.root / 'log'}/{log}*")
 
     def _alive(self, name: str) -> bool:
         proc = self._info()["daemons"].get(name)
-        return bool(proc) and same_process_alive(proc["pid"], proc.get("start"))
+        return bool(proc) and _daemon_alive(proc)
 
     def _step_daemons(self) -> list[int]:
         """slurmstepd processes of this cluster (they outlive a killed slurmd)."""
@@ -306,6 +306,21 @@ def _pids_with_environ(entry: bytes) -> list[int]:
     return found
 
 
+def _daemon_alive(proc: dict) -> bool:
+    """Whether a recorded daemon ({pid, start}) still runs: same process, not exited."""
+    return same_process_alive(proc["pid"], proc.get("start")) and not _exited(proc["pid"])
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie: it has exited and only waits for a parent (maybe one that never reaps,
+    such as a container's PID 1, or the process that started it, still running elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
 def _comm(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -323,7 +338,7 @@ def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:  # not our child: poll for its exit instead
-            done = 0 if Path(f"/proc/{pid}").exists() else pid
+            done = pid if _exited(pid) else 0
         if done:
             return
         time.sleep(0.05)
