@@ -30,7 +30,7 @@ class RecordingScheduler:
         self.calls: list[tuple[str, str]] = []
         self.crash = crash_on_quarantine
 
-    def quarantine(self, node, reason):
+    def quarantine(self, node, reason, event=None):
         self.calls.append(("quarantine", node))
         if self.crash:
             self.crash = False
@@ -208,7 +208,9 @@ def test_a_controller_killed_mid_quarantine_finishes_it_after_restart_without_ac
     restarted = RecordingScheduler()
     ctl = FailoverController(_spec(), store, audit, restarted)
     assert ctl.recover() == ["gpu-1"]
-    assert [d.verdict for d in ctl.run_once()] == ["already_quarantined"]
+    # The interrupted event is recorded as the quarantine it was, not decided a second time.
+    assert ctl.run_once() == []
+    assert [o for _, _, o in store.events()] == ["quarantine"]
     assert restarted.calls == [("quarantine", "gpu-1")]  # finished once, not repeated
     assert store.node_state("gpu-1") == "quarantined"
     assert audit.verify().ok

@@ -18,7 +18,7 @@ class FakeScheduler:
         self.states: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
 
-    def quarantine(self, node, reason):
+    def quarantine(self, node, reason, event=None):
         self.calls.append(("quarantine", node))
         self.states[node] = "quarantined"
 

@@ -140,7 +140,7 @@ def test_the_executor_renews_its_lease_while_a_step_runs(make_engine, fakes, mon
     sub = engine.submit_alert(alert("NodeBroken", "gpu-1"))
     renewed, pause = threading.Event(), threading.Event()
 
-    def slow_quarantine(node, reason):
+    def slow_quarantine(node, reason, event=None):
         # Nothing but the lease touches the run while its action runs: wait (bounded) for it to move.
         at_start = engine.state.get_run(sub.run_id).updated_at
         for _ in range(100):
@@ -159,7 +159,7 @@ def test_a_quarantine_warning_from_the_backend_is_kept_in_the_audited_result(mak
     engine = make_engine(QUARANTINE_AND_NOTIFY)
     fakes.metrics.values[BROKEN_Q] = [1.0]
 
-    def quarantine_with_warning(node, reason):
+    def quarantine_with_warning(node, reason, event=None):
         fakes.scheduler.states[node] = "quarantined"
         return "on_quarantine hook failed: ConnectionRefusedError()"
 

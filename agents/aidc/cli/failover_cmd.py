@@ -16,8 +16,9 @@ from aidc.store import Store
 app = typer.Typer(help="Fail over faulty nodes: quarantine within the blast radius, release by hand.",
                   no_args_is_help=True)
 
-STACK = typer.Option("lab", "--stack", "-s", help="Stack file (policy: max_unavailable, dry_run).")
-LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="The lab (scheduler backend 'lab').")
+STACK = typer.Option("lab", "--stack", "-s", help="Stack file (scheduler, policy: max_unavailable, dry_run).")
+LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir",
+                       help="State directory: the event store and audit log (and the lab's nodes, scheduler 'lab').")
 
 
 def _state_db(lab_dir: Path) -> Path:
@@ -30,40 +31,40 @@ def _state_db(lab_dir: Path) -> Path:
 
 
 def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False):
+    from aidc.audit.log import default_actor
+    from aidc.failover.backends import open_scheduler
     from aidc.failover.controller import FailoverController
 
     spec = load_stack(stack)
-    if spec.scheduler == "lab":
-        from aidc.lab.cluster import lab_scheduler
-
-        scheduler = lab_scheduler(lab_dir)
-    elif spec.scheduler == "slurm" and (lab_dir / "lab.json").exists():
-        # `aidc lab run --scheduler slurm`: the lab's private Slurm, plus rendezvous eviction.
-        from aidc.lab.slurm_lab import lab_slurm_scheduler
-
-        scheduler = lab_slurm_scheduler(lab_dir, spec)
-    else:
-        raise typer.BadParameter(f"scheduler backend {spec.scheduler!r} is not available yet; only 'lab'")
-
     # The controller of a new lab may start before any agent has created the store.
     db = lab_dir / "state.db" if create else _state_db(lab_dir)
-    return FailoverController(spec, Store(db), AuditLog(lab_dir / "audit.db"), scheduler, dry_run=dry_run)
+    audit = AuditLog(lab_dir / "audit.db")
+    scheduler = open_scheduler(spec, lab_dir, audit=audit, actor=default_actor("failover"))
+    return FailoverController(spec, Store(db), audit, scheduler, dry_run=dry_run)
 
 
 @app.command("run")
 def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
-        poll: float = typer.Option(0.05, help="Seconds between looks at the event store.")) -> None:
-    """Run the controller until SIGTERM/SIGINT."""
+        poll: float = typer.Option(0.05, help="Seconds between looks at the event store."),
+        lease_dir: Path = typer.Option(None, "--lease-dir",
+                                       help="Controller lease directory; one controller acts at a time. Put it on "
+                                            "a filesystem every controller host shares (default: LAB_DIR/lease)."),
+        lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
+                                        help="Seconds without a heartbeat before another controller takes over.")) -> None:
+    """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
+    from aidc.failover.lease import Lease
+
     ctl = _controller(stack, lab_dir, dry_run, create=True)
-    # Warm: the rendezvous notification needs torch.distributed; import it now, not
-    # on the failover path.
-    import torch.distributed  # noqa: F401
+    if ctl.scheduler.name == "lab":
+        # Warm: the rendezvous notification needs torch.distributed; import it now, not
+        # on the failover path.
+        import torch.distributed  # noqa: F401
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ctl.run(stop, poll)
+    ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
 
 
 @app.command("release")
@@ -76,19 +77,34 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node to service (an operator's decision, audited as theirs)."""
     ctl = _controller(stack, lab_dir, dry_run)
-    ctl.release(node, reason, actor)
+    decision = ctl.release(node, reason, actor)
     # The controller settled dry-run (flag, else the spec's policy); report what it did.
-    emit({"node": node, "released": not ctl.dry_run}, as_json,
-         f"{node}: {'would be ' if ctl.dry_run else ''}released")
+    said = (decision or {}).get("decision")
+    text = f"{node}: {'would be ' if ctl.dry_run else ''}released"
+    if said == "not_drained":
+        text = f"{node}: not drained, nothing to release"
+    emit({"node": node, "released": not ctl.dry_run, **({"decision": said} if said else {})}, as_json, text)
 
 
 @app.command("status")
-def status(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
-    """Show node states and the fault events with their outcomes."""
+def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """Show node states and the fault events with their outcomes (on Slurm: what Slurm says)."""
+    from aidc.failover.backends import open_scheduler
+
     store = Store(_state_db(lab_dir))
     events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o}
               for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}
-    text = "\n".join([f"{n}: {s}" for n, s in sorted(states.items())] +
-                     [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} [{e['outcome'] or 'pending'}]" for e in events])
-    emit({"nodes": states, "events": events}, as_json, text or "no events")
+    lines = [f"{n}: {s}" for n, s in sorted(states.items())]
+    data: dict = {"nodes": states, "events": events}
+    scheduler = open_scheduler(load_stack(stack), lab_dir, tell_rendezvous=False)
+    wide = getattr(scheduler, "out_of_service", None)
+    if wide is not None:
+        # The scheduler's truth (what the blast radius counts), next to this host's records.
+        out = {name: st.to_dict() for name, st in sorted(wide().items())}
+        data["scheduler_out_of_service"] = out
+        lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
+            or [f"{scheduler.name}: no node out of service"]
+    text = "\n".join(lines + [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} "
+                              f"[{e['outcome'] or 'pending'}]" for e in events])
+    emit(data, as_json, text or "no events")

@@ -14,6 +14,14 @@ the event is marked handled only after; a restarted controller finishes an inter
 quarantine (the backend's calls are idempotent) and never acts twice on one event. Each
 audit record is appended before the store commit it describes, so a crash in between
 may repeat a record after the restart but never loses one.
+
+A scheduler that cannot be reached (slurmctld down) leaves the event pending and its intent
+in place: it is retried on the next poll, audited once when it fails and once when it succeeds.
+
+Blast radius: with a backend that reports the cluster-wide out-of-service set (Slurm), the
+count is the scheduler's truth plus this controller's intents in flight, so controllers on
+different hosts agree; the lab counts the store's node states. `run()` acts only while it
+holds the controller lease (aidc.failover.lease), so one controller acts at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import time
 
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
+from aidc.errors import AidcError
 from aidc.events import Decision, FaultEvent
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.spec import ClusterSpec
@@ -43,6 +52,9 @@ class FailoverController:
         # to decide later events as a real run would (already out, blast radius). This run
         # only: a restarted dry-run starts from the store's node states again.
         self._would_quarantine: list[str] = []
+        # The last error audited per pending event, so a scheduler that stays down for an hour
+        # gives one record per event, not one per poll.
+        self._errors: dict[int, str] = {}
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -53,31 +65,62 @@ class FailoverController:
         """
         finished = []
         for node in self.store.nodes_in_state("quarantining"):
+            event_id = self._intent_event(node)
             if self.dry_run:
                 self.audit.append("failover.decision", "dry-run: would finish the quarantine a previous run started",
                                   actor=self.actor, node=node,
-                                  payload={"resumed": True, "dry_run": True, "verdict": "would_quarantine"})
+                                  payload={"resumed": True, "dry_run": True, "verdict": "would_quarantine",
+                                           "event_id": event_id})
                 continue
             try:
-                warning = self.scheduler.quarantine(node, "resumed after controller restart")
+                warning = self.scheduler.quarantine(node, "resumed after controller restart",
+                                                    event=None if event_id is None else str(event_id))
             except Exception as exc:
-                self.audit.append("failover.error", f"could not finish the quarantine after restart: {exc!r}",
-                                  actor=self.actor, node=node, payload={"resumed": True, "error": repr(exc)})
+                self.audit.append("failover.error", f"could not finish the quarantine after restart: {exc}",
+                                  actor=self.actor, node=node,
+                                  payload={"resumed": True, "error": repr(exc), "event_id": event_id})
                 continue
             self.audit.append("failover.action", _with_warning("quarantine completed after restart", warning),
-                              actor=self.actor, node=node, payload={"resumed": True, "warning": warning})
-            self.store.set_node_state(node, "quarantined", "resumed after controller restart", self.actor)
+                              actor=self.actor, node=node,
+                              payload={"resumed": True, "warning": warning, "event_id": event_id,
+                                       "scheduler": self.scheduler.name})
+            with self.store.transaction():
+                self.store.set_node_state(node, "quarantined", "resumed after controller restart", self.actor)
+                if event_id is not None:
+                    self.store.mark_handled(event_id, "quarantine")
             finished.append(node)
         return finished
 
-    def run_once(self) -> list[Decision]:
-        return [self.handle(event_id, event) for event_id, event in self.store.pending()]
+    def run_once(self, may_act=None) -> list[Decision]:
+        """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
+        so a controller whose lease lapsed mid-batch stops at once."""
+        decisions = []
+        for event_id, event in self.store.pending():
+            if may_act is not None and not may_act():
+                break
+            decisions.append(self.handle(event_id, event))
+        return decisions
 
-    def run(self, stop: threading.Event, poll_s: float = 0.05) -> None:
-        self.recover()
+    def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
+        """Act on events until `stop`; with a `lease`, only while holding it (one controller acts)."""
+        held = lease is None
+        if held:
+            self.recover()
         while not stop.is_set():
-            self.run_once()
+            if lease is not None:
+                now_held = lease.hold()
+                if now_held != held:
+                    held = now_held
+                    self.audit.append("failover.lease", f"controller lease {'acquired' if held else 'lost'}",
+                                      actor=self.actor, payload=lease.describe())
+                    if held:
+                        # The previous holder may have died between a drain and its record.
+                        self.recover()
+            if held:
+                self.run_once(lease.held if lease is not None else None)
             stop.wait(poll_s)
+        if lease is not None and held:
+            lease.release()
 
     # -- one event ----------------------------------------------------------------
     def handle(self, event_id: int, event: FaultEvent) -> Decision:
@@ -88,7 +131,15 @@ class FailoverController:
         if event.action.value not in self.spec.policy.out_of_service_actions:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {event.action.value}: node stays in service", payload)
-        unavailable = self.store.nodes_in_state(*OUT_OF_SERVICE)
+        if not self.dry_run and self.store.node_state(node) == "quarantining":
+            # An earlier attempt wrote the intent and then failed (scheduler unreachable): finish it.
+            return self._quarantine(event_id, node, self.store.get(f"intent_reason:{node}") or "retried quarantine",
+                                    payload, retry=True)
+        try:
+            unavailable = self._unavailable()
+        except Exception as exc:
+            return self._failed(event_id, node, f"cannot read the out-of-service nodes from {self.scheduler.name}: "
+                                f"{exc}; the event stays pending and is retried", payload, exc)
         unavailable += [n for n in self._would_quarantine if n not in unavailable]
         # In dry-run the nodes it would have quarantined count as out: "would be", not "are".
         dry = "dry-run: " if self.dry_run else ""
@@ -117,33 +168,82 @@ class FailoverController:
             self.store.mark_handled(event_id, verdict)
         return Decision(node, verdict, reason, self.dry_run, event_id)
 
-    def _quarantine(self, event_id: int, node: str, reason: str, payload: dict) -> Decision:
-        decided = self.audit.append("failover.decision", reason, actor=self.actor, node=node,
-                                    payload={**payload, "verdict": "quarantine"})
-        with self.store.transaction():
-            self.store.set_node_state(node, "quarantining", reason, self.actor)
+    def _unavailable(self) -> list[str]:
+        """Nodes out of service: the scheduler's cluster-wide truth when it has one (plus this
+        controller's intents in flight), else the store's node states."""
+        wide = getattr(self.scheduler, "out_of_service", None)
+        in_flight = self.store.nodes_in_state("quarantining")
+        if wide is None:
+            return self.store.nodes_in_state(*OUT_OF_SERVICE)
+        known = {n.name for n in self.spec.nodes()}
+        return sorted((set(wide()) & known) | set(in_flight))
+
+    def _intent_event(self, node: str) -> int | None:
+        value = self.store.get(f"intent_event:{node}")
+        return int(value) if value else None
+
+    def _quarantine(self, event_id: int, node: str, reason: str, payload: dict, retry: bool = False) -> Decision:
+        if retry:
+            decided = None
+        else:
+            decided = self.audit.append("failover.decision", reason, actor=self.actor, node=node,
+                                        payload={**payload, "verdict": "quarantine"})
+            with self.store.transaction():
+                self.store.set_node_state(node, "quarantining", reason, self.actor)
+                self.store.put(f"intent_event:{node}", str(event_id))
+                self.store.put(f"intent_reason:{node}", reason)
         started = time.monotonic()
-        warning = self.scheduler.quarantine(node, reason)
+        try:
+            warning = self.scheduler.quarantine(node, reason, event=str(event_id))
+        except Exception as exc:
+            # The intent stays: the node counts as out, and the next poll retries the call.
+            return self._failed(event_id, node, f"quarantine through {self.scheduler.name} failed: {exc}; "
+                                "the event stays pending and is retried", payload, exc)
         took_ms = (time.monotonic() - started) * 1000
+        self._errors.pop(event_id, None)
         self.audit.append("failover.action", _with_warning(f"quarantined through {self.scheduler.name}", warning),
                           actor=self.actor, node=node,
                           payload={"event_id": event_id, "scheduler": self.scheduler.name, "warning": warning,
-                                   "duration_ms": round(took_ms, 1), "decision_seq": decided.seq})
+                                   "duration_ms": round(took_ms, 1), "retry": retry,
+                                   "decision_seq": decided.seq if decided else None})
         with self.store.transaction():
             self.store.set_node_state(node, "quarantined", reason, self.actor)
             self.store.mark_handled(event_id, "quarantine")
-        return Decision(node, "quarantine", reason, False, event_id, decided_at=decided.ts)
+        return Decision(node, "quarantine", reason, False, event_id,
+                        decided_at=decided.ts if decided else time.time())
+
+    def _failed(self, event_id: int, node: str, reason: str, payload: dict, exc: Exception) -> Decision:
+        """Audit a failure once per event (not on every poll) and leave the event pending."""
+        if self._errors.get(event_id) != str(exc):
+            self._errors[event_id] = str(exc)
+            self.audit.append("failover.error", reason, actor=self.actor, node=node,
+                              payload={**payload, "error": str(exc), "retried": True})
+        return Decision(node, "error", reason, self.dry_run, event_id)
 
     # -- humans -------------------------------------------------------------------
-    def release(self, node: str, reason: str, actor: str) -> None:
-        """Return a node to service (an operator's decision, recorded as theirs)."""
+    def release(self, node: str, reason: str, actor: str) -> dict | None:
+        """Return a node to service (an operator's decision, recorded as theirs).
+
+        Returns the backend's decision (Slurm: released / not_drained); a refusal (Slurm: a node
+        an operator or Slurm drained or downed) is audited as `failover.release_refused` and raised.
+        """
         if self.dry_run:
             self.audit.append("failover.release", f"dry-run: would release ({reason})", actor=actor, node=node,
                               payload={"dry_run": True})
-            return
-        self.scheduler.release(node, reason)
-        self.audit.append("failover.release", reason, actor=actor, node=node, payload={"dry_run": False})
+            return None
+        try:
+            decision = self.scheduler.release(node, reason)
+        except AidcError as exc:
+            refused = getattr(exc, "decision", None)
+            self.audit.append("failover.release_refused", str(exc), actor=actor, node=node,
+                              payload={"dry_run": False, "reason": reason,
+                                       "decision": refused.to_dict() if refused else None})
+            raise
+        described = decision.to_dict() if hasattr(decision, "to_dict") else None
+        self.audit.append("failover.release", reason, actor=actor, node=node,
+                          payload={"dry_run": False, "decision": described})
         self.store.set_node_state(node, "in_service", reason, actor)
+        return described
 
 
 def _with_warning(reason: str, warning: str | None) -> str:

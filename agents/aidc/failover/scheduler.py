@@ -1,8 +1,9 @@
 """Scheduler backends: how failover takes a node out of service and gives it back.
 
-The lab backend is here; Slurm (`scontrol update state=drain`) and Kubernetes (cordon +
-eviction) implement the same protocol later. Every method is idempotent, because a
-restarted controller may repeat a call whose result it did not get to record.
+The lab backend is here; Slurm (`aidc.failover.slurm`, `scontrol update state=drain`) and
+Kubernetes (cordon + eviction, later) implement the same protocol; `aidc.failover.backends`
+opens one by the spec's `scheduler:` name. Every method is idempotent, because a restarted
+controller may repeat a call whose result it did not get to record.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from typing import Protocol, runtime_checkable
 class SchedulerBackend(Protocol):
     name: str
 
-    def quarantine(self, node: str, reason: str) -> str | None:
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         """Stop new work on the node and stop its current work (drain). Idempotent.
 
+        `event` names what asked for it (a fault event id, a runbook run), recorded with the
+        drain where the backend can, so a restarted controller recognises its own drain.
         Returns what a best-effort step after the drain could not do (None when all went
         well); the node is out of service either way. Raises when the drain itself fails.
         """
         ...
 
-    def release(self, node: str, reason: str) -> None:
-        """Return the node to service. Idempotent."""
+    def release(self, node: str, reason: str) -> object:
+        """Return the node to service. Idempotent. A backend that refuses (Slurm: a node aidc did
+        not drain) raises an AidcError saying why; what it returns, if anything, is audited."""
         ...
 
     def state(self, node: str) -> str:
@@ -58,9 +62,9 @@ class LabScheduler:
             raise KeyError(f"no lab node {node!r} under {self.lab_dir / 'nodes'}")
         return path
 
-    def quarantine(self, node: str, reason: str) -> str | None:
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         d = self._node_dir(node)
-        (d / "quarantined").write_text(json.dumps({"reason": reason, "at": time.time()}))
+        (d / "quarantined").write_text(json.dumps({"reason": reason, "event": event, "at": time.time()}))
         for pgid in self.process_groups(node):
             try:
                 os.killpg(pgid, signal.SIGKILL)

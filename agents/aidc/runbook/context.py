@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from aidc.audit.log import AuditLog
-from aidc.errors import AidcError
-from aidc.failover.scheduler import LabScheduler, SchedulerBackend
+from aidc.audit.log import AuditLog, default_actor
+from aidc.failover.backends import open_scheduler
+from aidc.failover.scheduler import SchedulerBackend
 from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics, LogNotifier, StageBurninRunner
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
@@ -27,11 +27,10 @@ class EngineOptions:
     inventory: Path | None = None
 
 
-def scheduler_for(spec: ClusterSpec, lab_dir: Path) -> SchedulerBackend:
-    if spec.scheduler == "lab":
-        return LabScheduler(lab_dir)
-    # Slurm and Kubernetes backends implement the same protocol (aidc.failover) when they land.
-    raise AidcError(f"scheduler {spec.scheduler!r} has no backend in this build; the lab scheduler is available")
+def scheduler_for(spec: ClusterSpec, lab_dir: Path, audit: AuditLog | None = None) -> SchedulerBackend:
+    # The runbook's quarantine steps stop the lab node but leave the rendezvous to notice by
+    # itself (the failover controller is the one that tells it at once).
+    return open_scheduler(spec, lab_dir, audit=audit, actor=default_actor("runbook"), tell_rendezvous=False)
 
 
 def agent_url_for(spec: ClusterSpec):
@@ -47,13 +46,14 @@ def agent_url_for(spec: ClusterSpec):
 def build_engine(opts: EngineOptions) -> Engine:
     spec = load_stack(opts.stack)
     catalog = Catalog.load(opts.runbooks)
+    audit = AuditLog(opts.audit_db)
     actuators = Actuators(
-        scheduler=scheduler_for(spec, opts.lab_dir),
+        scheduler=scheduler_for(spec, opts.lab_dir, audit),
         metrics=HttpMetrics(opts.prometheus, agent_url_for(spec)),
         playbooks=AnsiblePlaybookRunner(project_root() / "playbooks",
                                         opts.inventory or project_root() / "playbooks" / "inventory" / "aidc_spec.sh"),
         burnin=StageBurninRunner(spec, opts.lab_dir),
         notifier=LogNotifier(opts.notify_file),
     )
-    return Engine(catalog=catalog, state=RunState(opts.state_db), audit=AuditLog(opts.audit_db),
+    return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,
                   actuators=actuators, nodes=[n.name for n in spec.nodes()], policy=spec.policy)

@@ -224,7 +224,14 @@ class Engine:
         return None
 
     def _unavailable(self, db, run: RunRow) -> set[str]:
-        out = {n for n in self.nodes if scheduler_state(self.actuators, n) == "quarantined"}
+        # A backend that knows the cluster-wide out-of-service set (Slurm) answers from the
+        # scheduler's truth in one call, so runbook engines and failover controllers on other
+        # hosts count the same nodes.
+        wide = getattr(self.actuators.scheduler, "out_of_service", None)
+        if wide is not None:
+            out = set(wide()) & set(self.nodes)
+        else:
+            out = {n for n in self.nodes if scheduler_state(self.actuators, n) == "quarantined"}
         return out | set(self.state.running_quarantines(db, run.id))
 
     def _blast_radius(self, db, run: RunRow) -> str | None:

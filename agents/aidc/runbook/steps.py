@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators, expectation_met
 from aidc.runbook.catalog import Runbook, Step, expand
 
@@ -88,7 +89,7 @@ def run_quarantine(ctx: StepContext) -> tuple[bool, dict]:
     before = scheduler_state(ctx.actuators, ctx.node)
     # A backend reports what a best-effort part of the drain could not do (the rendezvous
     # eviction, say): the node is out either way, and the warning goes into the audited result.
-    warning = ctx.actuators.scheduler.quarantine(ctx.node, ctx.params["reason"])
+    warning = ctx.actuators.scheduler.quarantine(ctx.node, ctx.params["reason"], event=f"run-{ctx.run_id}")
     after = scheduler_state(ctx.actuators, ctx.node)
     result = {"scheduler": ctx.actuators.scheduler.name, "before": before, "after": after}
     if warning:
@@ -98,9 +99,20 @@ def run_quarantine(ctx: StepContext) -> tuple[bool, dict]:
 
 def run_release(ctx: StepContext) -> tuple[bool, dict]:
     before = scheduler_state(ctx.actuators, ctx.node)
-    ctx.actuators.scheduler.release(ctx.node, ctx.params["reason"])
+    # A backend that will not release (Slurm: a node aidc did not drain) raises an AidcError
+    # naming its decision; the engine fails the step with that message.
+    result = {"scheduler": ctx.actuators.scheduler.name, "before": before}
+    try:
+        decision = ctx.actuators.scheduler.release(ctx.node, ctx.params["reason"])
+    except AidcError as exc:
+        refused = getattr(exc, "decision", None)
+        if refused is None:
+            raise
+        return False, {**result, "after": before, "error": str(exc), "decision": refused.to_dict()}
     after = scheduler_state(ctx.actuators, ctx.node)
-    return after == "in_service", {"scheduler": ctx.actuators.scheduler.name, "before": before, "after": after}
+    if hasattr(decision, "to_dict"):
+        result["decision"] = decision.to_dict()
+    return after == "in_service", {**result, "after": after}
 
 
 def run_playbook(ctx: StepContext) -> tuple[bool, dict]:

@@ -1,0 +1,47 @@
+"""Scheduler backends by name: the spec's `scheduler:` picks one, every caller opens it here.
+
+`aidc failover` and `aidc runbook` (and the lab) call `open_scheduler`, so a new backend is
+one entry in BACKENDS, not a change in each command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from aidc.errors import AidcError
+from aidc.failover.scheduler import SchedulerBackend
+
+
+class BackendUnavailable(AidcError):
+    """The spec names a scheduler this build has no backend for."""
+
+
+def _open_lab(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> SchedulerBackend:
+    if tell_rendezvous:
+        from aidc.lab.cluster import lab_scheduler
+
+        return lab_scheduler(lab_dir)
+    from aidc.failover.scheduler import LabScheduler
+
+    return LabScheduler(lab_dir)
+
+
+def _open_slurm(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> SchedulerBackend:
+    from aidc.failover.slurm import SlurmScheduler
+
+    return SlurmScheduler.from_spec(spec, audit=audit, actor=actor)
+
+
+BACKENDS: dict[str, Callable[..., SchedulerBackend]] = {"lab": _open_lab, "slurm": _open_slurm}
+
+
+def open_scheduler(spec, lab_dir: str | Path = ".aidc/lab", audit=None, actor: str = "aidc",
+                   tell_rendezvous: bool = True) -> SchedulerBackend:
+    """The backend for `spec.scheduler`. `audit` (an AuditLog) records every change a backend makes
+    to its scheduler (Slurm); `tell_rendezvous` (lab) evicts a quarantined node from the rendezvous."""
+    opener = BACKENDS.get(spec.scheduler)
+    if opener is None:
+        raise BackendUnavailable(f"scheduler {spec.scheduler!r} has no backend in this build "
+                                 f"(available: {', '.join(sorted(BACKENDS))})")
+    return opener(spec, Path(lab_dir), audit, actor, tell_rendezvous)

@@ -1,0 +1,466 @@
+"""The Slurm scheduler backend: quarantine is a drain, release a resume, state is what Slurm says.
+
+Every Slurm call is an argv list (never a shell) run with the spec's SLURM_CONF and a timeout;
+every call that changes Slurm is audited with its argv and outcome, and a failing call raises
+`SlurmError` with one clear line (also audited).
+
+Ownership of a drain is carried by Slurm itself: aidc writes reasons of the form
+`aidc: <reason> (event <id>)`, so a restarted controller, or one on another host, recognises
+its own drains, and a node an operator or Slurm drained or downed is never resumed by aidc.
+
+Quarantine stops the node's part of the running jobs so training can move on (a drain alone
+only stops *new* work): a job step that runs only on the node is cancelled (the job and its
+steps on other nodes keep running: the one-`srun`-per-node layout of elastic training); a
+step spanning several nodes cannot be cut in part, so its job is requeued when it allows that,
+otherwise the step is cancelled; a job whose batch script runs on the node is requeued when it
+allows that, otherwise left running and reported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from aidc.errors import AidcError
+
+AIDC_PREFIX = "aidc:"
+# Slurm node names as aidc accepts them: a plain host name. Hostlist syntax (`gpu-[0-3]`,
+# commas) is refused so one call can never drain a range by accident.
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# The whole drain reason Slurm stores; longer reasons are cut, with a note, to keep `sinfo -R`
+# readable and the argv bounded.
+MAX_REASON = 200
+EVENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+_OWN_REASON = re.compile(r"^aidc: (?P<text>.*?)(?: \(event (?P<event>[A-Za-z0-9_.:-]+)\))?$", re.S)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# Base node states (scontrol upper case, sinfo long/short lower case) and the suffix
+# characters sinfo/scontrol append for flags.
+_SUFFIX_FLAGS = {"*": "NOT_RESPONDING", "~": "POWERED_DOWN", "#": "POWERING_UP", "%": "POWERING_DOWN",
+                 "!": "POWER_DOWN", "$": "MAINTENANCE", "@": "REBOOT_REQUESTED", "^": "REBOOT_ISSUED",
+                 "-": "PLANNED"}
+# sinfo's long/short names that fold a flag into the state name.
+_SINFO_ALIASES = {
+    "drained": ("IDLE", {"DRAIN"}), "drain": ("IDLE", {"DRAIN"}),
+    "draining": ("ALLOCATED", {"DRAIN"}), "drng": ("ALLOCATED", {"DRAIN"}),
+    "alloc": ("ALLOCATED", set()), "allocated": ("ALLOCATED", set()),
+    "mix": ("MIXED", set()), "mixed": ("MIXED", set()),
+    "comp": ("COMPLETING", set()), "completing": ("IDLE", {"COMPLETING"}),
+    "fail": ("DOWN", {"FAIL"}), "failing": ("ALLOCATED", {"FAIL"}),
+    "maint": ("IDLE", {"MAINTENANCE"}), "resv": ("IDLE", {"RESERVED"}), "reserved": ("IDLE", {"RESERVED"}),
+    "inval": ("DOWN", {"INVALID_REG"}), "npc": ("IDLE", {"PERFCTRS"}),
+}
+_BASE_STATES = {"IDLE", "ALLOCATED", "MIXED", "DOWN", "UNKNOWN", "FUTURE", "ERROR", "COMPLETING", "END"}
+
+
+class SlurmError(AidcError):
+    """A Slurm client call failed, timed out, or was refused before it ran."""
+
+    exit_code = 1
+
+
+class ReleaseRefused(AidcError):
+    """aidc will not resume this node: it did not drain it (see `decision`)."""
+
+    exit_code = 3
+
+    def __init__(self, decision: "ReleaseDecision"):
+        self.decision = decision
+        super().__init__(decision.detail)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node as Slurm reports it."""
+    name: str
+    base: str                       # IDLE, ALLOCATED, MIXED, DOWN, UNKNOWN, FUTURE, ...
+    flags: frozenset = frozenset()  # DRAIN, NOT_RESPONDING, FAIL, COMPLETING, ...
+    reason: str = ""
+    reason_by: str = ""             # who set the reason (scontrol's [user@time])
+    raw_state: str = ""
+
+    @property
+    def drained(self) -> bool:
+        """Drain requested (DRAINING or DRAINED): no new work goes there."""
+        return "DRAIN" in self.flags
+
+    @property
+    def down(self) -> bool:
+        return self.base == "DOWN" or "FAIL" in self.flags
+
+    @property
+    def drained_by_aidc(self) -> bool:
+        return self.drained and self.reason.startswith(AIDC_PREFIX)
+
+    @property
+    def aidc_event(self) -> str | None:
+        m = _OWN_REASON.match(self.reason) if self.reason.startswith(AIDC_PREFIX) else None
+        return m.group("event") if m else None
+
+    @property
+    def out_of_service(self) -> bool:
+        return self.drained or self.down
+
+    @property
+    def why_out(self) -> str | None:
+        """`aidc`, `operator_drain`, `down`, or None (in service)."""
+        if self.down:
+            return "down"
+        if self.drained:
+            return "aidc" if self.drained_by_aidc else "operator_drain"
+        return None
+
+    def to_dict(self) -> dict:
+        return {"node": self.name, "state": self.raw_state, "base": self.base, "flags": sorted(self.flags),
+                "reason": self.reason, "reason_by": self.reason_by, "why_out": self.why_out}
+
+
+@dataclass(frozen=True)
+class ReleaseDecision:
+    node: str
+    decision: str          # released | not_drained | operator_drain | down
+    detail: str
+    state: str = ""
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "decision": self.decision, "detail": self.detail, "state": self.state,
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class JobAction:
+    """What quarantine did to one job step on the drained node."""
+    target: str            # job id or job.step
+    action: str            # cancelled_step | requeued_job | left_running
+    why: str
+    ok: bool = True
+    error: str = ""
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+def parse_state(text: str) -> tuple[str, frozenset]:
+    """`IDLE+DRAIN`, `MIXED+DRAIN`, `DOWN*`, `IDLE+NOT_RESPONDING`, `drained`, `idle*`, `draining`
+    ... -> (base state, flags). Unknown words become flags, so nothing is silently dropped."""
+    text = text.strip()
+    if not text:
+        raise SlurmError("empty node state from Slurm")
+    flags: set[str] = set()
+    parts = text.split("+")
+    head, rest = parts[0], parts[1:]
+    while head and head[-1] in _SUFFIX_FLAGS:
+        flags.add(_SUFFIX_FLAGS[head[-1]])
+        head = head[:-1]
+    lower = head.lower()
+    if lower in _SINFO_ALIASES:
+        base, extra = _SINFO_ALIASES[lower]
+        flags |= extra
+    else:
+        base = head.upper()
+        if base == "ALLOC":
+            base = "ALLOCATED"
+        if base == "DRAIN":  # scontrol shows a drained node with no base as plain DRAIN in old versions
+            base, flags = "IDLE", flags | {"DRAIN"}
+        if base not in _BASE_STATES:
+            flags.add(base)
+            base = "UNKNOWN"
+    for word in rest:
+        while word and word[-1] in _SUFFIX_FLAGS:
+            flags.add(_SUFFIX_FLAGS[word[-1]])
+            word = word[:-1]
+        if word:
+            flags.add(word.upper())
+    return base, frozenset(flags)
+
+
+_FIELD_START = re.compile(r"\s+(?=[A-Z][A-Za-z_]*=)")
+
+
+def parse_node_line(line: str) -> NodeStatus:
+    """One line of `scontrol show node -o`. Values may hold spaces (OS=, Reason=): Reason is cut
+    out first (it ends at its `[user@time]` stamp), then fields split where `Key=` starts."""
+    reason, by = "", ""
+    m = re.search(r"(?:^|\s)Reason=(?P<reason>.*?) \[(?P<by>[^\]@]*)@[0-9T:-]+\]", line)
+    if m is None:
+        m = re.search(r"(?:^|\s)Reason=(?P<reason>.*)$", line)
+    if m is not None:
+        reason, by = m.group("reason").strip(), (m.groupdict().get("by") or "")
+        line = line[:m.start()] + " " + line[m.end():]
+    fields = {}
+    for part in _FIELD_START.split(line.strip()):
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key] = value.strip()
+    if "NodeName" not in fields or "State" not in fields:
+        raise SlurmError(f"cannot read Slurm's node line (no NodeName/State): {line[:120]!r}")
+    base, flags = parse_state(fields["State"])
+    return NodeStatus(fields["NodeName"], base, flags, "" if reason == "(null)" else reason, by, fields["State"])
+
+
+# --- input checks -------------------------------------------------------------------------
+
+
+def check_node_name(node: str) -> str:
+    if not isinstance(node, str) or not NODE_NAME.match(node):
+        shown = repr(node)[:80]
+        raise SlurmError(f"refusing node name {shown}: a Slurm node name is 1-63 letters, digits, '-', '_' or '.' "
+                         "(no spaces, shell characters, hostlist ranges or newlines)")
+    return node
+
+
+def drain_reason(reason: str, event: str | None) -> tuple[str, str | None]:
+    """The reason aidc writes into Slurm, and a note when it had to change what it was given.
+
+    Control characters (newlines included) become spaces; the result is cut to MAX_REASON
+    characters with the event suffix kept, so ownership is never lost to truncation.
+    """
+    if event is not None and not EVENT_ID.match(str(event)):
+        raise SlurmError(f"refusing event id {str(event)[:60]!r}: letters, digits, '-', '_', '.', ':' only")
+    notes = []
+    text = str(reason)
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(" ", text)
+        notes.append("control characters (newlines) in the reason were replaced by spaces")
+    text = " ".join(text.split()) or "no reason given"
+    suffix = f" (event {event})" if event is not None else ""
+    room = MAX_REASON - len(AIDC_PREFIX) - 1 - len(suffix)
+    if len(text) > room:
+        notes.append(f"reason of {len(text)} characters cut to {room}")
+        text = text[:room - 3] + "..."
+    return f"{AIDC_PREFIX} {text}{suffix}", ("; ".join(notes) or None)
+
+
+# --- the backend ----------------------------------------------------------------------------
+
+
+@dataclass
+class SlurmScheduler:
+    """`SchedulerBackend` for an existing Slurm cluster, through its client tools."""
+
+    conf: str | None = None
+    bin_dir: str | None = None
+    command_timeout_s: float = 10.0
+    audit: object | None = None           # aidc.audit.AuditLog: every change to Slurm is recorded
+    actor: str = "aidc-slurm"
+    nodes: list[str] | None = None        # the spec's nodes: out_of_service() reports only these
+    count_down_nodes: bool = True
+    name: str = field(default="slurm", init=False)
+
+    @classmethod
+    def from_spec(cls, spec, audit=None, actor: str = "aidc-slurm") -> "SlurmScheduler":
+        s = spec.slurm
+        return cls(conf=s.conf, bin_dir=s.bin_dir, command_timeout_s=s.command_timeout_s, audit=audit,
+                   actor=actor, nodes=[n.name for n in spec.nodes()],
+                   count_down_nodes=spec.policy.count_down_nodes)
+
+    # -- the protocol ----------------------------------------------------------------
+    def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
+        """Drain the node (unless it is out already) and stop its part of running jobs.
+
+        Returns notes on what was left as it was (an operator's drain, a down node, a job that
+        could not be stopped, a reason that was cut); raises SlurmError when the drain fails.
+        """
+        check_node_name(node)
+        full_reason, note = drain_reason(reason, event)
+        before = self.node(node)
+        notes = [note] if note else []
+        if before.drained_by_aidc:
+            notes.append(f"already drained by aidc ({before.reason!r}): no second drain")
+        elif before.drained:
+            # Never overwrite an operator's (or Slurm's) reason: it is how humans track the node.
+            notes.append(f"already drained by someone else ({before.reason!r}, by {before.reason_by or '?'}): "
+                         "left as it is; aidc will not resume it")
+        elif before.down:
+            notes.append(f"node is {before.raw_state} ({before.reason or 'no reason'}): out of service already; "
+                         "not drained over Slurm's reason")
+        else:
+            self._change(["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={full_reason}"],
+                         node, "drain", {"event": event, "reason": full_reason})
+        actions = self.stop_node_work(node)
+        notes += [f"{a.target}: {a.action} failed: {a.error}" if not a.ok else f"{a.target}: {a.action} ({a.why})"
+                  for a in actions if not a.ok or a.action == "left_running"]
+        return "; ".join(notes) or None
+
+    def release(self, node: str, reason: str) -> ReleaseDecision:
+        """Resume the node only if aidc drained it. Raises ReleaseRefused otherwise (audited)."""
+        check_node_name(node)
+        st = self.node(node)
+        if st.down:
+            decision = ReleaseDecision(node, "down", f"{node} is {st.raw_state} ({st.reason or 'no reason'}): "
+                                       "Slurm or an operator took it down; aidc never resumes it", st.raw_state, st.reason)
+        elif st.drained and not st.drained_by_aidc:
+            decision = ReleaseDecision(node, "operator_drain",
+                                       f"{node} was drained by {st.reason_by or 'someone else'} ({st.reason!r}), "
+                                       "not by aidc; aidc never resumes it", st.raw_state, st.reason)
+        elif not st.drained:
+            decision = ReleaseDecision(node, "not_drained", f"{node} is {st.raw_state}: in service already",
+                                       st.raw_state, st.reason)
+        else:
+            self._change(["scontrol", "update", f"NodeName={node}", "State=RESUME"], node, "resume",
+                         {"was": st.reason, "why": " ".join(_CONTROL.sub(" ", str(reason)).split())[:MAX_REASON]})
+            decision = ReleaseDecision(node, "released", f"{node} resumed (was drained: {st.reason!r})",
+                                       st.raw_state, st.reason)
+        self._audit("slurm.release", decision.detail, node, decision.to_dict())
+        if decision.decision in ("down", "operator_drain"):
+            raise ReleaseRefused(decision)
+        return decision
+
+    def state(self, node: str) -> str:
+        check_node_name(node)
+        return "quarantined" if self.node(node).out_of_service else "in_service"
+
+    # -- what Slurm says ----------------------------------------------------------------
+    def node(self, node: str) -> NodeStatus:
+        check_node_name(node)
+        out = self._query(["scontrol", "show", "node", "-o", node], not_found=f"Slurm has no node {node!r}")
+        for line in out.splitlines():
+            if line.strip():
+                st = parse_node_line(line)
+                if st.name == node:
+                    return st
+        raise SlurmError(f"Slurm has no node {node!r}")
+
+    def all_nodes(self) -> list[NodeStatus]:
+        out = self._query(["scontrol", "show", "node", "-o"])
+        return [parse_node_line(line) for line in out.splitlines() if line.strip() and "NodeName=" in line]
+
+    def out_of_service(self) -> dict[str, NodeStatus]:
+        """The cluster-wide out-of-service set the blast radius counts: nodes aidc drained, plus
+        down nodes when policy.count_down_nodes. An operator's drain is planned work and is not
+        counted. Limited to the spec's nodes when given."""
+        wanted = set(self.nodes) if self.nodes is not None else None
+        out = {}
+        for st in self.all_nodes():
+            if wanted is not None and st.name not in wanted:
+                continue
+            if st.why_out == "aidc" or (st.why_out == "down" and self.count_down_nodes):
+                out[st.name] = st
+        return out
+
+    # -- stopping the node's part of the jobs ----------------------------------------------
+    def stop_node_work(self, node: str) -> list[JobAction]:
+        check_node_name(node)
+        steps = self._query(["squeue", "-h", "-s", "-w", node, "-o", "%i|%N"])
+        actions: list[JobAction] = []
+        requeued: set[str] = set()
+        for line in steps.splitlines():
+            step_id, _, nodelist = line.strip().partition("|")
+            if not step_id or "." not in step_id:
+                continue
+            job, _, step = step_id.partition(".")
+            if job in requeued or step == "extern":
+                continue  # the extern step is Slurm's own; it ends with the job
+            single = nodelist.strip() == node
+            if single and step != "batch":
+                actions.append(self._cancel_step(step_id, node, "the step runs only on this node"))
+                continue
+            info = self._job(job)
+            if info.get("Requeue") == "1":
+                actions.append(self._requeue(job, node, "its batch script runs on this node" if step == "batch"
+                                             else f"step {step_id} spans {nodelist}"))
+                requeued.add(job)
+            elif step == "batch":
+                actions.append(JobAction(job, "left_running", "its batch script runs on this node and the job "
+                                         "is not requeueable; cancel or requeue it by hand"))
+            else:
+                actions.append(self._cancel_step(step_id, node, f"step spans {nodelist} and the job is not "
+                                                 "requeueable: the whole step is cancelled"))
+        return actions
+
+    def _cancel_step(self, step_id: str, node: str, why: str) -> JobAction:
+        try:
+            self._change(["scancel", step_id], node, "cancel_step", {"step": step_id, "why": why},
+                         gone_ok="Invalid job id")
+        except SlurmError as exc:
+            return JobAction(step_id, "cancelled_step", why, False, str(exc))
+        return JobAction(step_id, "cancelled_step", why)
+
+    def _requeue(self, job: str, node: str, why: str) -> JobAction:
+        try:
+            self._change(["scontrol", "requeue", job], node, "requeue_job", {"job": job, "why": why},
+                         gone_ok="Invalid job id")
+        except SlurmError as exc:
+            return JobAction(job, "requeued_job", why, False, str(exc))
+        return JobAction(job, "requeued_job", why)
+
+    def _job(self, job: str) -> dict:
+        out = self._query(["scontrol", "show", "job", "-o", job], not_found="")
+        fields = {}
+        for part in _FIELD_START.split(out.strip()):
+            key, sep, value = part.partition("=")
+            if sep:
+                fields[key] = value
+        return fields
+
+    # -- running the client tools ---------------------------------------------------------
+    def _argv(self, argv: list[str]) -> list[str]:
+        tool = argv[0]
+        path = os.path.join(self.bin_dir, tool) if self.bin_dir else shutil.which(tool)
+        if not path or not os.access(path, os.X_OK):
+            where = f"in {self.bin_dir}" if self.bin_dir else "on PATH"
+            raise SlurmError(f"Slurm's {tool} is not installed {where} (slurm.bin_dir in the stack file)")
+        return [path, *argv[1:]]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.conf:
+            env["SLURM_CONF"] = self.conf
+        return env
+
+    def _exec(self, argv: list[str]) -> subprocess.CompletedProcess:
+        full = self._argv(argv)
+        try:
+            return subprocess.run(full, env=self._env(), capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=self.command_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"`{' '.join(argv[:4])}` did not answer within {self.command_timeout_s:g} s "
+                             "(is slurmctld up?)") from None
+        except OSError as exc:
+            raise SlurmError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+
+    def _query(self, argv: list[str], not_found: str | None = None) -> str:
+        proc = self._exec(argv)
+        if proc.returncode != 0:
+            err = _first_line(proc.stderr) or _first_line(proc.stdout)
+            if not_found is not None and re.search(r"not found|Invalid (node name|job id)", err, re.I):
+                if not_found:
+                    raise SlurmError(not_found)
+                return ""
+            raise SlurmError(f"`{' '.join(argv[:4])}` failed (exit {proc.returncode}): {err or 'no message'}")
+        return proc.stdout
+
+    def _change(self, argv: list[str], node: str, what: str, payload: dict, gone_ok: str | None = None) -> None:
+        """Run one call that changes Slurm; audit it either way."""
+        started = time.monotonic()
+        try:
+            proc = self._exec(argv)
+        except SlurmError as exc:
+            self._audit("slurm.error", f"{what} on {node}: {exc}", node, {**payload, "argv": argv, "error": str(exc)})
+            raise
+        err = _first_line(proc.stderr)
+        took = round((time.monotonic() - started) * 1000, 1)
+        if proc.returncode != 0 and not (gone_ok and gone_ok.lower() in err.lower()):
+            msg = f"`{' '.join(argv[:4])}` failed (exit {proc.returncode}): {err or 'no message'}"
+            self._audit("slurm.error", f"{what} on {node}: {msg}", node,
+                        {**payload, "argv": argv, "rc": proc.returncode, "error": err, "duration_ms": took})
+            raise SlurmError(msg)
+        gone = proc.returncode != 0
+        self._audit("slurm.command", f"{what} on {node}" + (" (already gone)" if gone else ""), node,
+                    {**payload, "argv": argv, "rc": proc.returncode, "duration_ms": took,
+                     **({"note": err} if gone else {})})
+
+    def _audit(self, kind: str, reason: str, node: str, payload: dict) -> None:
+        if self.audit is not None:
+            self.audit.append(kind, reason, actor=self.actor, node=node, payload=payload)
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    # scontrol often prints a generic line first and the cause after; keep both, briefly.
+    return " / ".join(lines[:2])[:300]
