@@ -56,7 +56,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     from aidc.failover.lease import Lease
 
     ctl = _controller(stack, lab_dir, dry_run, create=True)
-    if ctl.scheduler.name == "lab":
+    if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
         # on the failover path.
         import torch.distributed  # noqa: F401

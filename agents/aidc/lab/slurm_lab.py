@@ -19,6 +19,7 @@ changes is who runs the training and who takes a node out of service:
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -49,7 +50,11 @@ class SlurmLabCluster(LabCluster):
     def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, stack: str = "lab"):
         super().__init__(spec, lab_dir)
         self.stack = stack
-        self.slurm = LocalSlurm(self.dir / "slurm", [SlurmNode(n.name, n.gpus) for n in self.nodes])
+        # Spares first: Slurm runs a job's batch script on the first node of its allocation, in
+        # slurm.conf order, and the node a fault drains should be one that only trains (a drained
+        # batch host cannot be cut out of the job; its script is left running, or the job requeued).
+        ordered = sorted(self.nodes, key=lambda n: not n.spare)
+        self.slurm = LocalSlurm(self.dir / "slurm", [SlurmNode(n.name, n.gpus) for n in ordered])
 
     @property
     def stack_view(self) -> Path:
@@ -104,6 +109,8 @@ class SlurmLabCluster(LabCluster):
         out = self.slurm.run(
             "sbatch", "--parsable", f"--job-name={JOB_NAME}", f"--nodes={len(nodes)}", f"--nodelist={','.join(nodes)}",
             "--ntasks-per-node=1", f"--gres=gpu:{gpus}", f"--chdir={self.dir}", "--export=ALL",
+            # Elastic training replaces a node in place; a requeue would restart every node.
+            "--no-requeue",
             f"--output={self.dir / 'logs' / 'train-job.log'}", str(self.job_script))
         job_id = out.stdout.strip().split(";")[0]
         data = self.info()
@@ -147,12 +154,22 @@ class SlurmLabCluster(LabCluster):
         return reason or None
 
 
-def lab_slurm_scheduler(lab_dir: str | os.PathLike, spec: ClusterSpec):
-    """The Slurm backend for the lab's private Slurm, telling the rendezvous at once about a
-    quarantine (as `lab_scheduler` does): drain + cancel the node's step, then evict."""
+def lab_slurm_scheduler(lab_dir: str | os.PathLike, spec: ClusterSpec, audit=None, actor: str = "aidc-slurm"):
+    """The Slurm backend for a lab's private Slurm, or None when `spec` is not that lab's view.
+
+    It tells the rendezvous at once about a quarantine, as `lab_scheduler` does: drain and cancel
+    the node's step (SlurmScheduler), then evict the node from the rendezvous."""
     from aidc.failover.slurm import SlurmScheduler
 
-    return EvictingScheduler(SlurmScheduler(spec.slurm), lambda node: evict_from_rendezvous(Path(lab_dir), node))
+    lab_dir = Path(lab_dir)
+    try:
+        recorded = json.loads((lab_dir / "lab.json").read_text()).get("slurm") or {}
+    except (OSError, ValueError):
+        return None
+    if not spec.slurm.conf or recorded.get("conf") != spec.slurm.conf:
+        return None
+    return EvictingScheduler(SlurmScheduler.from_spec(spec, audit=audit, actor=actor),
+                             lambda node: evict_from_rendezvous(lab_dir, node))
 
 
 class EvictingScheduler:
@@ -162,8 +179,8 @@ class EvictingScheduler:
         self.inner, self.on_quarantine = inner, on_quarantine
         self.name = inner.name
 
-    def quarantine(self, node: str, reason: str) -> str | None:
-        problem = self.inner.quarantine(node, reason)
+    def quarantine(self, node: str, reason: str, **kwargs) -> str | None:
+        problem = self.inner.quarantine(node, reason, **kwargs)
         try:
             self.on_quarantine(node)
         except Exception as exc:  # the node is out of service already; heartbeat expiry drops it later
@@ -171,8 +188,8 @@ class EvictingScheduler:
             return f"{problem}; {hook}" if problem else hook
         return problem
 
-    def release(self, node: str, reason: str) -> None:
-        self.inner.release(node, reason)
+    def release(self, node: str, reason: str):
+        return self.inner.release(node, reason)
 
     def state(self, node: str) -> str:
         return self.inner.state(node)
