@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class SlurmLabCluster(LabCluster):
         except SlurmLabError as exc:
             raise LabError(str(exc)) from None
 
-    def start_controller(self, stack: str) -> "subprocess.Popen":  # noqa: F821 - typing only
+    def start_controller(self, stack: str) -> subprocess.Popen:
         return super().start_controller(str(self.stack_view))
 
     # -- the training job ---------------------------------------------------------------
@@ -141,14 +142,9 @@ class SlurmLabCluster(LabCluster):
             return False
         return bool(self.slurm.run("squeue", "-h", "-j", job, check=False).stdout.strip())
 
-    def job_steps(self) -> dict[str, str]:
-        """Running steps of the training job: step id -> node list (`1.batch` included)."""
-        job = self.job_id()
-        out = self.slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i %N", check=False).stdout if job else ""
-        return dict(line.split(None, 1) for line in out.splitlines() if " " in line)
-
     def drain_reason(self, node: str) -> str | None:
-        """The node's reason exactly as `sinfo -R` shows it (full width), or None when not drained."""
+        """The node's reason exactly as `sinfo -R` shows it (its REASON column at full width: the
+        default format cuts it to 20 characters), or None when the node has no reason."""
         out = self.slurm.run("sinfo", "-R", "-h", "-N", "-n", node, "-o", "%E", check=False).stdout
         reason = out.rstrip("\n")
         return reason or None
