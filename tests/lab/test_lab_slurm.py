@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from aidc.failover.scheduler import LabScheduler
-from aidc.lab.cluster import LabCluster
+from aidc.lab.cluster import LabCluster, LabError
+from aidc.lab.run import LabRun
 from aidc.lab.slurm_lab import EvictingScheduler, SlurmLabCluster
 from aidc.spec import load_stack
 
@@ -88,6 +90,20 @@ def test_lab_down_stops_the_slurm_and_the_job_a_killed_run_left_behind(aidc_cli,
     assert lab_processes(cluster.dir) == []
 
 
+def test_a_training_job_that_ends_before_training_starts_fails_the_lab_at_once(tmp_path, slurm_runnable):
+    run = LabRun(load_stack("lab"), "lab", tmp_path / "lab", progress=lambda _: None, scheduler="slurm")
+    run.cluster._step_line = lambda node, spare: "false &"  # every node's step fails at once
+    run.cluster.create()
+    try:
+        run.cluster.start_slurm()
+        # Said as soon as Slurm has ended the job, not as the warm-up's timeout.
+        with pytest.raises(LabError, match=r"training job 1 ended before training started: see .*train-job.log"):
+            run.start_training()
+    finally:
+        run.cluster.stop()
+    assert lab_processes(run.cluster.dir) == []
+
+
 @pytest.mark.slow
 def test_lab_loop_on_slurm_drains_the_faulty_node_and_finishes_on_the_spare(aidc_cli, tmp_path, slurm_runnable):
     lab_dir = tmp_path / "lab"
@@ -109,9 +125,17 @@ def test_lab_loop_on_slurm_drains_the_faulty_node_and_finishes_on_the_spare(aidc
     trace = (lab_dir / "train" / "trace-gpu-spare-0.log").read_text()
     assert "in Slurm step" in trace and "on gpu-spare-0, CUDA_VISIBLE_DEVICES=0,1" in trace
 
-    # The drain and the quarantine are in the verified audit log.
-    kinds = {r["kind"] for r in json.loads((lab_dir / "report" / "report.json").read_text())["records"]}
+    # The drain and the quarantine are in the verified audit log: aidc changed Slurm twice, a drain
+    # of the victim and a cancel of its one step; the job (its batch script on the spare) ran on.
+    records = json.loads((lab_dir / "report" / "report.json").read_text())["records"]
+    kinds = {r["kind"] for r in records}
     assert {"failover.decision", "failover.action", "lab.inject", "lab.resume", "lab.summary"} <= kinds
+    changes = [(r["node"], r["payload"]["argv"]) for r in records if r["kind"] == "slurm.command"]
+    assert [(node, argv[:2]) for node, argv in changes] == [(summary["victim"], ["scontrol", "update"]),
+                                                            (summary["victim"], ["scancel", changes[1][1][1]])]
+    assert f"Reason={summary['drain_reason']}" in changes[0][1]
+    assert re.fullmatch(r"\d+\.\d+", changes[1][1][1])  # one step (job.step), never the whole job
+    assert "Launching batch job" in (lab_dir / "slurm" / "log" / "slurmd.gpu-spare-0.log").read_text()
 
     # Nothing the lab started is left: no lab process, no Slurm daemon, slurmstepd or job task.
     assert LabCluster(load_stack("lab"), lab_dir).running() == []

@@ -172,7 +172,14 @@ class LabRun:
                 c.start_trainer(name, spare=True)
         # Training starts when every node is warm (torch imported in its agent and worker
         # pool), so the spare is ready before the job needs it.
-        _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
+        if self.slurm:
+            try:  # a job Slurm ended or never started is said at once, with Slurm's reason
+                _wait("every node's elastic agent to warm up",
+                      lambda: len(c.warm_nodes()) == len(c.nodes) or c.check_job_alive(), 300, 0.5)
+            except LabError as exc:
+                raise LabError(f"{exc}; Slurm: {c.job_state()}") from None
+        else:
+            _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
         c.open_start_gate()
         _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
         _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)

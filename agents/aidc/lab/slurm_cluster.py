@@ -52,6 +52,7 @@ class SlurmNode:
     name: str
     gpus: int
     cpus: int = 2
+    features: tuple[str, ...] = ()  # slurm.conf Features= (e.g. to place a job's batch script)
 
 
 class LocalSlurm:
@@ -229,7 +230,8 @@ class LocalSlurm:
         for node in self.nodes:
             port = free_port()
             lines.append(f"NodeName={node.name} NodeAddr=127.0.0.1 NodeHostname={hostname} Port={port} "
-                         f"CPUs={node.cpus} RealMemory=1024 Gres=gpu:{node.gpus} State=UNKNOWN")
+                         f"CPUs={node.cpus} RealMemory=1024 Gres=gpu:{node.gpus} State=UNKNOWN"
+                         + (f" Features={','.join(node.features)}" if node.features else ""))
             devices = []
             for i in range(node.gpus):
                 dev = self.root / "dev" / f"{node.name}-gpu{i}"

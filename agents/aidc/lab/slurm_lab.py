@@ -51,11 +51,11 @@ class SlurmLabCluster(LabCluster):
     def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, stack: str = "lab"):
         super().__init__(spec, lab_dir)
         self.stack = stack
-        # Spares first: Slurm runs a job's batch script on the first node of its allocation, in
-        # slurm.conf order, and the node a fault drains should be one that only trains (a drained
-        # batch host cannot be cut out of the job; its script is left running, or the job requeued).
-        ordered = sorted(self.nodes, key=lambda n: not n.spare)
-        self.slurm = LocalSlurm(self.dir / "slurm", [SlurmNode(n.name, n.gpus) for n in ordered])
+        # Features `train` and `spare`: the job's batch script runs on a spare (`sbatch --batch`),
+        # so a node a fault drains only trains (a drained batch host cannot be cut out of a job:
+        # its script is left running and reported, or the job requeued).
+        self.slurm = LocalSlurm(self.dir / "slurm", [SlurmNode(n.name, n.gpus, features=("spare" if n.spare else "train",))
+                                                     for n in self.nodes])
 
     @property
     def stack_view(self) -> Path:
@@ -112,6 +112,8 @@ class SlurmLabCluster(LabCluster):
             "--ntasks-per-node=1", f"--gres=gpu:{gpus}", f"--chdir={self.dir}", "--export=ALL",
             # Elastic training replaces a node in place; a requeue would restart every node.
             "--no-requeue",
+            # The batch script on a spare; --batch must be a subset of the job's constraint.
+            *(["--constraint=train|spare", "--batch=spare"] if spares else []),
             f"--output={self.dir / 'logs' / 'train-job.log'}", str(self.job_script))
         job_id = out.stdout.strip().split(";")[0]
         data = self.info()
@@ -141,6 +143,19 @@ class SlurmLabCluster(LabCluster):
         if not job:
             return False
         return bool(self.slurm.run("squeue", "-h", "-j", job, check=False).stdout.strip())
+
+    def job_state(self) -> str:
+        """The training job as squeue shows it: `RUNNING (None)`, `PENDING (Resources)`, or `gone`."""
+        job = self.job_id()
+        out = self.slurm.run("squeue", "-h", "-j", job, "-o", "%T (%r)", check=False).stdout.strip() if job else ""
+        return out or "gone"
+
+    def check_job_alive(self) -> bool:
+        """False while the training job is queued or running; raises once it has ended."""
+        if self.job_id() and not self.training_running():
+            raise LabError(f"training job {self.job_id()} ended before training started: see "
+                           f"{self.dir / 'logs'}/train-job.log and launcher:*.log")
+        return False
 
     def drain_reason(self, node: str) -> str | None:
         """The node's reason exactly as `sinfo -R` shows it (its REASON column at full width: the
