@@ -177,7 +177,7 @@ class LabRun:
                 _wait("every node's elastic agent to warm up",
                       lambda: len(c.warm_nodes()) == len(c.nodes) or c.check_job_alive(), 300, 0.5)
             except LabError as exc:
-                raise LabError(f"{exc}; Slurm: {c.job_state()}") from None
+                raise LabError(f"{exc}; warm: {', '.join(c.warm_nodes()) or 'none'}; Slurm: {c.job_state()}") from None
         else:
             _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
         c.open_start_gate()
