@@ -2,7 +2,8 @@
 
 The lab (`aidc lab run --scheduler slurm`) and the tests use it to run aidc against the real
 daemons, never the system's: every file (munge key and socket, slurm.conf, gres.conf, state,
-spool, logs, PID files) lives under one directory, every port is a free one picked at start,
+spool, logs, PID files) lives under one directory (the Unix sockets under a short one in /tmp,
+see `sockets`), every port is a free one picked at start,
 and every daemon is stopped by the PID it wrote. This Slurm build has MULTIPLE_SLURMD, so each
 lab node is a `slurmd -N <node>` of its own with its own port on 127.0.0.1.
 
@@ -13,6 +14,7 @@ CUDA_VISIBLE_DEVICES exactly as it would on a GPU node.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +69,11 @@ class LocalSlurm:
         self.partition = partition
         self.conf = self.root / "etc" / "slurm.conf"
         self.manifest = self.root / "slurm.json"
+        # Unix socket paths are limited to 107 bytes, and slurmd names each step's socket
+        # `<spool>/<node>_<job>.<step>` (a batch step is 4294967291): under a deep root (pytest's
+        # tmp_path) they no longer fit and steps fail to start. So the sockets (munged's, and the
+        # slurmd spool directories that hold them) live in a short directory named after the root.
+        self.sockets = Path(tempfile.gettempdir()) / f"aidc-slurm-{hashlib.sha1(str(self.root).encode()).hexdigest()[:10]}"
 
     # -- what clients need --------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -139,6 +147,7 @@ class LocalSlurm:
             stopped.append(f"{proc['name']}:{proc['pid']}")
         info["daemons"] = {}
         self._write(info)
+        shutil.rmtree(self.sockets, ignore_errors=True)
         return stopped
 
     def stop_daemon(self, name: str) -> None:
@@ -181,8 +190,9 @@ class LocalSlurm:
 
     # -- internals ------------------------------------------------------------------
     def _lay_out(self) -> None:
-        for sub in ("etc", "munge", "state", "log", "run", "dev", "spool"):
+        for sub in ("etc", "munge", "state", "log", "run", "dev"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.sockets.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
         key = self.root / "munge" / "munge.key"
         if not key.exists():
@@ -199,9 +209,9 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
+            f"AuthInfo=socket={self.sockets / 'munge.socket'}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",
+            f"SlurmdSpoolDir={self.sockets / '%n'}",
             f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
             f"SlurmdPidFile={self.root / 'run' / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
@@ -248,12 +258,12 @@ class LocalSlurm:
 
     def _start_munged(self) -> None:
         m = self.root / "munge"
-        self._start("munged", [_which("munged"), "--foreground", "--force", f"--socket={m / 'munge.socket'}",
+        self._start("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.sockets / 'munge.socket'}",
                                f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
                                f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"],
                     "munged")
         deadline = time.monotonic() + 10
-        while not (m / "munge.socket").exists():
+        while not (self.sockets / "munge.socket").exists():
             self._check_daemons_alive()
             if time.monotonic() > deadline:
                 raise SlurmLabError(f"munged did not create its socket (see {self.root / 'log' / 'munged.log'})")
