@@ -27,16 +27,24 @@ def aidc_cli():
 
 
 @pytest.fixture
-def local_slurm(tmp_path_factory):
-    """A private, real Slurm (munged, slurmctld, 4 slurmd + 1 spare) for one test; skips when
-    Slurm is not installed (`make system-deps`) or the test does not run as root."""
-    from aidc.lab.slurm_cluster import LocalSlurm, SlurmNode, missing_packages
+def slurm_runnable():
+    """Skips the test, with the reason, where a private Slurm cannot run: Slurm not installed
+    (`make system-deps`) or not root."""
+    from aidc.lab.slurm_cluster import missing_packages
 
     missing = missing_packages()
     if missing:
         pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}): run `make system-deps`")
     if os.geteuid() != 0:
         pytest.skip("a private Slurm needs root (slurmd launches job steps as their user)")
+
+
+@pytest.fixture
+def local_slurm(tmp_path_factory, slurm_runnable):
+    """A private, real Slurm (munged, slurmctld, 4 slurmd + 1 spare) for one test; skips when
+    Slurm is not installed (`make system-deps`) or the test does not run as root."""
+    from aidc.lab.slurm_cluster import LocalSlurm, SlurmNode
+
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"),
                          [SlurmNode(f"gpu-{i}", 2) for i in range(4)] + [SlurmNode("gpu-spare-0", 2)])
     try:

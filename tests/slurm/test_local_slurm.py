@@ -26,3 +26,19 @@ def test_slurmctld_can_be_stopped_and_started_again_keeping_node_state(local_slu
     assert local_slurm.run("scontrol", "ping", check=False).returncode != 0
     local_slurm.start_daemon("slurmctld")
     assert "aidc: kept" in local_slurm.run("sinfo", "-R", "-h", "-o", "%E").stdout
+
+
+def test_batch_and_job_steps_start_under_a_root_deeper_than_a_unix_socket_path_allows(tmp_path, slurm_runnable):
+    from aidc.lab.slurm_cluster import LocalSlurm, SlurmNode
+
+    root = tmp_path / ("deep-" * 16) / "slurm"  # slurmd names step sockets <spool>/<node>_<job>.<step>
+    cluster = LocalSlurm(root, [SlurmNode("gpu-spare-0", 1)])
+    try:
+        cluster.start()
+        out = cluster.run("sbatch", "--wait", f"--output={tmp_path / 'job.out'}", "--wrap", "srun printenv SLURM_STEP_ID",
+                          timeout=60)
+        assert out.returncode == 0
+        assert (tmp_path / "job.out").read_text().strip() == "0"
+    finally:
+        cluster.stop()
+    assert not cluster.sockets.exists()

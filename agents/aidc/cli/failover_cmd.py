@@ -102,7 +102,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
     ctl = _controller(stack, lab_dir, dry_run, create=True)
     listener = _listener(ctl, options, allow_client) if options else None
-    if ctl.scheduler.name == "lab":
+    if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
         # on the failover path.
         import torch.distributed  # noqa: F401

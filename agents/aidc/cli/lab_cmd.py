@@ -20,10 +20,14 @@ LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Where the lab keeps
 def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to bring the lab up from."),
         lab_dir: Path = LAB_DIR,
         keep: bool = typer.Option(False, "--keep", help="Leave the lab's agents and services up afterwards."),
+        scheduler: str = typer.Option("lab", "--scheduler",
+                                      help="lab: the lab's own processes; slurm: a private real Slurm (root, "
+                                           "`make system-deps`) runs the training as one job and drains the node."),
         as_json: bool = JSON_OPTION) -> None:
     """Certify the lab's nodes, train, inject XID 79, fail over to the spare, and audit it all.
 
-    Exit 0 only when the loop completed and the audit log verifies.
+    Exit 0 only when the loop completed, met its targets (steps_lost within the checkpoint
+    interval) and the audit log verifies.
     """
     import signal
 
@@ -33,17 +37,25 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    if scheduler not in ("lab", "slurm"):
+        raise typer.BadParameter(f"--scheduler must be lab or slurm, not {scheduler!r}")
     spec = load_stack(stack)
     if spec.device_backend != "sim" or spec.scheduler != "lab":
         raise typer.BadParameter(f"stack {stack!r} is not a lab stack (device_backend sim, scheduler lab)")
+    if scheduler == "slurm":
+        from aidc.lab.slurm_lab import check_slurm_available
+
+        check_slurm_available()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if as_json else (lambda msg: print(msg, flush=True))
-    result = LabRun(spec, stack, lab_dir, progress=say).run(keep=keep)
+    result = LabRun(spec, stack, lab_dir, progress=say, scheduler=scheduler).run(keep=keep)
     data = result.to_dict()
     text = "\n".join([
         "",
         "aidc lab: " + ("loop completed" if result.completed else "loop did NOT complete"),
         f"  certified nodes   {', '.join(result.certified_nodes)}",
+        f"  scheduler         {result.scheduler}",
         f"  fault             XID {result.xid} on {result.victim}",
+        *([f"  drain reason      {result.drain_reason}   (sinfo -R)"] if result.scheduler == "slurm" else []),
         f"  detect_ms         {result.detect_ms}   (kernel-log line written -> quarantine decision)",
         f"  resume_s          {result.resume_s}   (fault -> first step on the new membership)",
         f"  steps_lost        {result.steps_lost}",
@@ -66,7 +78,7 @@ def _key_line(key: dict) -> str:
 
 @app.command("down")
 def down(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
-    """Stop everything a lab started (agents, controller, rendezvous store, training)."""
+    """Stop everything a lab started (agents, controller, rendezvous store, training, its private Slurm)."""
     from aidc.lab.cluster import LabCluster
 
     manifest = lab_dir / "lab.json"

@@ -30,6 +30,14 @@ def _open_lab(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> 
 def _open_slurm(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> SchedulerBackend:
     from aidc.failover.slurm import SlurmScheduler
 
+    if tell_rendezvous:
+        # `aidc lab run --scheduler slurm`: the lab's private Slurm, and its rendezvous to tell.
+        from aidc.lab.slurm_lab import lab_slurm_scheduler
+
+        lab = lab_slurm_scheduler(lab_dir, spec, audit=audit, actor=actor)
+        if lab is not None:
+            return lab
+
     return SlurmScheduler.from_spec(spec, audit=audit, actor=actor)
 
 

@@ -163,7 +163,16 @@ class LabCluster:
         data = self.info()
         procs = [p for p in data.get("processes", []) if _alive(p["pid"])]
         owner = self._foreign_owner(data)
-        return ([{"name": owner["name"], "pid": owner["pid"], "pgid": None, "node": None}] if owner else []) + procs
+        slurm = [{"name": f"slurm:{p['name']}", "pid": p["pid"], "pgid": None, "node": None}
+                 for p in self._local_slurm(data).processes()] if data.get("slurm") else []
+        return ([{"name": owner["name"], "pid": owner["pid"], "pgid": None, "node": None}] if owner else []) + procs + slurm
+
+    @staticmethod
+    def _local_slurm(data: dict):
+        """The lab's private Slurm as recorded in lab.json (`aidc lab run --scheduler slurm`)."""
+        from aidc.lab.slurm_cluster import LocalSlurm
+
+        return LocalSlurm(data["slurm"]["root"], [])
 
     def stop(self, names_prefix: str = "", timeout_s: float = 10.0) -> int:
         """Stop the lab's processes (whole process groups): TERM, then KILL after the timeout.
@@ -200,7 +209,12 @@ class LabCluster:
         stopped = {p["pid"] for p in listed}
         data["processes"] = [p for p in data["processes"] if p["pid"] not in stopped]
         self._write(data)
-        return len(procs) + (1 if owner else 0)
+        slurm_stopped = 0
+        if data.get("slurm") and not names_prefix:
+            # After the owner: a run stopping itself cancels its job first. Jobs, then daemons,
+            # then any job task left over, each by PID (LocalSlurm.stop).
+            slurm_stopped = len(self._local_slurm(data).stop())
+        return len(procs) + (1 if owner else 0) + slurm_stopped
 
 
 def _alive(pid: int) -> bool:
@@ -220,21 +234,22 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def evict_from_rendezvous(lab_dir: Path, node: str) -> None:
+    """Tell the lab's rendezvous at once that `node` is gone (its heartbeat expired)."""
+    from aidc.failover.rendezvous import evict
+
+    pid_file = lab_dir / "nodes" / node / "launcher.pid"
+    if not pid_file.exists():
+        return
+    info = json.loads((lab_dir / "lab.json").read_text())
+    started = time.time()
+    expired = evict("127.0.0.1", info["ports"]["rdzv"], info["run_id"], pids={int(pid_file.read_text())})
+    # Kept beside the node for the failover timeline (and the audit report).
+    (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
+        json.dumps({"at": started, "took_s": time.time() - started, "expired": expired}))
+
+
 def lab_scheduler(lab_dir: str | os.PathLike) -> LabScheduler:
     """The lab's scheduler backend, wired to tell the rendezvous at once about a quarantine."""
     lab_dir = Path(lab_dir)
-
-    def evict_from_rendezvous(node: str) -> None:
-        from aidc.failover.rendezvous import evict
-
-        pid_file = lab_dir / "nodes" / node / "launcher.pid"
-        if not pid_file.exists():
-            return
-        info = json.loads((lab_dir / "lab.json").read_text())
-        started = time.time()
-        expired = evict("127.0.0.1", info["ports"]["rdzv"], info["run_id"], pids={int(pid_file.read_text())})
-        # Kept beside the node for the failover timeline (and the audit report).
-        (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
-            json.dumps({"at": started, "took_s": time.time() - started, "expired": expired}))
-
-    return LabScheduler(lab_dir, on_quarantine=evict_from_rendezvous)
+    return LabScheduler(lab_dir, on_quarantine=lambda node: evict_from_rendezvous(lab_dir, node))

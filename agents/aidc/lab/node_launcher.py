@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aidc: error: {exc}", file=sys.stderr)
         return 2
 
+    # Who started this agent (the lab directly, or slurmstepd as a job step) does not know its
+    # pid in advance under Slurm; the rendezvous knows nodes by it, and eviction matches on it.
+    pid_file = Path(args.lab_dir) / "nodes" / args.node / "launcher.pid"
+    tmp = pid_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, pid_file)
     # The default shared store breaks after a membership change; keep it per round.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -42,6 +42,9 @@ class LabResult:
     checkpoint_key: dict = field(default_factory=dict)
     completed: bool = False
     wall_s: float = 0.0
+    scheduler: str = "lab"
+    # Slurm only: the victim's drain reason exactly as `sinfo -R` shows it.
+    drain_reason: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -64,13 +67,23 @@ def _wait(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: 
 
 
 class LabRun:
-    def __init__(self, spec: ClusterSpec, stack: str, lab_dir: Path, progress: Callable[[str], None] = print):
+    def __init__(self, spec: ClusterSpec, stack: str, lab_dir: Path, progress: Callable[[str], None] = print,
+                 scheduler: str = "lab"):
         self.spec, self.stack = spec, stack
-        self.cluster = LabCluster(spec, lab_dir)
+        if scheduler == "slurm":
+            from aidc.lab.slurm_lab import SlurmLabCluster
+
+            self.cluster: LabCluster = SlurmLabCluster(spec, lab_dir, stack)
+        else:
+            self.cluster = LabCluster(spec, lab_dir)
         self.say = progress
-        self.result = LabResult()
+        self.result = LabResult(scheduler=scheduler)
         self.actor = default_actor("lab")
         self.audit: AuditLog | None = None  # opened by bring_up(), once the lab directory exists
+
+    @property
+    def slurm(self) -> bool:
+        return self.result.scheduler == "slurm"
 
     @property
     def steps_log(self) -> Path:
@@ -127,6 +140,9 @@ class LabRun:
 
     def _start_services(self) -> None:
         c = self.cluster
+        if self.slurm:
+            self.say(f"starting a private Slurm under {c.slurm.root}: munged, slurmctld, one slurmd per node")
+            c.start_slurm()
         self.say("starting the rendezvous store, one health agent per node and the failover controller")
         c.start_rendezvous_store()
         for n in c.nodes:
@@ -141,7 +157,15 @@ class LabRun:
         m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
         self.result.victim, self.result.xid = m["victim"], m["xid"]
         self.result.detect_ms, self.result.resume_s, self.result.steps_lost = m["detect_ms"], m["resume_s"], m["steps_lost"]
+        if self.slurm:
+            self.result.drain_reason = _wait(f"{m['victim']}'s drain reason in `sinfo -R`",
+                                             lambda: self.cluster.drain_reason(m["victim"]), 30, 0.1)
+            self.say(f"slurm: {m['victim']} drained, sinfo -R: {self.result.drain_reason}")
         self.finish_training()
+        # The lab's targets, checked like its other outcomes: a run that misses one fails.
+        if self.result.steps_lost > lab.checkpoint_every:
+            raise LabError(f"steps_lost {self.result.steps_lost} exceeds the checkpoint interval "
+                           f"({lab.checkpoint_every} step(s)): the job did not resume from the last checkpoint")
 
     def start_training(self) -> None:
         c, lab = self.cluster, self.spec.lab
@@ -149,13 +173,24 @@ class LabRun:
         spares = [n.name for n in c.nodes if n.spare]
         self.say(f"training: {lab.train_steps} steps on {', '.join(primaries)} (elastic, checkpoint every"
                  f" {lab.checkpoint_every} step(s)); spare(s) {', '.join(spares)} wait warm")
-        for name in primaries:
-            c.start_trainer(name)
-        for name in spares:  # joins only after the first round is full: it is the spare
-            c.start_trainer(name, spare=True)
+        if self.slurm:
+            job = c.start_training_job(primaries, spares)
+            self.say(f"slurm: training is job {job}, one step per node ({c.job_script})")
+        else:
+            for name in primaries:
+                c.start_trainer(name)
+            for name in spares:  # joins only after the first round is full: it is the spare
+                c.start_trainer(name, spare=True)
         # Training starts when every node is warm (torch imported in its agent and worker
         # pool), so the spare is ready before the job needs it.
-        _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
+        if self.slurm:
+            try:  # a job Slurm ended or never started is said at once, with Slurm's reason
+                _wait("every node's elastic agent to warm up",
+                      lambda: len(c.warm_nodes()) == len(c.nodes) or c.check_job_alive(), 300, 0.5)
+            except LabError as exc:
+                raise LabError(f"{exc}; warm: {', '.join(c.warm_nodes()) or 'none'}; Slurm: {c.job_state()}") from None
+        else:
+            _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
         c.open_start_gate()
         _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
         _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)
@@ -195,6 +230,8 @@ class LabRun:
         from aidc.store import Store
 
         c = self.cluster
+        if self.slurm:
+            raise LabError("returning a node to service is implemented for the lab scheduler only")
         sim.inject(c.node_dir(node), "clear")
         store = Store(c.store_path)
         try:
@@ -209,8 +246,13 @@ class LabRun:
         c = self.cluster
         _wait("the end of training", lambda: (c.dir / "train" / "done.json").exists(), 600, poll_s=0.2)
         # Let the launchers exit on their own (barrier, teardown) before anything is stopped.
+        if self.slurm:
+            launchers_running = c.training_running
+        else:
+            def launchers_running():
+                return [p for p in c.running() if p["name"].startswith("launcher:")]
         try:
-            _wait("the training launchers to exit", lambda: not [p for p in c.running() if p["name"].startswith("launcher:")], 30, 0.2)
+            _wait("the training launchers to exit", lambda: not launchers_running(), 30, 0.2)
         except LabError:
             self.say("warning: a training launcher did not exit by itself; stopping it")
         steps = _read_jsonl(self.steps_log)

@@ -2,7 +2,8 @@
 
 The lab (`aidc lab run --scheduler slurm`) and the tests use it to run aidc against the real
 daemons, never the system's: every file (munge key and socket, slurm.conf, gres.conf, state,
-spool, logs, PID files) lives under one directory, every port is a free one picked at start,
+spool, logs, PID files) lives under one directory (the Unix sockets under a short one in /tmp,
+see `sockets`), every port is a free one picked at start,
 and every daemon is stopped by the PID it wrote. This Slurm build has MULTIPLE_SLURMD, so each
 lab node is a `slurmd -N <node>` of its own with its own port on 127.0.0.1.
 
@@ -13,6 +14,7 @@ CUDA_VISIBLE_DEVICES exactly as it would on a GPU node.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ class SlurmNode:
     name: str
     gpus: int
     cpus: int = 2
+    features: tuple[str, ...] = ()  # slurm.conf Features= (e.g. to place a job's batch script)
 
 
 class LocalSlurm:
@@ -65,6 +69,11 @@ class LocalSlurm:
         self.partition = partition
         self.conf = self.root / "etc" / "slurm.conf"
         self.manifest = self.root / "slurm.json"
+        # Unix socket paths are limited to 107 bytes, and slurmd names each step's socket
+        # `<spool>/<node>_<job>.<step>` (a batch step is 4294967291): under a deep root (pytest's
+        # tmp_path) they no longer fit and steps fail to start. So the sockets (munged's, and the
+        # slurmd spool directories that hold them) live in a short directory named after the root.
+        self.sockets = Path(tempfile.gettempdir()) / f"aidc-slurm-{hashlib.sha1(str(self.root).encode()).hexdigest()[:10]}"
 
     # -- what clients need --------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -126,20 +135,25 @@ class LocalSlurm:
         # slurmd first (it owns the job steps), munged last (everyone else authenticates with it).
         order = sorted(info["daemons"].items(), key=lambda kv: (kv[0] == "munged", kv[0] == "slurmctld"))
         for name, proc in order:
-            if same_process_alive(proc["pid"], proc.get("start")):
+            if _daemon_alive(proc):
                 _stop_pid(proc["pid"])
                 stopped.append(name)
         for pid in self._step_daemons():
             _stop_pid(pid)
             stopped.append(f"slurmstepd:{pid}")
+        # Job tasks whose slurmstepd went before them (a killed slurmd, a stop mid-cancel).
+        for proc in self.processes():
+            _stop_pid(proc["pid"])
+            stopped.append(f"{proc['name']}:{proc['pid']}")
         info["daemons"] = {}
         self._write(info)
+        shutil.rmtree(self.sockets, ignore_errors=True)
         return stopped
 
     def stop_daemon(self, name: str) -> None:
         """Stop one daemon (`slurmctld`, `slurmd:<node>`), e.g. to test aidc while it is down."""
         proc = self._info()["daemons"].get(name)
-        if proc and same_process_alive(proc["pid"], proc.get("start")):
+        if proc and _daemon_alive(proc):
             _stop_pid(proc["pid"])
 
     def start_daemon(self, name: str, timeout: float = 30) -> None:
@@ -160,12 +174,25 @@ class LocalSlurm:
 
     def running(self) -> bool:
         return self.manifest.exists() and any(
-            same_process_alive(p["pid"], p.get("start")) for p in self._info()["daemons"].values())
+            _daemon_alive(p) for p in self._info()["daemons"].values())
+
+    def processes(self) -> list[dict]:
+        """Every live process of this cluster: its daemons, slurmstepd, and job tasks with their
+        children (all of which carry this cluster's SLURM_CONF in their environment)."""
+        daemons = {p["pid"]: name for name, p in self._info()["daemons"].items()
+                   if _daemon_alive(p)}
+        found = [{"name": name, "pid": pid} for pid, name in daemons.items()]
+        mark = f"SLURM_CONF={self.conf}".encode()
+        for pid in _pids_with_environ(mark):
+            if pid not in daemons and pid != os.getpid():
+                found.append({"name": _comm(pid) or "?", "pid": pid})
+        return found
 
     # -- internals ------------------------------------------------------------------
     def _lay_out(self) -> None:
-        for sub in ("etc", "munge", "state", "log", "run", "dev", "spool"):
+        for sub in ("etc", "munge", "state", "log", "run", "dev"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.sockets.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
         key = self.root / "munge" / "munge.key"
         if not key.exists():
@@ -182,9 +209,9 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
+            f"AuthInfo=socket={self.sockets / 'munge.socket'}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",
+            f"SlurmdSpoolDir={self.sockets / '%n'}",
             f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
             f"SlurmdPidFile={self.root / 'run' / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
@@ -213,7 +240,8 @@ class LocalSlurm:
         for node in self.nodes:
             port = free_port()
             lines.append(f"NodeName={node.name} NodeAddr=127.0.0.1 NodeHostname={hostname} Port={port} "
-                         f"CPUs={node.cpus} RealMemory=1024 Gres=gpu:{node.gpus} State=UNKNOWN")
+                         f"CPUs={node.cpus} RealMemory=1024 Gres=gpu:{node.gpus} State=UNKNOWN"
+                         + (f" Features={','.join(node.features)}" if node.features else ""))
             devices = []
             for i in range(node.gpus):
                 dev = self.root / "dev" / f"{node.name}-gpu{i}"
@@ -230,12 +258,12 @@ class LocalSlurm:
 
     def _start_munged(self) -> None:
         m = self.root / "munge"
-        self._start("munged", [_which("munged"), "--foreground", "--force", f"--socket={m / 'munge.socket'}",
+        self._start("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.sockets / 'munge.socket'}",
                                f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
                                f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"],
                     "munged")
         deadline = time.monotonic() + 10
-        while not (m / "munge.socket").exists():
+        while not (self.sockets / "munge.socket").exists():
             self._check_daemons_alive()
             if time.monotonic() > deadline:
                 raise SlurmLabError(f"munged did not create its socket (see {self.root / 'log' / 'munged.log'})")
@@ -251,29 +279,18 @@ class LocalSlurm:
 
     def _check_daemons_alive(self) -> None:
         for name, proc in self._info()["daemons"].items():
-            if not same_process_alive(proc["pid"], proc.get("start")):
+            if not _daemon_alive(proc):
                 log = name.replace(":", ".").split(".")[0]
                 raise SlurmLabError(f"{name} exited during start-up; see {self.root / 'log'}/{log}*")
 
     def _alive(self, name: str) -> bool:
         proc = self._info()["daemons"].get(name)
-        return bool(proc) and same_process_alive(proc["pid"], proc.get("start"))
+        return bool(proc) and _daemon_alive(proc)
 
     def _step_daemons(self) -> list[int]:
         """slurmstepd processes of this cluster (they outlive a killed slurmd)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if not (entry / "comm").read_text().startswith("slurmstepd"):
-                    continue
-                environ = (entry / "environ").read_bytes()
-            except OSError:
-                continue
-            if f"SLURM_CONF={self.conf}".encode() in environ.split(b"\0"):
-                found.append(int(entry.name))
-        return found
+        return [pid for pid in _pids_with_environ(f"SLURM_CONF={self.conf}".encode())
+                if (_comm(pid) or "").startswith("slurmstepd")]
 
     def _info(self) -> dict:
         try:
@@ -287,6 +304,42 @@ class LocalSlurm:
         os.replace(tmp, self.manifest)
 
 
+def _pids_with_environ(entry: bytes) -> list[int]:
+    """Processes whose environment holds exactly this `NAME=value` entry."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if entry in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+    return found
+
+
+def _daemon_alive(proc: dict) -> bool:
+    """Whether a recorded daemon ({pid, start}) still runs: same process, not exited."""
+    return same_process_alive(proc["pid"], proc.get("start")) and not _exited(proc["pid"])
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie: it has exited and only waits for a parent (maybe one that never reaps,
+    such as a container's PID 1, or the process that started it, still running elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
@@ -297,7 +350,7 @@ def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:  # not our child: poll for its exit instead
-            done = 0 if Path(f"/proc/{pid}").exists() else pid
+            done = pid if _exited(pid) else 0
         if done:
             return
         time.sleep(0.05)

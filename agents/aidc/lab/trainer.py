@@ -63,7 +63,10 @@ def train(cfg: dict) -> int:
     lab = Path(cfg["lab_dir"])
     node = cfg["node"]
     (lab / "train").mkdir(parents=True, exist_ok=True)
-    _trace(lab, node, "worker started")
+    slurm_step = os.environ.get("SLURM_STEP_ID")
+    _trace(lab, node, "worker started" + (f" in Slurm step {os.environ.get('SLURM_JOB_ID')}.{slurm_step} on"
+                                           f" {os.environ.get('SLURMD_NODENAME')}, CUDA_VISIBLE_DEVICES="
+                                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')}" if slurm_step else ""))
     try:
         return _train(cfg, lab, node)
     except Exception as exc:
