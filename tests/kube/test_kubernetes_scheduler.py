@@ -189,3 +189,16 @@ def test_a_name_that_is_not_a_node_name_never_reaches_the_api(cluster, name):
     with pytest.raises(KubernetesError, match="not a Kubernetes node name"):
         k8s.quarantine(name, "XID 79")
     assert cluster.writes() == []
+
+
+def test_an_unreachable_api_server_is_a_clear_error(apiserver):
+    from kubernetes import client
+
+    config = client.Configuration()
+    config.host = "http://127.0.0.1:9"   # nothing listens on the discard port
+    config.retries = 0
+    k8s = KubernetesScheduler(client.ApiClient(config), Kubernetes())
+    with pytest.raises(KubernetesError, match="API server unreachable"):
+        k8s.quarantine("gpu-1", "XID 79")
+    with pytest.raises(KubernetesError, match="API server unreachable"):
+        k8s.out_of_service()

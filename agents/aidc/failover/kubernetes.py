@@ -109,6 +109,23 @@ class ReleaseDecision:
                 "restored_spares": list(self.restored_spares)}
 
 
+def _reachable(method):
+    """A connection that fails (refused, reset, timed out) is a KubernetesError naming it, like an
+    error status: the controller then keeps the event pending and retries with backoff."""
+    import functools
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        try:
+            return method(self, *args, **kwargs)
+        except (Urllib3Error, OSError) as exc:
+            raise KubernetesError(f"API server unreachable: {type(exc).__name__}: {exc}") from None
+
+    return call
+
+
 def reason_code(reason: str) -> str:
     """A short label-value form of a free-text reason, for the taint value and condition reason."""
     xid = re.search(r"\bXID (\d{1,4})\b", reason)
@@ -139,6 +156,7 @@ class KubernetesScheduler:
         self._sleep, self._clock = sleep, clock
 
     # -- the protocol ---------------------------------------------------------------
+    @_reachable
     def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         _check_name(node)
         code = reason_code(reason)
@@ -158,6 +176,7 @@ class KubernetesScheduler:
                 warnings.append("no healthy spare to promote")
         return "; ".join(warnings) or None
 
+    @_reachable
     def release(self, node: str, reason: str) -> ReleaseDecision:
         """Undo what aidc did. Raises ReleaseRefused (with the decision) for a node aidc did not
         quarantine: an operator's cordon is theirs to lift."""
@@ -178,11 +197,13 @@ class KubernetesScheduler:
         kept = "" if record.get("cordoned") else " (the operator's cordon stays)"
         return ReleaseDecision(node, "released", f"released {node}{kept}", restored)
 
+    @_reachable
     def state(self, node: str) -> str:
         _check_name(node)
         obj = self._read(node)
         return "quarantined" if _record(obj) is not None or _has_taint(obj, QUARANTINE_TAINT) else "in_service"
 
+    @_reachable
     def out_of_service(self) -> dict[str, str]:
         """Nodes out of service as the cluster says: quarantined by aidc, and (by policy) not Ready."""
         out = {}
@@ -194,6 +215,7 @@ class KubernetesScheduler:
                 out[name] = "not Ready"
         return out
 
+    @_reachable
     def managed_nodes(self) -> list[str]:
         """The nodes of aidc's pools (label aidc.dev/pool): what runbooks may act on."""
         return sorted(o.metadata.name for o in self._call(self.core.list_node, label_selector=POOL_LABEL).items)
