@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from aidc.errors import AidcError
+from aidc.runbook.params import BUILTIN_VARIABLES
 from aidc.shipped import project_file
 from aidc.spec import project_root
 
