@@ -96,14 +96,14 @@ class FailoverController:
             finished.append(node)
         return finished
 
-    def run_once(self, may_act=None) -> list[Decision]:
+    def run_once(self, may_act=None, backoff: bool = False) -> list[Decision]:
         """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
-        so a controller whose lease lapsed mid-batch stops at once. An event whose last try
-        failed waits out its backoff."""
+        so a controller whose lease lapsed mid-batch stops at once. With `backoff` (the loop),
+        an event whose last try failed waits out its backoff; a direct call tries them all now."""
         decisions = []
         now = time.monotonic()
         for event_id, event in self.store.pending():
-            if self._retry_at.get(event_id, 0.0) > now:
+            if backoff and self._retry_at.get(event_id, 0.0) > now:
                 continue
             if may_act is not None and not may_act():
                 break
@@ -129,7 +129,7 @@ class FailoverController:
                         # The previous holder may have died between a drain and its record.
                         self.recover()
             if held:
-                self.run_once(lease.held if lease is not None else None)
+                self.run_once(lease.held if lease is not None else None, backoff=True)
             stop.wait(poll_s)
         if lease is not None and held:
             lease.release()
