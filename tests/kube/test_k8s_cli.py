@@ -153,3 +153,31 @@ def test_the_agent_reports_a_fault_as_a_node_condition_and_an_event_and_keeps_it
     assert "Xid79" in [e["reason"] for e in apiserver.events]
     assert __import__("json").loads(out)["events_forwarded"] >= 1
     assert apiserver.invalid == []
+
+
+@pytest.mark.slow
+def test_runbook_serve_with_a_kubernetes_stack_drains_through_the_api_on_an_alert(apiserver, tmp_path):
+    from tests.runbook.serve_proc import ServeProcess, wait_until
+
+    for i in range(4):
+        apiserver.add_node(f"gpu-{i}", labels={"aidc.dev/pool": "gpu"})
+    stack = k8s_stack(tmp_path, apiserver.url, runbook_auto_approve=["quarantine", "release"])
+    books = tmp_path / "runbooks"
+    books.mkdir()
+    (books / "drain-and-back.yaml").write_text(DRAIN_AND_BACK)
+    serve = ServeProcess(tmp_path, "s3cret", ["--stack", str(stack), "--runbooks", str(books),
+                                              "--state-db", str(tmp_path / "rb.db"),
+                                              "--audit-db", str(tmp_path / "audit.db")]).start()
+    try:
+        serve.post({"version": "4", "status": "firing", "receiver": "aidc", "groupKey": "{}:{}",
+                    "truncatedAlerts": 0, "alerts": [{
+                        "status": "firing", "labels": {"alertname": "AidcTestDrain", "Hostname": "gpu-1"},
+                        "annotations": {}, "startsAt": "2026-01-01T00:00:00Z", "fingerprint": "fp-k8s"}]})
+        node_patches = lambda: [w for w in apiserver.writes() if w[:2] == ("PATCH", "/api/v1/nodes/gpu-1")]  # noqa: E731
+        wait_until(lambda: len(node_patches()) >= 2, 60, "gpu-1 cordoned and released through the API")
+        wait_until(lambda: not apiserver.node("gpu-1")["spec"].get("unschedulable"), 30, "gpu-1 back in service")
+    finally:
+        serve.stop()
+    assert apiserver.invalid == []
+    assert "Traceback" not in serve.log.read_text()
+    assert not apiserver.node("gpu-1")["spec"].get("taints")
