@@ -1,8 +1,8 @@
 """Scheduler backends: how failover takes a node out of service and gives it back.
 
 The lab backend is here; Slurm (`aidc.failover.slurm`, `scontrol update state=drain`) and
-Kubernetes (cordon + eviction, later) implement the same protocol; `aidc.failover.backends`
-opens one by the spec's `scheduler:` name. Every method is idempotent, because a restarted
+Kubernetes (`aidc.failover.kubernetes`: cordon, taint, condition, eviction) implement the same
+protocol; `aidc.failover.backends` opens one by the spec's `scheduler:` name. Every method is idempotent, because a restarted
 controller may repeat a call whose result it did not get to record.
 """
 
