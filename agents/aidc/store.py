@@ -48,12 +48,27 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 
+def _wal(db: sqlite3.Connection, within_s: float = 30.0) -> None:
+    """Switch a connection to WAL. Two processes opening a new store at once (the agent and its
+    forwarder) can get SQLITE_BUSY from this switch without SQLite's busy handler waiting, so
+    it is retried here, bounded."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._migrate()

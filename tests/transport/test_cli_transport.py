@@ -57,19 +57,19 @@ def test_faults_reach_a_restarted_controller_from_a_restarted_agent_once(pki, tm
         wait_for("the listener", lambda: "receiving fault events" in clog.read_text(), 120)
         wait_for("the agent", lambda: "watching gpu-1" in alog.read_text(), 60)
         inject(node_dir, "xid", 0, xid=79)
-        wait_for("the quarantine recorded", lambda: [o for _, o in events(lab / "state.db")] == ["quarantine"])
+        wait_for("the quarantine recorded", lambda: [o for _, o in events(lab / "state.db")] == ["quarantine"], 120)
         assert (node_dir / "quarantined").exists()
 
         os.killpg(procs[0].pid, signal.SIGKILL)  # the controller dies
         procs[0].wait(10)
         inject(node_dir, "xid", 1, xid=109)
-        wait_for("the agent to record it", lambda: len(events(agent_db)) == 2)
+        wait_for("the agent to record it", lambda: len(events(agent_db)) == 2, 120)
         os.killpg(procs[1].pid, signal.SIGKILL)  # and the agent, before it could forward
         procs[1].wait(10)
         inject(node_dir, "xid", 1, xid=95)  # written while no agent runs: read after its restart
 
         procs += [start(agent_args, alog)]
-        wait_for("the restarted agent to record it", lambda: len(events(agent_db)) == 3)
+        wait_for("the restarted agent to record it", lambda: len(events(agent_db)) == 3, 120)
         assert len(events(lab / "state.db")) == 1  # still away: nothing more arrived
         procs += [start(controller_args, clog)]
         outcomes = lambda: [o for _, o in events(lab / "state.db")]  # noqa: E731

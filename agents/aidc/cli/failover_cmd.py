@@ -33,10 +33,11 @@ def _state_db(lab_dir: Path) -> Path:
 
 def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False):
     from aidc.audit.log import default_actor
-    from aidc.failover.backends import open_scheduler
+    from aidc.failover.backends import check_backend, open_scheduler
     from aidc.failover.controller import FailoverController
 
     spec = load_stack(stack)
+    check_backend(spec)
     # The controller of a new lab may start before any agent has created the store.
     db = lab_dir / "state.db" if create else _state_db(lab_dir)
     audit = AuditLog(lab_dir / "audit.db")

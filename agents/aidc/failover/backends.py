@@ -52,6 +52,15 @@ BACKENDS: dict[str, Callable[..., SchedulerBackend]] = {"lab": _open_lab, "slurm
                                                         "kubernetes": _open_kubernetes}
 
 
+def check_backend(spec) -> None:
+    """What a backend needs before anything is created (credentials): an error now, and no
+    state directory, store or audit log left behind by a command that could not start."""
+    if spec.scheduler == "kubernetes":
+        from aidc.failover.kubernetes import api_client_from
+
+        api_client_from(spec.kubernetes)
+
+
 def open_scheduler(spec, lab_dir: str | Path = ".aidc/lab", audit=None, actor: str = "aidc",
                    tell_rendezvous: bool = True) -> SchedulerBackend:
     """The backend for `spec.scheduler`. `audit` (an AuditLog) records every change a backend makes

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
-from aidc.failover.backends import open_scheduler
+from aidc.failover.backends import check_backend, open_scheduler
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics, LogNotifier, StageBurninRunner
 from aidc.runbook.catalog import Catalog
@@ -46,6 +46,7 @@ def agent_url_for(spec: ClusterSpec):
 
 def build_engine(opts: EngineOptions) -> Engine:
     spec = load_stack(opts.stack)
+    check_backend(spec)
     catalog = Catalog.load(opts.runbooks)
     audit = AuditLog(opts.audit_db)
     scheduler = scheduler_for(spec, opts.lab_dir, audit)
