@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 
-def _wal(db: sqlite3.Connection, within_s: float = 30.0) -> None:
+def enable_wal(db: sqlite3.Connection, within_s: float = 30.0) -> None:
     """Switch a connection to WAL. Two processes opening a new store at once (the agent and its
     forwarder) can get SQLITE_BUSY from this switch without SQLite's busy handler waiting, so
     it is retried here, bounded."""
@@ -68,7 +68,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        _wal(self._db)
+        enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._migrate()

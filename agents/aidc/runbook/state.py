@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc.process import same_process_alive, start_ticks
+from aidc.store import enable_wal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -150,7 +151,7 @@ class RunState:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)  # retried: another process may be opening the new database too
             # FULL: a step's intent must be on disk before its action starts.
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
