@@ -9,9 +9,9 @@ A self-asserted name (`--by`, `--actor`) is recorded beside the identity as a no
 
 Roles (`access.roles` in the stack file, identity -> role), each including the one before:
 * `viewer`: read-only (list runs, dry-run plans);
-* `operator`: start runbook runs (by hand or by alert), approve an `approve` step that guards
-  no destructive step;
-* `approver`: approve destructive steps, release quarantined nodes.
+* `operator`: start runbook runs (by hand or by alert);
+* `approver`: approve a run's waiting `approve` step (a step waits for a person only when it
+  guards a destructive step policy does not allow), release quarantined nodes.
 With no roles configured nothing is enforced (identities are still recorded). With roles, an
 identity not listed has none and is refused everything; a refusal is audited
 (`access.refused`) and is exit 3 on the CLI, 403 on the receiver.

@@ -485,8 +485,9 @@ class Engine:
     def approve(self, run_id: int, identity: str, note: str | None = None) -> StepRow:
         """Record an approval of the run's waiting `approve` step by an authenticated identity
         (aidc.identity; `note`: a self-asserted name, kept beside it). With access roles
-        configured, a step that guards a destructive step needs role approver, else operator;
-        a refusal is audited and raised (PolicyRefusal)."""
+        configured it needs role approver: a step waits for a person only when it guards a
+        destructive step policy does not allow (others policy approves). A refusal is audited
+        and raised (PolicyRefusal)."""
         run = self.state.get_run(run_id)
         if run.status != "awaiting_approval":
             raise AidcError(f"run {run_id} is {run.status}, not awaiting approval")
@@ -500,7 +501,7 @@ class Engine:
         about = {"run_id": run_id, "runbook": run.runbook, "step": row.step_id, "idx": row.idx,
                  **({"note": note} if note else {})}
         with self._audit_lock:
-            authorize(self.access_roles, [identity], "approver" if destructive else "operator",
+            authorize(self.access_roles, [identity], "approver",
                       f"approve step {row.step_id} of run {run_id}"
                       + (f" (it guards destructive steps {', '.join(destructive)})" if destructive else ""),
                       self.audit, run.node, {**about, "destructive_steps": destructive})
