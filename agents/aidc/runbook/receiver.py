@@ -138,16 +138,9 @@ class Receiver:
                                            f"{AUTH_EXPECTED}"}, "credentials in the query string refused")
         if request.method == "GET" and request.path == "/healthz":
             return None
-        who = self.identities(request)
-        if who is None:
+        if self.identities(request) is None:
             return Response(401, {"error": f"missing or wrong bearer token: {AUTH_EXPECTED}"}, "unauthenticated",
                             {"WWW-Authenticate": 'Bearer realm="aidc-runbook"'})
-        needed, action = ("viewer", "list runs") if request.method == "GET" else ("operator", "post alerts")
-        try:
-            authorize(self.engine.access_roles, who, needed, action, self.engine.audit,
-                      payload={"address": request.client, "method": request.method, "path": path})
-        except PolicyRefusal as exc:
-            return Response(403, {"error": str(exc)}, f"refused: {exc}")
         routes = {"GET": ("/runs",), "POST": WEBHOOK_PATHS}
         if request.method not in routes:
             return Response(405, {"error": f"method {request.method} not allowed"}, "method not allowed",
@@ -159,6 +152,15 @@ class Receiver:
     def _handle(self, request: Request) -> Response:
         if request.path == "/healthz":
             return Response(200, {"ok": True}, "health")
+        # Roles here, on a worker thread: a refusal is audited (a database write), which the
+        # I/O thread that runs _check_head must not wait for.
+        who = self.identities(request) or []
+        needed, action = ("viewer", "list runs") if request.method == "GET" else ("operator", "post alerts")
+        try:
+            authorize(self.engine.access_roles, who, needed, action, self.engine.audit,
+                      payload={"address": request.client, "method": request.method, "path": request.path})
+        except PolicyRefusal as exc:
+            return Response(403, {"error": str(exc)}, f"refused: {exc}")
         if request.method == "GET":  # /runs: _check_head allowed nothing else
             runs = [r.to_dict() for r in self.engine.state.runs()]
             return Response(200, {"runs": runs}, f"{len(runs)} runs")
@@ -166,7 +168,6 @@ class Receiver:
             alerts = validate_payload(request.body, self.limits.max_alerts)
         except BadRequest as exc:
             return Response(exc.code, {"error": exc.reason}, exc.reason)
-        who = self.identities(request) or []
         sender = {"address": request.client, **({"client": request.peer} if request.peer else {}),
                   **({"identity": who[-1], "identities": who} if who else {})}
         results = [self.accept(a, sender) for a in alerts]
