@@ -41,7 +41,12 @@ def private_file(path: str | Path) -> Path:
     """Create `path` (and its directory) 0600 if it does not exist yet; return it."""
     path = Path(path)
     private_dir(path.parent)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    try:
+        # O_EXCL: an existing file is not opened at all (a reader without write access to it
+        # must still get as far as SQLite's read-only fallback).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass
     return path
 
 

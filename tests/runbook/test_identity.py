@@ -288,3 +288,13 @@ def test_a_token_map_holds_digests_and_must_not_be_writable_by_others(tmp_path):
     path.write_text("alertmanager t0ken\n")  # a token in clear, not its digest
     with pytest.raises(AidcError, match="tokens:1: expected '<name> <sha256 hex of the token>'"):
         load_token_map(path)
+
+
+def test_serve_refuses_a_token_map_others_could_write_before_listening(aidc_cli, tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(f"alertmanager {hashlib.sha256(b't0ken').hexdigest()}\n")
+    os.chmod(path, 0o666)
+    out = aidc_cli("runbook", "serve", "--port", "0", "--token-map", str(path), "--state-db", str(tmp_path / "s.db"),
+                   "--audit-db", str(tmp_path / "a.db"), timeout=60)
+    assert out.returncode != 0 and out.stderr.startswith(f"aidc: error: token map {path} is writable by others")
+    assert not (tmp_path / "s.db").exists()
