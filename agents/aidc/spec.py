@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aidc import __version__
 from aidc.errors import SpecError
+from aidc.identity import IDENTITY_PATTERN
 from aidc.shipped import installed_root
 from aidc.stack_yaml import StackYamlError, load_stack_yaml, one_line, quote
 
@@ -328,6 +329,14 @@ class Lab(_Strict):
     base_port: Annotated[int, Field(ge=1024, le=60000)] = 29400
 
 
+class Access(_Strict):
+    """Roles per authenticated identity (aidc.identity): `user:<os user>`, `cert:<CN>`,
+    `token:<name>`. Empty: nothing enforced. Tokens are never here: the receiver's token map
+    file holds their SHA-256 digests."""
+    roles: Annotated[dict[Annotated[str, Field(pattern=IDENTITY_PATTERN)],
+                          Literal["viewer", "operator", "approver"]], Field(max_length=1024)] = {}
+
+
 class ClusterSpec(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     device_backend: Literal["sim", "nvml"] = "nvml"
@@ -342,6 +351,7 @@ class ClusterSpec(_Strict):
     slurm: Slurm = Slurm()
     kubernetes: Kubernetes = Kubernetes()
     lab: Lab = Lab()
+    access: Access = Access()
 
     @field_validator("node_pools")
     @classmethod

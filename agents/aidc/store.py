@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from aidc.events import FaultEvent
+from aidc.files import private_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -66,7 +67,7 @@ def enable_wal(db: sqlite3.Connection, within_s: float = 30.0) -> None:
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_db(self.path)  # events name nodes and faults: the owner's only
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -94,7 +94,8 @@ def test_a_client_certificate_from_the_ca_is_enough_without_a_token(start, pki):
     status, reply = request(rec, pki, "client", body=webhook(alert("NodeBroken", "gpu-1", fingerprint="f1")))
     assert status == 200 and reply["results"][0]["outcome"] == "started"
     run = rec.engine.state.get_run(reply["results"][0]["run_id"])
-    assert run.trigger["sender"] == {"address": "127.0.0.1", "client": "CN=alertmanager"}
+    assert run.trigger["sender"] == {"address": "127.0.0.1", "client": "CN=alertmanager",
+                                     "identity": "cert:alertmanager", "identities": ["cert:alertmanager"]}
     assert any(line.startswith("200 POST /alerts from 127.0.0.1 (CN=alertmanager)") for line in rec.lines)
 
 

@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from aidc import strict_json
 from aidc.errors import AuditError
+from aidc.files import private_db, private_opener
 
 GENESIS = "0" * 64
 
@@ -113,7 +114,7 @@ class AuditLog:
             self._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
             self._check_is_audit_log(create=False)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_db(self.path)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._check_is_audit_log(create=True)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -183,7 +184,7 @@ class AuditLog:
         # shorter than the anchor. Writers finish in any order, so read, compare and replace
         # happen under a lock: otherwise one could read anchor N, another write N+1, and the
         # first replace it with N, moving the anchor back so that cutting N+1 goes unseen.
-        with open(self._anchor_lock_path, "a") as lock:
+        with open(self._anchor_lock_path, "a", opener=private_opener) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             try:
                 current = self._read_anchor()
@@ -192,7 +193,7 @@ class AuditLog:
             if current and current[0] >= seq:
                 return
             tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-            with open(tmp, "w") as f:
+            with open(tmp, "w", opener=private_opener) as f:
                 f.write(json.dumps({"seq": seq, "hash": digest}))
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty anchor

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
-from aidc.errors import DeviceError
+from aidc.errors import AidcError, DeviceError
 
 app = typer.Typer(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.",
                   no_args_is_help=True)
@@ -38,6 +38,11 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                              "a DNS subjectAltName must be the node's name."),
         tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
         ca: Path = typer.Option(None, "--ca", help="CA certificate (PEM) that signed the controller's certificate."),
+        metrics_tls_cert: Path = typer.Option(None, "--metrics-tls-cert",
+                                              help="Serve /metrics over HTTPS with this server certificate (PEM)."),
+        metrics_tls_key: Path = typer.Option(None, "--metrics-tls-key", help="Its private key (PEM)."),
+        metrics_client_ca: Path = typer.Option(None, "--metrics-client-ca",
+                                               help="Only scrapers with a client certificate from this CA (PEM)."),
         kubernetes: bool = typer.Option(False, "--kubernetes",
                                         help="Report this node's faults through the Kubernetes API (the "
                                              "AidcGpuHealthy node condition and an Event each), with the pod's "
@@ -61,6 +66,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         forwarder = KubernetesForwarder(store, node, NodeFaultPublisher(api_client_from(Kubernetes()), node))
 
     _check_listen_address(listen_address)
+    metrics_tls = _metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_client_ca)
 
     if backend == "sim":
         if node_dir is None:
@@ -82,7 +88,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
     def announce():
         ready.wait()
         if not stop.is_set():
-            where = f"http://{listen_address}:{port}/metrics" if port else "no metrics server"
+            scheme = "https" if metrics_tls else "http"
+            where = f"{scheme}://{listen_address}:{port}/metrics" if port else "no metrics server"
             print(f"aidc agent: watching {node} ({backend}), kernel log {kernel_log}, {where}",
                   file=sys.stderr, flush=True)
 
@@ -95,7 +102,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         forwarding.start()
     try:
         agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
-                          device_timeout_s=device_timeout, ready=ready, listen_address=listen_address)
+                          device_timeout_s=device_timeout, ready=ready, listen_address=listen_address,
+                          metrics_tls=metrics_tls)
     finally:
         if forwarding is not None:
             forwarder_stop.set()
@@ -111,6 +119,23 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _metrics_tls(cert: Path | None, key: Path | None, client_ca: Path | None):
+    """The metrics server's TLS config, checked now (bad files: one error line before anything starts)."""
+    from aidc.runbook.tls import TLSConfig
+
+    if cert is None and key is None and client_ca is None:
+        return None
+    if cert is None or key is None:
+        raise AidcError("--metrics-tls-cert and --metrics-tls-key go together (and --metrics-client-ca needs both)")
+    config = TLSConfig(cert, key, client_ca)
+    try:
+        config.server_context()
+    except AidcError as exc:
+        raise AidcError(f"metrics TLS: {exc}".replace("--tls-", "--metrics-tls-")
+                        .replace("--client-ca", "--metrics-client-ca")) from None
+    return config
 
 
 def _check_listen_address(address: str) -> None:

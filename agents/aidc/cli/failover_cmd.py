@@ -131,14 +131,21 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
 @app.command("release")
 def release(node: str = typer.Argument(..., help="Node to return to service."),
             reason: str = typer.Option(..., "--reason", help="Why (recorded in the audit log)."),
-            actor: str = typer.Option("operator", "--actor", help="Who is releasing it."),
+            actor: str = typer.Option(None, "--actor",
+                                      help="A note on who releases it (e.g. a full name), recorded beside the "
+                                           "authenticated OS user, which is the actor."),
             stack: str = STACK, lab_dir: Path = LAB_DIR,
             dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run",
                                          help="Override the spec's policy.dry_run (record, change nothing)."),
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node to service (an operator's decision, audited as theirs)."""
+    from aidc.identity import authorize, cli_identity
+
     ctl = _controller(stack, lab_dir, dry_run)
-    decision = ctl.release(node, reason, actor)
+    identity = cli_identity()
+    authorize(dict(ctl.spec.access.roles), [identity], "approver", f"release {node}", ctl.audit, node,
+              {"reason": reason, **({"note": actor} if actor else {})})
+    decision = ctl.release(node, reason, identity, note=actor)
     # The controller settled dry-run (flag, else the spec's policy); report what it did.
     said = (decision or {}).get("decision")
     text = f"{node}: {'would be ' if ctl.dry_run else ''}released"

@@ -10,6 +10,7 @@ import typer
 
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError
+from aidc.identity import authorize, cli_identity, load_token_map
 from aidc.strict_json import finite
 
 app = typer.Typer(help="Guarded, audited runbooks triggered by Alertmanager or by hand.", no_args_is_help=True)
@@ -78,9 +79,13 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         if not sep or not key:
             raise AidcError(f"--label expects KEY=VALUE, got {item!r}")
         labels[key] = value
-    user = os.environ.get("USER") or "unknown"
+    user = cli_identity()  # the effective uid's user, not $USER (which anyone can set)
     trigger = {"source": "cli", "user": user, "labels": labels}
-    if dry_run or engine.policy.dry_run:
+    planning = dry_run or engine.policy.dry_run
+    authorize(engine.access_roles, [user], "viewer" if planning else "operator",
+              f"{'plan' if planning else 'run'} runbook {name} on {node}", engine.audit, node,
+              {"runbook": name, "trigger": trigger})
+    if planning:
         plan = engine.plan(name, node, trigger)
         lines = [f"DRY RUN of {name} on {node}: nothing will be changed"]
         for p in plan:
@@ -129,7 +134,9 @@ def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", hel
 
 @app.command("approve")
 def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook runs`)."),
-            by: str = typer.Option(..., "--by", help="Who approves (recorded in the audit log)."),
+            by: str = typer.Option(None, "--by",
+                                   help="A note on who approves (e.g. a full name), recorded beside the "
+                                        "authenticated OS user, which is the approver."),
             resume: bool = typer.Option(True, "--resume/--no-resume",
                                         help="Continue the run here (else a running `serve` picks it up)."),
             stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
@@ -137,7 +144,7 @@ def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook ru
             inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Approve a run's waiting `approve` step."""
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
-    engine.approve(run_id, by)
+    engine.approve(run_id, cli_identity(), by)
     if resume:
         engine.execute(run_id)
     _emit_run(engine, run_id, as_json)
@@ -157,7 +164,11 @@ def render(out: Path = typer.Option(Path("docs/runbooks"), "--out", help="Output
 def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
           port: int = typer.Option(9097, "--port", help="Port to listen on (0: any free port)."),
           token_file: Path = typer.Option(None, "--token-file",
-                                          help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN)."),
+                                          help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN); "
+                                               "it authenticates as token:default."),
+          token_map: Path = typer.Option(None, "--token-map",
+                                         help="File of '<name> <sha256 hex of a token>' lines: each token "
+                                              "authenticates as token:<name> (the tokens are stored nowhere)."),
           stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
           runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
           inventory: Path = INVENTORY,
@@ -196,10 +207,11 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
             raise AidcError(f"cannot read token file {token_file}: {exc.strerror}") from None
     else:
         token = os.environ.get("AIDC_RUNBOOK_TOKEN", "").strip()
+    tokens = load_token_map(token_map) if token_map else {}
     tls_config = tls.from_options(tls_cert, tls_key, client_ca)
-    if not token and not (tls_config and tls_config.mutual):
-        raise AidcError("authentication is required: a bearer token (--token-file FILE or $AIDC_RUNBOOK_TOKEN), "
-                        "or mutual TLS (--tls-cert, --tls-key and --client-ca)")
+    if not token and not tokens and not (tls_config and tls_config.mutual):
+        raise AidcError("authentication is required: a bearer token (--token-file FILE or $AIDC_RUNBOOK_TOKEN, "
+                        "or --token-map FILE), or mutual TLS (--tls-cert, --tls-key and --client-ca)")
     if token_file and not token:
         raise AidcError(f"token file {token_file} is empty")
     if tls_config:
@@ -210,11 +222,11 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     engine.recover_audit()  # records a crash of older code left out (runs finished without one)
     try:
-        receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits)
+        receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits, token_map=tokens)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, lambda *_: receiver.engine.stop.set() or _shutdown_later(receiver))
-    auth = " + ".join(name for name, on in (("bearer token", bool(token)),
+    auth = " + ".join(name for name, on in (("bearer token", bool(token)), (f"{len(tokens)} mapped tokens", bool(tokens)),
                                             ("mutual TLS", bool(tls_config and tls_config.mutual))) if on)
     typer.echo(f"aidc runbook serve: ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth})", err=True)
     receiver.serve_forever()

@@ -242,27 +242,29 @@ class FailoverController:
         return Decision(node, "error", reason, self.dry_run, event_id)
 
     # -- humans -------------------------------------------------------------------
-    def release(self, node: str, reason: str, actor: str) -> dict | None:
-        """Return a node to service (an operator's decision, recorded as theirs).
+    def release(self, node: str, reason: str, actor: str, note: str | None = None) -> dict | None:
+        """Return a node to service (an operator's decision, recorded as theirs: `actor` is the
+        authenticated identity, `note` a self-asserted name kept beside it).
 
         Returns the backend's decision (Slurm: released / not_drained); a refusal (Slurm: a node
         an operator or Slurm drained or downed) is audited as `failover.release_refused` and raised.
         """
+        noted = {"note": note} if note else {}
         if self.dry_run:
             self.audit.append("failover.release", f"dry-run: would release ({reason})", actor=actor, node=node,
-                              payload={"dry_run": True})
+                              payload={"dry_run": True, **noted})
             return None
         try:
             decision = self.scheduler.release(node, reason)
         except AidcError as exc:
             refused = getattr(exc, "decision", None)
             self.audit.append("failover.release_refused", str(exc), actor=actor, node=node,
-                              payload={"dry_run": False, "reason": reason,
+                              payload={"dry_run": False, "reason": reason, **noted,
                                        "decision": refused.to_dict() if refused else None})
             raise
         described = decision.to_dict() if hasattr(decision, "to_dict") else None
         self.audit.append("failover.release", reason, actor=actor, node=node,
-                          payload={"dry_run": False, "decision": described})
+                          payload={"dry_run": False, "decision": described, **noted})
         self.store.set_node_state(node, "in_service", reason, actor)
         return described
 

@@ -350,9 +350,11 @@ class HealthAgent:
 def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, store: Store | str | Path,
               audit: AuditLog | str | Path, port: int | None, poll_interval_s: float, stop: threading.Event, *,
               device_timeout_s: float = 2.0, catalog: XidCatalog | None = None,
-              ready: threading.Event | None = None, listen_address: str = "127.0.0.1") -> HealthAgent:
+              ready: threading.Event | None = None, listen_address: str = "127.0.0.1",
+              metrics_tls=None) -> HealthAgent:
     """Run the watch loop until `stop` is set. `port` None or 0: no metrics server; the server
-    listens on `listen_address` (loopback by default; 0.0.0.0 or the pod IP in a DaemonSet).
+    listens on `listen_address` (loopback by default; 0.0.0.0 or the pod IP in a DaemonSet),
+    over HTTPS with `metrics_tls` (an aidc.runbook.tls.TLSConfig).
     Returns the (closed) agent, for its counters."""
     own_store = not isinstance(store, Store)
     own_audit = not isinstance(audit, AuditLog)
@@ -367,7 +369,7 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
             raise AidcError(f"kernel log {agent.kernel_log} is not readable by this user")
         if port:
             try:
-                agent.metrics.serve(port, addr=listen_address)
+                agent.metrics.serve(port, addr=listen_address, tls=metrics_tls)
             except OSError as exc:
                 raise AidcError(f"cannot serve metrics on {listen_address}:{port}: {exc.strerror or exc}") from None
         audit.append("health.agent_started", f"watching {node}", actor=agent.actor, node=node,

@@ -5,6 +5,9 @@ simulated node) can live in one process, as the tests do.
 
 from __future__ import annotations
 
+import ssl
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from aidc import __version__
@@ -42,6 +45,10 @@ _GPU_GAUGES = (
     ("aidc_gpu_power_throttled", "1 while power clock slowdown is active",
      lambda t: int(bool(POWER_REASONS & set(t.throttle_reasons)))),
 )
+
+
+if TYPE_CHECKING:
+    from aidc.runbook.tls import TLSConfig
 
 
 class HealthMetrics:
@@ -95,9 +102,17 @@ class HealthMetrics:
     def fault(self, kind: str, action: str) -> None:
         self.faults_total.labels(self.node, kind, action).inc()
 
-    def serve(self, port: int, addr: str = "127.0.0.1"):
-        """Serve /metrics on addr:port (loopback by default). Returns the server."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "127.0.0.1", tls: TLSConfig | None = None):
+        """Serve /metrics on addr:port (loopback by default), over HTTPS with `tls` (then plain
+        HTTP is refused in the handshake; with a client CA, only its clients' certificates).
+        Returns the server."""
+        extra = {}
+        if tls is not None:
+            extra = {"certfile": str(tls.cert_file), "keyfile": str(tls.key_file),
+                     "tls_min_version": ssl.TLSVersion.TLSv1_2}
+            if tls.client_ca_file is not None:
+                extra.update(client_cafile=str(tls.client_ca_file), client_auth_required=True)
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry, **extra)
         self._server = server
         return server
 

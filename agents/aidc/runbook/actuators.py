@@ -23,6 +23,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 from aidc.errors import AidcError
 from aidc.failover.scheduler import SchedulerBackend
+from aidc.files import private_dir, private_opener
 
 HTTP_TIMEOUT_S = 5.0
 
@@ -146,8 +147,8 @@ class LogNotifier:
         line = {"ts": time.time(), "severity": severity, "message": message, **context}
         print(f"aidc runbook notify [{severity}] {message}", file=sys.stderr, flush=True)
         if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
+            private_dir(self.path.parent)
+            with open(self.path, "a", opener=private_opener) as f:
                 f.write(json.dumps(line, sort_keys=True, default=str) + "\n")
 
 

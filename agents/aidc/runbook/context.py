@@ -63,4 +63,5 @@ def build_engine(opts: EngineOptions) -> Engine:
         notifier=LogNotifier(opts.notify_file),
     )
     return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,
-                  actuators=actuators, nodes=nodes, policy=spec.policy)
+                  actuators=actuators, nodes=nodes, policy=spec.policy,
+                  access_roles=dict(spec.access.roles))

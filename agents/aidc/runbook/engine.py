@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from aidc.audit.log import AuditLog, default_actor
+from aidc.identity import authorize
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators
 from aidc.runbook.catalog import Catalog, Runbook, RunbookError, Step
@@ -74,6 +75,7 @@ class Engine:
     nodes: list[str]
     policy: Policy = field(default_factory=Policy)
     actor: str = field(default_factory=lambda: default_actor("runbook"))
+    access_roles: dict[str, str] = field(default_factory=dict)  # spec access.roles; empty: not enforced
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -480,19 +482,45 @@ class Engine:
         if row.phase == "main" and (refused_by_guard or self._step_def(rb, row).on_failure == "abort"):
             self.state.append_failure_steps(run.id, [(s.id, s.kind) for s in rb.on_failure])
 
-    def approve(self, run_id: int, by: str) -> StepRow:
-        """Record a human's approval of the run's waiting `approve` step."""
+    def approve(self, run_id: int, identity: str, note: str | None = None) -> StepRow:
+        """Record an approval of the run's waiting `approve` step by an authenticated identity
+        (aidc.identity; `note`: a self-asserted name, kept beside it). With access roles
+        configured it needs role approver: a step waits for a person only when it guards a
+        destructive step policy does not allow (others policy approves). A refusal is audited
+        and raised (PolicyRefusal)."""
         run = self.state.get_run(run_id)
         if run.status != "awaiting_approval":
             raise AidcError(f"run {run_id} is {run.status}, not awaiting approval")
-        row = next((r for r in self.state.steps(run_id) if r.kind == "approve" and r.status == "running"), None)
+        rows = self.state.steps(run_id)
+        row = next((r for r in rows if r.kind == "approve" and r.status == "running"), None)
         if row is None:
             raise AidcError(f"run {run_id} has no approve step waiting")
-        self._audit("runbook.approval", f"run {run_id} step {row.step_id} approved by {by}", run.node,
-                    {"run_id": run_id, "runbook": run.runbook, "step": row.step_id, "idx": row.idx,
-                     "approved_by": by})
-        self.state.approve(run_id, row.idx, by)
+        rb = self.catalog.get(run.runbook)
+        guarded = self._guarded_by(rb, rows, row)
+        destructive = [s.id for s in guarded if s.destructive]
+        about = {"run_id": run_id, "runbook": run.runbook, "step": row.step_id, "idx": row.idx,
+                 **({"note": note} if note else {})}
+        with self._audit_lock:
+            authorize(self.access_roles, [identity], "approver",
+                      f"approve step {row.step_id} of run {run_id}"
+                      + (f" (it guards destructive steps {', '.join(destructive)})" if destructive else ""),
+                      self.audit, run.node, {**about, "destructive_steps": destructive})
+            self.audit.append("runbook.approval", f"run {run_id} step {row.step_id} approved by {identity}"
+                              + (f" ({note})" if note else ""), actor=identity, node=run.node,
+                              payload={**about, "approved_by": identity})
+        self.state.approve(run_id, row.idx, identity)
         return row
+
+    def _guarded_by(self, rb: Runbook, rows: list[StepRow], row: StepRow) -> list[Step]:
+        """The steps an approve step guards: those after it in its phase, up to the next approve."""
+        guarded = []
+        for later in rows[row.idx + 1:]:
+            if later.phase != row.phase:
+                continue
+            if later.kind == "approve":
+                break
+            guarded.append(self._step_def(rb, later))
+        return guarded
 
     # --- dry run ------------------------------------------------------------------------
     def plan(self, runbook: str, node: str, trigger: dict | None = None) -> list[PlannedStep]:

@@ -433,6 +433,9 @@ class BoundedHTTPServer:
 
     def _log_response(self, request: Request | None, who: str, response: Response) -> None:
         method, path = (request.method, request.path) if request else ("-", "-")
+        # Never log a query string: credentials end up in them, whatever the API says.
+        path, query, _ = path.partition("?")
+        path += "?<query not logged>" if query else ""
         self.log(f"{response.code} {method} {path} from {who}: {response.note}")
 
     def _close(self, conn: _Conn) -> None:

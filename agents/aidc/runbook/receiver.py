@@ -10,18 +10,23 @@ an approval, or when all workers were busy.
 
 Authentication is a bearer token (`Authorization: Bearer <token>`, the scheme in any case, as
 RFC 7235 has it), mutual TLS (`aidc.runbook.tls`), or both; a receiver with neither refuses to
-start.
+start. What authenticated is the caller's identity (aidc.identity): `cert:<CN>` of the client
+certificate, `token:<name>` of a token in the token map (`token:default` for the single token);
+it is written into each run's trigger, and with access roles configured it must hold `viewer`
+to list runs and `operator` to post alerts (else 403, audited). A token in the query string is
+refused (400) and never logged: query strings end up in proxies' and servers' logs.
 """
 
 from __future__ import annotations
 
-import hmac
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
 from aidc import strict_json
+from aidc.identity import authorize, cert_identity, token_identity
+from aidc.errors import PolicyRefusal
 from aidc.runbook.engine import Engine, Submission
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
 from aidc.runbook.tls import TLSConfig
@@ -30,6 +35,9 @@ WEBHOOK_PATHS = ("/", "/alerts", "/api/v1/alerts")
 AUTH_EXPECTED = "expected 'Authorization: Bearer <token>' (the scheme in any case)"
 # The Alertmanager webhook fields the engine reads, when present, must be strings.
 STRING_FIELDS = ("status", "fingerprint", "startsAt", "endsAt", "generatorURL")
+# Query parameters that carry credentials in some APIs: refused outright, so that no client
+# gets used to sending them where logs keep them.
+CREDENTIAL_PARAMS = ("token", "access_token", "auth", "bearer", "password", "apikey", "api_key", "key")
 
 
 @dataclass(frozen=True)
@@ -84,10 +92,11 @@ def validate_payload(body: bytes, max_alerts: int = Limits.max_alerts) -> list[d
 class Receiver:
     def __init__(self, engine: Engine, token: str | None, host: str = "127.0.0.1", port: int = 9097,
                  max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None,
-                 limits: Limits | None = None):
-        if not token and not (tls and tls.mutual):
+                 limits: Limits | None = None, token_map: dict[str, str] | None = None):
+        if not token and not token_map and not (tls and tls.mutual):
             raise ValueError("authentication is required: a bearer token, or mutual TLS (a client CA)")
         self.engine, self.token, self.tls = engine, token or None, tls
+        self.token_map = dict(token_map or {})  # {sha256 hex of a token: its name}
         self.max_workers, self.scan_interval_s = max_workers, scan_interval_s
         self.limits = limits or Limits()
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}",
@@ -111,17 +120,25 @@ class Receiver:
         return self.httpd.open_connections
 
     # --- HTTP -----------------------------------------------------------------------------
-    def _authorized(self, request: Request) -> bool:
-        if self.token is None:
-            return True  # mutual TLS only: the handshake already verified the client
-        scheme, _, token = request.header("authorization").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token.encode())
+    def identities(self, request: Request) -> list[str] | None:
+        """Who the request authenticated as (certificate first, then token); None: not authenticated."""
+        found = [i for i in (cert_identity(request.peer),) if i]
+        if self.token is None and not self.token_map:
+            return found  # mutual TLS only: the handshake already verified the client
+        scheme, _, presented = request.header("authorization").partition(" ")
+        named = token_identity(presented.strip(), self.token, self.token_map) if scheme.lower() == "bearer" else None
+        return found + [named] if named else None
 
     def _check_head(self, request: Request) -> Response | None:
         """Before any body is read: health needs nothing, everything else the token and a known route."""
+        path, _, query = request.path.partition("?")
+        params = {p.partition("=")[0].lower() for p in query.split("&") if p}
+        if params & set(CREDENTIAL_PARAMS):
+            return Response(400, {"error": f"credentials in the query string are refused (they end up in logs): "
+                                           f"{AUTH_EXPECTED}"}, "credentials in the query string refused")
         if request.method == "GET" and request.path == "/healthz":
             return None
-        if not self._authorized(request):
+        if self.identities(request) is None:
             return Response(401, {"error": f"missing or wrong bearer token: {AUTH_EXPECTED}"}, "unauthenticated",
                             {"WWW-Authenticate": 'Bearer realm="aidc-runbook"'})
         routes = {"GET": ("/runs",), "POST": WEBHOOK_PATHS}
@@ -129,12 +146,21 @@ class Receiver:
             return Response(405, {"error": f"method {request.method} not allowed"}, "method not allowed",
                             {"Allow": "GET, POST"})
         if request.path not in routes[request.method]:
-            return Response(404, {"error": "not found"}, f"unknown path {request.path[:200]}")
+            return Response(404, {"error": "not found"}, f"unknown path {path[:200]}")
         return None
 
     def _handle(self, request: Request) -> Response:
         if request.path == "/healthz":
             return Response(200, {"ok": True}, "health")
+        # Roles here, on a worker thread: a refusal is audited (a database write), which the
+        # I/O thread that runs _check_head must not wait for.
+        who = self.identities(request) or []
+        needed, action = ("viewer", "list runs") if request.method == "GET" else ("operator", "post alerts")
+        try:
+            authorize(self.engine.access_roles, who, needed, action, self.engine.audit,
+                      payload={"address": request.client, "method": request.method, "path": request.path})
+        except PolicyRefusal as exc:
+            return Response(403, {"error": str(exc)}, f"refused: {exc}")
         if request.method == "GET":  # /runs: _check_head allowed nothing else
             runs = [r.to_dict() for r in self.engine.state.runs()]
             return Response(200, {"runs": runs}, f"{len(runs)} runs")
@@ -142,7 +168,8 @@ class Receiver:
             alerts = validate_payload(request.body, self.limits.max_alerts)
         except BadRequest as exc:
             return Response(exc.code, {"error": exc.reason}, exc.reason)
-        sender = {"address": request.client, **({"client": request.peer} if request.peer else {})}
+        sender = {"address": request.client, **({"client": request.peer} if request.peer else {}),
+                  **({"identity": who[-1], "identities": who} if who else {})}
         results = [self.accept(a, sender) for a in alerts]
         summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results[:20]) or "no alerts"
         if len(results) > 20:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aidc.files import private_db
 from aidc.process import same_process_alive, start_ticks
 from aidc.store import enable_wal
 
@@ -142,7 +143,7 @@ def owner_alive(owner: str | None, lease_renewed_at: float | None = None) -> boo
 class RunState:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_db(self.path)
         self._local = threading.local()
         self.db.executescript(SCHEMA)
 
