@@ -164,6 +164,16 @@ def test_a_reanchor_is_an_audited_record_of_the_gap_and_the_log_verifies_after_i
     assert any("record 7 re-anchored" in n for n in result.notes)
 
 
+def test_a_reanchor_after_a_truncation_records_the_anchor_it_replaced(log, pem):
+    old_anchor = json.loads(log.anchor_path.read_text())
+    _sql(log.path, "DELETE FROM audit WHERE seq > 5")
+    with AuditLog(log.path) as writer:
+        record = writer.reanchor("rows 6-8 lost in a restore from backup", actor="ops")
+    assert record.seq == 6 and "truncated" in record.payload["problem"]
+    assert record.payload["previous_anchor"] == {"seq": 8, "hash": old_anchor["hash"]}
+    assert log.verify(public_key_pem=pem).ok
+
+
 def test_a_reanchor_is_refused_for_a_broken_chain_and_for_a_log_that_verifies(log):
     with AuditLog(log.path) as writer:
         with pytest.raises(AuditError, match="nothing to re-anchor"):

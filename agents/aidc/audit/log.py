@@ -237,7 +237,7 @@ class AuditLog:
     def close(self) -> None:
         # At every stop the anchor names the head, signed: a writer that crashed between a
         # commit and its anchor update (possibly another process) is caught up here.
-        if not self.read_only and self._db is not None:
+        if not self.read_only:
             try:
                 anchor = self._read_anchor()
                 seq, digest = self._head()
@@ -392,6 +392,14 @@ class AuditLog:
                 data = {"_unparseable": payload}
             out.append(AuditRecord(seq, ts, actor, nd, kd, reason, data, prev, digest))
         return out
+
+    def latest_stored(self, kind: str, node: str) -> dict | None:
+        """The newest record of this kind for this node as stored, the payload as its exact
+        JSON text (what the record's hash covers); None when there is none."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM audit WHERE kind = ? AND node = ? "
+                                   "ORDER BY seq DESC LIMIT 1", (kind, node)).fetchone()
+        return None if row is None else dict(zip(COLUMNS, row))
 
     def find(self, kind: str, **payload) -> list[AuditRecord]:
         """Records of this kind whose payload has these top-level values, in order."""

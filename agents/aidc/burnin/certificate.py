@@ -15,13 +15,12 @@ import json
 import time
 
 from aidc import strict_json
-from aidc.audit.log import AuditLog, record_hash
+from aidc.audit.log import COLUMNS, AuditLog, record_hash
 from aidc.errors import AuditError
 
 FORMAT = "aidc-burnin-certificate-v1"
 DOMAIN = FORMAT.encode() + b"\0"
 RECORD_KIND = "burnin.certificate"
-RECORD_FIELDS = ("seq", "ts", "actor", "node", "kind", "reason", "payload", "prev_hash", "hash")
 
 
 def _signed_bytes(document: dict) -> bytes:
@@ -37,12 +36,9 @@ def export_certificate(log: AuditLog, node: str, signer) -> dict:
     if not result.ok:
         raise AuditError(f"{log.path} does not verify with key {signer.key_id!r} "
                          f"(record {result.first_bad_seq}: {result.problem}); no certificate is issued from it")
-    with log._lock:  # the stored payload text, byte for byte: the record's hash covers exactly it
-        row = log._db.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM audit WHERE kind = ? AND node = ? "
-                              "ORDER BY seq DESC LIMIT 1", (RECORD_KIND, node)).fetchone()
-    if row is None:
+    record = log.latest_stored(RECORD_KIND, node)
+    if record is None:
         raise AuditError(f"{log.path} holds no burn-in certificate for node {node!r}")
-    record = dict(zip(RECORD_FIELDS, row))
     payload = json.loads(record["payload"])
     document = {"format": FORMAT, "node": node, "verdict": payload.get("verdict"), "reason": record["reason"],
                 "issued_at": time.time(), "audit_records": result.records, "record": record}
@@ -76,7 +72,7 @@ def verify_certificate(text: str, public_key_pem: str) -> tuple[bool, str]:
         return False, ("the signature does not match: the certificate was modified or signed by another key "
                        f"(it names key {signature.get('key_id')!r} version {signature.get('key_version')})")
     # Signed, so these hold unless the exporter itself was wrong; checked all the same.
-    if not isinstance(record, dict) or set(record) != set(RECORD_FIELDS):
+    if not isinstance(record, dict) or set(record) != set(COLUMNS):
         return False, "the certificate's audit record is incomplete"
     if record_hash(*(record[k] for k in ("prev_hash", "seq", "ts", "actor", "node", "kind", "reason",
                                          "payload"))) != record["hash"]:
