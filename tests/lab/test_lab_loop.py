@@ -50,6 +50,20 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     # Nothing the lab started is left running.
     assert LabCluster(load_stack("lab"), lab_dir).running() == []
 
+    # The log is signed with the lab's keyring from every writer, and a burn-in certificate
+    # exported from it verifies offline with the public key alone.
+    key_file = tmp_path / "signing.pem"
+    public_key = aidc_cli("kms", "public-key", "--lab-dir", str(lab_dir))
+    assert public_key.returncode == 0, public_key.stderr
+    key_file.write_text(public_key.stdout)
+    signed = aidc_cli("audit", "verify", "--db", summary["audit_db"], "--public-key", str(key_file), "--json")
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    assert json.loads(signed.stdout)["signed"]
+    cert = tmp_path / "gpu-spare-0.cert.json"
+    assert aidc_cli("burnin", "certificate", "export", "gpu-spare-0", "--db", summary["audit_db"],
+                    "--out", str(cert)).returncode == 0
+    assert aidc_cli("burnin", "certificate", "verify", str(cert), "--public-key", str(key_file)).returncode == 0
+
     # One row changed with the sqlite3 shell breaks verification, naming the record.
     assert aidc_cli("audit", "verify", "--db", summary["audit_db"]).returncode == 0
     if shutil.which("sqlite3"):

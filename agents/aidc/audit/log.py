@@ -4,9 +4,18 @@ Each record's hash covers its own fields and the previous record's hash, so edit
 deleting or reordering any row breaks the chain at that row. Truncating the tail
 leaves a valid but shorter chain; that is caught by the anchor file beside the
 database (`<db>.anchor`: the last sequence number and hash), rewritten after every
-append under a lock file (`<db>.anchor.lock`) so that it only ever moves forward. An
-attacker who rewrites the whole chain *and* the anchor is not caught here: signing
-anchors with the cluster KMS key is the next layer (docs/architecture.md).
+append under a lock file (`<db>.anchor.lock`) so that it only ever moves forward. A
+writer creates the anchor (record 0) before the first record, so a log with rows and
+no anchor has lost it: writers refuse to append to it until a person runs
+`aidc audit reanchor` (an audited record of the gap).
+
+Signing (a KMS `KeyProvider`, passed as `signer=` or named by the sidecar `<db>.signing`):
+every record's hash is signed in the same transaction (table `audit_signature`), and the
+anchor is signed too, under another domain-separation prefix. `verify(public_key_pem=...)`
+then needs a signed anchor and a valid signature on every record after signing began, so
+without the private key no rewrite of rows, hashes or the anchor passes. Only a replay of
+an older genuine log *with* its older anchor is not detectable offline (see
+docs/architecture.md).
 
 Reading (`AuditLog(path, read_only=True)`, what `aidc audit` uses) opens the file with
 SQLite's read-only mode: it changes no byte of it, creates nothing, and refuses a file
@@ -16,6 +25,7 @@ verification failure, and writers refuse to append (before committing) until it 
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -24,8 +34,9 @@ import socket
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 from aidc import strict_json
@@ -54,11 +65,65 @@ CREATE TABLE IF NOT EXISTS audit (
 # Python's non-standard NaN/Infinity, which SQLite's JSON functions reject ("malformed JSON").
 PAYLOAD_FIELD = "CASE WHEN json_valid(payload) THEN json_extract(payload, '$.{key}') END"
 RUN_INDEX = f"CREATE INDEX IF NOT EXISTS audit_kind_run ON audit(kind, {PAYLOAD_FIELD.format(key='run_id')})"
+# Record signatures live beside the chain, not in it: the `audit` table keeps the columns
+# older logs have, and a signature row commits in the same transaction as its record.
+SIGNATURE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_signature (
+    seq INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    key_version INTEGER NOT NULL,
+    signature TEXT NOT NULL
+);
+"""
+# Domain separation: a record's signature can never stand in for an anchor's (or the reverse).
+RECORD_DOMAIN = b"aidc-audit-record-v1\0"
+ANCHOR_DOMAIN = b"aidc-audit-anchor-v1\0"
+REANCHOR_KIND = "audit.reanchor"
 COLUMNS = ["seq", "ts", "actor", "node", "kind", "reason", "payload", "prev_hash", "hash"]
 
 
 class BadAnchor(AuditError):
     """The anchor file exists but is not what a writer writes."""
+
+
+class Anchor(NamedTuple):
+    seq: int
+    hash: str
+    signature: dict | None = None  # {"key_id", "key_version", "value" (base64)} when signed
+
+
+def signed_message(domain: bytes, seq: int, digest: str) -> bytes:
+    return domain + f"{seq}\0{digest}".encode()
+
+
+def signing_config_path(db: str | Path) -> Path:
+    db = Path(db)
+    return db.with_name(db.name + ".signing")
+
+
+def configure_signing(db: str | Path, keyring: str | Path, key_id: str) -> Path:
+    """Name the local keyring that signs this log, for every writer that opens it (the sidecar)."""
+    path = signing_config_path(db)
+    path.write_text(json.dumps({"provider": "local", "keyring": str(Path(keyring).resolve()), "key_id": key_id}))
+    return path
+
+
+def configured_signer(db: str | Path):
+    """The KeyProvider the sidecar names, opened; None when the log has no sidecar."""
+    path = signing_config_path(db)
+    try:
+        config = json.loads(path.read_text())
+        provider, keyring, key_id = config["provider"], config["keyring"], config["key_id"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AuditError(f"signing config {path} is not one aidc writes ({exc})") from None
+    if provider != "local":
+        raise AuditError(f"signing config {path}: provider {provider!r}; a sidecar names a local keyring "
+                         "(pass signer= for other providers)")
+    from aidc.kms.local import LocalKeyring
+
+    return LocalKeyring(keyring, key_id)
 
 
 @dataclass(frozen=True)
@@ -80,9 +145,12 @@ class VerifyResult:
     records: int
     first_bad_seq: int | None = None
     problem: str = ""
+    signed: bool = False  # checked against a public key
+    notes: tuple[str, ...] = field(default=())  # re-anchors, records older than signing, a lagging anchor
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "records": self.records, "first_bad_seq": self.first_bad_seq, "problem": self.problem}
+        return {"ok": self.ok, "records": self.records, "first_bad_seq": self.first_bad_seq, "problem": self.problem,
+                "signed": self.signed, "notes": list(self.notes)}
 
 
 def record_hash(prev_hash: str, seq: int, ts: float, actor: str, node: str | None, kind: str,
@@ -92,14 +160,32 @@ def record_hash(prev_hash: str, seq: int, ts: float, actor: str, node: str | Non
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def chain_problem(rows: list[tuple]) -> tuple[int, str] | None:
+    """(first bad seq, what is wrong) for rows in stored order; None when the chain holds."""
+    prev = GENESIS
+    for expected_seq, (seq, ts, actor, node, kind, reason, payload, prev_hash, digest) in enumerate(rows, 1):
+        if seq != expected_seq:
+            problem = "missing (deleted)" if seq > expected_seq else "out of order"
+            return expected_seq, f"record {expected_seq} {problem}; found {seq}"
+        if prev_hash != prev:
+            return seq, f"record {seq} does not follow record {seq - 1}"
+        if record_hash(prev_hash, seq, ts, actor, node, kind, reason, payload) != digest:
+            return seq, f"record {seq} was changed after it was written"
+        prev = digest
+    return None
+
+
 def default_actor(stage: str) -> str:
     return f"{stage}@{socket.gethostname()}:{os.getpid()}"
 
 
 class AuditLog:
-    def __init__(self, path: str | Path, *, read_only: bool = False):
+    def __init__(self, path: str | Path, *, read_only: bool = False, signer=None):
+        """`signer`: a KeyProvider that signs each record and the anchor; a writer without one
+        uses the keyring the sidecar `<db>.signing` names, if there is one."""
         self.path = Path(path)
         self.read_only = read_only
+        self.signer = signer
         self.anchor_path = self.path.with_name(self.path.name + ".anchor")
         self._anchor_lock_path = self.anchor_path.with_name(self.anchor_path.name + ".lock")
         # Threads may share one AuditLog (and so one connection, whose transaction state is
@@ -119,6 +205,10 @@ class AuditLog:
         self._check_is_audit_log(create=True)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._db.executescript(SIGNATURE_SCHEMA)
+        if self.signer is None:
+            self.signer = configured_signer(self.path)
+        self._write_genesis_anchor()
         try:
             self._db.execute(RUN_INDEX)
         except sqlite3.OperationalError:  # malformed JSON in some payload: verify names that record
@@ -139,8 +229,51 @@ class AuditLog:
                  else f"it holds tables {sorted(tables)} and no `audit` table" if tables else "it is empty")
         raise AuditError(f"{self.path} is not an aidc audit log: {found}")
 
+    def use_signer(self, signer) -> None:
+        """Start signing (the lab, once its keyring exists): the anchor is signed at once."""
+        self.signer = signer
+        head = self._head()
+        self._write_anchor(*head, force=True) if head[0] else self._write_genesis_anchor(force=True)
+
     def close(self) -> None:
+        # At every stop the anchor names the head, signed: a writer that crashed between a
+        # commit and its anchor update (possibly another process) is caught up here.
+        if not self.read_only:
+            try:
+                anchor = self._read_anchor()
+                seq, digest = self._head()
+                if anchor is not None and seq > anchor.seq:
+                    self._write_anchor(seq, digest)
+            except (AuditError, sqlite3.Error):
+                pass  # a damaged anchor stays for verify to report
         self._db.close()
+
+    def _head(self) -> tuple[int, str]:
+        with self._lock:
+            row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def _write_genesis_anchor(self, force: bool = False) -> None:
+        """Anchor record 0 before the first record: from then on a missing anchor means a removed one."""
+        with open(self._anchor_lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.anchor_path.exists() and not force:
+                return
+            if self._head()[0] == 0:
+                self._replace_anchor(0, GENESIS)
+
+    def _check_can_append(self) -> None:
+        anchor = self._read_anchor()
+        if anchor is None:
+            count = self._head()[0]
+            if count:
+                raise AuditError(
+                    f"{self.path} holds {count} records but its anchor file {self.anchor_path} is missing: the tail "
+                    f"may have been cut. Nothing was written; a person must re-anchor it "
+                    f"(`aidc audit reanchor --db {self.path} --reason ...`), which records the gap")
+        elif anchor.signature is not None and self.signer is None:
+            raise AuditError(f"{self.path} is signed (its anchor carries a signature) but this writer has no "
+                             f"signing key ({signing_config_path(self.path)} is missing); nothing was written")
 
     def __enter__(self) -> "AuditLog":
         return self
@@ -155,9 +288,13 @@ class AuditLog:
         # Strict JSON: a non-finite float is written as its name, so every record stays readable
         # by strict consumers (and by SQLite's JSON functions).
         payload_json = strict_json.dumps(payload or {}, sort_keys=True)
-        # A bad anchor is refused before the record commits: failing after the commit would
-        # tell the caller its record was not written when it was.
-        self._read_anchor()
+        # A bad or missing anchor is refused before the record commits: failing after the
+        # commit would tell the caller its record was not written when it was.
+        self._check_can_append()
+        return self._append(kind, reason, actor, node, payload_json)
+
+    def _append(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str,
+                force_anchor: bool = False) -> AuditRecord:
         with self._lock:
             # BEGIN IMMEDIATE serialises writers across processes: the chain has one head.
             self._db.execute("BEGIN IMMEDIATE")
@@ -171,14 +308,19 @@ class AuditLog:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (seq, ts, actor, node, kind, reason, payload_json, prev, digest),
                 )
+                if self.signer is not None:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO audit_signature(seq, key_id, key_version, signature) VALUES (?, ?, ?, ?)",
+                        (seq, self.signer.key_id, self.signer.signing_key_version,
+                         base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode()))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        self._write_anchor(seq, digest)
+        self._write_anchor(seq, digest, force=force_anchor)
         return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
 
-    def _write_anchor(self, seq: int, digest: str) -> None:
+    def _write_anchor(self, seq: int, digest: str, force: bool = False) -> None:
         # A writer that crashed between COMMIT and here leaves the anchor one record behind;
         # verify accepts an anchor that lags (it checks the anchored record) but not a chain
         # shorter than the anchor. Writers finish in any order, so read, compare and replace
@@ -186,21 +328,31 @@ class AuditLog:
         # first replace it with N, moving the anchor back so that cutting N+1 goes unseen.
         with open(self._anchor_lock_path, "a", opener=private_opener) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-            try:
-                current = self._read_anchor()
-            except BadAnchor:
-                return  # replaced since append checked it: leave it for verify to report
-            if current and current[0] >= seq:
-                return
-            tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-            with open(tmp, "w", opener=private_opener) as f:
-                f.write(json.dumps({"seq": seq, "hash": digest}))
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty anchor
-            os.replace(tmp, self.anchor_path)
+            if not force:  # force: a re-anchor replaces whatever is there, on purpose
+                try:
+                    current = self._read_anchor()
+                except BadAnchor:
+                    return  # replaced since append checked it: leave it for verify to report
+                if current and current.seq >= seq:
+                    return
+            self._replace_anchor(seq, digest)
 
-    def _read_anchor(self) -> tuple[int, str] | None:
-        """(seq, hash) of the anchor; None when there is none yet; BadAnchor when it is not one."""
+    def _replace_anchor(self, seq: int, digest: str) -> None:
+        """Write the anchor (signed when there is a signer); the caller holds the anchor lock."""
+        doc: dict = {"seq": seq, "hash": digest}
+        if self.signer is not None:
+            doc["signature"] = {"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
+                                "value": base64.b64encode(self.signer.sign(
+                                    signed_message(ANCHOR_DOMAIN, seq, digest))).decode()}
+        tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        with open(tmp, "w", opener=private_opener) as f:
+            f.write(json.dumps(doc))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty anchor
+        os.replace(tmp, self.anchor_path)
+
+    def _read_anchor(self) -> Anchor | None:
+        """The anchor; None when there is none; BadAnchor when it is not one."""
         try:
             text = self.anchor_path.read_text()
         except FileNotFoundError:
@@ -213,11 +365,14 @@ class AuditLog:
         except ValueError:
             raise BadAnchor(f"anchor file {self.anchor_path} is not JSON") from None
         seq, digest = (data.get("seq"), data.get("hash")) if isinstance(data, dict) else (None, None)
-        if (type(seq) is not int or seq < 1 or not isinstance(digest, str) or len(digest) != 64
+        if (type(seq) is not int or seq < 0 or not isinstance(digest, str) or len(digest) != 64
                 or any(c not in "0123456789abcdef" for c in digest)):
             raise BadAnchor(f"anchor file {self.anchor_path} does not hold a record number and hash "
                             f"(found {text[:80]!r})")
-        return seq, digest
+        signature = data.get("signature")
+        if signature is not None and not (isinstance(signature, dict) and isinstance(signature.get("value"), str)):
+            raise BadAnchor(f"anchor file {self.anchor_path} has a signature field that is not a signature")
+        return Anchor(seq, digest, signature)
 
     def records(self, kind: str | None = None, node: str | None = None) -> list[AuditRecord]:
         # Physical order (rowid), not seq order: verify must see rows as they are stored.
@@ -239,6 +394,14 @@ class AuditLog:
             out.append(AuditRecord(seq, ts, actor, nd, kd, reason, data, prev, digest))
         return out
 
+    def latest_stored(self, kind: str, node: str) -> dict | None:
+        """The newest record of this kind for this node as stored, the payload as its exact
+        JSON text (what the record's hash covers); None when there is none."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM audit WHERE kind = ? AND node = ? "
+                                   "ORDER BY seq DESC LIMIT 1", (kind, node)).fetchone()
+        return None if row is None else dict(zip(COLUMNS, row))
+
     def find(self, kind: str, **payload) -> list[AuditRecord]:
         """Records of this kind whose payload has these top-level values, in order."""
         sql, args = ("SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit "
@@ -253,38 +416,108 @@ class AuditLog:
         return [AuditRecord(seq, ts, actor, nd, kd, reason, json.loads(data), prev, digest)
                 for seq, ts, actor, nd, kd, reason, data, prev, digest in rows]
 
-    def verify(self) -> VerifyResult:
-        """Walk the chain; name the first record that does not hold."""
+    def verify(self, public_key_pem: str | None = None) -> VerifyResult:
+        """Walk the chain; name the first record that does not hold. With a public key, also
+        require a signed anchor and a valid signature on every record after signing began."""
         try:
             anchor, rows = self._anchor_and_rows()
             if anchor is None and rows:
-                # The very first append may have committed after the anchor was read. Once written,
-                # the anchor file is only ever replaced, never removed, so one more look decides.
+                # A log written before genesis anchors: its first append may have committed after
+                # the anchor was read. An anchor is only ever replaced, never removed: look again.
                 anchor, rows = self._anchor_and_rows()
         except BadAnchor as exc:
             with self._lock:
                 count = self._db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
-            return VerifyResult(False, count, None, str(exc))
-        prev = GENESIS
-        for expected_seq, (seq, ts, actor, node, kind, reason, payload, prev_hash, digest) in enumerate(rows, 1):
-            if seq != expected_seq:
-                problem = "missing (deleted)" if seq > expected_seq else "out of order"
-                return VerifyResult(False, len(rows), expected_seq, f"record {expected_seq} {problem}; found {seq}")
-            if prev_hash != prev:
-                return VerifyResult(False, len(rows), seq, f"record {seq} does not follow record {seq - 1}")
-            if record_hash(prev_hash, seq, ts, actor, node, kind, reason, payload) != digest:
-                return VerifyResult(False, len(rows), seq, f"record {seq} was changed after it was written")
-            prev = digest
-        if anchor:
-            a_seq, a_hash = anchor
-            if a_seq > len(rows):
+            return VerifyResult(False, count, None, str(exc), public_key_pem is not None)
+        broken = chain_problem(rows)
+        if broken:
+            return VerifyResult(False, len(rows), *broken, signed=public_key_pem is not None)
+        notes = [f"record {r[0]} re-anchored the log: {r[5]}" for r in rows if r[4] == REANCHOR_KIND]
+        if anchor is not None:
+            if anchor.seq > len(rows):
                 return VerifyResult(False, len(rows), len(rows) + 1,
-                                    f"log truncated: anchor names record {a_seq}, log ends at {len(rows)}")
-            if rows[a_seq - 1][8] != a_hash:
-                return VerifyResult(False, len(rows), a_seq, f"record {a_seq} does not match the anchor")
-        elif rows:
+                                    f"log truncated: anchor names record {anchor.seq}, log ends at {len(rows)}")
+            if (rows[anchor.seq - 1][8] if anchor.seq else GENESIS) != anchor.hash:
+                return VerifyResult(False, len(rows), anchor.seq, f"record {anchor.seq} does not match the anchor")
+            if anchor.seq < len(rows):
+                notes.append(f"the anchor names record {anchor.seq}, the log ends at {len(rows)} "
+                             f"(a writer stopped between a commit and its anchor update)")
+        elif rows or public_key_pem is not None:
             return VerifyResult(False, len(rows), None, f"anchor file {self.anchor_path} is missing")
-        return VerifyResult(True, len(rows))
+        if public_key_pem is None:
+            return VerifyResult(True, len(rows), notes=tuple(notes))
+        problem = self._signature_problem(public_key_pem, anchor, rows, notes)
+        if problem:
+            return VerifyResult(False, len(rows), problem[0], problem[1], True, tuple(notes))
+        return VerifyResult(True, len(rows), signed=True, notes=tuple(notes))
+
+    def _signature_problem(self, public_key_pem: str, anchor: Anchor, rows: list[tuple],
+                           notes: list[str]) -> tuple[int | None, str] | None:
+        from aidc.kms import verify_with_pem
+
+        def valid(domain: bytes, seq: int, digest: str, value: str) -> bool:
+            try:
+                signature = base64.b64decode(value, validate=True)
+            except ValueError:
+                return False
+            return verify_with_pem(public_key_pem, signed_message(domain, seq, digest), signature)
+
+        if anchor.signature is None:
+            return anchor.seq or None, f"the anchor (record {anchor.seq}) is not signed"
+        if not valid(ANCHOR_DOMAIN, anchor.seq, anchor.hash, anchor.signature["value"]):
+            return (anchor.seq or None,
+                    f"the anchor's signature (record {anchor.seq}) does not verify with this public key")
+        with self._lock:
+            has_table = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                         "name = 'audit_signature'").fetchone()
+            signatures = dict(self._db.execute("SELECT seq, signature FROM audit_signature").fetchall()
+                              if has_table else [])
+        # Records up to the anchor are covered by its signature through the chain; every record
+        # after the first signed one, and every record past the anchor, must carry its own.
+        first_signed = min((s for s in signatures if 1 <= s <= len(rows)), default=None)
+        must_sign_after = anchor.seq if first_signed is None else min(first_signed - 1, anchor.seq)
+        for seq, *_, digest in rows:
+            value = signatures.get(seq)
+            if value is None:
+                if seq > must_sign_after:
+                    return seq, f"record {seq} is not signed (written without the signing key)"
+            elif not valid(RECORD_DOMAIN, seq, digest, value):
+                return seq, f"record {seq}'s signature does not verify with this public key"
+        if must_sign_after:
+            notes.append(f"records 1-{must_sign_after} precede the first record signature; "
+                         f"the signed anchor covers them through the chain")
+        return None
+
+    def reanchor(self, reason: str, *, actor: str) -> AuditRecord:
+        """A person's decision: accept the chain as it stands, record why, and anchor it again.
+
+        Refused when the chain itself is broken (re-anchoring would bless an edited record) and
+        when the log verifies (nothing to re-anchor). The record names what was wrong, so the
+        gap stays visible in the log."""
+        if self.read_only:
+            raise AuditError(f"{self.path} was opened read-only")
+        if not reason.strip():
+            raise AuditError("a re-anchor needs a reason")
+        with self._lock:
+            rows = self._db.execute("SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit "
+                                    "ORDER BY rowid").fetchall()
+        broken = chain_problem(rows)
+        if broken:
+            raise AuditError(f"{self.path}: the chain itself is broken at record {broken[0]} ({broken[1]}); "
+                             "a re-anchor would accept that record, so it is refused")
+        result = self.verify()
+        if result.ok:
+            raise AuditError(f"{self.path} verifies ({result.records} records, anchor in place): nothing to re-anchor")
+        try:
+            previous = self._read_anchor()
+            previous_anchor = None if previous is None else {"seq": previous.seq, "hash": previous.hash}
+        except BadAnchor as exc:
+            previous_anchor = {"unreadable": str(exc)}
+        head_seq, head_hash = (rows[-1][0], rows[-1][8]) if rows else (0, GENESIS)
+        payload = {"problem": result.problem, "previous_anchor": previous_anchor,
+                   "records_found": len(rows), "head_seq": head_seq, "head_hash": head_hash}
+        return self._append(REANCHOR_KIND, reason, actor, None, strict_json.dumps(payload, sort_keys=True),
+                            force_anchor=True)
 
     def _anchor_and_rows(self) -> tuple[tuple[int, str] | None, list[tuple]]:
         # The anchor first: it is written only after its record is committed, so rows read

@@ -21,16 +21,48 @@ def _open(db: Path) -> AuditLog:
     return AuditLog(db, read_only=True)
 
 
+def read_public_key(path: Path) -> str:
+    """The PEM text of a public key file (checked when it is used); one clear error when unreadable."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"--public-key {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+PUBLIC_KEY_OPTION = typer.Option(None, "--public-key", help="Signing public key (PEM file, from `aidc kms "
+                                 "public-key`): also require a signed anchor and signed records.")
+
+
 @app.command("verify")
-def verify(db: Path = DB_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """Check every record's hash and the chain; exit 1 naming the first bad record."""
+def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Check every record's hash, the chain and the anchor (and signatures with --public-key); exit 1 naming the first bad record."""
+    pem = read_public_key(public_key) if public_key is not None else None
     with _open(db) as log:
-        result = log.verify()
-    text = (f"{db}: OK, {result.records} records, chain intact" if result.ok
+        result = log.verify(public_key_pem=pem)
+    what = "chain intact, anchor and records signed" if result.signed else "chain intact"
+    text = (f"{db}: OK, {result.records} records, {what}" if result.ok
             else f"{db}: FAILED at record {result.first_bad_seq}: {result.problem}")
+    text += "".join(f"\n  note: {n}" for n in result.notes)
     emit(result.to_dict(), as_json, text)
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command("reanchor")
+def reanchor(reason: str = typer.Option(..., "--reason", help="Why the log is accepted as it stands (recorded)."),
+             db: Path = DB_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Accept a log whose anchor is missing, damaged or ahead of it: record the gap and anchor it again."""
+    import getpass
+
+    from aidc.audit.log import default_actor
+
+    if not db.is_file():
+        raise AuditError(f"no audit database at {db}")
+    AuditLog(db, read_only=True).close()  # another program's file is refused before anything is written
+    with AuditLog(db) as log:
+        record = log.reanchor(reason, actor=default_actor(f"reanchor:{getpass.getuser()}"))
+    emit({"seq": record.seq, "hash": record.hash, **record.payload}, as_json,
+         f"{db}: re-anchored at record {record.seq} ({record.payload['problem']})")
 
 
 @app.command("show")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -68,4 +69,63 @@ def run(stack: str = STACK_OPTION,
         console.print(f"certified: {', '.join(report.certified_nodes) or 'none'}; failed:"
                       f" {', '.join(report.failed_nodes) or 'none'}")
     if not report.passed:
+        raise typer.Exit(1)
+
+
+certificate_app = typer.Typer(help="Signed burn-in certificates: export one from the audit log, verify one offline.",
+                              no_args_is_help=True)
+app.add_typer(certificate_app, name="certificate")
+
+
+@certificate_app.command("export")
+def certificate_export(
+        node: str = typer.Argument(..., help="The node whose latest burn-in certificate to export."),
+        db: Path = typer.Option(..., "--db", help="Audit database holding the certificate."),
+        out: Path = typer.Option(..., "--out", help="Where to write the signed certificate (JSON)."),
+        stack: str = typer.Option(None, "--stack", "-s", help="Sign with this stack's key (default: the key the "
+                                  "log is signed with, named by <db>.signing)."),
+        lab_dir: Path = typer.Option(None, "--lab-dir", help="With --stack: the lab's own keyring."),
+        as_json: bool = JSON_OPTION) -> None:
+    """Write NODE's latest burn-in certificate as a signed document (refused unless the log verifies)."""
+    from aidc.audit.log import AuditLog, configured_signer
+    from aidc.burnin.certificate import export_certificate
+    from aidc.errors import AuditError
+
+    if stack is not None:
+        from aidc.cli.kms_cmd import _open as open_stack_key
+
+        signer, _ = open_stack_key(stack, lab_dir)
+    else:
+        signer = configured_signer(db)
+        if signer is None:
+            raise AuditError(f"{db} names no signing key ({db}.signing is missing): pass --stack")
+    try:
+        with AuditLog(db, read_only=True) as log:
+            document = export_certificate(log, node, signer)
+    finally:
+        signer.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    emit({"out": str(out), "node": node, "verdict": document["verdict"], "seq": document["record"]["seq"]}, as_json,
+         f"wrote {out}: node {node}, burn-in {document['verdict']} (audit record {document['record']['seq']})")
+
+
+@certificate_app.command("verify")
+def certificate_verify(
+        file: Path = typer.Argument(..., help="A certificate written by `aidc burnin certificate export`."),
+        public_key: Path = typer.Option(..., "--public-key", help="The signing public key (PEM file, from "
+                                        "`aidc kms public-key`)."),
+        as_json: bool = JSON_OPTION) -> None:
+    """Check a certificate's signature offline; exit 0 when valid, 1 with the reason when not."""
+    from aidc.burnin.certificate import verify_certificate
+    from aidc.cli.audit_cmd import read_public_key
+    from aidc.errors import AuditError  # exit 1: the certificate is not shown valid
+
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"{file}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    valid, why = verify_certificate(text, read_public_key(public_key))
+    emit({"valid": valid, "reason": why, "file": str(file)}, as_json, f"{file}: {'valid' if valid else 'INVALID'}: {why}")
+    if not valid:
         raise typer.Exit(1)

@@ -15,6 +15,7 @@ same purpose (checkpoints bind job and step), the same key id and the same versi
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -111,14 +112,21 @@ class KeyProvider(ABC):
         """Release sessions or handles (nothing for most providers)."""
 
 
-def verify_with_pem(public_pem: str, data: bytes, signature: bytes) -> bool:
-    """Verify an Ed25519 signature with a public key PEM: no provider (or PIN) needed."""
+@functools.lru_cache(maxsize=16)
+def _public_key(public_pem: str) -> Ed25519PublicKey:
+    # Parsed once per PEM: verifying a signed audit log checks one signature per record.
     try:
         key = serialization.load_pem_public_key(public_pem.encode())
     except ValueError as exc:
         raise KmsError(f"not a public key PEM: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise KmsError(f"expected an {SIGNATURE_ALGORITHM} public key, got {type(key).__name__}")
+    return key
+
+
+def verify_with_pem(public_pem: str, data: bytes, signature: bytes) -> bool:
+    """Verify an Ed25519 signature with a public key PEM: no provider (or PIN) needed."""
+    key = _public_key(public_pem)
     try:
         key.verify(signature, data)
     except InvalidSignature:

@@ -134,9 +134,16 @@ class LabRun:
         """The lab's own local keyring (<lab>/keyring): the trainer encrypts checkpoints under it."""
         from aidc.kms.local import LocalKeyring
 
+        from aidc.audit.log import configure_signing
+
         keyring = LocalKeyring.create(self.cluster.dir / "keyring", self.spec.kms.key_id)
-        self.audit.append("kms.keyring.created", f"local keyring for key {keyring.key_id}", actor=self.actor,
-                          payload=keyring.status())
+        # From here on the log is signed with this keyring: the sidecar names it for every
+        # writer (agents, controller, receiver), and this writer signs the records before it
+        # at once through the anchor.
+        configure_signing(self.cluster.audit_path, keyring.path, keyring.key_id)
+        self.audit.use_signer(keyring)
+        self.audit.append("kms.keyring.created", f"local keyring for key {keyring.key_id}; the audit log "
+                          "is signed with it from here on", actor=self.actor, payload=keyring.status())
 
     def _start_services(self) -> None:
         c = self.cluster
