@@ -104,7 +104,8 @@ def signing_config_path(db: str | Path) -> Path:
 def configure_signing(db: str | Path, keyring: str | Path, key_id: str) -> Path:
     """Name the local keyring that signs this log, for every writer that opens it (the sidecar)."""
     path = signing_config_path(db)
-    path.write_text(json.dumps({"provider": "local", "keyring": str(Path(keyring).resolve()), "key_id": key_id}))
+    with open(path, "w", opener=private_opener) as f:  # no secret in it, but private like the log
+        f.write(json.dumps({"provider": "local", "keyring": str(Path(keyring).resolve()), "key_id": key_id}))
     return path
 
 
@@ -255,7 +256,7 @@ class AuditLog:
 
     def _write_genesis_anchor(self, force: bool = False) -> None:
         """Anchor record 0 before the first record: from then on a missing anchor means a removed one."""
-        with open(self._anchor_lock_path, "a") as lock:
+        with open(self._anchor_lock_path, "a", opener=private_opener) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.anchor_path.exists() and not force:
                 return
