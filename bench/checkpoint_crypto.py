@@ -4,7 +4,10 @@ Both paths run in the same process on the same state, interleaved repeat by repe
 alternates, so neither always runs on a warmer cache), and write the same way: a temp file
 renamed over the target, no fsync unless --fsync. A load counts until every tensor is usable.
 Prints median MiB/s of each and `save_ratio` / `load_ratio` = encrypted / plain throughput
-(goal: >= 0.9 each at 256 MiB), and the same ratios of the best runs.
+(goal: >= 0.9 each at 256 MiB), the same ratios of the best runs, the medians of the per-repeat
+ratios (each plain/encrypted pair runs back to back, so it shares the machine's load of the
+moment), the ratios of CPU time, and the load average before and after: on a shared machine a low ratio under load is
+told apart from a slow encrypted path.
 
 Usage: python bench/checkpoint_crypto.py [--mib 256] [--repeats 7] [--chunk-kib 256] [--fsync] [--json]
 """
@@ -59,14 +62,17 @@ def plain_save(path: Path, state: dict, fsync: bool) -> None:
 
 def run(mib: int, repeats: int, fsync: bool, directory: Path, chunk_size: int = checkpoint.CHUNK_SIZE) -> dict:
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     state = model_like_state(mib)
     keyring = LocalKeyring.create(directory / "keyring", "bench-key")
     plain_path, enc_path = directory / "plain.pt", directory / "step-1.ckpt"
     times: dict[str, list[float]] = {"plain_save": [], "enc_save": [], "plain_load": [], "enc_load": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}  # this process's CPU seconds (user + system)
 
     def timed(name, fn):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        cpu[name].append(time.process_time() - c0)
         times[name].append(time.perf_counter() - t0)
 
     ops = {
@@ -98,6 +104,15 @@ def run(mib: int, repeats: int, fsync: bool, directory: Path, chunk_size: int = 
         # Best-of-N beside the medians: on a shared machine other load inflates single runs.
         "save_ratio_best": round(min(times["plain_save"]) / min(times["enc_save"]), 3),
         "load_ratio_best": round(min(times["plain_load"]) / min(times["enc_load"]), 3),
+        # Per repeat, plain and encrypted ran back to back (order alternating): the median of those
+        # ratios is less moved by load that comes and goes during a run than the ratio of medians.
+        "save_ratio_paired": round(statistics.median(p / e for p, e in zip(times["plain_save"], times["enc_save"])), 3),
+        "load_ratio_paired": round(statistics.median(p / e for p, e in zip(times["plain_load"], times["enc_load"])), 3),
+        # CPU time instead of wall time: what each path costs this process, without the time it
+        # waited for a core. Near the wall-time ratio on a quiet machine; a diagnostic, not the goal.
+        "save_ratio_cpu": round(statistics.median(cpu["plain_save"]) / statistics.median(cpu["enc_save"]), 3),
+        "load_ratio_cpu": round(statistics.median(cpu["plain_load"]) / statistics.median(cpu["enc_load"]), 3),
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "enc_file_overhead_bytes": enc_path.stat().st_size - plain_path.stat().st_size,
     }
@@ -129,6 +144,11 @@ def main() -> int:
         print(f"  load  plain {result['plain_load_mib_s']:8.1f} MiB/s   encrypted {result['enc_load_mib_s']:8.1f} MiB/s"
               f"   load_ratio {result['load_ratio']}")
         print(f"  best of {args.repeats}: save_ratio {result['save_ratio_best']}, load_ratio {result['load_ratio_best']}")
+        print(f"  per-repeat pairs (median): save_ratio {result['save_ratio_paired']}, "
+              f"load_ratio {result['load_ratio_paired']}")
+        print(f"  CPU time instead of wall time (median): save_ratio {result['save_ratio_cpu']}, "
+              f"load_ratio {result['load_ratio_cpu']}")
+        print(f"  load average (1 min) before/after: {result['loadavg_1min'][0]} / {result['loadavg_1min'][1]}")
         print(f"  goal >= {GOAL} each (medians): {'met' if result['goal_met'] else 'NOT met'}")
     return 0
 

@@ -17,6 +17,11 @@ def test_bench_reports_save_and_load_ratios_of_a_verified_round_trip(tmp_path):
     result = json.loads(out.stdout)
     assert result["mib"] == 4 and result["cipher"] == "AES-256-GCM" and result["key_version"] == 1
     assert result["save_ratio"] > 0 and result["load_ratio"] > 0 and isinstance(result["goal_met"], bool)
+    assert result["save_ratio_paired"] > 0 and result["load_ratio_paired"] > 0
+    assert result["save_ratio_cpu"] > 0 and result["load_ratio_cpu"] > 0
+    # One repeat: the per-repeat pair is the whole run, so its ratio is the ratio of the medians.
+    assert abs(result["load_ratio_paired"] - result["load_ratio"]) < 0.002
+    assert len(result["loadavg_1min"]) == 2 and all(x >= 0 for x in result["loadavg_1min"])
     assert all(len(v) == 1 for v in result["seconds"].values())
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
 
