@@ -121,7 +121,8 @@ def test_alertmanager_delivers_over_mutual_tls_without_a_token(tmp_path):
         assert state.runs()[0].trigger["sender"]["client"] == "CN=alertmanager"
         with AuditLog(tmp_path / "audit.db") as audit:
             first = audit.records(kind="runbook.step")[0].payload["trigger"]
-            assert first["sender"] == {"address": "127.0.0.1", "client": "CN=alertmanager"}
+            assert first["sender"] == {"address": "127.0.0.1", "client": "CN=alertmanager",
+                                       "identity": "cert:alertmanager", "identities": ["cert:alertmanager"]}
     finally:
         if stack:
             stack.stop()
