@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from aidc.audit.log import AuditLog
 from aidc.runbook.actuators import Actuators
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
+from aidc.runbook.receiver import Receiver
 from aidc.runbook.state import RunState
 from aidc.spec import Policy
 from runbook_fakes import NODES, FakeBurnin, FakeMetrics, FakeNotifier, FakePlaybooks, FakeScheduler, write_runbook
@@ -42,3 +45,24 @@ def make_engine(tmp_path, fakes):
         engine.state.close()
 
 
+
+
+@pytest.fixture
+def serve_receiver():
+    """serve_receiver(engine, token, **receiver_options) -> a Receiver serving on a thread, with
+    its log lines in `.lines`; every one started is shut down after the test."""
+    started = []
+
+    def serve(engine: Engine, token: str | None, **options) -> Receiver:
+        lines: list[str] = []
+        rec = Receiver(engine, token, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, **options)
+        thread = threading.Thread(target=rec.serve_forever, daemon=True)
+        thread.start()
+        rec.lines = lines
+        started.append((rec, thread))
+        return rec
+
+    yield serve
+    for rec, thread in started:
+        rec.shutdown()
+        thread.join(timeout=10)

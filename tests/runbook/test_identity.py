@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import pwd
-import threading
 from pathlib import Path
 
 import pytest
@@ -170,26 +169,15 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture
-def serve(make_engine, fakes):
-    started = []
+def serve(make_engine, fakes, serve_receiver):
 
     def start(roles: dict, tls_config=None, token_map=None, token=None) -> Receiver:
         engine = make_engine(QUARANTINE_AND_NOTIFY)
         engine.access_roles = roles
         fakes.metrics.values['broken{Hostname="gpu-1"}'] = [1.0]
-        lines: list[str] = []
-        rec = Receiver(engine, token, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, tls=tls_config,
-                       token_map=token_map)
-        thread = threading.Thread(target=rec.serve_forever, daemon=True)
-        thread.start()
-        rec.lines = lines
-        started.append((rec, thread))
-        return rec
+        return serve_receiver(engine, token, tls=tls_config, token_map=token_map)
 
-    yield start
-    for rec, thread in started:
-        rec.shutdown()
-        thread.join(timeout=10)
+    return start
 
 
 def call(rec, method, path, body=None, token=None, context=None):

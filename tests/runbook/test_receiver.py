@@ -16,17 +16,10 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture
-def receiver(make_engine, fakes):
+def receiver(make_engine, fakes, serve_receiver):
     engine = make_engine(QUARANTINE_AND_NOTIFY)
     fakes.metrics.values['broken{Hostname="gpu-1"}'] = [1.0]
-    lines: list[str] = []
-    rec = Receiver(engine, TOKEN, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append)
-    thread = threading.Thread(target=rec.serve_forever, daemon=True)
-    thread.start()
-    rec.lines = lines
-    yield rec
-    rec.shutdown()
-    thread.join(timeout=10)
+    return serve_receiver(engine, TOKEN)
 
 
 def post(rec, body: bytes, token: str | None = TOKEN, headers: dict | None = None):

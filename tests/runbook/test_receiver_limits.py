@@ -27,26 +27,15 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture
-def start(make_engine, fakes):
+def start(make_engine, fakes, serve_receiver):
     """start(policy=None, tls=None, **limits) -> a serving Receiver with `.lines` (its log)."""
-    started = []
 
     def start_receiver(policy: Policy | None = None, tls=None, **limits) -> Receiver:
         engine = make_engine(QUARANTINE_AND_NOTIFY, policy=policy)
         fakes.metrics.values['broken{Hostname="gpu-1"}'] = [1.0]
-        lines: list[str] = []
-        rec = Receiver(engine, TOKEN, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, tls=tls,
-                       limits=Limits(**limits))
-        thread = threading.Thread(target=rec.serve_forever, daemon=True)
-        thread.start()
-        rec.lines = lines
-        started.append((rec, thread))
-        return rec
+        return serve_receiver(engine, TOKEN, tls=tls, limits=Limits(**limits))
 
-    yield start_receiver
-    for rec, thread in started:
-        rec.shutdown()
-        thread.join(timeout=10)
+    return start_receiver
 
 
 def webhook(*alerts) -> bytes:

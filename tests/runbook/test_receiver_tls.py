@@ -12,7 +12,6 @@ import json
 import ssl
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -37,25 +36,15 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture
-def start(make_engine, fakes, pki):
-    started = []
+def start(make_engine, fakes, pki, serve_receiver):
 
     def start_receiver(token: str | None, client_ca: bool = True) -> Receiver:
         engine = make_engine(QUARANTINE_AND_NOTIFY)
         fakes.metrics.values['broken{Hostname="gpu-1"}'] = [1.0]
         config = tls.TLSConfig(pki["server"].cert, pki["server"].key, pki["ca"].cert_file if client_ca else None)
-        lines: list[str] = []
-        rec = Receiver(engine, token, "127.0.0.1", 0, scan_interval_s=0.1, log=lines.append, tls=config)
-        thread = threading.Thread(target=rec.serve_forever, daemon=True)
-        thread.start()
-        rec.lines = lines
-        started.append((rec, thread))
-        return rec
+        return serve_receiver(engine, token, tls=config)
 
-    yield start_receiver
-    for rec, thread in started:
-        rec.shutdown()
-        thread.join(timeout=10)
+    return start_receiver
 
 
 def client_context(pki, identity: str | None) -> ssl.SSLContext:

@@ -252,11 +252,11 @@ class KubernetesScheduler:
     # -- spares ----------------------------------------------------------------------
     def promote_spare(self, for_node: str) -> str | None:
         """Take the spare taint off one healthy, unpromoted spare; None when there is none."""
-        for obj in sorted(self._call(self.core.list_node).items, key=lambda o: o.metadata.name):
-            annotations = obj.metadata.annotations or {}
-            if annotations.get(PROMOTED_FOR) == for_node:
+        nodes = sorted(self._call(self.core.list_node).items, key=lambda o: o.metadata.name)
+        for obj in nodes:
+            if (obj.metadata.annotations or {}).get(PROMOTED_FOR) == for_node:
                 return obj.metadata.name  # promoted for this node already (a repeated call)
-        for obj in sorted(self._call(self.core.list_node).items, key=lambda o: o.metadata.name):
+        for obj in nodes:
             if not _has_taint(obj, SPARE_TAINT) or not _ready(obj) or _record(obj) is not None \
                     or obj.spec.unschedulable:
                 continue

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import sys
-import threading
 import time
-from pathlib import Path
 
 from aidc.errors import AidcError
 from aidc.events import FaultEvent
 from aidc.failover.k8s_faults import condition_reason, fault_condition
-from aidc.transport.forwarder import Forwarder, TransportError
+from aidc.transport.forwarder import OutboxForwarder, TransportError
 
 
 class PublishError(AidcError):
@@ -56,24 +53,17 @@ class NodeFaultPublisher:
                 raise PublishError(f"creating the Event for {self.node}: {exc.status} {exc.reason}") from None
 
 
-class KubernetesForwarder(Forwarder):
+class KubernetesForwarder(OutboxForwarder):
     """Drain this node's outbox (the agent's store) into the API server: each fault a condition
     and an Event, marked forwarded once the API server took it. The loop, backoff and restart
-    behaviour are the HTTPS forwarder's (aidc.transport.forwarder); only the sink differs."""
+    behaviour are the HTTPS forwarder's (aidc.transport.forwarder); only the sink differs. No URL
+    or TLS here: the client's own credentials (the pod's service account) reach the API."""
 
-    def __init__(self, store_path, node: str, publisher: NodeFaultPublisher, *, batch_size: int = 20,
-                 poll_s: float = 0.05, backoff_base_s: float = 0.2, backoff_max_s: float = 10.0,
-                 timeout_s: float = 10.0, log=None):
-        # No URL or TLS here: the client's own credentials (in-cluster service account) reach the API.
+    sink = "API server"
+
+    def __init__(self, store_path, node: str, publisher: NodeFaultPublisher, *, batch_size: int = 20, **loop):
+        super().__init__(store_path, node, batch_size=batch_size, **loop)
         self.publisher = publisher
-        self.node, self.store_path = node, Path(store_path)
-        self.batch_size, self.poll_s, self.timeout_s = batch_size, poll_s, timeout_s
-        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
-        self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc agent: {line}",
-                                               file=sys.stderr, flush=True))
-        self.wake = threading.Event()
-        self.forwarded = self.failures = self.failed_tries = 0
-        self._conn = None
 
     def forward_once(self, store) -> int:
         rows = store.unforwarded(self.node, self.batch_size)

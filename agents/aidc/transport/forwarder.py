@@ -70,23 +70,87 @@ def client_tls(url: str | None, cert: Path | None, key: Path | None, ca: Path | 
     return ClientTLS(Path(cert), Path(key), Path(ca))
 
 
-class Forwarder:
-    def __init__(self, store_path: str | Path, node: str, url: str, tls: ClientTLS, *, batch_size: int = 100,
-                 poll_s: float = 0.05, backoff_base_s: float = 0.2, backoff_max_s: float = 10.0,
-                 timeout_s: float = 10.0, log=None):
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 443
+class OutboxForwarder:
+    """The loop every sink shares: send this node's unforwarded events, oldest first, mark them
+    forwarded once the sink took them, back off (capped, jittered) while it does not. A sink
+    implements `forward_once`; a failure it reports is a TransportError."""
+
+    sink = "the sink"  # named in the log lines
+
+    def __init__(self, store_path: str | Path, node: str, *, batch_size: int = 100, poll_s: float = 0.05,
+                 backoff_base_s: float = 0.2, backoff_max_s: float = 10.0, timeout_s: float = 10.0, log=None):
         self.node, self.store_path = node, Path(store_path)
-        self.batch_size = min(batch_size, wire.MAX_BATCH)
+        self.batch_size = batch_size
         self.poll_s, self.timeout_s = poll_s, timeout_s
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
-        self.context = tls.context()  # bad files are an error at start-up, not a retry loop
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc agent: {line}",
                                                file=sys.stderr, flush=True))
         self.wake = threading.Event()
         self.forwarded = 0
         self.failures = 0  # consecutive failed tries (0: the last one went through)
         self.failed_tries = 0  # all of them, since start
+
+    def backoff_s(self) -> float:
+        """Full jitter over a capped exponential: agents that lost the controller together
+        do not all come back at the same instant."""
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** min(self.failures, 30)))
+
+    # --- the thread -------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        store: Store | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    store = store or Store(self.store_path)
+                    sent = self.forward_once(store)
+                except (TransportError, sqlite3.Error) as exc:
+                    # sqlite3.Error: the store busy or unreadable for a moment; the events stay in it.
+                    self.failures += 1
+                    self.failed_tries += 1
+                    wait = self.backoff_s()
+                    if self.failures == 1 or self.failures % 10 == 0:  # first failure and then every tenth
+                        self.log(f"{exc}; {self._queued(store)} event(s) queued, "
+                                 f"retrying (try {self.failures}, next in {wait:.2f} s)")
+                    stop.wait(wait)
+                    continue
+                if self.failures:
+                    self.log(f"{self.sink} reachable again after {self.failures} failed tries")
+                    self.failures = 0
+                if sent < self.batch_size:  # caught up: wait for new events
+                    self.wake.wait(self.poll_s)
+                    self.wake.clear()
+        finally:
+            self.close()
+            if store is not None:
+                store.close()
+
+    def _queued(self, store: Store | None) -> int | str:
+        try:
+            return store.outbox_depth(self.node) if store is not None else "unknown"
+        except sqlite3.Error:
+            return "unknown"
+
+    def forward_once(self, store: Store) -> int:
+        """Send up to one batch; returns how many events the sink now holds."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the sink holds open between batches."""
+
+
+class Forwarder(OutboxForwarder):
+    """The HTTPS sink: POST batches to a failover controller over mutual TLS."""
+
+    sink = "controller"
+
+    def __init__(self, store_path: str | Path, node: str, url: str, tls: ClientTLS, *, batch_size: int = 100,
+                 poll_s: float = 0.05, backoff_base_s: float = 0.2, backoff_max_s: float = 10.0,
+                 timeout_s: float = 10.0, log=None):
+        super().__init__(store_path, node, batch_size=min(batch_size, wire.MAX_BATCH), poll_s=poll_s,
+                         backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, timeout_s=timeout_s, log=log)
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 443
+        self.context = tls.context()  # bad files are an error at start-up, not a retry loop
         self._conn: http.client.HTTPSConnection | None = None
 
     # --- one batch --------------------------------------------------------------------------
@@ -121,46 +185,6 @@ class Forwarder:
         store.mark_forwarded([event_id for event_id, _, _ in rows])
         self.forwarded += len(rows)
         return len(rows)
-
-    def backoff_s(self) -> float:
-        """Full jitter over a capped exponential: agents that lost the controller together
-        do not all come back at the same instant."""
-        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** min(self.failures, 30)))
-
-    # --- the thread -------------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> None:
-        store: Store | None = None
-        try:
-            while not stop.is_set():
-                try:
-                    store = store or Store(self.store_path)
-                    sent = self.forward_once(store)
-                except (TransportError, sqlite3.Error) as exc:
-                    # sqlite3.Error: the store busy or unreadable for a moment; the events stay in it.
-                    self.failures += 1
-                    self.failed_tries += 1
-                    wait = self.backoff_s()
-                    if self.failures == 1 or self.failures % 10 == 0:  # first failure and then every tenth
-                        self.log(f"{exc}; {self._queued(store)} event(s) queued, "
-                                 f"retrying (try {self.failures}, next in {wait:.2f} s)")
-                    stop.wait(wait)
-                    continue
-                if self.failures:
-                    self.log(f"controller reachable again after {self.failures} failed tries")
-                    self.failures = 0
-                if sent < self.batch_size:  # caught up: wait for new events
-                    self.wake.wait(self.poll_s)
-                    self.wake.clear()
-        finally:
-            self.close()
-            if store is not None:
-                store.close()
-
-    def _queued(self, store: Store | None) -> int | str:
-        try:
-            return store.outbox_depth(self.node) if store is not None else "unknown"
-        except sqlite3.Error:
-            return "unknown"
 
     def close(self) -> None:
         if self._conn is not None:

@@ -17,14 +17,13 @@ import time
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
-from aidc.runbook.tls import TLSConfig, certificate_names
+from aidc.runbook.tls import TLSConfig
 from aidc.store import Store
 from aidc.transport import wire
 
 # The receiver's connection model (aidc.runbook.http_server): one I/O thread reads every
 # connection under total deadlines, so an agent stuck mid-request, or a slow or hostile
 # client, holds a socket, never a worker; connections are capped.
-peer_names = certificate_names
 
 
 class Refused(Exception):
