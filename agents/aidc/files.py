@@ -9,6 +9,8 @@ the database file's own permissions, so creating the database file 0600 first co
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -55,3 +57,18 @@ def private_db(path: str | Path) -> Path:
 
     An empty file is a valid empty SQLite database."""
     return private_file(path)
+
+
+def enable_wal(db: sqlite3.Connection, within_s: float = 30.0) -> None:
+    """Switch a connection to WAL. Two processes opening a new database at once (the agent and its
+    forwarder, two controllers on one audit log) can get SQLITE_BUSY from this switch without SQLite's busy handler waiting, so
+    it is retried here, bounded."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

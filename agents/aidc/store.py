@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from aidc.events import FaultEvent
-from aidc.files import private_db
+from aidc.files import enable_wal, private_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -47,21 +47,6 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL
 );
 """
-
-
-def enable_wal(db: sqlite3.Connection, within_s: float = 30.0) -> None:
-    """Switch a connection to WAL. Two processes opening a new store at once (the agent and its
-    forwarder) can get SQLITE_BUSY from this switch without SQLite's busy handler waiting, so
-    it is retried here, bounded."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 class Store:

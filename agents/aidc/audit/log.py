@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 from aidc import strict_json
 from aidc.errors import AuditError
-from aidc.files import private_db, private_opener
+from aidc.files import enable_wal, private_db, private_opener
 
 GENESIS = "0" * 64
 
@@ -204,7 +204,7 @@ class AuditLog:
         private_db(self.path)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._check_is_audit_log(create=True)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)  # retried: writers open a new log at the same moment
         self._db.executescript(SCHEMA)
         self._db.executescript(SIGNATURE_SCHEMA)
         if self.signer is None:

@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aidc.files import private_db
+from aidc.files import enable_wal, private_db
 from aidc.process import same_process_alive, start_ticks
-from aidc.store import enable_wal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
