@@ -126,6 +126,18 @@ def test_dry_run_decides_what_a_real_run_would_including_repeats_and_the_blast_r
                                     [])
 
 
+def test_a_dry_run_blast_radius_refusal_reads_as_a_refusal_not_as_permission(tmp_path):
+    store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+    for node in ("gpu-1", "gpu-2"):  # max_unavailable is 1: the second would be refused
+        store.append(_fault(node))
+    decisions = FailoverController(_spec(dry_run=True), store, audit, RecordingScheduler()).run_once()
+    assert decisions[1].verdict == "refused_blast_radius"
+    assert decisions[1].reason.startswith("dry-run: WOULD BE REFUSED: blast radius")
+    assert all(r.dry_run for r in audit.records(kind="failover.decision"))
+    store.close()
+    audit.close()
+
+
 def test_a_failing_rendezvous_eviction_leaves_the_quarantine_done_and_audits_the_failure(env):
     tmp_path, store, audit = env
     (tmp_path / "nodes" / "gpu-1").mkdir(parents=True)

@@ -64,10 +64,10 @@ def installed(tmp_path_factory):
     return venv / "bin", env, work
 
 
-def run(installed, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(installed, *args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
     bin_dir, env, work = installed
     return subprocess.run([str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=work)
+                          timeout=timeout, env=env, cwd=work, input=stdin)
 
 
 def test_the_agent_install_has_no_torch_and_runs_aidc_from_site_packages(installed):
@@ -100,6 +100,10 @@ def test_health_parse_log_classifies_with_the_shipped_xid_catalog(installed):
     assert result.returncode == 0, result.stderr
     (event,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert (event["xid"], event["action"]) == (79, "reboot_node")
+    # `dmesg | aidc health parse-log -`: the same, from standard input.
+    piped = run(installed, "aidc", "health", "parse-log", "-", "--json", stdin=XID_79)
+    assert piped.returncode == 0, piped.stderr
+    assert [json.loads(line)["xid"] for line in piped.stdout.splitlines()] == [79]
 
 
 def test_the_example_stacks_ship_and_validate(installed):

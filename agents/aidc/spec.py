@@ -337,6 +337,26 @@ class Access(_Strict):
                           Literal["viewer", "operator", "approver"]], Field(max_length=1024)] = {}
 
 
+class NotifyTarget(_Strict):
+    """Where a runbook's `notify` step also goes (aidc.runbook.notifiers): Slack (incoming
+    webhook) or PagerDuty (Events API v2). The secret (webhook URL, routing key) comes from the
+    environment variable `secret_env` or the 0600 file `secret_file`, never from this file."""
+    kind: Literal["slack", "pagerduty"]
+    secret_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    secret_file: LongText | None = None
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None  # PagerDuty's endpoint
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+
+    @model_validator(mode="after")
+    def _has_a_secret_source(self) -> "NotifyTarget":
+        if not self.secret_env and not self.secret_file:
+            raise ValueError(f"a {self.kind} target needs secret_env or secret_file (the "
+                             f"{'webhook URL' if self.kind == 'slack' else 'routing key'} is a secret)")
+        if self.url and self.kind == "slack":
+            raise ValueError("a slack target's URL is its secret: give it through secret_env or secret_file")
+        return self
+
+
 class ClusterSpec(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     device_backend: Literal["sim", "nvml"] = "nvml"
@@ -352,6 +372,7 @@ class ClusterSpec(_Strict):
     kubernetes: Kubernetes = Kubernetes()
     lab: Lab = Lab()
     access: Access = Access()
+    notify: Annotated[list[NotifyTarget], Field(max_length=16)] = []
 
     @field_validator("node_pools")
     @classmethod
@@ -510,7 +531,10 @@ def load_stack(stack: str | os.PathLike = "lab") -> ClusterSpec:
         raise SpecError(str(path)[:200], "-", f"a readable stack file ({exc.strerror})") from None
     if not exists:
         known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in path.parent.glob("Pulumi.*.yaml"))
-        raise SpecError(str(path), "-", f"a stack file; known stacks here: {', '.join(known) or 'none'}")
+        # The README's examples name a stack `prod` that the reader creates first: say how.
+        raise SpecError(str(path), "-", f"a stack file; known stacks here: {', '.join(known) or 'none'}. "
+                        f"Create it from an example: cp Pulumi.h100-example.yaml {path.name} "
+                        f"and edit it (then `aidc spec check --stack {stack}`)")
     try:
         with path.open("rb") as stream:  # read at most one byte past the limit: /dev/zero never ends
             raw = stream.read(MAX_STACK_BYTES + 1)

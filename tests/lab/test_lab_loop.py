@@ -27,6 +27,8 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     assert summary["detect_ms"] > 0 and summary["resume_s"] > 0
     assert summary["steps_lost"] <= 1  # checkpoints every step
     assert 0 < summary["ettr"] <= 1
+    # Training was shown as it went (on stderr under --json), the spare's membership included.
+    assert "training: step" in out.stderr and "new membership" in out.stderr
 
     # The training finished on the new membership: the spare replaced the faulty node.
     steps = [json.loads(line) for line in (lab_dir / "train" / "steps.jsonl").read_text().splitlines()]

@@ -262,4 +262,15 @@ def test_dry_run_describes_every_step_changes_nothing_and_is_audited(make_engine
 def test_dry_run_shows_a_blast_radius_refusal(make_engine, fakes):
     engine = make_engine(WITH_PLAYBOOK, policy=Policy(max_unavailable=1))
     fakes.scheduler.states["gpu-3"] = "quarantined"
-    assert "max_unavailable is 1" in engine.plan("fix-it", "gpu-0")[0].gate
+    step = engine.plan("fix-it", "gpu-0")[0]
+    assert "max_unavailable is 1" in step.refused and "max_unavailable" not in step.gate
+    # Said as a refusal, first, in the audit too: never as "would take gpu-0 out of service".
+    said = engine.audit.records(kind="runbook.dry_run.step")[0].reason
+    assert said.startswith("fix-it/out on gpu-0: WOULD BE REFUSED: blast radius")
+
+
+def test_dry_run_within_the_blast_radius_reads_as_what_would_happen(make_engine, fakes):
+    engine = make_engine(WITH_PLAYBOOK, policy=Policy(max_unavailable=1))
+    step = engine.plan("fix-it", "gpu-0")[0]
+    assert step.refused == "" and "within max_unavailable" in step.gate
+    assert "REFUSED" not in engine.audit.records(kind="runbook.dry_run.step")[0].reason

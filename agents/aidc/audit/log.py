@@ -139,6 +139,11 @@ class AuditRecord:
     prev_hash: str
     hash: str
 
+    @property
+    def dry_run(self) -> bool:
+        """Recorded by a dry-run (what would have happened): kept apart from incidents in reports."""
+        return self.payload.get("dry_run") is True or ".dry_run" in self.kind
+
 
 @dataclass(frozen=True)
 class VerifyResult:

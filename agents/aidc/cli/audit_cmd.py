@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from aidc.audit import AuditLog
-from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.output import JSON_OPTION, emit, timestamp
 from aidc.errors import AuditError
 from aidc.strict_json import finite
 
@@ -71,8 +71,9 @@ def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this no
     """List audit records."""
     with _open(db) as log:
         recs = log.records(kind=kind, node=node)
-    data = finite([r.__dict__ for r in recs])  # an old record's NaN prints as "NaN", not a failed listing
-    text = "\n".join(f"{r.seq:5d} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} {r.reason}" for r in recs)
+    data = finite([{**r.__dict__, "dry_run": r.dry_run} for r in recs])  # an old NaN prints as "NaN"
+    text = "\n".join(f"{r.seq:5d} {timestamp(r.ts)} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} "
+                     f"{'[dry-run] ' if r.dry_run else ''}{r.reason}" for r in recs)
     emit(data, as_json, text or "(no records)")
 
 

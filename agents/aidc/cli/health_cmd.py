@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import typer
 
-from aidc.cli.output import JSON_OPTION, emit, emit_lines
+from aidc.cli.output import JSON_OPTION, emit, emit_lines, timestamp
 from aidc.errors import AidcError, DeviceError
 
 app = typer.Typer(help="GPU fault detection: kernel-log parsing and XID classification.", no_args_is_help=True)
@@ -19,7 +21,8 @@ class LogFileError(AidcError):
 
 @app.command("parse-log")
 def parse_log(file: Path = typer.Argument(..., help="Kernel log: dmesg, dmesg -T/-r/-x, journald/syslog text or "
-                                                    "JSON, or /dev/kmsg records."),
+                                                    "JSON, or /dev/kmsg records; - reads standard input "
+                                                    "(dmesg | aidc health parse-log -)."),
               catalog: Path = typer.Option(None, help="XID catalog file (default: the shipped data/xid_catalog.yaml)."),
               as_json: bool = typer.Option(False, "--json", help="One JSON object per detected event, one per line.")
               ) -> None:
@@ -31,16 +34,19 @@ def parse_log(file: Path = typer.Argument(..., help="Kernel log: dmesg, dmesg -T
     from aidc.health.kmsg import KernelLogParser, read_lines
 
     cat = load_catalog(catalog)
-    if not file.exists():
+    from_stdin = str(file) == "-"
+    if from_stdin:
+        file = Path("<stdin>")  # named so in warnings and messages
+    elif not file.exists():
         raise LogFileError(f"{file}: no such file")
-    if file.is_dir():
+    elif file.is_dir():
         raise LogFileError(f"{file}: is a directory, expected a kernel log file")
     number = 0
     skipped: list[tuple[int, str]] = []
     parser = KernelLogParser(on_unparsed=lambda _line, why: skipped.append((number, why)))
     rows: list[dict] = []
     try:
-        with open(file, "rb") as fh:
+        with (contextlib.nullcontext(sys.stdin.buffer) if from_stdin else open(file, "rb")) as fh:
             for number, line in enumerate(read_lines(fh), 1):
                 for fault in parser.feed(line):
                     cls = cat.classify_kernel(fault.kind, fault.xid, fault.message, fault.severity)
@@ -103,7 +109,7 @@ def events(store: Path = typer.Option(..., help="The agent's event store (SQLite
         rows = [{"id": i, "outcome": outcome, **json.loads(e.to_json())} for i, e, outcome in db.events(node)]
     finally:
         db.close()
-    lines = [f"{r['id']:>5}  {r['node']:<12} {r['kind']:<18} {'' if r['xid'] is None else r['xid']:>4}  "
+    lines = [f"{r['id']:>5}  {timestamp(r.get('observed_at'))}  {r['node']:<12} {r['kind']:<18} {'' if r['xid'] is None else r['xid']:>4}  "
              f"{r['action']:<16} {r['outcome'] or 'pending':<14} {r['message']}" for r in rows]
     emit(rows, as_json, "\n".join(lines) or "no fault events")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import typer
@@ -80,20 +81,42 @@ for module, name in GROUPS:
     app.add_typer(sub, name=name)
 
 
+def _fail(message: str, exit_code: int, as_json: bool, **extra) -> None:
+    """Say why the command failed, on stderr, and exit: one `aidc: error:` line for people, one
+    JSON object under --json (a script parsing the command's output gets a document, not prose)."""
+    if as_json:
+        sys.stderr.write(json.dumps({"error": message, "exit_code": exit_code, **extra}, sort_keys=True) + "\n")
+    else:
+        typer.echo(f"aidc: error: {message}", err=True)
+    sys.exit(exit_code)
+
+
 def main() -> None:
+    # `--json` anywhere after the command: errors become JSON too, usage errors included, so
+    # click must hand them over (standalone_mode=False) instead of printing its usage box.
+    argv = sys.argv[1:]
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     try:
-        app()
+        if not as_json:
+            app()
+            return
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:  # Ctrl-C under --json (click turns it into Abort)
+        _fail("interrupted", 130, True)
+    except typer.TyperException as exc:  # click's usage errors; only reached under --json
+        _fail(exc.format_message(), getattr(exc, "exit_code", 2), True, kind="usage")
     except AidcError as exc:
-        typer.echo(f"aidc: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code, as_json)
     except ModuleNotFoundError as exc:
-        extra = missing_extra(exc, sys.argv[1:])
+        extra = missing_extra(exc, argv)
         if extra is None:
             raise
-        typer.echo(f"aidc: error: this command needs {exc.name.partition('.')[0]}, which this installation "
-                   f"lacks; install it with: pip install 'aidc[{extra}]'", err=True)
-        sys.exit(2)
+        _fail(f"this command needs {exc.name.partition('.')[0]}, which this installation lacks; install it "
+              f"with: pip install 'aidc[{extra}]'", 2, as_json)
     except KeyboardInterrupt:
+        if as_json:
+            _fail("interrupted", 130, True)
         typer.echo("aidc: interrupted", err=True)
         sys.exit(130)
 

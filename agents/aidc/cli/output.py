@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import typer
@@ -20,6 +21,13 @@ def _dumps(data: Any, **kwargs) -> str:
         return json.dumps(data, default=str, allow_nan=False, **kwargs)
     except ValueError as exc:
         raise AidcError(f"cannot print as JSON: {exc}") from None
+
+
+def timestamp(ts: float | None) -> str:
+    """A record's time for people: UTC, ISO 8601, milliseconds (logs from many hosts line up)."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def emit(data: Any, as_json: bool, text: str | None = None) -> None:

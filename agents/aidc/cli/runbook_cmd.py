@@ -91,7 +91,11 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         for p in plan:
             phase = " [on failure]" if p.phase == "on_failure" else ""
             gate = f"  ({p.gate})" if p.gate else ""
-            lines.append(f"{p.idx + 1:2d}. {p.id} [{p.kind}]{phase}: would {p.would}{gate}")
+            if p.refused:
+                lines.append(f"{p.idx + 1:2d}. {p.id} [{p.kind}]{phase}: WOULD BE REFUSED: {p.refused}"
+                             f"  (it would {p.would})")
+            else:
+                lines.append(f"{p.idx + 1:2d}. {p.id} [{p.kind}]{phase}: would {p.would}{gate}")
         emit({"runbook": name, "node": node, "dry_run": True, "steps": [p.to_dict() for p in plan]},
              as_json, "\n".join(lines))
         return
@@ -189,7 +193,10 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                                          help="Alerts in one notification; more is 413 (match Alertmanager's "
                                               "webhook max_alerts)."),
           request_workers: int = typer.Option(4, "--request-workers", min=1, max=256,
-                                              help="Threads handling complete requests (slow clients use none).")) -> None:
+                                              help="Threads handling complete requests (slow clients use none)."),
+          log_format: str = typer.Option("json", "--log-format",
+                                         help="json: one JSON object per line on stderr (for log shippers); "
+                                              "text: a time and a sentence per line.")) -> None:
     """Alertmanager webhook receiver. Resumes interrupted runs on start.
 
     Authentication: a bearer token (--token-file or $AIDC_RUNBOOK_TOKEN; sent as
@@ -199,6 +206,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     """
     from aidc.runbook import tls
     from aidc.runbook.receiver import Limits, Receiver
+
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter(f"{log_format!r}; valid: json, text", param_hint="--log-format")
 
     if token_file:
         try:
@@ -222,13 +232,18 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     engine.recover_audit()  # records a crash of older code left out (runs finished without one)
     try:
-        receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits, token_map=tokens)
+        receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits, token_map=tokens,
+                            log_format=log_format)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, lambda *_: receiver.engine.stop.set() or _shutdown_later(receiver))
     auth = " + ".join(name for name, on in (("bearer token", bool(token)), (f"{len(tokens)} mapped tokens", bool(tokens)),
                                             ("mutual TLS", bool(tls_config and tls_config.mutual))) if on)
-    typer.echo(f"aidc runbook serve: ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth})", err=True)
+    ready = f"ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth}); metrics on /metrics"
+    if receiver.structured:
+        receiver.log(ready, event="ready", port=receiver.port)
+    else:
+        typer.echo(f"aidc runbook serve: {ready}", err=True)
     receiver.serve_forever()
 
 

@@ -159,7 +159,8 @@ class FailoverController:
             return self._decide(event_id, node, "already_quarantined", f"{dry}node is out of service already",
                                 payload)
         if len(unavailable) + 1 > self.max_unavailable:
-            reason = (f"{dry}blast radius: {len(unavailable)} node(s) out of service"
+            # Under dry-run the refusal is said as one ("WOULD BE REFUSED"), never as a plan to act.
+            reason = (f"{'dry-run: WOULD BE REFUSED: ' if self.dry_run else ''}blast radius: {len(unavailable)} node(s) out of service"
                       f" ({', '.join(unavailable) or '-'}), max_unavailable is {self.max_unavailable};"
                       " alerting instead of quarantining")
             self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)

@@ -62,6 +62,36 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+class TrainingProgress:
+    """Says how training goes while the lab waits on it: step, loss, membership, at most every
+    `every_s` seconds and whenever the membership changes (a silent minute looks like a hang)."""
+
+    def __init__(self, steps_log: Path, total_steps: int, say: Callable[[str], None], every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.steps_log, self.total, self.say, self.every_s, self.clock = steps_log, total_steps, say, every_s, clock
+        self._said_at = self._read_at = 0.0
+        self._step, self._world = -1, None
+
+    def __call__(self) -> None:
+        """Called from the lab's waits; says something only when there is news."""
+        now = self.clock()
+        if now - self._read_at < 0.5:  # the log is read at most twice a second
+            return
+        self._read_at = now
+        steps = _read_jsonl(self.steps_log)
+        if not steps:
+            return
+        last = steps[-1]
+        changed = self._world is not None and last["world"] != self._world
+        if last["step"] == self._step or (now - self._said_at < self.every_s and not changed):
+            return
+        loss = last.get("loss")
+        self.say(f"training: step {last['step']}/{self.total}"
+                 + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                 + f"  {'new membership' if changed else 'on'} {', '.join(last['world'])}")
+        self._said_at, self._step, self._world = now, last["step"], last["world"]
+
+
 def _wait(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.02):
     return wait_for(what, predicate, timeout_s, poll_s, error=LabError)
 
@@ -159,8 +189,9 @@ class LabRun:
     def _train_and_fail_over(self) -> None:
         lab = self.spec.lab
         self.start_training()
+        progress = TrainingProgress(self.steps_log, lab.train_steps, self.say)
         last = _wait(f"step {lab.inject_at_step}",
-                     lambda: next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
+                     lambda: progress() or next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
         m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
         self.result.victim, self.result.xid = m["victim"], m["xid"]
         self.result.detect_ms, self.result.resume_s, self.result.steps_lost = m["detect_ms"], m["resume_s"], m["steps_lost"]
@@ -251,7 +282,8 @@ class LabRun:
 
     def finish_training(self) -> None:
         c = self.cluster
-        _wait("the end of training", lambda: (c.dir / "train" / "done.json").exists(), 600, poll_s=0.2)
+        progress = TrainingProgress(self.steps_log, self.spec.lab.train_steps, self.say)
+        _wait("the end of training", lambda: progress() or (c.dir / "train" / "done.json").exists(), 600, poll_s=0.2)
         # Let the launchers exit on their own (barrier, teardown) before anything is stopped.
         if self.slurm:
             launchers_running = c.training_running

@@ -8,9 +8,10 @@ from pathlib import Path
 from aidc.audit.log import AuditLog, default_actor
 from aidc.failover.backends import check_backend, open_scheduler
 from aidc.failover.scheduler import SchedulerBackend
-from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics, LogNotifier, StageBurninRunner
+from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics, StageBurninRunner
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
+from aidc.runbook.notifiers import notifier_from_spec
 from aidc.runbook.state import RunState
 from aidc.shipped import project_file
 from aidc.spec import ClusterSpec, load_stack, project_root
@@ -60,7 +61,7 @@ def build_engine(opts: EngineOptions) -> Engine:
         playbooks=AnsiblePlaybookRunner(project_file("playbooks", project_root()),
                                         opts.inventory or project_file("playbooks/inventory/aidc_spec.sh", project_root())),
         burnin=StageBurninRunner(spec, opts.lab_dir),
-        notifier=LogNotifier(opts.notify_file),
+        notifier=notifier_from_spec(spec, opts.notify_file),
     )
     return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,
                   actuators=actuators, nodes=nodes, policy=spec.policy,

@@ -61,6 +61,7 @@ class PlannedStep:
     destructive: bool
     would: str
     gate: str = ""
+    refused: str = ""  # why a real run would refuse this step ("" = it would run)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -539,7 +540,7 @@ class Engine:
         for phase, steps in (("main", rb.steps), ("on_failure", rb.on_failure)):
             for i, step in enumerate(steps):
                 params = step_params(step, variables)
-                gate = ""
+                gate, refused = "", ""
                 if step.kind == "approve":
                     auto = self._approve_is_automatic(rb, StepRow(-1, i, step.id, "approve", phase, "pending",
                                                                   0, None, None, None))
@@ -551,13 +552,18 @@ class Engine:
                     elif approved_before:
                         gate = "runs after the approval above"
                     else:
-                        gate = "REFUSED: destructive and no approval before it"
+                        refused = "destructive and no approval before it"
                 if step.kind == "quarantine":
-                    gate += f"; {blast}" if blast else "; within max_unavailable"
+                    if blast:
+                        refused = f"{refused}; {blast}" if refused else blast
+                    else:
+                        gate += "; within max_unavailable" if gate else "within max_unavailable"
                 out.append(PlannedStep(len(out), step.id, step.kind, phase, step.destructive,
-                                       describe(step, params, node, self.actuators), gate))
+                                       describe(step, params, node, self.actuators), gate, refused))
         for p in out:
-            self._audit("runbook.dry_run.step", f"{rb.name}/{p.id} on {node}: would {p.would}", node,
+            # A refusal is said as one, first: "would <act>" alone reads as permission.
+            said = f"WOULD BE REFUSED: {p.refused} (it would {p.would})" if p.refused else f"would {p.would}"
+            self._audit("runbook.dry_run.step", f"{rb.name}/{p.id} on {node}: {said}", node,
                         {"runbook": rb.name, "dry_run": True, "trigger": trigger, **p.to_dict()})
         return out
 

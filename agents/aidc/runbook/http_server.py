@@ -92,15 +92,17 @@ class Response:
     body: dict
     note: str  # the log line's tail
     headers: dict[str, str] = field(default_factory=dict)
+    text: str | None = None  # a plain-text body instead of JSON (Prometheus' exposition format)
+    content_type: str = "application/json"
 
     def encode(self) -> bytes:
-        data = strict_json.dumps(self.body).encode()
+        data = self.text.encode() if self.text is not None else strict_json.dumps(self.body).encode()
         try:
             phrase = http.HTTPStatus(self.code).phrase
         except ValueError:
             phrase = ""
         lines = [f"HTTP/1.1 {self.code} {phrase}", "Server: aidc-runbook", f"Date: {formatdate(usegmt=True)}",
-                 "Content-Type: application/json", f"Content-Length: {len(data)}", "Connection: close",
+                 f"Content-Type: {self.content_type}", f"Content-Length: {len(data)}", "Connection: close",
                  *(f"{k}: {v}" for k, v in self.headers.items())]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
 
@@ -168,9 +170,14 @@ class BoundedHTTPServer:
 
     def __init__(self, address: tuple[str, int], limits: ServerLimits, ssl_context: ssl.SSLContext | None,
                  check_head: Callable[[Request], Response | None], handle: Callable[[Request], Response],
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None],
+                 on_response: Callable[[Request | None, str, Response, str], None] | None = None):
+        # on_response(request, who, response, line): told of every answer instead of `log` (its
+        # owner counts and logs it, structured); `line` is what `log` would have been given.
         self.limits, self.ssl_context, self.check_head, self.handle, self.log = (
             limits, ssl_context, check_head, handle, log)
+        self.on_response = on_response
+        self.refused_connections_total = 0  # answered 503 at the connection cap, ever
         self.listener = socket.create_server(address, backlog=min(limits.max_connections, 1024))
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()
@@ -273,6 +280,7 @@ class BoundedHTTPServer:
 
     def _refuse_full(self, sock: socket.socket, client: str, now: float) -> None:
         self._refused += 1
+        self.refused_connections_total += 1
         if now - self._refusal_logged_at >= 1.0:
             self.log(f"503 refused {self._refused} connection(s) (the latest from {client}): "
                      f"{self.limits.max_connections} connections open (--max-connections)")
@@ -436,7 +444,11 @@ class BoundedHTTPServer:
         # Never log a query string: credentials end up in them, whatever the API says.
         path, query, _ = path.partition("?")
         path += "?<query not logged>" if query else ""
-        self.log(f"{response.code} {method} {path} from {who}: {response.note}")
+        line = f"{response.code} {method} {path} from {who}: {response.note}"
+        if self.on_response is not None:
+            self.on_response(request, who, response, line)
+        else:
+            self.log(line)
 
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()

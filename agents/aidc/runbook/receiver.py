@@ -29,6 +29,7 @@ from aidc.identity import authorize, cert_identity, token_identity
 from aidc.errors import PolicyRefusal
 from aidc.runbook.engine import Engine, Submission
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
+from aidc.runbook.serve_metrics import CONTENT_TYPE_LATEST, JsonLines, ReceiverMetrics
 from aidc.runbook.tls import TLSConfig
 
 WEBHOOK_PATHS = ("/", "/alerts", "/api/v1/alerts")
@@ -92,20 +93,27 @@ def validate_payload(body: bytes, max_alerts: int = Limits.max_alerts) -> list[d
 class Receiver:
     def __init__(self, engine: Engine, token: str | None, host: str = "127.0.0.1", port: int = 9097,
                  max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None,
-                 limits: Limits | None = None, token_map: dict[str, str] | None = None):
+                 limits: Limits | None = None, token_map: dict[str, str] | None = None, log_format: str = "json"):
         if not token and not token_map and not (tls and tls.mutual):
             raise ValueError("authentication is required: a bearer token, or mutual TLS (a client CA)")
         self.engine, self.token, self.tls = engine, token or None, tls
         self.token_map = dict(token_map or {})  # {sha256 hex of a token: its name}
         self.max_workers, self.scan_interval_s = max_workers, scan_interval_s
         self.limits = limits or Limits()
-        self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}",
-                                               file=sys.stderr, flush=True))
+        # A log given (tests, embedders) gets text lines; otherwise JSON lines on stderr, which
+        # log shippers parse without a regex (log_format="text" for people at a terminal).
+        self.structured = log is None and log_format == "json"
+        self.log = log or (JsonLines("aidc.runbook.serve") if self.structured else (
+            lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}", file=sys.stderr,
+                               flush=True)))
+        self.metrics = ReceiverMetrics(lambda: self.httpd.open_connections,
+                                       lambda: self.httpd.refused_connections_total)
         self._executing: set[int] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         context = tls.server_context() if tls else None
-        self.httpd = BoundedHTTPServer((host, port), self.limits, context, self._check_head, self._handle, self.log)
+        self.httpd = BoundedHTTPServer((host, port), self.limits, context, self._check_head, self._handle, self.log,
+                                       on_response=self._on_response)
 
     @property
     def scheme(self) -> str:
@@ -136,8 +144,8 @@ class Receiver:
         if params & set(CREDENTIAL_PARAMS):
             return Response(400, {"error": f"credentials in the query string are refused (they end up in logs): "
                                            f"{AUTH_EXPECTED}"}, "credentials in the query string refused")
-        if request.method == "GET" and request.path == "/healthz":
-            return None
+        if request.method == "GET" and request.path in ("/healthz", "/metrics"):
+            return None  # counts only, no names or secrets: scraped like any exporter
         if self.identities(request) is None:
             return Response(401, {"error": f"missing or wrong bearer token: {AUTH_EXPECTED}"}, "unauthenticated",
                             {"WWW-Authenticate": 'Bearer realm="aidc-runbook"'})
@@ -152,6 +160,8 @@ class Receiver:
     def _handle(self, request: Request) -> Response:
         if request.path == "/healthz":
             return Response(200, {"ok": True}, "health")
+        if request.path == "/metrics":
+            return Response(200, {}, "metrics", text=self.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
         # Roles here, on a worker thread: a refusal is audited (a database write), which the
         # I/O thread that runs _check_head must not wait for.
         who = self.identities(request) or []
@@ -176,9 +186,21 @@ class Receiver:
             summary += f", ... ({len(results)} alerts)"
         return Response(200, {"results": [r.to_dict() for r in results]}, summary)
 
+    def _on_response(self, request: Request | None, who: str, response: Response, line: str) -> None:
+        route = request.path.partition("?")[0] if request else "-"
+        self.metrics.answered(request.method if request else "-", route, response.code)
+        if route in ("/metrics", "/healthz") and response.code == 200:
+            return  # a scrape every few seconds is not news
+        if self.structured:
+            self.log(line, status=response.code, method=request.method if request else None, path=route,
+                     client=who, note=response.note)
+        else:
+            self.log(line)
+
     # --- runs -----------------------------------------------------------------------------
     def accept(self, alert: dict, sender: dict | None = None) -> Submission:
         sub = self.engine.submit_alert(alert, sender)  # under policy.dry_run: planned once, never started
+        self.metrics.alert(sub.outcome)
         if sub.outcome == "started" and sub.run_id is not None:
             self._dispatch(sub.run_id)
         return sub
@@ -200,6 +222,8 @@ class Receiver:
                 self.log(f"run {run_id} {before.runbook} on {before.node}: resuming after its executor "
                          f"({before.owner}) died")
             run = self.engine.execute(run_id)
+            if run.status != before.status and run.status in ("done", "failed"):
+                self.metrics.run_finished(run.status)
             # A run waiting for approval is re-checked every scan: log only what changed.
             if run.status != before.status or run.status != "awaiting_approval":
                 self.log(f"run {run_id} {run.runbook} on {run.node}: {run.status}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators, expectation_met
 from aidc.runbook.catalog import Runbook, Step, expand
+from aidc.runbook.notifiers import NotifyError
 
 
 class Interrupted(Exception):
@@ -128,9 +129,13 @@ def run_burnin(ctx: StepContext) -> tuple[bool, dict]:
 
 def run_notify(ctx: StepContext) -> tuple[bool, dict]:
     severity = ctx.params.get("severity", "warning")
-    ctx.actuators.notifier.notify(severity, ctx.params["message"],
-                                  {"run_id": ctx.run_id, "runbook": ctx.runbook.name, "node": ctx.node})
-    return True, {"severity": severity, "message": ctx.params["message"]}
+    said = {"severity": severity, "message": ctx.params["message"]}
+    try:
+        ctx.actuators.notifier.notify(severity, ctx.params["message"],
+                                      {"run_id": ctx.run_id, "runbook": ctx.runbook.name, "node": ctx.node})
+    except NotifyError as exc:  # a page that did not go out is a failed step, said as such
+        return False, {**said, "error": str(exc)}
+    return True, said
 
 
 ACTIONS = {

@@ -1,0 +1,81 @@
+"""The receiver's own telemetry: Prometheus metrics on GET /metrics, and JSON-lines logs.
+
+Label values are bounded: routes outside the known ones count as `other`, refusal reasons are
+a fixed set named after the status code, so a client cannot grow the series by inventing paths.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from datetime import datetime, timezone
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "JsonLines", "ReceiverMetrics", "REFUSAL_REASONS"]
+
+ROUTES = ("/", "/alerts", "/api/v1/alerts", "/runs", "/healthz", "/metrics")
+REFUSAL_REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+                   405: "method_not_allowed", 408: "timeout", 411: "length_required", 413: "too_large",
+                   431: "head_too_large", 503: "busy"}
+
+
+class ReceiverMetrics:
+    def __init__(self, open_connections: Callable[[], int], refused_connections: Callable[[], int]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("aidc_receiver_requests", "HTTP requests answered, by method, route and status code.",
+                                ["method", "route", "code"], registry=self.registry)
+        self.refusals = Counter("aidc_receiver_refusals", "Requests refused (4xx, 503), by reason; connections "
+                                "refused at the --max-connections cap count as reason busy.",
+                                ["reason"], registry=self.registry)
+        self.alerts = Counter("aidc_receiver_alerts", "Alerts received, by what the engine made of them "
+                              "(started, dry_run, duplicate, cooldown, node_busy, unmatched, ...).",
+                              ["outcome"], registry=self.registry)
+        self.runs = Counter("aidc_receiver_runs_finished", "Runbook runs this receiver executed to the end, "
+                            "by status (done, failed).", ["status"], registry=self.registry)
+        Gauge("aidc_receiver_open_connections", "Connections open now.",
+              registry=self.registry).set_function(open_connections)
+        self._refused_connections = refused_connections
+        self._busy_seen = 0
+        self._lock = threading.Lock()
+
+    def answered(self, method: str, route: str, code: int) -> None:
+        route = route if route in ROUTES else "other"
+        method = method if method in ("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS") else "other"
+        self.requests.labels(method, route, str(code)).inc()
+        if code >= 400 and code != 500:
+            self.refusals.labels(REFUSAL_REASONS.get(code, f"http_{code // 100}xx")).inc()
+
+    def alert(self, outcome: str) -> None:
+        self.alerts.labels(outcome).inc()
+
+    def run_finished(self, status: str) -> None:
+        self.runs.labels(status).inc()
+
+    def exposition(self) -> str:
+        # Refusals at the connection cap happen on the I/O thread without a request: fold the
+        # server's running count in at scrape time.
+        with self._lock:
+            total = self._refused_connections()
+            if total > self._busy_seen:
+                self.refusals.labels("busy").inc(total - self._busy_seen)
+                self._busy_seen = total
+        return generate_latest(self.registry).decode()
+
+
+class JsonLines:
+    """A log callable writing one JSON object per line: ts (UTC, ISO 8601), level, logger, msg,
+    and the event's fields. Never raises on a value JSON cannot hold (it is written as text)."""
+
+    def __init__(self, logger: str, stream=None):
+        self.logger, self.stream = logger, stream
+
+    def __call__(self, msg: str, level: str = "info", **fields) -> None:
+        record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                  "level": level, "logger": self.logger, "msg": msg,
+                  **{k: v for k, v in fields.items() if v is not None}}
+        stream = self.stream or sys.stderr
+        stream.write(json.dumps(record, default=str, sort_keys=False) + "\n")
+        stream.flush()
