@@ -79,8 +79,18 @@ def _size_ticks(ax, values: list[float]) -> None:
 
 
 def pareto_png(model: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(model)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pareto_figure(model: dict):
     """Quality against batch latency and against size on disk; the non-dominated techniques
-    are drawn larger, edged in black and joined by a line."""
+    are drawn larger, edged in black and joined by a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,15 +125,12 @@ def pareto_png(model: dict) -> bytes:
         ax.set_ylabel(quality_title)
         ax.set_title(f"quality against {'speed' if axis == 'latency' else 'size'} (up and left is better)", fontsize=10)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{model['model']}: compression techniques (edged, dashed line: not beaten on both axes)")
+    fig.suptitle(f"{model['model']}: compression techniques (black edge and dashed line: not beaten on both quality and cost)")
     ncol = min(len(rows), 3)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     legend_rows = -(-len(rows) // ncol)
     fig.tight_layout(rect=(0, min(0.45, 0.05 * legend_rows + 0.03), 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def results_from_audit(payloads: list[dict]) -> dict:
