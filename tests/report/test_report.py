@@ -159,3 +159,14 @@ def test_nice_ticks_reach_past_the_largest_value_in_round_steps():
     assert charts.nice_ticks(2840) == [0, 1000, 2000, 3000]
     assert charts.nice_ticks(1.92) == [0, 0.5, 1.0, 1.5, 2.0]
     assert charts.nice_ticks(0) == [0.0, 1.0]
+
+
+def test_a_figure_recorded_as_nan_is_left_out_of_the_charts_not_drawn(tmp_path):
+    db = build_lab_audit_log(tmp_path)
+    with AuditLog(db) as log:
+        payload = log.records(kind="burnin.certificate", node="gpu-3")[-1].payload
+        payload["metrics"]["memcpy_gbps"] = float("nan")
+        log.append("burnin.certificate", "passed burn-in", actor="burnin", node="gpu-3", payload=payload)
+        page = render_html(log)
+    memcpy = re.search(r'<svg[^>]*aria-label="memory copy per node.*?</svg>', page, re.S)[0]
+    assert "nan" not in memcpy.lower() and "m-gpu-3" not in memcpy and "m-gpu-2" in memcpy

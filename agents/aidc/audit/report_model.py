@@ -6,6 +6,7 @@ tables. Plain data: the templates in aidc/audit/templates only lay it out."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 import platform
 import statistics
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ ETTR_DEFINITION = ("ETTR (effective training time ratio) = productive training t
 
 def when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _finite(value) -> bool:
+    """A figure that can be drawn (a failed measurement may be recorded as NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def is_dry_run(rec: AuditRecord) -> bool:
@@ -143,7 +149,7 @@ def burnin(records: list[AuditRecord]) -> dict | None:
     for metric in names:
         unit = BURNIN_UNITS[metric]
         values = {c.node: c.payload["metrics"][metric] for c in certs
-                  if isinstance((c.payload.get("metrics") or {}).get(metric), (int, float))}
+                  if _finite((c.payload.get("metrics") or {}).get(metric))}
         if not values:
             continue
         stats = (fleet.get("stats") or {}).get(metric) or {}
@@ -190,7 +196,7 @@ def collectives(records: list[AuditRecord]) -> list[dict]:
                                  for row in fleet["allreduce"]]}
     link_gbit = p.get("link_rate_gbps", fleet.get("link_rate_gbit_s"))
     series = [{"name": name, "points": [(r["bytes"], r["busbw_gbps"]) for r in rows
-                                        if isinstance(r["bytes"], (int, float)) and isinstance(r["busbw_gbps"], (int, float))]}
+                                        if _finite(r["bytes"]) and _finite(r["busbw_gbps"])]}
               for name, rows in sweeps.items()]
     # The link rate is quoted in Gbit/s (as InfiniBand rates are); bus bandwidth in GB/s.
     ref = {"label": f"link rate {charts.fmt(link_gbit)} Gbit/s = {charts.fmt(link_gbit / 8)} GB/s", "value": link_gbit / 8} \
