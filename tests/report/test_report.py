@@ -170,3 +170,29 @@ def test_a_figure_recorded_as_nan_is_left_out_of_the_charts_not_drawn(tmp_path):
         page = render_html(log)
     memcpy = re.search(r'<svg[^>]*aria-label="memory copy per node.*?</svg>', page, re.S)[0]
     assert "nan" not in memcpy.lower() and "m-gpu-3" not in memcpy and "m-gpu-2" in memcpy
+
+
+def test_without_a_lab_loop_the_verdict_is_whether_every_faulty_node_was_quarantined(tmp_path):
+    from aidc.events import Action, FaultEvent, FaultKind
+    from aidc.failover.controller import FailoverController
+    from aidc.failover.scheduler import LabScheduler
+    from aidc.spec import parse_spec
+    from aidc.store import Store
+
+    from .lab_log import SPEC
+
+    spec = parse_spec(SPEC)
+    for n in spec.nodes():
+        (tmp_path / "lab" / "nodes" / n.name).mkdir(parents=True)
+    store, log = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+    try:
+        for node in ("gpu-0", "gpu-2"):  # max_unavailable 1: the second one is refused, not quarantined
+            store.append(FaultEvent(node, FaultKind.XID, Action.REBOOT_NODE, "XID 79", "kmsg", gpu=0, xid=79))
+            log.append("health.fault", "XID 79 on gpu 0", actor="health", node=node, payload={"xid": 79})
+        FailoverController(spec, store, log, LabScheduler(tmp_path / "lab"), dry_run=False).run_once()
+        page = render_html(log)
+    finally:
+        store.close()
+        log.close()
+    assert squash(Sections(page).text["verdict"]).startswith(" 2 fault(s) on gpu-0, gpu-2: NOT quarantined: gpu-2")
+    assert '<header id="verdict" class="verdict bad">' in page

@@ -6,6 +6,7 @@ tables. Plain data: the templates in aidc/audit/templates only lay it out."""
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import math
 import platform
 import statistics
@@ -54,8 +55,10 @@ class Verdict:
     details: list[str] = field(default_factory=list)
 
 
-def verdict(records: list[AuditRecord], verified: VerifyResult) -> Verdict:
-    """Did the loop complete, and if not, what failed (the first failures, in order)?"""
+def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dict] | None = None) -> Verdict:
+    """Did the loop complete, and if not, what failed (the first failures, in order)? A log
+    without a lab loop (production) is judged on its faults: was every faulty node quarantined?
+    `faults` are the incidents() of the records."""
     summary = next((r for r in reversed(records) if r.kind == "lab.summary"), None)
     failures = [f"{r.kind} on {r.node}: {r.reason}" if r.node else f"{r.kind}: {r.reason}" for r in records
                 if r.kind in ("failover.error", "burnin.aborted", "lab.error")
@@ -64,8 +67,16 @@ def verdict(records: list[AuditRecord], verified: VerifyResult) -> Verdict:
     if not verified.ok:
         details.append(f"the audit log does not verify at record {verified.first_bad_seq}: {verified.problem}")
     if summary is None:
-        return Verdict(None if verified.ok else False, "No lab loop in this log" if verified.ok
-                       else "Audit log verification FAILED", details + failures[:5])
+        if not verified.ok:
+            return Verdict(False, "Audit log verification FAILED", details + failures[:5])
+        faults = incidents(records) if faults is None else faults
+        if faults:
+            missed = [f["node"] for f in faults if next(s for s in f["steps"] if s["key"] == "quarantine")["ms"] is None]
+            errors = [f for f in failures if f.startswith("failover.error")]
+            head = (f"{len(faults)} fault(s) on {', '.join(sorted({f['node'] for f in faults}))}: "
+                    + (f"NOT quarantined: {', '.join(missed)}" if missed else "every faulty node quarantined"))
+            return Verdict(not missed and not errors, head, errors[:5])
+        return Verdict(None if not failures else False, "No lab loop and no fault in this log", failures[:5])
     p = summary.payload
     if p.get("completed") and verified.ok:
         bits = [f"{len(p.get('certified_nodes') or [])} nodes certified"]
@@ -101,7 +112,9 @@ def incidents(records: list[AuditRecord]) -> list[dict]:
                 starts.append((r, r.ts))
     for i, (start, t0) in enumerate(starts):
         node = start.node
-        t_end = starts[i + 1][1] if i + 1 < len(starts) else float("inf")
+        # Faults on different nodes interleave (the second can come before the first is
+        # handled): each incident runs until the next fault on the same node.
+        t_end = next((t for r, t in starts[i + 1:] if r.node == node), float("inf"))
 
         def first(pred):
             return next((r for r in records if t0 <= r.ts < t_end and pred(r)), None)
@@ -112,7 +125,7 @@ def incidents(records: list[AuditRecord]) -> list[dict]:
             "decide": first(lambda r: r.kind == "failover.decision" and r.node == node
                             and r.payload.get("verdict") == "quarantine"),
             "quarantine": first(lambda r: r.kind == "failover.action" and r.node == node),
-            "resume": first(lambda r: r.kind == "lab.resume"),
+            "resume": first(lambda r: r.kind == "lab.resume" and r.payload.get("victim", node) == node),
         }
         steps = [{"key": "fault", "label": MILESTONES[0][1], "ms": 0.0, "record": start}]
         for key, label in MILESTONES[1:]:
@@ -228,7 +241,11 @@ def stack_info(records: list[AuditRecord]) -> dict:
     start = next((r for r in records if r.kind == "lab.start"), None)
     stack = (start.payload.get("stack") if start else None) or (
         start.reason.removeprefix("lab from stack ").strip() if start and start.reason.startswith("lab from stack") else "-")
-    return {"stack": stack, "aidc": aidc.__version__, "python": platform.python_version(),
+    try:  # the version installed, read without importing torch
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = None
+    return {"stack": stack, "aidc": aidc.__version__, "python": platform.python_version(), "torch": torch,
             "host": platform.node()}
 
 
@@ -243,10 +260,11 @@ def build(records: list[AuditRecord], verified: VerifyResult, log_path: str, now
     bench = [r for r in records if is_benchmark(r) and not is_dry_run(r)]
     incident = [r for r in records if not is_dry_run(r) and not is_benchmark(r)]
     summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), None)
+    faults = incidents(records)
     return {
-        "verdict": verdict(records, verified), "verified": verified, "log_path": log_path,
+        "verdict": verdict(records, verified, faults), "verified": verified, "log_path": log_path,
         "generated_at": when(now), "about": stack_info(records), "summary": summary,
-        "incidents": incidents(records), "burnin": burnin(records), "collectives": collectives(records),
+        "incidents": faults, "burnin": burnin(records), "collectives": collectives(records),
         "goodput": goodput(records),
         "timeline": [record_row(r) for r in incident], "dry_run": [record_row(r) for r in dry],
         "benchmarks": [record_row(r) for r in bench],
