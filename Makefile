@@ -47,8 +47,9 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 # Debian packages that some end-to-end tests drive for real (Prometheus, Alertmanager,
-# sshd, Slurm, SoftHSM). Tests skip with the reason when these are absent.
-SYSTEM_PACKAGES := prometheus prometheus-alertmanager openssh-server iproute2 sqlite3 gcc slurm-wlm munge softhsm2 opensc nftables
+# sshd, Slurm, SoftHSM, chromium for the report's browser test through Playwright, which
+# downloads no browser of its own). Tests skip with the reason when these are absent.
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager openssh-server iproute2 sqlite3 gcc slurm-wlm munge softhsm2 opensc nftables chromium
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \

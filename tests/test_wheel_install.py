@@ -113,6 +113,17 @@ def test_the_example_stacks_ship_and_validate(installed):
                                                    "--json").stdout
 
 
+def test_the_audit_report_renders_from_the_templates_the_wheel_carries(installed):
+    work = installed[2]
+    made = run(installed, "python", "-c", "from aidc.audit.log import AuditLog; "
+               "AuditLog('audit.db').append('lab.start', 'lab from stack lab', actor='t', payload={'stack': 'lab'})")
+    assert made.returncode == 0, made.stderr
+    result = run(installed, "aidc", "audit", "report", "--db", "audit.db", "--out", "report", "--json")
+    assert result.returncode == 0, result.stderr
+    page = (work / "report" / "report.html").read_text()
+    assert '<header id="verdict" class="verdict none">' in page and "stack <strong>lab</strong>" in page
+
+
 def readline_within(stream, timeout_s: float) -> str:
     with selectors.DefaultSelector() as sel:
         sel.register(stream, selectors.EVENT_READ)

@@ -73,6 +73,8 @@ def test_flipped_bit_on_one_rank_and_hung_device_on_another_fail_only_those_node
     assert any("did not return within" in r for r in report.nodes["n-1"].reasons)
     assert set(certs) == {"n-0", "n-1", "n-2"}
     assert certs["n-2"].payload["verdict"] == "pass" and certs["n-0"].payload["verdict"] == "fail"
+    # Each certificate names the floors its node was judged against (the report draws them).
+    assert certs["n-2"].payload["floors"] == spec.floors(spec.nodes()[2].gpu_model)
     assert report.fleet["allreduce"][0]["busbw_gbps"] == pytest.approx(
         report.fleet["allreduce"][0]["algbw_gbps"] * 2 * 2 / 3)
     assert all(row["correct"] for row in report.fleet["allreduce"])

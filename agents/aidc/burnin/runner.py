@@ -230,6 +230,7 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
+        "floors": {n.name: spec.floors(n.gpu_model) for n in nodes},
     }
     return BurninReport(spec.name, results, fleet_info, duration_s)
 
@@ -279,6 +280,7 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
             "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
             "allreduce_correct": n.allreduce_correct, "errors": n.errors, "spare": n.spare,
+            "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "allreduce", "link_rate_gbit_s",
                                                    "memcpy_counting")},
         })

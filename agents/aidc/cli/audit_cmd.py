@@ -80,7 +80,7 @@ def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this no
 @app.command("report")
 def report(db: Path = DB_OPTION, out: Path = typer.Option(Path(".aidc/report"), "--out", help="Output directory."),
            as_json: bool = JSON_OPTION) -> None:
-    """Write report.html (timeline, per-node burn-in) and report.json."""
+    """Write report.html (verdict, failover timeline, burn-in, collectives, goodput, records) and report.json."""
     from aidc.audit.report import write_report
 
     with _open(db) as log:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -57,49 +56,81 @@ def text_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
+QUALITY_TITLES = {"accuracy_pct": "accuracy (%)", "cosine_mean": "mean cosine similarity to the fp32 model"}
+# One distinct marker and colour per technique: a legend names them, so no label is drawn
+# beside a point and crowded points cannot hide each other's names.
+MARKERS = "osD^vP*Xhp<>"
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
-    return textwrap.wrap(text, width) or [""]
+
+def _size_ticks(ax, values: list[float]) -> None:
+    """Size axis: log scale only when the sizes span more than a decade; ticks at 1-2-5 steps,
+    written as plain megabytes (no 10^x), so the axis is never bare."""
+    import matplotlib.ticker as ticker
+
+    lo, hi = min(values), max(values)
+    if hi > 10 * lo > 0:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+    else:
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def pareto_png(model: dict) -> bytes:
-    """Quality against batch latency and against size; non-dominated points ringed and joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    rows = model["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (axis, key, xlabel, scale) in zip(axes, (
-            ("latency", "batch_ms_normalised", f"latency at batch {rows[0]['throughput_batch']} (ms, paired with fp32)", 1.0),
-            ("size", "disk_bytes", "size on disk (MB)", 1e-6))):
-        xs = [r[key] * scale for r in rows]
-        ys = [r["quality_value"] for r in rows]
-        for r, x, y in zip(rows, xs, ys):
-            front = r[f"pareto_{axis}"]
-            ax.scatter([x], [y], s=60 if front else 30, c="tab:red" if front else "tab:gray",
-                       edgecolors="black" if front else "none", zorder=3)
-            # numbers keep crowded points readable; the key below the plots names them
-            ax.annotate(str(rows.index(r)), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
-        front = sorted((x, y) for r, x, y in zip(rows, xs, ys) if r[f"pareto_{axis}"])
-        if len(front) > 1:
-            ax.plot(*zip(*front), c="tab:red", lw=1, zorder=2)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(model["quality_key"])
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{model['model']}: quality vs cost (red: non-dominated)")
-    key = "   ".join(f"{i} {r['label']}" for i, r in enumerate(rows))
-    fig.text(0.01, 0.01, "\n".join(_wrap(key, 170)), fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig = pareto_figure(model)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def pareto_figure(model: dict):
+    """Quality against batch latency and against size on disk; the non-dominated techniques
+    are drawn larger, edged in black and joined by a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker as ticker
+
+    rows = model["rows"]
+    quality_title = QUALITY_TITLES.get(model["quality_key"], model["quality_key"].replace("_", " "))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    panels = (("latency", "batch_ms_normalised", 1.0,
+               f"time per batch of {rows[0]['throughput_batch']} inputs (milliseconds, measured beside fp32)"),
+              ("size", "disk_bytes", 1e-6, "size on disk (megabytes)"))
+    handles = []
+    for ax, (axis, key, scale, xlabel) in zip(axes, panels):
+        xs = [r[key] * scale for r in rows]
+        ys = [r["quality_value"] for r in rows]
+        for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+            front = r[f"pareto_{axis}"]
+            h = ax.scatter([x], [y], s=90 if front else 45, marker=MARKERS[i % len(MARKERS)],
+                           c=COLOURS[i % len(COLOURS)], edgecolors="black" if front else "none",
+                           linewidths=1.2, zorder=3, label=r["label"])
+            if axis == "latency":
+                handles.append(h)
+        front = sorted((x, y) for r, x, y in zip(rows, xs, ys) if r[f"pareto_{axis}"])
+        if len(front) > 1:
+            ax.plot(*zip(*front), c="black", lw=1, ls="--", zorder=2)
+        if axis == "size":
+            _size_ticks(ax, xs)
+        else:
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(quality_title)
+        ax.set_title(f"quality against {'speed' if axis == 'latency' else 'size'} (up and left is better)", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{model['model']}: compression techniques (black edge and dashed line: not beaten on both quality and cost)")
+    ncol = min(len(rows), 3)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_rows = -(-len(rows) // ncol)
+    fig.tight_layout(rect=(0, min(0.45, 0.05 * legend_rows + 0.03), 1, 1))
+    return fig
 
 
 def results_from_audit(payloads: list[dict]) -> dict:
@@ -114,36 +145,26 @@ def results_from_audit(payloads: list[dict]) -> dict:
             "targets": [t for p in latest.values() for t in p.get("targets", [])]}
 
 
+def section_model(results: dict) -> dict:
+    """What templates/compress.html.j2 shows: the tables as text, the plots as base64 PNG."""
+    return {**results, "columns": COLUMNS,
+            "models": [{**m, "table": table_rows(m), "png_b64": base64.b64encode(pareto_png(m)).decode()}
+                       for m in results["models"]],
+            "targets": [{**t, "measured_json": json.dumps(t["measured"], sort_keys=True)}
+                        for t in results.get("targets") or []]}
+
+
 def html_section(results: dict) -> str:
     """An HTML fragment (no <html>/<body>) for the audit report: tables, plots inline, recommendations."""
-    parts = [f"<section class=\"compress\"><h2>Compression benchmarks</h2>"
-             f"<p>torch {html.escape(results['torch'])}, {results['threads']} threads, "
-             f"{html.escape(results['cpu_capability'])}, {'quick' if results['quick'] else 'full'} run, "
-             f"started {html.escape(results['started'])}.</p>"]
-    for model in results["models"]:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
-                       for row in table_rows(model))
-        png = base64.b64encode(pareto_png(model)).decode()
-        parts.append(f"<h3>{html.escape(model['model'])}</h3>"
-                     f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-                     f"<p><strong>Recommendation:</strong> {html.escape(model['recommendation'])}</p>"
-                     f"<img alt=\"Pareto plot for {html.escape(model['model'])}\" "
-                     f"src=\"data:image/png;base64,{png}\"/>")
-        for s in model["skipped"]:
-            parts.append(f"<p>Skipped {html.escape(s['technique'])}: {html.escape(s['reason'])}</p>")
-    if results.get("targets"):
-        items = "".join(f"<li>{html.escape(t['id'])}: "
-                        f"{'not run' if t['met'] is None else ('met' if t['met'] else 'NOT met')} "
-                        f"<code>{html.escape(json.dumps(t['measured'], sort_keys=True))}</code></li>"
-                        for t in results["targets"])
-        parts.append(f"<h3>Targets</h3><ul>{items}</ul>")
-    parts.append("</section>")
-    return "\n".join(parts)
+    from aidc.audit.templating import render
+
+    return render("compress.html.j2", compress=section_model(results))
 
 
 def write_outputs(results: dict, out_dir: str | Path) -> dict[str, str]:
     """results.json, one pareto-<model>.png per model and a standalone compress-report.html."""
+    from aidc.audit.templating import render
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / "results.json"), "html": str(out / "compress-report.html")}
@@ -152,11 +173,7 @@ def write_outputs(results: dict, out_dir: str | Path) -> dict[str, str]:
         p = out / f"pareto-{model['model']}.png"
         p.write_bytes(pareto_png(model))
         paths[f"png:{model['model']}"] = str(p)
-    (out / "compress-report.html").write_text(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>aidc compression benchmarks</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child{text-align:left}"
-        "</style></head><body>\n" + html_section(results) + "\n</body></html>\n")
+    (out / "compress-report.html").write_text(render("compress_page.html.j2", compress=section_model(results)))
     return paths
 
 

@@ -45,6 +45,8 @@ class LabResult:
     scheduler: str = "lab"
     # Slurm only: the victim's drain reason exactly as `sinfo -R` shows it.
     drain_reason: str | None = None
+    # Why the loop did not complete (the exception that ended it), for the report's verdict.
+    error: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -126,7 +128,7 @@ class LabRun:
         self.audit = AuditLog(c.audit_path)
         self.result.audit_db = str(c.audit_path)
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
-                          payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir)})
+                          payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir), "stack": self.stack})
         self._create_keyring()
         if burn_in:
             self._burnin()
@@ -138,6 +140,9 @@ class LabRun:
             self.bring_up()
             self._train_and_fail_over()
             self.result.completed = True
+        except Exception as exc:
+            self.result.error = str(exc)  # the report's verdict banner says what failed
+            raise
         finally:
             if self.audit is not None:  # else create() refused (a lab already running): touch nothing
                 if not keep:

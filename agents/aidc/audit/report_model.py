@@ -1,0 +1,271 @@
+"""What the audit report says, gathered from the records alone: the verdict, the failover
+timeline of each incident (T+ms from the fault), burn-in per node against the fleet, the
+collective sweeps, goodput, and the records sorted into incident, dry-run and benchmark
+tables. Plain data: the templates in aidc/audit/templates only lay it out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import math
+import platform
+import statistics
+from dataclasses import dataclass, field
+
+import aidc
+from aidc.audit import charts
+from aidc.audit.log import AuditRecord, VerifyResult
+
+# Units of the burn-in figures (aidc.burnin.report.UNITS, repeated here so that reading a
+# report does not import the burn-in package and its torch-only neighbours).
+BURNIN_UNITS = {"gemm_fp32_tflops": "TFLOP/s", "gemm_bf16_tflops": "TFLOP/s", "memcpy_gbps": "GB/s",
+                "allreduce_busbw_gbps": "GB/s"}
+BURNIN_TITLES = {"gemm_fp32_tflops": "GEMM fp32", "gemm_bf16_tflops": "GEMM bf16", "memcpy_gbps": "memory copy",
+                 "allreduce_busbw_gbps": "all_reduce bus bandwidth"}
+# Records of measurements, not of an incident: kept out of the incident timeline.
+BENCHMARK_KINDS = ("compress.result", "burnin.certificate", "burnin.aborted", "bench.")
+ETTR_DEFINITION = ("ETTR (effective training time ratio) = productive training time / wall-clock time of "
+                   "the allocation, as Meta defines it for its Research SuperCluster: time lost to failures, "
+                   "restarts, recomputed steps and waiting is what it does not count.")
+
+
+def when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _finite(value) -> bool:
+    """A figure that can be drawn (a failed measurement may be recorded as NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def is_dry_run(rec: AuditRecord) -> bool:
+    p = rec.payload if isinstance(rec.payload, dict) else {}
+    return (p.get("dry_run") is True or p.get("verdict") == "would_quarantine"
+            or rec.reason.startswith("dry-run") or ".dry_run" in rec.kind)
+
+
+def is_benchmark(rec: AuditRecord) -> bool:
+    return rec.kind.startswith(BENCHMARK_KINDS)
+
+
+@dataclass
+class Verdict:
+    ok: bool | None  # None: the log holds no lab loop to judge
+    headline: str
+    details: list[str] = field(default_factory=list)
+
+
+def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dict] | None = None) -> Verdict:
+    """Did the loop complete, and if not, what failed (the first failures, in order)? A log
+    without a lab loop (production) is judged on its faults: was every faulty node quarantined?
+    `faults` are the incidents() of the records."""
+    summary = next((r for r in reversed(records) if r.kind == "lab.summary"), None)
+    failures = [f"{r.kind} on {r.node}: {r.reason}" if r.node else f"{r.kind}: {r.reason}" for r in records
+                if r.kind in ("failover.error", "burnin.aborted", "lab.error")
+                or (r.kind == "burnin.certificate" and r.payload.get("verdict") != "pass")]
+    details = []
+    if not verified.ok:
+        details.append(f"the audit log does not verify at record {verified.first_bad_seq}: {verified.problem}")
+    if summary is None:
+        if not verified.ok:
+            return Verdict(False, "Audit log verification FAILED", details + failures[:5])
+        faults = incidents(records) if faults is None else faults
+        if faults:
+            missed = [f["node"] for f in faults if next(s for s in f["steps"] if s["key"] == "quarantine")["ms"] is None]
+            errors = [f for f in failures if f.startswith("failover.error")]
+            head = (f"{len(faults)} fault(s) on {', '.join(sorted({f['node'] for f in faults}))}: "
+                    + (f"NOT quarantined: {', '.join(missed)}" if missed else "every faulty node quarantined"))
+            return Verdict(not missed and not errors, head, errors[:5])
+        return Verdict(None if not failures else False, "No lab loop and no fault in this log", failures[:5])
+    p = summary.payload
+    if p.get("completed") and verified.ok:
+        bits = [f"{len(p.get('certified_nodes') or [])} nodes certified"]
+        if p.get("victim"):
+            bits.append(f"XID {p.get('xid')} on {p['victim']}, quarantine decided "
+                        f"{charts.fmt(p.get('detect_ms') or 0)} ms after the fault")
+        if p.get("resume_s") is not None:
+            bits.append(f"training resumed after {p['resume_s']:g} s, {p.get('steps_lost', 0)} step(s) lost")
+        return Verdict(True, "Loop completed: " + "; ".join(bits), details)
+    if p.get("error"):
+        details.insert(0, p["error"])
+    if p.get("failed_nodes"):
+        details.append(f"burn-in failed on {', '.join(p['failed_nodes'])}")
+    head = "Loop completed, but the audit log does not verify" if p.get("completed") else "Loop did NOT complete"
+    return Verdict(False, head, details + failures[:5])
+
+
+MILESTONES = (("fault", "fault injected / raised"), ("detect", "agent detected it"),
+              ("decide", "controller decided"), ("quarantine", "node quarantined"), ("resume", "training resumed"))
+
+
+def incidents(records: list[AuditRecord]) -> list[dict]:
+    """One failover incident per injected fault (lab) or per fault the agent raised without an
+    injection: the milestones as milliseconds after the fault, and the chart that shows them."""
+    out = []
+    injected = [r for r in records if r.kind == "lab.inject"]
+    starts = [(r, r.payload.get("written_at", r.ts)) for r in injected]
+    if not starts:  # production: the agent's own record is the earliest sign of a fault
+        seen = set()
+        for r in records:
+            if r.kind == "health.fault" and r.node not in seen and not is_dry_run(r):
+                seen.add(r.node)
+                starts.append((r, r.ts))
+    for i, (start, t0) in enumerate(starts):
+        node = start.node
+        # Faults on different nodes interleave (the second can come before the first is
+        # handled): each incident runs until the next fault on the same node.
+        t_end = next((t for r, t in starts[i + 1:] if r.node == node), float("inf"))
+
+        def first(pred):
+            return next((r for r in records if t0 <= r.ts < t_end and pred(r)), None)
+
+        found = {
+            "fault": start if start.kind == "lab.inject" else None,
+            "detect": first(lambda r: r.kind == "health.fault" and r.node == node),
+            "decide": first(lambda r: r.kind == "failover.decision" and r.node == node
+                            and r.payload.get("verdict") == "quarantine"),
+            "quarantine": first(lambda r: r.kind == "failover.action" and r.node == node),
+            "resume": first(lambda r: r.kind == "lab.resume" and r.payload.get("victim", node) == node),
+        }
+        steps = [{"key": "fault", "label": MILESTONES[0][1], "ms": 0.0, "record": start}]
+        for key, label in MILESTONES[1:]:
+            rec = found[key]
+            if rec is None:
+                steps.append({"key": key, "label": label, "ms": None, "record": None})
+                continue
+            ms = (rec.ts - t0) * 1000
+            if key == "resume" and rec.payload.get("resume_s") is not None:
+                ms = rec.payload["resume_s"] * 1000  # measured at the first step on the new membership
+            steps.append({"key": key, "label": label, "ms": round(ms, 1), "record": rec})
+        reached = [s for s in steps[1:] if s["ms"] is not None]
+        chart = charts.bar_rows([{"label": s["key"], "value": s["ms"]} for s in reached],
+                                "milliseconds after the fault (T+ms)", "ms") if reached else None
+        out.append({"node": node, "at": when(t0), "what": start.reason,
+                    "steps": steps, "chart": chart, "missing": [s["label"] for s in steps if s["ms"] is None]})
+    return out
+
+
+def burnin(records: list[AuditRecord]) -> dict | None:
+    """The newest certificate per node: a chart and a table per fleet metric, against the
+    fleet median, the tolerance below it, and the GPU model's floor."""
+    latest: dict[str, AuditRecord] = {}
+    for r in records:
+        if r.kind == "burnin.certificate" and r.node:
+            latest[r.node] = r
+    if not latest:
+        return None
+    certs = list(latest.values())
+    fleet = certs[-1].payload.get("fleet") or {}
+    tolerance = fleet.get("fleet_tolerance")
+    metrics = []
+    names = [m for m in BURNIN_UNITS if any(m in (c.payload.get("metrics") or {}) for c in certs)]
+    for metric in names:
+        unit = BURNIN_UNITS[metric]
+        values = {c.node: c.payload["metrics"][metric] for c in certs
+                  if _finite((c.payload.get("metrics") or {}).get(metric))}
+        if not values:
+            continue
+        stats = (fleet.get("stats") or {}).get(metric) or {}
+        median = stats.get("median", statistics.median(values.values()) if metric != "allreduce_busbw_gbps" else None)
+        threshold = median * (1 - tolerance) if median is not None and tolerance is not None else None
+        floors = {(c.payload.get("floors") or {}).get(metric) for c in certs} - {None}
+        floor = min(floors) if floors else None
+        rows = []
+        for node, value in values.items():
+            below_median = (1 - value / median) if median else None
+            bad = (threshold is not None and value < threshold) or (floor is not None and value < floor)
+            rows.append({"node": node, "value": value, "bad": bad, "z": (latest[node].payload.get("robust_z") or {}).get(metric),
+                         "vs_median": f"{-below_median:+.1%}" if below_median is not None else "-"})
+        lines = [{"label": "fleet median", "value": median, "style": "median"},
+                 {"label": f"tolerance ({tolerance:.0%} below median)" if tolerance is not None else "tolerance",
+                  "value": threshold, "style": "threshold"},
+                 {"label": "floor", "value": floor, "style": "floor"}]
+        chart = charts.bar_rows([{"label": r["node"], "value": r["value"], "bad": r["bad"]} for r in rows],
+                                f"{BURNIN_TITLES[metric]} ({unit})", unit, lines)
+        metrics.append({"name": metric, "title": BURNIN_TITLES[metric], "unit": unit, "median": median,
+                        "threshold": threshold, "floor": floor, "rows": rows, "chart": chart,
+                        "legend": [ln for ln in lines if ln["value"] is not None]})
+    nodes = [{"node": c.node, "passed": c.payload.get("verdict") == "pass", "spare": c.payload.get("spare"),
+              "at": when(c.ts), "reasons": c.payload.get("reasons") or [], "notes": c.payload.get("notes") or []}
+             for c in certs]
+    return {"tolerance": tolerance, "rule": fleet.get("rule"), "metrics": metrics, "nodes": nodes}
+
+
+def collectives(records: list[AuditRecord]) -> list[dict]:
+    """Collective sweeps from the newest certificate that has them: the rows of each collective
+    (`collectives[<name>]`: bytes, algbw_gbps, busbw_gbps, link_fraction), else the fleet's
+    all_reduce sweep; a chart of bus bandwidth against message size with the link rate."""
+    cert = next((r for r in reversed(records) if r.kind == "burnin.certificate"
+                 and (r.payload.get("collectives") or (r.payload.get("fleet") or {}).get("allreduce"))), None)
+    if cert is None:
+        return []
+    p, fleet = cert.payload, cert.payload.get("fleet") or {}
+    sweeps = {name: [{"bytes": row.get("bytes"), "algbw_gbps": row.get("algbw_gbps"),
+                      "busbw_gbps": row.get("busbw_gbps"), "link_fraction": row.get("link_fraction")} for row in rows]
+              for name, rows in (p.get("collectives") or {}).items()}
+    if not sweeps:
+        sweeps = {"all_reduce": [{"bytes": row.get("nbytes"), "algbw_gbps": row.get("algbw_gbps"),
+                                  "busbw_gbps": row.get("busbw_gbps"), "link_fraction": None}
+                                 for row in fleet["allreduce"]]}
+    link_gbit = p.get("link_rate_gbps", fleet.get("link_rate_gbit_s"))
+    series = [{"name": name, "points": [(r["bytes"], r["busbw_gbps"]) for r in rows
+                                        if _finite(r["bytes"]) and _finite(r["busbw_gbps"])]}
+              for name, rows in sweeps.items()]
+    # The link rate is quoted in Gbit/s (as InfiniBand rates are); bus bandwidth in GB/s.
+    ref = {"label": f"link rate {charts.fmt(link_gbit)} Gbit/s = {charts.fmt(link_gbit / 8)} GB/s", "value": link_gbit / 8} \
+        if isinstance(link_gbit, (int, float)) and link_gbit > 0 else None
+    chart = charts.line_chart(series, "message size", "bus bandwidth (GB/s)", ref)
+    for rows in sweeps.values():
+        for r in rows:
+            r["size"] = charts.size_label(r["bytes"]) if isinstance(r["bytes"], (int, float)) else "-"
+    return [{"node": cert.node, "at": when(cert.ts), "link_rate_gbit_s": link_gbit, "chart": chart,
+             "sweeps": sweeps}]
+
+
+def goodput(records: list[AuditRecord]) -> dict | None:
+    """ETTR from the lab summary (or a `goodput.*` record), with its breakdown when present."""
+    summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), {})
+    accounted = next((r.payload for r in reversed(records) if r.kind.startswith("goodput")), {})
+    ettr = accounted.get("ettr", summary.get("ettr"))
+    if isinstance(ettr, dict):
+        accounted, ettr = {**ettr, **accounted}, ettr.get("ettr", ettr.get("value"))
+    if not isinstance(ettr, (int, float)):
+        return None
+    breakdown = accounted.get("breakdown") or summary.get("goodput") or {}
+    rows = [{"name": str(k).replace("_", " "), "value": v if isinstance(v, str) else charts.fmt(v)}
+            for k, v in breakdown.items() if isinstance(v, (int, float, str))] if isinstance(breakdown, dict) else []
+    return {"ettr": ettr, "percent": f"{ettr:.1%}", "definition": ETTR_DEFINITION, "breakdown": rows}
+
+
+def stack_info(records: list[AuditRecord]) -> dict:
+    start = next((r for r in records if r.kind == "lab.start"), None)
+    stack = (start.payload.get("stack") if start else None) or (
+        start.reason.removeprefix("lab from stack ").strip() if start and start.reason.startswith("lab from stack") else "-")
+    try:  # the version installed, read without importing torch
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = None
+    return {"stack": stack, "aidc": aidc.__version__, "python": platform.python_version(), "torch": torch,
+            "host": platform.node()}
+
+
+def record_row(r: AuditRecord) -> dict:
+    return {"seq": r.seq, "when": when(r.ts), "kind": r.kind, "node": r.node or "-", "actor": r.actor,
+            "reason": r.reason}
+
+
+def build(records: list[AuditRecord], verified: VerifyResult, log_path: str, now: float) -> dict:
+    """Everything the report template shows, from the records and their verification."""
+    dry = [r for r in records if is_dry_run(r)]
+    bench = [r for r in records if is_benchmark(r) and not is_dry_run(r)]
+    incident = [r for r in records if not is_dry_run(r) and not is_benchmark(r)]
+    summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), None)
+    faults = incidents(records)
+    return {
+        "verdict": verdict(records, verified, faults), "verified": verified, "log_path": log_path,
+        "generated_at": when(now), "about": stack_info(records), "summary": summary,
+        "incidents": faults, "burnin": burnin(records), "collectives": collectives(records),
+        "goodput": goodput(records),
+        "timeline": [record_row(r) for r in incident], "dry_run": [record_row(r) for r in dry],
+        "benchmarks": [record_row(r) for r in bench],
+    }

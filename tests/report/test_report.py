@@ -1,0 +1,198 @@
+"""The audit report says first whether the loop worked, then shows how: the failover timeline
+from the fault, burn-in per node against the fleet, the collective sweep and goodput; it
+separates what was done from what a dry run would have done and from benchmark records; and
+everything in it is escaped text in templates, with nothing loaded from elsewhere."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import aidc
+from aidc.audit import charts
+from aidc.audit.log import AuditLog
+from aidc.audit.report import render_html
+
+from .lab_log import build_lab_audit_log
+
+
+class Sections(HTMLParser):
+    """Text of each <section id=...> and of the verdict banner, tags dropped."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.text: dict[str, str] = {}
+        self.stack: list[str | None] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.handle_data(" ")  # cells and lines read as separate words
+        if tag in ("section", "header"):
+            self.stack.append(dict(attrs).get("id"))
+
+    def handle_endtag(self, tag):
+        self.handle_data(" ")
+        if tag in ("section", "header"):
+            self.stack.pop()
+
+    def handle_data(self, data):
+        for sid in filter(None, self.stack):
+            self.text[sid] = self.text.get(sid, "") + data
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def test_the_verdict_banner_comes_first_and_says_the_loop_completed_with_its_figures(lab_log):
+    _, render = lab_log
+    page = render()
+    assert page.index('id="verdict"') < page.index("<main>")
+    banner = squash(Sections(page).text["verdict"])
+    assert "Loop completed: 4 nodes certified; XID 79 on gpu-1" in banner
+    assert "training resumed after 2.84 s, 1 step(s) lost" in banner and "Hash chain verified" in banner
+
+
+def test_a_loop_that_did_not_complete_says_what_failed(tmp_path):
+    db = build_lab_audit_log(tmp_path, completed=False)
+    with AuditLog(db, read_only=True) as log:
+        banner = squash(Sections(render_html(log)).text["verdict"])
+    assert banner.startswith(" Loop did NOT complete")
+    assert "training did not finish: gpu-3 stopped answering" in banner
+    assert "burn-in failed on gpu-2" in banner and "memcpy_gbps 1.14 GB/s is 41% below the fleet median" in banner
+
+
+def test_the_failover_timeline_gives_each_step_in_ms_after_the_fault_in_order(lab_log):
+    db, render = lab_log
+    text = squash(Sections(render()).text["failover"])
+    steps = re.findall(r"(detect|decide|quarantine|resume) \w[\w /]+? (\d+\.\d) #\d+ ([\w.]+)", text)
+    assert [s[0] for s in steps] == ["detect", "decide", "quarantine", "resume"]
+    assert [s[2] for s in steps] == ["health.fault", "failover.decision", "failover.action", "lab.resume"]
+    times = [float(s[1]) for s in steps]
+    assert times == sorted(times) and times[0] > 0 and times[-1] == 2840.0
+    with AuditLog(db, read_only=True) as log:
+        summary = log.records(kind="lab.summary")[-1].payload
+    assert float(steps[1][1]) == summary["detect_ms"]  # the decide step is the lab's detect_ms
+
+
+def test_the_timeline_chart_is_inline_svg_with_one_bar_per_step_scaled_to_its_time(lab_log):
+    _, render = lab_log
+    page = render()
+    svg = re.search(r'<svg[^>]*class="timeline".*?</svg>', page, re.S)[0]
+    widths = {m[0]: float(m[1]) for m in re.findall(r'class="bar m-(\w+)"[^>]*width="([\d.]+)"', svg)}
+    assert list(widths) == ["detect", "decide", "quarantine", "resume"]
+    assert widths["detect"] < widths["decide"] < widths["quarantine"] < widths["resume"]
+    assert "milliseconds after the fault (T+ms)" in svg
+
+
+def test_burn_in_shows_each_node_against_the_fleet_median_tolerance_and_floor_with_units(lab_log):
+    _, render = lab_log
+    page = render()
+    text = squash(Sections(page).text["burnin"])
+    assert "memory copy (GB/s)" in text and "GEMM fp32 (TFLOP/s)" in text
+    assert "fleet median: 1.92 GB/s" in text and "tolerance (25% below median): 1.44 GB/s" in text
+    assert "floor: 0.05 GB/s" in text
+    assert "gpu-2 FAIL" in text and "gpu-2 1.14 -40.6%" in text
+    memcpy = re.search(r'<svg[^>]*aria-label="memory copy per node.*?</svg>', page, re.S)[0]
+    assert re.findall(r'class="bar( bad)? m-([\w-]+)"', memcpy).count((" bad", "gpu-2")) == 1
+    assert {"median", "threshold", "floor"} <= set(re.findall(r'class="ref (\w+)"', memcpy))
+
+
+def test_the_collective_sweep_renders_every_collective_of_the_certificate_with_link_fraction(lab_log):
+    _, render = lab_log
+    text = squash(Sections(render()).text["collectives"])
+    for name in ("all_reduce", "all_gather", "reduce_scatter"):
+        assert f"{name} message size algbw (GB/s) busbw (GB/s) of link rate" in text
+    assert "link rate 100 Gbit/s" in text and "4 MiB 2.36 3.77 30%" in text
+
+
+def test_without_a_collectives_payload_the_fleet_all_reduce_sweep_is_shown(tmp_path):
+    db = build_lab_audit_log(tmp_path, with_collectives=False)
+    with AuditLog(db, read_only=True) as log:
+        text = squash(Sections(render_html(log)).text["collectives"])
+    assert "all_reduce message size" in text and "all_gather" not in text and "1 KiB" in text
+
+
+def test_goodput_is_given_as_ettr_with_its_definition(lab_log):
+    _, render = lab_log
+    text = squash(Sections(render()).text["goodput"])
+    assert "ETTR 91.2%" in text
+    assert "productive training time / wall-clock time of the allocation" in text and "Meta" in text
+
+
+def test_a_goodput_breakdown_is_rendered_when_the_accounting_records_one(tmp_path):
+    db = build_lab_audit_log(tmp_path)
+    with AuditLog(db) as log:
+        log.append("goodput.accounted", "job goodput", actor="goodput", payload={
+            "ettr": 0.87, "breakdown": {"productive_s": 61.2, "restart_s": 4.1, "recomputed_s": 1.3}})
+        text = squash(Sections(render_html(log)).text["goodput"])
+    assert "ETTR 87.0%" in text and "productive s 61.2" in text and "restart s 4.1" in text
+
+
+def test_dry_runs_and_benchmark_records_are_kept_out_of_the_incident_timeline(lab_log):
+    _, render = lab_log
+    sections = Sections(render()).text
+    incident, dry, bench = (squash(sections[k]) for k in ("timeline", "dry-run", "benchmarks"))
+    assert "dry-run: would release" in dry and "dry-run" not in incident
+    assert "burnin.certificate" in bench and "burnin.certificate" not in incident
+    assert "failover.action" in incident and "lab.inject" in incident
+
+
+def test_generated_at_version_and_stack_are_stated(lab_log):
+    _, render = lab_log
+    page = render(now=1.8e9)
+    assert f"Generated 2027-01-15 08:00:00.000Z by aidc {aidc.__version__}" in page
+    assert "stack <strong>lab</strong>" in page
+
+
+def test_record_text_is_escaped_and_the_page_loads_nothing_from_elsewhere(tmp_path):
+    db = build_lab_audit_log(tmp_path)
+    with AuditLog(db) as log:
+        log.append("health.fault", '<script>alert("x")</script> & <img src=x onerror=1>', actor="t", node="gpu-0")
+        page = render_html(log)
+    assert "<script" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;img src=x onerror=1&gt;" in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+
+
+def test_nice_ticks_reach_past_the_largest_value_in_round_steps():
+    assert charts.nice_ticks(2840) == [0, 1000, 2000, 3000]
+    assert charts.nice_ticks(1.92) == [0, 0.5, 1.0, 1.5, 2.0]
+    assert charts.nice_ticks(0) == [0.0, 1.0]
+
+
+def test_a_figure_recorded_as_nan_is_left_out_of_the_charts_not_drawn(tmp_path):
+    db = build_lab_audit_log(tmp_path)
+    with AuditLog(db) as log:
+        payload = log.records(kind="burnin.certificate", node="gpu-3")[-1].payload
+        payload["metrics"]["memcpy_gbps"] = float("nan")
+        log.append("burnin.certificate", "passed burn-in", actor="burnin", node="gpu-3", payload=payload)
+        page = render_html(log)
+    memcpy = re.search(r'<svg[^>]*aria-label="memory copy per node.*?</svg>', page, re.S)[0]
+    assert "nan" not in memcpy.lower() and "m-gpu-3" not in memcpy and "m-gpu-2" in memcpy
+
+
+def test_without_a_lab_loop_the_verdict_is_whether_every_faulty_node_was_quarantined(tmp_path):
+    from aidc.events import Action, FaultEvent, FaultKind
+    from aidc.failover.controller import FailoverController
+    from aidc.failover.scheduler import LabScheduler
+    from aidc.spec import parse_spec
+    from aidc.store import Store
+
+    from .lab_log import SPEC
+
+    spec = parse_spec(SPEC)
+    for n in spec.nodes():
+        (tmp_path / "lab" / "nodes" / n.name).mkdir(parents=True)
+    store, log = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+    try:
+        for node in ("gpu-0", "gpu-2"):  # max_unavailable 1: the second one is refused, not quarantined
+            store.append(FaultEvent(node, FaultKind.XID, Action.REBOOT_NODE, "XID 79", "kmsg", gpu=0, xid=79))
+            log.append("health.fault", "XID 79 on gpu 0", actor="health", node=node, payload={"xid": 79})
+        FailoverController(spec, store, log, LabScheduler(tmp_path / "lab"), dry_run=False).run_once()
+        page = render_html(log)
+    finally:
+        store.close()
+        log.close()
+    assert squash(Sections(page).text["verdict"]).startswith(" 2 fault(s) on gpu-0, gpu-2: NOT quarantined: gpu-2")
+    assert '<header id="verdict" class="verdict bad">' in page
