@@ -142,7 +142,9 @@ class AuditRecord:
     @property
     def dry_run(self) -> bool:
         """Recorded by a dry-run (what would have happened): kept apart from incidents in reports."""
-        return self.payload.get("dry_run") is True or ".dry_run" in self.kind
+        p = self.payload if isinstance(self.payload, dict) else {}
+        return (p.get("dry_run") is True or p.get("verdict") == "would_quarantine"
+                or self.reason.startswith("dry-run") or ".dry_run" in self.kind)
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,7 @@ def _finite(value) -> bool:
 
 
 def is_dry_run(rec: AuditRecord) -> bool:
-    p = rec.payload if isinstance(rec.payload, dict) else {}
-    return (p.get("dry_run") is True or p.get("verdict") == "would_quarantine"
-            or rec.reason.startswith("dry-run") or ".dry_run" in rec.kind)
+    return rec.dry_run  # one definition, shared with `aidc audit show`
 
 
 def is_benchmark(rec: AuditRecord) -> bool:
