@@ -77,7 +77,10 @@ def write_stack(path: Path) -> None:
     cluster["name"] = "crash"
     cluster["node_pools"] = [{"name": "gpu", "count": len(FAULT_NODES) + len(ALERT_NODES), "gpu_model": "SIM",
                               "gpus_per_node": GPUS, "spares": 0}]
-    cluster["policy"].update(max_unavailable=4, runbook_auto_approve=["quarantine", "release"])
+    # The harness quarantines and releases every few seconds on purpose: the circuit breaker
+    # (policy.breaker) would rightly stop that, so it is set out of reach here.
+    cluster["policy"].update(max_unavailable=4, runbook_auto_approve=["quarantine", "release"],
+                             breaker={"max_quarantines": 100000})
     path.write_text(yaml.safe_dump(doc))
 
 
