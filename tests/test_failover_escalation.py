@@ -201,8 +201,9 @@ def test_dry_run_reports_the_breaker_it_would_open_and_latches_nothing(env):
 
 
 def test_breaker_policy_takes_a_count_or_a_fraction_of_the_fleet():
-    assert spec(breaker={"max_quarantines": "25%"}).policy.breaker.limit(8) == 2
-    assert spec(breaker={"max_quarantines": "10%"}).policy.breaker.limit(8) == 1   # at least one
+    assert spec(breaker={"max_quarantines": "25%"}).policy.breaker.limit(40) == 10
+    assert spec(breaker={"max_quarantines": "10%"}).policy.breaker.limit(8) == 2   # at least two
+    assert spec(breaker={"max_quarantines": 1}).policy.breaker.limit(8) == 1
     for bad in ("0%", "101%", 0, "two"):
         with pytest.raises(Exception, match="max_quarantines"):
             spec(breaker={"max_quarantines": bad})

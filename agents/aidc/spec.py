@@ -241,7 +241,8 @@ class BreakerPolicy(_Strict):
     """The failover circuit breaker: more quarantines than this in the window and failover stops
     acting and latches open until a person resets it (`aidc failover breaker reset`)."""
     window_min: Annotated[float, Field(gt=0, le=43200)] = 60
-    # An int (quarantines) or a percentage of all nodes ("25%", rounded down, at least 1).
+    # An int (quarantines) or a percentage of all nodes ("25%", rounded down, at least 2: one
+    # quarantine never trips it, so a small cluster can still replace one node and then another).
     max_quarantines: Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = "25%"
 
     @field_validator("max_quarantines")
@@ -254,7 +255,7 @@ class BreakerPolicy(_Strict):
     def limit(self, total_nodes: int) -> int:
         if isinstance(self.max_quarantines, int):
             return self.max_quarantines
-        return max(1, math.floor(total_nodes * int(self.max_quarantines[:-1]) / 100))
+        return max(2, math.floor(total_nodes * int(self.max_quarantines[:-1]) / 100))
 
 
 class Policy(_Strict):

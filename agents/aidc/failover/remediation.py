@@ -31,7 +31,9 @@ memory, so a dry-run never latches it.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -93,6 +95,15 @@ def sightings(history: list[tuple[int, FaultEvent, str | None]], event: FaultEve
     return counted
 
 
+def _locked(method):
+    """The runbook engine's executor threads share one gate (one store and audit connection)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class RemediationGate:
     def __init__(self, spec, store, audit, catalog: XidCatalog | None = None, metrics=None, actor: str = "aidc"):
         self.spec, self.store, self.audit, self.metrics, self.actor = spec, store, audit, metrics, actor
@@ -102,8 +113,10 @@ class RemediationGate:
         self.total_nodes = len(spec.nodes())
         self._dry_open: dict | None = None  # dry-run: the breaker that would be open (never latched)
         self._dry_quarantines: list[dict] = []
+        self._lock = threading.RLock()
 
     # -- escalation -----------------------------------------------------------------------
+    @_locked
     def action_for(self, event_id: int, event: FaultEvent, dry_run: bool = False) -> tuple[Action, Escalation | None]:
         """The action to take for this event: the catalog's, or escalated (audited once)."""
         memo = self.store.get(ESCALATION_KEY.format(event_id))
@@ -157,6 +170,7 @@ class RemediationGate:
                                         (escalation.history if escalation else []) + done)
         return escalation
 
+    @_locked
     def needs_person(self, node: str) -> str | None:
         """Why the node's next remediation must be a person's, or None (the runbook engine asks)."""
         policy = self.escalation
@@ -180,6 +194,7 @@ class RemediationGate:
         since = max(now - self.breaker_policy.window_min * 60, self.breaker().get("closed_at") or 0.0)
         return self.store.remediations(since)
 
+    @_locked
     def admit(self, node: str, dry_run: bool = False, ref: str | None = None) -> str | None:
         """None when one more quarantine is allowed; else why not. The quarantine that would
         exceed the policy trips the breaker (audited, latched in the store) and is refused."""
@@ -209,6 +224,7 @@ class RemediationGate:
         self.refresh_metrics()
         return f"{'dry-run: ' if dry_run else ''}circuit breaker opened: {reason}"
 
+    @_locked
     def record(self, node: str, action: str, source: str, ref: str, dry_run: bool = False) -> None:
         """A quarantine happened (call inside the store transaction that records it)."""
         if dry_run:
@@ -217,6 +233,7 @@ class RemediationGate:
         else:
             self.store.record_remediation(node, action, source, ref)
 
+    @_locked
     def reset(self, actor: str, reason: str, note: str | None = None) -> dict:
         """A person closes the breaker (audited as theirs); returns the state it closed."""
         state = self.breaker()
