@@ -10,6 +10,8 @@ person resets it; refused events stay pending and are acted on, once, when capac
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from aidc.audit import AuditLog
@@ -232,3 +234,20 @@ def test_runbook_and_failover_quarantines_count_in_one_window(env):
         gate.record("gpu-6", "reboot_node", "failover", "event 3")
     assert "circuit breaker opened" in gate.admit("gpu-7") and gate.breaker()["open"]
     assert [q["source"] for q in gate.breaker()["quarantines"]] == ["runbook", "failover"]
+
+
+def test_the_audit_report_has_a_row_for_each_escalation_and_breaker_change(env, tmp_path):
+    from aidc.audit.report import write_report
+
+    ctl, _ = controller(env, breaker={"max_quarantines": 1}, escalation={"sticky_repeats": 2, "burst_s": 0})
+    decide(ctl, fault("gpu-0", 79, Action.REBOOT_NODE, at=T0), fault("gpu-1", 79, Action.REBOOT_NODE, at=T0),
+           fault("gpu-1", 79, Action.REBOOT_NODE, at=T0 + 60))
+    ctl.gate.reset("user:alice", "cooling fixed")
+    html_path, json_path, _ = write_report(ctl.audit, tmp_path / "report")
+    rows = json.loads(json_path.read_text())["escalations_and_breaker"]
+    assert [(r["kind"], r["what"]) for r in rows] == [
+        ("failover.breaker.open", "breaker opened: 1 quarantine(s), limit 1"),
+        ("failover.escalation", "reboot_node -> contact_support (repeats)"),
+        ("failover.breaker.reset", "breaker reset")]
+    page = html_path.read_text()
+    assert "Escalations and the failover circuit breaker" in page and "reboot_node -&gt; contact_support" in page

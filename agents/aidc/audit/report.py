@@ -46,6 +46,39 @@ def _burnin_table(certs: list[AuditRecord]) -> str:
     return f"<table><tr><th>node</th><th>verdict</th>{head}<th>reasons</th></tr>{''.join(rows)}</table>"
 
 
+ESCALATION_KINDS = ("failover.escalation", "failover.breaker.open", "failover.breaker.reset")
+
+
+def failover_rows(records: list[AuditRecord]) -> list[dict]:
+    """One row per escalation and per breaker opening or reset, oldest first."""
+    rows = []
+    for r in records:
+        if r.kind not in ESCALATION_KINDS:
+            continue
+        p = r.payload
+        if r.kind == "failover.escalation":
+            what = f"{p.get('from_action')} -> {p.get('to_action')} ({p.get('rule')})"
+        elif r.kind == "failover.breaker.open":
+            what = f"breaker opened: {len(p.get('quarantines') or [])} quarantine(s), limit {p.get('limit')}"
+        else:
+            what = "breaker reset" + ("" if (p.get("was") or {}).get("open") else " (was not open)")
+        rows.append({"seq": r.seq, "ts": r.ts, "kind": r.kind, "node": r.node, "actor": r.actor, "what": what,
+                     "reason": r.reason, "dry_run": bool(p.get("dry_run"))})
+    return rows
+
+
+def _failover_table(records: list[AuditRecord]) -> str:
+    rows = failover_rows(records)
+    if not rows:
+        return "<p>No escalations; the circuit breaker never opened.</p>"
+    body = "".join(
+        f"<tr><td>{row['seq']}</td><td>{_when(row['ts'])}</td><td>{_e(row['node'] or '-')}</td>"
+        f"<td>{_e(row['what'])}{' <em>(dry-run)</em>' if row['dry_run'] else ''}</td><td>{_e(row['actor'])}</td>"
+        f"<td>{_e(row['reason'])}</td></tr>" for row in rows)
+    return ("<table><tr><th>#</th><th>time (UTC)</th><th>node</th><th>what</th><th>actor</th><th>why</th></tr>"
+            f"{body}</table>")
+
+
 def _summary_value(key: str, value):
     if key == "checkpoint_key" and isinstance(value, dict) and value:
         return (f"{value.get('cipher')}, key {value.get('key_id')} version {value.get('key_version')} "
@@ -69,6 +102,7 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None) -> str:
             f"<tr><th>{k}</th><td>{_e(_summary_value(k, summary.get(k)))}</td></tr>" for k in keys if k in summary)
             + "</table>")
     parts.append("<h2>Burn-in per node</h2>" + _burnin_table(certs))
+    parts.append("<h2>Escalations and the failover circuit breaker</h2>" + _failover_table(records))
     compress = [r.payload for r in records if r.kind == "compress.result"]
     if compress:
         from aidc.compress.report import html_section, results_from_audit
@@ -83,8 +117,10 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None) -> str:
 
 
 def render_json(log: AuditLog, verified: VerifyResult | None = None) -> dict:
+    records = log.records()
     return {"verification": (verified or log.verify()).to_dict(),
-            "records": [r.__dict__ for r in log.records()]}
+            "escalations_and_breaker": failover_rows(records),
+            "records": [r.__dict__ for r in records]}
 
 
 def write_report(log: AuditLog, out_dir: str | Path) -> tuple[Path, Path, VerifyResult]:
