@@ -105,6 +105,9 @@ def test_a_refused_event_is_acted_on_once_after_a_real_restart_and_escalation_hi
         polling.wait_for("the first controller's decisions", lambda: outcomes(lab) == {
             e1: "no_action", e2: "no_action", e3: "quarantine", e4: "refused_blast_radius"}, 120)
         assert pending(lab) == [e4]
+        status = aidc_cli("failover", "status", "--stack", str(stack), "--lab-dir", str(lab), "--json")
+        assert [(e["outcome"], e["pending"]) for e in json.loads(status.stdout)["events"] if e["id"] == e4] == \
+            [("refused_blast_radius", True)]
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
 

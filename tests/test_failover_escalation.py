@@ -94,7 +94,8 @@ def test_catalog_keys_decide_the_first_rung_and_sticky_faults_escalate_on_their_
     decide(ctl, *(fault("gpu-2", 79, Action.REBOOT_NODE, at=T0 + 120 * i) for i in range(2)))
     moves = {(r.node, r.payload["from_action"], r.payload["to_action"], r.payload["thresholds"]["sticky"])
              for r in ctl.audit.records(kind="failover.escalation")}
-    assert moves == {("gpu-1", "reset_gpu", "contact_support", False), ("gpu-2", "reboot_node", "contact_support", True)}
+    assert moves == {("gpu-1", "reset_gpu", "contact_support", False),
+                     ("gpu-2", "reboot_node", "contact_support", True)}
 
 
 def test_catalog_repeats_and_window_override_the_policy_for_their_xid(env):

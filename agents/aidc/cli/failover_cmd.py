@@ -174,8 +174,10 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
     from aidc.failover.backends import open_scheduler
 
     store = Store(_state_db(lab_dir))
-    events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o}
-              for i, e, o in store.events()]
+    waiting = {i for i, _ in store.pending(limit=100000)}
+    # A refused event keeps its verdict as outcome while it waits, pending, for capacity.
+    events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o,
+               "pending": i in waiting} for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}
     lines = [f"{n}: {s}" for n, s in sorted(states.items())]
     data: dict = {"nodes": states, "events": events}
@@ -188,8 +190,14 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
         lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
             or [f"{scheduler.name}: no node out of service"]
     text = "\n".join(lines + [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} "
-                              f"[{e['outcome'] or 'pending'}]" for e in events])
+                              f"[{_outcome_text(e)}]" for e in events])
     emit(data, as_json, text or "no events")
+
+
+def _outcome_text(event: dict) -> str:
+    if event["pending"]:
+        return f"pending: {event['outcome']}" if event["outcome"] else "pending"
+    return event["outcome"]
 
 
 breaker_app = typer.Typer(help="The circuit breaker: failover stops acting after too many quarantines in a "
