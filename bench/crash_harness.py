@@ -80,7 +80,7 @@ def write_stack(path: Path) -> None:
     # The harness quarantines and releases every few seconds on purpose: the circuit breaker
     # (policy.breaker) would rightly stop that, so it is set out of reach here.
     cluster["policy"].update(max_unavailable=4, runbook_auto_approve=["quarantine", "release"],
-                             breaker={"max_quarantines": 100000})
+                             breaker={"max_quarantines": 50000})
     path.write_text(yaml.safe_dump(doc))
 
 

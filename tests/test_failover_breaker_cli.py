@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,10 +78,15 @@ def journal(lab: Path, node: str) -> list[str]:
     return [json.loads(line)["op"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def start_controller(stack: Path, lab: Path, log: Path) -> subprocess.Popen:
+def start_controller(stack: Path, lab: Path, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "aidc", "failover", "run", "--stack", str(stack),
-                             "--lab-dir", str(lab), "--no-dry-run", "--poll", "0.05", "--lease-ttl", "2"],
+                             "--lab-dir", str(lab), "--no-dry-run", "--poll", "0.05", "--lease-ttl", "2", *extra],
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
 
 
 @pytest.mark.slow
@@ -115,7 +121,8 @@ def test_a_refused_event_is_acted_on_once_after_a_real_restart_and_escalation_hi
         released = aidc_cli("failover", "release", "gpu-1", "--reason", "GPU reseated", "--stack", str(stack),
                             "--lab-dir", str(lab))
         assert released.returncode == 0, released.stderr
-        procs.append(start_controller(stack, lab, log))
+        port = polling.free_port()
+        procs.append(start_controller(stack, lab, log, "--metrics-port", str(port)))
         polling.wait_for("the refused event acted on", lambda: outcomes(lab)[e4] == "quarantine", 120)
         assert pending(lab) == [] and journal(lab, "gpu-2") == ["quarantine"]
 
@@ -124,6 +131,9 @@ def test_a_refused_event_is_acted_on_once_after_a_real_restart_and_escalation_hi
                         "--lab-dir", str(lab)).returncode == 0
         e5 = append(lab, fault("gpu-3", 8, Action.RESTART_APP, t0))
         polling.wait_for("the escalated fault quarantined", lambda: outcomes(lab).get(e5) == "quarantine", 120)
+        metrics = scrape(port)
+        assert 'aidc_failover_escalations_total{from_action="restart_app",to_action="reset_gpu"} 1.0' in metrics
+        assert "aidc_failover_breaker_open 0.0" in metrics
         time.sleep(0.5)  # a few more polls: nothing may be repeated
     finally:
         for proc in procs:
