@@ -213,6 +213,7 @@ def _gate(stack: str, lab_dir: Path):
 
 
 def _breaker_view(gate) -> dict:
+    """What `breaker status` reports (also as JSON)."""
     recent = gate.recent_quarantines()
     return {"breaker": gate.breaker(), "quarantines_in_window": len(recent), "limit": gate.breaker_limit(),
             "window_min": gate.breaker_policy.window_min, "recent_quarantines": recent,
@@ -223,10 +224,12 @@ def _breaker_view(gate) -> dict:
 @breaker_app.command("status")
 def breaker_status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Is the breaker open, why, and how many quarantines the window holds against its limit."""
+    from aidc.failover.remediation import utc_text
+
     view = _breaker_view(_gate(stack, lab_dir))
     state = view["breaker"]
     if state.get("open"):
-        text = f"breaker OPEN since {state['opened_at']:.0f}: {state['reason']}"
+        text = f"breaker OPEN since {utc_text(state['opened_at'])}: {state['reason']}"
     else:
         text = "breaker closed" + (f" (reset by {state['closed_by']}: {state['close_reason']})"
                                    if state.get("closed_by") else "")

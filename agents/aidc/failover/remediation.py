@@ -200,7 +200,7 @@ class RemediationGate:
         exceed the policy trips the breaker (audited, latched in the store) and is refused."""
         state = self._dry_open if dry_run and self._dry_open else self.breaker()
         if state.get("open"):
-            return (f"{'dry-run: ' if dry_run else ''}circuit breaker open since {_when(state['opened_at'])} "
+            return (f"{'dry-run: ' if dry_run else ''}circuit breaker open since {utc_text(state['opened_at'])} "
                     f"({state['reason']}); failover does not act until a person runs "
                     "`aidc failover breaker reset --reason ...`")
         recent = self.recent_quarantines() + (self._dry_quarantines if dry_run else [])
@@ -257,5 +257,5 @@ def bump_capacity(store) -> None:
     store.put(CAPACITY_KEY, str(int(store.get(CAPACITY_KEY) or 0) + 1))
 
 
-def _when(ts: float) -> str:
+def utc_text(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
