@@ -189,7 +189,7 @@ def test_deferred_events_wait_for_capacity_or_the_recheck_not_every_poll(env):
     # Capacity returns outside aidc (an operator, no release through aidc)...
     ctl.store.set_node_state("gpu-0", "in_service", "an operator", "user:op")
     assert ctl.run_once(backoff=True) == []          # ...is seen at the periodic re-check
-    ctl._deferred_at = {i: t - 3600 for i, t in ctl._deferred_at.items()}
+    ctl._recheck_due = 0.0  # the periodic re-check is due
     assert [d.verdict for d in ctl.run_once(backoff=True)] == ["quarantine"]
 
 

@@ -153,9 +153,12 @@ class Store:
         return self._db.execute("SELECT count(*) FROM events WHERE forwarded_at IS NULL AND node = ? "
                                 "AND handled_at IS NULL", (node,)).fetchone()[0]
 
-    def pending(self, limit: int = 100) -> list[tuple[int, FaultEvent]]:
+    def pending(self, limit: int = 100, undecided_only: bool = False) -> list[tuple[int, FaultEvent]]:
+        """Events not handled yet, oldest first; `undecided_only` leaves out those waiting for
+        capacity (an outcome recorded, see mark_deferred)."""
         rows = self._db.execute(
-            "SELECT id, payload FROM events WHERE handled_at IS NULL ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, payload FROM events WHERE handled_at IS NULL"
+            + (" AND outcome IS NULL" if undecided_only else "") + " ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
         return [(i, FaultEvent.from_json(p)) for i, p in rows]
 

@@ -74,9 +74,10 @@ class FailoverController:
         # an API server that is down is not hammered by every pending event.
         self._retry_at: dict[int, float] = {}
         self._retry_delay: dict[int, float] = {}
-        # Events refused for capacity: when they were last decided (monotonic). Re-decided when
-        # the store's capacity counter moves, or after policy.deferred_recheck_s.
-        self._deferred_at: dict[int, float] = {}
+        # Events refused for capacity are decided again (a full pass) when the store's capacity
+        # counter moves, and every policy.deferred_recheck_s (monotonic); the polls between
+        # read only undecided events, so a thousand waiting events cost nothing per poll.
+        self._recheck_due = 0.0
         self._capacity_seen: str | None = None
 
     # -- the loop ---------------------------------------------------------------
@@ -123,16 +124,13 @@ class FailoverController:
         decisions = []
         now = time.monotonic()
         capacity = self.store.get(CAPACITY_KEY)
-        if capacity != self._capacity_seen:  # a release or a breaker reset: decide deferred events now
+        full = not backoff or capacity != self._capacity_seen or now >= self._recheck_due
+        if full:  # a release or a breaker reset, or time for the periodic look: deferred events too
             self._capacity_seen = capacity
-            self._deferred_at.clear()
+            self._recheck_due = now + self.spec.policy.deferred_recheck_s
         self.gate.refresh_metrics()  # a reset comes from another process (the CLI)
-        recheck_s = self.spec.policy.deferred_recheck_s
-        # Deferred events stay pending, so look further than one batch for new ones.
-        for event_id, event in self.store.pending(limit=1000):
+        for event_id, event in self.store.pending(limit=1000 if full else 100, undecided_only=not full):
             if backoff and self._retry_at.get(event_id, 0.0) > now:
-                continue
-            if backoff and now - self._deferred_at.get(event_id, -recheck_s) < recheck_s:
                 continue
             if may_act is not None and not may_act():
                 break
@@ -223,7 +221,6 @@ class FailoverController:
             if alert:
                 self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
             return self._decide(event_id, node, verdict, reason, payload)
-        self._deferred_at[event_id] = time.monotonic()
         if self.store.outcome(event_id) != verdict:
             if alert:
                 self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
