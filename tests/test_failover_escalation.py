@@ -252,3 +252,18 @@ def test_the_audit_report_has_a_row_for_each_escalation_and_breaker_change(env, 
         ("failover.breaker.reset", "breaker reset")]
     page = html_path.read_text()
     assert "Escalations and the failover circuit breaker" in page and "reboot_node -&gt; contact_support" in page
+
+
+@pytest.mark.parametrize("entry, key", [("{action: reset_gpu, repeats: 1}", "xids.62.repeats"),
+                                        ("{action: reset_gpu, window_min: 0}", "xids.62.window_min"),
+                                        ("{action: reset_gpu, sticky: 'yes'}", "xids.62.sticky"),
+                                        ("{action: reset_gpu, escalate: reboot}", "xids.62.escalate")])
+def test_a_catalog_with_bad_escalation_keys_does_not_load(tmp_path, entry, key):
+    from aidc.errors import SpecError
+    from aidc.health.catalog import load_catalog
+
+    path = tmp_path / "catalog.yaml"
+    path.write_text(f"version: '1'\nsource: {{name: x}}\nunknown_action: contact_support\nxids:\n  62: {entry}\n")
+    with pytest.raises(SpecError) as err:
+        load_catalog(path)
+    assert err.value.key == key
