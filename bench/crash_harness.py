@@ -77,7 +77,11 @@ def write_stack(path: Path) -> None:
     cluster["name"] = "crash"
     cluster["node_pools"] = [{"name": "gpu", "count": len(FAULT_NODES) + len(ALERT_NODES), "gpu_model": "SIM",
                               "gpus_per_node": GPUS, "spares": 0}]
-    cluster["policy"].update(max_unavailable=4, runbook_auto_approve=["quarantine", "release"])
+    # The harness quarantines and releases every few seconds on purpose: the circuit breaker
+    # (policy.breaker) and the hand-over of often-remediated nodes to a person
+    # (policy.escalation.node_remediations) would rightly stop that, so both are out of reach here.
+    cluster["policy"].update(max_unavailable=4, runbook_auto_approve=["quarantine", "release"],
+                             breaker={"max_quarantines": 50000}, escalation={"node_remediations": 1000})
     path.write_text(yaml.safe_dump(doc))
 
 

@@ -66,7 +66,7 @@ class Decision:
     """What failover decided about one fault, and why."""
 
     node: str
-    verdict: str  # "quarantine" | "already_quarantined" | "no_action" | "refused_blast_radius"
+    verdict: str  # "quarantine" | "already_quarantined" | "no_action" | "refused_blast_radius" | "refused_breaker_open"
     reason: str
     dry_run: bool
     event_id: int | None = None

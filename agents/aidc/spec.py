@@ -219,6 +219,45 @@ class BurninPolicy(_Strict):
         return self
 
 
+class EscalationPolicy(_Strict):
+    """When a repeated fault moves one rung up the ladder (restart_app -> reset_gpu ->
+    reboot_node -> contact_support), and when a node goes to a person (aidc.failover.remediation).
+    A catalog entry's `repeats`/`window_min` override the first two for its XID."""
+    # The same fault on the same GPU this many times within window_min: one rung up (2x: two).
+    repeats: Annotated[int, Field(ge=2, le=1000)] = 3
+    window_min: Annotated[float, Field(gt=0, le=43200)] = 60
+    # A sticky fault (catalog `sticky: true`) survives the remediation, so its second sighting
+    # in the window already escalates.
+    sticky_repeats: Annotated[int, Field(ge=2, le=1000)] = 2
+    # Sightings closer together than this are one burst and count once (NVIDIA's practice).
+    burst_s: Annotated[float, Field(ge=0, le=86400)] = 60
+    # A node remediated (quarantined) this many times in node_window_days goes to a person:
+    # its next remediation is contact_support, never another automatic one.
+    node_remediations: Annotated[int, Field(ge=1, le=1000)] = 5
+    node_window_days: Annotated[float, Field(gt=0, le=365)] = 7
+
+
+class BreakerPolicy(_Strict):
+    """The failover circuit breaker: more quarantines than this in the window and failover stops
+    acting and latches open until a person resets it (`aidc failover breaker reset`)."""
+    window_min: Annotated[float, Field(gt=0, le=43200)] = 60
+    # An int (quarantines) or a percentage of all nodes ("25%", rounded down, at least 2: one
+    # quarantine never trips it, so a small cluster can still replace one node and then another).
+    max_quarantines: Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = "25%"
+
+    @field_validator("max_quarantines")
+    @classmethod
+    def _percentage(cls, value):
+        if isinstance(value, str) and not 0 < int(value[:-1]) <= 100:
+            raise ValueError(f"a percentage 1-100%, not {value!r}")
+        return value
+
+    def limit(self, total_nodes: int) -> int:
+        if isinstance(self.max_quarantines, int):
+            return self.max_quarantines
+        return max(2, math.floor(total_nodes * int(self.max_quarantines[:-1]) / 100))
+
+
 class Policy(_Strict):
     dry_run: bool = False
     # An int (nodes) or a percentage of all nodes ("25%"), like Kubernetes' maxUnavailable.
@@ -237,6 +276,12 @@ class Policy(_Strict):
     # Nodes the scheduler itself reports down (Slurm DOWN, Kubernetes NotReady) count towards
     # max_unavailable: they are not training either, so quarantining more would widen the outage.
     count_down_nodes: bool = True
+    escalation: EscalationPolicy = EscalationPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    # Events refused for capacity (blast radius, breaker open) stay pending; they are decided
+    # again at once when aidc releases a node or a person resets the breaker, and at least this
+    # often otherwise (a node an operator returned to service outside aidc).
+    deferred_recheck_s: Annotated[float, Field(gt=0, le=3600)] = 10
 
     @field_validator("max_unavailable")
     @classmethod

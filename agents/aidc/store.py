@@ -42,6 +42,18 @@ CREATE TABLE IF NOT EXISTS node_state (
     actor TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+-- Every automatic remediation (a quarantine by failover or a runbook), for escalation
+-- ("remediated K times in 7 days") and the circuit breaker ("quarantines in the window").
+CREATE TABLE IF NOT EXISTS remediations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    action TEXT NOT NULL,         -- the catalog action it answered (reset_gpu, reboot_node, ...)
+    source TEXT NOT NULL,         -- failover | runbook
+    ref TEXT NOT NULL,            -- event <id> | run <id>
+    at REAL NOT NULL,
+    UNIQUE(source, ref)
+);
+CREATE INDEX IF NOT EXISTS remediations_at ON remediations(at, node);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -141,9 +153,12 @@ class Store:
         return self._db.execute("SELECT count(*) FROM events WHERE forwarded_at IS NULL AND node = ? "
                                 "AND handled_at IS NULL", (node,)).fetchone()[0]
 
-    def pending(self, limit: int = 100) -> list[tuple[int, FaultEvent]]:
+    def pending(self, limit: int = 100, undecided_only: bool = False) -> list[tuple[int, FaultEvent]]:
+        """Events not handled yet, oldest first; `undecided_only` leaves out those waiting for
+        capacity (an outcome recorded, see mark_deferred)."""
         rows = self._db.execute(
-            "SELECT id, payload FROM events WHERE handled_at IS NULL ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, payload FROM events WHERE handled_at IS NULL"
+            + (" AND outcome IS NULL" if undecided_only else "") + " ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
         return [(i, FaultEvent.from_json(p)) for i, p in rows]
 
@@ -151,6 +166,35 @@ class Store:
         self._db.execute(
             "UPDATE events SET handled_at = ?, outcome = ? WHERE id = ?", (time.time(), outcome, event_id)
         )
+
+    def mark_deferred(self, event_id: int, outcome: str) -> None:
+        """Record why an event waits (refused for capacity) and leave it pending: it is decided
+        again when capacity returns, never dropped."""
+        self._db.execute("UPDATE events SET outcome = ? WHERE id = ? AND handled_at IS NULL", (outcome, event_id))
+
+    def outcome(self, event_id: int) -> str | None:
+        row = self._db.execute("SELECT outcome FROM events WHERE id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
+
+    def node_history(self, node: str, upto_id: int, limit: int = 1000) -> list[tuple[int, FaultEvent, str | None]]:
+        """The node's events up to and including `upto_id`, newest first (at most `limit`)."""
+        rows = self._db.execute("SELECT id, payload, outcome FROM events WHERE node = ? AND id <= ? "
+                                "ORDER BY id DESC LIMIT ?", (node, upto_id, limit)).fetchall()
+        return [(i, FaultEvent.from_json(p), o) for i, p, o in rows]
+
+    # remediations ---------------------------------------------------------------
+    def record_remediation(self, node: str, action: str, source: str, ref: str, at: float | None = None) -> None:
+        """Once per (source, ref): a restart that records the same quarantine again counts it once."""
+        self._db.execute("INSERT OR IGNORE INTO remediations(node, action, source, ref, at) VALUES (?, ?, ?, ?, ?)",
+                         (node, action, source, ref, time.time() if at is None else at))
+
+    def remediations(self, since: float, node: str | None = None) -> list[dict]:
+        sql = "SELECT node, action, source, ref, at FROM remediations WHERE at >= ?"
+        args: tuple = (since,)
+        if node is not None:
+            sql, args = sql + " AND node = ?", (since, node)
+        return [dict(zip(("node", "action", "source", "ref", "at"), row))
+                for row in self._db.execute(sql + " ORDER BY at, id", args)]
 
     def events(self, node: str | None = None) -> list[tuple[int, FaultEvent, str | None]]:
         sql, args = "SELECT id, payload, outcome FROM events", ()
@@ -179,6 +223,9 @@ class Store:
     def get(self, key: str, default: str | None = None) -> str | None:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
+
+    def delete(self, key: str) -> None:
+        self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
 
     def put(self, key: str, value: str) -> None:
         self._db.execute(

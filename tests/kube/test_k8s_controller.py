@@ -69,7 +69,9 @@ def test_two_replicas_and_a_burst_of_ten_faults_quarantine_within_the_blast_radi
         t.start()
     for i in range(10):
         NodeFaultPublisher(apiserver.client("agent"), f"gpu-{i}").publish(f"gpu-{i}:s:1", xid79(f"gpu-{i}"))
-    leader_done = lambda: any(not ctl.store.pending() and len(ctl.store.events()) == 10 for ctl in replicas)  # noqa: E731
+    # Every event decided: quarantined, or refused for capacity and kept pending until it returns.
+    leader_done = lambda: any(len(ctl.store.events()) == 10 and all(o for _, _, o in ctl.store.events())  # noqa: E731
+                              for ctl in replicas)
     assert wait_for(leader_done)
     stop.set()
     for t in threads:
@@ -83,6 +85,7 @@ def test_two_replicas_and_a_burst_of_ten_faults_quarantine_within_the_blast_radi
     assert sorted(actions) == quarantined(apiserver) and set(actions.values()) == {1}
     outcomes = Counter(o for _, _, o in leader.store.events())
     assert outcomes == {"quarantine": 3, "refused_blast_radius": 7}
+    assert len(leader.store.pending()) == 7                      # refused, kept until capacity returns
     assert apiserver.invalid == []
 
 

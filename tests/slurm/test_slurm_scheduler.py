@@ -239,3 +239,19 @@ def test_jobs_that_cannot_lose_one_node_are_requeued_or_reported_never_silently_
         time.sleep(0.2)
     assert running_steps(b) == []
     assert cluster.run("squeue", "-h", "-j", c, "-o", "%T").stdout.strip() == "RUNNING"
+
+
+def test_on_slurm_a_refused_event_waits_and_is_drained_once_when_aidc_resumes_the_other_node(slurm, tmp_path):
+    # The escalation/breaker gate sits above the backend: the same deferral as in the lab.
+    cluster, spec, audit, sched = slurm
+    store = Store(tmp_path / "state.db")
+    ctl = FailoverController(spec, store, audit, sched, actor="test")
+    store.append(_fault("gpu-0"))
+    store.append(_fault("gpu-2"))
+    assert [d.verdict for d in ctl.run_once()] == ["quarantine", "refused_blast_radius"]
+    assert cluster.node_states()["gpu-2"] == "idle" and len(store.pending()) == 1
+    ctl.release("gpu-0", "GPU reseated", actor="alice")
+    [decision] = ctl.run_once(backoff=True)
+    assert decision.verdict == "quarantine" and reason(cluster, "gpu-2").endswith("(event 2)")
+    assert ctl.run_once() == [] and drains_issued(cluster, "gpu-2") == 1
+    store.close()

@@ -32,8 +32,10 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None, now: float 
 
 
 def render_json(log: AuditLog, verified: VerifyResult | None = None) -> dict:
+    records = log.records()
     return {"verification": (verified or log.verify()).to_dict(),
-            "records": [r.__dict__ for r in log.records()]}
+            "escalations_and_breaker": report_model.failover_rows(records),
+            "records": [r.__dict__ for r in records]}
 
 
 def write_report(log: AuditLog, out_dir: str | Path) -> tuple[Path, Path, VerifyResult]:

@@ -247,6 +247,27 @@ def stack_info(records: list[AuditRecord]) -> dict:
             "host": platform.node()}
 
 
+ESCALATION_KINDS = ("failover.escalation", "failover.breaker.open", "failover.breaker.reset")
+
+
+def failover_rows(records: list[AuditRecord]) -> list[dict]:
+    """One row per escalation and per breaker opening or reset, oldest first."""
+    rows = []
+    for r in records:
+        if r.kind not in ESCALATION_KINDS:
+            continue
+        p = r.payload
+        if r.kind == "failover.escalation":
+            what = f"{p.get('from_action')} -> {p.get('to_action')} ({p.get('rule')})"
+        elif r.kind == "failover.breaker.open":
+            what = f"breaker opened: {len(p.get('quarantines') or [])} quarantine(s), limit {p.get('limit')}"
+        else:
+            what = "breaker reset" + ("" if (p.get("was") or {}).get("open") else " (was not open)")
+        rows.append({"seq": r.seq, "ts": r.ts, "when": when(r.ts), "kind": r.kind, "node": r.node or "-",
+                     "actor": r.actor, "what": what, "reason": r.reason, "dry_run": r.dry_run})
+    return rows
+
+
 def record_row(r: AuditRecord) -> dict:
     return {"seq": r.seq, "when": when(r.ts), "kind": r.kind, "node": r.node or "-", "actor": r.actor,
             "reason": r.reason}
@@ -263,7 +284,7 @@ def build(records: list[AuditRecord], verified: VerifyResult, log_path: str, now
         "verdict": verdict(records, verified, faults), "verified": verified, "log_path": log_path,
         "generated_at": when(now), "about": stack_info(records), "summary": summary,
         "incidents": faults, "burnin": burnin(records), "collectives": collectives(records),
-        "goodput": goodput(records),
+        "goodput": goodput(records), "escalations": failover_rows(records),
         "timeline": [record_row(r) for r in incident], "dry_run": [record_row(r) for r in dry],
         "benchmarks": [record_row(r) for r in bench],
     }

@@ -31,7 +31,7 @@ def _state_db(lab_dir: Path) -> Path:
     return path
 
 
-def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False):
+def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False, metrics=None):
     from aidc.audit.log import default_actor
     from aidc.failover.backends import check_backend, open_scheduler
     from aidc.failover.controller import FailoverController
@@ -42,7 +42,7 @@ def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = 
     db = lab_dir / "state.db" if create else _state_db(lab_dir)
     audit = AuditLog(lab_dir / "audit.db")
     scheduler = open_scheduler(spec, lab_dir, audit=audit, actor=default_actor("failover"))
-    return FailoverController(spec, Store(db), audit, scheduler, dry_run=dry_run)
+    return FailoverController(spec, Store(db), audit, scheduler, dry_run=dry_run, metrics=metrics)
 
 
 def _listen_options(listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None,
@@ -96,12 +96,24 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                        "an agent may report only the node its certificate names (CN or DNS SAN)."),
         allow_client: list[str] = typer.Option([], "--allow-client",
                                                help="A certificate name that may report for any node (a relay)."),
+        metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
+                                         help="Serve the controller's metrics (aidc_failover_breaker_open, "
+                                              "aidc_failover_escalations_total) on 127.0.0.1:PORT/metrics."),
         ) -> None:
     """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
     from aidc.failover.lease import Lease
 
     options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
-    ctl = _controller(stack, lab_dir, dry_run, create=True)
+    metrics = None
+    if metrics_port is not None:
+        from aidc.failover.metrics import FailoverMetrics
+
+        metrics = FailoverMetrics()
+        try:
+            metrics.serve(metrics_port)
+        except OSError as exc:
+            raise AidcError(f"cannot serve metrics on 127.0.0.1:{metrics_port}: {exc.strerror or exc}") from None
+    ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
     listener = _listener(ctl, options, allow_client) if options else None
     if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
@@ -126,6 +138,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         if listener is not None:
             listener.shutdown()
             serving.join(timeout=10)
+        if metrics is not None:
+            metrics.shutdown()
 
 
 @app.command("release")
@@ -160,8 +174,10 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
     from aidc.failover.backends import open_scheduler
 
     store = Store(_state_db(lab_dir))
-    events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o}
-              for i, e, o in store.events()]
+    waiting = {i for i, _ in store.pending(limit=100000)}
+    # A refused event keeps its verdict as outcome while it waits, pending, for capacity.
+    events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o,
+               "pending": i in waiting} for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}
     lines = [f"{n}: {s}" for n, s in sorted(states.items())]
     data: dict = {"nodes": states, "events": events}
@@ -174,5 +190,69 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
         lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
             or [f"{scheduler.name}: no node out of service"]
     text = "\n".join(lines + [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} "
-                              f"[{e['outcome'] or 'pending'}]" for e in events])
+                              f"[{_outcome_text(e)}]" for e in events])
     emit(data, as_json, text or "no events")
+
+
+def _outcome_text(event: dict) -> str:
+    if event["pending"]:
+        return f"pending: {event['outcome']}" if event["outcome"] else "pending"
+    return event["outcome"]
+
+
+breaker_app = typer.Typer(help="The circuit breaker: failover stops acting after too many quarantines in a "
+                               "window (policy.breaker) until a person resets it.", no_args_is_help=True)
+app.add_typer(breaker_app, name="breaker")
+
+
+def _gate(stack: str, lab_dir: Path):
+    from aidc.failover.remediation import RemediationGate
+
+    spec = load_stack(stack)
+    return RemediationGate(spec, Store(_state_db(lab_dir)), AuditLog(lab_dir / "audit.db"))
+
+
+def _breaker_view(gate) -> dict:
+    """What `breaker status` reports (also as JSON)."""
+    recent = gate.recent_quarantines()
+    return {"breaker": gate.breaker(), "quarantines_in_window": len(recent), "limit": gate.breaker_limit(),
+            "window_min": gate.breaker_policy.window_min, "recent_quarantines": recent,
+            "deferred_events": [{"id": i, "node": e.node, "verdict": gate.store.outcome(i)}
+                                for i, e in gate.store.pending(limit=100000) if gate.store.outcome(i)]}
+
+
+@breaker_app.command("status")
+def breaker_status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """Is the breaker open, why, and how many quarantines the window holds against its limit."""
+    from aidc.failover.remediation import utc_text
+
+    view = _breaker_view(_gate(stack, lab_dir))
+    state = view["breaker"]
+    if state.get("open"):
+        text = f"breaker OPEN since {utc_text(state['opened_at'])}: {state['reason']}"
+    else:
+        text = "breaker closed" + (f" (reset by {state['closed_by']}: {state['close_reason']})"
+                                   if state.get("closed_by") else "")
+    text += (f"\n{view['quarantines_in_window']} of {view['limit']} quarantine(s) in the last "
+             f"{view['window_min']:g} min; {len(view['deferred_events'])} event(s) waiting for capacity")
+    emit(view, as_json, text)
+
+
+@breaker_app.command("reset")
+def breaker_reset(reason: str = typer.Option(..., "--reason", help="Why it is safe to act again (audited)."),
+                  actor: str = typer.Option(None, "--actor", help="A note on who resets it (e.g. a full name), "
+                                            "recorded beside the authenticated OS user, which is the actor."),
+                  stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """Close the breaker (a person's decision, needs the approver role; audited as theirs).
+    Events it held back are decided again by the running controller."""
+    from aidc.identity import authorize, cli_identity
+
+    if not reason.strip():
+        raise AidcError("--reason must say why it is safe for failover to act again")
+    gate = _gate(stack, lab_dir)
+    identity = cli_identity()
+    authorize(dict(gate.spec.access.roles), [identity], "approver", "reset the failover circuit breaker",
+              gate.audit, None, {"reason": reason, **({"note": actor} if actor else {})})
+    was = gate.reset(identity, reason, note=actor)
+    emit({"reset": True, "was_open": bool(was.get("open")), "by": identity, "was": was}, as_json,
+         "breaker reset" + ("" if was.get("open") else " (it was not open)"))

@@ -6,8 +6,19 @@ pending event it decides one verdict and records it:
 * `no_action`            the fault's action keeps the node in service (e.g. restart_app)
 * `already_quarantined`  the node is out of service already
 * `refused_blast_radius` quarantining would exceed `policy.max_unavailable`: alert, don't act
+* `refused_breaker_open` the circuit breaker is open, or this quarantine opened it (see
+                         aidc.failover.remediation): audit, don't act
 * `would_quarantine`     dry-run: what would have happened, audited, nothing changed
 * `quarantine`           the node is taken out of service through the scheduler backend
+
+The action comes from the catalog, escalated by aidc.failover.remediation (repeats of the same
+fault on the same GPU, a node remediated too often), the gate the runbook engine shares.
+
+The two refusals are not final: the event stays pending with its verdict recorded (audited
+once per cause) and is decided again when capacity returns (aidc releases a node or a person
+resets the breaker) and every `policy.deferred_recheck_s` otherwise, also after a restart; its
+quarantine then happens once, as any other. In dry-run nothing returns capacity, so a refusal
+is decided (marked dry-run) like any other verdict.
 
 Crash safety: the intent (`quarantining`) is written before the scheduler is called and
 the event is marked handled only after; a restarted controller finishes an interrupted
@@ -33,6 +44,7 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
 from aidc.events import Decision, FaultEvent
+from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.spec import ClusterSpec
 from aidc.store import Store
@@ -43,10 +55,12 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
 
 class FailoverController:
     def __init__(self, spec: ClusterSpec, store: Store, audit: AuditLog, scheduler: SchedulerBackend,
-                 dry_run: bool | None = None, actor: str | None = None):
+                 dry_run: bool | None = None, actor: str | None = None, metrics=None, catalog=None):
         self.spec, self.store, self.audit, self.scheduler = spec, store, audit, scheduler
         self.dry_run = spec.policy.dry_run if dry_run is None else dry_run
         self.actor = actor or default_actor("failover")
+        self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
+        self.gate.refresh_metrics()
         self.total_nodes = len(spec.nodes())
         self.max_unavailable = spec.policy.max_unavailable_nodes(self.total_nodes)
         # Dry-run changes no node state, so the nodes it would have quarantined are kept here
@@ -60,6 +74,11 @@ class FailoverController:
         # an API server that is down is not hammered by every pending event.
         self._retry_at: dict[int, float] = {}
         self._retry_delay: dict[int, float] = {}
+        # Events refused for capacity are decided again (a full pass) when the store's capacity
+        # counter moves, and every policy.deferred_recheck_s (monotonic); the polls between
+        # read only undecided events, so a thousand waiting events cost nothing per poll.
+        self._recheck_due = 0.0
+        self._capacity_seen: str | None = None
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -93,6 +112,8 @@ class FailoverController:
                 self.store.set_node_state(node, "quarantined", "resumed after controller restart", self.actor)
                 if event_id is not None:
                     self.store.mark_handled(event_id, "quarantine")
+                    self.gate.record(node, self.store.get(f"intent_action:{node}") or "unknown", "failover",
+                                     f"event {event_id}")
             finished.append(node)
         return finished
 
@@ -102,7 +123,13 @@ class FailoverController:
         an event whose last try failed waits out its backoff; a direct call tries them all now."""
         decisions = []
         now = time.monotonic()
-        for event_id, event in self.store.pending():
+        capacity = self.store.get(CAPACITY_KEY)
+        full = not backoff or capacity != self._capacity_seen or now >= self._recheck_due
+        if full:  # a release or a breaker reset, or time for the periodic look: deferred events too
+            self._capacity_seen = capacity
+            self._recheck_due = now + self.spec.policy.deferred_recheck_s
+        self.gate.refresh_metrics()  # a reset comes from another process (the CLI)
+        for event_id, event in self.store.pending(limit=1000 if full else 100, undecided_only=not full):
             if backoff and self._retry_at.get(event_id, 0.0) > now:
                 continue
             if may_act is not None and not may_act():
@@ -137,12 +164,18 @@ class FailoverController:
     # -- one event ----------------------------------------------------------------
     def handle(self, event_id: int, event: FaultEvent) -> Decision:
         node = event.node
-        payload = {"event_id": event_id, "kind": event.kind.value, "action": event.action.value,
+        action, escalation = self.gate.action_for(event_id, event, self.dry_run)
+        payload = {"event_id": event_id, "kind": event.kind.value, "action": action.value,
                    "xid": event.xid, "gpu": event.gpu, "pci": event.pci, "line": event.line,
                    "observed_at": event.observed_at, "dry_run": self.dry_run}
-        if event.action.value not in self.spec.policy.out_of_service_actions:
+        escalated = ""
+        if escalation is not None:
+            payload.update(catalog_action=event.action.value, escalation_rule=escalation.rule)
+            escalated = f" (escalated from {escalation.from_action}: {escalation.rule})"
+        if action.value not in self.spec.policy.out_of_service_actions:
             return self._decide(event_id, node, "no_action",
-                                f"{event.kind.value} asks for {event.action.value}: node stays in service", payload)
+                                f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",
+                                payload)
         if not self.dry_run and self.store.node_state(node) == "quarantining":
             # An earlier attempt wrote the intent and then failed (scheduler unreachable): finish it.
             return self._quarantine(event_id, node, self.store.get(f"intent_reason:{node}") or "retried quarantine",
@@ -158,21 +191,45 @@ class FailoverController:
         if node in unavailable:
             return self._decide(event_id, node, "already_quarantined", f"{dry}node is out of service already",
                                 payload)
+        state = self.gate.breaker() if not self.dry_run else {}
+        if state.get("open"):  # checked first: an open breaker needs no scheduler count to refuse
+            return self._defer(event_id, node, "refused_breaker_open", self.gate.admit(node, self.dry_run), payload)
         if len(unavailable) + 1 > self.max_unavailable:
             # Under dry-run the refusal is said as one ("WOULD BE REFUSED"), never as a plan to act.
             reason = (f"{'dry-run: WOULD BE REFUSED: ' if self.dry_run else ''}blast radius: {len(unavailable)} node(s) out of service"
                       f" ({', '.join(unavailable) or '-'}), max_unavailable is {self.max_unavailable};"
                       " alerting instead of quarantining")
-            self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
-            return self._decide(event_id, node, "refused_blast_radius", reason, payload)
+            return self._defer(event_id, node, "refused_blast_radius", reason, payload, alert=True)
+        refusal = self.gate.admit(node, self.dry_run, ref=f"event {event_id}")
+        if refusal:
+            return self._defer(event_id, node, "refused_breaker_open", refusal, payload)
         what = f"XID {event.xid}" if event.xid is not None else event.kind.value.replace("_", " ")
-        reason = f"{what} on gpu {event.gpu} asks for {event.action.value}"
+        reason = f"{what} on gpu {event.gpu} asks for {action.value}{escalated}"
         if self.dry_run:
             decision = self._decide(event_id, node, "would_quarantine", f"dry-run: would quarantine ({reason})",
                                     payload)
             self._would_quarantine.append(node)
+            self.gate.record(node, action.value, "failover", f"event {event_id}", dry_run=True)
             return decision
         return self._quarantine(event_id, node, reason, payload)
+
+    def _defer(self, event_id: int, node: str, verdict: str, reason: str, payload: dict,
+               alert: bool = False) -> Decision:
+        """A refusal for capacity. Live: the event stays pending with its verdict recorded (audited
+        once per cause, also across restarts) and is decided again when capacity returns. Dry-run:
+        decided like any verdict, since nothing a dry-run does returns capacity."""
+        if self.dry_run:
+            if alert:
+                self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
+            return self._decide(event_id, node, verdict, reason, payload)
+        if self.store.outcome(event_id) != verdict:
+            if alert:
+                self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
+            self.audit.append("failover.decision", f"{reason}; the event stays pending until capacity returns",
+                              actor=self.actor, node=node, payload={**payload, "verdict": verdict, "deferred": True})
+            with self.store.transaction():
+                self.store.mark_deferred(event_id, verdict)
+        return Decision(node, verdict, reason, False, event_id)
 
     def _decide(self, event_id: int, node: str, verdict: str, reason: str, payload: dict) -> Decision:
         self.audit.append("failover.decision", reason, actor=self.actor, node=node,
@@ -209,6 +266,7 @@ class FailoverController:
                 self.store.set_node_state(node, "quarantining", reason, self.actor)
                 self.store.put(f"intent_event:{node}", str(event_id))
                 self.store.put(f"intent_reason:{node}", reason)
+                self.store.put(f"intent_action:{node}", payload["action"])
         started = time.monotonic()
         try:
             warning = self.scheduler.quarantine(node, reason, event=str(event_id))
@@ -228,6 +286,7 @@ class FailoverController:
         with self.store.transaction():
             self.store.set_node_state(node, "quarantined", reason, self.actor)
             self.store.mark_handled(event_id, "quarantine")
+            self.gate.record(node, payload["action"], "failover", f"event {event_id}")
         return Decision(node, "quarantine", reason, False, event_id,
                         decided_at=decided.ts if decided else time.time())
 
@@ -266,7 +325,9 @@ class FailoverController:
         described = decision.to_dict() if hasattr(decision, "to_dict") else None
         self.audit.append("failover.release", reason, actor=actor, node=node,
                           payload={"dry_run": False, "decision": described, **noted})
-        self.store.set_node_state(node, "in_service", reason, actor)
+        with self.store.transaction():
+            self.store.set_node_state(node, "in_service", reason, actor)
+            bump_capacity(self.store)  # events deferred for capacity are decided again now
         return described
 
 

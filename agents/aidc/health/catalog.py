@@ -55,6 +55,12 @@ class XidCatalog:
             return self._stated(xid, entry, text)
         return Classification(Action(entry["action"]), f"XID {xid}: {entry.get('name', '')}", self.version)
 
+    def escalation_rule(self, xid: int | None) -> dict:
+        """The catalog's escalation keys for an XID (`escalate`, `sticky`, `repeats`,
+        `window_min`); empty for a fault that is not an XID or has none."""
+        entry = self.xids.get(int(xid)) if xid is not None else None
+        return {k: entry[k] for k in ("escalate", "sticky", "repeats", "window_min") if entry and k in entry}
+
     def follows_stated(self, xid: int) -> bool:
         """True when the XID's action is the one its message text states (XID 154): an NVML
         event, which carries no text, cannot be classified by itself."""
@@ -130,6 +136,13 @@ def _parse(data: dict, origin: str) -> XidCatalog:
         action(f"xids.{code}.action", entry.get("action"), allow_follow=True)
         if "escalate" in entry:
             action(f"xids.{code}.escalate", entry["escalate"])
+        if "sticky" in entry and not isinstance(entry["sticky"], bool):
+            bad(f"xids.{code}.sticky", f"true or false, got {entry['sticky']!r}")
+        if "repeats" in entry and (type(entry["repeats"]) is not int or not 2 <= entry["repeats"] <= 1000):
+            bad(f"xids.{code}.repeats", f"an integer 2-1000 (sightings that escalate), got {entry['repeats']!r}")
+        if "window_min" in entry and (type(entry["window_min"]) not in (int, float)
+                                      or not 0 < entry["window_min"] <= 43200):
+            bad(f"xids.{code}.window_min", f"minutes, above 0 and at most 43200, got {entry['window_min']!r}")
         xids[code] = entry
     recovery: dict[int, dict] = {}
     for code, entry in (data.get("recovery_actions") or {}).items():

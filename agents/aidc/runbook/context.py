@@ -27,6 +27,9 @@ class EngineOptions:
     prometheus: str | None = None
     notify_file: Path | None = None
     inventory: Path | None = None
+    # The failover store whose escalation history and circuit breaker runbook quarantines share
+    # (aidc.failover.remediation); None: LAB_DIR/state.db when it exists, else none.
+    remediation_db: Path | None = None
 
 
 def scheduler_for(spec: ClusterSpec, lab_dir: Path, audit: AuditLog | None = None) -> SchedulerBackend:
@@ -65,4 +68,16 @@ def build_engine(opts: EngineOptions) -> Engine:
     )
     return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,
                   actuators=actuators, nodes=nodes, policy=spec.policy,
-                  access_roles=dict(spec.access.roles))
+                  access_roles=dict(spec.access.roles), remediation=remediation_gate(spec, opts))
+
+
+def remediation_gate(spec: ClusterSpec, opts: EngineOptions):
+    """The gate failover uses, on the same store, so both count one breaker window and one
+    remediation history per node; its own audit connection (executor threads take its lock)."""
+    from aidc.failover.remediation import RemediationGate
+    from aidc.store import Store
+
+    path = opts.remediation_db or opts.lab_dir / "state.db"
+    if opts.remediation_db is None and not path.exists():
+        return None
+    return RemediationGate(spec, Store(path), AuditLog(opts.audit_db), actor=default_actor("runbook"))

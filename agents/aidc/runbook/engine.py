@@ -16,6 +16,10 @@ Safety rules, in the order they are applied:
    restart, never loses one. A step found `running` whose outcome is already in the audit
    log takes that outcome instead of running again; a step or run found finished without
    its record (state written by older code) gets one marked `recovered`.
+6. With a remediation gate (aidc.failover.remediation, the one failover uses), a quarantine
+   also passes the circuit breaker and counts towards it, and on a node remediated
+   policy.escalation.node_remediations times in its window no destructive step runs without a
+   person's approval, whatever policy.runbook_auto_approve says.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Engine:
     policy: Policy = field(default_factory=Policy)
     actor: str = field(default_factory=lambda: default_actor("runbook"))
     access_roles: dict[str, str] = field(default_factory=dict)  # spec access.roles; empty: not enforced
+    remediation: object | None = None  # aidc.failover.remediation.RemediationGate shared with failover
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -323,14 +328,33 @@ class Engine:
                     f"max_unavailable is {limit}")
         return None
 
+    def _breaker(self, db, run: RunRow) -> str | None:
+        """The circuit breaker failover obeys (None without a gate, or for a node already out)."""
+        if self.remediation is None:
+            return None
+        try:
+            if run.node in self._unavailable(db, run):
+                return None
+        except AidcError:
+            return None  # _blast_radius has refused already
+        return self.remediation.admit(run.node, ref=f"run {run.id}")
+
     def _step_def(self, rb: Runbook, row: StepRow) -> Step:
         if row.phase == "main":
             return rb.steps[row.idx]
         return next(s for s in rb.on_failure if s.id == row.step_id)
 
-    def _gate(self, rb: Runbook, step: Step, rows: list[StepRow], upto: int) -> str | None:
+    def _needs_person(self, node: str | None) -> str | None:
+        if self.remediation is None or node is None:
+            return None
+        return self.remediation.needs_person(node)
+
+    def _gate(self, rb: Runbook, step: Step, rows: list[StepRow], upto: int, node: str | None = None) -> str | None:
         """None when a destructive step may run; else why not."""
-        if not step.destructive or step.kind in self.policy.runbook_auto_approve:
+        if not step.destructive:
+            return None
+        person = self._needs_person(node) if step.kind in self.policy.runbook_auto_approve else None
+        if step.kind in self.policy.runbook_auto_approve and not person:
             return None
         # Only a person's approval counts here: policy approves an `approve` step only when
         # every step it guards is allowed anyway, so its approval must not carry further
@@ -338,10 +362,12 @@ class Engine:
         if any(r.kind == "approve" and r.status == "done" and r.idx < upto
                and (r.result or {}).get("approved_by") != "policy" for r in rows):
             return None
+        if person:
+            return f"{step.kind} step {step.id!r} needs an approved `approve` step before it: {person}"
         return (f"{step.kind} step {step.id!r} is destructive and needs an approved `approve` step before it "
                 f"(or policy.runbook_auto_approve listing {step.kind!r})")
 
-    def _approve_is_automatic(self, rb: Runbook, row: StepRow) -> bool:
+    def _approve_is_automatic(self, rb: Runbook, row: StepRow, node: str | None = None) -> bool:
         # An approve step whose guarded steps (up to the next approve) are all allowed by
         # policy asks nobody: policy already made that decision.
         guarded = []
@@ -349,6 +375,8 @@ class Engine:
             if step.kind == "approve":
                 break
             guarded.append(step)
+        if any(s.destructive for s in guarded) and self._needs_person(node):
+            return False
         return all(not s.destructive or s.kind in self.policy.runbook_auto_approve for s in guarded)
 
     def _run_step(self, run: RunRow, rb: Runbook, row: StepRow, variables: dict) -> str:
@@ -369,7 +397,7 @@ class Engine:
                 return status
         if step.kind == "approve":
             return self._approve(run, rb, row, step, base)
-        refusal = self._gate(rb, step, self.state.steps(run.id), row.idx if row.phase == "main" else 10**9)
+        refusal = self._gate(rb, step, self.state.steps(run.id), row.idx if row.phase == "main" else 10**9, run.node)
         if refusal:
             return self._fail_step(run, rb, row, {"error": refusal}, 0.0, base)
         if resumed:
@@ -391,7 +419,7 @@ class Engine:
                                                   "refused": "dry_run"}, 0.0, base)
         if step.kind == "quarantine":
             with self.state.transaction() as db:
-                refusal = self._blast_radius(db, run)
+                refusal = self._blast_radius(db, run) or self._breaker(db, run)
                 if not refusal:
                     db.execute("UPDATE steps SET status='running', attempts=attempts+1, "
                                "started_at=COALESCE(started_at, ?) WHERE run_id=? AND idx=?",
@@ -399,7 +427,8 @@ class Engine:
                     db.execute("UPDATE runs SET status='running', updated_at=? WHERE id=?", (time.time(), run.id))
                     self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}", run.node, base)
             if refusal:
-                return self._fail_step(run, rb, row, {"error": refusal, "refused": "blast_radius"}, 0.0, base)
+                cause = "breaker_open" if "circuit breaker" in refusal else "blast_radius"
+                return self._fail_step(run, rb, row, {"error": refusal, "refused": cause}, 0.0, base)
         else:
             self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}", run.node, base)
             self.state.mark_step_running(run.id, row.idx)
@@ -420,6 +449,10 @@ class Engine:
             return self._fail_step(run, rb, row, result, duration, base)
         self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: done", run.node,
                     {**base, "status": "done", "result": result, "duration_s": round(duration, 3)})
+        if step.kind == "quarantine" and self.remediation is not None:
+            # Counted once per step (a resumed step records the same ref), as failover counts its own.
+            with self.remediation.store.transaction():
+                self.remediation.record(run.node, "quarantine", "runbook", f"run {run.id} step {row.idx}")
         self.state.finish_step(run.id, row.idx, "done", result)
         return "done"
 
@@ -444,7 +477,7 @@ class Engine:
 
     def _approve(self, run: RunRow, rb: Runbook, row: StepRow, step: Step, base: dict) -> str:
         if row.status == "pending":
-            if row.phase == "main" and self._approve_is_automatic(rb, row):
+            if row.phase == "main" and self._approve_is_automatic(rb, row, run.node):
                 result = {"approved_by": "policy", "detail": "every step it guards is allowed by policy"}
                 self._audit("runbook.step", f"{rb.name}/{step.id} on {run.node}: approved by policy", run.node,
                             {**base, "status": "done", "result": result, "duration_s": 0.0})
