@@ -32,8 +32,12 @@ def metric_value(text: str, name: str, **labels) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
+        # The parser names a counter's series `<name>_total` even where the page does not
+        # (dcgm-exporter's DCGM_FI_DEV_ECC_SBE_VOL_TOTAL): match the page's name as well.
+        bare = family.type == "counter" and family.name == name
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            if (sample.name == name or bare and sample.name == name + "_total") and \
+                    all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
 
