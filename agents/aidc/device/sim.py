@@ -355,7 +355,11 @@ def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
             was_up = (port / "state").read_text().strip().endswith("ACTIVE")
 
             def bump(name: str, by: int) -> None:
-                _write_text(counters / name, f"{int((counters / name).read_text()) + by}\n")
+                try:
+                    count = int((counters / name).read_text())
+                except (OSError, ValueError):
+                    return  # a counter file someone removed or garbled stays as it is (tests do that)
+                _write_text(counters / name, f"{count + by}\n")
 
             if was_up and not link["up"]:
                 bump("link_downed", 1)
