@@ -154,3 +154,15 @@ def test_garbage_in_sysfs_leaves_the_metric_out_and_the_agent_keeps_watching(sim
             wait_for(lambda: [e for e in run.events() if e.xid == 13])
     state_lines = [r for r in caplog.records if "ports/1/state" in r.getMessage()]
     assert len(state_lines) == 1, "logged once, however many polls"
+
+
+def test_a_simulated_nvlink_going_down_shows_in_its_error_counters(sim_node, agent_run):
+    port = free_port()
+    with agent_run(sim_node, port=port):
+        wait_for(lambda: metric_value(scrape(port), "aidc_gpu_nvlink_down", gpu="0") == 0)
+        assert metric_value(scrape(port), "aidc_gpu_nvlink_errors_total", gpu="0") is None, "no links, no counters"
+        sim.inject(sim_node, "nvlink_down", gpu=0)
+        page = wait_for(lambda: (t := scrape(port)) and metric_value(t, "aidc_gpu_nvlink_down", gpu="0") == 1 and t)
+    assert metric_value(page, "aidc_gpu_nvlink_errors_total", gpu="0", link="0", error="recovery") == 1
+    assert metric_value(page, "aidc_gpu_nvlink_errors_total", gpu="0", link="5", error="crc_flit") == 0
+    assert metric_value(page, "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", gpu="0") == 1

@@ -192,6 +192,13 @@ def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, fac
             g["throttle_reasons"] = ["hw_thermal_slowdown", "sw_thermal_slowdown"]
         elif fault == "nvlink_down":
             g["nvlink_up"] = [False] + [True] * 17 if not g["nvlink_up"] else [False] + g["nvlink_up"][1:]
+            # A link that drops went through a failed recovery first, as NVML's counter shows.
+            errors = {(link, name): n for link, name, n in g.get("nvlink_errors", [])}
+            for link in range(len(g["nvlink_up"])):
+                for name in ("replay", "recovery", "crc_flit", "crc_data"):
+                    errors.setdefault((link, name), 0)
+            errors[(0, "recovery")] += 1
+            g["nvlink_errors"] = [[link, name, n] for (link, name), n in sorted(errors.items())]
         elif fault == "fallen_off_bus":
             # The multi-line message the driver prints when the GPU vanishes without an XID.
             g["fallen_off_bus"] = True
