@@ -64,6 +64,9 @@ def test_flapping_counts_link_downs_within_the_window_only():
     assert flaps.flapping(flaps.observe("p", 8, now=20))
     assert flaps.observe("p", 8, now=75) == 1, "the first two transitions left the window"
     assert flaps.observe("p", 0, now=80) == 1, "a counter reset is not a transition"
+    assert flaps.watched_a_whole_window("p", now=80) and not flaps.watched_a_whole_window("q", now=80)
+    flaps.observe("q", 0, now=70)
+    assert not flaps.watched_a_whole_window("q", now=80), "a port read for 10 s of a 60 s window"
 
 
 def test_the_shipped_thresholds_match_the_alert_rule_and_bad_ones_are_refused():
@@ -127,6 +130,13 @@ def test_a_rail_going_down_four_times_is_flapping(ib_node, agent_run):
         wait_for(lambda: (FaultKind.IB_LINK_FLAPPING, Action.CONTACT_SUPPORT) in ib_kinds(run))
     flapping = [e for e in run.events() if e.kind == FaultKind.IB_LINK_FLAPPING]
     assert len(flapping) == 1 and "4 link-down transitions within 900 s" in flapping[0].message
+    with agent_run(ib_node, port=port) as again:  # a restarted agent has not counted for a window yet
+        wait_for(lambda: metric_value(scrape(port), "aidc_ib_link_downed_total", device="mlx5_0") == 4)
+        # A later poll seen in the metrics: the polls before it were handled completely.
+        (ib_node / sim.LINKS_FILE).write_text(json.dumps({"rails": {"1": {"up": True, "loss_pct": 1.0}}}))
+        wait_for(lambda: (metric_value(scrape(port), "aidc_ib_port_rcv_errors_total", device="mlx5_1") or 0) > 1)
+        assert "ib_link_flapping:mlx5_0/1" in active_conditions(again), "not cleared by the restart"
+    assert len([e for e in again.events() if e.kind == FaultKind.IB_LINK_FLAPPING]) == 1, "nor reported again"
 
 
 class FixtureSysfs(SimBackend):

@@ -343,8 +343,8 @@ class HealthAgent:
                     FaultKind.IB_LINK_FLAPPING, flap_key, downs,
                     f"InfiniBand {p.name}: {downs} link-down transitions within {self.fabric.flap_window_s:g} s "
                     f"(threshold {self.fabric.flap_downs}, fabric thresholds {self.fabric.version})"))
-            elif not self.flaps.flapping(downs):
-                self._clear(flap_key, "link-down transitions back under the threshold")
+            elif not self.flaps.flapping(downs) and self.flaps.watched_a_whole_window(p.name, now):
+                self._clear(flap_key, "link-down transitions under the threshold for a whole window")
         return {self.ib_seen_up_key: json.dumps(sorted(self.ib_seen_up))} if newly_up else None
 
     def _port_event(self, kind: FaultKind, key: str, value, message: str) -> tuple[FaultEvent, Classification]:

@@ -182,11 +182,13 @@ class FlapDetector:
         self.t = thresholds
         self._last: dict[str, int] = {}
         self._downs: dict[str, deque[tuple[float, int]]] = {}
+        self._since: dict[str, float] = {}  # first reading of each port
 
     def observe(self, port: str, link_downed: int, now: float) -> int:
         """Record a reading; return the link-down transitions seen in the window."""
         last = self._last.get(port)
         self._last[port] = link_downed
+        self._since.setdefault(port, now)
         window = self._downs.setdefault(port, deque(maxlen=1024))
         if last is not None and link_downed > last:
             window.append((now, link_downed - last))
@@ -196,3 +198,8 @@ class FlapDetector:
 
     def flapping(self, downs_in_window: int) -> bool:
         return downs_in_window >= self.t.flap_downs
+
+    def watched_a_whole_window(self, port: str, now: float) -> bool:
+        """Whether a count under the threshold means "not flapping" rather than "just started
+        counting" (after an agent restart, a flapping condition must not clear at once)."""
+        return port in self._since and now - self._since[port] >= self.t.flap_window_s
