@@ -87,8 +87,7 @@ def test_every_dcgm_series_has_dcgm_exporters_type(page):
 
 
 def test_every_field_dcgm_exporter_exports_by_default_is_exported_unless_nvml_lacks_it(page):
-    _, enabled = dcgm_counters()
-    types, _ = dcgm_counters()
+    types, enabled = dcgm_counters()
     fields = {name for name in enabled if types[name] != "label"}
     exported, _ = exposition(page())
     assert fields - set(exported) == set(NOT_FROM_NVML)
@@ -125,3 +124,56 @@ def test_a_field_the_gpu_does_not_support_is_absent_not_zero(tmp_path):
     assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter" in text, "still registered"
     assert "\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{" not in text and "\nDCGM_FI_DEV_ECC_DBE_VOL_TOTAL{" not in text
     assert "\nDCGM_FI_DEV_ECC_SBE_VOL_TOTAL{" in text
+
+
+@pytest.mark.slow
+def test_real_prometheus_reads_the_agents_dcgm_series_with_dcgm_exporters_types_and_labels(tmp_path):
+    """A real Prometheus scrapes `aidc agent run`: its metadata API shows each DCGM_FI_* metric
+    with the counters file's type, and its series carry dcgm-exporter's labels."""
+    import json
+    import shutil
+    import subprocess
+    import urllib.parse
+    import urllib.request
+
+    import yaml
+
+    from aidc.polling import stop_process_group
+    from tests.health.conftest import free_port, wait_for
+    from tests.health.test_cli import start_agent, stop_agent
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not installed (Debian package `prometheus`; `make system-deps`)")
+    node_dir = sim.create_node(tmp_path / "n1", "n1", gpus=2)
+    agent_port, prom_port = free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "aidc-agent", "static_configs": [{"targets": [f"127.0.0.1:{agent_port}"]}]}]}))
+    agent = start_agent(tmp_path, "--node", "n1", "--backend", "sim", "--node-dir", str(node_dir),
+                        "--port", str(agent_port))
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),
+                            start_new_session=True)
+
+    def api(path: str, **params) -> dict | list | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/{path}?"
+                                        f"{urllib.parse.urlencode(params)}", timeout=2) as resp:
+                return json.loads(resp.read())["data"]
+        except OSError:
+            return None
+
+    try:
+        types, _enabled = dcgm_counters()
+        metadata = wait_for(lambda: (m := api("metadata")) and "DCGM_FI_DEV_PCIE_REPLAY_COUNTER" in m and m, 30)
+        series = wait_for(lambda: api("series", **{"match[]": '{__name__=~"DCGM_FI_.*"}'}), 30)
+    finally:
+        stop_process_group(prom, timeout_s=10)
+        stop_agent(agent)
+    seen = {name: entries[0]["type"] for name, entries in metadata.items() if name in types}
+    assert len(seen) >= 25 and seen == {name: types[name] for name in seen}
+    assert seen["DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"] == "counter" and seen["DCGM_FI_DEV_GPU_UTIL"] == "gauge"
+    for s in series:
+        assert set(s) - {"__name__", "job", "instance"} == DCGM_EXPORTER_LABELS, s
