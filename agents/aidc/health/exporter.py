@@ -138,11 +138,12 @@ class _GpuCollector:
         self.latest: dict[int, tuple[tuple[str, ...], GpuTelemetry]] = {}
 
     def collect(self):
+        gpus = list(self.latest.values())  # the scrape's thread; the agent's loop adds GPUs meanwhile
         for name, kind, help_, how, field in GPU_METRICS:
             if name in self.skip:
                 continue
             family = Metric(name, help_, kind)
-            for labels, t in self.latest.values():
+            for labels, t in gpus:
                 if field is not None and field in t.unsupported:
                     continue
                 value = how(t) if callable(how) else getattr(t, how)
@@ -150,7 +151,7 @@ class _GpuCollector:
             yield family
         links = CounterMetricFamily("aidc_gpu_nvlink_errors", "NVLink error counters by link and counter "
                                     "(NVML nvmlDeviceGetNvLinkErrorCounter)", labels=GPU_LABELS + ("link", "error"))
-        for labels, t in self.latest.values():
+        for labels, t in gpus:
             for link, error, count in t.nvlink_errors:
                 links.add_metric(labels + (str(link), error), float(count))
         yield links
