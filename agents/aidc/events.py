@@ -36,6 +36,8 @@ class FaultKind(str, enum.Enum):
     PCIE_DEGRADED = "pcie_degraded"
     DEVICE_HANG = "device_hang"
     NVSWITCH_SXID = "nvswitch_sxid"
+    IB_PORT_DOWN = "ib_port_down"
+    IB_LINK_FLAPPING = "ib_link_flapping"
 
 
 @dataclass(frozen=True)

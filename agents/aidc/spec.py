@@ -301,8 +301,15 @@ class Policy(_Strict):
 AGENT_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-agent"
 
 
+# The agent's default metrics port: beside dcgm-exporter's 9400, which the GPU Operator deploys.
+AGENT_METRICS_PORT = 9402
+
+
 class Agent(_Strict):
-    metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9400
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = AGENT_METRICS_PORT
+    # "present" when dcgm-exporter runs on the nodes too (the GPU Operator deploys it): the agent
+    # then leaves the DCGM_FI_* series dcgm-exporter exports by default to it (docs/metrics.md).
+    dcgm_exporter: Literal["absent", "present"] = "absent"
     poll_interval_s: Annotated[float, Field(gt=0, le=300)] = 1.0
     device_timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     kernel_log: LongText = "/dev/kmsg"

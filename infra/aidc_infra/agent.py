@@ -37,6 +37,7 @@ def agent_command(spec) -> list[str]:
             "--port", str(a.metrics_port), "--listen-address", "0.0.0.0",
             "--poll-interval", str(a.poll_interval_s),
             "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log,
+            "--dcgm-exporter", a.dcgm_exporter,
             # On Kubernetes the agent reports through the API (node condition + Events).
             *(["--kubernetes"] if spec.scheduler == "kubernetes" else [])]
 STATE_DIR = "/var/lib/aidc"

@@ -66,9 +66,19 @@ def fake_sysfs(root: Path, gpu_device_id: str = "0x2330", gpus: int = 8, nvswitc
     device("0000:00:1f.0", "0x8086", "0x1234", "0x060100")  # not NVIDIA: ignored
     for i in range(hcas):
         port = root / "class" / "infiniband" / f"mlx5_{i}" / "ports" / "1"
-        port.mkdir(parents=True)
-        (port / "link_layer").write_text("InfiniBand\n")
+        (port / "counters").mkdir(parents=True)
+        values = {"link_layer": "InfiniBand", **IB_PORT_ACTIVE_NDR}
+        for name, value in {**values, **{f"counters/{c}": str(n) for c, n in IB_PORT_COUNTERS.items()}}.items():
+            (port / name).write_text(value + "\n")
     return root
+
+
+# What ib_core shows for a healthy ConnectX-7 NDR port (the kernel's own formats).
+IB_PORT_ACTIVE_NDR = {"state": "4: ACTIVE", "phys_state": "5: LinkUp", "rate": "400 Gb/sec (4X NDR)"}
+IB_PORT_COUNTERS = {"link_downed": 0, "link_error_recovery": 0, "symbol_error": 0, "port_rcv_errors": 0,
+                    "port_xmit_discards": 0, "port_rcv_remote_physical_errors": 0, "port_rcv_switch_relay_errors": 0,
+                    "local_link_integrity_errors": 0, "excessive_buffer_overrun_errors": 0,
+                    "port_xmit_constraint_errors": 0, "port_rcv_constraint_errors": 0, "VL15_dropped": 0}
 
 SSHD = "/usr/sbin/sshd"
 SANDBOX_ETC = "/etc/ssh/aidc-sandbox"  # inside the sandbox (written into the upper layer)

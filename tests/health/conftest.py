@@ -32,8 +32,12 @@ def metric_value(text: str, name: str, **labels) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
+        # The parser names a counter's series `<name>_total` even where the page does not
+        # (dcgm-exporter's DCGM_FI_DEV_ECC_SBE_VOL_TOTAL): match the page's name as well.
+        bare = family.type == "counter" and family.name == name
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            if (sample.name == name or bare and sample.name == name + "_total") and \
+                    all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
 
@@ -46,19 +50,21 @@ def sim_node(tmp_path):
 class AgentRun:
     """run_agent on a thread, stopped and joined on exit, pass or fail."""
 
-    def __init__(self, node_dir, store_path, audit_path, port=None, poll_interval_s=0.05, device_timeout_s=5.0):
+    def __init__(self, node_dir, store_path, audit_path, port=None, poll_interval_s=0.05, device_timeout_s=5.0,
+                 backend=None, **agent_kw):
         # A generous device timeout: on a loaded test machine a slow call must not read as a hang.
         self.node_dir, self.store_path, self.audit_path = node_dir, store_path, audit_path
         self.port, self.poll, self.timeout = port, poll_interval_s, device_timeout_s
+        self.backend, self.agent_kw = backend, agent_kw
         self.stop, self.ready = threading.Event(), threading.Event()
         self.error: BaseException | None = None
         self.agent = None
 
     def _run(self):
         try:
-            self.agent = run_agent("node-a", SimBackend(self.node_dir), self.node_dir / "kern.log", self.store_path,
-                                   self.audit_path, self.port, self.poll, self.stop,
-                                   device_timeout_s=self.timeout, ready=self.ready)
+            self.agent = run_agent("node-a", self.backend or SimBackend(self.node_dir), self.node_dir / "kern.log",
+                                   self.store_path, self.audit_path, self.port, self.poll, self.stop,
+                                   device_timeout_s=self.timeout, ready=self.ready, **self.agent_kw)
         except BaseException as exc:  # surfaced by the test through .error
             self.error = exc
             self.ready.set()

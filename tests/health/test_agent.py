@@ -104,7 +104,7 @@ def test_thermal_throttle_is_recorded_with_action_ignore_and_exported(sim_node, 
     assert (event.action, event.gpu) == (Action.IGNORE, 1)
     assert metric_value(text, "DCGM_FI_DEV_GPU_TEMP", gpu="1") == 93.0
     # hw_thermal_slowdown (0x40) | sw_thermal_slowdown (0x20)
-    assert metric_value(text, "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", gpu="1") == float(0x60)
+    assert metric_value(text, "DCGM_FI_DEV_CLOCKS_EVENT_REASONS", gpu="1") == float(0x60)
 
 
 def test_nvlink_down_and_fallen_off_bus_without_xid_are_caught(sim_node, agent_run):

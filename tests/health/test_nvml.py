@@ -91,13 +91,29 @@ def test_every_telemetry_field_is_read_through_pynvml(fake_nvml_dir):
     assert g0["unsupported"] == []
 
 
+def test_nvlink_error_counters_are_read_per_link_through_pynvml(fake_nvml_dir):
+    g0 = json.loads(with_fake_nvml(fake_nvml_dir, READ_ALL).stdout)["gpus"][0]
+    counters = {(link, name): n for link, name, n in g0["nvlink_errors"]}
+    assert len(counters) == 3 * 4, "four counters on each of the three links"
+    assert counters[(1, "crc_flit")] == 42 and counters[(2, "replay")] == 2 and counters[(0, "crc_data")] == 1
+
+
+def test_dcgm_exporter_staples_are_read_through_pynvml(fake_nvml_dir):
+    g0, g1 = json.loads(with_fake_nvml(fake_nvml_dir, READ_ALL).stdout)["gpus"]
+    assert (g0["gpu_util_pct"], g0["mem_copy_util_pct"], g0["enc_util_pct"], g0["dec_util_pct"]) == (97, 41, 3, 5)
+    assert (g0["fb_used_mib"], g0["fb_reserved_mib"], g0["fb_free_mib"]) == (1024, 512, 81920 - 1536)
+    assert (g0["energy_mj"], g0["pcie_replay"], g0["memory_temp_c"]) == (123456789, 2, 71.0)
+    assert g1["fb_free_mib"] == 81920 and g1["nvlink_errors"] == []
+
+
 def test_fields_the_gpu_does_not_support_are_named_not_zeroed_silently(fake_nvml_dir):
     out = json.loads(with_fake_nvml(fake_nvml_dir, READ_ALL).stdout)
     g1 = out["gpus"][1]
     assert set(g1["unsupported"]) == {
         "ecc_sbe_volatile", "ecc_dbe_volatile", "ecc_sbe_aggregate", "ecc_dbe_aggregate", "retired_pages_sbe",
         "retired_pages_dbe", "retired_pages_pending", "row_remap_correctable", "row_remap_uncorrectable",
-        "row_remap_pending", "row_remap_failure", "nvlink_up"}
+        "row_remap_pending", "row_remap_failure", "nvlink_up", "energy_mj", "enc_util_pct", "dec_util_pct",
+        "memory_temp_c"}
     assert g1["throttle_reasons"] == ["gpu_idle"] and g1["temperature_c"] == 45.0
 
 

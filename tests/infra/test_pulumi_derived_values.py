@@ -142,7 +142,7 @@ def test_agent_uses_nvml_through_the_nvidia_runtime_and_tolerates_gpu_spare_and_
     assert keys == {("nvidia.com/gpu", "NoSchedule"), ("aidc.dev/spare", "NoSchedule"), (None, "NoExecute")}
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["AIDC_STACK"]["value"] == "h100-example" and env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
-    assert pod["containers"][0]["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert pod["containers"][0]["ports"] == [{"name": "metrics", "containerPort": 9402, "protocol": "TCP"}]
 
 
 def test_scrape_interval_is_never_below_15_seconds_nor_below_the_poll_interval():

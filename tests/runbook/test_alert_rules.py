@@ -87,3 +87,24 @@ def test_each_rule_is_tested_firing_and_not_firing():
                 (fired if check.get("exp_alerts") else silent).add(check["alertname"])
     assert set(rules()) <= fired, f"never tested firing: {set(rules()) - fired}"
     assert set(rules()) <= silent, f"never tested silent: {set(rules()) - silent}"
+
+
+RUNBOOK_URL_BASE = "https://github.com/aidc-project/aidc/blob/main/docs/runbooks/"
+
+
+def test_every_rule_links_its_runbook_page_and_the_page_exists():
+    for name, rule in rules().items():
+        runbook = rule["annotations"]["runbook"]
+        assert rule["annotations"].get("runbook_url") == f"{RUNBOOK_URL_BASE}{runbook}.md", name
+        assert (ROOT / "docs/runbooks" / f"{runbook}.md").is_file(), f"{name}: docs/runbooks/{runbook}.md missing"
+
+
+def test_every_dcgm_series_in_a_rule_names_the_job_it_reads():
+    from aidc.health.exporter import DCGM_EXPORTER_DEFAULTS
+
+    for name, rule in rules().items():
+        for metric, selector in re.findall(r"\b(DCGM_FI_[A-Z0-9_]+)(\{[^}]*\})?", rule["expr"]):
+            if metric in DCGM_EXPORTER_DEFAULTS:  # left to dcgm-exporter when it runs beside the agent
+                assert 'job=~"aidc-agent|nvidia-dcgm-exporter|dcgm-exporter"' in selector, (name, metric)
+            else:
+                assert 'job="aidc-agent"' in selector, (name, metric)

@@ -12,6 +12,7 @@ import typer
 
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError, DeviceError
+from aidc.spec import AGENT_METRICS_PORT
 
 app = typer.Typer(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.",
                   no_args_is_help=True)
@@ -25,7 +26,17 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                    "(default: <node-dir>/kern.log for sim, /dev/kmsg for nvml)."),
         store: Path = typer.Option(..., help="Durable event store (SQLite) that failover reads."),
         audit_db: Path = typer.Option(..., help="Audit log database (SQLite)."),
-        port: int = typer.Option(9400, min=0, max=65535, help="Metrics port (0: no metrics server)."),
+        port: int = typer.Option(AGENT_METRICS_PORT, min=0, max=65535,
+                                 help="Metrics port (0: no metrics server); dcgm-exporter has 9400."),
+        dcgm_exporter: str = typer.Option("absent", "--dcgm-exporter",
+                                          help="present: dcgm-exporter runs on this node too, so the DCGM_FI_* "
+                                               "series it exports by default are left to it; absent: export all."),
+        checkpoint_path: list[str] = typer.Option([], "--checkpoint-path",
+                                                  help="Checkpoint volume to report the fill level of "
+                                                       "(aidc_checkpoint_volume_used_ratio); repeatable."),
+        sysfs_root: Path = typer.Option(None, "--sysfs-root",
+                                        help="Where sysfs is mounted, for InfiniBand ports (nvml backend; "
+                                             "default /sys). The sim backend keeps its own under --node-dir."),
         listen_address: str = typer.Option("127.0.0.1", "--listen-address",
                                            help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
                                                 "or the pod IP where Prometheus scrapes it (the DaemonSet)."),
@@ -65,6 +76,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
 
         forwarder = KubernetesForwarder(store, node, NodeFaultPublisher(api_client_from(Kubernetes()), node))
 
+    if dcgm_exporter not in ("absent", "present"):
+        raise typer.BadParameter(f"present or absent, not {dcgm_exporter!r}", param_hint="--dcgm-exporter")
     _check_listen_address(listen_address)
     metrics_tls = _metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_client_ca)
 
@@ -74,7 +87,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         dev = open_backend("sim", node_dir=node_dir)
         kernel_log = kernel_log or node_dir / "kern.log"
     else:
-        dev = open_backend(backend)
+        dev = open_backend(backend, **({"sysfs_root": str(sysfs_root)} if sysfs_root and backend == "nvml" else {}))
         kernel_log = kernel_log or Path("/dev/kmsg")
     stop = threading.Event()
     ready = threading.Event()
@@ -103,7 +116,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
     try:
         agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
                           device_timeout_s=device_timeout, ready=ready, listen_address=listen_address,
-                          metrics_tls=metrics_tls)
+                          metrics_tls=metrics_tls, checkpoint_paths=tuple(checkpoint_path),
+                          dcgm_exporter_present=dcgm_exporter == "present")
     finally:
         if forwarding is not None:
             forwarder_stop.set()

@@ -35,6 +35,20 @@ class GpuTelemetry:
     pcie_width_max: int = 0
     # One entry per NVLink: True when the link is up. Empty when the GPU has none.
     nvlink_up: tuple[bool, ...] = ()
+    # NVLink error counters since the driver loaded: (link, counter name, count), counter names
+    # as NVML's nvmlNvLinkErrorCounter_t: replay, recovery, crc_flit, crc_data.
+    nvlink_errors: tuple[tuple[int, str, int], ...] = ()
+    # dcgm-exporter's default staples (DCGM_FI_DEV_*), where NVML gives them.
+    gpu_util_pct: float = 0.0
+    mem_copy_util_pct: float = 0.0
+    enc_util_pct: float = 0.0
+    dec_util_pct: float = 0.0
+    fb_used_mib: float = 0.0
+    fb_free_mib: float = 0.0
+    fb_reserved_mib: float = 0.0
+    energy_mj: int = 0  # total energy since the driver loaded, millijoules (a counter)
+    pcie_replay: int = 0  # PCIe replays (retries), a counter
+    memory_temp_c: float = 0.0
     # Fields a backend could not read on this GPU (not supported), by name, so that
     # "0" is never confused with "unknown".
     unsupported: tuple[str, ...] = field(default=())
@@ -68,6 +82,11 @@ class DeviceBackend(Protocol):
 
     def compute_slowdown(self) -> float:
         """How many times slower than nominal this device computes (sim faults; 1.0 on real GPUs)."""
+        ...
+
+    def sysfs_root(self) -> str:
+        """Where this node's sysfs is (InfiniBand ports under class/infiniband): /sys on a real
+        node, a tree the backend keeps up to date on sim."""
         ...
 
     def close(self) -> None: ...

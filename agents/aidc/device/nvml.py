@@ -60,6 +60,24 @@ def encode_clock_event_reasons(names: tuple[str, ...] | list[str]) -> int:
     return mask
 
 
+# NVML's nvmlNvLinkErrorCounter_t values, named as the exporter labels them.
+NVLINK_ERROR_COUNTERS: tuple[tuple[str, int], ...] = (
+    ("replay", pynvml.NVML_NVLINK_ERROR_DL_REPLAY),
+    ("recovery", pynvml.NVML_NVLINK_ERROR_DL_RECOVERY),
+    ("crc_flit", pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT),
+    ("crc_data", pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA),
+)
+MIB = 1024 * 1024
+
+
+def _field_value(value) -> float:
+    """The number in an nvmlFieldValue_t, read by its valueType (nvmlValueType_t)."""
+    member = {pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal", pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+              pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+              pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal"}.get(value.valueType, "siVal")
+    return getattr(value.value, member)
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -75,7 +93,8 @@ class NvmlBackend:
     name = "nvml"
     XID_RETRY_S = 60.0  # how often a GPU that could not be registered for XID events is retried
 
-    def __init__(self) -> None:
+    def __init__(self, sysfs_root: str = "/sys") -> None:
+        self._sysfs_root = sysfs_root
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
@@ -126,7 +145,11 @@ class NvmlBackend:
     def telemetry(self, index: int) -> GpuTelemetry:
         h = self._handle(index)
         u: list[str] = []
-        rd = lambda field, fn, *a: self._read(index, field, fn, h, *a, unsupported=u)  # noqa: E731
+
+        def rd(field, fn, *a):
+            return self._read(index, field, fn, h, *a, unsupported=u)
+
+        rd.unsupported = u
         pci_info = rd("pci_bus_id", pynvml.nvmlDeviceGetPciInfo)
         pci = _text(pci_info.busId) if pci_info is not None else ""
         self._pci[index] = pci
@@ -186,6 +209,8 @@ class NvmlBackend:
                 fields[field] = int(value)
 
         fields["nvlink_up"] = self._nvlink_states(index, h, u)
+        fields["nvlink_errors"] = self._nvlink_errors(index, h, len(fields["nvlink_up"]))
+        self._staples(fields, rd)
         fields["unsupported"] = tuple(u)
         return GpuTelemetry(**fields)
 
@@ -213,6 +238,52 @@ class NvmlBackend:
         if not states:
             unsupported.append("nvlink_up")
         return tuple(states)
+
+    def _nvlink_errors(self, index: int, handle, links: int) -> tuple[tuple[int, str, int], ...]:
+        """Every NVLink's error counters. A counter the link does not keep is left out (absent,
+        not 0); a lost GPU is the lost-GPU error, as everywhere."""
+        out: list[tuple[int, str, int]] = []
+        for link in range(links):
+            for name, counter in NVLINK_ERROR_COUNTERS:
+                try:
+                    out.append((link, name, int(pynvml.nvmlDeviceGetNvLinkErrorCounter(handle, link, counter))))
+                except pynvml.NVMLError as exc:
+                    if _is(exc, "NVML_ERROR_GPU_IS_LOST"):
+                        raise self._device_error(index, "nvlink_errors", exc) from None
+        return tuple(out)
+
+    @staticmethod
+    def _staples(fields: dict, rd) -> None:
+        """dcgm-exporter's default fields that NVML answers (DCGM reads the same NVML calls)."""
+        util = rd("gpu_util_pct", pynvml.nvmlDeviceGetUtilizationRates)
+        if util is not None:
+            fields["gpu_util_pct"], fields["mem_copy_util_pct"] = float(util.gpu), float(util.memory)
+        else:
+            rd.unsupported.append("mem_copy_util_pct")
+        for field, fn in (("enc_util_pct", pynvml.nvmlDeviceGetEncoderUtilization),
+                          ("dec_util_pct", pynvml.nvmlDeviceGetDecoderUtilization)):
+            value = rd(field, fn)
+            if value is not None:
+                fields[field] = float(value[0])  # (utilisation, sampling period in us)
+        mem = rd("fb_used_mib", pynvml.nvmlDeviceGetMemoryInfo, pynvml.nvmlMemory_v2)
+        if mem is not None:
+            fields.update(fb_used_mib=mem.used / MIB, fb_free_mib=mem.free / MIB, fb_reserved_mib=mem.reserved / MIB)
+        else:
+            rd.unsupported += ["fb_free_mib", "fb_reserved_mib"]
+        energy = rd("energy_mj", pynvml.nvmlDeviceGetTotalEnergyConsumption)
+        if energy is not None:
+            fields["energy_mj"] = int(energy)
+        replay = rd("pcie_replay", pynvml.nvmlDeviceGetPcieReplayCounter)
+        if replay is not None:
+            fields["pcie_replay"] = int(replay)
+        # HBM temperature has no call of its own: NVML's field value NVML_FI_DEV_MEMORY_TEMP.
+        values = rd("memory_temp_c", pynvml.nvmlDeviceGetFieldValues, [pynvml.NVML_FI_DEV_MEMORY_TEMP])
+        if values is not None:
+            value = values[0]
+            if value.nvmlReturn == pynvml.NVML_SUCCESS:
+                fields["memory_temp_c"] = float(_field_value(value))
+            else:
+                rd.unsupported.append("memory_temp_c")
 
     def _ensure_xid_registration(self) -> None:
         """Register every GPU for XidCriticalError events once. GPUs that cannot are skipped:
@@ -281,6 +352,9 @@ class NvmlBackend:
 
     def compute_slowdown(self) -> float:
         return 1.0
+
+    def sysfs_root(self) -> str:
+        return self._sysfs_root
 
     def close(self) -> None:
         if self._closed:

@@ -22,6 +22,8 @@ from aidc.errors import DeviceError
 
 STATE_FILE = "device.json"
 KERNEL_LOG = "kern.log"
+LINKS_FILE = "links.json"  # per-rail link state, written by `aidc device inject NODE_DIR link ...`
+SYSFS_DIR = "sys"  # the node's simulated sysfs: InfiniBand ports, one HCA per rail
 MAX_HANG_S = 600  # an injected hang is bounded, so no test can hang forever
 
 FAULTS = ("xid", "ecc_dbe", "thermal", "nvlink_down", "fallen_off_bus", "slowdown", "hang", "clear")
@@ -46,8 +48,9 @@ def _pci(node_index: int, gpu: int) -> str:
     return f"00000000:{0x17 + 0x10 * gpu + node_index:02X}:00.0"
 
 
-def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0) -> Path:
-    """Lay out a simulated node: healthy GPUs and an empty kernel log."""
+def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0, *, rails: int = 0,
+                link_speed_gbps: float = 400.0) -> Path:
+    """Lay out a simulated node: healthy GPUs, one InfiniBand port per rail, an empty kernel log."""
     node_dir = Path(node_dir)
     node_dir.mkdir(parents=True, exist_ok=True)
     state = {
@@ -56,6 +59,8 @@ def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0)
         "slowdown": 1.0,
         "hang_s": 0.0,
         "xid_events": [],
+        "ib_rails": rails,
+        "ib_rate_gbps": link_speed_gbps,
         "gpus": [
             {
                 "index": i,
@@ -83,6 +88,17 @@ def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0)
                 "pcie_width": 16,
                 "pcie_width_max": 16,
                 "nvlink_up": [],
+                "nvlink_errors": [],
+                "gpu_util_pct": 0.0,
+                "mem_copy_util_pct": 0.0,
+                "enc_util_pct": 0.0,
+                "dec_util_pct": 0.0,
+                "fb_used_mib": 0.0,
+                "fb_free_mib": 81559.0,
+                "fb_reserved_mib": 521.0,
+                "energy_mj": 0,
+                "pcie_replay": 0,
+                "memory_temp_c": 38.0 + i,
                 "fallen_off_bus": False,
             }
             for i in range(gpus)
@@ -176,6 +192,13 @@ def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, fac
             g["throttle_reasons"] = ["hw_thermal_slowdown", "sw_thermal_slowdown"]
         elif fault == "nvlink_down":
             g["nvlink_up"] = [False] + [True] * 17 if not g["nvlink_up"] else [False] + g["nvlink_up"][1:]
+            # A link that drops went through a failed recovery first, as NVML's counter shows.
+            errors = {(link, name): n for link, name, n in g.get("nvlink_errors", [])}
+            for link in range(len(g["nvlink_up"])):
+                for name in ("replay", "recovery", "crc_flit", "crc_data"):
+                    errors.setdefault((link, name), 0)
+            errors[(0, "recovery")] += 1
+            g["nvlink_errors"] = [[link, name, n] for (link, name), n in sorted(errors.items())]
         elif fault == "fallen_off_bus":
             # The multi-line message the driver prints when the GPU vanishes without an XID.
             g["fallen_off_bus"] = True
@@ -242,6 +265,9 @@ class SimBackend:
         fields = {k: v for k, v in g.items() if k in GpuTelemetry.__dataclass_fields__}
         fields["throttle_reasons"] = tuple(fields["throttle_reasons"])
         fields["nvlink_up"] = tuple(fields["nvlink_up"])
+        fields["nvlink_errors"] = tuple(tuple(e) for e in fields.get("nvlink_errors", ()))
+        # Energy accrues at the simulated power draw since the node "booted", as NVML's counter does.
+        fields["energy_mj"] = int(fields.get("energy_mj", 0) + g["power_w"] * (time.time() - state["boot_time"]) * 1000)
         return GpuTelemetry(**fields)
 
     def xid_events(self, timeout_ms: int = 0) -> list[XidEvent]:
@@ -258,8 +284,101 @@ class SimBackend:
     def compute_slowdown(self) -> float:
         return float(self._state().get("slowdown", 1.0))
 
+    def sysfs_root(self) -> str:
+        """The node's simulated sysfs, brought up to date with links.json first."""
+        state = self._state()
+        self._maybe_hang(state)
+        sync_ib_sysfs(self.node_dir, state)
+        return str(self.node_dir / SYSFS_DIR)
+
     def close(self) -> None:
         pass
+
+
+# --- InfiniBand ports -------------------------------------------------------------------------
+# One HCA per rail (mlx5_<rail>, port 1), laid out as the kernel's ib_core lays out
+# /sys/class/infiniband, so that the agent reads it with the same code as a real node's.
+IB_COUNTERS = ("link_downed", "link_error_recovery", "symbol_error", "port_rcv_errors", "port_xmit_discards",
+               "port_rcv_remote_physical_errors", "local_link_integrity_errors", "excessive_buffer_overrun_errors")
+
+
+def ib_port_dir(node_dir: str | Path, rail: int) -> Path:
+    return Path(node_dir) / SYSFS_DIR / "class" / "infiniband" / f"mlx5_{rail}" / "ports" / "1"
+
+
+def read_links(node_dir: str | Path) -> dict[int, dict]:
+    """links.json's rails as {rail: {"up", "rate_fraction", "loss_pct"}}; {} without the file.
+    A file that is not that JSON is a DeviceError naming it."""
+    path = Path(node_dir) / LINKS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{path}: not the links JSON ({exc})") from None
+    rails = data.get("rails") if isinstance(data, dict) else None
+    if not isinstance(rails, dict):
+        raise DeviceError(f'{path}: expected {{"rails": {{"<rail>": {{"up": ..., "rate_fraction": ..., "loss_pct": ...}}}}}}')
+    out = {}
+    for key, link in rails.items():
+        if not str(key).isdigit() or not isinstance(link, dict):
+            raise DeviceError(f"{path}: rail {key!r} is not a rail number mapped to its link state")
+        out[int(key)] = {"up": link.get("up", True) is not False,
+                         "rate_fraction": float(link.get("rate_fraction", 1.0)),
+                         "loss_pct": float(link.get("loss_pct", 0.0))}
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old or the new value, never half a file
+
+
+def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
+    """Bring the simulated IB ports in line with links.json: a rail marked down is DOWN /
+    Disabled and counts one more link_downed and link_error_recovery on each transition from
+    up; a rail with loss counts port_rcv_errors and symbol_error (ceil(loss_pct) per sync);
+    the rate is the node's link rate times rate_fraction. Rails not in links.json are up."""
+    node_dir = Path(node_dir)
+    state = state if state is not None else _read_state(node_dir)
+    links = read_links(node_dir)
+    rails = sorted(set(range(int(state.get("ib_rails", 0)))) | set(links))
+    if not rails:
+        return
+    (node_dir / SYSFS_DIR).mkdir(exist_ok=True)
+    with open(node_dir / SYSFS_DIR / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for rail in rails:
+            link = links.get(rail, {"up": True, "rate_fraction": 1.0, "loss_pct": 0.0})
+            port = ib_port_dir(node_dir, rail)
+            counters = port / "counters"
+            if not counters.is_dir():
+                counters.mkdir(parents=True)
+                (port / "link_layer").write_text("InfiniBand\n")
+                for name in IB_COUNTERS:
+                    (counters / name).write_text("0\n")
+                _write_text(port / "state", "4: ACTIVE\n")
+            was_up = (port / "state").read_text().strip().endswith("ACTIVE")
+
+            def bump(name: str, by: int) -> None:
+                try:
+                    count = int((counters / name).read_text())
+                except (OSError, ValueError):
+                    return  # a counter file someone removed or garbled stays as it is (tests do that)
+                _write_text(counters / name, f"{count + by}\n")
+
+            if was_up and not link["up"]:
+                bump("link_downed", 1)
+                bump("link_error_recovery", 1)
+            if link["up"] and link["loss_pct"] > 0:
+                errors = int(-(-link["loss_pct"] // 1))
+                bump("port_rcv_errors", errors)
+                bump("symbol_error", errors)
+            _write_text(port / "state", "4: ACTIVE\n" if link["up"] else "1: DOWN\n")
+            _write_text(port / "phys_state", "5: LinkUp\n" if link["up"] else "3: Disabled\n")
+            rate = float(state.get("ib_rate_gbps", 400.0)) * max(link["rate_fraction"], 0.0)
+            _write_text(port / "rate", f"{rate:g} Gb/sec (4X)\n")
 
 
 def telemetry_dict(t: GpuTelemetry) -> dict:

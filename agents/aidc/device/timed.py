@@ -100,6 +100,9 @@ class TimedBackend:
     def compute_slowdown(self) -> float:
         return self._call("compute_slowdown", self.inner.compute_slowdown)
 
+    def sysfs_root(self) -> str:
+        return self._call("sysfs_root", self.inner.sysfs_root)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

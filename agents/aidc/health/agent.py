@@ -12,6 +12,7 @@ event in the store within about one poll interval.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ from aidc.events import Action, FaultEvent, FaultKind
 from aidc.health.catalog import Classification, XidCatalog, load_catalog
 from aidc.health.conditions import Condition, ConditionBook, Observed, condition_key, telemetry_conditions, worsened
 from aidc.health.exporter import HealthMetrics
+from aidc.health.infiniband import FlapDetector, IbPort, IbSysfsReader, load_thresholds
 from aidc.health.kmsg import KernelFault, KernelLogFollower, KernelLogParser, Position, normalize_pci
 from aidc.store import Store
 
@@ -36,6 +38,8 @@ log = logging.getLogger("aidc.health")
 XID_DEDUPE_WINDOW_S = 5.0  # the same XID from NVML and the kernel log within this window is one fault
 UNPARSED_LOG_LIMIT = 10  # unreadable kernel-log lines logged per agent run; all are counted in the metric
 LOST_MARKERS = ("fallen off the bus", "is lost", "gpu_is_lost", "gpu is lost")
+NODE_CHECK_INTERVAL_S = 10.0  # burn-in certificate and checkpoint volume: slow-moving, read this often
+AUDIT_VERIFY_INTERVAL_S = 60.0  # a full walk of the hash chain
 
 
 @dataclass
@@ -47,9 +51,10 @@ class Observation:
     errors: list[str] = field(default_factory=list)
     xids: list[XidEvent] = field(default_factory=list)
     hang: str | None = None
+    ib_ports: list[IbPort] | None = None  # None: not read this time (no sysfs, or the device hung)
 
 
-def poll_device(dev: TimedBackend) -> Observation:
+def poll_device(dev: TimedBackend, ib_reader: IbSysfsReader | None = None) -> Observation:
     obs = Observation()
     try:
         count = dev.gpu_count()
@@ -66,21 +71,41 @@ def poll_device(dev: TimedBackend) -> Observation:
         obs.xids = dev.xid_events(0)
     except DeviceHang as exc:
         obs.hang = str(exc)
+        return obs
     except DeviceError as exc:
         obs.errors.append(str(exc))
+    if ib_reader is not None and hasattr(dev.inner, "sysfs_root"):
+        try:
+            obs.ib_ports = ib_reader.read(dev.sysfs_root())
+        except DeviceHang as exc:
+            obs.hang = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- whatever sysfs holds, the poller and the GPUs go on
+            ib_reader.problem("sysfs root", str(exc))
     return obs
 
 
 class HealthAgent:
     def __init__(self, node: str, backend: DeviceBackend, kernel_log: str | Path | None, store: Store,
                  audit: AuditLog, *, poll_interval_s: float = 1.0, device_timeout_s: float = 2.0,
-                 catalog: XidCatalog | None = None, metrics: HealthMetrics | None = None):
+                 catalog: XidCatalog | None = None, metrics: HealthMetrics | None = None,
+                 checkpoint_paths: tuple[str, ...] = (), dcgm_exporter_present: bool = False):
         self.node = node
         self.dev = backend if isinstance(backend, TimedBackend) else TimedBackend(backend, device_timeout_s)
         self.store, self.audit = store, audit
         self.poll_interval_s = poll_interval_s
         self.catalog = catalog or load_catalog()
-        self.metrics = metrics or HealthMetrics(node, self.dev.name)
+        self.metrics = metrics or HealthMetrics(node, self.dev.name, dcgm_exporter_present=dcgm_exporter_present)
+        self.ib_reader = IbSysfsReader(log, node)
+        self.fabric = load_thresholds()
+        self.flaps = FlapDetector(self.fabric)
+        # Ports seen ACTIVE: only such a port going down is a fault (a node may have HCA ports it
+        # never cabled). Persisted, so a port that went down while the agent was away still counts.
+        self.ib_seen_up_key = f"health.ib_seen_up:{node}"
+        self.ib_seen_up: set[str] = set(json.loads(store.get(self.ib_seen_up_key) or "[]"))
+        self.checkpoint_paths = tuple(checkpoint_paths)
+        self._next_node_check = 0.0
+        self._next_audit_verify = 0.0
+        self._node_check_logged: set[str] = set()
         self.actor = default_actor("health")
         self.conditions = ConditionBook(node, store.get(f"health.conditions:{node}"))
         self.kernel_log = str(kernel_log) if kernel_log else None
@@ -106,7 +131,7 @@ class HealthAgent:
     def poller(self, halt: threading.Event) -> None:
         while not halt.is_set():
             started = time.monotonic()
-            obs = poll_device(self.dev)
+            obs = poll_device(self.dev, self.ib_reader)
             while not halt.is_set():  # bounded queue: a slow main loop slows the poller, not memory
                 try:
                     self.observations.put(obs, timeout=self.poll_interval_s)
@@ -137,6 +162,7 @@ class HealthAgent:
         self._release_held(everything=final)
         self.metrics.quarantined.labels(self.node).set(
             1 if self.store.node_state(self.node) in ("quarantining", "quarantined") else 0)
+        self.node_checks()
         return self.emitted - before
 
     def follow_kernel_log(self) -> None:
@@ -284,7 +310,108 @@ class HealthAgent:
                 pending.append(self._condition_event(Observed(FaultKind.FALLEN_OFF_BUS, index, True, why), "device"))
         for e in obs.errors:
             log.warning("%s: device poll error: %s", self.node, e)
-        self._commit(pending)
+        extra = None
+        if obs.ib_ports is not None:
+            extra = self._ib_ports(obs.ib_ports, pending)
+        self._commit(pending, extra_kv=extra)
+
+    # InfiniBand ---------------------------------------------------------------------
+    def _ib_ports(self, ports: list[IbPort], pending: list) -> dict | None:
+        """Export the ports; a port seen ACTIVE that is not is `ib_port_down`, link_downed
+        growing past the thresholds file's rate is `ib_link_flapping`; both clear when they
+        no longer hold. Returns the store update for ports newly seen up."""
+        self.metrics.update_ib(ports)
+        now = time.monotonic()
+        newly_up = False
+        for p in ports:
+            down_key, flap_key = f"{FaultKind.IB_PORT_DOWN.value}:{p.name}", f"{FaultKind.IB_LINK_FLAPPING.value}:{p.name}"
+            if p.up:
+                if p.name not in self.ib_seen_up:
+                    self.ib_seen_up.add(p.name)
+                    newly_up = True
+                self._clear(down_key, "the port is ACTIVE again")
+            elif p.up is False and p.name in self.ib_seen_up and down_key not in self.conditions.active:
+                pending.append(self._port_event(FaultKind.IB_PORT_DOWN, down_key, p.state,
+                                                f"InfiniBand {p.name}: port {p.state_name} "
+                                                f"(physical {p.phys_state_name or 'unknown'}), was ACTIVE"))
+            downed = p.counters.get("link_downed")
+            if downed is None:
+                continue
+            downs = self.flaps.observe(p.name, downed, now)
+            if self.flaps.flapping(downs) and flap_key not in self.conditions.active:
+                pending.append(self._port_event(
+                    FaultKind.IB_LINK_FLAPPING, flap_key, downs,
+                    f"InfiniBand {p.name}: {downs} link-down transitions within {self.fabric.flap_window_s:g} s "
+                    f"(threshold {self.fabric.flap_downs}, fabric thresholds {self.fabric.version})"))
+            elif not self.flaps.flapping(downs) and self.flaps.watched_a_whole_window(p.name, now):
+                self._clear(flap_key, "link-down transitions under the threshold for a whole window")
+        return {self.ib_seen_up_key: json.dumps(sorted(self.ib_seen_up))} if newly_up else None
+
+    def _port_event(self, kind: FaultKind, key: str, value, message: str) -> tuple[FaultEvent, Classification]:
+        cls = self.catalog.classify_fault(kind)
+        self.conditions.active[key] = Condition(kind.value, None, value, message, cls.action.value, time.time())
+        return FaultEvent(self.node, kind, cls.action, f"{message} -> {cls.action.value}", "sysfs"), cls
+
+    # node checks: burn-in certificate, checkpoint volume, audit log -----------------------
+    def _once(self, what: str, message: str) -> None:
+        if what not in self._node_check_logged:
+            self._node_check_logged.add(what)
+            log.warning("%s: %s", self.node, message)
+
+    def node_checks(self, now: float | None = None) -> None:
+        """The slow-moving node metrics, each at most every NODE_CHECK_INTERVAL_S (the audit
+        log's verification every AUDIT_VERIFY_INTERVAL_S). A check that cannot be made leaves
+        its metric absent and is logged once."""
+        now = time.monotonic() if now is None else now
+        if now >= self._next_node_check:
+            self._next_node_check = now + NODE_CHECK_INTERVAL_S
+            self._burnin_certificate()
+            for path in self.checkpoint_paths:
+                try:
+                    st = os.statvfs(path)
+                except OSError as exc:
+                    try:
+                        self.metrics.checkpoint_used.remove(self.node, path)
+                    except KeyError:  # never measured
+                        pass
+                    self._once(f"statvfs:{path}", f"checkpoint volume {path}: {exc.strerror or exc}; "
+                                                  "aidc_checkpoint_volume_used_ratio left out")
+                    continue
+                used = st.f_blocks - st.f_bfree
+                usable = used + st.f_bavail  # as df counts it: blocks reserved for root are not usable
+                self.metrics.checkpoint_used.labels(self.node, path).set(used / usable if usable else 0.0)
+        if now >= self._next_audit_verify:
+            self._next_audit_verify = now + AUDIT_VERIFY_INTERVAL_S
+            result = self.audit.verify()
+            self.metrics.audit_verify_ok.labels(self.node).set(1 if result.ok else 0)
+            if not result.ok:
+                self._once("audit", f"audit log {self.audit.path} does not verify: record "
+                                    f"{result.first_bad_seq}: {result.problem}")
+
+    def _burnin_certificate(self) -> None:
+        from aidc.burnin.certificate import RECORD_KIND
+
+        record = self.audit.latest_stored(RECORD_KIND, self.node)
+        if record is None:
+            return  # never burned in: no verdict to export
+        try:
+            payload = json.loads(record["payload"])
+            verdict = payload["verdict"]
+            collectives = payload.get("collectives") or {}
+            if verdict not in ("pass", "fail") or not isinstance(collectives, dict):
+                raise ValueError(f"verdict {verdict!r}")
+            fractions = {}
+            for name, rows in collectives.items():
+                if rows:  # the largest message size is the bandwidth figure, as in nccl-tests' summaries
+                    fractions[str(name)] = float(max(rows, key=lambda r: r["bytes"])["link_fraction"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self._once(f"certificate:{record['seq']}", f"burn-in certificate (audit record {record['seq']}) "
+                                                       f"is not readable ({exc!r}); aidc_burnin_* left out")
+            return
+        self.metrics.burnin_passed.labels(self.node).set(1 if verdict == "pass" else 0)
+        self.metrics.burnin_link_fraction.clear()
+        for name, fraction in fractions.items():
+            self.metrics.burnin_link_fraction.labels(self.node, name).set(fraction)
 
     # conditions -------------------------------------------------------------------
     def _set_condition(self, kind: FaultKind, gpu: int | None, value, message: str, action: Action) -> None:
@@ -351,7 +478,8 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
               audit: AuditLog | str | Path, port: int | None, poll_interval_s: float, stop: threading.Event, *,
               device_timeout_s: float = 2.0, catalog: XidCatalog | None = None,
               ready: threading.Event | None = None, listen_address: str = "127.0.0.1",
-              metrics_tls=None) -> HealthAgent:
+              metrics_tls=None, checkpoint_paths: tuple[str, ...] = (),
+              dcgm_exporter_present: bool = False) -> HealthAgent:
     """Run the watch loop until `stop` is set. `port` None or 0: no metrics server; the server
     listens on `listen_address` (loopback by default; 0.0.0.0 or the pod IP in a DaemonSet),
     over HTTPS with `metrics_tls` (an aidc.runbook.tls.TLSConfig).
@@ -361,7 +489,8 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
     store = Store(store) if own_store else store
     audit = AuditLog(audit) if own_audit else audit
     agent = HealthAgent(node, backend, kernel_log, store, audit, poll_interval_s=poll_interval_s,
-                        device_timeout_s=device_timeout_s, catalog=catalog)
+                        device_timeout_s=device_timeout_s, catalog=catalog, checkpoint_paths=checkpoint_paths,
+                        dcgm_exporter_present=dcgm_exporter_present)
     halt = threading.Event()
     poller = threading.Thread(target=agent.poller, args=(halt,), name=f"device-poller-{node}", daemon=True)
     try:

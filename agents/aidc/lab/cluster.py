@@ -60,7 +60,8 @@ class LabCluster:
             shutil.rmtree(self.dir)
         (self.dir / "logs").mkdir(parents=True)
         for i, node in enumerate(self.nodes):
-            sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i)
+            sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i,
+                            rails=self.spec.fabric.rails, link_speed_gbps=self.spec.fabric.link_speed_gbps)
         ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
         owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
         self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
@@ -122,7 +123,8 @@ class LabCluster:
             "agent", "run", "--node", node, "--backend", "sim", "--node-dir", str(self.node_dir(node)),
             "--kernel-log", str(self.node_dir(node) / sim.KERNEL_LOG), "--store", str(self.store_path),
             "--audit-db", str(self.audit_path), "--port", str(self.port(f"metrics:{node}")),
-            "--poll-interval", str(a.poll_interval_s), "--device-timeout", str(a.device_timeout_s)), node=node)
+            "--poll-interval", str(a.poll_interval_s), "--device-timeout", str(a.device_timeout_s),
+            "--checkpoint-path", str(self.dir)), node=node)
 
     def start_controller(self, stack: str) -> subprocess.Popen:
         return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir)))

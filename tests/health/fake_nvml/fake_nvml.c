@@ -6,7 +6,11 @@
  *   GPU 0: an "H100" reporting every field (one SBE/DBE, a retired page, a pending row
  *          remap, PCIe Gen4 x16 of Gen5 x16, NVLink 0-2 with link 1 down, HW thermal
  *          slowdown);
- *   GPU 1: a PCIe card for which ECC, row remapping and NVLink answer NOT_SUPPORTED.
+ *          dcgm-exporter's staples: 97% busy, 41% memory copy, 3%/5% encoder/decoder, 1024 MiB
+ *          used of 80 GiB with 512 MiB reserved, 123456789 mJ, 2 PCIe replays, HBM at 71 C; NVLink
+ *          error counters per link (replay = link, recovery 0, CRC flit 42 on link 1, CRC data 1);
+ *   GPU 1: a PCIe card for which ECC, row remapping, NVLink, energy, encoder/decoder and the
+ *          memory temperature field answer NOT_SUPPORTED (utilisation 0%, FB all free).
  * One XID 79 event on GPU 1 is queued in every event set in which GPU 1 is registered.
  * Compiled with -DOLD_DRIVER it lacks nvmlDeviceGetCurrentClocksEventReasons (pre-R535).
  * Environment: FAKE_NVML_LOST=N makes GPU N (0 or 1) answer GPU_IS_LOST; FAKE_NVML_HANG_MS=N makes
@@ -190,3 +194,80 @@ ret_t nvmlEventSetWait_v2(void *set, event_data_t *data, unsigned timeout_ms) {
 }
 
 ret_t nvmlEventSetFree(void *set) { free(set); return OK; }
+
+/* dcgm-exporter's staples ---------------------------------------------------------------- */
+typedef struct { unsigned gpu, memory; } utilization_t;
+ret_t nvmlDeviceGetUtilizationRates(void *d, utilization_t *u) {
+    GUARD(d);
+    u->gpu = idx(d) ? 0 : 97; u->memory = idx(d) ? 0 : 41;
+    return OK;
+}
+
+ret_t nvmlDeviceGetEncoderUtilization(void *d, unsigned *util, unsigned *period_us) {
+    GUARD(d);
+    if (idx(d) == 1) return NOT_SUPPORTED;
+    *util = 3; *period_us = 167000;
+    return OK;
+}
+
+ret_t nvmlDeviceGetDecoderUtilization(void *d, unsigned *util, unsigned *period_us) {
+    GUARD(d);
+    if (idx(d) == 1) return NOT_SUPPORTED;
+    *util = 5; *period_us = 167000;
+    return OK;
+}
+
+typedef struct { unsigned version; unsigned long long total, reserved, free, used; } memory_v2_t;
+#define MEMORY_V2 (unsigned)(sizeof(memory_v2_t) | (2 << 24))
+ret_t nvmlDeviceGetMemoryInfo_v2(void *d, memory_v2_t *m) {
+    GUARD(d);
+    if (m->version != MEMORY_V2) return INVALID_ARGUMENT;  /* as the real library checks it */
+    const unsigned long long MiB = 1024ULL * 1024ULL;
+    m->total = 81920 * MiB;
+    m->reserved = idx(d) ? 0 : 512 * MiB;
+    m->used = idx(d) ? 0 : 1024 * MiB;
+    m->free = m->total - m->reserved - m->used;
+    return OK;
+}
+
+ret_t nvmlDeviceGetTotalEnergyConsumption(void *d, unsigned long long *mj) {
+    GUARD(d);
+    if (idx(d) == 1) return NOT_SUPPORTED;
+    *mj = 123456789ULL;
+    return OK;
+}
+
+ret_t nvmlDeviceGetPcieReplayCounter(void *d, unsigned *n) { GUARD(d); *n = idx(d) ? 0 : 2; return OK; }
+
+typedef struct {
+    unsigned fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    unsigned valueType, nvmlReturn;
+    union { double d; unsigned ui; unsigned long ul; unsigned long long ull; long long sll; int si; } value;
+} field_value_t;
+enum { FI_DEV_MEMORY_TEMP = 82, VALUE_TYPE_UNSIGNED_INT = 1 };
+ret_t nvmlDeviceGetFieldValues(void *d, int count, field_value_t *values) {
+    GUARD(d);
+    for (int i = 0; i < count; i++) {
+        values[i].timestamp = 1; values[i].latencyUsec = 0;
+        if (values[i].fieldId != FI_DEV_MEMORY_TEMP || idx(d) == 1) { values[i].nvmlReturn = NOT_SUPPORTED; continue; }
+        values[i].nvmlReturn = OK;
+        values[i].valueType = VALUE_TYPE_UNSIGNED_INT;
+        values[i].value.ui = 71;
+    }
+    return OK;
+}
+
+ret_t nvmlDeviceGetNvLinkErrorCounter(void *d, unsigned link, int counter, unsigned long long *n) {
+    GUARD(d);
+    if (idx(d) == 1) return NOT_SUPPORTED;
+    if (link > 2) return INVALID_ARGUMENT;
+    switch (counter) {
+    case 0: *n = link; break;                    /* DL_REPLAY */
+    case 1: *n = 0; break;                       /* DL_RECOVERY */
+    case 2: *n = link == 1 ? 42 : 0; break;      /* DL_CRC_FLIT */
+    case 3: *n = 1; break;                       /* DL_CRC_DATA */
+    default: return INVALID_ARGUMENT;
+    }
+    return OK;
+}
