@@ -131,6 +131,8 @@ def _describe(event: dict) -> str:
         return f"all_reduce {event['nbytes']} B"
     if kind == "train":
         return f"DDP step {event['step']} loss {event['loss']:.4f}"
+    if kind == "pair":
+        return f"pair test rail {event['rail']}: ranks {event['a']}-{event['b']}"
     return f"{event['node']} {kind}"
 
 
@@ -147,17 +149,72 @@ def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
     return dirs
 
 
+def _link_rate_gbps(spec: ClusterSpec, fabric) -> float:
+    """The per-rail link rate (Gb/s, bits) every collective's busbw is judged against: on the lab's
+    netns fabric the scaled rate the rails are shaped to, else the spec's link speed."""
+    return fabric.link_rate_gbps if fabric is not None else spec.fabric.link_speed_gbps
+
+
+def _fabric_config(spec: ClusterSpec, fabric, node: str, names: list[str]) -> dict:
+    """What a worker needs to run on the fabric: where the store is, which interfaces, the link rate."""
+    policy = spec.policy.burnin
+    common = {"link_rate_gbps": _link_rate_gbps(spec, fabric), "nodes": names,
+              "localise_below_fraction": policy.localise_below_fraction, "localise_tolerance": policy.fleet_tolerance,
+              "pair_timeout_s": PAIR_TIMEOUT_S}
+    if fabric is None:
+        return {**common, "store_host": "127.0.0.1", "gloo_ifnames": "lo", "rails": 0, "netns": None}
+    return {**common, "store_host": fabric.store_addr, "gloo_ifnames": ",".join(fabric.ifnames),
+            "rails": fabric.rails, "netns": fabric.nodes[node].netns}
+
+
+def _links_down(fabric) -> dict[str, str]:
+    """Nodes with a rail down, and why: they cannot take part in a collective (it would only
+    wait for them until its timeout), so they fail with that reason and the rest go on."""
+    if fabric is None:
+        return {}
+    from aidc.lab.fabric import link_states
+
+    return {node: "; ".join(f"{node} rail {r}: link down (rail{r} has no carrier)" for r, up in rails.items() if not up)
+            for node, rails in link_states(fabric).items() if not all(rails.values())}
+
+
+def _start_store(fabric, timeout_s: float):
+    """The rendezvous store, where every node can reach it: on loopback, or on the fabric's
+    management bridge inside the lab's switch namespace (never on a rail, so a rail fault
+    cannot cut a node off the rendezvous)."""
+    import torch.distributed as dist  # only for the rendezvous store: the parent computes nothing
+
+    def make(host: str):
+        return dist.TCPStore(host, 0, world_size=None, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=timeout_s))
+
+    if fabric is None:
+        return make("127.0.0.1")
+    from aidc.lab.fabric import in_netns
+
+    return in_netns(fabric.switch_ns, lambda: make(fabric.store_addr))
+
+
+PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
+
+
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
-               target_sample_s: float = 0.02) -> BurninReport:
+               target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
     is lab fault injection: those nodes flip one parameter bit after training, which the
-    silent-data-corruption check must catch. Raises BurninError when the run cannot
-    complete (recorded in the audit log as `burnin.aborted`); failed nodes are verdicts.
+    silent-data-corruption check must catch. `fabric` (aidc.lab.fabric.Fabric): run each
+    node in its namespace and the collectives over its rails. A node that has not joined
+    the rendezvous within `join_timeout_s` is named in the BurninError. Raises BurninError
+    when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed
+    nodes are verdicts.
     """
-    nodes = spec.nodes()
+    all_nodes = spec.nodes()
+    down = _links_down(fabric)
+    nodes = [n for n in all_nodes if n.name not in down]
+    join_timeout_s = min(timeout_s, 120.0) if join_timeout_s is None else join_timeout_s
     if not timeout_s > 0:
         raise BurninError(f"the burn-in timeout must be positive, got {timeout_s:g} s")
     if spec.device_backend != "sim":
@@ -166,6 +223,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     missing = [n.name for n in nodes if not node_dirs or n.name not in node_dirs]
     if missing:
         raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
+    if not nodes:
+        raise BurninError("no node can take part: " + "; ".join(down.values()))
     started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
@@ -175,10 +234,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
         fleet = _Fleet(tmpdir)
         try:
             fleet.start()  # the zygote imports torch while this process does the same for the store
-            import torch.distributed as dist  # only for the rendezvous store: the parent computes nothing
-
-            store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=timeout_s))
+            store = _start_store(fabric, timeout_s)
+            names = [n.name for n in nodes]
             configs = {}
             for rank, node in enumerate(nodes):
                 cfg = {
@@ -189,11 +246,13 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
                     "corrupt_parameters": node.name in corrupt_nodes,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
+                    **_fabric_config(spec, fabric, node.name, names),
                 }
                 configs[node.name] = tmpdir / f"{node.name}.json"
                 configs[node.name].write_text(json.dumps(cfg))
             fleet.release(configs)
-            _follow_until_done(fleet, bar, started + timeout_s, timeout_s)
+            joins = _JoinWatch(store, names, time.monotonic() + join_timeout_s, join_timeout_s, fleet)
+            _follow_until_done(fleet, bar, started + timeout_s, timeout_s, joins)
             raw = {}
             for node in nodes:
                 path = tmpdir / f"{node.name}.result.json"
@@ -203,30 +262,46 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
         except BurninError as exc:
             if audit is not None:  # an aborted burn-in is a result too: no node was certified
                 audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
-                             payload={"nodes": [n.name for n in nodes], "timeout_s": timeout_s})
+                             payload={"nodes": [n.name for n in all_nodes], "timeout_s": timeout_s})
             raise
         finally:
             fleet.stop_all()
             if bar:
                 bar.stop()
-    report = _judged_report(spec, nodes, raw, time.monotonic() - started)
+    report = _judged_report(spec, nodes, raw, time.monotonic() - started, fabric=fabric, down=down,
+                            all_nodes=all_nodes)
     if audit is not None:
         _certify(audit, report)
     return report
 
 
-def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float) -> BurninReport:
+def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, *, fabric=None,
+                   down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
                   policy.min_loss_drop)
     first = raw[nodes[0].name]  # the collective figures are the same on every rank
+    localisation = first.get("localisation")
+    for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
+        results[culprit["node"]].reasons.append(culprit["reason"])
+        results[culprit["node"]].passed = False
+    for n in all_nodes or nodes:  # a node with a rail down took part in nothing: that is its verdict
+        if n.name in (down or {}):
+            results[n.name] = NodeResult(node=n.name, gpu_model=n.gpu_model, spare=n.spare, passed=False,
+                                         reasons=[down[n.name]], notes=["not measured: a rail is down"])
+    results = {n.name: results[n.name] for n in all_nodes or nodes}
     fleet_info = {
         "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
         "rule": "fail when more than fleet_tolerance below the fleet median; robust z (MAD) reported, not a rule"
                 " on its own",
         "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": len(nodes),
-        "allreduce_backend": "gloo", "link_rate_gbit_s": spec.fabric.link_speed_gbps,
+        "allreduce_backend": "gloo", "link_rate_gbit_s": _link_rate_gbps(spec, fabric),
+        "link_rate_gbps": _link_rate_gbps(spec, fabric),
+        "fabric": ({"kind": "netns", "rails": fabric.rails, "spec_link_gbps": fabric.spec_link_gbps,
+                    "scale": fabric.scale, "rail_mbit": fabric.rail_mbit} if fabric is not None
+                   else {"kind": spec.fabric.kind if spec.fabric.kind != "netns" else "loopback", "rails": 0}),
+        "localisation": localisation,
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
@@ -234,8 +309,27 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     return BurninReport(spec.name, results, fleet_info, duration_s)
 
 
-def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) -> None:
+class _JoinWatch:
+    """Names the nodes that never reach the rendezvous: without this every other node would
+    wait for them in init_process_group until the whole run's timeout, and say nothing."""
+
+    def __init__(self, store, names: list[str], deadline: float, timeout_s: float, fleet: "_Fleet"):
+        self.store, self.pending, self.deadline, self.timeout_s, self.fleet = store, list(names), deadline, timeout_s, fleet
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        self.pending = [n for n in self.pending if not self.store.check([f"joined/{n}"])]
+        if self.pending and time.monotonic() > self.deadline:
+            tails = "; ".join(f"{n}: {self.fleet.log_tail(n, 300)}" for n in self.pending)
+            raise BurninError(f"node(s) {', '.join(self.pending)} never joined the burn-in rendezvous within"
+                              f" {self.timeout_s:g} s (the others were stopped): {tails}")
+
+
+def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, joins: _JoinWatch | None = None) -> None:
     while True:
+        if joins is not None:
+            joins.check()
         try:
             event = fleet.events.get(timeout=0.1)
         except queue.Empty:
@@ -280,5 +374,8 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
             "allreduce_correct": n.allreduce_correct, "errors": n.errors, "spare": n.spare,
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "allreduce", "link_rate_gbit_s",
-                                                   "memcpy_counting")},
+                                                   "memcpy_counting", "fabric")},
+            "link_rate_gbps": report.fleet["link_rate_gbps"],
+            "localisation": [c for c in (report.fleet.get("localisation") or {}).get("culprits", [])
+                             if c["node"] == name],
         })

@@ -50,9 +50,14 @@ def run(stack: str = STACK_OPTION,
                           " a simulated lab fleet (on a GPU machine use bench/gpu_check.sh)")
     from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
 
+    from aidc.lab.fabric import ensure
+
     dirs = lab_node_dirs(spec, lab_dir)
+    # The stack's netns fabric, when it has one (built here if the lab has none up; `aidc lab down`
+    # removes it). The scale it was shaped to goes to stderr, never into --json.
+    fabric = ensure(spec, lab_dir, say=lambda msg: typer.echo(msg, err=True))
     with AuditLog(audit_db or lab_dir / "audit.db") as audit:
-        report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout)
+        report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric)
     if as_json:
         emit(report.to_dict(), True)
     else:

@@ -35,11 +35,13 @@ class LabError(AidcError):
 
 
 class LabCluster:
-    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike):
+    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, say=print):
         self.spec = spec
         self.dir = Path(lab_dir).resolve()
         self.manifest = self.dir / "lab.json"
         self.nodes = spec.nodes()
+        self.say = say
+        self.fabric = None  # set by create()
 
     # -- layout -------------------------------------------------------------------
     def create(self, owned: bool = False) -> None:
@@ -61,6 +63,11 @@ class LabCluster:
         (self.dir / "logs").mkdir(parents=True)
         for i, node in enumerate(self.nodes):
             sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i)
+        from aidc.lab import fabric
+
+        # The stack's netns fabric (a namespace per node, a shaped bridge per rail), or None:
+        # loopback, also where namespaces cannot be made (said in one line).
+        self.fabric = fabric.ensure(self.spec, self.dir, say=self.say)
         ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
         owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
         self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
@@ -214,6 +221,10 @@ class LabCluster:
             # After the owner: a run stopping itself cancels its job first. Jobs, then daemons,
             # then any job task left over, each by PID (LocalSlurm.stop).
             slurm_stopped = len(self._local_slurm(data).stop())
+        if not names_prefix:  # last: nothing of the lab runs inside its namespaces any more
+            from aidc.lab import fabric
+
+            fabric.teardown(self.dir)
         return len(procs) + (1 if owner else 0) + slurm_stopped
 
 

@@ -75,7 +75,7 @@ class LabRun:
 
             self.cluster: LabCluster = SlurmLabCluster(spec, lab_dir, stack)
         else:
-            self.cluster = LabCluster(spec, lab_dir)
+            self.cluster = LabCluster(spec, lab_dir, say=progress)
         self.say = progress
         self.result = LabResult(scheduler=scheduler)
         self.actor = default_actor("lab")
@@ -122,7 +122,7 @@ class LabRun:
 
         self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, all_reduce sweep, DDP + SDC check)")
         node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
-        report = run_burnin(self.spec, node_dirs, self.audit, progress=False)
+        report = run_burnin(self.spec, node_dirs, self.audit, progress=False, fabric=self.cluster.fabric)
         self.result.certified_nodes = sorted(report.certified_nodes)
         self.result.failed_nodes = sorted(report.failed_nodes)
         self.say(f"burn-in: certified {', '.join(self.result.certified_nodes) or 'none'}"
