@@ -10,8 +10,9 @@ by testing each of its nodes against a node from a fast pair (two more tests: th
 bisection). N + 2 per isolated slow pair, never N².
 
 A pair is slow when its busbw fraction of the link rate is more than `tolerance` below
-the rail's median pair (fleet-relative, like the rest of burn-in): a uniformly slow
-fabric has no single culprit and is left to the fleet floor.
+the rail's fleet median: the median over nodes of each node's best ring pair (fleet-
+relative, like the rest of burn-in). A uniformly slow fabric has no single culprit and
+is left to the fleet floor.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Culprit:
     node: int
     rail: int
     fraction: float  # the node's best slow pair: its link is at most this fast
-    fleet_median: float  # the rail's median ring pair
+    fleet_median: float  # the rail's median over nodes of each node's best ring pair
 
     def reason(self, names: list[str]) -> str:
         return (f"{names[self.node]} rail {self.rail}: busbw {self.fraction:.0%} of link rate"
@@ -90,7 +91,10 @@ def localise(n: int, rails: int, measure: Measure, tolerance: float) -> Localisa
         ring = {(a, b): run(rail, a, b, "ring") for a, b in ring_pairs(n)}
         if not ring:
             continue
-        median = statistics.median(ring.values())
+        # The reference is the median node's best pair: a node with a good link has at least
+        # one fast pair, so one bad node cannot drag it down even in a ring of three.
+        best = [max(v for pair, v in ring.items() if x in pair) for x in range(n)]
+        median = statistics.median(best)
         cut = median * (1 - tolerance)
         slow = [pair for pair, value in ring.items() if value < cut]
         fast_nodes = sorted({x for pair, value in ring.items() if value >= cut for x in pair})

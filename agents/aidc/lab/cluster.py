@@ -41,7 +41,7 @@ class LabCluster:
         self.manifest = self.dir / "lab.json"
         self.nodes = spec.nodes()
         self.say = say
-        self.fabric = None  # set by create()
+        self.fabric = None  # set by bring_up_fabric()
 
     # -- layout -------------------------------------------------------------------
     def create(self, owned: bool = False) -> None:
@@ -63,14 +63,16 @@ class LabCluster:
         (self.dir / "logs").mkdir(parents=True)
         for i, node in enumerate(self.nodes):
             sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i)
-        from aidc.lab import fabric
-
-        # The stack's netns fabric (a namespace per node, a shaped bridge per rail), or None:
-        # loopback, also where namespaces cannot be made (said in one line).
-        self.fabric = fabric.ensure(self.spec, self.dir, say=self.say)
         ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
         owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
         self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
+
+    def bring_up_fabric(self) -> None:
+        """The stack's netns fabric (a namespace per node, a shaped bridge per rail), or None:
+        loopback, also where namespaces cannot be made (said in one line). `stop()` removes it."""
+        from aidc.lab import fabric
+
+        self.fabric = fabric.ensure(self.spec, self.dir, say=self.say)
 
     def disown(self) -> None:
         """The driving run is over (what it kept up is recorded in `processes`)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -161,12 +162,12 @@ def teardown(lab_dir: str | os.PathLike) -> list[str]:
 
     Deleting a namespace deletes its veths and bridges with it."""
     lab_dir = Path(lab_dir)
-    removed = []
-    for ns in list_namespaces(lab_tag(lab_dir)):
-        if _run(["ip", "netns", "del", ns], check=False).returncode == 0:
-            removed.append(ns)
+    found = list_namespaces(lab_tag(lab_dir))
+    if found:  # -force: go on past one that fails; what is left is reported by its absence
+        subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {ns}\n" for ns in found),
+                       capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     (lab_dir / FABRIC_FILE).unlink(missing_ok=True)
-    return removed
+    return [ns for ns in found if not (NETNS_DIR / ns).exists()]
 
 
 def _subnets(cidr: str, rails: int) -> list[ipaddress.IPv4Network]:
@@ -197,49 +198,50 @@ def bring_up(lab_dir: str | os.PathLike, node_names: list[str], *, rails: int, l
         return None
     nets = _subnets(ipam_cidr, rails)
     mgmt = nets[-1]
-    hosts = [list(net.hosts())[: len(node_names) + 1] for net in nets]
+    hosts = [list(itertools.islice(net.hosts(), len(node_names) + 1)) for net in nets]
     if any(len(h) < len(node_names) + 1 for h in hosts):
         raise FabricError(f"ipam_cidr {ipam_cidr} is too small for {len(node_names)} nodes on {rails} rail(s)")
     fabric = Fabric(str(lab_dir), tag, f"{tag}-sw", rails, link_speed_gbps, rail_mbit,
                     store_addr=str(hosts[-1][-1]), prefixlen=nets[0].prefixlen)
+    lab_dir.mkdir(parents=True, exist_ok=True)
     try:
         sw = fabric.switch_ns
-        _run(["ip", "netns", "add", sw])
-        _ip(sw, "link", "set", "lo", "up")
-        for bridge in [f"br{r}" for r in range(rails)] + ["brm"]:
-            _ip(sw, "link", "add", bridge, "type", "bridge")
-            _ip(sw, "link", "set", bridge, "up")
-        _ip(sw, "addr", "add", f"{fabric.store_addr}/{mgmt.prefixlen}", "dev", "brm")
+        node_ns = {name: f"{tag}-{name}" for name in node_names}
+        # One `ip -batch` per namespace and one `tc -batch` (a lab of 5 nodes is ~12 processes,
+        # not ~150): this runs on a few shared cores.
+        _batch(["ip"], [f"netns add {ns}" for ns in [sw, *node_ns.values()]])
+        switch = ["link set lo up"] + [cmd for bridge in [f"br{r}" for r in range(rails)] + ["brm"]
+                                       for cmd in (f"link add {bridge} type bridge", f"link set {bridge} up")]
+        switch.append(f"addr add {fabric.store_addr}/{mgmt.prefixlen} dev brm")
+        nodes: dict[str, list[str]] = {}
         for i, name in enumerate(node_names):
-            ns = f"{tag}-{name}"
-            _run(["ip", "netns", "add", ns])
-            _ip(ns, "link", "set", "lo", "up")
-            # IPv4 only: a rail must have one address, not also a tentative link-local one
-            # that gloo might pick.
-            _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                  "net.ipv6.conf.default.disable_ipv6=1"])
+            ns = node_ns[name]
             links = NodeLinks(ns, str(hosts[-1][i]), [], [])
             ports = [(f"n{i}r{r}", f"rail{r}", f"br{r}", str(hosts[r][i]), nets[r].prefixlen) for r in range(rails)]
             ports.append((f"n{i}m", "mgmt0", "brm", links.mgmt_addr, mgmt.prefixlen))
+            nodes[ns] = ["link set lo up"]
             for port, ifname, bridge, addr, prefixlen in ports:
-                _ip(sw, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
-                _ip(sw, "link", "set", port, "master", bridge)
-                _ip(sw, "link", "set", port, "up")
-                _ip(ns, "addr", "add", f"{addr}/{prefixlen}", "dev", ifname)
-                _ip(ns, "link", "set", ifname, "up")
+                switch += [f"link add {port} type veth peer name {ifname} netns {ns}",
+                           f"link set {port} master {bridge}", f"link set {port} up"]
+                # IPv4 only (no link-local address): gloo must find one address per rail.
+                nodes[ns] += [f"link set {ifname} addrgenmode none", f"addr add {addr}/{prefixlen} dev {ifname}",
+                              f"link set {ifname} up"]
                 if ifname != "mgmt0":
                     links.rail_addrs.append(addr)
                     links.switch_ports.append(port)
             fabric.nodes[name] = links
-            for r in range(rails):
-                _shape(fabric, name, r, 1.0)
-    except FabricError:
+        _batch(["ip", "-n", sw], switch)
+        for ns, commands in nodes.items():
+            _batch(["ip", "-n", ns], commands)
+        for ns, commands in _tbf_commands(fabric, {(name, r): 1.0 for name in node_names for r in range(rails)}).items():
+            _batch(["tc", "-n", ns], commands)
+        _save(fabric)
+        for name in node_names:
+            write_links(lab_dir / "nodes" / name, {r: {"up": True, "rate_fraction": 1.0, "loss_pct": 0.0}
+                                                    for r in range(rails)})
+    except BaseException:  # half a fabric is none: nothing may stay behind (Ctrl-C included)
         teardown(lab_dir)
         raise
-    _save(fabric)
-    for name in node_names:
-        write_links(lab_dir / "nodes" / name, {r: {"up": True, "rate_fraction": 1.0, "loss_pct": 0.0}
-                                                for r in range(rails)})
     say(fabric.describe())
     return fabric
 
@@ -263,14 +265,35 @@ def load(lab_dir: str | os.PathLike) -> Fabric | None:
     return fabric if (NETNS_DIR / fabric.switch_ns).exists() else None
 
 
+def _batch(argv: list[str], commands: list[str]) -> None:
+    """Run `commands` through one `ip -batch -` / `tc -batch -` (stops at the first failure)."""
+    try:
+        done = subprocess.run([*argv, "-batch", "-"], input="\n".join(commands) + "\n", capture_output=True,
+                              text=True, timeout=COMMAND_TIMEOUT_S)
+    except FileNotFoundError:
+        raise FabricError(f"{argv[0]} is not installed (`make system-deps` installs iproute2 and nftables)") from None
+    except subprocess.TimeoutExpired:
+        raise FabricError(f"`{' '.join(argv)} -batch` did not finish in {COMMAND_TIMEOUT_S:g} s") from None
+    if done.returncode != 0:
+        raise FabricError(f"`{' '.join(argv)} -batch` failed: {(done.stderr or done.stdout).strip()[:300]}")
+
+
+def _tbf_commands(fabric: Fabric, fractions: dict[tuple[str, int], float]) -> dict[str, list[str]]:
+    """tc commands, by namespace, shaping both ends of each (node, rail): the node's egress and
+    the switch's egress towards it."""
+    out: dict[str, list[str]] = {}
+    for (node, rail), fraction in fractions.items():
+        links = fabric.nodes[node]
+        rate = f"{max(fabric.rail_mbit * fraction * 1000, 8):.0f}kbit"  # tbf refuses a zero rate
+        for ns, dev in ((links.netns, f"rail{rail}"), (fabric.switch_ns, links.switch_ports[rail])):
+            out.setdefault(ns, []).append(f"qdisc replace dev {dev} root tbf rate {rate} burst {TBF_BURST}"
+                                          f" latency {TBF_LATENCY}")
+    return out
+
+
 def _shape(fabric: Fabric, node: str, rail: int, fraction: float) -> None:
-    """Set the tbf of both ends of a rail: egress of the node and of the switch towards it."""
-    links = fabric.nodes[node]
-    rate = f"{max(fabric.rail_mbit * fraction * 1000, 8):.0f}kbit"  # tbf refuses a zero rate
-    for ns, dev in ((links.netns, f"rail{rail}"), (fabric.switch_ns, links.switch_ports[rail])):
-        _ip(ns, "link", "set", dev, "txqueuelen", "1000")
-        _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-              "burst", TBF_BURST, "latency", TBF_LATENCY])
+    for ns, commands in _tbf_commands(fabric, {(node, rail): fraction}).items():
+        _batch(["tc", "-n", ns], commands)
 
 
 def _set_loss(fabric: Fabric, node: str, rail: int, loss_pct: float) -> None:
@@ -346,10 +369,10 @@ def inject_link(node_dir: str | os.PathLike, rail: int, *, rate: float | None = 
     ns, ifname = fabric.nodes[node].netns, f"rail{rail}"
     if rate is not None:
         _shape(fabric, node, rail, rate)
-        state["rate_fraction"] = rate
+        state["rate_fraction"] = float(rate)
     elif loss_pct is not None:
         _set_loss(fabric, node, rail, loss_pct)
-        state["loss_pct"] = loss_pct
+        state["loss_pct"] = float(loss_pct)
     elif down:
         _ip(ns, "link", "set", ifname, "down")
         state["up"] = False

@@ -98,6 +98,7 @@ class LabRun:
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
                           payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir)})
         self._create_keyring()
+        c.bring_up_fabric()
         if burn_in:
             self._burnin()
         self._start_services()
