@@ -214,7 +214,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     all_nodes = spec.nodes()
     down = _links_down(fabric)
     nodes = [n for n in all_nodes if n.name not in down]
-    join_timeout_s = min(timeout_s, 120.0) if join_timeout_s is None else join_timeout_s
+    join_timeout_s = min(timeout_s, 60.0) if join_timeout_s is None else join_timeout_s
     if not timeout_s > 0:
         raise BurninError(f"the burn-in timeout must be positive, got {timeout_s:g} s")
     if spec.device_backend != "sim":
@@ -251,7 +251,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                 configs[node.name] = tmpdir / f"{node.name}.json"
                 configs[node.name].write_text(json.dumps(cfg))
             fleet.release(configs)
-            joins = _JoinWatch(store, names, time.monotonic() + join_timeout_s, join_timeout_s, fleet)
+            joins = _JoinWatch(store, names, join_timeout_s, fleet)
             _follow_until_done(fleet, bar, started + timeout_s, timeout_s, joins)
             raw = {}
             for node in nodes:
@@ -313,11 +313,15 @@ class _JoinWatch:
     """Names the nodes that never reach the rendezvous: without this every other node would
     wait for them in init_process_group until the whole run's timeout, and say nothing."""
 
-    def __init__(self, store, names: list[str], deadline: float, timeout_s: float, fleet: "_Fleet"):
-        self.store, self.pending, self.deadline, self.timeout_s, self.fleet = store, list(names), deadline, timeout_s, fleet
+    def __init__(self, store, names: list[str], timeout_s: float, fleet: "_Fleet"):
+        self.store, self.pending, self.timeout_s, self.fleet = store, list(names), timeout_s, fleet
+        self.deadline: float | None = None  # set when the node processes exist (importing torch is not joining)
+
+    def started(self) -> None:
+        self.deadline = time.monotonic() + self.timeout_s
 
     def check(self) -> None:
-        if not self.pending:
+        if not self.pending or self.deadline is None:
             return
         self.pending = [n for n in self.pending if not self.store.check([f"joined/{n}"])]
         if self.pending and time.monotonic() > self.deadline:
@@ -338,6 +342,9 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, jo
             if event["code"] != 0:
                 raise BurninError(f"burn-in process of node {event['node']} died (exit code {event['code']}):"
                                   f" {fleet.log_tail(event['node'])}")
+        elif event and event["event"] == "forked":
+            if joins is not None:
+                joins.started()
         elif event:
             if bar:
                 bar.update(bar.task_ids[0], advance=1 if event["event"] != "done" else 0,

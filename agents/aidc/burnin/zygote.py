@@ -67,6 +67,7 @@ def main() -> int:
                 # driver) must not keep this process alive, nor may it run the parent's atexit.
                 os._exit(code)
         children[pid] = path
+    worker.emit("forked", nodes=len(children))  # the runner's join deadline starts now, not at import
     worst = 0
     while children:
         pid, status = os.wait()
