@@ -1,7 +1,9 @@
-"""Run a lab burn-in: one process per node on this machine, gloo on 127.0.0.1.
+"""Run a lab burn-in: one process per node on this machine, gloo on 127.0.0.1 or, on the
+lab's netns fabric (`aidc.lab.fabric`), each node in its namespace with gloo over its rails.
 
-The runner holds the rendezvous store itself (a TCPStore bound to a free loopback
-port chosen by the kernel, so no port race), starts the node processes (forked by
+The runner holds the rendezvous store itself (a TCPStore bound to a free port chosen by
+the kernel, so no port race: on loopback, or on the fabric's management bridge inside
+the lab's switch namespace), starts the node processes (forked by
 `aidc.burnin.zygote`, in a session of their own), follows their progress on one pipe,
 and on any failure or timeout kills the whole session (no orphans). Then it judges
 the fleet and appends one certificate per node to the audit log.

@@ -5,7 +5,10 @@ The runner starts one of these per node and reads progress from its stdout (line
 starting with `@@aidc `). Per-node measurements are taken one node at a time, in
 rounds (every node takes its first sample, then every node its second, ...), so nodes
 never share cores while timing and a burst of load from elsewhere hits every node
-alike instead of one. Then all nodes run the all_reduce sweep and DDP training together.
+alike instead of one. Then all nodes run the all_reduce sweep and DDP training together;
+when the sweep is slow against the link rate (`link_rate_gbps` in the config: the scaled
+rail rate on the netns fabric), ring-neighbour pair tests localise the bad rail
+(`aidc.burnin.localise`).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         "aidc lab: " + ("loop completed" if result.completed else "loop did NOT complete"),
         f"  certified nodes   {', '.join(result.certified_nodes)}",
         f"  scheduler         {result.scheduler}",
+        f"  fabric            {_fabric_line(result.fabric)}",
         f"  fault             XID {result.xid} on {result.victim}",
         *([f"  drain reason      {result.drain_reason}   (sinfo -R)"] if result.scheduler == "slurm" else []),
         f"  detect_ms         {result.detect_ms}   (kernel-log line written -> quarantine decision)",
@@ -68,6 +69,13 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
     emit(data, as_json, text)
     if not (result.completed and result.audit_verified):
         raise typer.Exit(1)
+
+
+def _fabric_line(fabric: dict) -> str:
+    if fabric["kind"] != "netns":
+        return "loopback"
+    return (f"netns, {fabric['rails']} rail(s) at {fabric['rail_mbit']:g} Mbit/s (scale {fabric['scale']:.3g});"
+            f" training {'on the rails' if fabric['training'] else 'on loopback'}")
 
 
 def _key_line(key: dict) -> str:

@@ -73,6 +73,7 @@ class Fabric:
     rail_mbit: float  # what a healthy rail is shaped to here
     store_addr: str  # the switch namespace's address on the management bridge
     prefixlen: int
+    mgmt_cidr: str = ""  # the management bridge's subnet (where the rendezvous store is)
     nodes: dict[str, NodeLinks] = field(default_factory=dict)
 
     @property
@@ -202,7 +203,7 @@ def bring_up(lab_dir: str | os.PathLike, node_names: list[str], *, rails: int, l
     if any(len(h) < len(node_names) + 1 for h in hosts):
         raise FabricError(f"ipam_cidr {ipam_cidr} is too small for {len(node_names)} nodes on {rails} rail(s)")
     fabric = Fabric(str(lab_dir), tag, f"{tag}-sw", rails, link_speed_gbps, rail_mbit,
-                    store_addr=str(hosts[-1][-1]), prefixlen=nets[0].prefixlen)
+                    store_addr=str(hosts[-1][-1]), prefixlen=nets[0].prefixlen, mgmt_cidr=str(mgmt))
     lab_dir.mkdir(parents=True, exist_ok=True)
     try:
         sw = fabric.switch_ns

@@ -45,6 +45,8 @@ class LabResult:
     scheduler: str = "lab"
     # Slurm only: the victim's drain reason exactly as `sinfo -R` shows it.
     drain_reason: str | None = None
+    # Where the nodes talked: netns (rails, rate, scale; whether training ran on it) or loopback.
+    fabric: dict = field(default_factory=lambda: {"kind": "loopback"})
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -99,6 +101,9 @@ class LabRun:
                           payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir)})
         self._create_keyring()
         c.bring_up_fabric()
+        if c.fabric is not None:
+            self.result.fabric = {"kind": "netns", "rails": c.fabric.rails, "rail_mbit": c.fabric.rail_mbit,
+                                  "scale": c.fabric.scale, "training": c.training_fabric is not None}
         if burn_in:
             self._burnin()
         self._start_services()
@@ -280,10 +285,8 @@ class LabRun:
                 "key_id": h["key_id"], "key_version": h["key_version"]}
 
     def _spares_waiting(self, spares: list[str]) -> bool:
-        from aidc.failover.rendezvous import read_state
-
         c = self.cluster
-        state = read_state("127.0.0.1", c.port("rdzv"), c.info()["run_id"])
+        state = c.read_rendezvous_state()
         if state is None:
             return False
         pids = {int((c.node_dir(n) / "launcher.pid").read_text()) for n in spares}
