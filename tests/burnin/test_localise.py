@@ -67,3 +67,22 @@ def test_two_bad_nodes_on_different_rails_are_both_named():
     found = localise(8, 2, model({(2, 1): 0.3, (6, 0): 0.4}), tolerance=0.35)
     assert sorted((c.node, c.rail) for c in found.culprits) == [(2, 1), (6, 0)]
     assert found.pair_tests == 16
+
+
+def test_a_slow_pair_whose_ends_are_both_fast_against_a_healthy_node_is_noted_not_blamed():
+    # Intermittent trouble (packet loss under a loss-blind congestion control): the ring pair
+    # 2-3 measured slow once, each end then measured fast.
+    found = localise(5, 1, lambda rail, a, b: 0.3 if (a, b) == (2, 3) else 0.9, tolerance=0.35)
+    assert found.culprits == [] and found.pair_tests == 5 + 2
+    (unresolved,) = found.to_dict([f"gpu-{i}" for i in range(5)])["unresolved"]
+    assert unresolved["note"] == ("rail 0: pair gpu-2-gpu-3 was slow (30% of link rate) but each end was fast"
+                                  " against a healthy node (90%, 90%)")
+
+
+def test_with_no_healthy_node_left_to_test_against_slow_pairs_are_noted_with_why():
+    # A ring of four whose pairs 0-1 and 2-3 are slow: every node is in one slow pair.
+    found = localise(4, 1, lambda rail, a, b: 0.3 if {a, b} in ({0, 1}, {2, 3}) else 0.9, tolerance=0.35)
+    assert found.culprits == [] and found.pair_tests == 4
+    notes = [u["note"] for u in found.to_dict(["a", "b", "c", "d"])["unresolved"]]
+    assert notes == ["rail 0: pair a-b was slow (30% of link rate) but no healthy node is left to test its ends against",
+                     "rail 0: pair c-d was slow (30% of link rate) but no healthy node is left to test its ends against"]

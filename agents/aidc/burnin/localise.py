@@ -53,7 +53,7 @@ class Localisation:
     tolerance: float
     tests: list[PairTest] = field(default_factory=list)
     culprits: list[Culprit] = field(default_factory=list)
-    unresolved: list[str] = field(default_factory=list)  # slow pairs no test could split
+    unresolved: list[dict] = field(default_factory=list)  # slow pairs no test could pin on one end
 
     @property
     def pair_tests(self) -> int:
@@ -65,7 +65,9 @@ class Localisation:
             "tests": [{**asdict(t), "a": names[t.a], "b": names[t.b]} for t in self.tests],
             "culprits": [{"node": names[c.node], "rail": c.rail, "fraction": round(c.fraction, 4),
                           "fleet_median": round(c.fleet_median, 4), "reason": c.reason(names)} for c in self.culprits],
-            "unresolved": self.unresolved,
+            "unresolved": [{"rail": u["rail"], "a": names[u["a"]], "b": names[u["b"]],
+                            "note": f"rail {u['rail']}: pair {names[u['a']]}-{names[u['b']]} was slow"
+                                    f" ({u['fraction']:.0%} of link rate) but {u['why']}"} for u in self.unresolved],
         }
 
 
@@ -108,14 +110,18 @@ def localise(n: int, rails: int, measure: Measure, tolerance: float) -> Localisa
                 continue
             references = [x for x in fast_nodes if x not in pair and count[x] == 0]
             if not references:
-                out.unresolved.append(f"rail {rail}: pair {pair[0]}-{pair[1]} is slow ({ring[pair]:.0%}) and no"
-                                      " healthy node is left to split it")
+                out.unresolved.append({"rail": rail, "a": pair[0], "b": pair[1], "fraction": ring[pair],
+                                       "why": "no healthy node is left to test its ends against"})
                 continue
             ref = references[0]
-            for x in pair:  # bisection: each end against a node known to be healthy
-                value = run(rail, min(x, ref), max(x, ref), "bisect")
+            split = {x: run(rail, min(x, ref), max(x, ref), "bisect") for x in pair}  # each end vs a healthy node
+            for x, value in split.items():
                 if value < cut:
                     named[x] = max(named.get(x, 0.0), value)
+            if all(value >= cut for value in split.values()):  # intermittent (loss, noise): said, not blamed
+                out.unresolved.append({"rail": rail, "a": pair[0], "b": pair[1], "fraction": ring[pair],
+                                       "why": "each end was fast against a healthy node ("
+                                              + ", ".join(f"{v:.0%}" for v in split.values()) + ")"})
         out.culprits += [Culprit(x, rail, fraction, median) for x, fraction in sorted(named.items())]
     return out
 

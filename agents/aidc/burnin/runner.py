@@ -222,11 +222,9 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     if spec.device_backend != "sim":
         raise BurninError("run_burnin runs a fleet of simulated nodes on one machine; the stack uses the"
                           f" {spec.device_backend!r} backend (use bench/gpu_check.sh on a GPU machine)")
-    missing = [n.name for n in nodes if not node_dirs or n.name not in node_dirs]
+    missing = [n.name for n in all_nodes if not node_dirs or n.name not in node_dirs]
     if missing:
         raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
-    if not nodes:
-        raise BurninError("no node can take part: " + "; ".join(down.values()))
     started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
@@ -235,6 +233,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
         tmpdir = Path(tmp)
         fleet = _Fleet(tmpdir)
         try:
+            if not nodes:
+                raise BurninError("no node can take part: " + "; ".join(down.values()))
             fleet.start()  # the zygote imports torch while this process does the same for the store
             store = _start_store(fabric, timeout_s)
             names = [n.name for n in nodes]
@@ -288,6 +288,9 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
         results[culprit["node"]].passed = False
+    for unresolved in (localisation or {}).get("unresolved", []):  # evidence on both ends, no verdict
+        for name in (unresolved["a"], unresolved["b"]):
+            results[name].notes.append(unresolved["note"])
     for n in all_nodes or nodes:  # a node with a rail down took part in nothing: that is its verdict
         if n.name in (down or {}):
             results[n.name] = NodeResult(node=n.name, gpu_model=n.gpu_model, spare=n.spare, passed=False,
