@@ -75,6 +75,38 @@ def test_each_node_gets_a_namespace_with_one_shaped_veth_per_rail_into_that_rail
     assert {link["ifname"] for link in ip_json("link", "show")} == root_links_before
 
 
+def udp_delivery(lab, sender: str, receiver: str, rail: int, count: int = 2000) -> float:
+    """The fraction of `count` small UDP datagrams from one node to another's rail address that arrive."""
+    import socket
+
+    def bind():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((lab.nodes[receiver].rail_addrs[rail], 0))
+        sock.settimeout(0.5)
+        return sock
+
+    def send(port: int):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(count):
+                try:
+                    sock.sendto(i.to_bytes(4, "big") * 16, (lab.nodes[receiver].rail_addrs[rail], port))
+                except OSError:  # no route: the rail is down
+                    return
+
+    rx = fabric.in_netns(lab.nodes[receiver].netns, bind)
+    with rx:
+        fabric.in_netns(lab.nodes[sender].netns, lambda: send(rx.getsockname()[1]))
+        received = 0
+        try:
+            while received < count:
+                rx.recv(64)
+                received += 1
+        except TimeoutError:
+            pass
+    return received / count
+
+
 def test_link_faults_change_the_real_link_and_are_written_to_links_json(lab, aidc_cli):
     node_dir = f"{lab.lab_dir}/nodes/gpu-1"
     ns = lab.nodes["gpu-1"].netns
@@ -84,17 +116,22 @@ def test_link_faults_change_the_real_link_and_are_written_to_links_json(lab, aid
     assert tbf_rate_bits(ns, "rail1") == 30_000_000 and tbf_rate_bits(lab.switch_ns, "n1r1") == 30_000_000
     assert tbf_rate_bits(ns, "rail0") == 100_000_000  # the other rail untouched
 
-    fabric.inject_link(node_dir, 1, loss_pct=5)
+    fabric.inject_link(node_dir, 1, loss_pct=20)
     rules = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "aidc_fault"],
                            capture_output=True, text=True, check=True).stdout
-    assert 'oifname "rail1" numgen random mod 10000 < 500 drop' in rules
-    assert 'iifname "rail1" numgen random mod 10000 < 500 drop' in rules
+    assert 'oifname "rail1" numgen random mod 10000 < 2000 drop' in rules
+    assert 'iifname "rail1" numgen random mod 10000 < 2000 drop' in rules
+    # Really dropped: of 2000 datagrams from gpu-0 over rail 1, about 80% arrive (binomial:
+    # 0.7-0.9 is more than five standard deviations either side); over rail 0 all of them.
+    assert 0.7 < udp_delivery(lab, "gpu-0", "gpu-1", rail=1) < 0.9
+    assert udp_delivery(lab, "gpu-0", "gpu-1", rail=0) == 1.0
 
     fabric.inject_link(node_dir, 0, down=True)
     assert fabric.link_states(lab)["gpu-1"] == {0: False, 1: True}
     assert fabric.link_states(lab)["gpu-0"] == {0: True, 1: True}
     assert fabric.read_links(node_dir) == {"0": {"up": False, "rate_fraction": 1.0, "loss_pct": 0.0},
-                                           "1": {"up": True, "rate_fraction": 0.3, "loss_pct": 5.0}}
+                                           "1": {"up": True, "rate_fraction": 0.3, "loss_pct": 20.0}}
+    assert udp_delivery(lab, "gpu-0", "gpu-1", rail=0) == 0.0
 
     assert aidc_cli("device", "inject", node_dir, "link", "--rail", "0", "--up").returncode == 0
     assert fabric.link_states(lab)["gpu-1"] == {0: True, 1: True}
