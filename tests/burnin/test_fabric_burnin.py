@@ -101,3 +101,32 @@ def test_a_node_that_never_joins_is_named_not_waited_for(tmp_path, lab, run_dir)
         (aborted,) = audit.records(kind="burnin.aborted")
     assert "n-2 never joined" in aborted.reason
     assert burnin_processes(run_dir) == {}
+
+
+@pytest.mark.slow
+def test_a_rail_that_goes_down_mid_run_ends_the_run_at_the_collective_timeout_naming_the_rail(
+        tmp_path, lab, run_dir):  # noqa: F811
+    import threading
+    import time
+
+    spec = fabric_spec(3, allreduce_min_bytes=1 << 20, allreduce_max_bytes=4 << 20, repeats=3)
+    built, dirs = lab(spec)
+    outcome = {}
+
+    def burn_in():
+        try:
+            run_burnin(spec, dirs, None, timeout_s=30, fabric=built)
+        except BurninError as exc:
+            outcome["error"] = str(exc)
+
+    runner_thread = threading.Thread(target=burn_in)
+    runner_thread.start()
+    for _ in range(600):  # until the node processes exist (bounded: 60 s): past the pre-flight check
+        if len(burnin_processes(run_dir)) >= 4:  # the zygote and its three workers
+            break
+        time.sleep(0.1)
+    fabric.inject_link(dirs["n-1"], 0, down=True)
+    runner_thread.join(timeout=120)
+    assert not runner_thread.is_alive()  # bounded by the collectives' timeout, not a hang
+    assert "rails down now: n-1 rail 0: link down (rail0 has no carrier)" in outcome["error"]
+    assert burnin_processes(run_dir) == {}

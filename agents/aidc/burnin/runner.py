@@ -262,10 +262,14 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     raise BurninError(f"node {node.name} exited without a result: {fleet.log_tail(node.name)}")
                 raw[node.name] = json.loads(path.read_text())
         except BurninError as exc:
+            # A rail that went down mid-run shows only as a collective's timeout: say which.
+            went_down = {n: why for n, why in _links_down(fabric).items() if n not in down}
+            if went_down:
+                exc = BurninError(f"{exc}; rails down now: {'; '.join(went_down.values())}")
             if audit is not None:  # an aborted burn-in is a result too: no node was certified
                 audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
                              payload={"nodes": [n.name for n in all_nodes], "timeout_s": timeout_s})
-            raise
+            raise exc from None
         finally:
             fleet.stop_all()
             if bar:
