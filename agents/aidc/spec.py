@@ -86,7 +86,8 @@ class NodePool(_Strict):
 
 
 class Fabric(_Strict):
-    kind: Literal["infiniband", "roce", "ethernet", "loopback"] = "loopback"
+    # netns: the lab's fabric, one network namespace per node and a shaped bridge per rail (aidc.lab.fabric).
+    kind: Literal["infiniband", "roce", "ethernet", "loopback", "netns"] = "loopback"
     rails: Annotated[int, Field(ge=0, le=32)] = 0
     link_speed_gbps: Annotated[float, Field(gt=0, le=3200)] = 100
     hcas: Annotated[list[ShortText], Field(max_length=32)] = []
@@ -117,7 +118,7 @@ class Fabric(_Strict):
             raise ValueError(f"rail_ifnames lists {len(self.rail_ifnames)} interfaces but rails is {self.rails}")
         if self.kind == "roce" and self.gid_index is None:
             raise ValueError("gid_index is required for RoCE fabrics")
-        if self.kind in ("infiniband", "roce") and self.rails < 1:
+        if self.kind in ("infiniband", "roce", "netns") and self.rails < 1:
             raise ValueError(f"a {self.kind} fabric needs rails >= 1")
         return self
 
@@ -206,6 +207,9 @@ class BurninPolicy(_Strict):
     min_loss_drop: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # Overrides of the GPU model's floors (TFLOP/s, GB/s: a million is past any GPU).
     floors: Annotated[dict[ShortText, Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=32)] = {}
+    # Localise a bad link (ring-neighbour pair tests per rail) when the fleet's largest all_reduce
+    # reaches less than this fraction of the link rate (aidc.burnin.localise).
+    localise_below_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
 
     @model_validator(mode="after")
     def _sizes(self) -> "BurninPolicy":
@@ -379,6 +383,10 @@ class Lab(_Strict):
     inject_xid: Annotated[int, Field(ge=1, le=999)] = 79  # NVIDIA Xid codes are 1..~160
     checkpoint_every: Annotated[int, Field(ge=1, le=100000)] = 1
     base_port: Annotated[int, Field(ge=1024, le=60000)] = 29400
+    # What one rail of the netns fabric is shaped to on this machine (Mbit/s): the spec's
+    # link_speed_gbps scaled to what a few shared cores carry (gloo measured ~0.6-1 Gbit/s over
+    # veths here, unshaped), so the shaping, not the CPU, sets the rate.
+    fabric_rail_mbit: Annotated[float, Field(gt=0, le=100000)] = 200
 
 
 class Access(_Strict):

@@ -51,7 +51,8 @@ def real_gpu_pools(spec: ClusterSpec) -> list[NodePool]:
 
 
 def has_rail_fabric(spec: ClusterSpec) -> bool:
-    return spec.fabric.kind != "loopback" and spec.fabric.rails > 0
+    # netns is the lab's fabric on one machine (aidc.lab.fabric): nothing for a cluster to deploy.
+    return spec.fabric.kind not in ("loopback", "netns") and spec.fabric.rails > 0
 
 
 @lru_cache(maxsize=None)

@@ -43,7 +43,7 @@ def default_ifname(kind: str, index: int) -> str:
 def rail_plan(spec: ClusterSpec) -> list[Rail]:
     """Carve `fabric.ipam_cidr` into one equal subnet per rail, sized for every node's block."""
     fabric = spec.fabric
-    if fabric.kind == "loopback" or fabric.rails == 0:
+    if fabric.kind in ("loopback", "netns") or fabric.rails == 0:
         return []
     base = ipaddress.IPv4Network(fabric.ipam_cidr)
     prefix = base.prefixlen + math.ceil(math.log2(fabric.rails)) if fabric.rails > 1 else base.prefixlen

@@ -24,7 +24,7 @@ def build(spec: ClusterSpec, root: Path) -> dict:
     """Create every component the spec calls for; return the stack's exports."""
     namespaces = Namespaces("aidc")
     pools = GpuNodePools("aidc", GpuNodePoolsArgs(spec))
-    # Simulated GPUs (the lab) need no GPU Operator; a loopback fabric needs no Network Operator.
+    # Simulated GPUs (the lab) need no GPU Operator; a loopback or lab netns fabric needs no Network Operator.
     gpu = GpuPlatform("aidc", GpuPlatformArgs(spec)) if real_gpu_pools(spec) else None
     fabric = (Fabric("aidc", FabricArgs(spec, gpu_operator_present=gpu is not None,
                                         training_namespace=namespaces.training.metadata.name))

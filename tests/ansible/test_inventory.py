@@ -78,7 +78,7 @@ def test_ansible_reads_the_inventory_script_and_merges_group_and_host_vars(tmp_p
     assert proc.returncode == 0, proc.stderr
     hostvars = json.loads(proc.stdout)
     assert hostvars["aidc_spare"] is True and hostvars["aidc_gpus"] == 2
-    assert hostvars["aidc_scheduler"] == "lab" and hostvars["aidc_fabric"]["kind"] == "loopback"
+    assert hostvars["aidc_scheduler"] == "lab" and hostvars["aidc_fabric"]["kind"] == "netns"
 
 
 def test_shipped_inventory_script_passes_its_arguments_to_aidc(tmp_path):

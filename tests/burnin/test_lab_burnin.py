@@ -186,6 +186,9 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
         assert audit.verify().ok
     assert sorted(r.node for r in certs) == sorted(out["verdicts"])
     assert "fleet median" in next(r for r in certs if r.node == "gpu-2").reason
+    from aidc.lab import fabric
+
+    assert fabric.list_namespaces(fabric.lab_tag(lab)) == []  # a fabric built for the run goes with it
 
 
 def test_cli_refuses_a_stack_that_is_not_simulated_without_a_traceback(tmp_path, aidc_cli):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from aidc.lab import fabric
 from aidc.lab.cluster import LabCluster, LabError
 from aidc.spec import load_stack
 
@@ -24,6 +26,9 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
         assert key in summary, key
     assert summary["certified_nodes"] == ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"]
     assert summary["completed"] and summary["audit_verified"]
+    if os.geteuid() == 0:  # as root the lab runs on its netns fabric: burn-in and training over the rails
+        assert summary["fabric"] == {"kind": "netns", "rails": 2, "rail_mbit": 200.0, "scale": 0.02, "training": True}
+        assert fabric.list_namespaces(fabric.lab_tag(lab_dir)) == []  # removed with the lab
     assert summary["detect_ms"] > 0 and summary["resume_s"] > 0
     assert summary["steps_lost"] <= 1  # checkpoints every step
     assert 0 < summary["ettr"] <= 1

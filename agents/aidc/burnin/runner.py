@@ -1,7 +1,9 @@
-"""Run a lab burn-in: one process per node on this machine, gloo on 127.0.0.1.
+"""Run a lab burn-in: one process per node on this machine, gloo on 127.0.0.1 or, on the
+lab's netns fabric (`aidc.lab.fabric`), each node in its namespace with gloo over its rails.
 
-The runner holds the rendezvous store itself (a TCPStore bound to a free loopback
-port chosen by the kernel, so no port race), starts the node processes (forked by
+The runner holds the rendezvous store itself (a TCPStore bound to a free port chosen by
+the kernel, so no port race: on loopback, or on the fabric's management bridge inside
+the lab's switch namespace), starts the node processes (forked by
 `aidc.burnin.zygote`, in a session of their own), follows their progress on one pipe,
 and on any failure or timeout kills the whole session (no orphans). Then it judges
 the fleet and appends one certificate per node to the audit log.
@@ -131,6 +133,8 @@ def _describe(event: dict) -> str:
         return f"all_reduce {event['nbytes']} B"
     if kind == "train":
         return f"DDP step {event['step']} loss {event['loss']:.4f}"
+    if kind == "pair":
+        return f"pair test rail {event['rail']}: ranks {event['a']}-{event['b']}"
     return f"{event['node']} {kind}"
 
 
@@ -147,23 +151,78 @@ def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
     return dirs
 
 
+def _link_rate_gbps(spec: ClusterSpec, fabric) -> float:
+    """The per-rail link rate (Gb/s, bits) every collective's busbw is judged against: on the lab's
+    netns fabric the scaled rate the rails are shaped to, else the spec's link speed."""
+    return fabric.link_rate_gbps if fabric is not None else spec.fabric.link_speed_gbps
+
+
+def _fabric_config(spec: ClusterSpec, fabric, node: str, names: list[str]) -> dict:
+    """What a worker needs to run on the fabric: where the store is, which interfaces, the link rate."""
+    policy = spec.policy.burnin
+    common = {"link_rate_gbps": _link_rate_gbps(spec, fabric), "nodes": names,
+              "localise_below_fraction": policy.localise_below_fraction, "localise_tolerance": policy.fleet_tolerance,
+              "pair_timeout_s": PAIR_TIMEOUT_S}
+    if fabric is None:
+        return {**common, "store_host": "127.0.0.1", "gloo_ifnames": "lo", "rails": 0, "netns": None}
+    return {**common, "store_host": fabric.store_addr, "gloo_ifnames": ",".join(fabric.ifnames),
+            "rails": fabric.rails, "netns": fabric.nodes[node].netns}
+
+
+def _links_down(fabric) -> dict[str, str]:
+    """Nodes with a rail down, and why: they cannot take part in a collective (it would only
+    wait for them until its timeout), so they fail with that reason and the rest go on."""
+    if fabric is None:
+        return {}
+    from aidc.lab.fabric import link_states
+
+    return {node: "; ".join(f"{node} rail {r}: link down (rail{r} has no carrier)" for r, up in rails.items() if not up)
+            for node, rails in link_states(fabric).items() if not all(rails.values())}
+
+
+def _start_store(fabric, timeout_s: float):
+    """The rendezvous store, where every node can reach it: on loopback, or on the fabric's
+    management bridge inside the lab's switch namespace (never on a rail, so a rail fault
+    cannot cut a node off the rendezvous)."""
+    import torch.distributed as dist  # only for the rendezvous store: the parent computes nothing
+
+    def make(host: str):
+        return dist.TCPStore(host, 0, world_size=None, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=timeout_s))
+
+    if fabric is None:
+        return make("127.0.0.1")
+    from aidc.lab.fabric import in_netns
+
+    return in_netns(fabric.switch_ns, lambda: make(fabric.store_addr))
+
+
+PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
+
+
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
-               target_sample_s: float = 0.02) -> BurninReport:
+               target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
     is lab fault injection: those nodes flip one parameter bit after training, which the
-    silent-data-corruption check must catch. Raises BurninError when the run cannot
-    complete (recorded in the audit log as `burnin.aborted`); failed nodes are verdicts.
+    silent-data-corruption check must catch. `fabric` (aidc.lab.fabric.Fabric): run each
+    node in its namespace and the collectives over its rails. A node that has not joined
+    the rendezvous within `join_timeout_s` is named in the BurninError. Raises BurninError
+    when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed
+    nodes are verdicts.
     """
-    nodes = spec.nodes()
+    all_nodes = spec.nodes()
+    down = _links_down(fabric)
+    nodes = [n for n in all_nodes if n.name not in down]
+    join_timeout_s = min(timeout_s, 60.0) if join_timeout_s is None else join_timeout_s
     if not timeout_s > 0:
         raise BurninError(f"the burn-in timeout must be positive, got {timeout_s:g} s")
     if spec.device_backend != "sim":
         raise BurninError("run_burnin runs a fleet of simulated nodes on one machine; the stack uses the"
                           f" {spec.device_backend!r} backend (use bench/gpu_check.sh on a GPU machine)")
-    missing = [n.name for n in nodes if not node_dirs or n.name not in node_dirs]
+    missing = [n.name for n in all_nodes if not node_dirs or n.name not in node_dirs]
     if missing:
         raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
     started = time.monotonic()
@@ -174,11 +233,11 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
         tmpdir = Path(tmp)
         fleet = _Fleet(tmpdir)
         try:
+            if not nodes:
+                raise BurninError("no node can take part: " + "; ".join(down.values()))
             fleet.start()  # the zygote imports torch while this process does the same for the store
-            import torch.distributed as dist  # only for the rendezvous store: the parent computes nothing
-
-            store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=timeout_s))
+            store = _start_store(fabric, timeout_s)
+            names = [n.name for n in nodes]
             configs = {}
             for rank, node in enumerate(nodes):
                 cfg = {
@@ -189,11 +248,13 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
                     "corrupt_parameters": node.name in corrupt_nodes,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
+                    **_fabric_config(spec, fabric, node.name, names),
                 }
                 configs[node.name] = tmpdir / f"{node.name}.json"
                 configs[node.name].write_text(json.dumps(cfg))
             fleet.release(configs)
-            _follow_until_done(fleet, bar, started + timeout_s, timeout_s)
+            joins = _JoinWatch(store, names, join_timeout_s, fleet)
+            _follow_until_done(fleet, bar, started + timeout_s, timeout_s, joins)
             raw = {}
             for node in nodes:
                 path = tmpdir / f"{node.name}.result.json"
@@ -201,32 +262,55 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     raise BurninError(f"node {node.name} exited without a result: {fleet.log_tail(node.name)}")
                 raw[node.name] = json.loads(path.read_text())
         except BurninError as exc:
+            # A rail that went down mid-run shows only as a collective's timeout: say which.
+            went_down = {n: why for n, why in _links_down(fabric).items() if n not in down}
+            if went_down:
+                exc = BurninError(f"{exc}; rails down now: {'; '.join(went_down.values())}")
             if audit is not None:  # an aborted burn-in is a result too: no node was certified
                 audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
-                             payload={"nodes": [n.name for n in nodes], "timeout_s": timeout_s})
-            raise
+                             payload={"nodes": [n.name for n in all_nodes], "timeout_s": timeout_s})
+            raise exc from None
         finally:
             fleet.stop_all()
             if bar:
                 bar.stop()
-    report = _judged_report(spec, nodes, raw, time.monotonic() - started)
+    report = _judged_report(spec, nodes, raw, time.monotonic() - started, fabric=fabric, down=down,
+                            all_nodes=all_nodes)
     if audit is not None:
         _certify(audit, report)
     return report
 
 
-def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float) -> BurninReport:
+def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, *, fabric=None,
+                   down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
                   policy.min_loss_drop)
     first = raw[nodes[0].name]  # the collective figures are the same on every rank
+    localisation = first.get("localisation")
+    for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
+        results[culprit["node"]].reasons.append(culprit["reason"])
+        results[culprit["node"]].passed = False
+    for unresolved in (localisation or {}).get("unresolved", []):  # evidence on both ends, no verdict
+        for name in (unresolved["a"], unresolved["b"]):
+            results[name].notes.append(unresolved["note"])
+    for n in all_nodes or nodes:  # a node with a rail down took part in nothing: that is its verdict
+        if n.name in (down or {}):
+            results[n.name] = NodeResult(node=n.name, gpu_model=n.gpu_model, spare=n.spare, passed=False,
+                                         reasons=[down[n.name]], notes=["not measured: a rail is down"])
+    results = {n.name: results[n.name] for n in all_nodes or nodes}
     fleet_info = {
         "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
         "rule": "fail when more than fleet_tolerance below the fleet median; robust z (MAD) reported, not a rule"
                 " on its own",
         "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": len(nodes),
-        "allreduce_backend": "gloo", "link_rate_gbit_s": spec.fabric.link_speed_gbps,
+        "allreduce_backend": "gloo", "link_rate_gbit_s": _link_rate_gbps(spec, fabric),
+        "link_rate_gbps": _link_rate_gbps(spec, fabric),
+        "fabric": ({"kind": "netns", "rails": fabric.rails, "spec_link_gbps": fabric.spec_link_gbps,
+                    "scale": fabric.scale, "rail_mbit": fabric.rail_mbit} if fabric is not None
+                   else {"kind": spec.fabric.kind if spec.fabric.kind != "netns" else "loopback", "rails": 0}),
+        "localisation": localisation,
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
@@ -235,8 +319,31 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     return BurninReport(spec.name, results, fleet_info, duration_s)
 
 
-def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) -> None:
+class _JoinWatch:
+    """Names the nodes that never reach the rendezvous: without this every other node would
+    wait for them in init_process_group until the whole run's timeout, and say nothing."""
+
+    def __init__(self, store, names: list[str], timeout_s: float, fleet: "_Fleet"):
+        self.store, self.pending, self.timeout_s, self.fleet = store, list(names), timeout_s, fleet
+        self.deadline: float | None = None  # set when the node processes exist (importing torch is not joining)
+
+    def started(self) -> None:
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def check(self) -> None:
+        if not self.pending or self.deadline is None:
+            return
+        self.pending = [n for n in self.pending if not self.store.check([f"joined/{n}"])]
+        if self.pending and time.monotonic() > self.deadline:
+            tails = "; ".join(f"{n}: {self.fleet.log_tail(n, 300)}" for n in self.pending)
+            raise BurninError(f"node(s) {', '.join(self.pending)} never joined the burn-in rendezvous within"
+                              f" {self.timeout_s:g} s (the others were stopped): {tails}")
+
+
+def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, joins: _JoinWatch | None = None) -> None:
     while True:
+        if joins is not None:
+            joins.check()
         try:
             event = fleet.events.get(timeout=0.1)
         except queue.Empty:
@@ -245,6 +352,9 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) ->
             if event["code"] != 0:
                 raise BurninError(f"burn-in process of node {event['node']} died (exit code {event['code']}):"
                                   f" {fleet.log_tail(event['node'])}")
+        elif event and event["event"] == "forked":
+            if joins is not None:
+                joins.started()
         elif event:
             if bar:
                 bar.update(bar.task_ids[0], advance=1 if event["event"] != "done" else 0,
@@ -282,5 +392,8 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
             "allreduce_correct": n.allreduce_correct, "errors": n.errors, "spare": n.spare,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "allreduce", "link_rate_gbit_s",
-                                                   "memcpy_counting")},
+                                                   "memcpy_counting", "fabric")},
+            "link_rate_gbps": report.fleet["link_rate_gbps"],
+            "localisation": [c for c in (report.fleet.get("localisation") or {}).get("culprits", [])
+                             if c["node"] == name],
         })

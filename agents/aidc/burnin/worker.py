@@ -5,7 +5,10 @@ The runner starts one of these per node and reads progress from its stdout (line
 starting with `@@aidc `). Per-node measurements are taken one node at a time, in
 rounds (every node takes its first sample, then every node its second, ...), so nodes
 never share cores while timing and a burst of load from elsewhere hits every node
-alike instead of one. Then all nodes run the all_reduce sweep and DDP training together.
+alike instead of one. Then all nodes run the all_reduce sweep and DDP training together;
+when the sweep is slow against the link rate (`link_rate_gbps` in the config: the scaled
+rail rate on the netns fabric), ring-neighbour pair tests localise the bad rail
+(`aidc.burnin.localise`).
 """
 
 from __future__ import annotations
@@ -91,9 +94,38 @@ class NodeBenches:
         return gpus, metrics
 
 
+def _join_fabric(cfg: dict) -> None:
+    """On the lab's netns fabric: move into this node's namespace before any socket exists,
+    and let gloo use every rail (torch takes a comma-separated GLOO_SOCKET_IFNAME: one gloo
+    device per rail, collectives spread over them in turn)."""
+    if cfg.get("netns"):
+        from aidc.lab.fabric import enter_netns
+
+        enter_netns(cfg["netns"])
+    os.environ["GLOO_SOCKET_IFNAME"] = cfg.get("gloo_ifnames", "lo")
+
+
+def _localise(cfg: dict, store, rows: list, node: str) -> dict | None:
+    """Pair tests per rail when the fleet's largest all_reduce is below the trigger fraction."""
+    from aidc.burnin.localise import distributed_measure, localise
+
+    if not cfg.get("rails") or not rows:
+        return None
+    link = cfg["link_rate_gbps"]
+    fleet_fraction = rows[-1].busbw_gbps * 8 / link  # every rank holds the same (slowest-rank) row
+    if fleet_fraction >= cfg["localise_below_fraction"]:
+        return {"ran": False, "fleet_fraction": fleet_fraction}
+    measure = distributed_measure(store, cfg["rank"], link, timeout_s=cfg["pair_timeout_s"],
+                                  on_test=(lambda r, a, b: emit("pair", node=node, rail=r, a=a, b=b))
+                                  if cfg["rank"] == 0 else None)
+    found = localise(cfg["world"], cfg["rails"], measure, cfg["localise_tolerance"])
+    return {"ran": True, "fleet_fraction": fleet_fraction, **found.to_dict(cfg["nodes"])}
+
+
 def main(config_path: str) -> int:
     t_start = time.monotonic()
     cfg = json.loads(Path(config_path).read_text())
+    _join_fabric(cfg)
     import torch
     import torch.distributed as dist
 
@@ -104,7 +136,9 @@ def main(config_path: str) -> int:
 
     rank, world, node = cfg["rank"], cfg["world"], cfg["node"]
     timeout = timedelta(seconds=cfg["pg_timeout_s"])
-    store = dist.TCPStore("127.0.0.1", cfg["store_port"], world_size=None, is_master=False, timeout=timeout)
+    store = dist.TCPStore(cfg.get("store_host", "127.0.0.1"), cfg["store_port"], world_size=None, is_master=False,
+                          timeout=timeout)
+    store.set(f"joined/{node}", "1")  # the runner names the nodes that never get this far
     backend = "nccl" if cfg.get("collective_device", "cpu").startswith("cuda") else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     emit("ready", node=node)
@@ -127,13 +161,16 @@ def main(config_path: str) -> int:
     rows = allreduce_sweep(device, cfg["sizes"], on_size=(lambda b: emit("allreduce", node=node, nbytes=b))
                            if rank == 0 else None)
     phase_s["allreduce"], t0 = time.monotonic() - t0, time.monotonic()
+    localisation = _localise(cfg, store, rows, node)
+    phase_s["localise"], t0 = time.monotonic() - t0, time.monotonic()
     training = run_ddp_training(device, cfg["train_steps"],
                                 on_step=(lambda s, l: emit("train", node=node, step=s, loss=l)) if rank == 0 else None,
                                 corrupt_after=cfg.get("corrupt_parameters", False))
     phase_s["train"] = time.monotonic() - t0
     result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
               "slowdown": benches.slowdown, "allreduce": [r.to_dict() for r in rows],
-              "allreduce_correct": all(r.correct for r in rows), "training": training.to_dict()}
+              "allreduce_correct": all(r.correct for r in rows), "training": training.to_dict(),
+              "localisation": localisation}
     tmp = Path(cfg["result_path"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, cfg["result_path"])

@@ -41,7 +41,8 @@ def main() -> int:
     import torch.distributed  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
 
-    from aidc.burnin import collectives, gemm, memory, train, worker  # noqa: F401
+    from aidc.burnin import collectives, gemm, localise, memory, train, worker  # noqa: F401
+    from aidc.lab import fabric  # noqa: F401  (workers enter their namespace with it)
 
     config_paths = [line.strip() for line in sys.stdin if line.strip()]
     if not config_paths:  # the runner gave up before sending any work
@@ -66,6 +67,7 @@ def main() -> int:
                 # driver) must not keep this process alive, nor may it run the parent's atexit.
                 os._exit(code)
         children[pid] = path
+    worker.emit("forked", nodes=len(children))  # the runner's join deadline starts now, not at import
     worst = 0
     while children:
         pid, status = os.wait()

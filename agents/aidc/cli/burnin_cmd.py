@@ -50,9 +50,20 @@ def run(stack: str = STACK_OPTION,
                           " a simulated lab fleet (on a GPU machine use bench/gpu_check.sh)")
     from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
 
+    from aidc.lab import fabric as lab_fabric
+
     dirs = lab_node_dirs(spec, lab_dir)
-    with AuditLog(audit_db or lab_dir / "audit.db") as audit:
-        report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout)
+    # The stack's netns fabric, when it has one: the lab's if it is up (`aidc lab fabric`, a kept
+    # lab run: link faults injected there are measured), else one built for this run and removed
+    # after it. The scale it was shaped to goes to stderr, never into --json.
+    already_up = lab_fabric.load(lab_dir) is not None
+    fabric = lab_fabric.ensure(spec, lab_dir, say=lambda msg: typer.echo(msg, err=True))
+    try:
+        with AuditLog(audit_db or lab_dir / "audit.db") as audit:
+            report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric)
+    finally:
+        if fabric is not None and not already_up:
+            lab_fabric.teardown(lab_dir)
     if as_json:
         emit(report.to_dict(), True)
     else:

@@ -41,12 +41,28 @@ def show(backend: str = typer.Option("nvml", help="nvml (real driver) or sim (la
 
 @app.command("inject")
 def inject(node_dir: Path = typer.Argument(..., help="Simulated node directory (the lab's nodes/<name>)."),
-           fault: str = typer.Argument(..., help=f"One of: {', '.join(sim.FAULTS)}."),
+           fault: str = typer.Argument(..., help=f"One of: {', '.join(sim.FAULTS)}, link."),
            gpu: int = typer.Option(0, help="GPU index."),
            xid: int = typer.Option(79, help="XID code (fault 'xid')."),
            factor: float = typer.Option(4.0, help="Slowdown factor (fault 'slowdown')."),
            seconds: float = typer.Option(30.0, help="Hang duration (fault 'hang')."),
+           rail: int = typer.Option(None, "--rail", help="Rail index (fault 'link')."),
+           rate: float = typer.Option(None, "--rate", help="Link: cut the rail to this fraction of its rate."),
+           loss: float = typer.Option(None, "--loss", help="Link: drop this percentage of the rail's packets."),
+           down: bool = typer.Option(False, "--down", help="Link: take the rail down."),
+           up: bool = typer.Option(False, "--up", help="Link: bring the rail up again."),
+           clear: bool = typer.Option(False, "--clear", help="Link: restore the rail (up, full rate, no loss)."),
            as_json: bool = JSON_OPTION) -> None:
-    """Inject a fault into a simulated (lab) GPU; writes the driver's kernel-log lines too."""
+    """Inject a fault into a simulated (lab) GPU, writing the driver's kernel-log lines too; or,
+    with `link`, into a rail of the lab's netns fabric (tc rate, nftables loss, link down)."""
+    if fault == "link":
+        from aidc.lab.fabric import FabricError, inject_link
+
+        if rail is None:
+            raise FabricError("link needs --rail R (and one of --rate, --loss, --down, --up, --clear)")
+        state = inject_link(node_dir, rail, rate=rate, loss_pct=loss, down=down, up=up, clear=clear)
+        return emit(state, as_json, f"rail {rail} of {state['node']} ({state['netns']} {state['ifname']}):"
+                                    f" {'up' if state['up'] else 'DOWN'}, rate {state['rate_fraction']:.0%},"
+                                    f" loss {state['loss_pct']:g}%")
     done = sim.inject(node_dir, fault, gpu, xid=xid, factor=factor, seconds=seconds)
     emit(done, as_json, f"injected {fault} on gpu {gpu} of {node_dir}" + "".join(f"\n  {l}" for l in done["lines"]))

@@ -54,6 +54,7 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         "aidc lab: " + ("loop completed" if result.completed else "loop did NOT complete"),
         f"  certified nodes   {', '.join(result.certified_nodes)}",
         f"  scheduler         {result.scheduler}",
+        f"  fabric            {_fabric_line(result.fabric)}",
         f"  fault             XID {result.xid} on {result.victim}",
         *([f"  drain reason      {result.drain_reason}   (sinfo -R)"] if result.scheduler == "slurm" else []),
         f"  detect_ms         {result.detect_ms}   (kernel-log line written -> quarantine decision)",
@@ -70,6 +71,13 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         raise typer.Exit(1)
 
 
+def _fabric_line(fabric: dict) -> str:
+    if fabric["kind"] != "netns":
+        return "loopback"
+    return (f"netns, {fabric['rails']} rail(s) at {fabric['rail_mbit']:g} Mbit/s (scale {fabric['scale']:.3g});"
+            f" training {'on the rails' if fabric['training'] else 'on loopback'}")
+
+
 def _key_line(key: dict) -> str:
     if not key:
         return "none written"
@@ -79,14 +87,33 @@ def _key_line(key: dict) -> str:
 @app.command("down")
 def down(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Stop everything a lab started (agents, controller, rendezvous store, training, its private Slurm)."""
+    from aidc.lab import fabric
     from aidc.lab.cluster import LabCluster
 
     manifest = lab_dir / "lab.json"
-    if not manifest.exists():
-        return emit({"stopped": 0}, as_json, f"no lab in {lab_dir}")
-    cluster = LabCluster(load_stack("lab"), lab_dir)
-    stopped = cluster.stop()
-    emit({"stopped": stopped}, as_json, f"stopped {stopped} lab process group(s) in {lab_dir}")
+    stopped = LabCluster(load_stack("lab"), lab_dir).stop() if manifest.exists() else 0
+    # After the processes: a namespace still holding a process would outlive its deletion.
+    # By name prefix, so also what a killed lab (or a burn-in alone) left behind.
+    removed = fabric.teardown(lab_dir)
+    if not manifest.exists() and not removed:
+        return emit({"stopped": 0, "namespaces_removed": []}, as_json, f"no lab in {lab_dir}")
+    emit({"stopped": stopped, "namespaces_removed": removed}, as_json,
+         f"stopped {stopped} lab process group(s) in {lab_dir}"
+         + (f"; removed {len(removed)} network namespace(s)" if removed else ""))
+
+
+@app.command("fabric")
+def fabric_up(stack: str = typer.Option("lab", "--stack", "-s", help="Stack whose fabric to bring up."),
+              lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """Bring up (or show) the lab's netns fabric: a namespace per node, a shaped bridge per rail."""
+    from aidc.lab import fabric
+
+    spec = load_stack(stack)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    built = fabric.ensure(spec, lab_dir, say=lambda msg: print(msg, file=sys.stderr if as_json else sys.stdout))
+    if built is None:
+        return emit({"kind": "loopback"}, as_json, f"stack {stack!r}: loopback fabric (nothing to bring up)")
+    emit(built.to_dict(), as_json, f"fabric.json in {lab_dir}")
 
 
 @app.command("status")

@@ -35,11 +35,13 @@ class LabError(AidcError):
 
 
 class LabCluster:
-    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike):
+    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, say=print):
         self.spec = spec
         self.dir = Path(lab_dir).resolve()
         self.manifest = self.dir / "lab.json"
         self.nodes = spec.nodes()
+        self.say = say
+        self.fabric = None  # set by bring_up_fabric()
 
     # -- layout -------------------------------------------------------------------
     def create(self, owned: bool = False) -> None:
@@ -65,6 +67,13 @@ class LabCluster:
         ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
         owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
         self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
+
+    def bring_up_fabric(self) -> None:
+        """The stack's netns fabric (a namespace per node, a shaped bridge per rail), or None:
+        loopback, also where namespaces cannot be made (said in one line). `stop()` removes it."""
+        from aidc.lab import fabric
+
+        self.fabric = fabric.ensure(self.spec, self.dir, say=self.say)
 
     def disown(self) -> None:
         """The driving run is over (what it kept up is recorded in `processes`)."""
@@ -96,11 +105,16 @@ class LabCluster:
         return self.info()["ports"][name]
 
     # -- processes ----------------------------------------------------------------
-    def start(self, name: str, argv: list[str], node: str | None = None, workload: bool = False) -> subprocess.Popen:
-        """Start a lab process in its own group. A node's *workload* is what quarantine stops."""
+    def start(self, name: str, argv: list[str], node: str | None = None, workload: bool = False,
+              netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a lab process in its own group. A node's *workload* is what quarantine stops.
+
+        `netns`: in that network namespace (`ip netns exec` execs the command: same pid)."""
         log = open(self.dir / "logs" / f"{name}.log", "ab")
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=self.dir)
+                                cwd=self.dir, env={**os.environ, **env} if env else None)
         log.close()
         data = self.info()
         data["processes"].append({"name": name, "pid": proc.pid, "pgid": proc.pid, "node": node})
@@ -114,8 +128,33 @@ class LabCluster:
     def aidc(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "aidc", *args]
 
+    # The training runs on the fabric: launchers in their node's namespace, gloo over the rails,
+    # the rendezvous store on the management bridge. (Slurm's job steps start in the root
+    # namespace: that lab trains on loopback.)
+    trains_on_fabric = True
+
+    @property
+    def training_fabric(self):
+        return self.fabric if self.trains_on_fabric else None
+
     def start_rendezvous_store(self) -> subprocess.Popen:
-        return self.start("rdzv-store", [sys.executable, "-m", "aidc.lab.rdzv_store", "--port", str(self.port("rdzv"))])
+        fab = self.training_fabric
+        if fab is None:
+            return self.start("rdzv-store", [sys.executable, "-m", "aidc.lab.rdzv_store", "--port",
+                                             str(self.port("rdzv"))])
+        # Recorded for the processes of the root namespace that talk to it (the controller's eviction).
+        data = self.info()
+        data["rendezvous"] = {"host": fab.store_addr, "netns": fab.switch_ns, "trusted": [fab.mgmt_cidr]}
+        self._write(data)
+        return self.start("rdzv-store", [sys.executable, "-m", "aidc.lab.rdzv_store", "--host", fab.store_addr,
+                                         "--port", str(self.port("rdzv"))], netns=fab.switch_ns)
+
+    def read_rendezvous_state(self):
+        """The training's rendezvous state (torch's), read where the store is, or None."""
+        from aidc.failover.rendezvous import read_state
+
+        return _at_rendezvous(self.info(), lambda host, port, trusted: read_state(
+            host, port, self.info()["run_id"], trusted_networks=trusted))
 
     def start_agent(self, node: str) -> subprocess.Popen:
         a = self.spec.agent
@@ -132,11 +171,17 @@ class LabCluster:
     def start_trainer(self, node: str, spare: bool = False) -> subprocess.Popen:
         lab = self.spec.lab
         primaries = sum(1 for n in self.nodes if not n.spare)
+        fab = self.training_fabric
+        store, local = (fab.store_addr, fab.nodes[node].mgmt_addr) if fab else ("127.0.0.1", "127.0.0.1")
         return self.start(f"launcher:{node}", [
             sys.executable, "-m", "aidc.lab.node_launcher", "--node", node, "--lab-dir", str(self.dir),
-            "--rdzv", f"127.0.0.1:{self.port('rdzv')}", "--run-id", RUN_ID, "--nnodes", str(primaries),
+            "--rdzv", f"{store}:{self.port('rdzv')}", *(["--rdzv-trusted", fab.mgmt_cidr] if fab else []),
+            "--local-addr", local, "--run-id", RUN_ID,
+            "--nnodes", str(primaries),
             "--total-steps", str(lab.train_steps), "--checkpoint-every", str(lab.checkpoint_every),
-            "--start-gate", str(self.start_gate), *(["--spare"] if spare else [])], node=node, workload=True)
+            "--start-gate", str(self.start_gate), *(["--spare"] if spare else [])], node=node, workload=True,
+            netns=fab.nodes[node].netns if fab else None,
+            env={"GLOO_SOCKET_IFNAME": ",".join(fab.ifnames)} if fab else None)
 
     def restart_trainer(self, node: str, spare: bool = True) -> subprocess.Popen:
         """Start a node's elastic agent again (after a release); its old process groups are gone."""
@@ -216,6 +261,10 @@ class LabCluster:
             # After the owner: a run stopping itself cancels its job first. Jobs, then daemons,
             # then any job task left over, each by PID (LocalSlurm.stop).
             slurm_stopped = len(self._local_slurm(data).stop())
+        if not names_prefix:  # last: nothing of the lab runs inside its namespaces any more
+            from aidc.lab import fabric
+
+            fabric.teardown(self.dir)
         return len(procs) + (1 if owner else 0) + slurm_stopped
 
 
@@ -245,10 +294,22 @@ def evict_from_rendezvous(lab_dir: Path, node: str) -> None:
         return
     info = json.loads((lab_dir / "lab.json").read_text())
     started = time.time()
-    expired = evict("127.0.0.1", info["ports"]["rdzv"], info["run_id"], pids={int(pid_file.read_text())})
+    expired = _at_rendezvous(info, lambda host, port, trusted: evict(
+        host, port, info["run_id"], pids={int(pid_file.read_text())}, trusted_networks=trusted))
     # Kept beside the node for the failover timeline (and the audit report).
     (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
         json.dumps({"at": started, "took_s": time.time() - started, "expired": expired}))
+
+
+def _at_rendezvous(info: dict, call):
+    """call(host, port, trusted_networks) where the lab's rendezvous store can be reached: on
+    loopback, or from inside the fabric's switch namespace (on a thread; this one stays put)."""
+    where = info.get("rendezvous")
+    if not where:
+        return call("127.0.0.1", info["ports"]["rdzv"], ())
+    from aidc.lab.fabric import in_netns
+
+    return in_netns(where["netns"], lambda: call(where["host"], info["ports"]["rdzv"], where["trusted"]))
 
 
 def lab_scheduler(lab_dir: str | os.PathLike) -> LabScheduler:

@@ -52,7 +52,8 @@ def _wait_at_gate(warm_marker: Path, gate: Path, timeout_s: float = 600) -> None
         time.sleep(0.05)
 
 
-def _wait_for_full_round(endpoint: str, run_id: str, nnodes: int, timeout_s: float = 600) -> None:
+def _wait_for_full_round(endpoint: str, run_id: str, nnodes: int, timeout_s: float = 600,
+                         trusted_networks: list[str] = ()) -> None:
     # Which agent ends up on the redundancy list is otherwise a race; joining after the
     # first round is complete makes this one the spare, deterministically.
     import time
@@ -62,7 +63,7 @@ def _wait_for_full_round(endpoint: str, run_id: str, nnodes: int, timeout_s: flo
     host, port = endpoint.rsplit(":", 1)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        state = read_state(host, int(port), run_id)
+        state = read_state(host, int(port), run_id, trusted_networks=trusted_networks)
         if state is not None and state.complete and len(state.participants) >= nnodes:
             return
         time.sleep(0.1)
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node", required=True)
     p.add_argument("--lab-dir", required=True)
     p.add_argument("--rdzv", required=True, help="HOST:PORT of the external rendezvous store")
+    p.add_argument("--rdzv-trusted", action="append", default=[], metavar="CIDR",
+                   help="a private network besides loopback where the rendezvous store may be (the lab fabric's"
+                        " management network)")
+    p.add_argument("--local-addr", default="127.0.0.1",
+                   help="this node's address that the other nodes reach (its management address on the netns fabric)")
     p.add_argument("--run-id", default="aidc-lab")
     p.add_argument("--nnodes", type=int, required=True)
     p.add_argument("--total-steps", type=int, default=200)
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_gate:
         _wait_at_gate(Path(args.lab_dir) / "nodes" / args.node / "warm", Path(args.start_gate))
     if args.spare:
-        _wait_for_full_round(args.rdzv, args.run_id, args.nnodes)
+        _wait_for_full_round(args.rdzv, args.run_id, args.nnodes, trusted_networks=args.rdzv_trusted)
     config = LaunchConfig(
         min_nodes=args.nnodes,
         max_nodes=args.nnodes,
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         max_restarts=100,  # each failover spends one restart on every survivor
         monitor_interval=0.1,
         start_method="forkserver",
-        local_addr="127.0.0.1",
+        local_addr=args.local_addr,
     )
     cfg = {"lab_dir": args.lab_dir, "node": args.node, "job": args.run_id,
            "keyring": str(Path(args.lab_dir) / "keyring"), "total_steps": args.total_steps,

@@ -47,6 +47,8 @@ class LabResult:
     drain_reason: str | None = None
     # Why the loop did not complete (the exception that ended it), for the report's verdict.
     error: str | None = None
+    # Where the nodes talked: netns (rails, rate, scale; whether training ran on it) or loopback.
+    fabric: dict = field(default_factory=lambda: {"kind": "loopback"})
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -107,7 +109,7 @@ class LabRun:
 
             self.cluster: LabCluster = SlurmLabCluster(spec, lab_dir, stack)
         else:
-            self.cluster = LabCluster(spec, lab_dir)
+            self.cluster = LabCluster(spec, lab_dir, say=progress)
         self.say = progress
         self.result = LabResult(scheduler=scheduler)
         self.actor = default_actor("lab")
@@ -130,6 +132,10 @@ class LabRun:
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
                           payload={"nodes": [n.name for n in c.nodes], "lab_dir": str(c.dir), "stack": self.stack})
         self._create_keyring()
+        c.bring_up_fabric()
+        if c.fabric is not None:
+            self.result.fabric = {"kind": "netns", "rails": c.fabric.rails, "rail_mbit": c.fabric.rail_mbit,
+                                  "scale": c.fabric.scale, "training": c.training_fabric is not None}
         if burn_in:
             self._burnin()
         self._start_services()
@@ -157,7 +163,7 @@ class LabRun:
 
         self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, all_reduce sweep, DDP + SDC check)")
         node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
-        report = run_burnin(self.spec, node_dirs, self.audit, progress=False)
+        report = run_burnin(self.spec, node_dirs, self.audit, progress=False, fabric=self.cluster.fabric)
         self.result.certified_nodes = sorted(report.certified_nodes)
         self.result.failed_nodes = sorted(report.failed_nodes)
         self.say(f"burn-in: certified {', '.join(self.result.certified_nodes) or 'none'}"
@@ -316,10 +322,8 @@ class LabRun:
                 "key_id": h["key_id"], "key_version": h["key_version"]}
 
     def _spares_waiting(self, spares: list[str]) -> bool:
-        from aidc.failover.rendezvous import read_state
-
         c = self.cluster
-        state = read_state("127.0.0.1", c.port("rdzv"), c.info()["run_id"])
+        state = c.read_rendezvous_state()
         if state is None:
             return False
         pids = {int((c.node_dir(n) / "launcher.pid").read_text()) for n in spares}

@@ -48,6 +48,8 @@ def check_slurm_available() -> None:
 class SlurmLabCluster(LabCluster):
     """A lab whose training runs as a Slurm job on a private Slurm of the lab's nodes."""
 
+    trains_on_fabric = False  # job steps start in the root namespace (slurmd's): training stays on loopback
+
     def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, stack: str = "lab"):
         super().__init__(spec, lab_dir)
         self.stack = stack
