@@ -487,3 +487,64 @@ class CheckpointDir:
         if not steps:
             return None
         return steps[-1], load(self.path(steps[-1]), job=self.job, kms=self.kms, step=steps[-1])
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` that later training cannot change: every tensor copied to host
+    memory, containers rebuilt, anything else shared (ints, strings are immutable)."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, snapshot(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class BackgroundCheckpointWriter:
+    """Asynchronous checkpoints: `save` takes an in-memory snapshot on the caller's thread
+    (the only time training stands still, besides waiting for a previous write) and a
+    background thread encrypts and writes it through `CheckpointDir.save` (same format, same
+    temp file + atomic rename, so a checkpoint is on disk whole or not at all).
+
+    At most one write is in flight: a save while the previous write runs waits for it, as a
+    synchronous checkpoint would. A failed write is raised by the next `save` or `wait`, never
+    dropped. `on_durable(step, write_s)` is called on the writer thread once a checkpoint is
+    renamed into place."""
+
+    def __init__(self, ckpt_dir: CheckpointDir, on_durable=None):
+        self.dir, self.on_durable = ckpt_dir, on_durable
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, state: Any) -> None:
+        self.wait()
+        snap = snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(step, snap), name=f"ckpt-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self, step: int, snap: Any) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            self.dir.save(step, snap)
+        except BaseException as exc:  # handed to the training thread at its next save/wait
+            self._error = exc
+            return
+        if self.on_durable is not None:
+            self.on_durable(step, time.perf_counter() - t0)
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the write in flight; False when it is still running after `timeout_s`."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return False
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return True

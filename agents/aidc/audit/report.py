@@ -69,6 +69,11 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None) -> str:
             f"<tr><th>{k}</th><td>{_e(_summary_value(k, summary.get(k)))}</td></tr>" for k in keys if k in summary)
             + "</table>")
     parts.append("<h2>Burn-in per node</h2>" + _burnin_table(certs))
+    goodput = [r.payload for r in records if r.kind == "goodput.report"]
+    if goodput:
+        from aidc.goodput.html import html_section
+
+        parts.append(html_section(goodput[-1]))
     compress = [r.payload for r in records if r.kind == "compress.result"]
     if compress:
         from aidc.compress.report import html_section, results_from_audit
