@@ -168,6 +168,18 @@ class LabRun:
         for n in c.nodes:
             c.start_agent(n.name)
         c.start_controller(self.stack)
+        self._start_goodput_exporter()
+
+    def _start_goodput_exporter(self) -> None:
+        """`aidc goodput serve` on the job's step log: aidc_goodput_ettr{job} while the lab runs."""
+        from aidc.polling import free_port
+
+        c = self.cluster
+        data = c.info()
+        data["ports"]["goodput"] = port = free_port()
+        c._write(data)
+        c.start("goodput-exporter", c.aidc("goodput", "serve", "--job", f"{data['run_id']}={self.goodput_log}",
+                                           "--port", str(port)))
 
     def _train_and_fail_over(self) -> None:
         lab = self.spec.lab
