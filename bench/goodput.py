@@ -72,7 +72,8 @@ def predict(g, resume_s: list[float], faults: int) -> dict:
 
     Between faults the job is productive a fraction p of the time (its steps, against steps +
     checkpoint stalls + gaps: measured over the window's steady stretches). Each fault costs its
-    resume time R (median of the measured fault -> first step of the new run) plus the work
+    resume time R (the mean of the measured fault -> first step of the new run: ETTR is linear in
+    the sum of the resume times, and one slow resume moves it as much as its share) plus the work
     lost since the last durable checkpoint: on average half a checkpoint period (interval +
     stall) plus the background write's latency (an asynchronous checkpoint protects its step
     only once written). ETTR = p x (1 - faults x (R + lost) / wall)."""
@@ -80,10 +81,29 @@ def predict(g, resume_s: list[float], faults: int) -> dict:
     p = g.seconds["productive"] / steady if steady else 0.0
     interval = g.checkpoint_interval_s_median or g.step_s_median or 0.0
     lost = interval / 2 + (g.checkpoint_write_s_median or 0.0)
-    r = statistics.median(resume_s) if resume_s else 0.0
+    r = statistics.mean(resume_s) if resume_s else 0.0
     ettr = p * max(0.0, 1 - faults * (r + lost) / g.wall_s) if g.wall_s else 0.0
-    return {"predicted_ettr": round(ettr, 4), "steady_productive_fraction": round(p, 4), "resume_s_median": round(r, 3),
+    return {"predicted_ettr": round(ettr, 4), "steady_productive_fraction": round(p, 4), "resume_s_mean": round(r, 3),
             "lost_s_per_fault": round(lost, 4)}
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Every process below `roots` (by parent pid, from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class Phase:
@@ -129,7 +149,11 @@ class Phase:
         t_stop = max(t_end, time.time())
         g = account(read_step_log(self.run.goodput_log), since=t_start, until=t_stop)
         faults = len(self.rows)
+        # A fault waits for the previous victim to be back as the spare, so on a slow machine the
+        # faults come further apart than asked: the figures are for the interval they really had.
         out = {"ettr": round(g.ettr, 4), "faults": faults, "window_s": round(g.wall_s, 1),
+               "fault_interval_actual_s": round(g.wall_s / faults, 1) if faults else None,
+               "window": [round(t_start, 3), round(t_stop, 3)], "lab_dir": str(self.c.dir),
                "resume_s": [r["resume_s"] for r in self.rows],
                "resume_s_p50": pct([r["resume_s"] for r in self.rows], 50),
                "steps_lost": [r["steps_lost"] for r in self.rows],
@@ -222,10 +246,19 @@ class TorchrunPhase(Phase):
     def fault(self, victim: str) -> dict:
         from aidc.failover.scheduler import LabScheduler
 
+        # The node dies: its agent's process group and its workers, which torchrun starts in
+        # sessions of their own (killing the group alone left the worker training on).
+        groups = LabScheduler(self.c.dir).process_groups(victim)
+        doomed = descendants(groups)
         t_fault = time.time()
-        for pgid in LabScheduler(self.c.dir).process_groups(victim):
+        for pgid in groups:
             try:
                 os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.run._goodput_writer().fault(t_fault, node=victim, what="node killed (baseline: nobody quarantines)")
