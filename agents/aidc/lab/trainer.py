@@ -129,12 +129,13 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
             t1 = time.time()
             goodput.step_done(step, t0, t1)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["total_steps"]:
+                c0 = time.time()
                 state = {"step": step, "model": model.state_dict()}
                 if writer is not None:
                     writer.save(step, state)
                 else:
                     ckpt.save(step, state)
-                goodput.checkpoint(step, t1, time.time(), mode)
+                goodput.checkpoint(step, c0, time.time(), mode)
             _append(log, {"step": step, "loss": loss, "t": time.time(), "world": members})
         if step == start_step:
             _trace(lab, node, f"first step done: {step}")
