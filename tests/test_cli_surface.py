@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from aidc.cli.main import GROUPS, app
 
-SERVICES = {("failover", "run"), ("runbook", "serve")}  # run until signalled; they log, not report
+SERVICES = {("failover", "run"), ("runbook", "serve"), ("goodput", "serve")}  # run until signalled; they log, not report
 
 
 def leaf_commands():

@@ -487,3 +487,81 @@ class CheckpointDir:
         if not steps:
             return None
         return steps[-1], load(self.path(steps[-1]), job=self.job, kms=self.kms, step=steps[-1])
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` that later training cannot change: every tensor copied to host
+    memory, containers rebuilt, anything else shared (ints, strings are immutable)."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, snapshot(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class BackgroundCheckpointWriter:
+    """Asynchronous checkpoints: `save` takes an in-memory snapshot on the caller's thread
+    (the only time training stands still, besides waiting for a previous write) and a
+    background thread encrypts and writes it through `CheckpointDir.save` (same format, same
+    temp file + atomic rename, so a checkpoint is on disk whole or not at all).
+
+    At most one write is in flight: a save while the previous write runs waits for it, as a
+    synchronous checkpoint would. A failed write is raised by the next `save` or `wait`, never
+    dropped. `on_durable(step, write_s)` is called on the writer thread once a checkpoint is
+    renamed into place. One long-lived writer thread rather than one per checkpoint: starting a
+    thread hands it the GIL, and the trainer then waited up to the interpreter's 5 ms switch
+    interval for it back, more than a small model's whole synchronous save."""
+
+    def __init__(self, ckpt_dir: CheckpointDir, on_durable=None):
+        self.dir, self.on_durable = ckpt_dir, on_durable
+        self._cond = threading.Condition()
+        self._pending: tuple[int, Any] | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def save(self, step: int, state: Any) -> None:
+        self.wait()
+        snap = snapshot(state)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+                self._thread.start()
+            self._pending, self._busy = (step, snap), True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self._cond:
+                while self._pending is None:
+                    self._cond.wait()
+                step, snap = self._pending
+                self._pending = None
+            t0 = time.perf_counter()
+            try:
+                self.dir.save(step, snap)
+                written = time.perf_counter() - t0
+                if self.on_durable is not None:
+                    self.on_durable(step, written)
+            except BaseException as exc:  # handed to the training thread at its next save/wait
+                self._error = exc
+            del snap
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the write in flight; False when it is still running after `timeout_s`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy, timeout_s):
+                return False
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return True

@@ -41,9 +41,12 @@ def test_parse_log_text_is_a_table_naming_the_catalog_version(aidc_cli):
 
 
 def test_parse_log_on_a_missing_file_exits_2_with_a_clear_message(aidc_cli, tmp_path):
-    r = aidc_cli("health", "parse-log", str(tmp_path / "absent.log"), "--json")
+    r = aidc_cli("health", "parse-log", str(tmp_path / "absent.log"))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == f"aidc: error: {tmp_path / 'absent.log'}: no such file"
+    as_json = aidc_cli("health", "parse-log", str(tmp_path / "absent.log"), "--json")
+    assert as_json.returncode == 2 and as_json.stdout == ""
+    assert json.loads(as_json.stderr) == {"error": f"{tmp_path / 'absent.log'}: no such file", "exit_code": 2}
 
 
 def test_parse_log_of_a_log_without_gpu_faults_prints_nothing_in_json(aidc_cli, tmp_path):

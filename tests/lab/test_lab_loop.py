@@ -34,6 +34,14 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     assert 0 < summary["ettr"] <= 1
     # Training was shown as it went (on stderr under --json), the spare's membership included.
     assert "training: step" in out.stderr and "new membership" in out.stderr
+    # ETTR comes from the job's goodput step log: six parts that add up to the allocation's wall
+    # time, the one fault and its restart in them, and an advised checkpoint interval.
+    goodput = summary["goodput"]
+    assert summary["ettr"] == round(goodput["ettr"], 3)
+    assert sum(goodput["seconds"].values()) == pytest.approx(goodput["wall_s"], abs=0.01)
+    assert goodput["faults"] == 1 and goodput["restarts"] == 1 and goodput["seconds"]["detection"] > 0
+    assert summary["checkpoint_advice"]["advised_interval_s"] > 0
+    assert summary["checkpoint_advice"]["mtbf"]["source"] == "audit"
 
     # The training finished on the new membership: the spare replaced the faulty node.
     steps = [json.loads(line) for line in (lab_dir / "train" / "steps.jsonl").read_text().splitlines()]
@@ -49,10 +57,11 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     # Every stage left its mark in one verified log.
     kinds = {r["kind"] for r in json.loads((lab_dir / "report" / "report.json").read_text())["records"]}
     assert {"burnin.certificate", "health.fault", "failover.decision", "failover.action",
-            "lab.inject", "lab.resume", "lab.summary", "kms.keyring.created"} <= kinds
+            "lab.inject", "lab.resume", "lab.summary", "kms.keyring.created", "goodput.report"} <= kinds
     html = (lab_dir / "report" / "report.html").read_text()
     assert "Hash chain verified" in html and "gpu-spare-0" in html
     assert "AES-256-GCM, key aidc-lab-key version 1 (local)" in html
+    assert "Goodput: job aidc-lab" in html and "Checkpoint interval advised (Daly 2006)" in html
 
     # Nothing the lab started is left running.
     assert LabCluster(load_stack("lab"), lab_dir).running() == []

@@ -117,16 +117,24 @@ def test_goodput_is_given_as_ettr_with_its_definition(lab_log):
     _, render = lab_log
     text = squash(Sections(render()).text["goodput"])
     assert "ETTR 91.2%" in text
-    assert "productive training time / wall-clock time of the allocation" in text and "Meta" in text
+    assert "productive training time / wall time of the job's allocation" in text and "Meta" in text
 
 
-def test_a_goodput_breakdown_is_rendered_when_the_accounting_records_one(tmp_path):
+def test_the_goodput_accounting_is_rendered_part_by_part_with_the_advised_interval(tmp_path):
     db = build_lab_audit_log(tmp_path)
+    parts = {"productive": 61.2, "checkpoint": 0.4, "detection": 0.1, "restart": 4.1, "lost": 1.3, "idle": 0.9}
+    wall = sum(parts.values())
     with AuditLog(db) as log:
-        log.append("goodput.accounted", "job goodput", actor="goodput", payload={
-            "ettr": 0.87, "breakdown": {"productive_s": 61.2, "restart_s": 4.1, "recomputed_s": 1.3}})
+        log.append("goodput.report", "job llm: ETTR 0.87", actor="goodput", payload={
+            "goodput": {"job": "llm", "ettr": 0.87, "wall_s": wall, "seconds": parts,
+                        "fractions": {k: v / wall for k, v in parts.items()}},
+            "checkpoint_advice": {"advised_interval_s": 12.5, "young_interval_s": 13.1, "current_interval_s": 0.05,
+                                  "expected_ettr_advised": 0.97, "expected_ettr_current": 0.9, "save_cost_s": 0.002,
+                                  "mtbf": {"seconds": 600, "source": "audit"}}})
         text = squash(Sections(render_html(log)).text["goodput"])
-    assert "ETTR 87.0%" in text and "productive s 61.2" in text and "restart s 4.1" in text
+    assert "Goodput: job llm" in text and "ETTR 87.0%" in text
+    assert "productive 61.2" in text and "restart 4.1" in text and "lost 1.3" in text
+    assert "Checkpoint interval advised (Daly 2006): every 12.5 s" in text
 
 
 def test_dry_runs_and_benchmark_records_are_kept_out_of_the_incident_timeline(lab_log):

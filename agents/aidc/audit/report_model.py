@@ -24,9 +24,9 @@ BURNIN_TITLES = {"gemm_fp32_tflops": "GEMM fp32", "gemm_bf16_tflops": "GEMM bf16
                  "allreduce_busbw_gbps": "all_reduce bus bandwidth"}
 # Records of measurements, not of an incident: kept out of the incident timeline.
 BENCHMARK_KINDS = ("compress.result", "burnin.certificate", "burnin.aborted", "bench.")
-ETTR_DEFINITION = ("ETTR (effective training time ratio) = productive training time / wall-clock time of "
-                   "the allocation, as Meta defines it for its Research SuperCluster: time lost to failures, "
-                   "restarts, recomputed steps and waiting is what it does not count.")
+ETTR_DEFINITION = ("ETTR (effective training time ratio) = productive training time / wall time of the job's "
+                   "allocation (Meta's Research SuperCluster study, arXiv:2410.21680): time lost to failures, "
+                   "restarts, recomputed steps, checkpoint stalls and waiting is what it does not count.")
 
 
 def when(ts: float) -> str:
@@ -220,19 +220,33 @@ def collectives(records: list[AuditRecord]) -> list[dict]:
              "sweeps": sweeps}]
 
 
+GOODPUT_PARTS = {  # aidc.goodput's parts of a job's wall time, and what each holds
+    "productive": "steps of the trajectory the job kept",
+    "checkpoint": "training stood still for a checkpoint",
+    "detection": "from a fault to its detection",
+    "restart": "start and restarts: teardown, rendezvous, process start, restore",
+    "lost": "steps redone after a restore, and the step a fault cut short",
+    "idle": "everything else",
+}
+
+
 def goodput(records: list[AuditRecord]) -> dict | None:
-    """ETTR from the lab summary (or a `goodput.*` record), with its breakdown when present."""
+    """ETTR from the newest `goodput.report` (aidc.goodput's accounting of the job's step log:
+    the wall time by part, the advised checkpoint interval), else the lab summary's figure."""
     summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), {})
-    accounted = next((r.payload for r in reversed(records) if r.kind.startswith("goodput")), {})
+    report = next((r.payload for r in reversed(records) if r.kind == "goodput.report"), {})
+    accounted = report.get("goodput") or {}
     ettr = accounted.get("ettr", summary.get("ettr"))
-    if isinstance(ettr, dict):
-        accounted, ettr = {**ettr, **accounted}, ettr.get("ettr", ettr.get("value"))
-    if not isinstance(ettr, (int, float)):
+    if not _finite(ettr):
         return None
-    breakdown = accounted.get("breakdown") or summary.get("goodput") or {}
-    rows = [{"name": str(k).replace("_", " "), "value": v if isinstance(v, str) else charts.fmt(v)}
-            for k, v in breakdown.items() if isinstance(v, (int, float, str))] if isinstance(breakdown, dict) else []
-    return {"ettr": ettr, "percent": f"{ettr:.1%}", "definition": ETTR_DEFINITION, "breakdown": rows}
+    seconds, fractions = accounted.get("seconds") or {}, accounted.get("fractions") or {}
+    parts = [{"name": part, "seconds": charts.fmt(seconds.get(part, 0.0)),
+              "share": f"{fractions.get(part, 0.0):.1%}", "meaning": meaning}
+             for part, meaning in GOODPUT_PARTS.items()] if seconds else []
+    advice = report.get("checkpoint_advice") or {}
+    return {"ettr": ettr, "percent": f"{ettr:.1%}", "definition": ETTR_DEFINITION, "job": accounted.get("job"),
+            "wall_s": accounted.get("wall_s"), "parts": parts,
+            "advice": advice if "advised_interval_s" in advice else None, "advice_error": advice.get("error")}
 
 
 def stack_info(records: list[AuditRecord]) -> dict:

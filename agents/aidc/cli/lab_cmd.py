@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
+from aidc.goodput.accounting import ETTR_DEFINITION
 from aidc.spec import load_stack
 
 app = typer.Typer(help="Run the whole aidc loop on this machine: simulated GPUs, real processes, real faults.",
@@ -60,7 +61,8 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         f"  detect_ms         {result.detect_ms}   (kernel-log line written -> quarantine decision)",
         f"  resume_s          {result.resume_s}   (fault -> first step on the new membership)",
         f"  steps_lost        {result.steps_lost}",
-        f"  ettr              {result.ettr}",
+        f"  ettr              {result.ettr}   ({ETTR_DEFINITION})",
+        f"  checkpoint advice {_advice_line(result.checkpoint_advice)}",
         f"  checkpoints       {_key_line(result.checkpoint_key)}",
         f"  report            {result.report_html}",
         f"  audit log         {result.audit_db} ({'verified' if result.audit_verified else 'VERIFICATION FAILED'})",
@@ -76,6 +78,15 @@ def _fabric_line(fabric: dict) -> str:
         return "loopback"
     return (f"netns, {fabric['rails']} rail(s) at {fabric['rail_mbit']:g} Mbit/s (scale {fabric['scale']:.3g});"
             f" training {'on the rails' if fabric['training'] else 'on loopback'}")
+
+def _advice_line(advice: dict) -> str:
+    if not advice:
+        return "none"
+    if "error" in advice:
+        return advice["error"]
+    steps = f" (~{advice['advised_interval_steps']} steps)" if advice.get("advised_interval_steps") else ""
+    return (f"every {advice['advised_interval_s']:.3f} s{steps} (Daly 2006; save cost {advice['save_cost_s'] * 1000:.2f} ms,"
+            f" observed MTBF {advice['mtbf']['seconds']:.0f} s; `aidc goodput advise`)")
 
 
 def _key_line(key: dict) -> str:

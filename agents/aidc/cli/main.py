@@ -35,6 +35,7 @@ GROUPS = [
     ("aidc.cli.inventory_cmd", "inventory"),
     ("aidc.cli.compress_cmd", "compress"),
     ("aidc.cli.kms_cmd", "kms"),
+    ("aidc.cli.goodput_cmd", "goodput"),
 ]
 
 # A command that needs an optional part names the extra that installs it (pyproject.toml),

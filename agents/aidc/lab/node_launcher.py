@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--poll", type=float, default=0.1)
+    p.add_argument("--checkpoint-mode", choices=("async", "sync"), default="async",
+                   help="async: snapshot in memory, write in the background; sync: write before the next step")
     p.add_argument("--start-gate", help="Once warm, touch <lab>/nodes/<node>/warm and wait for this file to exist")
     p.add_argument("--spare", action="store_true",
                    help="Warm up now, join only once the first round is full (so this node is the spare)")
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cfg = {"lab_dir": args.lab_dir, "node": args.node, "job": args.run_id,
            "keyring": str(Path(args.lab_dir) / "keyring"), "total_steps": args.total_steps,
-           "checkpoint_every": args.checkpoint_every, "seed": args.seed, "lr": args.lr}
+           "checkpoint_every": args.checkpoint_every, "seed": args.seed, "lr": args.lr,
+           "checkpoint_mode": args.checkpoint_mode}
     try:
         elastic_launch(config, train)(cfg)
     except Exception as exc:  # reported by the lab from the exit code and the step log

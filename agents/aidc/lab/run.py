@@ -9,7 +9,6 @@ finish training, write the report and verify the audit log.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,10 @@ class LabResult:
     error: str | None = None
     # Where the nodes talked: netns (rails, rate, scale; whether training ran on it) or loopback.
     fabric: dict = field(default_factory=lambda: {"kind": "loopback"})
+    # aidc.goodput: the job's wall time by part (ettr above is its ETTR) and the advised
+    # checkpoint interval (Young/Daly from the measured save cost and the observed MTBF).
+    goodput: dict = field(default_factory=dict)
+    checkpoint_advice: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -123,6 +126,16 @@ class LabRun:
     def steps_log(self) -> Path:
         return self.cluster.dir / "train" / "steps.jsonl"
 
+    @property
+    def goodput_log(self) -> Path:
+        """The job's goodput step log (aidc.goodput.StepLog; rank 0 writes steps and checkpoints)."""
+        return self.cluster.dir / "train" / "goodput.jsonl"
+
+    def _goodput_writer(self):
+        from aidc.goodput import StepLog
+
+        return StepLog(self.goodput_log, job=self.cluster.info()["run_id"])
+
     def bring_up(self, burn_in: bool = True) -> None:
         """Create the lab, burn it in, start the agents and the controller (not the training)."""
         c = self.cluster
@@ -196,6 +209,18 @@ class LabRun:
         for n in c.nodes:
             c.start_agent(n.name)
         c.start_controller(self.stack)
+        self._start_goodput_exporter()
+
+    def _start_goodput_exporter(self) -> None:
+        """`aidc goodput serve` on the job's step log: aidc_goodput_ettr{job} while the lab runs."""
+        from aidc.polling import free_port
+
+        c = self.cluster
+        data = c.info()
+        data["ports"]["goodput"] = port = free_port()
+        c._write(data)
+        c.start("goodput-exporter", c.aidc("goodput", "serve", "--job", f"{data['run_id']}={self.goodput_log}",
+                                           "--port", str(port)))
 
     def _train_and_fail_over(self) -> None:
         lab = self.spec.lab
@@ -240,6 +265,8 @@ class LabRun:
                 raise LabError(f"{exc}; warm: {', '.join(c.warm_nodes()) or 'none'}; Slurm: {c.job_state()}") from None
         else:
             _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
+        # The job's allocation starts now: its nodes are certified and warm (aidc.goodput).
+        self._goodput_writer().allocation()
         c.open_start_gate()
         _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
         _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)
@@ -256,6 +283,7 @@ class LabRun:
 
         decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
         detect_ms = round((decision.ts - t_fault) * 1000, 1)
+        self._goodput_writer().fault(t_fault, node=victim, detected_t=decision.ts, what=f"XID {xid}")
         self.say(f"failover: {victim} quarantined {detect_ms:.0f} ms after the kernel-log line")
 
         first_new = _wait("a step on the new membership",
@@ -309,6 +337,7 @@ class LabRun:
         self.result.train_steps = max(s["step"] for s in steps)
         self.result.checkpoint_key = self.checkpoint_key()
         self.result.ettr = self._ettr(steps)
+        self._goodput()
 
     def checkpoint_key(self) -> dict:
         """The key the newest checkpoint is encrypted under, read from its header."""
@@ -335,19 +364,26 @@ class LabRun:
                 return rec
         return None
 
-    @staticmethod
-    def _ettr(steps: list[dict]) -> float:
-        """Effective training time ratio: productive time / wall-clock time of the job.
+    def _ettr(self, steps: list[dict]) -> float:
+        """Effective training time ratio from the job's goodput step log (aidc.goodput):
+        productive training time / wall time of the job's allocation."""
+        from aidc.goodput import job_report
 
-        Productive time counts each step of the final trajectory once, at the median
-        step duration of the run; the wall clock runs from the first to the last step.
-        """
-        times = [s["t"] for s in steps]
-        gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
-        if not gaps:
-            return 0.0
-        productive = (max(s["step"] for s in steps) - min(s["step"] for s in steps)) * statistics.median(gaps)
-        return round(min(1.0, productive / (times[-1] - times[0])), 3)
+        return round(job_report(self.goodput_log).ettr, 3)
+
+    def _goodput(self) -> None:
+        """The ETTR breakdown and the checkpoint-interval advice, with the MTBF this lab's audit
+        log observed; both also go to the audit log for the report."""
+        from aidc.goodput import AdviceError, job_advice, job_report
+
+        self.result.goodput = job_report(self.goodput_log).to_dict()
+        try:
+            self.result.checkpoint_advice = job_advice(self.goodput_log, audit_db=self.cluster.audit_path)
+        except AdviceError as exc:
+            self.result.checkpoint_advice = {"error": str(exc)}
+        self.audit.append("goodput.report", f"job {self.result.goodput['job']}: ETTR {self.result.goodput['ettr']}",
+                          actor=self.actor, payload={"goodput": self.result.goodput,
+                                                     "checkpoint_advice": self.result.checkpoint_advice})
 
     def _finish(self, started: float) -> None:
         from aidc.audit.report import write_report

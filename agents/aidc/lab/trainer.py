@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aidc.checkpoint import CheckpointDir
+from aidc.checkpoint import BackgroundCheckpointWriter, CheckpointDir
 from aidc.device.sim import SimBackend
+from aidc.goodput import StepLog
 from aidc.kms.local import LocalKeyring
 
 IN_FEATURES, HIDDEN, LAYERS = 64, 384, 3
@@ -59,7 +60,8 @@ def _trace(lab: Path, node: str, what: str) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Entry point of one worker. cfg: lab_dir, node, job, keyring, total_steps, checkpoint_every, seed, lr."""
+    """Entry point of one worker. cfg: lab_dir, node, job, keyring, total_steps, checkpoint_every, seed, lr,
+    checkpoint_mode ("async", the default, or "sync")."""
     lab = Path(cfg["lab_dir"])
     node = cfg["node"]
     (lab / "train").mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,7 @@ def train(cfg: dict) -> int:
         return _train(cfg, lab, node)
     except Exception as exc:
         _trace(lab, node, f"worker failed: {type(exc).__name__}: {str(exc)[:160]}")
+        _finish_background_write()
         # Exit now. A normal exit after a peer died tears down the gloo process group and
         # DDP's reducer, which took ~9 s here; the elastic agent only needs the exit code,
         # and the last checkpoint is already on disk (atomic rename).
@@ -101,6 +104,14 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
     _trace(lab, node, f"checkpoint loaded: resume at step {start_step}")
     ddp = DistributedDataParallel(model)
     _trace(lab, node, "DDP ready")
+    # Rank 0 keeps the job's goodput step log (aidc.goodput, docs/goodput-steplog.md) and
+    # writes checkpoints in the background unless told to write them in line.
+    goodput = StepLog(lab / "train" / "goodput.jsonl", job=cfg["job"]) if rank == 0 else None
+    mode = cfg.get("checkpoint_mode", "async")
+    writer = None
+    if goodput is not None and mode == "async":
+        writer = BackgroundCheckpointWriter(ckpt, on_durable=lambda s, w: goodput.checkpoint_durable(s, w))
+        _BACKGROUND_WRITERS.append(writer)
     device = SimBackend(lab / "nodes" / node)
     log = lab / "train" / "steps.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -109,23 +120,49 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
             "t": time.time(), "resumed_from": start_step - 1, "world": members,
             "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
         })
+        goodput.start(start_step - 1, world=members, restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
     for step in range(start_step, cfg["total_steps"] + 1):
+        t0 = time.time()
         loss = train_step(ddp, device, cfg, step, rank)
         if rank == 0:
+            t1 = time.time()
+            goodput.step_done(step, t0, t1)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["total_steps"]:
-                ckpt.save(step, {"step": step, "model": model.state_dict()})
+                c0 = time.time()
+                state = {"step": step, "model": model.state_dict()}
+                if writer is not None:
+                    writer.save(step, state)
+                else:
+                    ckpt.save(step, state)
+                goodput.checkpoint(step, c0, time.time(), mode)
             _append(log, {"step": step, "loss": loss, "t": time.time(), "world": members})
         if step == start_step:
             _trace(lab, node, f"first step done: {step}")
 
+    if writer is not None:
+        writer.wait()  # the last checkpoint is on disk before the job says it is done
     if rank == 0:
+        goodput.end()
         (lab / "train" / "done.json").write_text(json.dumps({"t": time.time(), "steps": cfg["total_steps"]}))
     # A barrier before teardown: without it a rank sometimes aborts at exit
     # ("terminate called without an active exception") despite correct results.
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+# This process's background checkpoint writers: a worker exiting on a peer's failure first
+# lets a write in flight finish (milliseconds), so the step it holds is not lost with it.
+_BACKGROUND_WRITERS: list[BackgroundCheckpointWriter] = []
+
+
+def _finish_background_write(timeout_s: float = 10.0) -> None:
+    for writer in _BACKGROUND_WRITERS:
+        try:
+            writer.wait(timeout_s)
+        except Exception:  # the write failed: the previous checkpoint stands
+            pass
 
 
 def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step: int, rank: int) -> float:
