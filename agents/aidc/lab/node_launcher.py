@@ -10,6 +10,10 @@ external store) with two changes made at the smallest layer that works:
 * The rendezvous polls every 0.1 s instead of its hard-coded 1 s when it waits for
   other nodes (`dynamic_rendezvous._delay`, and the state holder's 1 s cache), so a new
   round forms as soon as it can.
+* An agent whose workers failed stays in a newer round it finds itself a member of,
+  instead of leaving it: on a quarantine the failover controller commits the next round
+  (survivors and the spare, `failover.rendezvous.commit_next_round`), and each agent only
+  has to read it. torch's own exit step would take each survivor out of that round again.
 
 Run as `python -m aidc.lab.node_launcher --node NAME --lab-dir DIR --rdzv HOST:PORT ...`.
 """
@@ -39,6 +43,47 @@ def _fast_rendezvous_poll(poll_s: float) -> None:
     # faster poll alone would still see changes once a second.
     holder = dynamic_rendezvous._BackendRendezvousStateHolder.__init__
     holder.__defaults__ = (poll_s,)
+
+
+# The rendezvous round this launcher's agent last joined (one agent, one handler per launcher).
+JOINED = {"round": -1}
+# Where the agent's rendezvous phases go: the node's worker trace (lab/trainer.py's format), for
+# the failover timeline (bench/lab_failover.py). None: not traced.
+TRACE: dict[str, Path | None] = {"path": None}
+
+
+def _trace(what: str) -> None:
+    import time
+
+    if TRACE["path"] is not None:
+        with open(TRACE["path"], "a") as f:
+            f.write(f"{time.time():.3f} pid={os.getpid()} {what}\n")
+
+
+def _stay_in_committed_rounds() -> None:
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+
+    joined = JOINED
+    original_next, original_exit = dr.DynamicRendezvousHandler.next_rendezvous, dr._RendezvousExitOp.__call__
+
+    def next_rendezvous(self):
+        _trace("agent rendezvous started")
+        info = original_next(self)
+        joined["round"] = self._state_holder.state.round
+        _trace(f"agent rendezvous done: round {joined['round']}, rank {info.rank} of {info.world_size}")
+        return info
+
+    def exit_op(self, ctx, deadline):
+        state = ctx.state
+        # A member of a complete round newer than the one it joined was put there by the
+        # failover controller: that round is where it goes next, so there is nothing to leave.
+        # (torch itself only ever adds a node to a round through that node's own join.)
+        if state.complete and ctx.node in state.participants and state.round > joined["round"]:
+            return dr._Action.FINISH
+        return original_exit(self, ctx, deadline)
+
+    dr.DynamicRendezvousHandler.next_rendezvous = next_rendezvous
+    dr._RendezvousExitOp.__call__ = exit_op
 
 
 def _wait_at_gate(warm_marker: Path, gate: Path, timeout_s: float = 600) -> None:
@@ -128,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     from aidc.lab.trainer import train
 
     _fast_rendezvous_poll(args.poll)
+    TRACE["path"] = Path(args.lab_dir) / "train" / f"trace-{args.node}.log"
+    TRACE["path"].parent.mkdir(parents=True, exist_ok=True)
+    _stay_in_committed_rounds()
     if args.start_gate:
         _wait_at_gate(Path(args.lab_dir) / "nodes" / args.node / "warm", Path(args.start_gate))
     if args.spare:
