@@ -92,10 +92,11 @@ def launcher_patches():
     """The lab launcher's change to torch's rendezvous, undone after the test."""
     from aidc.lab.node_launcher import _stay_in_committed_rounds
 
-    saved = dr.DynamicRendezvousHandler.next_rendezvous, dr._RendezvousExitOp.__call__
+    handler = dr.DynamicRendezvousHandler
+    saved = handler.next_rendezvous, handler.num_nodes_waiting, dr._RendezvousExitOp.__call__
     _stay_in_committed_rounds()
-    yield saved[1]  # torch's own exit step
-    dr.DynamicRendezvousHandler.next_rendezvous, dr._RendezvousExitOp.__call__ = saved
+    yield saved[2]  # torch's own exit step
+    handler.next_rendezvous, handler.num_nodes_waiting, dr._RendezvousExitOp.__call__ = saved
 
 
 def test_torchs_exit_step_would_leave_a_committed_round_and_the_lab_launcher_stays_in_it(launcher_patches):
@@ -114,3 +115,25 @@ def test_an_agent_leaves_a_round_it_joined_itself_as_torch_does(launcher_patches
     monkeypatch.setitem(node_launcher.JOINED, "round", 3)  # joined round 3 through torch's own join
     ctx = dr._RendezvousContext(A, complete_round(3), SETTINGS)
     assert dr._RendezvousExitOp()(ctx, time.monotonic() + 60) == dr._Action.REMOVE_FROM_PARTICIPANTS
+
+
+def test_an_agent_with_healthy_workers_restarts_them_once_a_round_is_committed_for_it(launcher_patches, monkeypatch):
+    """The agent's monitor asks num_nodes_waiting(); a committed round answers "restart now"."""
+    from aidc.lab import node_launcher
+
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
+    handler = dr.DynamicRendezvousHandler.from_backend("run1", server, C10dRendezvousBackend(server, "run1"), 4, 4,
+                                                       local_addr="127.0.0.1")
+    me = handler._this_node
+    state = complete_round()
+    state.participants = {me if n == A else n: r for n, r in state.participants.items()}
+    state.last_heartbeats[me] = state.last_heartbeats.pop(A)
+    handler._state_holder._state = state
+    handler._state_holder.mark_dirty()
+    handler._state_holder.sync()
+    monkeypatch.setitem(node_launcher.JOINED, "round", 3)
+    assert handler.num_nodes_waiting() == 0, "round 3 is the one it is in: nothing to do"
+    assert commit_next_round("127.0.0.1", port, "run1", 4, pids={DOOMED.pid})["round"] == 4
+    handler._state_holder._last_sync_time = -1  # past the state holder's cache: read the store
+    assert handler.num_nodes_waiting() == 1, "round 4 was committed with it in it"

@@ -10,10 +10,11 @@ external store) with two changes made at the smallest layer that works:
 * The rendezvous polls every 0.1 s instead of its hard-coded 1 s when it waits for
   other nodes (`dynamic_rendezvous._delay`, and the state holder's 1 s cache), so a new
   round forms as soon as it can.
-* An agent whose workers failed stays in a newer round it finds itself a member of,
-  instead of leaving it: on a quarantine the failover controller commits the next round
-  (survivors and the spare, `failover.rendezvous.commit_next_round`), and each agent only
-  has to read it. torch's own exit step would take each survivor out of that round again.
+* An agent stays in a newer round it finds itself a member of, instead of leaving it, and
+  restarts its workers into it as soon as it sees it: on a quarantine the failover
+  controller commits the next round (survivors and the spare,
+  `failover.rendezvous.commit_next_round`), and each agent only has to read it. torch's own
+  exit step would take each survivor out of that round again.
 
 Run as `python -m aidc.lab.node_launcher --node NAME --lab-dir DIR --rdzv HOST:PORT ...`.
 """
@@ -82,7 +83,23 @@ def _stay_in_committed_rounds() -> None:
             return dr._Action.FINISH
         return original_exit(self, ctx, deadline)
 
+    original_waiting = dr.DynamicRendezvousHandler.num_nodes_waiting
+
+    def num_nodes_waiting(self):
+        # The agent asks this every monitor interval while its workers are healthy (a state
+        # read it makes anyway); "someone waits" restarts its workers into the next round.
+        # A round committed for this node is such a reason: its workers are about to fail on
+        # the dead peer, and gloo's errors travel from rank to rank (~0.2 s a hop under load).
+        waiting = original_waiting(self)
+        state = self._state_holder.state
+        if not waiting and state.complete and self._this_node in state.participants \
+                and state.round > joined["round"]:
+            _trace(f"agent restarts into committed round {state.round}")
+            return 1
+        return waiting
+
     dr.DynamicRendezvousHandler.next_rendezvous = next_rendezvous
+    dr.DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
     dr._RendezvousExitOp.__call__ = exit_op
 
 
