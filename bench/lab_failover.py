@@ -91,8 +91,17 @@ def phases_of(lab_dir: Path) -> list[dict]:
         faults = sorted(r.payload["written_at"] for r in audit.records(kind="lab.inject"))
     finally:
         audit.close()
-    ends = faults[1:] + [float("inf")]
-    return [{"phases": phases(lab_dir, t, end)} for t, end in zip(faults, ends)]
+    return [{"phases": phases(lab_dir, t, resumed_at(lab_dir, t))} for t in faults]
+
+
+def resumed_at(lab_dir: Path, t_fault: float) -> float:
+    """Just after the first step of the job's next start after the fault: the end of that
+    failover's window (a node returned to service later joins on its own time)."""
+    start = next((s["t"] for s in _read_jsonl(lab_dir / "train" / "starts.jsonl") if s["t"] > t_fault), None)
+    if start is None:
+        return float("inf")
+    first = next((s["t"] for s in _read_jsonl(lab_dir / "train" / "steps.jsonl") if s["t"] >= start), start)
+    return first + 0.5
 
 
 def pct(values: list[float], q: float) -> float:
@@ -130,7 +139,7 @@ def main() -> int:
             victim = last["world"][i % len(last["world"])]
             m = run.inject_and_measure(victim, 79)
             injected = [r for r in run.audit.records(kind="lab.inject", node=victim)][-1].payload["written_at"]
-            m["phases"] = phases(run.cluster.dir, injected, time.time())
+            m["phases"] = phases(run.cluster.dir, injected, resumed_at(run.cluster.dir, injected))
             m["load_average_1m"] = round(os.getloadavg()[0], 2)
             rows.append(m)
             print(f"[{i + 1}/{args.injections}] {victim}: detect {m['detect_ms']} ms, resume {m['resume_s']} s,"

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AIDC_NODE"] = args.node
     if os.environ.get("AIDC_LAB_DEBUG"):
         logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous").setLevel(logging.DEBUG)
-    logging.basicConfig(level=logging.INFO if os.environ.get("AIDC_LAB_DEBUG") else logging.WARNING, format=f"[{args.node} agent] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if os.environ.get("AIDC_LAB_DEBUG") else logging.WARNING, format=f"%(created).3f [{args.node} agent] %(levelname)s %(name)s %(message)s")
 
     # torch._dynamo is what DDP's constructor imports on first use (~800 modules, 2-9 s
     # here); preloading it keeps that off the failover path too.
