@@ -73,7 +73,7 @@ class DirectoryWatch:
     """Wake when a file in one directory whose name passes `match` is written, truncated,
     created, renamed or deleted (inotify on the directory, so a file that does not exist yet
     or is rotated away is still seen). `fileno()` is readable when something may have
-    changed, for select(); `wait(timeout_s)` blocks on it. Raises OSError where inotify is
+    changed, for poll(); `wait(timeout_s)` blocks on it. Raises OSError where inotify is
     unavailable (not Linux, no watches left): callers fall back to polling."""
 
     def __init__(self, directory: str | os.PathLike, match: Callable[[str], bool]):
@@ -122,8 +122,9 @@ class DirectoryWatch:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            readable, _, _ = select.select([self._fd], [], [], remaining)
-            if readable and self.changed():
+            poller = select.poll()  # poll, not select: no limit on descriptor numbers
+            poller.register(self._fd, select.POLLIN)
+            if poller.poll(remaining * 1000) and self.changed():
                 return True
 
     def close(self) -> None:

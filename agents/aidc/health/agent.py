@@ -4,7 +4,7 @@ Faults are seen when they happen, not at the next poll; telemetry is polled. A d
 thread reads telemetry every `poll_interval_s` (1 s) through `TimedBackend` (a call past
 its timeout is a `device_hang` fault, and the thread carries on), and between two reads
 blocks in the driver's XID event wait (NVML `nvmlEventSetWait`; the sim backend waits on
-inotify), so an XID event is handed over as it arrives. The main loop blocks in select()
+inotify), so an XID event is handed over as it arrives. The main loop blocks in poll()
 on the kernel log (/dev/kmsg, or inotify on a log file) and on a pipe the device thread
 writes when it hands something over; it wakes for either, or after `poll_interval_s` at
 the latest (and at least once a second, to notice a stop). Two loops, so that a sick GPU
@@ -98,7 +98,7 @@ class HealthAgent:
         self.follower = KernelLogFollower(kernel_log, position) if kernel_log else None
         self._saved_position = position.to_json()
         self.observations: queue.Queue[Observation] = queue.Queue(maxsize=64)
-        # The device thread writes a byte here after each observation, to wake the main loop's select().
+        # The device thread writes a byte here after each observation, to wake the main loop's poll().
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._log_fd: int | None = None  # the kernel log's watch, from follower.watch()
         self._log_watch_tried = False
@@ -156,8 +156,10 @@ class HealthAgent:
         self._handle_observations()
         self.follow_kernel_log()
         if wait_s > 0 and not (self.follower is not None and self.follower.more_to_read):
-            waiting = [self._wake_r] + ([self._log_fd] if self._log_fd is not None else [])
-            readable, _, _ = select.select(waiting, [], [], wait_s)
+            waiting = select.poll()  # poll, not select: no limit on descriptor numbers
+            for fd in [self._wake_r] + ([self._log_fd] if self._log_fd is not None else []):
+                waiting.register(fd, select.POLLIN)
+            readable = {fd for fd, _events in waiting.poll(wait_s * 1000)}
             if self._wake_r in readable:
                 try:
                     os.read(self._wake_r, 4096)

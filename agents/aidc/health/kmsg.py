@@ -25,7 +25,7 @@ parser never raises, so one line can never stop detection.
 
 `KernelLogFollower` tails a file (or /dev/kmsg) from a durable position kept in the
 store, so an agent restart neither loses nor repeats lines; it survives truncation and
-rotation. `watch()` gives a descriptor that select() finds readable when there may be
+rotation. `watch()` gives a descriptor that poll() finds readable when there may be
 something new to read (/dev/kmsg itself, or inotify on the file's directory), so a caller
 blocks until the kernel writes instead of polling.
 """
@@ -369,7 +369,7 @@ class KernelLogFollower:
         return self._unread
 
     def watch(self) -> int | None:
-        """A descriptor for select() that is readable when read() may return something new;
+        """A descriptor for poll() that is readable when read() may return something new;
         None when there is none (no inotify, the directory is missing): read every interval
         then. Call it before the read() after which you wait, so nothing written in between
         is missed. /dev/kmsg is its own: the kernel marks it readable as soon as a record
@@ -390,7 +390,7 @@ class KernelLogFollower:
         return self._watch.fileno()
 
     def woken(self) -> bool:
-        """After select() found the watch readable: consume the notification; True when it
+        """After poll() found the watch readable: consume the notification; True when it
         was about the log (a file watch also hears its neighbours in the directory)."""
         if self._is_kmsg:
             return True
