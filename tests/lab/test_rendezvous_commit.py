@@ -4,6 +4,7 @@ commit_next_round; the lab launcher's agents stay in a round committed for them)
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -15,7 +16,8 @@ from torch.distributed import TCPStore  # noqa: E402
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr  # noqa: E402
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend  # noqa: E402
 
-from aidc.failover.rendezvous import commit_next_round, next_round  # noqa: E402
+from aidc.failover.rendezvous import EXPIRED, commit_next_round, load_state, next_round  # noqa: E402
+from aidc.lab.cluster import evict_from_rendezvous  # noqa: E402
 from aidc.polling import free_port  # noqa: E402
 
 A, B, C, DOOMED, SPARE = (dr._NodeDesc("127.0.0.1", pid, 0) for pid in (101, 102, 103, 104, 105))
@@ -137,3 +139,40 @@ def test_an_agent_with_healthy_workers_restarts_them_once_a_round_is_committed_f
     assert commit_next_round("127.0.0.1", port, "run1", 4, pids={DOOMED.pid})["round"] == 4
     handler._state_holder._last_sync_time = -1  # past the state holder's cache: read the store
     assert handler.num_nodes_waiting() == 1, "round 4 was committed with it in it"
+
+
+def lab_with_rendezvous(tmp_path, state):
+    """A lab directory as the controller sees it: lab.json, the victim's launcher pid, and a
+    rendezvous store holding `state`. Returns the store (kept alive by the caller) and a state holder."""
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
+    holder = dr._BackendRendezvousStateHolder(C10dRendezvousBackend(server, "aidc-lab"), SETTINGS, cache_duration=0)
+    holder.sync()
+    holder._state = state
+    holder.mark_dirty()
+    holder.sync()
+    (tmp_path / "lab.json").write_text(json.dumps({"ports": {"rdzv": port}, "run_id": "aidc-lab"}))
+    (tmp_path / "nodes" / "gpu-3").mkdir(parents=True)
+    (tmp_path / "nodes" / "gpu-3" / "launcher.pid").write_text(str(DOOMED.pid))
+    return server, holder
+
+
+def test_the_lab_scheduler_commits_the_next_round_after_a_quarantine(tmp_path):
+    _server, holder = lab_with_rendezvous(tmp_path, complete_round())
+    evict_from_rendezvous(tmp_path, "gpu-3", world_size=4)
+    record = json.loads((tmp_path / "nodes" / "gpu-3" / "rendezvous-evicted.json").read_text())
+    assert record["committed"]["round"] == 4 and record["expired"] == []
+    holder.sync()
+    assert set(holder.state.participants) == {A, B, C, SPARE}
+
+
+def test_without_a_spare_the_lab_scheduler_falls_back_to_expiring_the_heartbeat(tmp_path):
+    state = complete_round()
+    state.redundancy_list = set()
+    server, holder = lab_with_rendezvous(tmp_path, state)
+    evict_from_rendezvous(tmp_path, "gpu-3", world_size=4)
+    record = json.loads((tmp_path / "nodes" / "gpu-3" / "rendezvous-evicted.json").read_text())
+    assert record["committed"] is None and record["expired"] == [repr(DOOMED)]
+    stored = load_state(C10dRendezvousBackend(server, "aidc-lab").get_state()[0])  # as written, before any sync
+    assert stored.last_heartbeats[DOOMED] == EXPIRED, "torch's next sync drops it"
+    assert stored.round == 3, "no round was committed"
