@@ -137,10 +137,9 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
 
 def _metrics_tls(cert: Path | None, key: Path | None, client_ca: Path | None):
     """The metrics server's TLS config, checked now (bad files: one error line before anything starts)."""
-    from aidc.runbook.tls import TLSConfig
-
     if cert is None and key is None and client_ca is None:
         return None
+    from aidc.runbook.tls import TLSConfig  # only here: it brings the runbook engine (jsonschema) along
     if cert is None or key is None:
         raise AidcError("--metrics-tls-cert and --metrics-tls-key go together (and --metrics-client-ca needs both)")
     config = TLSConfig(cert, key, client_ca)

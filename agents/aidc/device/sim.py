@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aidc.device.base import GpuTelemetry, XidEvent
 from aidc.errors import DeviceError
+from aidc.polling import DirectoryWatch
 
 STATE_FILE = "device.json"
 KERNEL_LOG = "kern.log"
@@ -158,8 +159,9 @@ def _short_pci(pci: str) -> str:
 
 
 def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, factor: float = 4.0,
-           seconds: float = 30.0) -> dict:
-    """Inject a fault into a simulated node. Returns what was done (with the time written)."""
+           seconds: float = 30.0, kernel_line: bool = True) -> dict:
+    """Inject a fault into a simulated node. Returns what was done (with the time written).
+    `kernel_line=False`: the driver's event only, no kernel-log line (to time the event path)."""
     node_dir = Path(node_dir)
     if not (node_dir / STATE_FILE).exists():
         raise DeviceError(f"no simulated node at {node_dir} (missing {STATE_FILE}); lab nodes live in <lab-dir>/nodes/<name>")
@@ -224,7 +226,7 @@ def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, fac
             state.clear()
             state.update(fresh)
         written_at = time.time()
-        if lines:
+        if lines and kernel_line:
             _kernel_lines(node_dir, state, lines)
     return {"fault": fault, "gpu": gpu, "pci": pci, "lines": lines, "written_at": written_at}
 
@@ -239,6 +241,7 @@ class SimBackend:
         if not (self.node_dir / STATE_FILE).exists():
             raise DeviceError(f"no simulated node at {self.node_dir} (missing {STATE_FILE})")
         self._xid_cursor = len(self._state()["xid_events"])
+        self._state_watch: DirectoryWatch | None = None
 
     def _state(self) -> dict:
         return _read_state(self.node_dir)
@@ -271,6 +274,24 @@ class SimBackend:
         return GpuTelemetry(**fields)
 
     def xid_events(self, timeout_ms: int = 0) -> list[XidEvent]:
+        """New XID events; with `timeout_ms`, wait that long for the first one, as
+        nvmlEventSetWait does: blocked on inotify until the node's state file is replaced
+        (every injection replaces it), not polling it."""
+        if timeout_ms > 0 and self._state_watch is None:
+            try:  # before the read below, so that nothing written after it is missed
+                self._state_watch = DirectoryWatch(self.node_dir, lambda n: n == STATE_FILE)
+            except OSError:
+                pass  # no inotify here: answer now, and the caller asks again
+        events = self._new_xids()
+        if events or timeout_ms <= 0 or self._state_watch is None:
+            return events
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not events and (remaining := deadline - time.monotonic()) > 0:
+            if self._state_watch.wait(remaining):
+                events = self._new_xids()
+        return events
+
+    def _new_xids(self) -> list[XidEvent]:
         state = self._state()
         self._maybe_hang(state)
         new = state["xid_events"][self._xid_cursor:]
@@ -292,7 +313,9 @@ class SimBackend:
         return str(self.node_dir / SYSFS_DIR)
 
     def close(self) -> None:
-        pass
+        if self._state_watch is not None:
+            self._state_watch.close()
+            self._state_watch = None
 
 
 # --- InfiniBand ports -------------------------------------------------------------------------

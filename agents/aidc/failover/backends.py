@@ -21,7 +21,7 @@ def _open_lab(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> 
     if tell_rendezvous:
         from aidc.lab.cluster import lab_scheduler
 
-        return lab_scheduler(lab_dir)
+        return lab_scheduler(lab_dir, world_size=len(spec.nodes(include_spares=False)))
     from aidc.failover.scheduler import LabScheduler
 
     return LabScheduler(lab_dir)

@@ -1,13 +1,17 @@
 """The node agent's watch loop.
 
-Two loops, so that a sick GPU cannot blind the kernel-log path: a device poller thread
-reads telemetry and NVML XID events through `TimedBackend` (a call past its timeout is a
-`device_hang` fault, and the poller carries on), and the main loop follows the kernel
-log every `poll_interval_s` and handles what the poller observed. Only the main loop
-writes: fault events go to the durable store together with the kernel-log position and
-the active conditions, in one transaction, then to the audit log and the metrics. No
-wait in either loop is longer than `poll_interval_s`, so a kernel-log line becomes an
-event in the store within about one poll interval.
+Faults are seen when they happen, not at the next poll; telemetry is polled. A device
+thread reads telemetry every `poll_interval_s` (1 s) through `TimedBackend` (a call past
+its timeout is a `device_hang` fault, and the thread carries on), and between two reads
+blocks in the driver's XID event wait (NVML `nvmlEventSetWait`; the sim backend waits on
+inotify), so an XID event is handed over as it arrives. The main loop blocks in poll()
+on the kernel log (/dev/kmsg, or inotify on a log file) and on a pipe the device thread
+writes when it hands something over; it wakes for either, or after `poll_interval_s` at
+the latest (and at least once a second, to notice a stop). Two loops, so that a sick GPU
+cannot blind the kernel-log path. Only the main loop writes: fault events go to the
+durable store together with the kernel-log position and the active conditions, in one
+transaction, then to the audit log and the metrics. Where no watch is possible (no
+inotify) the main loop reads the log every interval.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +45,8 @@ UNPARSED_LOG_LIMIT = 10  # unreadable kernel-log lines logged per agent run; all
 LOST_MARKERS = ("fallen off the bus", "is lost", "gpu_is_lost", "gpu is lost")
 NODE_CHECK_INTERVAL_S = 10.0  # burn-in certificate and checkpoint volume: slow-moving, read this often
 AUDIT_VERIFY_INTERVAL_S = 60.0  # a full walk of the hash chain
+# The longest either loop blocks at once, whatever the poll interval: how soon a stop is noticed.
+MAX_BLOCK_S = 1.0
 
 
 @dataclass
@@ -116,6 +123,10 @@ class HealthAgent:
         self.follower = KernelLogFollower(kernel_log, position) if kernel_log else None
         self._saved_position = position.to_json()
         self.observations: queue.Queue[Observation] = queue.Queue(maxsize=64)
+        # The device thread writes a byte here after each observation, to wake the main loop's poll().
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._log_fd: int | None = None  # the kernel log's watch, from follower.watch()
+        self._log_watch_tried = False
         self.pci_to_gpu: dict[str, int] = {}
         self._recent_xids: list[tuple[tuple[int, str | None], str, float]] = []
         # NVML events of follow_stated XIDs waiting for their kernel line: (key, event, cls, seen at).
@@ -127,43 +138,75 @@ class HealthAgent:
             if c.kind == FaultKind.FALLEN_OFF_BUS.value and c.gpu is not None:
                 self.metrics.set_lost(c.gpu, True)
 
-    # device poller (its own thread) -------------------------------------------
+    # device thread -------------------------------------------------------------
     def poller(self, halt: threading.Event) -> None:
+        """Telemetry every poll interval; in between, block in the driver's XID event wait
+        and hand over each event as it comes."""
         while not halt.is_set():
-            started = time.monotonic()
-            obs = poll_device(self.dev, self.ib_reader)
-            while not halt.is_set():  # bounded queue: a slow main loop slows the poller, not memory
+            next_poll = time.monotonic() + self.poll_interval_s
+            self._hand_over(poll_device(self.dev, self.ib_reader), halt)
+            while not halt.is_set() and (remaining := next_poll - time.monotonic()) > 0:
                 try:
-                    self.observations.put(obs, timeout=self.poll_interval_s)
+                    xids = self.dev.xid_events(max(1, int(min(remaining, MAX_BLOCK_S) * 1000)))
+                except (DeviceHang, DeviceError):
+                    # The next telemetry read reports it (as a hang or a poll error); until then
+                    # do not call into the device again.
+                    halt.wait(max(0.0, next_poll - time.monotonic()))
                     break
-                except queue.Full:
-                    continue
-            halt.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+                if xids:
+                    self._hand_over(Observation(xids=xids), halt)
+
+    def _hand_over(self, obs: Observation, halt: threading.Event) -> None:
+        while not halt.is_set():  # bounded queue: a slow main loop slows the poller, not memory
+            try:
+                self.observations.put(obs, timeout=self.poll_interval_s)
+                break
+            except queue.Full:
+                continue
+        try:
+            os.write(self._wake_w, b"o")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the main loop is awake
 
     # main loop ------------------------------------------------------------------
     def step(self, wait_s: float = 0.0, *, final: bool = False) -> int:
-        """Follow the kernel log once, then handle device observations for up to `wait_s`.
-        `final`: the agent is stopping, so held NVML events are reported now, not lost."""
+        """Handle what the device thread saw and follow the kernel log; then, with `wait_s`,
+        block until the kernel log changes or the device thread hands something over (at most
+        `wait_s`) and handle that. `final`: the agent is stopping, so held NVML events are
+        reported now, not lost."""
         before = self.emitted
-        while True:  # what the poller already saw first: it maps PCI addresses to GPUs
-            try:
-                self.handle_observation(self.observations.get_nowait())
-            except queue.Empty:
-                break
+        if self.follower is not None and not self._log_watch_tried:
+            self._log_fd = self.follower.watch()  # before the read: what comes after it wakes us
+            self._log_watch_tried = self._log_fd is not None or os.path.isdir(os.path.dirname(self.kernel_log) or ".")
+        self._handle_observations()
         self.follow_kernel_log()
-        deadline = time.monotonic() + wait_s
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                obs = self.observations.get(timeout=remaining) if remaining > 0 else self.observations.get_nowait()
-            except queue.Empty:
-                break
-            self.handle_observation(obs)
+        if wait_s > 0 and not (self.follower is not None and self.follower.more_to_read):
+            waiting = select.poll()  # poll, not select: no limit on descriptor numbers
+            for fd in [self._wake_r] + ([self._log_fd] if self._log_fd is not None else []):
+                waiting.register(fd, select.POLLIN)
+            readable = {fd for fd, _events in waiting.poll(wait_s * 1000)}
+            if self._wake_r in readable:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                self._handle_observations()
+            if self._log_fd is not None and self._log_fd in readable and self.follower.woken():
+                self.follow_kernel_log()
+            elif self._log_fd is None:
+                self.follow_kernel_log()  # no watch (yet): read every interval
         self._release_held(everything=final)
         self.metrics.quarantined.labels(self.node).set(
             1 if self.store.node_state(self.node) in ("quarantining", "quarantined") else 0)
         self.node_checks()
         return self.emitted - before
+
+    def _handle_observations(self) -> None:
+        while True:  # what the poller already saw first: it maps PCI addresses to GPUs
+            try:
+                self.handle_observation(self.observations.get_nowait())
+            except queue.Empty:
+                break
 
     def follow_kernel_log(self) -> None:
         if self.follower is None:
@@ -471,6 +514,8 @@ class HealthAgent:
     def close(self) -> None:
         if self.follower:
             self.follower.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         self.metrics.shutdown()
 
 
@@ -517,7 +562,7 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
         if ready is not None:
             ready.set()
         while not stop.is_set():
-            agent.step(wait_s=poll_interval_s)
+            agent.step(wait_s=min(poll_interval_s, MAX_BLOCK_S))
         agent.step(0.0, final=True)  # what arrived while stopping is still recorded
         audit.append("health.agent_stopped", f"stopped watching {node}", actor=agent.actor, node=node,
                      payload={"events_emitted": agent.emitted, "active_conditions": sorted(agent.conditions.active)})

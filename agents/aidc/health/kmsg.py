@@ -25,7 +25,9 @@ parser never raises, so one line can never stop detection.
 
 `KernelLogFollower` tails a file (or /dev/kmsg) from a durable position kept in the
 store, so an agent restart neither loses nor repeats lines; it survives truncation and
-rotation.
+rotation. `watch()` gives a descriptor that poll() finds readable when there may be
+something new to read (/dev/kmsg itself, or inotify on the file's directory), so a caller
+blocks until the kernel writes instead of polling.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from aidc.events import FaultKind
+from aidc.polling import DirectoryWatch
 
 # Every pattern is ASCII-only (re.ASCII): \d, \s and \w must not match full-width or other
 # Unicode digits and spaces, which the kernel never prints but a forged line can.
@@ -358,12 +361,52 @@ class KernelLogFollower:
         self._fh = None
         self._is_kmsg = False
         self._unread = False  # the last read stopped at MAX_READ before the file's end
+        self._watch: DirectoryWatch | None = None
+
+    @property
+    def more_to_read(self) -> bool:
+        """The last read() stopped at MAX_READ: read again without waiting."""
+        return self._unread
+
+    def watch(self) -> int | None:
+        """A descriptor for poll() that is readable when read() may return something new;
+        None when there is none (no inotify, the directory is missing): read every interval
+        then. Call it before the read() after which you wait, so nothing written in between
+        is missed. /dev/kmsg is its own: the kernel marks it readable as soon as a record
+        follows the last one read (a blocking read would return it). A file is watched
+        through its directory, which also sees it created, truncated and rotated (rename,
+        new file under the name)."""
+        if self._fh is None and not self._open():
+            if not self.path.parent.is_dir():
+                return None
+        if self._is_kmsg:
+            return self._fh
+        if self._watch is None:
+            name = self.path.name
+            try:
+                self._watch = DirectoryWatch(self.path.parent, lambda n: n.startswith(name))
+            except OSError:
+                return None
+        return self._watch.fileno()
+
+    def woken(self) -> bool:
+        """After poll() found the watch readable: consume the notification; True when it
+        was about the log (a file watch also hears its neighbours in the directory)."""
+        if self._is_kmsg:
+            return True
+        return self._watch.changed() if self._watch is not None else True
 
     @staticmethod
     def position_key(node: str, path: str | os.PathLike) -> str:
         return f"health.kmsg_position:{node}:{os.path.abspath(path)}"
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._fh is not None:
             if self._is_kmsg:
                 os.close(self._fh)
@@ -429,7 +472,7 @@ class KernelLogFollower:
             return lines, self.pos
         if (st.st_dev, st.st_ino) != (self.pos.dev, self.pos.ino):
             # Rotated, and the old handle is drained to its end: switch to the new file.
-            self.close()
+            self._close_file()
             self.pos = Position(parser=self.pos.parser)
             if self._open():
                 lines += self._read_file()

@@ -285,20 +285,27 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def evict_from_rendezvous(lab_dir: Path, node: str) -> None:
-    """Tell the lab's rendezvous at once that `node` is gone (its heartbeat expired)."""
-    from aidc.failover.rendezvous import evict
+def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = None) -> None:
+    """Tell the lab's rendezvous at once that `node` is gone: with `world_size`, commit the
+    next round with a warm spare in its place (`commit_next_round`; the lab's launchers stay
+    in a round committed for them); where that does not apply, expire its heartbeat."""
+    from aidc.failover.rendezvous import commit_next_round, evict
 
     pid_file = lab_dir / "nodes" / node / "launcher.pid"
     if not pid_file.exists():
         return
     info = json.loads((lab_dir / "lab.json").read_text())
+    pids = {int(pid_file.read_text())}
     started = time.time()
-    expired = _at_rendezvous(info, lambda host, port, trusted: evict(
-        host, port, info["run_id"], pids={int(pid_file.read_text())}, trusted_networks=trusted))
+    committed = None
+    if world_size:
+        committed = _at_rendezvous(info, lambda host, port, trusted: commit_next_round(
+            host, port, info["run_id"], world_size, pids=pids, trusted_networks=trusted))
+    expired = [] if committed else _at_rendezvous(info, lambda host, port, trusted: evict(
+        host, port, info["run_id"], pids=pids, trusted_networks=trusted))
     # Kept beside the node for the failover timeline (and the audit report).
     (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
-        json.dumps({"at": started, "took_s": time.time() - started, "expired": expired}))
+        json.dumps({"at": started, "took_s": time.time() - started, "expired": expired, "committed": committed}))
 
 
 def _at_rendezvous(info: dict, call):
@@ -312,7 +319,8 @@ def _at_rendezvous(info: dict, call):
     return in_netns(where["netns"], lambda: call(where["host"], info["ports"]["rdzv"], where["trusted"]))
 
 
-def lab_scheduler(lab_dir: str | os.PathLike) -> LabScheduler:
-    """The lab's scheduler backend, wired to tell the rendezvous at once about a quarantine."""
+def lab_scheduler(lab_dir: str | os.PathLike, world_size: int | None = None) -> LabScheduler:
+    """The lab's scheduler backend, wired to tell the rendezvous at once about a quarantine
+    (`world_size`: the job's nodes, to commit the next round directly)."""
     lab_dir = Path(lab_dir)
-    return LabScheduler(lab_dir, on_quarantine=lambda node: evict_from_rendezvous(lab_dir, node))
+    return LabScheduler(lab_dir, on_quarantine=lambda node: evict_from_rendezvous(lab_dir, node, world_size))

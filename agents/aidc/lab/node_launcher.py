@@ -10,6 +10,11 @@ external store) with two changes made at the smallest layer that works:
 * The rendezvous polls every 0.1 s instead of its hard-coded 1 s when it waits for
   other nodes (`dynamic_rendezvous._delay`, and the state holder's 1 s cache), so a new
   round forms as soon as it can.
+* An agent stays in a newer round it finds itself a member of, instead of leaving it, and
+  restarts its workers into it as soon as it sees it: on a quarantine the failover
+  controller commits the next round (survivors and the spare,
+  `failover.rendezvous.commit_next_round`), and each agent only has to read it. torch's own
+  exit step would take each survivor out of that round again.
 
 Run as `python -m aidc.lab.node_launcher --node NAME --lab-dir DIR --rdzv HOST:PORT ...`.
 """
@@ -39,6 +44,63 @@ def _fast_rendezvous_poll(poll_s: float) -> None:
     # faster poll alone would still see changes once a second.
     holder = dynamic_rendezvous._BackendRendezvousStateHolder.__init__
     holder.__defaults__ = (poll_s,)
+
+
+# The rendezvous round this launcher's agent last joined (one agent, one handler per launcher).
+JOINED = {"round": -1}
+# Where the agent's rendezvous phases go: the node's worker trace (lab/trainer.py's format), for
+# the failover timeline (bench/lab_failover.py). None: not traced.
+TRACE: dict[str, Path | None] = {"path": None}
+
+
+def _trace(what: str) -> None:
+    import time
+
+    if TRACE["path"] is not None:
+        with open(TRACE["path"], "a") as f:
+            f.write(f"{time.time():.3f} pid={os.getpid()} {what}\n")
+
+
+def _stay_in_committed_rounds() -> None:
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+
+    joined = JOINED
+    original_next, original_exit = dr.DynamicRendezvousHandler.next_rendezvous, dr._RendezvousExitOp.__call__
+
+    def next_rendezvous(self):
+        _trace("agent rendezvous started")
+        info = original_next(self)
+        joined["round"] = self._state_holder.state.round
+        _trace(f"agent rendezvous done: round {joined['round']}, rank {info.rank} of {info.world_size}")
+        return info
+
+    def exit_op(self, ctx, deadline):
+        state = ctx.state
+        # A member of a complete round newer than the one it joined was put there by the
+        # failover controller: that round is where it goes next, so there is nothing to leave.
+        # (torch itself only ever adds a node to a round through that node's own join.)
+        if state.complete and ctx.node in state.participants and state.round > joined["round"]:
+            return dr._Action.FINISH
+        return original_exit(self, ctx, deadline)
+
+    original_waiting = dr.DynamicRendezvousHandler.num_nodes_waiting
+
+    def num_nodes_waiting(self):
+        # The agent asks this every monitor interval while its workers are healthy (a state
+        # read it makes anyway); "someone waits" restarts its workers into the next round.
+        # A round committed for this node is such a reason: its workers are about to fail on
+        # the dead peer, and gloo's errors travel from rank to rank (~0.2 s a hop under load).
+        waiting = original_waiting(self)
+        state = self._state_holder.state
+        if not waiting and state.complete and self._this_node in state.participants \
+                and state.round > joined["round"]:
+            _trace(f"agent restarts into committed round {state.round}")
+            return 1
+        return waiting
+
+    dr.DynamicRendezvousHandler.next_rendezvous = next_rendezvous
+    dr.DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
+    dr._RendezvousExitOp.__call__ = exit_op
 
 
 def _wait_at_gate(warm_marker: Path, gate: Path, timeout_s: float = 600) -> None:
@@ -117,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AIDC_NODE"] = args.node
     if os.environ.get("AIDC_LAB_DEBUG"):
         logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous").setLevel(logging.DEBUG)
-    logging.basicConfig(level=logging.INFO if os.environ.get("AIDC_LAB_DEBUG") else logging.WARNING, format=f"[{args.node} agent] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if os.environ.get("AIDC_LAB_DEBUG") else logging.WARNING, format=f"%(created).3f [{args.node} agent] %(levelname)s %(name)s %(message)s")
 
     # torch._dynamo is what DDP's constructor imports on first use (~800 modules, 2-9 s
     # here); preloading it keeps that off the failover path too.
@@ -136,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     from aidc.lab.trainer import train
 
     _fast_rendezvous_poll(args.poll)
+    TRACE["path"] = Path(args.lab_dir) / "train" / f"trace-{args.node}.log"
+    TRACE["path"].parent.mkdir(parents=True, exist_ok=True)
+    _stay_in_committed_rounds()
     if args.start_gate:
         _wait_at_gate(Path(args.lab_dir) / "nodes" / args.node / "warm", Path(args.start_gate))
     if args.spare:

@@ -181,8 +181,9 @@ def lab_slurm_scheduler(lab_dir: str | os.PathLike, spec: ClusterSpec, audit=Non
         return None
     if not spec.slurm.conf or recorded.get("conf") != spec.slurm.conf:
         return None
+    world_size = len(spec.nodes(include_spares=False))
     return EvictingScheduler(SlurmScheduler.from_spec(spec, audit=audit, actor=actor),
-                             lambda node: evict_from_rendezvous(lab_dir, node))
+                             lambda node: evict_from_rendezvous(lab_dir, node, world_size))
 
 
 class EvictingScheduler:

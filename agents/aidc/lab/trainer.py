@@ -82,8 +82,30 @@ def train(cfg: dict) -> int:
         os._exit(1)
 
 
+def _wait_for_store_server(timeout_s: float = 30.0) -> None:
+    """Ranks other than 0: wait until rank 0's worker listens on MASTER_ADDR:MASTER_PORT.
+
+    The process group's store is a TCPStore that rank 0's worker starts; a rank that gets there
+    first is refused, and TCPStore's client retries with a backoff that cost ~0.3-0.6 s of every
+    failover (the workers of a new round start within milliseconds of each other, in any order).
+    A plain connect every 10 ms finds the server as soon as it listens."""
+    import socket
+
+    if int(os.environ.get("RANK", "0")) == 0 or "MASTER_ADDR" not in os.environ:
+        return
+    address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # bounded; past it, TCPStore's own retries and timeout apply
+        try:
+            socket.create_connection(address, timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
 def _train(cfg: dict, lab: Path, node: str) -> int:
     torch.set_num_threads(1)
+    _wait_for_store_server()
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     members: list[str | None] = [None] * world
