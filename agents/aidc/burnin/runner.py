@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
-from aidc.burnin.collectives import sweep_sizes
+from aidc.burnin.collectives import COLLECTIVES, metric_name, sweep_sizes, with_link_fraction
 from aidc.burnin.judge import judge
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.worker import PREFIX
@@ -127,11 +128,21 @@ def _describe(event: dict) -> str:
     kind = event["event"]
     if kind == "sampled":
         return f"GEMM + memcpy on {event['node']} (round {event['round'] + 1})"
-    if kind == "allreduce":
-        return f"all_reduce {event['nbytes']} B"
+    if kind == "collective":
+        return f"{event['op']} {event['nbytes']} B"
     if kind == "train":
-        return f"DDP step {event['step']} loss {event['loss']:.4f}"
+        return f"{event['mode']} step {event['step']} loss {event['loss']:.4f}"
     return f"{event['node']} {kind}"
+
+
+def spec_link_rate_gbps(spec: ClusterSpec) -> float:
+    """One rank's link rate in GB/s, what busbw is compared with: the spec's `fabric.link_speed_gbps`
+    (Gb/s) / 8. A lab fabric that shapes its links to a scaled rate passes that rate to
+    `run_burnin(link_rate_gbps=...)` instead."""
+    return spec.fabric.link_speed_gbps / 8
+
+
+TRAINING_MODES = ("ddp", "fsdp", "pipeline")
 
 
 def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
@@ -149,12 +160,13 @@ def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
 
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
-               target_sample_s: float = 0.02) -> BurninReport:
+               target_sample_s: float = 0.02, link_rate_gbps: float | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
     is lab fault injection: those nodes flip one parameter bit after training, which the
-    silent-data-corruption check must catch. Raises BurninError when the run cannot
+    silent-data-corruption check must catch. `link_rate_gbps` (GB/s) is what busbw is judged
+    against; default `spec_link_rate_gbps(spec)`. Raises BurninError when the run cannot
     complete (recorded in the audit log as `burnin.aborted`); failed nodes are verdicts.
     """
     nodes = spec.nodes()
@@ -169,7 +181,11 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
-    bar = _progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) + policy.train_steps)
+    link_rate = spec_link_rate_gbps(spec) if link_rate_gbps is None else link_rate_gbps
+    if not link_rate > 0:
+        raise BurninError(f"the link rate must be positive, got {link_rate:g} GB/s")
+    bar = _progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) * len(COLLECTIVES)
+                        + policy.train_steps * len(TRAINING_MODES))
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
         tmpdir = Path(tmp)
         fleet = _Fleet(tmpdir)
@@ -209,24 +225,30 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             fleet.stop_all()
             if bar:
                 bar.stop()
-    report = _judged_report(spec, nodes, raw, time.monotonic() - started)
+    report = _judged_report(spec, nodes, raw, time.monotonic() - started, link_rate)
     if audit is not None:
         _certify(audit, report)
     return report
 
 
-def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float) -> BurninReport:
+def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float,
+                   link_rate: float) -> BurninReport:
     policy = spec.policy.burnin
-    results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
+    results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
-                  policy.min_loss_drop)
-    first = raw[nodes[0].name]  # the collective figures are the same on every rank
+                  policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction)
+    first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
+    step_times = {mode: statistics.median(times) for mode in TRAINING_MODES
+                  if (times := [r.step_time_ms(mode) for r in results.values() if r.step_time_ms(mode) is not None])}
     fleet_info = {
         "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
         "rule": "fail when more than fleet_tolerance below the fleet median; robust z (MAD) reported, not a rule"
                 " on its own",
-        "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": len(nodes),
-        "allreduce_backend": "gloo", "link_rate_gbit_s": spec.fabric.link_speed_gbps,
+        "stats": stats, "collectives": {op: with_link_fraction(rows, link_rate) for op, rows in
+                                        first.get("collectives", {}).items()},
+        "collective_ranks": len(nodes), "collective_backend": "gloo", "link_rate_gbps": link_rate,
+        "link_rate_gbit_s": link_rate * 8, "min_busbw_fraction": policy.min_busbw_fraction,
+        "step_time_ms": step_times,
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
@@ -258,16 +280,20 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float) ->
             raise BurninError(f"burn-in timed out after {timeout_s:.0f} s (nodes still running were stopped)")
 
 
-def _node_result(node, raw: dict) -> NodeResult:
+def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
     metrics = dict(raw["metrics"])
     errors = list(raw["errors"])
-    if raw["allreduce"]:
-        metrics["allreduce_busbw_gbps"] = raw["allreduce"][-1]["busbw_gbps"]
-    else:  # an empty sweep checks nothing: it must not pass as "every all_reduce was correct"
-        errors.append("the all_reduce sweep measured no size")
+    collectives = {}
+    for op in COLLECTIVES:
+        rows = with_link_fraction(raw.get("collectives", {}).get(op, []), link_rate, own=True)
+        if rows:  # the figure at the sweep's largest size, from this node's own clock
+            metrics[metric_name(op)] = rows[-1]["busbw_gbps"]
+            collectives[op] = rows
+        else:  # an empty sweep checks nothing: it must not pass as "every result was correct"
+            errors.append(f"the {op} sweep measured no size")
     return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
-                      gpus=raw["gpus"], training=raw["training"], allreduce_correct=raw["allreduce_correct"],
-                      errors=errors)
+                      gpus=raw["gpus"], training=raw["training"], parallel=raw.get("parallel", {}),
+                      collectives=collectives, errors=errors)
 
 
 def _certify(audit: AuditLog, report: BurninReport) -> None:
@@ -275,10 +301,12 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
     for name, n in report.nodes.items():
         reason = "passed burn-in" if n.passed else "failed burn-in: " + "; ".join(n.reasons)
         training = {k: v for k, v in n.training.items() if k != "step_losses"}
+        parallel = {mode: {k: v for k, v in run.items() if k != "step_losses"} for mode, run in n.parallel.items()}
         audit.append("burnin.certificate", reason, actor=actor, node=name, payload={
             "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
-            "allreduce_correct": n.allreduce_correct, "errors": n.errors, "spare": n.spare,
-            "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "allreduce", "link_rate_gbit_s",
-                                                   "memcpy_counting")},
+            "parallel": parallel, "collectives": n.collectives, "link_rate_gbps": report.fleet["link_rate_gbps"],
+            "errors": n.errors, "spare": n.spare,
+            "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",
+                                                   "step_time_ms", "memcpy_counting")},
         })
