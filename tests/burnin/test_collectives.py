@@ -5,7 +5,7 @@ import pytest
 import torch.distributed as dist
 
 from aidc.burnin.collectives import (COLLECTIVES, _Op, algbw_gbps, busbw_gbps, collective_sweep, iterations_for,
-                                     metric_name, sweep_sizes, with_link_fraction)
+                                     metric_name, node_busbw, sweep_sizes, with_link_fraction)
 
 
 @pytest.fixture
@@ -99,3 +99,13 @@ def test_a_collective_that_returns_wrong_values_fails_its_check(op, function, mo
     monkeypatch.setattr(dist, function, off_by_one)
     [row] = collective_sweep(op, "cpu", [4096])
     assert row.correct is False
+
+
+def test_a_nodes_busbw_is_bus_bytes_over_time_across_the_largest_sizes():
+    rows = [{"busbw_gbps": 99.0, "time_us": 1.0, "iterations": 10},  # the smallest size: not counted
+            {"busbw_gbps": 1.0, "time_us": 100.0, "iterations": 10},
+            {"busbw_gbps": 2.0, "time_us": 100.0, "iterations": 10},
+            {"busbw_gbps": 4.0, "time_us": 200.0, "iterations": 5}]
+    # time-weighted: (1 x 1000 + 2 x 1000 + 4 x 1000) / 3000 us
+    assert node_busbw(rows) == pytest.approx(7 / 3)
+    assert node_busbw(rows[-1:]) == 4.0

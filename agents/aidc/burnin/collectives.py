@@ -15,6 +15,7 @@ Every collective is followed by a correctness check with rank-distinct values.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -41,7 +42,7 @@ def busbw_gbps(nbytes: int, seconds: float, ranks: int, op: str = "all_reduce") 
 
 
 def metric_name(op: str) -> str:
-    """The node metric holding `op`'s busbw at the sweep's largest size: allreduce_busbw_gbps, ..."""
+    """The node metric holding `op`'s busbw (`node_busbw`): allreduce_busbw_gbps, ..."""
     return op.replace("_", "") + "_busbw_gbps"
 
 
@@ -68,7 +69,7 @@ class CollectiveRow:
     time_us: float  # the slowest rank's mean time per operation
     algbw_gbps: float
     busbw_gbps: float
-    own_time_us: float  # this rank's mean time per operation
+    own_time_us: float  # this rank's median time per operation (on GPUs its mean)
     own_busbw_gbps: float  # busbw from this rank's own time (what the fleet comparison uses)
     correct: bool  # the check with rank-distinct values held on this rank
 
@@ -165,7 +166,8 @@ def collective_sweep(op: str, device: str, sizes: list[int], on_size: Callable[[
     if op not in COLLECTIVES:
         raise ValueError(f"collective must be one of {', '.join(COLLECTIVES)}, not {op!r}")
     n = dist.get_world_size()
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    on_gpu = device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
     rows = []
     for index, nbytes in enumerate(sizes):
         call = _Op(op, nbytes, device)
@@ -173,14 +175,27 @@ def collective_sweep(op: str, device: str, sizes: list[int], on_size: Callable[[
         for _ in range(warmup if index == 0 else 1):
             call()
         iters = iterations_for(call.nbytes)
+        if op == "broadcast":  # every rank is root equally often: a receiver's wait depends on where the root is
+            iters = -(-iters // n) * n
         sync()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = lap = time.perf_counter()
+        laps = []
         for _ in range(iters):
+            sent_as_root = op == "broadcast" and call.calls % n == call.rank
             call()
+            if not on_gpu:  # a CPU collective returns when done: each call can be timed alone
+                now = time.perf_counter()
+                if not sent_as_root:  # a root returns once its data left: not comparable with receiving
+                    laps.append(now - lap)
+                lap = now
         sync()
-        own = (time.perf_counter() - t0) / iters
-        elapsed = torch.tensor([own], dtype=torch.float64, device=device)
+        mean = (time.perf_counter() - t0) / iters
+        # This rank's own figure: the median call, so one moment descheduled on a shared machine
+        # does not decide it (GPU calls are asynchronous: there, the loop's mean). For broadcast,
+        # the calls where this rank received.
+        own = statistics.median(laps) if laps else mean
+        elapsed = torch.tensor([mean], dtype=torch.float64, device=device)
         # The collective is as slow as its slowest rank: report that time on every rank.
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         seconds = float(elapsed.item())
@@ -195,6 +210,15 @@ def collective_sweep(op: str, device: str, sizes: list[int], on_size: Callable[[
 def allreduce_sweep(device: str, sizes: list[int], on_size: Callable[[int], None] | None = None,
                     warmup: int = 2) -> list[CollectiveRow]:
     return collective_sweep("all_reduce", device, sizes, on_size, warmup)
+
+
+def node_busbw(rows: list[dict], largest: int = 3) -> float:
+    """A node's busbw figure: bus bytes moved over the sweep's `largest` sizes / the time it took
+    (the time-weighted mean of their busbw). Several sizes, not only the last: on a shared
+    machine one descheduled moment at the end of a short timed loop would otherwise decide."""
+    top = rows[-largest:]
+    seconds = sum(r["time_us"] * r["iterations"] for r in top)
+    return sum(r["busbw_gbps"] * r["time_us"] * r["iterations"] for r in top) / seconds
 
 
 def with_link_fraction(rows: list[dict], link_rate_gbps: float, own: bool = False) -> list[dict]:

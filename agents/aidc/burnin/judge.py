@@ -12,7 +12,7 @@ a relative tolerance states the operator's intent directly ("more than 25% slow 
 
 Floors (`spec.floors(gpu_model)`) catch a fleet that is uniformly broken, which no
 fleet-relative rule can; for the collectives the floor is a policy fraction of the link rate
-(`min_busbw_fraction`), judged on each node's busbw at the sweep's largest size. Training
+(`min_busbw_fraction`), judged on each node's busbw over the sweep's largest sizes. Training
 failures (a DDP, FSDP or pipeline run whose loss did not fall, whose parameters differ
 across ranks or, for FSDP and pipeline, from DDP's), wrong collective results and
 measurement errors fail the nodes concerned. Every failure has a reason; every check not
@@ -25,10 +25,11 @@ import math
 import statistics
 from collections import Counter
 
+from aidc.burnin.collectives import metric_name
 from aidc.burnin.report import UNITS, NodeResult
 
 # Metrics compared across the fleet: measured per node, one node at a time. Each
-# collective's busbw (`<op>_busbw_gbps`, timed on each node's own clock) is compared too;
+# collective's busbw (`<op>_busbw_gbps`: collectives.node_busbw on each node's own clock) too;
 # a collective runs in step across the fleet, so that comparison sees a node that is slow
 # to finish its part, while a slow link slows every rank alike (finding it needs pair tests).
 FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps")
@@ -119,10 +120,10 @@ def _collective_reasons(n: NodeResult, link_rate_gbps: float | None, min_fractio
         wrong = [r["bytes"] for r in rows if not r["correct"]]
         if wrong:
             reasons.append(f"{op} returned a wrong result on this node (at {', '.join(map(str, wrong))} B)")
-        if rows and link_rate_gbps and rows[-1]["busbw_gbps"] < min_fraction * link_rate_gbps:
-            top = rows[-1]
-            reasons.append(f"{op} busbw {_fmt(top['busbw_gbps'])} GB/s at {top['bytes']} B is"
-                           f" {top['busbw_gbps'] / link_rate_gbps:.1%} of the link rate {_fmt(link_rate_gbps)} GB/s"
+        value = n.metrics.get(metric_name(op))
+        if rows and value is not None and link_rate_gbps and value < min_fraction * link_rate_gbps:
+            reasons.append(f"{op} busbw {_fmt(value)} GB/s (largest sizes, up to {rows[-1]['bytes']} B) is"
+                           f" {value / link_rate_gbps:.1%} of the link rate {_fmt(link_rate_gbps)} GB/s"
                            f" (policy floor {min_fraction:.0%})")
     return reasons
 

@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
-from aidc.burnin.collectives import COLLECTIVES, metric_name, sweep_sizes, with_link_fraction
+from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
 from aidc.burnin.judge import judge
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.worker import PREFIX
@@ -286,8 +286,8 @@ def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
     collectives = {}
     for op in COLLECTIVES:
         rows = with_link_fraction(raw.get("collectives", {}).get(op, []), link_rate, own=True)
-        if rows:  # the figure at the sweep's largest size, from this node's own clock
-            metrics[metric_name(op)] = rows[-1]["busbw_gbps"]
+        if rows:  # over the sweep's largest sizes, on this node's own clock
+            metrics[metric_name(op)] = node_busbw(rows)
             collectives[op] = rows
         else:  # an empty sweep checks nothing: it must not pass as "every result was correct"
             errors.append(f"the {op} sweep measured no size")
