@@ -30,9 +30,9 @@ def with_collectives(nodes, **busbw_by_node):
     return nodes
 
 
-def run(nodes, floors=None, tolerance=0.25, min_loss_drop=0.1, min_busbw_fraction=0.25):
+def run(nodes, floors=None, tolerance=0.25, min_loss_drop=0.1, min_busbw_fraction=0.25, busbw_tolerance=None):
     return judge(nodes, floors or {}, tolerance, min_loss_drop, link_rate_gbps=LINK_GBPS,
-                 min_busbw_fraction=min_busbw_fraction)
+                 min_busbw_fraction=min_busbw_fraction, busbw_tolerance=busbw_tolerance)
 
 
 def test_a_healthy_fleet_with_noise_inside_the_tolerance_passes():
@@ -142,6 +142,15 @@ def test_a_node_whose_collective_busbw_is_far_below_the_fleet_median_fails():
     assert nodes["d"].reasons == ["allgather_busbw_gbps 0.4 GB/s is 60% below the fleet median 1 GB/s"
                                   " (tolerance 25%)"]
     assert all(nodes[n].passed for n in "abc")
+
+
+def test_collective_busbw_is_compared_with_its_own_tolerance_and_gemm_with_the_fleet_tolerance():
+    nodes = with_collectives(fleet(a=2.4, b=2.4, c=2.4, d=1.5), a=1.0, b=1.0, c=1.0, d=0.5)  # both 50% / 37% low
+    run(nodes, min_busbw_fraction=0.0, tolerance=0.25, busbw_tolerance=0.6)
+    assert nodes["d"].reasons == ["gemm_fp32_tflops 1.5 TFLOP/s is 38% below the fleet median 2.4 TFLOP/s"
+                                  " (tolerance 25%)"]
+    run(nodes, min_busbw_fraction=0.0, tolerance=0.25, busbw_tolerance=0.4)
+    assert nodes["d"].reasons[1] == "allgather_busbw_gbps 0.5 GB/s is 50% below the fleet median 1 GB/s (tolerance 40%)"
 
 
 def test_sharded_and_pipeline_runs_are_checked_like_ddp_each_with_its_name():

@@ -202,7 +202,7 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
     proc = aidc_cli("burnin", "run", "--stack", "lab", "--lab-dir", str(lab), "--json", timeout=240)
     assert proc.returncode == 1, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
-    assert out["failed_nodes"] == ["gpu-2"]
+    assert out["failed_nodes"] == ["gpu-2"], out["reasons"]
     assert out["certified_nodes"] == ["gpu-0", "gpu-1", "gpu-3", "gpu-spare-0"]
     assert any("below the fleet median" in r and r.startswith("gemm_") for r in out["reasons"]["gpu-2"])
     assert set(out["nodes"]["gpu-0"]["metrics"]) >= {"gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps",

@@ -32,6 +32,8 @@ from aidc.burnin.report import UNITS, NodeResult
 # collective's busbw (`<op>_busbw_gbps`: collectives.node_busbw on each node's own clock) too;
 # a collective runs in step across the fleet, so that comparison sees a node that is slow
 # to finish its part, while a slow link slows every rank alike (finding it needs pair tests).
+# Who waits for whom inside a collective varies from run to run with the scheduling of every
+# rank, so these figures get their own tolerance (`busbw_fleet_tolerance`).
 FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps")
 
 # FSDP and pipeline runs compute DDP's averaged gradient in another order: their parameters
@@ -71,13 +73,19 @@ def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
 
 
 def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tolerance: float,
-          min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0) -> dict:
+          min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
+          busbw_tolerance: float | None = None) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
     `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
-    `min_busbw_fraction`: the policy floor for every collective's busbw.
+    `min_busbw_fraction`: the policy floor for every collective's busbw. `busbw_tolerance`:
+    the fleet tolerance for the collectives' busbw (default: `tolerance`).
     """
     stats = fleet_stats(nodes)
+
+    def tolerance_of(metric: str) -> float:
+        return busbw_tolerance if busbw_tolerance is not None and metric.endswith("_busbw_gbps") else tolerance
+
     for n in nodes.values():
         n.reasons, n.notes, n.robust_z = [], [], {}
         n.reasons += [f"measurement failed: {e}" for e in n.errors]
@@ -92,10 +100,10 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
             n.robust_z[metric] = round(z, 2) if math.isfinite(z) else None  # JSON has no infinity
             if s["nodes"] < 2:
                 n.notes.append(f"{metric}: fleet comparison skipped (only {s['nodes']} node measured)")
-            elif value < s["median"] * (1 - tolerance):
+            elif value < s["median"] * (1 - (allowed := tolerance_of(metric))):
                 below = 1 - value / s["median"] if s["median"] > 0 else 1.0
                 n.reasons.append(f"{metric} {_fmt(value)} {unit} is {below:.0%} below the fleet median"
-                                 f" {_fmt(s['median'])} {unit} (tolerance {tolerance:.0%})")
+                                 f" {_fmt(s['median'])} {unit} (tolerance {allowed:.0%})")
         for metric, floor in sorted(floors.get(n.node, {}).items()):
             unit = UNITS.get(metric, "")
             if metric not in n.metrics:

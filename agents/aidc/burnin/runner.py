@@ -236,7 +236,8 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
-                  policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction)
+                  policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction,
+                  busbw_tolerance=policy.busbw_fleet_tolerance)
     first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
     step_times = {mode: statistics.median(times) for mode in TRAINING_MODES
                   if (times := [r.step_time_ms(mode) for r in results.values() if r.step_time_ms(mode) is not None])}
@@ -248,6 +249,7 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
                                         first.get("collectives", {}).items()},
         "collective_ranks": len(nodes), "collective_backend": "gloo", "link_rate_gbps": link_rate,
         "link_rate_gbit_s": link_rate * 8, "min_busbw_fraction": policy.min_busbw_fraction,
+        "busbw_fleet_tolerance": policy.busbw_fleet_tolerance,
         "step_time_ms": step_times,
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
