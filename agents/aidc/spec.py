@@ -204,7 +204,7 @@ class BurninPolicy(_Strict):
     repeats: Annotated[int, Field(ge=1, le=1000)] = 5
     # The DDP run's loss on a fixed batch must fall by at least this fraction.
     min_loss_drop: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    # Every collective's busbw at the sweep's largest size must reach this fraction of the link
+    # Every collective's busbw over the sweep's largest sizes must reach this fraction of the link
     # rate (fabric.link_speed_gbps / 8 GB/s); 0 turns the check off. busbw can exceed the
     # network's rate where ranks share a node (NVLink), but a floor is a fraction below 1.
     min_busbw_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.25
