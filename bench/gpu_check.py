@@ -1,4 +1,5 @@
-"""GPU check for a lent GPU machine: NVML fields, burn-in GEMM/memcpy, one-GPU NCCL all_reduce.
+"""GPU check for a lent GPU machine: NVML fields, burn-in GEMM/memcpy, one-GPU NCCL all_reduce,
+and on hosts with 2+ GPUs a sweep of NCCL settings that proposes $OUT/nccl.conf (bench/nccl_sweep.py).
 
 Run through `bench/gpu_check.sh`. It installs nothing. Every telemetry field is read
 through aidc's `nvml` backend behind `TimedBackend` (XID event registration included);
@@ -117,6 +118,25 @@ def nccl_checks(args) -> dict:
     return {"backend": backend, "allreduce": [r.to_dict() for r in rows], "training": training.to_dict()}
 
 
+def nccl_settings_sweep(args, out: Path) -> dict:
+    """bench/nccl_sweep.py: NCCL knobs measured in fresh processes; the best proposed as nccl.conf."""
+    import torch
+
+    if args.simulate or not args.nccl_sweep:
+        return {"skipped": "--simulate: no NCCL to tune" if args.simulate else "--no-nccl-sweep"}
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "one GPU: NCCL moves nothing between GPUs with one rank (busbw is 0), so its"
+                           " settings cannot be compared here"}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from nccl_sweep import SweepError, sweep
+
+    try:
+        result, paths = sweep(out, trial_args=["--max-bytes", str(args.nccl_sweep_bytes)], trials=args.nccl_sweep_trials)
+    except SweepError as exc:
+        return {"error": str(exc)}
+    return {**result, "files": {k: str(v) for k, v in paths.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "./out")
@@ -127,6 +147,11 @@ def main() -> int:
     parser.add_argument("--allreduce-max", type=int, default=1 << 28)
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--device-timeout", type=float, default=5.0)
+    parser.add_argument("--nccl-sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="sweep NCCL_ALGO/PROTO/MIN_NCHANNELS/IB_QPS_PER_CONNECTION (bench/nccl_knobs.json) across"
+                             " this host's GPUs and write the best as $OUT/nccl.conf (needs 2+ GPUs)")
+    parser.add_argument("--nccl-sweep-bytes", type=int, default=256 << 20)
+    parser.add_argument("--nccl-sweep-trials", type=int, default=None, help="trials per setting (default: the knobs file's)")
     parser.add_argument("--simulate", metavar="NODE_DIR", default=None,
                         help="test this script without a GPU: a simulated node, CPU tensors, gloo")
     args = parser.parse_args()
@@ -166,6 +191,7 @@ def main() -> int:
     gpus = len(doc["nvml"]["gpus"]) if args.simulate else torch.cuda.device_count()
     doc["measure"] = [measure(i, args) for i in range(gpus)]
     doc["nccl"] = nccl_checks(args)
+    doc["nccl_sweep"] = nccl_settings_sweep(args, out)
 
     failures = []
     for g, m in zip(doc["nvml"]["gpus"], doc["measure"]):
@@ -184,6 +210,8 @@ def main() -> int:
         failures.append(f"DDP loss did not fall: {t['loss_before']:.4g} -> {t['loss_after']:.4g}")
     if not all(r["correct"] for r in doc["nccl"]["allreduce"]):
         failures.append("all_reduce returned a wrong sum")
+    if "error" in doc["nccl_sweep"]:
+        failures.append(f"the NCCL settings sweep measured nothing: {doc['nccl_sweep']['error']}")
     if doc["nvml"]["hung_calls"]:
         failures.append(f"{doc['nvml']['hung_calls']} NVML call(s) hung")
     doc["failures"], doc["ok"] = failures, not failures
@@ -197,8 +225,14 @@ def main() -> int:
               f"{'Gen%dx%d' % (g['pcie_gen'], g['pcie_width']):>10}{m['gemm_bf16']['tflops']:>14.4g}"
               f"{m['gemm_fp32']['tflops']:>14.4g}{m['memcpy']['gbps']:>13.4g}")
     top = doc["nccl"]["allreduce"][-1]
-    print(f"{doc['nccl']['backend']} all_reduce, 1 rank, {top['nbytes']} B: {top['time_us']:.0f} us, algbw {top['algbw_gbps']:.1f} GB/s,"
+    print(f"{doc['nccl']['backend']} all_reduce, 1 rank, {top['bytes']} B: {top['time_us']:.0f} us, algbw {top['algbw_gbps']:.1f} GB/s,"
           f" busbw {top['busbw_gbps']:.1f} GB/s (2(n-1)/n = 0 with one rank)")
+    tuned = doc["nccl_sweep"]
+    if "best" in tuned:
+        print(f"NCCL settings sweep: all_reduce busbw {tuned['baseline_gbps']:.4g} GB/s with defaults, {tuned['best_gbps']:.4g}"
+              f" GB/s with {tuned['best'] or 'the defaults'} -> {tuned['files']['nccl_conf']}")
+    else:
+        print(f"NCCL settings sweep: {tuned.get('skipped') or tuned.get('error')}")
     print(f"DDP {t['steps']} steps: loss {t['loss_before']:.4f} -> {t['loss_after']:.4f};"
           f" NVML: {len(doc['nvml']['gpus'])} GPU(s) read in {doc['nvml']['read_all_ms']} ms,"
           f" {len(doc['nvml']['xid_events'])} XID event(s), {doc['nvml']['hung_calls']} hung call(s)")

@@ -11,5 +11,5 @@ if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 fi
-# The whole check must end within 4 minutes, whatever hangs.
-exec timeout --kill-after=10 230 "$PYTHON" bench/gpu_check.py "$@"
+# The whole check must end within 9 minutes, whatever hangs (the NCCL settings sweep takes most).
+exec timeout --kill-after=10 530 "$PYTHON" bench/gpu_check.py "$@"

@@ -205,6 +205,13 @@ class BurninPolicy(_Strict):
     repeats: Annotated[int, Field(ge=1, le=1000)] = 5
     # The DDP run's loss on a fixed batch must fall by at least this fraction.
     min_loss_drop: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Every collective's busbw over the sweep's largest sizes must reach this fraction of the link
+    # rate (fabric.link_speed_gbps / 8 GB/s); 0 turns the check off. busbw can exceed the
+    # network's rate where ranks share a node (NVLink), but a floor is a fraction below 1.
+    min_busbw_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    # A node's collective busbw more than this fraction below the fleet median fails it. Inside
+    # a collective ranks wait for each other, so a rank's own time carries every rank's noise.
+    busbw_fleet_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.25
     # Overrides of the GPU model's floors (TFLOP/s, GB/s: a million is past any GPU).
     floors: Annotated[dict[ShortText, Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=32)] = {}
     # Localise a bad link (ring-neighbour pair tests per rail) when the fleet's largest all_reduce

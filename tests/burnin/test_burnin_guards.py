@@ -24,8 +24,10 @@ def test_a_node_whose_sweep_measured_nothing_is_not_certified_as_correct():
     class Node:
         name, gpu_model, spare = "gpu-0", "SIM", False
 
-    raw = {"metrics": {}, "allreduce": [], "gpus": [], "training": {}, "allreduce_correct": True, "errors": []}
-    assert _node_result(Node, raw).errors == ["the all_reduce sweep measured no size"]
+    raw = {"metrics": {}, "collectives": {"all_reduce": []}, "gpus": [], "training": {}, "errors": []}
+    assert _node_result(Node, raw, link_rate=1.25).errors == [
+        f"the {op} sweep measured no size" for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast",
+                                                      "all_to_all")]
 
 
 def test_burnin_refuses_a_non_positive_timeout_without_a_traceback(tmp_path):

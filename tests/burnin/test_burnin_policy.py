@@ -11,9 +11,13 @@ POOL = [{"name": "gpu", "count": 2, "gpu_model": "SIM", "gpus_per_node": 1}]
 def test_burnin_policy_defaults_suit_a_real_gpu():
     burnin = parse_spec({"name": "c", "node_pools": POOL}).policy.burnin
     assert (burnin.memcpy_bytes, burnin.repeats, burnin.min_loss_drop) == (256 * 1024 * 1024, 5, 0.1)
+    assert (burnin.min_busbw_fraction, burnin.busbw_fleet_tolerance) == (0.25, 0.25)
 
 
-@pytest.mark.parametrize("key, value", [("memcpy_bytes", 16), ("repeats", 0), ("min_loss_drop", 1.0)])
+@pytest.mark.parametrize("key, value", [("memcpy_bytes", 16), ("repeats", 0), ("min_loss_drop", 1.0),
+                                        ("min_busbw_fraction", 1.5), ("min_busbw_fraction", -0.1),
+                                        ("min_busbw_fraction", "0.5"), ("min_busbw_fraction", 1.0),
+                                        ("busbw_fleet_tolerance", 0), ("busbw_fleet_tolerance", 1.0)])
 def test_out_of_range_burnin_values_name_their_key(key, value):
     with pytest.raises(SpecError) as err:
         parse_spec({"name": "c", "node_pools": POOL, "policy": {"burnin": {key: value}}})

@@ -65,5 +65,7 @@ def test_the_check_runs_through_on_a_simulated_node_and_writes_every_figure(tmp_
     m = doc["measure"][0]
     assert m["gemm_bf16"]["tflops"] > 0 and m["gemm_fp32"]["tflops"] > 0 and m["memcpy"]["gbps"] > 0
     rows = doc["nccl"]["allreduce"]
-    assert [r["nbytes"] for r in rows][-1] == 65536 and all(r["busbw_gbps"] == 0 for r in rows)
+    assert [r["bytes"] for r in rows][-1] == 65536 and all(r["busbw_gbps"] == 0 for r in rows)
     assert "busbw" in proc.stdout and "TFLOP/s" in proc.stdout
+    assert doc["nccl_sweep"] == {"skipped": "--simulate: no NCCL to tune"}
+    assert "NCCL settings sweep: --simulate: no NCCL to tune" in proc.stdout

@@ -26,7 +26,7 @@ def small_spec(nodes: int = 3, **burnin) -> object:
         "agent": {"device_timeout_s": 1.0},
         "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
-                              **burnin}},
+                              "min_busbw_fraction": 0.0, **burnin}},
     })
 
 
@@ -75,10 +75,41 @@ def test_flipped_bit_on_one_rank_and_hung_device_on_another_fail_only_those_node
     assert certs["n-2"].payload["verdict"] == "pass" and certs["n-0"].payload["verdict"] == "fail"
     # Each certificate names the floors its node was judged against (the report draws them).
     assert certs["n-2"].payload["floors"] == spec.floors(spec.nodes()[2].gpu_model)
-    assert report.fleet["allreduce"][0]["busbw_gbps"] == pytest.approx(
-        report.fleet["allreduce"][0]["algbw_gbps"] * 2 * 2 / 3)
-    assert all(row["correct"] for row in report.fleet["allreduce"])
+    sweeps = report.to_dict()["collectives"]
+    assert list(sweeps) == ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"]
+    factors = {"all_reduce": 2 * 2 / 3, "all_gather": 2 / 3, "reduce_scatter": 2 / 3, "broadcast": 1.0,
+               "all_to_all": 2 / 3}
+    for op, rows in sweeps.items():
+        assert all(row["correct"] for row in rows), op
+        assert rows[0]["busbw_gbps"] == pytest.approx(rows[0]["algbw_gbps"] * factors[op])
+        assert rows[-1]["link_fraction"] == pytest.approx(rows[-1]["busbw_gbps"] / (spec.fabric.link_speed_gbps / 8))
+    # Sharded and pipelined training: every rank agrees and ends where DDP did (the flipped bit
+    # comes after the DDP run, so n-0's FSDP and pipeline runs are clean).
+    for mode in ("fsdp", "pipeline"):
+        runs = [n.parallel[mode] for n in report.nodes.values()]
+        assert len({r["param_digest"] for r in runs}) == 1 and all(r["max_abs_diff_vs_ddp"] < 1e-5 for r in runs)
+        assert all(r["loss_after"] < r["loss_before"] for r in runs)
+    assert set(report.fleet["step_time_ms"]) == {"ddp", "fsdp", "pipeline"}
+    assert set(certs["n-2"].payload["collectives"]) == set(sweeps)
     assert burnin_processes(run_dir) == {}
+
+
+@pytest.mark.slow
+def test_busbw_below_the_policy_fraction_of_the_given_link_rate_fails_every_node_with_the_figures(tmp_path, run_dir):
+    spec = small_spec(2, min_busbw_fraction=0.5, fleet_tolerance=0.95)
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    with AuditLog(tmp_path / "audit.db") as audit:
+        report = run_burnin(spec, dirs, audit, link_rate_gbps=10_000.0)  # as a fabric passes its own rate
+        certs = {r.node: r.payload for r in audit.records(kind="burnin.certificate")}
+    assert report.failed_nodes == ["n-0", "n-1"]
+    for node in ("n-0", "n-1"):
+        reasons = [r for r in report.nodes[node].reasons if "of the link rate 1e+04 GB/s (policy floor 50%)" in r]
+        assert {r.split()[0] for r in reasons} == {"all_reduce", "all_gather", "reduce_scatter", "broadcast",
+                                                   "all_to_all"}
+        assert certs[node]["link_rate_gbps"] == 10_000.0 and certs[node]["verdict"] == "fail"
+        row = certs[node]["collectives"]["all_gather"][-1]
+        assert set(row) >= {"bytes", "algbw_gbps", "busbw_gbps", "link_fraction"}
+        assert row["link_fraction"] == pytest.approx(row["busbw_gbps"] / 10_000.0)
 
 
 def test_a_run_past_its_deadline_is_an_error_audited_as_aborted_and_leaves_no_processes(tmp_path, run_dir):
@@ -173,14 +204,17 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
     proc = aidc_cli("burnin", "run", "--stack", "lab", "--lab-dir", str(lab), "--json", timeout=240)
     assert proc.returncode == 1, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
-    assert out["failed_nodes"] == ["gpu-2"]
+    assert out["failed_nodes"] == ["gpu-2"], out["reasons"]
     assert out["certified_nodes"] == ["gpu-0", "gpu-1", "gpu-3", "gpu-spare-0"]
     assert any("below the fleet median" in r and r.startswith("gemm_") for r in out["reasons"]["gpu-2"])
     assert set(out["nodes"]["gpu-0"]["metrics"]) >= {"gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps",
                                                      "allreduce_busbw_gbps"}
     assert out["nodes"]["gpu-2"]["gpus"][0]["gemm_fp32"]["work_factor"] == 4.0
-    assert {"nbytes", "time_us", "algbw_gbps", "busbw_gbps"} <= set(out["fleet"]["allreduce"][-1])
-    assert out["fleet"]["allreduce"][-1]["nbytes"] == 4 * 1024 * 1024
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"):
+        top = out["collectives"][op][-1]
+        assert {"bytes", "time_us", "algbw_gbps", "busbw_gbps", "link_fraction"} <= set(top)
+        assert 4 * 1024 * 1024 - 5 * 4 < top["bytes"] <= 4 * 1024 * 1024  # S rounded down to 5 equal chunks
+    assert out["link_rate_gbps"] == 10 / 8 and set(out["step_time_ms"]) == {"ddp", "fsdp", "pipeline"}
     with AuditLog(lab / "audit.db") as audit:
         certs = audit.records(kind="burnin.certificate")
         assert audit.verify().ok

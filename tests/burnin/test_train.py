@@ -1,10 +1,12 @@
-"""The DDP run: the loss falls, replicas are bit-identical, and one flipped bit is caught."""
+"""The DDP, FSDP and pipeline runs: the loss falls, replicas are bit-identical, one flipped bit
+is caught, and the sharded and pipelined runs end where DDP does."""
 
 import pytest
 import torch.distributed as dist
 
 from aidc.burnin.judge import compare_digests
-from aidc.burnin.train import flip_one_bit, parameter_digest, run_ddp_training, tiny_model
+from aidc.burnin.train import (flip_one_bit, parameter_digest, run_ddp_training, run_fsdp_training,
+                               run_pipeline_training, tiny_model)
 
 
 @pytest.fixture
@@ -53,3 +55,20 @@ def test_without_a_majority_every_rank_fails():
 
 def test_identical_digests_fail_nobody():
     assert compare_digests({"n0": "a" * 64, "n1": "a" * 64, "n2": "a" * 64}) == {}
+
+
+@pytest.mark.parametrize("run", [run_fsdp_training, run_pipeline_training])
+def test_sharded_and_pipelined_runs_learn_and_end_on_the_ddp_parameters(run, single_rank_group):
+    reference = {}
+    ddp = run_ddp_training("cpu", steps=10, parameters_out=reference)
+    other = run("cpu", steps=10, reference=reference)
+    assert other.loss_after < 0.5 * other.loss_before and len(other.step_losses) == 10
+    assert other.max_abs_diff_vs_ddp is not None and other.max_abs_diff_vs_ddp < 1e-5
+    assert other.step_time_ms > 0 and ddp.step_time_ms > 0
+
+
+def test_the_ddp_reference_is_taken_before_an_injected_bit_flip(single_rank_group):
+    clean, corrupted = {}, {}
+    run_ddp_training("cpu", steps=3, parameters_out=clean)
+    run_ddp_training("cpu", steps=3, parameters_out=corrupted, corrupt_after=True)
+    assert all(clean[k].equal(corrupted[k]) for k in clean)

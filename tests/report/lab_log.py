@@ -20,20 +20,33 @@ from aidc.store import Store
 
 SPEC = {"name": "lab", "device_backend": "sim",
         "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM", "gpus_per_node": 2, "spares": 1}],
-        "policy": {"max_unavailable": 1}}
+        "fabric": {"link_speed_gbps": 25}, "policy": {"max_unavailable": 1}}
 SIZES = [2 ** e for e in range(10, 23, 2)]
 
 
 def _raw(index: int, slow_memcpy: bool) -> dict:
     """One node's burn-in measurements, shaped as aidc.burnin.worker writes them."""
     memcpy = 1.9 * (0.6 if slow_memcpy else 1.0 + 0.01 * index)
+
+    def sweep(factor: float) -> list[dict]:
+        rows = []
+        for n in SIZES:
+            us = 40 + n / 2000
+            rows.append({"bytes": n, "iterations": 8, "time_us": us, "algbw_gbps": n / us / 1e3,
+                         "busbw_gbps": factor * n / us / 1e3, "own_time_us": us * 0.98,
+                         "own_busbw_gbps": factor * n / (us * 0.98) / 1e3, "correct": True})
+        return rows
+
     return {"metrics": {"gemm_fp32_tflops": 0.041 + 0.001 * index, "gemm_bf16_tflops": 0.012 + 0.0004 * index,
                         "memcpy_gbps": memcpy},
-            "errors": [], "gpus": [], "allreduce_correct": True, "phase_s": {"gemm": 1.2, "allreduce": 0.8},
-            "training": {"loss_before": 2.3, "loss_after": 1.1, "steps": 20, "param_digest": "a1b2c3d4e5f6"},
-            "allreduce": [{"nbytes": n, "iterations": 8, "time_us": 40 + n / 2000,
-                           "algbw_gbps": n / (40 + n / 2000) / 1e3, "busbw_gbps": 1.6 * n / (40 + n / 2000) / 1e3,
-                           "correct": True} for n in SIZES]}
+            "errors": [], "gpus": [], "phase_s": {"gemm": 1.2, "all_reduce": 0.8},
+            "training": {"loss_before": 2.3, "loss_after": 1.1, "steps": 20, "param_digest": "a1b2c3d4e5f6",
+                         "step_time_ms": 10.8},
+            "parallel": {mode: {"loss_before": 2.3, "loss_after": 1.1, "steps": 20, "param_digest": "b2c3d4e5f6a1",
+                                "max_abs_diff_vs_ddp": 8e-8, "step_time_ms": ms}
+                         for mode, ms in (("fsdp", 28.8), ("pipeline", 16.1))},
+            "collectives": {"all_reduce": sweep(1.6), "all_gather": sweep(0.8), "reduce_scatter": sweep(0.8),
+                            "broadcast": sweep(1.0), "all_to_all": sweep(0.8)}}
 
 
 def build_lab_audit_log(base: Path, *, with_collectives: bool = True, completed: bool = True) -> Path:
@@ -48,7 +61,7 @@ def build_lab_audit_log(base: Path, *, with_collectives: bool = True, completed:
         audit.append("lab.start", "lab from stack lab", actor="lab", payload={
             "nodes": [n.name for n in nodes], "lab_dir": str(lab_dir), "stack": "lab"})
         raw = {n.name: _raw(i, slow_memcpy=n.name == "gpu-2") for i, n in enumerate(nodes)}
-        report = _judged_report(spec, nodes, raw, 14.2)
+        report = _judged_report(spec, nodes, raw, 14.2, spec.fabric.link_speed_gbps / 8)
         _certify(audit, report)
         if with_collectives:
             # The collectives branch's certificate shape: a sweep per collective with link fractions.
@@ -59,7 +72,7 @@ def build_lab_audit_log(base: Path, *, with_collectives: bool = True, completed:
                     for name, f in (("all_reduce", 1.0), ("all_gather", 1.2), ("reduce_scatter", 1.1))}
             audit.append("burnin.certificate", "passed burn-in", actor="burnin", node="gpu-spare-0", payload={
                 **audit.records(kind="burnin.certificate", node="gpu-spare-0")[-1].payload,
-                "collectives": rows, "link_rate_gbps": link_gbps})
+                "collectives": rows, "link_rate_gbps": link_gbps / 8})
 
         victim = "gpu-1"
         injected = sim.inject(node_dirs[victim], "xid", 0, xid=79)

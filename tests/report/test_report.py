@@ -106,11 +106,13 @@ def test_the_collective_sweep_renders_every_collective_of_the_certificate_with_l
     assert "link rate 100 Gbit/s" in text and "4 MiB 2.36 3.77 30%" in text
 
 
-def test_without_a_collectives_payload_the_fleet_all_reduce_sweep_is_shown(tmp_path):
+def test_the_burn_ins_own_certificates_give_all_five_sweeps_against_the_spec_link_rate(tmp_path):
     db = build_lab_audit_log(tmp_path, with_collectives=False)
     with AuditLog(db, read_only=True) as log:
         text = squash(Sections(render_html(log)).text["collectives"])
-    assert "all_reduce message size" in text and "all_gather" not in text and "1 KiB" in text
+    assert "link rate 25 Gbit/s" in text and "1 KiB" in text
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"):
+        assert op in text, op
 
 
 def test_goodput_is_given_as_ettr_with_its_definition(lab_log):

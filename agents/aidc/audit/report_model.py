@@ -201,11 +201,12 @@ def collectives(records: list[AuditRecord]) -> list[dict]:
     sweeps = {name: [{"bytes": row.get("bytes"), "algbw_gbps": row.get("algbw_gbps"),
                       "busbw_gbps": row.get("busbw_gbps"), "link_fraction": row.get("link_fraction")} for row in rows]
               for name, rows in (p.get("collectives") or {}).items()}
-    if not sweeps:
+    if not sweeps:  # a certificate from before the five collectives: the fleet's all_reduce sweep
         sweeps = {"all_reduce": [{"bytes": row.get("nbytes"), "algbw_gbps": row.get("algbw_gbps"),
                                   "busbw_gbps": row.get("busbw_gbps"), "link_fraction": None}
-                                 for row in fleet["allreduce"]]}
-    link_gbit = p.get("link_rate_gbps", fleet.get("link_rate_gbit_s"))
+                                 for row in fleet.get("allreduce") or []]}
+    # The certificate's link_rate_gbps is in GB/s (as busbw); link_rate_gbit_s in bits.
+    link_gbit = p["link_rate_gbps"] * 8 if _finite(p.get("link_rate_gbps")) else fleet.get("link_rate_gbit_s")
     series = [{"name": name, "points": [(r["bytes"], r["busbw_gbps"]) for r in rows
                                         if _finite(r["bytes"]) and _finite(r["busbw_gbps"])]}
               for name, rows in sweeps.items()]

@@ -11,9 +11,12 @@ percent of noise (the "spurious performance-check failures" users complain about
 a relative tolerance states the operator's intent directly ("more than 25% slow is bad").
 
 Floors (`spec.floors(gpu_model)`) catch a fleet that is uniformly broken, which no
-fleet-relative rule can. Training failures (loss did not fall, parameters differ across
-ranks, wrong all_reduce result) and measurement errors fail the nodes concerned.
-Every failure has a reason; every check not made has a note.
+fleet-relative rule can; for the collectives the floor is a policy fraction of the link rate
+(`min_busbw_fraction`), judged on each node's busbw over the sweep's largest sizes. Training
+failures (a DDP, FSDP or pipeline run whose loss did not fall, whose parameters differ
+across ranks or, for FSDP and pipeline, from DDP's), wrong collective results and
+measurement errors fail the nodes concerned. Every failure has a reason; every check not
+made has a note.
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ import math
 import statistics
 from collections import Counter
 
+from aidc.burnin.collectives import metric_name
 from aidc.burnin.report import UNITS, NodeResult
 
-# Metrics compared across the fleet: measured per node, one node at a time. The
-# all_reduce busbw is one fleet-wide figure (a collective is as slow as its slowest
-# rank), so it is checked against floors only.
+# Metrics compared across the fleet: measured per node, one node at a time. Each
+# collective's busbw (`<op>_busbw_gbps`: collectives.node_busbw on each node's own clock) too;
+# a collective runs in step across the fleet, so that comparison sees a node that is slow
+# to finish its part, while a slow link slows every rank alike (finding it needs pair tests).
+# Who waits for whom inside a collective varies from run to run with the scheduling of every
+# rank, so these figures get their own tolerance (`busbw_fleet_tolerance`).
 FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps")
+
+# FSDP and pipeline runs compute DDP's averaged gradient in another order: their parameters
+# may differ from DDP's by float rounding only (measured ~1e-7 after 20 steps of the burn-in model).
+PARALLEL_MATCH_TOLERANCE = 1e-4
+TRAINING_NAMES = {"ddp": "DDP", "fsdp": "FSDP", "pipeline": "pipeline"}
 
 
 def mad(values: list[float]) -> float:
@@ -45,9 +57,15 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def fleet_metrics(nodes: dict[str, NodeResult]) -> tuple[str, ...]:
+    """FLEET_METRICS and every collective busbw metric some node measured."""
+    collective = sorted({m for n in nodes.values() for m in n.metrics if m.endswith("_busbw_gbps")})
+    return FLEET_METRICS + tuple(collective)
+
+
 def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
     stats = {}
-    for metric in FLEET_METRICS:
+    for metric in fleet_metrics(nodes):
         values = [n.metrics[metric] for n in nodes.values() if metric in n.metrics]
         if values:
             stats[metric] = {"median": statistics.median(values), "mad": mad(values), "nodes": len(values)}
@@ -55,16 +73,23 @@ def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
 
 
 def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tolerance: float,
-          min_loss_drop: float) -> dict:
+          min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
+          busbw_tolerance: float | None = None) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
-    `floors` maps node name -> {metric: floor}.
+    `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
+    `min_busbw_fraction`: the policy floor for every collective's busbw. `busbw_tolerance`:
+    the fleet tolerance for the collectives' busbw (default: `tolerance`).
     """
     stats = fleet_stats(nodes)
+
+    def tolerance_of(metric: str) -> float:
+        return busbw_tolerance if busbw_tolerance is not None and metric.endswith("_busbw_gbps") else tolerance
+
     for n in nodes.values():
         n.reasons, n.notes, n.robust_z = [], [], {}
         n.reasons += [f"measurement failed: {e}" for e in n.errors]
-        for metric in FLEET_METRICS:
+        for metric in fleet_metrics(nodes):
             unit = UNITS[metric]
             if metric not in n.metrics:
                 if not n.errors:
@@ -75,10 +100,10 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
             n.robust_z[metric] = round(z, 2) if math.isfinite(z) else None  # JSON has no infinity
             if s["nodes"] < 2:
                 n.notes.append(f"{metric}: fleet comparison skipped (only {s['nodes']} node measured)")
-            elif value < s["median"] * (1 - tolerance):
+            elif value < s["median"] * (1 - (allowed := tolerance_of(metric))):
                 below = 1 - value / s["median"] if s["median"] > 0 else 1.0
                 n.reasons.append(f"{metric} {_fmt(value)} {unit} is {below:.0%} below the fleet median"
-                                 f" {_fmt(s['median'])} {unit} (tolerance {tolerance:.0%})")
+                                 f" {_fmt(s['median'])} {unit} (tolerance {allowed:.0%})")
         for metric, floor in sorted(floors.get(n.node, {}).items()):
             unit = UNITS.get(metric, "")
             if metric not in n.metrics:
@@ -86,23 +111,50 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
             elif n.metrics[metric] < floor:
                 n.reasons.append(f"{metric} {_fmt(n.metrics[metric])} {unit} is below the {n.gpu_model}"
                                  f" floor {_fmt(floor)} {unit}")
-        if not n.allreduce_correct:
-            n.reasons.append("all_reduce returned a wrong sum on this node")
-        t = n.training
-        if not t:
-            n.reasons.append("the DDP training run did not report")
-        elif not t["loss_after"] < t["loss_before"] * (1 - min_loss_drop):
-            n.reasons.append(f"training loss did not fall enough: {_fmt(t['loss_before'])} ->"
-                             f" {_fmt(t['loss_after'])} (needs a {min_loss_drop:.0%} drop)")
-    digests = {name: n.training["param_digest"] for name, n in nodes.items() if n.training}
-    for name, reason in compare_digests(digests).items():
-        nodes[name].reasons.append(reason)
+        n.reasons += _collective_reasons(n, link_rate_gbps, min_busbw_fraction)
+        n.reasons += _training_reasons(n, min_loss_drop)
+    for mode, what in TRAINING_NAMES.items():
+        digests = {name: n.run(mode)["param_digest"] for name, n in nodes.items() if n.run(mode)}
+        for name, reason in compare_digests(digests, f"{what} training").items():
+            nodes[name].reasons.append(reason)
     for n in nodes.values():
         n.passed = not n.reasons
     return stats
 
 
-def compare_digests(digests: dict[str, str]) -> dict[str, str]:
+def _collective_reasons(n: NodeResult, link_rate_gbps: float | None, min_fraction: float) -> list[str]:
+    reasons = []
+    for op, rows in n.collectives.items():
+        wrong = [r["bytes"] for r in rows if not r["correct"]]
+        if wrong:
+            reasons.append(f"{op} returned a wrong result on this node (at {', '.join(map(str, wrong))} B)")
+        value = n.metrics.get(metric_name(op))
+        if rows and value is not None and link_rate_gbps and value < min_fraction * link_rate_gbps:
+            reasons.append(f"{op} busbw {_fmt(value)} GB/s (largest sizes, up to {rows[-1]['bytes']} B) is"
+                           f" {value / link_rate_gbps:.1%} of the link rate {_fmt(link_rate_gbps)} GB/s"
+                           f" (policy floor {min_fraction:.0%})")
+    return reasons
+
+
+def _training_reasons(n: NodeResult, min_loss_drop: float) -> list[str]:
+    reasons = []
+    for mode, what in TRAINING_NAMES.items():
+        t = n.run(mode)
+        if not t:
+            reasons.append(f"the {what} training run did not report")
+            continue
+        label = "training loss" if mode == "ddp" else f"{what} training loss"
+        if not t["loss_after"] < t["loss_before"] * (1 - min_loss_drop):
+            reasons.append(f"{label} did not fall enough: {_fmt(t['loss_before'])} ->"
+                           f" {_fmt(t['loss_after'])} (needs a {min_loss_drop:.0%} drop)")
+        diff = t.get("max_abs_diff_vs_ddp")
+        if diff is not None and not diff <= PARALLEL_MATCH_TOLERANCE:
+            reasons.append(f"parameters after {what} training differ from the DDP run's by up to {_fmt(diff)}"
+                           f" (rounding allows {PARALLEL_MATCH_TOLERANCE:g})")
+    return reasons
+
+
+def compare_digests(digests: dict[str, str], what: str = "DDP training") -> dict[str, str]:
     """Reasons, by node, for nodes whose parameters differ from the majority.
 
     With no strict majority there is no trustworthy reference, so every node fails.
@@ -112,9 +164,9 @@ def compare_digests(digests: dict[str, str]) -> dict[str, str]:
     counts = Counter(digests.values())
     reference, votes = counts.most_common(1)[0]
     if votes * 2 <= len(digests):
-        return {node: f"parameters after DDP training differ across ranks with no majority"
+        return {node: f"parameters after {what} differ across ranks with no majority"
                       f" ({len(counts)} distinct digests among {len(digests)} ranks): silent data corruption"
                 for node in digests}
-    return {node: f"parameters after DDP training differ from the {votes} of {len(digests)} ranks that agree"
+    return {node: f"parameters after {what} differ from the {votes} of {len(digests)} ranks that agree"
                   f" (digest {d[:12]} vs {reference[:12]}): silent data corruption"
             for node, d in digests.items() if d != reference}

@@ -10,6 +10,10 @@ UNITS = {
     "gemm_bf16_tflops": "TFLOP/s",
     "memcpy_gbps": "GB/s",
     "allreduce_busbw_gbps": "GB/s",
+    "allgather_busbw_gbps": "GB/s",
+    "reducescatter_busbw_gbps": "GB/s",
+    "broadcast_busbw_gbps": "GB/s",
+    "alltoall_busbw_gbps": "GB/s",
 }
 
 
@@ -21,8 +25,11 @@ class NodeResult:
     # Node figures: the worst GPU of the node (one bad GPU makes a bad node).
     metrics: dict[str, float] = field(default_factory=dict)
     gpus: list[dict] = field(default_factory=list)  # per-GPU GEMM and memcpy results
-    training: dict = field(default_factory=dict)  # loss_before/after, steps, param_digest
-    allreduce_correct: bool = True
+    training: dict = field(default_factory=dict)  # the DDP run: loss_before/after, steps, param_digest
+    parallel: dict[str, dict] = field(default_factory=dict)  # "fsdp", "pipeline": the same fields
+    # Per collective, this node's sweep rows (bytes, algbw_gbps, busbw_gbps, link_fraction, correct),
+    # timed on this node's own clock.
+    collectives: dict[str, list[dict]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # measurements that raised (device errors)
     passed: bool = False
     reasons: list[str] = field(default_factory=list)  # one per failed check
@@ -32,12 +39,19 @@ class NodeResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def run(self, mode: str) -> dict:
+        """The training run of `mode` ("ddp", "fsdp", "pipeline"), {} when it did not report."""
+        return self.training if mode == "ddp" else self.parallel.get(mode, {})
+
+    def step_time_ms(self, mode: str) -> float | None:
+        return self.run(mode).get("step_time_ms")
+
 
 @dataclass
 class BurninReport:
     stack: str
     nodes: dict[str, NodeResult]
-    fleet: dict  # medians, MADs, tolerance, all_reduce sweep, world size, link rate
+    fleet: dict  # medians, MADs, tolerance, collective sweeps, world size, link rate, step times
     duration_s: float = 0.0
 
     @property
@@ -69,7 +83,11 @@ class BurninReport:
             "verdicts": self.verdicts,
             "reasons": self.reasons,
             "nodes": {name: n.to_dict() for name, n in self.nodes.items()},
-            "fleet": self.fleet,
+            # The sweeps as nccl-tests reports them (the slowest rank's time), beside the link rate.
+            "collectives": self.fleet.get("collectives", {}),
+            "link_rate_gbps": self.fleet.get("link_rate_gbps"),
+            "step_time_ms": self.fleet.get("step_time_ms", {}),
+            "fleet": {k: v for k, v in self.fleet.items() if k != "collectives"},
             "units": UNITS,
             "duration_s": round(self.duration_s, 3),
         }

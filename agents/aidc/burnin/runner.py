@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
-from aidc.burnin.collectives import sweep_sizes
+from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
 from aidc.burnin.judge import judge
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.worker import PREFIX
@@ -129,13 +130,23 @@ def _describe(event: dict) -> str:
     kind = event["event"]
     if kind == "sampled":
         return f"GEMM + memcpy on {event['node']} (round {event['round'] + 1})"
-    if kind == "allreduce":
-        return f"all_reduce {event['nbytes']} B"
+    if kind == "collective":
+        return f"{event['op']} {event['nbytes']} B"
     if kind == "train":
-        return f"DDP step {event['step']} loss {event['loss']:.4f}"
+        return f"{event['mode']} step {event['step']} loss {event['loss']:.4f}"
     if kind == "pair":
         return f"pair test rail {event['rail']}: ranks {event['a']}-{event['b']}"
     return f"{event['node']} {kind}"
+
+
+def spec_link_rate_gbps(spec: ClusterSpec) -> float:
+    """One rank's link rate in GB/s, what busbw is compared with: the spec's `fabric.link_speed_gbps`
+    (Gb/s) / 8. A lab fabric that shapes its links to a scaled rate passes that rate to
+    `run_burnin(link_rate_gbps=...)` instead."""
+    return spec.fabric.link_speed_gbps / 8
+
+
+TRAINING_MODES = ("ddp", "fsdp", "pipeline")
 
 
 def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
@@ -151,7 +162,7 @@ def lab_node_dirs(spec, lab_dir: Path) -> dict[str, Path]:
     return dirs
 
 
-def _link_rate_gbps(spec: ClusterSpec, fabric) -> float:
+def _link_rate_gbit_s(spec: ClusterSpec, fabric) -> float:
     """The per-rail link rate (Gb/s, bits) every collective's busbw is judged against: on the lab's
     netns fabric the scaled rate the rails are shaped to, else the spec's link speed."""
     return fabric.link_rate_gbps if fabric is not None else spec.fabric.link_speed_gbps
@@ -160,7 +171,7 @@ def _link_rate_gbps(spec: ClusterSpec, fabric) -> float:
 def _fabric_config(spec: ClusterSpec, fabric, node: str, names: list[str]) -> dict:
     """What a worker needs to run on the fabric: where the store is, which interfaces, the link rate."""
     policy = spec.policy.burnin
-    common = {"link_rate_gbps": _link_rate_gbps(spec, fabric), "nodes": names,
+    common = {"link_rate_gbit_s": _link_rate_gbit_s(spec, fabric), "nodes": names,
               "localise_below_fraction": policy.localise_below_fraction, "localise_tolerance": policy.fleet_tolerance,
               "pair_timeout_s": PAIR_TIMEOUT_S}
     if fabric is None:
@@ -202,16 +213,18 @@ PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
 
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
-               target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None) -> BurninReport:
+               target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
+               link_rate_gbps: float | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
     is lab fault injection: those nodes flip one parameter bit after training, which the
     silent-data-corruption check must catch. `fabric` (aidc.lab.fabric.Fabric): run each
-    node in its namespace and the collectives over its rails. A node that has not joined
-    the rendezvous within `join_timeout_s` is named in the BurninError. Raises BurninError
-    when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed
-    nodes are verdicts.
+    node in its namespace and the collectives over its rails. `link_rate_gbps` (GB/s) is what
+    busbw is judged against; default the fabric's scaled rail rate, else `spec_link_rate_gbps`.
+    A node that has not joined the rendezvous within `join_timeout_s` is named in the
+    BurninError. Raises BurninError when the run cannot complete (recorded in the audit log as
+    `burnin.aborted`); failed nodes are verdicts.
     """
     all_nodes = spec.nodes()
     down = _links_down(fabric)
@@ -228,7 +241,13 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
-    bar = _progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) + policy.train_steps)
+    if link_rate_gbps is None:  # GB/s, as busbw: the netns fabric's rails carry a scaled rate
+        link_rate_gbps = _link_rate_gbit_s(spec, fabric) / 8
+    link_rate = link_rate_gbps
+    if not link_rate > 0:
+        raise BurninError(f"the link rate must be positive, got {link_rate:g} GB/s")
+    bar = _progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) * len(COLLECTIVES)
+                        + policy.train_steps * len(TRAINING_MODES))
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
         tmpdir = Path(tmp)
         fleet = _Fleet(tmpdir)
@@ -274,20 +293,21 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             fleet.stop_all()
             if bar:
                 bar.stop()
-    report = _judged_report(spec, nodes, raw, time.monotonic() - started, fabric=fabric, down=down,
+    report = _judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, fabric=fabric, down=down,
                             all_nodes=all_nodes)
     if audit is not None:
         _certify(audit, report)
     return report
 
 
-def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, *, fabric=None,
-                   down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
+def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, link_rate: float, *,
+                   fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
     policy = spec.policy.burnin
-    results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
+    results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
-                  policy.min_loss_drop)
-    first = raw[nodes[0].name]  # the collective figures are the same on every rank
+                  policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction,
+                  busbw_tolerance=policy.busbw_fleet_tolerance)
+    first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
     localisation = first.get("localisation")
     for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
@@ -295,6 +315,8 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     for unresolved in (localisation or {}).get("unresolved", []):  # evidence on both ends, no verdict
         for name in (unresolved["a"], unresolved["b"]):
             results[name].notes.append(unresolved["note"])
+    step_times = {mode: statistics.median(times) for mode in TRAINING_MODES
+                  if (times := [r.step_time_ms(mode) for r in results.values() if r.step_time_ms(mode) is not None])}
     for n in all_nodes or nodes:  # a node with a rail down took part in nothing: that is its verdict
         if n.name in (down or {}):
             results[n.name] = NodeResult(node=n.name, gpu_model=n.gpu_model, spare=n.spare, passed=False,
@@ -304,9 +326,12 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
         "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
         "rule": "fail when more than fleet_tolerance below the fleet median; robust z (MAD) reported, not a rule"
                 " on its own",
-        "stats": stats, "allreduce": first["allreduce"], "allreduce_ranks": len(nodes),
-        "allreduce_backend": "gloo", "link_rate_gbit_s": _link_rate_gbps(spec, fabric),
-        "link_rate_gbps": _link_rate_gbps(spec, fabric),
+        "stats": stats, "collectives": {op: with_link_fraction(rows, link_rate) for op, rows in
+                                        first.get("collectives", {}).items()},
+        "collective_ranks": len(nodes), "collective_backend": "gloo", "link_rate_gbps": link_rate,
+        "link_rate_gbit_s": link_rate * 8, "min_busbw_fraction": policy.min_busbw_fraction,
+        "busbw_fleet_tolerance": policy.busbw_fleet_tolerance,
+        "step_time_ms": step_times,
         "fabric": ({"kind": "netns", "rails": fabric.rails, "spec_link_gbps": fabric.spec_link_gbps,
                     "scale": fabric.scale, "rail_mbit": fabric.rail_mbit} if fabric is not None
                    else {"kind": spec.fabric.kind if spec.fabric.kind != "netns" else "loopback", "rails": 0}),
@@ -369,16 +394,20 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, jo
             raise BurninError(f"burn-in timed out after {timeout_s:.0f} s (nodes still running were stopped)")
 
 
-def _node_result(node, raw: dict) -> NodeResult:
+def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
     metrics = dict(raw["metrics"])
     errors = list(raw["errors"])
-    if raw["allreduce"]:
-        metrics["allreduce_busbw_gbps"] = raw["allreduce"][-1]["busbw_gbps"]
-    else:  # an empty sweep checks nothing: it must not pass as "every all_reduce was correct"
-        errors.append("the all_reduce sweep measured no size")
+    collectives = {}
+    for op in COLLECTIVES:
+        rows = with_link_fraction(raw.get("collectives", {}).get(op, []), link_rate, own=True)
+        if rows:  # over the sweep's largest sizes, on this node's own clock
+            metrics[metric_name(op)] = node_busbw(rows)
+            collectives[op] = rows
+        else:  # an empty sweep checks nothing: it must not pass as "every result was correct"
+            errors.append(f"the {op} sweep measured no size")
     return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
-                      gpus=raw["gpus"], training=raw["training"], allreduce_correct=raw["allreduce_correct"],
-                      errors=errors)
+                      gpus=raw["gpus"], training=raw["training"], parallel=raw.get("parallel", {}),
+                      collectives=collectives, errors=errors)
 
 
 def _certify(audit: AuditLog, report: BurninReport) -> None:
@@ -386,14 +415,15 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
     for name, n in report.nodes.items():
         reason = "passed burn-in" if n.passed else "failed burn-in: " + "; ".join(n.reasons)
         training = {k: v for k, v in n.training.items() if k != "step_losses"}
+        parallel = {mode: {k: v for k, v in run.items() if k != "step_losses"} for mode, run in n.parallel.items()}
         audit.append("burnin.certificate", reason, actor=actor, node=name, payload={
             "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
-            "allreduce_correct": n.allreduce_correct, "errors": n.errors, "spare": n.spare,
+            "parallel": parallel, "collectives": n.collectives, "link_rate_gbps": report.fleet["link_rate_gbps"],
+            "errors": n.errors, "spare": n.spare,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
-            "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "allreduce", "link_rate_gbit_s",
-                                                   "memcpy_counting", "fabric")},
-            "link_rate_gbps": report.fleet["link_rate_gbps"],
+            "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",
+                                                   "step_time_ms", "memcpy_counting", "fabric")},
             "localisation": [c for c in (report.fleet.get("localisation") or {}).get("culprits", [])
                              if c["node"] == name],
         })

@@ -5,10 +5,10 @@ The runner starts one of these per node and reads progress from its stdout (line
 starting with `@@aidc `). Per-node measurements are taken one node at a time, in
 rounds (every node takes its first sample, then every node its second, ...), so nodes
 never share cores while timing and a burst of load from elsewhere hits every node
-alike instead of one. Then all nodes run the all_reduce sweep and DDP training together;
-when the sweep is slow against the link rate (`link_rate_gbps` in the config: the scaled
-rail rate on the netns fabric), ring-neighbour pair tests localise the bad rail
-(`aidc.burnin.localise`).
+alike instead of one. Then all nodes run the collective sweeps and the DDP, FSDP and
+pipeline training runs together; when the largest all_reduce is slow against the link rate
+(`link_rate_gbit_s` in the config: the scaled rail rate on the netns fabric), ring-neighbour
+pair tests localise the bad rail (`aidc.burnin.localise`).
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def _localise(cfg: dict, store, rows: list, node: str) -> dict | None:
 
     if not cfg.get("rails") or not rows:
         return None
-    link = cfg["link_rate_gbps"]
-    fleet_fraction = rows[-1].busbw_gbps * 8 / link  # every rank holds the same (slowest-rank) row
+    link = cfg["link_rate_gbit_s"]
+    fleet_fraction = rows[-1]["busbw_gbps"] * 8 / link  # every rank holds the same (slowest-rank) row
     if fleet_fraction >= cfg["localise_below_fraction"]:
         return {"ran": False, "fleet_fraction": fleet_fraction}
     measure = distributed_measure(store, cfg["rank"], link, timeout_s=cfg["pair_timeout_s"],
@@ -131,8 +131,8 @@ def main(config_path: str) -> int:
 
     torch.set_num_threads(cfg.get("threads", 1))
     torch.set_num_interop_threads(1)
-    from aidc.burnin.collectives import allreduce_sweep
-    from aidc.burnin.train import run_ddp_training
+    from aidc.burnin.collectives import COLLECTIVES, collective_sweep
+    from aidc.burnin.train import run_ddp_training, run_fsdp_training, run_pipeline_training
 
     rank, world, node = cfg["rank"], cfg["world"], cfg["node"]
     timeout = timedelta(seconds=cfg["pg_timeout_s"])
@@ -158,19 +158,28 @@ def main(config_path: str) -> int:
     phase_s["per_node"], t0 = time.monotonic() - t0, time.monotonic()
 
     device = cfg.get("collective_device", "cpu")
-    rows = allreduce_sweep(device, cfg["sizes"], on_size=(lambda b: emit("allreduce", node=node, nbytes=b))
-                           if rank == 0 else None)
-    phase_s["allreduce"], t0 = time.monotonic() - t0, time.monotonic()
-    localisation = _localise(cfg, store, rows, node)
+    collectives = {}
+    for op in cfg.get("collectives", COLLECTIVES):
+        rows = collective_sweep(op, device, cfg["sizes"],
+                                on_size=(lambda b, op=op: emit("collective", node=node, op=op, nbytes=b))
+                                if rank == 0 else None)
+        collectives[op] = [r.to_dict() for r in rows]
+        phase_s[op], t0 = time.monotonic() - t0, time.monotonic()
+    localisation = _localise(cfg, store, collectives.get("all_reduce", []), node)
     phase_s["localise"], t0 = time.monotonic() - t0, time.monotonic()
-    training = run_ddp_training(device, cfg["train_steps"],
-                                on_step=(lambda s, l: emit("train", node=node, step=s, loss=l)) if rank == 0 else None,
-                                corrupt_after=cfg.get("corrupt_parameters", False))
-    phase_s["train"] = time.monotonic() - t0
+    on_step = (lambda mode: lambda s, l: emit("train", node=node, mode=mode, step=s, loss=l)) if rank == 0 else (
+        lambda mode: None)
+    ddp_parameters: dict = {}
+    training = run_ddp_training(device, cfg["train_steps"], on_step=on_step("ddp"),
+                                corrupt_after=cfg.get("corrupt_parameters", False), parameters_out=ddp_parameters)
+    phase_s["train_ddp"], t0 = time.monotonic() - t0, time.monotonic()
+    parallel = {}
+    for mode, run in (("fsdp", run_fsdp_training), ("pipeline", run_pipeline_training)):
+        parallel[mode] = run(device, cfg["train_steps"], on_step=on_step(mode), reference=ddp_parameters).to_dict()
+        phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
     result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
-              "slowdown": benches.slowdown, "allreduce": [r.to_dict() for r in rows],
-              "allreduce_correct": all(r.correct for r in rows), "training": training.to_dict(),
-              "localisation": localisation}
+              "slowdown": benches.slowdown, "collectives": collectives, "training": training.to_dict(),
+              "parallel": parallel}
     tmp = Path(cfg["result_path"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, cfg["result_path"])

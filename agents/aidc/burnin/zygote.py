@@ -39,6 +39,8 @@ def main() -> int:
     import torch  # noqa: F401  (preloaded for the children)
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
 
     from aidc.burnin import collectives, gemm, localise, memory, train, worker  # noqa: F401

@@ -1,4 +1,4 @@
-"""`aidc burnin`: certify the lab's nodes (GEMM, memcpy, all_reduce sweep, DDP + SDC check)."""
+"""`aidc burnin`: certify the lab's nodes (GEMM, memcpy, collective sweeps, DDP/FSDP/pipeline + SDC check)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import typer
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import BurninError
 
-app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, all_reduce and DDP across nodes,"
+app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, collectives and DDP/FSDP/pipeline"
+                       " training across nodes,"
                        " judged against the fleet median and the spec's floors.", no_args_is_help=True)
 
 STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
@@ -30,6 +31,25 @@ def _table(report) -> "object":
         table.add_row(name + (" (spare)" if n.spare else ""), fmt("gemm_fp32_tflops"), fmt("gemm_bf16_tflops"),
                       fmt("memcpy_gbps"), fmt("allreduce_busbw_gbps"),
                       "[green]pass[/]" if n.passed else "[red]FAIL[/]", "\n".join(n.reasons) or "-")
+    return table
+
+
+def _collectives_table(report) -> "object":
+    """Each collective at the sweep's largest size (slowest rank, as nccl-tests reports), beside the link rate."""
+    from rich.table import Table
+
+    rate = report.fleet["link_rate_gbps"]
+    table = Table(title=f"collectives over {report.fleet['collective_ranks']} ranks"
+                        f" ({report.fleet['collective_backend']}); link rate {rate * 8:g} Gb/s = {rate:.4g} GB/s,"
+                        f" floor {report.fleet['min_busbw_fraction']:.0%}")
+    for col in ("collective", "bytes", "time us", "algbw GB/s", "busbw GB/s", "of link", "correct"):
+        table.add_column(col, justify="left" if col == "collective" else "right")
+    for op, rows in report.fleet["collectives"].items():
+        if rows:
+            top = rows[-1]
+            table.add_row(op, str(top["bytes"]), f"{top['time_us']:.0f}", f"{top['algbw_gbps']:.3g}",
+                          f"{top['busbw_gbps']:.3g}", f"{top['link_fraction']:.1%}",
+                          "yes" if all(r["correct"] for r in rows) else "[red]NO[/]")
     return table
 
 
@@ -71,12 +91,11 @@ def run(stack: str = STACK_OPTION,
 
         console = Console()
         console.print(_table(report))
-        top = report.fleet["allreduce"][-1] if report.fleet["allreduce"] else None
-        if top:
-            console.print(f"all_reduce {top['nbytes']} B over {report.fleet['allreduce_ranks']} ranks (gloo):"
-                          f" {top['time_us']:.0f} us, algbw {top['algbw_gbps']:.3g} GB/s, busbw"
-                          f" {top['busbw_gbps']:.3g} GB/s; link rate {report.fleet['link_rate_gbit_s']:g} Gb/s"
-                          f" = {report.fleet['link_rate_gbit_s'] / 8:g} GB/s")
+        console.print(_collectives_table(report))
+        steps = report.fleet["step_time_ms"]
+        console.print("training step time (fleet median): " + ", ".join(
+            f"{name} {steps[mode]:.3g} ms" for mode, name in (("ddp", "DDP"), ("fsdp", "FSDP"),
+                                                              ("pipeline", "2-stage pipeline")) if mode in steps))
         console.print(f"certified: {', '.join(report.certified_nodes) or 'none'}; failed:"
                       f" {', '.join(report.failed_nodes) or 'none'}")
     if not report.passed:

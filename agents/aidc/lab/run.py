@@ -174,7 +174,8 @@ class LabRun:
     def _burnin(self) -> None:
         from aidc.burnin.runner import run_burnin
 
-        self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, all_reduce sweep, DDP + SDC check)")
+        self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, five collective sweeps, DDP/FSDP/pipeline"
+                 " + SDC check)")
         node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
         report = run_burnin(self.spec, node_dirs, self.audit, progress=False, fabric=self.cluster.fabric)
         self.result.certified_nodes = sorted(report.certified_nodes)
