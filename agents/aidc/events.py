@@ -36,6 +36,7 @@ class FaultKind(str, enum.Enum):
     PCIE_DEGRADED = "pcie_degraded"
     DEVICE_HANG = "device_hang"
     NVSWITCH_SXID = "nvswitch_sxid"
+    STRAGGLER = "straggler"  # slower than the fleet while training (aidc.health.stragglers)
 
 
 @dataclass(frozen=True)

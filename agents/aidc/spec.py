@@ -219,11 +219,25 @@ class BurninPolicy(_Strict):
         return self
 
 
+class StragglerPolicy(_Strict):
+    """Stragglers while training (aidc.health.stragglers): over `window_steps`, a node whose
+    compute is more than `tolerance` above the fleet median and a robust-z outlier, or the rank
+    the collective waited for (least wait in `min_wait_share` of the steps, the others waiting
+    more than `tolerance` of a step longer). `action`: alert (event, audit, metric; the node
+    stays in service) or quarantine (through failover, within max_unavailable)."""
+    window_steps: Annotated[int, Field(ge=5, le=10000)] = 20
+    tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    min_robust_z: Annotated[float, Field(ge=0, le=1000)] = 3.5
+    min_wait_share: Annotated[float, Field(gt=0, le=1)] = 0.75
+    action: Literal["alert", "quarantine"] = "alert"
+
+
 class Policy(_Strict):
     dry_run: bool = False
     # An int (nodes) or a percentage of all nodes ("25%"), like Kubernetes' maxUnavailable.
     max_unavailable: Annotated[int, Field(le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 1
     burnin: BurninPolicy = BurninPolicy()
+    stragglers: StragglerPolicy = StragglerPolicy()
     out_of_service_actions: Annotated[list[Literal["restart_app", "reset_gpu", "reboot_node", "contact_support"]],
                                       Field(max_length=16)] = [
         "reset_gpu",

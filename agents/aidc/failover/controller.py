@@ -32,7 +32,7 @@ import time
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
-from aidc.events import Decision, FaultEvent
+from aidc.events import Decision, FaultEvent, FaultKind
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.spec import ClusterSpec
 from aidc.store import Store
@@ -140,6 +140,12 @@ class FailoverController:
         payload = {"event_id": event_id, "kind": event.kind.value, "action": event.action.value,
                    "xid": event.xid, "gpu": event.gpu, "pci": event.pci, "line": event.line,
                    "observed_at": event.observed_at, "dry_run": self.dry_run}
+        if event.kind == FaultKind.STRAGGLER and self.spec.policy.stragglers.action == "alert":
+            # A slow node costs the job a little on every step; taking it out costs a restart.
+            # By default people decide (policy.stragglers.action: quarantine lets failover act).
+            reason = f"straggler, policy.stragglers.action is alert: node stays in service ({event.message})"
+            self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
+            return self._decide(event_id, node, "no_action", reason, payload)
         if event.action.value not in self.spec.policy.out_of_service_actions:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {event.action.value}: node stays in service", payload)
