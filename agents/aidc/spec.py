@@ -204,6 +204,13 @@ class BurninPolicy(_Strict):
     repeats: Annotated[int, Field(ge=1, le=1000)] = 5
     # The DDP run's loss on a fixed batch must fall by at least this fraction.
     min_loss_drop: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Checkpoint storage (aidc.burnin.storage) on the spec's checkpoint path: bytes written with
+    # fsync and read back per sample, and empty files created, stat'ed and unlinked per sample.
+    storage_bytes: Annotated[int, Field(ge=1 << 20, le=MAX_BUFFER_BYTES)] = 256 * 1024 * 1024
+    storage_files: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Storage is judged against the fleet with its own tolerance: shared volumes vary more than
+    # a GPU does, and a node with half the fleet's storage rate is what this is for.
+    storage_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.5
     # Overrides of the GPU model's floors (TFLOP/s, GB/s: a million is past any GPU).
     floors: Annotated[dict[ShortText, Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=32)] = {}
 

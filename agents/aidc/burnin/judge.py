@@ -23,11 +23,12 @@ import statistics
 from collections import Counter
 
 from aidc.burnin.report import UNITS, NodeResult
+from aidc.burnin.storage import STORAGE_METRICS
 
 # Metrics compared across the fleet: measured per node, one node at a time. The
 # all_reduce busbw is one fleet-wide figure (a collective is as slow as its slowest
 # rank), so it is checked against floors only.
-FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps")
+FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps") + STORAGE_METRICS
 
 
 def mad(values: list[float]) -> float:
@@ -55,10 +56,11 @@ def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
 
 
 def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tolerance: float,
-          min_loss_drop: float) -> dict:
+          min_loss_drop: float, metric_tolerance: dict[str, float] | None = None) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
-    `floors` maps node name -> {metric: floor}.
+    `floors` maps node name -> {metric: floor}; `metric_tolerance` overrides `tolerance` per
+    metric (storage has its own).
     """
     stats = fleet_stats(nodes)
     for n in nodes.values():
@@ -66,8 +68,11 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
         n.reasons += [f"measurement failed: {e}" for e in n.errors]
         for metric in FLEET_METRICS:
             unit = UNITS[metric]
+            tol = (metric_tolerance or {}).get(metric, tolerance)
             if metric not in n.metrics:
-                if not n.errors:
+                if metric in STORAGE_METRICS:  # measured only where the run names a checkpoint path
+                    n.notes.append(f"{metric}: not measured (no checkpoint path in this run)")
+                elif not n.errors:
                     n.reasons.append(f"{metric} was not measured")
                 continue
             value, s = n.metrics[metric], stats[metric]
@@ -75,10 +80,10 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
             n.robust_z[metric] = round(z, 2) if math.isfinite(z) else None  # JSON has no infinity
             if s["nodes"] < 2:
                 n.notes.append(f"{metric}: fleet comparison skipped (only {s['nodes']} node measured)")
-            elif value < s["median"] * (1 - tolerance):
+            elif value < s["median"] * (1 - tol):
                 below = 1 - value / s["median"] if s["median"] > 0 else 1.0
                 n.reasons.append(f"{metric} {_fmt(value)} {unit} is {below:.0%} below the fleet median"
-                                 f" {_fmt(s['median'])} {unit} (tolerance {tolerance:.0%})")
+                                 f" {_fmt(s['median'])} {unit} (tolerance {tol:.0%})")
         for metric, floor in sorted(floors.get(n.node, {}).items()):
             unit = UNITS.get(metric, "")
             if metric not in n.metrics:

@@ -10,6 +10,9 @@ UNITS = {
     "gemm_bf16_tflops": "TFLOP/s",
     "memcpy_gbps": "GB/s",
     "allreduce_busbw_gbps": "GB/s",
+    "storage_write_gbps": "GB/s",
+    "storage_read_gbps": "GB/s",
+    "storage_metadata_ops": "ops/s",
 }
 
 

@@ -25,6 +25,7 @@ from aidc.audit.log import AuditLog, default_actor
 from aidc.burnin.collectives import sweep_sizes
 from aidc.burnin.judge import judge
 from aidc.burnin.report import BurninReport, NodeResult
+from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
 from aidc.errors import BurninError
 from aidc.spec import ClusterSpec
@@ -188,6 +189,9 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
                     "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
                     "corrupt_parameters": node.name in corrupt_nodes,
+                    # The lab node's own directory stands in for its mount of the spec's checkpoint path.
+                    "storage_path": str(node_dirs[node.name] / "checkpoints"),
+                    "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
                 }
                 configs[node.name] = tmpdir / f"{node.name}.json"
@@ -219,7 +223,7 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name]) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
-                  policy.min_loss_drop)
+                  policy.min_loss_drop, {m: policy.storage_tolerance for m in STORAGE_METRICS})
     first = raw[nodes[0].name]  # the collective figures are the same on every rank
     fleet_info = {
         "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
@@ -230,6 +234,10 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
+        "storage": {"bytes": policy.storage_bytes, "files": policy.storage_files,
+                    "tolerance": policy.storage_tolerance,
+                    "counting": "write: sequential 1 MiB blocks to the end of fsync; read: after dropping the "
+                                "file from the page cache; metadata: create + stat + unlink per second"},
     }
     return BurninReport(spec.name, results, fleet_info, duration_s)
 
