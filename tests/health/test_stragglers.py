@@ -47,7 +47,8 @@ def noisy_steps(first: int, count: int, slow: dict[int, float] | None = None, se
 
 def judge(node: str, **kw) -> StragglerJudge:
     policy = StragglerPolicy(window_steps=WINDOW, **kw)
-    return StragglerJudge(node, policy.window_steps, policy.tolerance, policy.min_robust_z, policy.min_wait_share)
+    return StragglerJudge(node, policy.window_steps, policy.tolerance, policy.min_robust_z, policy.min_wait_share,
+                          policy.confirm_steps, policy.min_slowest_share)
 
 
 def verdicts(j: StragglerJudge, steps: list[dict]) -> list:
@@ -89,6 +90,23 @@ def test_a_rank_that_arrives_late_outside_its_compute_phase_is_found_by_the_wait
     assert not verdicts(judge("gpu-0"), steps)[-1].straggler
 
 
+def test_a_slow_spell_shorter_than_the_confirmation_is_not_a_straggler_a_lasting_one_is():
+    spell = noisy_steps(1, 2 * WINDOW) + noisy_steps(100, WINDOW // 2 + 3, slow={1: 1.3}) + noisy_steps(200, 3 * WINDOW)
+    assert not any(v and v.straggler for v in verdicts(judge("gpu-1", confirm_steps=WINDOW), spell))
+    lasting = noisy_steps(1, 2 * WINDOW) + noisy_steps(100, 3 * WINDOW, slow={1: 1.3})
+    assert verdicts(judge("gpu-1", confirm_steps=WINDOW), lasting)[-1].straggler
+
+
+def test_two_equally_slow_ranks_are_both_stragglers_though_they_take_turns_being_the_slowest():
+    nodes = [f"gpu-{i}" for i in range(8)]
+    rng = random.Random(5)
+    steps = [step_line(s, [0.010 * (1 + rng.uniform(-0.02, 0.02)) * (1.12 if r in (1, 2) else 1.0) for r in range(8)],
+                       nodes=nodes) for s in range(1, 4 * WINDOW)]
+    v1, v2 = (verdicts(judge(n), steps)[-1] for n in ("gpu-1", "gpu-2"))
+    assert v1.straggler and v2.straggler and v1.wait_share + v2.wait_share == 1.0 and v1.wait_share < 1
+    assert not any(verdicts(judge(n), steps)[-1].straggler for n in nodes if n not in ("gpu-1", "gpu-2"))
+
+
 def test_the_first_window_after_a_membership_change_is_warm_up_and_not_judged():
     slow = noisy_steps(1, WINDOW, slow={1: 1.3})
     j = judge("gpu-1")
@@ -98,7 +116,7 @@ def test_the_first_window_after_a_membership_change_is_warm_up_and_not_judged():
 
 
 def test_an_episode_lasts_until_a_whole_window_is_clean_so_it_is_reported_once():
-    j = judge("gpu-1")
+    j = judge("gpu-1", confirm_steps=1)
     states = [v.straggler if v else None
               for v in verdicts(j, noisy_steps(1, 3 * WINDOW, slow={1: 1.15}) + noisy_steps(100, 3 * WINDOW))]
     judged = [st for st in states if st is not None]  # after the warm-up and a full window

@@ -7,10 +7,12 @@ together, so the wall time per step is the same everywhere and says nothing abou
 slow; the split does. Over a sliding window of steps a node is a straggler by either path:
 
 * **slow compute**: its compute is more than `tolerance` above the fleet median (relative
-  perf = fleet median / its compute, per step, median over the window, below 1 - tolerance)
-  and an outlier in the fleet's spread (robust z, 0.6745 (x - median) / MAD of the ranks'
-  window medians, at least `min_robust_z`: a fleet whose ranks all differ by a few percent
-  flags none of them);
+  perf = fleet median / its compute, per step, median over the window, below 1 - tolerance),
+  an outlier in the fleet's spread (robust z, 0.6745 (x - median) / MAD of the ranks' window
+  medians, at least `min_robust_z`: a fleet whose ranks all differ by a few percent flags none
+  of them), and the slowest rank in at least `min_slowest_share` of the steps (a burst on one
+  rank moves a median less than it moves a mean, but a rank that is slower *every* step is
+  what a slow part looks like);
 * **late arrival**: everyone waits for the slowest rank, so the slow rank is the one that
   waits *least*. It had the least wait in at least `min_wait_share` of the steps, the
   others waited, by the window median, more than `tolerance` of the fleet's step time longer
@@ -18,6 +20,9 @@ slow; the split does. Over a sliding window of steps a node is a straggler by ei
   slow link on the rank's way in); among four ranks a rank is least by chance a quarter of the
   time, so a share of 0.75 over 20 steps does not happen by noise.
 
+The verdict must hold `confirm_steps` steps running before the node is called a straggler:
+on a shared host other work slows one rank's clock for a while and then stops (measured here
+at load ~30 on 2 cores: single ranks 5-9% slow for 20-40 steps), a slow part stays slow.
 It stops being one after a whole window of steps in which neither path held even at half the
 tolerance (hysteresis, so a node on the edge does not flap: one episode, one event). The thresholds are data: `policy.stragglers` in the spec.
 """
@@ -62,9 +67,11 @@ class StragglerJudge:
     """The sliding window of one node's steps and the rule above."""
 
     def __init__(self, node: str, window_steps: int, tolerance: float, min_robust_z: float,
-                 min_wait_share: float):
+                 min_wait_share: float, confirm_steps: int = 1, min_slowest_share: float = 0.0):
         self.node, self.window_steps, self.tolerance = node, window_steps, tolerance
-        self.min_robust_z, self.min_wait_share = min_robust_z, min_wait_share
+        self.min_robust_z, self.min_wait_share, self.confirm_steps = min_robust_z, min_wait_share, confirm_steps
+        self.min_slowest_share = min_slowest_share
+        self._slow_streak = 0
         self.steps: deque[dict] = deque(maxlen=window_steps)
         self.members: list | None = None
         self.straggling = False
@@ -91,7 +98,7 @@ class StragglerJudge:
         if len(self.steps) < self.window_steps or not self.members or self.node not in self.members:
             return None
         me = self.members.index(self.node)
-        ratios, least_waits, mine_compute, mine_comm, fleet, excess, step = [], 0, [], [], [], [], []
+        ratios, least_waits, slowest, mine_compute, mine_comm, fleet, excess, step = [], 0, 0, [], [], [], [], []
         per_rank: list[list[float]] = [[] for _ in self.members]
         waits: list[list[float]] = [[] for _ in self.members]
         for rec in self.steps:
@@ -99,6 +106,7 @@ class StragglerJudge:
             median = statistics.median(compute)
             ratios.append(median / compute[me] if compute[me] > 0 else 1.0)
             least_waits += comm[me] <= min(comm)
+            slowest += compute[me] >= max(compute)
             mine_compute.append(compute[me])
             mine_comm.append(comm[me])
             fleet.append(median)
@@ -117,12 +125,15 @@ class StragglerJudge:
         lateness = statistics.median(excess) / max(statistics.median(step), 1e-9)
 
         def slow(tolerance: float) -> bool:
-            slow_compute = relative < 1 - tolerance and z >= self.min_robust_z
+            slow_compute = (relative < 1 - tolerance and z >= self.min_robust_z
+                            and slowest >= self.min_slowest_share * len(self.steps))
             late = share >= self.min_wait_share and lateness > tolerance and -wait_z >= self.min_robust_z
             return slow_compute or late
 
-        if not self.straggling:
-            self.straggling = slow(self.tolerance)
+        if not self.straggling:  # a straggler only once the window said so `confirm_steps` times running
+            self._slow_streak = self._slow_streak + 1 if slow(self.tolerance) else 0
+            if self._slow_streak >= self.confirm_steps:
+                self.straggling, self._slow_streak = True, 0
         else:  # over only after a whole window of steps without it, even at half the tolerance
             self._clear_streak = 0 if slow(self.tolerance / 2) else self._clear_streak + 1
             if self._clear_streak >= self.window_steps:
@@ -187,7 +198,7 @@ class StragglerWatch:
     def __init__(self, node: str, path: str | Path, policy, offset: int = 0):
         self.follower = StepTimeFollower(path, offset)
         self.judge = StragglerJudge(node, policy.window_steps, policy.tolerance, policy.min_robust_z,
-                                    policy.min_wait_share)
+                                    policy.min_wait_share, policy.confirm_steps, policy.min_slowest_share)
 
     def verdicts(self) -> list[StragglerVerdict]:
         """A verdict after each new step, once the window is full."""
