@@ -14,7 +14,8 @@ from aidc.tune.prefetch import (DatasetError, FileDataset, Measured, advise, dec
 
 def measured(sample_s: float, step_s: float, batch: int = 10, p90: float | None = None) -> Measured:
     return Measured(files=100, mean_file_bytes=1000.0, read_mb_s=100.0, files_per_s=1000.0, sample_s=sample_s,
-                    sample_s_p90=p90 or sample_s, step_s=step_s, batch_size=batch)
+                    batch_load_s=sample_s * batch, batch_load_s_p90=(p90 or sample_s) * batch, step_s=step_s,
+                    batch_size=batch)
 
 
 def test_a_batch_that_takes_three_steps_to_load_needs_three_workers_and_that_cache():
@@ -33,10 +34,12 @@ def test_streams_sharing_a_node_add_their_caches_and_share_its_cores():
 
 
 def test_fewer_cores_than_workers_needed_is_called_input_bound_with_the_step_it_will_take():
-    a = advise(measured(sample_s=0.005, step_s=0.010), cores=2)  # transfer 50 ms: five workers needed
-    assert (a.num_workers, a.workers_needed, a.input_bound) == (1, 5, True)
-    assert a.expected_step_s == pytest.approx(0.050)
-    assert a.prefetch_factor == 5  # the whole cache queued on the one worker
+    # transfer 50 ms: five workers needed; two cores, of which the 10 ms step takes 0.4 once fed every 25 ms
+    a = advise(measured(sample_s=0.005, step_s=0.010), cores=2)
+    assert (a.num_workers, a.workers_needed, a.input_bound) == (2, 5, True)
+    assert a.expected_step_s == pytest.approx(0.025)
+    assert a.prefetch_factor == 3  # the cache of five batches spread over the two workers
+    assert advise(measured(sample_s=0.005, step_s=0.040), cores=2).num_workers == 1  # a busy trainer keeps its core
 
 
 def test_a_fast_loader_needs_one_worker_and_jitter_deepens_the_queue_within_bounds():
@@ -105,6 +108,6 @@ def test_cli_measures_advises_and_trains_before_and_after_from_a_real_dataloader
     advice = out["advice"]
     assert advice["num_workers"] >= 1 and 2 <= advice["prefetch_factor"] <= 16
     before, after = out["compare"]["before"], out["compare"]["after"]
-    assert (before["num_workers"], before["steps"]) == (0, 4)
+    assert (before["num_workers"], before["steps"], len(before["rounds_step_s"])) == (0, 4, 2)
     assert (after["num_workers"], after["prefetch_factor"]) == (advice["num_workers"], advice["prefetch_factor"])
     assert after["steps"] == 4 and before["step_s"] > 0 and after["step_s"] > 0

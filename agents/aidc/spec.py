@@ -241,7 +241,7 @@ class StragglerPolicy(_Strict):
     min_slowest_share: Annotated[float, Field(ge=0, le=1)] = 0.4
     # The verdict must hold this many steps running before the event: a slow part stays slow,
     # interference from other work on a host comes and goes.
-    confirm_steps: Annotated[int, Field(ge=1, le=10000)] = 10
+    confirm_steps: Annotated[int, Field(ge=1, le=10000)] = 20
     action: Literal["alert", "quarantine"] = "alert"
 
 

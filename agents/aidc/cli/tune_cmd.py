@@ -39,7 +39,7 @@ def prefetch(dataset: Path = DATASET,
     """Measure the dataset's read rate and the step's consumption; recommend num_workers and
     prefetch_factor (cache = sum of stream rate x transfer time / prefetch time); then train from
     a real DataLoader with torch's defaults and with the advice, and report both step times."""
-    from aidc.tune.prefetch import advise, before_after, measure, sample_files
+    from aidc.tune.prefetch import advise, before_after, measure, sample_files, warm
 
     files = sample_files(dataset)  # bad input: one clear error before any work (and before torch)
     if len(files) < batch_size:
@@ -48,6 +48,7 @@ def prefetch(dataset: Path = DATASET,
     import torch
 
     torch.set_num_threads(1)  # one compute thread per training process, as in the lab
+    warm(files)
     measured = measure(files, batch_size)
     advice = advise(measured, streams)
     result = {"dataset": str(dataset), "measured": measured.to_dict(), "advice": advice.to_dict(),
@@ -61,8 +62,8 @@ def prefetch(dataset: Path = DATASET,
 def _text(r: dict) -> str:
     m, a = r["measured"], r["advice"]
     lines = [f"dataset {r['dataset']}: {m['files']} files, {m['mean_file_bytes'] / 1024:.0f} KiB each, read "
-             f"{m['read_mb_s']:.0f} MB/s ({m['files_per_s']:.0f} files/s); read+decode {m['sample_s'] * 1000:.2f} ms "
-             f"per sample",
+             f"{m['read_mb_s']:.0f} MB/s ({m['files_per_s']:.0f} files/s, page cache warm); read+decode "
+             f"{m['sample_s'] * 1000:.2f} ms per sample",
              f"training step {m['step_s'] * 1000:.2f} ms per batch of {m['batch_size']}: consumes "
              f"{m['consume_mb_s']:.1f} MB/s; one worker needs {m['transfer_s'] * 1000:.1f} ms per batch",
              f"cache: {a['cache_batches']:.1f} batches ({a['cache_bytes'] / 1e6:.1f} MB) in flight over "

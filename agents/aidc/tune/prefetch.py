@@ -14,14 +14,16 @@ reading its shard; `streams` of them share a node):
     cache (batches) = sum_s rate_s x transfer_s / (rate_s x prefetch) = sum_s transfer_s / step_s
 
 A worker turns out one batch per transfer time, so a stream needs ceil(transfer / step)
-workers to keep up; they are capped by the cores this process may use (beyond them, more
-workers only queue for a core). Each worker keeps `prefetch_factor` batches queued: enough for
+workers to keep up; they are capped by the cores this process may use, less the share the
+training steps themselves take (beyond that, more workers only queue for a core). Each worker keeps `prefetch_factor` batches queued: enough for
 the stream's share of the cache, stretched by the measured jitter of the transfer time (p90 /
 median, at most 4), never fewer than torch's default of 2 nor more than 16.
 
-The figures are measured here on real files: the dataset's read rate (bytes and files per
-second, and the decode time per sample) and the training step's consumption (the lab model's
-forward, backward and update on an in-memory batch). `before_after` then trains the lab model
+The figures are measured here on real files, after one read of every file (so every figure
+meets the same warm page cache): the dataset's read rate (bytes and files per second), the
+decode time per sample, the transfer time of a batch through a DataLoader in this process
+(collation included), and the training step's consumption (the lab model's forward, backward
+and update on an in-memory batch). `before_after` then trains the lab model
 from a real torch DataLoader over the dataset, with torch's defaults and with the advice, and
 reports both measured step times.
 """
@@ -133,13 +135,14 @@ class Measured:
     read_mb_s: float  # reading the files (bytes off storage or page cache), one thread
     files_per_s: float
     sample_s: float  # read + decode of one sample, one worker (median)
-    sample_s_p90: float
+    batch_load_s: float  # one batch through a DataLoader in this process (median): the transfer time
+    batch_load_s_p90: float
     step_s: float  # the training step on an in-memory batch (median)
     batch_size: int
 
     @property
     def transfer_s(self) -> float:
-        return self.sample_s * self.batch_size
+        return self.batch_load_s
 
     @property
     def consume_mb_s(self) -> float:
@@ -149,9 +152,17 @@ class Measured:
         return {**asdict(self), "transfer_s": self.transfer_s, "consume_mb_s": self.consume_mb_s}
 
 
-def measure(files: list[Path], batch_size: int, *, probe_files: int = 256, step_repeats: int = 20) -> Measured:
-    """The dataset's read rate and decode time, and the training step's consumption."""
+def warm(files: list[Path]) -> int:
+    """Read every file once, so every measurement below meets the same (warm) page cache."""
+    return sum(len(p.read_bytes()) for p in files)
+
+
+def measure(files: list[Path], batch_size: int, *, probe_files: int = 256, probe_batches: int = 8,
+            step_repeats: int = 20) -> Measured:
+    """The dataset's read rate and decode time, a batch's transfer time through a DataLoader
+    (collation included), and the training step's consumption."""
     import torch
+    from torch.utils.data import DataLoader
 
     from aidc.lab.trainer import IN_FEATURES
 
@@ -164,7 +175,17 @@ def measure(files: list[Path], batch_size: int, *, probe_files: int = 256, step_
         t0 = time.perf_counter()
         decode(p, IN_FEATURES)
         per_sample.append(time.perf_counter() - t0)
-    per_sample.sort()
+    batches = []
+    loader = DataLoader(FileDataset(files, IN_FEATURES), batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(1))
+    last = time.perf_counter()
+    for _ in loader:
+        now = time.perf_counter()
+        batches.append(now - last)
+        last = now
+        if len(batches) >= probe_batches:
+            break
+    batches.sort()
     x = torch.randn(batch_size, IN_FEATURES)
     y = torch.randn(batch_size, 1)
     model = _model()
@@ -174,8 +195,8 @@ def measure(files: list[Path], batch_size: int, *, probe_files: int = 256, step_
         _train_step(model, x, y)
         times.append(time.perf_counter() - t0)
     return Measured(len(files), nbytes / len(probe), nbytes / read_s / 1e6, len(probe) / read_s,
-                    statistics.median(per_sample), per_sample[int(0.9 * (len(per_sample) - 1))],
-                    statistics.median(times[3:]), batch_size)
+                    statistics.median(per_sample), statistics.median(batches),
+                    batches[int(0.9 * (len(batches) - 1))], statistics.median(times[3:]), batch_size)
 
 
 def _model():
@@ -226,10 +247,13 @@ def advise(m: Measured, streams: int = 1, cores: int | None = None) -> Advice:
     rate = m.batch_size * m.mean_file_bytes / m.step_s
     cache_bytes = streams * rate * m.transfer_s
     needed = max(1, math.ceil(per_stream))
-    # The training process itself keeps one core per stream; the rest can decode.
-    spare = max(1, (cores - streams) // streams) if cores > streams else 1
+    # Each training process keeps the share of a core its step needs once input flows at full
+    # speed (a 2 ms step fed every 8 ms leaves three quarters of its core to decoding); the
+    # rest of the cores can decode.
+    busy = streams * min(1.0, m.step_s / max(m.step_s, m.transfer_s / cores))
+    spare = max(1, round((cores - busy) / streams))
     workers = min(needed, spare, MAX_WORKERS)
-    jitter = min(m.sample_s_p90 / m.sample_s, MAX_JITTER) if m.sample_s > 0 else 1.0
+    jitter = min(m.batch_load_s_p90 / m.batch_load_s, MAX_JITTER) if m.batch_load_s > 0 else 1.0
     prefetch = min(max(2, math.ceil(per_stream * jitter / workers)), MAX_PREFETCH_FACTOR)
     expected = max(m.step_s, m.transfer_s / workers)
     return Advice(workers, prefetch, cache_batches, cache_bytes, needed, cores, streams, workers < needed,
@@ -280,7 +304,17 @@ def loader_step_time(files: list[Path], batch_size: int, steps: int, num_workers
             "step_s": statistics.median(times), "input_wait_s": statistics.median(waits)}
 
 
-def before_after(files: list[Path], batch_size: int, steps: int, advice: Advice) -> dict:
-    before = loader_step_time(files, batch_size, steps, 0, None)
-    after = loader_step_time(files, batch_size, steps, advice.num_workers, advice.prefetch_factor)
-    return {"before": before, "after": after, "speedup": before["step_s"] / after["step_s"]}
+def before_after(files: list[Path], batch_size: int, steps: int, advice: Advice, rounds: int = 2) -> dict:
+    """torch's defaults (no workers) and the advice, alternated `rounds` times so that a change
+    of load on the machine hits both alike; each side's median over its rounds."""
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        runs["before"].append(loader_step_time(files, batch_size, steps, 0, None))
+        runs["after"].append(loader_step_time(files, batch_size, steps, advice.num_workers, advice.prefetch_factor))
+    out = {}
+    for side, results in runs.items():
+        out[side] = {**results[0], "step_s": statistics.median(r["step_s"] for r in results),
+                     "input_wait_s": statistics.median(r["input_wait_s"] for r in results),
+                     "rounds_step_s": [r["step_s"] for r in results]}
+    out["speedup"] = out["before"]["step_s"] / out["after"]["step_s"]
+    return out
