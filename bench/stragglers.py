@@ -132,6 +132,12 @@ def slow(mode: str, node_dir: Path, factor: float, rail: int) -> None:
                         "--rate", "0.5"], check=True, capture_output=True, timeout=30)
 
 
+def rail_inject_available() -> bool:
+    out = subprocess.run([sys.executable, "-m", "aidc", "device", "inject", "--help"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    return "--rail" in out.stdout
+
+
 def restore(mode: str, node_dir: Path, rail: int) -> None:
     if mode == "compute":
         sim.inject(node_dir, "slowdown", factor=1.0)
@@ -237,6 +243,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.trials < 1 or args.nodes < 3 or args.factor <= 1.0:
         ap.error("needs --trials >= 1, --nodes >= 3 (a median needs a fleet) and --factor > 1")
+    if args.mode == "rail" and not rail_inject_available():
+        ap.error("--mode rail needs `aidc device inject NODE_DIR link --rail R --rate F` (the lab's netns fabric, "
+                 "branch fabric), which this build does not have")
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))
