@@ -46,7 +46,7 @@ def noisy_steps(first: int, count: int, slow: dict[int, float] | None = None, se
 
 
 def judge(node: str, **kw) -> StragglerJudge:
-    policy = StragglerPolicy(window_steps=WINDOW, **kw)
+    policy = StragglerPolicy(**{"window_steps": WINDOW, "confirm_steps": WINDOW, **kw})
     return StragglerJudge(node, policy.window_steps, policy.tolerance, policy.min_robust_z, policy.min_wait_share,
                           policy.confirm_steps, policy.min_slowest_share)
 
@@ -60,7 +60,7 @@ def verdicts(j: StragglerJudge, steps: list[dict]) -> list:
 
 
 def test_a_rank_computing_10_percent_longer_is_the_straggler_and_no_other_rank_is():
-    steps = noisy_steps(1, 3 * WINDOW, slow={2: 1.10})
+    steps = noisy_steps(1, 4 * WINDOW, slow={2: 1.10})
     results = {n: verdicts(judge(n), steps)[-1] for n in NODES}
     assert results["gpu-2"].straggler
     assert 0.88 < results["gpu-2"].relative_perf < 0.93
@@ -84,7 +84,7 @@ def test_a_fleet_whose_ranks_spread_evenly_flags_none_of_them():
 def test_a_rank_that_arrives_late_outside_its_compute_phase_is_found_by_the_waits():
     """Compute alike, but the others wait 30% of a step for gpu-1 every step: a stall the
     compute timer cannot see (slow input, a host hiccup)."""
-    steps = [step_line(s, [0.010] * 4, comm=[0.006, 0.001, 0.006, 0.006]) for s in range(1, 3 * WINDOW)]
+    steps = [step_line(s, [0.010] * 4, comm=[0.006, 0.001, 0.006, 0.006]) for s in range(1, 4 * WINDOW)]
     v = verdicts(judge("gpu-1"), steps)[-1]
     assert v.relative_perf == 1.0 and v.wait_share == 1.0 and v.straggler
     assert not verdicts(judge("gpu-0"), steps)[-1].straggler
@@ -101,7 +101,7 @@ def test_two_equally_slow_ranks_are_both_stragglers_though_they_take_turns_being
     nodes = [f"gpu-{i}" for i in range(8)]
     rng = random.Random(5)
     steps = [step_line(s, [0.010 * (1 + rng.uniform(-0.02, 0.02)) * (1.12 if r in (1, 2) else 1.0) for r in range(8)],
-                       nodes=nodes) for s in range(1, 4 * WINDOW)]
+                       nodes=nodes) for s in range(1, 5 * WINDOW)]
     v1, v2 = (verdicts(judge(n), steps)[-1] for n in ("gpu-1", "gpu-2"))
     assert v1.straggler and v2.straggler and v1.wait_share + v2.wait_share == 1.0 and v1.wait_share < 1
     assert not any(verdicts(judge(n), steps)[-1].straggler for n in nodes if n not in ("gpu-1", "gpu-2"))
@@ -158,7 +158,7 @@ def node_env(tmp_path):
 
 def _agent(node_dir, store, audit) -> HealthAgent:
     return HealthAgent("gpu-2", SimBackend(node_dir), None, store, audit, step_times=node_dir / "steptimes.jsonl",
-                       straggler_policy=StragglerPolicy(window_steps=WINDOW))
+                       straggler_policy=StragglerPolicy(window_steps=WINDOW, confirm_steps=WINDOW))
 
 
 def _write(node_dir, steps) -> None:
