@@ -150,17 +150,17 @@ def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step
     compute_s = time.thread_time() - cpu_started
     grads = [p.grad for p in ddp.parameters()]
     world = dist.get_world_size()
-    timings = torch.zeros(2 * world, dtype=torch.float64)
+    timings = torch.zeros(2 * world, dtype=grads[0].dtype)  # seconds in float32: microseconds kept
     timings[rank] = compute_s
     timings[world + rank] = step_times.last_comm_s if step_times else 0.0
-    flat = torch.cat([g.reshape(-1).double() for g in grads] + [timings])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [timings])  # one collective, DDP's volume
     comm_started = time.perf_counter()
     dist.all_reduce(flat)
     comm_s = time.perf_counter() - comm_started
     offset = 0
     with torch.no_grad():
         for p, g in zip(ddp.parameters(), grads):
-            p -= cfg["lr"] * (flat[offset:offset + g.numel()].view_as(g) / world).to(g.dtype)
+            p -= cfg["lr"] * (flat[offset:offset + g.numel()].view_as(g) / world)
             offset += g.numel()
             p.grad = None
     if step_times is not None:
