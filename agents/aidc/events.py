@@ -38,6 +38,7 @@ class FaultKind(str, enum.Enum):
     NVSWITCH_SXID = "nvswitch_sxid"
     IB_PORT_DOWN = "ib_port_down"
     IB_LINK_FLAPPING = "ib_link_flapping"
+    STRAGGLER = "straggler"  # slower than the fleet while training (aidc.health.stragglers)
 
 
 @dataclass(frozen=True)

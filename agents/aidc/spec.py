@@ -212,6 +212,13 @@ class BurninPolicy(_Strict):
     # A node's collective busbw more than this fraction below the fleet median fails it. Inside
     # a collective ranks wait for each other, so a rank's own time carries every rank's noise.
     busbw_fleet_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    # Checkpoint storage (aidc.burnin.storage) on the spec's checkpoint path: bytes written with
+    # fsync and read back per sample, and empty files created, stat'ed and unlinked per sample.
+    storage_bytes: Annotated[int, Field(ge=1 << 20, le=MAX_BUFFER_BYTES)] = 256 * 1024 * 1024
+    storage_files: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Storage is judged against the fleet with its own tolerance: shared volumes vary more than
+    # a GPU does, and a node with half the fleet's storage rate is what this is for.
+    storage_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.5
     # Overrides of the GPU model's floors (TFLOP/s, GB/s: a million is past any GPU).
     floors: Annotated[dict[ShortText, Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=32)] = {}
     # Localise a bad link (ring-neighbour pair tests per rail) when the fleet's largest all_reduce
@@ -267,6 +274,23 @@ class BreakerPolicy(_Strict):
         if isinstance(self.max_quarantines, int):
             return self.max_quarantines
         return max(2, math.floor(total_nodes * int(self.max_quarantines[:-1]) / 100))
+class StragglerPolicy(_Strict):
+    """Stragglers while training (aidc.health.stragglers): over `window_steps`, a node whose
+    compute is more than `tolerance` above the fleet median and a robust-z outlier, or the rank
+    the collective waited for (least wait in `min_wait_share` of the steps, the others waiting
+    more than `tolerance` of a step longer). `action`: alert (event, audit, metric; the node
+    stays in service) or quarantine (through failover, within max_unavailable)."""
+    window_steps: Annotated[int, Field(ge=5, le=10000)] = 20
+    tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    min_robust_z: Annotated[float, Field(ge=0, le=1000)] = 3.5
+    min_wait_share: Annotated[float, Field(gt=0, le=1)] = 0.75
+    # Slow compute also means the slowest rank of the step in this share of the window's steps
+    # (below one half, so two equally slow ranks taking turns are both found).
+    min_slowest_share: Annotated[float, Field(ge=0, le=1)] = 0.4
+    # The verdict must hold this many steps running before the event: a slow part stays slow,
+    # interference from other work on a host comes and goes.
+    confirm_steps: Annotated[int, Field(ge=1, le=10000)] = 20
+    action: Literal["alert", "quarantine"] = "alert"
 
 
 class Policy(_Strict):
@@ -274,6 +298,7 @@ class Policy(_Strict):
     # An int (nodes) or a percentage of all nodes ("25%"), like Kubernetes' maxUnavailable.
     max_unavailable: Annotated[int, Field(le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 1
     burnin: BurninPolicy = BurninPolicy()
+    stragglers: StragglerPolicy = StragglerPolicy()
     out_of_service_actions: Annotated[list[Literal["restart_app", "reset_gpu", "reboot_node", "contact_support"]],
                                       Field(max_length=16)] = [
         "reset_gpu",

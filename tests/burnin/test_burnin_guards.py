@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from aidc.burnin.runner import _node_result
@@ -36,17 +37,16 @@ def test_burnin_refuses_a_non_positive_timeout_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and "--timeout" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("slowdown", "forwards"), [(1.0, 0), (1.3, 1), (1.5, 2), (2.0, 3), (2.5, 4)])
-def test_a_slow_simulated_gpu_does_proportionally_more_work(slowdown, forwards):
-    calls = []
+@pytest.mark.parametrize(("slowdown", "passes"), [(1.0, 0), (1.1, 10), (1.5, 50), (2.0, 100)])
+def test_a_slow_simulated_gpu_spends_the_factor_more_compute_time(slowdown, passes):
+    """Work is added until (factor - 1) x the step's compute CPU time is spent: each fake pass
+    below costs 1 ms of a fake clock, against a 100 ms step."""
+    now = [0.0]
 
-    class Device:
-        def compute_slowdown(self):
-            return slowdown
+    def module(rows):
+        now[0] += 0.001
+        assert rows.shape[0] <= 16  # small passes: a 10% slowdown is not rounded to a whole step
 
-    class DDP:
-        def module(self, x):
-            calls.append(x)
-
-    _straggle(DDP(), Device(), 0)
-    assert len(calls) == forwards
+    assert _straggle(module, slowdown, 0.1, torch.zeros(256, 4), clock=lambda: now[0]) in (passes, passes + 1)
+    assert _straggle(module, slowdown, 0.1, torch.zeros(256, 4), clock=lambda: 0.0, max_passes=7) == \
+        (7 if slowdown > 1 else 0)  # a clock that never moves cannot make it spin for ever

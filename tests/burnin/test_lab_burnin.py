@@ -26,7 +26,8 @@ def small_spec(nodes: int = 3, **burnin) -> object:
         "agent": {"device_timeout_s": 1.0},
         "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
-                              "min_busbw_fraction": 0.0, **burnin}},
+                              "min_busbw_fraction": 0.0, "storage_bytes": 1 << 20,
+                              "storage_files": 20, "storage_tolerance": 0.95, **burnin}},
     })
 
 

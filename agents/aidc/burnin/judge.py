@@ -27,14 +27,16 @@ from collections import Counter
 
 from aidc.burnin.collectives import metric_name
 from aidc.burnin.report import UNITS, NodeResult
+from aidc.burnin.storage import STORAGE_METRICS
 
-# Metrics compared across the fleet: measured per node, one node at a time. Each
-# collective's busbw (`<op>_busbw_gbps`: collectives.node_busbw on each node's own clock) too;
-# a collective runs in step across the fleet, so that comparison sees a node that is slow
-# to finish its part, while a slow link slows every rank alike (finding it needs pair tests).
-# Who waits for whom inside a collective varies from run to run with the scheduling of every
-# rank, so these figures get their own tolerance (`busbw_fleet_tolerance`).
-FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps")
+# Metrics compared across the fleet: measured per node, one node at a time (checkpoint storage
+# too, with its own tolerance). Each collective's busbw (`<op>_busbw_gbps`:
+# collectives.node_busbw on each node's own clock) too; a collective runs in step across the
+# fleet, so that comparison sees a node that is slow to finish its part, while a slow link slows
+# every rank alike (finding it needs pair tests). Who waits for whom inside a collective varies
+# from run to run with the scheduling of every rank, so these figures get their own tolerance
+# (`busbw_fleet_tolerance`).
+FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps") + STORAGE_METRICS
 
 # FSDP and pipeline runs compute DDP's averaged gradient in another order: their parameters
 # may differ from DDP's by float rounding only (measured ~1e-7 after 20 steps of the burn-in model).
@@ -74,17 +76,20 @@ def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
 
 def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tolerance: float,
           min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
-          busbw_tolerance: float | None = None) -> dict:
+          busbw_tolerance: float | None = None, metric_tolerance: dict[str, float] | None = None) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
     `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
     `min_busbw_fraction`: the policy floor for every collective's busbw. `busbw_tolerance`:
-    the fleet tolerance for the collectives' busbw (default: `tolerance`).
+    the fleet tolerance for the collectives' busbw (default: `tolerance`); `metric_tolerance`
+    overrides `tolerance` per metric (storage has its own).
     """
     stats = fleet_stats(nodes)
 
     def tolerance_of(metric: str) -> float:
-        return busbw_tolerance if busbw_tolerance is not None and metric.endswith("_busbw_gbps") else tolerance
+        if busbw_tolerance is not None and metric.endswith("_busbw_gbps"):
+            return busbw_tolerance
+        return (metric_tolerance or {}).get(metric, tolerance)
 
     for n in nodes.values():
         n.reasons, n.notes, n.robust_z = [], [], {}
@@ -92,7 +97,9 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
         for metric in fleet_metrics(nodes):
             unit = UNITS[metric]
             if metric not in n.metrics:
-                if not n.errors:
+                if metric in STORAGE_METRICS:  # measured only where the run names a checkpoint path
+                    n.notes.append(f"{metric}: not measured (no checkpoint path in this run)")
+                elif not n.errors:
                     n.reasons.append(f"{metric} was not measured")
                 continue
             value, s = n.metrics[metric], stats[metric]

@@ -14,6 +14,9 @@ UNITS = {
     "reducescatter_busbw_gbps": "GB/s",
     "broadcast_busbw_gbps": "GB/s",
     "alltoall_busbw_gbps": "GB/s",
+    "storage_write_gbps": "GB/s",
+    "storage_read_gbps": "GB/s",
+    "storage_metadata_ops": "ops/s",
 }
 
 

@@ -28,6 +28,7 @@ from aidc.audit.log import AuditLog, default_actor
 from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
 from aidc.burnin.judge import judge
 from aidc.burnin.report import BurninReport, NodeResult
+from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
 from aidc.errors import BurninError
 from aidc.spec import ClusterSpec
@@ -266,6 +267,9 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
                     "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
                     "corrupt_parameters": node.name in corrupt_nodes,
+                    # The lab node's own directory stands in for its mount of the spec's checkpoint path.
+                    "storage_path": str(node_dirs[node.name] / "checkpoints"),
+                    "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
                     **_fabric_config(spec, fabric, node.name, names),
                 }
@@ -306,7 +310,8 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
                   policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction,
-                  busbw_tolerance=policy.busbw_fleet_tolerance)
+                  busbw_tolerance=policy.busbw_fleet_tolerance,
+                  metric_tolerance={m: policy.storage_tolerance for m in STORAGE_METRICS})
     first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
     localisation = first.get("localisation")
     for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
@@ -340,6 +345,10 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
         "floors": {n.name: spec.floors(n.gpu_model) for n in nodes},
+        "storage": {"bytes": policy.storage_bytes, "files": policy.storage_files,
+                    "tolerance": policy.storage_tolerance,
+                    "counting": "write: sequential 1 MiB blocks to the end of fsync; read: after dropping the "
+                                "file from the page cache; metadata: create + stat + unlink per second"},
     }
     return BurninReport(spec.name, results, fleet_info, duration_s)
 

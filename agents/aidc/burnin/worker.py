@@ -40,12 +40,20 @@ class NodeBenches:
     def __init__(self, cfg: dict):
         self.cfg, self.errors, self.gpus, self.slowdown = cfg, [], [], 1.0
         self.device_of: dict[int, str] = {}
+        self.storage = None  # aidc.burnin.storage.StorageBench on the node's checkpoint path
 
     def setup(self) -> None:
         from aidc.burnin.gemm import GemmBench
         from aidc.burnin.memory import MemcpyBench
 
         cfg = self.cfg
+        if cfg.get("storage_path"):
+            from aidc.burnin.storage import StorageBench
+
+            try:
+                self.storage = StorageBench(cfg["storage_path"], cfg["storage_bytes"], cfg["storage_files"])
+            except (OSError, ValueError) as exc:
+                self.errors.append(f"checkpoint storage: {exc}")
         try:
             dev = _open_device(cfg)
             count = dev.gpu_count()
@@ -70,6 +78,12 @@ class NodeBenches:
             dev.close()
 
     def sample(self) -> None:
+        if self.storage is not None:
+            try:
+                self.storage.sample()
+            except OSError as exc:  # a full or failing volume: that figure fails, the run goes on
+                self.errors.append(f"checkpoint storage: {exc}")
+                self.storage = None
         for g in list(self.gpus):
             try:
                 for key in ("fp32", "bf16", "memcpy"):
@@ -91,6 +105,8 @@ class NodeBenches:
             metrics = {"gemm_fp32_tflops": min(g["gemm_fp32"]["tflops"] for g in gpus),
                        "gemm_bf16_tflops": min(g["gemm_bf16"]["tflops"] for g in gpus),
                        "memcpy_gbps": min(g["memcpy"]["gbps"] for g in gpus)}
+        if self.storage is not None:
+            metrics.update(self.storage.result().metrics())
         return gpus, metrics
 
 

@@ -12,6 +12,8 @@ import typer
 
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError, DeviceError
+from aidc.health.stragglers import STEP_TIMES_FILE
+from aidc.spec import StragglerPolicy
 from aidc.spec import AGENT_METRICS_PORT
 
 app = typer.Typer(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.",
@@ -58,6 +60,17 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                         help="Report this node's faults through the Kubernetes API (the "
                                              "AidcGpuHealthy node condition and an Event each), with the pod's "
                                              "service account, for the failover controller to watch."),
+        step_times: Path = typer.Option(None, "--step-times",
+                                        help="The training job's step-time report for this node (JSON lines: "
+                                             "every rank's compute and communication time per step) to judge "
+                                             "stragglers from; sim backend: <node-dir>/steptimes.jsonl."),
+        straggler_window: int = typer.Option(StragglerPolicy().window_steps, "--straggler-window", min=5,
+                                             max=10000, help="Steps in the straggler window "
+                                                             "(spec: policy.stragglers.window_steps)."),
+        straggler_tolerance: float = typer.Option(StragglerPolicy().tolerance, "--straggler-tolerance",
+                                                  min=0.001, max=0.999,
+                                                  help="Compute this fraction above the fleet median counts as "
+                                                       "slow (spec: policy.stragglers.tolerance)."),
         as_json: bool = JSON_OPTION) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
     from aidc.device import open_backend
@@ -86,6 +99,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
             raise DeviceError("--backend sim needs --node-dir (the lab node's directory)")
         dev = open_backend("sim", node_dir=node_dir)
         kernel_log = kernel_log or node_dir / "kern.log"
+        step_times = step_times or node_dir / STEP_TIMES_FILE
     else:
         dev = open_backend(backend, **({"sysfs_root": str(sysfs_root)} if sysfs_root and backend == "nvml" else {}))
         kernel_log = kernel_log or Path("/dev/kmsg")
@@ -117,7 +131,9 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         agent = run_agent(node, dev, kernel_log, store, audit_db, port, poll_interval, stop,
                           device_timeout_s=device_timeout, ready=ready, listen_address=listen_address,
                           metrics_tls=metrics_tls, checkpoint_paths=tuple(checkpoint_path),
-                          dcgm_exporter_present=dcgm_exporter == "present")
+                          dcgm_exporter_present=dcgm_exporter == "present", step_times=step_times,
+                          straggler_policy=StragglerPolicy(window_steps=straggler_window,
+                                                           tolerance=straggler_tolerance))
     finally:
         if forwarding is not None:
             forwarder_stop.set()

@@ -29,7 +29,7 @@ GROUPS = [
     ("aidc.cli.inventory_cmd", "inventory"),
     ("aidc.cli.compress_cmd", "compress"),
     ("aidc.cli.kms_cmd", "kms"),
-    ("aidc.cli.goodput_cmd", "goodput"),
+    ("aidc.cli.tune_cmd", "tune"),
 ]
 
 # A command that needs an optional part names the extra that installs it (pyproject.toml),
@@ -42,7 +42,7 @@ EXTRA_OF_MODULE = {
     "ansible_runner": "ansible", "ansible": "ansible", "pulumi": "infra", "pulumi_kubernetes": "infra",
 }
 # Groups whose whole purpose is one extra: that extra brings every module the group needs.
-EXTRA_OF_GROUP = {"burnin": "burnin", "lab": "lab", "compress": "compress", "agent": "agent"}
+EXTRA_OF_GROUP = {"burnin": "burnin", "lab": "lab", "compress": "compress", "agent": "agent", "tune": "burnin"}
 
 
 def missing_extra(exc: ModuleNotFoundError, argv: list[str]) -> str | None:

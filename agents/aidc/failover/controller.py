@@ -43,7 +43,7 @@ import time
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
-from aidc.events import Decision, FaultEvent
+from aidc.events import Decision, FaultEvent, FaultKind
 from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.spec import ClusterSpec
@@ -172,6 +172,12 @@ class FailoverController:
         if escalation is not None:
             payload.update(catalog_action=event.action.value, escalation_rule=escalation.rule)
             escalated = f" (escalated from {escalation.from_action}: {escalation.rule})"
+        if event.kind == FaultKind.STRAGGLER and self.spec.policy.stragglers.action == "alert":
+            # A slow node costs the job a little on every step; taking it out costs a restart.
+            # By default people decide (policy.stragglers.action: quarantine lets failover act).
+            reason = f"straggler, policy.stragglers.action is alert: node stays in service ({event.message})"
+            self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
+            return self._decide(event_id, node, "no_action", reason, payload)
         if action.value not in self.spec.policy.out_of_service_actions:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",

@@ -36,6 +36,7 @@ from aidc.health.conditions import Condition, ConditionBook, Observed, condition
 from aidc.health.exporter import HealthMetrics
 from aidc.health.infiniband import FlapDetector, IbPort, IbSysfsReader, load_thresholds
 from aidc.health.kmsg import KernelFault, KernelLogFollower, KernelLogParser, Position, normalize_pci
+from aidc.health.stragglers import StragglerWatch
 from aidc.store import Store
 
 log = logging.getLogger("aidc.health")
@@ -95,7 +96,8 @@ class HealthAgent:
     def __init__(self, node: str, backend: DeviceBackend, kernel_log: str | Path | None, store: Store,
                  audit: AuditLog, *, poll_interval_s: float = 1.0, device_timeout_s: float = 2.0,
                  catalog: XidCatalog | None = None, metrics: HealthMetrics | None = None,
-                 checkpoint_paths: tuple[str, ...] = (), dcgm_exporter_present: bool = False):
+                 checkpoint_paths: tuple[str, ...] = (), dcgm_exporter_present: bool = False,
+                 step_times: str | Path | None = None, straggler_policy=None):
         self.node = node
         self.dev = backend if isinstance(backend, TimedBackend) else TimedBackend(backend, device_timeout_s)
         self.store, self.audit = store, audit
@@ -134,6 +136,15 @@ class HealthAgent:
         self.clock = time.monotonic  # for the dedupe window; tests replace it
         self._hung_seen = 0
         self.emitted = 0
+        # Training stragglers: the trainer's step-time file for this node (aidc.health.stragglers).
+        self.stragglers: StragglerWatch | None = None
+        if step_times:
+            from aidc.spec import StragglerPolicy
+
+            self.step_times_key = f"health.step_times:{node}:{step_times}"
+            self.stragglers = StragglerWatch(node, step_times, straggler_policy or StragglerPolicy(),
+                                             int(store.get(self.step_times_key) or 0))
+            self.stragglers.judge.straggling = condition_key(FaultKind.STRAGGLER, None) in self.conditions.active
         for c in self.conditions.active.values():  # a lost GPU stays lost across restarts
             if c.kind == FaultKind.FALLEN_OFF_BUS.value and c.gpu is not None:
                 self.metrics.set_lost(c.gpu, True)
@@ -180,6 +191,7 @@ class HealthAgent:
             self._log_watch_tried = self._log_fd is not None or os.path.isdir(os.path.dirname(self.kernel_log) or ".")
         self._handle_observations()
         self.follow_kernel_log()
+        self.follow_step_times()
         if wait_s > 0 and not (self.follower is not None and self.follower.more_to_read):
             waiting = select.poll()  # poll, not select: no limit on descriptor numbers
             for fd in [self._wake_r] + ([self._log_fd] if self._log_fd is not None else []):
@@ -228,6 +240,29 @@ class HealthAgent:
         saved = position.to_json()
         self._commit(pending, extra_kv={self.position_key: saved})
         self._saved_position = saved
+
+    def follow_step_times(self) -> None:
+        """Judge this node against the fleet on the training steps reported since the last look.
+        A straggler is a condition: one event when it starts, an audited clearance when it ends.
+        The file offset is saved with those commits, so a restart does not report an episode
+        again (lines after the last transition are judged again, which is harmless)."""
+        if self.stragglers is None:
+            return
+        key = condition_key(FaultKind.STRAGGLER, None)
+        pending: list[tuple[FaultEvent, Classification]] = []
+        verdict = None
+        for verdict in self.stragglers.verdicts():
+            active = key in self.conditions.active
+            if verdict.straggler and not active:
+                pending.append(self._condition_event(
+                    Observed(FaultKind.STRAGGLER, None, round(verdict.relative_perf, 3),
+                             f"straggler while training: {verdict.describe()}"), "train"))
+            elif not verdict.straggler and active:
+                self._clear(key, f"back with the fleet: {verdict.describe()}")
+        if verdict is not None:
+            self.metrics.straggler_window(verdict.compute_s, verdict.comm_s, verdict.relative_perf)
+        if pending or self._conditions_dirty:
+            self._commit(pending, extra_kv={self.step_times_key: str(self.stragglers.follower.offset)})
 
     def _unparsed(self, line: str, why: str) -> None:
         """A kernel-log line skipped: counted always, logged for the first few of this run."""
@@ -524,7 +559,8 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
               device_timeout_s: float = 2.0, catalog: XidCatalog | None = None,
               ready: threading.Event | None = None, listen_address: str = "127.0.0.1",
               metrics_tls=None, checkpoint_paths: tuple[str, ...] = (),
-              dcgm_exporter_present: bool = False) -> HealthAgent:
+              dcgm_exporter_present: bool = False, step_times: str | Path | None = None,
+              straggler_policy=None) -> HealthAgent:
     """Run the watch loop until `stop` is set. `port` None or 0: no metrics server; the server
     listens on `listen_address` (loopback by default; 0.0.0.0 or the pod IP in a DaemonSet),
     over HTTPS with `metrics_tls` (an aidc.runbook.tls.TLSConfig).
@@ -535,7 +571,8 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
     audit = AuditLog(audit) if own_audit else audit
     agent = HealthAgent(node, backend, kernel_log, store, audit, poll_interval_s=poll_interval_s,
                         device_timeout_s=device_timeout_s, catalog=catalog, checkpoint_paths=checkpoint_paths,
-                        dcgm_exporter_present=dcgm_exporter_present)
+                        dcgm_exporter_present=dcgm_exporter_present, step_times=step_times,
+                        straggler_policy=straggler_policy)
     halt = threading.Event()
     poller = threading.Thread(target=agent.poller, args=(halt,), name=f"device-poller-{node}", daemon=True)
     try:

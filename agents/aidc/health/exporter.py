@@ -229,6 +229,13 @@ class HealthMetrics:
                                      ("Hostname", "path"), registry=r)
         self.audit_verify_ok = Gauge("aidc_audit_verify_ok", "1 when the last verification of the agent's audit "
                                      "log passed", ("Hostname",), registry=r)
+        # Training stragglers (aidc.health.stragglers): window medians of this node's step phases,
+        # and its compute speed relative to the fleet median (test="train_step").
+        self.train_step_seconds = Gauge("aidc_train_step_seconds", "This node's training step time by phase "
+                                        "(compute, comm: waiting in the gradient all_reduce), median over the "
+                                        "straggler window", ("Hostname", "phase"), registry=r)
+        self.relative_perf = Gauge("aidc_burnin_relative_perf", "Node result / fleet median (1.0: with the fleet)",
+                                   ("Hostname", "test"), registry=r)
         info = Gauge("aidc_agent_info", "Always 1; agent identity", ("Hostname", "version", "backend"), registry=r)
         info.labels(node, version, backend).set(1)
         self.monitor_hung.labels(node).set(0)
@@ -260,6 +267,11 @@ class HealthMetrics:
 
     def fault(self, kind: str, action: str) -> None:
         self.faults_total.labels(self.node, kind, action).inc()
+
+    def straggler_window(self, compute_s: float, comm_s: float, relative_perf: float) -> None:
+        self.train_step_seconds.labels(self.node, "compute").set(compute_s)
+        self.train_step_seconds.labels(self.node, "comm").set(comm_s)
+        self.relative_perf.labels(self.node, "train_step").set(relative_perf)
 
     def serve(self, port: int, addr: str = "127.0.0.1", tls: TLSConfig | None = None):
         """Serve /metrics on addr:port (loopback by default), over HTTPS with `tls` (then plain

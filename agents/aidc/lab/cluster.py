@@ -163,7 +163,9 @@ class LabCluster:
             "--kernel-log", str(self.node_dir(node) / sim.KERNEL_LOG), "--store", str(self.store_path),
             "--audit-db", str(self.audit_path), "--port", str(self.port(f"metrics:{node}")),
             "--poll-interval", str(a.poll_interval_s), "--device-timeout", str(a.device_timeout_s),
-            "--checkpoint-path", str(self.dir)), node=node)
+            "--checkpoint-path", str(self.dir),
+            "--straggler-window", str(self.spec.policy.stragglers.window_steps),
+            "--straggler-tolerance", str(self.spec.policy.stragglers.tolerance)), node=node)
 
     def start_controller(self, stack: str) -> subprocess.Popen:
         return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir)))

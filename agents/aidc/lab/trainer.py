@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from aidc.checkpoint import BackgroundCheckpointWriter, CheckpointDir
 from aidc.device.sim import SimBackend
 from aidc.goodput import StepLog
+from aidc.health.stragglers import STEP_TIMES_FILE
 from aidc.kms.local import LocalKeyring
 
 IN_FEATURES, HIDDEN, LAYERS = 64, 384, 3
@@ -144,9 +145,10 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
         })
         goodput.start(start_step - 1, world=members, restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
+    step_times = StepTimeReport(lab / "nodes" / node / STEP_TIMES_FILE, node, rank, members)
     for step in range(start_step, cfg["total_steps"] + 1):
         t0 = time.time()
-        loss = train_step(ddp, device, cfg, step, rank)
+        loss = train_step(ddp, device, cfg, step, rank, step_times)
         if rank == 0:
             t1 = time.time()
             goodput.step_done(step, t0, t1)
@@ -187,25 +189,81 @@ def _finish_background_write(timeout_s: float = 10.0) -> None:
             pass
 
 
-def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step: int, rank: int) -> float:
+def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step: int, rank: int,
+               step_times: StepTimeReport | None = None) -> float:
+    """One step in two timed phases. Compute (forward, backward, a simulated slowdown) runs
+    under `no_sync`, and the gradients are then all-reduced in one explicit collective, so the
+    time this rank waits for the others is measured apart from its own work. In synchronous
+    data-parallel every rank leaves that collective together: the slowest rank is the one that
+    waits least. The same buffer carries every rank's phase times (see StepTimeReport), so each
+    rank learns the fleet's figures without a collective of its own."""
+    # Compute is timed by the device's clock, as burn-in does: on a simulated GPU the thread's
+    # CPU time (on this shared machine wall time would mostly measure the other processes);
+    # on a GPU it would be CUDA events around the same phase.
+    cpu_started = time.thread_time()
     x, y = batch(cfg["seed"], step, rank)
-    loss = nn.functional.mse_loss(ddp(x), y)
-    loss.backward()  # DDP all-reduces the gradients here
-    _straggle(ddp, device, x)
+    with ddp.no_sync():
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+    _straggle(ddp.module, device.compute_slowdown(), time.thread_time() - cpu_started, x)
+    compute_s = time.thread_time() - cpu_started
+    grads = [p.grad for p in ddp.parameters()]
+    world = dist.get_world_size()
+    timings = torch.zeros(2 * world, dtype=grads[0].dtype)  # seconds in float32: microseconds kept
+    timings[rank] = compute_s
+    timings[world + rank] = step_times.last_comm_s if step_times else 0.0
+    flat = torch.cat([g.reshape(-1) for g in grads] + [timings])  # one collective, DDP's volume
+    comm_started = time.perf_counter()
+    dist.all_reduce(flat)
+    comm_s = time.perf_counter() - comm_started
+    offset = 0
     with torch.no_grad():
-        for p in ddp.parameters():
-            p -= cfg["lr"] * p.grad
+        for p, g in zip(ddp.parameters(), grads):
+            p -= cfg["lr"] * (flat[offset:offset + g.numel()].view_as(g) / world)
+            offset += g.numel()
             p.grad = None
+    if step_times is not None:
+        step_times.record(step, flat[offset:offset + world].tolist(), flat[offset + world:].tolist(), comm_s)
     return loss.detach().item()
 
 
-def _straggle(ddp: DistributedDataParallel, device: SimBackend, x: torch.Tensor) -> None:
-    """A simulated GPU with a slowdown factor really computes that much longer."""
-    extra = device.compute_slowdown() - 1.0
+class StepTimeReport:
+    """This rank's record of every step's phase times, one JSON line per step in the node's
+    directory (`<node_dir>/steptimes.jsonl`), which the node's agent follows (aidc.health.stragglers).
+
+    Each line carries the whole fleet's compute times of that step and their communication
+    times of the step before (a rank knows its own wait only after the collective that carries
+    the figures): the agent judges its node against the fleet from its own node's file alone.
+    """
+
+    def __init__(self, path: Path, node: str, rank: int, members: list):
+        self.path, self.node, self.rank, self.members = path, node, rank, members
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.last_comm_s = 0.0
+        self._prev_compute: list[float] | None = None
+
+    def record(self, step: int, compute_s: list[float], prev_comm_s: list[float], comm_s: float) -> None:
+        # Pair each step's compute with its own comm: the line for step s-1 is written now.
+        if self._prev_compute is not None:
+            _append(self.path, {"step": step - 1, "t": time.time(), "node": self.node, "rank": self.rank,
+                                "nodes": self.members, "compute_s": [round(v, 6) for v in self._prev_compute],
+                                "comm_s": [round(v, 6) for v in prev_comm_s]})
+        self._prev_compute, self.last_comm_s = compute_s, comm_s
+
+
+def _straggle(module, slowdown: float, compute_cpu_s: float, x: torch.Tensor, clock=time.thread_time,
+              max_passes: int = 10_000) -> int:
+    """A simulated GPU with a slowdown factor really computes that much longer: extra forward
+    passes of real work until this thread has spent (factor - 1) x the step's compute CPU time
+    more. CPU time, not wall time, so other processes on the machine do not change the work
+    done; passes on a slice of the batch keep the overshoot small, so 1.1 adds ~10%, not a
+    whole step. Returns the passes made (bounded)."""
+    extra = (slowdown - 1.0) * compute_cpu_s
     if extra <= 0:
-        return
+        return 0
+    passes, begun, rows = 0, clock(), x[:16]
     with torch.no_grad():
-        # forward+backward ~ 3 forwards: round the product, not the factor, so that a
-        # slowdown of 1.5 adds work (round(0.5) would be 0) and 2.5 adds ~4.5 forwards, not 6
-        for _ in range(round(3 * extra)):
-            ddp.module(x)
+        while clock() - begun < extra and passes < max_passes:
+            module(rows)
+            passes += 1
+    return passes

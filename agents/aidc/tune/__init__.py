@@ -1,0 +1,1 @@
+"""Tuning advice measured on this machine (aidc.tune.prefetch: DataLoader workers and prefetch)."""

@@ -1,0 +1,260 @@
+"""Stragglers while training: does the agent find a slowed node, and only that one?
+
+    python bench/stragglers.py [--trials 20] [--nodes 4] [--mode compute|rail] [--json]
+
+One data-parallel job of the lab's trainer (aidc.lab.trainer: real torch.distributed, gloo,
+one process per simulated node) runs for the whole bench. One health agent per node (the real
+aidc.health.agent.HealthAgent, in this process, sharing one event store) follows its node's
+step-time report. Each trial:
+
+1. a clean stretch of `--clean-steps` steps: any straggler event then is a false positive;
+2. a random node is slowed: `compute` sets its simulated GPU's slowdown to `--factor` (1.1:
+   10% more real compute each step, aidc.lab.trainer._straggle); `rail` runs
+   `aidc device inject NODE_DIR link --rail R --rate 0.5` (the lab fabric: needs the netns
+   fabric and a job whose collectives run over it, see docs/architecture.md);
+3. the time and steps until that node's straggler event, within `--max-steps`; an event for
+   any other node is a false positive;
+4. the slowdown is taken away and the bench waits until the node's condition clears.
+
+Prints recall (trials detected / trials; goal 1.0), false_positives (goal 0) and the time and
+steps to detect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "agents"))
+
+from aidc.audit.log import AuditLog  # noqa: E402
+from aidc.device import sim  # noqa: E402
+from aidc.events import FaultKind  # noqa: E402
+from aidc.health.agent import HealthAgent  # noqa: E402
+from aidc.health.stragglers import STEP_TIMES_FILE  # noqa: E402
+from aidc.spec import StragglerPolicy  # noqa: E402
+from aidc.store import Store  # noqa: E402
+
+WORKER = """
+import json, sys
+from aidc.lab.trainer import train
+sys.exit(train(json.loads(sys.argv[1])))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """The trainer's ranks, one process per node, in one process group of their own."""
+
+    def __init__(self, lab: Path, nodes: list[str], steps: int):
+        from aidc.kms.local import LocalKeyring
+
+        keyring = LocalKeyring.create(lab / "keyring", "aidc-bench-key")
+        port = _free_port()
+        self.procs = []
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "agents"), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), WORLD_SIZE=str(len(nodes)), GLOO_SOCKET_IFNAME="lo")
+        for rank, node in enumerate(nodes):
+            cfg = {"lab_dir": str(lab), "node": node, "job": "bench-stragglers", "keyring": str(keyring.path),
+                   "total_steps": steps, "checkpoint_every": steps, "seed": 7, "lr": 0.01}
+            log = open(lab / f"{node}.log", "wb")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", WORKER, json.dumps(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": "0"}, start_new_session=True))
+            log.close()
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, 9)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+
+
+class Fleet:
+    """One health agent per node on one store; the bench steps them itself."""
+
+    def __init__(self, lab: Path, nodes: list[str], policy: StragglerPolicy):
+        self.lab, self.nodes = lab, nodes
+        self.store = Store(lab / "state.db")
+        self.audit = AuditLog(lab / "audit.db")
+        self.agents = {n: HealthAgent(n, sim.SimBackend(lab / "nodes" / n), None, self.store, self.audit,
+                                      step_times=lab / "nodes" / n / STEP_TIMES_FILE, straggler_policy=policy)
+                       for n in nodes}
+        self.seen = 0
+
+    def poll(self) -> list:
+        for agent in self.agents.values():
+            agent.follow_step_times()
+        events = [e for _i, e, _o in self.store.events() if e.kind == FaultKind.STRAGGLER]
+        new, self.seen = events[self.seen:], len(events)
+        return new
+
+    def straggling(self, node: str) -> bool:
+        return "straggler:node" in self.agents[node].conditions.active
+
+    def step(self) -> int:
+        """The newest step any rank reported."""
+        path = self.lab / "nodes" / self.nodes[0] / STEP_TIMES_FILE
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 4096))
+                last = f.read().splitlines()[-1]
+            return json.loads(last)["step"]
+        except (OSError, IndexError, ValueError):
+            return 0
+
+
+def slow(mode: str, node_dir: Path, factor: float, rail: int) -> None:
+    if mode == "compute":
+        sim.inject(node_dir, "slowdown", factor=factor)
+    else:  # the fabric's link fault (branch fabric): half the rail's rate
+        subprocess.run([sys.executable, "-m", "aidc", "device", "inject", str(node_dir), "link", "--rail", str(rail),
+                        "--rate", "0.5"], check=True, capture_output=True, timeout=30)
+
+
+def rail_inject_available() -> bool:
+    out = subprocess.run([sys.executable, "-m", "aidc", "device", "inject", "--help"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    return "--rail" in out.stdout
+
+
+def restore(mode: str, node_dir: Path, rail: int) -> None:
+    if mode == "compute":
+        sim.inject(node_dir, "slowdown", factor=1.0)
+    else:
+        subprocess.run([sys.executable, "-m", "aidc", "device", "inject", str(node_dir), "link", "--rail", str(rail),
+                        "--rate", "1.0"], check=True, capture_output=True, timeout=30)
+
+
+def wait_steps(fleet: Fleet, job: Job, steps: int, timeout_s: float, poll_s: float = 0.05):
+    """Poll the agents for `steps` more training steps; yields (step, new events) each poll."""
+    start = fleet.step()
+    deadline = time.monotonic() + timeout_s
+    while fleet.step() < start + steps:
+        if time.monotonic() > deadline or not job.alive():
+            raise RuntimeError(f"training stalled or died at step {fleet.step()} (see the node logs)")
+        time.sleep(poll_s)
+        yield fleet.step(), fleet.poll()
+
+
+def run(args) -> dict:
+    nodes = [f"gpu-{i}" for i in range(args.nodes)]
+    policy = StragglerPolicy(window_steps=args.window, tolerance=args.tolerance)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="aidc-stragglers-") as tmp:
+        lab = Path(tmp)
+        for i, n in enumerate(nodes):
+            sim.create_node(lab / "nodes" / n, n, 2, i)
+        job = Job(lab, nodes, 10_000_000)
+        fleet = Fleet(lab, nodes, policy)
+        trials, false_positives = [], []
+        try:
+            for _ in wait_steps(fleet, job, 1, timeout_s=120):  # started: torch imported, group formed
+                pass
+            t0 = time.monotonic()
+            for _ in wait_steps(fleet, job, args.window, timeout_s=120):
+                pass
+            step_s = (time.monotonic() - t0) / args.window
+            for trial in range(args.trials):
+                for step, events in wait_steps(fleet, job, args.clean_steps, timeout_s=300):
+                    false_positives += [{"trial": trial, "node": e.node, "phase": "clean", "step": step}
+                                        for e in events]
+                victim = rng.choice(nodes)
+                slow(args.mode, lab / "nodes" / victim, args.factor, args.rail)
+                injected_at, injected_step = time.monotonic(), fleet.step()
+                detected = None
+                for step, events in wait_steps(fleet, job, args.max_steps, timeout_s=600):
+                    for e in events:
+                        if e.node == victim and detected is None:
+                            detected = {"s": time.monotonic() - injected_at, "steps": step - injected_step}
+                        elif e.node != victim:
+                            false_positives.append({"trial": trial, "node": e.node, "phase": "slowed",
+                                                    "victim": victim, "step": step})
+                    if detected:
+                        break
+                restore(args.mode, lab / "nodes" / victim, args.rail)
+                for step, events in wait_steps(fleet, job, args.max_steps, timeout_s=600):
+                    false_positives += [{"trial": trial, "node": e.node, "phase": "recovering", "step": step}
+                                        for e in events]
+                    if not fleet.straggling(victim):
+                        break
+                trials.append({"trial": trial, "victim": victim, "detected": detected is not None,
+                               "detect_s": round(detected["s"], 2) if detected else None,
+                               "detect_steps": detected["steps"] if detected else None})
+                if not args.json:
+                    print(f"trial {trial + 1}/{args.trials}: {victim} "
+                          + (f"detected after {detected['steps']} steps ({detected['s']:.1f} s)" if detected
+                             else "NOT detected"), flush=True)
+        finally:
+            job.stop()
+            for a in fleet.agents.values():
+                a.close()
+            fleet.store.close()
+            fleet.audit.close()
+    found = [t for t in trials if t["detected"]]
+    return {
+        "mode": args.mode, "factor": args.factor if args.mode == "compute" else None,
+        "rail": args.rail if args.mode == "rail" else None, "nodes": args.nodes, "trials": len(trials),
+        "window_steps": args.window, "tolerance": args.tolerance, "step_s": round(step_s, 4),
+        "recall": round(len(found) / len(trials), 3) if trials else 0.0,
+        "false_positives": len(false_positives), "false_positive_events": false_positives,
+        "detect_s_p50": round(statistics.median(t["detect_s"] for t in found), 2) if found else None,
+        "detect_s_max": max((t["detect_s"] for t in found), default=None),
+        "detect_steps_p50": statistics.median(t["detect_steps"] for t in found) if found else None,
+        "detect_steps_max": max((t["detect_steps"] for t in found), default=None),
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
+        "per_trial": trials,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--mode", choices=("compute", "rail"), default="compute")
+    ap.add_argument("--factor", type=float, default=1.1, help="compute mode: slowdown factor (1.1 = 10%% slower)")
+    ap.add_argument("--rail", type=int, default=0, help="rail mode: which rail to cut to half rate")
+    ap.add_argument("--window", type=int, default=StragglerPolicy().window_steps)
+    ap.add_argument("--tolerance", type=float, default=StragglerPolicy().tolerance)
+    ap.add_argument("--clean-steps", type=int, default=40, help="steps without a slowdown before each trial")
+    ap.add_argument("--max-steps", type=int, default=200, help="steps to wait for a detection (and a clearance)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.trials < 1 or args.nodes < 3 or args.factor <= 1.0:
+        ap.error("needs --trials >= 1, --nodes >= 3 (a median needs a fleet) and --factor > 1")
+    if args.mode == "rail" and not rail_inject_available():
+        ap.error("--mode rail needs `aidc device inject NODE_DIR link --rail R --rate F` (the lab's netns fabric, "
+                 "branch fabric), which this build does not have")
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"recall {result['recall']}, false positives {result['false_positives']}, detect p50 "
+              f"{result['detect_s_p50']} s / {result['detect_steps_p50']} steps (step {result['step_s'] * 1000:.1f} ms,"
+              f" load {result['load_avg']})")
+    return 0 if result["recall"] == 1.0 and result["false_positives"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
