@@ -68,7 +68,7 @@ def _fleet(**write_gbps) -> dict[str, NodeResult]:
 
 def test_storage_is_judged_against_the_fleet_with_its_own_tolerance():
     nodes = _fleet(a=1.0, b=1.1, c=0.9, d=0.3, e=0.6)
-    stats = judge(nodes, {}, 0.25, 0.1, {m: 0.5 for m in STORAGE_METRICS})
+    stats = judge(nodes, {}, 0.25, 0.1, metric_tolerance={m: 0.5 for m in STORAGE_METRICS})
     assert stats["storage_write_gbps"]["median"] == 0.9
     assert nodes["d"].reasons == ["storage_write_gbps 0.3 GB/s is 67% below the fleet median 0.9 GB/s"
                                   " (tolerance 50%)"]

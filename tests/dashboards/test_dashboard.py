@@ -18,9 +18,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from aidc.audit.log import AuditLog
 from aidc.device.sim import create_node, inject
+from aidc.events import Action, FaultEvent, FaultKind
+from aidc.goodput import StepLog
+from aidc.health.stragglers import STEP_TIMES_FILE
 from aidc.polling import stop_process_group
 from aidc.runbook.promstack import PromStack, _get, free_port, missing_binaries
+from aidc.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((ROOT / "dashboards" / "aidc.json").read_text())
@@ -28,23 +33,9 @@ SCHEMAS = Path(__file__).parent / "schema"
 RULES = ROOT / "runbooks" / "alerts" / "aidc-alerts.yml"
 NODES = ["gpu-0", "gpu-1"]
 
-# Metrics the dashboard reads that this branch does not export yet: names agreed between the
-# branches of 2026-11-30 (ibmetrics, stragglers, escalation, goodput). Their queries must
-# still parse and be accepted by Prometheus; they are not required to return data. The lead
-# deletes each entry when the branch that exports the metric is merged; from then on the
-# query must return data here like every other one.
-PENDING = {
-    "aidc_node_quarantined": "declared in the agent's exporter, set by no one yet (escalation)",
-    "aidc_failover_breaker_open": "branch escalation",
-    "aidc_failover_escalations_total": "branch escalation",
-    "aidc_burnin_passed": "branch ibmetrics (from the newest certificate per node in the audit log)",
-    "aidc_burnin_busbw_link_fraction": "branch ibmetrics",
-    "aidc_burnin_relative_perf": "branch stragglers",
-    "aidc_ib_port_up": "branch ibmetrics",
-    "aidc_ib_link_downed_total": "branch ibmetrics",
-    "aidc_train_step_seconds": "branch stragglers",
-    "aidc_goodput_ettr": "branch goodput",
-}
+# Metrics the dashboard reads that nothing exports yet: none. A name here is a gap to close;
+# its query must still parse and be accepted by Prometheus.
+PENDING: dict[str, str] = {}
 # What Grafana substitutes before a query reaches Prometheus: the node variable at "All" (its
 # allValue) and a rate window of many 1 s scrapes.
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$node": ".*"}
@@ -126,25 +117,87 @@ def test_promtool_parses_every_query(tmp_path):
     assert f"SUCCESS: {len(queries())} rules found" in checked.stdout
 
 
+def _certify(audit_db: Path, node: str) -> None:
+    """A node's burn-in certificate, as aidc.burnin writes it (verdict and collective sweep)."""
+    with AuditLog(audit_db) as audit:
+        audit.append("burnin.certificate", "passed burn-in", actor="burnin", node=node, payload={
+            "verdict": "pass", "reasons": [], "link_rate_gbps": 0.025, "collectives": {op: [
+                {"bytes": 4 << 20, "algbw_gbps": 0.02, "busbw_gbps": f * 0.025, "link_fraction": f}]
+                for op, f in (("all_reduce", 0.92), ("all_gather", 0.9), ("broadcast", 0.3))}})
+
+
+def _training_job_reports(node_dirs: dict[str, Path], steps: int = 60) -> None:
+    """Each rank's step-time report (aidc.lab.trainer.StepTimeReport, the job-side writer the
+    agents follow): gpu-1 computes 30% slower than gpu-0."""
+    from aidc.lab.trainer import StepTimeReport
+
+    members = list(node_dirs)
+    reports = [StepTimeReport(d / STEP_TIMES_FILE, node, rank, members) for rank, (node, d) in
+               enumerate(node_dirs.items())]
+    for step in range(1, steps + 1):
+        for report in reports:
+            report.record(step, [0.010, 0.013], [0.004, 0.001], 0.004 if report.rank == 0 else 0.001)
+
+
+def _goodput_log(path: Path) -> None:
+    log = StepLog(path, job="lab")
+    log.allocation(t=0.0)
+    log.start(resumed_from=0, t=0.5)
+    for n in range(1, 11):
+        log.step_done(n, n, n + 0.9)
+    log.end(t=11.0)
+
+
+def _escalating_faults(store_db: Path) -> None:
+    """XID 31 twice on one GPU, a burst apart: the controller escalates restart_app to reset_gpu."""
+    now = time.time()
+    store = Store(store_db)
+    try:
+        for at in (now - 300, now):
+            store.append(FaultEvent("gpu-0", FaultKind.XID, Action.RESTART_APP, "XID 31", "kmsg", gpu=0, xid=31,
+                                    observed_at=at))
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(bool(missing_binaries()), reason="Prometheus and Alertmanager (Debian packages) not installed")
 def test_every_panel_query_returns_data_from_prometheus_scraping_lab_agents(tmp_path):
     lab = tmp_path / "lab"
     ports = {node: free_port() for node in NODES}
-    agents, stack = [], None
+    procs, stack = [], None
+    node_dirs = {node: create_node(lab / "nodes" / node, node, 2, i, rails=2) for i, node in enumerate(NODES)}
+    # gpu-1's rail 1 is down (the fabric's link state file): its InfiniBand port reads down.
+    (node_dirs["gpu-1"] / "links.json").write_text(json.dumps(
+        {"rails": {"1": {"up": False, "rate_fraction": 1.0, "loss_pct": 0.0}}}))
+    _training_job_reports(node_dirs)
+    stack_file = tmp_path / "Pulumi.dash.yaml"
+    stack_file.write_text(STACK)
+    _escalating_faults(lab / "state.db")
+    _goodput_log(tmp_path / "goodput.jsonl")
+
+    def start(name: str, *args: str) -> None:
+        with open(tmp_path / f"{name}.log", "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "aidc", *args], stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+
     try:
-        for i, node in enumerate(NODES):
-            node_dir = create_node(lab / "nodes" / node, node, 2, i)
-            log = open(tmp_path / f"agent-{node}.log", "ab")
-            agents.append(subprocess.Popen(
-                [sys.executable, "-m", "aidc", "agent", "run", "--node", node, "--backend", "sim",
-                 "--node-dir", str(node_dir), "--kernel-log", str(node_dir / "kern.log"),
-                 "--store", str(tmp_path / f"store-{node}.db"), "--audit-db", str(tmp_path / f"audit-{node}.db"),
-                 "--port", str(ports[node])], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            log.close()
+        for node in NODES:
+            _certify(tmp_path / f"audit-{node}.db", node)
+            start(f"agent-{node}", "agent", "run", "--node", node, "--backend", "sim",
+                  "--node-dir", str(node_dirs[node]), "--kernel-log", str(node_dirs[node] / "kern.log"),
+                  "--store", str(tmp_path / f"store-{node}.db"), "--audit-db", str(tmp_path / f"audit-{node}.db"),
+                  "--port", str(ports[node]))
+        # The fleet-wide series: the failover controller's and the goodput exporter's.
+        ports["failover-controller"] = free_port()
+        start("controller", "failover", "run", "--stack", str(stack_file), "--lab-dir", str(lab), "--no-dry-run",
+              "--poll", "0.05", "--metrics-port", str(ports["failover-controller"]))
+        ports["goodput"] = free_port()
+        start("goodput", "goodput", "serve", "--job", f"lab={tmp_path / 'goodput.jsonl'}",
+              "--port", str(ports["goodput"]))
         # Alerts are not this test's subject: Alertmanager posts them to a closed loopback port.
         stack = PromStack(tmp_path / "prom", ports, RULES, f"http://127.0.0.1:{free_port()}/", None).start()
-        wait(lambda: stack.targets_up() == len(NODES), 60, "Prometheus to scrape both agents")
+        wait(lambda: stack.targets_up() == len(ports), 90, "Prometheus to scrape the agents, controller and goodput")
         # The Grafana variable `node` lists the agents' Hostnames.
         values = json.loads(_get(f"{stack.prometheus_url}/api/v1/label/Hostname/values?"
                                  + urllib.parse.urlencode({"match[]": "aidc_agent_info"})))["data"]
@@ -155,7 +208,7 @@ def test_every_panel_query_returns_data_from_prometheus_scraping_lab_agents(tmp_
 
         def without_data():
             return [name for name, expr in live if not stack.query(expr)]
-        missing = wait(lambda: without_data() or None, 60, "every panel to have data", want_none=True)
+        missing = wait(lambda: without_data() or None, 90, "every panel to have data", want_none=True)
         assert missing == [], f"panels without data: {missing}"
         for name, expr in queries():
             if is_pending(expr):  # accepted by Prometheus (a bad query raises), data or not
@@ -163,8 +216,21 @@ def test_every_panel_query_returns_data_from_prometheus_scraping_lab_agents(tmp_
     finally:
         if stack:
             stack.stop()
-        for proc in agents:
+        for proc in procs:
             stop_process_group(proc)
+
+
+STACK = """config:
+  aidc:cluster:
+    name: dash
+    device_backend: sim
+    scheduler: lab
+    node_pools:
+      - {name: gpu, count: 2, gpu_model: SIM, gpus_per_node: 2}
+    policy:
+      max_unavailable: 1
+      escalation: {burst_s: 0}
+"""
 
 
 def wait(predicate, timeout_s: float, what: str, want_none: bool = False):

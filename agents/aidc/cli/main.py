@@ -29,6 +29,7 @@ GROUPS = [
     ("aidc.cli.inventory_cmd", "inventory"),
     ("aidc.cli.compress_cmd", "compress"),
     ("aidc.cli.kms_cmd", "kms"),
+    ("aidc.cli.goodput_cmd", "goodput"),
     ("aidc.cli.tune_cmd", "tune"),
 ]
 
