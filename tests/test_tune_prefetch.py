@@ -84,9 +84,11 @@ def _aidc(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_bad_input_is_one_error_line_without_a_traceback(tmp_path):
-    missing = _aidc("prefetch", "--dataset", str(tmp_path / "nope"), "--json")
+    missing = _aidc("prefetch", "--dataset", str(tmp_path / "nope"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "aidc: error: dataset directory" in missing.stderr and "does not exist" in missing.stderr
+    as_json = _aidc("prefetch", "--dataset", str(tmp_path / "nope"), "--json")  # the error as JSON on stderr
+    assert as_json.returncode == 2 and as_json.stdout == "" and "does not exist" in json.loads(as_json.stderr)["error"]
     (tmp_path / "empty").mkdir()
     empty = _aidc("prefetch", "--dataset", str(tmp_path / "empty"))
     assert empty.returncode != 0 and "holds no *.sample files" in empty.stderr and "Traceback" not in empty.stderr

@@ -60,7 +60,8 @@ def test_a_node_whose_storage_fails_mid_run_fails_burn_in_with_the_reason(tmp_pa
 
 
 def _fleet(**write_gbps) -> dict[str, NodeResult]:
-    return {name: NodeResult(name, "SIM", False, training=dict(TRAINED), metrics={
+    return {name: NodeResult(name, "SIM", False, training=dict(TRAINED),
+                             parallel={"fsdp": dict(TRAINED), "pipeline": dict(TRAINED)}, metrics={
         "gemm_fp32_tflops": 1.0, "gemm_bf16_tflops": 1.0, "memcpy_gbps": 10.0,
         "storage_write_gbps": v, "storage_read_gbps": 2.0, "storage_metadata_ops": 5000.0})
         for name, v in write_gbps.items()}
