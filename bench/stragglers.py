@@ -174,7 +174,7 @@ def run(args) -> dict:
     nodes = [f"gpu-{i}" for i in range(args.nodes)]
     policy = StragglerPolicy(window_steps=args.window, tolerance=args.tolerance)
     rng = random.Random(args.seed)
-    fab = None
+    fab, fabric_tag = None, None
     with tempfile.TemporaryDirectory(prefix="aidc-stragglers-") as tmp:
         lab = Path(tmp)
         for i, n in enumerate(nodes):
@@ -187,6 +187,7 @@ def run(args) -> dict:
 
                 fab = lab_fabric.bring_up(lab, nodes, rails=args.rails, link_speed_gbps=args.link_gbps,
                                           rail_mbit=args.rail_mbit, say=(lambda m: None) if args.json else print)
+                fabric_tag = fab.tag if fab is not None else None
                 if fab is None:
                     raise RuntimeError("--mode rail needs the lab's netns fabric, and network namespaces cannot be"
                                        " made here (run as root with CAP_SYS_ADMIN)")
@@ -248,7 +249,7 @@ def run(args) -> dict:
         "mode": args.mode, "factor": args.factor if args.mode != "rail" else None,
         "rail_rate": 0.5 if args.mode != "compute" else None, "rails": args.rails if args.mode != "compute" else None,
         "rail_mbit": args.rail_mbit if args.mode != "compute" else None,
-        "probe_every": args.probe_every if args.mode != "compute" else None, "nodes": args.nodes, "trials": len(trials),
+        "probe_every": args.probe_every if args.mode != "compute" else None, "fabric_tag": fabric_tag, "nodes": args.nodes, "trials": len(trials),
         "window_steps": args.window, "tolerance": args.tolerance, "step_s": round(step_s, 4),
         "recall": round(len(found) / len(trials), 3) if trials else 0.0,
         "false_positives": len(false_positives), "false_positive_events": false_positives,
