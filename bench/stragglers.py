@@ -201,7 +201,7 @@ def run(args) -> dict:
             step_s = (time.monotonic() - t0) / args.window
             for trial in range(args.trials):
                 for step, events in wait_steps(fleet, job, args.clean_steps, timeout_s=300):
-                    false_positives += [{"trial": trial, "node": e.node, "phase": "clean", "step": step}
+                    false_positives += [{"trial": trial, "node": e.node, "reason": e.message[:200], "phase": "clean", "step": step}
                                         for e in events]
                 victim = rng.choice(nodes)
                 mode = rng.choice(("compute", "rail")) if args.mode == "mixed" else args.mode
@@ -215,13 +215,13 @@ def run(args) -> dict:
                             detected = {"s": time.monotonic() - injected_at, "steps": step - injected_step,
                                         "reason": e.message}
                         elif e.node != victim:
-                            false_positives.append({"trial": trial, "node": e.node, "phase": "slowed",
+                            false_positives.append({"trial": trial, "node": e.node, "reason": e.message[:200], "phase": "slowed",
                                                     "victim": victim, "step": step})
                     if detected:
                         break
                 restore(mode, lab / "nodes" / victim, rail)
                 for step, events in wait_steps(fleet, job, args.max_steps, timeout_s=600):
-                    false_positives += [{"trial": trial, "node": e.node, "phase": "recovering", "step": step}
+                    false_positives += [{"trial": trial, "node": e.node, "reason": e.message[:200], "phase": "recovering", "step": step}
                                         for e in events]
                     if not fleet.straggling(victim):
                         break

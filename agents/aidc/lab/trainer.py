@@ -252,11 +252,7 @@ class LinkProbe:
     rank starts its compute late because of it (that would read as a late arrival)."""
 
     def __init__(self, rank: int, world: int, rails: int, every: int, nbytes: int, timeout_s: float = 30.0):
-        from datetime import timedelta
-
-        from torch.distributed import PrefixStore, ProcessGroupGloo
-
-        from aidc.burnin.localise import ring_pairs
+        from aidc.burnin.localise import rail_pair_group, ring_pairs
 
         self.rank, self.rails, self.every = rank, rails, max(1, int(every))
         pairs = ring_pairs(world)
@@ -266,11 +262,8 @@ class LinkProbe:
         self.groups: dict[tuple[int, int], object] = {}
         for rail in range(rails):
             for _colour, j, pair in self.mine:
-                options = ProcessGroupGloo._Options()
-                options._devices = [ProcessGroupGloo.create_device(interface=f"rail{rail}")]
-                options._timeout = timedelta(seconds=timeout_s)
-                self.groups[rail, j] = ProcessGroupGloo(PrefixStore(f"linkprobe/{rail}/{j}/", store),
-                                                        pair.index(rank), 2, options)
+                self.groups[rail, j] = rail_pair_group(store, f"linkprobe/{rail}/{j}/", pair.index(rank),
+                                                       f"rail{rail}", timeout_s)
         self.payload = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
         self.sync = torch.ones(1, dtype=torch.float32)
 
