@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -289,11 +290,17 @@ def main() -> int:
         ap.error("needs --trials >= 1, --nodes >= 3 (a median needs a fleet) and --factor > 1")
     if args.rails < 1 or args.probe_every < 1 or (args.rail is not None and not 0 <= args.rail < args.rails):
         ap.error("needs --rails >= 1, --probe-every >= 1 and 0 <= --rail < --rails")
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the finally clauses stop the ranks and
+    # remove the fabric's namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         result = run(args)
     except RuntimeError as exc:
         print(f"aidc: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the ranks are stopped and the fabric removed (run's finally)
+        print("aidc: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result, indent=1))
     else:
