@@ -290,6 +290,10 @@ class StragglerPolicy(_Strict):
     # The verdict must hold this many steps running before the event: a slow part stays slow,
     # interference from other work on a host comes and goes.
     confirm_steps: Annotated[int, Field(ge=1, le=10000)] = 20
+    # Slow link (the trainer's link probe): a ring link more than link_tolerance slower than the
+    # fleet's, by the median of the last link_window probes; a node with both ring links slow on a rail.
+    link_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    link_window: Annotated[int, Field(ge=1, le=1000)] = 5
     action: Literal["alert", "quarantine"] = "alert"
 
 

@@ -254,3 +254,102 @@ def test_the_straggler_policy_is_validated_data():
         StragglerPolicy(action="reboot")
     with pytest.raises(ValidationError):
         StragglerPolicy(window_steps=2)
+
+
+# Slow links: the trainer's link probe (aidc.lab.trainer.LinkProbe) adds `links_s` to a probe
+# step's line: per rail, each rank's ring link time (rank i: its link to rank i + 1).
+
+def probe_steps(first: int, count: int, link_s: dict[str, list[float]] | None = None, every: int = 2,
+                seed: int = 0, noise: float = 0.1, comm: list[float] | None = None) -> list[dict]:
+    """Healthy compute; every `every` steps a probe whose link times are `link_s` (default: 5 ms
+    on both rails) with `noise` (relative, per link and probe)."""
+    rng = random.Random(seed)
+    link_s = link_s or {"0": [0.005] * 4, "1": [0.005] * 4}
+    out = []
+    for step, line in zip(range(first, first + count), noisy_steps(first, count, seed=seed)):
+        if comm is not None:
+            line["comm_s"] = comm
+        if step % every == 0:
+            line["links_s"] = {r: [t * (1 + rng.uniform(-noise, noise)) for t in ts] for r, ts in link_s.items()}
+        out.append(line)
+    return out
+
+
+def cut(rail: str, rank: int, factor: float = 2.0, n: int = 4) -> dict[str, list[float]]:
+    """Link times with one rank's rail `factor` times slower: both of its ring links (to rank - 1
+    and to rank + 1) carry its rail, so both take longer."""
+    links = {"0": [0.005] * n, "1": [0.005] * n}
+    links[rail][rank] *= factor
+    links[rail][(rank - 1) % n] *= factor
+    return links
+
+
+def test_a_node_whose_rail_is_cut_to_half_is_the_straggler_named_with_its_rail_and_its_neighbours_are_not():
+    steps = probe_steps(1, 2 * WINDOW) + probe_steps(2 * WINDOW + 1, 4 * WINDOW, cut("1", 2))
+    found = {node: [v for v in verdicts(judge(node), steps) if v and v.straggler] for node in NODES}
+    assert {node for node, hits in found.items() if hits} == {"gpu-2"}
+    reason = found["gpu-2"][0].describe()
+    assert reason.startswith("rail 1: both ring links slow, gpu-1-gpu-2 ") and "gpu-2-gpu-3" in reason
+
+
+def test_healthy_links_with_noise_and_a_uniformly_slow_rail_name_no_node():
+    uniform = {"0": [0.005] * 4, "1": [0.010] * 4}  # the whole rail slow: the fleet floor's business, no culprit
+    for steps in (probe_steps(1, 6 * WINDOW, noise=0.2), probe_steps(1, 6 * WINDOW, uniform)):
+        for node in NODES:
+            assert not any(v and v.straggler for v in verdicts(judge(node), steps)), node
+
+
+def test_one_slow_link_between_two_nodes_names_neither_end():
+    links = {"0": [0.005, 0.010, 0.005, 0.005], "1": [0.005] * 4}  # gpu-1 - gpu-2 only: not one node's rail
+    steps = probe_steps(1, 6 * WINDOW, links)
+    for node in NODES:
+        assert not any(v and v.straggler for v in verdicts(judge(node), steps)), node
+
+
+def test_a_slow_rail_is_judged_on_the_median_of_the_link_window_so_one_slow_probe_names_nobody():
+    j = judge("gpu-2", link_window=5)
+    slow_once = probe_steps(2 * WINDOW + 1, 2, cut("0", 2, factor=4))
+    steps = probe_steps(1, 2 * WINDOW) + slow_once + probe_steps(2 * WINDOW + 3, 4 * WINDOW)
+    assert not any(v and v.straggler for v in verdicts(j, steps))
+
+
+def test_a_ring_of_two_has_one_link_and_names_no_end():
+    nodes = NODES[:2]
+    steps = [dict(s, nodes=nodes, compute_s=s["compute_s"][:2], comm_s=s["comm_s"][:2],
+                  **({"links_s": {"0": [0.010, 0.010]}} if "links_s" in s else {}))
+             for s in probe_steps(1, 6 * WINDOW)]
+    assert not any(v and v.straggler for v in verdicts(judge("gpu-0"), steps))
+
+
+def test_while_a_slow_link_is_named_the_waits_do_not_make_a_straggler_of_another_rank():
+    # The waits say gpu-3 arrives late every step (its position in a ring with a slow link).
+    comm = [0.004, 0.004, 0.004, 0.0005]
+    steps = probe_steps(1, 2 * WINDOW) + probe_steps(2 * WINDOW + 1, 4 * WINDOW, cut("0", 1), comm=comm)
+    assert not any(v and v.straggler for v in verdicts(judge("gpu-3"), steps))
+    assert any(v and v.straggler for v in verdicts(judge("gpu-1"), steps))
+
+
+def test_a_cut_rail_that_is_restored_clears_after_a_clean_window():
+    j = judge("gpu-2")
+    got = verdicts(j, probe_steps(1, 2 * WINDOW) + probe_steps(2 * WINDOW + 1, 4 * WINDOW, cut("0", 2)))
+    assert got[-1].straggler
+    got = verdicts(j, probe_steps(6 * WINDOW + 1, 4 * WINDOW))
+    assert not got[-1].straggler
+
+
+@pytest.mark.parametrize("links", [{"0": [0.005] * 3}, {"0": "x"}, {"0": [0.005, -1, 0.005, 0.005]}, ["0"],
+                                   {"0": [0.005, float("nan"), 0.005, 0.005]}])
+def test_a_step_with_malformed_link_times_keeps_its_step_and_drops_the_link_figures(links):
+    rec = parse_step_line(json.dumps(dict(step_line(1, [0.01] * 4), links_s=links)))
+    assert rec is not None and "links_s" not in rec and rec["compute_s"] == [0.01] * 4
+
+
+def test_the_agent_raises_the_straggler_event_for_a_cut_rail_with_the_rail_in_its_reason(node_env):
+    tmp_path, node_dir, store, audit = node_env
+    agent = _agent(node_dir, store, audit)
+    _write(node_dir, probe_steps(1, 2 * WINDOW) + probe_steps(2 * WINDOW + 1, 4 * WINDOW, cut("1", 2)))
+    agent.step()
+    [(_, event, _)] = store.events()
+    assert (event.kind, event.node) == (FaultKind.STRAGGLER, "gpu-2")
+    assert "rail 1: both ring links slow" in event.message
+    agent.close()

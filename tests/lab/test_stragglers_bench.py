@@ -29,3 +29,28 @@ def test_the_bench_refuses_a_fleet_too_small_for_a_median():
     out = subprocess.run([sys.executable, str(BENCH), "--nodes", "2"], capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode == 2 and "--nodes >= 3" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_node_whose_rail_is_cut_to_half_is_found_by_its_link_probe_and_the_fabric_is_removed_after():
+    from aidc.lab import fabric
+
+    why = fabric.probe_namespaces("aidctestprobe")
+    if why is not None:
+        pytest.skip(f"network namespaces cannot be made here: {why}")
+    out = subprocess.run([sys.executable, str(BENCH), "--mode", "rail", "--trials", "1", "--nodes", "3",
+                          "--clean-steps", "20", "--seed", "3", "--json"],
+                         capture_output=True, text=True, timeout=600, check=False)
+    figures = json.loads(out.stdout)
+    [trial] = figures["per_trial"]
+    assert trial["mode"] == "rail" and trial["detected"], figures
+    assert f"rail {trial['rail']}: both ring links slow" in trial["reason"]
+    assert figures["false_positives"] == 0, figures["false_positive_events"]
+    assert figures["fabric_tag"] and fabric.list_namespaces(figures["fabric_tag"]) == []  # removed after
+    assert out.returncode == 0
+
+
+def test_the_bench_refuses_a_rail_the_fabric_does_not_have():
+    out = subprocess.run([sys.executable, str(BENCH), "--mode", "rail", "--rails", "2", "--rail", "2"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2 and "--rail < --rails" in out.stderr

@@ -126,6 +126,19 @@ def localise(n: int, rails: int, measure: Measure, tolerance: float) -> Localisa
     return out
 
 
+def rail_pair_group(store, key: str, rank_in_pair: int, ifname: str, timeout_s: float):
+    """A 2-rank gloo group whose traffic goes over `ifname` only (one rail), rendezvous under `key`
+    in `store`. Both ends must call it with the same key; it returns once they are connected."""
+    from datetime import timedelta
+
+    from torch.distributed import PrefixStore, ProcessGroupGloo
+
+    options = ProcessGroupGloo._Options()
+    options._devices = [ProcessGroupGloo.create_device(interface=ifname)]
+    options._timeout = timedelta(seconds=timeout_s)
+    return ProcessGroupGloo(PrefixStore(key, store), rank_in_pair, 2, options)
+
+
 def pair_fraction(store, rank: int, pair: tuple[int, int], ifname: str, key: str, link_rate_gbps: float,
                   nbytes: int, iterations: int, timeout_s: float) -> float:
     """One pair test on this rank (one of `pair`): a 2-rank gloo all_reduce bound to `ifname`.
@@ -133,16 +146,11 @@ def pair_fraction(store, rank: int, pair: tuple[int, int], ifname: str, key: str
     Returns busbw as a fraction of the link rate; 0.0 when the pair could not complete
     (a dead link: the group's timeout bounds the wait)."""
     import time
-    from datetime import timedelta
 
     import torch
-    from torch.distributed import PrefixStore, ProcessGroupGloo
 
     try:
-        options = ProcessGroupGloo._Options()
-        options._devices = [ProcessGroupGloo.create_device(interface=ifname)]
-        options._timeout = timedelta(seconds=timeout_s)
-        group = ProcessGroupGloo(PrefixStore(key, store), pair.index(rank), 2, options)
+        group = rail_pair_group(store, key, pair.index(rank), ifname, timeout_s)
         buf = torch.ones(nbytes // 4, dtype=torch.float32)
         group.allreduce([buf]).wait()  # warm-up: connections and buffers
         started = time.perf_counter()

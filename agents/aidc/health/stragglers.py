@@ -20,6 +20,18 @@ slow; the split does. Over a sliding window of steps a node is a straggler by ei
   slow link on the rank's way in); among four ranks a rank is least by chance a quarter of the
   time, so a share of 0.75 over 20 steps does not happen by noise.
 
+* **slow link**: in a ring all_reduce a slow link slows every rank's wait alike, so neither
+  path above can name its node. When the trainer probes its links (aidc.lab.trainer.LinkProbe:
+  every few steps each rank times a small exchange with its ring neighbour over each rail,
+  `links_s` in the step line), the judge takes, per rail and ring link, the median time over
+  the last `link_window` probes and applies burn-in's localisation rule
+  (aidc.burnin.localise): the reference is the median over nodes of each node's faster link,
+  a link is slow when it is more than `link_tolerance` slower than that (speed = reference /
+  time below 1 - link_tolerance), and a node whose links to *both* ring neighbours on one
+  rail are slow is the straggler, with that rail in the reason. Its neighbours each have one
+  slow link only. While a slow link is named anywhere, the late-arrival path is not used: the
+  ranks' waits then follow their places in the ring, not their lateness.
+
 The verdict must hold `confirm_steps` steps running before the node is called a straggler:
 on a shared host other work slows one rank's clock for a while and then stops (measured here
 at load ~30 on 2 cores: single ranks 5-9% slow for 20-40 steps), a slow part stays slow.
@@ -54,10 +66,11 @@ class StragglerVerdict:
     comm_s: float
     fleet_compute_s: float
     straggler: bool
+    link_reason: str | None = None  # this node's slow rail, when the link path names it
 
     def describe(self) -> str:
         z = "n/a" if self.robust_z is None else f"{self.robust_z:.1f}"
-        return (f"training step compute {self.compute_s * 1000:.2f} ms vs fleet median "
+        return (f"{self.link_reason}; " if self.link_reason else "") + (f"training step compute {self.compute_s * 1000:.2f} ms vs fleet median "
                 f"{self.fleet_compute_s * 1000:.2f} ms (relative perf {self.relative_perf:.2f}, robust z {z}); "
                 f"least communication wait in {self.wait_share:.0%} of the last {self.steps} steps, the others "
                 f"waited {self.lateness:.0%} of a step longer")
@@ -67,8 +80,11 @@ class StragglerJudge:
     """The sliding window of one node's steps and the rule above."""
 
     def __init__(self, node: str, window_steps: int, tolerance: float, min_robust_z: float,
-                 min_wait_share: float, confirm_steps: int = 1, min_slowest_share: float = 0.0):
+                 min_wait_share: float, confirm_steps: int = 1, min_slowest_share: float = 0.0,
+                 link_tolerance: float = 0.3, link_window: int = 5):
         self.node, self.window_steps, self.tolerance = node, window_steps, tolerance
+        self.link_tolerance = link_tolerance
+        self.links: deque[dict] = deque(maxlen=link_window)
         self.min_robust_z, self.min_wait_share, self.confirm_steps = min_robust_z, min_wait_share, confirm_steps
         self.min_slowest_share = min_slowest_share
         self._slow_streak = 0
@@ -86,12 +102,41 @@ class StragglerJudge:
         members = record.get("nodes")
         if members != self.members:
             self.steps.clear()
+            self.links.clear()
             self.members = members
             self._warmup_left = self.window_steps
         if self._warmup_left > 0:
             self._warmup_left -= 1
             return
         self.steps.append(record)
+        if record.get("links_s"):
+            self.links.append(record["links_s"])
+
+    def slow_links(self, tolerance: float) -> dict[int, str]:
+        """Ranks whose links to both ring neighbours on one rail are slow, with the reason (the
+        localisation rule above); {} until `link_window` probes are in."""
+        n = len(self.members or [])
+        if n < 3 or len(self.links) < (self.links.maxlen or 1):
+            return {}  # a ring of two has one link: it cannot say which end is slow
+        named: dict[int, str] = {}
+        for rail in sorted(self.links[-1], key=int):
+            samples = [probe.get(rail) for probe in self.links]
+            if any(not isinstance(v, list) or len(v) != n for v in samples):
+                continue
+            link = [statistics.median(probe[i] for probe in samples) for i in range(n)]  # link i: rank i to i + 1
+            if min(link) <= 0:
+                continue  # a probe that did not run
+            best = [min(link[i], link[i - 1]) for i in range(n)]  # each rank's faster link
+            reference = statistics.median(best)
+            slow = [reference / t < 1 - tolerance for t in link]
+            for i in range(n):
+                if slow[i] and slow[i - 1] and i not in named:
+                    nodes = self.members
+                    named[i] = (f"rail {rail}: both ring links slow, {nodes[i - 1]}-{nodes[i]} "
+                                f"{reference / link[i - 1]:.0%} and {nodes[i]}-{nodes[(i + 1) % n]} "
+                                f"{reference / link[i]:.0%} of the fleet's link speed (median link "
+                                f"{reference * 1000:.2f} ms)")
+        return named
 
     def verdict(self) -> StragglerVerdict | None:
         """None until the window is full (or when this node is not in the job)."""
@@ -124,23 +169,28 @@ class StragglerJudge:
         # How much longer the others waited than this rank, against the fleet's step time.
         lateness = statistics.median(excess) / max(statistics.median(step), 1e-9)
 
-        def slow(tolerance: float) -> bool:
+        links_named = self.slow_links(self.link_tolerance)
+
+        def slow(scale: float) -> bool:
+            tolerance = self.tolerance * scale
             slow_compute = (relative < 1 - tolerance and z >= self.min_robust_z
                             and slowest >= self.min_slowest_share * len(self.steps))
-            late = share >= self.min_wait_share and lateness > tolerance and -wait_z >= self.min_robust_z
-            return slow_compute or late
+            late = (share >= self.min_wait_share and lateness > tolerance and -wait_z >= self.min_robust_z
+                    and not links_named)
+            slow_link = me in (links_named if scale == 1 else self.slow_links(self.link_tolerance * scale))
+            return slow_compute or late or slow_link
 
         if not self.straggling:  # a straggler only once the window said so `confirm_steps` times running
-            self._slow_streak = self._slow_streak + 1 if slow(self.tolerance) else 0
+            self._slow_streak = self._slow_streak + 1 if slow(1) else 0
             if self._slow_streak >= self.confirm_steps:
                 self.straggling, self._slow_streak = True, 0
         else:  # over only after a whole window of steps without it, even at half the tolerance
-            self._clear_streak = 0 if slow(self.tolerance / 2) else self._clear_streak + 1
+            self._clear_streak = 0 if slow(0.5) else self._clear_streak + 1
             if self._clear_streak >= self.window_steps:
                 self.straggling, self._clear_streak = False, 0
         return StragglerVerdict(self.node, len(self.steps), relative, z if math.isfinite(z) else None, share,
                                 lateness, statistics.median(mine_compute), statistics.median(mine_comm),
-                                statistics.median(fleet), self.straggling)
+                                statistics.median(fleet), self.straggling, links_named.get(me))
 
 
 def parse_step_line(line: str) -> dict | None:
@@ -157,6 +207,11 @@ def parse_step_line(line: str) -> dict | None:
         return None
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in compute + comm):
         return None
+    links = rec.get("links_s")
+    if links is not None and not (isinstance(links, dict) and all(
+            isinstance(v, list) and len(v) == len(nodes)
+            and all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in v) for v in links.values())):
+        rec.pop("links_s")  # the step stands; its link figures are not judged
     return rec
 
 
@@ -198,7 +253,8 @@ class StragglerWatch:
     def __init__(self, node: str, path: str | Path, policy, offset: int = 0):
         self.follower = StepTimeFollower(path, offset)
         self.judge = StragglerJudge(node, policy.window_steps, policy.tolerance, policy.min_robust_z,
-                                    policy.min_wait_share, policy.confirm_steps, policy.min_slowest_share)
+                                    policy.min_wait_share, policy.confirm_steps, policy.min_slowest_share,
+                                    policy.link_tolerance, policy.link_window)
 
     def verdicts(self) -> list[StragglerVerdict]:
         """A verdict after each new step, once the window is full."""

@@ -146,9 +146,11 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
         goodput.start(start_step - 1, world=members, restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
     step_times = StepTimeReport(lab / "nodes" / node / STEP_TIMES_FILE, node, rank, members)
+    probe = cfg.get("link_probe")
+    links = LinkProbe(rank, world, probe["rails"], probe["every"], probe.get("nbytes", 128 << 10)) if probe else None
     for step in range(start_step, cfg["total_steps"] + 1):
         t0 = time.time()
-        loss = train_step(ddp, device, cfg, step, rank, step_times)
+        loss = train_step(ddp, device, cfg, step, rank, step_times, links)
         if rank == 0:
             t1 = time.time()
             goodput.step_done(step, t0, t1)
@@ -190,13 +192,17 @@ def _finish_background_write(timeout_s: float = 10.0) -> None:
 
 
 def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step: int, rank: int,
-               step_times: StepTimeReport | None = None) -> float:
+               step_times: StepTimeReport | None = None, links: LinkProbe | None = None) -> float:
     """One step in two timed phases. Compute (forward, backward, a simulated slowdown) runs
     under `no_sync`, and the gradients are then all-reduced in one explicit collective, so the
     time this rank waits for the others is measured apart from its own work. In synchronous
     data-parallel every rank leaves that collective together: the slowest rank is the one that
     waits least. The same buffer carries every rank's phase times (see StepTimeReport), so each
-    rank learns the fleet's figures without a collective of its own."""
+    rank learns the fleet's figures without a collective of its own. Every `links.every` steps
+    the step begins with the link probe (LinkProbe), outside both timed phases; its per-link
+    times travel in the same buffer."""
+    world = dist.get_world_size()
+    link_s = links.measure(step) if links is not None else []
     # Compute is timed by the device's clock, as burn-in does: on a simulated GPU the thread's
     # CPU time (on this shared machine wall time would mostly measure the other processes);
     # on a GPU it would be CUDA events around the same phase.
@@ -208,10 +214,12 @@ def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step
     _straggle(ddp.module, device.compute_slowdown(), time.thread_time() - cpu_started, x)
     compute_s = time.thread_time() - cpu_started
     grads = [p.grad for p in ddp.parameters()]
-    world = dist.get_world_size()
-    timings = torch.zeros(2 * world, dtype=grads[0].dtype)  # seconds in float32: microseconds kept
+    rails = links.rails if links is not None else 0
+    timings = torch.zeros((2 + rails) * world, dtype=grads[0].dtype)  # seconds in float32: microseconds kept
     timings[rank] = compute_s
     timings[world + rank] = step_times.last_comm_s if step_times else 0.0
+    for rail, seconds in enumerate(link_s):  # this rank's ring link (to rank + 1) on each rail
+        timings[(2 + rail) * world + rank] = seconds
     flat = torch.cat([g.reshape(-1) for g in grads] + [timings])  # one collective, DDP's volume
     comm_started = time.perf_counter()
     dist.all_reduce(flat)
@@ -223,8 +231,58 @@ def train_step(ddp: DistributedDataParallel, device: SimBackend, cfg: dict, step
             offset += g.numel()
             p.grad = None
     if step_times is not None:
-        step_times.record(step, flat[offset:offset + world].tolist(), flat[offset + world:].tolist(), comm_s)
+        fleet_links = {str(r): flat[offset + (2 + r) * world:offset + (3 + r) * world].tolist() for r in range(rails)}
+        step_times.record(step, flat[offset:offset + world].tolist(), flat[offset + world:offset + 2 * world].tolist(),
+                          comm_s, fleet_links if link_s else None)
     return loss.detach().item()
+
+
+class LinkProbe:
+    """A per-link signal while training. In a ring all_reduce a slow link slows every rank's
+    wait alike, so the compute/communication split cannot say whose link it is. Every `every`
+    steps each rank times a small all_reduce with each ring neighbour over each rail: a 2-rank
+    gloo group per (rail, ring pair), bound to that rail's interface, as burn-in's localisation
+    (aidc.burnin.localise) builds them. Rank i reports the time of its link to rank i + 1; the
+    agent names the node whose links to both neighbours on one rail are slow.
+
+    Pairs run in colour order (even pairs, odd pairs, and the closing pair of an odd ring), so
+    no rank waits on a pair whose other end is busy with a later one: no cycle, no deadlock. A
+    tiny exchange first lines both ends up, so the timed one measures the link, not a partner
+    still finishing its previous pair. A barrier over the job's group ends the probe, so no
+    rank starts its compute late because of it (that would read as a late arrival)."""
+
+    def __init__(self, rank: int, world: int, rails: int, every: int, nbytes: int, timeout_s: float = 30.0):
+        from aidc.burnin.localise import rail_pair_group, ring_pairs
+
+        self.rank, self.rails, self.every = rank, rails, max(1, int(every))
+        pairs = ring_pairs(world)
+        closing = len(pairs) - 1 if len(pairs) % 2 else None  # an odd ring's last pair gets a third colour
+        self.mine = sorted(((2 if j == closing else j % 2), j, pair) for j, pair in enumerate(pairs) if rank in pair)
+        store = dist.distributed_c10d._get_default_store()
+        self.groups: dict[tuple[int, int], object] = {}
+        for rail in range(rails):
+            for _colour, j, pair in self.mine:
+                self.groups[rail, j] = rail_pair_group(store, f"linkprobe/{rail}/{j}/", pair.index(rank),
+                                                       f"rail{rail}", timeout_s)
+        self.payload = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+        self.sync = torch.ones(1, dtype=torch.float32)
+
+    def measure(self, step: int) -> list[float]:
+        """Per rail, the seconds of this rank's link to rank + 1 (its ring pair as leader); [] when
+        this step has no probe."""
+        if step % self.every:
+            return []
+        out = [0.0] * self.rails
+        for rail in range(self.rails):
+            for _colour, j, pair in self.mine:
+                group = self.groups[rail, j]
+                group.allreduce([self.sync]).wait()
+                started = time.perf_counter()
+                group.allreduce([self.payload]).wait()
+                if pair[0] == self.rank:
+                    out[rail] = time.perf_counter() - started
+        dist.barrier()
+        return out
 
 
 class StepTimeReport:
@@ -241,14 +299,20 @@ class StepTimeReport:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.last_comm_s = 0.0
         self._prev_compute: list[float] | None = None
+        self._prev_links: dict[str, list[float]] | None = None
 
-    def record(self, step: int, compute_s: list[float], prev_comm_s: list[float], comm_s: float) -> None:
+    def record(self, step: int, compute_s: list[float], prev_comm_s: list[float], comm_s: float,
+               links_s: dict[str, list[float]] | None = None) -> None:
+        """`links_s` (probe steps only): per rail, each rank's ring link time (rank i: i to i + 1)."""
         # Pair each step's compute with its own comm: the line for step s-1 is written now.
         if self._prev_compute is not None:
-            _append(self.path, {"step": step - 1, "t": time.time(), "node": self.node, "rank": self.rank,
-                                "nodes": self.members, "compute_s": [round(v, 6) for v in self._prev_compute],
-                                "comm_s": [round(v, 6) for v in prev_comm_s]})
-        self._prev_compute, self.last_comm_s = compute_s, comm_s
+            line = {"step": step - 1, "t": time.time(), "node": self.node, "rank": self.rank,
+                    "nodes": self.members, "compute_s": [round(v, 6) for v in self._prev_compute],
+                    "comm_s": [round(v, 6) for v in prev_comm_s]}
+            if self._prev_links:
+                line["links_s"] = {r: [round(v, 6) for v in values] for r, values in self._prev_links.items()}
+            _append(self.path, line)
+        self._prev_compute, self.last_comm_s, self._prev_links = compute_s, comm_s, links_s
 
 
 def _straggle(module, slowdown: float, compute_cpu_s: float, x: torch.Tensor, clock=time.thread_time,
