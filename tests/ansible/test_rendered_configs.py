@@ -176,7 +176,7 @@ def test_roce_fabric_nccl_conf_sets_the_gid_index(tmp_path):
                                                        "gpus_per_node": 8}],
                        "fabric": {"kind": "roce", "rails": 2, "hcas": ["mlx5_0", "mlx5_3"], "gid_index": 3,
                                   "socket_ifname": "eth0"}})
-    variables = {**cluster_vars(spec), "nccl_hcas": spec.fabric.hcas}
+    variables = {**cluster_vars(spec), "nccl_hcas": spec.fabric.hcas, "nccl_overrides": {}}  # the role default
     (tmp_path / "vars.json").write_text(json.dumps(variables))
     template = ROOT / "playbooks" / "roles" / "nccl" / "templates" / "nccl.conf.j2"
     dest = tmp_path / "nccl.conf"

@@ -25,7 +25,9 @@ def fabric_spec(nodes: int, **burnin):
         "fabric": {"kind": "netns", "rails": 2, "link_speed_gbps": 10, "socket_ifname": "rail0,rail1"},
         "lab": {"fabric_rail_mbit": 200},
         "agent": {"device_timeout_s": 1.0},
-        "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
+        # Per-node timing noise is not under test here (a shared 2-core machine): wide tolerances.
+        "policy": {"burnin": {"fleet_tolerance": 0.9, "storage_tolerance": 0.95, "storage_bytes": 1 << 20,
+                              "storage_files": 20, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 1 << 20, "allreduce_max_bytes": 4 << 20, "train_steps": 10,
                               **burnin}},
     })
@@ -85,7 +87,7 @@ def test_a_rail_that_is_down_fails_its_node_with_the_reason_and_the_rest_are_cer
     report = run_burnin(spec, dirs, None, timeout_s=120, fabric=built)
     assert report.verdicts == {"n-0": "pass", "n-1": "fail", "n-2": "pass"}
     assert report.nodes["n-1"].reasons == ["n-1 rail 1: link down (rail1 has no carrier)"]
-    assert report.fleet["allreduce_ranks"] == 2  # the collectives ran without it rather than wait for it
+    assert report.fleet["collective_ranks"] == 2  # the collectives ran without it rather than wait for it
     assert burnin_processes(run_dir) == {}
 
 

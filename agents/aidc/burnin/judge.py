@@ -38,6 +38,16 @@ from aidc.burnin.storage import STORAGE_METRICS
 # (`busbw_fleet_tolerance`).
 FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps") + STORAGE_METRICS
 
+# Marks a collective's busbw below the policy floor in a reason (see is_floor_reason).
+POLICY_FLOOR = "(policy floor"
+
+
+def is_floor_reason(reason: str) -> bool:
+    """A collective's busbw below `min_busbw_fraction` of the link rate: a fleet-wide figure,
+    which one bad link drags down for every rank alike."""
+    return POLICY_FLOOR in reason
+
+
 # FSDP and pipeline runs compute DDP's averaged gradient in another order: their parameters
 # may differ from DDP's by float rounding only (measured ~1e-7 after 20 steps of the burn-in model).
 PARALLEL_MATCH_TOLERANCE = 1e-4
@@ -139,7 +149,7 @@ def _collective_reasons(n: NodeResult, link_rate_gbps: float | None, min_fractio
         if rows and value is not None and link_rate_gbps and value < min_fraction * link_rate_gbps:
             reasons.append(f"{op} busbw {_fmt(value)} GB/s (largest sizes, up to {rows[-1]['bytes']} B) is"
                            f" {value / link_rate_gbps:.1%} of the link rate {_fmt(link_rate_gbps)} GB/s"
-                           f" (policy floor {min_fraction:.0%})")
+                           f" {POLICY_FLOOR} {min_fraction:.0%})")
     return reasons
 
 

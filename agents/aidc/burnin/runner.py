@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
-from aidc.burnin.judge import judge
+from aidc.burnin.judge import is_floor_reason, judge
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
@@ -317,6 +317,16 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
         results[culprit["node"]].passed = False
+    culprits = {c["node"] for c in (localisation or {}).get("culprits", [])}
+    if culprits:  # one bad link slows every rank's collectives: the floor's verdict is the culprit's
+        named = ", ".join(sorted(culprits))
+        for name, r in results.items():
+            # The culprit fails with the localised reason; the fleet figure is a note everywhere.
+            floor = [x for x in r.reasons if is_floor_reason(x)]
+            if floor:
+                r.reasons = [x for x in r.reasons if not is_floor_reason(x)]
+                r.notes += [f"{x}: the fleet figure, explained by the bad link localised on {named}" for x in floor]
+                r.passed = not r.reasons
     for unresolved in (localisation or {}).get("unresolved", []):  # evidence on both ends, no verdict
         for name in (unresolved["a"], unresolved["b"]):
             results[name].notes.append(unresolved["note"])

@@ -195,7 +195,7 @@ def main(config_path: str) -> int:
         phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
     result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
               "slowdown": benches.slowdown, "collectives": collectives, "training": training.to_dict(),
-              "parallel": parallel}
+              "parallel": parallel, "localisation": localisation}
     tmp = Path(cfg["result_path"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, cfg["result_path"])
