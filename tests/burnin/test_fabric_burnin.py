@@ -25,8 +25,9 @@ def fabric_spec(nodes: int, **burnin):
         "fabric": {"kind": "netns", "rails": 2, "link_speed_gbps": 10, "socket_ifname": "rail0,rail1"},
         "lab": {"fabric_rail_mbit": 200},
         "agent": {"device_timeout_s": 1.0},
-        # Per-node timing noise is not under test here (a shared 2-core machine): wide tolerances.
-        "policy": {"burnin": {"fleet_tolerance": 0.9, "storage_tolerance": 0.95, "storage_bytes": 1 << 20,
+        # Storage noise is not under test here (nodes share one disk): a wide tolerance. The fleet
+        # tolerance is also the pair tests' (a pair more than it below the median is slow).
+        "policy": {"burnin": {"fleet_tolerance": 0.5, "storage_tolerance": 0.95, "storage_bytes": 1 << 20,
                               "storage_files": 20, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 1 << 20, "allreduce_max_bytes": 4 << 20, "train_steps": 10,
                               **burnin}},
@@ -73,7 +74,8 @@ def test_a_degraded_rail_on_a_random_node_fails_that_nodes_certificate_with_node
     assert local["pair_tests"] <= 2 * (4 + 2)  # ring pairs per rail, plus a bisection at most: O(N)
     assert certs[victim]["verdict"] == "fail" and certs[victim]["reasons"] == [reason]
     assert all(certs[n]["verdict"] == "pass" for n in dirs if n != victim)
-    assert report.fleet["link_rate_gbps"] == pytest.approx(0.2)  # the scaled rate, recorded with the scale
+    # The scaled rail rate, recorded with the scale: 0.2 Gbit/s = 0.025 GB/s (bus bandwidth's unit).
+    assert report.fleet["link_rate_gbit_s"] == pytest.approx(0.2) and report.fleet["link_rate_gbps"] == pytest.approx(0.025)
     assert report.fleet["fabric"] == {"kind": "netns", "rails": 2, "spec_link_gbps": 10.0, "scale": 0.02,
                                       "rail_mbit": 200.0}
     assert burnin_processes(run_dir) == {}
