@@ -187,7 +187,10 @@ def steps_until_stored(agent):
     """Blocked steps until an event is stored: a wake-up before it may be the startup poll's
     hand-over, so allow a few, each of which must end long before its wait."""
     def run():
-        for _ in range(5):
+        # Bounded: writes beside the log (the simulated device's file shares its directory)
+        # wake the directory watch too, each a short step; the whole must still end well within
+        # RETURNED_WITHIN_S, which returns_early checks.
+        for _ in range(50):
             agent.step(LONG_WAIT_S)
             if stored(agent):
                 return stored(agent)

@@ -110,7 +110,8 @@ class LabRun:
         if scheduler == "slurm":
             from aidc.lab.slurm_lab import SlurmLabCluster
 
-            self.cluster: LabCluster = SlurmLabCluster(spec, lab_dir, stack)
+            # Progress goes where the caller says (stderr under --json): stdout holds the summary only.
+            self.cluster: LabCluster = SlurmLabCluster(spec, lab_dir, stack, say=progress)
         else:
             self.cluster = LabCluster(spec, lab_dir, say=progress)
         self.say = progress

@@ -50,8 +50,8 @@ class SlurmLabCluster(LabCluster):
 
     trains_on_fabric = False  # job steps start in the root namespace (slurmd's): training stays on loopback
 
-    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, stack: str = "lab"):
-        super().__init__(spec, lab_dir)
+    def __init__(self, spec: ClusterSpec, lab_dir: str | os.PathLike, stack: str = "lab", say=print):
+        super().__init__(spec, lab_dir, say=say)
         self.stack = stack
         # Features `train` and `spare`: the job's batch script runs on a spare (`sbatch --batch`),
         # so a node a fault drains only trains (a drained batch host cannot be cut out of a job:
