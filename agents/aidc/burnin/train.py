@@ -101,17 +101,7 @@ def run_ddp_training(device: str, steps: int, seed: int = 2024, batch: int = 64,
     with torch.no_grad():
         loss_before = float(loss_fn(model(x_eval), y_eval))
     gen = torch.Generator().manual_seed(seed * 1000 + rank)  # each rank its own data shard
-    losses, clock = [], _StepClock(device)
-    for step in range(steps):
-        with clock:
-            x = torch.randn(batch, FEATURES, generator=gen).to(device)
-            loss = loss_fn(ddp(x), x @ teacher)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(step + 1, losses[-1])
+    losses, clock = _fit(ddp, opt, loss_fn, teacher, gen, batch, device, steps, on_step)
     with torch.no_grad():
         loss_after = float(loss_fn(model(x_eval), y_eval))
     if parameters_out is not None:
@@ -119,6 +109,23 @@ def run_ddp_training(device: str, steps: int, seed: int = 2024, batch: int = 64,
     if corrupt_after:
         flip_one_bit(model)
     return TrainResult(steps, loss_before, loss_after, losses, parameter_digest(model), "ddp", clock.mean_ms())
+
+
+def _fit(model, opt, loss_fn, teacher, gen, batch: int, device: str, steps: int,
+         on_step: Callable[[int, float], None] | None) -> tuple[list[float], "_StepClock"]:
+    """The training loop DDP and FSDP share: the same data, the same optimiser steps, timed."""
+    losses, clock = [], _StepClock(device)
+    for step in range(steps):
+        with clock:
+            x = torch.randn(batch, FEATURES, generator=gen).to(device)
+            loss = loss_fn(model(x), x @ teacher)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.detach()))
+        if on_step:
+            on_step(step + 1, losses[-1])
+    return losses, clock
 
 
 class _StepClock:
@@ -166,17 +173,7 @@ def run_fsdp_training(device: str, steps: int, seed: int = 2024, batch: int = 64
     with torch.no_grad():
         loss_before = float(loss_fn(model(x_eval), y_eval))
     gen = torch.Generator().manual_seed(seed * 1000 + rank)  # the same shards as the DDP run
-    losses, clock = [], _StepClock(device)
-    for step in range(steps):
-        with clock:
-            x = torch.randn(batch, FEATURES, generator=gen).to(device)
-            loss = loss_fn(model(x), x @ teacher)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(step + 1, losses[-1])
+    losses, clock = _fit(model, opt, loss_fn, teacher, gen, batch, device, steps, on_step)
     with torch.no_grad():
         loss_after = float(loss_fn(model(x_eval), y_eval))
         # Every rank gathers the whole model: the ranks' copies of it must be the same bytes.
