@@ -83,11 +83,14 @@ def test_a_degraded_rail_on_a_random_node_fails_that_nodes_certificate_with_node
 
 @pytest.mark.slow
 def test_a_rail_that_is_down_fails_its_node_with_the_reason_and_the_rest_are_certified(tmp_path, lab, run_dir):  # noqa: F811
-    spec = fabric_spec(3, allreduce_min_bytes=4096, allreduce_max_bytes=65536, localise_below_fraction=0.01)
+    # At 64 KiB the collectives are latency-bound (busbw near the policy floor, by chance either
+    # side): the floor is for a full sweep's largest sizes, and is not what this test is about.
+    spec = fabric_spec(3, allreduce_min_bytes=4096, allreduce_max_bytes=65536, localise_below_fraction=0.01,
+                       min_busbw_fraction=0)
     built, dirs = lab(spec)
     fabric.inject_link(dirs["n-1"], 1, down=True)
     report = run_burnin(spec, dirs, None, timeout_s=120, fabric=built)
-    assert report.verdicts == {"n-0": "pass", "n-1": "fail", "n-2": "pass"}
+    assert report.verdicts == {"n-0": "pass", "n-1": "fail", "n-2": "pass"}, report.reasons
     assert report.nodes["n-1"].reasons == ["n-1 rail 1: link down (rail1 has no carrier)"]
     assert report.fleet["collective_ranks"] == 2  # the collectives ran without it rather than wait for it
     assert burnin_processes(run_dir) == {}
