@@ -37,6 +37,14 @@ def test_every_destructive_step_outside_default_policy_follows_an_approve_step(p
             assert approved, f"{rb.name}: step {step.id} ({step.kind}) runs without an approval"
 
 
+def test_a_straggler_alert_takes_the_node_out_only_after_a_human_approves_as_the_straggler_policy_says():
+    # policy.stragglers.action defaults to alert: a slow node still trains, so the runbook behind
+    # the straggler alert asks before it quarantines (failover quarantines where the policy says so).
+    assert Policy().stragglers.action == "alert"
+    kinds = [step.kind for step in load_runbook(ROOT / "runbooks/straggler-node.yaml").steps]
+    assert "approve" in kinds and kinds.index("approve") < kinds.index("quarantine")
+
+
 def test_every_runbook_is_named_by_an_alert_rule_and_every_alert_names_a_runbook():
     rules = yaml.safe_load((ROOT / "runbooks/alerts/aidc-alerts.yml").read_text())
     alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
