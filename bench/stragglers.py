@@ -1,6 +1,6 @@
 """Stragglers while training: does the agent find a slowed node, and only that one?
 
-    python bench/stragglers.py [--trials 20] [--nodes 4] [--mode compute|rail|mixed] [--json]
+    python bench/stragglers.py [--trials 20] [--nodes 4] [--mode mixed|compute|rail] [--json]
 
 One data-parallel job of the lab's trainer (aidc.lab.trainer: real torch.distributed, gloo,
 one process per simulated node) runs for the whole bench. One health agent per node (the real
@@ -11,11 +11,11 @@ step-time report. Each trial:
 2. a random node is slowed: `compute` sets its simulated GPU's slowdown to `--factor` (1.1:
    10% more real compute each step, aidc.lab.trainer._straggle); `rail` runs
    `aidc device inject NODE_DIR link --rail R --rate 0.5` (a random rail unless `--rail`);
-   `mixed` picks one of the two per trial. In `rail` and `mixed` modes the bench brings up
-   the lab's netns fabric (aidc.lab.fabric: a namespace per node, a shaped bridge per rail),
-   runs each rank in its node's namespace with gloo over the rails, turns on the trainer's
-   link probe (aidc.lab.trainer.LinkProbe) and removes the fabric when it ends (errors and
-   Ctrl-C included);
+   `mixed` (the default, the issue's bench) picks one of the two per trial. In `rail` and
+   `mixed` modes the bench brings up the lab's netns fabric (aidc.lab.fabric: a namespace
+   per node, a shaped bridge per rail), runs each rank in its node's namespace with gloo over
+   the rails, turns on the trainer's link probe (aidc.lab.trainer.LinkProbe) and removes the
+   fabric when it ends (errors and Ctrl-C included);
 3. the time and steps until that node's straggler event, within `--max-steps`; an event for
    any other node is a false positive;
 4. the slowdown is taken away and the bench waits until the node's condition clears.
@@ -190,8 +190,8 @@ def run(args) -> dict:
                                           rail_mbit=args.rail_mbit, say=(lambda m: None) if args.json else print)
                 fabric_tag = fab.tag if fab is not None else None
                 if fab is None:
-                    raise RuntimeError("--mode rail needs the lab's netns fabric, and network namespaces cannot be"
-                                       " made here (run as root with CAP_SYS_ADMIN)")
+                    raise RuntimeError(f"--mode {args.mode} needs the lab's netns fabric, and network namespaces"
+                                       " cannot be made here (run as root with CAP_SYS_ADMIN, or use --mode compute)")
             job = Job(lab, nodes, 10_000_000, fab, args.probe_every)
             fleet = Fleet(lab, nodes, policy)
             for _ in wait_steps(fleet, job, 1, timeout_s=120):  # started: torch imported, group formed
@@ -272,7 +272,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--mode", choices=("compute", "rail", "mixed"), default="compute")
+    ap.add_argument("--mode", choices=("mixed", "compute", "rail"), default="mixed",
+                    help="what slows the victim: mixed (compute or a rail, drawn per trial; needs network"
+                         " namespaces, as rail does), compute (its simulated GPU) or rail (one rail at half rate)")
     ap.add_argument("--factor", type=float, default=1.1, help="compute mode: slowdown factor (1.1 = 10%% slower)")
     ap.add_argument("--rail", type=int, default=None, help="rail mode: which rail to cut to half rate (default: random)")
     ap.add_argument("--rails", type=int, default=2, help="rail mode: rails of the fabric")

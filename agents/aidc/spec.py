@@ -284,9 +284,10 @@ class StragglerPolicy(_Strict):
     tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.05
     min_robust_z: Annotated[float, Field(ge=0, le=1000)] = 3.5
     min_wait_share: Annotated[float, Field(gt=0, le=1)] = 0.75
-    # Slow compute also means the slowest rank of the step in this share of the window's steps
-    # (below one half, so two equally slow ranks taking turns are both found).
-    min_slowest_share: Annotated[float, Field(ge=0, le=1)] = 0.4
+    # Slow compute may also require the slowest rank of the step in this share of the window's
+    # steps (below one half, so two equally slow ranks taking turns are both found). Off by
+    # default: see aidc.health.stragglers, "slow compute".
+    min_slowest_share: Annotated[float, Field(ge=0, le=1)] = 0.0
     # The verdict must hold this many steps running before the event: a slow part stays slow,
     # interference from other work on a host comes and goes.
     confirm_steps: Annotated[int, Field(ge=1, le=10000)] = 20

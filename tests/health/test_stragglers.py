@@ -75,10 +75,29 @@ def test_a_healthy_fleet_with_noise_has_no_straggler():
 
 
 def test_a_fleet_whose_ranks_spread_evenly_flags_none_of_them():
-    """The slowest rank is 10% slower, but another is 10% faster: the MAD says that is the fleet's spread."""
+    """The slowest rank is 10% slower, but another is 10% faster: the others' spread says that is the fleet's."""
     steps = [step_line(s, [0.009, 0.010, 0.010, 0.011]) for s in range(1, 3 * WINDOW)]
     v = verdicts(judge("gpu-3"), steps)[-1]
     assert v.relative_perf < 0.95 and v.robust_z < 3.5 and not v.straggler
+
+
+def test_other_work_that_inflates_a_ranks_clock_on_half_its_steps_does_not_make_it_a_straggler():
+    """On a shared host other work adds time to a rank's clock in bursts (here +40% on every other
+    step, which moves its median); a slow part is slow on its fastest steps too."""
+    rng = random.Random(9)
+    steps = [step_line(s, [0.010 * (1 + rng.uniform(-0.02, 0.02)) * (1.4 if r == 1 and s % 2 else 1.0)
+                           for r in range(4)]) for s in range(1, 6 * WINDOW)]
+    assert not any(v and v.straggler for v in verdicts(judge("gpu-1"), steps))
+    assert verdicts(judge("gpu-1"), noisy_steps(1, 4 * WINDOW, slow={1: 1.10}))[-1].straggler
+
+
+def test_another_rank_slowed_a_little_by_other_work_does_not_hide_the_straggler():
+    """gpu-3 runs 4% slow (other work on its core) beside gpu-1's 12%: judged against the fleet's
+    spread with gpu-1 in it, gpu-1 would hide behind its own deviation; against the others, not."""
+    steps = noisy_steps(1, 4 * WINDOW, slow={1: 1.12, 3: 1.04}, seed=4)
+    results = {n: verdicts(judge(n), steps)[-1] for n in NODES}
+    assert results["gpu-1"].straggler and results["gpu-1"].robust_z > 3.5
+    assert not any(results[n].straggler for n in NODES if n != "gpu-1")
 
 
 def test_a_rank_that_arrives_late_outside_its_compute_phase_is_found_by_the_waits():
