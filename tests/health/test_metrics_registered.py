@@ -36,7 +36,9 @@ def named_metrics() -> set[str]:
 def certify(audit_path: Path, node: str) -> None:
     with AuditLog(audit_path) as audit:
         audit.append("burnin.certificate", "passed burn-in", actor="test:burnin", node=node, payload={
-            "verdict": "pass", "reasons": [], "collectives": {"all_reduce": [
+            "verdict": "pass", "reasons": [], "metrics": {"gemm_bf16_tflops": 0.9, "allreduce_busbw_gbps": 0.8},
+            "fleet": {"stats": {"gemm_bf16_tflops": {"median": 1.0}, "allreduce_busbw_gbps": {"median": 1.0}}},
+            "collectives": {"all_reduce": [
                 {"bytes": 1024, "algbw_gbps": 1.0, "busbw_gbps": 1.5, "link_fraction": 0.15},
                 {"bytes": 4 << 20, "algbw_gbps": 6.0, "busbw_gbps": 9.0, "link_fraction": 0.9}]}})
 
@@ -71,6 +73,9 @@ def test_every_metric_a_rule_or_runbook_names_is_registered_by_a_running_agent(t
     assert "aidc_burnin_relative_perf" in registered
     assert metric_value(page, "aidc_burnin_passed", Hostname="n1") == 1
     assert metric_value(page, "aidc_burnin_busbw_link_fraction", Hostname="n1", collective="all_reduce") == 0.9
+    # What AidcStragglerNode and AidcBusbwRegression read: the certificate against the fleet.
+    assert metric_value(page, "aidc_burnin_relative_perf", Hostname="n1", test="gemm_bf16_tflops") == 0.9
+    assert metric_value(page, "aidc_burnin_relative_perf", Hostname="n1", test="allreduce_busbw_gbps") == 0.8
     assert metric_value(page, "aidc_audit_verify_ok", Hostname="n1") == 1
     assert 0 < metric_value(page, "aidc_checkpoint_volume_used_ratio", Hostname="n1", path=str(tmp_path)) < 1
 

@@ -60,6 +60,24 @@ def test_the_newest_certificate_of_this_node_gives_the_verdict_and_busbw_fractio
     assert metric_value(text, "aidc_burnin_busbw_link_fraction", collective="all_gather") is None
 
 
+def test_the_certificate_s_figures_against_the_fleet_median_are_the_relative_perf_per_burn_in_test(agent):
+    stats = {"gemm_bf16_tflops": {"median": 2.0}, "allreduce_busbw_gbps": {"median": 0.5},
+             "memcpy_gbps": {"median": 0.0}}  # a zero median says nothing about this node
+    certificate(agent.audit, "n1", "fail", metrics={"gemm_bf16_tflops": 1.4, "allreduce_busbw_gbps": 0.5,
+                                                     "memcpy_gbps": 3.0}, fleet={"stats": stats})
+    agent.metrics.straggler_window(0.01, 0.002, 0.97)  # the training judgement's own series
+    text = page(agent, 0)
+    assert metric_value(text, "aidc_burnin_relative_perf", Hostname="n1", test="gemm_bf16_tflops") == 0.7
+    assert metric_value(text, "aidc_burnin_relative_perf", Hostname="n1", test="allreduce_busbw_gbps") == 1.0
+    assert metric_value(text, "aidc_burnin_relative_perf", Hostname="n1", test="memcpy_gbps") is None
+    certificate(agent.audit, "n1", "pass", metrics={"memcpy_gbps": 3.0}, fleet={"stats": {"memcpy_gbps": {"median": 3.0}}})
+    text = page(agent, 11)
+    assert metric_value(text, "aidc_burnin_relative_perf", Hostname="n1", test="memcpy_gbps") == 1.0
+    assert metric_value(text, "aidc_burnin_relative_perf", Hostname="n1", test="gemm_bf16_tflops") is None, \
+        "a newer certificate replaces the older one's figures"
+    assert metric_value(text, "aidc_burnin_relative_perf", Hostname="n1", test="train_step") == 0.97
+
+
 def test_an_unreadable_certificate_leaves_the_verdict_out_and_is_logged_once(agent, caplog):
     certificate(agent.audit, "n1", "maybe")
     with caplog.at_level(logging.WARNING, logger="aidc.health"):

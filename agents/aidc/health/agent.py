@@ -138,6 +138,7 @@ class HealthAgent:
         self.emitted = 0
         # Training stragglers: the trainer's step-time file for this node (aidc.health.stragglers).
         self.stragglers: StragglerWatch | None = None
+        self._certificate_tests: set[str] = set()  # aidc_burnin_relative_perf tests from the certificate
         if step_times:
             from aidc.spec import StragglerPolicy
 
@@ -482,7 +483,8 @@ class HealthAgent:
             for name, rows in collectives.items():
                 if rows:  # the largest message size is the bandwidth figure, as in nccl-tests' summaries
                     fractions[str(name)] = float(max(rows, key=lambda r: r["bytes"])["link_fraction"])
-        except (ValueError, KeyError, TypeError) as exc:
+            relative = _relative_to_fleet(payload.get("metrics") or {}, (payload.get("fleet") or {}).get("stats") or {})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._once(f"certificate:{record['seq']}", f"burn-in certificate (audit record {record['seq']}) "
                                                        f"is not readable ({exc!r}); aidc_burnin_* left out")
             return
@@ -490,6 +492,13 @@ class HealthAgent:
         self.metrics.burnin_link_fraction.clear()
         for name, fraction in fractions.items():
             self.metrics.burnin_link_fraction.labels(self.node, name).set(fraction)
+        # One series per burn-in metric (test=<metric>); the training judgement's own series
+        # (test="train_step") is not the certificate's to remove.
+        for test in self._certificate_tests - relative.keys():
+            self.metrics.relative_perf.remove(self.node, test)
+        for test, value in relative.items():
+            self.metrics.relative_perf.labels(self.node, test).set(value)
+        self._certificate_tests = set(relative)
 
     # conditions -------------------------------------------------------------------
     def _set_condition(self, kind: FaultKind, gpu: int | None, value, message: str, action: Action) -> None:
@@ -614,3 +623,14 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
         if own_audit:
             audit.close()
     return agent
+
+
+def _relative_to_fleet(metrics: dict, stats: dict) -> dict[str, float]:
+    """A certificate's figures against the fleet median of the same burn-in (every burn-in metric
+    is better higher: TFLOP/s, GB/s, operations/s), as aidc_burnin_relative_perf's values."""
+    out = {}
+    for name, value in metrics.items():
+        median = (stats.get(name) or {}).get("median")
+        if isinstance(value, (int, float)) and isinstance(median, (int, float)) and median > 0:
+            out[str(name)] = round(float(value) / float(median), 4)
+    return out
