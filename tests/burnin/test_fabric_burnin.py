@@ -26,8 +26,10 @@ def fabric_spec(nodes: int, **burnin):
         "lab": {"fabric_rail_mbit": 200},
         "agent": {"device_timeout_s": 1.0},
         # Storage noise is not under test here (nodes share one disk): a wide tolerance. The fleet
-        # tolerance is also the pair tests' (a pair more than it below the median is slow).
-        "policy": {"burnin": {"fleet_tolerance": 0.5, "storage_tolerance": 0.95, "storage_bytes": 1 << 20,
+        # tolerance is also the pair tests' (a pair more than it below the median is slow). A node's
+        # busbw inside a collective carries every rank's scheduling noise on this shared host: the
+        # busbw fleet rule is specified on figures (test_judge.py), a bad rail by localisation here.
+        "policy": {"burnin": {"fleet_tolerance": 0.5, "busbw_fleet_tolerance": 0.9, "storage_tolerance": 0.95, "storage_bytes": 1 << 20,
                               "storage_files": 20, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 1 << 20, "allreduce_max_bytes": 4 << 20, "train_steps": 10,
                               **burnin}},

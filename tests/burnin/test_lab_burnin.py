@@ -26,7 +26,10 @@ def small_spec(nodes: int = 3, **burnin) -> object:
         "agent": {"device_timeout_s": 1.0},
         "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
-                              "min_busbw_fraction": 0.0, "storage_bytes": 1 << 20,
+                              # At 4-16 KiB a collective's time is mostly the scheduling of every rank on
+                              # this shared host (a node's busbw measured 38-72% below the others' under
+                              # load): the busbw fleet rule is specified on figures, in test_judge.py.
+                              "min_busbw_fraction": 0.0, "busbw_fleet_tolerance": 0.95, "storage_bytes": 1 << 20,
                               "storage_files": 20, "storage_tolerance": 0.95, **burnin}},
     })
 
@@ -69,7 +72,7 @@ def test_flipped_bit_on_one_rank_and_hung_device_on_another_fail_only_those_node
     with AuditLog(tmp_path / "audit.db") as audit:
         report = run_burnin(spec, dirs, audit, corrupt_nodes=frozenset({"n-0"}))
         certs = {r.node: r for r in audit.records(kind="burnin.certificate")}
-    assert report.verdicts == {"n-0": "fail", "n-1": "fail", "n-2": "pass"}
+    assert report.verdicts == {"n-0": "fail", "n-1": "fail", "n-2": "pass"}, report.reasons
     assert any("silent data corruption" in r for r in report.nodes["n-0"].reasons)
     assert any("did not return within" in r for r in report.nodes["n-1"].reasons)
     assert set(certs) == {"n-0", "n-1", "n-2"}
