@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from aidc.device import sim  # noqa: E402
 from aidc.events import FaultKind  # noqa: E402
 from aidc.health.agent import HealthAgent  # noqa: E402
 from aidc.health.stragglers import STEP_TIMES_FILE  # noqa: E402
+from aidc.polling import free_port  # noqa: E402
 from aidc.spec import StragglerPolicy  # noqa: E402
 from aidc.store import Store  # noqa: E402
 
@@ -55,12 +55,6 @@ import json, sys
 from aidc.lab.trainer import train
 sys.exit(train(json.loads(sys.argv[1])))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:
@@ -72,7 +66,7 @@ class Job:
         from aidc.kms.local import LocalKeyring
 
         keyring = LocalKeyring.create(lab / "keyring", "aidc-bench-key")
-        port = _free_port()
+        port = free_port()  # for torch's rendezvous store, which binds it later
         self.procs = []
         env = dict(os.environ, PYTHONPATH=str(ROOT / "agents"), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), WORLD_SIZE=str(len(nodes)), GLOO_SOCKET_IFNAME="lo")

@@ -24,8 +24,35 @@ def wait_for(what: str, predicate: Callable[[], T], timeout_s: float, poll_s: fl
     raise error(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on right now (the kernel picks it)."""
+# Ports handed to a daemon that binds them later are drawn below the kernel's ephemeral range:
+# a port the kernel picks for bind(0) is an ephemeral one, and between the pick and the daemon's
+# bind any outgoing connection on the host may take it (seen: a lab slurmd failing with "Address
+# already in use" while its peers connected). Nothing takes a port below the range unasked.
+LISTEN_PORTS_FROM = 20000
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """A TCP port on `host` that nothing listens on right now, below the ephemeral range when
+    there is room there (see LISTEN_PORTS_FROM), else one the kernel picks."""
+    import random
+
+    low = _ephemeral_low()
+    for _ in range(attempts if low - LISTEN_PORTS_FROM >= 1000 else 0):
+        port = random.randrange(LISTEN_PORTS_FROM, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use: another draw
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
