@@ -67,14 +67,19 @@ def test_a_degraded_rail_on_a_random_node_fails_that_nodes_certificate_with_node
 
     where = f"degraded {victim} rail {rail}"
     assert report.verdicts == {n: "fail" if n == victim else "pass" for n in dirs}, (where, report.reasons)
-    (reason,) = report.nodes[victim].reasons
+    # The localised rail is the victim's reason; on this shared host another of its figures may
+    # also miss the fleet by chance (seen once in CI), which fails the same node, so is no error.
+    localised = [r for r in report.nodes[victim].reasons if r.startswith(f"{victim} rail")]
+    assert len(localised) == 1, (where, report.nodes[victim].reasons)
+    (reason,) = localised
     measured = re.fullmatch(rf"{victim} rail {rail}: busbw (\d+)% of link rate \(fleet median (\d+)%\)", reason)
     assert measured, (where, reason)
     assert 10 <= int(measured[1]) <= 40 < 60 <= int(measured[2])  # ~30% of the link against a healthy fleet
     local = report.fleet["localisation"]
     assert local["ran"] and local["fleet_fraction"] < spec.policy.burnin.localise_below_fraction
     assert local["pair_tests"] <= 2 * (4 + 2)  # ring pairs per rail, plus a bisection at most: O(N)
-    assert certs[victim]["verdict"] == "fail" and certs[victim]["reasons"] == [reason]
+    assert certs[victim]["verdict"] == "fail" and reason in certs[victim]["reasons"]
+    assert certs[victim]["reasons"] == report.nodes[victim].reasons
     assert all(certs[n]["verdict"] == "pass" for n in dirs if n != victim)
     # The scaled rail rate, recorded with the scale: 0.2 Gbit/s = 0.025 GB/s (bus bandwidth's unit).
     assert report.fleet["link_rate_gbit_s"] == pytest.approx(0.2) and report.fleet["link_rate_gbps"] == pytest.approx(0.025)
