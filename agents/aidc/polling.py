@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,8 +43,6 @@ def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
 def free_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
     """A TCP port on `host` that nothing listens on right now, below the ephemeral range when
     there is room there (see LISTEN_PORTS_FROM), else one the kernel picks."""
-    import random
-
     low = _ephemeral_low()
     for _ in range(attempts if low - LISTEN_PORTS_FROM >= 1000 else 0):
         port = random.randrange(LISTEN_PORTS_FROM, low)

@@ -30,9 +30,10 @@ def with_collectives(nodes, **busbw_by_node):
     return nodes
 
 
-def run(nodes, floors=None, tolerance=0.25, min_loss_drop=0.1, min_busbw_fraction=0.25, busbw_tolerance=None):
+def run(nodes, floors=None, tolerance=0.25, min_loss_drop=0.1, min_busbw_fraction=0.25, busbw_tolerance=None,
+        bad_link_on=frozenset()):
     return judge(nodes, floors or {}, tolerance, min_loss_drop, link_rate_gbps=LINK_GBPS,
-                 min_busbw_fraction=min_busbw_fraction, busbw_tolerance=busbw_tolerance)
+                 min_busbw_fraction=min_busbw_fraction, busbw_tolerance=busbw_tolerance, bad_link_on=bad_link_on)
 
 
 def test_a_healthy_fleet_with_noise_inside_the_tolerance_passes():
@@ -127,6 +128,15 @@ def test_a_collective_below_the_policy_fraction_of_the_link_rate_fails_naming_th
     for n in nodes.values():
         assert n.reasons == ["all_gather busbw 0.2 GB/s (largest sizes, up to 4194304 B) is 16.0% of the link rate"
                              " 1.25 GB/s (policy floor 25%)"]
+
+
+def test_a_floor_miss_that_a_localised_bad_link_explains_is_a_note_on_every_node():
+    nodes = with_collectives(fleet(a=2.4, b=2.4, c=2.4), a=0.2, b=0.2, c=0.2)
+    run(nodes, min_busbw_fraction=0.25, bad_link_on={"b"})
+    for n in nodes.values():
+        assert n.passed and n.reasons == []  # the caller fails b with the localised reason
+        assert ("all_gather busbw 0.2 GB/s (largest sizes, up to 4194304 B) is 16.0% of the link rate 1.25 GB/s"
+                " (policy floor 25%): the fleet figure, explained by the bad link localised on b") in n.notes
 
 
 def test_a_zero_busbw_floor_checks_nothing_but_the_fleet_still_compares():

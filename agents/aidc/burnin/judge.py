@@ -38,16 +38,6 @@ from aidc.burnin.storage import STORAGE_METRICS
 # (`busbw_fleet_tolerance`).
 FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps") + STORAGE_METRICS
 
-# Marks a collective's busbw below the policy floor in a reason (see is_floor_reason).
-POLICY_FLOOR = "(policy floor"
-
-
-def is_floor_reason(reason: str) -> bool:
-    """A collective's busbw below `min_busbw_fraction` of the link rate: a fleet-wide figure,
-    which one bad link drags down for every rank alike."""
-    return POLICY_FLOOR in reason
-
-
 # FSDP and pipeline runs compute DDP's averaged gradient in another order: their parameters
 # may differ from DDP's by float rounding only (measured ~1e-7 after 20 steps of the burn-in model).
 PARALLEL_MATCH_TOLERANCE = 1e-4
@@ -86,13 +76,17 @@ def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
 
 def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tolerance: float,
           min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
-          busbw_tolerance: float | None = None, metric_tolerance: dict[str, float] | None = None) -> dict:
+          busbw_tolerance: float | None = None, metric_tolerance: dict[str, float] | None = None,
+          bad_link_on: frozenset[str] | set[str] = frozenset()) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
     `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
     `min_busbw_fraction`: the policy floor for every collective's busbw. `busbw_tolerance`:
     the fleet tolerance for the collectives' busbw (default: `tolerance`); `metric_tolerance`
-    overrides `tolerance` per metric (storage has its own).
+    overrides `tolerance` per metric (storage has its own). `bad_link_on`: nodes whose bad link
+    burn-in localised; a collective's busbw is a fleet figure that one bad link drags down for
+    every rank alike, so its floor miss is then a note everywhere (the culprit fails with the
+    localised reason, added by the caller).
     """
     stats = fleet_stats(nodes)
 
@@ -128,7 +122,7 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
             elif n.metrics[metric] < floor:
                 n.reasons.append(f"{metric} {_fmt(n.metrics[metric])} {unit} is below the {n.gpu_model}"
                                  f" floor {_fmt(floor)} {unit}")
-        n.reasons += _collective_reasons(n, link_rate_gbps, min_busbw_fraction)
+        n.reasons += _collective_reasons(n, link_rate_gbps, min_busbw_fraction, ", ".join(sorted(bad_link_on)))
         n.reasons += _training_reasons(n, min_loss_drop)
     for mode, what in TRAINING_NAMES.items():
         digests = {name: n.run(mode)["param_digest"] for name, n in nodes.items() if n.run(mode)}
@@ -139,7 +133,8 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
     return stats
 
 
-def _collective_reasons(n: NodeResult, link_rate_gbps: float | None, min_fraction: float) -> list[str]:
+def _collective_reasons(n: NodeResult, link_rate_gbps: float | None, min_fraction: float,
+                        bad_link_on: str = "") -> list[str]:
     reasons = []
     for op, rows in n.collectives.items():
         wrong = [r["bytes"] for r in rows if not r["correct"]]
@@ -147,9 +142,13 @@ def _collective_reasons(n: NodeResult, link_rate_gbps: float | None, min_fractio
             reasons.append(f"{op} returned a wrong result on this node (at {', '.join(map(str, wrong))} B)")
         value = n.metrics.get(metric_name(op))
         if rows and value is not None and link_rate_gbps and value < min_fraction * link_rate_gbps:
-            reasons.append(f"{op} busbw {_fmt(value)} GB/s (largest sizes, up to {rows[-1]['bytes']} B) is"
-                           f" {value / link_rate_gbps:.1%} of the link rate {_fmt(link_rate_gbps)} GB/s"
-                           f" {POLICY_FLOOR} {min_fraction:.0%})")
+            miss = (f"{op} busbw {_fmt(value)} GB/s (largest sizes, up to {rows[-1]['bytes']} B) is"
+                    f" {value / link_rate_gbps:.1%} of the link rate {_fmt(link_rate_gbps)} GB/s"
+                    f" (policy floor {min_fraction:.0%})")
+            if bad_link_on:
+                n.notes.append(f"{miss}: the fleet figure, explained by the bad link localised on {bad_link_on}")
+            else:
+                reasons.append(miss)
     return reasons
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
-from aidc.burnin.judge import is_floor_reason, judge
+from aidc.burnin.judge import judge
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
@@ -308,26 +308,18 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
                    fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
+    first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
+    localisation = first.get("localisation") or {}
+    culprits = localisation.get("culprits", [])
     stats = judge(results, {n.name: spec.floors(n.gpu_model) for n in nodes}, policy.fleet_tolerance,
                   policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction,
                   busbw_tolerance=policy.busbw_fleet_tolerance,
-                  metric_tolerance={m: policy.storage_tolerance for m in STORAGE_METRICS})
-    first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
-    localisation = first.get("localisation")
-    for culprit in (localisation or {}).get("culprits", []):  # a named bad link fails its node
+                  metric_tolerance={m: policy.storage_tolerance for m in STORAGE_METRICS},
+                  bad_link_on={c["node"] for c in culprits})
+    for culprit in culprits:  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
         results[culprit["node"]].passed = False
-    culprits = {c["node"] for c in (localisation or {}).get("culprits", [])}
-    if culprits:  # one bad link slows every rank's collectives: the floor's verdict is the culprit's
-        named = ", ".join(sorted(culprits))
-        for name, r in results.items():
-            # The culprit fails with the localised reason; the fleet figure is a note everywhere.
-            floor = [x for x in r.reasons if is_floor_reason(x)]
-            if floor:
-                r.reasons = [x for x in r.reasons if not is_floor_reason(x)]
-                r.notes += [f"{x}: the fleet figure, explained by the bad link localised on {named}" for x in floor]
-                r.passed = not r.reasons
-    for unresolved in (localisation or {}).get("unresolved", []):  # evidence on both ends, no verdict
+    for unresolved in localisation.get("unresolved", []):  # evidence on both ends, no verdict
         for name in (unresolved["a"], unresolved["b"]):
             results[name].notes.append(unresolved["note"])
     step_times = {mode: statistics.median(times) for mode in TRAINING_MODES
@@ -350,7 +342,7 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
         "fabric": ({"kind": "netns", "rails": fabric.rails, "spec_link_gbps": fabric.spec_link_gbps,
                     "scale": fabric.scale, "rail_mbit": fabric.rail_mbit} if fabric is not None
                    else {"kind": spec.fabric.kind if spec.fabric.kind != "netns" else "loopback", "rails": 0}),
-        "localisation": localisation,
+        "localisation": first.get("localisation"),  # None where it did not run
         "memcpy_counting": "read+write (2 x bytes per copy, like a device-to-device copy)",
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,

@@ -169,7 +169,7 @@ class StragglerJudge:
         speeds = [_lower_quartile(v) for v in per_rank]  # see "slow compute" above
         others = speeds[:me] + speeds[me + 1:]
         centre = statistics.median(others)
-        spread = statistics.fmean(abs(v - centre) for v in others)  # see "slow compute" above
+        spread = statistics.fmean(abs(v - centre) for v in others)
         z = 0.798 * (speeds[me] - centre) / spread if spread > 0 else robust_z(speeds[me], centre, 0.0)
         wait_medians = [statistics.median(v) for v in waits]
         wait_z = robust_z(wait_medians[me], statistics.median(wait_medians), mad(wait_medians))

@@ -118,6 +118,9 @@ class LabRun:
         self.result = LabResult(scheduler=scheduler)
         self.actor = default_actor("lab")
         self.audit: AuditLog | None = None  # opened by bring_up(), once the lab directory exists
+        # Training progress lines, one reporter for the whole run (made when training starts): the
+        # membership it said last is what a new one is told apart from.
+        self.progress: TrainingProgress | None = None
 
     @property
     def slurm(self) -> bool:
@@ -227,7 +230,6 @@ class LabRun:
     def _train_and_fail_over(self) -> None:
         lab = self.spec.lab
         self.start_training()
-        # One for the whole run: the membership it said last is what a new one is told apart from.
         self.progress = progress = TrainingProgress(self.steps_log, lab.train_steps, self.say)
         last = _wait(f"step {lab.inject_at_step}",
                      lambda: progress() or next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
@@ -324,8 +326,7 @@ class LabRun:
 
     def finish_training(self) -> None:
         c = self.cluster
-        progress = getattr(self, "progress", None) or TrainingProgress(self.steps_log, self.spec.lab.train_steps,
-                                                                       self.say)
+        progress = self.progress or TrainingProgress(self.steps_log, self.spec.lab.train_steps, self.say)
         _wait("the end of training", lambda: progress() or (c.dir / "train" / "done.json").exists(), 600, poll_s=0.2)
         # Let the launchers exit on their own (barrier, teardown) before anything is stopped.
         if self.slurm:
