@@ -91,8 +91,12 @@ class Lease:
         self.generation = None
 
     def describe(self) -> dict:
+        try:
+            current = self.current()
+        except OSError as exc:  # described also when the directory cannot be read (audited as such)
+            current = {"error": str(exc)}
         return {"holder": self.holder, "generation": self.generation, "dir": str(self.dir), "ttl_s": self.ttl_s,
-                "current": self.current()}
+                "current": current}
 
     def current(self) -> dict | None:
         """Who holds the newest generation, as written in its file."""
@@ -109,6 +113,8 @@ class Lease:
     def _private_dir(self) -> None:
         private_dir(self.dir)
         st = os.stat(self.dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(f"lease directory {self.dir} is not a directory")
         if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
             os.chmod(self.dir, DIR_MODE)  # made by an older aidc under the umask: who can write it can stop failover
 
