@@ -161,7 +161,7 @@ class FailoverController:
         else:
             try:
                 now_held, error = lease.hold(), None
-            except OSError as exc:  # the lease directory is unusable: not knowing means not acting
+            except Exception as exc:  # an unusable lease (directory, API server): not knowing means not acting
                 now_held, error = False, str(exc)
             if error != self._lease_error:
                 self._lease_error = error
