@@ -226,3 +226,11 @@ def test_whatever_the_lease_directory_holds_one_of_two_contenders_takes_over_wit
     # From the fifth poll on (the state seen for ttl_s), exactly one holds, and always the same one.
     later = holders_per_poll[4:]
     assert all(len(h) == 1 for h in later) and len({h[0] for h in later}) == 1, (entries, holders_per_poll)
+
+
+def test_a_holder_whose_lease_directory_cannot_be_read_does_not_act_and_does_not_crash(tmp_path):
+    a = Lease(tmp_path / "lease", "a", ttl_s=3, clock=Clock())
+    assert a.hold() and a.held()
+    (tmp_path / "lease").rename(tmp_path / "gone")
+    (tmp_path / "lease").write_text("a file where the directory was")
+    assert a.held() is False

@@ -54,8 +54,8 @@ class Lease:
         self.generation: int | None = None   # the generation this process holds
         self._renewed_at = 0.0
         self._beats = 0
-        # Observation of somebody else's lease: (generation, beat text, when it last changed).
-        self._seen: tuple[int, str, float] | None = None
+        # Observation of somebody else's lease: (generation, beat as read, when it last changed).
+        self._seen: tuple[int, tuple | None, float] | None = None
 
     # -- public ------------------------------------------------------------------------
     def hold(self) -> bool:
@@ -82,8 +82,12 @@ class Lease:
     def held(self) -> bool:
         """Whether acting now is safe: we hold the newest generation and renewed recently."""
         margin = min(1.0, self.ttl_s / 4)
-        return (self.generation is not None and self._top() == self.generation
-                and self.clock() - self._renewed_at < self.ttl_s - margin)
+        if self.generation is None or self.clock() - self._renewed_at >= self.ttl_s - margin:
+            return False
+        try:
+            return self._top() == self.generation
+        except OSError:  # the directory cannot be read: not knowing means not acting
+            return False
 
     def release(self) -> None:
         if self.generation is not None and self._top() == self.generation:
