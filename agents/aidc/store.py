@@ -132,6 +132,10 @@ class Store:
         )
         return int(cur.lastrowid) if cur.rowcount else None
 
+    def event_key(self, event_id: int) -> str | None:
+        row = self._db.execute("SELECT key FROM events WHERE id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
+
     def has_key(self, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM events WHERE key = ?", (key,)).fetchone() is not None
 
