@@ -123,3 +123,15 @@ def test_a_relay_listing_that_does_not_fit_the_cluster_is_a_spec_error(relays, w
     with pytest.raises(SpecError) as err:
         _spec(transport={"relays": relays})
     assert where in str(err.value)
+
+
+@pytest.mark.parametrize("version, fits", [("1.29", False), ("1.29.9", False), ("1.30", True), ("1.33.4", True)])
+def test_the_kubernetes_version_must_carry_the_agents_node_binding(version, fits):
+    # ValidatingAdmissionPolicy v1 and the node name in service account tokens arrived in 1.30.
+    cluster = {"software": {"kubernetes_version": version}}
+    if fits:
+        assert _spec(**cluster).software.kubernetes_version == version
+    else:
+        with pytest.raises(SpecError) as err:
+            _spec(**cluster)
+        assert err.value.key.endswith("software.kubernetes_version")

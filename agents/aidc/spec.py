@@ -174,6 +174,9 @@ class Kms(_Strict):
         return self
 
 
+MIN_KUBERNETES_MINOR = 30
+
+
 class Software(_Strict):
     driver_branch: ShortText = "570"
     cuda_version: ShortText = "12.8"
@@ -185,6 +188,16 @@ class Software(_Strict):
     # Pinned Helm chart versions; the custom-resource field checks in tests/infra are tied to these.
     gpu_operator_chart: ShortText = "v26.7.0"
     network_operator_chart: ShortText = "26.4.1"
+
+    @field_validator("kubernetes_version")
+    @classmethod
+    def _binds_agents_to_nodes(cls, value: str) -> str:
+        # The agent node-binding admission policy (infra/aidc_infra/agent_binding.py) needs
+        # ValidatingAdmissionPolicy v1 and the node name in service account tokens: both 1.30.
+        if int(value.split(".")[1]) < MIN_KUBERNETES_MINOR:
+            raise ValueError(f"1.{MIN_KUBERNETES_MINOR} or later (agents are bound to their nodes by a "
+                             f"ValidatingAdmissionPolicy), not {value!r}")
+        return value
 
     @property
     def kubernetes_minor(self) -> str:
