@@ -135,3 +135,14 @@ def test_the_kubernetes_version_must_carry_the_agents_node_binding(version, fits
         with pytest.raises(SpecError) as err:
             _spec(**cluster)
         assert err.value.key.endswith("software.kubernetes_version")
+
+
+def test_on_a_shared_store_the_key_names_the_writing_agent_so_a_lab_agent_cannot_speak_for_another(env):
+    store, audit = env
+    sched = RecordingScheduler()
+    ctl = FailoverController(_spec(), store, audit, sched)
+    with store.transaction():
+        store.append(_fault("gpu-1"), source="gpu-0")  # the agent of gpu-0, writing gpu-1's fault
+        store.append(_fault("gpu-2"), source="gpu-2")
+    assert [(d.node, d.verdict) for d in ctl.run_once()] == [("gpu-1", "refused_source"), ("gpu-2", "quarantine")]
+    assert sched.calls == [("quarantine", "gpu-2")]
