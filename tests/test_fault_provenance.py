@@ -7,25 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aidc.audit import AuditLog
 from aidc.errors import SpecError
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import FailoverController
 from aidc.failover.provenance import key_node, speaks_for
 from aidc.spec import parse_spec
-from aidc.store import Store
+from tests.test_failover import RecordingScheduler
+from tests.test_failover_escalation import env  # noqa: F401  (the fixture: a store and an audit log)
 
 STORE_ID = "0123456789abcdef0123456789abcdef"
-
-
-class RecordingScheduler:
-    name = "recording"
-
-    def __init__(self):
-        self.calls: list[tuple[str, str]] = []
-
-    def quarantine(self, node, reason, event=None):
-        self.calls.append(("quarantine", node))
 
 
 def _spec(**extra):
@@ -37,14 +27,6 @@ def _spec(**extra):
 def _fault(node: str, observed_at: float = 1000.0) -> FaultEvent:
     return FaultEvent(node, FaultKind.XID, Action.REBOOT_NODE, "XID 79", "kmsg", gpu=0, xid=79,
                       observed_at=observed_at)
-
-
-@pytest.fixture
-def env(tmp_path):
-    store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
-    yield store, audit
-    store.close()
-    audit.close()
 
 
 @pytest.mark.parametrize("source, named", [("gpu-0", ["gpu-1"]), ("gpu-0", ["gpu-1", "gpu-2"]),
