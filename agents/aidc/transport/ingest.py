@@ -4,10 +4,10 @@ Only a client certificate from the configured CA gets past the handshake. A node
 only its own faults: every event's node must be the certificate's common name or one of its
 DNS subjectAltNames, or a node the spec lists for a relay the certificate names (`relays`,
 from `transport.relays` for the names given with `--allow-client`); a batch with any other node
-is refused whole with 403, logged and audited once (aidc.failover.provenance). A valid batch is inserted under its idempotency
-keys (INSERT OR IGNORE) and committed before the answer, so a 200 means the events are
-durable, and a batch sent again after a lost answer changes nothing. The failover loop picks
-the new events up from the store like any other.
+is refused whole with 403, logged and audited once (aidc.failover.provenance). A valid batch is
+inserted under its idempotency keys (INSERT OR IGNORE) and committed before the answer, so a
+200 means the events are durable, and a batch sent again after a lost answer changes nothing.
+The failover loop picks the new events up from the store like any other.
 """
 
 from __future__ import annotations
