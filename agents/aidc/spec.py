@@ -174,6 +174,9 @@ class Kms(_Strict):
         return self
 
 
+MIN_KUBERNETES_MINOR = 30
+
+
 class Software(_Strict):
     driver_branch: ShortText = "570"
     cuda_version: ShortText = "12.8"
@@ -185,6 +188,16 @@ class Software(_Strict):
     # Pinned Helm chart versions; the custom-resource field checks in tests/infra are tied to these.
     gpu_operator_chart: ShortText = "v26.7.0"
     network_operator_chart: ShortText = "26.4.1"
+
+    @field_validator("kubernetes_version")
+    @classmethod
+    def _binds_agents_to_nodes(cls, value: str) -> str:
+        # The agent node-binding admission policy (infra/aidc_infra/agent_binding.py) needs
+        # ValidatingAdmissionPolicy v1 and the node name in service account tokens: both 1.30.
+        if int(value.split(".")[1]) < MIN_KUBERNETES_MINOR:
+            raise ValueError(f"1.{MIN_KUBERNETES_MINOR} or later (agents are bound to their nodes by a "
+                             f"ValidatingAdmissionPolicy), not {value!r}")
+        return value
 
     @property
     def kubernetes_minor(self) -> str:
@@ -434,6 +447,19 @@ class Access(_Strict):
                           Literal["viewer", "operator", "approver"]], Field(max_length=1024)] = {}
 
 
+CertName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")]
+
+
+class Transport(_Strict):
+    """Who may report faults for whom over the controller's HTTPS listener (aidc.transport.ingest).
+    An agent's certificate names its node and speaks for that node only; a relay (a certificate
+    name the controller admits with `--allow-client`) speaks for exactly the nodes listed for it
+    here, never for the whole cluster (aidc.failover.provenance)."""
+    relays: Annotated[dict[CertName, Annotated[list[Annotated[str, Field(max_length=253)]],
+                                               Field(min_length=1, max_length=MAX_NODES)]],
+                      Field(max_length=1024)] = {}
+
+
 class NotifyTarget(_Strict):
     """Where a runbook's `notify` step also goes (aidc.runbook.notifiers): Slack (incoming
     webhook) or PagerDuty (Events API v2). The secret (webhook URL, routing key) comes from the
@@ -469,6 +495,7 @@ class ClusterSpec(_Strict):
     kubernetes: Kubernetes = Kubernetes()
     lab: Lab = Lab()
     access: Access = Access()
+    transport: Transport = Transport()
     notify: Annotated[list[NotifyTarget], Field(max_length=16)] = []
 
     @field_validator("node_pools")
@@ -493,6 +520,17 @@ class ClusterSpec(_Strict):
                 raise ValueError(f"unique node names, but {node.name!r} comes from both pool {owner[node.name]!r} "
                                  f"and pool {node.pool!r}; rename one pool")
             owner[node.name] = node.pool
+        return self
+
+    @model_validator(mode="after")
+    def _relays_list_nodes_of_this_cluster(self) -> "ClusterSpec":
+        if self.transport.relays:
+            known = {n.name for n in self.nodes()}
+            for relay, nodes in self.transport.relays.items():
+                unknown = sorted(set(nodes) - known)
+                if unknown:
+                    raise ValueError(f"transport.relays.{relay} lists {', '.join(map(repr, unknown[:5]))}, "
+                                     f"not a node of this cluster")
         return self
 
     @model_validator(mode="after")

@@ -112,15 +112,18 @@ class Store:
             self._db.execute("COMMIT")
 
     # events -----------------------------------------------------------------
-    def append(self, event: FaultEvent) -> int:
-        """A fault observed here; keyed `<node>:<store id>:<event id>`. Call inside a transaction
-        (the insert and its key are two statements)."""
+    def append(self, event: FaultEvent, source: str | None = None) -> int:
+        """A fault observed here; keyed `<source>:<store id>:<event id>`, where the source is the
+        node whose agent writes it (default: the event's node). Failover refuses an event whose
+        key names another node than the event (aidc.failover.provenance). Call inside a
+        transaction (the insert and its key are two statements)."""
         cur = self._db.execute(
             "INSERT INTO events(node, payload, created_at) VALUES (?, ?, ?)",
             (event.node, event.to_json(), time.time()),
         )
         event_id = int(cur.lastrowid)
-        self._db.execute("UPDATE events SET key = ? WHERE id = ?", (f"{event.node}:{self.store_id}:{event_id}", event_id))
+        key = f"{source or event.node}:{self.store_id}:{event_id}"
+        self._db.execute("UPDATE events SET key = ? WHERE id = ?", (key, event_id))
         return event_id
 
     def ingest(self, key: str, event: FaultEvent) -> int | None:
@@ -131,6 +134,10 @@ class Store:
             (event.node, event.to_json(), now, key, now),
         )
         return int(cur.lastrowid) if cur.rowcount else None
+
+    def event_key(self, event_id: int) -> str | None:
+        row = self._db.execute("SELECT key FROM events WHERE id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
 
     def has_key(self, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM events WHERE key = ?", (key,)).fetchone() is not None

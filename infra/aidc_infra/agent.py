@@ -2,8 +2,9 @@
 
 The agent detects and reports; it never acts on the cluster. Its RBAC is exactly what
 reporting needs, as node-problem-detector's: patch its node's status (the AidcGpuHealthy
-condition) and create Events. Quarantine belongs to the failover controller (controller.py).
-The policy pack rejects wildcards.
+condition) and create Events; RBAC cannot name "its node", so an admission policy binds each
+agent to the node its token names (agent_binding.py). Quarantine belongs to the failover
+controller (controller.py). The policy pack rejects wildcards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pulumi
 import yaml
+from pulumi_kubernetes.admissionregistration.v1 import ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding
 from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.apps.v1 import DaemonSet
 from pulumi_kubernetes.core.v1 import ConfigMap, Service, ServiceAccount
@@ -21,6 +23,7 @@ from pulumi_kubernetes.rbac.v1 import ClusterRole, ClusterRoleBinding
 
 from aidc.errors import AidcError
 from aidc.spec import CONFIG_KEY, ClusterSpec
+from aidc_infra import agent_binding
 from aidc_infra.common import AGENT_NAMESPACE, GPU_TAINT, LABEL_DOMAIN, PKG, SPARE_TAINT, managed_labels
 
 MONITORING_API = "monitoring.coreos.com/v1"  # pinned: prometheus-operator v0.93.0
@@ -161,6 +164,13 @@ class NodeAgent(pulumi.ComponentResource):
             f"{name}-binding", metadata={"name": APP, "labels": labels},
             role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": APP},
             subjects=[{"kind": "ServiceAccount", "name": APP, "namespace": ns}], opts=child)
+        self.own_node_policy = ValidatingAdmissionPolicy(
+            f"{name}-own-node", metadata={"name": agent_binding.POLICY_NAME, "labels": labels},
+            spec=pulumi.Output.from_input(ns).apply(lambda n: agent_binding.policy_spec(APP, n)), opts=child)
+        self.own_node_binding = ValidatingAdmissionPolicyBinding(
+            f"{name}-own-node-binding", metadata={"name": agent_binding.POLICY_NAME, "labels": labels},
+            spec=agent_binding.binding_spec(), opts=pulumi.ResourceOptions(parent=self,
+                                                                           depends_on=[self.own_node_policy]))
         self.config = ConfigMap(f"{name}-spec", metadata=meta("aidc-cluster-spec"),
                                 data={f"Pulumi.{spec.name}.yaml": stack_document(spec)}, opts=child)
         self.daemonset = DaemonSet(
@@ -168,7 +178,8 @@ class NodeAgent(pulumi.ComponentResource):
             spec={"selector": {"matchLabels": selector},
                   "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
                   "template": {"metadata": {"labels": labels}, "spec": pod_spec(spec)}},
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.config, self.binding]))
+            # The agents start only once they are bound to their nodes.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.config, self.binding, self.own_node_binding]))
         self.service = Service(
             f"{name}-service", metadata=meta(APP),
             spec={"clusterIP": "None", "selector": selector,

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from aidc.audit import AuditLog
 from aidc.events import Action, FaultEvent, FaultKind
+from aidc.failover.controller import FailoverController
 from aidc.failover.k8s_faults import KubernetesFaultSource, NodeWatch, fault_condition, fault_from_condition
 from aidc.failover.kubernetes import KubernetesScheduler
 from aidc.health.k8s_publisher import NodeFaultPublisher
-from aidc.spec import Kubernetes
+from aidc.spec import Kubernetes, parse_spec
 from aidc.store import Store
 
 XID79 = FaultEvent(node="gpu-1", kind=FaultKind.XID, action=Action.REBOOT_NODE,
@@ -91,3 +95,61 @@ def test_the_source_keeps_going_while_the_api_server_is_away(apiserver, tmp_path
     stop.set()
     t.join(5)
     assert errors and len(store.pending()) == 1
+
+
+# --- a node speaks only for itself ------------------------------------------------------------------
+# The incident: one agent set AidcGpuHealthy=False on two healthy nodes (the fake server, like an API
+# server without aidc's admission policy, lets it). The condition names the fault's source in its key
+# (`<node>:<store id>:<id>`); a condition on one node whose key names another is refused, audited.
+
+def _source(apiserver, store, audit):
+    return KubernetesFaultSource(store, NodeWatch(apiserver.client("controller"), timeout_s=1), audit=audit)
+
+
+@pytest.mark.parametrize("source, targets", [("gpu-0", ["gpu-1"]), ("gpu-0", ["gpu-1", "gpu-2"]),
+                                             ("gpu-2", ["gpu-0", "gpu-1"])])
+def test_a_fault_condition_on_a_node_its_key_does_not_name_is_refused_audited_and_never_stored(
+        apiserver, tmp_path, source, targets):
+    for i in range(3):
+        apiserver.add_node(f"gpu-{i}")
+    store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+    agent = apiserver.client("agent")
+    for target in targets:
+        NodeFaultPublisher(agent, target).publish(f"{source}:s:1", XID79)
+    watcher = _source(apiserver, store, audit)
+    watcher.watch.watch_once(watcher.handle)
+    assert store.pending() == []
+    refused = [r for r in audit.records() if r.kind == "transport.refused"]
+    assert sorted((r.node, r.payload["source"], r.payload["transport"]) for r in refused) == \
+        [(t, source, "kubernetes") for t in sorted(targets)]
+    # Seen again (a relist, another update of the node, a restarted controller): not audited again.
+    apiserver.compact()
+    watcher.watch.watch_once(watcher.handle)
+    watcher.watch.watch_once(watcher.handle)
+    restarted = _source(apiserver, Store(tmp_path / "state.db"), audit)
+    restarted.watch.watch_once(restarted.handle)
+    assert len([r for r in audit.records() if r.kind == "transport.refused"]) == len(targets)
+    assert store.pending() == []
+    # The node's own agent still reports its own fault.
+    NodeFaultPublisher(agent, targets[0]).publish(f"{targets[0]}:s:7", XID79)
+    restarted.watch.watch_once(restarted.handle)
+    assert [e.node for _, e in store.pending()] == [targets[0]]
+
+
+def test_faults_written_on_other_nodes_quarantine_nothing_and_leave_the_breaker_alone(apiserver, tmp_path):
+    spec = parse_spec({"name": "k8s-test", "device_backend": "nvml", "scheduler": "kubernetes",
+                       "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "H100", "gpus_per_node": 8}],
+                       "policy": {"max_unavailable": 2, "breaker": {"max_quarantines": 1}},
+                       "kubernetes": {"promote_spares": False}})
+    for i in range(4):
+        apiserver.add_node(f"gpu-{i}", labels={"aidc.dev/pool": "gpu"})
+    store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+    ctl = FailoverController(spec, store, audit, KubernetesScheduler(apiserver.client("ctl"), spec.kubernetes))
+    agent = apiserver.client("agent")
+    for target in ("gpu-1", "gpu-2", "gpu-3"):
+        NodeFaultPublisher(agent, target).publish("gpu-0:s:1", XID79)
+    watcher = _source(apiserver, store, audit)
+    watcher.watch.watch_once(watcher.handle)
+    assert ctl.run_once() == []
+    assert [w for w in apiserver.writes("ctl") if "/nodes/" in w[1]] == []
+    assert not ctl.gate.breaker().get("open") and ctl.gate.recent_quarantines() == []

@@ -21,8 +21,8 @@ def pki(tmp_path_factory):
 def controller(pki, tmp_path):
     made: list[Controller] = []
 
-    def make(allowed=frozenset(), start: bool = True) -> Controller:
-        c = Controller(pki, tmp_path / "controller", allowed)
+    def make(relays=None, start: bool = True) -> Controller:
+        c = Controller(pki, tmp_path / "controller", relays or {})
         (tmp_path / "controller").mkdir(exist_ok=True)
         made.append(c)
         return c.start() if start else c

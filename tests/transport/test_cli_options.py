@@ -26,3 +26,13 @@ def test_transport_options_that_do_not_fit_are_one_error_line(aidc_cli, tmp_path
     proc = aidc_cli(*args, *extra, cwd=tmp_path)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "lab").exists()  # nothing was started or created
+
+
+def test_a_relay_the_spec_does_not_list_is_one_error_line(aidc_cli, tmp_path, pki):
+    # The lab stack lists no relays (transport.relays): --allow-client names nothing it may speak for.
+    tls = ("--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key),
+           "--client-ca", str(pki["ca"].cert_file))
+    proc = aidc_cli("failover", "run", "--listen", "127.0.0.1:0", *tls, "--allow-client", "relay",
+                    "--lab-dir", str(tmp_path / "lab"), cwd=tmp_path)
+    assert proc.returncode == 2 and "--allow-client relay: not a relay of stack lab" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "lab").exists()

@@ -112,11 +112,33 @@ def test_a_certificate_for_one_node_cannot_report_faults_of_another(controller, 
     audit.close()
 
 
-def test_a_relay_named_on_the_allowed_list_may_report_for_any_node(controller, pki, agent_store):
-    ctl = controller(allowed={"relay"})
+def test_a_relay_may_report_for_the_nodes_the_spec_lists_for_it(controller, pki, agent_store):
+    ctl = controller(relays={"relay": {"gpu-1"}})
     append(agent_store, fault("gpu-1"))
     assert forwarder(agent_store.path, "gpu-1", ctl, pki, cert="relay").forward_once(agent_store) == 1
     assert [e.node for _, e in received(ctl)] == ["gpu-1"]
+
+
+@pytest.mark.parametrize("listed", [set(), {"gpu-1"}, {"gpu-1", "gpu-2"}])
+def test_a_relay_may_not_report_for_a_node_the_spec_does_not_list_for_it(controller, pki, tmp_path, listed):
+    ctl = controller(relays={"relay": listed} if listed else {})
+    store = Store(tmp_path / "relayed.db")
+    for node in ("gpu-0", "gpu-3", "gpu-1", "gpu-0"):
+        append(store, fault(node))
+    fwd = [forwarder(store.path, node, ctl, pki, cert="relay") for node in ("gpu-0", "gpu-3")]
+    for f in fwd:
+        with pytest.raises(TransportError, match="403: certificate CN=relay may not report faults of node"):
+            f.forward_once(store)
+    assert received(ctl) == []
+    audit = AuditLog(ctl.audit_path)
+    refusals = [r for r in audit.records() if r.kind == "transport.refused"]
+    # One record per refused batch, however many of its events it names (two for gpu-0 here).
+    assert [(r.node, r.payload["count"], r.payload["transport"]) for r in refusals] == \
+        [("gpu-0", 2, "https"), ("gpu-3", 1, "https")]
+    audit.close()
+    if "gpu-1" in listed:
+        assert forwarder(store.path, "gpu-1", ctl, pki, cert="relay").forward_once(store) == 1
+    store.close()
 
 
 def test_a_client_certificate_from_another_ca_is_refused_in_the_handshake(controller, pki, agent_store):
@@ -129,7 +151,7 @@ def test_a_client_certificate_from_another_ca_is_refused_in_the_handshake(contro
 
 
 def test_events_of_a_node_not_in_the_cluster_are_refused(controller, pki, tmp_path):
-    ctl = controller(allowed={"relay"})
+    ctl = controller(relays={"relay": {"gpu-0"}})
     store = Store(tmp_path / "stray.db")
     append(store, fault("gpu-99"))
     with pytest.raises(TransportError, match="422: 'gpu-99' is not a node of this cluster"):

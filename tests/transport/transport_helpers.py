@@ -31,8 +31,8 @@ def agent_tls(pki, name: str) -> ClientTLS:
 class Controller:
     """The controller's listener on a fixed loopback port, stoppable and restartable."""
 
-    def __init__(self, pki, directory: Path, allowed=frozenset()):
-        self.pki, self.directory, self.allowed = pki, directory, set(allowed)
+    def __init__(self, pki, directory: Path, relays: dict[str, set[str]] | None = None):
+        self.pki, self.directory, self.relays = pki, directory, dict(relays or {})
         self.port = polling.free_port()
         self.store_path, self.audit_path = directory / "state.db", directory / "audit.db"
         self.lines: list[str] = []
@@ -42,7 +42,7 @@ class Controller:
     def start(self) -> "Controller":
         tls = TLSConfig(self.pki["server"].cert, self.pki["server"].key, self.pki["ca"].cert_file)
         self.server = IngestServer(self.store_path, self.audit_path, set(NODES), tls, "127.0.0.1", self.port,
-                                   allowed_clients=self.allowed, log=self.lines.append)
+                                   relays=self.relays, log=self.lines.append)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return self

@@ -65,14 +65,26 @@ def _listen_options(listen: str | None, cert: Path | None, key: Path | None, cli
     return host.strip("[]"), int(port), tls
 
 
-def _listener(ctl, options, allow_client: list[str]):
+def _relays(stack: str, allow_client: list[str]) -> dict[str, list[str]]:
+    """The nodes each --allow-client relay may report for: what the spec lists for it, never more."""
+    if not allow_client:
+        return {}
+    listed = load_stack(stack).transport.relays
+    for name in allow_client:
+        if name not in listed:
+            raise AidcError(f"--allow-client {name}: not a relay of stack {stack} (transport.relays lists the "
+                            "nodes each relay may report for)")
+    return {name: listed[name] for name in allow_client}
+
+
+def _listener(ctl, options, relays: dict[str, list[str]]):
     """The HTTPS listener for agents on other hosts (aidc.transport.ingest)."""
     from aidc.transport.ingest import IngestServer
 
     host, port, tls = options
     try:
         return IngestServer(ctl.store.path, ctl.audit.path, {n.name for n in ctl.spec.nodes()}, tls, host, port,
-                            allowed_clients=set(allow_client))
+                            relays=relays)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -95,7 +107,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         client_ca: Path = typer.Option(None, "--client-ca", help="CA that signs the agents' client certificates; "
                                        "an agent may report only the node its certificate names (CN or DNS SAN)."),
         allow_client: list[str] = typer.Option([], "--allow-client",
-                                               help="A certificate name that may report for any node (a relay)."),
+                                               help="A certificate name that may report for other nodes (a relay): "
+                                                    "for exactly those the spec's transport.relays lists for it."),
         metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
                                          help="Serve the controller's metrics (aidc_failover_breaker_open, "
                                               "aidc_failover_escalations_total, aidc_failover_lease_held, "
@@ -106,6 +119,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     from aidc.failover.lease import Lease
 
     options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
+    relays = _relays(stack, allow_client)
     metrics = None
     if metrics_port is not None:
         from aidc.failover.metrics import FailoverMetrics
@@ -116,7 +130,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         except OSError as exc:
             raise AidcError(f"cannot serve metrics on 127.0.0.1:{metrics_port}: {exc.strerror or exc}") from None
     ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
-    listener = _listener(ctl, options, allow_client) if options else None
+    listener = _listener(ctl, options, relays) if options else None
     if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
         # on the failover path.

@@ -3,6 +3,8 @@
 The controller is the only stage that acts on faults (detectors never act). For each
 pending event it decides one verdict and records it:
 
+* `refused_source`       the event's key names another node than the event (a node speaks
+                         only for itself, aidc.failover.provenance): audit, don't act, don't count
 * `no_action`            the fault's action keeps the node in service (e.g. restart_app)
 * `already_quarantined`  the node is out of service already
 * `refused_blast_radius` quarantining would exceed `policy.max_unavailable`: alert, don't act
@@ -44,6 +46,7 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
 from aidc.events import Decision, FaultEvent, FaultKind
+from aidc.failover.provenance import REFUSED_SOURCE, key_node
 from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
 from aidc.spec import ClusterSpec
@@ -190,6 +193,14 @@ class FailoverController:
     # -- one event ----------------------------------------------------------------
     def handle(self, event_id: int, event: FaultEvent) -> Decision:
         node = event.node
+        key = self.store.event_key(event_id)
+        source = key_node(key) if key else None
+        if source != node:
+            # Checked before anything else reads the event: the escalation gate, the blast radius.
+            reason = f"the event's source {source!r} is not node {node!r}: a node speaks only for itself; nothing done"
+            return self._decide(event_id, node, REFUSED_SOURCE, reason,
+                                {"event_id": event_id, "key": key, "source": source, "kind": event.kind.value,
+                                 "xid": event.xid, "gpu": event.gpu, "dry_run": self.dry_run})
         action, escalation = self.gate.action_for(event_id, event, self.dry_run)
         payload = {"event_id": event_id, "kind": event.kind.value, "action": action.value,
                    "xid": event.xid, "gpu": event.gpu, "pci": event.pci, "line": event.line,

@@ -31,7 +31,8 @@ def run_on_kubernetes(ctl: FailoverController, stop: threading.Event, poll_s: fl
     lease = leader_elector(settings, api, identity)
     if not isinstance(ctl.scheduler, LeaderGuarded):
         ctl.scheduler = LeaderGuarded(ctl.scheduler, lease)
-    source = KubernetesFaultSource(ctl.store, NodeWatch(api, timeout_s=watch_timeout_s, label_selector=POOL_LABEL))
+    source = KubernetesFaultSource(ctl.store, NodeWatch(api, timeout_s=watch_timeout_s, label_selector=POOL_LABEL),
+                                   audit=ctl.audit, actor=ctl.actor)
     watcher = threading.Thread(target=source.run, args=(stop, _log_watch_error), name="node-watch", daemon=True)
     watcher.start()
     try:

@@ -8,6 +8,11 @@ The condition carries what the controller needs in a form a person can still rea
 `[aidc action=reboot_node gpu=0 xid=79 kind=xid event=<key>]`. The key names the fault at
 its source (node, agent store, local id), so a repeated publish, a relist or a controller
 restart never makes a second event of one fault.
+
+The key also names the fault's source (aidc.failover.provenance): a condition on one node whose
+key names another node is refused, audited once per node and key (also across restarts), and
+never stored. The agent node-binding admission policy (infra/aidc_infra/agent_binding.py) keeps
+an agent from writing another node's status at all; this check holds where it is missing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable
 
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.kubernetes import CONDITION
+from aidc.failover.provenance import audit_refusal, key_node
 from aidc.store import Store
 
 _TAG = re.compile(r"\[aidc action=(?P<action>[a-z_]+) gpu=(?P<gpu>-|\d{1,3}) xid=(?P<xid>-|\d{1,5}) "
@@ -103,12 +109,16 @@ class NodeWatch:
             self.resource_version = None  # too old: start again from a fresh list
 
 
-class KubernetesFaultSource:
-    """Turns agents' fault conditions into FaultEvents in the controller's store, each once."""
+REFUSED_KEY = "refused_source:{}"  # per node: the key of the foreign condition last audited there
 
-    def __init__(self, store: Store, watch: NodeWatch):
-        self.store, self.watch = store, watch
-        self.appended = 0
+
+class KubernetesFaultSource:
+    """Turns agents' fault conditions into FaultEvents in the controller's store, each once;
+    refuses (audited in `audit`, the controller's log) a condition whose key names another node."""
+
+    def __init__(self, store: Store, watch: NodeWatch, audit=None, actor: str = "failover-node-watch"):
+        self.store, self.watch, self.audit, self.actor = store, watch, audit, actor
+        self.appended = self.refused = 0
 
     def handle(self, node: dict) -> None:
         name = node["metadata"]["name"]
@@ -116,9 +126,22 @@ class KubernetesFaultSource:
             found = fault_from_condition(name, cond)
             if found is None:
                 continue
+            if key_node(found[0]) != name:
+                self._refuse(name, found[0])
+                continue
             # The agent's key, as the HTTPS transport delivers it: one event per key (INSERT OR IGNORE).
             if self.store.ingest(*found) is not None:
                 self.appended += 1
+
+    def _refuse(self, name: str, key: str) -> None:
+        """A node carries one AidcGpuHealthy condition, so the watch shows the same foreign one on
+        every update of that node and every relist: audited when its key is new for the node."""
+        self.refused += 1
+        if self.store.get(REFUSED_KEY.format(name)) == key:
+            return
+        if self.audit is not None:  # audited before the write that marks it audited
+            audit_refusal(self.audit, self.actor, "kubernetes", key_node(key), name, [key], condition=CONDITION)
+        self.store.put(REFUSED_KEY.format(name), key)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None,
             backoff_s: float = 1.0) -> None:

@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from aidc.events import Action, FaultEvent, FaultKind
+from aidc.failover.provenance import REFUSED_SOURCE
 from aidc.health.catalog import XidCatalog, load_catalog
 
 LADDER = (Action.RESTART_APP, Action.RESET_GPU, Action.REBOOT_NODE, Action.CONTACT_SUPPORT)
@@ -84,8 +85,9 @@ def sightings(history: list[tuple[int, FaultEvent, str | None]], event: FaultEve
     """The sightings that count: same fault, same GPU, within the window ending at this event's
     observation, one per burst; oldest first, this event's burst last."""
     key, start = fault_key(event), event.observed_at - window_s
+    # A fault another node reported (refused_source) is no sighting of this node's fault.
     same = sorted((e.observed_at, i, o) for i, e, o in history
-                  if fault_key(e) == key and e.gpu == event.gpu and start <= e.observed_at <= event.observed_at)
+                  if o != REFUSED_SOURCE and fault_key(e) == key and e.gpu == event.gpu and start <= e.observed_at <= event.observed_at)
     counted: list[dict] = []
     for at, event_id, outcome in same:
         if counted and at - counted[-1]["observed_at"] < burst_s:

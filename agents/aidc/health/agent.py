@@ -539,7 +539,7 @@ class HealthAgent:
         if not pending and not extra_kv and not self._conditions_dirty:
             return
         with self.store.transaction():
-            ids = [self.store.append(event) for event, _ in pending]
+            ids = [self.store.append(event, source=self.node) for event, _ in pending]
             if pending or self._conditions_dirty:
                 self.store.put(self.conditions.key, self.conditions.to_json())
             for k, v in (extra_kv or {}).items():

@@ -2,7 +2,8 @@
 
 Each fault sets the node condition `AidcGpuHealthy=False` through the status subresource and
 creates a Warning Event about the node; `kubectl describe node` shows both. The agent's RBAC
-allows exactly these two writes (nodes/status patch, events create). Publishing is idempotent:
+allows exactly these two writes (nodes/status patch, events create), and an admission policy
+limits both to the node its token names (infra/aidc_infra/agent_binding.py). Publishing is idempotent:
 the Event's name derives from the fault's key, so a retried publish finds it exists (409).
 """
 

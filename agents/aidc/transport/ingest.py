@@ -2,11 +2,12 @@
 
 Only a client certificate from the configured CA gets past the handshake. A node may report
 only its own faults: every event's node must be the certificate's common name or one of its
-DNS subjectAltNames, unless the certificate's name is on the allowed list (a relay); anything
-else is refused with 403, logged and audited. A valid batch is inserted under its idempotency
-keys (INSERT OR IGNORE) and committed before the answer, so a 200 means the events are
-durable, and a batch sent again after a lost answer changes nothing. The failover loop picks
-the new events up from the store like any other.
+DNS subjectAltNames, or a node the spec lists for a relay the certificate names (`relays`,
+from `transport.relays` for the names given with `--allow-client`); a batch with any other node
+is refused whole with 403, logged and audited once (aidc.failover.provenance). A valid batch is
+inserted under its idempotency keys (INSERT OR IGNORE) and committed before the answer, so a
+200 means the events are durable, and a batch sent again after a lost answer changes nothing.
+The failover loop picks the new events up from the store like any other.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
 
 from aidc.audit.log import AuditLog, default_actor
+from aidc.failover.provenance import audit_refusal, speaks_for
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
 from aidc.runbook.tls import TLSConfig
 from aidc.store import Store
@@ -37,10 +40,11 @@ class IngestServer:
     connections, used one request at a time: SQLite serializes writers anyway."""
 
     def __init__(self, store_path, audit_path, nodes: set[str], tls: TLSConfig, host: str, port: int, *,
-                 allowed_clients: set[str] = frozenset(), request_timeout_s: float = 10.0, log=None):
+                 relays: Mapping[str, Iterable[str]] | None = None, request_timeout_s: float = 10.0, log=None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
-        self.nodes, self.allowed_clients = set(nodes), set(allowed_clients)
+        self.nodes = set(nodes)
+        self.relays = {name: frozenset(listed) for name, listed in (relays or {}).items()}
         self.request_timeout_s = request_timeout_s
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc failover: {line}",
                                                file=sys.stderr, flush=True))
@@ -72,16 +76,20 @@ class IngestServer:
     # --- one batch ----------------------------------------------------------------------------
     def accept(self, batch: list[tuple[str, object]], names: set[str], client: str) -> dict:
         """Check who may report what, then store the new events durably. Returns the answer."""
-        relay = bool(names & self.allowed_clients)
+        allowed = speaks_for(names, self.relays)
+        foreign: dict[str, list[str]] = {}
         for key, event in batch:
             if event.node not in self.nodes:
                 raise Refused(422, f"{event.node!r} is not a node of this cluster")
-            if not relay and event.node not in names:
-                reason = f"certificate {client} may not report faults of node {event.node!r}"
-                with self._lock:
-                    self.audit.append("transport.refused", reason, actor=self.actor, node=event.node,
-                                      payload={"client": client, "key": key, "kind": event.kind.value})
-                raise Refused(403, reason)
+            if event.node not in allowed:
+                foreign.setdefault(event.node, []).append(key)
+        if foreign:
+            first = next(iter(foreign))
+            with self._lock:
+                audit_refusal(self.audit, self.actor, "https", client, first, foreign[first], client=client,
+                              nodes=sorted(foreign), events=sum(map(len, foreign.values())))
+            raise Refused(403, f"certificate {client} may not report faults of node {first!r}"
+                          + (f" (nor of {len(foreign) - 1} other node(s))" if len(foreign) > 1 else ""))
         accepted, duplicates = [], []
         with self._lock:
             with self.store.transaction():
