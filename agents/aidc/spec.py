@@ -379,6 +379,16 @@ class Agent(_Strict):
                                       Field(max_length=16)] = {}
 
 
+class SlurmBurnin(_Strict):
+    """Where `aidc burnin run` puts its one Slurm job (aidc.burnin.launch.slurm)."""
+    # sbatch/srun --partition and --reservation; None: the cluster's default partition, no reservation.
+    partition: ShortText | None = None
+    reservation: ShortText | None = None
+    # The address the command's rendezvous store listens on, one every node reaches (the launching
+    # host's address on the job's network); None: 127.0.0.1, a Slurm on this machine (the lab's).
+    store_host: ShortText | None = None
+
+
 class Slurm(_Strict):
     """How aidc reaches an existing Slurm cluster (`scheduler: slurm`)."""
     # The slurm.conf Slurm's client tools read (exported to them as SLURM_CONF); None: the
@@ -392,6 +402,7 @@ class Slurm(_Strict):
     # (set by the slurm_node role; 0 turns the periodic check off).
     health_check_interval_s: Annotated[int, Field(ge=0, le=86400)] = 300
     health_check_node_state: Literal["ANY", "IDLE", "ALLOC", "MIXED", "NONDRAINED_IDLE", "CYCLE"] = "ANY"
+    burnin: SlurmBurnin = SlurmBurnin()
 
 
 class Kubernetes(_Strict):

@@ -85,7 +85,8 @@ class BurninReport:
             "failed_nodes": self.failed_nodes,
             "verdicts": self.verdicts,
             "reasons": self.reasons,
-            "nodes": {name: n.to_dict() for name, n in self.nodes.items()},
+            # One object per node, in spec order (a list since the Slurm launcher: see CHANGELOG.md).
+            "nodes": [_node_entry(name, n) for name, n in self.nodes.items()],
             # The sweeps as nccl-tests reports them (the slowest rank's time), beside the link rate.
             "collectives": self.fleet.get("collectives", {}),
             "link_rate_gbps": self.fleet.get("link_rate_gbps"),
@@ -94,3 +95,9 @@ class BurninReport:
             "units": UNITS,
             "duration_s": round(self.duration_s, 3),
         }
+
+
+def _node_entry(name: str, n: NodeResult) -> dict:
+    entry = {"node": name, "verdict": "pass" if n.passed else "fail", **n.to_dict()}
+    entry.setdefault("failed_gpus", [])  # GPU indices the node program names, where it names any
+    return entry

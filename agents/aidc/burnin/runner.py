@@ -27,6 +27,7 @@ from pathlib import Path
 from aidc.audit.log import AuditLog, default_actor
 from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
 from aidc.burnin.judge import judge
+from aidc.burnin.launch.store import keyed_store, store_secret
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
@@ -212,10 +213,32 @@ def _start_store(fabric, timeout_s: float):
 PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
 
 
+def node_config(spec: ClusterSpec, node, rank: int, names: list[str], *, timeout_s: float,
+                target_sample_s: float = 0.02, node_dir: Path | None = None) -> dict:
+    """The node program's work for one node (aidc.burnin.worker), whoever launches it: what to
+    measure and against what; the launcher adds where the store is and where the result goes.
+    `node_dir`: the simulated node's directory (sim backend), else the stack's own devices."""
+    policy = spec.policy.burnin
+    if node_dir is not None:
+        device = {"backend": "sim", "backend_kwargs": {"node_dir": str(node_dir)},
+                  # The lab node's own directory stands in for its mount of the spec's checkpoint path.
+                  "storage_path": str(Path(node_dir) / "checkpoints")}
+    else:  # a GPU node: its NVML devices, NCCL between nodes, the spec's checkpoint volume
+        device = {"backend": spec.device_backend, "backend_kwargs": {}, "collective_device": "cuda:0",
+                  "storage_path": spec.storage.checkpoints.mount_path}
+    return {"rank": rank, "world": len(names), "node": node.name, **device,
+            "device_timeout_s": spec.agent.device_timeout_s, "pg_timeout_s": timeout_s,
+            "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
+            "target_sample_s": target_sample_s,
+            "sizes": sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes),
+            "train_steps": policy.train_steps,
+            "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files}
+
+
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
-               link_rate_gbps: float | None = None) -> BurninReport:
+               link_rate_gbps: float | None = None, only: frozenset[str] | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
@@ -224,10 +247,11 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     node in its namespace and the collectives over its rails. `link_rate_gbps` (GB/s) is what
     busbw is judged against; default the fabric's scaled rail rate, else `spec_link_rate_gbps`.
     A node that has not joined the rendezvous within `join_timeout_s` is named in the
-    BurninError. Raises BurninError when the run cannot complete (recorded in the audit log as
-    `burnin.aborted`); failed nodes are verdicts.
+    BurninError. `only`: burn in just these nodes (`aidc burnin run --nodes`). Raises BurninError
+    when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed nodes are
+    verdicts.
     """
-    all_nodes = spec.nodes()
+    all_nodes = [n for n in spec.nodes() if only is None or n.name in only]
     down = _links_down(fabric)
     nodes = [n for n in all_nodes if n.name not in down]
     join_timeout_s = min(timeout_s, 60.0) if join_timeout_s is None else join_timeout_s
@@ -256,27 +280,20 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             if not nodes:
                 raise BurninError("no node can take part: " + "; ".join(down.values()))
             fleet.start()  # the zygote imports torch while this process does the same for the store
-            store = _start_store(fabric, timeout_s)
+            store, secret = _start_store(fabric, timeout_s), store_secret()
             names = [n.name for n in nodes]
             configs = {}
             for rank, node in enumerate(nodes):
-                cfg = {
-                    "rank": rank, "world": len(nodes), "node": node.name, "store_port": store.port,
-                    "backend": "sim", "backend_kwargs": {"node_dir": str(node_dirs[node.name])},
-                    "device_timeout_s": spec.agent.device_timeout_s, "pg_timeout_s": timeout_s,
-                    "gemm_size": policy.gemm_size, "repeats": policy.repeats, "memcpy_bytes": policy.memcpy_bytes,
-                    "target_sample_s": target_sample_s, "sizes": sizes, "train_steps": policy.train_steps,
-                    "corrupt_parameters": node.name in corrupt_nodes,
-                    # The lab node's own directory stands in for its mount of the spec's checkpoint path.
-                    "storage_path": str(node_dirs[node.name] / "checkpoints"),
-                    "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
-                    "result_path": str(tmpdir / f"{node.name}.result.json"),
-                    **_fabric_config(spec, fabric, node.name, names),
-                }
-                configs[node.name] = tmpdir / f"{node.name}.json"
+                cfg = {**node_config(spec, node, rank, names, timeout_s=timeout_s, target_sample_s=target_sample_s,
+                                     node_dir=node_dirs[node.name]),
+                       "store_port": store.port, "store_prefix": secret,
+                       "corrupt_parameters": node.name in corrupt_nodes,
+                       "result_path": str(tmpdir / f"{node.name}.result.json"),
+                       **_fabric_config(spec, fabric, node.name, names)}
+                configs[node.name] = tmpdir / f"{node.name}.json"  # in a 0700 directory: the secret stays ours
                 configs[node.name].write_text(json.dumps(cfg))
             fleet.release(configs)
-            joins = _JoinWatch(store, names, join_timeout_s, fleet)
+            joins = _JoinWatch(keyed_store(store, secret), names, join_timeout_s, fleet)
             _follow_until_done(fleet, bar, started + timeout_s, timeout_s, joins)
             raw = {}
             for node in nodes:
@@ -289,9 +306,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             went_down = {n: why for n, why in _links_down(fabric).items() if n not in down}
             if went_down:
                 exc = BurninError(f"{exc}; rails down now: {'; '.join(went_down.values())}")
-            if audit is not None:  # an aborted burn-in is a result too: no node was certified
-                audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
-                             payload={"nodes": [n.name for n in all_nodes], "timeout_s": timeout_s})
+            record_abort(audit, exc, [n.name for n in all_nodes], timeout_s)
             raise exc from None
         finally:
             fleet.stop_all()
@@ -302,6 +317,15 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     if audit is not None:
         _certify(audit, report)
     return report
+
+
+def record_abort(audit: AuditLog | None, exc: BurninError, nodes: list[str], timeout_s: float,
+                 launcher: dict | None = None) -> None:
+    """An aborted burn-in is a result too: no node was certified, and the log says why."""
+    if audit is not None:
+        audit.append("burnin.aborted", str(exc)[:2000], actor=default_actor("burnin"),
+                     payload={"nodes": nodes, "timeout_s": timeout_s,
+                              "launcher": launcher or {"name": "lab", "job_id": None}})
 
 
 def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, link_rate: float, *,
@@ -421,7 +445,9 @@ def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
                       collectives=collectives, errors=errors)
 
 
-def _certify(audit: AuditLog, report: BurninReport) -> None:
+def _certify(audit: AuditLog, report: BurninReport, launcher: dict | None = None) -> None:
+    """One certificate per node; `launcher` ({name, job_id}) says how its node program ran."""
+    launcher = launcher or {"name": "lab", "job_id": None}
     actor = default_actor("burnin")
     for name, n in report.nodes.items():
         reason = "passed burn-in" if n.passed else "failed burn-in: " + "; ".join(n.reasons)
@@ -431,7 +457,7 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
             "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
             "parallel": parallel, "collectives": n.collectives, "link_rate_gbps": report.fleet["link_rate_gbps"],
-            "errors": n.errors, "spare": n.spare,
+            "errors": n.errors, "spare": n.spare, "launcher": launcher,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",
                                                    "step_time_ms", "memcpy_counting", "fabric")},

@@ -118,7 +118,9 @@ def _join_fabric(cfg: dict) -> None:
         from aidc.lab.fabric import enter_netns
 
         enter_netns(cfg["netns"])
-    os.environ["GLOO_SOCKET_IFNAME"] = cfg.get("gloo_ifnames", "lo")
+    ifnames = cfg.get("gloo_ifnames", "lo")
+    if ifnames:  # none named: gloo finds the interface its host name resolves to
+        os.environ["GLOO_SOCKET_IFNAME"] = ifnames
 
 
 def _localise(cfg: dict, store, rows: list, node: str) -> dict | None:
@@ -154,6 +156,8 @@ def main(config_path: str) -> int:
     timeout = timedelta(seconds=cfg["pg_timeout_s"])
     store = dist.TCPStore(cfg.get("store_host", "127.0.0.1"), cfg["store_port"], world_size=None, is_master=False,
                           timeout=timeout)
+    if cfg.get("store_prefix"):  # the run's secret key prefix (the store itself has no authentication)
+        store = dist.PrefixStore(cfg["store_prefix"], store)
     store.set(f"joined/{node}", "1")  # the runner names the nodes that never get this far
     backend = "nccl" if cfg.get("collective_device", "cpu").startswith("cuda") else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)

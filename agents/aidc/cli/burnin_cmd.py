@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
-from aidc.errors import BurninError
 
 app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, collectives and DDP/FSDP/pipeline"
                        " training across nodes,"
@@ -59,37 +58,31 @@ def run(stack: str = STACK_OPTION,
         audit_db: Path = typer.Option(None, "--audit-db", help="Audit database (default: <lab-dir>/audit.db)."),
         timeout: float = typer.Option(300.0, "--timeout", min=1.0,
                                      help="Seconds before the whole run is abandoned."),
+        nodes: str = typer.Option(None, "--nodes", help="Burn in only these nodes (comma-separated names)."),
+        scheduler: str = typer.Option(None, "--scheduler", help="Launch through this scheduler instead of the"
+                                      " stack's: `slurm` on the lab stack burns in through the kept Slurm lab"
+                                      " in --lab-dir."),
         as_json: bool = JSON_OPTION) -> None:
-    """Burn in every node of the stack (spares included); exit 1 when any node fails."""
+    """Burn in the stack's nodes (spares included) through its scheduler; exit 1 when any node fails."""
     from aidc.audit.log import AuditLog
+    from aidc.burnin.launch import launcher_for, resolve_stack, select_nodes
     from aidc.spec import load_stack
 
-    spec = load_stack(stack)
-    if spec.device_backend != "sim":
-        raise BurninError(f"stack {stack!r} uses the {spec.device_backend} backend; `aidc burnin run` burns in"
-                          " a simulated lab fleet (on a GPU machine use bench/gpu_check.sh)")
-    from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
-
-    from aidc.lab import fabric as lab_fabric
-
-    dirs = lab_node_dirs(spec, lab_dir)
-    # The stack's netns fabric, when it has one: the lab's if it is up (`aidc lab fabric`, a kept
-    # lab run: link faults injected there are measured), else one built for this run and removed
-    # after it. The scale it was shaped to goes to stderr, never into --json.
-    already_up = lab_fabric.load(lab_dir) is not None
-    fabric = lab_fabric.ensure(spec, lab_dir, say=lambda msg: typer.echo(msg, err=True))
-    try:
-        with AuditLog(audit_db or lab_dir / "audit.db") as audit:
-            report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric)
-    finally:
-        if fabric is not None and not already_up:
-            lab_fabric.teardown(lab_dir)
+    spec = resolve_stack(load_stack(stack), scheduler, lab_dir)
+    selected = select_nodes(spec, nodes)
+    launcher = launcher_for(spec.scheduler)
+    with AuditLog(audit_db or lab_dir / "audit.db") as audit:
+        result = launcher.run(spec, selected, lab_dir=lab_dir, audit=audit, progress=not as_json, timeout_s=timeout,
+                              say=lambda msg: typer.echo(msg, err=True))
+    report = result.report
     if as_json:
-        emit(report.to_dict(), True)
+        emit({"launcher": launcher.name, "job_id": result.job_id, **report.to_dict()}, True)
     else:
         from rich.console import Console
 
         console = Console()
+        if result.job_id:
+            console.print(f"launched by {launcher.name}: job {result.job_id}")
         console.print(_table(report))
         console.print(_collectives_table(report))
         steps = report.fleet["step_time_ms"]
@@ -100,6 +93,22 @@ def run(stack: str = STACK_OPTION,
                       f" {', '.join(report.failed_nodes) or 'none'}")
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("node", hidden=True)
+def node() -> None:
+    """The node program as a scheduler's task runs it (started by `aidc burnin run`, not by hand)."""
+    import os
+    import sys
+
+    from aidc.burnin.launch.node import main
+
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown: a device call abandoned by TimedBackend (a hung driver) must not
+    # keep the task, and so the job, alive.
+    os._exit(code)
 
 
 certificate_app = typer.Typer(help="Signed burn-in certificates: export one from the audit log, verify one offline.",

@@ -69,6 +69,7 @@ class LocalSlurm:
         self.partition = partition
         self.conf = self.root / "etc" / "slurm.conf"
         self.manifest = self.root / "slurm.json"
+        self.jobcomp = self.root / "log" / "jobcomp.txt"  # finished jobs, for `sacct -c`
         # Unix socket paths are limited to 107 bytes, and slurmd names each step's socket
         # `<spool>/<node>_<job>.<step>` (a batch step is 4294967291): under a deep root (pytest's
         # tmp_path) they no longer fit and steps fail to start. So the sockets (munged's, and the
@@ -227,7 +228,10 @@ class LocalSlurm:
             "SelectTypeParameters=CR_Core",
             "GresTypes=gpu",
             "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
+            # Job accounting without a slurmdbd: each finished job is a line in this file, which
+            # `sacct -c` reads (burn-in jobs show there; Slurm 22.05, Debian 12's, still has -c).
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={self.jobcomp}",
             # Node sizes are what we declare, not what this 2-core machine has.
             "SlurmdParameters=config_overrides",
             "SlurmdTimeout=300",

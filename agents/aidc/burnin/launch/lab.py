@@ -1,0 +1,31 @@
+"""The lab's launcher: every node a forked process on this machine (aidc.burnin.runner), on the
+lab's netns fabric where it can be built. The fast path `make lab` runs."""
+
+from __future__ import annotations
+
+from aidc.burnin.launch import LaunchResult
+
+
+class LabLauncher:
+    name = "lab"
+
+    def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say) -> LaunchResult:
+        from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
+        from aidc.lab import fabric as lab_fabric
+
+        dirs = lab_node_dirs(spec, lab_dir)
+        # The stack's netns fabric, when it has one: the lab's if it is up (`aidc lab fabric`, a kept
+        # lab run: link faults injected there are measured), else one built for this run and removed
+        # after it. The scale it was shaped to goes to `say` (stderr), never into --json.
+        already_up = lab_fabric.load(lab_dir) is not None
+        fabric = lab_fabric.ensure(spec, lab_dir, say=say)
+        try:
+            report = run_burnin(spec, dirs, audit, progress=progress, timeout_s=timeout_s, fabric=fabric,
+                                only=frozenset(n.name for n in nodes))
+        finally:
+            if fabric is not None and not already_up:
+                lab_fabric.teardown(lab_dir)
+        return LaunchResult(report)
+
+
+LAUNCHER = LabLauncher()

@@ -1,0 +1,45 @@
+"""The node program as a scheduler's task runs it: `python -m aidc burnin node`.
+
+The task learns its node from its scheduler (SLURMD_NODENAME), the run's store and secret from
+its environment (aidc.burnin.launch.slurm), fetches that node's config from the store, runs the
+same node program as the lab (aidc.burnin.worker.main) and puts its raw results back as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT
+from aidc.errors import BurninError
+
+
+def _node_name() -> str:
+    node = os.environ.get("SLURMD_NODENAME")
+    if not node:
+        raise BurninError("`aidc burnin node` runs as a task of a burn-in job (SLURMD_NODENAME is not set)")
+    return node
+
+
+def main() -> int:
+    from aidc.burnin import worker
+    from aidc.burnin.launch.store import NodeStoreClient
+
+    node = _node_name()
+    host, _, port = os.environ.get(ENV_STORE, "").rpartition(":")
+    secret = os.environ.pop(ENV_SECRET, "")  # not inherited further than this process
+    if not host or not port.isdigit() or not secret:
+        raise BurninError(f"`aidc burnin node` needs {ENV_STORE}=host:port and {ENV_SECRET} from its launcher")
+    client = NodeStoreClient(host, int(port), secret, float(os.environ.get(ENV_TIMEOUT, "300")))
+    client.put_json(f"job/{node}", {"job_id": os.environ.get("SLURM_JOB_ID"), "task": os.environ.get("SLURM_PROCID")})
+    cfg = client.get_json(f"config/{node}")
+    with tempfile.TemporaryDirectory(prefix="aidc-burnin-node-") as tmp:  # 0700: the config holds the secret
+        result = Path(tmp) / "result.json"
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps({**cfg, "store_prefix": secret, "result_path": str(result)}))
+        code = worker.main(str(path))
+        if code == 0:
+            client.put_json(f"result/{node}", json.loads(result.read_text()))
+    return code

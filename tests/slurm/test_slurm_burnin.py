@@ -1,0 +1,52 @@
+"""Burn-in through a real Slurm: one accounted job, one task per named node, the same node program."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from aidc.audit.log import AuditLog
+
+
+def burnin_stack(local_slurm, directory):
+    spec = {"name": "slurmburn", "device_backend": "sim", "scheduler": "slurm",
+            "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM", "gpus_per_node": 2, "spares": 1}],
+            "slurm": {"conf": str(local_slurm.conf), "burnin": {"partition": local_slurm.partition}},
+            "agent": {"device_timeout_s": 2.0},
+            # Small and tolerant: verdicts on timing are specified in test_judge.py, not here.
+            "policy": {"burnin": {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
+                                  "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
+                                  "min_busbw_fraction": 0.0, "busbw_fleet_tolerance": 0.99,
+                                  "storage_bytes": 1 << 20, "storage_files": 10, "storage_tolerance": 0.99}}}
+    path = directory / "Pulumi.slurmburn.yaml"
+    path.write_text(yaml.safe_dump({"config": {"aidc:cluster": spec}}))
+    return path
+
+
+@pytest.mark.slow
+def test_burnin_through_slurm_certifies_only_the_named_nodes_in_one_job_sacct_shows(local_slurm, tmp_path, aidc_cli):
+    stack = burnin_stack(local_slurm, tmp_path)
+    lab = tmp_path / "lab"
+    proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-2,gpu-0",
+                    "--timeout", "300", "--json", timeout=420)  # Slurm is reached through the stack's slurm.conf
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["launcher"] == "slurm" and out["job_id"].isdigit()
+    assert [(n["node"], n["verdict"], n["failed_gpus"]) for n in out["nodes"]] == [("gpu-0", "pass", []),
+                                                                                   ("gpu-2", "pass", [])]
+    # Every node ran the whole node program: per-GPU benches, the five collectives, three trainings.
+    for node in out["nodes"]:
+        assert len(node["gpus"]) == 2 and set(node["collectives"]) == {
+            "all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"}
+        assert node["training"]["steps"] == 10 and set(node["parallel"]) == {"fsdp", "pipeline"}
+    accounted = local_slurm.run("sacct", "-c", "-n", "-P", "-j", out["job_id"], "-o", "JobID,JobName,NodeList,State")
+    rows = [line.split("|") for line in accounted.stdout.splitlines() if line.strip()]
+    assert [(r[0], r[1], r[3]) for r in rows] == [(out["job_id"], "aidc-burnin", "COMPLETED")], accounted.stdout
+    assert rows[0][2] == "gpu-[0,2]"
+    with AuditLog(lab / "audit.db") as audit:
+        certs = audit.records(kind="burnin.certificate")
+        assert audit.verify().ok
+    assert sorted(r.node for r in certs) == ["gpu-0", "gpu-2"]
+    assert all(r.payload["launcher"] == {"name": "slurm", "job_id": out["job_id"]} for r in certs)
