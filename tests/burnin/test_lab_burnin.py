@@ -211,9 +211,13 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
     assert out["failed_nodes"] == ["gpu-2"], out["reasons"]
     assert out["certified_nodes"] == ["gpu-0", "gpu-1", "gpu-3", "gpu-spare-0"]
     assert any("below the fleet median" in r and r.startswith("gemm_") for r in out["reasons"]["gpu-2"])
-    assert set(out["nodes"]["gpu-0"]["metrics"]) >= {"gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps",
-                                                     "allreduce_busbw_gbps"}
-    assert out["nodes"]["gpu-2"]["gpus"][0]["gemm_fp32"]["work_factor"] == 4.0
+    assert out["launcher"] == "lab" and out["job_id"] is None
+    nodes = {n["node"]: n for n in out["nodes"]}
+    assert [n["node"] for n in out["nodes"]] == ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"]
+    assert {name: n["verdict"] for name, n in nodes.items()} == out["verdicts"]
+    assert set(nodes["gpu-0"]["metrics"]) >= {"gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps",
+                                              "allreduce_busbw_gbps"}
+    assert nodes["gpu-2"]["gpus"][0]["gemm_fp32"]["work_factor"] == 4.0
     for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"):
         top = out["collectives"][op][-1]
         assert {"bytes", "time_us", "algbw_gbps", "busbw_gbps", "link_fraction"} <= set(top)
@@ -232,13 +236,18 @@ def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the
     assert fabric.list_namespaces(fabric.lab_tag(lab)) == []  # a fabric built for the run goes with it
 
 
-def test_cli_refuses_a_stack_that_is_not_simulated_without_a_traceback(tmp_path, aidc_cli):
+@pytest.mark.parametrize("scheduler,named", [("lab", "nvml"), ("kubernetes", "kubernetes")])
+def test_cli_refuses_a_stack_it_cannot_launch_without_a_traceback(tmp_path, aidc_cli, scheduler, named):
+    # GPU nodes on the lab's launcher (it forks simulated nodes here), or a scheduler with no
+    # burn-in launcher yet: one line naming why, nothing created under the lab directory.
     stack = tmp_path / "Pulumi.real.yaml"
-    stack.write_text("config:\n  aidc:cluster:\n    name: real\n    device_backend: nvml\n    node_pools:\n"
+    stack.write_text("config:\n  aidc:cluster:\n    name: real\n    device_backend: nvml\n"
+                     f"    scheduler: {scheduler}\n    node_pools:\n"
                      "      - {name: gpu, count: 2, gpu_model: H100, gpus_per_node: 8}\n")
     proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(tmp_path / "lab"))
     assert proc.returncode == 2
-    assert "aidc: error:" in proc.stderr and "nvml" in proc.stderr and "Traceback" not in proc.stderr
+    assert "aidc: error:" in proc.stderr and named in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "lab" / "nodes").exists()
 
 
 @pytest.mark.slow

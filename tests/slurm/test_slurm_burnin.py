@@ -50,3 +50,25 @@ def test_burnin_through_slurm_certifies_only_the_named_nodes_in_one_job_sacct_sh
         assert audit.verify().ok
     assert sorted(r.node for r in certs) == ["gpu-0", "gpu-2"]
     assert all(r.payload["launcher"] == {"name": "slurm", "job_id": out["job_id"]} for r in certs)
+
+
+@pytest.mark.slow
+def test_the_lab_stack_burns_in_through_its_kept_slurm_lab(tmp_path, aidc_cli, slurm_runnable):
+    from aidc.lab.slurm_lab import SlurmLabCluster
+    from aidc.spec import load_stack
+
+    cluster = SlurmLabCluster(load_stack("lab"), tmp_path / "lab")
+    cluster.create()  # what `aidc lab run --scheduler slurm --keep` leaves: lab.json naming its running Slurm
+    try:
+        cluster.start_slurm()
+        proc = aidc_cli("burnin", "run", "--stack", "lab", "--scheduler", "slurm", "--lab-dir", str(cluster.dir),
+                        "--nodes", "gpu-3,gpu-1", "--timeout", "300", "--json", timeout=420)
+        assert proc.returncode in (0, 1), proc.stderr[-3000:]  # verdicts on timing are not under test here
+        out = json.loads(proc.stdout)
+        assert out["launcher"] == "slurm"
+        assert [n["node"] for n in out["nodes"]] == ["gpu-1", "gpu-3"]
+        assert all(n["verdict"] in ("pass", "fail") and isinstance(n["failed_gpus"], list) for n in out["nodes"])
+        accounted = cluster.slurm.run("sacct", "-c", "-n", "-P", "-j", out["job_id"], "-o", "JobName,NodeList")
+        assert accounted.stdout.split() == ["aidc-burnin|gpu-[1,3]"]
+    finally:
+        aidc_cli("lab", "down", "--lab-dir", str(cluster.dir))

@@ -4,6 +4,7 @@ lab's netns fabric where it can be built. The fast path `make lab` runs."""
 from __future__ import annotations
 
 from aidc.burnin.launch import LaunchResult
+from aidc.errors import BurninError
 
 
 class LabLauncher:
@@ -13,6 +14,9 @@ class LabLauncher:
         from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
         from aidc.lab import fabric as lab_fabric
 
+        if spec.device_backend != "sim":  # before lab_node_dirs makes simulated nodes for it
+            raise BurninError(f"the lab launcher forks simulated nodes on this machine; stack {spec.name!r} uses the"
+                              f" {spec.device_backend} backend (schedule it with `scheduler: slurm`)")
         dirs = lab_node_dirs(spec, lab_dir)
         # The stack's netns fabric, when it has one: the lab's if it is up (`aidc lab fabric`, a kept
         # lab run: link faults injected there are measured), else one built for this run and removed
