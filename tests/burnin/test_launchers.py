@@ -127,3 +127,21 @@ def test_a_value_in_the_store_that_is_not_a_json_object_is_refused_never_unpickl
         store.store.set("result/gpu-0", raw)
         with pytest.raises(BurninError):
             store.get_json("result/gpu-0")
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"SLURMD_NODENAME": "gpu-0"},
+    {"SLURMD_NODENAME": "gpu-0", "AIDC_BURNIN_STORE": "127.0.0.1:notaport", "AIDC_BURNIN_SECRET": "s"},
+    {"SLURMD_NODENAME": "gpu-0", "AIDC_BURNIN_STORE": "127.0.0.1:29999"},
+])
+def test_the_node_program_outside_a_burnin_job_refuses_in_one_line(env):
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "AIDC_BURNIN"))}
+    proc = subprocess.run([sys.executable, "-m", "aidc.burnin.launch.node"], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

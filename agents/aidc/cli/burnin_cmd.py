@@ -95,22 +95,6 @@ def run(stack: str = STACK_OPTION,
         raise typer.Exit(1)
 
 
-@app.command("node", hidden=True)
-def node() -> None:
-    """The node program as a scheduler's task runs it (started by `aidc burnin run`, not by hand)."""
-    import os
-    import sys
-
-    from aidc.burnin.launch.node import main
-
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # No interpreter teardown: a device call abandoned by TimedBackend (a hung driver) must not
-    # keep the task, and so the job, alive.
-    os._exit(code)
-
-
 certificate_app = typer.Typer(help="Signed burn-in certificates: export one from the audit log, verify one offline.",
                               no_args_is_help=True)
 app.add_typer(certificate_app, name="certificate")

@@ -1,4 +1,4 @@
-"""The node program as a scheduler's task runs it: `python -m aidc burnin node`.
+"""The node program as a scheduler's task runs it: `python -m aidc.burnin.launch.node`.
 
 The task learns its node from its scheduler (SLURMD_NODENAME), the run's store and secret from
 its environment (aidc.burnin.launch.slurm), fetches that node's config from the store, runs the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from aidc.errors import BurninError
 def _node_name() -> str:
     node = os.environ.get("SLURMD_NODENAME")
     if not node:
-        raise BurninError("`aidc burnin node` runs as a task of a burn-in job (SLURMD_NODENAME is not set)")
+        raise BurninError("the burn-in node program runs as a task of a burn-in job (SLURMD_NODENAME is not set)")
     return node
 
 
@@ -31,7 +32,7 @@ def main() -> int:
     host, _, port = os.environ.get(ENV_STORE, "").rpartition(":")
     secret = os.environ.pop(ENV_SECRET, "")  # not inherited further than this process
     if not host or not port.isdigit() or not secret:
-        raise BurninError(f"`aidc burnin node` needs {ENV_STORE}=host:port and {ENV_SECRET} from its launcher")
+        raise BurninError(f"the burn-in node program needs {ENV_STORE}=host:port and {ENV_SECRET} from its launcher")
     client = NodeStoreClient(host, int(port), secret, float(os.environ.get(ENV_TIMEOUT, "300")))
     client.put_json(f"job/{node}", {"job_id": os.environ.get("SLURM_JOB_ID"), "task": os.environ.get("SLURM_PROCID")})
     cfg = client.get_json(f"config/{node}")
@@ -43,3 +44,16 @@ def main() -> int:
         if code == 0:
             client.put_json(f"result/{node}", json.loads(result.read_text()))
     return code
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    except BurninError as exc:  # one line for the job's log, not a traceback
+        sys.stderr.write(f"aidc burn-in node: error: {exc}\n")
+        code = exc.exit_code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown: a device call abandoned by TimedBackend (a hung driver) must not
+    # keep the task, and so the job, alive.
+    os._exit(code)

@@ -2,7 +2,7 @@
 
 `srun` asks for the named nodes whole (`--exclusive`, `--nodelist`, one task per node, the
 spec's `slurm.burnin.partition`/`reservation`) and runs the node program on each
-(`python -m aidc burnin node`, aidc.burnin.launch.node) with the stack's device backend. The
+(`python -m aidc.burnin.launch.node`) with the stack's device backend. The
 command hosts the run's rendezvous store (aidc.burnin.launch.store) on
 `slurm.burnin.store_host` (127.0.0.1 for a Slurm on this machine); its address and secret
 reach the tasks in the job's environment, never on a command line (`ps`, `sacct`'s SubmitLine).
@@ -31,7 +31,7 @@ JOB_NAME = "aidc-burnin"
 ENV_STORE = "AIDC_BURNIN_STORE"    # host:port of the run's store
 ENV_SECRET = "AIDC_BURNIN_SECRET"  # its key prefix
 ENV_TIMEOUT = "AIDC_BURNIN_TIMEOUT_S"
-NODE_COMMAND = [sys.executable, "-m", "aidc", "burnin", "node"]  # the same install path on every node
+NODE_COMMAND = [sys.executable, "-m", "aidc.burnin.launch.node"]  # the same install path on every node
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
