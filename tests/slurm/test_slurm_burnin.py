@@ -10,11 +10,11 @@ import yaml
 from aidc.audit.log import AuditLog
 
 
-def burnin_stack(local_slurm, directory):
+def burnin_stack(local_slurm, directory, device_timeout_s: float = 2.0):
     spec = {"name": "slurmburn", "device_backend": "sim", "scheduler": "slurm",
             "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM", "gpus_per_node": 2, "spares": 1}],
             "slurm": {"conf": str(local_slurm.conf), "burnin": {"partition": local_slurm.partition}},
-            "agent": {"device_timeout_s": 2.0},
+            "agent": {"device_timeout_s": device_timeout_s},
             # Small and tolerant: verdicts on timing are specified in test_judge.py, not here.
             "policy": {"burnin": {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                                   "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
@@ -72,3 +72,26 @@ def test_the_lab_stack_burns_in_through_its_kept_slurm_lab(tmp_path, aidc_cli, s
         assert accounted.stdout.split() == ["aidc-burnin|gpu-[1,3]"]
     finally:
         aidc_cli("lab", "down", "--lab-dir", str(cluster.dir))
+
+
+@pytest.mark.slow
+def test_a_burnin_job_past_its_timeout_is_cancelled_and_recorded_as_aborted(local_slurm, tmp_path, aidc_cli):
+    from aidc.burnin.runner import lab_node_dirs
+    from aidc.device.sim import inject
+    from aidc.spec import load_stack
+
+    stack = burnin_stack(local_slurm, tmp_path, device_timeout_s=300)  # gpu-1 waits silently in a device call
+    lab = tmp_path / "lab"
+    inject(lab_node_dirs(load_stack(stack), lab)["gpu-1"], "hang", seconds=300)
+    proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-1,gpu-3",
+                    "--timeout", "60", "--json", timeout=300)
+    assert proc.returncode == 2 and "timed out" in proc.stderr and "Traceback" not in proc.stderr
+    with AuditLog(lab / "audit.db") as audit:
+        assert audit.records(kind="burnin.certificate") == []
+        aborted = audit.records(kind="burnin.aborted")
+    assert len(aborted) == 1 and aborted[0].payload["nodes"] == ["gpu-1", "gpu-3"]
+    job = aborted[0].payload["launcher"]["job_id"]
+    assert aborted[0].payload["launcher"]["name"] == "slurm" and job.isdigit()
+    assert local_slurm.run("squeue", "-h", "-j", job, check=False).stdout.strip() == ""  # nothing left running
+    accounted = local_slurm.run("sacct", "-c", "-n", "-P", "-j", job, "-o", "JobName,State").stdout.split()
+    assert accounted == ["aidc-burnin|CANCELLED"]
