@@ -68,9 +68,9 @@ class SlurmLauncher:
         node_dirs = runner.lab_node_dirs(spec, lab_dir) if spec.device_backend == "sim" else {}
         link_rate = runner.spec_link_rate_gbps(spec)
         policy = spec.policy.burnin
-        bar = runner._progress_bar(progress, len(nodes) * (1 + policy.repeats)
-                                   + len(runner.node_config(spec, nodes[0], 0, names, timeout_s=timeout_s)["sizes"])
-                                   * len(runner.COLLECTIVES) + policy.train_steps * len(runner.TRAINING_MODES))
+        sizes = runner.sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
+        bar = runner._progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) * len(runner.COLLECTIVES)
+                                   + policy.train_steps * len(runner.TRAINING_MODES))
         job = _Job(spec, names)
         try:
             with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
@@ -142,8 +142,7 @@ class _Job:
         from aidc.burnin.runner import _describe
 
         while True:
-            if self.job_id is None and store.store.check([f"job/{self.names[0]}"]):
-                self.job_id = str(store.get_json(f"job/{self.names[0]}").get("job_id"))
+            self._learn_job_id(store)
             try:
                 event = self.events.get(timeout=0.2)
             except queue.Empty:
@@ -152,8 +151,7 @@ class _Job:
                 bar.update(bar.task_ids[0], advance=1, description=_describe(event))
             code = self.proc.poll()
             if code is not None and self.events.empty():
-                if self.job_id is None and store.store.check([f"job/{self.names[0]}"]):
-                    self.job_id = str(store.get_json(f"job/{self.names[0]}").get("job_id"))
+                self._learn_job_id(store)
                 if code != 0:
                     raise BurninError(f"burn-in job {self.job_id or '(not started)'} failed (srun exit code {code}):"
                                       f" {self.log_tail()}")
@@ -161,6 +159,11 @@ class _Job:
             if time.monotonic() > deadline:
                 raise BurninError(f"burn-in job {self.job_id or '(still pending)'} timed out after {timeout_s:.0f} s"
                                   " (cancelled)")
+
+    def _learn_job_id(self, store) -> None:
+        """The job's id, from the first task to start (srun prints it only when asked to be verbose)."""
+        if self.job_id is None and store.store.check([f"job/{self.names[0]}"]):
+            self.job_id = str(store.get_json(f"job/{self.names[0]}").get("job_id"))
 
     def log_tail(self, chars: int = 1500) -> str:
         try:
