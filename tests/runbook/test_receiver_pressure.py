@@ -81,6 +81,39 @@ def test_under_dry_run_a_label_failing_its_types_is_answered_alone_and_the_other
     assert engine.state.runs() == [] and fakes.scheduler.calls == []
 
 
+class SchedulerDownOnce:
+    """A scheduler whose first state query fails, as a backend does when it restarts."""
+
+    def __init__(self, inner):
+        self.inner, self.failed = inner, False
+        self.name = inner.name
+
+    def state(self, node):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("scheduler restarting")
+        return self.inner.state(node)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_under_dry_run_an_internal_error_on_one_alert_is_a_500_with_every_alerts_answer(
+        make_engine, fakes, serve_receiver):
+    engine = make_engine(QUARANTINE_AND_NOTIFY, policy=Policy(dry_run=True))
+    engine.actuators.scheduler = SchedulerDownOnce(fakes.scheduler)
+    rec = serve_receiver(engine, TOKEN)
+    alerts = [alert("NodeBroken", "gpu-1", fingerprint="a"), alert("NodeBroken", "gpu-2", fingerprint="b")]
+    status, reply = post(rec.port, webhook(*alerts))
+    # 500 so that Alertmanager retries; the body still answers each alert.
+    assert status == 500
+    assert [r["outcome"] for r in reply["results"]] == ["error", "dry_run"]
+    assert "scheduler restarting" in reply["results"][0]["reason"]
+    # The retry plans the alert that failed and calls the other a duplicate.
+    status, reply = post(rec.port, webhook(*alerts))
+    assert status == 200 and [r["outcome"] for r in reply["results"]] == ["dry_run", "duplicate"]
+
+
 GPU_VALUES = st.one_of(st.integers(-3, 20).map(str), st.text(max_size=8),
                        st.sampled_from(["0 --x", "{{ lookup('pipe','id') }}", " 1", "7\n"]))
 

@@ -180,11 +180,24 @@ class Receiver:
             return Response(exc.code, {"error": exc.reason}, exc.reason)
         sender = {"address": request.client, **({"client": request.peer} if request.peer else {}),
                   **({"identity": who[-1], "identities": who} if who else {})}
-        results = [self.accept(a, sender) for a in alerts]
+        results = [self._accept_one(a, sender) for a in alerts]
         summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results[:20]) or "no alerts"
         if len(results) > 20:
             summary += f", ... ({len(results)} alerts)"
-        return Response(200, {"results": [r.to_dict() for r in results]}, summary)
+        # Each alert is answered on its own. An alert the engine refused (a label that fails its
+        # runbook's types: `rejected`) is a 200 like the rest, since Alertmanager retries a 5xx
+        # and a retry cannot change a label. Only an internal error (`error`: a database, say)
+        # makes the answer 500, so that Alertmanager retries: the alerts already handled come
+        # back as duplicates, and the failed one gets another chance.
+        code = 500 if any(r.outcome == "error" for r in results) else 200
+        return Response(code, {"results": [r.to_dict() for r in results]}, summary)
+
+    def _accept_one(self, alert: dict, sender: dict) -> Submission:
+        try:
+            return self.accept(alert, sender)
+        except Exception as exc:  # this alert's failure, not the notification's
+            self.metrics.alert("error")
+            return Submission("error", f"internal error: {type(exc).__name__}: {exc}")
 
     def _on_response(self, request: Request | None, who: str, response: Response, line: str) -> None:
         route = request.path.partition("?")[0] if request else "-"
