@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from aidc import strict_json
-from aidc.identity import authorize, cert_identity, token_identity
+from aidc.identity import authorize, cert_identity, role_of, token_identity
 from aidc.errors import PolicyRefusal
 from aidc.runbook.engine import Engine, Submission
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
@@ -109,7 +109,7 @@ class Receiver:
             lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}", file=sys.stderr,
                                flush=True)))
         self.metrics = ReceiverMetrics(lambda: self.httpd.open_connections,
-                                       lambda: self.httpd.refused_connections_total)
+                                       lambda: dict(self.httpd.connection_refusals))
         # 403s reach the audit log aggregated: a caller refused 65 times a second is two
         # records a minute, not 3 GB a day (aidc.runbook.refusals).
         self.refusals = AggregatedRefusals(engine.audit)
@@ -118,7 +118,8 @@ class Receiver:
         self._threads: list[threading.Thread] = []
         context = tls.server_context() if tls else None
         self.httpd = BoundedHTTPServer((host, port), self.limits, context, self._check_head, self._handle, self.log,
-                                       on_response=self._on_response)
+                                       on_response=self._on_response,
+                                       known_peer=self._known_peer if tls and tls.mutual else None)
 
     @property
     def scheme(self) -> str:
@@ -141,6 +142,13 @@ class Receiver:
         scheme, _, presented = request.header("authorization").partition(" ")
         named = token_identity(presented.strip(), self.token, self.token_map) if scheme.lower() == "bearer" else None
         return found + [named] if named else None
+
+    def _known_peer(self, peer: str | None, names: frozenset) -> bool:
+        """A verified client certificate that may use the connections kept for known identities:
+        with access roles configured, one that holds a role; without, any the client CA signed."""
+        identity = cert_identity(peer)
+        roles = self.engine.access_roles
+        return identity is not None and (not roles or role_of(roles, [identity]) is not None)
 
     def _check_head(self, request: Request) -> Response | None:
         """Before any body is read: health needs nothing, everything else the token and a known route."""
