@@ -26,6 +26,7 @@ from aidc.runbook.receiver import Limits
 from aidc.spec import Policy
 from certs import CA
 from runbook_fakes import QUARANTINE_AND_NOTIFY, alert
+from test_receiver_telemetry import scrape
 
 TOKEN = "s3cret-token"
 
@@ -239,6 +240,7 @@ def test_connections_from_one_source_are_capped_and_another_source_is_still_serv
     polling.wait_for("the source's slots to free", lambda: rec.open_connections == 0, 5)
     assert post(rec.port, webhook(alert("NodeBroken", "gpu-1", fingerprint="again")), source="127.0.0.2")[0] == 200
     assert rec.httpd.connection_refusals["per_source"] == 1
+    assert scrape(rec)[("aidc_receiver_refusals_total", (("reason", "per_source"),))] == 1
 
 
 def test_unknown_identities_cannot_take_the_capacity_reserved_for_known_ones(make_engine, fakes, serve_receiver, pki):
@@ -268,6 +270,45 @@ def test_unknown_identities_cannot_take_the_capacity_reserved_for_known_ones(mak
         for sock in held:
             sock.close()
     assert answered == [200, 200, 200]
+
+
+def silent_sockets(port: int, source: str, count: int) -> list[socket.socket]:
+    """Connected, and not a byte sent: not even a TLS ClientHello."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        socks.append(sock)
+    return socks
+
+
+def test_a_sender_sharing_an_address_with_silent_sockets_evicts_them_and_is_served(
+        make_engine, fakes, serve_receiver, pki):
+    rec = serve_receiver(make_engine(QUARANTINE_AND_NOTIFY), None, tls=mutual_tls(pki),
+                         limits=Limits(max_connections=16, max_per_source=4, header_timeout_s=30))
+    silent = silent_sockets(rec.port, "127.0.0.1", 4)
+    try:
+        polling.wait_for("the silent sockets to be held", lambda: rec.open_connections == 4, 5)
+        status, _ = post(rec.port, webhook(alert("NodeBroken", "gpu-1")), None, client_context(pki, "alertmanager"))
+        assert status == 200
+        assert rec.httpd.connection_refusals["handshake_evicted"] == 1
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_a_handshake_not_done_within_the_handshake_timeout_is_closed_and_counted(
+        make_engine, fakes, serve_receiver, pki):
+    rec = serve_receiver(make_engine(QUARANTINE_AND_NOTIFY), None, tls=mutual_tls(pki),
+                         limits=Limits(handshake_timeout_s=0.2, header_timeout_s=30))
+    (sock,) = silent_sockets(rec.port, "127.0.0.2", 1)
+    with sock:
+        assert sock.recv(1) == b""  # closed by the server, well before the header deadline
+    polling.wait_for("the timeout to be counted", lambda: rec.httpd.connection_refusals["handshake_timeout"] == 1, 5)
+    polling.wait_for("the timeout's log line", lambda: any("handshake deadline" in line for line in rec.lines), 5)
+    assert rec.open_connections == 0
 
 
 class Flood:
