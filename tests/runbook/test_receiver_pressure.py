@@ -14,7 +14,7 @@ import selectors
 import socket
 import ssl
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,8 +24,8 @@ from aidc import polling
 from aidc.runbook import tls
 from aidc.runbook.receiver import Limits
 from aidc.spec import Policy
-from certs import CA
 from runbook_fakes import QUARANTINE_AND_NOTIFY, alert
+from test_identity import pki  # noqa: F401 (a fixture: a CA, the receiver's, alertmanager's and dashboard's certificates)
 from test_receiver_telemetry import scrape
 
 TOKEN = "s3cret-token"
@@ -200,15 +200,6 @@ def test_aggregated_refusals_account_for_every_refusal_in_bounded_memory(events,
 
 # --- connections: per source, handshake first, a reserve for known identities ---------------------
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pressure-pki")
-    ca = CA.create(root, "pressure-ca")
-    return {"ca": ca, "server": ca.issue(root, "aidc-runbook", server=True),
-            "alertmanager": ca.issue(root, "alertmanager", server=False),
-            "stranger": ca.issue(root, "stranger", server=False)}
-
-
 def client_context(pki, name: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki["ca"].cert_file))
     ctx.load_cert_chain(str(pki[name].cert), str(pki[name].key))
@@ -245,7 +236,7 @@ def test_connections_from_one_source_are_capped_and_another_source_is_still_serv
 
 def test_unknown_identities_cannot_take_the_capacity_reserved_for_known_ones(make_engine, fakes, serve_receiver, pki):
     engine = make_engine(QUARANTINE_AND_NOTIFY)
-    engine.access_roles = {"cert:alertmanager": "operator"}  # `stranger` has a valid certificate, no role
+    engine.access_roles = {"cert:alertmanager": "operator"}  # `dashboard` has a valid certificate, no role
     rec = serve_receiver(engine, None, tls=mutual_tls(pki),
                          limits=Limits(max_connections=8, reserved_connections=4, max_per_source=8,
                                        header_timeout_s=30))
@@ -256,7 +247,7 @@ def test_unknown_identities_cannot_take_the_capacity_reserved_for_known_ones(mak
             raw.bind((f"127.0.0.{2 + i % 4}", 0))
             raw.settimeout(10)
             raw.connect(("127.0.0.1", rec.port))
-            sock = client_context(pki, "stranger").wrap_socket(raw, server_hostname="127.0.0.1")
+            sock = client_context(pki, "dashboard").wrap_socket(raw, server_hostname="127.0.0.1")
             sock.setblocking(False)
             held.append(sock)
         polling.wait_for("four strangers to hold the unreserved slots, the rest refused",
@@ -376,24 +367,15 @@ def test_measured_600_reconnecting_hostile_sockets_do_not_keep_alertmanager_out(
     rec = serve_receiver(engine, None, tls=mutual_tls(pki), limits=Limits(max_connections=64))
     flood = Flood(rec.port, [f"127.0.{1 + i // 200}.{10 + i % 200}" for i in range(hostile_sources)],
                   hostile_per_source).start()
-    statuses: list[int] = []
-    lock = threading.Lock()
-
-    def poster(first: int) -> None:
+    def poster(first: int) -> list[int]:
         context = client_context(pki, "alertmanager")
-        for i in range(first, REAL_ALERTS, POSTERS):
-            status, _ = post(rec.port, webhook(alert("Unrelated", f"gpu-{i % 4}", fingerprint=f"real-{i}")), None,
-                             context)
-            with lock:
-                statuses.append(status)
+        return [post(rec.port, webhook(alert("Unrelated", f"gpu-{i % 4}", fingerprint=f"real-{i}")), None, context)[0]
+                for i in range(first, REAL_ALERTS, POSTERS)]
 
     try:
         polling.wait_for("the flood to fill the receiver", lambda: rec.open_connections >= 48, 15)
-        threads = [threading.Thread(target=poster, args=(i,)) for i in range(POSTERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        with ThreadPoolExecutor(POSTERS) as pool:
+            statuses = [status for batch in pool.map(poster, range(POSTERS)) for status in batch]
         held_at_end = rec.open_connections
         with capsys.disabled():
             print(f"\n{REAL_ALERTS} real alerts under {hostile_sources * hostile_per_source} hostile reconnecting "
