@@ -46,7 +46,7 @@ DRY_RUN_SEEN = "dry-run:"
 
 @dataclass(frozen=True)
 class Submission:
-    outcome: str  # started | dry_run | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
+    outcome: str  # started | dry_run | rejected | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
     reason: str
     runbook: str | None = None
     node: str | None = None
@@ -128,7 +128,21 @@ class Engine:
                 return Submission("duplicate", "alert already planned under policy.dry_run "
                                   "(same fingerprint and start)", rb.name, node)
             self.state.record_alert(db, DRY_RUN_SEEN + fingerprint, starts_at, None)
-        self.plan(rb.name, node, trigger)
+        try:
+            self.plan(rb.name, node, trigger)
+        except run_params.ParamError as exc:
+            # This alert's answer, not the notification's: the others in it are still planned.
+            # Marked seen above, so Alertmanager's repeats are duplicates, as a live run's are.
+            reason = f"trigger values do not fit the runbook's params: {exc}"
+            self._audit("runbook.params.rejected", f"{rb.name} on {node}: {exc}", node,
+                        {"runbook": rb.name, "dry_run": True, "trigger": trigger, "error": str(exc)})
+            return Submission("rejected", reason, rb.name, node)
+        except Exception:
+            # Not this alert's fault (a scheduler or database hiccup): unmark it, so that
+            # Alertmanager's retry plans it instead of calling it a duplicate.
+            with self.state.transaction() as db:
+                self.state.forget_alert(db, DRY_RUN_SEEN + fingerprint, starts_at)
+            raise
         return Submission("dry_run", "policy.dry_run: planned and audited, nothing changed", rb.name, node)
 
     def submit(self, runbook: str, node: str, trigger: dict, fingerprint: str | None = None,
