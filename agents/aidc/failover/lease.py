@@ -23,6 +23,8 @@ import socket
 import time
 from pathlib import Path
 
+from aidc.files import SHARED_MODE, open_nofollow, write_atomic
+
 _GEN = re.compile(r"^gen-([0-9]{1,18})\.json$")
 
 
@@ -100,7 +102,7 @@ class Lease:
     def _claim(self, gen: int) -> bool:
         path = self.dir / f"gen-{gen}.json"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SHARED_MODE)
         except FileExistsError:
             return False  # another contender won this generation
         with os.fdopen(fd, "w") as f:
@@ -132,10 +134,7 @@ class Lease:
         return True
 
     def _write_beat(self, gen: int, data: dict) -> None:
-        path = self.dir / f"gen-{gen}.beat"
-        tmp = self.dir / f".gen-{gen}.beat.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(self.dir / f"gen-{gen}.beat", json.dumps(data, sort_keys=True), SHARED_MODE)
 
     def _read_beat(self, gen: int) -> str | None:
         try:
