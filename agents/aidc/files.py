@@ -68,6 +68,18 @@ def private_opener(path: str, flags: int) -> int:
     return open_nofollow(path, flags, FILE_MODE)
 
 
+def shared_opener(path: str, flags: int) -> int:
+    """`open(path, mode, opener=shared_opener)`: a file it creates is SHARED_MODE (less the
+    umask); a link is refused. For logs and lab files other tools read."""
+    return open_nofollow(path, flags, SHARED_MODE)
+
+
+def touch(path: str | Path, mode: int = SHARED_MODE) -> Path:
+    """Create `path` if missing (its contents untouched if not); a link is refused."""
+    os.close(open_nofollow(path, os.O_WRONLY | os.O_CREAT, mode))
+    return Path(path)
+
+
 def append_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Append `data` in one write (a line stays whole among concurrent writers); a file it
     creates gets `mode`; a link is refused."""
@@ -81,7 +93,7 @@ def append_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> None:
 def write_atomic(path: str | Path, data: bytes | str, mode: int = FILE_MODE, durable: bool = False) -> Path:
     """Replace `path` with `data`: a reader sees the old or the new file, never half of one.
 
-    The new file has exactly `mode` (not masked by the umask). A link at `path` is refused (a
+    The new file gets `mode`, narrowed by the umask, never widened. A link at `path` is refused (a
     rename would replace the link, not its target, but a link there is someone's mistake or
     plan, and is reported, not silently removed). durable: fsync before the rename.
     """
@@ -91,7 +103,6 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = FILE_MODE, dur
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask only ever narrows; the caller asked for this mode
             f.write(data.encode() if isinstance(data, str) else data)
             if durable:
                 f.flush()
