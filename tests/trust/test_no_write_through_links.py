@@ -152,3 +152,17 @@ def test_an_exported_certificate_has_the_mode_of_its_audit_log(tmp_path, source_
     os.umask(0o000)
     _export_certificate(db, tmp_path / "out" / "n1.cert.json")
     assert mode(tmp_path / "out" / "n1.cert.json") == source_mode
+
+
+def test_the_cli_refuses_a_linked_report_with_one_line_and_exit_2(tmp_path, aidc_cli):
+    with AuditLog(tmp_path / "audit.db") as log:
+        log.append("test.event", "a record", actor="tester")
+    victim = tmp_path / "victim.html"
+    victim.write_text("someone else's page")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.html").symlink_to(victim)
+    done = aidc_cli("audit", "report", "--db", str(tmp_path / "audit.db"), "--out", str(tmp_path / "report"))
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "report.html is a symbolic link" in line
+    assert victim.read_text() == "someone else's page"
