@@ -99,7 +99,9 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = FILE_MODE, dur
     """
     path = Path(path)
     refuse_link(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    # Random as well as pid and thread: a restarted process can get the pid and thread id of
+    # one that crashed here (in a container, always), and O_EXCL would then trip on its leftover.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}.tmp")
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:

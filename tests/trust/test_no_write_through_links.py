@@ -166,3 +166,56 @@ def test_the_cli_refuses_a_linked_report_with_one_line_and_exit_2(tmp_path, aidc
     [line] = done.stderr.strip().splitlines()
     assert "report.html is a symbolic link" in line
     assert victim.read_text() == "someone else's page"
+
+
+def _raw_writes(tree) -> list[str]:
+    """Calls in a module that create or write a file without aidc.files."""
+    import ast
+
+    found = []
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        f = call.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        where = f"line {call.lineno}: {ast.unparse(call)[:80]}"
+        if name in ("write_text", "write_bytes", "touch", "mkstemp", "NamedTemporaryFile", "copyfile", "copy",
+                    "copy2", "symlink_to", "hardlink_to") and isinstance(f, ast.Attribute):
+            if name != "copy" or ast.unparse(f.value) == "shutil":
+                found.append(where)
+        elif name == "open" and isinstance(f, ast.Name) and not any(k.arg == "opener" for k in call.keywords):
+            modes = [a for a in call.args[1:2]] + [k.value for k in call.keywords if k.arg == "mode"]
+            if any(not (isinstance(m, ast.Constant) and set(str(m.value)) <= set("rbt")) for m in modes):
+                found.append(where)
+        elif name == "open" and isinstance(f, ast.Attribute) and ast.unparse(f.value) == "os":
+            if any(flag in ast.unparse(call) for flag in ("O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND", "O_TRUNC")):
+                found.append(where)
+        elif name == "connect" and isinstance(f, ast.Attribute) and ast.unparse(f.value) == "sqlite3":
+            found.append(where)
+    return found
+
+
+# Writes that are aidc.files itself, or checked by it just before: SQLite connects after
+# private_db, and the audit log's read-only connection (mode=ro) writes nothing.
+CHECKED_ELSEWHERE = {
+    "aidc/files.py": None,
+    "aidc/store.py": 1, "aidc/runbook/state.py": 1, "aidc/audit/log.py": 2,
+    "aidc/compress/measure.py": 1,  # mkstemp: a new random name, O_EXCL, in the temporary directory
+}
+
+
+def test_no_module_writes_a_file_except_through_aidc_files():
+    import ast
+    from pathlib import Path
+
+    import aidc
+
+    root = Path(aidc.__file__).parent
+    unexpected = {}
+    for path in sorted(root.rglob("*.py")):
+        name = f"aidc/{path.relative_to(root)}"
+        allowed = CHECKED_ELSEWHERE.get(name, 0)
+        if allowed is None:
+            continue
+        writes = _raw_writes(ast.parse(path.read_text()))
+        if len(writes) != allowed:
+            unexpected[name] = writes
+    assert unexpected == {}
