@@ -31,6 +31,7 @@ from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
 from aidc.errors import BurninError
+from aidc.files import SHARED_MODE, shared_opener, write_atomic
 from aidc.spec import ClusterSpec
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `aidc/`
@@ -58,7 +59,7 @@ class _Fleet:
 
     def start(self) -> None:
         """Start the zygote now: it imports torch while the runner prepares the work."""
-        with open(self.tmpdir / "zygote.log", "wb") as log:
+        with open(self.tmpdir / "zygote.log", "wb", opener=shared_opener) as log:
             # The run directory on the command line names the run in `ps` (and for tests).
             self.proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.zygote", str(self.tmpdir)],
                                          stdin=subprocess.PIPE,
@@ -274,7 +275,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     **_fabric_config(spec, fabric, node.name, names),
                 }
                 configs[node.name] = tmpdir / f"{node.name}.json"
-                configs[node.name].write_text(json.dumps(cfg))
+                write_atomic(configs[node.name], json.dumps(cfg), SHARED_MODE)
             fleet.release(configs)
             joins = _JoinWatch(store, names, join_timeout_s, fleet)
             _follow_until_done(fleet, bar, started + timeout_s, timeout_s, joins)

@@ -20,6 +20,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from aidc.files import SHARED_MODE, write_atomic
+
 PREFIX = "@@aidc "
 
 
@@ -196,9 +198,7 @@ def main(config_path: str) -> int:
     result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
               "slowdown": benches.slowdown, "collectives": collectives, "training": training.to_dict(),
               "parallel": parallel, "localisation": localisation}
-    tmp = Path(cfg["result_path"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, cfg["result_path"])
+    write_atomic(cfg["result_path"], json.dumps(result), SHARED_MODE)
     # A barrier before tearing down: without it a rank can abort at exit (seen here with gloo).
     dist.barrier()
     dist.destroy_process_group()

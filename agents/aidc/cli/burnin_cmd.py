@@ -120,6 +120,7 @@ def certificate_export(
     from aidc.audit.log import AuditLog, configured_signer
     from aidc.burnin.certificate import export_certificate
     from aidc.errors import AuditError
+    from aidc.files import derived_mode, write_atomic
 
     if stack is not None:
         from aidc.cli.kms_cmd import _open as open_stack_key
@@ -135,7 +136,8 @@ def certificate_export(
     finally:
         signer.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    # The certificate copies a record of the log: it is as private as the log.
+    write_atomic(out, json.dumps(document, indent=1, sort_keys=True) + "\n", derived_mode(db))
     emit({"out": str(out), "node": node, "verdict": document["verdict"], "seq": document["record"]["seq"]}, as_json,
          f"wrote {out}: node {node}, burn-in {document['verdict']} (audit record {document['record']['seq']})")
 

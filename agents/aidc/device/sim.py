@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aidc.device.base import GpuTelemetry, XidEvent
 from aidc.errors import DeviceError
+from aidc.files import SHARED_MODE, shared_opener, touch, write_atomic
 from aidc.polling import DirectoryWatch
 
 STATE_FILE = "device.json"
@@ -106,13 +107,13 @@ def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0,
         ],
     }
     _write(node_dir, state)
-    (node_dir / KERNEL_LOG).touch()
+    touch(node_dir / KERNEL_LOG)
     return node_dir
 
 
 @contextlib.contextmanager
 def _locked_state(node_dir: Path):
-    with open(node_dir / (STATE_FILE + ".lock"), "a") as lock:
+    with open(node_dir / (STATE_FILE + ".lock"), "a", opener=shared_opener) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = _read_state(node_dir)
         yield state
@@ -132,9 +133,7 @@ def _read_state(node_dir: Path) -> dict:
 
 
 def _write(node_dir: Path, state: dict) -> None:
-    tmp = node_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, node_dir / STATE_FILE)
+    write_atomic(node_dir / STATE_FILE, json.dumps(state, indent=1), SHARED_MODE)
 
 
 def boot_time(node_dir: str | Path) -> float:
@@ -145,7 +144,7 @@ def boot_time(node_dir: str | Path) -> float:
 def _kernel_lines(node_dir: Path, state: dict, lines: list[str]) -> None:
     """Append lines as the kernel would log them: dmesg's `[seconds.micros]` prefix."""
     uptime = time.time() - state["boot_time"]
-    with open(node_dir / KERNEL_LOG, "a") as log:
+    with open(node_dir / KERNEL_LOG, "a", opener=shared_opener) as log:
         for line in lines:
             log.write(f"[{uptime:12.6f}] {line}\n")
         log.flush()
@@ -353,9 +352,7 @@ def read_links(node_dir: str | Path) -> dict[int, dict]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader sees the old or the new value, never half a file
+    write_atomic(path, text, SHARED_MODE)  # a reader sees the old or the new value, never half a file
 
 
 def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
@@ -370,7 +367,7 @@ def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
     if not rails:
         return
     (node_dir / SYSFS_DIR).mkdir(exist_ok=True)
-    with open(node_dir / SYSFS_DIR / ".lock", "a") as lock:
+    with open(node_dir / SYSFS_DIR / ".lock", "a", opener=shared_opener) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for rail in rails:
             link = links.get(rail, {"up": True, "rate_fraction": 1.0, "loss_pct": 0.0})
@@ -378,9 +375,9 @@ def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
             counters = port / "counters"
             if not counters.is_dir():
                 counters.mkdir(parents=True)
-                (port / "link_layer").write_text("InfiniBand\n")
+                _write_text(port / "link_layer", "InfiniBand\n")
                 for name in IB_COUNTERS:
-                    (counters / name).write_text("0\n")
+                    _write_text(counters / name, "0\n")
                 _write_text(port / "state", "4: ACTIVE\n")
             was_up = (port / "state").read_text().strip().endswith("ACTIVE")
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from aidc.files import SHARED_MODE, append_bytes, write_atomic
+
 
 @runtime_checkable
 class SchedulerBackend(Protocol):
@@ -67,13 +69,12 @@ class LabScheduler:
 
     def _journal(self, node: str, op: str, reason: str) -> None:
         entry = {"op": op, "reason": reason, "was": self.state(node), "at": time.time(), "pid": os.getpid()}
-        with open(self._node_dir(node) / "scheduler.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_bytes(self._node_dir(node) / "scheduler.jsonl", (json.dumps(entry) + "\n").encode(), SHARED_MODE)
 
     def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         d = self._node_dir(node)
         self._journal(node, "quarantine", reason)
-        (d / "quarantined").write_text(json.dumps({"reason": reason, "event": event, "at": time.time()}))
+        write_atomic(d / "quarantined", json.dumps({"reason": reason, "event": event, "at": time.time()}), SHARED_MODE)
         for pgid in self.process_groups(node):
             try:
                 os.killpg(pgid, signal.SIGKILL)
@@ -106,6 +107,4 @@ class LabScheduler:
     def add_process_group(self, node: str, pgid: int) -> None:
         path = self._node_dir(node) / "pgids.json"
         groups = sorted(set(self.process_groups(node)) | {pgid})
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(groups))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(groups), SHARED_MODE)

@@ -236,7 +236,8 @@ class Engine:
                                          run.trigger.get("annotations") or {}, nodes=self.nodes)
         except run_params.ParamError as exc:
             self._audit("runbook.params.rejected", f"{rb.name} on {run.node}: {exc}", run.node,
-                        {"run_id": run_id, "runbook": rb.name, "trigger": run.trigger, "error": str(exc)})
+                        {"run_id": run_id, "runbook": rb.name, "trigger": run.trigger, "error": str(exc),
+                         "problems": [{"name": p.name, "kind": p.kind} for p in exc.problems]})
             self._abandon(run, f"trigger values do not fit the runbook's params: {exc}")
             return
         variables = {**values, "node": run.node, "runbook": rb.name, "run_id": run_id}
