@@ -151,7 +151,7 @@ def test_events_of_names_that_are_not_nodes_are_audited_and_a_flood_adds_few_rec
     assert received(ctl) == []
     with AuditLog(ctl.audit_path) as audit:
         refused = [r.payload for r in audit.records(kind="node.refused_unknown")]
-    assert {p["where"] for p in refused} == {"ingest"} and {p.get("source") for p in refused[:1]} == {"relay"}
+    assert {p["where"] for p in refused} == {"ingest"} and {p.get("source") for p in refused[:1]} == {"CN=relay"}
     assert sum(p["refused"] for p in refused) == len(hostile)
     assert len(refused) < len(hostile)
 

@@ -71,7 +71,7 @@ def _listener(ctl, options, allow_client: list[str]):
 
     host, port, tls = options
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, {n.name for n in ctl.spec.nodes()}, tls, host, port,
+        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port,
                             allowed_clients=set(allow_client))
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 from aidc.device import sim
 from aidc.errors import AidcError
 from aidc.failover.scheduler import LabScheduler
+from aidc.nodenames import node_dir
 from aidc.polling import free_port
 from aidc.process import same_process_alive, start_ticks
 from aidc.spec import ClusterSpec
@@ -83,7 +84,7 @@ class LabCluster:
             self._write(data)
 
     def node_dir(self, node: str) -> Path:
-        return self.dir / "nodes" / node
+        return node_dir(self.dir / "nodes", node)
 
     @property
     def store_path(self) -> Path:
@@ -293,7 +294,8 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     in a round committed for them); where that does not apply, expire its heartbeat."""
     from aidc.failover.rendezvous import commit_next_round, evict
 
-    pid_file = lab_dir / "nodes" / node / "launcher.pid"
+    where = node_dir(lab_dir / "nodes", node)
+    pid_file = where / "launcher.pid"
     if not pid_file.exists():
         return
     info = json.loads((lab_dir / "lab.json").read_text())
@@ -306,7 +308,7 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     expired = [] if committed else _at_rendezvous(info, lambda host, port, trusted: evict(
         host, port, info["run_id"], pids=pids, trusted_networks=trusted))
     # Kept beside the node for the failover timeline (and the audit report).
-    (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
+    (where / "rendezvous-evicted.json").write_text(
         json.dumps({"at": started, "took_s": time.time() - started, "expired": expired, "committed": committed}))
 
 

@@ -242,6 +242,7 @@ class Receiver:
                         busy = run_id in self._executing
                     if not busy:
                         self._dispatch(run_id)
+                self.engine.refusals.flush(expired_only=True)  # a flood's summary, once it is over
             except Exception as exc:
                 self.log(f"scanner error: {type(exc).__name__}: {exc}")
             self.engine.stop.wait(self.scan_interval_s)
@@ -262,6 +263,7 @@ class Receiver:
                 running = list(self._threads)
             for t in running:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.engine.refusals.flush()
 
     def shutdown(self) -> None:
         self.engine.stop.set()
