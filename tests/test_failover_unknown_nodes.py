@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from aidc.audit import AuditLog
@@ -75,6 +78,40 @@ def test_an_event_for_a_name_the_scheduler_does_not_know_is_refused_and_never_be
     store.append(_fault("gpu-1"))
     assert [d.verdict for d in ctl.run_once()] == ["quarantine"]
     assert LabScheduler(lab_dir).state("gpu-1") == "quarantined"
+
+
+NAMES = st.one_of(
+    st.sampled_from([n.name for n in SPEC.nodes()]),
+    st.text(max_size=40),
+    st.text(alphabet=st.sampled_from(list("./\\\x00-_gpu0123\u0430 ")), max_size=12),
+    st.lists(st.sampled_from(["..", ".", "gpu-0", "", "nodes", "tmp"]), max_size=5).map("/".join),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(NAMES, min_size=1, max_size=4))
+def test_every_name_is_either_a_node_of_the_scheduler_or_refused_without_an_intent(names):
+    known = {n.name for n in SPEC.nodes()}
+    with tempfile.TemporaryDirectory() as tmp:
+        lab_dir = Path(tmp) / "lab"
+        for node in known:
+            (lab_dir / "nodes" / node).mkdir(parents=True)
+        store, audit = Store(Path(tmp) / "state.db"), AuditLog(Path(tmp) / "audit.db")
+        try:
+            for name in names:
+                store.append(_fault(name))
+            verdicts = {d.node: d.verdict for d in FailoverController(SPEC, store, audit,
+                                                                     LabScheduler(lab_dir)).run_once()}
+            expected = {n: "refused_unknown_node" for n in names if n not in known}
+            assert {n: v for n, v in verdicts.items() if n not in known} == expected
+            assert "refused_unknown_node" not in {v for n, v in verdicts.items() if n in known}
+            assert set(store.nodes_in_state("quarantining", "quarantined")) <= known
+            outside = {p.name for p in Path(tmp).rglob("*") if p.name in ("quarantined", "scheduler.jsonl")
+                       and p.parent.parent != lab_dir / "nodes"}
+            assert outside == set()
+        finally:
+            store.close()
+            audit.close()
 
 
 def test_a_flood_of_unknown_names_adds_a_bounded_number_of_audit_records(lab):
