@@ -228,3 +228,17 @@ def test_releasing_a_known_node_still_works(tmp_path):
                                       "--stack", str(_stack(tmp_path)), "--lab-dir", str(lab_dir)])
     assert result.exit_code == 0, result.output
     assert LabScheduler(lab_dir).state("gpu-1") == "in_service"
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", "gpu-\u0430"])
+def test_a_lab_node_launcher_with_a_name_that_is_not_a_node_form_stops_before_writing_anything(tmp_path, name, capsys):
+    from aidc.kms.local import LocalKeyring
+    from aidc.lab.node_launcher import main
+
+    lab_dir = tmp_path / "lab"
+    (lab_dir / "nodes" / "gpu-0").mkdir(parents=True)
+    LocalKeyring.create(lab_dir / "keyring", "lab")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["--node", name, "--lab-dir", str(lab_dir), "--rdzv", "127.0.0.1:1", "--nnodes", "1"]) == 2
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert capsys.readouterr().err.startswith("aidc: error: refusing node name")
