@@ -55,10 +55,10 @@ def lab(tmp_path):
     lab = tmp_path / "lab"
     for node in SPEC.nodes():
         (lab / "nodes" / node.name).mkdir(parents=True)
-    store, audit = Store(lab / "state.db"), AuditLog(lab / "audit.db")
-    yield lab, store, audit
+    store = Store(lab / "state.db")
+    with AuditLog(lab / "audit.db") as audit:
+        yield lab, store, audit
     store.close()
-    audit.close()
 
 
 def test_an_event_for_a_name_the_scheduler_does_not_know_is_refused_and_never_becomes_an_intent(lab):
@@ -129,13 +129,18 @@ def test_a_flood_of_unknown_names_adds_a_bounded_number_of_audit_records(lab):
     assert len(audit.records()) == 2
 
 
+def _intent_left_for(store: Store, name: str) -> int:
+    """What a controller before this check left behind: an intent for a name that is no node."""
+    event_id = store.append(_fault(name))
+    with store.transaction():
+        store.set_node_state(name, "quarantining", "XID 79", "failover")
+        store.put(f"intent_event:{name}", str(event_id))
+    return event_id
+
+
 def test_an_intent_a_store_holds_for_an_unknown_name_is_dropped_and_does_not_use_the_blast_radius(lab):
     lab_dir, store, audit = lab
-    # What a controller before this check left behind: an intent for a name that is no node.
-    ghost_event = store.append(_fault("ghost"))
-    with store.transaction():
-        store.set_node_state("ghost", "quarantining", "XID 79", "failover")
-        store.put("intent_event:ghost", str(ghost_event))
+    ghost_event = _intent_left_for(store, "ghost")
     ctl = FailoverController(SPEC, store, audit, LabScheduler(lab_dir))
     store.append(_fault("gpu-2"))
     assert [d.verdict for d in ctl.run_once()] == ["refused_unknown_node", "quarantine"]
@@ -148,10 +153,7 @@ def test_an_intent_a_store_holds_for_an_unknown_name_is_dropped_and_does_not_use
 
 def test_recovery_drops_an_unknown_names_intent_instead_of_retrying_it(lab):
     lab_dir, store, audit = lab
-    ghost_event = store.append(_fault("../x"))
-    with store.transaction():
-        store.set_node_state("../x", "quarantining", "XID 79", "failover")
-        store.put("intent_event:../x", str(ghost_event))
+    ghost_event = _intent_left_for(store, "../x")
     ctl = FailoverController(SPEC, store, audit, LabScheduler(lab_dir))
     assert ctl.recover() == []
     assert store.nodes_in_state("quarantining") == []
