@@ -134,6 +134,9 @@ def test_a_refused_event_is_acted_on_once_after_a_real_restart_and_escalation_hi
         metrics = scrape(port)
         assert 'aidc_failover_escalations_total{from_action="restart_app",to_action="reset_gpu"} 1.0' in metrics
         assert "aidc_failover_breaker_open 0.0" in metrics
+        # The only controller running holds the lease, and it has decided every event.
+        assert "aidc_failover_lease_held 1.0" in metrics
+        assert "aidc_failover_oldest_undecided_event_age_seconds 0.0" in metrics
         time.sleep(0.5)  # a few more polls: nothing may be repeated
     finally:
         for proc in procs:

@@ -162,6 +162,11 @@ class Store:
         ).fetchall()
         return [(i, FaultEvent.from_json(p)) for i, p in rows]
 
+    def oldest_undecided_at(self) -> float | None:
+        """When the oldest event still without any decision (not handled, not deferred) was stored."""
+        return self._db.execute("SELECT min(created_at) FROM events WHERE handled_at IS NULL AND outcome IS NULL"
+                                ).fetchone()[0]
+
     def mark_handled(self, event_id: int, outcome: str) -> None:
         self._db.execute(
             "UPDATE events SET handled_at = ?, outcome = ? WHERE id = ?", (time.time(), outcome, event_id)

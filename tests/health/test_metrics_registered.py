@@ -20,7 +20,8 @@ METRIC = re.compile(r"\b((?:DCGM_FI_|aidc_)[A-Za-z0-9_]+)\b")
 PENDING: dict[str, str] = {}
 # Fleet-wide series the failover controller serves (`aidc failover run --metrics-port`), not the
 # node agent; test_failover_breaker_cli.py scrapes a running controller for them.
-SERVED_BY_CONTROLLER = {"aidc_failover_breaker_open"}
+SERVED_BY_CONTROLLER = {"aidc_failover_breaker_open", "aidc_failover_lease_held",
+                        "aidc_failover_oldest_undecided_event_age_seconds"}
 # Series that exist only once something happened: no sample before the first XID, or before a
 # training job reports its step times (the straggler judgement's relative performance).
 BORN_OF_EVENTS = {"aidc_xid_errors_total", "aidc_burnin_relative_perf"}

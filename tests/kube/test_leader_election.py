@@ -101,3 +101,39 @@ def test_two_replicas_racing_for_real_are_never_both_leader(apiserver):
         s.set()
     assert both == 0
     assert leaders == {"a", "b"}
+
+
+# -- a Lease whose content cannot be trusted ages out like a stale one ------------------------------
+# Specification: whatever the Lease object holds (no spec, a garbage renewTime or duration, a
+# duration of years written by someone else), a waiting replica takes it over after its own
+# lease_duration_s of seeing it unchanged; the Lease's own fields never extend that wait.
+
+LEASE = ("aidc-system", "aidc-failover-controller")
+UNTRUSTED_LEASES = {
+    "a duration of years": lambda lease: lease["spec"].update(leaseDurationSeconds=10**8),
+    "a negative duration": lambda lease: lease["spec"].update(leaseDurationSeconds=-5),
+    "no renewTime": lambda lease: lease["spec"].pop("renewTime"),
+    "a garbage renewTime": lambda lease: lease["spec"].update(renewTime="not a time"),
+    "a garbage duration": lambda lease: lease["spec"].update(leaseDurationSeconds="forever"),
+    "garbage transitions": lambda lease: lease["spec"].update(leaseTransitions="many"),
+    "a holder that is not a string": lambda lease: lease["spec"].update(holderIdentity=["a"]),
+    "an empty spec": lambda lease: lease["spec"].clear(),
+    "no spec": lambda lease: lease.pop("spec"),
+}
+
+
+@pytest.mark.parametrize("change", UNTRUSTED_LEASES, ids=list(UNTRUSTED_LEASES))
+def test_a_lease_whose_content_cannot_be_trusted_is_taken_over_after_the_waiters_own_duration(apiserver, change):
+    clock = Clock()
+    a, b = elector(apiserver, "a", clock), elector(apiserver, "b", clock)
+    assert a.try_acquire_or_renew()   # then a dies, and its Lease is changed under it
+    UNTRUSTED_LEASES[change](apiserver.leases[LEASE])
+    taken = None
+    for second in range(0, 40, 2):    # b polls every retry period
+        if b.try_acquire_or_renew():
+            taken = second
+            break
+        clock.now += 2
+    assert taken is not None and taken <= 16, change
+    assert b.is_leader() and apiserver.leases[LEASE]["spec"]["holderIdentity"] == "b"
+    assert apiserver.invalid == []  # what b wrote is a valid Lease, whatever it read

@@ -98,7 +98,9 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                                help="A certificate name that may report for any node (a relay)."),
         metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
                                          help="Serve the controller's metrics (aidc_failover_breaker_open, "
-                                              "aidc_failover_escalations_total) on 127.0.0.1:PORT/metrics."),
+                                              "aidc_failover_escalations_total, aidc_failover_lease_held, "
+                                              "aidc_failover_oldest_undecided_event_age_seconds) on "
+                                              "127.0.0.1:PORT/metrics."),
         ) -> None:
     """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
     from aidc.failover.lease import Lease

@@ -65,6 +65,7 @@ class FailoverController:
         self.spec, self.store, self.audit, self.scheduler = spec, store, audit, scheduler
         self.dry_run = spec.policy.dry_run if dry_run is None else dry_run
         self.actor = actor or default_actor("failover")
+        self.metrics = metrics
         self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
         self.gate.refresh_metrics()
         self.total_nodes = len(spec.nodes())
@@ -87,6 +88,10 @@ class FailoverController:
         # read only undecided events, so a thousand waiting events cost nothing per poll.
         self._recheck_due = 0.0
         self._capacity_seen: str | None = None
+        # Whether the last poll held the lease, and the last lease error audited (once per cause).
+        self._held = False
+        self._lease_error: str | None = None
+        self.wall_clock = time.time  # the store's clock: events' created_at
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -159,28 +164,49 @@ class FailoverController:
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
         """Act on events until `stop`; with a `lease`, only while holding it (one controller acts)."""
-        held = lease is None
-        if held:
+        self._held = lease is None
+        if self._held:
             self.recover()
         while not stop.is_set():
-            if lease is not None:
-                try:
-                    now_held = lease.hold()
-                except OSError:  # the lease directory is unreachable: not knowing means not acting
-                    now_held = False
-                if now_held != held:
-                    held = now_held
-                    self.audit.append("failover.lease", f"controller lease {'acquired' if held else 'lost'}",
-                                      actor=self.actor, payload=lease.describe())
-                    if held:
-                        # The previous holder may have died between a drain and its record.
-                        self.recover()
-            if held:
-                self.run_once(lease.held if lease is not None else None, backoff=True)
+            self.poll(lease)
             stop.wait(poll_s)
         self.refusals.flush()
-        if lease is not None and held:
+        if lease is not None and self._held:
             lease.release()
+
+    def poll(self, lease=None) -> bool:
+        """One turn of the loop: hold or contend for the lease (audited when that changes), decide
+        pending events while holding it, and report both to the metrics. True while holding."""
+        if lease is None:
+            self._held = True
+        else:
+            try:
+                now_held, error = lease.hold(), None
+            except Exception as exc:  # an unusable lease (directory, API server): not knowing means not acting
+                now_held, error = False, str(exc)
+            if error != self._lease_error:
+                self._lease_error = error
+                if error is not None:
+                    self.audit.append("failover.lease_error", f"cannot use the controller lease: {error}",
+                                      actor=self.actor, payload={**lease.describe(), "error": error})
+            if now_held != self._held:
+                self._held = now_held
+                self.audit.append("failover.lease", f"controller lease {'acquired' if now_held else 'lost'}",
+                                  actor=self.actor, payload=lease.describe())
+                if now_held:
+                    # The previous holder may have died between a drain and its record.
+                    self.recover()
+        if self._held:
+            self.run_once(lease.held if lease is not None else None, backoff=True)
+        self._report()
+        return self._held
+
+    def _report(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.lease(self._held)
+        oldest = self.store.oldest_undecided_at()
+        self.metrics.undecided_age(0.0 if oldest is None else self.wall_clock() - oldest)
 
     # -- one event ----------------------------------------------------------------
     def handle(self, event_id: int, event: FaultEvent) -> Decision:

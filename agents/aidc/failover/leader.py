@@ -7,10 +7,16 @@ resourceVersion that was read, so two replicas racing for an expired Lease canno
 (one gets 409). A leader that could not renew within `renew_deadline_s` stops considering
 itself leader at once, before the Lease expires for the others: `renew_deadline_s <
 lease_duration_s` leaves a gap in which nobody acts rather than one in which two do.
+
+The Lease is read as raw JSON, not through the client's models: a field that does not parse
+(a garbage renewTime or duration, no spec) must not stop the election. Expiry is this replica's
+own `lease_duration_s` of seeing (holderIdentity, renewTime) unchanged, whatever the object
+says its duration is, so a Lease written with a duration of years cannot stop failover either.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -80,24 +86,26 @@ class LeaseElector:
         """One attempt; True when this replica holds the lease afterwards."""
         now = self._clock()
         try:
-            lease = self.coord.read_namespaced_lease(self.name, self.namespace)
+            lease = self._read()
         except self._client.ApiException as exc:
             if exc.status != 404:
                 return self._failed()
             return self._write(None, transitions=0)
         except Exception:  # unreachable API server: keep the lease only until the renew deadline
             return self._failed()
-        spec = lease.spec
-        holder = spec.holder_identity
-        renew = spec.renew_time.isoformat() if spec.renew_time else None
+        spec = lease.get("spec") if isinstance(lease.get("spec"), dict) else {}
+        holder = _text(spec.get("holderIdentity"))
+        renew = _text(spec.get("renewTime"))  # compared as written, never parsed
+        transitions = spec.get("leaseTransitions")
+        transitions = transitions if type(transitions) is int and transitions >= 0 else 0
         if (holder, renew) != self._observed:
             self._observed, self._observed_at = (holder, renew), now
         if holder == self.identity:
-            return self._write(lease, transitions=spec.lease_transitions or 0, acquired=spec.acquire_time)
-        expired = not holder or now - self._observed_at >= (spec.lease_duration_seconds or self.lease_duration_s)
+            return self._write(lease, transitions=transitions, acquired=_time(spec.get("acquireTime")))
+        expired = not holder or now - self._observed_at >= self.lease_duration_s
         if not expired:
             return self._failed(lost=True)
-        return self._write(lease, transitions=(spec.lease_transitions or 0) + 1)
+        return self._write(lease, transitions=transitions + 1)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -116,18 +124,27 @@ class LeaseElector:
         if not self.is_leader():
             return
         try:
-            lease = self.coord.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec.holder_identity == self.identity:
-                lease.spec.holder_identity = None
-                lease.spec.renew_time = None
+            lease = self._read()
+            spec = lease.get("spec")
+            if isinstance(spec, dict) and spec.get("holderIdentity") == self.identity:
+                spec.pop("holderIdentity")
+                spec.pop("renewTime", None)
                 self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
-        except self._client.ApiException:
+        except (self._client.ApiException, ValueError):
             pass
         with self._lock:
             self._renewed_at = None
 
     # -- internals -------------------------------------------------------------------------------
-    def _write(self, lease, transitions: int, acquired=None) -> bool:
+    def _read(self) -> dict:
+        """The Lease as the API server sent it (JSON), so no field of it can fail to deserialize."""
+        response = self.coord.read_namespaced_lease(self.name, self.namespace, _preload_content=False)
+        lease = json.loads(response.data)
+        if not isinstance(lease, dict) or not isinstance(lease.get("metadata"), dict):
+            raise ValueError("the Lease is not an object with metadata")
+        return lease
+
+    def _write(self, lease: dict | None, transitions: int, acquired: datetime | None = None) -> bool:
         c = self._client
         now = datetime.now(timezone.utc)
         spec = c.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.lease_duration_s,
@@ -138,8 +155,10 @@ class LeaseElector:
                 body = c.V1Lease(metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace), spec=spec)
                 self.coord.create_namespaced_lease(self.namespace, body)
             else:
-                lease.spec = spec  # metadata keeps the resourceVersion we read: a race is a 409
-                self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
+                # metadata keeps the resourceVersion we read: a race is a 409
+                body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": lease["metadata"],
+                        "spec": spec}
+                self.coord.replace_namespaced_lease(self.name, self.namespace, body)
         except c.ApiException:
             return self._failed(lost=True)
         except Exception:  # unreachable API server: keep the lease only until the renew deadline
@@ -155,3 +174,16 @@ class LeaseElector:
             if lost:
                 self._renewed_at = None
         return self.is_leader()
+
+
+def _text(value) -> str | None:
+    """A Lease field that should be a string; anything else counts as absent."""
+    return value if isinstance(value, str) and value else None
+
+
+def _time(value) -> datetime | None:
+    """A Lease timestamp written back as it was, or None when it is not one (then it is reset)."""
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (AttributeError, TypeError, ValueError):
+        return None

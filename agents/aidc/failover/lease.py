@@ -12,6 +12,15 @@ a hung filesystem) or that sees a higher generation stops acting: it fences itse
 
 A crash (kill -9, a dead host) simply stops the beat: another controller takes over within
 `ttl_s` plus one poll. A clean stop writes `released` so the next one takes over at once.
+
+Lease state that cannot be read ages out like a stale beat: a beat that is missing, empty,
+not one a controller writes (garbage, changing or not), not a regular file (a directory, a
+FIFO, a symlink) or larger than a beat can be counts as "no beat", and "no beat" unchanged for
+`ttl_s` is expiry. Only gen-<N>.json with 1..18 digits is a generation; other names are strays.
+The last generation the pattern can name has no successor, so when it goes stale it is moved
+aside (no controller ever gets there: it would take 10^18 takeovers) and the next one below it
+is claimed. The directory is 0700 and its files 0600 whatever the umask: who can write it can
+stop failover.
 """
 
 from __future__ import annotations
@@ -20,10 +29,17 @@ import json
 import os
 import re
 import socket
+import stat
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
+from aidc.files import DIR_MODE, FILE_MODE, private_dir
+
 _GEN = re.compile(r"^gen-([0-9]{1,18})\.json$")
+MAX_GEN = 10**18 - 1  # the largest generation _GEN can name
+MAX_BEAT_BYTES = 4096  # a beat is a small JSON object; anything larger is not one
 
 
 class Lease:
@@ -38,13 +54,13 @@ class Lease:
         self.generation: int | None = None   # the generation this process holds
         self._renewed_at = 0.0
         self._beats = 0
-        # Observation of somebody else's lease: (generation, beat text, when it last changed).
-        self._seen: tuple[int, str, float] | None = None
+        # Observation of somebody else's lease: (generation, beat as read, when it last changed).
+        self._seen: tuple[int, tuple | None, float] | None = None
 
     # -- public ------------------------------------------------------------------------
     def hold(self) -> bool:
         """Acquire or renew; True while this process holds the lease. Call every poll."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._private_dir()
         top = self._top()
         if self.generation is not None:
             if top == self.generation and self._renew():
@@ -54,20 +70,24 @@ class Lease:
             return self._claim(1)
         beat = self._read_beat(top)
         now = self.clock()
-        if beat is not None and '"released": true' in beat:
-            return self._claim(top + 1)
+        if beat is not None and beat[0] == "released":
+            return self._take_over(top)
         if self._seen is None or self._seen[0] != top or self._seen[1] != beat:
-            self._seen = (top, beat or "", now)
+            self._seen = (top, beat, now)  # None (no readable beat) is a value that ages too
             return False
         if now - self._seen[2] >= self.ttl_s:
-            return self._claim(top + 1)
+            return self._take_over(top)
         return False
 
     def held(self) -> bool:
         """Whether acting now is safe: we hold the newest generation and renewed recently."""
         margin = min(1.0, self.ttl_s / 4)
-        return (self.generation is not None and self._top() == self.generation
-                and self.clock() - self._renewed_at < self.ttl_s - margin)
+        if self.generation is None or self.clock() - self._renewed_at >= self.ttl_s - margin:
+            return False
+        try:
+            return self._top() == self.generation
+        except OSError:  # the directory cannot be read: not knowing means not acting
+            return False
 
     def release(self) -> None:
         if self.generation is not None and self._top() == self.generation:
@@ -75,8 +95,12 @@ class Lease:
         self.generation = None
 
     def describe(self) -> dict:
+        try:
+            current = self.current()
+        except OSError as exc:  # described also when the directory cannot be read (audited as such)
+            current = {"error": str(exc)}
         return {"holder": self.holder, "generation": self.generation, "dir": str(self.dir), "ttl_s": self.ttl_s,
-                "current": self.current()}
+                "current": current}
 
     def current(self) -> dict | None:
         """Who holds the newest generation, as written in its file."""
@@ -84,11 +108,31 @@ class Lease:
         if top is None:
             return None
         try:
-            return {**json.loads((self.dir / f"gen-{top}.json").read_text()), "generation": top}
+            written = json.loads(_read_small(self.dir / f"gen-{top}.json"))
         except (OSError, ValueError):
-            return {"generation": top}
+            written = None
+        return {**written, "generation": top} if isinstance(written, dict) else {"generation": top}
 
     # -- internals --------------------------------------------------------------------------
+    def _private_dir(self) -> None:
+        private_dir(self.dir)
+        st = os.stat(self.dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(f"lease directory {self.dir} is not a directory")
+        if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(self.dir, DIR_MODE)  # made by an older aidc under the umask: who can write it can stop failover
+
+    def _take_over(self, top: int) -> bool:
+        """Claim the generation after `top`, which this contender saw released or stale."""
+        if top < MAX_GEN:
+            return self._claim(top + 1)
+        # No successor can be named. Move the stale generation aside (rename works on any kind
+        # of entry); of contenders racing here only the one whose rename succeeded claims.
+        if not _move_aside(self.dir, f"gen-{top}.json"):
+            return False
+        below = self._top()
+        return self._claim(1 if below is None else below + 1)
+
     def _top(self) -> int | None:
         try:
             names = os.listdir(self.dir)
@@ -100,13 +144,17 @@ class Lease:
     def _claim(self, gen: int) -> bool:
         path = self.dir / f"gen-{gen}.json"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileExistsError:
             return False  # another contender won this generation
         with os.fdopen(fd, "w") as f:
             json.dump({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
                        "claimed_at": time.time()}, f)
         self.generation, self._beats, self._seen = gen, 0, None
+        if (self.dir / f"gen-{gen}.beat").exists() or (self.dir / f"gen-{gen}.beat").is_symlink():
+            # Nobody but this generation's holder writes its beat: whatever is there is a stray
+            # (a directory would make every beat fail), so it is moved aside.
+            _move_aside(self.dir, f"gen-{gen}.beat")
         if not self._renew():
             self.generation = None
             return False
@@ -132,13 +180,54 @@ class Lease:
         return True
 
     def _write_beat(self, gen: int, data: dict) -> None:
-        path = self.dir / f"gen-{gen}.beat"
-        tmp = self.dir / f".gen-{gen}.beat.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-
-    def _read_beat(self, gen: int) -> str | None:
+        # mkstemp: a fresh 0600 name each time, so no stray entry can block the write.
+        fd, tmp = tempfile.mkstemp(prefix=f".gen-{gen}.beat.", suffix=".tmp", dir=self.dir)
         try:
-            return (self.dir / f"gen-{gen}.beat").read_text()
-        except OSError:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(data, sort_keys=True))
+            os.replace(tmp, self.dir / f"gen-{gen}.beat")
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _read_beat(self, gen: int) -> tuple | None:
+        """The beat as ("beat", holder, n) or ("released", holder); None when there is no beat a
+        controller could have written (missing, unreadable, not a regular file, too large, garbage)."""
+        try:
+            beat = json.loads(_read_small(self.dir / f"gen-{gen}.beat"))
+        except (OSError, ValueError):
             return None
+        if not isinstance(beat, dict) or not isinstance(beat.get("holder"), str):
+            return None
+        if beat.get("released") is True:
+            return ("released", beat["holder"])
+        n = beat.get("beat")
+        if type(n) is int and n > 0:
+            return ("beat", beat["holder"], n)
+        return None
+
+
+def _move_aside(directory: Path, name: str) -> bool:
+    """Rename an entry of any kind out of the lease's names; False if it was not there (any more)."""
+    try:
+        os.rename(directory / name, directory / f".stale-{name}.{uuid.uuid4().hex}")
+    except OSError:
+        return False
+    return True
+
+
+def _read_small(path: Path) -> bytes:
+    """A regular file's bytes, at most MAX_BEAT_BYTES; never follows a symlink nor waits on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = os.read(fd, MAX_BEAT_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BEAT_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_BEAT_BYTES} bytes")
+    return data

@@ -1,5 +1,6 @@
-"""The failover controller's Prometheus metrics (docs/metrics.md): the circuit breaker and
-escalations. Its own registry, so several controllers (tests) can live in one process."""
+"""The failover controller's Prometheus metrics (docs/metrics.md): the circuit breaker,
+escalations, whether this controller holds the lease and how long the oldest undecided event
+has waited. Its own registry, so several controllers (tests) can live in one process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ class FailoverMetrics:
         self.escalations = Counter("aidc_failover_escalations_total",
                                    "Fault actions moved up the ladder by repetition or a node's remediation history",
                                    ("from_action", "to_action"), registry=self.registry)
+        # Every controller serves both, holding the lease or not: the rules take the max over
+        # controllers, so "nobody holds it" and "an event waits while nobody decides" both show.
+        self.lease_held = Gauge("aidc_failover_lease_held",
+                                "1 while this controller holds the controller lease and may act",
+                                registry=self.registry)
+        self.oldest_undecided_age = Gauge("aidc_failover_oldest_undecided_event_age_seconds",
+                                          "Seconds the oldest fault event without a decision has waited (0: none)",
+                                          registry=self.registry)
         self._server = None
 
     def breaker(self, is_open: bool) -> None:
@@ -22,6 +31,12 @@ class FailoverMetrics:
 
     def escalated(self, from_action: str, to_action: str) -> None:
         self.escalations.labels(from_action=from_action, to_action=to_action).inc()
+
+    def lease(self, held: bool) -> None:
+        self.lease_held.set(1 if held else 0)
+
+    def undecided_age(self, seconds: float) -> None:
+        self.oldest_undecided_age.set(max(0.0, seconds))
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
