@@ -43,3 +43,20 @@ def test_a_flood_of_alerts_for_unknown_names_gives_two_audit_records_per_window(
     assert len(engine.audit.records()) == 2
     # A node of the cluster is still served.
     assert engine.submit_alert(alert("NodeBroken", "gpu-1")).outcome == "started"
+
+
+def test_running_a_runbook_by_hand_on_a_name_that_is_not_a_node_is_one_error_line_and_audited(aidc_cli, tmp_path):
+    from aidc.audit.log import AuditLog
+    from runbook_fakes import ROOT, write_runbook
+
+    (tmp_path / "rb").mkdir()
+    write_runbook(tmp_path / "rb", QUARANTINE_AND_NOTIFY)
+    for name in ("../x", "gpu-\u0430"):
+        out = aidc_cli("runbook", "run", "take-out", "--node", name, "--stack", str(ROOT / "Pulumi.lab.yaml"),
+                       "--runbooks", str(tmp_path / "rb"), "--lab-dir", str(tmp_path / "lab"),
+                       "--state-db", str(tmp_path / "state.db"), "--audit-db", str(tmp_path / "audit.db"))
+        assert out.returncode != 0 and out.stderr.startswith("aidc: error: ") and out.stderr.count("\n") == 1
+    with AuditLog(tmp_path / "audit.db") as audit:
+        refused = [(r.payload["where"], r.payload["name"]) for r in audit.records(kind=AUDIT_KIND)]
+    assert refused == [("cli", ascii("../x")), ("cli", ascii("gpu-\u0430"))]
+    assert not (tmp_path / "x").exists()

@@ -4,10 +4,10 @@ Only a client certificate from the configured CA gets past the handshake. A node
 only its own faults: every event's node must be the certificate's common name or one of its
 DNS subjectAltNames, unless the certificate's name is on the allowed list (a relay); anything
 else is refused with 403, logged and audited. An event for a name that is not one of the
-scheduler's nodes is refused with 422 and audited, aggregated (aidc.nodenames). A valid batch is inserted under its idempotency
-keys (INSERT OR IGNORE) and committed before the answer, so a 200 means the events are
-durable, and a batch sent again after a lost answer changes nothing. The failover loop picks
-the new events up from the store like any other.
+scheduler's nodes is refused with 422 and audited, aggregated (aidc.nodenames). A valid batch
+is inserted under its idempotency keys (INSERT OR IGNORE) and committed before the answer, so
+a 200 means the events are durable, and a batch sent again after a lost answer changes
+nothing. The failover loop picks the new events up from the store like any other.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class IngestServer:
     """`serve_forever()` on a thread; `shutdown()` from another. Store and audit log are its own
     connections, used one request at a time: SQLite serializes writers anyway."""
 
-    def __init__(self, store_path, audit_path, nodes: set[str] | NodeInventory, tls: TLSConfig, host: str, port: int, *,
-                 allowed_clients: set[str] = frozenset(), request_timeout_s: float = 10.0, log=None):
+    def __init__(self, store_path, audit_path, nodes: set[str] | NodeInventory, tls: TLSConfig, host: str,
+                 port: int, *, allowed_clients: set[str] = frozenset(), request_timeout_s: float = 10.0, log=None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
         # The controller's NodeInventory (the scheduler's nodes), or a fixed set of names.
