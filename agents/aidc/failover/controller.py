@@ -3,6 +3,7 @@
 The controller is the only stage that acts on faults (detectors never act). For each
 pending event it decides one verdict and records it:
 
+* `refused_unknown_node` the scheduler lists no node of that name (see below): nothing else is decided
 * `no_action`            the fault's action keeps the node in service (e.g. restart_app)
 * `already_quarantined`  the node is out of service already
 * `refused_blast_radius` quarantining would exceed `policy.max_unavailable`: alert, don't act
