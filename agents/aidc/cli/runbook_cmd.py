@@ -11,6 +11,7 @@ import typer
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError
 from aidc.identity import authorize, cli_identity, load_token_map
+from aidc.nodenames import shown
 from aidc.strict_json import finite
 
 app = typer.Typer(help="Guarded, audited runbooks triggered by Alertmanager or by hand.", no_args_is_help=True)
@@ -72,7 +73,9 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
     """Run a runbook on a node by hand (audited; the same guards as an alert-triggered run)."""
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     if node not in engine.nodes:
-        raise AidcError(f"{node!r} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}")
+        reason = f"{shown(node)} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}"
+        engine.refusals.refuse(node, "cli", cli_identity(), reason)
+        raise AidcError(reason)
     labels = {}
     for item in label:
         key, sep, value = item.partition("=")

@@ -71,6 +71,9 @@ class LeaderGuarded:
     def out_of_service(self):
         return self.backend.out_of_service()
 
+    def known_nodes(self) -> set[str]:
+        return self.backend.known_nodes()
+
 
 def api_client_from(settings):
     """An API client: in-cluster credentials in a pod, else the kubeconfig (spec, $KUBECONFIG, ~/.kube/config)."""
@@ -219,6 +222,10 @@ class KubernetesScheduler:
     def managed_nodes(self) -> list[str]:
         """The nodes of aidc's pools (label aidc.dev/pool): what runbooks may act on."""
         return sorted(o.metadata.name for o in self._call(self.core.list_node, label_selector=POOL_LABEL).items)
+
+    def known_nodes(self) -> set[str]:
+        """Node names are the cluster's: aidc knows the nodes of its pools."""
+        return set(self.managed_nodes())
 
     # -- eviction --------------------------------------------------------------------
     def evict_pods(self, node: str) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from aidc.files import SHARED_MODE, append_bytes, write_atomic
+from aidc.nodenames import NODE_NAME, node_dir
 
 
 @runtime_checkable
@@ -41,6 +42,11 @@ class SchedulerBackend(Protocol):
         """"in_service" or "quarantined", as the scheduler sees it."""
         ...
 
+    def known_nodes(self) -> set[str]:
+        """The names of the nodes this scheduler has (aidc.nodenames: a name it does not list is
+        refused where it enters and never becomes an intent)."""
+        ...
+
 
 class LabScheduler:
     """The lab's scheduler: a node is a directory; quarantine stops the whole node.
@@ -62,7 +68,8 @@ class LabScheduler:
         self.on_quarantine = on_quarantine
 
     def _node_dir(self, node: str) -> Path:
-        path = self.lab_dir / "nodes" / node
+        # A name from an event or a command line: never a path out of nodes/ (NodeNameError).
+        path = node_dir(self.lab_dir / "nodes", node)
         if not path.is_dir():
             raise KeyError(f"no lab node {node!r} under {self.lab_dir / 'nodes'}")
         return path
@@ -70,6 +77,14 @@ class LabScheduler:
     def _journal(self, node: str, op: str, reason: str) -> None:
         entry = {"op": op, "reason": reason, "was": self.state(node), "at": time.time(), "pid": os.getpid()}
         append_bytes(self._node_dir(node) / "scheduler.jsonl", (json.dumps(entry) + "\n").encode(), SHARED_MODE)
+
+    def known_nodes(self) -> set[str]:
+        """A lab node is a directory under nodes/ (with a node's name)."""
+        try:
+            return {p.name for p in (self.lab_dir / "nodes").iterdir()
+                    if p.is_dir() and not p.is_symlink() and NODE_NAME.fullmatch(p.name)}
+        except FileNotFoundError:
+            return set()
 
     def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         d = self._node_dir(node)

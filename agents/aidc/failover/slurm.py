@@ -330,6 +330,9 @@ class SlurmScheduler:
         out = self._query(["scontrol", "show", "node", "-o"])
         return [parse_node_line(line) for line in out.splitlines() if line.strip() and "NodeName=" in line]
 
+    def known_nodes(self) -> set[str]:
+        return {st.name for st in self.all_nodes()}
+
     def out_of_service(self) -> dict[str, NodeStatus]:
         """The cluster-wide out-of-service set the blast radius counts: nodes aidc drained, plus
         down nodes when policy.count_down_nodes. An operator's drain is planned work and is not

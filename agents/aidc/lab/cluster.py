@@ -22,6 +22,7 @@ from aidc.device import sim
 from aidc.errors import AidcError
 from aidc.failover.scheduler import LabScheduler
 from aidc.files import SHARED_MODE, shared_opener, touch, write_atomic
+from aidc.nodenames import node_dir
 from aidc.polling import free_port
 from aidc.process import same_process_alive, start_ticks
 from aidc.spec import ClusterSpec
@@ -84,7 +85,7 @@ class LabCluster:
             self._write(data)
 
     def node_dir(self, node: str) -> Path:
-        return self.dir / "nodes" / node
+        return node_dir(self.dir / "nodes", node)
 
     @property
     def store_path(self) -> Path:
@@ -292,7 +293,8 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     in a round committed for them); where that does not apply, expire its heartbeat."""
     from aidc.failover.rendezvous import commit_next_round, evict
 
-    pid_file = lab_dir / "nodes" / node / "launcher.pid"
+    where = node_dir(lab_dir / "nodes", node)
+    pid_file = where / "launcher.pid"
     if not pid_file.exists():
         return
     info = json.loads((lab_dir / "lab.json").read_text())
@@ -305,7 +307,7 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     expired = [] if committed else _at_rendezvous(info, lambda host, port, trusted: evict(
         host, port, info["run_id"], pids=pids, trusted_networks=trusted))
     # Kept beside the node for the failover timeline (and the audit report).
-    write_atomic(lab_dir / "nodes" / node / "rendezvous-evicted.json", json.dumps(
+    write_atomic(where / "rendezvous-evicted.json", json.dumps(
         {"at": started, "took_s": time.time() - started, "expired": expired, "committed": committed}), SHARED_MODE)
 
 

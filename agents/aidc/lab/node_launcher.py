@@ -163,15 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     from aidc.kms import KmsError
     from aidc.kms.local import LocalKeyring
 
+    from aidc.nodenames import NodeNameError, node_dir
+
     try:
         LocalKeyring(Path(args.lab_dir) / "keyring")
-    except KmsError as exc:
+        # The node's name builds its paths (pid file, trace, warm gate): only a name of the node
+        # form, directly under nodes/.
+        node_path = node_dir(Path(args.lab_dir) / "nodes", args.node)
+    except (KmsError, NodeNameError) as exc:
         print(f"aidc: error: {exc}", file=sys.stderr)
         return 2
 
     # Who started this agent (the lab directly, or slurmstepd as a job step) does not know its
     # pid in advance under Slurm; the rendezvous knows nodes by it, and eviction matches on it.
-    pid_file = Path(args.lab_dir) / "nodes" / args.node / "launcher.pid"
+    pid_file = node_path / "launcher.pid"
     write_atomic(pid_file, str(os.getpid()), SHARED_MODE)
     # The default shared store breaks after a membership change; keep it per round.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     TRACE["path"].parent.mkdir(parents=True, exist_ok=True)
     _stay_in_committed_rounds()
     if args.start_gate:
-        _wait_at_gate(Path(args.lab_dir) / "nodes" / args.node / "warm", Path(args.start_gate))
+        _wait_at_gate(node_path / "warm", Path(args.start_gate))
     if args.spare:
         _wait_for_full_round(args.rdzv, args.run_id, args.nnodes, trusted_networks=args.rdzv_trusted)
     config = LaunchConfig(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.identity import authorize
+from aidc.nodenames import RefusalLog, shown
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators
 from aidc.runbook.catalog import Catalog, Runbook, RunbookError, Step
@@ -87,6 +88,13 @@ class Engine:
     def __post_init__(self) -> None:
         # AuditLog keeps one connection; executor threads take turns on it.
         self._audit_lock = threading.Lock()
+        # Alerts naming no node of this cluster: audited, a flood as one summary per window.
+        self.refusals = RefusalLog(self.audit, self.actor, lock=self._audit_lock)
+
+    def _unknown_node(self, rb: Runbook, node: str, source: str) -> Submission:
+        reason = f"{shown(node)} is not a node of this cluster"
+        self.refusals.refuse(node, "runbook", source, f"{rb.name}: {reason}")
+        return Submission("unknown_node", reason, rb.name, node)
 
     def _audit(self, kind: str, reason: str, node: str | None, payload: dict) -> None:
         with self._audit_lock:
@@ -113,6 +121,9 @@ class Engine:
             trigger["annotations"] = alert["annotations"]
         if sender:
             trigger["sender"] = sender
+        if node not in self.nodes:
+            who = sender or {}
+            return self._unknown_node(rb, node, str(who.get("identity") or who.get("address") or "alertmanager"))
         if self.policy.dry_run:
             return self._plan_alert(rb, node, trigger, fingerprint, str(alert.get("startsAt", "")))
         return self.submit(rb.name, node, trigger, fingerprint, str(alert.get("startsAt", "")))
@@ -121,8 +132,6 @@ class Engine:
         """Under policy.dry_run: plan (and audit) the run an alert would start, once per alert,
         deduplicated by fingerprint and start like a live one. Sightings are kept apart from live
         ones, so an alert planned under dry-run still starts a run once dry-run is off."""
-        if node not in self.nodes:
-            return Submission("unknown_node", f"{node!r} is not a node of this cluster", rb.name, node)
         with self.state.transaction() as db:
             if self.state.alert_seen(db, DRY_RUN_SEEN + fingerprint, starts_at) is not False:
                 return Submission("duplicate", "alert already planned under policy.dry_run "
@@ -149,7 +158,7 @@ class Engine:
                starts_at: str = "") -> Submission:
         rb = self.catalog.get(runbook)
         if node not in self.nodes:
-            return Submission("unknown_node", f"{node!r} is not a node of this cluster", rb.name, node)
+            return self._unknown_node(rb, node, str(trigger.get("user") or trigger.get("source") or "-"))
         with self.state.transaction() as db:
             if fingerprint:
                 seen = self.state.alert_seen(db, fingerprint, starts_at)

@@ -269,6 +269,7 @@ class Receiver:
                     if not busy:
                         self._dispatch(run_id)
                 self.refusals.flush_due()
+                self.engine.refusals.flush(expired_only=True)  # a flood's summary, once it is over
             except Exception as exc:
                 self.log(f"scanner error: {type(exc).__name__}: {exc}")
             self.engine.stop.wait(self.scan_interval_s)
@@ -290,6 +291,7 @@ class Receiver:
             for t in running:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
             self.refusals.close()
+            self.engine.refusals.flush()
 
     def shutdown(self) -> None:
         self.engine.stop.set()
