@@ -84,7 +84,7 @@ def test_a_controller_killed_between_the_drain_and_its_record_issues_no_second_d
     finally:
         _stop(second)
     assert drains_issued(local_slurm, "gpu-1") == 1
-    assert reason(local_slurm, "gpu-1").endswith(f"(event {event})")
+    assert f"(event {event}, mark " in reason(local_slurm, "gpu-1")
     [action] = audit.records(kind="failover.action")
     assert action.payload["resumed"] is True and action.payload["event_id"] == event
     assert "already drained by aidc" in action.reason
