@@ -105,3 +105,23 @@ def test_the_controllers_own_pod_comes_from_the_downward_api(cluster, monkeypatc
     cluster.add_pod("aidc-system", "aidc-failover-controller-7d9f", "gpu-1", owner_kind="ReplicaSet")
     scheduler(cluster).quarantine("gpu-1", "XID 79")
     assert ("aidc-system", "aidc-failover-controller-7d9f") in cluster.pods
+
+
+def test_an_operator_cordon_landing_between_releases_read_and_its_patch_is_kept(cluster, monkeypatch):
+    k8s = scheduler(cluster)
+    k8s.quarantine("gpu-1", "XID 79")
+    real_read, raced = k8s.core.read_node, []
+    cordon = kubectl(cluster, "kubectl-cordon")
+
+    def read_then_the_operator_recordons(name, **kw):
+        obj = real_read(name, **kw)
+        if not raced:   # after aidc's first read: its patch carries a stale resourceVersion
+            raced.append(1)
+            cordon(name, {"spec": {"unschedulable": False}})
+            cordon(name, {"spec": {"unschedulable": True}})
+        return obj
+
+    monkeypatch.setattr(k8s.core, "read_node", read_then_the_operator_recordons)
+    k8s.release("gpu-1", "GPU replaced")
+    assert cluster.node("gpu-1")["spec"]["unschedulable"] is True
+    assert cluster.field_owners("gpu-1", "spec", "unschedulable") == ["kubectl-cordon"]

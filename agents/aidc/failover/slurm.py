@@ -45,7 +45,8 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # readable and the argv bounded.
 MAX_REASON = 200
 EVENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
-_OWN_REASON = re.compile(r"^aidc: (?P<text>.*?) \((?:event (?P<event>[A-Za-z0-9_.:-]+), )?mark (?P<mark>[0-9a-f]{12})\)$")
+_OWN_REASON = re.compile(r"^aidc: (?P<text>.*?) \((?:event (?P<event>[A-Za-z0-9_.:-]+), )?"
+                         r"mark (?P<mark>[0-9a-f]{12})\)$")
 # The reason's stamp as scontrol prints it. Fields before `Reason=` are Slurm's own; the reason,
 # free text, runs to the last stamp, after which only the node's Comment/Extra may follow.
 _REASON_TAIL = re.compile(r"^(?P<reason>.*) \[(?P<by>[^\]\[@\s]*)@[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}\]"
@@ -111,7 +112,7 @@ class NodeStatus:
     def drained_by_aidc(self) -> bool:
         """Slurm recorded aidc's user for a reason whose mark verifies for this node."""
         return (self.drained and bool(self.aidc_user) and self.reason_by == self.aidc_user
-                and _verified_event(self.name, self.reason) is not False)
+                and _verified_event(self.name, self.reason) is not None)
 
     @property
     def aidc_event(self) -> str | None:
@@ -242,12 +243,12 @@ def aidc_mark(node: str, event: str | None, text: str) -> str:
     return hashlib.sha256(f"{node}\0{event or ''}\0{text}".encode()).hexdigest()[:12]
 
 
-def _verified_event(node: str, reason: str) -> str | bool:
-    """The event of aidc's reason on `node` ('' when it named none), or False: not aidc's form,
+def _verified_event(node: str, reason: str) -> str | None:
+    """The event of aidc's reason on `node` ('' when it named none), or None: not aidc's form,
     or a mark that does not verify."""
     m = _OWN_REASON.match(reason)
     if m is None or m.group("mark") != aidc_mark(node, m.group("event"), m.group("text")):
-        return False
+        return None
     return m.group("event") or ""
 
 
