@@ -10,8 +10,7 @@ import json
 import pytest
 from kubernetes import client
 
-from aidc.failover import kubernetes as k8s_backend
-from aidc.failover.kubernetes import QUARANTINE_TAINT, RECORD, KubernetesScheduler
+from aidc.failover.kubernetes import FIELD_MANAGER, QUARANTINE_TAINT, RECORD, KubernetesScheduler
 from aidc.spec import Kubernetes
 
 POOL = {"aidc.dev/pool": "gpu"}
@@ -37,7 +36,7 @@ def kubectl(apiserver, manager: str):
 
 def test_aidc_writes_as_its_own_field_manager(cluster):
     scheduler(cluster).quarantine("gpu-1", "XID 79")
-    assert cluster.field_owners("gpu-1", "spec", "unschedulable") == [getattr(k8s_backend, "FIELD_MANAGER", "aidc")]
+    assert cluster.field_owners("gpu-1", "spec", "unschedulable") == [FIELD_MANAGER]
 
 
 def test_an_operator_cordon_after_aidcs_is_kept_on_release(cluster):
@@ -125,3 +124,29 @@ def test_an_operator_cordon_landing_between_releases_read_and_its_patch_is_kept(
     k8s.release("gpu-1", "GPU replaced")
     assert cluster.node("gpu-1")["spec"]["unschedulable"] is True
     assert cluster.field_owners("gpu-1", "spec", "unschedulable") == ["kubectl-cordon"]
+
+
+def test_the_controller_refuses_past_the_blast_radius_after_a_pool_label_is_removed(cluster, tmp_path):
+    from aidc.audit import AuditLog
+    from aidc.events import Action, FaultEvent, FaultKind
+    from aidc.failover.controller import FailoverController
+    from aidc.spec import parse_spec
+    from aidc.store import Store
+
+    spec = parse_spec({"name": "k8s-test", "device_backend": "nvml", "scheduler": "kubernetes",
+                       "node_pools": [{"name": "gpu", "count": 3, "gpu_model": "H100", "gpus_per_node": 8}],
+                       "policy": {"max_unavailable": 1},
+                       "kubernetes": {"eviction_timeout_s": 0, "promote_spares": False}})
+    store = Store(tmp_path / "state.db")
+    ctl = FailoverController(spec, store, AuditLog(tmp_path / "audit.db"), scheduler(cluster), actor="test")
+
+    def fault(node):
+        return store.append(FaultEvent(node, FaultKind.XID, Action.REBOOT_NODE, "XID 79", "kmsg", gpu=0, xid=79))
+
+    fault("gpu-1")
+    assert [d.verdict for d in ctl.run_once()] == ["quarantine"]
+    kubectl(cluster, "kubectl-label")("gpu-1", {"metadata": {"labels": {"aidc.dev/pool": None}}})
+    fault("gpu-2")
+    assert [d.verdict for d in ctl.run_once()] == ["refused_blast_radius"]
+    assert not cluster.node("gpu-2")["spec"].get("unschedulable")
+    store.close()
