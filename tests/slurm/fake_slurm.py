@@ -4,8 +4,8 @@ It answers the calls SlurmScheduler makes (`scontrol show node -o`, `scontrol up
 `scontrol show job`) with slurmctld's semantics as its update_node() has them: an update that
 carries a Reason replaces the node's reason, its time and its user unconditionally (there is no
 compare-and-set), DRAIN adds the flag, RESUME clears it and the reason. The user Slurm records is
-the caller's (munge says who called); `as_user` changes who the next calls come from, and
-`after_call` runs a test's action (an operator's drain) right after a given call returns, so a
+the caller's (munge says who called): `caller` for the scheduler's calls, the `user` given to
+`drain` for an operator's. `after_call` runs a test's action (an operator's drain) right after a given call returns, so a
 race lands exactly where the test says. Lines are printed in scontrol's one-line order, with the
 reason stamp `[user@time]` and a `Comment=` after it.
 """
