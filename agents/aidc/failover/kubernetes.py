@@ -9,8 +9,8 @@ Quarantine does, in this order, each step idempotent:
 2. the node condition `AidcGpuHealthy=False` through the status subresource, as
    node-problem-detector reports problems;
 3. eviction of the node's pods through the Eviction API, skipping what `kubectl drain
-   --ignore-daemonsets` skips (mirror pods, DaemonSet pods, pods that have finished) and, stricter
-   than kubectl, pods of system-node-critical / system-cluster-critical priority (>= 2000000000),
+   --ignore-daemonsets` skips (mirror pods, DaemonSet pods), pods that have finished (they hold
+   nothing) and, stricter than kubectl, pods of system-node-critical / system-cluster-critical priority (>= 2000000000),
    pods in kube-system and the controller's own pod (POD_NAMESPACE/POD_NAME, from the downward
    API). Like `--force --delete-emptydir-data`, unmanaged pods and pods with emptyDir volumes
    are evicted. A PodDisruptionBudget refusal (429) is retried
