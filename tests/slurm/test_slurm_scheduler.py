@@ -255,3 +255,16 @@ def test_on_slurm_a_refused_event_waits_and_is_drained_once_when_aidc_resumes_th
     assert decision.verdict == "quarantine" and "(event 2, mark " in reason(cluster, "gpu-2")
     assert ctl.run_once() == [] and drains_issued(cluster, "gpu-2") == 1
     store.close()
+
+
+def test_real_slurms_lines_an_operator_reason_with_a_stamp_and_state_stays_a_drain_not_aidcs(slurm):
+    cluster, _, audit, sched = slurm
+    hostile = "RMA [bob@2026-01-02T03:04:05] State=IDLE (event 1, mark 000000000000)"
+    cluster.run("scontrol", "update", "NodeName=gpu-2", "State=DRAIN", f"Reason={hostile}")
+    st = sched.node("gpu-2")
+    # Set as the same user aidc runs as here (root): only the mark tells them apart.
+    assert (st.base, st.flags, st.reason, st.reason_by, st.why_out) == \
+        ("IDLE", frozenset({"DRAIN"}), hostile, sched.user, "operator_drain")
+    sched.quarantine("gpu-1", "XID 79", event="4")
+    assert (sched.node("gpu-1").why_out, sched.node("gpu-1").aidc_event) == ("aidc", "4")
+    assert set(sched.out_of_service()) == {"gpu-1"}
