@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kubernetes import client
 
 from aidc.failover.kubernetes import FIELD_MANAGER, QUARANTINE_TAINT, RECORD, KubernetesScheduler
@@ -150,3 +152,28 @@ def test_the_controller_refuses_past_the_blast_radius_after_a_pool_label_is_remo
     assert [d.verdict for d in ctl.run_once()] == ["refused_blast_radius"]
     assert not cluster.node("gpu-2")["spec"].get("unschedulable")
     store.close()
+
+
+OPERATOR_STEPS = st.lists(st.sampled_from(["cordon", "uncordon", "label"]), max_size=4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cordoned_first=st.booleans(), steps=OPERATOR_STEPS)
+def test_release_lifts_a_cordon_only_when_aidc_set_it_and_nobody_changed_it_since(apiserver, cordoned_first, steps):
+    name = f"gpu-{len(apiserver.nodes)}"
+    apiserver.add_node(name, labels=POOL, unschedulable=cordoned_first)
+    k8s = scheduler(apiserver)
+    k8s.quarantine(name, "XID 79")
+    operator = kubectl(apiserver, "kubectl-cordon")
+    touched = False   # did an operator's write change the field after aidc's quarantine?
+    for step in steps:
+        before = bool(apiserver.node(name)["spec"].get("unschedulable"))
+        if step == "label":
+            operator(name, {"metadata": {"labels": {"rack": f"r{len(steps)}"}}})
+            continue
+        operator(name, {"spec": {"unschedulable": step == "cordon"}})
+        touched |= before != (step == "cordon")
+    value = bool(apiserver.node(name)["spec"].get("unschedulable"))
+    k8s.release(name, "fault cleared")
+    aidcs = not cordoned_first and not touched
+    assert bool(apiserver.node(name)["spec"].get("unschedulable")) == (value and not aidcs)
