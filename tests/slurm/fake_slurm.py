@@ -5,9 +5,9 @@ It answers the calls SlurmScheduler makes (`scontrol show node -o`, `scontrol up
 carries a Reason replaces the node's reason, its time and its user unconditionally (there is no
 compare-and-set), DRAIN adds the flag, RESUME clears it and the reason. The user Slurm records is
 the caller's (munge says who called): `caller` for the scheduler's calls, the `user` given to
-`drain` for an operator's. `after_call` runs a test's action (an operator's drain) right after a given call returns, so a
-race lands exactly where the test says. Lines are printed in scontrol's one-line order, with the
-reason stamp `[user@time]` and a `Comment=` after it.
+`drain` for an operator's. `after_call` runs a test's action (an operator's drain) right after
+a given call returns, so a race lands exactly where the test says. Lines are printed in
+scontrol's one-line order, with the reason stamp `[user@time]` and a `Comment=` after it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def test_quarantine_drains_with_an_aidc_reason_and_release_resumes_only_that(slu
 
     # Idempotent: a second quarantine issues no second drain and keeps the first event's reason.
     assert "already drained by aidc" in sched.quarantine("gpu-1", "again", event="8")
-    assert drains_issued(cluster, "gpu-1") == 1 and reason(cluster, "gpu-1") == drain_reason("XID 79 on gpu 0", "7", "gpu-1")[0]
+    assert drains_issued(cluster, "gpu-1") == 1
+    assert reason(cluster, "gpu-1") == drain_reason("XID 79 on gpu 0", "7", "gpu-1")[0]
 
     decision = sched.release("gpu-1", "GPU replaced")
     assert decision.decision == "released"

@@ -10,12 +10,12 @@ Quarantine does, in this order, each step idempotent:
    node-problem-detector reports problems;
 3. eviction of the node's pods through the Eviction API, skipping what `kubectl drain
    --ignore-daemonsets` skips (mirror pods, DaemonSet pods), pods that have finished (they hold
-   nothing) and, stricter than kubectl, pods of system-node-critical / system-cluster-critical priority (>= 2000000000),
-   pods in kube-system and the controller's own pod (POD_NAMESPACE/POD_NAME, from the downward
-   API). Like `--force --delete-emptydir-data`, unmanaged pods and pods with emptyDir volumes
-   are evicted. A PodDisruptionBudget refusal (429) is retried
-   with backoff up to `eviction_timeout_s`, then reported as a warning: the node is out of
-   service either way;
+   nothing) and, stricter than kubectl, pods of priority class system-node-critical or
+   system-cluster-critical (or priority >= 2000000000), pods in kube-system and the controller's
+   own pod (POD_NAMESPACE/POD_NAME, from the downward API). As with `--force
+   --delete-emptydir-data`, unmanaged pods and pods with emptyDir volumes are evicted. A
+   PodDisruptionBudget refusal (429) is retried with backoff up to `eviction_timeout_s`, then
+   reported as a warning: the node is out of service either way;
 4. with `promote_spares`, the spare taint comes off one healthy spare, which is annotated with
    the node it stands in for, and goes back on when that node is released.
 
