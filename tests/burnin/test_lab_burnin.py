@@ -19,10 +19,10 @@ from aidc.errors import BurninError
 from aidc.spec import parse_spec
 
 
-def small_spec(nodes: int = 3, **burnin) -> object:
+def small_spec(nodes: int = 3, gpus_per_node: int = 1, **burnin) -> object:
     return parse_spec({
         "name": "mini", "device_backend": "sim", "scheduler": "lab",
-        "node_pools": [{"name": "n", "count": nodes, "gpu_model": "SIM", "gpus_per_node": 1}],
+        "node_pools": [{"name": "n", "count": nodes, "gpu_model": "SIM", "gpus_per_node": gpus_per_node}],
         "agent": {"device_timeout_s": 1.0},
         "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
@@ -279,3 +279,26 @@ def test_killing_the_burnin_command_outright_leaves_no_node_processes(tmp_path, 
             cli.wait()
         for pid in burnin_processes(runs):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_though_the_digest_vote_passes(tmp_path, run_dir):
+    from aidc.burnin.judge import compare_digests
+
+    spec = small_spec(3, fleet_tolerance=0.95, gpus_per_node=2)  # timing noise is not under test here
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    inject(dirs["n-1"], "sdc", gpu=1)
+    with AuditLog(tmp_path / "audit.db") as audit:
+        report = run_burnin(spec, dirs, audit)
+        certs = {r.node: r for r in audit.records(kind="burnin.certificate")}
+    assert report.verdicts == {"n-0": "pass", "n-1": "fail", "n-2": "pass"}, report.reasons
+    nodes = report.to_dict()["nodes"]
+    assert {name: n["failed_gpus"] for name, n in nodes.items()} == {"n-0": [], "n-1": [1], "n-2": []}
+    assert all("GPU 1" in r for r in report.nodes["n-1"].reasons)
+    # The node's training rank computed with the corrupted GPU, yet DDP averaged its gradients
+    # into every rank: the parameter-digest vote alone passes every node.
+    for mode in ("ddp", "fsdp", "pipeline"):
+        assert compare_digests({name: n.run(mode)["param_digest"] for name, n in report.nodes.items()}) == {}
+    assert certs["n-1"].payload["failed_gpus"] == [1] and certs["n-0"].payload["failed_gpus"] == []
+    assert certs["n-0"].payload["dcgm"]["present"] is False  # no DCGM here: stated in the certificate
+    assert any("dcgmi" in note for note in certs["n-0"].payload["notes"])
