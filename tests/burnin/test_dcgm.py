@@ -9,6 +9,7 @@ import pytest
 from aidc.burnin import dcgm
 from aidc.burnin.judge import judge
 from aidc.burnin.report import NodeResult
+from aidc.errors import SpecError
 from aidc.spec import parse_spec
 
 DATA = Path(__file__).parent / "data" / "dcgm"
@@ -112,8 +113,9 @@ def test_dcgmi_that_prints_no_document_fails_the_node_with_its_output(tmp_path):
 
 
 def test_the_spec_names_the_diag_level_between_one_and_four():
-    base = {"name": "s", "device_backend": "sim", "node_pools": [{"name": "n", "count": 1, "gpu_model": "SIM"}]}
+    base = {"name": "s", "device_backend": "sim", "node_pools": [{"name": "n", "count": 1, "gpu_model": "SIM", "gpus_per_node": 1}]}
     assert parse_spec(base).policy.burnin.dcgm_diag_level == 1
     assert parse_spec({**base, "policy": {"burnin": {"dcgm_diag_level": 3}}}).policy.burnin.dcgm_diag_level == 3
-    with pytest.raises(Exception):
-        parse_spec({**base, "policy": {"burnin": {"dcgm_diag_level": 5}}})
+    for bad in (0, 5):
+        with pytest.raises(SpecError, match="dcgm_diag_level"):
+            parse_spec({**base, "policy": {"burnin": {"dcgm_diag_level": bad}}})

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from aidc.burnin import answers
 from aidc.burnin import known_answer as ka
 from aidc.burnin.gemm import GemmBench
 from aidc.burnin.judge import compare_digests, judge
@@ -159,10 +160,10 @@ def test_recording_keeps_only_answers_every_gpu_agreed_on_and_loads_back(tmp_pat
     nodes = fleet({"a": [gpu(0), gpu(1)], "b": [gpu(0)]})
     nodes.update(fleet({"c": [gpu(0, "one", key="k2")], "d": [gpu(0, "two", key="k2")]}))
     path = tmp_path / "known_answers.yaml"
-    recorded, skipped = ka.record(path, nodes)
+    recorded, skipped = answers.record(path, nodes)
     assert recorded == [KEY] and skipped == ["k2"]
-    assert ka.load(path) == {KEY: {c: f"{c}-good" for c in CHECKS}}
-    assert ka.load(tmp_path / "missing.yaml") == {}
+    assert answers.load(path) == {KEY: {c: f"{c}-good" for c in CHECKS}}
+    assert answers.load(tmp_path / "missing.yaml") == {}
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "version: 1\nanswers: [x]", "version: 1\nanswers: {k: {c: 3}}",
@@ -171,9 +172,9 @@ def test_a_known_answers_file_that_is_not_the_format_is_a_one_line_error(tmp_pat
     path = tmp_path / "ka.yaml"
     path.write_text(text)
     with pytest.raises(BurninError, match=str(path)) as info:
-        ka.load(path)
+        answers.load(path)
     assert "\n" not in str(info.value)
 
 
 def test_the_packaged_known_answers_file_loads():
-    assert isinstance(ka.load(ka.PACKAGED), dict)
+    assert isinstance(answers.load(answers.PACKAGED), dict)
