@@ -295,6 +295,7 @@ def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_though_the_digest_vote_p
     nodes = report.to_dict()["nodes"]
     assert {name: n["failed_gpus"] for name, n in nodes.items()} == {"n-0": [], "n-1": [1], "n-2": []}
     assert all("GPU 1" in r for r in report.nodes["n-1"].reasons)
+    assert any("train_step" in r for r in report.nodes["n-1"].reasons)  # its training steps went wrong too
     # The node's training rank computed with the corrupted GPU, yet DDP averaged its gradients
     # into every rank: the parameter-digest vote alone passes every node.
     for mode in ("ddp", "fsdp", "pipeline"):

@@ -277,7 +277,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     # The lab node's own directory stands in for its mount of the spec's checkpoint path.
                     "storage_path": str(node_dirs[node.name] / "checkpoints"),
                     "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
-                    "dcgm_diag_level": policy.dcgm_diag_level,
+                    # Half the run's time: the peers wait in a barrier that expires with the whole run.
+                    "dcgm_diag_level": policy.dcgm_diag_level, "dcgm_timeout_s": timeout_s / 2,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
                     **_fabric_config(spec, fabric, node.name, names),
                 }

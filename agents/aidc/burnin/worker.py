@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 PREFIX = "@@aidc "
+DCGM_TIMEOUT_S = 3600.0  # a level-4 dcgmi diag runs for most of an hour
 
 
 def emit(event: str, **fields) -> None:
@@ -58,7 +59,7 @@ class NodeBenches:
             except (OSError, ValueError) as exc:
                 self.errors.append(f"checkpoint storage: {exc}")
         # Before the benches, alone on the node: DCGM's stress tests must not share the GPUs.
-        self.dcgm = run_diag(cfg.get("dcgm_diag_level", 1), cfg["pg_timeout_s"] / 2)
+        self.dcgm = run_diag(cfg.get("dcgm_diag_level", 1), cfg.get("dcgm_timeout_s", DCGM_TIMEOUT_S))
         try:
             dev = _open_device(cfg)
             count = dev.gpu_count()
