@@ -303,3 +303,38 @@ def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_though_the_digest_vote_p
     assert certs["n-1"].payload["failed_gpus"] == [1] and certs["n-0"].payload["failed_gpus"] == []
     assert certs["n-0"].payload["dcgm"]["present"] is False  # no DCGM here: stated in the certificate
     assert any("dcgmi" in note for note in certs["n-0"].payload["notes"])
+
+
+def _mini_stack(tmp_path) -> Path:
+    spec_file = tmp_path / "Pulumi.mini.yaml"
+    spec_file.write_text("config:\n  aidc:cluster:\n    name: mini\n    device_backend: sim\n    node_pools:\n"
+                         "      - {name: n, count: 2, gpu_model: SIM, gpus_per_node: 1}\n"
+                         "    policy:\n      burnin: {fleet_tolerance: 0.95, gemm_size: 64, repeats: 1,"
+                         " memcpy_bytes: 1048576, allreduce_min_bytes: 4096, allreduce_max_bytes: 8192,"
+                         " train_steps: 5, min_busbw_fraction: 0.0, busbw_fleet_tolerance: 0.95,"
+                         " storage_bytes: 1048576, storage_files: 5, storage_tolerance: 0.95}\n")
+    return spec_file
+
+
+def test_cli_refuses_a_known_answers_file_that_is_not_one_before_running(tmp_path, aidc_cli):
+    bad = tmp_path / "answers.yaml"
+    bad.write_text("version: 1\nanswers: [not, a, map]\n")
+    proc = aidc_cli("burnin", "run", "--stack", str(_mini_stack(tmp_path)), "--lab-dir", str(tmp_path / "lab"),
+                    "--known-answers", str(bad))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr and not (tmp_path / "lab" / "audit.db").exists()
+
+
+@pytest.mark.slow
+def test_cli_records_the_answers_every_gpu_agreed_on_and_reports_failed_gpus(tmp_path, aidc_cli):
+    from aidc.burnin.answers import load
+
+    answers = tmp_path / "answers.yaml"
+    proc = aidc_cli("burnin", "run", "--stack", str(_mini_stack(tmp_path)), "--lab-dir", str(tmp_path / "lab"),
+                    "--known-answers", str(answers), "--record-known-answers", "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert {name: n["failed_gpus"] for name, n in out["nodes"].items()} == {"n-0": [], "n-1": []}
+    stored = load(answers)
+    key = out["nodes"]["n-0"]["gpus"][0]["known_answer"]["key"]
+    assert list(stored) == [key] and stored[key] == out["nodes"]["n-1"]["gpus"][0]["known_answer"]["fingerprints"]
