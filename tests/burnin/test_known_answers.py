@@ -178,3 +178,30 @@ def test_a_known_answers_file_that_is_not_the_format_is_a_one_line_error(tmp_pat
 
 def test_the_packaged_known_answers_file_loads():
     assert isinstance(answers.load(answers.PACKAGED), dict)
+
+
+def _matmul_failing(monkeypatch, dtype, message):
+    real = torch.matmul
+
+    def matmul(a, b, *args, **kwargs):
+        if a.dtype == dtype:
+            raise RuntimeError(message)
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", matmul)
+
+
+def test_a_device_without_fp16_gemm_is_checked_in_the_other_dtypes_and_says_so(monkeypatch):
+    _matmul_failing(monkeypatch, torch.float16, '"addmm_impl_cpu_" not implemented for \'Half\'')
+    result = ka.gpu_known_answers("cpu", 16)
+    assert set(result["fingerprints"]) == CHECKS - {"gemm_fp16"} and len(result["unsupported"]) == 1
+    nodes = fleet({"a": [{"index": 0, "known_answer": result}]})
+    run(nodes)
+    assert nodes["a"].passed and any("GPU 0: not checked: gemm_fp16" in note for note in nodes["a"].notes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gemm_that_raises_in_a_required_dtype_is_an_error_not_a_skip(monkeypatch, dtype):
+    _matmul_failing(monkeypatch, dtype, "CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        ka.gpu_known_answers("cpu", 16)

@@ -35,6 +35,7 @@ def judge_known_answers(nodes: dict, stored: dict[str, dict[str, str]]) -> None:
             if not answers:
                 _fail(n, g["index"], f"GPU {g['index']}: the known-answer checks did not run")
                 continue
+            n.notes += [f"GPU {g['index']}: not checked: {why}" for why in answers.get("unsupported", [])]
             for check, fp in answers["fingerprints"].items():
                 groups[(n.gpu_model, answers["key"], check)].append((n, g["index"], fp))
     alone: dict[tuple, list[str]] = defaultdict(list)
