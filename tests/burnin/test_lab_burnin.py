@@ -331,10 +331,13 @@ def test_cli_records_the_answers_every_gpu_agreed_on_and_reports_failed_gpus(tmp
 
     answers = tmp_path / "answers.yaml"
     proc = aidc_cli("burnin", "run", "--stack", str(_mini_stack(tmp_path)), "--lab-dir", str(tmp_path / "lab"),
-                    "--known-answers", str(answers), "--record-known-answers", "--json", timeout=240)
+                    "--known-answers", str(answers), "--record-known-answers", "--soak-s", "1", "--json",
+                    timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert {name: n["failed_gpus"] for name, n in out["nodes"].items()} == {"n-0": [], "n-1": []}
+    soaked = out["nodes"]["n-1"]["soak"]
+    assert soaked["seconds"] == 1 and len(soaked["series"]["0"]) == soaked["samples"] == 8
     stored = load(answers)
     key = out["nodes"]["n-0"]["gpus"][0]["known_answer"]["key"]
     assert list(stored) == [key] and stored[key] == out["nodes"]["n-1"]["gpus"][0]["known_answer"]["fingerprints"]

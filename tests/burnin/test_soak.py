@@ -29,6 +29,12 @@ def test_a_sag_within_the_tolerance_passes():
     assert judge_soak({0: series([1980.0] * 4 + [1900.0] * 4)}, 0.1)[2] == []
 
 
+def test_a_gpu_throttled_from_the_start_has_no_sag_but_its_throttle_reasons_are_noted():
+    steady = [dict(s, throttle_reasons=["sw_power_cap"]) for s in series([1100.0] * 8)]
+    reasons, notes, failed = judge_soak({2: steady}, 0.1)
+    assert (reasons, failed) == ([], []) and "sw_power_cap" in notes[0] and "GPU 2" in notes[0]
+
+
 def test_too_few_samples_is_a_note_not_a_verdict():
     reasons, notes, failed = judge_soak({0: series([1980.0, 900.0])}, 0.1)
     assert (reasons, failed) == ([], []) and notes
@@ -63,3 +69,20 @@ def test_soak_refuses_a_duration_or_sample_count_that_measures_nothing(tmp_path,
     dev = SimBackend(create_node(tmp_path / "n", "n", 1))
     with pytest.raises(ValueError):
         soak(dev, {0: lambda: None}, seconds=seconds, samples=samples)
+
+
+def test_the_node_program_soaks_every_gpu_with_its_gemm_and_records_the_driver_figures(tmp_path):
+    from aidc.burnin.worker import NodeBenches
+
+    node = create_node(tmp_path / "n", "n", 2)
+    inject(node, "thermal", gpu=0)
+    benches = NodeBenches({"backend": "sim", "backend_kwargs": {"node_dir": str(node)}, "device_timeout_s": 5.0,
+                           "gemm_size": 16, "target_sample_s": 0.0, "memcpy_bytes": 1 << 16})
+    benches.setup()
+    calls = [g["fp32"].step.calls for g in benches.gpus]
+    benches.soak_all(0.2)
+    assert benches.errors == [] and benches.soak["samples"] == 8
+    series = benches.soak["series"]
+    assert {s["sm_clock_mhz"] for s in series["0"]} == {1100.0} and {s["sm_clock_mhz"] for s in series["1"]} == {1980.0}
+    assert "hw_thermal_slowdown" in series["0"][-1]["throttle_reasons"]
+    assert all(g["fp32"].step.calls >= c + 8 for g, c in zip(benches.gpus, calls))  # the load was the GEMM

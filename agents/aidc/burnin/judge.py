@@ -78,7 +78,7 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
           min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
           busbw_tolerance: float | None = None, metric_tolerance: dict[str, float] | None = None,
           bad_link_on: frozenset[str] | set[str] = frozenset(),
-          known_answers: dict[str, dict[str, str]] | None = None) -> dict:
+          known_answers: dict[str, dict[str, str]] | None = None, soak_max_clock_sag: float = 0.1) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
     `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
@@ -90,9 +90,10 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
     localised reason, added by the caller). `known_answers`: the stored {key: {check: sha256}}
     each GPU's seeded results are held to (aidc.burnin.known_answer); without one for a key,
     the run's GPUs of the same model vote. Wrong answers and failed DCGM tests name their GPUs
-    in `failed_gpus`.
+    in `failed_gpus`, as does an SM clock that sagged more than `soak_max_clock_sag` in a soak.
     """
     from aidc.burnin.dcgm import verdict as dcgm_verdict
+    from aidc.burnin.soak import judge_soak
     from aidc.burnin.answers import judge_known_answers
 
     stats = fleet_stats(nodes)
@@ -132,10 +133,11 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
         n.reasons += _collective_reasons(n, link_rate_gbps, min_busbw_fraction, ", ".join(sorted(bad_link_on)))
         n.reasons += _training_reasons(n, min_loss_drop)
         n.reasons += _unstable_gemm_reasons(n)
-        reasons, notes, failed = dcgm_verdict(n.dcgm)
-        n.reasons += reasons
-        n.notes += notes
-        n.failed_gpus = sorted(set(n.failed_gpus) | set(failed))
+        for reasons, notes, failed in (dcgm_verdict(n.dcgm), judge_soak(
+                {int(i): s for i, s in n.soak.get("series", {}).items()}, soak_max_clock_sag)):
+            n.reasons += reasons
+            n.notes += notes
+            n.failed_gpus = sorted(set(n.failed_gpus) | set(failed))
     judge_known_answers(nodes, known_answers or {})
     for mode, what in TRAINING_NAMES.items():
         digests = {name: n.run(mode)["param_digest"] for name, n in nodes.items() if n.run(mode)}

@@ -43,6 +43,9 @@ class NodeResult:
     failed_gpus: list[int] = field(default_factory=list)
     # `dcgmi diag` on this node (aidc.burnin.dcgm.run_diag): {"present": False, "note"} without it.
     dcgm: dict = field(default_factory=dict)
+    # With --soak-s: {"seconds", "samples", "series": {"<gpu>": [{t, sm_clock_mhz, temperature_c,
+    # power_w, throttle_reasons}]}} (aidc.burnin.soak).
+    soak: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,7 @@ class NodeBenches:
         self.device_of: dict[int, str] = {}
         self.storage = None  # aidc.burnin.storage.StorageBench on the node's checkpoint path
         self.dcgm: dict = {}  # aidc.burnin.dcgm.run_diag's result
+        self.soak: dict = {}  # aidc.burnin.soak: {"seconds", "samples", "series": {gpu: [...]}}
 
     def setup(self) -> None:
         from aidc.burnin.dcgm import run_diag
@@ -107,6 +108,26 @@ class NodeBenches:
             except Exception as exc:  # e.g. a CUDA error mid-run: that GPU fails, the run goes on
                 self.errors.append(f"gpu {g['index']}: {exc}")
                 self.gpus.remove(g)
+
+    def soak_all(self, seconds: float) -> None:
+        """Hold each GPU's fp32 GEMM for `seconds`, recording its clocks (aidc.burnin.soak)."""
+        from aidc.burnin.soak import sample_count, soak
+        from aidc.burnin.timing import sync
+
+        if not self.gpus:
+            return
+        samples = sample_count(seconds)
+        try:
+            dev = _open_device(self.cfg)
+            try:
+                series = soak(dev, {g["index"]: g["fp32"].step for g in self.gpus}, seconds, samples,
+                              sync=lambda: [sync(g["device"]) for g in self.gpus])
+            finally:
+                dev.close()
+        except Exception as exc:  # a GPU lost or a driver hung mid-soak fails the node with the reason
+            self.errors.append(f"soak: {exc}")
+            return
+        self.soak = {"seconds": seconds, "samples": samples, "series": {str(i): s for i, s in series.items()}}
 
     def results(self) -> tuple[list[dict], dict[str, float]]:
         gpus = []
@@ -192,6 +213,11 @@ def main(config_path: str) -> int:
                 benches.sample()
                 emit("sampled", node=node, round=round_no)
             dist.barrier()
+    if cfg.get("soak_s", 0) > 0:
+        # Every node at once: clocks and heat are judged here, not throughput, and a rack's
+        # power and cooling see the whole load as they will in training.
+        benches.soak_all(cfg["soak_s"])
+        dist.barrier()
     gpus, metrics = benches.results()
     phase_s["per_node"], t0 = time.monotonic() - t0, time.monotonic()
 
@@ -218,7 +244,8 @@ def main(config_path: str) -> int:
             phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
     result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
               "slowdown": benches.slowdown, "collectives": collectives, "training": training.to_dict(),
-              "parallel": parallel, "localisation": localisation, "dcgm": benches.dcgm}
+              "parallel": parallel, "localisation": localisation, "dcgm": benches.dcgm,
+              "soak": benches.soak}
     tmp = Path(cfg["result_path"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, cfg["result_path"])

@@ -65,6 +65,10 @@ def run(stack: str = STACK_OPTION,
         record_known_answers: bool = typer.Option(False, "--record-known-answers",
                                                   help="After the run, store the answers every GPU agreed on"
                                                        " into the --known-answers file."),
+        soak_s: float = typer.Option(0.0, "--soak-s", min=0.0,
+                                     help="Hold GEMM load this many seconds and record clocks, throttle reasons,"
+                                          " temperature and power; a GPU whose clock sags fails (added to"
+                                          " --timeout)."),
         as_json: bool = JSON_OPTION) -> None:
     """Burn in every node of the stack (spares included); exit 1 when any node fails."""
     from aidc.burnin.answers import load_all, record
@@ -91,7 +95,7 @@ def run(stack: str = STACK_OPTION,
     try:
         with AuditLog(audit_db or lab_dir / "audit.db") as audit:
             report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric,
-                                known_answers=stored)
+                                known_answers=stored, soak_s=soak_s)
     finally:
         if fabric is not None and not already_up:
             lab_fabric.teardown(lab_dir)
