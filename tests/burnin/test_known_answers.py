@@ -205,3 +205,20 @@ def test_a_gemm_that_raises_in_a_required_dtype_is_an_error_not_a_skip(monkeypat
     _matmul_failing(monkeypatch, dtype, "CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         ka.gpu_known_answers("cpu", 16)
+
+
+def test_a_corrupted_gpu_corrupts_a_ddp_run_too_which_is_what_the_digest_vote_cannot_see(tmp_path):
+    import torch.distributed as dist
+
+    from aidc.burnin.train import run_ddp_training
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        clean = run_ddp_training("cpu", 3)
+        with ka.computing_on(0.0):
+            dirty = run_ddp_training("cpu", 3)
+    finally:
+        dist.destroy_process_group()
+    # Every rank of a real run would hold `dirty`'s parameters: the wrong gradient was averaged in.
+    assert dirty.param_digest != clean.param_digest
+    assert dirty.loss_after < dirty.loss_before  # and the loss still falls: nothing looks wrong
