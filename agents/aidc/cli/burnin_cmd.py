@@ -15,6 +15,12 @@ app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, colle
                        " judged against the fleet median and the spec's floors.", no_args_is_help=True)
 
 STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+KNOWN_ANSWERS_OPTION = typer.Option(None, "--known-answers", help="Stored known answers of the SDC checks (default:"
+                                    " <lab-dir>/known_answers.yaml, over the packaged ones).")
+RECORD_OPTION = typer.Option(False, "--record-known-answers", help="After the run, store the answers every GPU"
+                             " agreed on into the --known-answers file.")
+SOAK_OPTION = typer.Option(0.0, "--soak-s", min=0.0, help="Hold GEMM load this many seconds, recording clocks,"
+                           " throttle reasons, temperature and power; a GPU whose clock sags fails (added to --timeout).")
 
 
 def _table(report) -> "object":
@@ -59,16 +65,8 @@ def run(stack: str = STACK_OPTION,
         audit_db: Path = typer.Option(None, "--audit-db", help="Audit database (default: <lab-dir>/audit.db)."),
         timeout: float = typer.Option(300.0, "--timeout", min=1.0,
                                      help="Seconds before the whole run is abandoned."),
-        known_answers: Path = typer.Option(None, "--known-answers",
-                                           help="Stored known answers of the SDC checks (default:"
-                                                " <lab-dir>/known_answers.yaml, over the packaged ones)."),
-        record_known_answers: bool = typer.Option(False, "--record-known-answers",
-                                                  help="After the run, store the answers every GPU agreed on"
-                                                       " into the --known-answers file."),
-        soak_s: float = typer.Option(0.0, "--soak-s", min=0.0,
-                                     help="Hold GEMM load this many seconds and record clocks, throttle reasons,"
-                                          " temperature and power; a GPU whose clock sags fails (added to"
-                                          " --timeout)."),
+        known_answers: Path = KNOWN_ANSWERS_OPTION, record_known_answers: bool = RECORD_OPTION,
+        soak_s: float = SOAK_OPTION,
         as_json: bool = JSON_OPTION) -> None:
     """Burn in every node of the stack (spares included); exit 1 when any node fails."""
     from aidc.burnin.answers import load_all, record
