@@ -216,7 +216,8 @@ PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
-               link_rate_gbps: float | None = None) -> BurninReport:
+               link_rate_gbps: float | None = None, known_answers: dict[str, dict[str, str]] | None = None,
+               soak_s: float = 0.0) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
@@ -224,6 +225,10 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     silent-data-corruption check must catch. `fabric` (aidc.lab.fabric.Fabric): run each
     node in its namespace and the collectives over its rails. `link_rate_gbps` (GB/s) is what
     busbw is judged against; default the fabric's scaled rail rate, else `spec_link_rate_gbps`.
+    `known_answers` ({key: {check: sha256}}, aidc.burnin.answers.load_all): what each GPU's
+    seeded results are held to; default the packaged ones (the run's GPUs vote where none is stored).
+    `soak_s`: hold GEMM load on every GPU that long and judge its clocks (aidc.burnin.soak); the
+    soak's time is added to `timeout_s`.
     A node that has not joined the rendezvous within `join_timeout_s` is named in the
     BurninError. Raises BurninError when the run cannot complete (recorded in the audit log as
     `burnin.aborted`); failed nodes are verdicts.
@@ -240,6 +245,13 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     missing = [n.name for n in all_nodes if not node_dirs or n.name not in node_dirs]
     if missing:
         raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
+    if known_answers is None:  # read before the run: a bad file is an error now, not after it
+        from aidc.burnin.answers import load_all
+
+        known_answers = load_all(None)
+    if not soak_s >= 0:
+        raise BurninError(f"the soak must be 0 (none) or a positive number of seconds, got {soak_s:g}")
+    timeout_s += soak_s  # the soak is time asked for, not a hang
     started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
@@ -271,6 +283,9 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                     # The lab node's own directory stands in for its mount of the spec's checkpoint path.
                     "storage_path": str(node_dirs[node.name] / "checkpoints"),
                     "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
+                    # Half the run's time: the peers wait in a barrier that expires with the whole run.
+                    "dcgm_diag_level": policy.dcgm_diag_level, "dcgm_timeout_s": timeout_s / 2,
+                    "soak_s": soak_s,
                     "result_path": str(tmpdir / f"{node.name}.result.json"),
                     **_fabric_config(spec, fabric, node.name, names),
                 }
@@ -299,14 +314,15 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             if bar:
                 bar.stop()
     report = _judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, fabric=fabric, down=down,
-                            all_nodes=all_nodes)
+                            all_nodes=all_nodes, known_answers=known_answers)
     if audit is not None:
         _certify(audit, report)
     return report
 
 
 def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, link_rate: float, *,
-                   fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
+                   fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None,
+                   known_answers: dict[str, dict[str, str]] | None = None) -> BurninReport:
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
@@ -316,7 +332,8 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
                   policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction,
                   busbw_tolerance=policy.busbw_fleet_tolerance,
                   metric_tolerance={m: policy.storage_tolerance for m in STORAGE_METRICS},
-                  bad_link_on={c["node"] for c in culprits})
+                  bad_link_on={c["node"] for c in culprits}, known_answers=known_answers,
+                  soak_max_clock_sag=policy.soak_max_clock_sag)
     for culprit in culprits:  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
         results[culprit["node"]].passed = False
@@ -419,7 +436,8 @@ def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
             errors.append(f"the {op} sweep measured no size")
     return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
                       gpus=raw["gpus"], training=raw["training"], parallel=raw.get("parallel", {}),
-                      collectives=collectives, errors=errors)
+                      collectives=collectives, errors=errors, dcgm=raw.get("dcgm", {}),
+                      soak=raw.get("soak", {}))
 
 
 def _certify(audit: AuditLog, report: BurninReport) -> None:
@@ -432,7 +450,8 @@ def _certify(audit: AuditLog, report: BurninReport) -> None:
             "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
             "parallel": parallel, "collectives": n.collectives, "link_rate_gbps": report.fleet["link_rate_gbps"],
-            "errors": n.errors, "spare": n.spare,
+            "errors": n.errors, "spare": n.spare, "failed_gpus": n.failed_gpus, "dcgm": n.dcgm,
+            "soak": n.soak,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",
                                                    "step_time_ms", "memcpy_counting", "fabric")},

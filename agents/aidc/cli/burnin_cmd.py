@@ -15,6 +15,12 @@ app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, colle
                        " judged against the fleet median and the spec's floors.", no_args_is_help=True)
 
 STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+KNOWN_ANSWERS_OPTION = typer.Option(None, "--known-answers", help="Stored known answers of the SDC checks (default:"
+                                    " <lab-dir>/known_answers.yaml, over the packaged ones).")
+RECORD_OPTION = typer.Option(False, "--record-known-answers", help="After the run, store the answers every GPU"
+                             " agreed on into the --known-answers file.")
+SOAK_OPTION = typer.Option(0.0, "--soak-s", min=0.0, help="Hold GEMM load this many seconds, recording clocks,"
+                           " throttle reasons, temperature and power; a GPU whose clock sags fails (added to --timeout).")
 
 
 def _table(report) -> "object":
@@ -59,8 +65,12 @@ def run(stack: str = STACK_OPTION,
         audit_db: Path = typer.Option(None, "--audit-db", help="Audit database (default: <lab-dir>/audit.db)."),
         timeout: float = typer.Option(300.0, "--timeout", min=1.0,
                                      help="Seconds before the whole run is abandoned."),
+        known_answers: Path = KNOWN_ANSWERS_OPTION, record_known_answers: bool = RECORD_OPTION,
+        soak_s: float = SOAK_OPTION,
         as_json: bool = JSON_OPTION) -> None:
     """Burn in every node of the stack (spares included); exit 1 when any node fails."""
+    from aidc.burnin.answers import load_all, record
+
     from aidc.audit.log import AuditLog
     from aidc.spec import load_stack
 
@@ -72,6 +82,8 @@ def run(stack: str = STACK_OPTION,
 
     from aidc.lab import fabric as lab_fabric
 
+    answers_file = known_answers or lab_dir / "known_answers.yaml"
+    stored = load_all(answers_file)
     dirs = lab_node_dirs(spec, lab_dir)
     # The stack's netns fabric, when it has one: the lab's if it is up (`aidc lab fabric`, a kept
     # lab run: link faults injected there are measured), else one built for this run and removed
@@ -80,10 +92,15 @@ def run(stack: str = STACK_OPTION,
     fabric = lab_fabric.ensure(spec, lab_dir, say=lambda msg: typer.echo(msg, err=True))
     try:
         with AuditLog(audit_db or lab_dir / "audit.db") as audit:
-            report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric)
+            report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric,
+                                known_answers=stored, soak_s=soak_s)
     finally:
         if fabric is not None and not already_up:
             lab_fabric.teardown(lab_dir)
+    if record_known_answers:  # to stderr: --json's stdout stays the report
+        recorded, skipped = record(answers_file, report.nodes)
+        typer.echo(f"known answers: recorded {len(recorded)} key(s) into {answers_file}"
+                   + (f"; not recorded (the GPUs disagreed): {', '.join(skipped)}" if skipped else ""), err=True)
     if as_json:
         emit(report.to_dict(), True)
     else:

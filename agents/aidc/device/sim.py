@@ -28,7 +28,7 @@ LINKS_FILE = "links.json"  # per-rail link state, written by `aidc device inject
 SYSFS_DIR = "sys"  # the node's simulated sysfs: InfiniBand ports, one HCA per rail
 MAX_HANG_S = 600  # an injected hang is bounded, so no test can hang forever
 
-FAULTS = ("xid", "ecc_dbe", "thermal", "nvlink_down", "fallen_off_bus", "slowdown", "hang", "clear")
+FAULTS = ("xid", "ecc_dbe", "thermal", "nvlink_down", "fallen_off_bus", "slowdown", "hang", "sdc", "clear")
 
 XID_TEXT = {
     13: "pid=2317, name=python, Ch 00000008, Graphics Exception: ESR 0x50df30=0x1000e",
@@ -158,9 +158,13 @@ def _short_pci(pci: str) -> str:
 
 
 def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, factor: float = 4.0,
-           seconds: float = 30.0, kernel_line: bool = True) -> dict:
+           seconds: float = 30.0, kernel_line: bool = True, rate: float | None = None) -> dict:
     """Inject a fault into a simulated node. Returns what was done (with the time written).
-    `kernel_line=False`: the driver's event only, no kernel-log line (to time the event path)."""
+    `kernel_line=False`: the driver's event only, no kernel-log line (to time the event path).
+    `sdc`: that GPU's GEMM results come out wrong without any error, one element of each result
+    or, with `rate`, that fraction of its elements (0 < rate <= 1): silent data corruption."""
+    if fault == "sdc" and rate is not None and not 0 < rate <= 1:  # NaN fails this too
+        raise DeviceError(f"sdc rate must be a fraction of the result's elements in (0, 1], got {rate}")
     node_dir = Path(node_dir)
     if not (node_dir / STATE_FILE).exists():
         raise DeviceError(f"no simulated node at {node_dir} (missing {STATE_FILE}); lab nodes live in <lab-dir>/nodes/<name>")
@@ -215,9 +219,13 @@ def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, fac
         elif fault == "hang":
             state["hang_s"] = min(max(seconds, 0.0), MAX_HANG_S)
             state["hang_until"] = time.time() + state["hang_s"]
+        elif fault == "sdc":
+            # No kernel line and no XID: the driver knows nothing of a wrong answer.
+            g["sdc_rate"] = 0.0 if rate is None else rate  # 0.0: exactly one element per result
         elif fault == "clear":
             fresh = json.loads(json.dumps(state))
             for gg in fresh["gpus"]:
+                gg.pop("sdc_rate", None)
                 gg.update(throttle_reasons=[], temperature_c=41.0 + gg["index"], sm_clock_mhz=1980.0,
                           fallen_off_bus=False, ecc_dbe_volatile=0, row_remap_pending=False,
                           nvlink_up=[True] * len(gg["nvlink_up"]))
@@ -303,6 +311,12 @@ class SimBackend:
 
     def compute_slowdown(self) -> float:
         return float(self._state().get("slowdown", 1.0))
+
+    def result_corruption(self, index: int) -> float | None:
+        """None for a GPU that computes correctly; for one injected with `sdc`, the fraction of
+        each GEMM result's elements that come out wrong (0.0: exactly one)."""
+        rate = self._state()["gpus"][index].get("sdc_rate")
+        return None if rate is None else float(rate)
 
     def sysfs_root(self) -> str:
         """The node's simulated sysfs, brought up to date with links.json first."""
