@@ -157,14 +157,17 @@ def test_a_failing_rendezvous_eviction_leaves_the_quarantine_done_and_audits_the
 def test_a_restart_that_cannot_finish_one_quarantine_audits_it_and_goes_on_to_other_events(env):
     tmp_path, store, audit = env
     (tmp_path / "nodes" / "gpu-2").mkdir(parents=True)
-    # A quarantine interrupted by a crash, of a node this scheduler does not know (any error will do).
-    store.set_node_state("gpu-9", "quarantining", "XID 79", "failover@before-the-crash")
+    # A quarantine interrupted by a crash, of a node whose quarantine now fails (any error will
+    # do: here its marker's place is taken by a directory). A name the scheduler does not know
+    # is no such node: its intent is dropped (test_failover_unknown_nodes.py).
+    (tmp_path / "nodes" / "gpu-3" / "quarantined").mkdir(parents=True)
+    store.set_node_state("gpu-3", "quarantining", "XID 79", "failover@before-the-crash")
     store.append(_fault("gpu-2"))
     ctl = FailoverController(_spec(max_unavailable=2), store, audit, LabScheduler(tmp_path))
     assert ctl.recover() == []
     [error] = audit.records(kind="failover.error")
-    assert error.node == "gpu-9" and "no lab node 'gpu-9'" in error.reason
-    assert store.node_state("gpu-9") == "quarantining"  # still counted out of service; an operator decides
+    assert error.node == "gpu-3" and "IsADirectoryError" in error.payload["error"]
+    assert store.node_state("gpu-3") == "quarantining"  # still counted out of service; an operator decides
     assert [d.verdict for d in ctl.run_once()] == ["quarantine"]
     assert store.node_state("gpu-2") == "quarantined"
 

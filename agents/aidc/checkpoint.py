@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aidc.errors import AidcError
+from aidc.files import refuse_link, shared_opener
 from aidc.kms import KeyProvider, KmsError, MissingKeyVersion, UnwrapError, WrappedKey
 
 MAGIC = b"AIDCCKPT"
@@ -160,8 +161,9 @@ def save(path: str | os.PathLike, state: Any, *, job: str, step: int, kms: KeyPr
         raise CheckpointError(f"{path}: cannot wrap the data key: {exc}") from None
     header = Header(job, step, chunk_size, prefix, wrapped, kms.provider, 0)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    refuse_link(path)
     try:
-        with open(tmp, "wb", buffering=0) as f:
+        with open(tmp, "wb", buffering=0, opener=shared_opener) as f:
             f.write(_header_bytes(header))
             writer = _EncryptingWriter(f, data_key, header)
             with _without_torch_crc(torch):
@@ -443,7 +445,7 @@ def rewrap(path: str | os.PathLike, kms: KeyProvider, fsync: bool = True) -> tup
     new = Header(header.job, header.step, header.chunk_size, header.nonce_prefix, wrapped, kms.provider, 0)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.rewrap.tmp")
     try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
+        with open(path, "rb") as src, open(tmp, "wb", opener=shared_opener) as dst:
             dst.write(_header_bytes(new))
             src.seek(header.header_len)
             while block := src.read(CHUNK_SIZE):

@@ -69,7 +69,9 @@ class Decision:
     """What failover decided about one fault, and why."""
 
     node: str
-    verdict: str  # "quarantine" | "already_quarantined" | "no_action" | "refused_blast_radius" | "refused_breaker_open"
+    # "quarantine" | "already_quarantined" | "no_action" | "refused_blast_radius" | "refused_breaker_open"
+    # | "would_quarantine" | "refused_unknown_node"
+    verdict: str
     reason: str
     dry_run: bool
     event_id: int | None = None

@@ -237,6 +237,12 @@ class BurninPolicy(_Strict):
     # Localise a bad link (ring-neighbour pair tests per rail) when the fleet's largest all_reduce
     # reaches less than this fraction of the link rate (aidc.burnin.localise).
     localise_below_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
+    # `dcgmi diag -r LEVEL` on nodes that have DCGM (1 quick, 2 medium, 3 long, 4 extended);
+    # each test's result goes into the certificate (aidc.burnin.dcgm).
+    dcgm_diag_level: Annotated[int, Field(ge=1, le=4)] = 1
+    # With `aidc burnin run --soak-s N`: a GPU whose SM clock late in the soak is more than this
+    # fraction below the clock it reached early fails (aidc.burnin.soak).
+    soak_max_clock_sag: Annotated[float, Field(gt=0, lt=1)] = 0.1
 
     @model_validator(mode="after")
     def _sizes(self) -> "BurninPolicy":

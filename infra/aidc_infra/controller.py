@@ -48,7 +48,10 @@ def pod_spec(spec: ClusterSpec, labels: dict) -> dict:
             "name": "controller",
             "image": spec.agent.image,
             "command": controller_command(spec),
-            "env": [{"name": "AIDC_ROOT", "value": CONFIG_DIR}],
+            # Its own pod, which quarantine never evicts (aidc.failover.kubernetes).
+            "env": [{"name": "AIDC_ROOT", "value": CONFIG_DIR},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
             "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "384Mi"}},
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},

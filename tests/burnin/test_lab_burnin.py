@@ -19,10 +19,10 @@ from aidc.errors import BurninError
 from aidc.spec import parse_spec
 
 
-def small_spec(nodes: int = 3, **burnin) -> object:
+def small_spec(nodes: int = 3, gpus_per_node: int = 1, **burnin) -> object:
     return parse_spec({
         "name": "mini", "device_backend": "sim", "scheduler": "lab",
-        "node_pools": [{"name": "n", "count": nodes, "gpu_model": "SIM", "gpus_per_node": 1}],
+        "node_pools": [{"name": "n", "count": nodes, "gpu_model": "SIM", "gpus_per_node": gpus_per_node}],
         "agent": {"device_timeout_s": 1.0},
         "policy": {"burnin": {"fleet_tolerance": 0.5, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                               "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
@@ -258,7 +258,7 @@ def test_killing_the_burnin_command_outright_leaves_no_node_processes(tmp_path, 
     runs = tmp_path / "runs"
     runs.mkdir()
     spec_file = tmp_path / "Pulumi.mini.yaml"
-    spec_file.write_text("config:\n  aidc:cluster:\n    name: mini\n    device_backend: sim\n    node_pools:\n"
+    spec_file.write_text("config:\n  aidc:cluster:\n    name: mini\n    device_backend: sim\n    scheduler: lab\n    node_pools:\n"
                          "      - {name: n, count: 2, gpu_model: SIM, gpus_per_node: 1}\n"
                          "    agent: {device_timeout_s: 200}\n")  # n-0 waits silently in a device call
     dirs = make_nodes(parse_spec({"name": "mini", "device_backend": "sim", "node_pools": [
@@ -288,3 +288,66 @@ def test_killing_the_burnin_command_outright_leaves_no_node_processes(tmp_path, 
             cli.wait()
         for pid in burnin_processes(runs):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_though_the_digest_vote_passes(tmp_path, run_dir):
+    from aidc.burnin.judge import compare_digests
+
+    spec = small_spec(3, fleet_tolerance=0.95, gpus_per_node=2)  # timing noise is not under test here
+    dirs = make_nodes(spec, tmp_path / "nodes")
+    inject(dirs["n-1"], "sdc", gpu=1)
+    with AuditLog(tmp_path / "audit.db") as audit:
+        report = run_burnin(spec, dirs, audit)
+        certs = {r.node: r for r in audit.records(kind="burnin.certificate")}
+    assert report.verdicts == {"n-0": "pass", "n-1": "fail", "n-2": "pass"}, report.reasons
+    nodes = report.to_dict()["nodes"]
+    assert [(n["node"], n["failed_gpus"]) for n in nodes] == [("n-0", []), ("n-1", [1]), ("n-2", [])]
+    assert all("GPU 1" in r for r in report.nodes["n-1"].reasons)
+    assert any("train_step" in r for r in report.nodes["n-1"].reasons)  # its training steps went wrong too
+    # The node's training rank computed with the corrupted GPU, yet DDP averaged its gradients
+    # into every rank: the parameter-digest vote alone passes every node.
+    for mode in ("ddp", "fsdp", "pipeline"):
+        assert compare_digests({name: n.run(mode)["param_digest"] for name, n in report.nodes.items()}) == {}
+    assert certs["n-1"].payload["failed_gpus"] == [1] and certs["n-0"].payload["failed_gpus"] == []
+    assert certs["n-0"].payload["dcgm"]["present"] is False  # no DCGM here: stated in the certificate
+    assert any("dcgmi" in note for note in certs["n-0"].payload["notes"])
+
+
+def _mini_stack(tmp_path) -> Path:
+    spec_file = tmp_path / "Pulumi.mini.yaml"
+    spec_file.write_text("config:\n  aidc:cluster:\n    name: mini\n    device_backend: sim\n    scheduler: lab\n    node_pools:\n"
+                         "      - {name: n, count: 2, gpu_model: SIM, gpus_per_node: 1}\n"
+                         "    policy:\n      burnin: {fleet_tolerance: 0.95, gemm_size: 64, repeats: 1,"
+                         " memcpy_bytes: 1048576, allreduce_min_bytes: 4096, allreduce_max_bytes: 8192,"
+                         " train_steps: 5, min_busbw_fraction: 0.0, busbw_fleet_tolerance: 0.95,"
+                         " storage_bytes: 1048576, storage_files: 5, storage_tolerance: 0.95}\n")
+    return spec_file
+
+
+def test_cli_refuses_a_known_answers_file_that_is_not_one_before_running(tmp_path, aidc_cli):
+    bad = tmp_path / "answers.yaml"
+    bad.write_text("version: 1\nanswers: [not, a, map]\n")
+    proc = aidc_cli("burnin", "run", "--stack", str(_mini_stack(tmp_path)), "--lab-dir", str(tmp_path / "lab"),
+                    "--known-answers", str(bad))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr and not (tmp_path / "lab" / "audit.db").exists()
+
+
+@pytest.mark.slow
+def test_cli_records_the_answers_every_gpu_agreed_on_and_reports_failed_gpus(tmp_path, aidc_cli):
+    from aidc.burnin.answers import load
+
+    answers = tmp_path / "answers.yaml"
+    proc = aidc_cli("burnin", "run", "--stack", str(_mini_stack(tmp_path)), "--lab-dir", str(tmp_path / "lab"),
+                    "--known-answers", str(answers), "--record-known-answers", "--soak-s", "1", "--json",
+                    timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert [(n["node"], n["failed_gpus"]) for n in out["nodes"]] == [("n-0", []), ("n-1", [])]
+    nodes = {n["node"]: n for n in out["nodes"]}
+    soaked = nodes["n-1"]["soak"]
+    assert soaked["seconds"] == 1 and len(soaked["series"]["0"]) == soaked["samples"] == 8
+    stored = load(answers)
+    key = nodes["n-0"]["gpus"][0]["known_answer"]["key"]
+    assert list(stored) == [key] and stored[key] == nodes["n-1"]["gpus"][0]["known_answer"]["fingerprints"]

@@ -3,11 +3,15 @@ log source adds; unrelated lines ignored."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aidc.events import Action, FaultKind
 from aidc.health.catalog import load_catalog
 from aidc.health.kmsg import KernelLogParser, kernel_message, normalize_pci, parse_lines
+
+FORMATS_LOG = Path(__file__).parent / "data" / "kernel-log-formats.log"
 
 PREFIXES = {
     "dmesg": "[ 1843.308145] ",
@@ -16,6 +20,13 @@ PREFIXES = {
     "journald with dmesg time": "Aug  3 11:43:14 gpu-node-7 kernel: [ 1843.308145] ",
     "syslog ISO-8601": "2024-08-30T11:43:14.123456+00:00 gpu-node-7 kernel: ",
     "/dev/kmsg": "4,1234,1843308145,-;",
+    "dmesg -d": "[ 1843.308145 <    0.000123>] ",
+    "dmesg -d -T": "[Fri Aug 30 11:43:14 2024 <   12.000123>] ",
+    "dmesg -d -t": "[<    0.000123>] ",
+    "dmesg -e, a new minute": "[Aug30 11:43] ",
+    "dmesg -e, within the minute": "[  +0.000123] ",
+    "RFC 5424": "<4>1 2024-08-30T11:43:14.123456+00:00 gpu-node-7 kernel - - - ",
+    "RFC 5424 with structured data": '<3>1 2024-08-30T11:43:14Z gpu-node-7 kernel 0 - [origin ip="10.0.3.7"] ',
     "none": "",
 }
 
@@ -119,3 +130,46 @@ def test_prefix_stripping_and_pci_spellings():
     assert normalize_pci("00000000:17:00.0") == normalize_pci("0000:17:00") == "0000:17:00.0"
     assert normalize_pci("0000:AB:01.1") == "0000:ab:01.1"
     assert normalize_pci(None) is None
+
+
+def _format_blocks() -> dict[str, list[str]]:
+    """kernel-log-formats.log: "## <format>" starts a block; other "#" lines are its notes."""
+    blocks: dict[str, list[str]] = {}
+    for line in FORMATS_LOG.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            blocks[line[3:]] = []
+        elif line and not line.startswith("#"):
+            blocks[list(blocks)[-1]].append(line)
+    return blocks
+
+
+FORMAT_BLOCKS = _format_blocks()
+
+
+def _event(fault):
+    return fault.kind, fault.xid, fault.pci, fault.severity, fault.message
+
+
+@pytest.mark.parametrize("source", sorted(set(FORMAT_BLOCKS) - {"plain"}))
+def test_every_recorded_format_gives_the_events_of_the_plain_driver_text(source):
+    plain = [_event(f) for f in parse_lines(FORMAT_BLOCKS["plain"])]
+    assert [(k, x, p) for k, x, p, _, _ in plain] == [(FaultKind.XID, 79, "0000:3b:00.0"), (FaultKind.XID, 48, "0000:5e:00.0")]
+    faults = parse_lines(FORMAT_BLOCKS[source])
+    assert [_event(f) for f in faults] == plain
+    assert [f.line for f in faults] == FORMAT_BLOCKS[source]
+
+
+@pytest.mark.parametrize("line", [
+    # An RFC 5424 line from a program, not the kernel: another APP-NAME, a user facility
+    # (`logger --rfc5424 -t kernel` logs as user.notice, <13>), or an unreadable header.
+    "<4>1 2026-12-07T05:49:56Z gpu-node-7 alice - - - NVRM: Xid (PCI:0000:3b:00): 79, x",
+    "<13>1 2026-12-07T05:49:56Z gpu-node-7 kernel - - - NVRM: Xid (PCI:0000:3b:00): 79, x",
+    "<12>1 2026-12-07T05:49:56Z gpu-node-7 kernel 4211 - - NVRM: Xid (PCI:0000:3b:00): 79, x",
+    "<4>1 2026-12-07T05:49:56Z gpu-node-7 kernel - - [unclosed NVRM: Xid (PCI:0000:3b:00): 79, x",
+    "<4>1 2026-12-07T05:49:56Z gpu-node-7 kernel - - -NVRM: Xid (PCI:0000:3b:00): 79, x",
+    # dmesg time stamps around a message that is not the driver's.
+    "[  +0.000233] usb 1-1: Product: NVRM: Xid (PCI:0000:3b:00): 79, x",
+    "[ 6113.942177 <    0.000233>] alice: NVRM: Xid (PCI:0000:3b:00): 79, x",
+])
+def test_a_new_format_line_from_anywhere_but_the_kernel_is_not_a_fault(line):
+    assert parse_lines([line]) == []

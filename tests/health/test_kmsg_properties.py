@@ -33,11 +33,18 @@ KERNEL_PREFIXES = [
     "Aug 30 11:43:14 gpu-node-7 kernel: ", "Aug  3 11:43:14 gpu-node-7 kernel: [ 1843.308145] ",
     "2024-08-30T11:43:14.123456+00:00 gpu-node-7 kernel: ", "2024-08-30T11:43:14+0000 gpu-node-7 kernel: ",
     "[ 1843.308145] gpu-node-7 kernel: ", "1725018194.123456 gpu-node-7 kernel: ",
+    "[ 1843.308145 <    0.000123>] ", "[Fri Aug 30 11:43:14 2024 <   12.000123>] ", "[<    0.000123>] ",
+    "[Aug30 11:43] ", "[Aug 3 11:43] ", "[  +0.000123] ", "[ +12.000123] ",
+    "<4>1 2024-08-30T11:43:14.123456+00:00 gpu-node-7 kernel - - - ", "<0>1 - - kernel - - - ",
+    '<3>1 2024-08-30T11:43:14Z gpu-node-7 kernel 0 - [origin ip="10.0.3.7"][m x="a \\"b\\" \\]"] \ufeff',
+    "<4>1 2024-08-30T11:43:14+00:00 gpu-node-7 kernel - - - [ 1843.308145] ",
 ]
 OTHER_PREFIXES = [
     "Aug 30 11:43:14 gpu-node-7 alice: ", "Aug 30 11:43:14 gpu-node-7 sudo[1]: alice : COMMAND=/bin/echo ",
     "[ 1843.308145] gpu-node-7 alice[7]: ", "14,1234,1843308145,-;", "<13>", "user  :notice: ",
     "[ 5.1] usb 1-1: Product: ", "  ", "x ", "2024-08-30T11:43:14+0000 gpu-node-7 logger: ",
+    "<4>1 2024-08-30T11:43:14Z gpu-node-7 alice - - - ", "<13>1 2024-08-30T11:43:14Z gpu-node-7 kernel - - - ",
+    "[  +0.000123] usb 1-1: Product: ", "[ 1843.308145 <    0.000123>] alice: ",
 ]
 
 ascii_digits = st.text("0123456789", min_size=1, max_size=12)

@@ -77,3 +77,10 @@ def test_the_controller_reads_the_same_spec_the_program_deployed(h100):
     (cm,) = of_parent(h100, "core/v1:ConfigMap", CONTROLLER)
     (text,) = cm.inputs["data"].values()
     assert parse_spec(yaml.safe_load(text)["config"]["aidc:cluster"]).name == "h100-example"
+
+
+def test_the_controller_knows_its_own_pod_from_the_downward_api_so_it_never_evicts_itself(h100):
+    (dep,) = of_parent(h100, "apps/v1:Deployment", CONTROLLER)
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in dep.inputs["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env.get("POD_NAME"), env.get("POD_NAMESPACE")) == ("metadata.name", "metadata.namespace")

@@ -11,6 +11,13 @@ client against this server. What it implements, and only that:
   as protected by a PodDisruptionBudget answers 429, as the API does while the budget is spent).
 * events (core/v1 and events.k8s.io/v1): create. leases (coordination.k8s.io/v1): get, create, replace.
 
+Field ownership as the API server tracks it for Update operations (`metadata.managedFields`):
+a write through the API names its manager (`fieldManager`, else the User-Agent up to its `/`),
+and every field of spec, labels or annotations it changes or adds becomes that manager's alone,
+a field it removes nobody's; a write that leaves a field's value as it was moves nothing. Lists
+are owned whole (the real server keys some, taints by key and effect). `set_node` writes as a
+named manager too.
+
 Semantics kept: every write bumps the object's `metadata.resourceVersion`; a replace or a
 merge patch naming a stale resourceVersion gets 409 Conflict; a create of an existing name
 gets 409 AlreadyExists; a missing object 404. Every object the server stores or receives is
@@ -111,14 +118,23 @@ class FakeApiServer:
             return copy.deepcopy(self._store_node(name, node, "ADDED"))
 
     def add_pod(self, namespace: str, name: str, node: str, owner_kind: str | None = None,
-                pdb_protected: bool = False) -> None:
+                pdb_protected: bool = False, priority_class: str | None = None, priority: int | None = None,
+                annotations: dict | None = None) -> None:
         meta = {"name": name, "namespace": namespace, "uid": str(uuid.uuid4())}
         if owner_kind:
             meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner_kind, "name": f"{name}-owner",
                                         "uid": str(uuid.uuid4()), "controller": True}]
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-               "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
-               "status": {"phase": "Running"}}
+        if annotations:
+            meta["annotations"] = dict(annotations)
+        spec = {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}
+        # The priority admission plugin resolves a class to its value, as the API server does.
+        resolved = {"system-node-critical": 2000001000, "system-cluster-critical": 2000000000}.get(priority_class)
+        if priority_class:
+            spec["priorityClassName"] = priority_class
+        if priority is not None or resolved is not None:
+            spec["priority"] = priority if priority is not None else resolved
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": {"phase": "Running"}}
+        self._validate(pod)
         with self.lock:
             self.rv += 1
             pod["metadata"]["resourceVersion"] = str(self.rv)
@@ -132,12 +148,19 @@ class FakeApiServer:
             self.rv += 1
             self._record("DELETED", node)
 
-    def set_node(self, name: str, mutate) -> None:
-        """Change a node as another actor would (an operator, the kubelet)."""
+    def set_node(self, name: str, mutate, manager: str = "test-operator") -> None:
+        """Change a node as another actor would (an operator, the kubelet), as field manager `manager`."""
         with self.lock:
             node = copy.deepcopy(self.nodes[name])
             mutate(node)
+            _manage(self.nodes[name], node, manager)
             self._store_node(name, node, "MODIFIED")
+
+    def field_owners(self, name: str, *path: str) -> list[str]:
+        """The managers that own the field at `path` (e.g. "spec", "unschedulable")."""
+        with self.lock:
+            return sorted(e["manager"] for e in self.nodes[name]["metadata"].get("managedFields", [])
+                          if tuple(path) in _decode_fields(e["fieldsV1"]))
 
     def compact(self) -> None:
         """Forget the watch history, as etcd compaction does: older versions get 410 Gone."""
@@ -179,7 +202,7 @@ class FakeApiServer:
             raise ApiError(422, "Invalid", msg) from None
 
     # -- request handling ----------------------------------------------------------------
-    def handle(self, method: str, path: str, query: dict, body: bytes, content_type: str):
+    def handle(self, method: str, path: str, query: dict, body: bytes, content_type: str, user_agent: str = ""):
         with self.lock:
             if self._fail:
                 code = self._fail.pop(0)
@@ -189,7 +212,8 @@ class FakeApiServer:
         if parts[:2] == ["api", "v1"]:
             rest = parts[2:]
             if rest[:1] == ["nodes"]:
-                return self._nodes(method, rest[1:], query, doc, content_type)
+                return self._nodes(method, rest[1:], {**query, "_manager": query.get("fieldManager")
+                                                      or user_agent.split("/")[0] or "unknown"}, doc, content_type)
             if rest == ["pods"]:
                 return self._list_pods(None, query)
             if rest[:1] == ["namespaces"] and len(rest) >= 3:
@@ -237,6 +261,8 @@ class FakeApiServer:
                 else:
                     new["status"] = copy.deepcopy(current.get("status", {}))
                 new["metadata"] = {**new.get("metadata", {}), "uid": current["metadata"]["uid"]}
+                if sub != ["status"]:
+                    _manage(current, new, query["_manager"])
                 return 200, copy.deepcopy(self._store_node(name, new, "MODIFIED"))
             if method == "PATCH":
                 new = _apply_patch(current, doc, content_type, name)
@@ -244,6 +270,7 @@ class FakeApiServer:
                     new = {**copy.deepcopy(current), "status": new.get("status", {})}
                 else:
                     new["status"] = copy.deepcopy(current.get("status", {}))
+                    _manage(current, new, query["_manager"])
                 return 200, copy.deepcopy(self._store_node(name, new, "MODIFIED"))
         raise ApiError(405, "MethodNotAllowed", method)
 
@@ -360,7 +387,8 @@ def _handler(api: FakeApiServer):
             body = self.rfile.read(length) if length else b""
             api.requests.append((self.command, url.path, self.headers.get("User-Agent", "")))
             try:
-                result = api.handle(self.command, url.path, query, body, self.headers.get("Content-Type", ""))
+                result = api.handle(self.command, url.path, query, body, self.headers.get("Content-Type", ""),
+                                    self.headers.get("User-Agent", ""))
             except ApiError as exc:
                 return self._json(exc.code, exc.status())
             except (ValueError, KeyError, TypeError) as exc:
@@ -417,6 +445,57 @@ def _selected(obj: dict, selector: str | None) -> bool:
         elif clause and clause not in labels:
             return False
     return True
+
+
+def _owned_leaves(obj: dict) -> dict[tuple, object]:
+    """The fields a manager can own: spec, labels and annotations, down to scalars and whole lists."""
+    leaves: dict[tuple, object] = {}
+
+    def walk(value, path):
+        if isinstance(value, dict) and value:
+            for key, child in value.items():
+                walk(child, path + (key,))
+        else:
+            leaves[path] = value
+
+    walk(obj.get("spec") or {}, ("spec",))
+    for part in ("labels", "annotations"):
+        walk((obj.get("metadata") or {}).get(part) or {}, ("metadata", part))
+    return {p: v for p, v in leaves.items() if v != {}}
+
+
+def _decode_fields(fields: dict, path: tuple = ()) -> set[tuple]:
+    out = set()
+    for key, child in fields.items():
+        here = path + (key[2:],)
+        out |= _decode_fields(child, here) if child else {here}
+    return out
+
+
+def _encode_fields(paths: set[tuple]) -> dict:
+    tree: dict = {}
+    for path in sorted(paths):
+        node = tree
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    return tree
+
+
+def _manage(old: dict, new: dict, manager: str) -> None:
+    """Update `new`'s managedFields for a write by `manager` that turned `old` into `new`."""
+    before, after = _owned_leaves(old), _owned_leaves(new)
+    changed = {p for p, v in after.items() if p not in before or before[p] != v}
+    removed = set(before) - set(after)
+    owners = {e["manager"]: _decode_fields(e["fieldsV1"])
+              for e in (old.get("metadata") or {}).get("managedFields", [])}
+    for paths in owners.values():
+        paths -= changed | removed
+    owners.setdefault(manager, set()).update(changed)
+    previous = {e["manager"]: e for e in (old.get("metadata") or {}).get("managedFields", [])}
+    new["metadata"]["managedFields"] = [
+        {"manager": m, "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+         "time": previous[m]["time"] if m in previous and m != manager else _now(), "fieldsV1": _encode_fields(paths)}
+        for m, paths in owners.items() if paths]
 
 
 def _check_version(doc: dict, current: dict, name: str) -> None:

@@ -62,3 +62,16 @@ def test_injected_failures_answer_the_next_requests(apiserver, v1):
         v1.list_node()
     assert err.value.status == 503
     assert v1.list_node().items
+
+
+def test_a_field_belongs_to_the_manager_that_last_changed_it_and_a_no_op_write_moves_nothing(apiserver, v1):
+    v1.patch_node("gpu-0", {"spec": {"unschedulable": True}}, field_manager="aidc")
+    assert apiserver.field_owners("gpu-0", "spec", "unschedulable") == ["aidc"]
+    v1.patch_node("gpu-0", {"spec": {"unschedulable": True}}, field_manager="kubectl-cordon")   # no change
+    assert apiserver.field_owners("gpu-0", "spec", "unschedulable") == ["aidc"]
+    operator = client.CoreV1Api(apiserver.client(user_agent="kubectl/v1.33.0 (linux/amd64)"))
+    operator.patch_node("gpu-0", {"spec": {"unschedulable": False}})   # the manager from the User-Agent
+    assert apiserver.field_owners("gpu-0", "spec", "unschedulable") == ["kubectl"]
+    apiserver.set_node("gpu-0", lambda n: n["spec"].pop("unschedulable"), manager="someone")
+    assert apiserver.field_owners("gpu-0", "spec", "unschedulable") == []
+    assert apiserver.invalid == []

@@ -14,7 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aidc.runbook.catalog import RunbookError, parse_runbook
-from aidc.runbook.params import PARAM_TYPES, VALUE_TYPES, ParamError, check_value, validate
+from aidc.runbook.params import (
+    MALFORMED,
+    MISSING,
+    NOT_A_CHOICE,
+    NOT_UNDER,
+    OUT_OF_RANGE,
+    PARAM_TYPES,
+    TOO_LONG,
+    VALUE_TYPES,
+    WRONG_TYPE,
+    ParamError,
+    check_value,
+    validate,
+)
 from runbook_fakes import alert
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +82,9 @@ def test_values_that_do_not_fit_are_refused_with_the_name(kind, bad):
         check_value("v", SPECS[kind], bad)
 
 
+# Why check_value can refuse a value of a known type.
+REFUSAL_KINDS = {WRONG_TYPE, TOO_LONG, MALFORMED, OUT_OF_RANGE, NOT_A_CHOICE, NOT_UNDER}
+
 ANY_VALUE = st.one_of(st.text(max_size=40), st.text(alphabet=string.printable, max_size=300), st.integers(),
                       st.booleans(), st.none(), st.floats(), st.binary(max_size=8),
                       st.lists(st.integers(), max_size=2), st.sampled_from(DANGEROUS))
@@ -81,7 +97,7 @@ def test_any_input_is_either_a_value_of_the_declared_type_or_a_param_error(kind,
     try:
         out = check_value("v", spec, value)
     except ParamError as exc:
-        assert str(exc).startswith("v: ")
+        assert [p.name for p in exc.problems] == ["v"] and exc.problems[0].kind in REFUSAL_KINDS
         return
     assert type(out) is VALUE_TYPES[kind]
     if kind == "int":
@@ -108,8 +124,9 @@ def test_an_integer_is_accepted_exactly_when_it_is_in_range(n):
         if spec["min"] <= n <= spec["max"]:
             assert check_value("gpu", spec, given_as) == n
         else:
-            with pytest.raises(ParamError, match="outside 0..15"):
+            with pytest.raises(ParamError) as err:
                 check_value("gpu", spec, given_as)
+            assert [(p.name, p.kind) for p in err.value.problems] == [("gpu", OUT_OF_RANGE)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -127,6 +144,8 @@ def test_validate_keeps_declared_values_only_and_names_every_problem():
     assert values == {"alertname": "AidcX", "gpu": 3, "path": "/data/checkpoints"}
     with pytest.raises(ParamError) as err:
         validate(params, {"alertname": "Aidc X", "gpu": "99"}, {})
+    assert [(p.name, p.kind) for p in err.value.problems] == [
+        ("alertname", MALFORMED), ("gpu", OUT_OF_RANGE), ("path", MISSING)]
     assert "alertname" in str(err.value) and "gpu: 99 is outside" in str(err.value)
     assert "path: required, and the trigger has no 'volume' annotation" in str(err.value)
     assert validate(params, {}, {}, allow_missing=True) == {}
@@ -234,12 +253,13 @@ def test_a_run_gets_the_playbook_a_typed_gpu_or_fails_before_any_step(gpu):
                 assert engine.actuators.playbooks.calls == [("gpu-reset.yml", "gpu-1", {"gpu": int(gpu)})]
             else:
                 assert run.status == "failed"
-                assert run.error.startswith("trigger values do not fit the runbook's params: gpu")
+                assert run.error.startswith("trigger values do not fit the runbook's params: ")
                 assert engine.actuators.playbooks.calls == [] and engine.actuators.scheduler.calls == []
                 assert engine.actuators.notifier.messages == []  # on_failure steps do not run either
                 assert all(s.status == "pending" for s in engine.state.steps(sub.run_id))
                 [rejected] = engine.audit.records(kind="runbook.params.rejected")
                 assert rejected.payload["run_id"] == sub.run_id and rejected.payload["trigger"]["labels"]["gpu"] == gpu
+                assert [p["name"] for p in rejected.payload["problems"]] == ["gpu"]
         finally:
             engine.audit.close()
             engine.state.close()

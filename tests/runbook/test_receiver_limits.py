@@ -270,6 +270,9 @@ def test_a_tls_handshake_trickled_a_byte_at_a_time_is_cut_off_at_the_header_dead
 # --- the acceptance test: real alerts under a crowd of trickling clients ---------------------------
 
 TRICKLERS, REAL_ALERTS, ANSWER_WITHIN_S = 200, 50, 2.0
+# The tricklers come from 8 loopback addresses, 25 each: under --max-per-source, so that they
+# all hold their connections (one address would be capped at 64, the test's point lost).
+TRICKLER_SOURCES = [f"127.0.0.{2 + i}" for i in range(8)]
 
 
 class Tricklers:
@@ -283,13 +286,14 @@ class Tricklers:
         self.socks: list[tuple[socket.socket, int]] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _connect(self) -> tuple[socket.socket, int]:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+    def _connect(self, i: int) -> tuple[socket.socket, int]:
+        source = TRICKLER_SOURCES[i % len(TRICKLER_SOURCES)]
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(source, 0))
         sock.setblocking(False)
         return sock, 0
 
     def open(self) -> "Tricklers":
-        self.socks = [self._connect() for _ in range(self.count)]
+        self.socks = [self._connect(i) for i in range(self.count)]
         self.thread.start()
         return self
 
@@ -304,7 +308,7 @@ class Tricklers:
                 except OSError:  # cut off by the server: come back, as an attacker would
                     sock.close()
                     self.cut_off += 1
-                    self.socks[i] = self._connect()
+                    self.socks[i] = self._connect(i)
 
     def close(self) -> None:
         self.stop.set()
@@ -383,7 +387,8 @@ def test_a_nan_stored_by_an_older_receiver_does_not_break_the_json_listings(tmp_
 
 def test_serve_help_names_every_limit_and_the_accepted_authorization(aidc_cli):
     out = aidc_cli("runbook", "serve", "--help", check=True, env={**__import__("os").environ, "COLUMNS": "200"}).stdout
-    for flag in ("--max-connections", "--header-timeout", "--body-timeout", "--max-alerts", "--request-workers"):
+    for flag in ("--max-connections", "--header-timeout", "--body-timeout", "--max-alerts", "--request-workers",
+                 "--max-per-source", "--reserved-connections", "--handshake-timeout"):
         assert flag in out
     assert "Authorization: Bearer <token>" in out and "any case" in out
 
@@ -391,6 +396,12 @@ def test_serve_help_names_every_limit_and_the_accepted_authorization(aidc_cli):
 def test_serve_refuses_limits_that_make_no_sense_with_one_error_line(aidc_cli, tmp_path):
     out = aidc_cli("runbook", "serve", "--max-connections", "0", "--token-file", str(tmp_path / "none"))
     assert out.returncode != 0 and "--max-connections" in out.stderr and "Traceback" not in out.stderr
+    for args, flag in ((["--max-per-source", "0"], "--max-per-source"),
+                       (["--max-connections", "8", "--reserved-connections", "8"], "--reserved-connections"),
+                       (["--handshake-timeout", "0"], "--handshake-timeout")):
+        out = aidc_cli("runbook", "serve", *args, "--token-file", str(tmp_path / "none"))
+        assert out.returncode != 0 and "Invalid value" in out.stderr and flag in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(start):

@@ -17,6 +17,7 @@ import pytest
 from aidc.audit import AuditLog
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.lease import Lease
+from aidc.failover.slurm import drain_reason
 from aidc.store import Store
 
 from .slurm_helpers import drains_issued, reason, write_stack
@@ -74,7 +75,7 @@ def test_a_controller_killed_between_the_drain_and_its_record_issues_no_second_d
     first.wait(60)
     assert first.returncode == -signal.SIGKILL, first.stderr.read()
     audit = AuditLog(state / "audit.db")
-    assert reason(local_slurm, "gpu-1") == f"aidc: XID 79 on gpu 0 asks for reboot_node (event {event})"
+    assert reason(local_slurm, "gpu-1") == drain_reason("XID 79 on gpu 0 asks for reboot_node", str(event), "gpu-1")[0]
     assert store.node_state("gpu-1") == "quarantining" and [e for e, _ in store.pending()] == [event]
     assert [r.kind for r in audit.records()] == ["failover.lease", "failover.decision"]
 
@@ -84,7 +85,7 @@ def test_a_controller_killed_between_the_drain_and_its_record_issues_no_second_d
     finally:
         _stop(second)
     assert drains_issued(local_slurm, "gpu-1") == 1
-    assert reason(local_slurm, "gpu-1").endswith(f"(event {event})")
+    assert f"(event {event}, mark " in reason(local_slurm, "gpu-1")
     [action] = audit.records(kind="failover.action")
     assert action.payload["resumed"] is True and action.payload["event_id"] == event
     assert "already drained by aidc" in action.reason

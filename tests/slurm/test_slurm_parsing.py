@@ -3,6 +3,8 @@ input checks that keep node names and reasons to one harmless argv element. No d
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from aidc.failover.slurm import (MAX_REASON, SlurmError, check_node_name, drain_reason, parse_node_line,
@@ -54,11 +56,11 @@ LINE = ("NodeName=gpu-1 Arch=x86_64 CoresPerSocket=1  CPUAlloc=0 CPUEfctv=2 CPUT
 
 
 def test_a_node_line_with_spaces_in_values_and_an_aidc_reason_reads_back_exactly():
-    line = LINE.format(state="MIXED+DRAIN",
-                       reason=" Reason=aidc: XID 79 on gpu 0 State=RESUME x=y (event 12) [root@2026-11-29T23:32:46]")
-    st = parse_node_line(line)
+    written, _ = drain_reason("XID 79 on gpu 0 State=RESUME x=y", "12", "gpu-1")
+    line = LINE.format(state="MIXED+DRAIN", reason=f" Reason={written} [root@2026-11-29T23:32:46]")
+    st = parse_node_line(line, aidc_user="root")
     assert (st.name, st.base, st.flags) == ("gpu-1", "MIXED", frozenset({"DRAIN"}))
-    assert st.reason == "aidc: XID 79 on gpu 0 State=RESUME x=y (event 12)" and st.reason_by == "root"
+    assert st.reason == written and st.reason_by == "root"
     assert st.drained_by_aidc and st.aidc_event == "12" and st.why_out == "aidc"
 
 
@@ -89,13 +91,14 @@ def test_node_names_that_are_not_plain_host_names_are_refused(name):
 
 
 def test_reasons_lose_control_characters_and_are_cut_with_a_note_keeping_the_event():
-    text, note = drain_reason("GPU 0\nState=RESUME\r\t$(reboot) `x`; " + "y" * 5000, "42")
-    assert text.startswith("aidc: GPU 0 State=RESUME $(reboot) `x`; yyy") and text.endswith("... (event 42)")
+    text, note = drain_reason("GPU 0\nState=RESUME\r\t$(reboot) `x`; " + "y" * 5000, "42", "gpu-1")
+    assert text.startswith("aidc: GPU 0 State=RESUME $(reboot) `x`; yyy")
+    assert re.search(r"\.\.\. \(event 42, mark [0-9a-f]{12}\)$", text)
     assert len(text) == MAX_REASON and "\n" not in text
     assert "replaced by spaces" in note and "cut to" in note
-    assert drain_reason("plain", None) == ("aidc: plain", None)
+    assert re.fullmatch(r"aidc: plain \(mark [0-9a-f]{12}\)", drain_reason("plain", None, "gpu-1")[0])
 
 
 def test_an_event_id_with_odd_characters_is_refused():
     with pytest.raises(SlurmError, match="refusing event id"):
-        drain_reason("x", "1) [root")
+        drain_reason("x", "1) [root", "gpu-1")

@@ -7,6 +7,7 @@ import json
 import textwrap
 
 from aidc.audit import AuditLog
+from aidc.failover.slurm import drain_reason
 
 from .slurm_helpers import drains_issued, reason, write_stack
 
@@ -47,7 +48,8 @@ def test_runbook_run_drains_and_resumes_through_slurm(aidc_cli, local_slurm, tmp
     commands = [r.payload["argv"][3] for r in AuditLog(tmp_path / "audit.db").records(kind="slurm.command")]
     assert commands == ["State=DRAIN", "State=RESUME"]
     log = (local_slurm.root / "log" / "slurmctld.log").read_text(errors="replace")
-    assert f"reason set to: aidc: runbook test on gpu-3 (event run-{run['id']})" in log
+    written, _ = drain_reason("runbook test on gpu-3", f"run-{run['id']}", "gpu-3")
+    assert f"reason set to: {written}" in log
 
 
 def test_a_runbook_does_not_resume_a_node_an_operator_drained(aidc_cli, local_slurm, tmp_path):

@@ -32,14 +32,15 @@ def _fault(node="gpu-1", xid=79):
 def test_quarantine_drains_with_an_aidc_reason_and_release_resumes_only_that(slurm):
     cluster, _, audit, sched = slurm
     assert sched.quarantine("gpu-1", "XID 79 on gpu 0", event="7") is None
-    assert reason(cluster, "gpu-1") == "aidc: XID 79 on gpu 0 (event 7)"
+    assert reason(cluster, "gpu-1") == drain_reason("XID 79 on gpu 0", "7", "gpu-1")[0]
     assert cluster.node_states()["gpu-1"] == "drained"
     assert sched.state("gpu-1") == "quarantined" and sched.state("gpu-0") == "in_service"
     assert set(sched.out_of_service()) == {"gpu-1"} and sched.out_of_service()["gpu-1"].aidc_event == "7"
 
     # Idempotent: a second quarantine issues no second drain and keeps the first event's reason.
     assert "already drained by aidc" in sched.quarantine("gpu-1", "again", event="8")
-    assert drains_issued(cluster, "gpu-1") == 1 and reason(cluster, "gpu-1").endswith("(event 7)")
+    assert drains_issued(cluster, "gpu-1") == 1
+    assert reason(cluster, "gpu-1") == drain_reason("XID 79 on gpu 0", "7", "gpu-1")[0]
 
     decision = sched.release("gpu-1", "GPU replaced")
     assert decision.decision == "released"
@@ -105,9 +106,9 @@ def test_a_hostile_reason_reaches_slurm_as_one_literal_argument_cut_with_a_note(
     note = sched.quarantine("gpu-1", hostile, event="9")
     stored = reason(cluster, "gpu-1")
     # Exactly what aidc meant to write, shell syntax and all, as text: nothing was interpreted.
-    assert stored == drain_reason(hostile, "9")[0]
+    assert stored == drain_reason(hostile, "9", "gpu-1")[0]
     assert stored.startswith(f"aidc: bad GPU State=RESUME $(touch {marker}); `touch ")
-    assert stored.endswith("... (event 9)") and len(stored) == MAX_REASON
+    assert "... (event 9, mark " in stored and len(stored) == MAX_REASON
     assert "replaced by spaces" in note and "cut to" in note
     assert not marker.exists()
     assert cluster.node_states() == {"gpu-0": "idle", "gpu-1": "drained", "gpu-2": "idle", "gpu-3": "idle",
@@ -161,7 +162,7 @@ def test_with_slurmctld_down_the_event_stays_pending_is_audited_once_and_is_retr
     cluster.start_daemon("slurmctld")
     [decision] = ctl.run_once()
     assert decision.verdict == "quarantine" and store.pending() == []
-    assert reason(cluster, "gpu-1") == f"aidc: XID 79 on gpu 0 asks for reboot_node (event {event})"
+    assert reason(cluster, "gpu-1") == drain_reason("XID 79 on gpu 0 asks for reboot_node", str(event), "gpu-1")[0]
     assert [r.kind for r in audit.records()][-3:] == ["failover.decision", "slurm.command", "failover.action"]
     assert audit.verify().ok
     store.close()
@@ -186,7 +187,7 @@ def test_a_failing_drain_after_the_intent_is_retried_by_the_same_event_not_decid
     [decision] = ctl.run_once()
     assert decision.verdict == "quarantine" and store.node_state("gpu-1") == "quarantined"
     assert [r.payload["verdict"] for r in audit.records(kind="failover.decision")] == ["quarantine"]
-    assert reason(cluster, "gpu-1").endswith(f"(event {event})") and drains_issued(cluster, "gpu-1") == 1
+    assert f"(event {event}, mark " in reason(cluster, "gpu-1") and drains_issued(cluster, "gpu-1") == 1
     store.close()
 
 
@@ -252,6 +253,19 @@ def test_on_slurm_a_refused_event_waits_and_is_drained_once_when_aidc_resumes_th
     assert cluster.node_states()["gpu-2"] == "idle" and len(store.pending()) == 1
     ctl.release("gpu-0", "GPU reseated", actor="alice")
     [decision] = ctl.run_once(backoff=True)
-    assert decision.verdict == "quarantine" and reason(cluster, "gpu-2").endswith("(event 2)")
+    assert decision.verdict == "quarantine" and "(event 2, mark " in reason(cluster, "gpu-2")
     assert ctl.run_once() == [] and drains_issued(cluster, "gpu-2") == 1
     store.close()
+
+
+def test_real_slurms_lines_an_operator_reason_with_a_stamp_and_state_stays_a_drain_not_aidcs(slurm):
+    cluster, _, audit, sched = slurm
+    hostile = "RMA [bob@2026-01-02T03:04:05] State=IDLE (event 1, mark 000000000000)"
+    cluster.run("scontrol", "update", "NodeName=gpu-2", "State=DRAIN", f"Reason={hostile}")
+    st = sched.node("gpu-2")
+    # Set as the same user aidc runs as here (root): only the mark tells them apart.
+    assert (st.base, st.flags, st.reason, st.reason_by, st.why_out) == \
+        ("IDLE", frozenset({"DRAIN"}), hostile, sched.user, "operator_drain")
+    sched.quarantine("gpu-1", "XID 79", event="4")
+    assert (sched.node("gpu-1").why_out, sched.node("gpu-1").aidc_event) == ("aidc", "4")
+    assert set(sched.out_of_service()) == {"gpu-1"}

@@ -159,6 +159,25 @@ def test_events_of_a_node_not_in_the_cluster_are_refused(controller, pki, tmp_pa
     store.close()
 
 
+def test_events_of_names_that_are_not_nodes_are_audited_and_a_flood_adds_few_records(controller, pki, tmp_path):
+    ctl = controller(relays={"relay": {"gpu-0"}})
+    store = Store(tmp_path / "stray.db")
+    # Names the wire format lets through (it refuses '/', NUL and look-alikes itself with 400).
+    hostile = ["..", ".hidden", "gpu-99"] + [f"ghost-{i}" for i in range(17)]
+    for name in hostile:
+        append(store, fault(name))
+        with pytest.raises(TransportError, match="422"):
+            forwarder(store.path, name, ctl, pki, cert="relay").forward_once(store)
+    store.close()
+    ctl.stop()  # the listener writes the window's summary when it stops
+    assert received(ctl) == []
+    with AuditLog(ctl.audit_path) as audit:
+        refused = [r.payload for r in audit.records(kind="node.refused_unknown")]
+    assert {p["where"] for p in refused} == {"ingest"} and {p.get("source") for p in refused[:1]} == {"CN=relay"}
+    assert sum(p["refused"] for p in refused) == len(hostile)
+    assert len(refused) < len(hostile)
+
+
 def test_plain_requests_that_are_not_a_batch_get_400_and_the_listener_lives_on(controller, pki, agent_store):
     ctl = controller()
     ctx = ssl.create_default_context(cafile=str(pki["ca"].cert_file))

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from aidc.errors import AidcError
+from aidc.files import write_atomic
 from aidc.shipped import installed_root
 
 # The checkout's playbooks, or the copy an installed wheel carries (aidc.shipped).
@@ -159,7 +160,7 @@ def write_unsafe_extravars(extravars: Mapping[str, Any], path: Path) -> Path:
         text = yaml.dump(dict(extravars), Dumper=_UnsafeDumper, default_flow_style=False)
     except yaml.representer.RepresenterError as exc:
         raise AnsibleRunError(f"extra variables must be plain data (text, numbers, lists, maps): {exc}") from None
-    path.write_text(text)
+    write_atomic(path, text)  # private: the values come from alerts and people
     return path
 
 

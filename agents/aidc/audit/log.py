@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 from aidc import strict_json
 from aidc.errors import AuditError
-from aidc.files import enable_wal, private_db, private_opener
+from aidc.files import enable_wal, private_db, private_opener, refuse_link, write_atomic
 
 GENESIS = "0" * 64
 
@@ -263,6 +263,7 @@ class AuditLog:
 
     def _write_genesis_anchor(self, force: bool = False) -> None:
         """Anchor record 0 before the first record: from then on a missing anchor means a removed one."""
+        refuse_link(self.anchor_path)  # exists() would follow a planted link and take it for the anchor
         with open(self._anchor_lock_path, "a", opener=private_opener) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.anchor_path.exists() and not force:
@@ -352,12 +353,8 @@ class AuditLog:
             doc["signature"] = {"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
                                 "value": base64.b64encode(self.signer.sign(
                                     signed_message(ANCHOR_DOMAIN, seq, digest))).decode()}
-        tmp = self.anchor_path.with_name(f"{self.anchor_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        with open(tmp, "w", opener=private_opener) as f:
-            f.write(json.dumps(doc))
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty anchor
-        os.replace(tmp, self.anchor_path)
+        # durable: on disk before the rename, so a crash cannot leave an empty anchor.
+        write_atomic(self.anchor_path, json.dumps(doc), durable=True)
 
     def _read_anchor(self) -> Anchor | None:
         """The anchor; None when there is none; BadAnchor when it is not one."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from aidc.audit import report_model
 from aidc.audit.log import AuditLog, VerifyResult
 from aidc.audit.templating import render
+from aidc.files import derived_mode, write_atomic
 
 
 def render_html(log: AuditLog, verified: VerifyResult | None = None, now: float | None = None) -> str:
@@ -39,11 +40,14 @@ def render_json(log: AuditLog, verified: VerifyResult | None = None) -> dict:
 
 
 def write_report(log: AuditLog, out_dir: str | Path) -> tuple[Path, Path, VerifyResult]:
-    """Write report.html and report.json; the chain is verified once for both (and returned)."""
+    """Write report.html and report.json; the chain is verified once for both (and returned).
+
+    Both hold the log's records, so they get the log's mode (a 0600 log gives 0600 reports)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     verified = log.verify()
     html_path, json_path = out / "report.html", out / "report.json"
-    html_path.write_text(render_html(log, verified))
-    json_path.write_text(json.dumps(render_json(log, verified), indent=1, default=str))
+    mode = derived_mode(log.path)
+    write_atomic(html_path, render_html(log, verified), mode)
+    write_atomic(json_path, json.dumps(render_json(log, verified), indent=1, default=str), mode)
     return html_path, json_path, verified

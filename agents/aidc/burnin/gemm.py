@@ -8,6 +8,7 @@ here and in training, sees a slow device, and the figure is measured, never scal
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -31,9 +32,27 @@ class GemmResult:
     work_factor: float  # FLOPs executed / nominal FLOPs (== slowdown)
     matmuls_executed: int  # every torch.matmul call, warm-up included (behavioural evidence)
     clock: str = "wall"  # what the times measure (see aidc.burnin.timing)
+    # The bench checks its answers, not only its speed: sha256 of the product after the last
+    # sample (the seeded operands are the same on every GPU), and whether it is bit-identical
+    # to the product after warm-up (a GPU whose answers drift under load is not stable).
+    result_digest: str = ""
+    results_stable: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def result_digest(t: torch.Tensor) -> str:
+    """sha256 of a result's bytes: two GPUs agree only when every bit of every element does."""
+    return hashlib.sha256(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def seeded_operands(device: str, dtype: torch.dtype, size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same two n x n operands on every GPU of every run (generated on the CPU)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    return a, b
 
 
 class SlowedMatmul:
@@ -73,13 +92,11 @@ class GemmBench:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.device, self.dtype, self.size, self.slowdown = device, dtype, size, slowdown
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        a = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
-        b = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
-        self.step = SlowedMatmul(a, b, slowdown)
+        self.step = SlowedMatmul(*seeded_operands(device, DTYPES[dtype], size), slowdown)
         self.clock_name, self.clock = device_clock(device)
         self.step()  # warm-up: allocations, kernel selection
         sync(device)
+        self.first_result = self.step.out.clone()
         t0 = self.clock()
         self.step()
         sync(device)
@@ -101,8 +118,11 @@ class GemmBench:
             raise ValueError("no samples taken")
         median = statistics.median(self.times)
         tflops = 2.0 * self.size**3 * self.per_sample / median / 1e12
+        out = self.step.out
+        digest = result_digest(out)
         return GemmResult(self.dtype, self.size, tflops, median, self.per_sample, len(self.times),
-                          self.slowdown, self.step.work_factor, self.step.calls, self.clock_name)
+                          self.slowdown, self.step.work_factor, self.step.calls, self.clock_name, digest,
+                          bool(torch.equal(out, self.first_result)))
 
 
 def measure_gemm(device: str, dtype: str, size: int, repeats: int = 5, slowdown: float = 1.0,

@@ -77,7 +77,8 @@ def fleet_stats(nodes: dict[str, NodeResult]) -> dict[str, dict]:
 def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tolerance: float,
           min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
           busbw_tolerance: float | None = None, metric_tolerance: dict[str, float] | None = None,
-          bad_link_on: frozenset[str] | set[str] = frozenset()) -> dict:
+          bad_link_on: frozenset[str] | set[str] = frozenset(),
+          known_answers: dict[str, dict[str, str]] | None = None, soak_max_clock_sag: float = 0.1) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
     `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
@@ -86,8 +87,15 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
     overrides `tolerance` per metric (storage has its own). `bad_link_on`: nodes whose bad link
     burn-in localised; a collective's busbw is a fleet figure that one bad link drags down for
     every rank alike, so its floor miss is then a note everywhere (the culprit fails with the
-    localised reason, added by the caller).
+    localised reason, added by the caller). `known_answers`: the stored {key: {check: sha256}}
+    each GPU's seeded results are held to (aidc.burnin.known_answer); without one for a key,
+    the run's GPUs of the same model vote. Wrong answers and failed DCGM tests name their GPUs
+    in `failed_gpus`, as does an SM clock that sagged more than `soak_max_clock_sag` in a soak.
     """
+    from aidc.burnin.dcgm import verdict as dcgm_verdict
+    from aidc.burnin.soak import judge_soak
+    from aidc.burnin.answers import judge_known_answers
+
     stats = fleet_stats(nodes)
 
     def tolerance_of(metric: str) -> float:
@@ -96,7 +104,7 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
         return (metric_tolerance or {}).get(metric, tolerance)
 
     for n in nodes.values():
-        n.reasons, n.notes, n.robust_z = [], [], {}
+        n.reasons, n.notes, n.robust_z, n.failed_gpus = [], [], {}, []
         n.reasons += [f"measurement failed: {e}" for e in n.errors]
         for metric in fleet_metrics(nodes):
             unit = UNITS[metric]
@@ -124,6 +132,13 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
                                  f" floor {_fmt(floor)} {unit}")
         n.reasons += _collective_reasons(n, link_rate_gbps, min_busbw_fraction, ", ".join(sorted(bad_link_on)))
         n.reasons += _training_reasons(n, min_loss_drop)
+        n.reasons += _unstable_gemm_reasons(n)
+        for reasons, notes, failed in (dcgm_verdict(n.dcgm), judge_soak(
+                {int(i): s for i, s in n.soak.get("series", {}).items()}, soak_max_clock_sag)):
+            n.reasons += reasons
+            n.notes += notes
+            n.failed_gpus = sorted(set(n.failed_gpus) | set(failed))
+    judge_known_answers(nodes, known_answers or {})
     for mode, what in TRAINING_NAMES.items():
         digests = {name: n.run(mode)["param_digest"] for name, n in nodes.items() if n.run(mode)}
         for name, reason in compare_digests(digests, f"{what} training").items():
@@ -167,6 +182,17 @@ def _training_reasons(n: NodeResult, min_loss_drop: float) -> list[str]:
         if diff is not None and not diff <= PARALLEL_MATCH_TOLERANCE:
             reasons.append(f"parameters after {what} training differ from the DDP run's by up to {_fmt(diff)}"
                            f" (rounding allows {PARALLEL_MATCH_TOLERANCE:g})")
+    return reasons
+
+
+def _unstable_gemm_reasons(n: NodeResult) -> list[str]:
+    reasons = []
+    for g in n.gpus:
+        for dtype in ("fp32", "bf16"):
+            if not g.get(f"gemm_{dtype}", {}).get("results_stable", True):
+                reasons.append(f"GPU {g['index']}: the {dtype} GEMM's product changed between warm-up and the last"
+                               " timed sample (same operands): silent data corruption under load")
+                n.failed_gpus.append(g["index"])
     return reasons
 
 

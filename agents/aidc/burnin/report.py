@@ -38,6 +38,14 @@ class NodeResult:
     reasons: list[str] = field(default_factory=list)  # one per failed check
     notes: list[str] = field(default_factory=list)  # checks skipped and why (never silent)
     robust_z: dict[str, float | None] = field(default_factory=dict)  # per metric, vs the fleet
+    # GPU indices that failed by themselves (wrong known answers, a failed DCGM test): the SDC
+    # verdict names the GPU, not only the node.
+    failed_gpus: list[int] = field(default_factory=list)
+    # `dcgmi diag` on this node (aidc.burnin.dcgm.run_diag): {"present": False, "note"} without it.
+    dcgm: dict = field(default_factory=dict)
+    # With --soak-s: {"seconds", "samples", "series": {"<gpu>": [{t, sm_clock_mhz, temperature_c,
+    # power_w, throttle_reasons}]}} (aidc.burnin.soak).
+    soak: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +106,4 @@ class BurninReport:
 
 
 def _node_entry(name: str, n: NodeResult) -> dict:
-    entry = {"node": name, "verdict": "pass" if n.passed else "fail", **n.to_dict()}
-    entry.setdefault("failed_gpus", [])  # GPU indices the node program names, where it names any
-    return entry
+    return {"node": name, "verdict": "pass" if n.passed else "fail", **n.to_dict()}

@@ -32,6 +32,7 @@ from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
 from aidc.errors import BurninError
+from aidc.files import shared_opener, write_atomic
 from aidc.spec import ClusterSpec
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `aidc/`
@@ -59,7 +60,7 @@ class _Fleet:
 
     def start(self) -> None:
         """Start the zygote now: it imports torch while the runner prepares the work."""
-        with open(self.tmpdir / "zygote.log", "wb") as log:
+        with open(self.tmpdir / "zygote.log", "wb", opener=shared_opener) as log:
             # The run directory on the command line names the run in `ps` (and for tests).
             self.proc = subprocess.Popen([sys.executable, "-m", "aidc.burnin.zygote", str(self.tmpdir)],
                                          stdin=subprocess.PIPE,
@@ -214,7 +215,7 @@ PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
 
 
 def node_config(spec: ClusterSpec, node, rank: int, names: list[str], *, timeout_s: float,
-                target_sample_s: float = 0.02, node_dir: Path | None = None) -> dict:
+                target_sample_s: float = 0.02, node_dir: Path | None = None, soak_s: float = 0.0) -> dict:
     """The node program's work for one node (aidc.burnin.worker), whoever launches it: what to
     measure and against what; the launcher adds where the store is and where the result goes.
     `node_dir`: the simulated node's directory (sim backend), else the stack's own devices."""
@@ -232,13 +233,17 @@ def node_config(spec: ClusterSpec, node, rank: int, names: list[str], *, timeout
             "target_sample_s": target_sample_s,
             "sizes": sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes),
             "train_steps": policy.train_steps,
-            "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files}
+            "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
+            # Half the run's time: the peers wait in a barrier that expires with the whole run.
+            "dcgm_diag_level": policy.dcgm_diag_level, "dcgm_timeout_s": timeout_s / 2,
+            "soak_s": soak_s}
 
 
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
                progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
-               link_rate_gbps: float | None = None, only: frozenset[str] | None = None) -> BurninReport:
+               link_rate_gbps: float | None = None, known_answers: dict[str, dict[str, str]] | None = None,
+               soak_s: float = 0.0, only: frozenset[str] | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
@@ -246,6 +251,10 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     silent-data-corruption check must catch. `fabric` (aidc.lab.fabric.Fabric): run each
     node in its namespace and the collectives over its rails. `link_rate_gbps` (GB/s) is what
     busbw is judged against; default the fabric's scaled rail rate, else `spec_link_rate_gbps`.
+    `known_answers` ({key: {check: sha256}}, aidc.burnin.answers.load_all): what each GPU's
+    seeded results are held to; default the packaged ones (the run's GPUs vote where none is stored).
+    `soak_s`: hold GEMM load on every GPU that long and judge its clocks (aidc.burnin.soak); the
+    soak's time is added to `timeout_s`.
     A node that has not joined the rendezvous within `join_timeout_s` is named in the
     BurninError. `only`: burn in just these nodes (`aidc burnin run --nodes`). Raises BurninError
     when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed nodes are
@@ -263,6 +272,13 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     missing = [n.name for n in all_nodes if not node_dirs or n.name not in node_dirs]
     if missing:
         raise BurninError(f"no node directory for {', '.join(missing)} (create them with aidc.device.sim.create_node)")
+    if known_answers is None:  # read before the run: a bad file is an error now, not after it
+        from aidc.burnin.answers import load_all
+
+        known_answers = load_all(None)
+    if not soak_s >= 0:
+        raise BurninError(f"the soak must be 0 (none) or a positive number of seconds, got {soak_s:g}")
+    timeout_s += soak_s  # the soak is time asked for, not a hang
     started = time.monotonic()
     policy = spec.policy.burnin
     sizes = sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
@@ -285,13 +301,13 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             configs = {}
             for rank, node in enumerate(nodes):
                 cfg = {**node_config(spec, node, rank, names, timeout_s=timeout_s, target_sample_s=target_sample_s,
-                                     node_dir=node_dirs[node.name]),
+                                     node_dir=node_dirs[node.name], soak_s=soak_s),
                        "store_port": store.port, "store_prefix": secret,
                        "corrupt_parameters": node.name in corrupt_nodes,
                        "result_path": str(tmpdir / f"{node.name}.result.json"),
                        **_fabric_config(spec, fabric, node.name, names)}
-                configs[node.name] = tmpdir / f"{node.name}.json"  # in a 0700 directory: the secret stays ours
-                configs[node.name].write_text(json.dumps(cfg))
+                configs[node.name] = tmpdir / f"{node.name}.json"
+                write_atomic(configs[node.name], json.dumps(cfg))  # 0600 in a 0700 directory: it holds the secret
             fleet.release(configs)
             joins = _JoinWatch(keyed_store(store, secret), names, join_timeout_s, fleet)
             _follow_until_done(fleet, bar, started + timeout_s, timeout_s, joins)
@@ -313,7 +329,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             if bar:
                 bar.stop()
     report = _judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, fabric=fabric, down=down,
-                            all_nodes=all_nodes)
+                            all_nodes=all_nodes, known_answers=known_answers)
     if audit is not None:
         _certify(audit, report)
     return report
@@ -329,7 +345,8 @@ def record_abort(audit: AuditLog | None, exc: BurninError, nodes: list[str], tim
 
 
 def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, link_rate: float, *,
-                   fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None) -> BurninReport:
+                   fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None,
+                   known_answers: dict[str, dict[str, str]] | None = None) -> BurninReport:
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
@@ -339,7 +356,8 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
                   policy.min_loss_drop, link_rate_gbps=link_rate, min_busbw_fraction=policy.min_busbw_fraction,
                   busbw_tolerance=policy.busbw_fleet_tolerance,
                   metric_tolerance={m: policy.storage_tolerance for m in STORAGE_METRICS},
-                  bad_link_on={c["node"] for c in culprits})
+                  bad_link_on={c["node"] for c in culprits}, known_answers=known_answers,
+                  soak_max_clock_sag=policy.soak_max_clock_sag)
     for culprit in culprits:  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
         results[culprit["node"]].passed = False
@@ -442,7 +460,8 @@ def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
             errors.append(f"the {op} sweep measured no size")
     return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
                       gpus=raw["gpus"], training=raw["training"], parallel=raw.get("parallel", {}),
-                      collectives=collectives, errors=errors)
+                      collectives=collectives, errors=errors, dcgm=raw.get("dcgm", {}),
+                      soak=raw.get("soak", {}))
 
 
 def _certify(audit: AuditLog, report: BurninReport, launcher: dict | None = None) -> None:
@@ -457,7 +476,8 @@ def _certify(audit: AuditLog, report: BurninReport, launcher: dict | None = None
             "verdict": "pass" if n.passed else "fail", "reasons": n.reasons, "notes": n.notes,
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
             "parallel": parallel, "collectives": n.collectives, "link_rate_gbps": report.fleet["link_rate_gbps"],
-            "errors": n.errors, "spare": n.spare, "launcher": launcher,
+            "errors": n.errors, "spare": n.spare, "failed_gpus": n.failed_gpus, "dcgm": n.dcgm,
+            "soak": n.soak, "launcher": launcher,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",
                                                    "step_time_ms", "memcpy_counting", "fabric")},

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aidc.files import open_nofollow
+
 BLOCK = 1 << 20
 
 # Names of the node figures (judged against the fleet in aidc.burnin.judge).
@@ -88,7 +90,7 @@ class StorageBench:
     def _write(self, path: Path) -> float:
         blocks, tail = divmod(self.nbytes, BLOCK)
         started = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for _ in range(blocks):
                 os.write(fd, self.block)
@@ -121,7 +123,7 @@ class StorageBench:
         names = [str(directory / f"f{i:06d}") for i in range(self.files)]
         started = time.perf_counter()
         for name in names:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(open_nofollow(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         for name in names:
             os.stat(name)
         for name in names:

@@ -51,7 +51,7 @@ def tiny_model(seed: int) -> torch.nn.Module:
                                torch.nn.Linear(HIDDEN, 1))
 
 
-def _task(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def task(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fixed teacher (a random linear map) and a fixed evaluation batch."""
     gen = torch.Generator().manual_seed(seed + 10_000)
     teacher = torch.randn(FEATURES, 1, generator=gen) / FEATURES**0.5
@@ -93,7 +93,7 @@ def run_ddp_training(device: str, steps: int, seed: int = 2024, batch: int = 64,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     rank = dist.get_rank()
-    teacher, x_eval, y_eval = (t.to(device) for t in _task(seed))
+    teacher, x_eval, y_eval = (t.to(device) for t in task(seed))
     model = tiny_model(seed).to(device)
     ddp = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
@@ -161,7 +161,7 @@ def run_fsdp_training(device: str, steps: int, seed: int = 2024, batch: int = 64
     from torch.distributed.fsdp import fully_shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    teacher, x_eval, y_eval = (t.to(device) for t in _task(seed))
+    teacher, x_eval, y_eval = (t.to(device) for t in task(seed))
     model = tiny_model(seed).to(device)
     mesh = init_device_mesh(torch.device(device).type, (world,))
     # One unit for the whole (small) model: per step one all_gather for forward, one again for
@@ -203,7 +203,7 @@ def run_pipeline_training(device: str, steps: int, seed: int = 2024, batch: int 
 
     rank, world = dist.get_rank(), dist.get_world_size()
     nxt, prev = (rank + 1) % world, (rank - 1) % world
-    teacher, x_eval, y_eval = (t.to(device) for t in _task(seed))
+    teacher, x_eval, y_eval = (t.to(device) for t in task(seed))
     model = tiny_model(seed).to(device)
     stage0, stage1 = model[:2], model[2:]  # views sharing the model's parameters
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

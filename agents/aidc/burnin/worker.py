@@ -20,7 +20,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from aidc.files import SHARED_MODE, write_atomic
+
 PREFIX = "@@aidc "
+DCGM_TIMEOUT_S = 3600.0  # a level-4 dcgmi diag runs for most of an hour
 
 
 def emit(event: str, **fields) -> None:
@@ -41,9 +44,13 @@ class NodeBenches:
         self.cfg, self.errors, self.gpus, self.slowdown = cfg, [], [], 1.0
         self.device_of: dict[int, str] = {}
         self.storage = None  # aidc.burnin.storage.StorageBench on the node's checkpoint path
+        self.dcgm: dict = {}  # aidc.burnin.dcgm.run_diag's result
+        self.soak: dict = {}  # aidc.burnin.soak: {"seconds", "samples", "series": {gpu: [...]}}
 
     def setup(self) -> None:
+        from aidc.burnin.dcgm import run_diag
         from aidc.burnin.gemm import GemmBench
+        from aidc.burnin.known_answer import computing_on, gpu_known_answers
         from aidc.burnin.memory import MemcpyBench
 
         cfg = self.cfg
@@ -54,6 +61,8 @@ class NodeBenches:
                 self.storage = StorageBench(cfg["storage_path"], cfg["storage_bytes"], cfg["storage_files"])
             except (OSError, ValueError) as exc:
                 self.errors.append(f"checkpoint storage: {exc}")
+        # Before the benches, alone on the node: DCGM's stress tests must not share the GPUs.
+        self.dcgm = run_diag(cfg.get("dcgm_diag_level", 1), cfg.get("dcgm_timeout_s", DCGM_TIMEOUT_S))
         try:
             dev = _open_device(cfg)
             count = dev.gpu_count()
@@ -66,18 +75,27 @@ class NodeBenches:
                 try:
                     dev.telemetry(i)  # a GPU that fell off the bus cannot be certified
                     device = dev.torch_device(i)
-                    self.gpus.append({
-                        "index": i, "device": device,
-                        "fp32": GemmBench(device, "fp32", cfg["gemm_size"], self.slowdown, cfg["target_sample_s"]),
-                        "bf16": GemmBench(device, "bf16", cfg["gemm_size"], self.slowdown, cfg["target_sample_s"]),
-                        "memcpy": MemcpyBench(device, cfg["memcpy_bytes"]),
-                    })
+                    corruption = dev.result_corruption(i)
+                    with computing_on(corruption):
+                        benches = {dtype: GemmBench(device, dtype, cfg["gemm_size"], self.slowdown,
+                                                    cfg["target_sample_s"]) for dtype in ("fp32", "bf16")}
+                    self.gpus.append({"index": i, "device": device, "corruption": corruption, **benches,
+                                      "memcpy": MemcpyBench(device, cfg["memcpy_bytes"]),
+                                      "known_answer": gpu_known_answers(device, cfg["gemm_size"], corruption)})
                 except Exception as exc:
                     self.errors.append(f"gpu {i}: {exc}")
         finally:
             dev.close()
 
+    def training_corruption(self) -> float | None:
+        """The lab's one training rank per node computes with the node's GPUs: a GPU injected with
+        wrong answers makes its gradients wrong too (the heaviest injection, if several)."""
+        rates = [g["corruption"] for g in self.gpus if g["corruption"] is not None]
+        return max(rates) if rates else None
+
     def sample(self) -> None:
+        from aidc.burnin.known_answer import computing_on
+
         if self.storage is not None:
             try:
                 self.storage.sample()
@@ -86,18 +104,44 @@ class NodeBenches:
                 self.storage = None
         for g in list(self.gpus):
             try:
-                for key in ("fp32", "bf16", "memcpy"):
-                    g[key].sample()
+                with computing_on(g["corruption"]):
+                    for key in ("fp32", "bf16", "memcpy"):
+                        g[key].sample()
             except Exception as exc:  # e.g. a CUDA error mid-run: that GPU fails, the run goes on
                 self.errors.append(f"gpu {g['index']}: {exc}")
                 self.gpus.remove(g)
+
+    def soak_all(self, seconds: float) -> None:
+        """Hold each GPU's fp32 GEMM for `seconds`, recording its clocks (aidc.burnin.soak)."""
+        from aidc.burnin.soak import sample_count, soak
+        from aidc.burnin.timing import sync
+
+        if not self.gpus:
+            return
+        samples = sample_count(seconds)
+        try:
+            dev = _open_device(self.cfg)
+            try:
+                series = soak(dev, {g["index"]: g["fp32"].step for g in self.gpus}, seconds, samples,
+                              sync=lambda: [sync(g["device"]) for g in self.gpus])
+            finally:
+                dev.close()
+        except Exception as exc:  # a GPU lost or a driver hung mid-soak fails the node with the reason
+            self.errors.append(f"soak: {exc}")
+            return
+        self.soak = {"seconds": seconds, "samples": samples, "series": {str(i): s for i, s in series.items()}}
 
     def results(self) -> tuple[list[dict], dict[str, float]]:
         gpus = []
         for g in self.gpus:
             try:
-                gpus.append({"index": g["index"], "device": g["device"], "gemm_fp32": g["fp32"].result().to_dict(),
-                             "gemm_bf16": g["bf16"].result().to_dict(), "memcpy": g["memcpy"].result().to_dict()})
+                fp32, bf16 = g["fp32"].result().to_dict(), g["bf16"].result().to_dict()
+                known = {**g["known_answer"], "fingerprints": {**g["known_answer"]["fingerprints"],
+                                                               # the bench's own product, after the load
+                                                               "gemm_fp32_bench": fp32["result_digest"],
+                                                               "gemm_bf16_bench": bf16["result_digest"]}}
+                gpus.append({"index": g["index"], "device": g["device"], "gemm_fp32": fp32, "gemm_bf16": bf16,
+                             "memcpy": g["memcpy"].result().to_dict(), "known_answer": known})
             except Exception as exc:
                 self.errors.append(f"gpu {g['index']}: {exc}")
         metrics = {}
@@ -150,6 +194,7 @@ def main(config_path: str) -> int:
     torch.set_num_threads(cfg.get("threads", 1))
     torch.set_num_interop_threads(1)
     from aidc.burnin.collectives import COLLECTIVES, collective_sweep
+    from aidc.burnin.known_answer import computing_on
     from aidc.burnin.train import run_ddp_training, run_fsdp_training, run_pipeline_training
 
     rank, world, node = cfg["rank"], cfg["world"], cfg["node"]
@@ -174,6 +219,11 @@ def main(config_path: str) -> int:
                 benches.sample()
                 emit("sampled", node=node, round=round_no)
             dist.barrier()
+    if cfg.get("soak_s", 0) > 0:
+        # Every node at once: clocks and heat are judged here, not throughput, and a rack's
+        # power and cooling see the whole load as they will in training.
+        benches.soak_all(cfg["soak_s"])
+        dist.barrier()
     gpus, metrics = benches.results()
     phase_s["per_node"], t0 = time.monotonic() - t0, time.monotonic()
 
@@ -190,19 +240,19 @@ def main(config_path: str) -> int:
     on_step = (lambda mode: lambda s, l: emit("train", node=node, mode=mode, step=s, loss=l)) if rank == 0 else (
         lambda mode: None)
     ddp_parameters: dict = {}
-    training = run_ddp_training(device, cfg["train_steps"], on_step=on_step("ddp"),
-                                corrupt_after=cfg.get("corrupt_parameters", False), parameters_out=ddp_parameters)
-    phase_s["train_ddp"], t0 = time.monotonic() - t0, time.monotonic()
-    parallel = {}
-    for mode, run in (("fsdp", run_fsdp_training), ("pipeline", run_pipeline_training)):
-        parallel[mode] = run(device, cfg["train_steps"], on_step=on_step(mode), reference=ddp_parameters).to_dict()
-        phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
+    with computing_on(benches.training_corruption()):
+        training = run_ddp_training(device, cfg["train_steps"], on_step=on_step("ddp"),
+                                    corrupt_after=cfg.get("corrupt_parameters", False), parameters_out=ddp_parameters)
+        phase_s["train_ddp"], t0 = time.monotonic() - t0, time.monotonic()
+        parallel = {}
+        for mode, run in (("fsdp", run_fsdp_training), ("pipeline", run_pipeline_training)):
+            parallel[mode] = run(device, cfg["train_steps"], on_step=on_step(mode), reference=ddp_parameters).to_dict()
+            phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
     result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
               "slowdown": benches.slowdown, "collectives": collectives, "training": training.to_dict(),
-              "parallel": parallel, "localisation": localisation}
-    tmp = Path(cfg["result_path"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, cfg["result_path"])
+              "parallel": parallel, "localisation": localisation, "dcgm": benches.dcgm,
+              "soak": benches.soak}
+    write_atomic(cfg["result_path"], json.dumps(result), SHARED_MODE)
     # A barrier before tearing down: without it a rank can abort at exit (seen here with gloo).
     dist.barrier()
     dist.destroy_process_group()

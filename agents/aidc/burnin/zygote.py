@@ -57,7 +57,10 @@ def main() -> int:
             code = 1
             try:
                 die_with_parent(zygote)
-                log = os.open(path.removesuffix(".json") + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                from aidc.files import SHARED_MODE, open_nofollow
+
+                log = open_nofollow(path.removesuffix(".json") + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                    SHARED_MODE)
                 os.dup2(log, 2)
                 code = worker.main(path)
             except BaseException:

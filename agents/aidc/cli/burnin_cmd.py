@@ -14,6 +14,12 @@ app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, colle
                        " judged against the fleet median and the spec's floors.", no_args_is_help=True)
 
 STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+KNOWN_ANSWERS_OPTION = typer.Option(None, "--known-answers", help="Stored known answers of the SDC checks (default:"
+                                    " <lab-dir>/known_answers.yaml, over the packaged ones).")
+RECORD_OPTION = typer.Option(False, "--record-known-answers", help="After the run, store the answers every GPU"
+                             " agreed on into the --known-answers file.")
+SOAK_OPTION = typer.Option(0.0, "--soak-s", min=0.0, help="Hold GEMM load this many seconds, recording clocks,"
+                           " throttle reasons, temperature and power; a GPU whose clock sags fails (added to --timeout).")
 
 
 def _table(report) -> "object":
@@ -62,8 +68,12 @@ def run(stack: str = STACK_OPTION,
         scheduler: str = typer.Option(None, "--scheduler", help="Launch through this scheduler instead of the"
                                       " stack's: `slurm` on the lab stack burns in through the kept Slurm lab"
                                       " in --lab-dir."),
+        known_answers: Path = KNOWN_ANSWERS_OPTION, record_known_answers: bool = RECORD_OPTION,
+        soak_s: float = SOAK_OPTION,
         as_json: bool = JSON_OPTION) -> None:
     """Burn in the stack's nodes (spares included) through its scheduler; exit 1 when any node fails."""
+    from aidc.burnin.answers import load_all, record
+
     from aidc.audit.log import AuditLog
     from aidc.burnin.launch import launcher_for, resolve_stack, select_nodes
     from aidc.spec import load_stack
@@ -71,10 +81,16 @@ def run(stack: str = STACK_OPTION,
     spec = resolve_stack(load_stack(stack), scheduler, lab_dir)
     selected = select_nodes(spec, nodes)
     launcher = launcher_for(spec.scheduler)
+    answers_file = known_answers or lab_dir / "known_answers.yaml"
+    stored = load_all(answers_file)
     with AuditLog(audit_db or lab_dir / "audit.db") as audit:
         result = launcher.run(spec, selected, lab_dir=lab_dir, audit=audit, progress=not as_json, timeout_s=timeout,
-                              say=lambda msg: typer.echo(msg, err=True))
+                              say=lambda msg: typer.echo(msg, err=True), known_answers=stored, soak_s=soak_s)
     report = result.report
+    if record_known_answers:  # to stderr: --json's stdout stays the report
+        recorded, skipped = record(answers_file, report.nodes)
+        typer.echo(f"known answers: recorded {len(recorded)} key(s) into {answers_file}"
+                   + (f"; not recorded (the GPUs disagreed): {', '.join(skipped)}" if skipped else ""), err=True)
     if as_json:
         emit({"launcher": launcher.name, "job_id": result.job_id, **report.to_dict()}, True)
     else:
@@ -113,6 +129,7 @@ def certificate_export(
     from aidc.audit.log import AuditLog, configured_signer
     from aidc.burnin.certificate import export_certificate
     from aidc.errors import AuditError
+    from aidc.files import derived_mode, write_atomic
 
     if stack is not None:
         from aidc.cli.kms_cmd import _open as open_stack_key
@@ -128,7 +145,8 @@ def certificate_export(
     finally:
         signer.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    # The certificate copies a record of the log: it is as private as the log.
+    write_atomic(out, json.dumps(document, indent=1, sort_keys=True) + "\n", derived_mode(db))
     emit({"out": str(out), "node": node, "verdict": document["verdict"], "seq": document["record"]["seq"]}, as_json,
          f"wrote {out}: node {node}, burn-in {document['verdict']} (audit record {document['record']['seq']})")
 

@@ -47,13 +47,16 @@ def inject(node_dir: Path = typer.Argument(..., help="Simulated node directory (
            factor: float = typer.Option(4.0, help="Slowdown factor (fault 'slowdown')."),
            seconds: float = typer.Option(30.0, help="Hang duration (fault 'hang')."),
            rail: int = typer.Option(None, "--rail", help="Rail index (fault 'link')."),
-           rate: float = typer.Option(None, "--rate", help="Link: cut the rail to this fraction of its rate."),
+           rate: float = typer.Option(None, "--rate", help="Link: cut the rail to this fraction of its rate. sdc: make"
+                                                           " this fraction of each GEMM result wrong (default: one"
+                                                           " element)."),
            loss: float = typer.Option(None, "--loss", help="Link: drop this percentage of the rail's packets."),
            down: bool = typer.Option(False, "--down", help="Link: take the rail down."),
            up: bool = typer.Option(False, "--up", help="Link: bring the rail up again."),
            clear: bool = typer.Option(False, "--clear", help="Link: restore the rail (up, full rate, no loss)."),
            as_json: bool = JSON_OPTION) -> None:
-    """Inject a fault into a simulated (lab) GPU, writing the driver's kernel-log lines too; or,
+    """Inject a fault into a simulated (lab) GPU, writing the driver's kernel-log lines too (`sdc`: wrong
+    GEMM results and no line at all, as silent data corruption is); or,
     with `link`, into a rail of the lab's netns fabric (tc rate, nftables loss, link down)."""
     if fault == "link":
         from aidc.lab.fabric import FabricError, inject_link
@@ -64,5 +67,7 @@ def inject(node_dir: Path = typer.Argument(..., help="Simulated node directory (
         return emit(state, as_json, f"rail {rail} of {state['node']} ({state['netns']} {state['ifname']}):"
                                     f" {'up' if state['up'] else 'DOWN'}, rate {state['rate_fraction']:.0%},"
                                     f" loss {state['loss_pct']:g}%")
-    done = sim.inject(node_dir, fault, gpu, xid=xid, factor=factor, seconds=seconds)
+    if rate is not None and fault != "sdc":
+        raise typer.BadParameter(f"applies to the faults link and sdc, not {fault}", param_hint="--rate")
+    done = sim.inject(node_dir, fault, gpu, xid=xid, factor=factor, seconds=seconds, rate=rate)
     emit(done, as_json, f"injected {fault} on gpu {gpu} of {node_dir}" + "".join(f"\n  {l}" for l in done["lines"]))

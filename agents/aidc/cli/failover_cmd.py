@@ -83,8 +83,7 @@ def _listener(ctl, options, relays: dict[str, list[str]]):
 
     host, port, tls = options
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, {n.name for n in ctl.spec.nodes()}, tls, host, port,
-                            relays=relays)
+        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

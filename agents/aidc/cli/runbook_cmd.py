@@ -11,6 +11,7 @@ import typer
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError
 from aidc.identity import authorize, cli_identity, load_token_map
+from aidc.nodenames import shown
 from aidc.strict_json import finite
 
 app = typer.Typer(help="Guarded, audited runbooks triggered by Alertmanager or by hand.", no_args_is_help=True)
@@ -72,7 +73,9 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
     """Run a runbook on a node by hand (audited; the same guards as an alert-triggered run)."""
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     if node not in engine.nodes:
-        raise AidcError(f"{node!r} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}")
+        reason = f"{shown(node)} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}"
+        engine.refusals.refuse(node, "cli", cli_identity(), reason)
+        raise AidcError(reason)
     labels = {}
     for item in label:
         key, sep, value = item.partition("=")
@@ -182,7 +185,18 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                                          help="PEM CA whose client certificates are accepted: mutual TLS "
                                               "(then the token is optional)."),
           max_connections: int = typer.Option(512, "--max-connections", min=1,
-                                              help="Open connections at once; more are answered 503 and logged."),
+                                              help="Open connections at once past the TLS handshake (as many "
+                                                   "more may be in a handshake); more are answered 503 and logged."),
+          max_per_source: int = typer.Option(64, "--max-per-source", min=1,
+                                             help="Unauthenticated connections (TLS handshakes included) from one "
+                                                  "address; more are answered 503. Raise it behind a proxy or NAT."),
+          reserved_connections: int = typer.Option(None, "--reserved-connections", min=0,
+                                                   help="With --client-ca: connections of --max-connections kept "
+                                                        "for known identities (a client certificate with a role, "
+                                                        "or any from the CA without roles). Default: a quarter."),
+          handshake_timeout: float = typer.Option(3.0, "--handshake-timeout", min=0.01, max=3600,
+                                                  help="Seconds from connect to a completed TLS handshake (a real "
+                                                       "one takes milliseconds); then the connection is closed."),
           header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, max=3600,
                                                help="Seconds from connect to the end of the request headers "
                                                     "(TLS handshake included), however slowly they trickle; then 408."),
@@ -209,6 +223,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
 
     if log_format not in ("json", "text"):
         raise typer.BadParameter(f"{log_format!r}; valid: json, text", param_hint="--log-format")
+    if reserved_connections is not None and reserved_connections >= max_connections:
+        raise typer.BadParameter(f"{reserved_connections} must be less than --max-connections ({max_connections})",
+                                 param_hint="--reserved-connections")
 
     if token_file:
         try:
@@ -227,7 +244,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     if tls_config:
         tls_config.server_context()  # bad certificate files fail here, before any state is opened
     limits = Limits(max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
-                    max_alerts=max_alerts, request_workers=request_workers)
+                    max_alerts=max_alerts, request_workers=request_workers, max_per_source=max_per_source,
+                    reserved_connections=reserved_connections, handshake_timeout_s=handshake_timeout)
     _ensure_file_descriptors(max_connections)
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     engine.recover_audit()  # records a crash of older code left out (runs finished without one)
@@ -251,7 +269,8 @@ def _ensure_file_descriptors(max_connections: int) -> None:
     """Every connection is a file descriptor: raise the soft limit to fit, or say it cannot."""
     import resource
 
-    needed = max_connections + 128  # the databases, the listener, runs' subprocesses
+    # The shared pool, as many TLS handshakes, and 128 for the databases, the listener, runs' subprocesses.
+    needed = 2 * max_connections + 128
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:

@@ -7,6 +7,8 @@ import io
 import json
 from pathlib import Path
 
+from aidc.files import SHARED_MODE, write_atomic
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
@@ -168,12 +170,13 @@ def write_outputs(results: dict, out_dir: str | Path) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / "results.json"), "html": str(out / "compress-report.html")}
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=True, default=str) + "\n", SHARED_MODE)
     for model in results["models"]:
         p = out / f"pareto-{model['model']}.png"
-        p.write_bytes(pareto_png(model))
+        write_atomic(p, pareto_png(model), SHARED_MODE)
         paths[f"png:{model['model']}"] = str(p)
-    (out / "compress-report.html").write_text(render("compress_page.html.j2", compress=section_model(results)))
+    write_atomic(out / "compress-report.html", render("compress_page.html.j2", compress=section_model(results)),
+                 SHARED_MODE)
     return paths
 
 

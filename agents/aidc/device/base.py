@@ -84,6 +84,11 @@ class DeviceBackend(Protocol):
         """How many times slower than nominal this device computes (sim faults; 1.0 on real GPUs)."""
         ...
 
+    def result_corruption(self, index: int) -> float | None:
+        """Lab fault injection: None where GPU `index` computes correctly (always on real GPUs),
+        else the fraction of each GEMM result's elements it gets wrong (0.0: exactly one)."""
+        ...
+
     def sysfs_root(self) -> str:
         """Where this node's sysfs is (InfiniBand ports under class/infiniband): /sys on a real
         node, a tree the backend keeps up to date on sim."""

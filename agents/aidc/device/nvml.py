@@ -353,6 +353,9 @@ class NvmlBackend:
     def compute_slowdown(self) -> float:
         return 1.0
 
+    def result_corruption(self, index: int) -> float | None:
+        return None  # a real GPU's wrong answers are what the known-answer checks find
+
     def sysfs_root(self) -> str:
         return self._sysfs_root
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aidc.device.base import GpuTelemetry, XidEvent
 from aidc.errors import DeviceError
+from aidc.files import SHARED_MODE, shared_opener, touch, write_atomic
 from aidc.polling import DirectoryWatch
 
 STATE_FILE = "device.json"
@@ -27,7 +28,7 @@ LINKS_FILE = "links.json"  # per-rail link state, written by `aidc device inject
 SYSFS_DIR = "sys"  # the node's simulated sysfs: InfiniBand ports, one HCA per rail
 MAX_HANG_S = 600  # an injected hang is bounded, so no test can hang forever
 
-FAULTS = ("xid", "ecc_dbe", "thermal", "nvlink_down", "fallen_off_bus", "slowdown", "hang", "clear")
+FAULTS = ("xid", "ecc_dbe", "thermal", "nvlink_down", "fallen_off_bus", "slowdown", "hang", "sdc", "clear")
 
 XID_TEXT = {
     13: "pid=2317, name=python, Ch 00000008, Graphics Exception: ESR 0x50df30=0x1000e",
@@ -106,13 +107,13 @@ def create_node(node_dir: str | Path, node: str, gpus: int, node_index: int = 0,
         ],
     }
     _write(node_dir, state)
-    (node_dir / KERNEL_LOG).touch()
+    touch(node_dir / KERNEL_LOG)
     return node_dir
 
 
 @contextlib.contextmanager
 def _locked_state(node_dir: Path):
-    with open(node_dir / (STATE_FILE + ".lock"), "a") as lock:
+    with open(node_dir / (STATE_FILE + ".lock"), "a", opener=shared_opener) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = _read_state(node_dir)
         yield state
@@ -132,9 +133,7 @@ def _read_state(node_dir: Path) -> dict:
 
 
 def _write(node_dir: Path, state: dict) -> None:
-    tmp = node_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, node_dir / STATE_FILE)
+    write_atomic(node_dir / STATE_FILE, json.dumps(state, indent=1), SHARED_MODE)
 
 
 def boot_time(node_dir: str | Path) -> float:
@@ -145,7 +144,7 @@ def boot_time(node_dir: str | Path) -> float:
 def _kernel_lines(node_dir: Path, state: dict, lines: list[str]) -> None:
     """Append lines as the kernel would log them: dmesg's `[seconds.micros]` prefix."""
     uptime = time.time() - state["boot_time"]
-    with open(node_dir / KERNEL_LOG, "a") as log:
+    with open(node_dir / KERNEL_LOG, "a", opener=shared_opener) as log:
         for line in lines:
             log.write(f"[{uptime:12.6f}] {line}\n")
         log.flush()
@@ -159,9 +158,13 @@ def _short_pci(pci: str) -> str:
 
 
 def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, factor: float = 4.0,
-           seconds: float = 30.0, kernel_line: bool = True) -> dict:
+           seconds: float = 30.0, kernel_line: bool = True, rate: float | None = None) -> dict:
     """Inject a fault into a simulated node. Returns what was done (with the time written).
-    `kernel_line=False`: the driver's event only, no kernel-log line (to time the event path)."""
+    `kernel_line=False`: the driver's event only, no kernel-log line (to time the event path).
+    `sdc`: that GPU's GEMM results come out wrong without any error, one element of each result
+    or, with `rate`, that fraction of its elements (0 < rate <= 1): silent data corruption."""
+    if fault == "sdc" and rate is not None and not 0 < rate <= 1:  # NaN fails this too
+        raise DeviceError(f"sdc rate must be a fraction of the result's elements in (0, 1], got {rate}")
     node_dir = Path(node_dir)
     if not (node_dir / STATE_FILE).exists():
         raise DeviceError(f"no simulated node at {node_dir} (missing {STATE_FILE}); lab nodes live in <lab-dir>/nodes/<name>")
@@ -216,9 +219,13 @@ def inject(node_dir: str | Path, fault: str, gpu: int = 0, *, xid: int = 79, fac
         elif fault == "hang":
             state["hang_s"] = min(max(seconds, 0.0), MAX_HANG_S)
             state["hang_until"] = time.time() + state["hang_s"]
+        elif fault == "sdc":
+            # No kernel line and no XID: the driver knows nothing of a wrong answer.
+            g["sdc_rate"] = 0.0 if rate is None else rate  # 0.0: exactly one element per result
         elif fault == "clear":
             fresh = json.loads(json.dumps(state))
             for gg in fresh["gpus"]:
+                gg.pop("sdc_rate", None)
                 gg.update(throttle_reasons=[], temperature_c=41.0 + gg["index"], sm_clock_mhz=1980.0,
                           fallen_off_bus=False, ecc_dbe_volatile=0, row_remap_pending=False,
                           nvlink_up=[True] * len(gg["nvlink_up"]))
@@ -305,6 +312,12 @@ class SimBackend:
     def compute_slowdown(self) -> float:
         return float(self._state().get("slowdown", 1.0))
 
+    def result_corruption(self, index: int) -> float | None:
+        """None for a GPU that computes correctly; for one injected with `sdc`, the fraction of
+        each GEMM result's elements that come out wrong (0.0: exactly one)."""
+        rate = self._state()["gpus"][index].get("sdc_rate")
+        return None if rate is None else float(rate)
+
     def sysfs_root(self) -> str:
         """The node's simulated sysfs, brought up to date with links.json first."""
         state = self._state()
@@ -353,9 +366,7 @@ def read_links(node_dir: str | Path) -> dict[int, dict]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader sees the old or the new value, never half a file
+    write_atomic(path, text, SHARED_MODE)  # a reader sees the old or the new value, never half a file
 
 
 def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
@@ -370,7 +381,7 @@ def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
     if not rails:
         return
     (node_dir / SYSFS_DIR).mkdir(exist_ok=True)
-    with open(node_dir / SYSFS_DIR / ".lock", "a") as lock:
+    with open(node_dir / SYSFS_DIR / ".lock", "a", opener=shared_opener) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for rail in rails:
             link = links.get(rail, {"up": True, "rate_fraction": 1.0, "loss_pct": 0.0})
@@ -378,9 +389,9 @@ def sync_ib_sysfs(node_dir: str | Path, state: dict | None = None) -> None:
             counters = port / "counters"
             if not counters.is_dir():
                 counters.mkdir(parents=True)
-                (port / "link_layer").write_text("InfiniBand\n")
+                _write_text(port / "link_layer", "InfiniBand\n")
                 for name in IB_COUNTERS:
-                    (counters / name).write_text("0\n")
+                    _write_text(counters / name, "0\n")
                 _write_text(port / "state", "4: ACTIVE\n")
             was_up = (port / "state").read_text().strip().endswith("ACTIVE")
 

@@ -100,6 +100,9 @@ class TimedBackend:
     def compute_slowdown(self) -> float:
         return self._call("compute_slowdown", self.inner.compute_slowdown)
 
+    def result_corruption(self, index: int) -> float | None:
+        return self._call(f"result_corruption(gpu {index})", self.inner.result_corruption, index)
+
     def sysfs_root(self) -> str:
         return self._call("sysfs_root", self.inner.sysfs_root)
 

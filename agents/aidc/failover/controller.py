@@ -3,6 +3,7 @@
 The controller is the only stage that acts on faults (detectors never act). For each
 pending event it decides one verdict and records it:
 
+* `refused_unknown_node` the scheduler lists no node of that name (see below): nothing else is decided
 * `refused_source`       the event's key names another node than the event (a node speaks
                          only for itself, aidc.failover.provenance): audit, don't act, don't count
 * `no_action`            the fault's action keeps the node in service (e.g. restart_app)
@@ -31,6 +32,11 @@ may repeat a record after the restart but never loses one.
 A scheduler that cannot be reached (slurmctld down) leaves the event pending and its intent
 in place: it is retried on the next poll, audited once when it fails and once when it succeeds.
 
+Names that are not nodes: an event for a name the scheduler does not list (aidc.nodenames) is
+decided `refused_unknown_node` before anything else: no intent, no scheduler call, audited
+once per window with the rest counted. An intent for such a name (a store written before this
+check) is dropped, audited as `failover.intent_dropped`, and never counts as out of service.
+
 Blast radius: with a backend that reports the cluster-wide out-of-service set (Slurm), the
 count is the scheduler's truth plus this controller's intents in flight, so controllers on
 different hosts agree; the lab counts the store's node states. `run()` acts only while it
@@ -49,6 +55,7 @@ from aidc.events import Decision, FaultEvent, FaultKind
 from aidc.failover.provenance import REFUSED_SOURCE, key_node
 from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
+from aidc.nodenames import NodeInventory, RefusalLog, UnknownNode, shown, spec_inventory
 from aidc.spec import ClusterSpec
 from aidc.store import Store
 
@@ -66,6 +73,8 @@ class FailoverController:
         self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
         self.gate.refresh_metrics()
         self.total_nodes = len(spec.nodes())
+        self.inventory = NodeInventory(lambda: spec_inventory(scheduler, spec))
+        self.refusals = RefusalLog(audit, self.actor)
         self.max_unavailable = spec.policy.max_unavailable_nodes(self.total_nodes)
         # Dry-run changes no node state, so the nodes it would have quarantined are kept here
         # to decide later events as a real run would (already out, blast radius). This run
@@ -98,6 +107,17 @@ class FailoverController:
         finished = []
         for node in self.store.nodes_in_state("quarantining"):
             event_id = self._intent_event(node)
+            try:
+                known = self.inventory.knows(node)
+            except Exception as exc:
+                self.audit.append("failover.error", f"could not read the scheduler's nodes after restart: {exc}",
+                                  actor=self.actor, node=node,
+                                  payload={"resumed": True, "error": repr(exc), "event_id": event_id})
+                continue
+            if not known:
+                if not self.dry_run:
+                    self._drop_intent(node, event_id)
+                continue
             if self.dry_run:
                 self.audit.append("failover.decision", "dry-run: would finish the quarantine a previous run started",
                                   actor=self.actor, node=node,
@@ -137,6 +157,7 @@ class FailoverController:
             self._capacity_seen = capacity
             self._recheck_due = now + self.spec.policy.deferred_recheck_s
         self.gate.refresh_metrics()  # a reset comes from another process (the CLI)
+        self.refusals.flush(expired_only=True)
         for event_id, event in self.store.pending(limit=1000 if full else 100, undecided_only=not full):
             if backoff and self._retry_at.get(event_id, 0.0) > now:
                 continue
@@ -153,6 +174,7 @@ class FailoverController:
         while not stop.is_set():
             self.poll(lease)
             stop.wait(poll_s)
+        self.refusals.flush()
         if lease is not None and self._held:
             lease.release()
 
@@ -193,10 +215,18 @@ class FailoverController:
     # -- one event ----------------------------------------------------------------
     def handle(self, event_id: int, event: FaultEvent) -> Decision:
         node = event.node
+        try:
+            known = self.inventory.knows(node)
+        except Exception as exc:
+            return self._failed(event_id, node, f"cannot read the nodes of {self.scheduler.name}: {exc}; the event "
+                                "stays pending and is retried", {"event_id": event_id, "dry_run": self.dry_run}, exc)
+        if not known:
+            return self._refuse_unknown(event_id, node)
         key = self.store.event_key(event_id)
         source = key_node(key) if key else None
         if source != node:
-            # Checked before anything else reads the event: the escalation gate, the blast radius.
+            # Checked before the escalation gate and the blast radius read the event (a name the
+            # scheduler does not know is refused as such first: its key need not parse).
             reason = f"the event's source {source!r} is not node {node!r}: a node speaks only for itself; nothing done"
             return self._decide(event_id, node, REFUSED_SOURCE, reason,
                                 {"event_id": event_id, "key": key, "source": source, "kind": event.kind.value,
@@ -285,15 +315,39 @@ class FailoverController:
         """Nodes out of service: the scheduler's cluster-wide truth when it has one (plus this
         controller's intents in flight), else the store's node states."""
         wide = getattr(self.scheduler, "out_of_service", None)
-        in_flight = self.store.nodes_in_state("quarantining")
+        # A name the scheduler does not list is no node out of service (an intent a store holds
+        # from before names were checked would otherwise use up the blast radius for good).
+        in_flight = [n for n in self.store.nodes_in_state("quarantining") if self.inventory.knows(n)]
         if wide is None:
-            return self.store.nodes_in_state(*OUT_OF_SERVICE)
+            return [n for n in self.store.nodes_in_state(*OUT_OF_SERVICE) if self.inventory.knows(n)]
         if getattr(self.scheduler, "reports_only_managed_nodes", False):
             # Kubernetes: node names are the cluster's (hostnames), not the spec's derived names;
             # the backend counts only nodes of aidc's pools (label aidc.dev/pool).
             return sorted(set(wide()) | set(in_flight))
         known = {n.name for n in self.spec.nodes()}
         return sorted((set(wide()) & known) | set(in_flight))
+
+    def _refuse_unknown(self, event_id: int, node: str) -> Decision:
+        """Not a node of this scheduler: decided at once, never an intent (audited, aggregated)."""
+        reason = f"{shown(node)} is not a node {self.scheduler.name} knows: event refused"
+        self.refusals.refuse(node, "failover", f"event {event_id}", reason)
+        if not self.dry_run and self.store.node_state(node) == "quarantining":
+            self._drop_intent(node, event_id)
+        with self.store.transaction():
+            self.store.mark_handled(event_id, "refused_unknown_node")
+        return Decision(node, "refused_unknown_node", reason, self.dry_run, event_id)
+
+    def _drop_intent(self, node: str, event_id: int | None) -> None:
+        """An intent for a name the scheduler does not list can never be finished: drop it."""
+        self.audit.append("failover.intent_dropped", f"intent for {shown(node)} dropped: not a node "
+                          f"{self.scheduler.name} knows", actor=self.actor,
+                          payload={"name": shown(node), "event_id": event_id})
+        with self.store.transaction():
+            self.store.set_node_state(node, "unknown_node", "not a node the scheduler knows", self.actor)
+            for key in ("intent_event", "intent_reason", "intent_action"):
+                self.store.delete(f"{key}:{node}")
+            if event_id is not None:
+                self.store.mark_handled(event_id, "refused_unknown_node")
 
     def _intent_event(self, node: str) -> int | None:
         value = self.store.get(f"intent_event:{node}")
@@ -353,6 +407,10 @@ class FailoverController:
         an operator or Slurm drained or downed) is audited as `failover.release_refused` and raised.
         """
         noted = {"note": note} if note else {}
+        if not self.inventory.knows(node):
+            reason = f"{shown(node)} is not a node {self.scheduler.name} knows: release refused"
+            self.refusals.refuse(node, "cli", actor, reason)
+            raise UnknownNode(reason)
         if self.dry_run:
             self.audit.append("failover.release", f"dry-run: would release ({reason})", actor=actor, node=node,
                               payload={"dry_run": True, **noted})

@@ -8,12 +8,23 @@ Quarantine does, in this order, each step idempotent:
    exactly that and nothing an operator did;
 2. the node condition `AidcGpuHealthy=False` through the status subresource, as
    node-problem-detector reports problems;
-3. eviction of the node's pods through the Eviction API (DaemonSet and mirror pods stay: they
-   belong to the node, not to the workload). A PodDisruptionBudget refusal (429) is retried
-   with backoff up to `eviction_timeout_s`, then reported as a warning: the node is out of
-   service either way;
+3. eviction of the node's pods through the Eviction API, skipping what `kubectl drain
+   --ignore-daemonsets` skips (mirror pods, DaemonSet pods), pods that have finished (they hold
+   nothing) and, stricter than kubectl, pods of priority class system-node-critical or
+   system-cluster-critical (or priority >= 2000000000), pods in kube-system and the controller's
+   own pod (POD_NAMESPACE/POD_NAME, from the downward API). As with `--force
+   --delete-emptydir-data`, unmanaged pods and pods with emptyDir volumes are evicted. A
+   PodDisruptionBudget refusal (429) is retried with backoff up to `eviction_timeout_s`, then
+   reported as a warning: the node is out of service either way;
 4. with `promote_spares`, the spare taint comes off one healthy spare, which is annotated with
    the node it stands in for, and goes back on when that node is released.
+
+Every node write names the field manager `aidc`, so the API server records which fields aidc
+set (`metadata.managedFields`). Release lifts a cordon only when aidc's record says aidc
+cordoned the node *and* the server still names aidc as the manager of `spec.unschedulable`: an
+operator who cordons after aidc (an uncordon and a cordon, any change of the field) owns it, and
+the cordon stays. `kubectl cordon` of a node that is cordoned already sends nothing and leaves no
+trace; an operator keeps such a node out with a taint of their own, which aidc never removes.
 """
 
 from __future__ import annotations
@@ -34,6 +45,12 @@ PROMOTED_FOR = f"{GROUP}/promoted-for"  # spare annotation: the quarantined node
 CONDITION = "AidcGpuHealthy"
 POOL_LABEL = f"{GROUP}/pool"                # set on every node of aidc's node pools (infra/)
 CONFLICT_RETRIES = 8
+FIELD_MANAGER = "aidc"                      # who the API server records for aidc's node writes
+# Pods eviction leaves alone beyond kubectl drain's rules: the system-critical priority classes
+# (their values start here), and the cluster's own namespace.
+CRITICAL_PRIORITY = 2_000_000_000
+CRITICAL_CLASSES = {"system-node-critical", "system-cluster-critical"}
+SYSTEM_NAMESPACES = {"kube-system"}
 # Node names are DNS subdomains (RFC 1123), at most 253 characters.
 NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -70,6 +87,9 @@ class LeaderGuarded:
 
     def out_of_service(self):
         return self.backend.out_of_service()
+
+    def known_nodes(self) -> set[str]:
+        return self.backend.known_nodes()
 
 
 def api_client_from(settings):
@@ -146,8 +166,14 @@ class KubernetesScheduler:
     reports_only_managed_nodes = True
 
     def __init__(self, api_client, settings, count_down_nodes: bool = True,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 own_pod: tuple[str, str] | None = None):
+        import os
+
         from kubernetes import client
+
+        # The controller's own pod (namespace, name), never evicted: the downward API gives it.
+        self.own_pod = own_pod or (os.environ.get("POD_NAMESPACE", ""), os.environ.get("POD_NAME", ""))
 
         self._client = client
         self.core = client.CoreV1Api(api_client)
@@ -191,11 +217,11 @@ class KubernetesScheduler:
                 raise ReleaseRefused(ReleaseDecision(node, "operator_cordon",
                                                      f"{node} is cordoned, but not by aidc: left for the operator"))
             raise ReleaseRefused(ReleaseDecision(node, "not_quarantined", f"{node} is not quarantined by aidc"))
-        self._patch_with_retry(node, lambda o: self._release_patch(o))
+        kept = []
+        self._patch_with_retry(node, lambda o: self._release_patch(o, kept))
         self._set_condition(node, "True", "Released", reason[:1024])
         restored = self.restore_spares(node)
-        kept = "" if record.get("cordoned") else " (the operator's cordon stays)"
-        return ReleaseDecision(node, "released", f"released {node}{kept}", restored)
+        return ReleaseDecision(node, "released", f"released {node}{kept[-1] if kept else ''}", restored)
 
     @_reachable
     def state(self, node: str) -> str:
@@ -205,13 +231,15 @@ class KubernetesScheduler:
 
     @_reachable
     def out_of_service(self) -> dict[str, str]:
-        """Nodes out of service as the cluster says: quarantined by aidc, and (by policy) not Ready."""
+        """Nodes out of service as the cluster says: quarantined by aidc (by aidc's own record and
+        taint, on any node: removing a node's pool label does not hide aidc's quarantine), and
+        (by policy) nodes of aidc's pools that are not Ready."""
         out = {}
-        for obj in self._call(self.core.list_node, label_selector=POOL_LABEL).items:
+        for obj in self._call(self.core.list_node).items:
             name = obj.metadata.name
             if _record(obj) is not None or _has_taint(obj, QUARANTINE_TAINT):
                 out[name] = "quarantined by aidc"
-            elif self.count_down_nodes and not _ready(obj):
+            elif self.count_down_nodes and POOL_LABEL in (obj.metadata.labels or {}) and not _ready(obj):
                 out[name] = "not Ready"
         return out
 
@@ -220,13 +248,18 @@ class KubernetesScheduler:
         """The nodes of aidc's pools (label aidc.dev/pool): what runbooks may act on."""
         return sorted(o.metadata.name for o in self._call(self.core.list_node, label_selector=POOL_LABEL).items)
 
+    def known_nodes(self) -> set[str]:
+        """Node names are the cluster's: aidc knows the nodes of its pools."""
+        return set(self.managed_nodes())
+
     # -- eviction --------------------------------------------------------------------
     def evict_pods(self, node: str) -> list[str]:
         """Evict the node's workload pods; returns those a disruption budget kept past the timeout."""
         deadline = self._clock() + self.settings.eviction_timeout_s
         delay = 0.5
         pending = [p for p in self._call(self.core.list_pod_for_all_namespaces,
-                                         field_selector=f"spec.nodeName={node}").items if _evictable(p)]
+                                         field_selector=f"spec.nodeName={node}").items
+                   if _evictable(p, self.own_pod)]
         while pending:
             refused = []
             for pod in pending:
@@ -308,15 +341,20 @@ class KubernetesScheduler:
         return {"metadata": {"annotations": {RECORD: json.dumps(record, sort_keys=True)}},
                 "spec": {"unschedulable": True, "taints": taints}}
 
-    def _release_patch(self, obj) -> dict | None:
+    def _release_patch(self, obj, kept: list) -> dict | None:
+        """Undo aidc's part; `kept` gets a note when the cordon is not aidc's to lift."""
         record = _record(obj)
         if record is None:
             return None
         spec: dict = {}
         if record.get("tainted", True):
             spec["taints"] = [_taint_dict(t) for t in (obj.spec.taints or []) if t.key != QUARANTINE_TAINT]
-        if record.get("cordoned", True):
-            spec["unschedulable"] = False
+        if obj.spec.unschedulable:
+            if record.get("cordoned", True) and _manages(obj, ("spec", "unschedulable")):
+                spec["unschedulable"] = False
+            else:
+                owners = _managers(obj, ("spec", "unschedulable"))
+                kept.append(f" (the cordon stays: set by {', '.join(owners) or 'someone else'}, not aidc)")
         return {"metadata": {"annotations": {RECORD: None}}, "spec": spec}
 
     def _patch_with_retry(self, node: str, build) -> bool:
@@ -328,7 +366,7 @@ class KubernetesScheduler:
                 return False
             patch.setdefault("metadata", {})["resourceVersion"] = obj.metadata.resource_version
             try:
-                self.core.patch_node(node, patch)
+                self.core.patch_node(node, patch, field_manager=FIELD_MANAGER)
                 return True
             except self._client.ApiException as exc:
                 if exc.status == 409:
@@ -343,7 +381,7 @@ class KubernetesScheduler:
         cond = {"type": CONDITION, "status": status, "reason": reason, "message": message,
                 "lastHeartbeatTime": now, "lastTransitionTime": now}
         try:
-            self.core.patch_node_status(node, {"status": {"conditions": [cond]}})
+            self.core.patch_node_status(node, {"status": {"conditions": [cond]}}, field_manager=FIELD_MANAGER)
         except self._client.ApiException as exc:
             if exc.status != 404:
                 raise KubernetesError(f"setting condition {CONDITION} on {node}: {exc.status} {exc.reason}") from None
@@ -396,10 +434,34 @@ def _ready(obj) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in (obj.status.conditions or []))
 
 
-def _evictable(pod) -> bool:
-    meta = pod.metadata
+def _managers(obj, path: tuple) -> list[str]:
+    """The field managers the API server names for the field at `path`."""
+    wanted = tuple(f"f:{p}" for p in path)
+    owners = []
+    for entry in obj.metadata.managed_fields or []:
+        fields = entry.fields_v1 or {}
+        for key in wanted:
+            fields = fields.get(key) if isinstance(fields, dict) else None
+        if fields is not None:
+            owners.append(entry.manager)
+    return sorted(set(owners))
+
+
+def _manages(obj, path: tuple) -> bool:
+    """aidc set this field, and no one has changed it since."""
+    return _managers(obj, path) == [FIELD_MANAGER]
+
+
+def _evictable(pod, own_pod: tuple[str, str] = ("", "")) -> bool:
+    """kubectl drain --ignore-daemonsets's filters, plus what keeps the cluster and aidc running."""
+    meta, spec = pod.metadata, pod.spec
     if (meta.annotations or {}).get("kubernetes.io/config.mirror"):
         return False  # a static pod's mirror: the kubelet owns it
     if any(ref.kind == "DaemonSet" for ref in (meta.owner_references or [])):
+        return False
+    if meta.namespace in SYSTEM_NAMESPACES or (meta.namespace, meta.name) == tuple(own_pod):
+        return False
+    if spec is not None and (spec.priority_class_name in CRITICAL_CLASSES
+                             or (spec.priority or 0) >= CRITICAL_PRIORITY):
         return False
     return (pod.status.phase if pod.status else None) not in ("Succeeded", "Failed")

@@ -30,12 +30,11 @@ import os
 import re
 import socket
 import stat
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from aidc.files import DIR_MODE, FILE_MODE, private_dir
+from aidc.files import DIR_MODE, FILE_MODE, LinkRefused, open_nofollow, private_dir, write_atomic
 
 _GEN = re.compile(r"^gen-([0-9]{1,18})\.json$")
 MAX_GEN = 10**18 - 1  # the largest generation _GEN can name
@@ -144,9 +143,9 @@ class Lease:
     def _claim(self, gen: int) -> bool:
         path = self.dir / f"gen-{gen}.json"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            return False  # another contender won this generation
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except (FileExistsError, LinkRefused):
+            return False  # another contender won this generation (or left a link: it ages out)
         with os.fdopen(fd, "w") as f:
             json.dump({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
                        "claimed_at": time.time()}, f)
@@ -174,24 +173,15 @@ class Lease:
         self._beats += 1
         try:
             self._write_beat(self.generation, {"holder": self.holder, "beat": self._beats})
-        except OSError:
+        except (OSError, LinkRefused):
             return self.held()
         self._renewed_at = now
         return True
 
     def _write_beat(self, gen: int, data: dict) -> None:
-        # mkstemp: a fresh 0600 name each time, so no stray entry can block the write.
-        fd, tmp = tempfile.mkstemp(prefix=f".gen-{gen}.beat.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(data, sort_keys=True))
-            os.replace(tmp, self.dir / f"gen-{gen}.beat")
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # A fresh random temporary name each time (write_atomic), so no stray entry can block the
+        # write; a link planted at the beat's name is refused, and the renewal fails like any other.
+        write_atomic(self.dir / f"gen-{gen}.beat", json.dumps(data, sort_keys=True), FILE_MODE)
 
     def _read_beat(self, gen: int) -> tuple | None:
         """The beat as ("beat", holder, n) or ("released", holder); None when there is no beat a

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from aidc.files import SHARED_MODE, append_bytes, write_atomic
+from aidc.nodenames import NODE_NAME, node_dir
+
 
 @runtime_checkable
 class SchedulerBackend(Protocol):
@@ -39,6 +42,11 @@ class SchedulerBackend(Protocol):
         """"in_service" or "quarantined", as the scheduler sees it."""
         ...
 
+    def known_nodes(self) -> set[str]:
+        """The names of the nodes this scheduler has (aidc.nodenames: a name it does not list is
+        refused where it enters and never becomes an intent)."""
+        ...
+
 
 class LabScheduler:
     """The lab's scheduler: a node is a directory; quarantine stops the whole node.
@@ -60,20 +68,28 @@ class LabScheduler:
         self.on_quarantine = on_quarantine
 
     def _node_dir(self, node: str) -> Path:
-        path = self.lab_dir / "nodes" / node
+        # A name from an event or a command line: never a path out of nodes/ (NodeNameError).
+        path = node_dir(self.lab_dir / "nodes", node)
         if not path.is_dir():
             raise KeyError(f"no lab node {node!r} under {self.lab_dir / 'nodes'}")
         return path
 
     def _journal(self, node: str, op: str, reason: str) -> None:
         entry = {"op": op, "reason": reason, "was": self.state(node), "at": time.time(), "pid": os.getpid()}
-        with open(self._node_dir(node) / "scheduler.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_bytes(self._node_dir(node) / "scheduler.jsonl", (json.dumps(entry) + "\n").encode(), SHARED_MODE)
+
+    def known_nodes(self) -> set[str]:
+        """A lab node is a directory under nodes/ (with a node's name)."""
+        try:
+            return {p.name for p in (self.lab_dir / "nodes").iterdir()
+                    if p.is_dir() and not p.is_symlink() and NODE_NAME.fullmatch(p.name)}
+        except FileNotFoundError:
+            return set()
 
     def quarantine(self, node: str, reason: str, event: str | None = None) -> str | None:
         d = self._node_dir(node)
         self._journal(node, "quarantine", reason)
-        (d / "quarantined").write_text(json.dumps({"reason": reason, "event": event, "at": time.time()}))
+        write_atomic(d / "quarantined", json.dumps({"reason": reason, "event": event, "at": time.time()}), SHARED_MODE)
         for pgid in self.process_groups(node):
             try:
                 os.killpg(pgid, signal.SIGKILL)
@@ -106,6 +122,4 @@ class LabScheduler:
     def add_process_group(self, node: str, pgid: int) -> None:
         path = self._node_dir(node) / "pgids.json"
         groups = sorted(set(self.process_groups(node)) | {pgid})
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(groups))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(groups), SHARED_MODE)

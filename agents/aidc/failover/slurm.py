@@ -4,9 +4,17 @@ Every Slurm call is an argv list (never a shell) run with the spec's SLURM_CONF 
 every call that changes Slurm is audited with its argv and outcome, and a failing call raises
 `SlurmError` with one clear line (also audited).
 
-Ownership of a drain is carried by Slurm itself: aidc writes reasons of the form
-`aidc: <reason> (event <id>)`, so a restarted controller, or one on another host, recognises
-its own drains, and a node an operator or Slurm drained or downed is never resumed by aidc.
+Ownership of a drain is carried by Slurm itself, in a form an operator cannot match by accident:
+aidc writes reasons `aidc: <reason> (event <id>, mark <m>)`, where the mark is a digest of the
+node, the event and the text, and a drain is aidc's only when the mark verifies for that node
+*and* Slurm recorded the user aidc runs as (`[user@time]`, from munge: not something a reason
+can claim). A restarted controller, or one on another host, recognises its own drains; a node an
+operator or Slurm drained or downed, whatever its reason says, is never resumed by aidc and not
+counted as aidc's. After its own drain aidc reads the node again: a drain that landed on top of
+aidc's is the operator's, audited as `slurm.drain_contested`. Slurm's update has no
+compare-and-set, so an operator's drain landing in the milliseconds between aidc's read and its
+update is overwritten by aidc's reason (the reason Slurm keeps is the last one written); aidc
+cannot see that case and says so in docs/architecture.md.
 
 Quarantine stops the node's part of the running jobs so training can move on (a drain alone
 only stops *new* work): a job step that runs only on the node is cancelled (the job and its
@@ -18,7 +26,9 @@ allows that, otherwise left running and reported.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -35,7 +45,12 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # readable and the argv bounded.
 MAX_REASON = 200
 EVENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
-_OWN_REASON = re.compile(r"^aidc: (?P<text>.*?)(?: \(event (?P<event>[A-Za-z0-9_.:-]+)\))?$", re.S)
+_OWN_REASON = re.compile(r"^aidc: (?P<text>.*?) \((?:event (?P<event>[A-Za-z0-9_.:-]+), )?"
+                         r"mark (?P<mark>[0-9a-f]{12})\)$")
+# The reason's stamp as scontrol prints it. Fields before `Reason=` are Slurm's own; the reason,
+# free text, runs to the last stamp, after which only the node's Comment/Extra may follow.
+_REASON_TAIL = re.compile(r"^(?P<reason>.*) \[(?P<by>[^\]\[@\s]*)@[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}\]"
+                          r"(?: (?:Comment|Extra)=.*)?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Base node states (scontrol upper case, sinfo long/short lower case) and the suffix
@@ -82,6 +97,7 @@ class NodeStatus:
     reason: str = ""
     reason_by: str = ""             # who set the reason (scontrol's [user@time])
     raw_state: str = ""
+    aidc_user: str = ""             # the user aidc runs as: only its drains are aidc's
 
     @property
     def drained(self) -> bool:
@@ -94,12 +110,14 @@ class NodeStatus:
 
     @property
     def drained_by_aidc(self) -> bool:
-        return self.drained and self.reason.startswith(AIDC_PREFIX)
+        """Slurm recorded aidc's user for a reason whose mark verifies for this node."""
+        return (self.drained and bool(self.aidc_user) and self.reason_by == self.aidc_user
+                and _verified_event(self.name, self.reason) is not None)
 
     @property
     def aidc_event(self) -> str | None:
-        m = _OWN_REASON.match(self.reason) if self.reason.startswith(AIDC_PREFIX) else None
-        return m.group("event") if m else None
+        event = _verified_event(self.name, self.reason) if self.drained_by_aidc else None
+        return event or None
 
     @property
     def out_of_service(self) -> bool:
@@ -180,27 +198,31 @@ def parse_state(text: str) -> tuple[str, frozenset]:
 
 
 _FIELD_START = re.compile(r"\s+(?=[A-Z][A-Za-z_]*=)")
+_REASON_START = re.compile(r"(?:^|\s)Reason=")
 
 
-def parse_node_line(line: str) -> NodeStatus:
-    """One line of `scontrol show node -o`. Values may hold spaces (OS=, Reason=): Reason is cut
-    out first (it ends at its `[user@time]` stamp), then fields split where `Key=` starts."""
+def parse_node_line(line: str, aidc_user: str = "") -> NodeStatus:
+    """One line of `scontrol show node -o`. Values may hold spaces (OS=, Reason=). Fields are read
+    only before `Reason=`: the reason is free text (an operator's may hold `State=IDLE` or a
+    bracketed stamp) and must never stand in for Slurm's own fields. It runs to its last
+    `[user@time]` stamp; only Comment/Extra may follow it."""
+    start = _REASON_START.search(line)
+    head, tail = (line[:start.start()], line[start.end():]) if start else (line, "")
     reason, by = "", ""
-    m = re.search(r"(?:^|\s)Reason=(?P<reason>.*?) \[(?P<by>[^\]@]*)@[0-9T:-]+\]", line)
-    if m is None:
-        m = re.search(r"(?:^|\s)Reason=(?P<reason>.*)$", line)
-    if m is not None:
-        reason, by = m.group("reason").strip(), (m.groupdict().get("by") or "")
-        line = line[:m.start()] + " " + line[m.end():]
+    if tail:
+        m = _REASON_TAIL.match(tail.rstrip())
+        reason, by = (m.group("reason"), m.group("by")) if m else (tail, "")
+        reason = reason.strip()
     fields = {}
-    for part in _FIELD_START.split(line.strip()):
+    for part in _FIELD_START.split(head.strip()):
         key, sep, value = part.partition("=")
         if sep:
             fields[key] = value.strip()
     if "NodeName" not in fields or "State" not in fields:
         raise SlurmError(f"cannot read Slurm's node line (no NodeName/State): {line[:120]!r}")
     base, flags = parse_state(fields["State"])
-    return NodeStatus(fields["NodeName"], base, flags, "" if reason == "(null)" else reason, by, fields["State"])
+    return NodeStatus(fields["NodeName"], base, flags, "" if reason == "(null)" else reason, by, fields["State"],
+                      aidc_user)
 
 
 # --- input checks -------------------------------------------------------------------------
@@ -214,12 +236,29 @@ def check_node_name(node: str) -> str:
     return node
 
 
-def drain_reason(reason: str, event: str | None) -> tuple[str, str | None]:
-    """The reason aidc writes into Slurm, and a note when it had to change what it was given.
+def aidc_mark(node: str, event: str | None, text: str) -> str:
+    """What binds a reason to the node and event aidc wrote it for: a copy on another node, or
+    words that merely start like aidc's, do not verify. Not a secret: it stops accidents, and
+    the user Slurm records stops the rest."""
+    return hashlib.sha256(f"{node}\0{event or ''}\0{text}".encode()).hexdigest()[:12]
+
+
+def _verified_event(node: str, reason: str) -> str | None:
+    """The event of aidc's reason on `node` ('' when it named none), or None: not aidc's form,
+    or a mark that does not verify."""
+    m = _OWN_REASON.match(reason)
+    if m is None or m.group("mark") != aidc_mark(node, m.group("event"), m.group("text")):
+        return None
+    return m.group("event") or ""
+
+
+def drain_reason(reason: str, event: str | None, node: str) -> tuple[str, str | None]:
+    """The reason aidc writes into Slurm for `node`, and a note when it had to change what it was given.
 
     Control characters (newlines included) become spaces; the result is cut to MAX_REASON
-    characters with the event suffix kept, so ownership is never lost to truncation.
+    characters with the event and mark suffix kept, so ownership is never lost to truncation.
     """
+    check_node_name(node)
     if event is not None and not EVENT_ID.match(str(event)):
         raise SlurmError(f"refusing event id {str(event)[:60]!r}: letters, digits, '-', '_', '.', ':' only")
     notes = []
@@ -228,12 +267,15 @@ def drain_reason(reason: str, event: str | None) -> tuple[str, str | None]:
         text = _CONTROL.sub(" ", text)
         notes.append("control characters (newlines) in the reason were replaced by spaces")
     text = " ".join(text.split()) or "no reason given"
-    suffix = f" (event {event})" if event is not None else ""
-    room = MAX_REASON - len(AIDC_PREFIX) - 1 - len(suffix)
+    room = MAX_REASON - len(AIDC_PREFIX) - 1 - len(_suffix(event, "0" * 12))
     if len(text) > room:
         notes.append(f"reason of {len(text)} characters cut to {room}")
         text = text[:room - 3] + "..."
-    return f"{AIDC_PREFIX} {text}{suffix}", ("; ".join(notes) or None)
+    return f"{AIDC_PREFIX} {text}{_suffix(event, aidc_mark(node, event, text))}", ("; ".join(notes) or None)
+
+
+def _suffix(event: str | None, mark: str) -> str:
+    return f" (event {event}, mark {mark})" if event is not None else f" (mark {mark})"
 
 
 # --- the backend ----------------------------------------------------------------------------
@@ -250,6 +292,8 @@ class SlurmScheduler:
     actor: str = "aidc-slurm"
     nodes: list[str] | None = None        # the spec's nodes: out_of_service() reports only these
     count_down_nodes: bool = True
+    # The user Slurm records for aidc's drains: the one its client calls run as (munge says so).
+    user: str = field(default_factory=lambda: pwd.getpwuid(os.geteuid()).pw_name)
     name: str = field(default="slurm", init=False)
 
     @classmethod
@@ -266,8 +310,7 @@ class SlurmScheduler:
         Returns notes on what was left as it was (an operator's drain, a down node, a job that
         could not be stopped, a reason that was cut); raises SlurmError when the drain fails.
         """
-        check_node_name(node)
-        full_reason, note = drain_reason(reason, event)
+        full_reason, note = drain_reason(reason, event, node)
         before = self.node(node)
         notes = [note] if note else []
         if before.drained_by_aidc:
@@ -282,10 +325,26 @@ class SlurmScheduler:
         else:
             self._change(["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={full_reason}"],
                          node, "drain", {"event": event, "reason": full_reason})
+            contested = self._contested(node, full_reason)
+            if contested:
+                notes.append(contested)
         actions = self.stop_node_work(node)
         notes += [f"{a.target}: {a.action} failed: {a.error}" if not a.ok else f"{a.target}: {a.action} ({a.why})"
                   for a in actions if not a.ok or a.action == "left_running"]
         return "; ".join(notes) or None
+
+    def _contested(self, node: str, written: str) -> str | None:
+        """Read the node again after aidc's drain: unless Slurm shows aidc's reason as aidc's, a
+        drain landed on top of it and is someone else's (audited; aidc will not resume it)."""
+        after = self.node(node)
+        if after.drained_by_aidc and after.reason == written:
+            return None
+        detail = (f"after aidc's drain Slurm shows {after.raw_state} with reason {after.reason!r} set by "
+                  f"{after.reason_by or '?'}: not aidc's, so aidc will not resume it")
+        self._audit("slurm.drain_contested", f"drain on {node}: {detail}", node,
+                    {"written": written, "state": after.raw_state, "reason": after.reason,
+                     "reason_by": after.reason_by})
+        return detail
 
     def release(self, node: str, reason: str) -> ReleaseDecision:
         """Resume the node only if aidc drained it. Raises ReleaseRefused otherwise (audited)."""
@@ -321,14 +380,18 @@ class SlurmScheduler:
         out = self._query(["scontrol", "show", "node", "-o", node], not_found=f"Slurm has no node {node!r}")
         for line in out.splitlines():
             if line.strip():
-                st = parse_node_line(line)
+                st = parse_node_line(line, aidc_user=self.user)
                 if st.name == node:
                     return st
         raise SlurmError(f"Slurm has no node {node!r}")
 
     def all_nodes(self) -> list[NodeStatus]:
         out = self._query(["scontrol", "show", "node", "-o"])
-        return [parse_node_line(line) for line in out.splitlines() if line.strip() and "NodeName=" in line]
+        return [parse_node_line(line, aidc_user=self.user) for line in out.splitlines()
+                if line.strip() and "NodeName=" in line]
+
+    def known_nodes(self) -> set[str]:
+        return {st.name for st in self.all_nodes()}
 
     def out_of_service(self) -> dict[str, NodeStatus]:
         """The cluster-wide out-of-service set the blast radius counts: nodes aidc drained, plus

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aidc.errors import AidcError
+from aidc.files import SHARED_MODE, append_bytes
 
 SCHEMA_VERSION = 1
 # Bound what one reader takes in: a step log of a long job is large, but not without limit.
@@ -66,11 +67,7 @@ class StepLog:
                   **{k: v for k, v in fields.items() if v is not None}}
         line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            append_bytes(self.path, line, SHARED_MODE)
         return record
 
     def allocation(self, t: float | None = None) -> dict:

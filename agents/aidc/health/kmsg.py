@@ -9,9 +9,10 @@ format shows the kernel logged it, and returns the message: /dev/kmsg records
 (`pri,seq,usec,flags;`), `dmesg -r` (`<pri>`) and `dmesg -x` (`kern  :err   : `) with the
 kernel facility (pri >> 3 == 0); syslog and journald text (`-o short`, `short-iso`,
 `short-precise`, `short-monotonic`, `short-unix`, `short-full`, RFC 3339) with the tag
-`kernel:`; `journalctl -o json` with `_TRANSPORT=kernel` (or, when that field was left out,
-`SYSLOG_FACILITY=0`); and dmesg's own buffer (`[ 1843.308145] `, `dmesg -T`,
-`--time-format iso`, or no prefix at all). The driver's text must then start the message, in
+`kernel:`; RFC 5424 syslog (rsyslog's protocol-23 template, systemd-netlogd) with the kernel
+facility and APP-NAME `kernel`; `journalctl -o json` with `_TRANSPORT=kernel` (or, when that
+field was left out, `SYSLOG_FACILITY=0`); and dmesg's own buffer (`[ 1843.308145] `,
+`dmesg -T`, `dmesg -d`, `dmesg -e`, `--time-format iso`, or no prefix at all). The driver's text must then start the message, in
 ASCII digits: `logger "NVRM: Xid ..."`, a USB product string or a sudo line that contains
 the text is not a fault. What a format cannot show is not guessed: plain-text syslog cannot
 tell a `logger -t kernel` line from the kernel's (journald JSON can), and plain dmesg shows
@@ -64,11 +65,28 @@ _SYSLOG = re.compile(
     r"|[0-9]{1,12}\.[0-9]{1,9}"                                                          # short-unix
     r"|[A-Z][a-z]{2} [0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} [A-Za-z0-9+-]{1,32}"  # short-full
     r") +(\S{1,255}) +([^\s:\[]{1,64})(?:\[[0-9]{1,10}\])?: ?", _A)
+# RFC 5424 (rsyslog's RSYSLOG_SyslogProtocol23Format, systemd-netlogd forwarding the journal):
+# <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA MSG, "-" for a nil field.
+# Structured data is one or more [id name="value" ...] elements; a value escapes '"', '\' and ']'.
+_SD_NAME = r'[^\s="\]]{1,32}'
+_SD_ELEMENT = rf'\[{_SD_NAME}(?: {_SD_NAME}="(?:[^"\\\]]|\\.){{0,1024}}"){{0,32}}\]'
+_RFC5424 = re.compile(
+    r"<([0-9]{1,3})>1 "
+    r"(?:-|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})) "
+    rf"[!-~]{{1,255}} ([!-~]{{1,48}}) [!-~]{{1,128}} [!-~]{{1,32}} (?:-|(?:{_SD_ELEMENT}){{1,16}})(?: |$)", _A)
+_BOM = "\ufeff"  # RFC 5424 section 6.4: a UTF-8 MSG may start with the byte order mark
 # dmesg's time stamps: seconds since boot, `dmesg -T`, `dmesg --time-format iso` (a comma
-# before the fraction, unlike syslog's RFC 3339).
+# before the fraction, unlike syslog's RFC 3339); `dmesg -d` adds the time since the previous
+# message (`[ 1843.308145 <    0.000123>]`, `[<    0.000123>]` with -t); `dmesg -e` prints the
+# minute when it changes (`[Aug30 11:43]`, strftime "%b%e %H:%M") and the delta otherwise
+# (`[  +0.000123]`).
+_DELTA = r"<[ ]*[0-9]{1,12}\.[0-9]{6}>"
 _DMESG_TIME = re.compile(
-    r"(?:\[ *[0-9]{1,12}\.[0-9]{1,9}\]"
-    r"|\[[A-Z][a-z]{2} [A-Z][a-z]{2} +[0-9]{1,2} [0-9]{2}:[0-9]{2}:[0-9]{2} [0-9]{4}\]"
+    rf"(?:\[ *[0-9]{{1,12}}\.[0-9]{{1,9}}(?: {_DELTA})?\]"
+    rf"|\[[A-Z][a-z]{{2}} [A-Z][a-z]{{2}} +[0-9]{{1,2}} [0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}} [0-9]{{4}}(?: {_DELTA})?\]"
+    rf"|\[{_DELTA}\]"
+    r"|\[[A-Z][a-z]{2}[ 0-9][0-9] [0-9]{2}:[0-9]{2}\]"
+    r"|\[ *[+-][0-9]{1,12}\.[0-9]{6}\]"
     r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2},[0-9]{1,9}[+-][0-9]{2}:?[0-9]{2}) ?", _A)
 # journalctl -o short-monotonic: dmesg's seconds, then the host and the tag.
 _MONOTONIC_KERNEL_TAG = re.compile(r"\S{1,255} kernel: ?", _A)
@@ -89,6 +107,11 @@ def kernel_message(line: str) -> str | None:
     m = _KMSG_RECORD.match(text)
     if m:  # a /dev/kmsg record: nothing else follows the header
         return text[m.end():] if _kernel_facility(m.group(1)) else None
+    m = _RFC5424.match(text)
+    if m:  # before <pri> alone, which would take the version "1" for the start of the message
+        if not _kernel_facility(m.group(1)) or m.group(2) != "kernel":
+            return None
+        text = text[m.end():].removeprefix(_BOM)
     for origin in (_RAW_PRIORITY, _DECODED_FACILITY, _SYSLOG):
         m = origin.match(text)
         if m:

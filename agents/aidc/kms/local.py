@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from aidc.files import open_nofollow, write_atomic
 from aidc.kms.base import (DATA_KEY_BYTES, NONCE_BYTES, KeyProvider, KmsError, MissingKeyVersion, UnwrapError,
                            WrappedKey, wrap_aad)
 
@@ -160,7 +161,7 @@ class LocalKeyring(KeyProvider):
 
     def rotate(self) -> int:
         # One rotation at a time: two at once would both pick the same next version.
-        lock_fd = os.open(self.path / ".rotate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = open_nofollow(self.path / ".rotate.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             return self._rotate_locked()
@@ -194,15 +195,6 @@ class LocalKeyring(KeyProvider):
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a 0600 file atomically (temp file in the same directory, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a 0600 file atomically (temp file in the same directory, fsync, rename); a link
+    at `path` is refused."""
+    write_atomic(path, data, 0o600, durable=True)

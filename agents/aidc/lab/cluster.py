@@ -21,6 +21,8 @@ from pathlib import Path
 from aidc.device import sim
 from aidc.errors import AidcError
 from aidc.failover.scheduler import LabScheduler
+from aidc.files import SHARED_MODE, shared_opener, touch, write_atomic
+from aidc.nodenames import node_dir
 from aidc.polling import free_port
 from aidc.process import same_process_alive, start_ticks
 from aidc.spec import ClusterSpec
@@ -83,7 +85,7 @@ class LabCluster:
             self._write(data)
 
     def node_dir(self, node: str) -> Path:
-        return self.dir / "nodes" / node
+        return node_dir(self.dir / "nodes", node)
 
     @property
     def store_path(self) -> Path:
@@ -97,9 +99,7 @@ class LabCluster:
         return json.loads(self.manifest.read_text())
 
     def _write(self, data: dict) -> None:
-        tmp = self.manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.manifest)
+        write_atomic(self.manifest, json.dumps(data, indent=1), SHARED_MODE)
 
     def port(self, name: str) -> int:
         return self.info()["ports"][name]
@@ -110,7 +110,7 @@ class LabCluster:
         """Start a lab process in its own group. A node's *workload* is what quarantine stops.
 
         `netns`: in that network namespace (`ip netns exec` execs the command: same pid)."""
-        log = open(self.dir / "logs" / f"{name}.log", "ab")
+        log = open(self.dir / "logs" / f"{name}.log", "ab", opener=shared_opener)
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -122,7 +122,7 @@ class LabCluster:
         if node and workload:
             LabScheduler(self.dir).add_process_group(node, proc.pid)
         if node:
-            (self.node_dir(node) / f"{name.split(':')[0]}.pid").write_text(str(proc.pid))
+            write_atomic(self.node_dir(node) / f"{name.split(':')[0]}.pid", str(proc.pid), SHARED_MODE)
         return proc
 
     def aidc(self, *args: str) -> list[str]:
@@ -199,7 +199,7 @@ class LabCluster:
 
     def open_start_gate(self) -> None:
         self.start_gate.parent.mkdir(parents=True, exist_ok=True)
-        self.start_gate.touch()
+        touch(self.start_gate)
 
     def _foreign_owner(self, data: dict) -> dict | None:
         """The `aidc lab run` process that owns this lab, when it is alive and not this process."""
@@ -293,7 +293,8 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     in a round committed for them); where that does not apply, expire its heartbeat."""
     from aidc.failover.rendezvous import commit_next_round, evict
 
-    pid_file = lab_dir / "nodes" / node / "launcher.pid"
+    where = node_dir(lab_dir / "nodes", node)
+    pid_file = where / "launcher.pid"
     if not pid_file.exists():
         return
     info = json.loads((lab_dir / "lab.json").read_text())
@@ -306,8 +307,8 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     expired = [] if committed else _at_rendezvous(info, lambda host, port, trusted: evict(
         host, port, info["run_id"], pids=pids, trusted_networks=trusted))
     # Kept beside the node for the failover timeline (and the audit report).
-    (lab_dir / "nodes" / node / "rendezvous-evicted.json").write_text(
-        json.dumps({"at": started, "took_s": time.time() - started, "expired": expired, "committed": committed}))
+    write_atomic(where / "rendezvous-evicted.json", json.dumps(
+        {"at": started, "took_s": time.time() - started, "expired": expired, "committed": committed}), SHARED_MODE)
 
 
 def _at_rendezvous(info: dict, call):

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from aidc.errors import AidcError
+from aidc.files import SHARED_MODE, write_atomic
 
 FABRIC_FILE = "fabric.json"
 LINKS_FILE = "links.json"
@@ -248,10 +249,7 @@ def bring_up(lab_dir: str | os.PathLike, node_names: list[str], *, rails: int, l
 
 
 def _save(fabric: Fabric) -> None:
-    path = Path(fabric.lab_dir) / FABRIC_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fabric.to_dict(), indent=1))
-    os.replace(tmp, path)
+    write_atomic(Path(fabric.lab_dir) / FABRIC_FILE, json.dumps(fabric.to_dict(), indent=1), SHARED_MODE)
 
 
 def load(lab_dir: str | os.PathLike) -> Fabric | None:
@@ -335,10 +333,8 @@ def read_links(node_dir: str | os.PathLike) -> dict[str, dict]:
 def write_links(node_dir: Path, rails: dict) -> None:
     """`<node_dir>/links.json`: {"rails": {"<R>": {"up", "rate_fraction", "loss_pct"}}}."""
     node_dir.mkdir(parents=True, exist_ok=True)
-    path = links_path(node_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rails": {str(r): state for r, state in rails.items()}}, indent=1))
-    os.replace(tmp, path)
+    write_atomic(links_path(node_dir), json.dumps({"rails": {str(r): state for r, state in rails.items()}}, indent=1),
+                 SHARED_MODE)
 
 
 def inject_link(node_dir: str | os.PathLike, rail: int, *, rate: float | None = None, loss_pct: float | None = None,

@@ -28,6 +28,8 @@ import os
 import sys
 from pathlib import Path
 
+from aidc.files import SHARED_MODE, shared_opener, write_atomic
+
 
 def _fast_rendezvous_poll(poll_s: float) -> None:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous
@@ -57,7 +59,7 @@ def _trace(what: str) -> None:
     import time
 
     if TRACE["path"] is not None:
-        with open(TRACE["path"], "a") as f:
+        with open(TRACE["path"], "a", opener=shared_opener) as f:
             f.write(f"{time.time():.3f} pid={os.getpid()} {what}\n")
 
 
@@ -106,7 +108,7 @@ def _stay_in_committed_rounds() -> None:
 def _wait_at_gate(warm_marker: Path, gate: Path, timeout_s: float = 600) -> None:
     import time
 
-    warm_marker.write_text(str(os.getpid()))
+    write_atomic(warm_marker, str(os.getpid()), SHARED_MODE)
     deadline = time.monotonic() + timeout_s
     while not gate.exists():
         if time.monotonic() > deadline:
@@ -161,18 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     from aidc.kms import KmsError
     from aidc.kms.local import LocalKeyring
 
+    from aidc.nodenames import NodeNameError, node_dir
+
     try:
         LocalKeyring(Path(args.lab_dir) / "keyring")
-    except KmsError as exc:
+        # The node's name builds its paths (pid file, trace, warm gate): only a name of the node
+        # form, directly under nodes/.
+        node_path = node_dir(Path(args.lab_dir) / "nodes", args.node)
+    except (KmsError, NodeNameError) as exc:
         print(f"aidc: error: {exc}", file=sys.stderr)
         return 2
 
     # Who started this agent (the lab directly, or slurmstepd as a job step) does not know its
     # pid in advance under Slurm; the rendezvous knows nodes by it, and eviction matches on it.
-    pid_file = Path(args.lab_dir) / "nodes" / args.node / "launcher.pid"
-    tmp = pid_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(str(os.getpid()))
-    os.replace(tmp, pid_file)
+    pid_file = node_path / "launcher.pid"
+    write_atomic(pid_file, str(os.getpid()), SHARED_MODE)
     # The default shared store breaks after a membership change; keep it per round.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     TRACE["path"].parent.mkdir(parents=True, exist_ok=True)
     _stay_in_committed_rounds()
     if args.start_gate:
-        _wait_at_gate(Path(args.lab_dir) / "nodes" / args.node / "warm", Path(args.start_gate))
+        _wait_at_gate(node_path / "warm", Path(args.start_gate))
     if args.spare:
         _wait_for_full_round(args.rdzv, args.run_id, args.nnodes, trusted_networks=args.rdzv_trusted)
     config = LaunchConfig(

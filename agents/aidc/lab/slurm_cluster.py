@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc.errors import AidcError
+from aidc.files import SHARED_MODE, refuse_link, shared_opener, write_atomic
 from aidc.polling import free_port
 from aidc.process import same_process_alive, start_ticks
 
@@ -196,8 +197,8 @@ class LocalSlurm:
         self.sockets.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
         key = self.root / "munge" / "munge.key"
-        if not key.exists():
-            key.write_bytes(os.urandom(1024))
+        if not refuse_link(key).exists():  # chmod below would follow a link too
+            write_atomic(key, os.urandom(1024), 0o400)
         os.chmod(key, 0o400)
         hostname = socket.gethostname().split(".")[0]
         ctld_port = free_port()
@@ -255,8 +256,8 @@ class LocalSlurm:
             gres.append(f"NodeName={node.name} Name=gpu File={','.join(devices)}")
         names = ",".join(n.name for n in self.nodes)
         lines.append(f"PartitionName={self.partition} Nodes={names} Default=YES MaxTime=INFINITE State=UP")
-        self.conf.write_text("\n".join(lines) + "\n")
-        (self.root / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
+        write_atomic(self.conf, "\n".join(lines) + "\n", SHARED_MODE)
+        write_atomic(self.root / "etc" / "gres.conf", "\n".join(gres) + "\n", SHARED_MODE)
         if not self.manifest.exists():
             self._write({"conf": str(self.conf), "daemons": {}})
 
@@ -274,7 +275,7 @@ class LocalSlurm:
             time.sleep(0.05)
 
     def _start(self, name: str, argv: list[str], log_name: str) -> None:
-        with open(self.root / "log" / f"{log_name}.out", "ab") as out:
+        with open(self.root / "log" / f"{log_name}.out", "ab", opener=shared_opener) as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env={**os.environ, "SLURM_CONF": str(self.conf)})
         info = self._info()
@@ -303,9 +304,7 @@ class LocalSlurm:
             return {"conf": str(self.conf), "daemons": {}}
 
     def _write(self, data: dict) -> None:
-        tmp = self.manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.manifest)
+        write_atomic(self.manifest, json.dumps(data, indent=1), SHARED_MODE)
 
 
 def _pids_with_environ(entry: bytes) -> list[int]:

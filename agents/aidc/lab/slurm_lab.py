@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from aidc.files import SHARED_MODE, write_atomic
 from aidc.lab.cluster import RUN_ID, LabCluster, LabError, evict_from_rendezvous
 from aidc.lab.slurm_cluster import LocalSlurm, SlurmLabError, SlurmNode, missing_packages
 from aidc.spec import CONFIG_KEY, ClusterSpec, load_stack, stack_path
@@ -77,8 +78,8 @@ class SlurmLabCluster(LabCluster):
         cluster = doc["config"][CONFIG_KEY]
         cluster["scheduler"] = "slurm"
         cluster["slurm"] = {**(cluster.get("slurm") or {}), "conf": str(self.slurm.conf)}
-        self.stack_view.write_text("# Written by `aidc lab run --scheduler slurm`: the lab's stack on its private Slurm.\n"
-                                   + yaml.safe_dump(doc, sort_keys=False))
+        write_atomic(self.stack_view, "# Written by `aidc lab run --scheduler slurm`: the lab's stack on its private "
+                     "Slurm.\n" + yaml.safe_dump(doc, sort_keys=False), SHARED_MODE)
         load_stack(self.stack_view)  # a view that does not validate is a bug here, not at the controller
 
     def start_slurm(self) -> None:
@@ -99,14 +100,14 @@ class SlurmLabCluster(LabCluster):
         """Submit the training job: one step per node, spares last (they join as spares)."""
         (self.dir / "train").mkdir(parents=True, exist_ok=True)
         steps = [self._step_line(n, spare=False) for n in primaries] + [self._step_line(n, spare=True) for n in spares]
-        self.job_script.write_text("\n".join([
+        write_atomic(self.job_script, "\n".join([
             "#!/bin/bash",
             "# Written by `aidc lab run --scheduler slurm`. One job step per node, each running that",
             "# node's torchrun elastic agent: cancelling one node's step stops only that node's part.",
             *steps,
             "wait  # every step's exit status is in its log; the job ends when the last step does",
             "",
-        ]))
+        ]), SHARED_MODE)
         nodes = primaries + spares
         gpus = max(n.gpus for n in self.nodes)
         out = self.slurm.run(

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aidc.checkpoint import BackgroundCheckpointWriter, CheckpointDir
 from aidc.device.sim import SimBackend
+from aidc.files import SHARED_MODE, shared_opener, write_atomic
 from aidc.goodput import StepLog
 from aidc.health.stragglers import STEP_TIMES_FILE
 from aidc.kms.local import LocalKeyring
@@ -50,13 +51,13 @@ def batch(seed: int, step: int, rank: int, size: int = 256) -> tuple[torch.Tenso
 
 
 def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with open(path, "a", opener=shared_opener) as f:
         f.write(json.dumps(record) + "\n")
 
 
 def _trace(lab: Path, node: str, what: str) -> None:
     """Timestamped phases of this worker's life, for the failover timeline."""
-    with open(lab / "train" / f"trace-{node}.log", "a") as f:
+    with open(lab / "train" / f"trace-{node}.log", "a", opener=shared_opener) as f:
         f.write(f"{time.time():.3f} pid={os.getpid()} {what}\n")
 
 
@@ -170,7 +171,7 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
         writer.wait()  # the last checkpoint is on disk before the job says it is done
     if rank == 0:
         goodput.end()
-        (lab / "train" / "done.json").write_text(json.dumps({"t": time.time(), "steps": cfg["total_steps"]}))
+        write_atomic(lab / "train" / "done.json", json.dumps({"t": time.time(), "steps": cfg["total_steps"]}), SHARED_MODE)
     # A barrier before teardown: without it a rank sometimes aborts at exit
     # ("terminate called without an active exception") despite correct results.
     dist.barrier()

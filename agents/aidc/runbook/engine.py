@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.identity import authorize
+from aidc.nodenames import RefusalLog, shown
 from aidc.errors import AidcError
 from aidc.runbook.actuators import Actuators
 from aidc.runbook.catalog import Catalog, Runbook, RunbookError, Step
@@ -46,7 +47,7 @@ DRY_RUN_SEEN = "dry-run:"
 
 @dataclass(frozen=True)
 class Submission:
-    outcome: str  # started | dry_run | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
+    outcome: str  # started | dry_run | rejected | duplicate | cooldown | node_busy | unmatched | no_node | unknown_node | resolved
     reason: str
     runbook: str | None = None
     node: str | None = None
@@ -87,6 +88,13 @@ class Engine:
     def __post_init__(self) -> None:
         # AuditLog keeps one connection; executor threads take turns on it.
         self._audit_lock = threading.Lock()
+        # Alerts naming no node of this cluster: audited, a flood as one summary per window.
+        self.refusals = RefusalLog(self.audit, self.actor, lock=self._audit_lock)
+
+    def _unknown_node(self, rb: Runbook, node: str, source: str) -> Submission:
+        reason = f"{shown(node)} is not a node of this cluster"
+        self.refusals.refuse(node, "runbook", source, f"{rb.name}: {reason}")
+        return Submission("unknown_node", reason, rb.name, node)
 
     def _audit(self, kind: str, reason: str, node: str | None, payload: dict) -> None:
         with self._audit_lock:
@@ -113,6 +121,9 @@ class Engine:
             trigger["annotations"] = alert["annotations"]
         if sender:
             trigger["sender"] = sender
+        if node not in self.nodes:
+            who = sender or {}
+            return self._unknown_node(rb, node, str(who.get("identity") or who.get("address") or "alertmanager"))
         if self.policy.dry_run:
             return self._plan_alert(rb, node, trigger, fingerprint, str(alert.get("startsAt", "")))
         return self.submit(rb.name, node, trigger, fingerprint, str(alert.get("startsAt", "")))
@@ -121,21 +132,33 @@ class Engine:
         """Under policy.dry_run: plan (and audit) the run an alert would start, once per alert,
         deduplicated by fingerprint and start like a live one. Sightings are kept apart from live
         ones, so an alert planned under dry-run still starts a run once dry-run is off."""
-        if node not in self.nodes:
-            return Submission("unknown_node", f"{node!r} is not a node of this cluster", rb.name, node)
         with self.state.transaction() as db:
             if self.state.alert_seen(db, DRY_RUN_SEEN + fingerprint, starts_at) is not False:
                 return Submission("duplicate", "alert already planned under policy.dry_run "
                                   "(same fingerprint and start)", rb.name, node)
             self.state.record_alert(db, DRY_RUN_SEEN + fingerprint, starts_at, None)
-        self.plan(rb.name, node, trigger)
+        try:
+            self.plan(rb.name, node, trigger)
+        except run_params.ParamError as exc:
+            # This alert's answer, not the notification's: the others in it are still planned.
+            # Marked seen above, so Alertmanager's repeats are duplicates, as a live run's are.
+            reason = f"trigger values do not fit the runbook's params: {exc}"
+            self._audit("runbook.params.rejected", f"{rb.name} on {node}: {exc}", node,
+                        {"runbook": rb.name, "dry_run": True, "trigger": trigger, "error": str(exc)})
+            return Submission("rejected", reason, rb.name, node)
+        except Exception:
+            # Not this alert's fault (a scheduler or database hiccup): unmark it, so that
+            # Alertmanager's retry plans it instead of calling it a duplicate.
+            with self.state.transaction() as db:
+                self.state.forget_alert(db, DRY_RUN_SEEN + fingerprint, starts_at)
+            raise
         return Submission("dry_run", "policy.dry_run: planned and audited, nothing changed", rb.name, node)
 
     def submit(self, runbook: str, node: str, trigger: dict, fingerprint: str | None = None,
                starts_at: str = "") -> Submission:
         rb = self.catalog.get(runbook)
         if node not in self.nodes:
-            return Submission("unknown_node", f"{node!r} is not a node of this cluster", rb.name, node)
+            return self._unknown_node(rb, node, str(trigger.get("user") or trigger.get("source") or "-"))
         with self.state.transaction() as db:
             if fingerprint:
                 seen = self.state.alert_seen(db, fingerprint, starts_at)
@@ -222,7 +245,8 @@ class Engine:
                                          run.trigger.get("annotations") or {}, nodes=self.nodes)
         except run_params.ParamError as exc:
             self._audit("runbook.params.rejected", f"{rb.name} on {run.node}: {exc}", run.node,
-                        {"run_id": run_id, "runbook": rb.name, "trigger": run.trigger, "error": str(exc)})
+                        {"run_id": run_id, "runbook": rb.name, "trigger": run.trigger, "error": str(exc),
+                         "problems": [{"name": p.name, "kind": p.kind} for p in exc.problems]})
             self._abandon(run, f"trigger values do not fit the runbook's params: {exc}")
             return
         variables = {**values, "node": run.node, "runbook": rb.name, "run_id": run_id}

@@ -4,10 +4,22 @@ One I/O thread multiplexes every connection (`selectors`): it runs the TLS hands
 the request head and body, and holds each request to two total deadlines, however slowly the
 bytes trickle in: accept to end of headers (the TLS handshake included), and end of headers
 to end of body. Only a complete request reaches one of a few worker threads, so a slow client
-costs a file descriptor and a small buffer, never a thread. The number of open connections is
-capped; over the cap a client is answered 503 at once and the refusal is logged (at most one
-line a second, with a count). Framing is strict: one Content-Length, no Transfer-Encoding.
-Each connection carries one request and is closed after its response (`Connection: close`).
+costs a file descriptor and a small buffer, never a thread. Framing is strict: one
+Content-Length, no Transfer-Encoding. Each connection carries one request and is closed after
+its response (`Connection: close`).
+
+Connections are admitted so that a crowd of hostile sockets cannot keep a known sender out:
+* Each source address may hold at most `max_per_source` connections that have not
+  authenticated; more are answered 503 (under TLS: closed, or the source's oldest unfinished
+  handshake is dropped to make room).
+* Under TLS a connection first sits in the handshake pool, under a short handshake deadline;
+  only a completed handshake takes a slot in the shared pool of `max_connections`. When the
+  handshake pool (as large) is full, an old handshake of the source that has held it longest
+  is dropped: a flood evicts itself, not a sender's handshake in its few milliseconds.
+* With client certificates (`known_peer` given), `reserved_connections` of the shared pool
+  are kept for known identities: other connections may hold the rest only.
+Every refusal or eviction is counted (`connection_refusals`) and logged at most once a second
+per reason, with a count.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Callable
@@ -40,21 +53,34 @@ _SINGLE_HEADERS = ("content-length", "authorization", "host")
 
 @dataclass(frozen=True)
 class ServerLimits:
-    max_connections: int = 512       # open connections, in any phase; more are answered 503
+    max_connections: int = 512       # open connections past the TLS handshake; more are answered 503
     header_timeout_s: float = 10.0   # accept to end of headers, TLS handshake included
     body_timeout_s: float = 10.0     # end of headers to end of body; also bounds writing the response
     max_head_bytes: int = 16 << 10   # request line and headers; more is 431
     max_body_bytes: int = 1 << 20    # Alertmanager caps a notification's alerts; 1 MiB is far beyond a real one
     request_workers: int = 4         # threads that handle complete requests
+    max_per_source: int = 64         # unauthenticated connections from one address (handshakes included)
+    handshake_timeout_s: float = 3.0  # accept to a completed TLS handshake (a real one takes milliseconds)
+    # Of max_connections, kept for known identities (client certificates); None: a quarter.
+    reserved_connections: int | None = None
+
+    @property
+    def reserve(self) -> int:
+        return self.max_connections // 4 if self.reserved_connections is None else self.reserved_connections
 
     def __post_init__(self):
-        for name in ("max_connections", "max_head_bytes", "max_body_bytes", "request_workers"):
+        for name in ("max_connections", "max_head_bytes", "max_body_bytes", "request_workers", "max_per_source"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
-        for name in ("header_timeout_s", "body_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "handshake_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 86400:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.reserved_connections is not None and (
+                not isinstance(self.reserved_connections, int)
+                or not 0 <= self.reserved_connections < self.max_connections):
+            raise ValueError(f"reserved_connections must be 0 or more and less than max_connections "
+                             f"({self.max_connections}), not {self.reserved_connections!r}")
 
 
 class HTTPError(Exception):
@@ -147,14 +173,25 @@ def parse_head(data: bytes) -> Request:
     return Request(method, target, version, headers, length)
 
 
+def _has_bytes(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except (BlockingIOError, InterruptedError, OSError):
+        return False
+
+
 class _Conn:
     """One client connection as the I/O thread sees it."""
 
-    __slots__ = ("sock", "client", "phase", "deadline", "buf", "request", "counted", "peer", "peer_names",
-                 "scanned")
+    __slots__ = ("sock", "client", "phase", "deadline", "buf", "request", "slot", "known", "accepted", "heard",
+                 "peer", "peer_names", "scanned")
 
-    def __init__(self, sock, client: str, phase: str, deadline: float, counted: bool):
-        self.sock, self.client, self.phase, self.deadline, self.counted = sock, client, phase, deadline, counted
+    def __init__(self, sock, client: str, phase: str, deadline: float, slot: str | None, accepted: float):
+        self.sock, self.client, self.phase, self.deadline = sock, client, phase, deadline
+        self.slot = slot  # "handshake", "pool", or None (a refusal lingering: it counts nowhere)
+        self.known = False  # a client certificate of a known identity (known_peer)
+        self.accepted = accepted
+        self.heard = False  # in a TLS handshake: the client has sent something (a real one at once)
         self.buf = bytearray()
         self.request: Request | None = None
         self.peer: str | None = None
@@ -162,41 +199,57 @@ class _Conn:
         self.scanned = 0  # bytes of buf already searched for the end of the head
 
 
+# Why a connection was refused or dropped before its request: the keys of connection_refusals.
+CONNECTION_REFUSALS = ("busy", "per_source", "handshake_evicted", "handshake_timeout")
+
+
 class BoundedHTTPServer:
     """Serve `handle(request) -> Response` under `limits`.
 
     `check_head(request) -> Response | None` runs on the I/O thread as soon as the head is
-    in, before any body is read: a refusal there (authentication, routing) costs no body."""
+    in, before any body is read: a refusal there (authentication, routing) costs no body.
+    `known_peer(peer, peer_names) -> bool` says whether a verified client certificate is a
+    known identity, which may use the `reserved_connections`; None: no reserve."""
 
     def __init__(self, address: tuple[str, int], limits: ServerLimits, ssl_context: ssl.SSLContext | None,
                  check_head: Callable[[Request], Response | None], handle: Callable[[Request], Response],
                  log: Callable[[str], None],
-                 on_response: Callable[[Request | None, str, Response, str], None] | None = None):
+                 on_response: Callable[[Request | None, str, Response, str], None] | None = None,
+                 known_peer: Callable[[str | None, frozenset], bool] | None = None):
         # on_response(request, who, response, line): told of every answer instead of `log` (its
         # owner counts and logs it, structured); `line` is what `log` would have been given.
         self.limits, self.ssl_context, self.check_head, self.handle, self.log = (
             limits, ssl_context, check_head, handle, log)
-        self.on_response = on_response
-        self.refused_connections_total = 0  # answered 503 at the connection cap, ever
-        self.listener = socket.create_server(address, backlog=min(limits.max_connections, 1024))
+        self.on_response, self.known_peer = on_response, known_peer
+        self.reserve = limits.reserve if known_peer is not None else 0
+        self.connection_refusals = Counter({reason: 0 for reason in CONNECTION_REFUSALS})  # ever, by reason
+        # The backlog holds connections the I/O thread has not accepted yet; a deep one keeps a
+        # sender's SYN from being dropped (a second's retransmit) while a flood is being shed.
+        self.listener = socket.create_server(address, backlog=1024)
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}  # fd -> connection, owned by the I/O thread
-        self._open = 0  # counted connections: the I/O thread's plus those with a worker
+        self._handshaking: dict[str, list[_Conn]] = {}  # source -> its handshakes, oldest first (I/O thread)
+        self._silent: Counter = Counter()  # source -> its handshakes that have sent nothing yet (I/O thread)
+        # Counted under _open_lock (workers release pool slots): the shared pool, the part of it
+        # without a known identity, the handshake pool, and per source the connections without one.
+        self._pool = self._pool_unknown = self._handshakes = 0
+        self._unknown_by_source: dict[str, int] = {}
         self._open_lock = threading.Lock()
         self._work: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._refused = 0  # refusals not yet logged
-        self._refusal_logged_at = 0.0
+        self._refusals_unlogged: Counter = Counter()
+        self._refusal_logged_at: dict[str, float] = {}
 
     @property
     def open_connections(self) -> int:
+        """Connections held now: in the shared pool and in TLS handshakes."""
         with self._open_lock:
-            return self._open
+            return self._pool + self._handshakes
 
     # --- the I/O thread ------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -256,50 +309,149 @@ class BoundedHTTPServer:
                 self.log(f"accept failed: {exc.strerror or exc}")
                 return
             sock.setblocking(False)
-            now = time.monotonic()
-            with self._open_lock:
-                full = self._open >= self.limits.max_connections
-                if not full:
-                    self._open += 1
-            if full:
-                self._refuse_full(sock, address[0], now)
-                continue
-            phase = "head"
-            if self.ssl_context is not None:
+            now, source = time.monotonic(), address[0]
+            if self.ssl_context is None:
+                refusal = self._admit_to_pool(source)
+                if refusal:
+                    self._refuse_connection(sock, source, refusal, now)
+                    continue
+                conn = _Conn(sock, source, "head", now + self.limits.header_timeout_s, "pool", now)
+            else:
+                if not self._make_room_for_handshake(source, now):
+                    self._refuse_connection(sock, source, "per_source", now)
+                    continue
+                said_hello = _has_bytes(sock)  # a real client's ClientHello follows its connect at once
                 try:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 except (ssl.SSLError, OSError) as exc:
-                    self.log(f"TLS setup failed for {address[0]}: {exc}")
+                    self.log(f"TLS setup failed for {source}: {exc}")
                     sock.close()
-                    self._uncount()
                     continue
-                phase = "handshake"
-            conn = _Conn(sock, address[0], phase, now + self.limits.header_timeout_s, counted=True)
+                deadline = now + min(self.limits.handshake_timeout_s, self.limits.header_timeout_s)
+                conn = _Conn(sock, source, "handshake", deadline, "handshake", now)
+                with self._open_lock:
+                    self._handshakes += 1
+                    self._unknown_by_source[source] = self._unknown_by_source.get(source, 0) + 1
+                self._handshaking.setdefault(source, []).append(conn)
+                self._silent[source] += 1
+                if said_hello:
+                    self._heard(conn)
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _refuse_full(self, sock: socket.socket, client: str, now: float) -> None:
-        self._refused += 1
-        self.refused_connections_total += 1
-        if now - self._refusal_logged_at >= 1.0:
-            self.log(f"503 refused {self._refused} connection(s) (the latest from {client}): "
-                     f"{self.limits.max_connections} connections open (--max-connections)")
-            self._refused, self._refusal_logged_at = 0, now
-        lingering = sum(1 for c in self._conns.values() if not c.counted)
+    def _admit_to_pool(self, source: str, known: bool = False, handshaken: bool = False) -> str | None:
+        """Take a slot in the shared pool (None), or say why not ("busy", "per_source").
+        `handshaken`: the connection leaves the handshake pool, where it was already counted
+        against its source."""
+        limits = self.limits
+        with self._open_lock:
+            if handshaken:
+                self._handshakes -= 1
+            here = self._unknown_by_source.get(source, 0)
+            if self._pool >= limits.max_connections or (
+                    not known and self._pool_unknown >= limits.max_connections - self.reserve):
+                refusal = "busy"
+            elif not known and not handshaken and here >= limits.max_per_source:
+                refusal = "per_source"
+            else:
+                refusal = None
+                self._pool += 1
+                self._pool_unknown += not known
+            # Per source, the connections without a known identity (a handshake counts as one).
+            if handshaken and (known or refusal):
+                here -= 1
+            elif not handshaken and refusal is None and not known:
+                here += 1
+            if here:
+                self._unknown_by_source[source] = here
+            else:
+                self._unknown_by_source.pop(source, None)
+        return refusal
+
+    def _make_room_for_handshake(self, source: str, now: float) -> bool:
+        """Make room in the handshake pool for one more from `source`; False: its unauthenticated
+        connections are all past the handshake, and at --max-per-source."""
+        with self._open_lock:
+            at_source = self._unknown_by_source.get(source, 0) >= self.limits.max_per_source
+            full = self._handshakes >= self.limits.max_connections
+        if at_source:
+            mine = self._handshaking.get(source)
+            if not mine:
+                return False
+            self._evict(next((c for c in mine if not c.heard), mine[0]), now)
+        elif full:
+            self._evict(self._eviction_victim(), now)
+        return True
+
+    def _eviction_victim(self) -> _Conn:
+        """The handshake to drop for a new one: first one that has sent nothing (a real TLS client
+        sends its ClientHello with its connect), from the source with the most such; else the
+        oldest of the source with the most handshakes. A flood, from a few addresses or many,
+        evicts itself; a sender's handshakes are few, heard at once and done in milliseconds."""
+        silent = [(n, src) for src, n in self._silent.items() if n > 0]
+        if silent:
+            _, source = max(silent)
+            return next(c for c in self._handshaking[source] if not c.heard)
+        return max(self._handshaking.values(), key=len)[0]
+
+    def _heard(self, conn: _Conn) -> None:
+        if not conn.heard:
+            conn.heard = True
+            self._silent[conn.client] -= 1
+            if self._silent[conn.client] <= 0:
+                del self._silent[conn.client]
+
+    def _evict(self, conn: _Conn, now: float) -> None:
+        self._note_refusal("handshake_evicted", conn.client, now)
+        self._close(conn)
+
+    def _note_refusal(self, reason: str, client: str, now: float) -> None:
+        """Count a refused or dropped connection; log at most one line a second per reason."""
+        self.connection_refusals[reason] += 1
+        self._refusals_unlogged[reason] += 1
+        if now - self._refusal_logged_at.get(reason, -1.0) < 1.0:
+            return
+        n, limits = self._refusals_unlogged.pop(reason), self.limits
+        self._refusal_logged_at[reason] = now
+        kept = f"; {self.reserve} kept for known identities (--reserved-connections)" if self.reserve else ""
+        self.log({
+            "busy": f"503 refused {n} connection(s) (the latest from {client}): "
+                    f"{limits.max_connections} connections open (--max-connections{kept})",
+            "per_source": f"503 refused {n} connection(s) (the latest from {client}): {limits.max_per_source} "
+                          f"unauthenticated connections open from that address (--max-per-source)",
+            "handshake_evicted": f"dropped {n} unfinished TLS handshake(s) (the latest from {client}) to make "
+                                 f"room for new connections (at most {limits.max_connections} handshakes, "
+                                 f"{limits.max_per_source} per address)",
+            "handshake_timeout": f"{n} TLS handshake(s) not completed within the handshake deadline "
+                                 f"({min(limits.handshake_timeout_s, limits.header_timeout_s):g} s), the latest "
+                                 f"from {client}: connection(s) closed",
+        }[reason])
+
+    def _refuse_connection(self, sock: socket.socket, client: str, reason: str, now: float) -> None:
+        self._note_refusal(reason, client, now)
+        lingering = sum(1 for c in self._conns.values() if c.slot is None)
         if self.ssl_context is not None or lingering >= MAX_LINGERING_REFUSALS:
             sock.close()  # under TLS a plain-text 503 means nothing: the client sees the connection close
             return
-        conn = _Conn(sock, client, "drain", now + LINGER_S, counted=False)
-        response = Response(503, {"error": f"server busy: {self.limits.max_connections} connections open; retry"},
-                            "", {"Retry-After": "1"})
+        conn = _Conn(sock, client, "drain", now + LINGER_S, None, now)
         self._conns[sock.fileno()] = conn
         self._selector.register(sock, selectors.EVENT_READ, conn)
-        self._send_now(conn, response)
+        self._send_now(conn, self._busy_response(reason, client))
         self._linger(conn, now)
 
+    def _busy_response(self, reason: str, client: str) -> Response:
+        limits = self.limits
+        error = (f"server busy: {limits.max_per_source} unauthenticated connections open from {client} "
+                 f"(--max-per-source); retry" if reason == "per_source"
+                 else f"server busy: {limits.max_connections} connections open"
+                      + (f", {self.reserve} of them kept for known identities" if self.reserve else "") + "; retry")
+        return Response(503, {"error": error}, "", {"Retry-After": "1"})
+
     def _on_ready(self, conn: _Conn) -> None:
-        if conn.phase == "handshake" and not self._handshake(conn):
-            return
+        if conn.phase == "handshake":
+            self._heard(conn)
+            if not self._handshake(conn):
+                return
         eof = self._read(conn)
         if conn.phase == "drain":
             if eof:
@@ -325,8 +477,32 @@ class BoundedHTTPServer:
             self._close(conn)
             return False
         self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        conn.phase, conn.peer, conn.peer_names = "head", peer_identity(conn.sock), certificate_names(conn.sock)
+        conn.peer, conn.peer_names = peer_identity(conn.sock), certificate_names(conn.sock)
+        # Only now, authenticated or not, does the connection ask for a slot in the shared pool.
+        self._leave_handshake_pool(conn)
+        known = self.known_peer is not None and bool(self.known_peer(conn.peer, conn.peer_names))
+        refusal = self._admit_to_pool(conn.client, known, handshaken=True)
+        now = time.monotonic()
+        if refusal:
+            conn.slot = None
+            self._note_refusal(refusal, conn.client, now)
+            if sum(1 for c in self._conns.values() if c.slot is None) > MAX_LINGERING_REFUSALS:
+                self._close(conn)
+            else:  # the handshake is done: a 503 the client can read
+                self._send_now(conn, self._busy_response(refusal, conn.client))
+                self._linger(conn, now)
+            return False
+        conn.slot, conn.known = "pool", known
+        conn.phase, conn.deadline = "head", conn.accepted + self.limits.header_timeout_s
         return True
+
+    def _leave_handshake_pool(self, conn: _Conn) -> None:
+        mine = self._handshaking.get(conn.client, [])
+        if conn in mine:
+            self._heard(conn)  # no longer counted as silent
+            mine.remove(conn)
+            if not mine:
+                del self._handshaking[conn.client]
 
     def _read(self, conn: _Conn) -> bool:
         """Append what has arrived to conn.buf (dropped while lingering), no more than the
@@ -397,8 +573,7 @@ class BoundedHTTPServer:
     def _sweep(self, now: float) -> None:
         for conn in [c for c in self._conns.values() if now > c.deadline]:
             if conn.phase == "handshake":
-                self.log(f"TLS handshake from {conn.client} not completed within the header deadline "
-                         f"({self.limits.header_timeout_s:g} s): connection closed")
+                self._note_refusal("handshake_timeout", conn.client, now)
                 self._close(conn)
             elif conn.phase == "head":
                 self._refuse(conn, HTTPError(408, f"request headers not received within "
@@ -462,12 +637,25 @@ class BoundedHTTPServer:
             conn.sock.close()
         except OSError:
             pass
-        if conn.counted:
-            self._uncount()
+        self._release(conn)
 
-    def _uncount(self) -> None:
+    def _release(self, conn: _Conn) -> None:
+        """Give back the slot a closed connection held (on the I/O thread or a worker)."""
+        if conn.slot == "handshake":
+            self._leave_handshake_pool(conn)  # only the I/O thread holds handshakes
         with self._open_lock:
-            self._open -= 1
+            if conn.slot == "handshake":
+                self._handshakes -= 1
+            elif conn.slot == "pool":
+                self._pool -= 1
+                self._pool_unknown -= not conn.known
+            if conn.slot is not None and not conn.known:
+                left = self._unknown_by_source.get(conn.client, 0) - 1
+                if left > 0:
+                    self._unknown_by_source[conn.client] = left
+                else:
+                    self._unknown_by_source.pop(conn.client, None)
+            conn.slot = None
 
     # --- the workers -----------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -491,7 +679,7 @@ class BoundedHTTPServer:
                     conn.sock.close()
                 except OSError:
                     pass
-                self._uncount()
+                self._release(conn)
 
     def _write(self, conn: _Conn, data: bytes) -> None:
         # One deadline for the whole response, not per send: a client that reads a byte at a

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aidc.errors import AidcError
@@ -30,8 +31,34 @@ BUILTIN_VARIABLES = frozenset({"node", "runbook", "run_id", "alertname"})
 MAX_TEXT = 4096
 
 
+# Why a value was refused: what a program (or a test) compares, where a person reads the message.
+WRONG_TYPE, TOO_LONG, MALFORMED, OUT_OF_RANGE, NOT_A_CHOICE, NOT_UNDER, UNKNOWN_TYPE, MISSING, NOT_A_NODE = (
+    "wrong_type", "too_long", "malformed", "out_of_range", "not_a_choice", "not_under", "unknown_type",
+    "missing", "not_a_node")
+
+
+@dataclass(frozen=True)
+class ParamProblem:
+    """One parameter that does not fit: its name, why (a kind above) and the one-line message."""
+
+    name: str
+    kind: str
+    message: str
+
+
 class ParamError(AidcError):
-    """A value does not fit its declared parameter type (or a required one is missing)."""
+    """A value does not fit its declared parameter type (or a required one is missing).
+
+    problems: every parameter refused, in order; str() joins their messages.
+    """
+
+    def __init__(self, *problems: ParamProblem):
+        self.problems = problems
+        super().__init__("; ".join(p.message for p in problems))
+
+
+def _refused(name: str, kind: str, detail: str) -> ParamError:
+    return ParamError(ParamProblem(name, kind, f"{name}: {detail}"))
 
 
 # Linux IFNAMSIZ is 16 with the NUL: at most 15 characters. Stricter than the kernel (which
@@ -53,43 +80,43 @@ _ALERTNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ParamError(f"{name}: expected text, got {type(value).__name__}")
+        raise _refused(name, WRONG_TYPE, f"expected text, got {type(value).__name__}")
     if len(value) > MAX_TEXT:
-        raise ParamError(f"{name}: value longer than {MAX_TEXT} characters")
+        raise _refused(name, TOO_LONG, f"value longer than {MAX_TEXT} characters")
     return value
 
 
 def _fullmatch(name: str, pattern: re.Pattern, value: Any, what: str) -> str:
     text = _text(name, value)
     if not pattern.fullmatch(text):
-        raise ParamError(f"{name}: {text!r} is not {what}")
+        raise _refused(name, MALFORMED, f"{text!r} is not {what}")
     return text
 
 
 def _int(name: str, spec: Mapping, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ParamError(f"{name}: expected an integer, got {type(value).__name__}")
+        raise _refused(name, WRONG_TYPE, f"expected an integer, got {type(value).__name__}")
     if isinstance(value, str):
         if not _INT.fullmatch(value):
-            raise ParamError(f"{name}: {value[:80]!r} is not an integer")
+            raise _refused(name, MALFORMED, f"{value[:80]!r} is not an integer")
         value = int(value)
     lo, hi = spec["min"], spec["max"]
     if not lo <= value <= hi:
-        raise ParamError(f"{name}: {value} is outside {lo}..{hi}")
+        raise _refused(name, OUT_OF_RANGE, f"{value} is outside {lo}..{hi}")
     return value
 
 
 def _enum(name: str, spec: Mapping, value: Any) -> str:
     text = _text(name, value)
     if text not in spec["values"]:
-        raise ParamError(f"{name}: {text[:80]!r} is not one of {', '.join(spec['values'])}")
+        raise _refused(name, NOT_A_CHOICE, f"{text[:80]!r} is not one of {', '.join(spec['values'])}")
     return text
 
 
 def _netdev(name: str, spec: Mapping, value: Any) -> str:
     text = _fullmatch(name, _NETDEV, value, "a network interface name (1-15 of A-Z a-z 0-9 _ . -)")
     if text in (".", ".."):
-        raise ParamError(f"{name}: {text!r} is not a network interface name")
+        raise _refused(name, MALFORMED, f"{text!r} is not a network interface name")
     return text
 
 
@@ -100,7 +127,7 @@ def _rdma_device(name: str, spec: Mapping, value: Any) -> str:
 def _node(name: str, spec: Mapping, value: Any) -> str:
     text = _text(name, value)
     if len(text) > 253 or not _NODE.fullmatch(text):
-        raise ParamError(f"{name}: {text[:80]!r} is not a host name")
+        raise _refused(name, MALFORMED, f"{text[:80]!r} is not a host name")
     return text
 
 
@@ -112,13 +139,13 @@ def _path(name: str, spec: Mapping, value: Any) -> str:
     text = _text(name, value)
     parts = text.split("/")
     if not text.startswith("/") or text == "/":
-        raise ParamError(f"{name}: {text[:80]!r} is not an absolute path below /")
+        raise _refused(name, MALFORMED, f"{text[:80]!r} is not an absolute path below /")
     if text.endswith("/") or any(p in ("", ".", "..") or not _PATH_COMPONENT.fullmatch(p) for p in parts[1:]):
-        raise ParamError(f"{name}: {text[:80]!r} is not a normalized path of A-Z a-z 0-9 _ . @ + - "
+        raise _refused(name, MALFORMED, f"{text[:80]!r} is not a normalized path of A-Z a-z 0-9 _ . @ + - "
                          "components (no '..', no empty or '-'-led component)")
     roots = spec["under"]
     if not any(text == root or text.startswith(root.rstrip("/") + "/") for root in roots):
-        raise ParamError(f"{name}: {text!r} is not under {' or '.join(roots)}")
+        raise _refused(name, NOT_UNDER, f"{text!r} is not under {' or '.join(roots)}")
     return text
 
 
@@ -145,7 +172,7 @@ def check_value(name: str, spec: Mapping, value: Any) -> Any:
     """The value converted to its declared type, or ParamError. Nothing else escapes."""
     checker = PARAM_TYPES.get(spec.get("type", ""))
     if checker is None:
-        raise ParamError(f"{name}: unknown parameter type {spec.get('type')!r}")
+        raise _refused(name, UNKNOWN_TYPE, f"unknown parameter type {spec.get('type')!r}")
     return checker(name, spec, value)
 
 
@@ -166,26 +193,27 @@ def validate(params: Mapping[str, Mapping], labels: Mapping, annotations: Mappin
     """
     annotations = annotations or {}
     out: dict[str, Any] = {}
-    problems: list[str] = []
+    problems: list[ParamProblem] = []
     if "alertname" in labels:
         try:
             out["alertname"] = _fullmatch("alertname", _ALERTNAME, labels["alertname"], "an alert name")
         except ParamError as exc:
-            problems.append(str(exc))
+            problems += exc.problems
     for name, spec in params.items():
         raw = _source_value(spec, name, labels, annotations)
         if raw is None:
             if spec.get("required", True) and not allow_missing:
                 where = "annotation" if spec.get("source") == "annotation" else "label"
-                problems.append(f"{name}: required, and the trigger has no {spec.get('key', name)!r} {where}")
+                problems.append(ParamProblem(name, MISSING, f"{name}: required, and the trigger has no "
+                                                            f"{spec.get('key', name)!r} {where}"))
             continue
         try:
             value = check_value(name, spec, raw)
             if spec["type"] == "node" and nodes is not None and value not in set(nodes):
-                raise ParamError(f"{name}: {value!r} is not a node of this cluster")
+                raise _refused(name, NOT_A_NODE, f"{value!r} is not a node of this cluster")
             out[name] = value
         except ParamError as exc:
-            problems.append(str(exc))
+            problems += exc.problems
     if problems:
-        raise ParamError("; ".join(problems))
+        raise ParamError(*problems)
     return out

@@ -9,6 +9,7 @@ directory instead of the one the approver saw. This module compares the two stat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,28 @@ PARAM_TO_ANSIBLE = {
 # ... and of each literal a runbook writes into extravars (bool before int: bool is an int).
 LITERAL_TO_ANSIBLE = ((bool, {"bool", "raw"}), (int, {"int", "raw"}), (float, {"float", "raw"}),
                       (str, {"str", "path", "raw"}), (list, {"list", "raw"}), (dict, {"dict", "raw"}))
+
+
+# What can be wrong with one variable a step passes (or fails to pass).
+UNKNOWN, MISSING, MISTYPED, OUTSIDE_CHOICES = "unknown", "missing", "mistyped", "outside_choices"
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One variable of one playbook step that does not fit the playbook's declaration.
+
+    variable and kind are what a program (or a test) compares; str() is the message for a person.
+    """
+
+    runbook: str
+    step: str
+    playbook: str
+    variable: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.runbook}/{self.step} -> {self.playbook}: {self.detail}"
 
 
 class PlaybookArgsError(Exception):
@@ -78,20 +101,20 @@ def _choices_fit(choices: list, value, params: dict) -> str | None:
     return None if value in choices else f"{value!r} is not one of the playbook's choices {choices}"
 
 
-def step_mismatches(runbook: Runbook, step: Step, spec: dict) -> list[str]:
+def step_mismatches(runbook: Runbook, step: Step, spec: dict) -> list[Mismatch]:
     """Why the variables a playbook step passes do not fit the playbook's declared arguments."""
     passed = step.raw.get("extravars") or {}
-    out = []
+    out: list[tuple[str, str, str]] = []
     for name in sorted(set(passed) - set(spec)):
-        out.append(f"passes {name!r}, which the playbook does not declare (it declares: "
-                   f"{', '.join(sorted(spec)) or 'nothing'})")
+        out.append((name, UNKNOWN, f"passes {name!r}, which the playbook does not declare (it declares: "
+                                   f"{', '.join(sorted(spec)) or 'nothing'})"))
     for name in sorted(n for n, arg in spec.items() if (arg or {}).get("required") and n not in passed):
-        out.append(f"does not pass {name!r}, which the playbook requires")
+        out.append((name, MISSING, f"does not pass {name!r}, which the playbook requires"))
     for name in sorted(set(passed) & set(spec)):
         arg = spec[name] or {}
-        problem = _compatible(arg.get("type", "str"), passed[name], runbook.params)
+        problem, kind = _compatible(arg.get("type", "str"), passed[name], runbook.params), MISTYPED
         if problem is None and arg.get("choices"):
-            problem = _choices_fit(arg["choices"], passed[name], runbook.params)
+            problem, kind = _choices_fit(arg["choices"], passed[name], runbook.params), OUTSIDE_CHOICES
         if problem:
-            out.append(f"{name}: {problem}")
-    return [f"{runbook.name}/{step.id} -> {step.raw['playbook']}: {m}" for m in out]
+            out.append((name, kind, f"{name}: {problem}"))
+    return [Mismatch(runbook.name, step.id, step.raw["playbook"], name, kind, detail) for name, kind, detail in out]

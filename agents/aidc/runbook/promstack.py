@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from aidc.files import SHARED_MODE, shared_opener, write_atomic
+
 PROMETHEUS = "prometheus"
 ALERTMANAGER = "prometheus-alertmanager"  # Debian's name for the alertmanager binary
 
@@ -81,8 +83,8 @@ class PromStack:
             }],
         }
         am_file, prom_file = self.workdir / "alertmanager.yml", self.workdir / "prometheus.yml"
-        am_file.write_text(yaml.safe_dump(am))
-        prom_file.write_text(yaml.safe_dump(prom))
+        write_atomic(am_file, yaml.safe_dump(am), SHARED_MODE)
+        write_atomic(prom_file, yaml.safe_dump(prom), SHARED_MODE)
         return am_file, prom_file
 
     def _webhook_http_config(self) -> dict:
@@ -94,7 +96,7 @@ class PromStack:
         return config
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
-        log = open(self.workdir / log_name, "ab")
+        log = open(self.workdir / log_name, "ab", opener=shared_opener)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=self.workdir)
         log.close()

@@ -13,7 +13,8 @@ RFC 7235 has it), mutual TLS (`aidc.runbook.tls`), or both; a receiver with neit
 start. What authenticated is the caller's identity (aidc.identity): `cert:<CN>` of the client
 certificate, `token:<name>` of a token in the token map (`token:default` for the single token);
 it is written into each run's trigger, and with access roles configured it must hold `viewer`
-to list runs and `operator` to post alerts (else 403, audited). A token in the query string is
+to list runs and `operator` to post alerts (else 403, audited, repeats aggregated by
+`aidc.runbook.refusals`). A token in the query string is
 refused (400) and never logged: query strings end up in proxies' and servers' logs.
 """
 
@@ -25,10 +26,11 @@ import time
 from dataclasses import dataclass
 
 from aidc import strict_json
-from aidc.identity import authorize, cert_identity, token_identity
+from aidc.identity import authorize, cert_identity, role_of, token_identity
 from aidc.errors import PolicyRefusal
 from aidc.runbook.engine import Engine, Submission
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
+from aidc.runbook.refusals import AggregatedRefusals
 from aidc.runbook.serve_metrics import CONTENT_TYPE_LATEST, JsonLines, ReceiverMetrics
 from aidc.runbook.tls import TLSConfig
 
@@ -107,13 +109,17 @@ class Receiver:
             lambda line: print(f"{time.strftime('%H:%M:%S')} aidc runbook serve: {line}", file=sys.stderr,
                                flush=True)))
         self.metrics = ReceiverMetrics(lambda: self.httpd.open_connections,
-                                       lambda: self.httpd.refused_connections_total)
+                                       lambda: dict(self.httpd.connection_refusals))
+        # 403s reach the audit log aggregated: a caller refused 65 times a second is two
+        # records a minute, not 3 GB a day (aidc.runbook.refusals).
+        self.refusals = AggregatedRefusals(engine.audit)
         self._executing: set[int] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         context = tls.server_context() if tls else None
         self.httpd = BoundedHTTPServer((host, port), self.limits, context, self._check_head, self._handle, self.log,
-                                       on_response=self._on_response)
+                                       on_response=self._on_response,
+                                       known_peer=self._known_peer if tls and tls.mutual else None)
 
     @property
     def scheme(self) -> str:
@@ -136,6 +142,13 @@ class Receiver:
         scheme, _, presented = request.header("authorization").partition(" ")
         named = token_identity(presented.strip(), self.token, self.token_map) if scheme.lower() == "bearer" else None
         return found + [named] if named else None
+
+    def _known_peer(self, peer: str | None, names: frozenset) -> bool:
+        """A verified client certificate that may use the connections kept for known identities:
+        with access roles configured, one that holds a role; without, any the client CA signed."""
+        identity = cert_identity(peer)
+        roles = self.engine.access_roles
+        return identity is not None and (not roles or role_of(roles, [identity]) is not None)
 
     def _check_head(self, request: Request) -> Response | None:
         """Before any body is read: health needs nothing, everything else the token and a known route."""
@@ -167,7 +180,7 @@ class Receiver:
         who = self.identities(request) or []
         needed, action = ("viewer", "list runs") if request.method == "GET" else ("operator", "post alerts")
         try:
-            authorize(self.engine.access_roles, who, needed, action, self.engine.audit,
+            authorize(self.engine.access_roles, who, needed, action, self.refusals,
                       payload={"address": request.client, "method": request.method, "path": request.path})
         except PolicyRefusal as exc:
             return Response(403, {"error": str(exc)}, f"refused: {exc}")
@@ -180,11 +193,24 @@ class Receiver:
             return Response(exc.code, {"error": exc.reason}, exc.reason)
         sender = {"address": request.client, **({"client": request.peer} if request.peer else {}),
                   **({"identity": who[-1], "identities": who} if who else {})}
-        results = [self.accept(a, sender) for a in alerts]
+        results = [self._accept_one(a, sender) for a in alerts]
         summary = ", ".join(f"{r.outcome}:{r.runbook or '-'}@{r.node or '-'}" for r in results[:20]) or "no alerts"
         if len(results) > 20:
             summary += f", ... ({len(results)} alerts)"
-        return Response(200, {"results": [r.to_dict() for r in results]}, summary)
+        # Each alert is answered on its own. An alert the engine refused (a label that fails its
+        # runbook's types: `rejected`) is a 200 like the rest, since Alertmanager retries a 5xx
+        # and a retry cannot change a label. Only an internal error (`error`: a database, say)
+        # makes the answer 500, so that Alertmanager retries: the alerts already handled come
+        # back as duplicates, and the failed one gets another chance.
+        code = 500 if any(r.outcome == "error" for r in results) else 200
+        return Response(code, {"results": [r.to_dict() for r in results]}, summary)
+
+    def _accept_one(self, alert: dict, sender: dict) -> Submission:
+        try:
+            return self.accept(alert, sender)
+        except Exception as exc:  # this alert's failure, not the notification's
+            self.metrics.alert("error")
+            return Submission("error", f"internal error: {type(exc).__name__}: {exc}")
 
     def _on_response(self, request: Request | None, who: str, response: Response, line: str) -> None:
         route = request.path.partition("?")[0] if request else "-"
@@ -242,6 +268,8 @@ class Receiver:
                         busy = run_id in self._executing
                     if not busy:
                         self._dispatch(run_id)
+                self.refusals.flush_due()
+                self.engine.refusals.flush(expired_only=True)  # a flood's summary, once it is over
             except Exception as exc:
                 self.log(f"scanner error: {type(exc).__name__}: {exc}")
             self.engine.stop.wait(self.scan_interval_s)
@@ -262,7 +290,10 @@ class Receiver:
                 running = list(self._threads)
             for t in running:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.refusals.close()
+            self.engine.refusals.flush()
 
     def shutdown(self) -> None:
         self.engine.stop.set()
         self.httpd.shutdown()
+        self.refusals.close()  # the refusals counted in open windows are on record when this returns

@@ -23,12 +23,16 @@ REFUSAL_REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden",
 
 
 class ReceiverMetrics:
-    def __init__(self, open_connections: Callable[[], int], refused_connections: Callable[[], int]):
+    def __init__(self, open_connections: Callable[[], int], refused_connections: Callable[[], dict[str, int]]):
+        # refused_connections(): the server's running counts of connections refused or dropped
+        # before a request, by reason (busy, per_source, handshake_evicted, handshake_timeout).
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("aidc_receiver_requests", "HTTP requests answered, by method, route and status code.",
                                 ["method", "route", "code"], registry=self.registry)
         self.refusals = Counter("aidc_receiver_refusals", "Requests refused (4xx, 503), by reason; connections "
-                                "refused at the --max-connections cap count as reason busy.",
+                                "refused or dropped before a request count as busy (--max-connections), "
+                                "per_source (--max-per-source), handshake_evicted (an unfinished TLS "
+                                "handshake dropped for a newer one) and handshake_timeout.",
                                 ["reason"], registry=self.registry)
         self.alerts = Counter("aidc_receiver_alerts", "Alerts received, by what the engine made of them "
                               "(started, dry_run, duplicate, cooldown, node_busy, unmatched, ...).",
@@ -38,7 +42,7 @@ class ReceiverMetrics:
         Gauge("aidc_receiver_open_connections", "Connections open now.",
               registry=self.registry).set_function(open_connections)
         self._refused_connections = refused_connections
-        self._busy_seen = 0
+        self._connections_seen: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def answered(self, method: str, route: str, code: int) -> None:
@@ -55,13 +59,14 @@ class ReceiverMetrics:
         self.runs.labels(status).inc()
 
     def exposition(self) -> str:
-        # Refusals at the connection cap happen on the I/O thread without a request: fold the
-        # server's running count in at scrape time.
+        # Connections refused before a request are counted on the I/O thread: fold the server's
+        # running counts in at scrape time.
         with self._lock:
-            total = self._refused_connections()
-            if total > self._busy_seen:
-                self.refusals.labels("busy").inc(total - self._busy_seen)
-                self._busy_seen = total
+            for reason, total in self._refused_connections().items():
+                seen = self._connections_seen.get(reason, 0)
+                if total > seen:
+                    self.refusals.labels(reason).inc(total - seen)
+                    self._connections_seen[reason] = total
         return generate_latest(self.registry).decode()
 
 

@@ -297,6 +297,9 @@ class RunState:
         db.execute("INSERT OR IGNORE INTO alerts_seen(fingerprint, starts_at, run_id, first_seen) VALUES (?, ?, ?, ?)",
                    (fingerprint, starts_at, run_id, time.time()))
 
+    def forget_alert(self, db: sqlite3.Connection, fingerprint: str, starts_at: str) -> None:
+        db.execute("DELETE FROM alerts_seen WHERE fingerprint = ? AND starts_at = ?", (fingerprint, starts_at))
+
     def alert_repeats(self, fingerprint: str) -> int:
         row = self.db.execute("SELECT COALESCE(SUM(repeats), 0) FROM alerts_seen WHERE fingerprint = ?",
                               (fingerprint,)).fetchone()

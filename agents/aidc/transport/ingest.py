@@ -4,10 +4,12 @@ Only a client certificate from the configured CA gets past the handshake. A node
 only its own faults: every event's node must be the certificate's common name or one of its
 DNS subjectAltNames, or a node the spec lists for a relay the certificate names (`relays`,
 from `transport.relays` for the names given with `--allow-client`); a batch with any other node
-is refused whole with 403, logged and audited once (aidc.failover.provenance). A valid batch is
-inserted under its idempotency keys (INSERT OR IGNORE) and committed before the answer, so a
-200 means the events are durable, and a batch sent again after a lost answer changes nothing.
-The failover loop picks the new events up from the store like any other.
+is refused whole with 403, logged and audited once (aidc.failover.provenance). An event for a
+name that is not one of the scheduler's nodes is refused with 422 and audited, aggregated
+(aidc.nodenames). A valid batch is inserted under its idempotency keys (INSERT OR IGNORE) and
+committed before the answer, so a 200 means the events are durable, and a batch sent again
+after a lost answer changes nothing. The failover loop picks the new events up from the store
+like any other.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Mapping
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.failover.provenance import audit_refusal, speaks_for
+from aidc.nodenames import NodeInventory, RefusalLog, shown
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
 from aidc.runbook.tls import TLSConfig
 from aidc.store import Store
@@ -39,11 +42,13 @@ class IngestServer:
     """`serve_forever()` on a thread; `shutdown()` from another. Store and audit log are its own
     connections, used one request at a time: SQLite serializes writers anyway."""
 
-    def __init__(self, store_path, audit_path, nodes: set[str], tls: TLSConfig, host: str, port: int, *,
-                 relays: Mapping[str, Iterable[str]] | None = None, request_timeout_s: float = 10.0, log=None):
+    def __init__(self, store_path, audit_path, nodes: set[str] | NodeInventory, tls: TLSConfig, host: str,
+                 port: int, *, relays: Mapping[str, Iterable[str]] | None = None, request_timeout_s: float = 10.0,
+                 log=None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
-        self.nodes = set(nodes)
+        # The controller's NodeInventory (the scheduler's nodes), or a fixed set of names.
+        self.nodes = nodes if isinstance(nodes, NodeInventory) else frozenset(nodes)
         self.relays = {name: frozenset(listed) for name, listed in (relays or {}).items()}
         self.request_timeout_s = request_timeout_s
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc failover: {line}",
@@ -51,6 +56,7 @@ class IngestServer:
         self.actor = default_actor("failover-ingest")
         self._lock = threading.Lock()
         self.store, self.audit = Store(store_path), AuditLog(audit_path)
+        self.refusals = RefusalLog(self.audit, self.actor, lock=self._lock)
         limits = ServerLimits(header_timeout_s=request_timeout_s, body_timeout_s=request_timeout_s,
                               max_body_bytes=wire.MAX_BODY_BYTES)
         self.httpd = BoundedHTTPServer((host, port), limits, tls.server_context(), self._check_head,
@@ -65,6 +71,7 @@ class IngestServer:
         try:
             self.httpd.serve_forever()
         finally:
+            self.refusals.flush()
             with self._lock:
                 self.store.close()
                 self.audit.close()
@@ -77,10 +84,13 @@ class IngestServer:
     def accept(self, batch: list[tuple[str, object]], names: set[str], client: str) -> dict:
         """Check who may report what, then store the new events durably. Returns the answer."""
         allowed = speaks_for(names, self.relays)
+        self.refusals.flush(expired_only=True)
         foreign: dict[str, list[str]] = {}
         for key, event in batch:
             if event.node not in self.nodes:
-                raise Refused(422, f"{event.node!r} is not a node of this cluster")
+                reason = f"{shown(event.node)} is not a node of this cluster"
+                self.refusals.refuse(event.node, "ingest", client, reason)
+                raise Refused(422, reason)
             if event.node not in allowed:
                 foreign.setdefault(event.node, []).append(key)
         if foreign:

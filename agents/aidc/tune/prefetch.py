@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aidc.errors import AidcError
+from aidc.files import SHARED_MODE, write_atomic
 
 SAMPLE_SUFFIX = ".sample"
 MAGIC = b"AIDCSMP1"
@@ -71,10 +72,7 @@ def make_dataset(directory: str | Path, samples: int, sample_kib: int = 64, seed
         # Smooth random data compresses like natural images do (some, not all).
         values = torch.cumsum(torch.randn(floats, generator=g), 0).to(torch.float32)
         blob = MAGIC + zlib.compress(values.numpy().tobytes(), 6)
-        path = directory / f"{i:07d}{SAMPLE_SUFFIX}"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        write_atomic(directory / f"{i:07d}{SAMPLE_SUFFIX}", blob, SHARED_MODE)
         total += len(blob)
     return {"dataset": str(directory), "samples": samples, "bytes": total, "sample_kib": sample_kib}
 

@@ -10,7 +10,8 @@ from aidc.errors import BurninError
 class LabLauncher:
     name = "lab"
 
-    def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say) -> LaunchResult:
+    def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
+            soak_s: float = 0.0) -> LaunchResult:
         from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
         from aidc.lab import fabric as lab_fabric
 
@@ -25,7 +26,7 @@ class LabLauncher:
         fabric = lab_fabric.ensure(spec, lab_dir, say=say)
         try:
             report = run_burnin(spec, dirs, audit, progress=progress, timeout_s=timeout_s, fabric=fabric,
-                                only=frozenset(n.name for n in nodes))
+                                only=frozenset(n.name for n in nodes), known_answers=known_answers, soak_s=soak_s)
         finally:
             if fabric is not None and not already_up:
                 lab_fabric.teardown(lab_dir)

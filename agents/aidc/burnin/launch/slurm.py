@@ -58,9 +58,14 @@ def srun_argv(spec, names: list[str], node_command: list[str]) -> list[str]:
 class SlurmLauncher:
     name = "slurm"
 
-    def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say) -> LaunchResult:
+    def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
+            soak_s: float = 0.0) -> LaunchResult:
         from aidc.burnin import runner
+        from aidc.burnin.answers import load_all
 
+        if known_answers is None:  # read before the job: a bad file is an error now, not after it
+            known_answers = load_all(None)
+        timeout_s += soak_s  # the soak is time asked for, not a hang
         started = time.monotonic()
         names = [n.name for n in nodes]
         host = spec.slurm.burnin.store_host or "127.0.0.1"
@@ -76,7 +81,7 @@ class SlurmLauncher:
             with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
                 for rank, node in enumerate(nodes):
                     cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
-                                                node_dir=node_dirs.get(node.name)),
+                                                node_dir=node_dirs.get(node.name), soak_s=soak_s),
                            **runner._fabric_config(spec, None, node.name, names),
                            "store_host": host, "store_port": store.port}
                     if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
@@ -99,7 +104,8 @@ class SlurmLauncher:
             job.stop()
             if bar:
                 bar.stop()
-        report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, all_nodes=nodes)
+        report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, all_nodes=nodes,
+                                       known_answers=known_answers)
         if audit is not None:
             runner._certify(audit, report, {"name": self.name, "job_id": job.job_id})
         return LaunchResult(report, job.job_id)
