@@ -145,3 +145,42 @@ def test_the_node_program_outside_a_burnin_job_refuses_in_one_line(env):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+    import struct
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hex_port = local.partition(":")
+            if state != "0A" or int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(addr)
+            # The kernel prints each 32-bit word in host byte order.
+            words = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, width, 4))
+            found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+@pytest.mark.parametrize("which", ["job store", "lab store"])
+def test_a_runs_store_listens_on_its_own_address_only(which):
+    # TCPStore's own server listens on every interface whatever host it is given: a store meant
+    # for loopback would be reachable from the machine's networks too.
+    if which == "job store":
+        from aidc.burnin.launch.store import JobStore
+
+        with JobStore("127.0.0.1", timeout_s=10) as store:
+            assert listening_addresses(store.port) == {"127.0.0.1"}
+    else:
+        from aidc.burnin.runner import _start_store
+
+        store = _start_store(None, 10)
+        assert listening_addresses(store.port) == {"127.0.0.1"}

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 from aidc.audit.log import AuditLog, default_actor
@@ -197,18 +196,14 @@ def _links_down(fabric) -> dict[str, str]:
 def _start_store(fabric, timeout_s: float):
     """The rendezvous store, where every node can reach it: on loopback, or on the fabric's
     management bridge inside the lab's switch namespace (never on a rail, so a rail fault
-    cannot cut a node off the rendezvous)."""
-    import torch.distributed as dist  # only for the rendezvous store: the parent computes nothing
-
-    def make(host: str):
-        return dist.TCPStore(host, 0, world_size=None, is_master=True, wait_for_workers=False,
-                             timeout=timedelta(seconds=timeout_s))
+    cannot cut a node off the rendezvous), listening on that address only."""
+    from aidc.burnin.launch.store import listening_store  # torch, for the store only: the parent computes nothing
 
     if fabric is None:
-        return make("127.0.0.1")
+        return listening_store("127.0.0.1", timeout_s)
     from aidc.lab.fabric import in_netns
 
-    return in_netns(fabric.switch_ns, lambda: make(fabric.store_addr))
+    return in_netns(fabric.switch_ns, lambda: listening_store(fabric.store_addr, timeout_s))
 
 
 PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this

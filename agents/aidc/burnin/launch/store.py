@@ -1,6 +1,7 @@
 """The rendezvous store a burn-in run owns, and what crosses it: JSON objects, never pickles.
 
-The command that launches the run hosts a TCPStore on a port the kernel picks. TCPStore has no
+The command that launches the run hosts a TCPStore on a port the kernel picks, listening on the
+run's address only (TCPStore alone would listen on every interface). TCPStore has no
 authentication: anyone who can reach that port can connect. So every key the run uses lives
 under a fresh 256-bit secret prefix (`PrefixStore`) that only the run's nodes learn (from a
 0600 config file, or from the job's environment): a client without it finds none of the run's
@@ -21,6 +22,30 @@ from aidc.errors import BurninError
 def store_secret() -> str:
     """A fresh per-run key prefix for the rendezvous store (256 bits)."""
     return secrets.token_hex(32)
+
+
+def listening_store(host: str, timeout_s: float):
+    """A TCPStore server that listens on `host` only, on a port the kernel picks.
+
+    TCPStore's own server listens on every interface whatever host it is given; so the socket
+    is bound here and handed over (`master_listen_fd`; the store owns it from then on)."""
+    import socket
+
+    import torch.distributed as dist
+
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(1024)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(host, port, world_size=None, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=timeout_s), master_listen_fd=sock.fileno(), use_libuv=True)
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store closes it
+    return store
 
 
 def keyed_store(store, secret: str):
@@ -60,10 +85,7 @@ class JobStore(_JsonStore):
         self.master = None
 
     def __enter__(self) -> "JobStore":
-        import torch.distributed as dist
-
-        self.master = dist.TCPStore(self.host, 0, world_size=None, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=self.timeout_s))
+        self.master = listening_store(self.host, self.timeout_s)
         self.port = self.master.port
         self.store = keyed_store(self.master, self.secret)
         return self
