@@ -184,3 +184,25 @@ def test_a_runs_store_listens_on_its_own_address_only(which):
 
         store = _start_store(None, 10)
         assert listening_addresses(store.port) == {"127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_the_lab_launcher_burns_in_only_the_named_nodes_and_certifies_only_them(tmp_path):
+    from aidc.audit.log import AuditLog
+
+    spec = parse_spec({
+        "name": "mini", "device_backend": "sim", "scheduler": "lab",
+        "node_pools": [{"name": "n", "count": 3, "gpu_model": "SIM", "gpus_per_node": 1}],
+        "agent": {"device_timeout_s": 2.0},
+        "policy": {"burnin": {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
+                              "allreduce_min_bytes": 4096, "allreduce_max_bytes": 8192, "train_steps": 5,
+                              "min_busbw_fraction": 0.0, "busbw_fleet_tolerance": 0.99, "storage_bytes": 1 << 20,
+                              "storage_files": 5, "storage_tolerance": 0.99}},
+    })
+    with AuditLog(tmp_path / "audit.db") as audit:
+        result = launcher_for("lab").run(spec, select_nodes(spec, "n-2,n-0"), lab_dir=tmp_path / "lab", audit=audit,
+                                         progress=False, timeout_s=240, say=lambda msg: None)
+        certs = audit.records(kind="burnin.certificate")
+    assert result.job_id is None and list(result.report.nodes) == ["n-0", "n-2"]
+    assert result.report.fleet["collective_ranks"] == 2
+    assert sorted((r.node, r.payload["launcher"]["name"]) for r in certs) == [("n-0", "lab"), ("n-2", "lab")]
