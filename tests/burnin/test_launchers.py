@@ -59,7 +59,7 @@ def test_the_job_is_one_exclusive_task_per_named_node_in_the_specs_partition_and
     spec = slurm_spec(**burnin)
     argv = srun_argv(spec, ["gpu-0", "gpu-2", "gpu-spare-0"], ["python", "-m", "aidc", "burnin", "node"])
     opts = options(argv[:argv.index("python")])
-    assert argv[0].endswith("srun") and argv[argv.index("python"):] == ["python", "-m", "aidc", "burnin", "node"]
+    assert argv[0] == "srun" and argv[argv.index("python"):] == ["python", "-m", "aidc", "burnin", "node"]
     assert opts["--nodelist"] == "gpu-0,gpu-2,gpu-spare-0"
     assert (opts["--nodes"], opts["--ntasks"], opts["--ntasks-per-node"]) == ("3", "3", "1")
     assert opts["--exclusive"] is True and opts["--job-name"] == JOB_NAME == "aidc-burnin"

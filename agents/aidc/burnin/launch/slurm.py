@@ -42,17 +42,18 @@ def _scheduler(spec):
 
 
 def srun_argv(spec, names: list[str], node_command: list[str]) -> list[str]:
-    """One job over exactly `names`, whole nodes, one task each, every GPU of the node."""
+    """One job over exactly `names`, whole nodes, one task each, every GPU of the node (the tool
+    by name: `slurm.bin_dir` or PATH resolves it when the job starts)."""
     settings = spec.slurm.burnin
     gpus = max(n.gpus for n in spec.nodes() if n.name in names)
-    return _scheduler(spec)._argv([
+    return [
         "srun", f"--job-name={JOB_NAME}", f"--nodes={len(names)}", f"--ntasks={len(names)}", "--ntasks-per-node=1",
         f"--nodelist={','.join(names)}", "--exclusive", f"--gres=gpu:{gpus}",
         # One node's program dying would leave the others waiting in a collective: end them all.
         "--kill-on-bad-exit=1",
         *([f"--partition={settings.partition}"] if settings.partition else []),
         *([f"--reservation={settings.reservation}"] if settings.reservation else []),
-        *node_command])
+        *node_command]
 
 
 class SlurmLauncher:
@@ -124,11 +125,14 @@ class _Job:
     def start(self, tmp: Path, secret_env: dict[str, str]) -> None:
         from aidc.burnin.runner import _worker_env
 
-        env = {**_worker_env(), **_scheduler(self.spec)._env(), **secret_env}
+        env = {**_worker_env(), **secret_env}  # this package first on PYTHONPATH, one thread per task
+        if self.spec.slurm.conf:
+            env["SLURM_CONF"] = self.spec.slurm.conf
         env.pop("GLOO_SOCKET_IFNAME", None)  # the node program sets it from its config
         self.log = tmp / "srun.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(srun_argv(self.spec, self.names, NODE_COMMAND), stdin=subprocess.DEVNULL,
+            argv = _scheduler(self.spec)._argv(srun_argv(self.spec, self.names, NODE_COMMAND))
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
 
