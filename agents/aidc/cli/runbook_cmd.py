@@ -86,6 +86,7 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         reason = f"{shown(node)} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}"
         engine.refusals.refuse(node, "cli", cli_identity(), reason)
         raise AidcError(reason)
+    engine.catalog.get(name)  # an unknown runbook is bad input, said before any access check
     labels = {}
     for item in label:
         key, sep, value = item.partition("=")
