@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -162,9 +163,10 @@ def _install_if_new(spec, stack: str, lab_dir: Path) -> None:
     """The controller's first start in a state directory is its installation: record the spec's
     roles and policy (and the audit log's signing key) unless an installer already did."""
     from aidc.identity import cli_identity
-    from aidc.installation import load, record
+    from aidc.installation import record, record_path
 
-    if load(lab_dir) is None:
+    # Any record there, even one privileged commands distrust, is an installer's to replace.
+    if not os.path.lexists(record_path(lab_dir)):
         pem, key_id = _audit_signing_key(lab_dir)
         record(lab_dir, spec, stack, public_key_pem=pem, key_id=key_id, recorded_by=cli_identity())
 
