@@ -30,21 +30,13 @@ from aidc.installation import RECORD_NAME, InstallationError, load, record
 from aidc.runbook.state import RunState
 from aidc.spec import load_stack
 from aidc.store import Store
+from tests.runbook.runbook_fakes import APPROVE_THEN_QUARANTINE
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWER_UID = 65534  # nobody
 VIEWER = "user:nobody"
 ME = cli_identity()
 NODES = ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"]
-ASK_THEN_DRAIN = """
-name: ask-then-drain
-title: Ask, then drain
-summary: A person approves, then the node is quarantined.
-trigger: {alerts: [{alertname: AskThenDrain}]}
-steps:
-  - {id: ok-to-drain, kind: approve, prompt: "Drain ${node}?", timeout_s: 3600}
-  - {id: out, kind: quarantine, reason: "drained after approval"}
-"""
 
 
 def write_stack(path: Path, roles: dict) -> Path:
@@ -81,7 +73,7 @@ def site(aidc_cli):
     for i, name in enumerate(NODES):
         create_node(lab / "nodes" / name, name, 2, i)
     (base / "rb").mkdir()
-    (base / "rb" / "ask-then-drain.yaml").write_text(ASK_THEN_DRAIN)
+    (base / "rb" / "ask-then-drain.yaml").write_text(APPROVE_THEN_QUARANTINE)
     installed = write_stack(base / "Pulumi.site.yaml", {ME: "approver", VIEWER: "viewer"})
     common = ("--stack", str(installed), "--lab-dir", str(lab))
     runbook = ("--runbooks", str(base / "rb"), "--state-db", str(lab / "runs.db"), "--audit-db", str(lab / "audit.db"))

@@ -26,19 +26,10 @@ from aidc.runbook.receiver import Receiver
 from aidc.spec import load_stack
 from aidc.store import Store
 from certs import CA
-from runbook_fakes import QUARANTINE_AND_NOTIFY, WITH_PLAYBOOK, alert, write_runbook
+from runbook_fakes import APPROVE_THEN_QUARANTINE, QUARANTINE_AND_NOTIFY, WITH_PLAYBOOK, alert, write_runbook
 
 ROOT = Path(__file__).resolve().parents[2]
 ME = f"user:{pwd.getpwuid(os.geteuid()).pw_name}"
-APPROVE_THEN_QUARANTINE = """
-name: ask-then-drain
-title: Ask, then drain
-summary: A person approves, then the node is quarantined.
-trigger: {alerts: [{alertname: AskThenDrain}]}
-steps:
-  - {id: ok-to-drain, kind: approve, prompt: "Drain ${node}?", timeout_s: 3600}
-  - {id: out, kind: quarantine, reason: "drained after approval"}
-"""
 
 
 def test_the_cli_identity_is_the_effective_users_not_dollar_user(monkeypatch):
