@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc.errors import AidcError, PolicyRefusal
+from aidc.files import SHARED_MODE, write_atomic
 
 RECORD_NAME = "installation.json"
 FORMAT = "aidc-installation-v1"
 # The spec's parts a caller's --stack must agree on: who may do what, and what is allowed.
 TRUST_PARTS = ("access", "policy")
-RECORD_MODE = 0o644  # readable by every verifier, writable by the installer only
+RECORD_MODE = SHARED_MODE  # 0644: readable by every verifier, writable by the installer only
 
 
 class InstallationError(AidcError):
@@ -66,20 +67,18 @@ def record(state_dir: str | Path, spec, stack: str, *, public_key_pem: str | Non
     path = record_path(state_dir)
     signing = {"key_id": key_id, "public_key": public_key_pem} if public_key_pem else None
     if signing is None and path.exists():
-        earlier = load(state_dir)
+        try:
+            earlier = load(state_dir)
+        except InstallationError:  # a record others could have changed: none of it is carried over
+            earlier = None
         if earlier is not None and earlier.public_key_pem:
             signing = {"key_id": earlier.key_id, "public_key": earlier.public_key_pem}
     doc = {"format": FORMAT, "stack": str(stack), "recorded_at": time.time(), "recorded_by": recorded_by,
            **trust_parts(spec), "audit_signing": signing}
-    tmp = path.with_name(f".{RECORD_NAME}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, RECORD_MODE)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), RECORD_MODE)  # the umask does not decide who may read it
-            f.write(json.dumps(doc, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(doc, indent=1, sort_keys=True), mode=RECORD_MODE)
+        os.chmod(path, RECORD_MODE)  # the umask narrows write_atomic's mode; every verifier reads this
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InstallationError(f"cannot record the installation in {path}: {exc.strerror or exc}") from None
     return path
 
