@@ -1,5 +1,5 @@
 """Build step the declarative pyproject.toml cannot say: copy the project files aidc reads
-at run time (runbooks, playbooks, example stacks; list in aidc.shipped.SHIPPED) from the
+at run time (runbooks, playbooks, example stacks, the dashboard; list in aidc.shipped.SHIPPED) from the
 repository root into the wheel as package data `aidc/_project/`, so the root stays their one
 source. An editable install skips the copy: it reads them from the checkout (aidc.shipped)."""
 

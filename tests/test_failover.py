@@ -17,7 +17,8 @@ from aidc.cli.main import app
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import FailoverController
 from aidc.failover.scheduler import LabScheduler
-from aidc.spec import parse_spec
+from aidc.installation import record
+from aidc.spec import load_stack, parse_spec
 from aidc.store import Store
 
 
@@ -253,6 +254,7 @@ def test_cli_release_follows_the_specs_dry_run_unless_told_otherwise(tmp_path, f
     LabScheduler(lab).quarantine("gpu-1", "XID 79")
     store = Store(lab / "state.db")
     store.set_node_state("gpu-1", "quarantined", "XID 79", "failover")
+    record(lab, load_stack(tmp_path / "Pulumi.dry.yaml"), "dry")  # installed with policy.dry_run
 
     result = CliRunner().invoke(app, ["failover", "release", "gpu-1", "--reason", "repaired", "--json",
                                       "--stack", str(tmp_path / "Pulumi.dry.yaml"), "--lab-dir", str(lab), *flag])

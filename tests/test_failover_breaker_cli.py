@@ -27,6 +27,7 @@ from aidc.device.sim import create_node
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.remediation import RemediationGate
 from aidc.identity import cli_identity
+from aidc.installation import record as install
 from aidc.spec import load_stack
 from aidc.store import Store
 
@@ -172,6 +173,7 @@ def test_breaker_status_and_reset_by_an_approver(tmp_path, aidc_cli):
                         breaker={"max_quarantines": 1})
     lab.mkdir()
     open_breaker(lab, stack)
+    install(lab, load_stack(str(stack)), str(stack))  # the installer's roles
     args = ("--stack", str(stack), "--lab-dir", str(lab))
     status = aidc_cli("failover", "breaker", "status", *args, "--json")
     assert status.returncode == 0, status.stderr
@@ -194,6 +196,7 @@ def test_a_breaker_reset_by_someone_without_the_approver_role_is_refused(tmp_pat
                         breaker={"max_quarantines": 1})
     lab.mkdir()
     open_breaker(lab, stack)
+    install(lab, load_stack(str(stack)), str(stack))  # the installer's roles
     proc = aidc_cli("failover", "breaker", "reset", "--reason", "looks fine", "--stack", str(stack),
                     "--lab-dir", str(lab))
     assert proc.returncode == 3 and "Traceback" not in proc.stderr

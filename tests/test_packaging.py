@@ -135,6 +135,18 @@ def test_every_shipped_project_file_exists_at_the_repository_root():
         assert shipped.project_file(rel) == ROOT / rel
 
 
+def test_the_grafana_dashboard_ships_and_the_sdist_carries_everything_the_wheel_copies():
+    assert shipped.project_file("dashboards/aidc.json") == ROOT / "dashboards" / "aidc.json"
+    assert "dashboards" in shipped.SHIPPED
+    # setup.py copies SHIPPED from the root: a wheel built from the sdist needs each in it.
+    carried = set()
+    for line in (ROOT / "MANIFEST.in").read_text().splitlines():
+        words = line.split("#")[0].split()
+        if words and words[0] in ("include", "graft"):
+            carried |= set(words[1:])
+    assert [rel for rel in shipped.SHIPPED if rel not in carried] == []
+
+
 def test_a_site_project_directory_overrides_only_the_project_files_it_has(tmp_path, monkeypatch):
     from aidc.runbook.catalog import runbooks_dir, schema_path
 

@@ -1,8 +1,8 @@
 """The wheel, for real: built from a copy of the checkout as the Docker build context sees it,
 and installed into a fresh virtualenv outside the repository, both by the Dockerfile's own
 commands (`[agent]`, dependencies from requirements-agent.lock with hashes), then used as an operator would, with no
-checkout in sight: no torch, and the runbooks, XID catalog, playbooks and example stacks all
-found inside the installed package."""
+checkout in sight: no torch, and the runbooks, XID catalog, playbooks, example stacks and the
+Grafana dashboard all found inside the installed package."""
 
 from __future__ import annotations
 
@@ -111,6 +111,15 @@ def test_the_example_stacks_ship_and_validate(installed):
     assert result.returncode == 0, result.stderr
     assert f"aidc-agent:{aidc.__version__}" in run(installed, "aidc", "spec", "show", "--stack", "h100-example",
                                                    "--json").stdout
+
+
+def test_the_grafana_dashboard_ships_in_the_wheel_as_in_the_checkout(installed):
+    where = run(installed, "python", "-c", "from aidc.shipped import project_file; "
+                                           "print(project_file('dashboards/aidc.json'))")
+    assert where.returncode == 0, where.stderr
+    shipped = Path(where.stdout.strip())
+    assert str(shipped).endswith("site-packages/aidc/_project/dashboards/aidc.json")
+    assert shipped.read_bytes() == (ROOT / "dashboards" / "aidc.json").read_bytes()
 
 
 def test_the_audit_report_renders_from_the_templates_the_wheel_carries(installed):

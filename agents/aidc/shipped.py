@@ -1,9 +1,10 @@
 """Project files aidc reads at run time, found with or without a checkout.
 
 The runbooks (`runbooks/*.yaml`, their `schema.json`, the alert rules in `runbooks/alerts/`),
-the remediation playbooks (`playbooks/`, run by runbook steps of kind `playbook`) and the
-example stacks (`Pulumi.yaml`, `Pulumi.lab.yaml`, `Pulumi.h100-example.yaml`) live at the root
-of the repository, where operators edit them. A wheel carries a copy of them under
+the remediation playbooks (`playbooks/`, run by runbook steps of kind `playbook`), the Grafana
+dashboard (`dashboards/aidc.json`, for operators to import) and the example stacks
+(`Pulumi.yaml`, `Pulumi.lab.yaml`, `Pulumi.h100-example.yaml`) live at the root of the
+repository, where operators edit them. A wheel carries a copy of them under
 `aidc/_project/`, laid out like the checkout (`setup.py` copies them at build time), so an
 installed aidc finds the same files without the repository. From a checkout (an editable
 install, or `agents/` on PYTHONPATH) the checkout's own files win, so an edit takes effect
@@ -16,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 # What a wheel carries, relative to the project root (setup.py reads this list too).
-SHIPPED = ("Pulumi.yaml", "Pulumi.lab.yaml", "Pulumi.h100-example.yaml", "runbooks", "playbooks")
+SHIPPED = ("Pulumi.yaml", "Pulumi.lab.yaml", "Pulumi.h100-example.yaml", "runbooks", "playbooks", "dashboards")
 SHIPPED_DIR = "_project"
 
 

@@ -14,6 +14,8 @@ import yaml
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.kubernetes import QUARANTINE_TAINT
 from aidc.health.k8s_publisher import NodeFaultPublisher
+from aidc.installation import record
+from aidc.spec import load_stack
 
 
 def kubeconfig(path, url):
@@ -103,8 +105,11 @@ def test_runbook_run_with_a_kubernetes_stack_cordons_and_releases_through_the_ap
     books = tmp_path / "runbooks"
     books.mkdir()
     (books / "drain-and-back.yaml").write_text(DRAIN_AND_BACK)
+    site = tmp_path / "site"
+    site.mkdir()
+    record(site, load_stack(str(stack)), str(stack))  # the installation a live run takes its roles from
     common = ["--stack", str(stack), "--runbooks", str(books), "--state-db", str(tmp_path / "rb.db"),
-              "--audit-db", str(tmp_path / "audit.db"), "--json"]
+              "--audit-db", str(tmp_path / "audit.db"), "--lab-dir", str(site), "--json"]
     r = aidc_cli("runbook", "run", "drain-and-back", "--node", "gpu-3", *common)
     assert r.returncode == 0, r.stderr
     patches = [w for w in apiserver.writes() if w[0] == "PATCH" and w[1] == "/api/v1/nodes/gpu-3"]

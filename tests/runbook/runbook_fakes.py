@@ -125,3 +125,15 @@ on_failure:
 def alert(name: str, node: str, fingerprint: str = "fp1", starts_at: str = "2026-01-01T00:00:00Z", **labels) -> dict:
     return {"status": "firing", "labels": {"alertname": name, "Hostname": node, **labels},
             "annotations": {}, "startsAt": starts_at, "fingerprint": fingerprint}
+
+# A person approves, then the node is quarantined (with runbook_auto_approve empty, the
+# approval is what lets the quarantine run).
+APPROVE_THEN_QUARANTINE = """
+name: ask-then-drain
+title: Ask, then drain
+summary: A person approves, then the node is quarantined.
+trigger: {alerts: [{alertname: AskThenDrain}]}
+steps:
+  - {id: ok-to-drain, kind: approve, prompt: "Drain ${node}?", timeout_s: 3600}
+  - {id: out, kind: quarantine, reason: "drained after approval"}
+"""

@@ -20,23 +20,16 @@ from aidc.device.sim import create_node
 from aidc.errors import PolicyRefusal
 from aidc.failover.scheduler import LabScheduler
 from aidc.identity import cli_identity
+from aidc.installation import record
 from aidc.runbook import tls
 from aidc.runbook.receiver import Receiver
+from aidc.spec import load_stack
 from aidc.store import Store
 from certs import CA
-from runbook_fakes import QUARANTINE_AND_NOTIFY, WITH_PLAYBOOK, alert, write_runbook
+from runbook_fakes import APPROVE_THEN_QUARANTINE, QUARANTINE_AND_NOTIFY, WITH_PLAYBOOK, alert, write_runbook
 
 ROOT = Path(__file__).resolve().parents[2]
 ME = f"user:{pwd.getpwuid(os.geteuid()).pw_name}"
-APPROVE_THEN_QUARANTINE = """
-name: ask-then-drain
-title: Ask, then drain
-summary: A person approves, then the node is quarantined.
-trigger: {alerts: [{alertname: AskThenDrain}]}
-steps:
-  - {id: ok-to-drain, kind: approve, prompt: "Drain ${node}?", timeout_s: 3600}
-  - {id: out, kind: quarantine, reason: "drained after approval"}
-"""
 
 
 def test_the_cli_identity_is_the_effective_users_not_dollar_user(monkeypatch):
@@ -109,6 +102,7 @@ def opts(lab: Path, stack: str) -> list[str]:
 
 def test_cli_approval_by_an_operator_is_refused_and_by_an_approver_recorded_as_the_os_user(aidc_cli, lab):
     as_operator = stack_with_roles(lab, "ops", {ME: "operator"})
+    record(lab / "lab", load_stack(as_operator), as_operator)  # the installer's roles: ME operates
     started = aidc_cli("runbook", "run", "ask-then-drain", "--node", "gpu-2", "--json", *opts(lab, as_operator))
     assert started.returncode == 0, started.stderr
     run = json.loads(started.stdout)
@@ -121,6 +115,12 @@ def test_cli_approval_by_an_operator_is_refused_and_by_an_approver_recorded_as_t
     assert LabScheduler(lab / "lab").state("gpu-2") == "in_service"
 
     as_approver = stack_with_roles(lab, "approvers", {ME: "approver"})
+    # A stack file naming other roles than the installation's grants nothing ...
+    ignored = aidc_cli("runbook", "approve", str(run["id"]), *opts(lab, as_approver))
+    assert ignored.returncode == 3 and "disagrees with the installation" in ignored.stderr
+    assert LabScheduler(lab / "lab").state("gpu-2") == "in_service"
+    # ... until the installer records it.
+    record(lab / "lab", load_stack(as_approver), as_approver)
     approved = aidc_cli("runbook", "approve", str(run["id"]), "--by", "Alice Approver", "--json",
                         *opts(lab, as_approver))
     assert approved.returncode == 0, approved.stderr
@@ -128,8 +128,9 @@ def test_cli_approval_by_an_operator_is_refused_and_by_an_approver_recorded_as_t
     assert done["status"] == "done" and done["steps"][0]["result"]["approved_by"] == ME
     assert LabScheduler(lab / "lab").state("gpu-2") == "quarantined"
     log = AuditLog(lab / "audit.db", read_only=True)
-    (refusal,) = log.records(kind="access.refused")
+    refusal, disagreement = log.records(kind="access.refused")
     assert refusal.actor == ME and refusal.payload["note"] == "Olga Operator"
+    assert disagreement.actor == ME and "access.roles" in disagreement.payload["problem"]
     (approval,) = log.records(kind="runbook.approval")
     assert approval.actor == ME and approval.payload["note"] == "Alice Approver"
     log.close()
@@ -144,17 +145,21 @@ def test_cli_release_records_the_os_user_with_actor_as_a_note_and_needs_an_appro
     store.close()
     release = ("failover", "release", "gpu-1", "--reason", "GPU replaced", "--actor", "Alice", "--lab-dir", str(lab))
 
-    refused = aidc_cli(*release, "--stack", stack_with_roles(tmp_path, "ops", {ME: "operator"}))
+    as_operator = stack_with_roles(tmp_path, "ops", {ME: "operator"})
+    record(lab, load_stack(as_operator), as_operator)
+    refused = aidc_cli(*release, "--stack", as_operator)
     assert refused.returncode == 3 and f"{ME} (role operator) may not release gpu-1" in refused.stderr
     assert LabScheduler(lab).state("gpu-1") == "quarantined"
 
-    released = aidc_cli(*release, "--stack", stack_with_roles(tmp_path, "open", {}))
+    open_to_all = stack_with_roles(tmp_path, "open", {})
+    record(lab, load_stack(open_to_all), open_to_all)
+    released = aidc_cli(*release, "--stack", open_to_all)
     assert released.returncode == 0, released.stderr
     assert LabScheduler(lab).state("gpu-1") == "in_service"
     log = AuditLog(lab / "audit.db", read_only=True)
     assert [r.actor for r in log.records(kind="access.refused")] == [ME]
-    (record,) = log.records(kind="failover.release")
-    assert record.actor == ME and record.payload["note"] == "Alice"
+    (record_,) = log.records(kind="failover.release")
+    assert record_.actor == ME and record_.payload["note"] == "Alice"
     log.close()
 
 

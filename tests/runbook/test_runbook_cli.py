@@ -10,7 +10,9 @@ import pytest
 
 from aidc.device.sim import create_node
 from aidc.failover.scheduler import LabScheduler
+from aidc.installation import record
 from aidc.runbook.state import RunState
+from aidc.spec import load_stack
 from runbook_fakes import write_runbook
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +23,7 @@ LAB_NODES = ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"]
 def lab(tmp_path):
     for i, name in enumerate(LAB_NODES):
         create_node(tmp_path / "lab" / "nodes" / name, name, 2, i)
+    record(tmp_path / "lab", load_stack("lab"), "lab")  # installed, as `aidc lab run` does
     return tmp_path
 
 

@@ -18,6 +18,8 @@ from aidc.audit import AuditLog
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.lease import Lease
 from aidc.failover.slurm import drain_reason
+from aidc.installation import record
+from aidc.spec import load_stack
 from aidc.store import Store
 
 from .slurm_helpers import drains_issued, reason, write_stack
@@ -133,6 +135,7 @@ def test_failover_status_and_release_speak_for_slurm(aidc_cli, local_slurm, tmp_
     stack = write_stack(local_slurm, tmp_path)
     state = tmp_path / "state"
     Store(state / "state.db").close()
+    record(state, load_stack(str(stack)), str(stack))  # installed: release takes its roles from here
     SlurmScheduler(conf=str(local_slurm.conf)).quarantine("gpu-1", "XID 79", event="4")
     local_slurm.run("scontrol", "update", "NodeName=gpu-2", "State=DRAIN", "Reason=cable swap")
     common = ("--stack", str(stack), "--lab-dir", str(state))

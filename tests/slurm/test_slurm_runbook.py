@@ -8,6 +8,8 @@ import textwrap
 
 from aidc.audit import AuditLog
 from aidc.failover.slurm import drain_reason
+from aidc.installation import record
+from aidc.spec import load_stack
 
 from .slurm_helpers import drains_issued, reason, write_stack
 
@@ -29,9 +31,12 @@ def _run(aidc_cli, tmp_path, stack, node):
     rb_dir = tmp_path / "runbooks"
     rb_dir.mkdir(exist_ok=True)
     (rb_dir / "out-and-back.yaml").write_text(textwrap.dedent(OUT_AND_BACK))
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    record(site, load_stack(str(stack)), str(stack))  # the installation a live run takes its roles from
     return aidc_cli("runbook", "run", "out-and-back", "--node", node, "--stack", str(stack), "--runbooks",
                     str(rb_dir), "--state-db", str(tmp_path / "state.db"), "--audit-db", str(tmp_path / "audit.db"),
-                    "--json")
+                    "--lab-dir", str(site), "--json")
 
 
 def test_runbook_run_drains_and_resumes_through_slurm(aidc_cli, local_slurm, tmp_path):

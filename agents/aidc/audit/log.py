@@ -42,6 +42,7 @@ from urllib.parse import quote
 from aidc import strict_json
 from aidc.errors import AuditError
 from aidc.files import enable_wal, private_db, private_opener, refuse_link, write_atomic
+from aidc.installation import InstallationError, audit_public_key
 
 GENESIS = "0" * 64
 
@@ -423,7 +424,25 @@ class AuditLog:
 
     def verify(self, public_key_pem: str | None = None) -> VerifyResult:
         """Walk the chain; name the first record that does not hold. With a public key, also
-        require a signed anchor and a valid signature on every record after signing began."""
+        require a signed anchor and a valid signature on every record after signing began.
+
+        The installation's signing key (aidc.installation: the record in the log's directory) is
+        always required as well, whoever verifies: a keyless rewrite of rows, hashes, signatures,
+        anchor and sidecar passes the chain checks, never that key."""
+        try:
+            installed = audit_public_key(self.path)
+        except InstallationError as exc:
+            return VerifyResult(False, self._count(), None, str(exc), True)
+        result = self._verify(public_key_pem)
+        if result.ok and installed is not None and installed != public_key_pem:
+            result = self._verify(installed)
+        return result
+
+    def _count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+
+    def _verify(self, public_key_pem: str | None) -> VerifyResult:
         try:
             anchor, rows = self._anchor_and_rows()
             if anchor is None and rows:
@@ -431,9 +450,7 @@ class AuditLog:
                 # the anchor was read. An anchor is only ever replaced, never removed: look again.
                 anchor, rows = self._anchor_and_rows()
         except BadAnchor as exc:
-            with self._lock:
-                count = self._db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
-            return VerifyResult(False, count, None, str(exc), public_key_pem is not None)
+            return VerifyResult(False, self._count(), None, str(exc), public_key_pem is not None)
         broken = chain_problem(rows)
         if broken:
             return VerifyResult(False, len(rows), *broken, signed=public_key_pem is not None)
@@ -510,7 +527,9 @@ class AuditLog:
         if broken:
             raise AuditError(f"{self.path}: the chain itself is broken at record {broken[0]} ({broken[1]}); "
                              "a re-anchor would accept that record, so it is refused")
-        result = self.verify()
+        # The chain and anchor only: a re-anchor accepts a missing or damaged anchor, and is no
+        # way to bless records whose signatures fail.
+        result = self._verify(None)
         if result.ok:
             raise AuditError(f"{self.path} verifies ({result.records} records, anchor in place): nothing to re-anchor")
         try:

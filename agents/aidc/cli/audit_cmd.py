@@ -30,12 +30,15 @@ def read_public_key(path: Path) -> str:
 
 
 PUBLIC_KEY_OPTION = typer.Option(None, "--public-key", help="Signing public key (PEM file, from `aidc kms "
-                                 "public-key`): also require a signed anchor and signed records.")
+                                 "public-key`): also require a signed anchor and signed records. The key "
+                                 "the installation recorded beside the log (installation.json) is required "
+                                 "in any case.")
 
 
 @app.command("verify")
 def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """Check every record's hash, the chain and the anchor (and signatures with --public-key); exit 1 naming the first bad record."""
+    """Check every record's hash, the chain and the anchor (and signatures with the installation's key
+    and --public-key); exit 1 naming the first bad record."""
     pem = read_public_key(public_key) if public_key is not None else None
     with _open(db) as log:
         result = log.verify(public_key_pem=pem)

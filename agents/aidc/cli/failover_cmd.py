@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -129,6 +130,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         except OSError as exc:
             raise AidcError(f"cannot serve metrics on 127.0.0.1:{metrics_port}: {exc.strerror or exc}") from None
     ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
+    _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays) if options else None
     if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
@@ -157,6 +159,56 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
             metrics.shutdown()
 
 
+def _install_if_new(spec, stack: str, lab_dir: Path) -> None:
+    """The controller's first start in a state directory is its installation: record the spec's
+    roles and policy (and the audit log's signing key) unless an installer already did."""
+    from aidc.identity import cli_identity
+    from aidc.installation import record, record_path
+
+    # Any record there, even one privileged commands distrust, is an installer's to replace.
+    if not os.path.lexists(record_path(lab_dir)):
+        pem, key_id = _audit_signing_key(lab_dir)
+        record(lab_dir, spec, stack, public_key_pem=pem, key_id=key_id, recorded_by=cli_identity())
+
+
+def _audit_signing_key(lab_dir: Path) -> tuple[str | None, str | None]:
+    """The public key of the keyring that signs LAB_DIR's audit log (its sidecar), if any."""
+    from aidc.audit.log import configured_signer
+
+    signer = configured_signer(lab_dir / "audit.db")
+    return (signer.public_key_pem(), signer.key_id) if signer is not None else (None, None)
+
+
+@app.command("install")
+def install(stack: str = STACK, lab_dir: Path = LAB_DIR,
+            public_key: Path = typer.Option(None, "--public-key",
+                                            help="The audit log's signing public key (PEM; default: the key of "
+                                                 "the keyring LAB_DIR/audit.db.signing names, if any)."),
+            as_json: bool = JSON_OPTION) -> None:
+    """Record the stack's roles and policy (and the audit signing key) as this state directory's
+    installation: privileged commands and audit verifiers trust this record, not a caller's --stack."""
+    from aidc.cli.audit_cmd import read_public_key
+    from aidc.identity import cli_identity
+    from aidc.installation import record
+
+    spec = load_stack(stack)
+    if not lab_dir.is_dir():
+        raise AidcError(f"--lab-dir {lab_dir} is not a directory: install into an existing state directory")
+    pem, key_id = (read_public_key(public_key), spec.kms.key_id) if public_key else _audit_signing_key(lab_dir)
+    if pem is not None:
+        from aidc.kms import verify_with_pem
+
+        verify_with_pem(pem, b"", b"\0" * 64)  # not a public key: one clear error now, not at every verify
+    identity = cli_identity()
+    path = record(lab_dir, spec, stack, public_key_pem=pem, key_id=key_id, recorded_by=identity)
+    with AuditLog(lab_dir / "audit.db") as log:
+        log.append("installation.recorded", f"{identity} recorded the installation from stack {stack}",
+                   actor=identity, payload={"path": str(path), "stack": stack, "roles": dict(spec.access.roles),
+                                            "signed": pem is not None})
+    emit({"installation": str(path), "stack": stack, "roles": dict(spec.access.roles), "audit_signing_key": pem},
+         as_json, f"recorded {path} from stack {stack}" + (" (with the audit signing key)" if pem else ""))
+
+
 @app.command("release")
 def release(node: str = typer.Argument(..., help="Node to return to service."),
             reason: str = typer.Option(..., "--reason", help="Why (recorded in the audit log)."),
@@ -169,11 +221,13 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node to service (an operator's decision, audited as theirs)."""
     from aidc.identity import authorize, cli_identity
+    from aidc.installation import require
 
     ctl = _controller(stack, lab_dir, dry_run)
     identity = cli_identity()
-    authorize(dict(ctl.spec.access.roles), [identity], "approver", f"release {node}", ctl.audit, node,
-              {"reason": reason, **({"note": actor} if actor else {})})
+    about = {"reason": reason, **({"note": actor} if actor else {})}
+    installed = require(lab_dir, ctl.spec, stack, identity, f"release {node}", ctl.audit, node, about)
+    authorize(installed.roles, [identity], "approver", f"release {node}", ctl.audit, node, about)
     decision = ctl.release(node, reason, identity, note=actor)
     # The controller settled dry-run (flag, else the spec's policy); report what it did.
     said = (decision or {}).get("decision")
@@ -261,13 +315,16 @@ def breaker_reset(reason: str = typer.Option(..., "--reason", help="Why it is sa
     """Close the breaker (a person's decision, needs the approver role; audited as theirs).
     Events it held back are decided again by the running controller."""
     from aidc.identity import authorize, cli_identity
+    from aidc.installation import require
 
     if not reason.strip():
         raise AidcError("--reason must say why it is safe for failover to act again")
     gate = _gate(stack, lab_dir)
     identity = cli_identity()
-    authorize(dict(gate.spec.access.roles), [identity], "approver", "reset the failover circuit breaker",
-              gate.audit, None, {"reason": reason, **({"note": actor} if actor else {})})
+    about = {"reason": reason, **({"note": actor} if actor else {})}
+    action = "reset the failover circuit breaker"
+    installed = require(lab_dir, gate.spec, stack, identity, action, gate.audit, None, about)
+    authorize(installed.roles, [identity], "approver", action, gate.audit, None, about)
     was = gate.reset(identity, reason, note=actor)
     emit({"reset": True, "was_open": bool(was.get("open")), "by": identity, "was": was}, as_json,
          "breaker reset" + ("" if was.get("open") else " (it was not open)"))

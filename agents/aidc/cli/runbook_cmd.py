@@ -35,6 +35,16 @@ def _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus=None, notif
                                       inventory=inventory))
 
 
+def _trust_installation(engine, stack, lab_dir: Path, identity: str, action: str, node=None, payload=None) -> None:
+    """Roles and policy for a privileged action come from the installation recorded in LAB_DIR
+    (aidc.installation), never from the caller's --stack: a stack file that disagrees is refused."""
+    from aidc.installation import require
+    from aidc.spec import load_stack
+
+    installed = require(lab_dir, load_stack(stack), stack, identity, action, engine.audit, node, payload)
+    engine.access_roles = installed.roles
+
+
 def _catalog(runbooks):
     from aidc.runbook.catalog import Catalog
 
@@ -76,6 +86,7 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         reason = f"{shown(node)} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}"
         engine.refusals.refuse(node, "cli", cli_identity(), reason)
         raise AidcError(reason)
+    engine.catalog.get(name)  # an unknown runbook is bad input, said before any access check
     labels = {}
     for item in label:
         key, sep, value = item.partition("=")
@@ -85,6 +96,9 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
     user = cli_identity()  # the effective uid's user, not $USER (which anyone can set)
     trigger = {"source": "cli", "user": user, "labels": labels}
     planning = dry_run or engine.policy.dry_run
+    if not planning:  # a plan changes nothing; a run acts on the installation's nodes
+        _trust_installation(engine, stack, lab_dir, user, f"run runbook {name} on {node}", node,
+                            {"runbook": name, "trigger": trigger})
     authorize(engine.access_roles, [user], "viewer" if planning else "operator",
               f"{'plan' if planning else 'run'} runbook {name} on {node}", engine.audit, node,
               {"runbook": name, "trigger": trigger})
@@ -151,7 +165,10 @@ def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook ru
             inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Approve a run's waiting `approve` step."""
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
-    engine.approve(run_id, cli_identity(), by)
+    identity = cli_identity()
+    _trust_installation(engine, stack, lab_dir, identity, f"approve run {run_id}", None,
+                        {"run_id": run_id, **({"note": by} if by else {})})
+    engine.approve(run_id, identity, by)
     if resume:
         engine.execute(run_id)
     _emit_run(engine, run_id, as_json)

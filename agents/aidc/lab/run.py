@@ -203,6 +203,12 @@ class LabRun:
         self.audit.use_signer(keyring)
         self.audit.append("kms.keyring.created", f"local keyring for key {keyring.key_id}; the audit log "
                           "is signed with it from here on", actor=self.actor, payload=keyring.status())
+        # The lab run is this state directory's installer: privileged commands take roles and
+        # policy from this record, and every audit verifier the signing key (aidc.installation).
+        from aidc.installation import record
+
+        record(self.cluster.dir, self.spec, self.stack, public_key_pem=keyring.public_key_pem(),
+               key_id=keyring.key_id, recorded_by=self.actor)
 
     def _start_services(self) -> None:
         c = self.cluster
