@@ -637,8 +637,8 @@ def stack_path(stack: str | os.PathLike) -> Path:
 # Pydantic names the union branch it tried in the error location (`int`, `constrained-str`,
 # `function-after[...]`); those are not keys in the stack file, so they are left out.
 _UNION_BRANCH = re.compile(r"^(int|str|float|bool|constrained-\w+|function-\w+\[.*\])$")
-_UNION_FIELDS = {"max_unavailable": f"an integer 0-{MAX_NODES} or a percentage 0-100%",
-                 "max_quarantines": f"an integer 1-{MAX_NODES} or a percentage 1-100%"}
+_UNION_FIELDS = {"max_unavailable": "an integer >= 0 or a percentage 0-100%",
+                 "max_quarantines": "an integer >= 1 or a percentage 1-100%"}
 # What a field of each type takes, in the stack file's words rather than Python's.
 _TYPE_WANTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
                 "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.requires import require
 from aidc.errors import BurninError
 
 app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, collectives and DDP/FSDP/pipeline"
@@ -78,7 +79,10 @@ def run(stack: str = STACK_OPTION,
     if spec.device_backend != "sim":
         raise BurninError(f"stack {stack!r} uses the {spec.device_backend} backend; `aidc burnin run` burns in"
                           " a simulated lab fleet (on a GPU machine use bench/gpu_check.sh)")
-    from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
+    # Before the node directories, the fabric's namespaces and the audit log: an installation
+    # without torch hears so and keeps its lab directory as it was.
+    require("torch")
+    from aidc.burnin.runner import lab_node_dirs, run_burnin
 
     from aidc.lab import fabric as lab_fabric
 
