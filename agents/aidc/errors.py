@@ -9,13 +9,27 @@ class AidcError(Exception):
 
     exit_code = 2
 
+    def details(self) -> dict:
+        """What a --json error document carries besides the message (JSON values)."""
+        return {}
+
 
 class SpecError(AidcError):
-    """The cluster spec (stack file) is missing or invalid."""
+    """The cluster spec (stack file) is missing or invalid.
 
-    def __init__(self, file: str, key: str, expected: str):
+    `problems`: every (key path, expected) found, the first being this error's own, at most
+    spec.MAX_LISTED_PROBLEMS of them; `problems_total`: how many there were in all."""
+
+    def __init__(self, file: str, key: str, expected: str, problems: list[tuple[str, str]] | None = None,
+                 problems_total: int | None = None):
         self.file, self.key, self.expected = file, key, expected
+        self.problems = problems or [(key, expected)]
+        self.problems_total = problems_total or len(self.problems)
         super().__init__(f"{file}: {key}: {expected}")
+
+    def details(self) -> dict:
+        return {"file": self.file, "problems": [{"key": k, "expected": e} for k, e in self.problems],
+                "problems_total": self.problems_total}
 
 
 class DeviceError(AidcError):

@@ -36,10 +36,16 @@ MAX_STACK_BYTES = 1 << 20  # real stack files are a few KiB
 MAX_NODES = 50_000  # nodes in all pools together, spares included (200,000 GPUs at 8 a node is 25,000)
 MAX_BUFFER_BYTES = 8 << 30  # burn-in buffers: the usual nccl-tests sweep ends at 8 GiB (-e 8G)
 MAX_VOLUME_BYTES = 1 << 60  # 1 EiB: larger than any parallel filesystem in service
+MAX_LISTED_PROBLEMS = 100  # `aidc spec check` lists this many problems of one file, then counts the rest
 ShortText = Annotated[str, Field(max_length=256)]  # names, versions, labels, Kubernetes kinds
 LongText = Annotated[str, Field(max_length=4096)]  # paths, images, ARNs, command arguments
 IfName = Annotated[str, Field(min_length=1, max_length=15)]  # Linux IFNAMSIZ - 1
 Labels = Annotated[dict[ShortText, ShortText], Field(max_length=64)]
+# Percentages of all nodes, one to three digits (leading zeros allowed, as before): "25%", "100%".
+# A pattern rather than a validator, so the JSON Schema (`aidc spec schema`) states the range too;
+# above 100% would let more nodes go than exist.
+PERCENT_0_100 = r"^([0-9]{1,2}|0[0-9]{2}|100)%$"
+PERCENT_1_100 = r"^(0{0,2}[1-9]|0?[1-9][0-9]|100)%$"
 
 
 @lru_cache(maxsize=1)
@@ -61,7 +67,9 @@ class _Strict(BaseModel):
 class NodePool(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     count: Annotated[int, Field(ge=1, le=10000)]
-    gpu_model: ShortText
+    # The JSON Schema lists the catalog's models (read when the schema is made).
+    gpu_model: Annotated[str, Field(max_length=256, json_schema_extra=lambda schema: schema.update(
+        enum=sorted(gpu_models())))]
     gpus_per_node: Annotated[int, Field(ge=1, le=16)]
     spares: Annotated[int, Field(ge=0, le=1000)] = 0
     # How nodes come to exist: a Karpenter NodePool, a Cluster API MachineDeployment, or
@@ -177,11 +185,19 @@ class Kms(_Strict):
 MIN_KUBERNETES_MINOR = 30
 
 
+def _two_digits_at_least(n: int) -> str:
+    """A regular expression for the two-digit numbers n..99 (10 <= n <= 99)."""
+    tens, units = divmod(n, 10)
+    return f"{tens}[{units}-9]" + (f"|[{tens + 1}-9][0-9]" if tens < 9 else "")
+
+
 class Software(_Strict):
     driver_branch: ShortText = "570"
     cuda_version: ShortText = "12.8"
     nccl_version: ShortText = "2.26.2"
-    kubernetes_version: Annotated[str, Field(pattern=r"^1\.[0-9]{2}(\.[0-9]{1,3})?$")] = "1.31"
+    # The JSON Schema states the minimum minor release as a pattern; the validator says why.
+    kubernetes_version: Annotated[str, Field(pattern=r"^1\.[0-9]{2}(\.[0-9]{1,3})?$", json_schema_extra={
+        "pattern": rf"^1\.({_two_digits_at_least(MIN_KUBERNETES_MINOR)})(\.[0-9]{{1,3}})?$"})] = "1.31"
     # "host": the driver is installed on the host (Ansible, or the machine image), so the GPU
     # Operator leaves it alone; "operator": the GPU Operator installs driver_branch.
     driver_source: Literal["host", "operator"] = "host"
@@ -280,14 +296,7 @@ class BreakerPolicy(_Strict):
     window_min: Annotated[float, Field(gt=0, le=43200)] = 60
     # An int (quarantines) or a percentage of all nodes ("25%", rounded down, at least 2: one
     # quarantine never trips it, so a small cluster can still replace one node and then another).
-    max_quarantines: Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = "25%"
-
-    @field_validator("max_quarantines")
-    @classmethod
-    def _percentage(cls, value):
-        if isinstance(value, str) and not 0 < int(value[:-1]) <= 100:
-            raise ValueError(f"a percentage 1-100%, not {value!r}")
-        return value
+    max_quarantines: Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[str, Field(pattern=PERCENT_1_100)] = "25%"
 
     def limit(self, total_nodes: int) -> int:
         if isinstance(self.max_quarantines, int):
@@ -320,7 +329,7 @@ class StragglerPolicy(_Strict):
 class Policy(_Strict):
     dry_run: bool = False
     # An int (nodes) or a percentage of all nodes ("25%"), like Kubernetes' maxUnavailable.
-    max_unavailable: Annotated[int, Field(le=MAX_NODES)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 1
+    max_unavailable: Annotated[int, Field(ge=0, le=MAX_NODES)] | Annotated[str, Field(pattern=PERCENT_0_100)] = 1
     burnin: BurninPolicy = BurninPolicy()
     stragglers: StragglerPolicy = StragglerPolicy()
     out_of_service_actions: Annotated[list[Literal["restart_app", "reset_gpu", "reboot_node", "contact_support"]],
@@ -342,14 +351,6 @@ class Policy(_Strict):
     # again at once when aidc releases a node or a person resets the breaker, and at least this
     # often otherwise (a node an operator returned to service outside aidc).
     deferred_recheck_s: Annotated[float, Field(gt=0, le=3600)] = 10
-
-    @field_validator("max_unavailable")
-    @classmethod
-    def _non_negative(cls, value):
-        # A percentage above 100% would let more nodes go than exist.
-        if (isinstance(value, int) and value < 0) or (isinstance(value, str) and int(value[:-1]) > 100):
-            raise ValueError(f"an integer >= 0 or a percentage 0-100%, not {value!r}")
-        return value
 
     def max_unavailable_nodes(self, total_nodes: int) -> int:
         if isinstance(self.max_unavailable, int):
@@ -573,6 +574,49 @@ class ClusterSpec(_Strict):
         return {**gpu_models()[gpu_model]["floors"], **self.policy.burnin.floors}
 
 
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def cluster_json_schema(stack_file: bool = False) -> dict:
+    """The JSON Schema (draft 2020-12) of the `aidc:cluster` value, made from ClusterSpec; with
+    `stack_file`, of a whole Pulumi.<stack>.yaml holding it (for an editor's YAML support).
+
+    It states every field's type, bounds, pattern and choices, unknown keys included; what it
+    cannot state (relations between fields, derived node names, totals, an IPv4 network's host
+    bits, NaN in YAML) only `aidc spec check` finds (tests/test_spec_schema.py lists them)."""
+    schema = ClusterSpec.model_json_schema(mode="validation")
+    _key_patterns_as_property_names(schema)
+    defs = schema.pop("$defs")
+    cluster = {**schema, "title": CONFIG_KEY,
+               "description": "The aidc cluster spec (aidc.spec.ClusterSpec), aidc " + __version__}
+    if not stack_file:
+        return {"$schema": JSON_SCHEMA_DIALECT, **cluster, "$defs": defs}
+    # A stack file carries other keys (secretsprovider, encryptedkey, other config): left open.
+    return {"$schema": JSON_SCHEMA_DIALECT, "title": "Pulumi.<stack>.yaml with aidc:cluster", "type": "object",
+            "required": ["config"], "properties": {"config": {
+                "type": "object", "required": [CONFIG_KEY], "properties": {CONFIG_KEY: cluster}}},
+            "$defs": defs}
+
+
+def _key_patterns_as_property_names(node: object) -> None:
+    """Pydantic writes a mapping whose keys have a pattern as `patternProperties` alone, which lets
+    any other key through; the model refuses them, so: propertyNames + additionalProperties."""
+    if isinstance(node, list):
+        for child in node:
+            _key_patterns_as_property_names(child)
+        return
+    if not isinstance(node, dict):
+        return
+    for child in node.values():
+        _key_patterns_as_property_names(child)
+    patterns = node.get("patternProperties")
+    if isinstance(patterns, dict) and len(patterns) == 1 and "additionalProperties" not in node:
+        ((pattern, value),) = patterns.items()
+        del node["patternProperties"]
+        node["propertyNames"] = {**node.get("propertyNames", {}), "pattern": pattern}
+        node["additionalProperties"] = value
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
@@ -604,7 +648,8 @@ def stack_path(stack: str | os.PathLike) -> Path:
 # Pydantic names the union branch it tried in the error location (`int`, `constrained-str`,
 # `function-after[...]`); those are not keys in the stack file, so they are left out.
 _UNION_BRANCH = re.compile(r"^(int|str|float|bool|constrained-\w+|function-\w+\[.*\])$")
-_UNION_FIELDS = {"max_unavailable": "an integer >= 0 or a percentage 0-100%"}
+_UNION_FIELDS = {"max_unavailable": "an integer >= 0 or a percentage 0-100%",
+                 "max_quarantines": "an integer >= 1 or a percentage 1-100%"}
 # What a field of each type takes, in the stack file's words rather than Python's.
 _TYPE_WANTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
                 "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
@@ -633,32 +678,43 @@ def _given(value: object) -> str:
     return f"the string {quote(value)}" if isinstance(value, str) else quote(value)
 
 
+def _expected(err: dict) -> str:
+    """What one pydantic error says the field takes, in the stack file's words."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (misspelt?)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "finite_number":
+        msg = "a finite number (not NaN or infinity)"
+    elif err["type"] in _TYPE_WANTED:
+        msg = f"{_TYPE_WANTED[err['type']]}, not {_given(err['input'])}"
+    elif err["type"] != "value_error":
+        msg = f"{msg}, not {_given(err['input'])}"
+    # A union field gives one error per branch; say what the field accepts as a whole.
+    for name, wanted in _UNION_FIELDS.items():
+        if name in err["loc"][:-1] and err["loc"][-1] != name:
+            msg = f"{wanted}, not {_given(err['input'])}"
+    return one_line(f"expected {msg}", 300)
+
+
 def parse_spec(data: object, file: str = "<memory>") -> ClusterSpec:
-    """Validate the `aidc:cluster` value; errors name the file, the key path and what was expected."""
+    """Validate the `aidc:cluster` value; errors name the file, the key path and what was expected.
+
+    The SpecError's message is the first problem; its `problems` list them all (up to
+    MAX_LISTED_PROBLEMS), one per key path, so a union's per-branch errors count once."""
     try:
         return ClusterSpec.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        err = errors[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (misspelt?)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif err["type"] == "finite_number":
-            msg = "a finite number (not NaN or infinity)"
-        elif err["type"] in _TYPE_WANTED:
-            msg = f"{_TYPE_WANTED[err['type']]}, not {_given(err['input'])}"
-        elif err["type"] != "value_error":
-            msg = f"{msg}, not {_given(err['input'])}"
-        # A union field gives one error per branch; say what the field accepts as a whole.
-        for name, wanted in _UNION_FIELDS.items():
-            if name in err["loc"][:-1] and err["loc"][-1] != name:
-                msg = f"{wanted}, not {_given(err['input'])}"
-        # Count problems per key path, so a union's per-branch errors count once.
-        others = {_key_path(tuple(e["loc"])) for e in errors} - {_key_path(tuple(err["loc"]))}
-        more = f" (and {len(others)} more problem(s))" if others else ""
-        raise SpecError(file, _key_path(tuple(err["loc"])), one_line(f"expected {msg}{more}", 300)) from None
+        problems: dict[str, str] = {}
+        for err in exc.errors(include_url=False):
+            key = _key_path(tuple(err["loc"]))
+            if key not in problems:
+                problems[key] = _expected(err) if len(problems) < MAX_LISTED_PROBLEMS else ""
+        listed = [(key, expected) for key, expected in problems.items() if expected]
+        key, expected = listed[0]
+        more = f" (and {len(problems) - 1} more problem(s): `aidc spec check` lists them)" if len(problems) > 1 else ""
+        raise SpecError(file, key, one_line(expected + more, 300), listed, len(problems)) from None
 
 
 def parse_stack_text(text: str, file: str = "<memory>") -> ClusterSpec:

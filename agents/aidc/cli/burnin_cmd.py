@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.requires import require
 
 app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, collectives and DDP/FSDP/pipeline"
                        " training across nodes,"
@@ -81,6 +82,9 @@ def run(stack: str = STACK_OPTION,
     spec = resolve_stack(load_stack(stack), scheduler, lab_dir)
     selected = select_nodes(spec, nodes)
     launcher = launcher_for(spec.scheduler)
+    # Before the node directories, the fabric's namespaces and the audit log: an installation
+    # without torch hears so and keeps its lab directory as it was.
+    require("torch")
     answers_file = known_answers or lab_dir / "known_answers.yaml"
     stored = load_all(answers_file)
     with AuditLog(audit_db or lab_dir / "audit.db") as audit:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.requires import require
 from aidc.goodput.accounting import ETTR_DEFINITION
 from aidc.spec import load_stack
 
@@ -43,6 +44,9 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
     spec = load_stack(stack)
     if spec.device_backend != "sim" or spec.scheduler != "lab":
         raise typer.BadParameter(f"stack {stack!r} is not a lab stack (device_backend sim, scheduler lab)")
+    # Burn-in and training need torch, the nodes' agents prometheus_client: said before the lab
+    # directory, its audit log or a namespace is made.
+    require("torch", "prometheus_client")
     if scheduler == "slurm":
         from aidc.lab.slurm_lab import check_slurm_available
 
@@ -120,7 +124,7 @@ def fabric_up(stack: str = typer.Option("lab", "--stack", "-s", help="Stack whos
     from aidc.lab import fabric
 
     spec = load_stack(stack)
-    lab_dir.mkdir(parents=True, exist_ok=True)
+    # No mkdir here: bring_up makes the lab directory once namespaces can be made.
     built = fabric.ensure(spec, lab_dir, say=lambda msg: print(msg, file=sys.stderr if as_json else sys.stdout))
     if built is None:
         return emit({"kind": "loopback"}, as_json, f"stack {stack!r}: loopback fabric (nothing to bring up)")

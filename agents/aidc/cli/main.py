@@ -130,7 +130,7 @@ def main() -> None:
     except typer.TyperException as exc:  # click's usage errors; only reached under --json
         _fail(exc.format_message(), getattr(exc, "exit_code", 2), True, kind="usage")
     except AidcError as exc:
-        _fail(str(exc), exc.exit_code, as_json)
+        _fail(str(exc), exc.exit_code, as_json, **exc.details())
     except ModuleNotFoundError as exc:
         extra = missing_extra(exc, argv)
         if extra is None:

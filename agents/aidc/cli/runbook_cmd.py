@@ -175,13 +175,28 @@ def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook ru
 
 
 @app.command("render")
-def render(out: Path = typer.Option(Path("docs/runbooks"), "--out", help="Output directory."),
+def render(out: Path = typer.Option(None, "--out", help="Output directory (default: docs/runbooks/ of the project "
+                                                         "you are in; needed anywhere else)."),
            runbooks: Path = RUNBOOKS, as_json: bool = JSON_OPTION) -> None:
-    """Render every runbook to Markdown for humans."""
+    """Render every runbook to Markdown for humans (refreshes the checkout's docs/runbooks/)."""
     from aidc.runbook.render import render_all
 
-    paths = render_all(_catalog(runbooks), out)
+    paths = render_all(_catalog(runbooks), out or _project_runbook_docs())
     emit([str(p) for p in paths], as_json, "\n".join(f"wrote {p}" for p in paths))
+
+
+def _project_runbook_docs() -> Path:
+    """docs/runbooks/ of the project the working directory is in (or $AIDC_ROOT's), where it
+    exists already: never a new docs/ tree in whatever directory the command runs from."""
+    from aidc.spec import project_root
+
+    root = project_root().resolve()
+    docs = root / "docs" / "runbooks"
+    inside = bool(os.environ.get("AIDC_ROOT")) or Path.cwd().resolve().is_relative_to(root)
+    if not (inside and docs.is_dir()):
+        raise AidcError("no docs/runbooks/ in a project here (run it in the repository to refresh that one): "
+                        "give --out DIR")
+    return docs
 
 
 @app.command("serve")

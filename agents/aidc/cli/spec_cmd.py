@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from aidc.cli.output import JSON_OPTION, emit
-from aidc.spec import load_stack
+from aidc.errors import SpecError
+from aidc.spec import cluster_json_schema, load_stack
 
 app = typer.Typer(help="Show and validate the cluster spec (Pulumi.<stack>.yaml, key aidc:cluster).",
                   no_args_is_help=True)
@@ -40,6 +41,28 @@ def show(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
 
 @app.command("check")
 def check(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """Validate the stack file; exit 0 when it is valid, 2 with the key path when not."""
-    spec = load_stack(stack)
+    """Validate the stack file; exit 0 when it is valid, 2 listing every problem (key path, expected) when not."""
+    try:
+        spec = load_stack(stack)
+    except SpecError as exc:
+        if as_json:  # the error document (aidc.cli.main) carries the `problems` list
+            raise
+        # One line per problem, each in the one-line error's form (file: key: expected).
+        for key, expected in exc.problems:
+            typer.echo(f"aidc: error: {exc.file}: {key}: {expected}", err=True)
+        if exc.problems_total > len(exc.problems):
+            typer.echo(f"aidc: error: {exc.file}: (and {exc.problems_total - len(exc.problems)} more problem(s) "
+                       f"not listed)", err=True)
+        raise typer.Exit(exc.exit_code) from None
     emit({"ok": True, "stack": stack, "nodes": len(spec.nodes())}, as_json, f"{stack}: valid ({len(spec.nodes())} nodes)")
+
+
+@app.command("schema")
+def schema(stack_file: bool = typer.Option(False, "--stack-file", help="The schema of a whole Pulumi.<stack>.yaml "
+                                           "(config.aidc:cluster inside), for an editor's YAML support."),
+           as_json: bool = JSON_OPTION) -> None:
+    """Print the JSON Schema (draft 2020-12) of the aidc:cluster value, made from the spec's model.
+
+    It states types, bounds, choices and unknown keys; relations between fields (e.g. hcas as
+    many as rails) are left to `aidc spec check`."""
+    emit(cluster_json_schema(stack_file), True)  # JSON either way: --json is accepted for uniformity

@@ -29,6 +29,16 @@ from aidc.spec import ClusterSpec
 
 RUN_ID = "aidc-lab"
 
+# What aidc commands other than `aidc lab run` write at the top of a lab directory: `aidc burnin
+# run` (nodes/, audit.db and its companions, fabric.json, known_answers.yaml), `aidc failover`
+# (state.db, lease/), `aidc kms` (keyring/), `aidc lab fabric`. A directory holding only these
+# (and no lab.json) is a lab in the making, replaced like an old lab.
+_SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal", ".anchor", ".anchor.lock", ".signing")
+AIDC_LAB_ENTRIES = frozenset({"lab.json", "nodes", "keyring", "lease", "fabric.json", "known_answers.yaml",
+                              *(db + suffix for db in ("audit.db", "state.db") for suffix in _SQLITE_COMPANIONS)})
+# Kept when a lab is replaced: the answers an operator recorded on purpose (`--record-known-answers`).
+KEPT_ENTRIES = frozenset({"known_answers.yaml"})
+
 
 class LabError(AidcError):
     """The lab could not be brought up or did not complete its loop."""
@@ -54,14 +64,24 @@ class LabCluster:
         if self.dir.exists():
             if not self.dir.is_dir():
                 raise LabError(f"--lab-dir {self.dir} is a file, not a directory")
-            # A new lab replaces an old one, and nothing else: never delete a directory that
-            # is not a lab (`--lab-dir .` by mistake).
-            if not self.manifest.exists() and any(self.dir.iterdir()):
-                raise LabError(f"--lab-dir {self.dir} is not empty and holds no lab (no lab.json): refusing to "
+            # A new lab replaces an old one, or what aidc's other commands left in a lab
+            # directory, and nothing else: never delete a directory that is not a lab (`--lab-dir .`
+            # by mistake).
+            foreign = sorted(p.name for p in self.dir.iterdir() if p.name not in AIDC_LAB_ENTRIES)
+            if not self.manifest.exists() and foreign:
+                raise LabError(f"--lab-dir {self.dir} is not empty and holds no lab (no lab.json) but "
+                               f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}: refusing to "
                                "delete it; choose a new or empty directory")
             import shutil
 
-            shutil.rmtree(self.dir)
+            # Entry by entry, so what is kept never leaves the directory (a crash here loses nothing kept).
+            for entry in self.dir.iterdir():
+                if entry.name in KEPT_ENTRIES:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         (self.dir / "logs").mkdir(parents=True)
         for i, node in enumerate(self.nodes):
             sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i,
