@@ -205,6 +205,17 @@ def test_without_an_address_the_pods_reach_the_launcher_refuses_before_creating_
     assert apiserver.writes() == []
 
 
+def test_a_store_host_this_machine_does_not_have_is_refused_in_one_line_before_any_job(tmp_path, apiserver):
+    from aidc.burnin.launch import launcher_for
+
+    spec = parse_spec(k8s_spec(tmp_path, apiserver.url, store_host="192.0.2.1"))  # TEST-NET-1: never local
+    with pytest.raises(BurninError) as err:
+        launcher_for("kubernetes").run(spec, spec.nodes(), lab_dir=tmp_path, audit=None, progress=False,
+                                       timeout_s=30, say=lambda m: None)
+    assert "192.0.2.1" in str(err.value) and "\n" not in str(err.value)
+    assert [w for w in apiserver.writes() if "/jobs" in w[1] or "/secrets" in w[1]] == []
+
+
 # -- a run against the API server ----------------------------------------------------------------------
 
 def run_launcher(tmp_path, apiserver, nodes, timeout_s=60):
