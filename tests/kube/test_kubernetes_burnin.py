@@ -178,6 +178,11 @@ def test_each_nodes_job_is_valid_pinned_to_it_and_tolerates_aidcs_quarantine_and
     assert env["AIDC_BURNIN_STORE"]["value"] == "10.0.0.5:4242"
     gpus = (container.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu")
     assert gpus == (None if backend == "sim" else "2")
+    if backend != "sim":  # the storage check measures the node's own mount of the checkpoint volume
+        (mount,) = container["volumeMounts"]
+        (volume,) = pod["volumes"]
+        assert mount["mountPath"] == volume["hostPath"]["path"] == spec.storage.checkpoints.mount_path
+        assert mount["name"] == volume["name"]
 
 
 def test_the_burnin_image_can_be_named_apart_from_the_agents(tmp_path):

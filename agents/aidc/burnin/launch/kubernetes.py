@@ -51,8 +51,14 @@ def render_job(spec, node, *, run_id: str, index: int, store: str, secret_name: 
                 {"name": ENV_JOB, "value": run_id},
                 {"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
     }
+    volumes = []
     if spec.device_backend != "sim":  # the whole node: the device plugin hands the pod every GPU
         container["resources"] = {"limits": {"nvidia.com/gpu": str(node.gpus)}}
+        # The storage check measures the checkpoint volume as the node mounts it (a node without
+        # that directory never starts the pod, and the run times out naming the Job).
+        path = spec.storage.checkpoints.mount_path
+        container["volumeMounts"] = [{"name": "checkpoints", "mountPath": path}]
+        volumes = [{"name": "checkpoints", "hostPath": {"path": path, "type": "Directory"}}]
     pod = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -63,6 +69,7 @@ def render_job(spec, node, *, run_id: str, index: int, store: str, secret_name: 
                         {"key": SPARE_TAINT, "operator": "Exists"},
                         {"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
         "containers": [container],
+        **({"volumes": volumes} if volumes else {}),
     }
     return {
         "apiVersion": "batch/v1", "kind": "Job",
