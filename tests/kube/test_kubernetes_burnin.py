@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import kubernetes_validate
 import pytest
@@ -26,20 +25,12 @@ import yaml
 from aidc.audit.log import AuditLog
 from aidc.errors import BurninError
 from aidc.spec import parse_spec
+from tests.kube.test_k8s_cli import kubeconfig
 
 NAMESPACE = "aidc-system"
 POLICY = {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
           "allreduce_min_bytes": 4096, "allreduce_max_bytes": 8192, "train_steps": 5, "min_busbw_fraction": 0.0,
           "busbw_fleet_tolerance": 0.99, "storage_bytes": 1 << 20, "storage_files": 5, "storage_tolerance": 0.99}
-
-
-def kubeconfig(path, url):
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": url}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
-    return path
 
 
 def k8s_spec(tmp_path, url="http://127.0.0.1:1", backend="sim", **burnin):

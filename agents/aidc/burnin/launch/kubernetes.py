@@ -25,7 +25,7 @@ import time
 
 from aidc.burnin.launch import LaunchResult
 from aidc.burnin.launch.node import ENV_JOB, ENV_NODE
-from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT, LOOPBACK
+from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT, publish_configs
 from aidc.errors import BurninError
 
 RUN_LABEL = "aidc.dev/burnin-run"
@@ -111,14 +111,7 @@ class KubernetesLauncher:
         jobs = _Jobs(spec, run_id)
         try:
             with JobStore(host, timeout_s) as store:
-                for rank, node in enumerate(nodes):
-                    cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
-                                                node_dir=node_dirs.get(node.name), soak_s=soak_s),
-                           **runner._fabric_config(spec, None, node.name, names),
-                           "store_host": host, "store_port": store.port}
-                    if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
-                        cfg["gloo_ifnames"] = ""
-                    store.put_json(f"config/{node.name}", cfg)
+                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s)
                 jobs.create(nodes, f"{host}:{store.port}", store.secret, timeout_s)
                 say(f"burn-in {run_id}: {len(nodes)} Job(s) in namespace {spec.kubernetes.namespace}")
                 jobs.follow(started + timeout_s, timeout_s)

@@ -56,6 +56,21 @@ def srun_argv(spec, names: list[str], node_command: list[str]) -> list[str]:
         *node_command]
 
 
+def publish_configs(store, spec, nodes, host: str, *, timeout_s: float, node_dirs: dict, soak_s: float) -> None:
+    """Each node's config under `config/<node>` in the run's store, where its task fetches it by name."""
+    from aidc.burnin import runner
+
+    names = [n.name for n in nodes]
+    for rank, node in enumerate(nodes):
+        cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
+                                    node_dir=node_dirs.get(node.name), soak_s=soak_s),
+               **runner._fabric_config(spec, None, node.name, names),
+               "store_host": host, "store_port": store.port}
+        if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
+            cfg["gloo_ifnames"] = ""
+        store.put_json(f"config/{node.name}", cfg)
+
+
 class SlurmLauncher:
     name = "slurm"
 
@@ -80,14 +95,7 @@ class SlurmLauncher:
         job = _Job(spec, names)
         try:
             with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
-                for rank, node in enumerate(nodes):
-                    cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
-                                                node_dir=node_dirs.get(node.name), soak_s=soak_s),
-                           **runner._fabric_config(spec, None, node.name, names),
-                           "store_host": host, "store_port": store.port}
-                    if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
-                        cfg["gloo_ifnames"] = ""
-                    store.put_json(f"config/{node.name}", cfg)
+                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s)
                 job.start(Path(tmp), {ENV_STORE: f"{host}:{store.port}", ENV_SECRET: store.secret,
                                       ENV_TIMEOUT: str(timeout_s)})
                 job.follow(store, bar, started + timeout_s, timeout_s)
