@@ -231,6 +231,18 @@ def run_launcher(tmp_path, apiserver, nodes, timeout_s=60):
     return aborted, certs
 
 
+def granted_for(method: str, path: str) -> tuple[str, str, str, str]:
+    """(namespace, API group, resource, verb) that an RBAC rule must grant for this request."""
+    parts = path.strip("/").split("/")
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    assert rest[0] == "namespaces", path
+    named = len(rest) > 3
+    verb = {"POST": "create", "DELETE": "delete", "PUT": "update", "PATCH": "patch"}.get(
+        method, "get" if named else "list")
+    return rest[1], group, rest[2], verb
+
+
 def test_a_failed_job_aborts_the_run_records_it_and_removes_every_job_and_the_secret(tmp_path, apiserver):
     with Kubelet(apiserver, run_pods=False, fail=frozenset({"gpu-1"})) as kubelet:
         with pytest.raises(BurninError) as err:
@@ -244,6 +256,12 @@ def test_a_failed_job_aborts_the_run_records_it_and_removes_every_job_and_the_se
     assert aborted.payload["nodes"] == ["gpu-0", "gpu-1"]
     assert aborted.payload["launcher"]["name"] == "kubernetes"
     assert aborted.payload["launcher"]["job_id"].startswith("aidc-burnin-")
+    # Every call the launcher made, and nothing else, is what its Role grants (infra renders RBAC_RULES).
+    from aidc.burnin.launch.kubernetes import RBAC_RULES
+
+    used = {granted_for(m, p) for m, p, _ in apiserver.requests}
+    assert used == {(NAMESPACE, g, r, v) for rule in RBAC_RULES for g in rule["apiGroups"]
+                    for r in rule["resources"] for v in rule["verbs"]}
 
 
 def test_jobs_that_never_run_time_out_and_are_deleted(tmp_path, apiserver):

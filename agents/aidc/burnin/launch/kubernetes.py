@@ -32,6 +32,10 @@ RUN_LABEL = "aidc.dev/burnin-run"
 NODE_ANNOTATION = "aidc.dev/burnin-node"  # node names may be longer than a label value
 SECRET_KEY = "store-secret"
 UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"  # what a cordon puts on the node
+# What the launcher does through the API, in `kubernetes.namespace`, and all it may do there
+# (infra/aidc_infra/burnin.py renders them as the Role `aidc-burnin`).
+RBAC_RULES = [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "list", "delete"]},
+              {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]}]
 POLL_S = 0.5
 FINISHED_TTL_S = 3600  # a Job left behind by a command that was killed goes away on its own
 
