@@ -63,7 +63,7 @@ def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dic
                 or (r.kind == "burnin.certificate" and r.payload.get("verdict") != "pass")]
     details = []
     if not verified.ok:
-        details.append(f"the audit log does not verify at record {verified.first_bad_seq}: {verified.problem}")
+        details.append(f"the audit log does not verify{verified.failure}")
     if summary is None:
         if not verified.ok:
             return Verdict(False, "Audit log verification FAILED", details + failures[:5])
@@ -186,7 +186,12 @@ def burnin(records: list[AuditRecord]) -> dict | None:
     nodes = [{"node": c.node, "passed": c.payload.get("verdict") == "pass", "spare": c.payload.get("spare"),
               "at": when(c.ts), "reasons": c.payload.get("reasons") or [], "notes": c.payload.get("notes") or []}
              for c in certs]
-    return {"tolerance": tolerance, "rule": fleet.get("rule"), "metrics": metrics, "nodes": nodes}
+    # A note every node has (a figure this run could not measure) is said once, not per node.
+    shared = [n for n in nodes[0]["notes"] if all(n in other["notes"] for other in nodes)] if len(nodes) > 1 else []
+    for n in nodes:
+        n["notes"] = [x for x in n["notes"] if x not in shared]
+    return {"tolerance": tolerance, "rule": fleet.get("rule"), "metrics": metrics, "nodes": nodes,
+            "shared_notes": shared}
 
 
 def collectives(records: list[AuditRecord]) -> list[dict]:
@@ -214,11 +219,33 @@ def collectives(records: list[AuditRecord]) -> list[dict]:
     ref = {"label": f"link rate {charts.fmt(link_gbit)} Gbit/s = {charts.fmt(link_gbit / 8)} GB/s", "value": link_gbit / 8} \
         if isinstance(link_gbit, (int, float)) and link_gbit > 0 else None
     chart = charts.line_chart(series, "message size", "bus bandwidth (GB/s)", ref)
-    for rows in sweeps.values():
+    link_gbps = link_gbit / 8 if _finite(link_gbit) and link_gbit > 0 else None
+    tables = []
+    for name, rows in sweeps.items():
         for r in rows:
-            r["size"] = charts.size_label(r["bytes"]) if isinstance(r["bytes"], (int, float)) else "-"
+            r["size"] = charts.size_label(r["bytes"]) if _finite(r["bytes"]) else "-"
+            if r["link_fraction"] is None and link_gbps and _finite(r["busbw_gbps"]):
+                r["link_fraction"] = r["busbw_gbps"] / link_gbps
+            r["implausible"] = _finite(r["link_fraction"]) and r["link_fraction"] > 1
+        peak = max((r for r in rows if _finite(r["busbw_gbps"])), key=lambda r: r["busbw_gbps"], default=None)
+        tables.append({"name": name, "rows": rows, "peak": peak,
+                       "implausible": [r for r in rows if r["implausible"]]})
     return [{"node": cert.node, "at": when(cert.ts), "link_rate_gbit_s": link_gbit, "chart": chart,
-             "sweeps": sweeps}]
+             "sweeps": sweeps, "tables": tables,
+             "implausible": sum(len(t["implausible"]) for t in tables)}]
+
+
+def flags(records: list[AuditRecord]) -> list[dict]:
+    """Figures the report does not take at face value: a bus bandwidth above the link rate is
+    more than the link can carry (busbw is scaled to compare with it, nccl-tests' definition),
+    so it is a measurement or configuration error, not a result."""
+    out = []
+    for c in collectives(records):
+        for t in c["tables"]:
+            out += [{"kind": "above_link_rate", "node": c["node"], "collective": t["name"], "bytes": r["bytes"],
+                     "busbw_gbps": r["busbw_gbps"], "link_rate_gbit_s": c["link_rate_gbit_s"],
+                     "link_fraction": round(r["link_fraction"], 4)} for r in t["implausible"]]
+    return out
 
 
 GOODPUT_PARTS = {  # aidc.goodput's parts of a job's wall time, and what each holds
@@ -295,8 +322,13 @@ def build(records: list[AuditRecord], verified: VerifyResult, log_path: str, now
     incident = [r for r in records if not is_dry_run(r) and not is_benchmark(r)]
     summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), None)
     faults = incidents(records)
+    judged = verdict(records, verified, faults)
+    flagged = flags(records)
+    if flagged:  # said with the verdict: a figure no link can carry is not a result to read on
+        judged.details.append(f"{len(flagged)} collective figure(s) above the link rate, implausible: "
+                              + ", ".join(sorted({f["collective"] for f in flagged})) + " (see Collective sweep)")
     return {
-        "verdict": verdict(records, verified, faults), "verified": verified, "log_path": log_path,
+        "verdict": judged, "verified": verified, "log_path": log_path,
         "generated_at": when(now), "about": stack_info(records), "summary": summary,
         "incidents": faults, "burnin": burnin(records), "collectives": collectives(records),
         "goodput": goodput(records), "escalations": failover_rows(records),
