@@ -56,6 +56,20 @@ def test_the_verdict_banner_comes_first_and_says_the_loop_completed_with_its_fig
     assert "training resumed after 2.84 s, 1 step(s) lost" in banner and "Hash chain verified" in banner
 
 
+def test_the_verdict_says_decided_and_quarantined_with_the_timelines_numbers(lab_log):
+    """"quarantine decided" is the controller's verdict, "quarantined" the scheduler's action
+    done (aidc.milestones): the banner, the lab loop's figures and the timeline agree."""
+    _, render = lab_log
+    sections = Sections(render())
+    timeline = dict(re.findall(r"(decide|quarantine) \w[\w /]+? (\d+\.\d) #", squash(sections.text["failover"])))
+    banner = squash(sections.text["verdict"])
+    assert (f"quarantine decided {float(timeline['decide']):g} ms and quarantined {float(timeline['quarantine']):g} ms"
+            " after the fault") in banner
+    figures = squash(sections.text["summary"])
+    assert f"fault to quarantine decided {float(timeline['decide']):g} ms" in figures
+    assert f"fault to quarantined {float(timeline['quarantine']):g} ms" in figures
+
+
 def test_a_loop_that_did_not_complete_says_what_failed(tmp_path):
     db = build_lab_audit_log(tmp_path, completed=False)
     with AuditLog(db, read_only=True) as log:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import aidc
 from aidc.audit import charts
 from aidc.audit.log import AuditRecord, VerifyResult
+from aidc.milestones import MILESTONES, ms_after
 
 # Units of the burn-in figures (aidc.burnin.report.UNITS, repeated here so that reading a
 # report does not import the burn-in package and its torch-only neighbours).
@@ -79,8 +80,10 @@ def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dic
     if p.get("completed") and verified.ok:
         bits = [f"{len(p.get('certified_nodes') or [])} nodes certified"]
         if p.get("victim"):
-            bits.append(f"XID {p.get('xid')} on {p['victim']}, quarantine decided "
-                        f"{charts.fmt(p.get('detect_ms') or 0)} ms after the fault")
+            fault = (f"XID {p['xid']} on {p['victim']}" if p.get("xid") is not None else f"fault on {p['victim']}")
+            steps = [f"{what} {charts.fmt(p[key])} ms" for key, what in
+                     (("detect_ms", "quarantine decided"), ("quarantine_ms", "quarantined")) if _finite(p.get(key))]
+            bits.append(fault + (f", {' and '.join(steps)} after the fault" if steps else ""))
         if p.get("resume_s") is not None:
             bits.append(f"training resumed after {p['resume_s']:g} s, {p.get('steps_lost', 0)} step(s) lost")
         return Verdict(True, "Loop completed: " + "; ".join(bits), details)
@@ -92,8 +95,6 @@ def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dic
     return Verdict(False, head, details + failures[:5])
 
 
-MILESTONES = (("fault", "fault injected / raised"), ("detect", "agent detected it"),
-              ("decide", "controller decided"), ("quarantine", "node quarantined"), ("resume", "training resumed"))
 
 
 def incidents(records: list[AuditRecord]) -> list[dict]:
@@ -131,10 +132,10 @@ def incidents(records: list[AuditRecord]) -> list[dict]:
             if rec is None:
                 steps.append({"key": key, "label": label, "ms": None, "record": None})
                 continue
-            ms = (rec.ts - t0) * 1000
+            ms = ms_after(t0, rec.ts)
             if key == "resume" and rec.payload.get("resume_s") is not None:
-                ms = rec.payload["resume_s"] * 1000  # measured at the first step on the new membership
-            steps.append({"key": key, "label": label, "ms": round(ms, 1), "record": rec})
+                ms = round(rec.payload["resume_s"] * 1000, 1)  # milestones.DEFINITIONS["resume_s"]
+            steps.append({"key": key, "label": label, "ms": ms, "record": rec})
         reached = [s for s in steps[1:] if s["ms"] is not None]
         chart = charts.bar_rows([{"label": s["key"], "value": s["ms"]} for s in reached],
                                 "milliseconds after the fault (T+ms)", "ms") if reached else None

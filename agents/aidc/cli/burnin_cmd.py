@@ -24,6 +24,7 @@ SOAK_OPTION = typer.Option(0.0, "--soak-s", min=0.0, help="Hold GEMM load this m
 
 
 def _table(report) -> "object":
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"burn-in of stack {report.stack} ({report.duration_s:.1f} s)")
@@ -34,9 +35,10 @@ def _table(report) -> "object":
     for name, n in report.nodes.items():
         m = n.metrics
         fmt = lambda k: f"{m[k]:.4g}" if k in m else "-"  # noqa: E731
-        table.add_row(name + (" (spare)" if n.spare else ""), fmt("gemm_fp32_tflops"), fmt("gemm_bf16_tflops"),
+        # Names and reasons are data: a "[...]" in them is text, not rich markup.
+        table.add_row(escape(name) + (" (spare)" if n.spare else ""), fmt("gemm_fp32_tflops"), fmt("gemm_bf16_tflops"),
                       fmt("memcpy_gbps"), fmt("allreduce_busbw_gbps"),
-                      "[green]pass[/]" if n.passed else "[red]FAIL[/]", "\n".join(n.reasons) or "-")
+                      "[green]pass[/]" if n.passed else "[red]FAIL[/]", escape("\n".join(n.reasons)) or "-")
     return table
 
 
@@ -44,16 +46,18 @@ def _collectives_table(report) -> "object":
     """Each collective at the sweep's largest size (slowest rank, as nccl-tests reports), beside the link rate."""
     from rich.table import Table
 
+    from aidc.units import human_bytes
+
     rate = report.fleet["link_rate_gbps"]
     table = Table(title=f"collectives over {report.fleet['collective_ranks']} ranks"
                         f" ({report.fleet['collective_backend']}); link rate {rate * 8:g} Gb/s = {rate:.4g} GB/s,"
                         f" floor {report.fleet['min_busbw_fraction']:.0%}")
-    for col in ("collective", "bytes", "time us", "algbw GB/s", "busbw GB/s", "of link", "correct"):
+    for col in ("collective", "size", "time us", "algbw GB/s", "busbw GB/s", "of link", "correct"):
         table.add_column(col, justify="left" if col == "collective" else "right")
     for op, rows in report.fleet["collectives"].items():
         if rows:
             top = rows[-1]
-            table.add_row(op, str(top["bytes"]), f"{top['time_us']:.0f}", f"{top['algbw_gbps']:.3g}",
+            table.add_row(op, human_bytes(top["bytes"]), f"{top['time_us']:.0f}", f"{top['algbw_gbps']:.3g}",
                           f"{top['busbw_gbps']:.3g}", f"{top['link_fraction']:.1%}",
                           "yes" if all(r["correct"] for r in rows) else "[red]NO[/]")
     return table

@@ -18,6 +18,7 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.device import sim
 from aidc.lab.cluster import LabCluster, LabError
+from aidc.milestones import ms_after
 from aidc.polling import wait_for
 from aidc.spec import ClusterSpec
 
@@ -28,7 +29,9 @@ class LabResult:
     failed_nodes: list[str] = field(default_factory=list)
     victim: str | None = None
     xid: int | None = None
+    # aidc.milestones.DEFINITIONS: fault -> quarantine decided, -> quarantined, -> training resumed.
     detect_ms: float | None = None
+    quarantine_ms: float | None = None
     resume_s: float | None = None
     steps_lost: int | None = None
     ettr: float | None = None
@@ -55,6 +58,17 @@ class LabResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def resume_s_after(goodput_log: Path) -> float:
+    """The newest fault's resume_s as aidc.goodput accounts it (milestones.DEFINITIONS["resume_s"]),
+    rounded as `aidc goodput report` rounds it, so the lab's figure and the goodput's are one."""
+    from aidc.goodput import job_report
+
+    resumes = job_report(goodput_log).resume_s
+    if not resumes:
+        raise LabError(f"{goodput_log}: no step after the fault on a restarted job, so no resume to measure")
+    return round(resumes[-1], 3)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -181,7 +195,7 @@ class LabRun:
         self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, five collective sweeps, DDP/FSDP/pipeline"
                  " + SDC check)")
         node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
-        report = run_burnin(self.spec, node_dirs, self.audit, progress=False, fabric=self.cluster.fabric)
+        report = run_burnin(self.spec, node_dirs, self.audit, progress=self.say, fabric=self.cluster.fabric)
         self.result.certified_nodes = sorted(report.certified_nodes)
         self.result.failed_nodes = sorted(report.failed_nodes)
         self.say(f"burn-in: certified {', '.join(self.result.certified_nodes) or 'none'}"
@@ -235,7 +249,8 @@ class LabRun:
                      lambda: progress() or next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
         m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
         self.result.victim, self.result.xid = m["victim"], m["xid"]
-        self.result.detect_ms, self.result.resume_s, self.result.steps_lost = m["detect_ms"], m["resume_s"], m["steps_lost"]
+        self.result.detect_ms, self.result.quarantine_ms = m["detect_ms"], m["quarantine_ms"]
+        self.result.resume_s, self.result.steps_lost = m["resume_s"], m["steps_lost"]
         if self.slurm:
             self.result.drain_reason = _wait(f"{m['victim']}'s drain reason in `sinfo -R`",
                                              lambda: self.cluster.drain_reason(m["victim"]), 30, 0.1)
@@ -287,13 +302,16 @@ class LabRun:
         self.say(f"fault: XID {xid} written to {victim}'s kernel log at step {step_now}")
 
         decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
-        detect_ms = round((decision.ts - t_fault) * 1000, 1)
+        detect_ms = ms_after(t_fault, decision.ts)
         self._goodput_writer().fault(t_fault, node=victim, detected_t=decision.ts, what=f"XID {xid}")
-        self.say(f"failover: {victim} quarantined {detect_ms:.0f} ms after the kernel-log line")
+        action = _wait("the scheduler's quarantine", lambda: self._quarantine_action(victim, after=t_fault), 60)
+        quarantine_ms = ms_after(t_fault, action.ts)
+        self.say(f"failover: quarantine of {victim} decided {detect_ms:.0f} ms after the fault, "
+                 f"{victim} quarantined {quarantine_ms:.0f} ms after it")
 
         first_new = _wait("a step on the new membership",
                           lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and victim not in s["world"]), None), 120)
-        resume_s = round(first_new["t"] - t_fault, 2)
+        resume_s = resume_s_after(self.goodput_log)
         start = next(s for s in _read_jsonl(c.dir / "train" / "starts.jsonl") if s["t"] > t_fault)
         done_before = max(s["step"] for s in _read_jsonl(self.steps_log) if s["t"] < start["t"])
         steps_lost = max(0, done_before - start["resumed_from"])
@@ -302,8 +320,8 @@ class LabRun:
                                    "steps_lost": steps_lost, "world": first_new["world"], "victim": victim})
         self.say(f"resumed: step {first_new['step']} on {', '.join(first_new['world'])} {resume_s:.2f} s"
                  f" after the fault, {steps_lost} step(s) lost")
-        return {"victim": victim, "xid": xid, "detect_ms": detect_ms, "resume_s": resume_s, "steps_lost": steps_lost,
-                "world": first_new["world"]}
+        return {"victim": victim, "xid": xid, "detect_ms": detect_ms, "quarantine_ms": quarantine_ms,
+                "resume_s": resume_s, "steps_lost": steps_lost, "world": first_new["world"]}
 
     def return_to_service(self, node: str) -> None:
         """Repair a quarantined lab node and bring it back as the new warm spare (operator path)."""
@@ -368,6 +386,10 @@ class LabRun:
             if rec.payload.get("verdict") == "quarantine" and rec.ts > after:
                 return rec
         return None
+
+    def _quarantine_action(self, node: str, after: float = 0.0):
+        """The scheduler's action on `node` after `after` (the audit report's "quarantine" step)."""
+        return next((rec for rec in self.audit.records(kind="failover.action", node=node) if rec.ts > after), None)
 
     def _ettr(self, steps: list[dict]) -> float:
         """Effective training time ratio from the job's goodput step log (aidc.goodput):
