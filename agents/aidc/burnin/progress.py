@@ -92,7 +92,7 @@ class BurninProgress:
             self.say(f"burn-in: {self.line()}")
             self._said_phase, self._said_at = self.phase, now
         elif now - self._said_at >= self.every_s:
-            self.say(f"burn-in: {self.line()} ({now - self._phase_at:.0f} s in this phase)")
+            self.say(f"burn-in: {self.line()}; {now - self._phase_at:.0f} s in this phase")
             self._said_at = now
 
     def stop(self) -> None:

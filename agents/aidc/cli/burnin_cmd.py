@@ -85,6 +85,7 @@ def run(stack: str = STACK_OPTION,
     from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
 
     from aidc.lab import fabric as lab_fabric
+    from aidc.library_output import library_output_to
 
     answers_file = known_answers or lab_dir / "known_answers.yaml"
     stored = load_all(answers_file)
@@ -95,7 +96,8 @@ def run(stack: str = STACK_OPTION,
     already_up = lab_fabric.load(lab_dir) is not None
     fabric = lab_fabric.ensure(spec, lab_dir, say=lambda msg: typer.echo(msg, err=True))
     try:
-        with AuditLog(audit_db or lab_dir / "audit.db") as audit:
+        # torch's own warnings (c10d's, from C++) go to the lab's log, not over the progress bar.
+        with AuditLog(audit_db or lab_dir / "audit.db") as audit, library_output_to(lab_dir / "logs" / "burnin.log"):
             report = run_burnin(spec, dirs, audit, progress=not as_json, timeout_s=timeout, fabric=fabric,
                                 known_answers=stored, soak_s=soak_s)
     finally:

@@ -8,6 +8,7 @@ finish training, write the report and verify the audit log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.device import sim
 from aidc.lab.cluster import LabCluster, LabError
+from aidc.library_output import library_output_to
 from aidc.milestones import ms_after
 from aidc.polling import wait_for
 from aidc.spec import ClusterSpec
@@ -132,6 +134,8 @@ class LabRun:
         self.result = LabResult(scheduler=scheduler)
         self.actor = default_actor("lab")
         self.audit: AuditLog | None = None  # opened by bring_up(), once the lab directory exists
+        # From bring_up() to the end of run(): torch's own warnings go to <lab>/logs/libraries.log.
+        self._library_output = contextlib.ExitStack()
         # Training progress lines, one reporter for the whole run (made when training starts): the
         # membership it said last is what a new one is told apart from.
         self.progress: TrainingProgress | None = None
@@ -158,6 +162,7 @@ class LabRun:
         """Create the lab, burn it in, start the agents and the controller (not the training)."""
         c = self.cluster
         c.create(owned=True)
+        self._library_output.enter_context(library_output_to(c.dir / "logs" / "libraries.log"))
         self.audit = AuditLog(c.audit_path)
         self.result.audit_db = str(c.audit_path)
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
@@ -186,6 +191,7 @@ class LabRun:
                     self.cluster.stop()
                 self._finish(started)
                 self.cluster.disown()
+            self._library_output.close()
         return self.result
 
     # -- stages -----------------------------------------------------------------------
