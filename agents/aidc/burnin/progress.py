@@ -24,21 +24,14 @@ EVENT_PHASE = {"forked": "join", "ready": "join", "sampled": "per_node", "collec
 COUNTED = {"ready", "sampled", "collective", "pair", "train"}
 
 
+DESCRIPTIONS = {"forked": "{nodes} node process(es) started", "ready": "{node} joined",
+                "sampled": "GEMM + memcpy on {node} (round {round_no})", "collective": "{op} {size}",
+                "pair": "rail {rail}: ranks {a}-{b}", "train": "{mode} step {step} loss {loss:.4f}"}
+
+
 def describe(event: dict) -> str:
-    kind = event["event"]
-    if kind == "forked":
-        return f"{event['nodes']} node process(es) started"
-    if kind == "ready":
-        return f"{event['node']} joined"
-    if kind == "sampled":
-        return f"GEMM + memcpy on {event['node']} (round {event['round'] + 1})"
-    if kind == "collective":
-        return f"{event['op']} {human_bytes(event['nbytes'])}"
-    if kind == "train":
-        return f"{event['mode']} step {event['step']} loss {event['loss']:.4f}"
-    if kind == "pair":
-        return f"rail {event['rail']}: ranks {event['a']}-{event['b']}"
-    return f"{event.get('node', '')} {kind}".strip()
+    fields = {**event, "round_no": event.get("round", 0) + 1, "size": human_bytes(event.get("nbytes", 0))}
+    return DESCRIPTIONS.get(event["event"], "{node} {event}").format(**fields)
 
 
 class BurninProgress:
