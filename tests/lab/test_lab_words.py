@@ -65,3 +65,17 @@ def test_the_lab_summary_never_prints_none_and_defines_each_figure(victim, xid, 
         assert got[key] == ("not reached" if value is None else str(value))
     definitions = dict(re.findall(r"^  (detect_ms|quarantine_ms|resume_s)\s+.*?\((.*)\)$", text, re.M))
     assert definitions == DEFINITIONS
+
+
+def test_a_lab_wait_says_what_it_waits_for_every_five_seconds_until_it_is_over():
+    from aidc.lab.run import Reminder
+
+    said, now, answers = [], [0.0], iter([None] * 12 + ["ready"])
+
+    def predicate():
+        now[0] += 1.0  # one poll a second
+        return next(answers)
+
+    wait = Reminder("the first training step", predicate, said.append, clock=lambda: now[0])
+    assert [wait() for _ in range(13)][-1] == "ready"
+    assert said == ["waiting for the first training step (5 s)", "waiting for the first training step (10 s)"]

@@ -119,6 +119,23 @@ def _wait(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: 
     return wait_for(what, predicate, timeout_s, poll_s, error=LabError)
 
 
+class Reminder:
+    """A wait's predicate that says "waiting for <what> (N s)" every `every_s` seconds while it
+    waits, so no stage of the lab is silent for longer than that."""
+
+    def __init__(self, what: str, predicate: Callable[[], object], say: Callable[[str], None], every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.what, self.predicate, self.say, self.every_s, self.clock = what, predicate, say, every_s, clock
+        self.started = self._said = clock()
+
+    def __call__(self):
+        now = self.clock()
+        if now - self._said >= self.every_s:
+            self.say(f"waiting for {self.what} ({now - self.started:.0f} s)")
+            self._said = now
+        return self.predicate()
+
+
 class LabRun:
     def __init__(self, spec: ClusterSpec, stack: str, lab_dir: Path, progress: Callable[[str], None] = print,
                  scheduler: str = "lab"):
@@ -258,7 +275,7 @@ class LabRun:
         self.result.detect_ms, self.result.quarantine_ms = m["detect_ms"], m["quarantine_ms"]
         self.result.resume_s, self.result.steps_lost = m["resume_s"], m["steps_lost"]
         if self.slurm:
-            self.result.drain_reason = _wait(f"{m['victim']}'s drain reason in `sinfo -R`",
+            self.result.drain_reason = self._wait(f"{m['victim']}'s drain reason in `sinfo -R`",
                                              lambda: self.cluster.drain_reason(m["victim"]), 30, 0.1)
             self.say(f"slurm: {m['victim']} drained, sinfo -R: {self.result.drain_reason}")
         self.finish_training()
@@ -285,17 +302,18 @@ class LabRun:
         # pool), so the spare is ready before the job needs it.
         if self.slurm:
             try:  # a job Slurm ended or never started is said at once, with Slurm's reason
-                _wait("every node's elastic agent to warm up",
+                self._wait("every node's elastic agent to warm up",
                       lambda: len(c.warm_nodes()) == len(c.nodes) or c.check_job_alive(), 300, 0.5)
             except LabError as exc:
                 raise LabError(f"{exc}; warm: {', '.join(c.warm_nodes()) or 'none'}; Slurm: {c.job_state()}") from None
         else:
-            _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
+            self._wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
         # The job's allocation starts now: its nodes are certified and warm (aidc.goodput).
         self._goodput_writer().allocation()
         c.open_start_gate()
-        _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
-        _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)
+        self._wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
+        self._wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares),
+                   120, 0.1)
 
     def inject_and_measure(self, victim: str, xid: int = 79) -> dict:
         """Write XID `xid` into `victim`'s kernel log; measure detection, resumption and loss."""
@@ -307,15 +325,15 @@ class LabRun:
                           node=victim, payload=injected)
         self.say(f"fault: XID {xid} written to {victim}'s kernel log at step {step_now}")
 
-        decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
+        decision = self._wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
         detect_ms = ms_after(t_fault, decision.ts)
         self._goodput_writer().fault(t_fault, node=victim, detected_t=decision.ts, what=f"XID {xid}")
-        action = _wait("the scheduler's quarantine", lambda: self._quarantine_action(victim, after=t_fault), 60)
+        action = self._wait("the scheduler's quarantine", lambda: self._quarantine_action(victim, after=t_fault), 60)
         quarantine_ms = ms_after(t_fault, action.ts)
         self.say(f"failover: quarantine of {victim} decided {detect_ms:.0f} ms after the fault, "
                  f"{victim} quarantined {quarantine_ms:.0f} ms after it")
 
-        first_new = _wait("a step on the new membership",
+        first_new = self._wait("a step on the new membership",
                           lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and victim not in s["world"]), None), 120)
         resume_s = resume_s_after(self.goodput_log)
         start = next(s for s in _read_jsonl(c.dir / "train" / "starts.jsonl") if s["t"] > t_fault)
@@ -346,7 +364,7 @@ class LabRun:
         finally:
             store.close()
         c.restart_trainer(node, spare=True)
-        _wait(f"{node} to wait as the spare", lambda: self._spares_waiting([node]), 120, 0.1)
+        self._wait(f"{node} to wait as the spare", lambda: self._spares_waiting([node]), 120, 0.1)
 
     def finish_training(self) -> None:
         c = self.cluster
@@ -359,7 +377,7 @@ class LabRun:
             def launchers_running():
                 return [p for p in c.running() if p["name"].startswith("launcher:")]
         try:
-            _wait("the training launchers to exit", lambda: not launchers_running(), 30, 0.2)
+            self._wait("the training launchers to exit", lambda: not launchers_running(), 30, 0.2)
         except LabError:
             self.say("warning: a training launcher did not exit by itself; stopping it")
         steps = _read_jsonl(self.steps_log)
@@ -392,6 +410,9 @@ class LabRun:
             if rec.payload.get("verdict") == "quarantine" and rec.ts > after:
                 return rec
         return None
+
+    def _wait(self, what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.02):
+        return _wait(what, Reminder(what, predicate, self.say), timeout_s, poll_s)
 
     def _quarantine_action(self, node: str, after: float = 0.0):
         """The scheduler's action on `node` after `after` (the audit report's "quarantine" step)."""
