@@ -31,3 +31,10 @@ def test_reasons_and_names_with_brackets_print_as_written():
 
 def test_the_collectives_table_gives_sizes_in_binary_units():
     assert "3.98 KiB" in rendered(_collectives_table(report("-")))
+
+
+def test_a_figure_above_the_link_rate_is_marked_implausible():
+    above = report("-")
+    above.fleet["collectives"]["all_gather"][0].update(link_fraction=1.33, above_link_rate=True)
+    assert "133.0% implausible" in rendered(_collectives_table(above))
+    assert "implausible" not in rendered(_collectives_table(report("-")))

@@ -58,7 +58,8 @@ def _collectives_table(report) -> "object":
         if rows:
             top = rows[-1]
             table.add_row(op, human_bytes(top["bytes"]), f"{top['time_us']:.0f}", f"{top['algbw_gbps']:.3g}",
-                          f"{top['busbw_gbps']:.3g}", f"{top['link_fraction']:.1%}",
+                          f"{top['busbw_gbps']:.3g}",
+                          f"{top['link_fraction']:.1%}" + (" [red]implausible[/]" if top.get("above_link_rate") else ""),
                           "yes" if all(r["correct"] for r in rows) else "[red]NO[/]")
     return table
 
