@@ -90,8 +90,8 @@ class SlurmLauncher:
         link_rate = runner.spec_link_rate_gbps(spec)
         policy = spec.policy.burnin
         sizes = runner.sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
-        bar = runner._progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) * len(runner.COLLECTIVES)
-                                   + policy.train_steps * len(runner.TRAINING_MODES))
+        bar = runner._progress(progress, nodes=len(nodes), repeats=policy.repeats, sizes=sizes,
+                               train_steps=policy.train_steps)
         job = _Job(spec, names)
         try:
             with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
@@ -157,16 +157,14 @@ class _Job:
                         continue
 
     def follow(self, store, bar, deadline: float, timeout_s: float) -> None:
-        from aidc.burnin.runner import _describe
-
         while True:
             self._learn_job_id(store)
             try:
                 event = self.events.get(timeout=0.2)
             except queue.Empty:
                 event = None
-            if event and bar and event.get("event") not in ("ready", "done"):
-                bar.update(bar.task_ids[0], advance=1, description=_describe(event))
+            if bar:
+                bar.observe(event)
             code = self.proc.poll()
             if code is not None and self.events.empty():
                 self._learn_job_id(store)
