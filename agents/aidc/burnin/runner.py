@@ -404,16 +404,23 @@ class _JoinWatch:
                               f" {self.timeout_s:g} s (the others were stopped): {tails}")
 
 
+def next_event(events: queue.Queue, wait_s: float, bar: BurninProgress | None) -> dict | None:
+    """The fleet's next event, or None after `wait_s` without one; the progress sees both
+    (a None lets it remind the user that a long phase is still going)."""
+    try:
+        event = events.get(timeout=wait_s)
+    except queue.Empty:
+        event = None
+    if bar:
+        bar.observe(event)
+    return event
+
+
 def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, joins: _JoinWatch | None = None) -> None:
     while True:
         if joins is not None:
             joins.check()
-        try:
-            event = fleet.events.get(timeout=0.1)
-        except queue.Empty:
-            event = None
-        if bar:
-            bar.observe(event)
+        event = next_event(fleet.events, 0.1, bar)
         if event and event["event"] == "exit":
             if event["code"] != 0:
                 raise BurninError(f"burn-in process of node {event['node']} died (exit code {event['code']}):"

@@ -157,14 +157,11 @@ class _Job:
                         continue
 
     def follow(self, store, bar, deadline: float, timeout_s: float) -> None:
+        from aidc.burnin import runner
+
         while True:
             self._learn_job_id(store)
-            try:
-                event = self.events.get(timeout=0.2)
-            except queue.Empty:
-                event = None
-            if bar:
-                bar.observe(event)
+            runner.next_event(self.events, 0.2, bar)
             code = self.proc.poll()
             if code is not None and self.events.empty():
                 self._learn_job_id(store)
