@@ -109,9 +109,10 @@ def test_a_failing_recertification_keeps_the_node_drained_with_its_reasons(aidc_
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     run = json.loads(out.stdout)
     steps = {s["step_id"]: s for s in run["steps"]}
-    assert steps["burn-in"]["status"] == "failed" and "back" not in steps or steps["back"]["status"] == "pending"
+    assert steps["burn-in"]["status"] == "failed" and steps["back"]["status"] == "pending"  # never released
     result = steps["burn-in"]["result"]
-    assert result["verdict"] == "fail" and result["failed_gpus"] == [1] and result["reasons"]
+    # Two GPUs with no stored known answer for this size cannot out-vote each other: both are named.
+    assert result["verdict"] == "fail" and 1 in result["failed_gpus"] and result["reasons"]
     sched = SlurmScheduler(conf=str(local_slurm.conf))
     status = sched.node("gpu-1")
     assert status.drained and status.drained_by_aidc  # still aidc's drain: a later runbook may resume it
@@ -126,7 +127,7 @@ def test_a_node_an_operator_drained_is_not_resumed_for_recertification(aidc_cli,
     out, audit = _run(aidc_cli, tmp_path, local_slurm, "gpu-0")
     assert out.returncode == 1
     steps = {s["step_id"]: s for s in json.loads(out.stdout)["steps"]}
-    assert steps["burn-in"]["status"] == "failed" and "operator" in steps["burn-in"]["result"]["error"]
+    assert steps["burn-in"]["status"] == "failed" and "not by aidc" in steps["burn-in"]["result"]["error"]
     assert reason(local_slurm, "gpu-0") == "firmware update" and local_slurm.node_states()["gpu-0"] == "drained"
     assert _reservations(local_slurm) in ("", "No reservations in the system")
     assert audit.records(kind="burnin.certificate") == []
