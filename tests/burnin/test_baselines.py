@@ -123,3 +123,22 @@ def test_a_bad_baseline_file_is_one_clear_error(tmp_path, content, message):
 
 def test_no_baseline_file_means_no_baselines(tmp_path):
     assert baseline.load(tmp_path / "none.json") == {}
+
+
+def test_aidc_burnin_baseline_record_stores_the_stacks_models_from_the_audit_log(aidc_cli, tmp_path):
+    lab = tmp_path / "lab"
+    with AuditLog(lab / "audit.db") as audit:
+        for i, fp32 in enumerate((2.0, 3.0, 4.0)):
+            _certify(audit, f"gpu-{i}", "pass", fp32)
+    out = aidc_cli("burnin", "baseline", "record", "--stack", "lab", "--lab-dir", str(lab), "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["revision"] == 1 and doc["models"]["SIM"]["nodes"] == ["gpu-0", "gpu-1", "gpu-2"]
+    assert baseline.load(lab / "burnin-baselines.json")["SIM"]["gemm_fp32_tflops"] == 3.0
+    shown = json.loads(aidc_cli("burnin", "baseline", "show", "--lab-dir", str(lab), "--json", check=True).stdout)
+    assert shown["models"] == baseline.load(lab / "burnin-baselines.json")
+
+
+def test_aidc_burnin_baseline_record_without_an_audit_log_is_one_clear_error(aidc_cli, tmp_path):
+    out = aidc_cli("burnin", "baseline", "record", "--stack", "lab", "--lab-dir", str(tmp_path / "none"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "no audit log at" in out.stderr
