@@ -5,62 +5,18 @@ service only on a passing certificate; a failing one keeps it out with its reaso
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
-import yaml
 
 from aidc.audit import AuditLog
 from aidc.failover.scheduler import LabScheduler
-from aidc.installation import record
-from aidc.spec import load_stack
-
-RECERTIFY = """
-name: recertify
-title: Recertify
-summary: Take the node out, burn it in alone, give it back only when it certifies.
-trigger: {alerts: [{alertname: Recertify}]}
-steps:
-  - {id: out, kind: quarantine, reason: "fault on ${node}"}
-  - {id: burn-in, kind: burnin, tests: [gemm, memcpy, allreduce], timeout_s: 400}
-  - {id: back, kind: release, reason: "recertified"}
-on_failure:
-  - {id: tell, kind: notify, message: "recertification of ${node} failed"}
-"""
-LOW = {"schema": 1, "revision": 1, "models": {"SIM": {"metrics": {"gemm_fp32_tflops": 1e-6, "memcpy_gbps": 1e-6}}}}
-
-
-def _stack(directory):
-    spec = {"name": "labrecert", "device_backend": "sim", "scheduler": "lab",
-            "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM", "gpus_per_node": 2, "spares": 1}],
-            "policy": {"max_unavailable": 1, "runbook_auto_approve": ["quarantine", "release", "burnin"],
-                       "burnin": {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
-                                  "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
-                                  "min_busbw_fraction": 0.25, "storage_bytes": 1 << 20, "storage_files": 10}}}
-    path = directory / "Pulumi.labrecert.yaml"
-    path.write_text(yaml.safe_dump({"config": {"aidc:cluster": spec}}))
-    return path
-
+from tests.runbook.recertify_case import LOW, prepare, write_stack
 
 def _run(aidc_cli, tmp_path, node, *, inject_sdc=False):
-    from aidc.burnin.runner import lab_node_dirs
-
-    stack = _stack(tmp_path)
-    spec = load_stack(str(stack))
     lab = tmp_path / "lab"
-    dirs = lab_node_dirs(spec, lab)
-    record(lab, spec, str(stack))
-    (lab / "burnin-baselines.json").write_text(json.dumps(LOW))
-    if inject_sdc:
-        out = aidc_cli("device", "inject", str(dirs[node]), "sdc", "--gpu", "0")
-        assert out.returncode == 0, out.stderr
-    rb_dir = tmp_path / "runbooks"
-    rb_dir.mkdir()
-    (rb_dir / "recertify.yaml").write_text(textwrap.dedent(RECERTIFY))
-    out = aidc_cli("runbook", "run", "recertify", "--node", node, "--stack", str(stack), "--runbooks", str(rb_dir),
-                   "--state-db", str(tmp_path / "state.db"), "--audit-db", str(tmp_path / "audit.db"),
-                   "--lab-dir", str(lab), "--json", timeout=600)
-    return out, lab, AuditLog(tmp_path / "audit.db")
+    args = prepare(aidc_cli, tmp_path, write_stack(tmp_path, "labrecert", "lab"), lab, node,
+                   inject_sdc_gpu=0 if inject_sdc else None)
+    return aidc_cli("runbook", "run", *args, timeout=600), lab, AuditLog(tmp_path / "audit.db")
 
 
 @pytest.mark.slow

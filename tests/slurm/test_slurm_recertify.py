@@ -5,69 +5,21 @@ keeps the node drained with aidc's own reason naming why."""
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
-import yaml
 
 from aidc.audit import AuditLog
-from aidc.installation import record
-from aidc.spec import load_stack
+from tests.runbook.recertify_case import LOW, prepare, write_stack
 
 from .slurm_helpers import reason
 
-RECERTIFY = """
-name: recertify
-title: Recertify
-summary: Take the node out, burn it in alone, give it back only when it certifies.
-trigger: {alerts: [{alertname: Recertify}]}
-guards: [{guard: node_known}, {guard: blast_radius}]
-steps:
-  - {id: out, kind: quarantine, reason: "fault on ${node}"}
-  - {id: burn-in, kind: burnin, tests: [gemm, memcpy], timeout_s: 400}
-  - {id: back, kind: release, reason: "recertified"}
-on_failure:
-  - {id: tell, kind: notify, message: "recertification of ${node} failed"}
-"""
-# Below anything the simulated GPUs measure: the verdicts under test are the SDC check's and the
-# Slurm path's, not timing (specified in tests/burnin/test_baselines.py).
-LOW = {"schema": 1, "revision": 1, "models": {"SIM": {"metrics": {"gemm_fp32_tflops": 1e-6, "memcpy_gbps": 1e-6}}}}
-
-
-def _stack(local_slurm, directory):
-    spec = {"name": "recert", "device_backend": "sim", "scheduler": "slurm",
-            "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM", "gpus_per_node": 2, "spares": 1}],
-            "slurm": {"conf": str(local_slurm.conf), "command_timeout_s": 5.0,
-                      "burnin": {"partition": local_slurm.partition}},
-            "policy": {"max_unavailable": 1, "runbook_auto_approve": ["quarantine", "release", "burnin"],
-                       "burnin": {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
-                                  "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
-                                  "min_busbw_fraction": 0.25, "storage_bytes": 1 << 20, "storage_files": 10}}}
-    path = directory / "Pulumi.recert.yaml"
-    path.write_text(yaml.safe_dump({"config": {"aidc:cluster": spec}}))
-    return path
-
 
 def _run(aidc_cli, tmp_path, local_slurm, node, *, inject_sdc=False, baselines=LOW):
-    stack = _stack(local_slurm, tmp_path)
-    rb_dir = tmp_path / "runbooks"
-    rb_dir.mkdir(exist_ok=True)
-    (rb_dir / "recertify.yaml").write_text(textwrap.dedent(RECERTIFY))
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    spec = load_stack(str(stack))
-    record(site, spec, str(stack))
-    if baselines is not None:
-        (site / "burnin-baselines.json").write_text(json.dumps(baselines))
-    if inject_sdc:
-        from aidc.burnin.runner import lab_node_dirs
-
-        out = aidc_cli("device", "inject", str(lab_node_dirs(spec, site)[node]), "sdc", "--gpu", "1")
-        assert out.returncode == 0, out.stderr
-    out = aidc_cli("runbook", "run", "recertify", "--node", node, "--stack", str(stack), "--runbooks", str(rb_dir),
-                   "--state-db", str(tmp_path / "state.db"), "--audit-db", str(tmp_path / "audit.db"),
-                   "--lab-dir", str(site), "--json", timeout=600)
-    return out, AuditLog(tmp_path / "audit.db")
+    stack = write_stack(tmp_path, "recert", "slurm", slurm={
+        "conf": str(local_slurm.conf), "command_timeout_s": 5.0, "burnin": {"partition": local_slurm.partition}})
+    args = prepare(aidc_cli, tmp_path, stack, tmp_path / "site", node, inject_sdc_gpu=1 if inject_sdc else None,
+                   baselines=baselines)
+    return aidc_cli("runbook", "run", *args, timeout=600), AuditLog(tmp_path / "audit.db")
 
 
 def _reservations(local_slurm) -> str:
