@@ -38,16 +38,19 @@ def test_a_drained_node_is_recertified_alone_inside_aidcs_reservation_then_relea
     assert [(s["step_id"], s["status"]) for s in run["steps"]] == [("out", "done"), ("burn-in", "done"),
                                                                   ("back", "done")]
     burnin = run["steps"][1]["result"]
-    assert burnin["verdict"] == "pass" and burnin["launcher"] == "slurm" and burnin["reservation"] == "aidc-recert-gpu-2"
+    assert (burnin["verdict"], burnin["launcher"], burnin["reservation"]) == ("pass", "slurm", "aidc-recert-gpu-2")
     # The job ran in the reservation, on the one node, and nothing of aidc's is left behind.
     acct = local_slurm.run("sacct", "-c", "-n", "-P", "-X", "-j", burnin["job_id"], "-o",
                            "JobName,NodeList,Reservation,State").stdout.split()
     assert acct == ["aidc-burnin|gpu-2|aidc-recert-gpu-2|COMPLETED"]
     assert _reservations(local_slurm) in ("", "No reservations in the system")
     assert local_slurm.node_states()["gpu-2"].startswith("idle") and reason(local_slurm, "gpu-2") == "none"
-    assert _slurm_commands(audit) == ["update NodeName=gpu-2 State=DRAIN", "create reservation ReservationName=aidc-recert-gpu-2",
-                                      "update NodeName=gpu-2 State=RESUME", "update NodeName=gpu-2 State=DRAIN",
-                                      "delete ReservationName=aidc-recert-gpu-2", "update NodeName=gpu-2 State=RESUME"]
+    # Drained, reserved for aidc, opened inside the reservation, drained again before the
+    # reservation goes (never open to other jobs), then resumed by the release step.
+    assert _slurm_commands(audit) == [
+        "update NodeName=gpu-2 State=DRAIN", "create reservation ReservationName=aidc-recert-gpu-2",
+        "update NodeName=gpu-2 State=RESUME", "update NodeName=gpu-2 State=DRAIN",
+        "delete ReservationName=aidc-recert-gpu-2", "update NodeName=gpu-2 State=RESUME"]
     certs = audit.records(kind="burnin.certificate")
     assert [(c.node, c.payload["verdict"]) for c in certs] == [("gpu-2", "pass")]
     assert audit.verify().ok
@@ -93,3 +96,34 @@ def test_without_a_stored_baseline_a_lone_node_is_not_recertified(aidc_cli, loca
     assert "no stored burn-in baseline for GPU model SIM" in steps["burn-in"]["result"]["detail"]
     assert local_slurm.node_states()["gpu-3"] == "drained"  # it stays out
     assert _reservations(local_slurm) in ("", "No reservations in the system")
+
+
+def test_a_recertification_window_a_crash_left_open_is_closed_on_restart(local_slurm, tmp_path):
+    """aidc died (SIGKILL) inside the window, the node resumed inside its reservation: the restarted
+    step's recovery drains it again with aidc's marked reason (the drain's event kept) and deletes
+    the reservation, once."""
+    import subprocess
+    import sys
+
+    from aidc.failover.slurm import SlurmScheduler
+    from aidc.runbook.actuators import StageBurninRunner
+    from aidc.spec import load_stack
+
+    stack = write_stack(tmp_path, "recert", "slurm", slurm={"conf": str(local_slurm.conf)})
+    audit = AuditLog(tmp_path / "audit.db")
+    sched = SlurmScheduler(conf=str(local_slurm.conf), audit=audit)
+    sched.quarantine("gpu-3", "fault on gpu-3", event="run-7")
+    crash = subprocess.run([sys.executable, "-c", (
+        "import os, signal; from aidc.audit import AuditLog; from aidc.failover.slurm import SlurmScheduler\n"
+        f"s = SlurmScheduler(conf={str(local_slurm.conf)!r}, audit=AuditLog({str(tmp_path / 'audit.db')!r}))\n"
+        "with s.recertification('gpu-3'):\n    os.kill(os.getpid(), signal.SIGKILL)")], capture_output=True)
+    assert crash.returncode == -9, crash.stderr
+    assert local_slurm.node_states()["gpu-3"].startswith("idle") and "aidc-recert-gpu-3" in _reservations(local_slurm)
+    runner = StageBurninRunner(load_stack(str(stack)), tmp_path, audit, scheduler=sched)
+    assert runner.recover("gpu-3") == {"closed_reservation": "aidc-recert-gpu-3"}
+    status = sched.node("gpu-3")
+    assert status.drained_by_aidc and status.reason.startswith("aidc: recertification interrupted")
+    assert status.aidc_event == "run-7"
+    assert _reservations(local_slurm) in ("", "No reservations in the system")
+    assert runner.recover("gpu-3") == {}  # nothing left to close
+    assert sched.node("gpu-3").reason == status.reason

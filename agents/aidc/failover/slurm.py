@@ -430,12 +430,39 @@ class SlurmScheduler:
         finally:
             self._close(window)
 
+    def close_interrupted_recertification(self, node: str) -> str | None:
+        """After a restart: close the window a dead process left open (the node resumed inside
+        `aidc-recert-<node>`): drain the node again with aidc's marked `recertification
+        interrupted` reason (keeping the event of aidc's drain, which the reservation recorded)
+        and delete the reservation. Returns the reservation closed, None when there was none."""
+        check_node_name(node)
+        name = RECERT_RESERVATION.format(node=node)
+        shown = self._query(["scontrol", "show", "reservation", "-o", name], not_found="")
+        if f"ReservationName={name} " not in shown + " ":
+            return None
+        st = self.node(node)
+        event = None
+        for rec in (self.audit.records(kind="slurm.command", node=node) if self.audit is not None else []):
+            if rec.payload.get("reservation") == name and rec.payload.get("argv", [""])[1:2] == ["create"]:
+                event = _verified_event(node, rec.payload.get("was", "")) or None
+        window = Recertification(node, name, st.reason, event)
+        window.failed(["recertification interrupted (aidc restarted while the node was open to its burn-in)"])
+        if st.drained:  # drained again already (by aidc or by someone else): only the reservation goes
+            self._change(["scontrol", "delete", f"ReservationName={name}"], node, "unreserve", {"reservation": name},
+                         gone_ok="not found")
+        else:
+            self._close(window)
+        return name
+
     def _close(self, window: "Recertification") -> None:
         node = window.node
         if window.reasons is None:
             reason = window.was  # aidc's own reason, verbatim: its mark still verifies for this node
         else:
-            reason, _ = drain_reason("recertification failed: " + "; ".join(window.reasons), window.event or None, node)
+            text = "; ".join(window.reasons)
+            if not text.startswith("recertification interrupted"):
+                text = "recertification failed: " + text
+            reason, _ = drain_reason(text, window.event or None, node)
         try:
             self._change(["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}"], node,
                          "drain_after_recertification", {"reservation": window.reservation, "reason": reason})

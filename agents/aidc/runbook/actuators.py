@@ -170,6 +170,13 @@ class StageBurninRunner:
         return ActionResult(passed, f"burn-in of {node}: {'certified' if passed else 'FAILED'}"
                             + (f" ({'; '.join(reasons)})" if reasons else ""), data)
 
+    def recover(self, node: str) -> dict:
+        """After a restart interrupted this step: close what it had opened to run the node (Slurm:
+        the maintenance reservation the node was resumed into), so the node is out again."""
+        close = getattr(self.scheduler, "close_interrupted_recertification", None)
+        closed = close(node) if close else None
+        return {"closed_reservation": closed} if closed else {}
+
     def _certificate(self, node: str, before: int):
         """This run's certificate of `node`: the first one after the `before` it had already."""
         if self.audit is None:
