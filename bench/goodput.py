@@ -44,7 +44,7 @@ sys.path.insert(0, str(AGENTS))
 os.environ["PYTHONPATH"] = str(AGENTS) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 from aidc.goodput import StepLog, account, read_step_log  # noqa: E402
-from aidc.lab.run import LabRun, _read_jsonl, _wait  # noqa: E402
+from aidc.lab.run import LabRun, _read_jsonl, _wait, resume_s_after  # noqa: E402
 from aidc.spec import load_stack  # noqa: E402
 
 BASELINE_RDZV = {
@@ -262,8 +262,9 @@ class TorchrunPhase(Phase):
             except ProcessLookupError:
                 pass
         self.run._goodput_writer().fault(t_fault, node=victim, what="node killed (baseline: nobody quarantines)")
-        first = self.first_step_without(victim, t_fault)
-        return {"victim": victim, "t_fault": t_fault, "resume_s": round(first["t"] - t_fault, 2),
+        self.first_step_without(victim, t_fault)
+        # aidc.milestones' resume_s, as the aidc arm measures it: the goodput accounting's figure.
+        return {"victim": victim, "t_fault": t_fault, "resume_s": resume_s_after(self.run.goodput_log),
                 "steps_lost": self.steps_lost(t_fault)}
 
     def return_to_service(self, victim: str) -> None:

@@ -412,6 +412,18 @@ class Slurm(_Strict):
     burnin: SlurmBurnin = SlurmBurnin()
 
 
+class KubernetesBurnin(_Strict):
+    """Where `aidc burnin run` puts its Jobs, one per node (aidc.burnin.launch.kubernetes)."""
+    # The address the command's rendezvous store listens on, one every burn-in pod reaches (the
+    # launching host's or pod's address on the cluster network); None: $POD_IP when the command
+    # runs in a pod (the downward API's status.podIP), else the run is refused.
+    store_host: ShortText | None = None
+    # The image the Jobs run: aidc installed with the `burnin` extra (torch), e.g. `aidc[agent,burnin]`;
+    # None: agent.image (the root Dockerfile builds it with the agent extra only, no torch: name a
+    # burn-in image here unless agent.image is such a build).
+    image: LongText | None = None
+
+
 class Kubernetes(_Strict):
     """How aidc acts on a Kubernetes cluster (`scheduler: kubernetes`)."""
     # A kubeconfig for the controller outside the cluster; None: in-cluster credentials in a
@@ -437,6 +449,7 @@ class Kubernetes(_Strict):
     promote_spares: bool = True
     # Failover controller replicas (infra/ deploys them; one leads through the Lease).
     controller_replicas: Annotated[int, Field(ge=1, le=5)] = 2
+    burnin: KubernetesBurnin = KubernetesBurnin()
 
     @model_validator(mode="after")
     def _lease_timing(self) -> "Kubernetes":

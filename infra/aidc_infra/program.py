@@ -8,6 +8,7 @@ import pulumi
 
 from aidc.spec import ClusterSpec
 from aidc_infra.agent import NodeAgent, NodeAgentArgs, needs_privilege
+from aidc_infra.burnin import BurninRole, BurninRoleArgs
 from aidc_infra.common import has_rail_fabric, real_gpu_pools
 from aidc_infra.controller import FailoverControllerArgs, FailoverControllerDeployment
 from aidc_infra.fabric import Fabric, FabricArgs
@@ -36,6 +37,8 @@ def build(spec: ClusterSpec, root: Path) -> dict:
     # Failover acts through the Kubernetes API only on a Kubernetes-scheduled cluster.
     controller = (FailoverControllerDeployment("aidc", FailoverControllerArgs(spec), opts=pulumi.ResourceOptions(
         depends_on=[namespaces, agent])) if spec.scheduler == "kubernetes" else None)
+    if controller is not None:  # the burn-in's Jobs live in the controller's namespace
+        BurninRole("aidc", BurninRoleArgs(spec), opts=pulumi.ResourceOptions(depends_on=[controller]))
     return {
         "cluster": spec.name,
         "node_pools": [p.name for p in pools.plans],

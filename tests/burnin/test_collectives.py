@@ -79,10 +79,18 @@ def test_link_fraction_is_busbw_over_the_link_rate_in_bytes():
             "own_time_us": 50.0, "own_busbw_gbps": 6.0}]
     [fleet] = with_link_fraction(raw, 12.5)  # a 100 Gb/s link
     assert fleet == {"bytes": 4096, "iterations": 3, "correct": True, "time_us": 100.0, "algbw_gbps": 2.0,
-                     "busbw_gbps": 3.0, "link_fraction": 0.24}
+                     "busbw_gbps": 3.0, "link_fraction": 0.24, "above_link_rate": False}
     [own] = with_link_fraction(raw, 12.5, own=True)
     assert (own["time_us"], own["busbw_gbps"], own["link_fraction"]) == (50.0, 6.0, 0.48)
     assert own["algbw_gbps"] == pytest.approx(4096 / 50e-6 / 1e9)
+
+
+def test_a_bus_bandwidth_above_the_link_rate_is_flagged_not_taken_as_a_result():
+    """busbw is scaled to compare with one link: 133% of it is a measurement or link-rate error."""
+    raw = [{"bytes": 4096, "iterations": 3, "correct": True, "time_us": 100.0, "algbw_gbps": b, "busbw_gbps": b,
+            "own_time_us": 100.0, "own_busbw_gbps": b} for b in (12.5, 16.625)]
+    assert [(r["link_fraction"], r["above_link_rate"]) for r in with_link_fraction(raw, 12.5)] == \
+        [(1.0, False), (1.33, True)]
 
 
 @pytest.mark.parametrize("op, function", [

@@ -24,14 +24,14 @@ def slurm_spec(**burnin):
 
 
 def test_every_scheduler_with_a_launcher_is_found_by_its_name():
-    assert set(registered_launchers()) >= {"lab", "slurm"}
+    assert set(registered_launchers()) >= {"lab", "slurm", "kubernetes"}
     for name in registered_launchers():
         launcher = launcher_for(name)
         assert launcher.name == name
         assert callable(launcher.run)
 
 
-@pytest.mark.parametrize("name", ["kubernetes", "pbs", ""])
+@pytest.mark.parametrize("name", ["nomad", "pbs", ""])
 def test_a_scheduler_without_a_launcher_is_refused_naming_those_there_are(name):
     with pytest.raises(BurninError) as err:
         launcher_for(name)

@@ -10,6 +10,9 @@ client against this server. What it implements, and only that:
 * pods: list (all namespaces, or one; fieldSelector `spec.nodeName=`), eviction (a pod marked
   as protected by a PodDisruptionBudget answers 429, as the API does while the budget is spent).
 * events (core/v1 and events.k8s.io/v1): create. leases (coordination.k8s.io/v1): get, create, replace.
+* jobs (batch/v1): create, list (labelSelector on equality), get, get status, delete; secrets
+  (core/v1): create, get, delete. No controller runs here: a Job gets no pods and no status
+  unless the test plays the job controller and kubelet (`jobs`, `secret`, `set_job_status`).
 
 Field ownership as the API server tracks it for Update operations (`metadata.managedFields`):
 a write through the API names its manager (`fieldManager`, else the User-Agent up to its `/`),
@@ -60,6 +63,8 @@ class FakeApiServer:
         self.nodes: dict[str, dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.leases: dict[tuple[str, str], dict] = {}
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self.secrets: dict[tuple[str, str], dict] = {}
         self.events: list[dict] = []
         self.history: list[tuple[int, str, dict]] = []  # (rv, type, node) for node watches
         self.history_size = history
@@ -162,6 +167,24 @@ class FakeApiServer:
             return sorted(e["manager"] for e in self.nodes[name]["metadata"].get("managedFields", [])
                           if tuple(path) in _decode_fields(e["fieldsV1"]))
 
+    def job_list(self, namespace: str) -> list[dict]:
+        with self.lock:
+            return [copy.deepcopy(j) for (ns, _), j in sorted(self.jobs.items()) if ns == namespace]
+
+    def secret(self, namespace: str, name: str) -> dict | None:
+        with self.lock:
+            return copy.deepcopy(self.secrets.get((namespace, name)))
+
+    def set_job_status(self, namespace: str, name: str, status: dict) -> None:
+        """Write a Job's status as its controller would (its pods succeeded or failed)."""
+        with self.lock:
+            job = copy.deepcopy(self.jobs[(namespace, name)])
+            job["status"] = status
+            self._validate(job)
+            self.rv += 1
+            job["metadata"]["resourceVersion"] = str(self.rv)
+            self.jobs[(namespace, name)] = job
+
     def compact(self) -> None:
         """Forget the watch history, as etcd compaction does: older versions get 410 Gone."""
         with self.lock:
@@ -224,6 +247,10 @@ class FakeApiServer:
                     return self._evict(ns, what[1], doc)
                 if what == ["events"] and method == "POST":
                     return self._create_event(doc)
+                if what[:1] == ["secrets"]:
+                    return self._namespaced(self.secrets, "Secret", "v1", method, ns, what[1:], doc, query)
+        if parts[:3] == ["apis", "batch", "v1"] and parts[3:4] == ["namespaces"] and parts[5:6] == ["jobs"]:
+            return self._namespaced(self.jobs, "Job", "batch/v1", method, parts[4], parts[6:], doc, query)
         if parts[:3] == ["apis", "events.k8s.io", "v1"] and parts[3:4] == ["namespaces"] and parts[5:] == ["events"]:
             return self._create_event(doc, "events.k8s.io/v1")
         if parts[:3] == ["apis", "coordination.k8s.io", "v1"] and parts[3:4] == ["namespaces"] \
@@ -273,6 +300,39 @@ class FakeApiServer:
                     _manage(current, new, query["_manager"])
                 return 200, copy.deepcopy(self._store_node(name, new, "MODIFIED"))
         raise ApiError(405, "MethodNotAllowed", method)
+
+    def _namespaced(self, store: dict, kind: str, api_version: str, method: str, ns: str, rest: list, doc, query):
+        """Create, list, get (and its status) and delete of a namespaced kind, as the API does them."""
+        plural = kind.lower() + "s"
+        with self.lock:
+            if not rest and method == "POST":
+                doc = {"apiVersion": api_version, "kind": kind, **doc}
+                meta = doc.setdefault("metadata", {})
+                if meta.get("namespace", ns) != ns:
+                    raise ApiError(400, "BadRequest", "the namespace of the object does not match the request")
+                self._validate(doc)
+                name = meta.get("name")
+                if (ns, name) in store:
+                    raise ApiError(409, "AlreadyExists", f'{plural} "{name}" already exists')
+                self.rv += 1
+                meta.update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=str(self.rv))
+                store[(ns, name)] = doc
+                return 201, copy.deepcopy(doc)
+            if not rest and method == "GET":
+                items = [copy.deepcopy(o) for (n, _), o in sorted(store.items())
+                         if n == ns and _selected(o, query.get("labelSelector"))]
+                return 200, {"kind": f"{kind}List", "apiVersion": api_version,
+                             "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+            if len(rest) == 1 or (rest[1:] == ["status"] and method == "GET"):
+                if (ns, rest[0]) not in store:
+                    raise ApiError(404, "NotFound", f'{plural} "{rest[0]}" not found')
+                if method == "GET":
+                    return 200, copy.deepcopy(store[(ns, rest[0])])
+                if method == "DELETE":
+                    store.pop((ns, rest[0]))
+                    self.rv += 1
+                    return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        raise ApiError(405, "MethodNotAllowed", f"{method} {plural}/{'/'.join(rest)}")
 
     def _list_pods(self, namespace, query):
         node = None

@@ -42,6 +42,13 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     assert goodput["faults"] == 1 and goodput["restarts"] == 1 and goodput["seconds"]["detection"] > 0
     assert summary["checkpoint_advice"]["advised_interval_s"] > 0
     assert summary["checkpoint_advice"]["mtbf"]["source"] == "audit"
+    # One vocabulary and one number per figure (aidc.milestones): decided before quarantined, and
+    # the lab's resume_s is the goodput accounting's.
+    assert 0 < summary["detect_ms"] <= summary["quarantine_ms"]
+    assert summary["resume_s"] == goodput["resume_s"][-1]
+    # The burn-in said its phases as it went; torch's own warnings stayed in the lab's log.
+    assert "burn-in: collectives" in out.stderr and "burn-in: training" in out.stderr
+    assert "[c10d]" not in out.stderr and "UserWarning" not in out.stderr
 
     # The training finished on the new membership: the spare replaced the faulty node.
     steps = [json.loads(line) for line in (lab_dir / "train" / "steps.jsonl").read_text().splitlines()]

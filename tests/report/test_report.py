@@ -8,12 +8,15 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 import aidc
 from aidc.audit import charts
 from aidc.audit.log import AuditLog
 from aidc.audit.report import render_html
 
-from .lab_log import build_lab_audit_log
+from .lab_log import append_goodput_report, build_lab_audit_log
 
 
 class Sections(HTMLParser):
@@ -51,6 +54,20 @@ def test_the_verdict_banner_comes_first_and_says_the_loop_completed_with_its_fig
     banner = squash(Sections(page).text["verdict"])
     assert "Loop completed: 4 nodes certified; XID 79 on gpu-1" in banner
     assert "training resumed after 2.84 s, 1 step(s) lost" in banner and "Hash chain verified" in banner
+
+
+def test_the_verdict_says_decided_and_quarantined_with_the_timelines_numbers(lab_log):
+    """"quarantine decided" is the controller's verdict, "quarantined" the scheduler's action
+    done (aidc.milestones): the banner, the lab loop's figures and the timeline agree."""
+    _, render = lab_log
+    sections = Sections(render())
+    timeline = dict(re.findall(r"(decide|quarantine) \w[\w /]+? (\d+\.\d) #", squash(sections.text["failover"])))
+    banner = squash(sections.text["verdict"])
+    assert (f"quarantine decided {float(timeline['decide']):g} ms and quarantined {float(timeline['quarantine']):g} ms"
+            " after the fault") in banner
+    figures = squash(sections.text["summary"])
+    assert f"fault to quarantine decided {float(timeline['decide']):g} ms" in figures
+    assert f"fault to quarantined {float(timeline['quarantine']):g} ms" in figures
 
 
 def test_a_loop_that_did_not_complete_says_what_failed(tmp_path):
@@ -102,7 +119,8 @@ def test_the_collective_sweep_renders_every_collective_of_the_certificate_with_l
     _, render = lab_log
     text = squash(Sections(render()).text["collectives"])
     for name in ("all_reduce", "all_gather", "reduce_scatter"):
-        assert f"{name} message size algbw (GB/s) busbw (GB/s) of link rate" in text
+        assert re.search(rf"{name} : peak busbw [\d.]+ GB/s at 4 MiB \(\d+% of link rate\) "
+                         r"message size algbw \(GB/s\) busbw \(GB/s\) of link rate", text), name
     assert "link rate 100 Gbit/s" in text and "4 MiB 2.36 3.77 30%" in text
 
 
@@ -124,15 +142,8 @@ def test_goodput_is_given_as_ettr_with_its_definition(lab_log):
 
 def test_the_goodput_accounting_is_rendered_part_by_part_with_the_advised_interval(tmp_path):
     db = build_lab_audit_log(tmp_path)
-    parts = {"productive": 61.2, "checkpoint": 0.4, "detection": 0.1, "restart": 4.1, "lost": 1.3, "idle": 0.9}
-    wall = sum(parts.values())
     with AuditLog(db) as log:
-        log.append("goodput.report", "job llm: ETTR 0.87", actor="goodput", payload={
-            "goodput": {"job": "llm", "ettr": 0.87, "wall_s": wall, "seconds": parts,
-                        "fractions": {k: v / wall for k, v in parts.items()}},
-            "checkpoint_advice": {"advised_interval_s": 12.5, "young_interval_s": 13.1, "current_interval_s": 0.05,
-                                  "expected_ettr_advised": 0.97, "expected_ettr_current": 0.9, "save_cost_s": 0.002,
-                                  "mtbf": {"seconds": 600, "source": "audit"}}})
+        append_goodput_report(log)
         text = squash(Sections(render_html(log)).text["goodput"])
     assert "Goodput: job llm" in text and "ETTR 87.0%" in text
     assert "productive 61.2" in text and "restart 4.1" in text and "lost 1.3" in text
@@ -206,3 +217,115 @@ def test_without_a_lab_loop_the_verdict_is_whether_every_faulty_node_was_quarant
         log.close()
     assert squash(Sections(page).text["verdict"]).startswith(" 2 fault(s) on gpu-0, gpu-2: NOT quarantined: gpu-2")
     assert '<header id="verdict" class="verdict bad">' in page
+
+
+# --- Reading it at a glance: collapsed sweeps, rounded sizes, figures a link cannot carry flagged.
+
+class Details(HTMLParser):
+    """Each <details> in a section: (open?, summary text, text inside)."""
+
+    def __init__(self, page: str, section: str):
+        super().__init__()
+        self.section, self.inside, self.depth = section, False, 0
+        self.found: list[dict] = []
+        self.summary = False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section":
+            self.inside = dict(attrs).get("id") == self.section
+        if not self.inside:
+            return
+        if tag == "details":
+            self.found.append({"open": "open" in dict(attrs), "summary": "", "text": ""})
+        elif tag == "summary":
+            self.summary = True
+
+    def handle_endtag(self, tag):
+        if tag == "summary":
+            self.summary = False
+        elif tag == "section":
+            self.inside = False
+
+    def handle_data(self, data):
+        if self.inside and self.found:
+            self.found[-1]["summary" if self.summary else "text"] += data + " "
+
+
+def with_broadcast_at(db, fraction: float) -> None:
+    """A newer certificate whose broadcast sweep reaches `fraction` of the link rate at 4 MiB."""
+    with AuditLog(db) as log:
+        cert = log.records(kind="burnin.certificate", node="gpu-spare-0")[-1].payload
+        link = cert["link_rate_gbps"]
+        rows = [{"bytes": n, "algbw_gbps": fraction * link * n / 2 ** 22, "busbw_gbps": fraction * link * n / 2 ** 22,
+                 "link_fraction": fraction * n / 2 ** 22} for n in (2 ** 12, 2 ** 17, 2 ** 22)]
+        log.append("burnin.certificate", "passed burn-in", actor="burnin", node="gpu-spare-0",
+                   payload={**cert, "collectives": {**cert["collectives"], "broadcast": rows}})
+
+
+def test_each_collectives_table_is_collapsed_under_a_summary_with_its_peak(lab_log):
+    _, render = lab_log
+    details = Details(render(), "collectives").found
+    assert sorted(d["summary"].split()[0] for d in details) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert not any(d["open"] for d in details)
+    assert all("peak busbw" in d["summary"] and "message size" in d["text"] for d in details)
+
+
+def test_message_sizes_are_given_in_rounded_binary_units():
+    assert [charts.size_label(n) for n in (512, 4096, 4080, 1572864, 2 ** 30 + 1)] == \
+        ["512 B", "4 KiB", "3.98 KiB", "1.5 MiB", "1 GiB"]
+
+
+def significant_digits(number: str) -> int:
+    return len(number.replace(".", "").strip("0"))
+
+
+@given(st.integers(min_value=1, max_value=2 ** 49))
+def test_a_size_label_has_at_most_three_significant_digits_and_reads_back_within_half_a_percent(n):
+    number, unit = charts.size_label(n).split()
+    scale = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}[unit]
+    assert significant_digits(number) <= 3 and 1 <= float(number) < 1024
+    assert abs(float(number) * scale - n) <= 0.005 * n
+
+
+def test_no_size_in_the_collective_tables_has_more_than_three_significant_digits(tmp_path):
+    db = build_lab_audit_log(tmp_path, with_collectives=False)  # the burn-in's own sizes, divided among 5 ranks
+    with AuditLog(db, read_only=True) as log:
+        text = squash(Sections(render_html(log)).text["collectives"])
+    sizes = re.findall(r"([\d.]+) (?:B|KiB|MiB|GiB)\b", text)
+    assert sizes and all(significant_digits(s) <= 3 for s in sizes), sizes
+
+
+def test_a_bus_bandwidth_above_the_link_rate_is_flagged_implausible_in_the_page_and_the_json(tmp_path):
+    from aidc.audit.report import render_json
+
+    db = build_lab_audit_log(tmp_path)
+    with_broadcast_at(db, 1.33)
+    with AuditLog(db, read_only=True) as log:
+        page, data = render_html(log), render_json(log)
+    text = squash(Sections(page).text["collectives"])
+    assert "implausible" in text and "broadcast" in text
+    assert re.search(r'class="num implausible"[^>]*>133%', page)
+    flags = [f for f in data["flags"] if f["kind"] == "above_link_rate"]
+    assert [(f["collective"], f["bytes"], f["link_fraction"]) for f in flags] == [("broadcast", 2 ** 22, 1.33)]
+
+
+def test_figures_within_the_link_rate_raise_no_flag(tmp_path):
+    from aidc.audit.report import render_json
+
+    db = build_lab_audit_log(tmp_path)
+    with_broadcast_at(db, 0.9)
+    with AuditLog(db, read_only=True) as log:
+        page, data = render_html(log), render_json(log)
+    assert data["flags"] == [] and "implausible" not in squash(Sections(page).text["collectives"])
+
+
+def test_a_verification_failure_without_a_record_number_names_no_record(lab_log):
+    from aidc.audit.log import VerifyResult
+
+    db, _ = lab_log
+    with AuditLog(db, read_only=True) as log:
+        broken = VerifyResult(False, 12, None, f"anchor file {db}.anchor is missing")
+        page = render_html(log, broken)
+    banner = squash(Sections(page).text["verdict"])
+    assert "None" not in banner and f"Verification FAILED: anchor file {db}.anchor is missing" in banner

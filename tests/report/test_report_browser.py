@@ -1,6 +1,7 @@
 """The audit report in a real browser (Debian's chromium, driven by Playwright): at a desktop
 width and at a 420 px phone width it loads with no console error, every image decodes, nothing
-overflows sideways on the phone, and the verdict banner and the failover timeline chart are on
+overflows sideways on the phone, the lab's page is at most 3,000 px long on a desktop (the
+detail tables are collapsed), and the verdict banner and the failover timeline chart are on
 screen. Screenshots of both widths are kept (path printed) for a person to look at."""
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from aidc.audit.log import AuditLog
 from aidc.audit.report import write_report
 from aidc.compress.report import audit_results
 
-from .lab_log import build_lab_audit_log, compress_results
+from .lab_log import append_goodput_report, build_lab_audit_log, compress_results
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DESKTOP = 1280
+MAX_DESKTOP_HEIGHT_PX = 3000
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "report"
 
 
@@ -29,6 +32,19 @@ def report_page(tmp_path_factory):
     db = build_lab_audit_log(base)
     audit_results(compress_results(), db)
     with AuditLog(db, read_only=True) as log:
+        html_path, _, verified = write_report(log, base / "out")
+    assert verified.ok
+    return html_path
+
+
+@pytest.fixture(scope="module")
+def lab_report_page(tmp_path_factory):
+    """The report of a lab loop as `aidc lab run` writes it: the burn-in's own certificates (five
+    collective sweeps), the failover, goodput with its accounting (no compression benchmark)."""
+    base = tmp_path_factory.mktemp("lab-report")
+    db = build_lab_audit_log(base, with_collectives=False)
+    with AuditLog(db) as log:
+        append_goodput_report(log)
         html_path, _, verified = write_report(log, base / "out")
     assert verified.ok
     return html_path
@@ -47,7 +63,7 @@ def browser():
         b.close()
 
 
-@pytest.mark.parametrize("width", [1280, 420])
+@pytest.mark.parametrize("width", [DESKTOP, 420])
 def test_the_report_renders_cleanly_at_desktop_and_phone_width(report_page, browser, width):
     page = browser.new_page(viewport={"width": width, "height": 900})
     problems = []
@@ -78,3 +94,17 @@ def test_the_report_renders_cleanly_at_desktop_and_phone_width(report_page, brow
         page.screenshot(path=str(shot), full_page=True)
         page.close()
         print(f"screenshot: {shot}")
+
+
+def test_the_lab_report_fits_in_3000_px_on_a_desktop_with_its_detail_tables_collapsed(lab_report_page, browser):
+    page = browser.new_page(viewport={"width": DESKTOP, "height": 900})
+    try:
+        page.goto(lab_report_page.as_uri(), wait_until="load")
+        height = page.evaluate("document.documentElement.scrollHeight")
+        assert height <= MAX_DESKTOP_HEIGHT_PX, f"the lab's report is {height} px long"
+        assert page.locator("details[open]").count() == 0
+        assert page.locator("#collectives details").count() == 5  # one per collective, each closed
+        assert page.locator("#verdict").bounding_box()["y"] < 5
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "lab-report-desktop.png"), full_page=True)
+        page.close()

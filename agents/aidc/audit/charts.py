@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from aidc.units import human_bytes as size_label  # noqa: F401 (the report's name for it)
+
 WIDTH = 520
 ROW_H = 26
 LABEL_W = 96  # room for node names and milestone names left of the plot
@@ -96,8 +98,3 @@ def line_chart(series: list[dict], x_title: str, y_title: str, reference: dict |
             "legend_y": top + plot_h + 56}
 
 
-def size_label(nbytes: float) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:g} {unit}"
-    return f"{nbytes:g} B"

@@ -157,6 +157,14 @@ class VerifyResult:
     signed: bool = False  # checked against a public key
     notes: tuple[str, ...] = field(default=())  # re-anchors, records older than signing, a lagging anchor
 
+    @property
+    def failure(self) -> str:
+        """Why it does not verify, to follow "FAILED" or "does not verify" in a sentence:
+        " at record N: <problem>", or ": <problem>" where no record is to blame (a missing
+        anchor, an unreadable file): never "record None"."""
+        at = f" at record {self.first_bad_seq}" if self.first_bad_seq is not None else ""
+        return f"{at}: {self.problem}"
+
     def to_dict(self) -> dict:
         return {"ok": self.ok, "records": self.records, "first_bad_seq": self.first_bad_seq, "problem": self.problem,
                 "signed": self.signed, "notes": list(self.notes)}

@@ -34,7 +34,7 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None, now: float 
 
 def render_json(log: AuditLog, verified: VerifyResult | None = None) -> dict:
     records = log.records()
-    return {"verification": (verified or log.verify()).to_dict(),
+    return {"verification": (verified or log.verify()).to_dict(), "flags": report_model.flags(records),
             "escalations_and_breaker": report_model.failover_rows(records),
             "records": [r.__dict__ for r in records]}
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import aidc
 from aidc.audit import charts
 from aidc.audit.log import AuditRecord, VerifyResult
+from aidc.milestones import MILESTONES, ms_after
 
 # Units of the burn-in figures (aidc.burnin.report.UNITS, repeated here so that reading a
 # report does not import the burn-in package and its torch-only neighbours).
@@ -63,7 +64,7 @@ def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dic
                 or (r.kind == "burnin.certificate" and r.payload.get("verdict") != "pass")]
     details = []
     if not verified.ok:
-        details.append(f"the audit log does not verify at record {verified.first_bad_seq}: {verified.problem}")
+        details.append(f"the audit log does not verify{verified.failure}")
     if summary is None:
         if not verified.ok:
             return Verdict(False, "Audit log verification FAILED", details + failures[:5])
@@ -79,8 +80,10 @@ def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dic
     if p.get("completed") and verified.ok:
         bits = [f"{len(p.get('certified_nodes') or [])} nodes certified"]
         if p.get("victim"):
-            bits.append(f"XID {p.get('xid')} on {p['victim']}, quarantine decided "
-                        f"{charts.fmt(p.get('detect_ms') or 0)} ms after the fault")
+            fault = (f"XID {p['xid']} on {p['victim']}" if p.get("xid") is not None else f"fault on {p['victim']}")
+            steps = [f"{what} {charts.fmt(p[key])} ms" for key, what in
+                     (("detect_ms", "quarantine decided"), ("quarantine_ms", "quarantined")) if _finite(p.get(key))]
+            bits.append(fault + (f", {' and '.join(steps)} after the fault" if steps else ""))
         if p.get("resume_s") is not None:
             bits.append(f"training resumed after {p['resume_s']:g} s, {p.get('steps_lost', 0)} step(s) lost")
         return Verdict(True, "Loop completed: " + "; ".join(bits), details)
@@ -92,8 +95,6 @@ def verdict(records: list[AuditRecord], verified: VerifyResult, faults: list[dic
     return Verdict(False, head, details + failures[:5])
 
 
-MILESTONES = (("fault", "fault injected / raised"), ("detect", "agent detected it"),
-              ("decide", "controller decided"), ("quarantine", "node quarantined"), ("resume", "training resumed"))
 
 
 def incidents(records: list[AuditRecord]) -> list[dict]:
@@ -131,10 +132,10 @@ def incidents(records: list[AuditRecord]) -> list[dict]:
             if rec is None:
                 steps.append({"key": key, "label": label, "ms": None, "record": None})
                 continue
-            ms = (rec.ts - t0) * 1000
+            ms = ms_after(t0, rec.ts)
             if key == "resume" and rec.payload.get("resume_s") is not None:
-                ms = rec.payload["resume_s"] * 1000  # measured at the first step on the new membership
-            steps.append({"key": key, "label": label, "ms": round(ms, 1), "record": rec})
+                ms = round(rec.payload["resume_s"] * 1000, 1)  # milestones.DEFINITIONS["resume_s"]
+            steps.append({"key": key, "label": label, "ms": ms, "record": rec})
         reached = [s for s in steps[1:] if s["ms"] is not None]
         chart = charts.bar_rows([{"label": s["key"], "value": s["ms"]} for s in reached],
                                 "milliseconds after the fault (T+ms)", "ms") if reached else None
@@ -186,7 +187,12 @@ def burnin(records: list[AuditRecord]) -> dict | None:
     nodes = [{"node": c.node, "passed": c.payload.get("verdict") == "pass", "spare": c.payload.get("spare"),
               "at": when(c.ts), "reasons": c.payload.get("reasons") or [], "notes": c.payload.get("notes") or []}
              for c in certs]
-    return {"tolerance": tolerance, "rule": fleet.get("rule"), "metrics": metrics, "nodes": nodes}
+    # A note every node has (a figure this run could not measure) is said once, not per node.
+    shared = [n for n in nodes[0]["notes"] if all(n in other["notes"] for other in nodes)] if len(nodes) > 1 else []
+    for n in nodes:
+        n["notes"] = [x for x in n["notes"] if x not in shared]
+    return {"tolerance": tolerance, "rule": fleet.get("rule"), "metrics": metrics, "nodes": nodes,
+            "shared_notes": shared}
 
 
 def collectives(records: list[AuditRecord]) -> list[dict]:
@@ -214,11 +220,33 @@ def collectives(records: list[AuditRecord]) -> list[dict]:
     ref = {"label": f"link rate {charts.fmt(link_gbit)} Gbit/s = {charts.fmt(link_gbit / 8)} GB/s", "value": link_gbit / 8} \
         if isinstance(link_gbit, (int, float)) and link_gbit > 0 else None
     chart = charts.line_chart(series, "message size", "bus bandwidth (GB/s)", ref)
-    for rows in sweeps.values():
+    link_gbps = link_gbit / 8 if _finite(link_gbit) and link_gbit > 0 else None
+    tables = []
+    for name, rows in sweeps.items():
         for r in rows:
-            r["size"] = charts.size_label(r["bytes"]) if isinstance(r["bytes"], (int, float)) else "-"
+            r["size"] = charts.size_label(r["bytes"]) if _finite(r["bytes"]) else "-"
+            if r["link_fraction"] is None and link_gbps and _finite(r["busbw_gbps"]):
+                r["link_fraction"] = r["busbw_gbps"] / link_gbps
+            r["implausible"] = _finite(r["link_fraction"]) and r["link_fraction"] > 1
+        peak = max((r for r in rows if _finite(r["busbw_gbps"])), key=lambda r: r["busbw_gbps"], default=None)
+        tables.append({"name": name, "rows": rows, "peak": peak,
+                       "implausible": [r for r in rows if r["implausible"]]})
     return [{"node": cert.node, "at": when(cert.ts), "link_rate_gbit_s": link_gbit, "chart": chart,
-             "sweeps": sweeps}]
+             "sweeps": sweeps, "tables": tables,
+             "implausible": sum(len(t["implausible"]) for t in tables)}]
+
+
+def flags(records: list[AuditRecord]) -> list[dict]:
+    """Figures the report does not take at face value: a bus bandwidth above the link rate is
+    more than the link can carry (busbw is scaled to compare with it, nccl-tests' definition),
+    so it is a measurement or configuration error, not a result."""
+    out = []
+    for c in collectives(records):
+        for t in c["tables"]:
+            out += [{"kind": "above_link_rate", "node": c["node"], "collective": t["name"], "bytes": r["bytes"],
+                     "busbw_gbps": r["busbw_gbps"], "link_rate_gbit_s": c["link_rate_gbit_s"],
+                     "link_fraction": round(r["link_fraction"], 4)} for r in t["implausible"]]
+    return out
 
 
 GOODPUT_PARTS = {  # aidc.goodput's parts of a job's wall time, and what each holds
@@ -295,8 +323,13 @@ def build(records: list[AuditRecord], verified: VerifyResult, log_path: str, now
     incident = [r for r in records if not is_dry_run(r) and not is_benchmark(r)]
     summary = next((r.payload for r in reversed(records) if r.kind == "lab.summary"), None)
     faults = incidents(records)
+    judged = verdict(records, verified, faults)
+    flagged = flags(records)
+    if flagged:  # said with the verdict: a figure no link can carry is not a result to read on
+        judged.details.append(f"{len(flagged)} collective figure(s) above the link rate, implausible: "
+                              + ", ".join(sorted({f["collective"] for f in flagged})) + " (see Collective sweep)")
     return {
-        "verdict": verdict(records, verified, faults), "verified": verified, "log_path": log_path,
+        "verdict": judged, "verified": verified, "log_path": log_path,
         "generated_at": when(now), "about": stack_info(records), "summary": summary,
         "incidents": faults, "burnin": burnin(records), "collectives": collectives(records),
         "goodput": goodput(records), "escalations": failover_rows(records),

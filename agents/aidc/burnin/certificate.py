@@ -34,8 +34,8 @@ def export_certificate(log: AuditLog, node: str, signer) -> dict:
     or when the log does not verify with the signer's public key."""
     result = log.verify(public_key_pem=signer.public_key_pem())
     if not result.ok:
-        raise AuditError(f"{log.path} does not verify with key {signer.key_id!r} "
-                         f"(record {result.first_bad_seq}: {result.problem}); no certificate is issued from it")
+        raise AuditError(f"{log.path} does not verify with key {signer.key_id!r}"
+                         f"{result.failure}; no certificate is issued from it")
     record = log.latest_stored(RECORD_KIND, node)
     if record is None:
         raise AuditError(f"{log.path} holds no burn-in certificate for node {node!r}")

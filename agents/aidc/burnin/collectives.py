@@ -234,5 +234,8 @@ def with_link_fraction(rows: list[dict], link_rate_gbps: float, own: bool = Fals
         else:
             row.update(time_us=r["time_us"], algbw_gbps=r["algbw_gbps"], busbw_gbps=r["busbw_gbps"])
         row["link_fraction"] = row["busbw_gbps"] / link_rate_gbps
+        # More than one link carries (busbw is scaled to compare with it): a measurement or
+        # link-rate error, flagged so that no reader takes it for a result.
+        row["above_link_rate"] = row["link_fraction"] > 1
         out.append(row)
     return out

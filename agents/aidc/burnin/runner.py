@@ -22,11 +22,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from aidc.audit.log import AuditLog, default_actor
 from aidc.burnin.collectives import COLLECTIVES, metric_name, node_busbw, sweep_sizes, with_link_fraction
 from aidc.burnin.judge import judge
 from aidc.burnin.launch.store import keyed_store, store_secret
+from aidc.burnin.progress import BurninProgress, rich_bar
 from aidc.burnin.report import BurninReport, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.worker import PREFIX
@@ -115,30 +117,18 @@ class _Fleet:
         # behind that reader while any writer lives).
 
 
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
+def _progress(progress, *, nodes: int, repeats: int, sizes: list[int], train_steps: int) -> BurninProgress | None:
+    """`progress`: True for a bar on the terminal's stderr, a function for lines of text (the
+    lab's output), false for silence."""
+    if not progress:
         return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("burn-in"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
-    bar.start()
-    bar.add_task("starting nodes", total=total)
-    return bar
-
-
-def _describe(event: dict) -> str:
-    kind = event["event"]
-    if kind == "sampled":
-        return f"GEMM + memcpy on {event['node']} (round {event['round'] + 1})"
-    if kind == "collective":
-        return f"{event['op']} {event['nbytes']} B"
-    if kind == "train":
-        return f"{event['mode']} step {event['step']} loss {event['loss']:.4f}"
-    if kind == "pair":
-        return f"pair test rail {event['rail']}: ranks {event['a']}-{event['b']}"
-    return f"{event['node']} {kind}"
+    counts = {"nodes": nodes, "repeats": repeats, "sizes": sizes, "collectives": COLLECTIVES,
+              "train_steps": train_steps, "modes": len(TRAINING_MODES)}
+    if callable(progress):
+        return BurninProgress(**counts, say=progress)
+    p = BurninProgress(**counts)
+    p.bar = rich_bar(p.total)
+    return p
 
 
 def spec_link_rate_gbps(spec: ClusterSpec) -> float:
@@ -235,7 +225,8 @@ def node_config(spec: ClusterSpec, node, rank: int, names: list[str], *, timeout
 
 
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
-               progress: bool = False, *, timeout_s: float = 300.0, corrupt_nodes: frozenset[str] = frozenset(),
+               progress: bool | Callable[[str], None] = False, *, timeout_s: float = 300.0,
+               corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
                link_rate_gbps: float | None = None, known_answers: dict[str, dict[str, str]] | None = None,
                soak_s: float = 0.0, only: frozenset[str] | None = None,
@@ -250,7 +241,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     `known_answers` ({key: {check: sha256}}, aidc.burnin.answers.load_all): what each GPU's
     seeded results are held to; default the packaged ones (the run's GPUs vote where none is stored).
     `soak_s`: hold GEMM load on every GPU that long and judge its clocks (aidc.burnin.soak); the
-    soak's time is added to `timeout_s`.
+    soak's time is added to `timeout_s`. `progress`: True for a bar on stderr, a function to
+    get a line per phase and every few seconds (aidc.burnin.progress).
     A node that has not joined the rendezvous within `join_timeout_s` is named in the
     BurninError. `only`: burn in just these nodes (`aidc burnin run --nodes`). `baselines`: the
     stored per-GPU-model figures every node is also held to (aidc.burnin.baseline). Raises BurninError
@@ -284,8 +276,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     link_rate = link_rate_gbps
     if not link_rate > 0:
         raise BurninError(f"the link rate must be positive, got {link_rate:g} GB/s")
-    bar = _progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) * len(COLLECTIVES)
-                        + policy.train_steps * len(TRAINING_MODES))
+    bar = _progress(progress, nodes=len(nodes), repeats=policy.repeats, sizes=sizes, train_steps=policy.train_steps)
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
         tmpdir = Path(tmp)
         fleet = _Fleet(tmpdir)
@@ -425,6 +416,8 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, jo
             event = fleet.events.get(timeout=0.1)
         except queue.Empty:
             event = None
+        if bar:
+            bar.observe(event)
         if event and event["event"] == "exit":
             if event["code"] != 0:
                 raise BurninError(f"burn-in process of node {event['node']} died (exit code {event['code']}):"
@@ -433,9 +426,6 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, jo
             if joins is not None:
                 joins.started()
         elif event:
-            if bar:
-                bar.update(bar.task_ids[0], advance=1 if event["event"] != "done" else 0,
-                           description=_describe(event))
             continue
         code = fleet.proc.poll()
         if code is not None and fleet.events.empty():

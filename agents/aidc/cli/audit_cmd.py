@@ -44,7 +44,7 @@ def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, as_json: 
         result = log.verify(public_key_pem=pem)
     what = "chain intact, anchor and records signed" if result.signed else "chain intact"
     text = (f"{db}: OK, {result.records} records, {what}" if result.ok
-            else f"{db}: FAILED at record {result.first_bad_seq}: {result.problem}")
+            else f"{db}: FAILED{result.failure}")
     text += "".join(f"\n  note: {n}" for n in result.notes)
     emit(result.to_dict(), as_json, text)
     if not result.ok:

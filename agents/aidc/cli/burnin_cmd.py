@@ -24,6 +24,7 @@ SOAK_OPTION = typer.Option(0.0, "--soak-s", min=0.0, help="Hold GEMM load this m
 
 
 def _table(report) -> "object":
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"burn-in of stack {report.stack} ({report.duration_s:.1f} s)")
@@ -34,9 +35,10 @@ def _table(report) -> "object":
     for name, n in report.nodes.items():
         m = n.metrics
         fmt = lambda k: f"{m[k]:.4g}" if k in m else "-"  # noqa: E731
-        table.add_row(name + (" (spare)" if n.spare else ""), fmt("gemm_fp32_tflops"), fmt("gemm_bf16_tflops"),
+        # Names and reasons are data: a "[...]" in them is text, not rich markup.
+        table.add_row(escape(name) + (" (spare)" if n.spare else ""), fmt("gemm_fp32_tflops"), fmt("gemm_bf16_tflops"),
                       fmt("memcpy_gbps"), fmt("allreduce_busbw_gbps"),
-                      "[green]pass[/]" if n.passed else "[red]FAIL[/]", "\n".join(n.reasons) or "-")
+                      "[green]pass[/]" if n.passed else "[red]FAIL[/]", escape("\n".join(n.reasons)) or "-")
     return table
 
 
@@ -44,17 +46,20 @@ def _collectives_table(report) -> "object":
     """Each collective at the sweep's largest size (slowest rank, as nccl-tests reports), beside the link rate."""
     from rich.table import Table
 
+    from aidc.units import human_bytes
+
     rate = report.fleet["link_rate_gbps"]
     table = Table(title=f"collectives over {report.fleet['collective_ranks']} ranks"
                         f" ({report.fleet['collective_backend']}); link rate {rate * 8:g} Gb/s = {rate:.4g} GB/s,"
                         f" floor {report.fleet['min_busbw_fraction']:.0%}")
-    for col in ("collective", "bytes", "time us", "algbw GB/s", "busbw GB/s", "of link", "correct"):
+    for col in ("collective", "size", "time us", "algbw GB/s", "busbw GB/s", "of link", "correct"):
         table.add_column(col, justify="left" if col == "collective" else "right")
     for op, rows in report.fleet["collectives"].items():
         if rows:
             top = rows[-1]
-            table.add_row(op, str(top["bytes"]), f"{top['time_us']:.0f}", f"{top['algbw_gbps']:.3g}",
-                          f"{top['busbw_gbps']:.3g}", f"{top['link_fraction']:.1%}",
+            table.add_row(op, human_bytes(top["bytes"]), f"{top['time_us']:.0f}", f"{top['algbw_gbps']:.3g}",
+                          f"{top['busbw_gbps']:.3g}",
+                          f"{top['link_fraction']:.1%}" + (" [red]implausible[/]" if top.get("above_link_rate") else ""),
                           "yes" if all(r["correct"] for r in rows) else "[red]NO[/]")
     return table
 
@@ -85,9 +90,12 @@ def run(stack: str = STACK_OPTION,
     # Before the node directories, the fabric's namespaces and the audit log: an installation
     # without torch hears so and keeps its lab directory as it was.
     require("torch")
+    from aidc.library_output import library_output_to
+
     answers_file = known_answers or lab_dir / "known_answers.yaml"
     stored = load_all(answers_file)
-    with AuditLog(audit_db or lab_dir / "audit.db") as audit:
+    # torch's own warnings (c10d's, from C++) go to the lab's log, not over the progress bar.
+    with AuditLog(audit_db or lab_dir / "audit.db") as audit, library_output_to(lab_dir / "logs" / "burnin.log"):
         result = launcher.run(spec, selected, lab_dir=lab_dir, audit=audit, progress=not as_json, timeout_s=timeout,
                               say=lambda msg: typer.echo(msg, err=True), known_answers=stored, soak_s=soak_s)
     report = result.report

@@ -258,9 +258,15 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
         data["scheduler_out_of_service"] = out
         lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
             or [f"{scheduler.name}: no node out of service"]
-    text = "\n".join(lines + [f"event {e['id']}: {e['node']} {e['kind']} xid={e['xid']} -> {e['action']} "
-                              f"[{_outcome_text(e)}]" for e in events])
+    text = "\n".join(lines + [event_line(e) for e in events])
     emit(data, as_json, text or "no events")
+
+
+def event_line(event: dict) -> str:
+    """One fault event for `failover status`: its XID only where it has one (a straggler or a
+    link fault has none)."""
+    xid = f" xid={event['xid']}" if event["xid"] is not None else ""
+    return f"event {event['id']}: {event['node']} {event['kind']}{xid} -> {event['action']} [{_outcome_text(event)}]"
 
 
 def _outcome_text(event: dict) -> str:

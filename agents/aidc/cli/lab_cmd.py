@@ -10,6 +10,7 @@ import typer
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.cli.requires import require
 from aidc.goodput.accounting import ETTR_DEFINITION
+from aidc.milestones import DEFINITIONS
 from aidc.spec import load_stack
 
 app = typer.Typer(help="Run the whole aidc loop on this machine: simulated GPUs, real processes, real faults.",
@@ -53,28 +54,39 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to br
         check_slurm_available()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if as_json else (lambda msg: print(msg, flush=True))
     result = LabRun(spec, stack, lab_dir, progress=say, scheduler=scheduler).run(keep=keep)
-    data = result.to_dict()
-    text = "\n".join([
-        "",
-        "aidc lab: " + ("loop completed" if result.completed else "loop did NOT complete"),
-        f"  certified nodes   {', '.join(result.certified_nodes)}",
-        f"  scheduler         {result.scheduler}",
-        f"  fabric            {_fabric_line(result.fabric)}",
-        f"  fault             XID {result.xid} on {result.victim}",
-        *([f"  drain reason      {result.drain_reason}   (sinfo -R)"] if result.scheduler == "slurm" else []),
-        f"  detect_ms         {result.detect_ms}   (kernel-log line written -> quarantine decision)",
-        f"  resume_s          {result.resume_s}   (fault -> first step on the new membership)",
-        f"  steps_lost        {result.steps_lost}",
-        f"  ettr              {result.ettr}   ({ETTR_DEFINITION})",
-        f"  checkpoint advice {_advice_line(result.checkpoint_advice)}",
-        f"  checkpoints       {_key_line(result.checkpoint_key)}",
-        f"  report            {result.report_html}",
-        f"  audit log         {result.audit_db} ({'verified' if result.audit_verified else 'VERIFICATION FAILED'})",
-        f"  wall time         {result.wall_s} s",
-    ])
-    emit(data, as_json, text)
+    emit(result.to_dict(), as_json, summary_text(result))
     if not (result.completed and result.audit_verified):
         raise typer.Exit(1)
+
+
+def summary_text(result) -> str:
+    """The lab's summary for people: the figures of --json, each with its definition
+    (aidc.milestones), and "not reached" where a loop that stopped early has none."""
+    def figure(value, unit: str = "") -> str:
+        return "not reached" if value is None else f"{value}{unit}"
+
+    fault = "not reached" if result.victim is None else \
+        (f"XID {result.xid} on {result.victim}" if result.xid is not None else f"on {result.victim}")
+    return "\n".join([
+        "",
+        "aidc lab: " + ("loop completed" if result.completed else "loop did NOT complete"),
+        *([f"  error             {result.error}"] if result.error else []),
+        f"  certified nodes   {', '.join(result.certified_nodes) or 'none'}",
+        f"  scheduler         {result.scheduler}",
+        f"  fabric            {_fabric_line(result.fabric)}",
+        f"  fault             {fault}",
+        *([f"  drain reason      {figure(result.drain_reason)}   (sinfo -R)"] if result.scheduler == "slurm" else []),
+        *(f"  {key:<17} {figure(getattr(result, key))}   ({DEFINITIONS[key]})"
+          for key in ("detect_ms", "quarantine_ms", "resume_s")),
+        f"  steps_lost        {figure(result.steps_lost)}",
+        f"  ettr              {figure(result.ettr)}   ({ETTR_DEFINITION})",
+        f"  checkpoint advice {_advice_line(result.checkpoint_advice)}",
+        f"  checkpoints       {_key_line(result.checkpoint_key)}",
+        f"  report            {result.report_html or 'not written'}",
+        f"  audit log         {result.audit_db or 'not opened'} "
+        f"({'verified' if result.audit_verified else 'VERIFICATION FAILED'})",
+        f"  wall time         {result.wall_s} s",
+    ])
 
 
 def _fabric_line(fabric: dict) -> str:

@@ -464,8 +464,7 @@ class HealthAgent:
             result = self.audit.verify()
             self.metrics.audit_verify_ok.labels(self.node).set(1 if result.ok else 0)
             if not result.ok:
-                self._once("audit", f"audit log {self.audit.path} does not verify: record "
-                                    f"{result.first_bad_seq}: {result.problem}")
+                self._once("audit", f"audit log {self.audit.path} does not verify{result.failure}")
 
     def _burnin_certificate(self) -> None:
         from aidc.burnin.certificate import RECORD_KIND

@@ -8,6 +8,7 @@ finish training, write the report and verify the audit log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.device import sim
 from aidc.lab.cluster import LabCluster, LabError
+from aidc.library_output import library_output_to
+from aidc.milestones import ms_after
 from aidc.polling import wait_for
 from aidc.spec import ClusterSpec
 
@@ -28,7 +31,9 @@ class LabResult:
     failed_nodes: list[str] = field(default_factory=list)
     victim: str | None = None
     xid: int | None = None
+    # aidc.milestones.DEFINITIONS: fault -> quarantine decided, -> quarantined, -> training resumed.
     detect_ms: float | None = None
+    quarantine_ms: float | None = None
     resume_s: float | None = None
     steps_lost: int | None = None
     ettr: float | None = None
@@ -55,6 +60,17 @@ class LabResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def resume_s_after(goodput_log: Path) -> float:
+    """The newest fault's resume_s as aidc.goodput accounts it (milestones.DEFINITIONS["resume_s"]),
+    rounded as `aidc goodput report` rounds it, so the lab's figure and the goodput's are one."""
+    from aidc.goodput import job_report
+
+    resumes = job_report(goodput_log).resume_s
+    if not resumes:
+        raise LabError(f"{goodput_log}: no step after the fault on a restarted job, so no resume to measure")
+    return round(resumes[-1], 3)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -103,6 +119,23 @@ def _wait(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: 
     return wait_for(what, predicate, timeout_s, poll_s, error=LabError)
 
 
+class Reminder:
+    """A wait's predicate that says "waiting for <what> (N s)" every `every_s` seconds while it
+    waits, so no stage of the lab is silent for longer than that."""
+
+    def __init__(self, what: str, predicate: Callable[[], object], say: Callable[[str], None], every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.what, self.predicate, self.say, self.every_s, self.clock = what, predicate, say, every_s, clock
+        self.started = self._said = clock()
+
+    def __call__(self):
+        now = self.clock()
+        if now - self._said >= self.every_s:
+            self.say(f"waiting for {self.what} ({now - self.started:.0f} s)")
+            self._said = now
+        return self.predicate()
+
+
 class LabRun:
     def __init__(self, spec: ClusterSpec, stack: str, lab_dir: Path, progress: Callable[[str], None] = print,
                  scheduler: str = "lab"):
@@ -118,6 +151,8 @@ class LabRun:
         self.result = LabResult(scheduler=scheduler)
         self.actor = default_actor("lab")
         self.audit: AuditLog | None = None  # opened by bring_up(), once the lab directory exists
+        # From bring_up() to the end of run(): torch's own warnings go to <lab>/logs/libraries.log.
+        self._library_output = contextlib.ExitStack()
         # Training progress lines, one reporter for the whole run (made when training starts): the
         # membership it said last is what a new one is told apart from.
         self.progress: TrainingProgress | None = None
@@ -144,6 +179,7 @@ class LabRun:
         """Create the lab, burn it in, start the agents and the controller (not the training)."""
         c = self.cluster
         c.create(owned=True)
+        self._library_output.enter_context(library_output_to(c.dir / "logs" / "libraries.log"))
         self.audit = AuditLog(c.audit_path)
         self.result.audit_db = str(c.audit_path)
         self.audit.append("lab.start", f"lab from stack {self.stack}", actor=self.actor,
@@ -172,6 +208,7 @@ class LabRun:
                     self.cluster.stop()
                 self._finish(started)
                 self.cluster.disown()
+            self._library_output.close()
         return self.result
 
     # -- stages -----------------------------------------------------------------------
@@ -181,7 +218,7 @@ class LabRun:
         self.say(f"burn-in: {len(self.cluster.nodes)} nodes (GEMM, memory copy, five collective sweeps, DDP/FSDP/pipeline"
                  " + SDC check)")
         node_dirs = {n.name: self.cluster.node_dir(n.name) for n in self.cluster.nodes}
-        report = run_burnin(self.spec, node_dirs, self.audit, progress=False, fabric=self.cluster.fabric)
+        report = run_burnin(self.spec, node_dirs, self.audit, progress=self.say, fabric=self.cluster.fabric)
         self.result.certified_nodes = sorted(report.certified_nodes)
         self.result.failed_nodes = sorted(report.failed_nodes)
         self.say(f"burn-in: certified {', '.join(self.result.certified_nodes) or 'none'}"
@@ -241,9 +278,10 @@ class LabRun:
                      lambda: progress() or next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
         m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
         self.result.victim, self.result.xid = m["victim"], m["xid"]
-        self.result.detect_ms, self.result.resume_s, self.result.steps_lost = m["detect_ms"], m["resume_s"], m["steps_lost"]
+        self.result.detect_ms, self.result.quarantine_ms = m["detect_ms"], m["quarantine_ms"]
+        self.result.resume_s, self.result.steps_lost = m["resume_s"], m["steps_lost"]
         if self.slurm:
-            self.result.drain_reason = _wait(f"{m['victim']}'s drain reason in `sinfo -R`",
+            self.result.drain_reason = self._wait(f"{m['victim']}'s drain reason in `sinfo -R`",
                                              lambda: self.cluster.drain_reason(m["victim"]), 30, 0.1)
             self.say(f"slurm: {m['victim']} drained, sinfo -R: {self.result.drain_reason}")
         self.finish_training()
@@ -270,17 +308,18 @@ class LabRun:
         # pool), so the spare is ready before the job needs it.
         if self.slurm:
             try:  # a job Slurm ended or never started is said at once, with Slurm's reason
-                _wait("every node's elastic agent to warm up",
+                self._wait("every node's elastic agent to warm up",
                       lambda: len(c.warm_nodes()) == len(c.nodes) or c.check_job_alive(), 300, 0.5)
             except LabError as exc:
                 raise LabError(f"{exc}; warm: {', '.join(c.warm_nodes()) or 'none'}; Slurm: {c.job_state()}") from None
         else:
-            _wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
+            self._wait("every node's elastic agent to warm up", lambda: len(c.warm_nodes()) == len(c.nodes), 300, 0.1)
         # The job's allocation starts now: its nodes are certified and warm (aidc.goodput).
         self._goodput_writer().allocation()
         c.open_start_gate()
-        _wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
-        _wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares), 120, 0.1)
+        self._wait("the first training step", lambda: _read_jsonl(self.steps_log), 180)
+        self._wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares),
+                   120, 0.1)
 
     def inject_and_measure(self, victim: str, xid: int = 79) -> dict:
         """Write XID `xid` into `victim`'s kernel log; measure detection, resumption and loss."""
@@ -292,14 +331,17 @@ class LabRun:
                           node=victim, payload=injected)
         self.say(f"fault: XID {xid} written to {victim}'s kernel log at step {step_now}")
 
-        decision = _wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
-        detect_ms = round((decision.ts - t_fault) * 1000, 1)
+        decision = self._wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
+        detect_ms = ms_after(t_fault, decision.ts)
         self._goodput_writer().fault(t_fault, node=victim, detected_t=decision.ts, what=f"XID {xid}")
-        self.say(f"failover: {victim} quarantined {detect_ms:.0f} ms after the kernel-log line")
+        action = self._wait("the scheduler's quarantine", lambda: self._quarantine_action(victim, after=t_fault), 60)
+        quarantine_ms = ms_after(t_fault, action.ts)
+        self.say(f"failover: quarantine of {victim} decided {detect_ms:.0f} ms after the fault, "
+                 f"{victim} quarantined {quarantine_ms:.0f} ms after it")
 
-        first_new = _wait("a step on the new membership",
+        first_new = self._wait("a step on the new membership",
                           lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and victim not in s["world"]), None), 120)
-        resume_s = round(first_new["t"] - t_fault, 2)
+        resume_s = resume_s_after(self.goodput_log)
         start = next(s for s in _read_jsonl(c.dir / "train" / "starts.jsonl") if s["t"] > t_fault)
         done_before = max(s["step"] for s in _read_jsonl(self.steps_log) if s["t"] < start["t"])
         steps_lost = max(0, done_before - start["resumed_from"])
@@ -308,8 +350,8 @@ class LabRun:
                                    "steps_lost": steps_lost, "world": first_new["world"], "victim": victim})
         self.say(f"resumed: step {first_new['step']} on {', '.join(first_new['world'])} {resume_s:.2f} s"
                  f" after the fault, {steps_lost} step(s) lost")
-        return {"victim": victim, "xid": xid, "detect_ms": detect_ms, "resume_s": resume_s, "steps_lost": steps_lost,
-                "world": first_new["world"]}
+        return {"victim": victim, "xid": xid, "detect_ms": detect_ms, "quarantine_ms": quarantine_ms,
+                "resume_s": resume_s, "steps_lost": steps_lost, "world": first_new["world"]}
 
     def return_to_service(self, node: str) -> None:
         """Repair a quarantined lab node and bring it back as the new warm spare (operator path)."""
@@ -328,7 +370,7 @@ class LabRun:
         finally:
             store.close()
         c.restart_trainer(node, spare=True)
-        _wait(f"{node} to wait as the spare", lambda: self._spares_waiting([node]), 120, 0.1)
+        self._wait(f"{node} to wait as the spare", lambda: self._spares_waiting([node]), 120, 0.1)
 
     def finish_training(self) -> None:
         c = self.cluster
@@ -341,7 +383,7 @@ class LabRun:
             def launchers_running():
                 return [p for p in c.running() if p["name"].startswith("launcher:")]
         try:
-            _wait("the training launchers to exit", lambda: not launchers_running(), 30, 0.2)
+            self._wait("the training launchers to exit", lambda: not launchers_running(), 30, 0.2)
         except LabError:
             self.say("warning: a training launcher did not exit by itself; stopping it")
         steps = _read_jsonl(self.steps_log)
@@ -374,6 +416,13 @@ class LabRun:
             if rec.payload.get("verdict") == "quarantine" and rec.ts > after:
                 return rec
         return None
+
+    def _wait(self, what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.02):
+        return _wait(what, Reminder(what, predicate, self.say), timeout_s, poll_s)
+
+    def _quarantine_action(self, node: str, after: float = 0.0):
+        """The scheduler's action on `node` after `after` (the audit report's "quarantine" step)."""
+        return next((rec for rec in self.audit.records(kind="failover.action", node=node) if rec.ts > after), None)
 
     def _ettr(self, steps: list[dict]) -> float:
         """Effective training time ratio from the job's goodput step log (aidc.goodput):

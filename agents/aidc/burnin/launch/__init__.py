@@ -1,7 +1,7 @@
 """How the node program reaches the nodes: one burn-in path, a launcher per scheduler.
 
-`aidc burnin run` picks the launcher by the stack's scheduler name (`lab`, `slurm`; Kubernetes
-plugs in here later as one Job per node). Every launcher runs the same node program
+`aidc burnin run` picks the launcher by the stack's scheduler name (`lab`, `slurm`, `kubernetes`:
+one Job per node). Every launcher runs the same node program
 (`aidc.burnin.worker`) with the stack's device backend on each node, over a rendezvous store the
 run owns, and hands back each node's raw results as JSON; judging, signing and the audit record
 happen where the command runs (`aidc.burnin.runner`), whoever launched the nodes.
@@ -19,7 +19,8 @@ from aidc.burnin.report import BurninReport
 from aidc.errors import BurninError
 
 # Scheduler name -> module holding its `LAUNCHER`; imported only when used (they pull in torch).
-_LAUNCHERS = {"lab": "aidc.burnin.launch.lab", "slurm": "aidc.burnin.launch.slurm"}
+_LAUNCHERS = {"lab": "aidc.burnin.launch.lab", "slurm": "aidc.burnin.launch.slurm",
+              "kubernetes": "aidc.burnin.launch.kubernetes"}
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The node program as a scheduler's task runs it: `python -m aidc.burnin.launch.node`.
 
-The task learns its node from its scheduler (SLURMD_NODENAME), the run's store and secret from
-its environment (aidc.burnin.launch.slurm), fetches that node's config from the store, runs the
+The task learns its node from its scheduler (AIDC_BURNIN_NODE: a Kubernetes pod's spec.nodeName
+through the downward API; SLURMD_NODENAME under Slurm), the run's store and secret from its
+environment (aidc.burnin.launch.slurm, aidc.burnin.launch.kubernetes), fetches that node's config from the store, runs the
 same node program as the lab (aidc.burnin.worker.main) and puts its raw results back as JSON.
 """
 
@@ -17,10 +18,15 @@ from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT
 from aidc.errors import BurninError
 
 
+ENV_NODE = "AIDC_BURNIN_NODE"  # set by the Kubernetes launcher's Job from the downward API
+ENV_JOB = "AIDC_BURNIN_JOB"    # the Kubernetes launcher's run id (Slurm gives SLURM_JOB_ID)
+
+
 def _node_name() -> str:
-    node = os.environ.get("SLURMD_NODENAME")
+    node = os.environ.get(ENV_NODE) or os.environ.get("SLURMD_NODENAME")
     if not node:
-        raise BurninError("the burn-in node program runs as a task of a burn-in job (SLURMD_NODENAME is not set)")
+        raise BurninError(f"the burn-in node program runs as a task of a burn-in job ({ENV_NODE} or SLURMD_NODENAME"
+                          " is not set)")
     return node
 
 
@@ -34,7 +40,8 @@ def main() -> int:
     if not host or not port.isdigit() or not secret:
         raise BurninError(f"the burn-in node program needs {ENV_STORE}=host:port and {ENV_SECRET} from its launcher")
     client = NodeStoreClient(host, int(port), secret, float(os.environ.get(ENV_TIMEOUT, "300")))
-    client.put_json(f"job/{node}", {"job_id": os.environ.get("SLURM_JOB_ID"), "task": os.environ.get("SLURM_PROCID")})
+    client.put_json(f"job/{node}", {"job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get(ENV_JOB),
+                                    "task": os.environ.get("SLURM_PROCID")})
     cfg = client.get_json(f"config/{node}")
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-node-") as tmp:  # 0700: the config holds the secret
         result = Path(tmp) / "result.json"

@@ -56,6 +56,21 @@ def srun_argv(spec, names: list[str], node_command: list[str]) -> list[str]:
         *node_command]
 
 
+def publish_configs(store, spec, nodes, host: str, *, timeout_s: float, node_dirs: dict, soak_s: float) -> None:
+    """Each node's config under `config/<node>` in the run's store, where its task fetches it by name."""
+    from aidc.burnin import runner
+
+    names = [n.name for n in nodes]
+    for rank, node in enumerate(nodes):
+        cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
+                                    node_dir=node_dirs.get(node.name), soak_s=soak_s),
+               **runner._fabric_config(spec, None, node.name, names),
+               "store_host": host, "store_port": store.port}
+        if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
+            cfg["gloo_ifnames"] = ""
+        store.put_json(f"config/{node.name}", cfg)
+
+
 class SlurmLauncher:
     name = "slurm"
 
@@ -76,19 +91,12 @@ class SlurmLauncher:
         link_rate = runner.spec_link_rate_gbps(spec)
         policy = spec.policy.burnin
         sizes = runner.sweep_sizes(policy.allreduce_min_bytes, policy.allreduce_max_bytes)
-        bar = runner._progress_bar(progress, len(nodes) * (1 + policy.repeats) + len(sizes) * len(runner.COLLECTIVES)
-                                   + policy.train_steps * len(runner.TRAINING_MODES))
+        bar = runner._progress(progress, nodes=len(nodes), repeats=policy.repeats, sizes=sizes,
+                               train_steps=policy.train_steps)
         job = _Job(spec, names)
         try:
             with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
-                for rank, node in enumerate(nodes):
-                    cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
-                                                node_dir=node_dirs.get(node.name), soak_s=soak_s),
-                           **runner._fabric_config(spec, None, node.name, names),
-                           "store_host": host, "store_port": store.port}
-                    if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
-                        cfg["gloo_ifnames"] = ""
-                    store.put_json(f"config/{node.name}", cfg)
+                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s)
                 job.start(Path(tmp), {ENV_STORE: f"{host}:{store.port}", ENV_SECRET: store.secret,
                                       ENV_TIMEOUT: str(timeout_s)})
                 job.follow(store, bar, started + timeout_s, timeout_s)
@@ -150,16 +158,14 @@ class _Job:
                         continue
 
     def follow(self, store, bar, deadline: float, timeout_s: float) -> None:
-        from aidc.burnin.runner import _describe
-
         while True:
             self._learn_job_id(store)
             try:
                 event = self.events.get(timeout=0.2)
             except queue.Empty:
                 event = None
-            if event and bar and event.get("event") not in ("ready", "done"):
-                bar.update(bar.task_ids[0], advance=1, description=_describe(event))
+            if bar:
+                bar.observe(event)
             code = self.proc.poll()
             if code is not None and self.events.empty():
                 self._learn_job_id(store)

@@ -85,7 +85,11 @@ class JobStore(_JsonStore):
         self.master = None
 
     def __enter__(self) -> "JobStore":
-        self.master = listening_store(self.host, self.timeout_s)
+        try:
+            self.master = listening_store(self.host, self.timeout_s)
+        except OSError as exc:  # an address this machine does not have, or a name that does not resolve
+            raise BurninError(f"the burn-in store cannot listen on {self.host}: {exc.strerror or exc}"
+                              " (store_host must be an address of this machine)") from None
         self.port = self.master.port
         self.store = keyed_store(self.master, self.secret)
         return self
