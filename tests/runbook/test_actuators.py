@@ -149,3 +149,35 @@ def test_burnin_steps_burn_in_only_the_node_through_the_stacks_launcher_against_
     assert not bad.ok and bad.data["reasons"] == ["gemm 40% below the SIM baseline"] and bad.data["tests"] == ["gemm"]
     assert runner.run("gpu-2", [], 120).ok
     assert seen == [(["gpu-1"], 120), (["gpu-2"], 120)]
+
+
+def test_a_burnin_whose_certificate_was_not_judged_against_the_baseline_does_not_recertify(monkeypatch, tmp_path):
+    """Fail closed: a launcher that judged the lone node without the stored baseline (only floors)
+    signed a pass that proves nothing about its speed; the step does not pass on it."""
+    from aidc.audit.log import AuditLog
+
+    audit = AuditLog(tmp_path / "audit.db")
+
+    class Launcher:
+        name = "lab"
+
+        def __init__(self, baseline_used):
+            self.baseline_used = baseline_used
+
+        def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, **kw):
+            name = nodes[0].name
+            audit.append("burnin.certificate", "passed burn-in", actor="t", node=name,
+                         payload={"verdict": "pass", "baseline": self.baseline_used})
+            return types.SimpleNamespace(report=types.SimpleNamespace(nodes={name: FakeNodeResult(True)}), job_id=None)
+
+    (tmp_path / "burnin-baselines.json").write_text(json.dumps(
+        {"schema": 1, "revision": 1, "models": {"SIM": {"metrics": {"gemm_fp32_tflops": 1.0}}}}))
+    runner = StageBurninRunner(load_stack("lab"), tmp_path, audit)
+    monkeypatch.setitem(sys.modules, "aidc.burnin.launch.lab", types.SimpleNamespace(LAUNCHER=Launcher({})))
+    unjudged = runner.run("gpu-1", [], 120)
+    assert not unjudged.ok and unjudged.data["verdict"] == "fail"
+    assert unjudged.data["reasons"] == ["the lab launcher did not judge gpu-1 against the stored SIM baseline"]
+    monkeypatch.setitem(sys.modules, "aidc.burnin.launch.lab",
+                        types.SimpleNamespace(LAUNCHER=Launcher({"gemm_fp32_tflops": 1.0})))
+    judged = runner.run("gpu-1", [], 120)
+    assert judged.ok and judged.data["certificate_seq"] == audit.records(kind="burnin.certificate")[-1].seq

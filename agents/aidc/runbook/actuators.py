@@ -160,6 +160,10 @@ class StageBurninRunner:
             signed = self._certificate(node, len(since))
             if passed and (self.audit is not None and (signed is None or signed.payload.get("verdict") != "pass")):
                 passed, reasons = False, [f"no passing certificate of this burn-in for {node} in the audit log"]
+            elif passed and signed is not None and not signed.payload.get("baseline"):
+                # Fail closed: a lone node's pass judged without its baseline (floors only) proves nothing.
+                passed, reasons = False, [f"the {launcher.name} launcher did not judge {node} against the stored"
+                                          f" {model} baseline"]
             if opened is not None and not passed:
                 opened.failed(reasons)
         data = {"verdict": "pass" if passed else "fail", "reasons": reasons,
