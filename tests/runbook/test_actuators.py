@@ -124,17 +124,60 @@ class FakeNodeResult:
     reasons: list = field(default_factory=list)
 
 
-def test_burnin_steps_read_the_node_verdict_from_the_burnin_stage(monkeypatch, tmp_path):
-    seen = {}
+def test_burnin_steps_burn_in_only_the_node_through_the_stacks_launcher_against_its_baseline(monkeypatch, tmp_path):
+    """A runbook burns in its one node through the launcher of the stack's scheduler (not the whole
+    lab fleet, as before), and only where a stored baseline of its GPU model can judge it alone."""
+    seen = []
 
-    def run_burnin(spec, node_dirs, audit=None, progress=False, *, timeout_s=300.0):
-        seen.update(nodes=sorted(node_dirs), timeout=timeout_s)
-        return types.SimpleNamespace(nodes={"gpu-1": FakeNodeResult(False, ["gemm 40% below fleet median"]),
-                                            "gpu-2": FakeNodeResult(True)})
+    class Launcher:
+        name = "lab"
 
-    monkeypatch.setitem(sys.modules, "aidc.burnin.runner", types.SimpleNamespace(run_burnin=run_burnin))
+        def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, **kw):
+            seen.append(([n.name for n in nodes], timeout_s))
+            name = nodes[0].name
+            verdict = {"gpu-1": FakeNodeResult(False, ["gemm 40% below the SIM baseline"])}.get(name,
+                                                                                              FakeNodeResult(True))
+            return types.SimpleNamespace(report=types.SimpleNamespace(nodes={name: verdict}), job_id=None)
+
+    monkeypatch.setitem(sys.modules, "aidc.burnin.launch.lab", types.SimpleNamespace(LAUNCHER=Launcher()))
     runner = StageBurninRunner(load_stack("lab"), tmp_path)
-    bad = runner.run("gpu-1", [], 120)
-    assert not bad.ok and "gemm 40% below" in bad.detail
+    refused = runner.run("gpu-1", ["gemm"], 120)
+    assert not refused.ok and "no stored burn-in baseline for GPU model SIM" in refused.detail and seen == []
+    (tmp_path / "burnin-baselines.json").write_text(json.dumps(
+        {"schema": 1, "revision": 1, "models": {"SIM": {"metrics": {"gemm_fp32_tflops": 1.0}}}}))
+    bad = runner.run("gpu-1", ["gemm"], 120)
+    assert not bad.ok and bad.data["reasons"] == ["gemm 40% below the SIM baseline"] and bad.data["tests"] == ["gemm"]
     assert runner.run("gpu-2", [], 120).ok
-    assert seen == {"nodes": ["gpu-0", "gpu-1", "gpu-2", "gpu-3", "gpu-spare-0"], "timeout": 120}
+    assert seen == [(["gpu-1"], 120), (["gpu-2"], 120)]
+
+
+def test_a_burnin_whose_certificate_was_not_judged_against_the_baseline_does_not_recertify(monkeypatch, tmp_path):
+    """Fail closed: a launcher that judged the lone node without the stored baseline (only floors)
+    signed a pass that proves nothing about its speed; the step does not pass on it."""
+    from aidc.audit.log import AuditLog
+
+    audit = AuditLog(tmp_path / "audit.db")
+
+    class Launcher:
+        name = "lab"
+
+        def __init__(self, baseline_used):
+            self.baseline_used = baseline_used
+
+        def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, **kw):
+            name = nodes[0].name
+            audit.append("burnin.certificate", "passed burn-in", actor="t", node=name,
+                         payload={"verdict": "pass", "baseline": self.baseline_used})
+            return types.SimpleNamespace(report=types.SimpleNamespace(nodes={name: FakeNodeResult(True)}), job_id=None)
+
+    (tmp_path / "burnin-baselines.json").write_text(json.dumps(
+        {"schema": 1, "revision": 1, "models": {"SIM": {"metrics": {"gemm_fp32_tflops": 1.0}}}}))
+    runner = StageBurninRunner(load_stack("lab"), tmp_path, audit)
+    monkeypatch.setitem(sys.modules, "aidc.burnin.launch.lab", types.SimpleNamespace(LAUNCHER=Launcher({})))
+    unjudged = runner.run("gpu-1", [], 120)
+    assert not unjudged.ok and unjudged.data["verdict"] == "fail"
+    assert unjudged.data["reasons"] == ["the lab launcher did not judge gpu-1 against the stored SIM baseline"]
+    monkeypatch.setitem(sys.modules, "aidc.burnin.launch.lab",
+                        types.SimpleNamespace(LAUNCHER=Launcher({"gemm_fp32_tflops": 1.0})))
+    judged = runner.run("gpu-1", [], 120)
+    assert judged.ok and judged.data["certificate_seq"] == audit.records(kind="burnin.certificate")[-1].seq

@@ -274,3 +274,30 @@ def test_dry_run_within_the_blast_radius_reads_as_what_would_happen(make_engine,
     step = engine.plan("fix-it", "gpu-0")[0]
     assert step.refused == "" and "within max_unavailable" in step.gate
     assert "REFUSED" not in engine.audit.records(kind="runbook.dry_run.step")[0].reason
+
+
+WITH_BURNIN = """
+name: recert
+title: Recertify
+summary: Burn the node in and release it.
+trigger:
+  alerts: [{alertname: Recert}]
+steps:
+  - {id: burn-in, kind: burnin}
+  - {id: back, kind: release, reason: "recertified"}
+"""
+
+
+def test_after_a_crash_an_interrupted_burnin_is_failed_and_its_window_closed(make_engine, fakes):
+    """A burn-in that was running when the process died is not repeated, and whatever it had opened
+    to run the node (Slurm: a reservation the node was resumed into) is closed by the burn-in stage."""
+    recovered = []
+    fakes.burnin.recover = lambda node: recovered.append(node) or {"closed_reservation": f"aidc-recert-{node}"}
+    engine = make_engine(WITH_BURNIN, policy=Policy(runbook_auto_approve=["burnin", "release"]))
+    sub = engine.submit_alert(alert("Recert", "gpu-2"))
+    engine.state.mark_step_running(sub.run_id, 0)  # the burn-in had started when the process died
+    run = engine.execute(sub.run_id)
+    assert run.status == "failed" and "not repeated" in run.error
+    assert fakes.burnin.calls == [] and recovered == ["gpu-2"]
+    result = engine.state.steps(run.id)[0].result
+    assert result["recovered"] == {"closed_reservation": "aidc-recert-gpu-2"}

@@ -78,7 +78,8 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
           min_loss_drop: float, *, link_rate_gbps: float | None = None, min_busbw_fraction: float = 0.0,
           busbw_tolerance: float | None = None, metric_tolerance: dict[str, float] | None = None,
           bad_link_on: frozenset[str] | set[str] = frozenset(),
-          known_answers: dict[str, dict[str, str]] | None = None, soak_max_clock_sag: float = 0.1) -> dict:
+          known_answers: dict[str, dict[str, str]] | None = None, soak_max_clock_sag: float = 0.1,
+          baselines: dict[str, dict[str, float]] | None = None) -> dict:
     """Set `passed`, `reasons`, `notes` and `robust_z` on every node; return the fleet stats.
 
     `floors` maps node name -> {metric: floor}. `link_rate_gbps` (GB/s) with
@@ -91,6 +92,10 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
     each GPU's seeded results are held to (aidc.burnin.known_answer); without one for a key,
     the run's GPUs of the same model vote. Wrong answers and failed DCGM tests name their GPUs
     in `failed_gpus`, as does an SM clock that sagged more than `soak_max_clock_sag` in a soak.
+    `baselines` ({gpu model: {metric: value}}, aidc.burnin.baseline): each node is also held to its
+    model's stored figures with the metric's tolerance, fleet or not: a node burned in alone is
+    judged, and a uniformly slow fleet cannot outvote them. A collective run by one rank moves
+    nothing over the fabric, so the link-rate floor does not apply to it (a note says so).
     """
     from aidc.burnin.dcgm import verdict as dcgm_verdict
     from aidc.burnin.soak import judge_soak
@@ -123,6 +128,10 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
                 below = 1 - value / s["median"] if s["median"] > 0 else 1.0
                 n.reasons.append(f"{metric} {_fmt(value)} {unit} is {below:.0%} below the fleet median"
                                  f" {_fmt(s['median'])} {unit} (tolerance {allowed:.0%})")
+            reference = (baselines or {}).get(n.gpu_model, {}).get(metric)
+            if reference and value < reference * (1 - (allowed := tolerance_of(metric))):
+                n.reasons.append(f"{metric} {_fmt(value)} {unit} is {1 - value / reference:.0%} below the"
+                                 f" {n.gpu_model} baseline {_fmt(reference)} {unit} (tolerance {allowed:.0%})")
         for metric, floor in sorted(floors.get(n.node, {}).items()):
             unit = UNITS.get(metric, "")
             if metric not in n.metrics:
@@ -130,7 +139,11 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
             elif n.metrics[metric] < floor:
                 n.reasons.append(f"{metric} {_fmt(n.metrics[metric])} {unit} is below the {n.gpu_model}"
                                  f" floor {_fmt(floor)} {unit}")
-        n.reasons += _collective_reasons(n, link_rate_gbps, min_busbw_fraction, ", ".join(sorted(bad_link_on)))
+        n.reasons += _collective_reasons(n, link_rate_gbps if len(nodes) > 1 else None, min_busbw_fraction,
+                                         ", ".join(sorted(bad_link_on)))
+        if len(nodes) == 1 and n.collectives and link_rate_gbps and min_busbw_fraction:
+            n.notes.append("collectives ran on one rank: checked for correct results; the link-rate floor"
+                           " does not apply (one rank moves nothing over the fabric)")
         n.reasons += _training_reasons(n, min_loss_drop)
         n.reasons += _unstable_gemm_reasons(n)
         for reasons, notes, failed in (dcgm_verdict(n.dcgm), judge_soak(

@@ -229,7 +229,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                corrupt_nodes: frozenset[str] = frozenset(),
                target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
                link_rate_gbps: float | None = None, known_answers: dict[str, dict[str, str]] | None = None,
-               soak_s: float = 0.0, only: frozenset[str] | None = None) -> BurninReport:
+               soak_s: float = 0.0, only: frozenset[str] | None = None,
+               baselines: dict[str, dict[str, float]] | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
@@ -243,7 +244,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     soak's time is added to `timeout_s`. `progress`: True for a bar on stderr, a function to
     get a line per phase and every few seconds (aidc.burnin.progress).
     A node that has not joined the rendezvous within `join_timeout_s` is named in the
-    BurninError. `only`: burn in just these nodes (`aidc burnin run --nodes`). Raises BurninError
+    BurninError. `only`: burn in just these nodes (`aidc burnin run --nodes`). `baselines`: the
+    stored per-GPU-model figures every node is also held to (aidc.burnin.baseline). Raises BurninError
     when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed nodes are
     verdicts.
     """
@@ -315,7 +317,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             if bar:
                 bar.stop()
     report = _judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, fabric=fabric, down=down,
-                            all_nodes=all_nodes, known_answers=known_answers)
+                            all_nodes=all_nodes, known_answers=known_answers, baselines=baselines)
     if audit is not None:
         _certify(audit, report)
     return report
@@ -332,7 +334,8 @@ def record_abort(audit: AuditLog | None, exc: BurninError, nodes: list[str], tim
 
 def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, link_rate: float, *,
                    fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None,
-                   known_answers: dict[str, dict[str, str]] | None = None) -> BurninReport:
+                   known_answers: dict[str, dict[str, str]] | None = None,
+                   baselines: dict[str, dict[str, float]] | None = None) -> BurninReport:
     policy = spec.policy.burnin
     results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
     first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
@@ -343,7 +346,7 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
                   busbw_tolerance=policy.busbw_fleet_tolerance,
                   metric_tolerance={m: policy.storage_tolerance for m in STORAGE_METRICS},
                   bad_link_on={c["node"] for c in culprits}, known_answers=known_answers,
-                  soak_max_clock_sag=policy.soak_max_clock_sag)
+                  soak_max_clock_sag=policy.soak_max_clock_sag, baselines=baselines)
     for culprit in culprits:  # a named bad link fails its node
         results[culprit["node"]].reasons.append(culprit["reason"])
         results[culprit["node"]].passed = False
@@ -375,6 +378,7 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
         "phase_s": {k: round(v, 3) for k, v in first["phase_s"].items()},
         "gemm_size": policy.gemm_size, "repeats": policy.repeats, "train_steps": policy.train_steps,
         "floors": {n.name: spec.floors(n.gpu_model) for n in nodes},
+        "baselines": {n.name: (baselines or {}).get(n.gpu_model, {}) for n in nodes},
         "storage": {"bytes": policy.storage_bytes, "files": policy.storage_files,
                     "tolerance": policy.storage_tolerance,
                     "counting": "write: sequential 1 MiB blocks to the end of fsync; read: after dropping the "
@@ -471,6 +475,7 @@ def _certify(audit: AuditLog, report: BurninReport, launcher: dict | None = None
             "errors": n.errors, "spare": n.spare, "failed_gpus": n.failed_gpus, "dcgm": n.dcgm,
             "soak": n.soak, "launcher": launcher,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
+            "baseline": report.fleet.get("baselines", {}).get(name, {}),
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",
                                                    "step_time_ms", "memcpy_counting", "fabric")},
             "localisation": [c for c in (report.fleet.get("localisation") or {}).get("culprits", [])

@@ -182,3 +182,49 @@ def certificate_verify(
     emit({"valid": valid, "reason": why, "file": str(file)}, as_json, f"{file}: {'valid' if valid else 'INVALID'}: {why}")
     if not valid:
         raise typer.Exit(1)
+
+
+baseline_app = typer.Typer(help="Per-GPU-model baselines a node burned in alone (recertification) is judged against.",
+                           no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("record")
+def baseline_record(
+        stack: str = STACK_OPTION,
+        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab/state directory: the baselines are"
+                                     " stored as <lab-dir>/burnin-baselines.json."),
+        audit_db: Path = typer.Option(None, "--from-audit", "--audit-db", help="Audit database holding the"
+                                      " certificates (default: <lab-dir>/audit.db)."),
+        as_json: bool = JSON_OPTION) -> None:
+    """Store, per GPU model, the median figures of the stack's nodes' latest passing certificates."""
+    from aidc.audit.log import AuditLog
+    from aidc.burnin import baseline
+    from aidc.errors import AuditError
+    from aidc.spec import load_stack
+
+    spec = load_stack(stack)
+    db = audit_db or lab_dir / "audit.db"
+    if not db.exists():
+        raise AuditError(f"no audit log at {db}: certify nodes first (aidc burnin run) or pass --from-audit")
+    path = baseline.path_for(lab_dir)
+    with AuditLog(db, read_only=True) as audit:
+        checked = audit.verify()
+        if not checked.ok:  # a baseline is only as good as the certificates it comes from
+            raise AuditError(f"{db} does not verify ({checked.problem}): no baseline recorded from it")
+        doc = baseline.record(path, audit, {n.name: n.gpu_model for n in spec.nodes()})
+    emit({"file": str(path), **doc}, as_json, f"recorded burn-in baselines revision {doc['revision']} into {path}: "
+         + "; ".join(f"{model} from {', '.join(e['nodes'])}" for model, e in sorted(doc["models"].items())))
+
+
+@baseline_app.command("show")
+def baseline_show(
+        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab/state directory."),
+        as_json: bool = JSON_OPTION) -> None:
+    """Print the stored per-GPU-model burn-in baselines."""
+    from aidc.burnin import baseline
+
+    models = baseline.load(baseline.path_for(lab_dir))
+    emit({"file": str(baseline.path_for(lab_dir)), "models": models}, as_json,
+         "\n".join(f"{model}: " + ", ".join(f"{m} {v:.4g}" for m, v in sorted(metrics.items()))
+                   for model, metrics in sorted(models.items())) or "no burn-in baselines recorded")

@@ -33,11 +33,16 @@ import re
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from aidc.errors import AidcError
 
 AIDC_PREFIX = "aidc:"
+# The maintenance reservation a drained node is recertified in (one per node, so a name found in
+# Slurm says which node it holds).
+RECERT_RESERVATION = "aidc-recert-{node}"
 # Slurm node names as aidc accepts them: a plain host name. Hostlist syntax (`gpu-[0-3]`,
 # commas) is refused so one call can never drain a range by accident.
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -158,6 +163,20 @@ class JobAction:
     why: str
     ok: bool = True
     error: str = ""
+
+
+@dataclass
+class Recertification:
+    """A drained node opened to aidc's burn-in in its own reservation (SlurmScheduler.recertification)."""
+    node: str
+    reservation: str
+    was: str                      # aidc's drain reason when the window opened
+    event: str | None             # its event, kept by a failure's reason
+    reasons: list[str] | None = None
+
+    def failed(self, reasons: list[str]) -> None:
+        """The node did not certify: it is drained again with these reasons."""
+        self.reasons = [*(self.reasons or []), *reasons] or ["no reason given"]
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -369,6 +388,87 @@ class SlurmScheduler:
         if decision.decision in ("down", "operator_drain"):
             raise ReleaseRefused(decision)
         return decision
+
+    @contextmanager
+    def recertification(self, node: str) -> Iterator["Recertification"]:
+        """Open a drained node to aidc's burn-in job only, and close it again whatever happens.
+
+        Slurm schedules nothing on a DRAINED node, so the node is first held by a maintenance
+        reservation that only aidc's user may use (`Flags=MAINT,IGNORE_JOBS`: created over the
+        drained node), then resumed into it: other users' jobs still cannot land (Slurm 22.05:
+        "Required node not available (down, drained or reserved)"). The burn-in runs with
+        `--reservation`. On the way out the node is drained again (before the reservation goes,
+        so there is no moment it is open to all): with aidc's reason as it was when it passed,
+        or aidc's marked `recertification failed: ...` reason (same event) when
+        `window.failed(reasons)` was called or the body raised; then the reservation is deleted.
+        Returning the node to service stays the release step's job. Only a node aidc drained
+        (mark and Slurm's user stamp verified) is opened: anything else raises ReleaseRefused.
+        """
+        st = self.node(node)
+        if not st.drained_by_aidc:
+            why = ("down" if st.down else "operator_drain" if st.drained else "not_drained")
+            detail = {"down": f"{node} is {st.raw_state}: Slurm or an operator took it down",
+                      "operator_drain": f"{node} was drained by {st.reason_by or 'someone else'} ({st.reason!r}),"
+                                        " not by aidc: aidc does not resume it, not even for a burn-in",
+                      "not_drained": f"{node} is {st.raw_state}, not drained by aidc: recertification burns in a"
+                                     " node aidc took out of service"}[why]
+            decision = ReleaseDecision(node, why, detail, st.raw_state, st.reason)
+            self._audit("slurm.recertify_refused", detail, node, decision.to_dict())
+            raise ReleaseRefused(decision)
+        name = RECERT_RESERVATION.format(node=node)
+        self._change(["scontrol", "create", "reservation", f"ReservationName={name}", "StartTime=now",
+                      "Duration=UNLIMITED", "Flags=MAINT,IGNORE_JOBS", f"Nodes={node}", f"Users={self.user}"],
+                     node, "reserve", {"reservation": name, "was": st.reason})
+        window = Recertification(node, name, st.reason, st.aidc_event)
+        try:
+            self._change(["scontrol", "update", f"NodeName={node}", "State=RESUME"], node, "resume_into_reservation",
+                         {"reservation": name, "was": st.reason})
+            yield window
+        except BaseException as exc:
+            window.failed([f"recertification did not complete: {str(exc)[:300] or type(exc).__name__}"])
+            raise
+        finally:
+            self._close(window)
+
+    def close_interrupted_recertification(self, node: str) -> str | None:
+        """After a restart: close the window a dead process left open (the node resumed inside
+        `aidc-recert-<node>`): drain the node again with aidc's marked `recertification
+        interrupted` reason (keeping the event of aidc's drain, which the reservation recorded)
+        and delete the reservation. Returns the reservation closed, None when there was none."""
+        check_node_name(node)
+        name = RECERT_RESERVATION.format(node=node)
+        shown = self._query(["scontrol", "show", "reservation", "-o", name], not_found="")
+        if f"ReservationName={name} " not in shown + " ":
+            return None
+        st = self.node(node)
+        event = None
+        for rec in (self.audit.records(kind="slurm.command", node=node) if self.audit is not None else []):
+            if rec.payload.get("reservation") == name and rec.payload.get("argv", [""])[1:2] == ["create"]:
+                event = _verified_event(node, rec.payload.get("was", "")) or None
+        window = Recertification(node, name, st.reason, event)
+        window.failed(["recertification interrupted (aidc restarted while the node was open to its burn-in)"])
+        if st.drained:  # drained again already (by aidc or by someone else): only the reservation goes
+            self._change(["scontrol", "delete", f"ReservationName={name}"], node, "unreserve", {"reservation": name},
+                         gone_ok="not found")
+        else:
+            self._close(window)
+        return name
+
+    def _close(self, window: "Recertification") -> None:
+        node = window.node
+        if window.reasons is None:
+            reason = window.was  # aidc's own reason, verbatim: its mark still verifies for this node
+        else:
+            text = "; ".join(window.reasons)
+            if not text.startswith("recertification interrupted"):
+                text = "recertification failed: " + text
+            reason, _ = drain_reason(text, window.event or None, node)
+        try:
+            self._change(["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}"], node,
+                         "drain_after_recertification", {"reservation": window.reservation, "reason": reason})
+        finally:  # the reservation goes even when the drain failed: the log says which failed
+            self._change(["scontrol", "delete", f"ReservationName={window.reservation}"], node, "unreserve",
+                         {"reservation": window.reservation}, gone_ok="not found")
 
     def state(self, node: str) -> str:
         check_node_name(node)

@@ -2,9 +2,9 @@
 so the engine is tested with fakes and the real parts are wired in one place (`context.py`).
 
 Integration points owned by other stages:
-- `PlaybookRunner`: the ansible-runner wrapper (`aidc.ansible`, branch `ansible`).
-- `BurninRunner`: the burn-in stage (`aidc.burnin.runner.run_burnin`, branch `burnin`).
-Until those exist, the default implementations raise a clear `StepUnavailable`.
+- `PlaybookRunner`: the ansible-runner wrapper (`aidc.ansible`).
+- `BurninRunner`: the burn-in launchers (`aidc.burnin.launch`).
+Where a part is missing, the implementation raises a clear `StepUnavailable`.
 """
 
 from __future__ import annotations
@@ -110,30 +110,83 @@ class AnsiblePlaybookRunner:
 
 
 class StageBurninRunner:
-    """Burns a node in through the burn-in stage (`aidc.burnin.runner.run_burnin`).
+    """Recertifies one node through the burn-in launcher of the stack's scheduler
+    (aidc.burnin.launch: lab, slurm), the same node program `aidc burnin run --nodes NODE` runs.
 
-    Integration point: run_burnin judges nodes against the fleet median, so it burns in
-    the whole (lab) fleet and this reads the one node's verdict. On a production cluster a
-    single-node burn-in against stored fleet baselines is needed; until then this is lab-only.
+    The node is burned in alone, so it has no fleet: it is judged against the stored baseline of
+    its GPU model (aidc.burnin.baseline, `<lab-dir>/burnin-baselines.json`) and the spec's floors;
+    without a baseline for its model it is not recertified (one line says how to record one). A
+    scheduler that cannot run jobs on a quarantined node opens it to this job alone: Slurm's
+    `recertification` window (a maintenance reservation only aidc may use; the node is drained
+    again, with the failure's reasons when it failed, before the reservation goes). The step
+    passes only on a passing certificate of this run in the signed audit log. The node program
+    runs its whole suite: `tests` (what the runbook lists) is a subset of what is run and judged,
+    recorded in the result.
     """
 
-    def __init__(self, spec, lab_dir: Path):
-        self.spec, self.lab_dir = spec, lab_dir
+    def __init__(self, spec, lab_dir: Path, audit=None, scheduler=None):
+        self.spec, self.lab_dir, self.audit, self.scheduler = spec, lab_dir, audit, scheduler
 
     def run(self, node: str, tests: list[str], timeout_s: float) -> ActionResult:
+        from contextlib import nullcontext
+
+        from aidc.burnin import baseline
+        from aidc.burnin.launch import launcher_for, select_nodes
+        from aidc.errors import BurninError
+
         try:
-            from aidc.burnin.runner import run_burnin
-        except ImportError:
-            raise StepUnavailable("burnin steps need aidc.burnin.runner.run_burnin, which this build "
-                                  "does not include") from None
-        node_dirs = {n.name: self.lab_dir / "nodes" / n.name for n in self.spec.nodes()}
-        report = run_burnin(self.spec, node_dirs, None, timeout_s=timeout_s)
-        verdict = report.nodes.get(node)
-        if verdict is None:
-            return ActionResult(False, f"burn-in report has no result for {node}")
-        reasons = list(getattr(verdict, "reasons", []))
-        return ActionResult(bool(verdict.passed), f"burn-in of {node}: {'certified' if verdict.passed else 'FAILED'}"
-                            + (f" ({'; '.join(reasons)})" if reasons else ""), {"reasons": reasons})
+            launcher = launcher_for(self.spec.scheduler)
+        except BurninError as exc:
+            raise StepUnavailable(str(exc)) from None
+        selected = select_nodes(self.spec, node)
+        model = selected[0].gpu_model
+        if model not in baseline.load(baseline.path_for(self.lab_dir)):
+            return ActionResult(False, f"no stored burn-in baseline for GPU model {model}: {node} burned in alone"
+                                f" has no fleet to be judged against (record one from a certified run:"
+                                f" aidc burnin baseline record --stack {self.spec.name} --lab-dir {self.lab_dir})",
+                                {"tests": tests})
+        window = getattr(self.scheduler, "recertification", None)
+        with (window(node) if window else nullcontext()) as opened:
+            spec = self.spec
+            if opened is not None:  # the job must ask for the reservation that holds the node
+                burnin = spec.slurm.burnin.model_copy(update={"reservation": opened.reservation})
+                spec = spec.model_copy(update={"slurm": spec.slurm.model_copy(update={"burnin": burnin})})
+            since = self.audit.records(kind="burnin.certificate", node=node) if self.audit is not None else []
+            result = launcher.run(spec, selected, lab_dir=self.lab_dir, audit=self.audit, progress=False,
+                                  timeout_s=timeout_s, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+            verdict = result.report.nodes.get(node)
+            passed = bool(verdict is not None and verdict.passed)
+            reasons = list(verdict.reasons) if verdict is not None else [f"burn-in report has no result for {node}"]
+            signed = self._certificate(node, len(since))
+            if passed and (self.audit is not None and (signed is None or signed.payload.get("verdict") != "pass")):
+                passed, reasons = False, [f"no passing certificate of this burn-in for {node} in the audit log"]
+            elif passed and signed is not None and not signed.payload.get("baseline"):
+                # Fail closed: a lone node's pass judged without its baseline (floors only) proves nothing.
+                passed, reasons = False, [f"the {launcher.name} launcher did not judge {node} against the stored"
+                                          f" {model} baseline"]
+            if opened is not None and not passed:
+                opened.failed(reasons)
+        data = {"verdict": "pass" if passed else "fail", "reasons": reasons,
+                "failed_gpus": list(getattr(verdict, "failed_gpus", []) or []), "tests": tests,
+                "launcher": launcher.name, "job_id": result.job_id,
+                **({"reservation": opened.reservation} if opened is not None else {}),
+                **({"certificate_seq": signed.seq} if signed is not None else {})}
+        return ActionResult(passed, f"burn-in of {node}: {'certified' if passed else 'FAILED'}"
+                            + (f" ({'; '.join(reasons)})" if reasons else ""), data)
+
+    def recover(self, node: str) -> dict:
+        """After a restart interrupted this step: close what it had opened to run the node (Slurm:
+        the maintenance reservation the node was resumed into), so the node is out again."""
+        close = getattr(self.scheduler, "close_interrupted_recertification", None)
+        closed = close(node) if close else None
+        return {"closed_reservation": closed} if closed else {}
+
+    def _certificate(self, node: str, before: int):
+        """This run's certificate of `node`: the first one after the `before` it had already."""
+        if self.audit is None:
+            return None
+        certs = self.audit.records(kind="burnin.certificate", node=node)
+        return certs[before] if len(certs) > before else None
 
 
 class LogNotifier:

@@ -63,7 +63,7 @@ def build_engine(opts: EngineOptions) -> Engine:
         metrics=HttpMetrics(opts.prometheus, agent_url_for(spec)),
         playbooks=AnsiblePlaybookRunner(project_file("playbooks", project_root()),
                                         opts.inventory or project_file("playbooks/inventory/aidc_spec.sh", project_root())),
-        burnin=StageBurninRunner(spec, opts.lab_dir),
+        burnin=StageBurninRunner(spec, opts.lab_dir, audit, scheduler),
         notifier=notifier_from_spec(spec, opts.notify_file),
     )
     return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,

@@ -495,8 +495,15 @@ class Engine:
         if step.kind == "release" and now == "in_service":
             return "done", {"reconciled": True, "after": now, "detail": "release had taken effect before the restart"}
         if step.kind in ("playbook", "burnin"):
-            return "failed", {"reconciled": True, "error": f"{step.kind} step was interrupted by a restart; "
-                              "its outcome is unknown and it is not repeated automatically"}
+            result = {"reconciled": True, "error": f"{step.kind} step was interrupted by a restart; "
+                      "its outcome is unknown and it is not repeated automatically"}
+            recover = getattr(self.actuators.burnin, "recover", None) if step.kind == "burnin" else None
+            if recover is not None:  # what the burn-in opened to reach the node (a reservation) is closed
+                try:
+                    result["recovered"] = recover(run.node)
+                except AidcError as exc:
+                    result["recover_error"] = str(exc)
+            return "failed", result
         return None
 
     def _approve(self, run: RunRow, rb: Runbook, row: StepRow, step: Step, base: dict) -> str:

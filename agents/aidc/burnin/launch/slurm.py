@@ -76,11 +76,12 @@ class SlurmLauncher:
 
     def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
             soak_s: float = 0.0) -> LaunchResult:
-        from aidc.burnin import runner
+        from aidc.burnin import baseline, runner
         from aidc.burnin.answers import load_all
 
         if known_answers is None:  # read before the job: a bad file is an error now, not after it
             known_answers = load_all(None)
+        baselines = baseline.load(baseline.path_for(lab_dir))
         timeout_s += soak_s  # the soak is time asked for, not a hang
         started = time.monotonic()
         names = [n.name for n in nodes]
@@ -114,7 +115,7 @@ class SlurmLauncher:
             if bar:
                 bar.stop()
         report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, all_nodes=nodes,
-                                       known_answers=known_answers)
+                                       known_answers=known_answers, baselines=baselines)
         if audit is not None:
             runner._certify(audit, report, {"name": self.name, "job_id": job.job_id})
         return LaunchResult(report, job.job_id)
