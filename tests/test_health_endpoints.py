@@ -194,3 +194,50 @@ def test_the_receiver_answers_both_probes_unauthenticated_with_its_catalog(tmp_p
         assert probe(serve.port, "/healthz")[0] == 200
     finally:
         serve.stop()
+
+
+# -- scraped: the lab's Prometheus --------------------------------------------------------------
+
+def test_the_lab_prometheus_scrapes_the_controller_and_the_receiver(tmp_path, lab):
+    from aidc.runbook.promstack import PromStack, missing_binaries
+    from tests.runbook.serve_proc import ServeProcess
+
+    if missing_binaries():
+        pytest.skip(f"needs {', '.join(missing_binaries())}")
+    rules = Path(__file__).resolve().parents[1] / "runbooks" / "alerts" / "aidc-alerts.yml"
+    port = polling.free_port()
+    proc = controller(tmp_path, lab, port)
+    serve = stack = None
+    try:
+        serve = ServeProcess(tmp_path, "scrape-t0ken", ["--state-db", str(tmp_path / "state.db"),
+                                                        "--audit-db", str(tmp_path / "audit.db")]).start()
+        (tmp_path / "token").write_text("scrape-t0ken")
+        stack = PromStack(tmp_path / "prom", {}, rules, serve.url, tmp_path / "token", controller_ports=[port]).start()
+
+        def up(job: str) -> bool:
+            return [r["value"][1] for r in stack.query(f'up{{job="{job}"}}')] == ["1"]
+
+        polling.wait_for("both scraped", lambda: up("aidc-failover-controller") and up("aidc-runbook-receiver"),
+                         60, 0.5, error=AssertionError)
+        # What AidcFailoverBreakerOpen reads is in Prometheus now.
+        assert [r["value"][1] for r in stack.query("aidc_failover_breaker_open")] == ["0"]
+    finally:
+        if stack:
+            stack.stop()
+        if serve:
+            serve.stop()
+        stop(proc)
+
+
+def test_the_lab_controller_serves_metrics_and_probes_on_the_port_the_lab_records(tmp_path):
+    from aidc.lab.cluster import LabCluster
+    from aidc.spec import load_stack
+
+    cluster = LabCluster(load_stack("lab"), tmp_path / "lab", say=lambda *_: None)
+    cluster.create()
+    try:
+        cluster.start_controller("lab")
+        body = wait_status(cluster.port("metrics:failover"), "/readyz", 200, timeout=120)
+        assert body["component"] == "failover-controller"
+    finally:
+        cluster.stop()
