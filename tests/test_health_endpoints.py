@@ -66,6 +66,17 @@ def audit_writers_held(audit_db: Path):
         yield
 
 
+def stuck_then_recovered(port: int, audit_db: Path, work) -> None:
+    """Give the loop `work` that needs an audit record while the audit lock is held: both probes
+    go 503; let go of the lock and both are 200 again."""
+    with audit_writers_held(audit_db):
+        work()
+        wait_status(port, "/healthz", 503)
+        assert status_of(port, "/readyz") == 503
+    wait_status(port, "/healthz", 200)
+    assert status_of(port, "/readyz") == 200
+
+
 def start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "aidc", *args], stdout=open(log, "a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -114,12 +125,8 @@ def test_a_controller_is_not_ready_until_its_loop_runs_and_fails_liveness_while_
         assert status_of(port, "/healthz") == 200
 
         # Stuck in the middle of its work: the decision on a new event waits to be audited.
-        with audit_writers_held(lab / "audit.db"):
-            append(lab, fault("gpu-1", 8, Action.RESTART_APP, time.time()))
-            wait_status(port, "/healthz", 503)
-            assert status_of(port, "/readyz") == 503
-        wait_status(port, "/healthz", 200)
-        assert status_of(port, "/readyz") == 200
+        stuck_then_recovered(port, lab / "audit.db",
+                             lambda: append(lab, fault("gpu-1", 8, Action.RESTART_APP, time.time())))
     finally:
         stop(proc)
 
@@ -170,12 +177,8 @@ def test_an_agent_is_ready_after_its_first_read_and_fails_liveness_while_its_loo
         body = wait_status(port, "/readyz", 200)
         assert body["node"] == "n1" and body["component"] == "agent"
         assert status_of(port, "/healthz") == 200
-        with audit_writers_held(tmp_path / "audit.db"):
-            sim.inject(node_dir, "xid", gpu=0, xid=79)  # its fault record waits for the lock
-            wait_status(port, "/healthz", 503)
-            assert status_of(port, "/readyz") == 503
-        wait_status(port, "/healthz", 200)
-        assert status_of(port, "/readyz") == 200
+        # Its fault record waits for the lock.
+        stuck_then_recovered(port, tmp_path / "audit.db", lambda: sim.inject(node_dir, "xid", gpu=0, xid=79))
     finally:
         stop(proc)
 

@@ -55,12 +55,17 @@ def test_the_agent_listens_on_all_addresses_in_its_pod_so_probe_and_scrape_reach
     assert cmd[cmd.index("--listen-address") + 1] == "0.0.0.0"
 
 
-def test_the_service_monitor_sets_hostname_from_the_node_and_carries_the_specs_selector_labels(tmp_path):
+def monitored_build(tmp_path):
+    """The worked example with ServiceMonitor selector labels, built under the mocks."""
     doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
     doc["config"]["aidc:cluster"].setdefault("agent", {})["service_monitor_labels"] = {"release": "kube-prometheus-stack"}
     path = tmp_path / "Pulumi.monitored.yaml"
     path.write_text(yaml.safe_dump(doc))
-    build = build_of(path)
+    return build_of(path)
+
+
+def test_the_service_monitor_sets_hostname_from_the_node_and_carries_the_specs_selector_labels(tmp_path):
+    build = monitored_build(tmp_path)
     (monitor,) = of_parent(build, "monitoring.coreos.com/v1:ServiceMonitor", AGENT)
     assert monitor.inputs["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (endpoint,) = monitor.inputs["spec"]["endpoints"]
@@ -99,11 +104,7 @@ def test_the_controller_serves_metrics_and_probes_on_its_pod_address_and_kuberne
 
 
 def test_every_controller_replica_is_scraped_so_the_failover_alerts_can_fire(tmp_path):
-    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
-    doc["config"]["aidc:cluster"].setdefault("agent", {})["service_monitor_labels"] = {"release": "kube-prometheus-stack"}
-    path = tmp_path / "Pulumi.monitored.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    build = build_of(path)
+    build = monitored_build(tmp_path)
     (dep,) = of_parent(build, "apps/v1:Deployment", CONTROLLER)
     pod_labels = dep.inputs["spec"]["template"]["metadata"]["labels"]
     (service,) = of_parent(build, "core/v1:Service", CONTROLLER)
