@@ -17,6 +17,7 @@ from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.core.v1 import ConfigMap, Namespace, Service, ServiceAccount
 from pulumi_kubernetes.rbac.v1 import ClusterRole, ClusterRoleBinding, Role, RoleBinding
 
+from aidc.probes import DEFAULT_STALL_AFTER_S
 from aidc.spec import ClusterSpec
 from aidc_infra.agent import CONFIG_DIR, MONITORING_API, STATE_DIR, probes, scrape_interval, stack_document
 from aidc_infra.common import AGENT_NAMESPACE, PKG, managed_labels
@@ -35,9 +36,16 @@ RUN_AS = 10001  # the image's unprivileged user (Dockerfile)
 METRICS_PORT = 9403
 
 
+def stall_after_s(spec: ClusterSpec) -> float:
+    """The liveness threshold: a drain may hold one loop turn for the whole eviction timeout
+    (PodDisruptionBudgets' 429s retried), which is work, not a stall."""
+    return DEFAULT_STALL_AFTER_S + spec.kubernetes.eviction_timeout_s
+
+
 def controller_command(spec: ClusterSpec) -> list[str]:
     return ["aidc", "failover", "run", "--stack", spec.name, "--lab-dir", STATE_DIR,
-            "--metrics-port", str(METRICS_PORT), "--listen-address", "0.0.0.0"]
+            "--metrics-port", str(METRICS_PORT), "--listen-address", "0.0.0.0",
+            "--stall-after", str(stall_after_s(spec))]
 
 
 def pod_spec(spec: ClusterSpec, labels: dict) -> dict:

@@ -125,3 +125,13 @@ def test_the_agent_is_probed_on_its_health_endpoints_not_on_its_metrics(h100):
     (container,) = ds.inputs["spec"]["template"]["spec"]["containers"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+def test_a_drain_waiting_out_its_eviction_timeout_is_not_taken_for_a_stuck_controller(tmp_path):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
+    doc["config"]["aidc:cluster"].setdefault("kubernetes", {})["eviction_timeout_s"] = 600
+    path = tmp_path / "Pulumi.slow-drain.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (dep,) = of_parent(build_of(path), "apps/v1:Deployment", CONTROLLER)
+    cmd = dep.inputs["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert float(cmd[cmd.index("--stall-after") + 1]) > 600
