@@ -82,10 +82,10 @@ class PromStack:
                 # `Hostname` as a target label gives `up` the node name the alert rules group by.
                 "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"Hostname": node}}
                                    for node, port in self.targets.items()],
-            }, {
+            }, *([{
                 "job_name": "aidc-failover-controller",
                 "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in self.controller_ports]}],
-            }, *self._receiver_job()],
+            }] if self.controller_ports else []), *self._receiver_job()],
         }
         am_file, prom_file = self.workdir / "alertmanager.yml", self.workdir / "prometheus.yml"
         write_atomic(am_file, yaml.safe_dump(am), SHARED_MODE)
