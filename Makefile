@@ -29,8 +29,9 @@ lock: $(STAMP)
 # The agent/controller container image (Dockerfile), tagged as the spec's default agent.image.
 VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' agents/aidc/__init__.py)
 IMAGE ?= ghcr.io/aidc-project/aidc-agent:$(VERSION)
+VCS_REF ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 image:
-	docker build -t $(IMAGE) .
+	docker build --build-arg VCS_REF=$(VCS_REF) -t $(IMAGE) .
 
 lab: $(STAMP)
 	$(VENV)/bin/aidc lab run

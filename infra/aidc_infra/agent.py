@@ -32,6 +32,15 @@ CONTAINER = "agent"
 CONFIG_DIR = "/etc/aidc"
 
 
+def probes(port: str) -> dict:
+    """Liveness on /healthz (the main loop turned within --stall-after, 30 s), readiness on
+    /readyz (aidc.probes), both on the named metrics port."""
+    return {"livenessProbe": {"httpGet": {"path": "/healthz", "port": port}, "initialDelaySeconds": 10,
+                              "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 10,
+                               "timeoutSeconds": 5, "failureThreshold": 1}}
+
+
 def agent_command(spec) -> list[str]:
     """`aidc agent run` with the flags this spec implies; $(VAR) is expanded by the kubelet."""
     a = spec.agent
@@ -127,8 +136,7 @@ def pod_spec(spec: ClusterSpec) -> dict:
             "command": agent_command(spec),
             "env": env,
             "ports": [{"name": "metrics", "containerPort": spec.agent.metrics_port, "protocol": "TCP"}],
-            "livenessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
-                              "initialDelaySeconds": 10, "periodSeconds": 30},
+            **probes("metrics"),
             "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
             "securityContext": security,
             "volumeMounts": mounts,

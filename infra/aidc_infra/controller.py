@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import pulumi
 from pulumi_kubernetes.apps.v1 import Deployment
-from pulumi_kubernetes.core.v1 import ConfigMap, Namespace, ServiceAccount
+from pulumi_kubernetes.apiextensions import CustomResource
+from pulumi_kubernetes.core.v1 import ConfigMap, Namespace, Service, ServiceAccount
 from pulumi_kubernetes.rbac.v1 import ClusterRole, ClusterRoleBinding, Role, RoleBinding
 
+from aidc.probes import DEFAULT_STALL_AFTER_S
 from aidc.spec import ClusterSpec
-from aidc_infra.agent import CONFIG_DIR, STATE_DIR, stack_document
+from aidc_infra.agent import CONFIG_DIR, MONITORING_API, STATE_DIR, probes, scrape_interval, stack_document
 from aidc_infra.common import AGENT_NAMESPACE, PKG, managed_labels
 
 APP = "aidc-failover-controller"
@@ -30,10 +32,20 @@ CLUSTER_RULES = [
 ]
 LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
 RUN_AS = 10001  # the image's unprivileged user (Dockerfile)
+# /metrics, /healthz and /readyz of every replica; the agent's is 9402 (aidc.spec.AGENT_METRICS_PORT).
+METRICS_PORT = 9403
+
+
+def stall_after_s(spec: ClusterSpec) -> float:
+    """The liveness threshold: a drain may hold one loop turn for the whole eviction timeout
+    (PodDisruptionBudgets' 429s retried), which is work, not a stall."""
+    return DEFAULT_STALL_AFTER_S + spec.kubernetes.eviction_timeout_s
 
 
 def controller_command(spec: ClusterSpec) -> list[str]:
-    return ["aidc", "failover", "run", "--stack", spec.name, "--lab-dir", STATE_DIR]
+    return ["aidc", "failover", "run", "--stack", spec.name, "--lab-dir", STATE_DIR,
+            "--metrics-port", str(METRICS_PORT), "--listen-address", "0.0.0.0",
+            "--stall-after", str(stall_after_s(spec))]
 
 
 def pod_spec(spec: ClusterSpec, labels: dict) -> dict:
@@ -52,6 +64,10 @@ def pod_spec(spec: ClusterSpec, labels: dict) -> dict:
             "env": [{"name": "AIDC_ROOT", "value": CONFIG_DIR},
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+            "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+            # Ready: store and audit open and the loop turning, leader or standby (a standby is
+            # scraped too: the alerts take the max of aidc_failover_lease_held over replicas).
+            **probes("metrics"),
             "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "384Mi"}},
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
@@ -103,4 +119,16 @@ class FailoverControllerDeployment(pulumi.ComponentResource):
                   "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 1}},
                   "template": {"metadata": {"labels": labels}, "spec": pod_spec(spec, selector)}},
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.config, self.cluster_binding, self.lease_binding]))
+        # Headless: every replica is an endpoint of its own, so the ServiceMonitor scrapes each.
+        self.service = Service(
+            f"{name}-service", metadata=meta(APP),
+            spec={"clusterIP": "None", "selector": selector,
+                  "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]},
+            opts=placed)
+        self.service_monitor = CustomResource(
+            f"{name}-servicemonitor", api_version=MONITORING_API, kind="ServiceMonitor",
+            metadata={**meta(APP), "labels": {**labels, **spec.agent.service_monitor_labels}},
+            spec={"selector": {"matchLabels": selector}, "namespaceSelector": {"matchNames": [ns]},
+                  "endpoints": [{"port": "metrics", "path": "/metrics", "interval": scrape_interval(spec)}]},
+            opts=placed)
         self.register_outputs({"replicas": spec.kubernetes.controller_replicas})

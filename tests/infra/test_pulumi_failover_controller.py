@@ -55,12 +55,17 @@ def test_the_agent_listens_on_all_addresses_in_its_pod_so_probe_and_scrape_reach
     assert cmd[cmd.index("--listen-address") + 1] == "0.0.0.0"
 
 
-def test_the_service_monitor_sets_hostname_from_the_node_and_carries_the_specs_selector_labels(tmp_path):
+def monitored_build(tmp_path):
+    """The worked example with ServiceMonitor selector labels, built under the mocks."""
     doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
     doc["config"]["aidc:cluster"].setdefault("agent", {})["service_monitor_labels"] = {"release": "kube-prometheus-stack"}
     path = tmp_path / "Pulumi.monitored.yaml"
     path.write_text(yaml.safe_dump(doc))
-    build = build_of(path)
+    return build_of(path)
+
+
+def test_the_service_monitor_sets_hostname_from_the_node_and_carries_the_specs_selector_labels(tmp_path):
+    build = monitored_build(tmp_path)
     (monitor,) = of_parent(build, "monitoring.coreos.com/v1:ServiceMonitor", AGENT)
     assert monitor.inputs["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (endpoint,) = monitor.inputs["spec"]["endpoints"]
@@ -84,3 +89,49 @@ def test_the_controller_knows_its_own_pod_from_the_downward_api_so_it_never_evic
     env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
            for e in dep.inputs["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert (env.get("POD_NAME"), env.get("POD_NAMESPACE")) == ("metadata.name", "metadata.namespace")
+
+
+def test_the_controller_serves_metrics_and_probes_on_its_pod_address_and_kubernetes_probes_them(h100):
+    (dep,) = of_parent(h100, "apps/v1:Deployment", CONTROLLER)
+    (container,) = dep.inputs["spec"]["template"]["spec"]["containers"]
+    cmd = container["command"]
+    (port,) = [p for p in container["ports"] if p["name"] == "metrics"]
+    assert cmd[cmd.index("--metrics-port") + 1] == str(int(port["containerPort"]))  # the mocks give floats
+    assert cmd[cmd.index("--listen-address") + 1] == "0.0.0.0"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # A standby is ready too: /readyz is 200 for it, so it stays behind the Service and is scraped.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+def test_every_controller_replica_is_scraped_so_the_failover_alerts_can_fire(tmp_path):
+    build = monitored_build(tmp_path)
+    (dep,) = of_parent(build, "apps/v1:Deployment", CONTROLLER)
+    pod_labels = dep.inputs["spec"]["template"]["metadata"]["labels"]
+    (service,) = of_parent(build, "core/v1:Service", CONTROLLER)
+    assert service.inputs["spec"]["selector"].items() <= pod_labels.items()
+    assert service.inputs["spec"]["clusterIP"] == "None"  # every replica an endpoint, not one behind a VIP
+    (svc_port,) = service.inputs["spec"]["ports"]
+    assert svc_port["targetPort"] == "metrics"
+    (monitor,) = of_parent(build, "monitoring.coreos.com/v1:ServiceMonitor", CONTROLLER)
+    assert monitor.inputs["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor.inputs["spec"]["selector"]["matchLabels"].items() <= service.inputs["metadata"]["labels"].items()
+    assert monitor.inputs["spec"]["namespaceSelector"] == {"matchNames": [dep.inputs["metadata"]["namespace"]]}
+    (endpoint,) = monitor.inputs["spec"]["endpoints"]
+    assert endpoint["port"] == svc_port["name"] and endpoint.get("path", "/metrics") == "/metrics"
+
+
+def test_the_agent_is_probed_on_its_health_endpoints_not_on_its_metrics(h100):
+    (ds,) = of_parent(h100, "apps/v1:DaemonSet", AGENT)
+    (container,) = ds.inputs["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+def test_a_drain_waiting_out_its_eviction_timeout_is_not_taken_for_a_stuck_controller(tmp_path):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
+    doc["config"]["aidc:cluster"].setdefault("kubernetes", {})["eviction_timeout_s"] = 600
+    path = tmp_path / "Pulumi.slow-drain.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (dep,) = of_parent(build_of(path), "apps/v1:Deployment", CONTROLLER)
+    cmd = dep.inputs["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert float(cmd[cmd.index("--stall-after") + 1]) > 600

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, check_listen_address, emit
 from aidc.errors import AidcError, DeviceError
 from aidc.health.stragglers import STEP_TIMES_FILE
 from aidc.spec import StragglerPolicy
@@ -29,7 +29,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         store: Path = typer.Option(..., help="Durable event store (SQLite) that failover reads."),
         audit_db: Path = typer.Option(..., help="Audit log database (SQLite)."),
         port: int = typer.Option(AGENT_METRICS_PORT, min=0, max=65535,
-                                 help="Metrics port (0: no metrics server); dcgm-exporter has 9400."),
+                                 help="Metrics port, also /healthz and /readyz (0: no server); dcgm-exporter has 9400."),
         dcgm_exporter: str = typer.Option("absent", "--dcgm-exporter",
                                           help="present: dcgm-exporter runs on this node too, so the DCGM_FI_* "
                                                "series it exports by default are left to it; absent: export all."),
@@ -71,6 +71,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                   min=0.001, max=0.999,
                                                   help="Compute this fraction above the fleet median counts as "
                                                        "slow (spec: policy.stragglers.tolerance)."),
+        stall_after: float = STALL_AFTER_OPTION,
         as_json: bool = JSON_OPTION) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
     from aidc.device import open_backend
@@ -91,7 +92,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
 
     if dcgm_exporter not in ("absent", "present"):
         raise typer.BadParameter(f"present or absent, not {dcgm_exporter!r}", param_hint="--dcgm-exporter")
-    _check_listen_address(listen_address)
+    check_listen_address(listen_address)
     metrics_tls = _metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_client_ca)
 
     if backend == "sim":
@@ -133,7 +134,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                           metrics_tls=metrics_tls, checkpoint_paths=tuple(checkpoint_path),
                           dcgm_exporter_present=dcgm_exporter == "present", step_times=step_times,
                           straggler_policy=StragglerPolicy(window_steps=straggler_window,
-                                                           tolerance=straggler_tolerance))
+                                                           tolerance=straggler_tolerance),
+                          stall_after_s=stall_after)
     finally:
         if forwarding is not None:
             forwarder_stop.set()
@@ -166,12 +168,3 @@ def _metrics_tls(cert: Path | None, key: Path | None, client_ca: Path | None):
                         .replace("--client-ca", "--metrics-client-ca")) from None
     return config
 
-
-def _check_listen_address(address: str) -> None:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise typer.BadParameter(f"an IP address (127.0.0.1, 0.0.0.0, ::, or the pod IP), not {address!r}",
-                                 param_hint="--listen-address") from None

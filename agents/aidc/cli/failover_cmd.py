@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from aidc.audit import AuditLog
-from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, check_listen_address, emit
 from aidc.errors import AidcError
 from aidc.spec import load_stack
 from aidc.store import Store
@@ -113,23 +113,32 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                          help="Serve the controller's metrics (aidc_failover_breaker_open, "
                                               "aidc_failover_escalations_total, aidc_failover_lease_held, "
                                               "aidc_failover_oldest_undecided_event_age_seconds) on "
-                                              "127.0.0.1:PORT/metrics."),
+                                              "LISTEN_ADDRESS:PORT/metrics, with /healthz and /readyz."),
+        listen_address: str = typer.Option("127.0.0.1", "--listen-address",
+                                           help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
+                                                "or the pod IP where Prometheus scrapes it (the Deployment)."),
+        stall_after: float = STALL_AFTER_OPTION,
         ) -> None:
     """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
     from aidc.failover.lease import Lease
 
     options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
     relays = _relays(stack, allow_client)
-    metrics = None
+    check_listen_address(listen_address)
+    metrics = probe = None
     if metrics_port is not None:
         from aidc.failover.metrics import FailoverMetrics
+        from aidc.probes import Probe
 
-        metrics = FailoverMetrics()
+        metrics, probe = FailoverMetrics(), Probe("failover-controller", stall_after)
         try:
-            metrics.serve(metrics_port)
+            # Before the store and audit open: a start stuck on them answers 503, not nothing.
+            metrics.serve(metrics_port, addr=listen_address, probe=probe)
         except OSError as exc:
-            raise AidcError(f"cannot serve metrics on 127.0.0.1:{metrics_port}: {exc.strerror or exc}") from None
+            raise AidcError(f"cannot serve metrics on {listen_address}:{metrics_port}: "
+                            f"{exc.strerror or exc}") from None
     ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
+    ctl.probe = probe
     _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays) if options else None
     if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)

@@ -12,6 +12,10 @@ import typer
 from aidc.errors import AidcError
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document for machines instead of text.")
+# The daemons' liveness threshold (aidc.probes): one spelling for the agent, controller and receiver.
+STALL_AFTER_OPTION = typer.Option(30.0, "--stall-after", min=0.1, max=3600,
+                                  help="Seconds without a main-loop turn before /healthz (and /readyz) "
+                                       "answer 503: a stuck loop fails the liveness probe.")
 
 
 def _dumps(data: Any, **kwargs) -> str:
@@ -41,3 +45,14 @@ def emit_lines(items: list[dict]) -> None:
     """JSON Lines: one object per line, for streams of events."""
     for item in items:
         sys.stdout.write(_dumps(item, sort_keys=True) + "\n")
+
+
+def check_listen_address(address: str) -> None:
+    """--listen-address is an IP address (a name or anything else is a usage error)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise typer.BadParameter(f"an IP address (127.0.0.1, 0.0.0.0, ::, or the pod IP), not {address!r}",
+                                 param_hint="--listen-address") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from aidc.cli.output import JSON_OPTION, emit
+from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError
 from aidc.identity import authorize, cli_identity, load_token_map
 from aidc.nodenames import shown
@@ -242,7 +242,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                                               help="Threads handling complete requests (slow clients use none)."),
           log_format: str = typer.Option("json", "--log-format",
                                          help="json: one JSON object per line on stderr (for log shippers); "
-                                              "text: a time and a sentence per line.")) -> None:
+                                              "text: a time and a sentence per line."),
+          stall_after: float = STALL_AFTER_OPTION) -> None:
     """Alertmanager webhook receiver. Resumes interrupted runs on start.
 
     Authentication: a bearer token (--token-file or $AIDC_RUNBOOK_TOKEN; sent as
@@ -283,13 +284,13 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     engine.recover_audit()  # records a crash of older code left out (runs finished without one)
     try:
         receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits, token_map=tokens,
-                            log_format=log_format)
+                            log_format=log_format, stall_after_s=stall_after)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, lambda *_: receiver.engine.stop.set() or _shutdown_later(receiver))
     auth = " + ".join(name for name, on in (("bearer token", bool(token)), (f"{len(tokens)} mapped tokens", bool(tokens)),
                                             ("mutual TLS", bool(tls_config and tls_config.mutual))) if on)
-    ready = f"ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth}); metrics on /metrics"
+    ready = f"ready on {receiver.scheme}://{host}:{receiver.port}/alerts ({auth}); metrics on /metrics, probes on /healthz and /readyz"
     if receiver.structured:
         receiver.log(ready, event="ready", port=receiver.port)
     else:

@@ -70,6 +70,7 @@ class FailoverController:
         self.dry_run = spec.policy.dry_run if dry_run is None else dry_run
         self.actor = actor or default_actor("failover")
         self.metrics = metrics
+        self.probe = None  # an aidc.probes.Probe: each loop turn is reported to /healthz and /readyz
         self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
         self.gate.refresh_metrics()
         self.total_nodes = len(spec.nodes())
@@ -173,6 +174,11 @@ class FailoverController:
             self.recover()
         while not stop.is_set():
             self.poll(lease)
+            if self.probe is not None:
+                # Store and audit open, the loop turning: ready, leader or standby alike (a
+                # standby takes over when the leader stops, so it belongs behind the Service too).
+                self.probe.ready()
+                self.probe.turned(leader=self._held)
             stop.wait(poll_s)
         self.refusals.flush()
         if lease is not None and self._held:

@@ -4,7 +4,9 @@ has waited. Its own registry, so several controllers (tests) can live in one pro
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from aidc.probes import Probe, metrics_app, serve_wsgi
 
 
 class FailoverMetrics:
@@ -41,11 +43,15 @@ class FailoverMetrics:
     def text(self) -> str:
         return generate_latest(self.registry).decode()
 
-    def serve(self, port: int, addr: str = "127.0.0.1"):
-        """Serve /metrics on addr:port (loopback by default); returns the server."""
-        self._server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "127.0.0.1", probe: Probe | None = None):
+        """Serve /metrics (and with `probe`, /healthz and /readyz) on addr:port (loopback by
+        default); returns the server."""
+        app = metrics_app(lambda: generate_latest(self.registry), CONTENT_TYPE_LATEST, probe)
+        self._server = serve_wsgi(app, addr, port, name="failover-metrics")
         return self._server
 
     def shutdown(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
+            self._server = None

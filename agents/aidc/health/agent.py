@@ -37,6 +37,7 @@ from aidc.health.exporter import HealthMetrics
 from aidc.health.infiniband import FlapDetector, IbPort, IbSysfsReader, load_thresholds
 from aidc.health.kmsg import KernelFault, KernelLogFollower, KernelLogParser, Position, normalize_pci
 from aidc.health.stragglers import StragglerWatch
+from aidc.probes import DEFAULT_STALL_AFTER_S, Probe
 from aidc.store import Store
 
 log = logging.getLogger("aidc.health")
@@ -568,10 +569,12 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
               ready: threading.Event | None = None, listen_address: str = "127.0.0.1",
               metrics_tls=None, checkpoint_paths: tuple[str, ...] = (),
               dcgm_exporter_present: bool = False, step_times: str | Path | None = None,
-              straggler_policy=None) -> HealthAgent:
+              straggler_policy=None, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> HealthAgent:
     """Run the watch loop until `stop` is set. `port` None or 0: no metrics server; the server
     listens on `listen_address` (loopback by default; 0.0.0.0 or the pod IP in a DaemonSet),
-    over HTTPS with `metrics_tls` (an aidc.runbook.tls.TLSConfig).
+    over HTTPS with `metrics_tls` (an aidc.runbook.tls.TLSConfig), and answers /healthz (the
+    loop turned within `stall_after_s`) and /readyz (the first device read handled and the
+    kernel log being followed, and live).
     Returns the (closed) agent, for its counters."""
     own_store = not isinstance(store, Store)
     own_audit = not isinstance(audit, AuditLog)
@@ -581,6 +584,7 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
                         device_timeout_s=device_timeout_s, catalog=catalog, checkpoint_paths=checkpoint_paths,
                         dcgm_exporter_present=dcgm_exporter_present, step_times=step_times,
                         straggler_policy=straggler_policy)
+    probe = Probe("agent", stall_after_s)
     halt = threading.Event()
     poller = threading.Thread(target=agent.poller, args=(halt,), name=f"device-poller-{node}", daemon=True)
     try:
@@ -588,7 +592,7 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
             raise AidcError(f"kernel log {agent.kernel_log} is not readable by this user")
         if port:
             try:
-                agent.metrics.serve(port, addr=listen_address, tls=metrics_tls)
+                agent.metrics.serve(port, addr=listen_address, tls=metrics_tls, probe=probe)
             except OSError as exc:
                 raise AidcError(f"cannot serve metrics on {listen_address}:{port}: {exc.strerror or exc}") from None
         audit.append("health.agent_started", f"watching {node}", actor=agent.actor, node=node,
@@ -604,10 +608,14 @@ def run_agent(node: str, backend: DeviceBackend, kernel_log: str | Path | None, 
             agent.handle_observation(agent.observations.get(timeout=device_timeout_s + poll_interval_s))
         except queue.Empty:
             pass
+        agent.step(0.0)  # the kernel log's first read (and its watch) before saying ready
+        probe.ready(node=node, kernel_log=agent.kernel_log, backend=agent.dev.name)
+        probe.turned()
         if ready is not None:
             ready.set()
         while not stop.is_set():
             agent.step(wait_s=min(poll_interval_s, MAX_BLOCK_S))
+            probe.turned()
         agent.step(0.0, final=True)  # what arrived while stopping is still recorded
         audit.append("health.agent_stopped", f"stopped watching {node}", actor=agent.actor, node=node,
                      payload={"events_emitted": agent.emitted, "active_conditions": sorted(agent.conditions.active)})

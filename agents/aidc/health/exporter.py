@@ -5,11 +5,7 @@ simulated node) can live in one process, as the tests do.
 
 from __future__ import annotations
 
-import socket
-import threading
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,6 +15,7 @@ from aidc.device.base import GpuTelemetry
 from aidc.device.nvml import POWER_REASONS, THERMAL_REASONS, encode_clock_event_reasons
 from aidc.health.infiniband import COUNTERS as IB_COUNTERS
 from aidc.health.infiniband import IbPort
+from aidc.probes import Probe, metrics_app, serve_wsgi
 
 # dcgm-exporter's labels on every GPU series (its metrics template, release 4.5.3-4.8.2):
 # gpu index, UUID, PCI bus id, device node name (nvidiaN), model name, host name.
@@ -273,27 +270,14 @@ class HealthMetrics:
         self.train_step_seconds.labels(self.node, "comm").set(comm_s)
         self.relative_perf.labels(self.node, "train_step").set(relative_perf)
 
-    def serve(self, port: int, addr: str = "127.0.0.1", tls: TLSConfig | None = None):
-        """Serve /metrics on addr:port (loopback by default), over HTTPS with `tls` (then plain
-        HTTP is refused in the handshake; with a client CA, only its clients' certificates).
-        Returns the server."""
+    def serve(self, port: int, addr: str = "127.0.0.1", tls: TLSConfig | None = None, probe: Probe | None = None):
+        """Serve /metrics (and with `probe`, /healthz and /readyz) on addr:port (loopback by
+        default), over HTTPS with `tls` (then plain HTTP is refused in the handshake; with a
+        client CA, only its clients' certificates). Returns the server."""
         registry = self.registry
-
-        def app(environ, start_response):
-            if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
-                start_response("404 Not Found", [("Content-Type", "text/plain")])
-                return [b"not found: /metrics\n"]
-            body = render(registry)
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
-            return [body]
-
-        server_class = _V6Server if ":" in addr else _Server
-        server = make_server(addr, port, app, server_class, handler_class=_QuietHandler)
-        if tls is not None:
-            server.socket = tls.server_context().wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, name=f"metrics-{self.node}", daemon=True).start()
-        self._server = server
-        return server
+        app = metrics_app(lambda: render(registry), CONTENT_TYPE_LATEST, probe)
+        self._server = serve_wsgi(app, addr, port, tls, name=f"metrics-{self.node}")
+        return self._server
 
     def shutdown(self) -> None:
         if self._server is not None:
@@ -301,15 +285,3 @@ class HealthMetrics:
             self._server.server_close()
             self._server = None
 
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a scraper that hangs up mid-request never keeps the agent from exiting
-
-
-class _V6Server(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 -- scrapes are not worth a log line each
-        pass

@@ -86,7 +86,8 @@ class LabCluster:
         for i, node in enumerate(self.nodes):
             sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i,
                             rails=self.spec.fabric.rails, link_speed_gbps=self.spec.fabric.link_speed_gbps)
-        ports = {"rdzv": free_port(), **{f"metrics:{n.name}": free_port() for n in self.nodes}}
+        ports = {"rdzv": free_port(), "metrics:failover": free_port(),
+                 **{f"metrics:{n.name}": free_port() for n in self.nodes}}
         owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
         self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
 
@@ -188,7 +189,11 @@ class LabCluster:
             "--straggler-tolerance", str(self.spec.policy.stragglers.tolerance)), node=node)
 
     def start_controller(self, stack: str) -> subprocess.Popen:
-        return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir)))
+        # Its metrics and probes on loopback, for a Prometheus scraping the lab (PromStack's
+        # controller_ports); a lab made before the port was recorded runs without them.
+        port = self.info()["ports"].get("metrics:failover")
+        return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir),
+                                                *(["--metrics-port", str(port)] if port else [])))
 
     def start_trainer(self, node: str, spare: bool = False) -> subprocess.Popen:
         lab = self.spec.lab

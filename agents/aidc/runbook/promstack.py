@@ -50,6 +50,8 @@ class PromStack:
     repeat_interval: str = "10s"
     # Alertmanager's webhook tls_config (ca_file, cert_file, key_file): HTTPS / mutual TLS to the receiver
     webhook_tls: dict | None = None
+    # The failover controllers' --metrics-port on 127.0.0.1 (AidcFailover* alerts read their series).
+    controller_ports: list[int] = field(default_factory=list)
     prom_port: int = field(default_factory=free_port)
     am_port: int = field(default_factory=free_port)
     procs: list[subprocess.Popen] = field(default_factory=list)
@@ -80,12 +82,27 @@ class PromStack:
                 # `Hostname` as a target label gives `up` the node name the alert rules group by.
                 "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"Hostname": node}}
                                    for node, port in self.targets.items()],
-            }],
+            }, *([{
+                "job_name": "aidc-failover-controller",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in self.controller_ports]}],
+            }] if self.controller_ports else []), *self._receiver_job()],
         }
         am_file, prom_file = self.workdir / "alertmanager.yml", self.workdir / "prometheus.yml"
         write_atomic(am_file, yaml.safe_dump(am), SHARED_MODE)
         write_atomic(prom_file, yaml.safe_dump(prom), SHARED_MODE)
         return am_file, prom_file
+
+    def _receiver_job(self) -> list[dict]:
+        """The runbook receiver's /metrics, on the address Alertmanager posts alerts to (and over
+        the same TLS); none while there is no receiver."""
+        url = urllib.parse.urlsplit(self.webhook_url)
+        if not url.netloc:
+            return []
+        job = {"job_name": "aidc-runbook-receiver", "scheme": url.scheme, "metrics_path": "/metrics",
+               "static_configs": [{"targets": [url.netloc]}]}
+        if self.webhook_tls:
+            job["tls_config"] = {key: str(value) for key, value in self.webhook_tls.items()}
+        return [job]
 
     def _webhook_http_config(self) -> dict:
         config: dict = {}

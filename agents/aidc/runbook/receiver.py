@@ -31,6 +31,7 @@ from aidc.errors import PolicyRefusal
 from aidc.runbook.engine import Engine, Submission
 from aidc.runbook.http_server import BoundedHTTPServer, Request, Response, ServerLimits
 from aidc.runbook.refusals import AggregatedRefusals
+from aidc.probes import DEFAULT_STALL_AFTER_S, PROBE_PATHS, Probe
 from aidc.runbook.serve_metrics import CONTENT_TYPE_LATEST, JsonLines, ReceiverMetrics
 from aidc.runbook.tls import TLSConfig
 
@@ -95,7 +96,8 @@ def validate_payload(body: bytes, max_alerts: int = Limits.max_alerts) -> list[d
 class Receiver:
     def __init__(self, engine: Engine, token: str | None, host: str = "127.0.0.1", port: int = 9097,
                  max_workers: int = 8, scan_interval_s: float = 1.0, log=None, tls: TLSConfig | None = None,
-                 limits: Limits | None = None, token_map: dict[str, str] | None = None, log_format: str = "json"):
+                 limits: Limits | None = None, token_map: dict[str, str] | None = None, log_format: str = "json",
+                 stall_after_s: float = DEFAULT_STALL_AFTER_S):
         if not token and not token_map and not (tls and tls.mutual):
             raise ValueError("authentication is required: a bearer token, or mutual TLS (a client CA)")
         self.engine, self.token, self.tls = engine, token or None, tls
@@ -113,6 +115,9 @@ class Receiver:
         # 403s reach the audit log aggregated: a caller refused 65 times a second is two
         # records a minute, not 3 GB a day (aidc.runbook.refusals).
         self.refusals = AggregatedRefusals(engine.audit)
+        # /healthz: the scanner (which starts every run) turned recently; /readyz: the catalog
+        # is loaded and the run state open (the engine has both), and the scanner has turned.
+        self.probe = Probe("runbook-receiver", stall_after_s)
         self._executing: set[int] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -157,7 +162,7 @@ class Receiver:
         if params & set(CREDENTIAL_PARAMS):
             return Response(400, {"error": f"credentials in the query string are refused (they end up in logs): "
                                            f"{AUTH_EXPECTED}"}, "credentials in the query string refused")
-        if request.method == "GET" and request.path in ("/healthz", "/metrics"):
+        if request.method == "GET" and request.path in ("/metrics", *PROBE_PATHS):
             return None  # counts only, no names or secrets: scraped like any exporter
         if self.identities(request) is None:
             return Response(401, {"error": f"missing or wrong bearer token: {AUTH_EXPECTED}"}, "unauthenticated",
@@ -171,8 +176,9 @@ class Receiver:
         return None
 
     def _handle(self, request: Request) -> Response:
-        if request.path == "/healthz":
-            return Response(200, {"ok": True}, "health")
+        if request.path in PROBE_PATHS:
+            code, body = self.probe.healthz() if request.path == "/healthz" else self.probe.readyz()
+            return Response(code, {**body, "ok": code == 200}, request.path.lstrip("/"))
         if request.path == "/metrics":
             return Response(200, {}, "metrics", text=self.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
         # Roles here, on a worker thread: a refusal is audited (a database write), which the
@@ -215,7 +221,7 @@ class Receiver:
     def _on_response(self, request: Request | None, who: str, response: Response, line: str) -> None:
         route = request.path.partition("?")[0] if request else "-"
         self.metrics.answered(request.method if request else "-", route, response.code)
-        if route in ("/metrics", "/healthz") and response.code == 200:
+        if route in ("/metrics", *PROBE_PATHS) and response.code == 200:
             return  # a scrape every few seconds is not news
         if self.structured:
             self.log(line, status=response.code, method=request.method if request else None, path=route,
@@ -272,6 +278,9 @@ class Receiver:
                 self.engine.refusals.flush(expired_only=True)  # a flood's summary, once it is over
             except Exception as exc:
                 self.log(f"scanner error: {type(exc).__name__}: {exc}")
+            else:  # a scanner failing every turn is not a live one
+                self.probe.ready(runbooks=len(self.engine.catalog.runbooks))
+                self.probe.turned()
             self.engine.stop.wait(self.scan_interval_s)
 
     def serve_forever(self) -> None:
