@@ -212,6 +212,22 @@ def test_a_store_host_this_machine_does_not_have_is_refused_in_one_line_before_a
     assert [w for w in apiserver.writes() if "/jobs" in w[1] or "/secrets" in w[1]] == []
 
 
+def test_nodes_are_held_to_the_stored_baselines_so_a_bad_baseline_file_stops_the_run_before_any_job(
+        tmp_path, apiserver):
+    """A recertification through Kubernetes is judged against the stored per-model baselines,
+    as on the other launchers: the file is read before anything is created."""
+    from aidc.burnin import baseline
+    from aidc.burnin.launch import launcher_for
+
+    spec = parse_spec(k8s_spec(tmp_path, apiserver.url))
+    baseline.path_for(tmp_path).write_text('{"schema": "not this one"}')
+    with pytest.raises(BurninError) as err:
+        launcher_for("kubernetes").run(spec, spec.nodes(), lab_dir=tmp_path, audit=None, progress=False,
+                                       timeout_s=30, say=lambda m: None)
+    assert "baselines" in str(err.value) and "\n" not in str(err.value)
+    assert [w for w in apiserver.writes() if "/jobs" in w[1] or "/secrets" in w[1]] == []
+
+
 # -- a run against the API server ----------------------------------------------------------------------
 
 def run_launcher(tmp_path, apiserver, nodes, timeout_s=60):

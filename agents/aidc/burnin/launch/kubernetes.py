@@ -99,13 +99,14 @@ class KubernetesLauncher:
 
     def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
             soak_s: float = 0.0) -> LaunchResult:
-        from aidc.burnin import runner
+        from aidc.burnin import baseline, runner
         from aidc.burnin.answers import load_all
         from aidc.burnin.launch.store import JobStore
 
         host = _store_host(spec)  # before anything is created
         if known_answers is None:  # read before the Jobs: a bad file is an error now, not after them
             known_answers = load_all(None)
+        baselines = baseline.load(baseline.path_for(lab_dir))  # likewise: every node is held to its model's
         timeout_s += soak_s  # the soak is time asked for, not a hang
         started = time.monotonic()
         names = [n.name for n in nodes]
@@ -131,7 +132,7 @@ class KubernetesLauncher:
         finally:
             jobs.delete()
         report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, all_nodes=nodes,
-                                       known_answers=known_answers)
+                                       known_answers=known_answers, baselines=baselines)
         if audit is not None:
             runner._certify(audit, report, {"name": self.name, "job_id": run_id})
         return LaunchResult(report, run_id)
