@@ -199,10 +199,17 @@ def test_the_lab_scheduler_lists_its_nodes_and_still_serves_them(lab):
 
 
 def _stack(tmp_path) -> Path:
+    """The stack, installed into the test's lab directory (release takes its roles and policy
+    from the installation's record, aidc.installation)."""
+    from aidc.installation import record
+    from aidc.spec import load_stack
+
     stack = yaml.safe_load((Path(__file__).resolve().parents[1] / "Pulumi.lab.yaml").read_text())
     stack["config"]["aidc:cluster"]["policy"]["dry_run"] = False
     path = tmp_path / "Pulumi.names.yaml"
     path.write_text(yaml.safe_dump(stack))
+    (tmp_path / "lab").mkdir(exist_ok=True)
+    record(tmp_path / "lab", load_stack(path), "names")
     return path
 
 
