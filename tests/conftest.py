@@ -52,3 +52,27 @@ def local_slurm(tmp_path_factory, slurm_runnable):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():
+    """A private, real PostgreSQL for the whole session (Unix socket only, run as `postgres`),
+    as a DSN; skips, with the reason, where PostgreSQL is not installed or the test is not root."""
+    from aidc.lab.postgres_server import LocalPostgres, unavailable_reason
+    from aidc.polling import free_port
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+    import tempfile
+
+    # Not tmp_path_factory: its root-owned 0700 parents keep the postgres user out.
+    base = Path(tempfile.mkdtemp(prefix="aidc-postgres-"))
+    server = LocalPostgres(base, port=free_port())
+    try:
+        server.start()
+        yield server.dsn
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
