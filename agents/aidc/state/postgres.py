@@ -38,6 +38,21 @@ def _psycopg():
     return psycopg
 
 
+def connect(dsn: str):
+    """An autocommit connection to the state database; StateError when it cannot be reached."""
+    psycopg = _psycopg()
+    try:
+        conn = psycopg.connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        # libpq's message names host and database, never the password.
+        raise StateError(f"cannot reach the state database: {str(exc).strip().splitlines()[0]}") from None
+    version = conn.info.server_version
+    if version < MIN_SERVER_VERSION:
+        conn.close()
+        raise StateError(f"the state database runs PostgreSQL {version // 10000}; aidc needs 15 or newer")
+    return conn
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """The shipped migrations, (number, name, SQL), numbered 1, 2, ... without gaps."""
     found = []
@@ -86,17 +101,8 @@ def migrate(conn) -> int:
 
 class PostgresStore:
     def __init__(self, dsn: str):
-        psycopg = _psycopg()
-        try:
-            self._db = psycopg.connect(dsn, autocommit=True)
-        except psycopg.OperationalError as exc:
-            # libpq's message names host and database, never the password.
-            raise StateError(f"cannot reach the state database: {str(exc).strip().splitlines()[0]}") from None
+        self._db = connect(dsn)
         self.path = None  # no file: other processes open the same database by DSN
-        version = self._db.info.server_version
-        if version < MIN_SERVER_VERSION:
-            self._db.close()
-            raise StateError(f"the state database runs PostgreSQL {version // 10000}; aidc needs 15 or newer")
         self.schema_version = migrate(self._db)
         self.store_id = self._store_id()
 
