@@ -37,3 +37,22 @@ def test_failover_status_reads_the_shared_database(aidc_cli, tmp_path, postgres_
     assert proc.returncode == 0, proc.stderr
     assert [(e["id"], e["node"], e["pending"]) for e in json.loads(proc.stdout)["events"]] == [(event_id, "gpu-1", True)]
     assert not (lab / "state.db").exists()
+
+
+def test_the_runbook_engines_gate_shares_the_controllers_database(tmp_path, postgres_database, monkeypatch):
+    """Runbook quarantines and failover count one breaker window and one remediation history."""
+    from aidc.runbook.context import EngineOptions, remediation_gate
+    from aidc.spec import load_stack
+
+    monkeypatch.setenv("AIDC_TEST_STATE_DSN", postgres_database)
+    spec = load_stack(_stack(tmp_path))
+    controller_side = open_event_store("postgres", postgres_database)
+    controller_side.record_remediation("gpu-1", "reboot_node", "failover", "event 1", at=5.0)
+    gate = remediation_gate(spec, EngineOptions(lab_dir=tmp_path / "lab", audit_db=tmp_path / "audit.db"))
+    try:
+        assert gate is not None
+        assert [r["ref"] for r in gate.store.remediations(since=0)] == ["event 1"]
+        assert not (tmp_path / "lab" / "state.db").exists()
+    finally:
+        gate.store.close()
+        controller_side.close()
