@@ -20,7 +20,7 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 # existing pins are kept unless a requirement changed (add --upgrade to move them). The agent
 # lock is the image's (Dockerfile): the agent extra's part of requirements.lock.
 LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
-RUNTIME_EXTRAS := agent burnin lab compress infra ansible
+RUNTIME_EXTRAS := agent burnin lab compress infra ansible postgres
 lock: $(STAMP)
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) $(addprefix --extra ,$(RUNTIME_EXTRAS)) -o requirements.lock pyproject.toml
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml
@@ -50,7 +50,7 @@ test-fast: $(STAMP)
 # Debian packages that some end-to-end tests drive for real (Prometheus, Alertmanager,
 # sshd, Slurm, SoftHSM, chromium for the report's browser test through Playwright, which
 # downloads no browser of its own). Tests skip with the reason when these are absent.
-SYSTEM_PACKAGES := prometheus prometheus-alertmanager openssh-server iproute2 sqlite3 gcc slurm-wlm munge softhsm2 opensc nftables chromium
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager openssh-server iproute2 sqlite3 gcc slurm-wlm munge softhsm2 opensc nftables chromium postgresql
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \

@@ -52,3 +52,53 @@ def local_slurm(tmp_path_factory, slurm_runnable):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():
+    """A private, real PostgreSQL for the whole session (Unix socket only, run as `postgres`),
+    as a DSN; skips, with the reason, where PostgreSQL is not installed or the test is not root."""
+    from aidc.lab.postgres_server import LocalPostgres, unavailable_reason
+    from aidc.polling import free_port
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+    import tempfile
+
+    # Not tmp_path_factory: its root-owned 0700 parents keep the postgres user out.
+    base = Path(tempfile.mkdtemp(prefix="aidc-postgres-"))
+    server = LocalPostgres(base, port=free_port())
+    try:
+        server.start()
+        yield server.dsn
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_database(postgres_dsn):
+    """A fresh, empty database on the session's private PostgreSQL for one test (dropped after)."""
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(postgres_dsn, dbname=name)
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_location(request, tmp_path):
+    """(backend name, location) of an empty state store, once per backend: the SQLite file or a
+    fresh PostgreSQL database (skipped, with the reason, where PostgreSQL or psycopg is missing)."""
+    if request.param == "sqlite":
+        return "sqlite", str(tmp_path / "state.db")
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed: pip install 'aidc[postgres]'")
+    return "postgres", request.getfixturevalue("postgres_database")

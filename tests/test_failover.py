@@ -19,6 +19,7 @@ from aidc.failover.controller import FailoverController
 from aidc.failover.scheduler import LabScheduler
 from aidc.installation import record
 from aidc.spec import load_stack, parse_spec
+from aidc.state import open_event_store
 from aidc.store import Store
 
 
@@ -55,8 +56,9 @@ def _fault(node="gpu-1", action=Action.REBOOT_NODE, xid=79):
 
 
 @pytest.fixture
-def env(tmp_path):
-    store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
+def env(tmp_path, state_location):
+    """A store on each state backend (tests/conftest.py: state_location) and an audit log."""
+    store, audit = open_event_store(*state_location), AuditLog(tmp_path / "audit.db")
     yield tmp_path, store, audit
     store.close()
     audit.close()

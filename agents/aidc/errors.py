@@ -56,6 +56,11 @@ class PolicyRefusal(AidcError):
     exit_code = 3
 
 
+class StateError(AidcError):
+    """The controller's state backend is misconfigured, unreachable, or its schema is not one
+    this aidc knows (aidc.state)."""
+
+
 class BurninError(AidcError):
     """A burn-in run could not complete (a node process died or the run timed out).
 

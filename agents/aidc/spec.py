@@ -511,6 +511,47 @@ class NotifyTarget(_Strict):
         return self
 
 
+def dsn_has_password(dsn: str) -> bool:
+    """Whether a libpq DSN (key/value or URI form) carries a password."""
+    if re.match(r"^postgres(ql)?://", dsn):
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(dsn)
+        return parts.password is not None or "password" in {k.lower() for k in parse_qs(parts.query)}
+    return re.search(r"(^|\s)password\s*=", dsn, re.IGNORECASE) is not None
+
+
+class State(_Strict):
+    """Where the controller and the runbook engine keep their state (aidc.state): `sqlite`, the
+    embedded default (one host), or `postgres` (15+), shared by every controller replica. The
+    DSN comes from exactly one of `dsn`, `dsn_file` (a 0600 file) or `dsn_env` (an environment
+    variable). A password is refused in `dsn`: the stack file is committed and `pulumi config`
+    shows it; put a password in dsn_file/dsn_env, or use a ~/.pgpass, a client certificate or
+    peer authentication on a Unix socket."""
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: LongText | None = None
+    dsn_file: LongText | None = None
+    dsn_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if value is not None and dsn_has_password(value):
+            raise ValueError("a DSN without a password (give the password through dsn_file or dsn_env, "
+                             "or ~/.pgpass): the stack file is not a place for secrets")
+        return value
+
+    @model_validator(mode="after")
+    def _one_dsn_source(self) -> "State":
+        given = [k for k in ("dsn", "dsn_file", "dsn_env") if getattr(self, k) is not None]
+        if self.backend == "sqlite" and given:
+            raise ValueError(f"backend sqlite takes no {given[0]} (its database is a file on the controller's host)")
+        if self.backend == "postgres" and len(given) != 1:
+            raise ValueError("backend postgres needs exactly one of dsn, dsn_file, dsn_env"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
 class ClusterSpec(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     device_backend: Literal["sim", "nvml"] = "nvml"
@@ -528,6 +569,7 @@ class ClusterSpec(_Strict):
     access: Access = Access()
     transport: Transport = Transport()
     notify: Annotated[list[NotifyTarget], Field(max_length=16)] = []
+    state: State = State()
 
     @field_validator("node_pools")
     @classmethod

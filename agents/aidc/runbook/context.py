@@ -78,6 +78,11 @@ def remediation_gate(spec: ClusterSpec, opts: EngineOptions):
     from aidc.store import Store
 
     path = opts.remediation_db or opts.lab_dir / "state.db"
+    if opts.remediation_db is None and spec.state.backend != "sqlite":
+        from aidc.state import event_store_for
+
+        return RemediationGate(spec, event_store_for(spec.state, path), AuditLog(opts.audit_db),
+                               actor=default_actor("runbook"))
     if opts.remediation_db is None and not path.exists():
         return None
     return RemediationGate(spec, Store(path), AuditLog(opts.audit_db), actor=default_actor("runbook"))
