@@ -320,3 +320,29 @@ def test_kubernetes_jobs_are_created_pinned_tolerated_read_back_and_their_certif
         assert audit.verify().ok
     assert sorted(r.node for r in certs) == ["gpu-0", "gpu-2"]
     assert all(r.payload["launcher"] == {"name": "kubernetes", "job_id": out["job_id"]} for r in certs)
+
+
+@pytest.mark.slow
+def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_through_kubernetes_jobs(tmp_path, apiserver, aidc_cli):
+    """The pods' node program computes on the simulated node the run published for it, so a GPU
+    that computes wrong without an error fails its node alone, naming that GPU."""
+    from aidc.burnin.runner import lab_node_dirs
+    from aidc.device.sim import inject
+    from tests.burnin.sdc_expectations import NO_TIMING_FLOORS, assert_only_gpu_1_of_node_gpu_1_failed
+
+    raw = k8s_spec(tmp_path, apiserver.url)
+    raw["policy"]["burnin"] = {**POLICY, "floors": NO_TIMING_FLOORS}
+    stack = tmp_path / "Pulumi.k8sburn.yaml"
+    stack.write_text(yaml.safe_dump({"config": {"aidc:cluster": raw}}))
+    for name in ("gpu-0", "gpu-1", "gpu-2", "gpu-spare-0"):
+        apiserver.add_node(name)
+    lab = tmp_path / "lab"
+    inject(lab_node_dirs(parse_spec(raw), lab)["gpu-1"], "sdc", gpu=1)  # what `aidc device inject ... sdc` does
+    with Kubelet(apiserver) as kubelet:
+        proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-0,gpu-1,gpu-2",
+                        "--timeout", "300", "--json", timeout=420)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a node failed its burn-in: not an error of the run
+    out = json.loads(proc.stdout)
+    assert out["launcher"] == "kubernetes"
+    assert sorted(kubelet.seen.values()) == ["gpu-0", "gpu-1", "gpu-2"]
+    assert_only_gpu_1_of_node_gpu_1_failed(out, lab)

@@ -10,7 +10,7 @@ import yaml
 from aidc.audit.log import AuditLog
 
 
-def burnin_stack(local_slurm, directory, device_timeout_s: float = 2.0):
+def burnin_stack(local_slurm, directory, device_timeout_s: float = 2.0, floors: dict | None = None):
     spec = {"name": "slurmburn", "device_backend": "sim", "scheduler": "slurm",
             "node_pools": [{"name": "gpu", "count": 4, "gpu_model": "SIM", "gpus_per_node": 2, "spares": 1}],
             "slurm": {"conf": str(local_slurm.conf), "burnin": {"partition": local_slurm.partition}},
@@ -19,7 +19,8 @@ def burnin_stack(local_slurm, directory, device_timeout_s: float = 2.0):
             "policy": {"burnin": {"fleet_tolerance": 0.95, "gemm_size": 64, "repeats": 1, "memcpy_bytes": 1 << 20,
                                   "allreduce_min_bytes": 4096, "allreduce_max_bytes": 16384, "train_steps": 10,
                                   "min_busbw_fraction": 0.0, "busbw_fleet_tolerance": 0.99,
-                                  "storage_bytes": 1 << 20, "storage_files": 10, "storage_tolerance": 0.99}}}
+                                  "storage_bytes": 1 << 20, "storage_files": 10, "storage_tolerance": 0.99,
+                                  **({"floors": floors} if floors is not None else {})}}}
     path = directory / "Pulumi.slurmburn.yaml"
     path.write_text(yaml.safe_dump({"config": {"aidc:cluster": spec}}))
     return path
@@ -95,3 +96,23 @@ def test_a_burnin_job_past_its_timeout_is_cancelled_and_recorded_as_aborted(loca
     assert local_slurm.run("squeue", "-h", "-j", job, check=False).stdout.strip() == ""  # nothing left running
     accounted = local_slurm.run("sacct", "-c", "-n", "-P", "-j", job, "-o", "JobName,State").stdout.split()
     assert accounted == ["aidc-burnin|CANCELLED"]
+
+
+@pytest.mark.slow
+def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_through_slurm(local_slurm, tmp_path, aidc_cli):
+    """The known-answer checks run in the Slurm tasks: a GPU that computes wrong without an error
+    fails its node alone, naming that GPU, while the other nodes of the same job pass."""
+    from aidc.burnin.runner import lab_node_dirs
+    from aidc.device.sim import inject
+    from aidc.spec import load_stack
+    from tests.burnin.sdc_expectations import NO_TIMING_FLOORS, assert_only_gpu_1_of_node_gpu_1_failed
+
+    stack = burnin_stack(local_slurm, tmp_path, floors=NO_TIMING_FLOORS)
+    lab = tmp_path / "lab"
+    inject(lab_node_dirs(load_stack(stack), lab)["gpu-1"], "sdc", gpu=1)  # what `aidc device inject ... sdc` does
+    proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-0,gpu-1,gpu-2",
+                    "--timeout", "300", "--json", timeout=420)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a node failed its burn-in: not an error of the run
+    out = json.loads(proc.stdout)
+    assert out["launcher"] == "slurm"
+    assert_only_gpu_1_of_node_gpu_1_failed(out, lab)
