@@ -12,7 +12,8 @@
 # digest of python:3.11.10-slim-bookworm below was taken from a Renovate-maintained public digest
 # file (github.com/nalabelle/build, images/digests.Dockerfile), not pulled here. Refresh it with
 #   docker buildx imagetools inspect python:3.11-slim-bookworm
-# (the "Digest:" line of the multi-platform index), changing tag and digest in both FROM lines.
+# (the "Digest:" line of the multi-platform index), changing tag and digest in both FROM lines
+# here and in Dockerfile.burnin (tests/test_packaging.py holds them equal).
 
 # Stage 1: build the wheel from the checkout (runbooks, playbooks and example stacks go in as
 # package data, see setup.py), and the one requirement line that installs it with the agent

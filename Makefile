@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/agents
 
-.PHONY: lab test test-fast system-deps lint clean lab-down lock image
+.PHONY: lab test test-fast system-deps lint clean lab-down lock image image-burnin
 
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ IMAGE ?= ghcr.io/aidc-project/aidc-agent:$(VERSION)
 VCS_REF ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 image:
 	docker build --build-arg VCS_REF=$(VCS_REF) -t $(IMAGE) .
+
+# The burn-in image (Dockerfile.burnin: the agent and burnin extras, CUDA torch), tagged as the
+# spec's default kubernetes.burnin.image.
+BURNIN_IMAGE ?= ghcr.io/aidc-project/aidc-burnin:$(VERSION)
+image-burnin:
+	docker build -f Dockerfile.burnin --build-arg VCS_REF=$(VCS_REF) -t $(BURNIN_IMAGE) .
 
 lab: $(STAMP)
 	$(VENV)/bin/aidc lab run

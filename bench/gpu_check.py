@@ -1,5 +1,7 @@
 """GPU check for a lent GPU machine: NVML fields, burn-in GEMM/memcpy, one-GPU NCCL all_reduce,
-and on hosts with 2+ GPUs a sweep of NCCL settings that proposes $OUT/nccl.conf (bench/nccl_sweep.py).
+the burn-in node program on this host (nvml backend, cuda:0 collectives, known-answer checks,
+dcgmi diag where installed), and on hosts with 2+ GPUs a sweep of NCCL settings that proposes
+$OUT/nccl.conf (bench/nccl_sweep.py). `--list` prints the checks and the node program's plan.
 
 Run through `bench/gpu_check.sh`. It installs nothing. Every telemetry field is read
 through aidc's `nvml` backend behind `TimedBackend` (XID event registration included);
@@ -19,6 +21,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 NO_GPU = 3
+ROOT = Path(__file__).resolve().parents[1]
+# What a run does, in order (`--list`); each check's figures go under its key in gpu_check.json.
+CHECKS = {
+    "nvml": "every telemetry field and the XID event set through aidc's nvml backend (TimedBackend)",
+    "measure": "burn-in GEMM (bf16, fp32) and memcpy on each cuda:N, held to the GPU model's catalog floors",
+    "nccl": "one-rank NCCL all_reduce sweep and DDP training on cuda:0",
+    "burnin": "the burn-in node program (python -m aidc.burnin.launch.node) as a scheduler's task runs it: one"
+              " node, the nvml backend, cuda:0 collectives, known-answer checks, dcgmi diag where installed;"
+              " judged as `aidc burnin run` judges",
+    "nccl_sweep": "NCCL settings sweep across 2+ GPUs, the best written as nccl.conf",
+}
 
 
 def _write(out: Path, doc: dict) -> Path:
@@ -137,6 +150,73 @@ def nccl_settings_sweep(args, out: Path) -> dict:
     return {**result, "files": {k: str(v) for k, v in paths.items()}}
 
 
+def burnin_spec(model: str, gpus: int, storage: Path, backend: str = "nvml"):
+    """A one-node stack of this host for the node program: the worked H100 example's policy and
+    fabric, this host's GPU model and count, the nvml backend, its checkpoint volume under $OUT."""
+    import yaml
+
+    from aidc.spec import parse_spec
+
+    raw = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())["config"]["aidc:cluster"]
+    raw.update(name="gpu-check", device_backend=backend, scheduler="slurm",
+               node_pools=[{"name": "gpu-check", "count": 1, "gpu_model": model, "gpus_per_node": gpus}])
+    raw["storage"]["checkpoints"]["mount_path"] = str(storage)
+    return parse_spec(raw, "bench/gpu_check.py")
+
+
+def burnin_plan(spec, timeout_s: float) -> dict:
+    """The config the node program fetches from the run's store (aidc.burnin.launch.slurm.publish_configs)."""
+    from aidc.burnin import runner
+
+    [node] = spec.nodes()
+    return {**runner.node_config(spec, node, 0, [node.name], timeout_s=timeout_s),
+            **runner._fabric_config(spec, None, node.name, [node.name])}
+
+
+def node_burnin(model: str | None, gpus: int, args, out: Path, node_dir: Path | None = None) -> dict:
+    """Run the node program on this host the way the Slurm launcher's tasks run it (its store, its
+    config under config/<node>, the secret in the environment), then judge its result. `node_dir`:
+    a simulated node instead of this host's GPUs (for trying this function without one)."""
+    if (args.simulate and node_dir is None) or not args.burnin:
+        return {"skipped": "--simulate: the lab's tests run the node program on simulated nodes" if args.simulate
+                else "--no-burnin"}
+    if model is None:
+        return {"skipped": "no catalog model for this GPU: the burn-in has no floors to judge it by"}
+    import subprocess
+
+    from aidc.burnin import runner
+    from aidc.burnin.answers import load_all
+    from aidc.burnin.launch.node import ENV_NODE
+    from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT, NODE_COMMAND, publish_configs
+    from aidc.burnin.launch.store import JobStore
+    from aidc.errors import BurninError
+
+    storage = out / "burnin-checkpoints"
+    storage.mkdir(parents=True, exist_ok=True)
+    spec = burnin_spec(model, gpus, storage, "sim" if node_dir else "nvml")
+    nodes = spec.nodes()
+    known_answers = load_all(None)
+    started = time.monotonic()
+    try:
+        with JobStore("127.0.0.1", args.burnin_timeout) as store:
+            publish_configs(store, spec, nodes, "127.0.0.1", timeout_s=args.burnin_timeout,
+                            node_dirs={nodes[0].name: node_dir} if node_dir else {}, soak_s=0.0)
+            env = {**runner._worker_env(), ENV_NODE: nodes[0].name,
+                   ENV_STORE: f"127.0.0.1:{store.port}", ENV_SECRET: store.secret,
+                   ENV_TIMEOUT: str(args.burnin_timeout)}
+            proc = subprocess.run(NODE_COMMAND, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=args.burnin_timeout + 30, check=False)
+            if proc.returncode != 0:
+                return {"error": f"the node program exited {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+            raw = {nodes[0].name: store.get_json(f"result/{nodes[0].name}")}
+    except (BurninError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, runner.spec_link_rate_gbps(spec),
+                                   known_answers=known_answers)
+    failures = [f"burn-in failed {name}: {'; '.join(n.reasons)}" for name, n in report.nodes.items() if not n.passed]
+    return {"plan": burnin_plan(spec, args.burnin_timeout), "report": report.to_dict(), "failures": failures}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "./out")
@@ -152,10 +232,19 @@ def main() -> int:
                              " this host's GPUs and write the best as $OUT/nccl.conf (needs 2+ GPUs)")
     parser.add_argument("--nccl-sweep-bytes", type=int, default=256 << 20)
     parser.add_argument("--nccl-sweep-trials", type=int, default=None, help="trials per setting (default: the knobs file's)")
+    parser.add_argument("--burnin", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the burn-in node program on this host (nvml backend, cuda:0 collectives)")
+    parser.add_argument("--burnin-timeout", type=float, default=240.0)
+    parser.add_argument("--list", action="store_true",
+                        help="print the checks and the burn-in node program's plan for an H100 host as JSON; measure nothing")
     parser.add_argument("--simulate", metavar="NODE_DIR", default=None,
                         help="test this script without a GPU: a simulated node, CPU tensors, gloo")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.list:  # no GPU needed: what a run would do, and the config the node program would get
+        plan = burnin_plan(burnin_spec("H100", 8, Path("$OUT/burnin-checkpoints")), args.burnin_timeout)
+        print(json.dumps({"checks": CHECKS, "burnin_plan": plan}, indent=2, sort_keys=True))
+        return 0
     started = time.time()
     doc: dict = {"ok": False, "started_at": started, "host": os.uname().nodename}
 
@@ -191,6 +280,8 @@ def main() -> int:
     gpus = len(doc["nvml"]["gpus"]) if args.simulate else torch.cuda.device_count()
     doc["measure"] = [measure(i, args) for i in range(gpus)]
     doc["nccl"] = nccl_checks(args)
+    models = {gpu_model_of(g["name"]) for g in doc["nvml"]["gpus"]}
+    doc["burnin"] = node_burnin(models.pop() if len(models) == 1 else None, gpus, args, out)
     doc["nccl_sweep"] = nccl_settings_sweep(args, out)
 
     failures = []
@@ -212,6 +303,9 @@ def main() -> int:
         failures.append("all_reduce returned a wrong sum")
     if "error" in doc["nccl_sweep"]:
         failures.append(f"the NCCL settings sweep measured nothing: {doc['nccl_sweep']['error']}")
+    if "error" in doc["burnin"]:
+        failures.append(f"the burn-in node program did not complete: {doc['burnin']['error']}")
+    failures += doc["burnin"].get("failures", [])
     if doc["nvml"]["hung_calls"]:
         failures.append(f"{doc['nvml']['hung_calls']} NVML call(s) hung")
     doc["failures"], doc["ok"] = failures, not failures
@@ -236,6 +330,8 @@ def main() -> int:
     print(f"DDP {t['steps']} steps: loss {t['loss_before']:.4f} -> {t['loss_after']:.4f};"
           f" NVML: {len(doc['nvml']['gpus'])} GPU(s) read in {doc['nvml']['read_all_ms']} ms,"
           f" {len(doc['nvml']['xid_events'])} XID event(s), {doc['nvml']['hung_calls']} hung call(s)")
+    burnin = doc["burnin"]
+    print(f"burn-in node program: {burnin['report']['verdicts'] if 'report' in burnin else burnin.get('skipped') or burnin.get('error')}")
     print(("PASS" if doc["ok"] else "FAIL: " + "; ".join(failures)) + f"  ({doc['duration_s']} s, {path})")
     return 0 if doc["ok"] else 1
 

@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 import aidc
 from aidc import shipped
-from aidc.spec import AGENT_IMAGE_REPOSITORY, Agent
+from aidc.spec import AGENT_IMAGE_REPOSITORY, BURNIN_IMAGE_REPOSITORY, Agent, KubernetesBurnin
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -229,9 +229,9 @@ def test_a_command_whose_extra_is_not_installed_says_which_extra_in_one_line(tmp
 
 # ---- the Dockerfile ------------------------------------------------------------------------
 
-def dockerfile() -> list[tuple[str, str]]:
+def dockerfile(name: str = "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    text = re.sub(r"\\\n", " ", (ROOT / name).read_text())
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -379,3 +379,62 @@ def test_the_build_context_leaves_out_local_state():
     assert {".git", ".venv", ".aidc"} <= ignored
     assert not ignored & {"agents", "runbooks", "playbooks", "pyproject.toml", "setup.py", "README.md",
                           "requirements.lock", "Pulumi.yaml"}
+
+
+# ---- the burn-in image (Dockerfile.burnin) --------------------------------------------------
+
+def burnin_stages() -> list[list[tuple[str, str]]]:
+    """The stages after the global build arguments (which come before the first FROM)."""
+    out: list[list[tuple[str, str]]] = []
+    for step in dockerfile("Dockerfile.burnin"):
+        if step[0] == "FROM":
+            out.append([])
+        if out:
+            out[-1].append(step)
+    return out
+
+
+def build_args() -> dict[str, str]:
+    """The burn-in Dockerfile's build arguments with their defaults."""
+    return dict(args.split("=", 1) for ins, args in dockerfile("Dockerfile.burnin") if ins == "ARG" and "=" in args)
+
+
+def test_the_burnin_image_builds_on_the_agent_images_digest_pinned_base():
+    bases = {args.split()[0] for ins, args in dockerfile("Dockerfile.burnin") if ins == "FROM"}
+    assert bases == {args.split()[0] for ins, args in dockerfile() if ins == "FROM"}
+    assert all(re.search(r"@sha256:[0-9a-f]{64}$", base) for base in bases)
+
+
+def test_the_burnin_image_installs_the_wheel_with_the_burnin_extra_and_a_pinned_cuda_torch():
+    wheel_stage, runtime = burnin_stages()
+    [wheel] = [args for ins, args in wheel_stage if ins == "RUN" and "pip wheel" in args]
+    requirement = re.search(r'echo "aidc\[([\w,]+)\] @ file:///dist/\$\{wheel\} --hash=sha256:', wheel)
+    assert requirement and requirement[1].split(",") == ["agent", "burnin"]
+    # torch: the burnin extra's pin, the CUDA build from PyTorch's index (both build arguments)
+    args = build_args()
+    [pin] = [Requirement(r) for r in EXTRAS["burnin"] if canonicalize_name(Requirement(r).name) == "torch"]
+    assert str(pin.specifier) == f"=={args['TORCH_VERSION']}"
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX_URL"])
+    installs = [shlex.split(re.sub(r"--mount=\S+\s+", "", a)) for ins, a in runtime if ins == "RUN" and "pip install" in a]
+    dependencies, torch, package = installs
+    assert dependencies == ["pip", "install", "--no-cache-dir", "--require-hashes", "--no-deps",
+                            "-r", "/tmp/requirements-agent.lock"]
+    assert torch == ["pip", "install", "--no-cache-dir", "--index-url", "${TORCH_INDEX_URL}", "torch==${TORCH_VERSION}"]
+    assert package == ["pip", "install", "--no-cache-dir", "--require-hashes", "--no-deps",
+                       "-r", "/dist/requirement.txt", "&&", "pip", "check"]
+    assert [a for ins, a in runtime if ins == "ENTRYPOINT"] == ['["aidc"]']
+
+
+def test_the_burnin_image_is_the_specs_default_burnin_image_with_its_oci_labels_and_make_target():
+    image = f"{BURNIN_IMAGE_REPOSITORY}:{aidc.__version__}"
+    assert KubernetesBurnin().image == image and image != Agent().image
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[\w.]+)="([^"]*)"', (ROOT / "Dockerfile.burnin").read_text()))
+    assert labels == {"org.opencontainers.image.title": "aidc-burnin",
+                      "org.opencontainers.image.source": "https://github.com/aidc-project/aidc",
+                      "org.opencontainers.image.revision": "${VCS_REF}",
+                      "org.opencontainers.image.version": aidc.__version__,
+                      "org.opencontainers.image.ref.name": image,
+                      "org.opencontainers.image.licenses": PYPROJECT["license"]}
+    make = subprocess.run(["make", "-s", "-n", "image-burnin"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert make.stdout.strip() == f"docker build -f Dockerfile.burnin --build-arg VCS_REF={head} -t {image} ."

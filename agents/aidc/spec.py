@@ -360,6 +360,8 @@ class Policy(_Strict):
 
 # The repository the root Dockerfile's image is pushed to (its build line names it too).
 AGENT_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-agent"
+# The repository Dockerfile.burnin's image (the agent and burnin extras, CUDA torch) is pushed to.
+BURNIN_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-burnin"
 
 
 # The agent's default metrics port: beside dcgm-exporter's 9400, which the GPU Operator deploys.
@@ -418,10 +420,9 @@ class KubernetesBurnin(_Strict):
     # launching host's or pod's address on the cluster network); None: $POD_IP when the command
     # runs in a pod (the downward API's status.podIP), else the run is refused.
     store_host: ShortText | None = None
-    # The image the Jobs run: aidc installed with the `burnin` extra (torch), e.g. `aidc[agent,burnin]`;
-    # None: agent.image (the root Dockerfile builds it with the agent extra only, no torch: name a
-    # burn-in image here unless agent.image is such a build).
-    image: LongText | None = None
+    # The image the Jobs run: aidc installed with the `burnin` extra and a CUDA torch. The default is
+    # what Dockerfile.burnin builds (`make image-burnin`); agent.image has no torch.
+    image: LongText = f"{BURNIN_IMAGE_REPOSITORY}:{__version__}"
 
 
 class Kubernetes(_Strict):

@@ -69,3 +69,18 @@ def test_the_check_runs_through_on_a_simulated_node_and_writes_every_figure(tmp_
     assert "busbw" in proc.stdout and "TFLOP/s" in proc.stdout
     assert doc["nccl_sweep"] == {"skipped": "--simulate: no NCCL to tune"}
     assert "NCCL settings sweep: --simulate: no NCCL to tune" in proc.stdout
+
+
+def test_the_check_runs_the_burnin_node_program_with_the_nvml_backend_and_cuda_collectives(tmp_path):
+    """`--list` needs no GPU: the checks a run makes, and the config the node program would fetch."""
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--list", "--burnin-timeout", "200"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert {"nvml", "measure", "nccl", "burnin", "nccl_sweep"} == set(doc["checks"])
+    plan = doc["burnin_plan"]
+    assert (plan["backend"], plan["collective_device"], plan["world"], plan["rank"]) == ("nvml", "cuda:0", 1, 0)
+    assert plan["nodes"] == [plan["node"]] and plan["pg_timeout_s"] == 200
+    assert plan["dcgm_diag_level"] >= 1  # dcgmi diag runs where dcgmi is installed
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written

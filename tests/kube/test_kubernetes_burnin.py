@@ -162,7 +162,8 @@ def test_each_nodes_job_is_valid_pinned_to_it_and_tolerates_aidcs_quarantine_and
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
     assert pod["automountServiceAccountToken"] is False  # the node program needs no API access
     (container,) = pod["containers"]
-    assert container["image"] == spec.agent.image  # the default: the agent's image
+    # the default: Dockerfile.burnin's image (torch), not the agent's
+    assert container["image"] == spec.kubernetes.burnin.image != spec.agent.image
     env = {v["name"]: v for v in container["env"]}
     assert env["AIDC_BURNIN_NODE"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["AIDC_BURNIN_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "aidc-burnin-0a1b2c3d"
