@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from aidc.files import FILE_MODE, open_nofollow
+
 LIBRARY_LOGGERS = ("torch",)
 
 
@@ -26,7 +28,7 @@ def library_output_to(log_path: str | os.PathLike):
     sys.stdout.flush()
     sys.stderr.flush()
     terminal = os.dup(2)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = open_nofollow(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
     own = os.fdopen(os.dup(terminal), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
                     errors="backslashreplace")
     log = os.fdopen(os.dup(log_fd), "a", buffering=1, encoding="utf-8", errors="backslashreplace")

@@ -15,7 +15,8 @@ from tests.health.test_cli import start_agent, stop_agent
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "runbooks/alerts/aidc-alerts.yml", *sorted((ROOT / "runbooks").glob("*.yaml")),
            *sorted((ROOT / "docs/runbooks").glob("*.md"))]
-METRIC = re.compile(r"\b((?:DCGM_FI_|aidc_)[A-Za-z0-9_]+)\b")
+# A name ends in a letter or digit: `aidc_failover_*` in a comment is a family, not a metric.
+METRIC = re.compile(r"\b((?:DCGM_FI_|aidc_)[A-Za-z0-9_]*[A-Za-z0-9])\b")
 # Named by rules but not exported yet: none (a name here is a gap to close, not an exemption).
 PENDING: dict[str, str] = {}
 # Fleet-wide series the failover controller serves (`aidc failover run --metrics-port`), not the

@@ -198,6 +198,7 @@ def _raw_writes(tree) -> list[str]:
 CHECKED_ELSEWHERE = {
     "aidc/files.py": None,
     "aidc/store.py": 1, "aidc/runbook/state.py": 1, "aidc/audit/log.py": 2,
+    "aidc/state/migrate.py": 1,  # the source store, opened read-only (mode=ro) to copy it
     "aidc/compress/measure.py": 1,  # mkstemp: a new random name, O_EXCL, in the temporary directory
 }
 

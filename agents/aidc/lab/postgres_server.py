@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from aidc.files import FILE_MODE, touch
+
 PG_ROOT = Path("/usr/lib/postgresql")
 MIN_VERSION = 15
 SERVICE_USER = "postgres"
@@ -78,7 +80,7 @@ class LocalPostgres:
         self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-U", SERVICE_USER,
                           "--auth=trust", "--encoding=UTF8", "--no-sync")
         log = self.base / "postgres.log"
-        log.touch()
+        touch(log, FILE_MODE)
         os.chown(log, user.pw_uid, user.pw_gid)
         self._as_postgres(str(self.bin / "pg_ctl"), "start", "-D", str(self.data), "-l", str(log), "-w",
                           "-t", str(START_TIMEOUT_S), "-o",

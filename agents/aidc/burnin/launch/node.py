@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT
 from aidc.errors import BurninError
+from aidc.files import FILE_MODE, write_atomic
 
 
 ENV_NODE = "AIDC_BURNIN_NODE"  # set by the Kubernetes launcher's Job from the downward API
@@ -46,7 +47,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="aidc-burnin-node-") as tmp:  # 0700: the config holds the secret
         result = Path(tmp) / "result.json"
         path = Path(tmp) / "config.json"
-        path.write_text(json.dumps({**cfg, "store_prefix": secret, "result_path": str(result)}))
+        write_atomic(path, json.dumps({**cfg, "store_prefix": secret, "result_path": str(result)}), FILE_MODE)
         code = worker.main(str(path))
         if code == 0:
             client.put_json(f"result/{node}", json.loads(result.read_text()))

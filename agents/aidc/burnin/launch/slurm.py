@@ -26,6 +26,7 @@ from pathlib import Path
 from aidc.burnin.launch import LaunchResult
 from aidc.burnin.launch.store import JobStore
 from aidc.errors import BurninError
+from aidc.files import private_opener
 
 JOB_NAME = "aidc-burnin"
 ENV_STORE = "AIDC_BURNIN_STORE"    # host:port of the run's store
@@ -139,7 +140,7 @@ class _Job:
             env["SLURM_CONF"] = self.spec.slurm.conf
         env.pop("GLOO_SOCKET_IFNAME", None)  # the node program sets it from its config
         self.log = tmp / "srun.log"
-        with open(self.log, "wb") as log:
+        with open(self.log, "wb", opener=private_opener) as log:
             argv = _scheduler(self.spec)._argv(srun_argv(self.spec, self.names, NODE_COMMAND))
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
