@@ -7,9 +7,11 @@ defaults, the case's inventory variables and the role's vars, in Ansible's prece
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
-from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar
 
 from ansible_sandbox import ROOT
 
@@ -17,14 +19,32 @@ ROLE = ROOT / "playbooks" / "roles" / "aidc_agent"
 TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
 
 
+# Rendered in a child process: importing Ansible's templating patches sys.intern for the whole
+# process, and torch, imported later by other tests in this pytest process, then fails to import.
+RENDER = """
+import json, sys
+from pathlib import Path
+from ansible.parsing.dataloader import DataLoader
+from ansible.template import Templar
+
+role, inventory = Path(sys.argv[1]), json.loads(sys.argv[2])
+loader = DataLoader()
+[task] = [t for t in loader.load_from_file(str(role / "tasks" / "main.yml"), trusted_as_template=True)
+          if "ansible.builtin.pip" in t]
+variables = {**loader.load_from_file(str(role / "defaults" / "main.yml"), trusted_as_template=True), **inventory,
+             **loader.load_from_file(str(role / "vars" / "main.yml"), trusted_as_template=True)}
+templar = Templar(loader=loader, variables=variables)
+print(json.dumps([templar.template(task["ansible.builtin.pip"]["name"]), dict(templar.template(task["environment"]))]))
+"""
+
+
 def install(inventory: dict) -> tuple[str, dict]:
     """(the pip requirement, the pip environment) the install task renders for these host vars."""
-    loader = DataLoader()
-    [task] = [t for t in loader.load_from_file(str(ROLE / "tasks" / "main.yml"), trusted_as_template=True) if "ansible.builtin.pip" in t]
-    variables = {**loader.load_from_file(str(ROLE / "defaults" / "main.yml"), trusted_as_template=True), **inventory,
-                 **loader.load_from_file(str(ROLE / "vars" / "main.yml"), trusted_as_template=True)}
-    templar = Templar(loader=loader, variables=variables)
-    return templar.template(task["ansible.builtin.pip"]["name"]), dict(templar.template(task["environment"]))
+    done = subprocess.run([sys.executable, "-c", RENDER, str(ROLE), json.dumps(inventory)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    name, env = json.loads(done.stdout)
+    return name, env
 
 
 @pytest.mark.parametrize(("inventory", "requirement", "extra_index"), [
