@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -84,9 +85,13 @@ def test_a_burnin_job_past_its_timeout_is_cancelled_and_recorded_as_aborted(loca
     stack = burnin_stack(local_slurm, tmp_path, device_timeout_s=300)  # gpu-1 waits silently in a device call
     lab = tmp_path / "lab"
     inject(lab_node_dirs(load_stack(stack), lab)["gpu-1"], "hang", seconds=300)
+    tmp = tmp_path / "tmp"  # the command's and (srun passes its environment on) the tasks' temp dir
+    tmp.mkdir()
     proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-1,gpu-3",
-                    "--timeout", "60", "--json", timeout=300)
+                    "--timeout", "60", "--json", timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 2 and "timed out" in proc.stderr and "Traceback" not in proc.stderr
+    # The cancelled tasks (killed mid-run) and the command leave nothing of the run on disk.
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("aidc-burnin")] == []
     with AuditLog(lab / "audit.db") as audit:
         assert audit.records(kind="burnin.certificate") == []
         aborted = audit.records(kind="burnin.aborted")

@@ -18,7 +18,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from aidc.burnin.judge import judge
 from aidc.burnin.launch.store import keyed_store, store_secret
 from aidc.burnin.progress import BurninProgress, rich_bar
 from aidc.burnin.report import BurninReport, NodeResult
+from aidc.burnin.rundir import run_directory
 from aidc.burnin.storage import STORAGE_METRICS
 from aidc.burnin.suite import ALL as ALL_TESTS, collectives_of, select as select_tests
 from aidc.burnin.worker import PREFIX
@@ -283,8 +283,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     if not link_rate > 0:
         raise BurninError(f"the link rate must be positive, got {link_rate:g} GB/s")
     bar = _progress(progress, nodes=len(nodes), repeats=policy.repeats, sizes=sizes, train_steps=policy.train_steps)
-    with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
-        tmpdir = Path(tmp)
+    with run_directory("lab") as tmpdir:
         fleet = _Fleet(tmpdir)
         try:
             if not nodes:

@@ -18,13 +18,13 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from aidc.burnin.launch import LaunchResult
 from aidc.burnin.launch.store import JobStore
+from aidc.burnin.rundir import run_directory
 from aidc.errors import BurninError
 from aidc.files import private_opener
 
@@ -102,7 +102,7 @@ class SlurmLauncher:
                                train_steps=policy.train_steps)
         job = _Job(spec, names)
         try:
-            with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
+            with JobStore(host, timeout_s) as store, run_directory("slurm") as tmp:
                 publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s,
                                 tests=tests)
                 job.start(Path(tmp), {ENV_STORE: f"{host}:{store.port}", ENV_SECRET: store.secret,
