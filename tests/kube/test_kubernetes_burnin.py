@@ -347,3 +347,48 @@ def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_through_kubernetes_jobs(
     assert out["launcher"] == "kubernetes"
     assert sorted(kubelet.seen.values()) == ["gpu-0", "gpu-1", "gpu-2"]
     assert_only_gpu_1_of_node_gpu_1_failed(out, lab)
+
+
+@pytest.mark.slow
+def test_a_runbook_recertifies_a_quarantined_node_through_a_job_and_a_failing_one_stays_out(
+        tmp_path, apiserver, aidc_cli):
+    """fault -> quarantine (cordon + aidc's taint) -> burn-in Job on that node alone, tolerating the
+    taint -> release only on the signed pass; with wrong answers on a GPU the node stays tainted."""
+    from aidc.failover.kubernetes import QUARANTINE_TAINT, SPARE_TAINT
+    from tests.runbook.recertify_case import prepare, write_stack
+
+    for name in ("gpu-0", "gpu-1", "gpu-2"):
+        apiserver.add_node(name)
+    apiserver.add_node("gpu-spare-0", taints=[{"key": SPARE_TAINT, "value": "true", "effect": "NoSchedule"}])
+    stack = write_stack(tmp_path, "k8srecert", "kubernetes", kubernetes={
+        "kubeconfig": str(kubeconfig(tmp_path / "kubeconfig", apiserver.url)), "burnin": {"store_host": "127.0.0.1"}})
+
+    def taint_keys(node):
+        return {t["key"] for t in apiserver.node(node)["spec"].get("taints", [])}
+
+    with Kubelet(apiserver) as kubelet:
+        good = aidc_cli("runbook", "run", *prepare(aidc_cli, tmp_path, stack, tmp_path / "site", "gpu-2"), timeout=400)
+        assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+        bad = aidc_cli("runbook", "run", *prepare(aidc_cli, tmp_path, stack, tmp_path / "site", "gpu-1",
+                                                  inject_sdc_gpu=1), timeout=400)
+    assert sorted(kubelet.seen.values()) == ["gpu-1", "gpu-2"]  # each Job ran on its quarantined node
+    steps = {s["step_id"]: s for s in json.loads(good.stdout)["steps"]}
+    assert [steps[s]["status"] for s in ("out", "burn-in", "back")] == ["done"] * 3
+    result = steps["burn-in"]["result"]
+    assert (result["verdict"], result["launcher"], result["tests"]) == ("pass", "kubernetes",
+                                                                       ["gemm", "memcpy", "allreduce"])
+    assert QUARANTINE_TAINT not in taint_keys("gpu-2") and not apiserver.node("gpu-2")["spec"].get("unschedulable")
+
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    steps = {s["step_id"]: s for s in json.loads(bad.stdout)["steps"]}
+    assert steps["burn-in"]["status"] == "failed" and steps["back"]["status"] == "pending"
+    failed = steps["burn-in"]["result"]
+    assert failed["verdict"] == "fail" and 1 in failed["failed_gpus"] and failed["reasons"]
+    assert QUARANTINE_TAINT in taint_keys("gpu-1")  # still out
+    with AuditLog(tmp_path / "audit.db") as audit:
+        certs = audit.records(kind="burnin.certificate")
+        assert audit.verify().ok
+    assert [(c.node, c.payload["verdict"], c.payload["tests"]) for c in certs] == [
+        ("gpu-2", "pass", ["gemm", "memcpy", "allreduce"]), ("gpu-1", "fail", ["gemm", "memcpy", "allreduce"])]
+    assert certs[1].payload["reasons"] == failed["reasons"]
+    assert apiserver.job_list(NAMESPACE) == [] and apiserver.secrets == {}
