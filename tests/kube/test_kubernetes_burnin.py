@@ -357,9 +357,11 @@ def test_a_runbook_recertifies_a_quarantined_node_through_a_job_and_a_failing_on
     from aidc.failover.kubernetes import QUARANTINE_TAINT, SPARE_TAINT
     from tests.runbook.recertify_case import prepare, write_stack
 
+    pool = {"aidc.dev/pool": "gpu"}  # the nodes runbooks may act on are those of aidc's pools
     for name in ("gpu-0", "gpu-1", "gpu-2"):
-        apiserver.add_node(name)
-    apiserver.add_node("gpu-spare-0", taints=[{"key": SPARE_TAINT, "value": "true", "effect": "NoSchedule"}])
+        apiserver.add_node(name, labels=pool)
+    apiserver.add_node("gpu-spare-0", labels=pool,
+                       taints=[{"key": SPARE_TAINT, "value": "true", "effect": "NoSchedule"}])
     stack = write_stack(tmp_path, "k8srecert", "kubernetes", kubernetes={
         "kubeconfig": str(kubeconfig(tmp_path / "kubeconfig", apiserver.url)), "burnin": {"store_host": "127.0.0.1"}})
 
