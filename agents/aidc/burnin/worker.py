@@ -8,7 +8,8 @@ never share cores while timing and a burst of load from elsewhere hits every nod
 alike instead of one. Then all nodes run the collective sweeps and the DDP, FSDP and
 pipeline training runs together; when the largest all_reduce is slow against the link rate
 (`link_rate_gbit_s` in the config: the scaled rail rate on the netns fabric), ring-neighbour
-pair tests localise the bad rail (`aidc.burnin.localise`).
+pair tests localise the bad rail (`aidc.burnin.localise`). Only the burn-in tests the config names
+run (`tests`, aidc.burnin.suite: a runbook's recertification asks for some; none named: all).
 """
 
 from __future__ import annotations
