@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -135,13 +136,13 @@ def test_the_walk_catches_a_command_the_cli_would_refuse(cli_root, bad, says):
 
 
 def test_make_targets_bench_scripts_and_playbooks_the_readme_names_exist():
-    makefile = (ROOT / "Makefile").read_text()
-    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", makefile, re.M))
     missing = []
     for line in code_lines(README):
         words = command_words(line)
         if words[:1] == ["make"] and len(words) > 1 and "=" not in words[1]:
-            if words[1] not in targets:
+            # make itself resolves the target (variables such as $(STAMP) included), running nothing.
+            known = subprocess.run(["make", "-n", "-C", str(ROOT), words[1]], capture_output=True, text=True)
+            if "No rule to make target" in known.stderr:
                 missing.append(f"make target {words[1]!r} ({line.strip()})")
         for word in words:
             if re.fullmatch(r"(bench|playbooks)/[\w./-]+\.(py|sh|yml)", word) and not (ROOT / word).exists():
