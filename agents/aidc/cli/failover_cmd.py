@@ -159,9 +159,10 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     ctl.probe = probe
     _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays) if options else None
-    if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
-        # Warm: the rendezvous notification needs torch.distributed; import it now, not
-        # on the failover path.
+    if getattr(ctl.scheduler, "on_quarantine", None) and (lab_dir / "lab.json").exists():
+        # Tells the lab's rendezvous (lab, lab on Slurm). Warm: the notification needs
+        # torch.distributed; import it now, not on the failover path. A state directory with no
+        # lab in it (no lab.json) has no rendezvous to tell, and skips seconds of import.
         import torch.distributed  # noqa: F401
 
     stop = threading.Event()

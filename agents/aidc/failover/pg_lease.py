@@ -55,6 +55,8 @@ _ACQUIRE = (
     "WHERE l.holder IS NULL OR l.renewed_at + make_interval(secs => l.ttl_s) <= clock_timestamp() "
     "RETURNING token")
 
+_FREE = f"SELECT holder IS NULL OR NOT ({_ALIVE}) FROM controller_lease WHERE name = %(name)s"
+
 _RENEW = ("UPDATE controller_lease SET renewed_at = clock_timestamp(), ttl_s = %(ttl)s "
           "WHERE name = %(name)s AND holder = %(holder)s AND token = %(token)s RETURNING token")
 
@@ -102,7 +104,11 @@ class PostgresLease:
                 row = conn.execute(_RENEW, args).fetchone()
             if row is None:
                 self.token = None  # superseded (or released by an operator): contend like anyone
-                row = conn.execute(_ACQUIRE, args).fetchone()
+                # A standby asks every poll: read first, so only a lease that looks free or
+                # expired is contended with a write (and its row lock).
+                free = conn.execute(_FREE, args).fetchone()
+                if free is None or free[0]:
+                    row = conn.execute(_ACQUIRE, args).fetchone()
         except StateError:
             raise
         except Exception as exc:  # psycopg's errors: a dropped connection is made again next time
