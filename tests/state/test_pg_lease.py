@@ -149,3 +149,51 @@ def test_an_unreachable_database_is_a_clear_error_and_no_leadership(tmp_path):
     with pytest.raises(StateError, match="cannot reach the state database"):
         lease.hold()
     assert not lease.held()
+
+
+class Elector:
+    """Stands in for the Kubernetes Lease elector: what it answers is set by the test."""
+
+    def __init__(self, identity: str):
+        self.identity, self.leader = identity, False
+
+    def hold(self):
+        return self.leader
+
+    def held(self):
+        return self.leader
+
+    def check(self):
+        pass
+
+    def release(self):
+        self.leader = False
+
+    def describe(self):
+        return {"holder": self.identity}
+
+
+def test_each_kubernetes_term_takes_a_new_token_and_the_deposed_replicas_intent_is_refused(postgres_database):
+    from aidc.failover.pg_lease import PostgresFence
+
+    store = open_event_store("postgres", postgres_database)
+    old_elector, new_elector = Elector("pod-a"), Elector("pod-b")
+    old = PostgresFence(old_elector, postgres_database, "kubernetes:aidc-system/aidc-failover-controller")
+    new = PostgresFence(new_elector, postgres_database, "kubernetes:aidc-system/aidc-failover-controller")
+    try:
+        assert old.hold() is False and old.token is None
+        old_elector.leader = True
+        assert old.hold() is True and old.token == 1 and old.describe()["token"] == 1
+        new_elector.leader = True  # the API server handed the Lease on; pod-a has not noticed yet
+        assert new.hold() is True and new.token == 2
+        with pytest.raises(Deposed, match="token 1"), store.transaction() as txn:
+            old.fence(txn)
+            store.set_node_state("gpu-1", "quarantining", "deposed", "pod-a")
+        assert store.node_state("gpu-1") == "in_service"  # rolled back with the fence
+        with store.transaction() as txn:
+            new.fence(txn)
+            store.set_node_state("gpu-1", "quarantining", "leader", "pod-b")
+        assert store.node_state("gpu-1") == "quarantining"
+    finally:
+        old.release(), new.release()
+        store.close()

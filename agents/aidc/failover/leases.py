@@ -6,6 +6,8 @@
   in every intent's transaction; no shared filesystem. The default with `state.backend: postgres`.
 * `kubernetes`: a coordination.k8s.io Lease (aidc.failover.leader); the default with
   `scheduler: kubernetes`, where aidc.failover.k8s_controller runs it beside its node watch.
+  With `state.backend: postgres` its terms also take fencing tokens in the state database
+  (`fenced`), checked in every intent's transaction as the postgres lease's are.
 """
 
 from __future__ import annotations
@@ -66,3 +68,15 @@ def open_lease(name: str | None, spec, lab_dir: Path, lease_dir: Path | None = N
     if name != "kubernetes" and spec.scheduler == "kubernetes":
         raise LeaseUnavailable(f"scheduler kubernetes elects its leader with lease kubernetes, not {name}")
     return opener(spec, Path(lab_dir), lease_dir, ttl_s)
+
+
+def fenced(spec, elector):
+    """`elector` (the Kubernetes Lease), with a fencing token in the state database when the
+    stack keeps its state in PostgreSQL; as it is otherwise."""
+    if spec.state.backend != "postgres":
+        return elector
+    from aidc.failover.pg_lease import PostgresFence
+    from aidc.state import resolve_dsn
+
+    return PostgresFence(elector, resolve_dsn(spec.state),
+                         f"kubernetes:{spec.kubernetes.namespace}/{spec.kubernetes.lease_name}")

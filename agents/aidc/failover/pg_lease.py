@@ -60,7 +60,32 @@ _FREE = f"SELECT holder IS NULL OR NOT ({_ALIVE}) FROM controller_lease WHERE na
 _RENEW = ("UPDATE controller_lease SET renewed_at = clock_timestamp(), ttl_s = %(ttl)s "
           "WHERE name = %(name)s AND holder = %(holder)s AND token = %(token)s RETURNING token")
 
+# A new term of an elector that lives elsewhere: the next token, unconditionally (that elector
+# decided), with no expiry here.
+_NEW_TERM = (
+    "INSERT INTO controller_lease AS l (name, holder, token, renewed_at, ttl_s, acquired_at) "
+    "VALUES (%(name)s, %(holder)s, 1, clock_timestamp(), NULL, clock_timestamp()) "
+    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = l.token + 1, "
+    "renewed_at = excluded.renewed_at, ttl_s = NULL, acquired_at = excluded.acquired_at RETURNING token")
+
 _RELEASE = "UPDATE controller_lease SET holder = NULL WHERE name = %(name)s AND holder = %(holder)s AND token = %(token)s"
+
+
+def _check_token(txn, name: str, holder: str, token: int, alive: bool) -> None:
+    """Lock the lease row FOR SHARE in `txn` (a takeover waits for this transaction) and raise
+    Deposed unless it still names `holder` with `token` (and, with `alive`, has not expired)."""
+    _psycopg_connection(txn)
+    row = txn.execute("SELECT 1 FROM controller_lease WHERE name = %s AND holder = %s AND token = %s"
+                      + (f" AND {_ALIVE}" if alive else "") + " FOR SHARE", (name, holder, token)).fetchone()
+    if row is None:
+        raise Deposed(f"{holder} lost controller lease {name!r} (token {token} is no longer the lease's): "
+                      "the action is not recorded")
+
+
+def _open(dsn: str):
+    conn = connect(dsn)
+    migrate(conn)  # the lease table may be newer than the database a store made earlier
+    return conn
 
 
 def default_holder() -> str:
@@ -147,22 +172,18 @@ class PostgresLease:
     def fence(self, txn) -> None:
         """Inside the store transaction that records an action: raise Deposed (rolling it back)
         unless the lease row still names this holder with this token and has not expired."""
-        _psycopg_connection(txn)
-        token = self.token
-        if token is None or not self.held():
+        if self.token is None or not self.held():
             raise Deposed(f"{self.holder} does not hold controller lease {self.name!r}")
-        row = txn.execute(f"SELECT 1 FROM controller_lease WHERE name = %s AND holder = %s AND token = %s "
-                          f"AND {_ALIVE} FOR SHARE", (self.name, self.holder, token)).fetchone()
-        if row is None:
+        try:
+            _check_token(txn, self.name, self.holder, self.token, alive=True)
+        except Deposed:
             self.token = None
-            raise Deposed(f"{self.holder} lost controller lease {self.name!r} (token {token} is no longer "
-                          "the lease's): the action is not recorded")
+            raise
 
     # -- internals ------------------------------------------------------------------------------
     def _connection(self):
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn)
-            migrate(self._conn)  # the lease table may be older than the store that made the database
+            self._conn = _open(self.dsn)
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -172,3 +193,58 @@ class PostgresLease:
             except Exception:
                 pass
         self._conn = None
+
+
+class PostgresFence:
+    """Another elector (the Kubernetes Lease) with its fencing token kept here: each term it
+    begins takes the next token in row `name`, and `fence` checks it in the intent's transaction
+    as PostgresLease does, so a replica the API server deposed cannot record an action once its
+    successor has begun."""
+
+    def __init__(self, elector, dsn: str, name: str):
+        self.elector, self.dsn, self.name = elector, dsn, name
+        self.holder = getattr(elector, "identity", None) or default_holder()
+        self.token: int | None = None
+        self._conn = None
+
+    def hold(self) -> bool:
+        if not self.elector.hold():
+            self.token = None
+            return False
+        if self.token is None:  # a new term: from now on the previous holder's writes fail
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = _open(self.dsn)
+                self.token = int(self._conn.execute(_NEW_TERM, {"name": self.name, "holder": self.holder})
+                                 .fetchone()[0])
+            except StateError:
+                raise
+            except Exception as exc:
+                self._conn = None
+                raise StateError(f"fencing token {self.name!r}: {str(exc).strip().splitlines()[0]}") from None
+        return True
+
+    def held(self) -> bool:
+        return self.token is not None and self.elector.held()
+
+    def check(self) -> None:
+        self.elector.check()
+
+    def release(self) -> None:
+        self.token = None
+        self.elector.release()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def describe(self) -> dict:
+        return {**self.elector.describe(), "fence": self.name, "token": self.token}
+
+    def fence(self, txn) -> None:
+        if self.token is None or not self.elector.held():
+            raise Deposed(f"{self.holder} does not hold {self.name!r}")
+        try:
+            _check_token(txn, self.name, self.holder, self.token, alive=False)
+        except Deposed:
+            self.token = None
+            raise
