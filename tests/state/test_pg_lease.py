@@ -197,3 +197,13 @@ def test_each_kubernetes_term_takes_a_new_token_and_the_deposed_replicas_intent_
     finally:
         old.release(), new.release()
         store.close()
+
+
+def test_failover_run_refuses_an_unknown_lease_backend_before_it_creates_anything(aidc_cli, tmp_path):
+    from tests.conftest import ROOT
+
+    proc = aidc_cli("failover", "run", "--stack", str(ROOT / "Pulumi.lab.yaml"), "--lab-dir", str(tmp_path / "lab"),
+                    "--lease", "etcd")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no lease backend 'etcd' (there are: directory, postgres, kubernetes)" in proc.stderr
+    assert not (tmp_path / "lab").exists()
