@@ -207,3 +207,20 @@ def test_failover_run_refuses_an_unknown_lease_backend_before_it_creates_anythin
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no lease backend 'etcd' (there are: directory, postgres, kubernetes)" in proc.stderr
     assert not (tmp_path / "lab").exists()
+
+
+def test_the_fencing_bench_runs_both_sides_on_one_database_and_reports_ratios(postgres_dsn):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "lease_fencing.py"), "--events", "3",
+                           "--transactions", "5", "--rounds", "1", "--dsn", postgres_dsn, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result["decisions_per_s"]) == {"unfenced", "fenced", "ratio"}
+    assert set(result["transaction_ms"]) == {"bare", "fenced", "ratio"}
+    assert result["decisions_per_s"]["fenced"] > 0 and result["transaction_ms"]["fenced"] > 0
