@@ -152,12 +152,19 @@ def test_an_unreachable_database_is_a_clear_error_and_no_leadership(tmp_path):
 
 
 class Elector:
-    """Stands in for the Kubernetes Lease elector: what it answers is set by the test."""
+    """Stands in for the Kubernetes Lease elector: `leader` is what it believes, `api` what the
+    API server would answer a renewal now; both set by the test."""
+
+    api_holder: dict = {}
 
     def __init__(self, identity: str):
         self.identity, self.leader = identity, False
 
     def hold(self):
+        return self.leader
+
+    def try_acquire_or_renew(self):
+        self.leader = self.api_holder.get("who") == self.identity
         return self.leader
 
     def held(self):
@@ -182,9 +189,10 @@ def test_each_kubernetes_term_takes_a_new_token_and_the_deposed_replicas_intent_
     new = PostgresFence(new_elector, postgres_database, "kubernetes:aidc-system/aidc-failover-controller")
     try:
         assert old.hold() is False and old.token is None
-        old_elector.leader = True
+        old_elector.leader, Elector.api_holder["who"] = True, "pod-a"
         assert old.hold() is True and old.token == 1 and old.describe()["token"] == 1
-        new_elector.leader = True  # the API server handed the Lease on; pod-a has not noticed yet
+        # The API server handed the Lease on; pod-a has not noticed yet.
+        new_elector.leader, Elector.api_holder["who"] = True, "pod-b"
         assert new.hold() is True and new.token == 2
         with pytest.raises(Deposed, match="token 1"), store.transaction() as txn:
             old.fence(txn)
@@ -194,7 +202,13 @@ def test_each_kubernetes_term_takes_a_new_token_and_the_deposed_replicas_intent_
             new.fence(txn)
             store.set_node_state("gpu-1", "quarantining", "leader", "pod-b")
         assert store.node_state("gpu-1") == "quarantining"
+        # Deposed, pod-a takes no new token on its stale belief: the API server says pod-b leads.
+        old_elector.leader = True
+        assert old.hold() is False and old.token is None and new.token == 2
+        with store.transaction() as txn:
+            new.fence(txn)
     finally:
+        Elector.api_holder.clear()
         old.release(), new.release()
         store.close()
 

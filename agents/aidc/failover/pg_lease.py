@@ -212,6 +212,11 @@ class PostgresFence:
             self.token = None
             return False
         if self.token is None:  # a new term: from now on the previous holder's writes fail
+            # Taking a token deposes whoever has one, so only on the API server's word now, not
+            # on a belief that may be stale (after a Deposed, the elector may still think it leads).
+            confirm = getattr(self.elector, "try_acquire_or_renew", None)
+            if confirm is not None and not confirm():
+                return False
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = _open(self.dsn)
