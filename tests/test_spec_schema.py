@@ -162,13 +162,14 @@ def test_spec_schema_for_the_whole_stack_file_validates_the_files_themselves(aid
 # one of these key paths, of pydantic's type value_error, may pass the schema.
 SCHEMA_CANNOT_EXPRESS = {
     (): "pool names and derived node names unique, total nodes <= MAX_NODES, relays list nodes of "
-        "this cluster, cluster-api pools need a patch release",
+        "this cluster, cluster-api pools need a patch release, controller pods' DSN from a Secret",
     ("node_pools",): "total nodes across pools <= MAX_NODES",
     ("fabric",): "hcas/rail_ifnames as many as rails; RoCE needs gid_index; rails >= 1 for some kinds",
     ("fabric", "ipam_cidr"): "an IPv4 network with no host bits set",
     ("kms",): "provider pkcs11 needs a pkcs11 section",
     ("policy", "burnin"): "allreduce_min_bytes <= allreduce_max_bytes with a power of two between",
     ("kubernetes",): "retry_period_s < renew_deadline_s < lease_duration_s",
+    ("state",): "backend sqlite takes no DSN source, backend postgres exactly one",
     ("storage", "datasets", "size"): "at most 1024Pi",
     ("storage", "checkpoints", "size"): "at most 1024Pi",
 }

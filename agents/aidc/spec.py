@@ -425,6 +425,18 @@ class KubernetesBurnin(_Strict):
     image: LongText = f"{BURNIN_IMAGE_REPOSITORY}:{__version__}"
 
 
+class CloudNativePG(_Strict):
+    """A CloudNativePG `Cluster` (postgresql.cnpg.io/v1) infra/ creates for the state database,
+    in the controller's namespace (the CloudNativePG operator must be installed). The controller
+    pods read its DSN from the operator's `<name>-app` Secret, key `uri`, as $state.dsn_env."""
+    name: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-state"
+    instances: Annotated[int, Field(ge=1, le=9)] = 3  # one primary, the rest replicas it fails over to
+    storage_size: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,6}(Mi|Gi|Ti)$")] = "10Gi"
+    storage_class: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")] | None = None
+    # The PostgreSQL image (15 or newer), by tag or digest; None: the operator's default.
+    image: LongText | None = None
+
+
 class Kubernetes(_Strict):
     """How aidc acts on a Kubernetes cluster (`scheduler: kubernetes`)."""
     # A kubeconfig for the controller outside the cluster; None: in-cluster credentials in a
@@ -451,6 +463,11 @@ class Kubernetes(_Strict):
     # Failover controller replicas (infra/ deploys them; one leads through the Lease).
     controller_replicas: Annotated[int, Field(ge=1, le=5)] = 2
     burnin: KubernetesBurnin = KubernetesBurnin()
+    # state.backend postgres: the Secret in `namespace` whose key holds the DSN, given to the
+    # controller pods as $state.dsn_env (ignored with cloudnative_pg, whose operator writes one).
+    state_secret: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-state-dsn"
+    state_secret_key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]{1,253}$")] = "dsn"
+    cloudnative_pg: CloudNativePG | None = None
 
     @model_validator(mode="after")
     def _lease_timing(self) -> "Kubernetes":
@@ -605,6 +622,21 @@ class ClusterSpec(_Strict):
                 if unknown:
                     raise ValueError(f"transport.relays.{relay} lists {', '.join(map(repr, unknown[:5]))}, "
                                      f"not a node of this cluster")
+        return self
+
+    @model_validator(mode="after")
+    def _controller_pods_read_the_dsn_from_a_secret(self) -> "ClusterSpec":
+        if self.scheduler != "kubernetes":
+            return self
+        if self.kubernetes.cloudnative_pg is not None and (self.state.backend != "postgres" or not self.state.dsn_env):
+            raise ValueError("kubernetes.cloudnative_pg holds the state database: it needs state.backend postgres "
+                             "with state.dsn_env (set from the Cluster's <name>-app Secret)")
+        if self.state.backend == "postgres" and self.state.dsn_file:
+            # A Secret volume's files are root's, readable by the non-root controller only through
+            # their group, and aidc refuses a group-readable DSN file.
+            raise ValueError("state.dsn_file cannot reach the controller pods of scheduler kubernetes (a mounted "
+                             "Secret is group-readable, which aidc refuses for a DSN file): use state.dsn_env, "
+                             "set from the Secret kubernetes.state_secret")
         return self
 
     @model_validator(mode="after")

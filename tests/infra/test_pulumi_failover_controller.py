@@ -3,9 +3,11 @@ Deployment with leader election, least-privilege RBAC for it and the agent, a sc
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from conftest import ROOT, build_of
 
+from aidc.errors import SpecError
 from aidc.spec import parse_spec
 
 CONTROLLER = "aidc:controller:FailoverController"
@@ -135,3 +137,63 @@ def test_a_drain_waiting_out_its_eviction_timeout_is_not_taken_for_a_stuck_contr
     (dep,) = of_parent(build_of(path), "apps/v1:Deployment", CONTROLLER)
     cmd = dep.inputs["spec"]["template"]["spec"]["containers"][0]["command"]
     assert float(cmd[cmd.index("--stall-after") + 1]) > 600
+
+
+CAPI_STACK = ROOT / "tests/infra/stacks/Pulumi.capi-roce.yaml"
+
+
+def controller_pod(build):
+    (dep,) = of_parent(build, "apps/v1:Deployment", CONTROLLER)
+    return dep.inputs["spec"]["template"]["spec"]
+
+
+def test_a_controller_on_sqlite_keeps_its_state_in_the_pods_empty_dir(h100):
+    pod = controller_pod(h100)
+    assert {"name": "state", "emptyDir": {}} in pod["volumes"]
+    assert not [e for e in pod["containers"][0]["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
+
+
+def test_a_controller_on_postgres_reads_the_dsn_from_the_cloudnative_pg_secret_and_keeps_no_state_volume():
+    build = build_of(CAPI_STACK)
+    pod = controller_pod(build)
+    container = pod["containers"][0]
+    # No volume for state: only the ConfigMap and an in-memory scratch directory for per-pod files.
+    assert [v["name"] for v in pod["volumes"]] == ["config", "scratch"]
+    assert pod["volumes"][1]["emptyDir"]["medium"] == "Memory"
+    assert "--lab-dir" in container["command"] and \
+        container["command"][container["command"].index("--lab-dir") + 1] == "/run/aidc"
+    assert {"name": "AIDC_STATE_DSN", "valueFrom": {"secretKeyRef": {"name": "aidc-state-app", "key": "uri"}}} \
+        in container["env"]
+    (cluster,) = of_parent(build, "postgresql.cnpg.io/v1:Cluster", CONTROLLER)
+    assert cluster.inputs["metadata"]["name"] == "aidc-state"
+    assert cluster.inputs["metadata"]["namespace"] == "aidc-system"
+    assert cluster.inputs["spec"]["instances"] == 3
+    assert cluster.inputs["spec"]["storage"] == {"size": "20Gi", "storageClass": "local-nvme"}
+    assert cluster.inputs["spec"]["bootstrap"] == {"initdb": {"database": "aidc", "owner": "aidc"}}
+
+
+def test_a_controller_on_postgres_without_cloudnative_pg_reads_the_named_secret(tmp_path):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
+    cluster = doc["config"]["aidc:cluster"]
+    cluster["state"] = {"backend": "postgres", "dsn_env": "PGDSN"}
+    cluster.setdefault("kubernetes", {}).update(state_secret="site-state-db", state_secret_key="conninfo")
+    path = tmp_path / "Pulumi.pg.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    build = build_of(path)
+    container = controller_pod(build)["containers"][0]
+    assert {"name": "PGDSN", "valueFrom": {"secretKeyRef": {"name": "site-state-db", "key": "conninfo"}}} \
+        in container["env"]
+    assert not of_parent(build, "postgresql.cnpg.io/v1:Cluster", CONTROLLER)
+    assert [v["name"] for v in controller_pod(build)["volumes"]] == ["config", "scratch"]
+
+
+@pytest.mark.parametrize("state, kubernetes, expected", [
+    ({"backend": "postgres", "dsn_file": "/etc/aidc/dsn"}, {}, "state.dsn_file cannot reach the controller pods"),
+    ({"backend": "sqlite"}, {"cloudnative_pg": {}}, "kubernetes.cloudnative_pg holds the state database"),
+])
+def test_a_dsn_the_controller_pods_cannot_read_is_refused_before_any_resource(state, kubernetes, expected):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())["config"]["aidc:cluster"]
+    doc["state"] = state
+    doc.setdefault("kubernetes", {}).update(kubernetes)
+    with pytest.raises(SpecError, match=expected):
+        parse_spec(doc)

@@ -114,4 +114,4 @@ def test_every_pinned_schema_is_exercised_by_a_shipped_or_test_stack():
     # (test_pulumi_program_graph), as the shipped stacks may run without it.
     assert {kind for _, kind in custom_schemas()} - validated <= {"EncryptionConfiguration", "PrometheusRule"}
     assert {"NodePool", "EC2NodeClass", "MachineDeployment", "KubeadmConfigTemplate", "NicClusterPolicy", "IPPool",
-            "NetworkAttachmentDefinition", "ServiceMonitor"} <= validated
+            "NetworkAttachmentDefinition", "ServiceMonitor", "Cluster"} <= validated

@@ -76,8 +76,10 @@ class FakeApiServer:
         self._server: ThreadingHTTPServer | None = None
 
     # -- life ---------------------------------------------------------------------
-    def start(self) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+    def start(self, host: str = "127.0.0.1") -> str:
+        """Serve on `host` (a test that runs controllers in network namespaces binds 0.0.0.0 from
+        inside a namespace of its own: the socket belongs to the namespace it was made in)."""
+        server = ThreadingHTTPServer((host, 0), _handler(self))
         server.daemon_threads = True
         self._server = server
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()

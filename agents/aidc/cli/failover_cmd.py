@@ -106,11 +106,15 @@ def _listener(ctl, options, relays: dict[str, list[str]]):
 def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
         poll: float = typer.Option(0.05, help="Seconds between looks at the event store."),
+        lease: str = typer.Option(None, "--lease",
+                                  help="Controller lease backend; one controller acts at a time: directory "
+                                       "(--lease-dir, on a filesystem every controller host shares), postgres "
+                                       "(a row with a fencing token in the state database, no shared "
+                                       "filesystem) or kubernetes (a coordination.k8s.io Lease, spec "
+                                       "kubernetes.namespace/lease_name). Default: kubernetes with scheduler "
+                                       "kubernetes, postgres with state.backend postgres, else directory."),
         lease_dir: Path = typer.Option(None, "--lease-dir",
-                                       help="Controller lease directory; one controller acts at a time. Put it on "
-                                            "a filesystem every controller host shares (default: LAB_DIR/lease). "
-                                            "On Kubernetes the lease is a coordination.k8s.io Lease instead "
-                                            "(spec kubernetes.namespace/lease_name)."),
+                                       help="Lease directory for --lease directory (default: LAB_DIR/lease)."),
         lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
                                         help="Seconds without a heartbeat before another controller takes over."),
         listen: str = typer.Option(None, "--listen", help="HOST:PORT: also receive fault events from agents "
@@ -133,11 +137,12 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         stall_after: float = STALL_AFTER_OPTION,
         ) -> None:
     """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
-    from aidc.failover.lease import Lease
+    from aidc.failover.leases import open_lease
 
     options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
     relays = _relays(stack, allow_client)
     check_listen_address(listen_address)
+    elected = open_lease(lease, load_stack(stack), lab_dir, lease_dir, lease_ttl)  # None: the Kubernetes Lease
     metrics = probe = None
     if metrics_port is not None:
         from aidc.failover.metrics import FailoverMetrics
@@ -154,9 +159,10 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     ctl.probe = probe
     _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays) if options else None
-    if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
-        # Warm: the rendezvous notification needs torch.distributed; import it now, not
-        # on the failover path.
+    if getattr(ctl.scheduler, "on_quarantine", None) and (lab_dir / "lab.json").exists():
+        # Tells the lab's rendezvous (lab, lab on Slurm). Warm: the notification needs
+        # torch.distributed; import it now, not on the failover path. A state directory with no
+        # lab in it (no lab.json) has no rendezvous to tell, and skips seconds of import.
         import torch.distributed  # noqa: F401
 
     stop = threading.Event()
@@ -172,7 +178,7 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
 
             run_on_kubernetes(ctl, stop, poll)
         else:
-            ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
+            ctl.run(stop, poll, lease=elected)
     finally:
         if listener is not None:
             listener.shutdown()

@@ -41,10 +41,16 @@ Blast radius: with a backend that reports the cluster-wide out-of-service set (S
 count is the scheduler's truth plus this controller's intents in flight, so controllers on
 different hosts agree; the lab counts the store's node states. `run()` acts only while it
 holds the controller lease (aidc.failover.lease), so one controller acts at a time.
+
+Fencing: a lease with a `fence(txn)` (aidc.failover.pg_lease, state in PostgreSQL) is checked
+inside every store transaction that records an intent or a decision, so a controller that lost
+the lease without noticing (paused, cut off) cannot record one: the transaction rolls back, the
+batch stops (`failover.fenced`, audited) and the new leader decides the event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -52,6 +58,7 @@ from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
 from aidc.events import Decision, FaultEvent, FaultKind
+from aidc.failover.leader import NotLeader
 from aidc.failover.provenance import REFUSED_SOURCE, key_node
 from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
@@ -96,6 +103,8 @@ class FailoverController:
         # Whether the last poll held the lease, and the last lease error audited (once per cause).
         self._held = False
         self._lease_error: str | None = None
+        # The lease's fencing check, run inside each recording transaction (None: no fencing).
+        self.fence = None
         self.wall_clock = time.time  # the store's clock: events' created_at
 
     # -- the loop ---------------------------------------------------------------
@@ -137,7 +146,7 @@ class FailoverController:
                               actor=self.actor, node=node,
                               payload={"resumed": True, "warning": warning, "event_id": event_id,
                                        "scheduler": self.scheduler.name})
-            with self.store.transaction():
+            with self._fenced():
                 self.store.set_node_state(node, "quarantined", "resumed after controller restart", self.actor)
                 if event_id is not None:
                     self.store.mark_handled(event_id, "quarantine")
@@ -164,7 +173,12 @@ class FailoverController:
                 continue
             if may_act is not None and not may_act():
                 break
-            decisions.append(self.handle(event_id, event))
+            try:
+                decisions.append(self.handle(event_id, event))
+            except NotLeader as exc:  # fenced: the lease moved on; nothing of this event was recorded
+                self.audit.append("failover.fenced", f"{exc}; this controller stops acting",
+                                  actor=self.actor, node=event.node, payload={"event_id": event_id})
+                break
         return decisions
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
@@ -187,6 +201,7 @@ class FailoverController:
     def poll(self, lease=None) -> bool:
         """One turn of the loop: hold or contend for the lease (audited when that changes), decide
         pending events while holding it, and report both to the metrics. True while holding."""
+        self.fence = getattr(lease, "fence", None)
         if lease is None:
             self._held = True
         else:
@@ -205,7 +220,11 @@ class FailoverController:
                                   actor=self.actor, payload=lease.describe())
                 if now_held:
                     # The previous holder may have died between a drain and its record.
-                    self.recover()
+                    try:
+                        self.recover()
+                    except NotLeader as exc:  # fenced already: the next poll contends again
+                        self.audit.append("failover.fenced", f"{exc}; recovery stopped", actor=self.actor,
+                                          payload=lease.describe())
         if self._held:
             self.run_once(lease.held if lease is not None else None, backoff=True)
         self._report()
@@ -217,6 +236,15 @@ class FailoverController:
         self.metrics.lease(self._held)
         oldest = self.store.oldest_undecided_at()
         self.metrics.undecided_age(0.0 if oldest is None else self.wall_clock() - oldest)
+
+    @contextlib.contextmanager
+    def _fenced(self):
+        """A store transaction that records what this controller decided or did, with the
+        lease's fencing token checked inside it (aidc.failover.pg_lease): deposed, it rolls back."""
+        with self.store.transaction() as txn:
+            if self.fence is not None:
+                self.fence(txn)
+            yield txn
 
     # -- one event ----------------------------------------------------------------
     def handle(self, event_id: int, event: FaultEvent) -> Decision:
@@ -306,14 +334,14 @@ class FailoverController:
                 self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
             self.audit.append("failover.decision", f"{reason}; the event stays pending until capacity returns",
                               actor=self.actor, node=node, payload={**payload, "verdict": verdict, "deferred": True})
-            with self.store.transaction():
+            with self._fenced():
                 self.store.mark_deferred(event_id, verdict)
         return Decision(node, verdict, reason, False, event_id)
 
     def _decide(self, event_id: int, node: str, verdict: str, reason: str, payload: dict) -> Decision:
         self.audit.append("failover.decision", reason, actor=self.actor, node=node,
                           payload={**payload, "verdict": verdict})
-        with self.store.transaction():
+        with self._fenced():
             self.store.mark_handled(event_id, verdict)
         return Decision(node, verdict, reason, self.dry_run, event_id)
 
@@ -339,7 +367,7 @@ class FailoverController:
         self.refusals.refuse(node, "failover", f"event {event_id}", reason)
         if not self.dry_run and self.store.node_state(node) == "quarantining":
             self._drop_intent(node, event_id)
-        with self.store.transaction():
+        with self._fenced():
             self.store.mark_handled(event_id, "refused_unknown_node")
         return Decision(node, "refused_unknown_node", reason, self.dry_run, event_id)
 
@@ -348,7 +376,7 @@ class FailoverController:
         self.audit.append("failover.intent_dropped", f"intent for {shown(node)} dropped: not a node "
                           f"{self.scheduler.name} knows", actor=self.actor,
                           payload={"name": shown(node), "event_id": event_id})
-        with self.store.transaction():
+        with self._fenced():
             self.store.set_node_state(node, "unknown_node", "not a node the scheduler knows", self.actor)
             for key in ("intent_event", "intent_reason", "intent_action"):
                 self.store.delete(f"{key}:{node}")
@@ -365,7 +393,7 @@ class FailoverController:
         else:
             decided = self.audit.append("failover.decision", reason, actor=self.actor, node=node,
                                         payload={**payload, "verdict": "quarantine"})
-            with self.store.transaction():
+            with self._fenced():
                 self.store.set_node_state(node, "quarantining", reason, self.actor)
                 self.store.put(f"intent_event:{node}", str(event_id))
                 self.store.put(f"intent_reason:{node}", reason)
@@ -386,7 +414,7 @@ class FailoverController:
                           payload={"event_id": event_id, "scheduler": self.scheduler.name, "warning": warning,
                                    "duration_ms": round(took_ms, 1), "retry": retry,
                                    "decision_seq": decided.seq if decided else None})
-        with self.store.transaction():
+        with self._fenced():
             self.store.set_node_state(node, "quarantined", reason, self.actor)
             self.store.mark_handled(event_id, "quarantine")
             self.gate.record(node, payload["action"], "failover", f"event {event_id}")

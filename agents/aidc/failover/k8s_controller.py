@@ -16,6 +16,7 @@ from aidc.failover.controller import FailoverController
 from aidc.failover.k8s_faults import KubernetesFaultSource, NodeWatch
 from aidc.failover.kubernetes import POOL_LABEL, LeaderGuarded, api_client_from
 from aidc.failover.leader import LeaseElector, default_identity
+from aidc.failover.leases import fenced
 
 
 def leader_elector(settings, api_client=None, identity: str | None = None) -> LeaseElector:
@@ -31,12 +32,13 @@ def run_on_kubernetes(ctl: FailoverController, stop: threading.Event, poll_s: fl
     lease = leader_elector(settings, api, identity)
     if not isinstance(ctl.scheduler, LeaderGuarded):
         ctl.scheduler = LeaderGuarded(ctl.scheduler, lease)
+    elected = fenced(ctl.spec, lease)  # state in PostgreSQL: each term takes a fencing token there
     source = KubernetesFaultSource(ctl.store, NodeWatch(api, timeout_s=watch_timeout_s, label_selector=POOL_LABEL),
                                    audit=ctl.audit, actor=ctl.actor)
     watcher = threading.Thread(target=source.run, args=(stop, _log_watch_error), name="node-watch", daemon=True)
     watcher.start()
     try:
-        ctl.run(stop, poll_s, lease=lease)
+        ctl.run(stop, poll_s, lease=elected)
     finally:
         # The watch may sit in a long poll; it is a daemon thread and its work is idempotent
         # (the store dedupes by key), so a stop does not wait out the poll.

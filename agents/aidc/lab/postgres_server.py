@@ -1,5 +1,6 @@
 """A private, real PostgreSQL for tests and the lab: one cluster in a directory, listening on a
-Unix socket in that directory only (no TCP), run as the `postgres` user, stopped by its PID.
+Unix socket in that directory (and, when asked, on TCP addresses inside a network namespace the
+caller made: controllers on other "hosts"), run as the `postgres` user, stopped by its PID.
 
 initdb refuses to run as root, so the data directory is handed to `postgres` and the server
 runs under `runuser -u postgres`. Nothing here touches the system's own cluster
@@ -16,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from aidc.files import FILE_MODE, touch
+from aidc.files import FILE_MODE, touch, write_atomic
 
 PG_ROOT = Path("/usr/lib/postgresql")
 MIN_VERSION = 15
@@ -51,8 +52,12 @@ class LocalPostgres:
     """`base` must be reachable by the postgres user (pytest's tmp dirs under root are not:
     use a fresh directory under /tmp, see tests/conftest.py)."""
 
-    def __init__(self, base: Path, port: int = 5432, database: str = "aidc"):
+    def __init__(self, base: Path, port: int = 5432, database: str = "aidc", netns: str | None = None,
+                 tcp_addresses: tuple[str, ...] = (), trusted_networks: tuple[str, ...] = ()):
         self.base = Path(base)
+        # TCP only where the caller asks, inside its namespace `netns` (never the root one), and
+        # trusted (no password) only from `trusted_networks`, the namespaces' own subnets.
+        self.netns, self.tcp_addresses, self.trusted_networks = netns, tuple(tcp_addresses), tuple(trusted_networks)
         self.data = self.base / "data"
         self.socket_dir = self.base / "socket"
         self.port = port  # only names the socket file (.s.PGSQL.<port>): listen_addresses is empty
@@ -64,8 +69,12 @@ class LocalPostgres:
     def dsn(self) -> str:
         return f"host={self.socket_dir} port={self.port} dbname={self.database} user={SERVICE_USER}"
 
-    def _as_postgres(self, *argv: str) -> None:
-        done = subprocess.run(["runuser", "-u", SERVICE_USER, "--", *argv], capture_output=True,
+    def tcp_dsn(self, address: str) -> str:
+        return f"host={address} port={self.port} dbname={self.database} user={SERVICE_USER} connect_timeout=5"
+
+    def _as_postgres(self, *argv: str, in_netns: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.netns] if in_netns and self.netns else []
+        done = subprocess.run([*prefix, "runuser", "-u", SERVICE_USER, "--", *argv], capture_output=True,
                               text=True, timeout=120)
         if done.returncode:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -82,10 +91,16 @@ class LocalPostgres:
         log = self.base / "postgres.log"
         touch(log, FILE_MODE)
         os.chown(log, user.pw_uid, user.pw_gid)
+        if self.trusted_networks:
+            hba = self.data / "pg_hba.conf"
+            lines = "".join(f"host all all {net} trust\n" for net in self.trusted_networks)
+            write_atomic(hba, hba.read_text() + lines, FILE_MODE)
+            os.chown(hba, user.pw_uid, user.pw_gid)
+        listen = ",".join(self.tcp_addresses)
         self._as_postgres(str(self.bin / "pg_ctl"), "start", "-D", str(self.data), "-l", str(log), "-w",
                           "-t", str(START_TIMEOUT_S), "-o",
-                          f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
-                          f"-p {self.port} -c fsync=off")
+                          f"-c listen_addresses='{listen}' -c unix_socket_directories='{self.socket_dir}' "
+                          f"-p {self.port} -c fsync=off", in_netns=True)
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
         self._as_postgres(str(self.bin / "createdb"), "-h", str(self.socket_dir), "-p", str(self.port),
                           self.database)
