@@ -56,4 +56,4 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet-pki")
     ca = CA.create(root, "aidc-cluster-ca")
     return {"ca": ca, "server": ca.issue(root, "aidc-controller", server=True),
-            **{name: ca.issue(root, name, server=False) for name in ("viewer-bot", "no-role-bot")}}
+            **{name: ca.issue(root, name, server=False) for name in ("viewer-bot", "no-role-bot", "gpu-3")}}

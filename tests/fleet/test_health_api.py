@@ -184,6 +184,27 @@ def test_fleet_nodes_node_and_gpu_are_clients_of_the_api(aidc_cli, listener, pki
     assert refused.returncode == 3 and "viewer" in refused.stderr
 
 
+def test_events_agents_post_to_the_same_listener_show_as_open_events(listener, pki, tmp_path):
+    from aidc.events import Action, FaultEvent, FaultKind
+    from aidc.store import Store
+    from aidc.transport.forwarder import Forwarder
+
+    store = Store(tmp_path / "agent.db")
+    with store.transaction():
+        store.append(FaultEvent("gpu-3", FaultKind.THERMAL_THROTTLE, Action.RESTART_APP, "GPU 1 throttled",
+                                "device", gpu=1))
+    forwarder = Forwarder(tmp_path / "agent.db", "gpu-3", f"https://127.0.0.1:{listener.port}", tls_of(pki, "gpu-3"))
+    try:
+        assert forwarder.forward_once(store) == 1  # POST /v1/events is still the agents' door
+    finally:
+        forwarder.close()
+        store.close()
+    client = HealthClient(f"https://127.0.0.1:{listener.port}", tls_of(pki, "viewer-bot"))
+    (event,) = client.gpu("gpu-3", 1)["open_events"]
+    assert event["kind"] == "thermal_throttle" and event["decided"] is False
+    assert client.gpu("gpu-3", 0)["open_events"] == []
+
+
 def test_an_unreachable_api_is_one_clear_error(pki):
     client = HealthClient(f"https://127.0.0.1:{polling.free_port()}", tls_of(pki, "viewer-bot"), timeout_s=2)
     with pytest.raises(ApiError, match="cannot reach the health API"):

@@ -49,7 +49,8 @@ class HealthApi:
 
     @staticmethod
     def wants(request: Request) -> bool:
-        return request.path.startswith(PREFIX)
+        """GETs under /v1/; the agents' POST /v1/events stays the listener's own."""
+        return request.method == "GET" and request.path.startswith(PREFIX)
 
     def identities(self, request: Request) -> list[str] | None:
         """cert:<CN>, and token:<name> for a valid bearer token; None when a token is presented
@@ -63,10 +64,7 @@ class HealthApi:
         return found + [named] if named else None
 
     def check_head(self, request: Request) -> Response | None:
-        """On the I/O thread, before any body: method and authentication (cheap checks only)."""
-        if request.method != "GET":
-            return Response(405, {"error": f"method {request.method} not allowed: the health API is read-only"},
-                            "method not allowed", {"Allow": "GET"})
+        """On the I/O thread, before any body: authentication (cheap checks only)."""
         if self.identities(request) is None:
             return Response(401, {"error": f"wrong bearer token: {AUTH_EXPECTED}"}, "unauthenticated",
                             {"WWW-Authenticate": 'Bearer realm="aidc-health"'})
