@@ -314,3 +314,26 @@ def parse_instant(text: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
     return parsed.timestamp()
+
+
+def for_report(records: list, stack: str | None) -> dict | None:
+    """The figure beside the report's verdict: at the log's last record and, where failover
+    quarantined something, just before the first quarantine and at its lowest since (so a drop
+    and its recovery show). None when the log names no stack; a `missing` reason when the stack
+    does not load here (the installed capacity comes from its node pools)."""
+    if not records or not stack or stack == "-":
+        return None
+    from aidc.spec import load_stack
+
+    try:
+        spec = load_stack(stack)
+    except Exception:  # a report is still written without the figure; it says why
+        return {"missing": f"stack {stack!r} does not load here, so the installed GPU capacity is unknown"}
+    rules = Rules.shipped()
+    first_out = next((r for r in records if r.kind in rules.out_of_service and not r.dry_run), None)
+    if first_out is None:
+        return {"stack": stack, "end": figure_at(spec, records, records[-1].ts, rules=rules), "before_first_out": None,
+                "lowest_fleet_ratio": None}
+    result = compare(spec, records, first_out.ts - 1e-6, records[-1].ts, rules=rules)
+    return {"stack": stack, "end": result["after"], "before_first_out": result["before"],
+            "lowest_fleet_ratio": result["lowest_fleet_ratio"]}
