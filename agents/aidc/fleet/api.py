@@ -15,6 +15,7 @@ the spec's `access.roles`) the caller needs `viewer`; a refusal is 403, audited 
 
 from __future__ import annotations
 
+import threading
 import time
 from importlib import resources
 from urllib.parse import unquote
@@ -38,14 +39,21 @@ def openapi_document() -> dict:
 
 
 class HealthApi:
-    """Answers GET /v1/... with the listener's store and audit log, under its lock."""
+    """Answers GET /v1/... from the listener's store and audit log."""
 
-    def __init__(self, spec, store, audit, lock, roles: dict[str, str], token_map: dict[str, str] | None = None,
-                 clock=time.time):
-        self.spec, self.store, self.audit, self.lock = spec, store, audit, lock
-        self.roles, self.token_map, self.clock = dict(roles), dict(token_map or {}), clock
+    def __init__(self, spec, store_path, audit_path, refusal_log, roles: dict[str, str],
+                 token_map: dict[str, str] | None = None, clock=time.time):
+        """Reads through connections of its own (a read-only audit log), under a lock of its own,
+        so a slow answer (a certificate verifies the whole log) never holds up the agents'
+        events on the same listener; refusals go to `refusal_log`, the listener's writer."""
+        from aidc.audit.log import AuditLog
+        from aidc.store import Store
+
+        self.spec, self.roles, self.token_map, self.clock = spec, dict(roles), dict(token_map or {}), clock
+        self.store, self.audit = Store(store_path), AuditLog(audit_path, read_only=True)
+        self.lock = threading.Lock()
         self.live = LiveFigure(spec)
-        self.refusals = AggregatedRefusals(audit)
+        self.refusals = AggregatedRefusals(refusal_log)
 
     @staticmethod
     def wants(request: Request) -> bool:
@@ -127,3 +135,6 @@ class HealthApi:
 
     def close(self) -> None:
         self.refusals.close()
+        with self.lock:
+            self.store.close()
+            self.audit.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -212,13 +213,15 @@ class LiveFigure:
     def __init__(self, spec, rules: Rules | None = None):
         self.rules = rules or Rules.shipped()
         self.replay = Replay(spec, self.rules)
+        self._lock = threading.Lock()  # two scrapes at once apply each record once
 
     def catch_up(self, audit) -> Replay:
-        fresh = [r for kind in dict.fromkeys(self.rules.kinds()) for r in audit.records(kind=kind)
-                 if r.seq > self.replay.last_seq]
-        for record in sorted(fresh, key=lambda r: r.seq):
-            self.replay.apply(record)
-        return self.replay
+        with self._lock:
+            fresh = [r for kind in dict.fromkeys(self.rules.kinds()) for r in audit.records(kind=kind)
+                     if r.seq > self.replay.last_seq]
+            for record in sorted(fresh, key=lambda r: r.seq):
+                self.replay.apply(record)
+            return self.replay
 
 
 DEFINITION = ("healthy_gpu_ratio = GPUs certified by their node's newest burn-in certificate and in service "

@@ -66,7 +66,7 @@ class IngestServer:
         if spec is not None:
             from aidc.fleet.api import HealthApi
 
-            self.api = HealthApi(spec, self.store, self.audit, self._lock, dict(roles or {}), dict(token_map or {}))
+            self.api = HealthApi(spec, store_path, audit_path, self.audit, dict(roles or {}), dict(token_map or {}))
         limits = ServerLimits(header_timeout_s=request_timeout_s, body_timeout_s=request_timeout_s,
                               max_body_bytes=wire.MAX_BODY_BYTES)
         self.httpd = BoundedHTTPServer((host, port), limits, tls.server_context(), self._check_head,
