@@ -105,6 +105,9 @@ def test_a_gpu_level_quarantine_takes_out_one_gpu_and_goodput_is_shown_beside(fl
     assert not replay.apply(record(5, "failover.action", "gpu-1", {"dry_run": True}))
     answer = replay.answer(5.0)
     assert answer["fleet"]["healthy_gpus"] == 3 and answer["goodput"]["ettr"] == 0.9
+    # The running totals are the sum of the standings.
+    from aidc.fleet.figure import Capacity
+    assert replay.pool_capacity()["gpu"] == sum((st.capacity() for st in replay.standings.values()), Capacity(0, 0, 0, 0))
 
 
 def test_the_controllers_metrics_export_the_figure_and_its_parts_per_pool(fleet_lab, tmp_path):

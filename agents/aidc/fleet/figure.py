@@ -145,6 +145,10 @@ class Replay:
         self.rules = rules or Rules.shipped()
         self.standings = {n.name: Standing(n.name, n.pool, n.gpus, n.spare) for n in spec.nodes()}
         self.pools = [p.name for p in spec.node_pools]
+        # Kept up to date by apply(): an answer after each change costs O(pools), not O(nodes).
+        self.totals = {name: Capacity(0, 0, 0, 0) for name in self.pools}
+        for standing in self.standings.values():
+            self.totals[standing.pool] = self.totals[standing.pool] + standing.capacity()
         self.goodput: dict | None = None
         self.last_seq = 0
         self.ignored: set[str] = set()  # names in records that are no node of the spec
@@ -190,13 +194,15 @@ class Replay:
             standing.returned_at = record.ts
         else:
             return False
-        return standing.capacity() != before
+        after = standing.capacity()
+        if after == before:
+            return False
+        difference = Capacity(*(a - b for a, b in zip(dataclasses.astuple(after), dataclasses.astuple(before))))
+        self.totals[standing.pool] = self.totals[standing.pool] + difference
+        return True
 
     def pool_capacity(self) -> dict[str, Capacity]:
-        out = {name: Capacity(0, 0, 0, 0) for name in self.pools}
-        for standing in self.standings.values():
-            out[standing.pool] = out[standing.pool] + standing.capacity()
-        return out
+        return dict(self.totals)
 
     def answer(self, at: float, pool: str | None = None) -> dict:
         pools = self.pool_capacity()
