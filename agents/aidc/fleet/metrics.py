@@ -4,8 +4,9 @@ healthy}_gpus{pool}`. The fleet's figure is `sum(healthy) / sum(installed)` in P
 
 A collector computed at scrape time from the audit log (aidc.fleet.figure), with its own read-only
 connection, so the figure Prometheus stores is the one `aidc fleet health --at` gives for the
-same instant. The replay is remembered and only records newer than the last scrape are applied:
-a scrape reads what changed, not the whole history."""
+same instant. The replay is remembered and only records newer than the last scrape are applied;
+a scrape still reads the rows of the figure's record kinds (the audit log's API has no "after
+record N" query), which bench/fleet_health.py measures."""
 
 from __future__ import annotations
 
