@@ -13,8 +13,9 @@ def test_the_verdict_banner_gives_the_fleet_health_figure_with_its_parts_and_low
         page = render_html(log, now=1.8e9)
         data = render_json(log)
     banner = squash(Sections(page).text["verdict"])
-    assert ("Fleet health: 80.0% of GPUs healthy at the last record (8 of 10 installed: 8 certified, "
-            "10 in service); 80.0% before the first quarantine, lowest 60.0%") in banner
+    assert ("Fleet health: 80.0% of GPUs certified and in service (8 of 10); 80.0% before the first "
+            "quarantine, lowest 60.0%.") in banner
+    assert 'title="certified, in-service GPUs over installed GPUs (8 certified, 10 in service)' in page
     assert page.index('id="fleet-health"') < page.index("<main>")
     assert data["fleet_health"]["end"]["fleet"]["healthy_gpu_ratio"] == 0.8
     assert data["fleet_health"]["lowest_fleet_ratio"] == 0.6
