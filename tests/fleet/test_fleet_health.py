@@ -71,14 +71,18 @@ def test_health_now_gives_the_figure_and_its_parts_as_json_and_text(aidc_cli, fl
 
 @pytest.mark.parametrize("args, says", [
     (["--pool", "tpu"], "no pool 'tpu'"),
-    (["--at", "yesterday"], "is not a time"),
-    (["--compare", "2000", "1000"], "is before T1"),
+    (["--compare", "2000", "yesterday"], "is not a time"),
 ])
 def test_bad_input_is_one_clear_error(aidc_cli, fleet_lab, args, says):
     _, db, _ = fleet_lab
     out = aidc_cli("fleet", "health", "--audit-db", str(db), "--json", *args)
     assert out.returncode == 2 and out.stdout == ""
     assert says in json.loads(out.stderr)["error"]
+
+
+def test_a_window_that_ends_before_it_starts_is_refused(fleet_lab):
+    with pytest.raises(AidcError, match="is before T1"):
+        compare(load_stack("lab"), [], 2000.0, 1000.0)
 
 
 def test_instants_read_as_unix_seconds_or_iso_8601_in_utc():

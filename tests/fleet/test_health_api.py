@@ -104,6 +104,7 @@ def test_every_answer_of_every_path_matches_the_openapi_document(listener, pki):
     assert declared - covered <= {(p, "401") for p in DOCUMENT["paths"]}, declared - covered
 
 
+@pytest.mark.slow
 def test_a_node_answer_gives_health_events_quarantine_and_a_certificate_that_verifies(listener, pki, fleet_lab,
                                                                                         aidc_cli, tmp_path):
     lab_dir, _, _ = fleet_lab
@@ -166,6 +167,7 @@ def test_refusals_are_audited_once_and_repeats_are_summarised(pki, tmp_path):
     assert refused[0].payload["action"] == "read fleet health" and refused[1].payload["count"] == 4
 
 
+@pytest.mark.slow
 def test_fleet_nodes_node_and_gpu_are_clients_of_the_api(aidc_cli, listener, pki):
     tls = ["--url", f"https://127.0.0.1:{listener.port}", "--tls-cert", str(pki["viewer-bot"].cert),
            "--tls-key", str(pki["viewer-bot"].key), "--ca", str(pki["ca"].cert_file)]
