@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import sqlite3
+import shlex
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +19,51 @@ from aidc.lab.cluster import LabCluster, LabError
 from aidc.spec import load_stack
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_block(section: str) -> list[str]:
+    """The command lines of the first code block under the README's `## section`."""
+    text = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1]
+    block = text.split("```\n", 2)[1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The repository's tracked files, as a fresh clone has them (nothing built, no .aidc/)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
 @pytest.mark.slow
-def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(aidc_cli, tmp_path):
-    lab_dir = tmp_path / "lab"
-    out = aidc_cli("lab", "run", "--json", "--lab-dir", str(lab_dir), timeout=570)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_the_readme_quickstart_runs_from_a_fresh_copy_certifies_fails_over_to_the_spare_and_audits(aidc_cli, tmp_path):
+    """Each `aidc` line of the README's Quickstart, in order, in a copy of the tracked files (the
+    `make` line is what `make test` itself did). `aidc lab run` also gets `--json` so that its
+    summary can be checked; everything else runs as written."""
+    repo = fresh_copy(tmp_path / "clone")
+    env = {k: v for k, v in os.environ.items() if k != "AIDC_ROOT"}  # found from the working directory
+    env["PYTHONPATH"] = str(repo / "agents")
+    lab_dir = repo / ".aidc" / "lab"
+    ran: dict[str, subprocess.CompletedProcess] = {}
+    commands = [shlex.split(line, comments=True) for line in readme_block("Quickstart")]
+    commands = [words for words in commands if words and words[0] == "aidc"]
+    assert [words[1:3] for words in commands][:2] == [["lab", "run"], ["failover", "status"]]
+    for words in commands:
+        args = words[1:] + (["--json"] if words[1:3] == ["lab", "run"] else [])
+        done = subprocess.run([sys.executable, "-m", "aidc", *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=570)
+        assert done.returncode == 0, f"{' '.join(words)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        ran[" ".join(words[1:3])] = done
+    out = ran["lab run"]
+    # The quickstart's follow-up commands said what they are for.
+    assert "quarantined" in ran["failover status"].stdout
+    assert (repo / ".aidc" / "report" / "report.html").exists()
+    assert "h100-example" in ran["spec check"].stdout + ran["spec check"].stderr
     summary = json.loads(out.stdout)
     for key in ("certified_nodes", "detect_ms", "resume_s", "steps_lost", "ettr", "report_html", "audit_db"):
         assert key in summary, key
@@ -85,7 +128,7 @@ def test_make_lab_loop_completes_fails_over_to_the_spare_and_the_audit_verifies(
     assert run["before"]["fleet"]["healthy_gpus"] == 0 and run["after"]["fleet"]["healthy_gpus"] == installed - 2
     assert [c["node"] for c in run["changes"] if c["kind"] == "failover.action"] == [summary["victim"]]
 
-    # Nothing the lab started is left running.
+    # Nothing the lab started is left running once `aidc lab down` ran.
     assert LabCluster(load_stack("lab"), lab_dir).running() == []
 
     # The log is signed with the lab's keyring from every writer, and a burn-in certificate
