@@ -211,3 +211,9 @@ def test_an_unreachable_api_is_one_clear_error(pki):
     client = HealthClient(f"https://127.0.0.1:{polling.free_port()}", tls_of(pki, "viewer-bot"), timeout_s=2)
     with pytest.raises(ApiError, match="cannot reach the health API"):
         client.fleet()
+
+
+def test_a_token_map_without_a_listener_is_one_clear_error(aidc_cli, tmp_path):
+    out = aidc_cli("failover", "run", "--lab-dir", str(tmp_path), "--api-token-map", str(tmp_path / "tokens"))
+    assert out.returncode == 2 and "--api-token-map needs --listen" in out.stderr
+    assert not (tmp_path / "state.db").exists()  # refused before anything was created
