@@ -247,6 +247,7 @@ def test_a_panel_of_a_ratio_has_thresholds_and_those_of_an_alert_match_its_rule(
     assert _alert_threshold("AidcStragglerNode") in steps_of("aidc_burnin_relative_perf")
     assert _alert_threshold("AidcBusbwRegression") in steps_of("aidc_burnin_relative_perf")
     assert _alert_threshold("AidcFailoverEventUndecided") in steps_of("aidc_failover_oldest_undecided_event_age")
+    assert _alert_threshold("AidcFleetHealthLow") in steps_of("aidc_fleet_healthy_gpu_ratio")
 
 
 def test_quarantine_and_the_breaker_are_annotations_from_prometheus():

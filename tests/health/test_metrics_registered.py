@@ -22,7 +22,8 @@ PENDING: dict[str, str] = {}
 # Fleet-wide series the failover controller serves (`aidc failover run --metrics-port`), not the
 # node agent; test_failover_breaker_cli.py scrapes a running controller for them.
 SERVED_BY_CONTROLLER = {"aidc_failover_breaker_open", "aidc_failover_lease_held",
-                        "aidc_failover_oldest_undecided_event_age_seconds"}
+                        "aidc_failover_oldest_undecided_event_age_seconds",
+                        "aidc_fleet_healthy_gpu_ratio"}  # the fleet-health figure (aidc.fleet.metrics)
 # Series that exist only once something happened: no sample before the first XID, or before a
 # training job reports its step times (the straggler judgement's relative performance).
 BORN_OF_EVENTS = {"aidc_xid_errors_total", "aidc_burnin_relative_perf"}
@@ -89,9 +90,13 @@ def _scrape_or_none(port):
         return None
 
 
-def test_the_fleet_wide_series_the_rules_name_are_the_failover_controllers():
+def test_the_fleet_wide_series_the_rules_name_are_the_failover_controllers(tmp_path):
     from aidc.failover.metrics import FailoverMetrics
+    from aidc.spec import load_stack
 
-    text = FailoverMetrics().text()
+    AuditLog(tmp_path / "audit.db").close()  # `aidc failover run` serves the figure of its own log
+    metrics = FailoverMetrics()
+    metrics.add_fleet_health(load_stack("lab"), tmp_path / "audit.db")
+    text = metrics.text()
     served = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
     assert SERVED_BY_CONTROLLER <= named_metrics() and SERVED_BY_CONTROLLER <= served

@@ -22,6 +22,7 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None, now: float 
     records = log.records()
     verified = verified or log.verify()
     model = report_model.build(records, verified, str(log.path), time.time() if now is None else now)
+    model["fleet_health"] = fleet_health(records)
     compress = [r.payload for r in records if r.kind == "compress.result"]
     if compress:
         from aidc.compress.report import results_from_audit, section_model
@@ -32,9 +33,17 @@ def render_html(log: AuditLog, verified: VerifyResult | None = None, now: float 
     return render("report.html.j2", **model)
 
 
+def fleet_health(records) -> dict | None:
+    """The fleet-health figure (aidc.fleet.figure) of the stack the lab run names."""
+    from aidc.fleet.figure import for_report
+
+    return for_report(records, report_model.stack_info(records)["stack"])
+
+
 def render_json(log: AuditLog, verified: VerifyResult | None = None) -> dict:
     records = log.records()
     return {"verification": (verified or log.verify()).to_dict(), "flags": report_model.flags(records),
+            "fleet_health": fleet_health(records),
             "escalations_and_breaker": report_model.failover_rows(records),
             "records": [r.__dict__ for r in records]}
 

@@ -88,16 +88,23 @@ def _relays(stack: str, allow_client: list[str]) -> dict[str, list[str]]:
     return {name: listed[name] for name in allow_client}
 
 
-def _listener(ctl, options, relays: dict[str, list[str]]):
-    """The HTTPS listener for agents on other hosts (aidc.transport.ingest)."""
+def _listener(ctl, options, relays: dict[str, list[str]], lab_dir: Path, api_token_map: Path | None = None):
+    """The HTTPS listener for agents on other hosts (aidc.transport.ingest), which also serves
+    the read-only health API (aidc.fleet.api) under the installation's roles."""
+    from aidc.identity import load_token_map
+    from aidc.installation import load
     from aidc.transport.ingest import IngestServer
 
     host, port, tls = options
     if ctl.store.path is None:
         # The listener opens its own store by file; on PostgreSQL it is not moved over yet.
         raise AidcError("--listen needs state.backend sqlite for now (the listener's PostgreSQL store is not built yet)")
+    installed = load(lab_dir)
+    roles = installed.roles if installed is not None else dict(ctl.spec.access.roles)
+    tokens = load_token_map(api_token_map) if api_token_map is not None else None
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays)
+        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays,
+                            spec=ctl.spec, roles=roles, token_map=tokens)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -118,7 +125,12 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
                                         help="Seconds without a heartbeat before another controller takes over."),
         listen: str = typer.Option(None, "--listen", help="HOST:PORT: also receive fault events from agents "
-                                   "on other hosts (HTTPS, mutual TLS; POST /v1/events)."),
+                                   "on other hosts (HTTPS, mutual TLS; POST /v1/events) and serve the read-only "
+                                   "health API (GET /v1/fleet, /v1/nodes/...; role viewer; `aidc fleet nodes`)."),
+        api_token_map: Path = typer.Option(None, "--api-token-map",
+                                           help="Token map for the health API (lines '<name> <sha256 hex of the "
+                                                "token>'): a bearer token adds token:<name> to the caller's "
+                                                "certificate identity for access.roles."),
         tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM) for --listen."),
         tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
         client_ca: Path = typer.Option(None, "--client-ca", help="CA that signs the agents' client certificates; "
@@ -129,7 +141,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
         metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
                                          help="Serve the controller's metrics (aidc_failover_breaker_open, "
                                               "aidc_failover_escalations_total, aidc_failover_lease_held, "
-                                              "aidc_failover_oldest_undecided_event_age_seconds) on "
+                                              "aidc_failover_oldest_undecided_event_age_seconds, and the "
+                                              "fleet-health figure aidc_fleet_healthy_gpu_ratio{pool}) on "
                                               "LISTEN_ADDRESS:PORT/metrics, with /healthz and /readyz."),
         listen_address: str = typer.Option("127.0.0.1", "--listen-address",
                                            help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
@@ -140,6 +153,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     from aidc.failover.leases import open_lease
 
     options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
+    if api_token_map is not None and options is None:
+        raise AidcError("--api-token-map needs --listen HOST:PORT (the health API is served on that listener)")
     relays = _relays(stack, allow_client)
     check_listen_address(listen_address)
     elected = open_lease(lease, load_stack(stack), lab_dir, lease_dir, lease_ttl)  # None: the Kubernetes Lease
@@ -157,8 +172,10 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                             f"{exc.strerror or exc}") from None
     ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
     ctl.probe = probe
+    if metrics is not None:
+        metrics.add_fleet_health(ctl.spec, ctl.audit.path)
     _install_if_new(ctl.spec, stack, lab_dir)
-    listener = _listener(ctl, options, relays) if options else None
+    listener = _listener(ctl, options, relays, lab_dir, api_token_map) if options else None
     if getattr(ctl.scheduler, "on_quarantine", None) and (lab_dir / "lab.json").exists():
         # Tells the lab's rendezvous (lab, lab on Slurm). Warm: the notification needs
         # torch.distributed; import it now, not on the failover path. A state directory with no

@@ -32,6 +32,7 @@ GROUPS = [
     ("aidc.cli.goodput_cmd", "goodput"),
     ("aidc.cli.tune_cmd", "tune"),
     ("aidc.cli.state_cmd", "state"),
+    ("aidc.cli.fleet_cmd", "fleet"),
 ]
 
 # A command that needs an optional part names the extra that installs it (pyproject.toml),

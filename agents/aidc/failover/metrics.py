@@ -26,7 +26,16 @@ class FailoverMetrics:
         self.oldest_undecided_age = Gauge("aidc_failover_oldest_undecided_event_age_seconds",
                                           "Seconds the oldest fault event without a decision has waited (0: none)",
                                           registry=self.registry)
+        # The fleet-health figure (aidc.fleet.metrics), served beside these: its own registry,
+        # since it is the fleet's figure, not the controller's state.
+        self.fleet_registry = CollectorRegistry(auto_describe=True)
         self._server = None
+
+    def add_fleet_health(self, spec, audit_path) -> None:
+        """Serve the fleet-health figure of `spec`'s pools, replayed from this audit log."""
+        from aidc.fleet.metrics import FleetHealthCollector
+
+        self.fleet_registry.register(FleetHealthCollector(spec, audit_path))
 
     def breaker(self, is_open: bool) -> None:
         self.breaker_open.set(1 if is_open else 0)
@@ -40,13 +49,16 @@ class FailoverMetrics:
     def undecided_age(self, seconds: float) -> None:
         self.oldest_undecided_age.set(max(0.0, seconds))
 
+    def _render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(self.fleet_registry)
+
     def text(self) -> str:
-        return generate_latest(self.registry).decode()
+        return self._render().decode()
 
     def serve(self, port: int, addr: str = "127.0.0.1", probe: Probe | None = None):
         """Serve /metrics (and with `probe`, /healthz and /readyz) on addr:port (loopback by
         default); returns the server."""
-        app = metrics_app(lambda: generate_latest(self.registry), CONTENT_TYPE_LATEST, probe)
+        app = metrics_app(self._render, CONTENT_TYPE_LATEST, probe)
         self._server = serve_wsgi(app, addr, port, name="failover-metrics")
         return self._server
 

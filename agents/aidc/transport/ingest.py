@@ -10,6 +10,10 @@ name that is not one of the scheduler's nodes is refused with 422 and audited, a
 committed before the answer, so a 200 means the events are durable, and a batch sent again
 after a lost answer changes nothing. The failover loop picks the new events up from the store
 like any other.
+
+With `spec` given, the listener also serves the read-only health API (aidc.fleet.api,
+`GET /v1/...`) to the same mutual-TLS clients, with `roles` (viewer suffices) and an optional
+bearer-token map.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class IngestServer:
 
     def __init__(self, store_path, audit_path, nodes: set[str] | NodeInventory, tls: TLSConfig, host: str,
                  port: int, *, relays: Mapping[str, Iterable[str]] | None = None, request_timeout_s: float = 10.0,
-                 log=None):
+                 log=None, spec=None, roles: Mapping[str, str] | None = None,
+                 token_map: Mapping[str, str] | None = None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
         # The controller's NodeInventory (the scheduler's nodes), or a fixed set of names.
@@ -57,6 +62,11 @@ class IngestServer:
         self._lock = threading.Lock()
         self.store, self.audit = Store(store_path), AuditLog(audit_path)
         self.refusals = RefusalLog(self.audit, self.actor, lock=self._lock)
+        self.api = None
+        if spec is not None:
+            from aidc.fleet.api import HealthApi
+
+            self.api = HealthApi(spec, store_path, audit_path, self.audit, dict(roles or {}), dict(token_map or {}))
         limits = ServerLimits(header_timeout_s=request_timeout_s, body_timeout_s=request_timeout_s,
                               max_body_bytes=wire.MAX_BODY_BYTES)
         self.httpd = BoundedHTTPServer((host, port), limits, tls.server_context(), self._check_head,
@@ -72,6 +82,8 @@ class IngestServer:
             self.httpd.serve_forever()
         finally:
             self.refusals.flush()
+            if self.api is not None:
+                self.api.close()
             with self._lock:
                 self.store.close()
                 self.audit.close()
@@ -121,6 +133,8 @@ class IngestServer:
         """Before any body is read: the route. (Who the client is, the handshake settled.)"""
         if request.method == "GET" and request.path == "/healthz":
             return None
+        if self.api is not None and self.api.wants(request):
+            return self.api.check_head(request)
         if request.method != "POST":
             return Response(405, {"error": f"method {request.method} not allowed"}, "method not allowed",
                             {"Allow": "GET, POST"})
@@ -129,6 +143,11 @@ class IngestServer:
         return None
 
     def _handle(self, request: Request) -> Response:
+        if self.api is not None and self.api.wants(request):
+            try:
+                return self.api.handle(request)
+            except Exception as exc:  # never let a request kill the listener
+                return Response(500, {"error": "internal error"}, f"internal error: {type(exc).__name__}: {exc}")
         if request.method == "GET":
             return Response(200, {"ok": True}, "health")
         try:
