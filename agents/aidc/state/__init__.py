@@ -71,9 +71,14 @@ def open_run_state(backend: str, location: str | os.PathLike):
 
 def audit_log_for(state, sqlite_path: str | os.PathLike, *, read_only: bool = False, signer=None):
     """The audit log a stack's `state:` section names; SQLite keeps using `sqlite_path`, and a
-    PostgreSQL log takes its installation record from that path's directory (the state directory)."""
+    PostgreSQL log takes its signing sidecar (`<sqlite_path>.signing`) and installation record
+    from beside that path (the state directory), as the SQLite log there would."""
     if state.backend == "sqlite":
         return open_audit_log("sqlite", sqlite_path, read_only=read_only, signer=signer)
+    if signer is None and not read_only:
+        from aidc.audit.log import configured_signer
+
+        signer = configured_signer(sqlite_path)  # the keyring the state directory's sidecar names
     return open_audit_log(state.backend, resolve_dsn(state), read_only=read_only, signer=signer,
                           state_dir=os.path.dirname(os.path.abspath(sqlite_path)))
 
