@@ -285,13 +285,18 @@ class AuditLog:
         if anchor is None:
             count = self._head()[0]
             if count:
-                raise AuditError(
-                    f"{self.path} holds {count} records but its anchor file {self.anchor_path} is missing: the tail "
-                    f"may have been cut. Nothing was written; a person must re-anchor it "
-                    f"(`aidc audit reanchor --db {self.path} --reason ...`), which records the gap")
+                raise AuditError(self._cut_tail_refusal(count))
         elif anchor.signature is not None and self.signer is None:
-            raise AuditError(f"{self.path} is signed (its anchor carries a signature) but this writer has no "
-                             f"signing key ({signing_config_path(self.path)} is missing); nothing was written")
+            raise AuditError(self._keyless_writer_refusal())
+
+    def _cut_tail_refusal(self, count: int) -> str:
+        return (f"{self.path} holds {count} records but its anchor file {self.anchor_path} is missing: the tail "
+                f"may have been cut. Nothing was written; a person must re-anchor it "
+                f"(`aidc audit reanchor --db {self.path} --reason ...`), which records the gap")
+
+    def _keyless_writer_refusal(self) -> str:
+        return (f"{self.path} is signed (its anchor carries a signature) but this writer has no "
+                f"signing key ({signing_config_path(self.path)} is missing); nothing was written")
 
     def __enter__(self) -> "AuditLog":
         return self

@@ -123,18 +123,14 @@ class PostgresAuditLog(AuditLog):
             raise BadAnchor(f"{self.path}: the audit_anchor row has a signature that is not a signature")
         return Anchor(seq, digest, data)
 
-    def _check_can_append(self) -> None:
-        anchor = self._read_anchor()
-        if anchor is None:
-            count = self._head()[0]
-            if count:
-                raise AuditError(
-                    f"{self.path} holds {count} audit records but its audit_anchor row is missing: the tail may "
-                    "have been cut. Nothing was written; a person must re-anchor it (`aidc audit reanchor --dsn "
-                    "... --reason ...`), which records the gap")
-        elif anchor.signature is not None and self.signer is None:
-            raise AuditError(f"{self.path}: the audit log is signed (its head carries a signature) but this writer "
-                             "has no signing key; nothing was written")
+    def _cut_tail_refusal(self, count: int) -> str:
+        return (f"{self.path} holds {count} audit records but its audit_anchor row is missing: the tail may have "
+                "been cut. Nothing was written; a person must re-anchor it (`aidc audit reanchor --dsn ... "
+                "--reason ...`), which records the gap")
+
+    def _keyless_writer_refusal(self) -> str:
+        return (f"{self.path}: the audit log is signed (its head carries a signature) but this writer has no "
+                "signing key; nothing was written")
 
     # --- appending ---------------------------------------------------------------------------------
     def _append(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str,
