@@ -200,3 +200,27 @@ def test_postgres_refuses_updates_and_deletes_of_records(postgres_database, tmp_
         for statement in ("UPDATE audit SET reason = 'x' WHERE seq = 1", "DELETE FROM audit WHERE seq = 2"):
             with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
                 conn.execute(statement)
+
+
+def test_the_report_reads_the_log_on_either_backend(site, tmp_path):
+    import stat
+
+    from aidc.audit.report import write_report
+
+    _fill(site, 3)
+    with site.open(read_only=True) as log:
+        html_path, json_path, verified = write_report(log, tmp_path / "report")
+    assert verified.ok and verified.records == 3
+    assert len(json.loads(json_path.read_text())["records"]) == 3
+    assert not stat.S_IMODE(json_path.stat().st_mode) & 0o077  # the records stay private
+
+
+def test_cli_verify_on_postgres_names_the_edited_record(postgres_database, tmp_path, aidc_cli):
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed: pip install 'aidc[postgres]'")
+    site = Site("postgres", postgres_database, tmp_path)
+    _fill(site, 3)
+    ok = aidc_cli("audit", "verify", "--dsn", postgres_database, "--db", str(tmp_path / "audit.db"), "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["records"] == 3, ok.stderr
+    site.sql("UPDATE audit SET reason = 'nothing happened' WHERE seq = 2")
+    bad = aidc_cli("audit", "verify", "--dsn", postgres_database, "--db", str(tmp_path / "audit.db"))
+    assert bad.returncode == 1 and "FAILED at record 2" in bad.stdout and "Traceback" not in bad.stderr
