@@ -86,12 +86,17 @@ def test_a_missing_source_is_refused_without_creating_it(tmp_path, postgres_data
 
 def test_the_command_moves_a_site_and_reports_json(aidc_cli, tmp_path, postgres_database):
     _site(tmp_path / "state.db").close()
+    _audit(tmp_path / "audit.db")
+    _runs(tmp_path / "runbook.db")
     bad = aidc_cli("state", "migrate", "--from", f"mysql:{tmp_path}", "--to", f"postgres:{postgres_database}")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     proc = aidc_cli("state", "migrate", "--from", f"sqlite:{tmp_path / 'state.db'}",
-                    "--to", f"postgres:{postgres_database}", "--json")
+                    "--runbook-from", f"sqlite:{tmp_path / 'runbook.db'}", "--to", f"postgres:{postgres_database}",
+                    "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["rows"]["events"] == 4
+    summary = json.loads(proc.stdout)
+    assert summary["rows"]["events"] == 4 and summary["rows"]["audit"] == 5 and summary["rows"]["runs"] == 1
+    assert summary["audit_verified"]["ok"] and summary["moved"] == ["event store", "audit log", "runbook state"]
 
 
 def _audit(path, signer=None, n: int = 5) -> None:
