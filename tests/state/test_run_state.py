@@ -98,3 +98,40 @@ def test_a_failed_transaction_leaves_nothing_behind(reopen):
     assert state.runs() == []
     with state.transaction() as db:
         assert state.lock_holder(db, "gpu-0") is None
+
+
+def test_two_engines_claiming_one_run_at_once_leave_it_one_owner(reopen, monkeypatch):
+    import os
+    import socket
+    import threading
+    import time
+
+    from aidc.runbook import state as run_state
+
+    first = reopen()
+    with first.transaction() as db:
+        run_id = first.create_run(db, "rb", "gpu-0", {}, [("s", "notify")])
+    assert first.claim(run_id, _dead_owner())  # its executor died: the run is up for taking over
+    real_alive = run_state.owner_alive
+
+    def slow_alive(*args):  # widen the window between a claim's read and its write
+        time.sleep(0.3)
+        return real_alive(*args)
+
+    monkeypatch.setattr(run_state, "owner_alive", slow_alive)
+    # Two live executors (this process and its parent), each through its own connection.
+    owners = [this_owner(), f"{socket.gethostname()}:{os.getppid()}"]
+    handles, won = [first, reopen()], {}
+    barrier = threading.Barrier(2)
+
+    def claim(i: int) -> None:
+        barrier.wait(10)
+        won[owners[i]] = handles[i].claim(run_id, owners[i])
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(won.values()) == [False, True]
+    assert first.get_run(run_id).owner == next(o for o, w in won.items() if w)
