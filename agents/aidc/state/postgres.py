@@ -8,7 +8,9 @@ newer than this aidc knows, whose applied migrations differ from the shipped one
 aidc's tables without a version is refused, never guessed at.
 
 PostgresStore is aidc.store.Store on PostgreSQL, method by method. One connection in autocommit
-mode; `transaction()` is one PostgreSQL transaction.
+mode; `transaction()` is one PostgreSQL transaction. The audit log (aidc.audit.postgres) and the
+runbook run state (aidc.runbook.state_postgres) live in the same database, opened through
+`BACKEND` below; QmarkConnection lets them keep the SQLite code's query texts.
 """
 
 from __future__ import annotations
@@ -257,11 +259,10 @@ class QmarkConnection:
 
 def display_name(dsn: str) -> str:
     """How a state database is named in messages: `postgres:DBNAME` (never a password)."""
-    from psycopg.conninfo import conninfo_to_dict
-
+    psycopg = _psycopg()
     try:
-        params = conninfo_to_dict(dsn)
-    except Exception:  # a malformed DSN: connect() reports it
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:  # a malformed DSN: connect() reports it
         return "postgres:(state database)"
     return f"postgres:{params.get('dbname') or params.get('user') or '(default database)'}"
 
