@@ -49,7 +49,6 @@ def test_an_alert_runs_its_runbook_and_audits_every_step(make_engine, fakes):
     assert engine.audit.verify().ok
 
 
-@both_backends
 def test_repeated_notifications_of_one_alert_start_one_run(make_engine, fakes):
     engine = make_engine(QUARANTINE_AND_NOTIFY)
     fakes.metrics.values[BROKEN_Q] = [1.0]
@@ -148,7 +147,6 @@ def test_policy_can_allow_a_destructive_kind_without_a_human(make_engine, fakes)
     assert fakes.playbooks.calls == [("gpu-reset.yml", "gpu-0", {})]
 
 
-@both_backends
 def test_an_approve_step_pauses_the_run_until_a_human_approves(make_engine, fakes):
     engine = make_engine(WITH_PLAYBOOK)
     sub = engine.submit_alert(alert("NeedsFix", "gpu-0"))
