@@ -14,14 +14,13 @@ import json
 
 import pytest
 
-from aidc.audit import AuditLog
 from aidc.errors import PolicyRefusal
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import FailoverController
 from aidc.failover.metrics import FailoverMetrics
 from aidc.failover.remediation import LADDER, RemediationGate, climb
 from aidc.spec import parse_spec
-from aidc.state import open_event_store
+from aidc.state import open_audit_log, open_event_store
 from tests.test_failover import RecordingScheduler
 
 T0 = 1_790_000_000.0  # observation times are the agent's clock, given here
@@ -37,10 +36,16 @@ def fault(node="gpu-1", xid=8, action=Action.RESTART_APP, gpu=0, at=T0):
     return FaultEvent(node, FaultKind.XID, action, f"XID {xid}", "kmsg", gpu=gpu, xid=xid, observed_at=at)
 
 
+def _open(tmp_path, backend: str, location: str):
+    """The event store and the audit log on one state backend, as a (re)started controller opens them."""
+    audit_at = tmp_path / "audit.db" if backend == "sqlite" else location
+    return open_event_store(backend, location), open_audit_log(backend, audit_at)
+
+
 @pytest.fixture
 def env(tmp_path, state_location):
-    """A store on each state backend (tests/conftest.py: state_location) and an audit log."""
-    store, audit = open_event_store(*state_location), AuditLog(tmp_path / "audit.db")
+    """A store and an audit log on each state backend (tests/conftest.py: state_location)."""
+    store, audit = _open(tmp_path, *state_location)
     yield store, audit
     store.close()
     audit.close()
@@ -166,6 +171,28 @@ def test_more_quarantines_in_the_window_than_policy_latch_the_breaker_open(env):
     # Refused events are pending, not dropped, and audited once per cause.
     assert [i for i, _ in ctl.store.pending()] == [3, 4]
     assert len([r for r in ctl.audit.records(kind="failover.decision") if r.payload.get("deferred")]) == 2
+
+
+def test_a_latched_breaker_and_the_escalation_history_survive_a_controller_restart(tmp_path, state_location):
+    store, audit = _open(tmp_path, *state_location)
+    ctl, _ = controller((store, audit), breaker={"max_quarantines": 1}, escalation={"repeats": 2, "window_min": 10})
+    # restart_app twice in the window: one rung up (reset_gpu, a quarantine); the next one latches.
+    decide(ctl, fault("gpu-3", 8, gpu=1), fault("gpu-3", 8, gpu=1, at=T0 + 120))
+    decide(ctl, fault("gpu-0", 79, Action.REBOOT_NODE))
+    assert ctl.gate.breaker()["open"]
+    store.close(), audit.close()  # the controller stops (or its pod is replaced)
+
+    store, audit = _open(tmp_path, *state_location)
+    try:
+        ctl, sched = controller((store, audit), breaker={"max_quarantines": 1},
+                                escalation={"repeats": 2, "window_min": 10})
+        assert ctl.gate.breaker()["open"]  # still latched: a restart is not a reset
+        assert {d.verdict for d in decide(ctl, fault("gpu-2", 79, Action.REBOOT_NODE))} == {"refused_breaker_open"}
+        assert sched.calls == []
+        assert len(audit.records(kind="failover.escalation")) == 1
+        assert audit.verify().ok
+    finally:
+        store.close(), audit.close()
 
 
 def test_a_reset_by_a_person_lets_the_refused_events_be_acted_on_once(env):

@@ -107,6 +107,7 @@ def lock_closure(direct: set[str]) -> set[str]:
 def test_the_agent_extra_pulls_no_torch_and_the_lab_extra_does():
     agent = lock_closure(names(PYPROJECT["dependencies"]) | names(EXTRAS["agent"]))
     assert {"kubernetes", "prometheus-client", "nvidia-ml-py"} <= agent
+    assert {"psycopg", "psycopg-binary"} <= agent  # the controller in the image runs state.backend postgres too
     assert not agent & {"torch", "torchao", "transformers", "numpy", "pulumi", "ansible-core"}
     # the image's lock is exactly that part of the runtime lock, pin for pin
     assert set(AGENT_LOCK) == agent

@@ -23,21 +23,46 @@ def fakes():
 
 
 @pytest.fixture
-def make_engine(tmp_path, fakes):
-    """make_engine(*runbook_yaml_texts, policy=Policy()) -> Engine over fresh state and audit."""
+def run_state_backend():
+    """The state backend make_engine keeps runs and the audit log on: SQLite unless a test
+    parametrises this name (`@pytest.mark.parametrize("run_state_backend", ["sqlite", "postgres"])`)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def make_engine(tmp_path, fakes, run_state_backend, request):
+    """make_engine(*runbook_yaml_texts, policy=Policy()) -> Engine over fresh state and audit;
+    make_engine.reopen() -> (RunState, AuditLog) on the same storage, as a restarted process opens it."""
     opened = []
+    if run_state_backend == "sqlite":
+        locations = {"state": tmp_path / "state.db", "audit": tmp_path / "audit.db"}
+    else:
+        dsn = request.getfixturevalue("postgres_database")
+        locations = {"state": dsn, "audit": dsn}
+
+    def reopen():
+        from aidc.state import open_audit_log, open_run_state
+
+        state = open_run_state(run_state_backend, locations["state"])
+        audit = open_audit_log(run_state_backend, locations["audit"])
+        opened.append(type("Opened", (), {"stop": threading.Event(), "state": state, "audit": audit})())
+        return state, audit
 
     def make(*texts: str, policy: Policy | None = None, actuators: Actuators | None = None) -> Engine:
         rb_dir = tmp_path / "runbooks"
         rb_dir.mkdir(exist_ok=True)
         for text in texts:
             write_runbook(rb_dir, text)
-        engine = Engine(catalog=Catalog.load(rb_dir), state=RunState(tmp_path / "state.db"),
-                        audit=AuditLog(tmp_path / "audit.db"), actuators=actuators or fakes, nodes=list(NODES),
-                        policy=policy or Policy())
+        if run_state_backend == "sqlite":
+            state, audit = RunState(locations["state"]), AuditLog(locations["audit"])
+        else:
+            state, audit = reopen()
+        engine = Engine(catalog=Catalog.load(rb_dir), state=state, audit=audit, actuators=actuators or fakes,
+                        nodes=list(NODES), policy=policy or Policy())
         opened.append(engine)
         return engine
 
+    make.reopen = reopen
     yield make
     for engine in opened:
         engine.stop.set()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from aidc.audit.log import AuditLog
+import pytest
+
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
-from aidc.runbook.state import RunState
 from aidc.spec import Policy
 from runbook_fakes import NODES, QUARANTINE_AND_NOTIFY, UNGUARDED_PLAYBOOK, WITH_PLAYBOOK, alert
 
 BROKEN_Q = 'broken{Hostname="gpu-1"}'
+# Run state and audit log on each state backend (a real PostgreSQL for the second).
+both_backends = pytest.mark.parametrize("run_state_backend", ["sqlite", "postgres"])
 
 
 def dead_owner() -> str:
@@ -26,6 +28,7 @@ def step_records(engine, kind="runbook.step"):
     return [r for r in engine.audit.records(kind=kind)]
 
 
+@both_backends
 def test_an_alert_runs_its_runbook_and_audits_every_step(make_engine, fakes):
     engine = make_engine(QUARANTINE_AND_NOTIFY)
     fakes.metrics.values[BROKEN_Q] = [1.0]
@@ -75,13 +78,15 @@ def test_a_refired_alert_within_the_cooldown_starts_nothing(make_engine, fakes):
     assert fakes.scheduler.calls == [("quarantine", "gpu-1")]
 
 
+@both_backends
 def test_one_run_per_node_and_the_lock_survives_a_restart(make_engine, fakes, tmp_path):
     engine = make_engine(QUARANTINE_AND_NOTIFY, WITH_PLAYBOOK)
     first = engine.submit_alert(alert("NeedsFix", "gpu-2", fingerprint="x"))
     assert first.outcome == "started"
-    # A new process (same state file) sees the lock.
-    restarted = Engine(catalog=Catalog.load(tmp_path / "runbooks"), state=RunState(tmp_path / "state.db"),
-                       audit=AuditLog(tmp_path / "audit.db"), actuators=fakes, nodes=list(NODES))
+    # A new process (same state) sees the lock.
+    state, audit = make_engine.reopen()
+    restarted = Engine(catalog=Catalog.load(tmp_path / "runbooks"), state=state, audit=audit, actuators=fakes,
+                       nodes=list(NODES))
     busy = restarted.submit_alert(alert("NodeBroken", "gpu-2", fingerprint="y"))
     assert (busy.outcome, busy.run_id) == ("node_busy", first.run_id)
     other_node = restarted.submit_alert(alert("NodeBroken", "gpu-3", fingerprint="z"))
@@ -101,6 +106,7 @@ def test_quarantine_beyond_max_unavailable_is_refused_and_handed_over(make_engin
     assert fakes.notifier.messages == [("critical", "take-out failed on gpu-1")]
 
 
+@both_backends
 def test_blast_radius_is_checked_again_at_the_quarantine_step(make_engine, fakes):
     engine = make_engine(QUARANTINE_AND_NOTIFY, policy=Policy(max_unavailable=1))
     fakes.metrics.values[BROKEN_Q] = [1.0]
@@ -192,6 +198,7 @@ def test_a_failed_check_aborts_before_the_quarantine(make_engine, fakes):
     assert run.status == "failed" and fakes.scheduler.calls == []
 
 
+@both_backends
 def test_after_a_crash_a_completed_quarantine_is_reconciled_not_repeated(make_engine, fakes):
     engine = make_engine(QUARANTINE_AND_NOTIFY)
     fakes.metrics.values[BROKEN_Q] = [1.0]
@@ -209,6 +216,7 @@ def test_after_a_crash_a_completed_quarantine_is_reconciled_not_repeated(make_en
     assert out.result["reconciled"] is True
 
 
+@both_backends
 def test_after_a_crash_an_interrupted_playbook_is_failed_not_repeated(make_engine, fakes):
     engine = make_engine(WITH_PLAYBOOK)
     sub = engine.submit_alert(alert("NeedsFix", "gpu-0"))
@@ -220,6 +228,7 @@ def test_after_a_crash_an_interrupted_playbook_is_failed_not_repeated(make_engin
     assert fakes.playbooks.calls == []
 
 
+@both_backends
 def test_a_run_owned_by_a_live_process_is_not_taken_over(make_engine, fakes):
     import os
     import socket

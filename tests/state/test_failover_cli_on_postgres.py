@@ -1,6 +1,5 @@
 """`state.backend: postgres` in the stack: the failover commands read and write the shared
-database, not LAB_DIR/state.db; a listener (`--listen`), not moved yet, is refused rather than
-quietly writing to SQLite."""
+database, not LAB_DIR/state.db (the listener, `--listen`, too: tests/transport/test_listen_on_postgres.py)."""
 
 from __future__ import annotations
 

@@ -285,13 +285,18 @@ class AuditLog:
         if anchor is None:
             count = self._head()[0]
             if count:
-                raise AuditError(
-                    f"{self.path} holds {count} records but its anchor file {self.anchor_path} is missing: the tail "
-                    f"may have been cut. Nothing was written; a person must re-anchor it "
-                    f"(`aidc audit reanchor --db {self.path} --reason ...`), which records the gap")
+                raise AuditError(self._cut_tail_refusal(count))
         elif anchor.signature is not None and self.signer is None:
-            raise AuditError(f"{self.path} is signed (its anchor carries a signature) but this writer has no "
-                             f"signing key ({signing_config_path(self.path)} is missing); nothing was written")
+            raise AuditError(self._keyless_writer_refusal())
+
+    def _cut_tail_refusal(self, count: int) -> str:
+        return (f"{self.path} holds {count} records but its anchor file {self.anchor_path} is missing: the tail "
+                f"may have been cut. Nothing was written; a person must re-anchor it "
+                f"(`aidc audit reanchor --db {self.path} --reason ...`), which records the gap")
+
+    def _keyless_writer_refusal(self) -> str:
+        return (f"{self.path} is signed (its anchor carries a signature) but this writer has no "
+                f"signing key ({signing_config_path(self.path)} is missing); nothing was written")
 
     def __enter__(self) -> "AuditLog":
         return self
@@ -438,13 +443,16 @@ class AuditLog:
         always required as well, whoever verifies: a keyless rewrite of rows, hashes, signatures,
         anchor and sidecar passes the chain checks, never that key."""
         try:
-            installed = audit_public_key(self.path)
+            installed = self._installed_public_key()
         except InstallationError as exc:
             return VerifyResult(False, self._count(), None, str(exc), True)
         result = self._verify(public_key_pem)
         if result.ok and installed is not None and installed != public_key_pem:
             result = self._verify(installed)
         return result
+
+    def _installed_public_key(self) -> str | None:
+        return audit_public_key(self.path)
 
     def _count(self) -> int:
         with self._lock:
@@ -473,7 +481,7 @@ class AuditLog:
                 notes.append(f"the anchor names record {anchor.seq}, the log ends at {len(rows)} "
                              f"(a writer stopped between a commit and its anchor update)")
         elif rows or public_key_pem is not None:
-            return VerifyResult(False, len(rows), None, f"anchor file {self.anchor_path} is missing")
+            return VerifyResult(False, len(rows), None, self._anchor_missing())
         if public_key_pem is None:
             return VerifyResult(True, len(rows), notes=tuple(notes))
         problem = self._signature_problem(public_key_pem, anchor, rows, notes)
@@ -497,11 +505,7 @@ class AuditLog:
         if not valid(ANCHOR_DOMAIN, anchor.seq, anchor.hash, anchor.signature["value"]):
             return (anchor.seq or None,
                     f"the anchor's signature (record {anchor.seq}) does not verify with this public key")
-        with self._lock:
-            has_table = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                         "name = 'audit_signature'").fetchone()
-            signatures = dict(self._db.execute("SELECT seq, signature FROM audit_signature").fetchall()
-                              if has_table else [])
+        signatures = self._signatures()
         # Records up to the anchor are covered by its signature through the chain; every record
         # after the first signed one, and every record past the anchor, must carry its own.
         first_signed = min((s for s in signatures if 1 <= s <= len(rows)), default=None)
@@ -518,6 +522,25 @@ class AuditLog:
                          f"the signed anchor covers them through the chain")
         return None
 
+    def _anchor_missing(self) -> str:
+        return f"anchor file {self.anchor_path} is missing"
+
+    def _signatures(self) -> dict[int, str]:
+        """Record signatures by seq (none when the log predates the signature table)."""
+        with self._lock:
+            has_table = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                         "name = 'audit_signature'").fetchone()
+            return dict(self._db.execute("SELECT seq, signature FROM audit_signature").fetchall()
+                        if has_table else [])
+
+    def _stored_rows(self) -> list[tuple]:
+        """Every record's columns in physical order (rowid), not seq order: verify must see rows
+        as they are stored."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit ORDER BY rowid"
+            ).fetchall()
+
     def reanchor(self, reason: str, *, actor: str) -> AuditRecord:
         """A person's decision: accept the chain as it stands, record why, and anchor it again.
 
@@ -528,9 +551,7 @@ class AuditLog:
             raise AuditError(f"{self.path} was opened read-only")
         if not reason.strip():
             raise AuditError("a re-anchor needs a reason")
-        with self._lock:
-            rows = self._db.execute("SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit "
-                                    "ORDER BY rowid").fetchall()
+        rows = self._stored_rows()
         broken = chain_problem(rows)
         if broken:
             raise AuditError(f"{self.path}: the chain itself is broken at record {broken[0]} ({broken[1]}); "
@@ -556,8 +577,4 @@ class AuditLog:
         # afterwards include the anchored one even while others append. Read the other way
         # round, an append landing in between looks like a truncated log.
         anchor = self._read_anchor()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, ts, actor, node, kind, reason, payload, prev_hash, hash FROM audit ORDER BY rowid"
-            ).fetchall()
-        return anchor, rows
+        return anchor, self._stored_rows()

@@ -15,7 +15,7 @@ from pathlib import Path
 from aidc.audit import report_model
 from aidc.audit.log import AuditLog, VerifyResult
 from aidc.audit.templating import render
-from aidc.files import derived_mode, write_atomic
+from aidc.files import FILE_MODE, derived_mode, write_atomic
 
 
 def render_html(log: AuditLog, verified: VerifyResult | None = None, now: float | None = None) -> str:
@@ -56,7 +56,8 @@ def write_report(log: AuditLog, out_dir: str | Path) -> tuple[Path, Path, Verify
     out.mkdir(parents=True, exist_ok=True)
     verified = log.verify()
     html_path, json_path = out / "report.html", out / "report.json"
-    mode = derived_mode(log.path)
+    # A log in PostgreSQL has no file mode to follow: its reports are private.
+    mode = derived_mode(log.path) if isinstance(log.path, Path) else FILE_MODE
     write_atomic(html_path, render_html(log, verified), mode)
     write_atomic(json_path, json.dumps(render_json(log, verified), indent=1, default=str), mode)
     return html_path, json_path, verified

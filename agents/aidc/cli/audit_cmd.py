@@ -13,12 +13,40 @@ from aidc.strict_json import finite
 
 app = typer.Typer(help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
 
-DB_OPTION = typer.Option(Path(".aidc/lab/audit.db"), "--db", help="Audit database (SQLite).")
+DB_OPTION = typer.Option(Path(".aidc/lab/audit.db"), "--db",
+                         help="Audit database (SQLite). With --dsn or a postgres --stack, its directory is the "
+                              "state directory whose installation record names the signing key.")
+DSN_OPTION = typer.Option(None, "--dsn", help="The log is in this PostgreSQL state database (state.backend "
+                          "postgres), not in --db; no password here: PGPASSWORD, ~/.pgpass or --stack.")
+STACK_OPTION = typer.Option(None, "--stack", "-s", help="Read the log where this stack's `state:` keeps it "
+                            "(SQLite: --db; postgres: its dsn, dsn_file or dsn_env).")
 
 
-def _open(db: Path) -> AuditLog:
+def _postgres_dsn(dsn: str | None, stack: str | None) -> str | None:
+    """The PostgreSQL database holding the log, or None for the SQLite file --db."""
+    if dsn is not None and stack is not None:
+        raise AuditError("--dsn and --stack both name the state database: give one")
+    if dsn is not None:
+        return dsn
+    if stack is None:
+        return None
+    from aidc.spec import load_stack
+    from aidc.state import resolve_dsn
+
+    state = load_stack(stack).state
+    return resolve_dsn(state) if state.backend == "postgres" else None
+
+
+def _open(db: Path, dsn: str | None = None, stack: str | None = None, read_only: bool = True) -> AuditLog:
     # Read-only: reading a log never changes it, and another program's file is refused, not converted.
-    return AuditLog(db, read_only=True)
+    location = _postgres_dsn(dsn, stack)
+    if location is None:
+        return AuditLog(db, read_only=read_only)
+    from aidc.audit.log import configured_signer
+    from aidc.state import open_audit_log
+
+    return open_audit_log("postgres", location, read_only=read_only, state_dir=db.parent,
+                          signer=None if read_only else configured_signer(db))
 
 
 def read_public_key(path: Path) -> str:
@@ -36,15 +64,16 @@ PUBLIC_KEY_OPTION = typer.Option(None, "--public-key", help="Signing public key 
 
 
 @app.command("verify")
-def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
+def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, dsn: str = DSN_OPTION,
+           stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Check every record's hash, the chain and the anchor (and signatures with the installation's key
     and --public-key); exit 1 naming the first bad record."""
     pem = read_public_key(public_key) if public_key is not None else None
-    with _open(db) as log:
+    with _open(db, dsn, stack) as log:
         result = log.verify(public_key_pem=pem)
     what = "chain intact, anchor and records signed" if result.signed else "chain intact"
-    text = (f"{db}: OK, {result.records} records, {what}" if result.ok
-            else f"{db}: FAILED{result.failure}")
+    text = (f"{log.path}: OK, {result.records} records, {what}" if result.ok
+            else f"{log.path}: FAILED{result.failure}")
     text += "".join(f"\n  note: {n}" for n in result.notes)
     emit(result.to_dict(), as_json, text)
     if not result.ok:
@@ -53,26 +82,29 @@ def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, as_json: 
 
 @app.command("reanchor")
 def reanchor(reason: str = typer.Option(..., "--reason", help="Why the log is accepted as it stands (recorded)."),
-             db: Path = DB_OPTION, as_json: bool = JSON_OPTION) -> None:
+             db: Path = DB_OPTION, dsn: str = DSN_OPTION, stack: str = STACK_OPTION,
+             as_json: bool = JSON_OPTION) -> None:
     """Accept a log whose anchor is missing, damaged or ahead of it: record the gap and anchor it again."""
     import getpass
 
     from aidc.audit.log import default_actor
 
-    if not db.is_file():
+    on_postgres = _postgres_dsn(dsn, stack) is not None
+    if not on_postgres and not db.is_file():
         raise AuditError(f"no audit database at {db}")
-    AuditLog(db, read_only=True).close()  # another program's file is refused before anything is written
-    with AuditLog(db) as log:
+    _open(db, dsn, stack).close()  # another program's file is refused before anything is written
+    with _open(db, dsn, stack, read_only=False) as log:
         record = log.reanchor(reason, actor=default_actor(f"reanchor:{getpass.getuser()}"))
     emit({"seq": record.seq, "hash": record.hash, **record.payload}, as_json,
-         f"{db}: re-anchored at record {record.seq} ({record.payload['problem']})")
+         f"{log.path}: re-anchored at record {record.seq} ({record.payload['problem']})")
 
 
 @app.command("show")
 def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this node."),
-         kind: str = typer.Option(None, help="Only this kind of record."), as_json: bool = JSON_OPTION) -> None:
+         kind: str = typer.Option(None, help="Only this kind of record."), dsn: str = DSN_OPTION,
+         stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """List audit records."""
-    with _open(db) as log:
+    with _open(db, dsn, stack) as log:
         recs = log.records(kind=kind, node=node)
     data = finite([{**r.__dict__, "dry_run": r.dry_run} for r in recs])  # an old NaN prints as "NaN"
     text = "\n".join(f"{r.seq:5d} {timestamp(r.ts)} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} "
@@ -82,10 +114,10 @@ def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this no
 
 @app.command("report")
 def report(db: Path = DB_OPTION, out: Path = typer.Option(Path(".aidc/report"), "--out", help="Output directory."),
-           as_json: bool = JSON_OPTION) -> None:
+           dsn: str = DSN_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Write report.html (verdict, failover timeline, burn-in, collectives, goodput, records) and report.json."""
     from aidc.audit.report import write_report
 
-    with _open(db) as log:
+    with _open(db, dsn, stack) as log:
         html_path, json_path, _ = write_report(log, out)
     emit({"html": str(html_path), "json": str(json_path)}, as_json, f"wrote {html_path} and {json_path}")

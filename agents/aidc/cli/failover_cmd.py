@@ -9,7 +9,6 @@ from pathlib import Path
 
 import typer
 
-from aidc.audit import AuditLog
 from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, check_listen_address, emit
 from aidc.errors import AidcError
 from aidc.spec import load_stack
@@ -42,6 +41,15 @@ def _event_store(spec, lab_dir: Path, create: bool = False):
     return event_store_for(spec.state, lab_dir / "state.db")
 
 
+def _audit_log(spec, lab_dir: Path):
+    """The audit log the stack's `state:` names: LAB_DIR/audit.db, or the shared PostgreSQL
+    database (signed by the keyring LAB_DIR/audit.db.signing names, verified against LAB_DIR's
+    installation record, as the SQLite log beside them is)."""
+    from aidc.state import audit_log_for
+
+    return audit_log_for(spec.state, lab_dir / "audit.db")
+
+
 def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False, metrics=None):
     from aidc.audit.log import default_actor
     from aidc.failover.backends import check_backend, open_scheduler
@@ -51,7 +59,7 @@ def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = 
     check_backend(spec)
     # The controller of a new lab may start before any agent has created the store.
     store = _event_store(spec, lab_dir, create)
-    audit = AuditLog(lab_dir / "audit.db")
+    audit = _audit_log(spec, lab_dir)
     scheduler = open_scheduler(spec, lab_dir, audit=audit, actor=default_actor("failover"))
     return FailoverController(spec, store, audit, scheduler, dry_run=dry_run, metrics=metrics)
 
@@ -96,14 +104,20 @@ def _listener(ctl, options, relays: dict[str, list[str]], lab_dir: Path, api_tok
     from aidc.transport.ingest import IngestServer
 
     host, port, tls = options
-    if ctl.store.path is None:
-        # The listener opens its own store by file; on PostgreSQL it is not moved over yet.
-        raise AidcError("--listen needs state.backend sqlite for now (the listener's PostgreSQL store is not built yet)")
+    # The listener keeps connections of its own (its requests run on another thread): on
+    # SQLite the controller's files, on PostgreSQL the same database, opened again.
+    if ctl.spec.state.backend == "sqlite":
+        store_at, audit_at = ctl.store.path, ctl.audit.path
+    else:
+        from aidc.state import event_store_for
+
+        store_at = lambda: event_store_for(ctl.spec.state, lab_dir / "state.db")  # noqa: E731
+        audit_at = lambda: _audit_log(ctl.spec, lab_dir)  # noqa: E731
     installed = load(lab_dir)
     roles = installed.roles if installed is not None else dict(ctl.spec.access.roles)
     tokens = load_token_map(api_token_map) if api_token_map is not None else None
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays,
+        return IngestServer(store_at, audit_at, ctl.inventory, tls, host, port, relays=relays,
                             spec=ctl.spec, roles=roles, token_map=tokens)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -173,7 +187,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
     ctl.probe = probe
     if metrics is not None:
-        metrics.add_fleet_health(ctl.spec, ctl.audit.path)
+        metrics.add_fleet_health(ctl.spec, ctl.audit.path if ctl.spec.state.backend == "sqlite"
+                                 else (lambda: _audit_log(ctl.spec, lab_dir)))
     _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays, lab_dir, api_token_map) if options else None
     if getattr(ctl.scheduler, "on_quarantine", None) and (lab_dir / "lab.json").exists():
@@ -246,7 +261,7 @@ def install(stack: str = STACK, lab_dir: Path = LAB_DIR,
         verify_with_pem(pem, b"", b"\0" * 64)  # not a public key: one clear error now, not at every verify
     identity = cli_identity()
     path = record(lab_dir, spec, stack, public_key_pem=pem, key_id=key_id, recorded_by=identity)
-    with AuditLog(lab_dir / "audit.db") as log:
+    with _audit_log(spec, lab_dir) as log:
         log.append("installation.recorded", f"{identity} recorded the installation from stack {stack}",
                    actor=identity, payload={"path": str(path), "stack": stack, "roles": dict(spec.access.roles),
                                             "signed": pem is not None})
@@ -330,7 +345,7 @@ def _gate(stack: str, lab_dir: Path):
     from aidc.failover.remediation import RemediationGate
 
     spec = load_stack(stack)
-    return RemediationGate(spec, _event_store(spec, lab_dir), AuditLog(lab_dir / "audit.db"))
+    return RemediationGate(spec, _event_store(spec, lab_dir), _audit_log(spec, lab_dir))
 
 
 def _breaker_view(gate) -> dict:

@@ -139,13 +139,20 @@ def _emit_run(engine, run_id: int, as_json: bool) -> None:
 
 @app.command("runs")
 def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", help="Only this node."),
+         stack: str = typer.Option(None, "--stack", help="Read the runs where this stack's `state:` keeps "
+                                   "them (postgres: the shared database; sqlite: --state-db)."),
          as_json: bool = JSON_OPTION) -> None:
     """List runs and their status from the durable state."""
-    from aidc.runbook.state import RunState
+    from aidc.spec import load_stack
+    from aidc.state import open_run_state, resolve_dsn
 
-    if not state_db.exists():
+    state = load_stack(stack).state if stack is not None else None
+    if state is not None and state.backend != "sqlite":
+        st = open_run_state(state.backend, resolve_dsn(state))
+    elif not state_db.exists():
         raise AidcError(f"no run state at {state_db}")
-    st = RunState(state_db)
+    else:
+        st = open_run_state("sqlite", state_db)
     # finite(): a NaN stored by an older receiver is printed as "NaN", not a failed listing.
     data = finite([r.to_dict() for r in st.runs(node=node)])
     text = "\n".join(f"{r['id']:5d} {r['runbook']:28s} {r['node']:14s} {r['status']:18s} {r['error'] or ''}"

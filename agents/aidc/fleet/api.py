@@ -50,7 +50,9 @@ class HealthApi:
         from aidc.store import Store
 
         self.spec, self.roles, self.token_map, self.clock = spec, dict(roles), dict(token_map or {}), clock
-        self.store, self.audit = Store(store_path), AuditLog(audit_path, read_only=True)
+        # Paths open SQLite; callables open the connections themselves (PostgreSQL: aidc.state).
+        self.store = store_path() if callable(store_path) else Store(store_path)
+        self.audit = audit_path() if callable(audit_path) else AuditLog(audit_path, read_only=True)
         self.lock = threading.Lock()
         self.live = LiveFigure(spec)
         self.refusals = AggregatedRefusals(refusal_log)

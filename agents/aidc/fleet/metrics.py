@@ -23,17 +23,19 @@ PARTS = (("installed", "GPUs installed: every node of the pool, spares included"
 
 
 class FleetHealthCollector:
-    """Register in a CollectorRegistry; `audit_path` is the controller's audit log."""
+    """Register in a CollectorRegistry; `audit_path` is the controller's audit log: a SQLite
+    file, or a callable opening it (PostgreSQL, aidc.state)."""
 
-    def __init__(self, spec, audit_path: str | Path, rules: Rules | None = None):
-        self.audit_path = Path(audit_path)
+    def __init__(self, spec, audit_path, rules: Rules | None = None):
+        self.audit_path = audit_path if callable(audit_path) else Path(audit_path)
         self.live = LiveFigure(spec, rules)
         self.error: str | None = None  # why the last scrape had no figure (the log is not there yet)
 
     def _catch_up(self):
         from aidc.audit.log import AuditLog
 
-        with AuditLog(self.audit_path, read_only=True) as log:
+        opened = self.audit_path() if callable(self.audit_path) else AuditLog(self.audit_path, read_only=True)
+        with opened as log:
             return self.live.catch_up(log)
 
     def describe(self):

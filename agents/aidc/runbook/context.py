@@ -12,9 +12,9 @@ from aidc.runbook.actuators import Actuators, AnsiblePlaybookRunner, HttpMetrics
 from aidc.runbook.catalog import Catalog
 from aidc.runbook.engine import Engine
 from aidc.runbook.notifiers import notifier_from_spec
-from aidc.runbook.state import RunState
 from aidc.shipped import project_file
 from aidc.spec import ClusterSpec, load_stack, project_root
+from aidc.state import audit_log_for, run_state_for
 
 
 @dataclass
@@ -52,7 +52,8 @@ def build_engine(opts: EngineOptions) -> Engine:
     spec = load_stack(opts.stack)
     check_backend(spec)
     catalog = Catalog.load(opts.runbooks)
-    audit = AuditLog(opts.audit_db)
+    # The stack's `state:` names where runs and the audit log live: these files, or PostgreSQL.
+    audit = audit_log_for(spec.state, opts.audit_db)
     scheduler = scheduler_for(spec, opts.lab_dir, audit)
     # Kubernetes names nodes after hosts, not after the spec's pools: ask the cluster which
     # nodes are aidc's. Elsewhere the spec's node names are the scheduler's.
@@ -66,7 +67,7 @@ def build_engine(opts: EngineOptions) -> Engine:
         burnin=StageBurninRunner(spec, opts.lab_dir, audit, scheduler),
         notifier=notifier_from_spec(spec, opts.notify_file),
     )
-    return Engine(catalog=catalog, state=RunState(opts.state_db), audit=audit,
+    return Engine(catalog=catalog, state=run_state_for(spec.state, opts.state_db), audit=audit,
                   actuators=actuators, nodes=nodes, policy=spec.policy,
                   access_roles=dict(spec.access.roles), remediation=remediation_gate(spec, opts))
 
@@ -81,7 +82,7 @@ def remediation_gate(spec: ClusterSpec, opts: EngineOptions):
     if opts.remediation_db is None and spec.state.backend != "sqlite":
         from aidc.state import event_store_for
 
-        return RemediationGate(spec, event_store_for(spec.state, path), AuditLog(opts.audit_db),
+        return RemediationGate(spec, event_store_for(spec.state, path), audit_log_for(spec.state, opts.audit_db),
                                actor=default_actor("runbook"))
     if opts.remediation_db is None and not path.exists():
         return None

@@ -445,10 +445,7 @@ class Engine:
             with self.state.transaction() as db:
                 refusal = self._blast_radius(db, run) or self._breaker(db, run)
                 if not refusal:
-                    db.execute("UPDATE steps SET status='running', attempts=attempts+1, "
-                               "started_at=COALESCE(started_at, ?) WHERE run_id=? AND idx=?",
-                               (time.time(), run.id, row.idx))
-                    db.execute("UPDATE runs SET status='running', updated_at=? WHERE id=?", (time.time(), run.id))
+                    self.state.start_step(db, run.id, row.idx)
                     self._audit("runbook.step.started", f"{rb.name}/{step.id} on {run.node}", run.node, base)
             if refusal:
                 cause = "breaker_open" if "circuit breaker" in refusal else "blast_radius"

@@ -1,10 +1,13 @@
-"""Durable run state in SQLite (WAL): runs, their steps, per-node locks and seen alerts.
+"""Durable run state: runs, their steps, per-node locks and seen alerts; in SQLite (WAL) here,
+or in the shared PostgreSQL database (aidc.runbook.state_postgres, the same SQL).
 
 Everything the engine must remember across a crash lives here. A step is marked
 `running` (its intent, with the attempt count) *before* its action starts, so a restarted
 engine knows which action may have happened and reconciles it instead of repeating it.
 The per-node lock is a row, so it survives restarts; it is released only when its run
 finishes. Each thread gets its own connection (sqlite3 connections are not shareable).
+The SQL is written once for both backends: `?` placeholders, `ON CONFLICT DO NOTHING` and
+`RETURNING` (SQLite 3.35+).
 """
 
 from __future__ import annotations
@@ -146,15 +149,18 @@ class RunState:
         self._local = threading.local()
         self.db.executescript(SCHEMA)
 
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        enable_wal(conn)  # retried: another process may be opening the new database too
+        # FULL: a step's intent must be on disk before its action starts.
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
     @property
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            enable_wal(conn)  # retried: another process may be opening the new database too
-            # FULL: a step's intent must be on disk before its action starts.
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
+            conn = self._local.conn = self._connect()
         return conn
 
     def close(self) -> None:
@@ -180,10 +186,9 @@ class RunState:
                    steps: list[tuple[str, str]]) -> int:
         """Insert a run, its pending steps and its node lock (inside the caller's transaction)."""
         now = time.time()
-        cur = db.execute(
-            "INSERT INTO runs(runbook, node, status, trigger, created_at, updated_at) VALUES (?, ?, 'pending', ?, ?, ?)",
-            (runbook, node, json.dumps(trigger, sort_keys=True, default=str), now, now))
-        run_id = int(cur.lastrowid)
+        run_id = int(db.execute(
+            "INSERT INTO runs(runbook, node, status, trigger, created_at, updated_at) VALUES (?, ?, 'pending', ?, ?, ?) "
+            "RETURNING id", (runbook, node, json.dumps(trigger, sort_keys=True, default=str), now, now)).fetchone()[0])
         db.executemany("INSERT INTO steps(run_id, idx, step_id, kind, phase, status) VALUES (?, ?, ?, ?, 'main', 'pending')",
                        [(run_id, i, sid, kind) for i, (sid, kind) in enumerate(steps)])
         db.execute("INSERT INTO node_locks(node, run_id, acquired_at) VALUES (?, ?, ?)", (node, run_id, now))
@@ -259,9 +264,13 @@ class RunState:
     def mark_step_running(self, run_id: int, idx: int) -> None:
         """The intent record: written (and synced) before the step's action starts."""
         with self.transaction() as db:
-            db.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, "
-                       "started_at = COALESCE(started_at, ?) WHERE run_id = ? AND idx = ?", (time.time(), run_id, idx))
-            db.execute("UPDATE runs SET status = 'running', updated_at = ? WHERE id = ?", (time.time(), run_id))
+            self.start_step(db, run_id, idx)
+
+    def start_step(self, db, run_id: int, idx: int) -> None:
+        """mark_step_running inside the caller's transaction (one that also checked the blast radius)."""
+        db.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, "
+                   "started_at = COALESCE(started_at, ?) WHERE run_id = ? AND idx = ?", (time.time(), run_id, idx))
+        db.execute("UPDATE runs SET status = 'running', updated_at = ? WHERE id = ?", (time.time(), run_id))
 
     def finish_step(self, run_id: int, idx: int, status: str, result: dict) -> None:
         self.db.execute("UPDATE steps SET status = ?, finished_at = ?, result = ? WHERE run_id = ? AND idx = ?",
@@ -294,8 +303,8 @@ class RunState:
         return row[0]
 
     def record_alert(self, db: sqlite3.Connection, fingerprint: str, starts_at: str, run_id: int | None) -> None:
-        db.execute("INSERT OR IGNORE INTO alerts_seen(fingerprint, starts_at, run_id, first_seen) VALUES (?, ?, ?, ?)",
-                   (fingerprint, starts_at, run_id, time.time()))
+        db.execute("INSERT INTO alerts_seen(fingerprint, starts_at, run_id, first_seen) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT DO NOTHING", (fingerprint, starts_at, run_id, time.time()))
 
     def forget_alert(self, db: sqlite3.Connection, fingerprint: str, starts_at: str) -> None:
         db.execute("DELETE FROM alerts_seen WHERE fingerprint = ? AND starts_at = ?", (fingerprint, starts_at))
@@ -306,8 +315,8 @@ class RunState:
         return int(row[0])
 
     def approve(self, run_id: int, idx: int, by: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO approvals(run_id, idx, approved_by, approved_at) VALUES (?, ?, ?, ?)",
-                        (run_id, idx, by, time.time()))
+        self.db.execute("INSERT INTO approvals(run_id, idx, approved_by, approved_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT DO NOTHING", (run_id, idx, by, time.time()))
 
     def approval(self, run_id: int, idx: int) -> str | None:
         row = self.db.execute("SELECT approved_by FROM approvals WHERE run_id = ? AND idx = ?", (run_id, idx)).fetchone()

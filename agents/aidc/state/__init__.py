@@ -5,8 +5,8 @@ psycopg 3), shared by every controller replica.
 Backends are registered by name here, each a module holding `BACKEND` (see base.StateBackend);
 a module is imported only when its backend is used, so SQLite sites need no psycopg. This
 release puts the failover event store (events by key, node states, remediation history, the
-key/value settings the breaker latch and escalation keep) on either backend; runbook runs and
-the audit log follow through the same registry.
+key/value settings the breaker latch and escalation keep), the audit log (hash chain,
+signatures, the anchor) and the runbook engine's runs and steps on either backend.
 """
 
 from __future__ import annotations
@@ -55,3 +55,36 @@ def event_store_for(state, sqlite_path: str | os.PathLike) -> EventStore:
     if state.backend == "sqlite":
         return open_event_store("sqlite", sqlite_path)
     return open_event_store(state.backend, resolve_dsn(state))
+
+
+def open_audit_log(backend: str, location: str | os.PathLike, *, read_only: bool = False, signer=None,
+                   state_dir: str | os.PathLike | None = None):
+    """The audit log at `location`: a SQLite file path (its anchor file beside it), or a DSN."""
+    return backend_for(backend).open_audit_log(str(location), read_only=read_only, signer=signer,
+                                               state_dir=state_dir)
+
+
+def open_run_state(backend: str, location: str | os.PathLike):
+    """The runbook engine's run state at `location`: a SQLite file path, or a DSN."""
+    return backend_for(backend).open_run_state(str(location))
+
+
+def audit_log_for(state, sqlite_path: str | os.PathLike, *, read_only: bool = False, signer=None):
+    """The audit log a stack's `state:` section names; SQLite keeps using `sqlite_path`, and a
+    PostgreSQL log takes its signing sidecar (`<sqlite_path>.signing`) and installation record
+    from beside that path (the state directory), as the SQLite log there would."""
+    if state.backend == "sqlite":
+        return open_audit_log("sqlite", sqlite_path, read_only=read_only, signer=signer)
+    if signer is None and not read_only:
+        from aidc.audit.log import configured_signer
+
+        signer = configured_signer(sqlite_path)  # the keyring the state directory's sidecar names
+    return open_audit_log(state.backend, resolve_dsn(state), read_only=read_only, signer=signer,
+                          state_dir=os.path.dirname(os.path.abspath(sqlite_path)))
+
+
+def run_state_for(state, sqlite_path: str | os.PathLike):
+    """The run state a stack's `state:` section names; SQLite keeps using `sqlite_path`."""
+    if state.backend == "sqlite":
+        return open_run_state("sqlite", sqlite_path)
+    return open_run_state(state.backend, resolve_dsn(state))

@@ -48,3 +48,11 @@ class StateBackend(Protocol):
     def open_event_store(self, location: str) -> EventStore:
         """The event store at `location` (a file path, a DSN), made or migrated to this aidc's
         schema; raises errors.StateError when it cannot be reached or its schema is unknown."""
+
+    def open_audit_log(self, location: str, *, read_only: bool = False, signer=None, state_dir=None):
+        """The audit log at `location` (aidc.audit.log.AuditLog's interface): hash chain, record
+        signatures, and an anchor that only moves forward. `state_dir` names the installation
+        record whose key must have signed it, where the log has no directory of its own."""
+
+    def open_run_state(self, location: str):
+        """The runbook engine's durable run state (aidc.runbook.state.RunState's interface)."""

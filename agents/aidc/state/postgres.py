@@ -8,7 +8,9 @@ newer than this aidc knows, whose applied migrations differ from the shipped one
 aidc's tables without a version is refused, never guessed at.
 
 PostgresStore is aidc.store.Store on PostgreSQL, method by method. One connection in autocommit
-mode; `transaction()` is one PostgreSQL transaction.
+mode; `transaction()` is one PostgreSQL transaction. The audit log (aidc.audit.postgres) and the
+runbook run state (aidc.runbook.state_postgres) live in the same database, opened through
+`BACKEND` below; QmarkConnection lets them keep the SQLite code's query texts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ MIGRATIONS_DIR = "data/state/postgres"
 # pg_advisory_xact_lock key for migrations: any fixed 64-bit number, the same in every replica.
 MIGRATION_LOCK = 0x61696463_73746174  # "aidcstat"
 MIN_SERVER_VERSION = 150000
-OWN_TABLES = ("events", "node_state", "remediations", "kv")
+OWN_TABLES = ("events", "node_state", "remediations", "kv", "audit", "audit_signature", "audit_anchor",
+              "runs", "steps", "node_locks", "alerts_seen", "approvals")
 
 
 def _psycopg():
@@ -229,12 +232,67 @@ class PostgresStore:
                          "excluded.value", (key, value))
 
 
+
+
+def _pyformat(sql: str) -> str:
+    # The SQL handed over is aidc's own, with no '%' and no '?' inside its literals.
+    return sql.replace("?", "%s")
+
+
+class QmarkConnection:
+    """A psycopg connection that runs SQL written for sqlite3 (`?` placeholders), so that code
+    shared by both backends (aidc.runbook.state, aidc.audit.log) keeps one text per query."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql: str, args=()):
+        return self.conn.execute(_pyformat(sql), tuple(args) or None)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(_pyformat(sql), list(rows))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def display_name(dsn: str) -> str:
+    """How a state database is named in messages: `postgres:DBNAME` (never a password)."""
+    psycopg = _psycopg()
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:  # a malformed DSN: connect() reports it
+        return "postgres:(state database)"
+    return f"postgres:{params.get('dbname') or params.get('user') or '(default database)'}"
+
+
+def require_schema(conn, version: int, what: str) -> None:
+    """Refuse a database not migrated to at least `version` (read-only openers never migrate)."""
+    if conn.execute("SELECT to_regclass('aidc_schema_version')").fetchone()[0] is None:
+        raise StateError(f"the state database holds no aidc state (no schema version): {what} is not there")
+    current = conn.execute("SELECT max(version) FROM aidc_schema_version").fetchone()[0] or 0
+    if current < version:
+        raise StateError(f"the state database is at schema version {current}: {what} needs {version} "
+                         "(start a writer, or `aidc state migrate`, to bring it up)")
+
+
 @dataclass(frozen=True)
 class _Postgres:
     name: str = "postgres"
 
     def open_event_store(self, location: str) -> PostgresStore:
         return PostgresStore(location)
+
+    def open_audit_log(self, location: str, *, read_only: bool = False, signer=None, state_dir=None):
+        from aidc.audit.postgres import PostgresAuditLog
+
+        return PostgresAuditLog(location, read_only=read_only, signer=signer, state_dir=state_dir)
+
+    def open_run_state(self, location: str):
+        from aidc.runbook.state_postgres import PostgresRunState
+
+        return PostgresRunState(location)
 
 
 BACKEND = _Postgres()

@@ -60,7 +60,9 @@ class IngestServer:
                                                file=sys.stderr, flush=True))
         self.actor = default_actor("failover-ingest")
         self._lock = threading.Lock()
-        self.store, self.audit = Store(store_path), AuditLog(audit_path)
+        # A path opens SQLite; a callable opens the connection itself (PostgreSQL: aidc.state).
+        self.store = store_path() if callable(store_path) else Store(store_path)
+        self.audit = audit_path() if callable(audit_path) else AuditLog(audit_path)
         self.refusals = RefusalLog(self.audit, self.actor, lock=self._lock)
         self.api = None
         if spec is not None:
