@@ -102,6 +102,20 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self):
+        """One write transaction. A transaction opened inside another is part of it (the
+        failover loop decides a batch of events in one commit; each decision's own
+        transaction joins it), as PostgreSQL's nested transactions are savepoints of one."""
+        if self._db.in_transaction:
+            self._db.execute("SAVEPOINT nested")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK TO nested")
+                self._db.execute("RELEASE nested")
+                raise
+            else:
+                self._db.execute("RELEASE nested")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db

@@ -154,6 +154,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     ctl.probe = probe
     _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays) if options else None
+    if listener is not None:
+        listener.on_ingest = ctl.wake.set  # new events are decided at once, not at the next poll
     if getattr(ctl.scheduler, "on_quarantine", None):  # tells the lab's rendezvous (lab, lab on Slurm)
         # Warm: the rendezvous notification needs torch.distributed; import it now, not
         # on the failover path.

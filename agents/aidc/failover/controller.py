@@ -61,6 +61,10 @@ from aidc.store import Store
 
 OUT_OF_SERVICE = ("quarantining", "quarantined")
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
+# Events decided in one commit (one audit fsync and anchor update, one store commit). Larger
+# batches amortise more but hold the store's write lock longer (the listener waits on it) and
+# delay the commit of the batch's first decision.
+BATCH = 500
 
 
 class FailoverController:
@@ -73,7 +77,10 @@ class FailoverController:
         self.probe = None  # an aidc.probes.Probe: each loop turn is reported to /healthz and /readyz
         self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
         self.gate.refresh_metrics()
-        self.total_nodes = len(spec.nodes())
+        # The spec's node names, once: the blast radius reads them for every fatal event, and
+        # listing 100,000 nodes per decision made the cost of a decision grow with the fleet.
+        self.spec_names = frozenset(n.name for n in spec.nodes())
+        self.total_nodes = len(self.spec_names)
         self.inventory = NodeInventory(lambda: spec_inventory(scheduler, spec))
         self.refusals = RefusalLog(audit, self.actor)
         self.max_unavailable = spec.policy.max_unavailable_nodes(self.total_nodes)
@@ -97,6 +104,14 @@ class FailoverController:
         self._held = False
         self._lease_error: str | None = None
         self.wall_clock = time.time  # the store's clock: events' created_at
+        # Set by whoever stores new events in this process (the HTTPS listener, after its commit):
+        # the loop decides them at once instead of at its next poll.
+        self.wake = threading.Event()
+        # Within a batch (_decide_batch): the quarantines whose intents wait for the batch's
+        # commit before the scheduler is called, and the scheduler's out-of-service set, read once.
+        self._acts: list | None = None
+        self._wide: list[str] | None = None
+        self._more = False  # the last look found a full batch: look again without waiting
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -159,13 +174,38 @@ class FailoverController:
             self._recheck_due = now + self.spec.policy.deferred_recheck_s
         self.gate.refresh_metrics()  # a reset comes from another process (the CLI)
         self.refusals.flush(expired_only=True)
-        for event_id, event in self.store.pending(limit=1000 if full else 100, undecided_only=not full):
-            if backoff and self._retry_at.get(event_id, 0.0) > now:
-                continue
-            if may_act is not None and not may_act():
+        limit = 1000 if full else BATCH
+        rows = self.store.pending(limit=limit, undecided_only=not full)
+        self._more = len(rows) == limit
+        todo = [(i, e) for i, e in rows if not (backoff and self._retry_at.get(i, 0.0) > now)]
+        for first in range(0, len(todo), BATCH):
+            if not self._decide_batch(todo[first:first + BATCH], may_act, decisions):
                 break
-            decisions.append(self.handle(event_id, event))
         return decisions
+
+    def _decide_batch(self, batch: list[tuple[int, FaultEvent]], may_act, decisions: list[Decision]) -> bool:
+        """Decide `batch` in one store transaction and one audit batch, the audit log committed
+        first (a record is durable before the state it describes); then call the scheduler for
+        the quarantines it decided, each after its intent is committed. False when the lease
+        was lost (the rest waits for whoever holds it; an intent left is finished by recover())."""
+        self._acts, self._wide, held = [], None, True
+        try:
+            with self.store.transaction(), self.audit.batch():
+                for event_id, event in batch:
+                    if may_act is not None and not may_act():
+                        held = False
+                        break
+                    waiting = len(self._acts)
+                    decisions.append(self.handle(event_id, event))
+                    if len(self._acts) > waiting:
+                        self._acts[-1] = (len(decisions) - 1, self._acts[-1][1])
+        finally:
+            acts, self._acts, self._wide = self._acts, None, None
+        for index, args in acts:
+            if may_act is not None and not may_act():
+                return False
+            decisions[index] = self._act(*args)
+        return held
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
         """Act on events until `stop`; with a `lease`, only while holding it (one controller acts)."""
@@ -179,7 +219,9 @@ class FailoverController:
                 # standby takes over when the leader stops, so it belongs behind the Service too).
                 self.probe.ready()
                 self.probe.turned(leader=self._held)
-            stop.wait(poll_s)
+            if not self._more:  # a backlog is decided batch after batch; otherwise wait for news
+                self.wake.wait(poll_s)
+            self.wake.clear()
         self.refusals.flush()
         if lease is not None and self._held:
             lease.release()
@@ -326,12 +368,17 @@ class FailoverController:
         in_flight = [n for n in self.store.nodes_in_state("quarantining") if self.inventory.knows(n)]
         if wide is None:
             return [n for n in self.store.nodes_in_state(*OUT_OF_SERVICE) if self.inventory.knows(n)]
-        if getattr(self.scheduler, "reports_only_managed_nodes", False):
-            # Kubernetes: node names are the cluster's (hostnames), not the spec's derived names;
-            # the backend counts only nodes of aidc's pools (label aidc.dev/pool).
-            return sorted(set(wide()) | set(in_flight))
-        known = {n.name for n in self.spec.nodes()}
-        return sorted((set(wide()) & known) | set(in_flight))
+        if self._wide is None:  # once per batch: a scheduler round trip (scontrol, the API server)
+            out = wide()
+            self._wide = list(out if getattr(self.scheduler, "reports_only_managed_nodes", False)
+                              else set(out) & self.spec_names)
+        # Kubernetes: node names are the cluster's (hostnames), not the spec's derived names; the
+        # backend counts only nodes of aidc's pools (label aidc.dev/pool). Other backends: the
+        # spec's nodes. Outside a batch (a direct handle()) the read is not kept.
+        out_of_service = self._wide
+        if self._acts is None:
+            self._wide = None
+        return sorted(set(out_of_service) | set(in_flight))
 
     def _refuse_unknown(self, event_id: int, node: str) -> Decision:
         """Not a node of this scheduler: decided at once, never an intent (audited, aggregated)."""
@@ -370,6 +417,16 @@ class FailoverController:
                 self.store.put(f"intent_event:{node}", str(event_id))
                 self.store.put(f"intent_reason:{node}", reason)
                 self.store.put(f"intent_action:{node}", payload["action"])
+        if self._acts is not None:
+            # In a batch: the intent commits with the batch, and only then is the scheduler called
+            # (_decide_batch). Counted out of service meanwhile: its node state is quarantining.
+            self._acts.append((None, (event_id, node, reason, payload, retry, decided)))
+            return Decision(node, "quarantine", reason, False, event_id,
+                            decided_at=decided.ts if decided else time.time())
+        return self._act(event_id, node, reason, payload, retry, decided)
+
+    def _act(self, event_id: int, node: str, reason: str, payload: dict, retry: bool, decided) -> Decision:
+        """Call the scheduler for a quarantine whose intent is committed, and record the outcome."""
         started = time.monotonic()
         try:
             warning = self.scheduler.quarantine(node, reason, event=str(event_id))

@@ -9,7 +9,7 @@ name that is not one of the scheduler's nodes is refused with 422 and audited, a
 (aidc.nodenames). A valid batch is inserted under its idempotency keys (INSERT OR IGNORE) and
 committed before the answer, so a 200 means the events are durable, and a batch sent again
 after a lost answer changes nothing. The failover loop picks the new events up from the store
-like any other.
+like any other, woken by `on_ingest` when it runs in the same process.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ class IngestServer:
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc failover: {line}",
                                                file=sys.stderr, flush=True))
         self.actor = default_actor("failover-ingest")
+        # Called after each commit that stored new events: the controller in this process
+        # (FailoverController.wake.set) decides them now rather than at its next poll.
+        self.on_ingest = None
         self._lock = threading.Lock()
         self.store, self.audit = Store(store_path), AuditLog(audit_path)
         self.refusals = RefusalLog(self.audit, self.actor, lock=self._lock)
@@ -102,7 +105,9 @@ class IngestServer:
                           + (f" (nor of {len(foreign) - 1} other node(s))" if len(foreign) > 1 else ""))
         accepted, duplicates = [], []
         with self._lock:
-            with self.store.transaction():
+            # One store commit and one audit commit (one anchor update) per request, the audit
+            # log's first: a crash between the two may repeat records, never lose one.
+            with self.store.transaction(), self.audit.batch():
                 for key, event in batch:
                     if self.store.has_key(key):
                         duplicates.append(key)
@@ -114,6 +119,8 @@ class IngestServer:
                                                "observed_at": event.observed_at})
                     self.store.ingest(key, event)
                     accepted.append(key)
+        if accepted and self.on_ingest is not None:
+            self.on_ingest()
         return {"accepted": accepted, "duplicates": duplicates}
 
     # --- HTTP ------------------------------------------------------------------------------------
