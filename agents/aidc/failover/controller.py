@@ -297,8 +297,10 @@ class FailoverController:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",
                                 payload)
-        if not self.dry_run and self.store.node_state(node) == "quarantining":
+        acting = self._acts is not None and any(args[1] == node for _, args in self._acts)
+        if not self.dry_run and not acting and self.store.node_state(node) == "quarantining":
             # An earlier attempt wrote the intent and then failed (scheduler unreachable): finish it.
+            # (Not an intent of this batch: that one is acted on when the batch commits.)
             return self._quarantine(event_id, node, self.store.get(f"intent_reason:{node}") or "retried quarantine",
                                     payload, retry=True)
         try:
@@ -417,6 +419,10 @@ class FailoverController:
                 self.store.put(f"intent_event:{node}", str(event_id))
                 self.store.put(f"intent_reason:{node}", reason)
                 self.store.put(f"intent_action:{node}", payload["action"])
+                if self._acts is not None:
+                    # The breaker counts it from its intent: the batch's next decisions must see
+                    # it (recorded once per event: the record after the act changes nothing).
+                    self.gate.record(node, payload["action"], "failover", f"event {event_id}")
         if self._acts is not None:
             # In a batch: the intent commits with the batch, and only then is the scheduler called
             # (_decide_batch). Counted out of service meanwhile: its node state is quarantining.
