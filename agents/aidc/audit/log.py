@@ -329,14 +329,13 @@ class AuditLog:
             self._batch_depth, self._batch_head = 1, None
             try:
                 yield self
+                self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            else:
-                self._db.execute("COMMIT")
             finally:
-                self._batch_depth = 0
-            head, self._batch_head = self._batch_head, None
+                # Also after a rollback: the next append must read the head from the table.
+                head, self._batch_depth, self._batch_head = self._batch_head, 0, None
         if head is not None:
             self._write_anchor(*head)
 
@@ -358,8 +357,12 @@ class AuditLog:
         return self._append(kind, reason, actor, node, payload_json)
 
     def _insert(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str) -> AuditRecord:
-        """One record (and its signature) into the batch's open transaction."""
-        row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        """One record (and its signature) into the open transaction (the write lock is held, so
+        within a batch the head this connection appended last is the chain's head)."""
+        if self._batch_head is not None:
+            row = self._batch_head
+        else:
+            row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
         ts = time.time()
         digest = record_hash(prev, seq, ts, actor, node, kind, reason, payload_json)

@@ -97,7 +97,8 @@ def _listener(ctl, options, relays: dict[str, list[str]]):
         # The listener opens its own store by file; on PostgreSQL it is not moved over yet.
         raise AidcError("--listen needs state.backend sqlite for now (the listener's PostgreSQL store is not built yet)")
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays)
+        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays,
+                            write_lock=ctl.write_lock)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

@@ -112,6 +112,10 @@ class FailoverController:
         self._acts: list | None = None
         self._wide: list[str] | None = None
         self._more = False  # the last look found a full batch: look again without waiting
+        # Held while a batch writes. The listener in this process takes the same lock around its
+        # commits (aidc failover run), so the two writers queue here, woken at once, instead of
+        # in SQLite's busy handler, which sleeps in growing steps of up to 100 ms.
+        self.write_lock = threading.Lock()
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -190,7 +194,7 @@ class FailoverController:
         was lost (the rest waits for whoever holds it; an intent left is finished by recover())."""
         self._acts, self._wide, held = [], None, True
         try:
-            with self.store.transaction(), self.audit.batch():
+            with self.write_lock, self.store.transaction(), self.audit.batch():
                 for event_id, event in batch:
                     if may_act is not None and not may_act():
                         held = False

@@ -44,7 +44,7 @@ class IngestServer:
 
     def __init__(self, store_path, audit_path, nodes: set[str] | NodeInventory, tls: TLSConfig, host: str,
                  port: int, *, relays: Mapping[str, Iterable[str]] | None = None, request_timeout_s: float = 10.0,
-                 log=None):
+                 log=None, write_lock: threading.Lock | None = None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
         # The controller's NodeInventory (the scheduler's nodes), or a fixed set of names.
@@ -57,7 +57,9 @@ class IngestServer:
         # Called after each commit that stored new events: the controller in this process
         # (FailoverController.wake.set) decides them now rather than at its next poll.
         self.on_ingest = None
-        self._lock = threading.Lock()
+        # Guards this listener's store and audit connections; the controller of the same process
+        # passes its own write lock, so their commits queue on one lock (FailoverController.write_lock).
+        self._lock = write_lock or threading.Lock()
         self.store, self.audit = Store(store_path), AuditLog(audit_path)
         self.refusals = RefusalLog(self.audit, self.actor, lock=self._lock)
         limits = ServerLimits(header_timeout_s=request_timeout_s, body_timeout_s=request_timeout_s,
