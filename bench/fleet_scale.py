@@ -384,6 +384,9 @@ def run(args) -> dict:
                          "receiving fault events" in (tmp / "controller.log").read_text(), 300)
         if controller.poll() is not None:
             raise SystemExit("the controller stopped:\n" + (tmp / "controller.log").read_text()[-3000:])
+        state = SqliteState(lab) if args.state == "sqlite" else PostgresState(dsn)
+        # What an empty store takes (PostgreSQL's catalog: megabytes) is not the events'.
+        empty_bytes = state.bytes_on_disk() if args.state == "postgres" else 0
         # Racks to generator processes, round robin; each rack's certificate is its relay's.
         rack_cfgs = []
         for name, first, last in rack_list:
@@ -415,7 +418,6 @@ def run(args) -> dict:
             outputs.append(json.loads(lines[-1]) if lines else {"made": 0, "acked": 0, "requests": 0,
                                                                 "failed_requests": 0, "cpu_s": 0.0})
         made = sum(o["made"] for o in outputs)
-        state = SqliteState(lab) if args.state == "sqlite" else PostgresState(dsn)
         drain_until = time.monotonic() + args.drain_s
         while state.count_decided() < made and time.monotonic() < drain_until and controller.poll() is None:
             time.sleep(0.2)
@@ -428,7 +430,7 @@ def run(args) -> dict:
         latencies = [(at - observed) * 1000 for at, observed, _, _ in rows]
         storm_rows = [r for r in rows if r[3] == STORM_XID]
         sched = json.loads(stats.read_text()) if stats.exists() else {"requests": {}, "cpu_s": None}
-        store_bytes = state.bytes_on_disk() + sqlite_bytes(lab / "audit.db")
+        store_bytes = state.bytes_on_disk() - empty_bytes + sqlite_bytes(lab / "audit.db")
         first_seen = min((r[1] for r in rows), default=t0)
         last_decided = max((r[0] for r in rows), default=t0)
         result = {

@@ -199,6 +199,10 @@ def default_actor(stage: str) -> str:
 
 
 class AuditLog:
+    # A batch (see batch()): its open transaction's depth and the head it has appended so far.
+    _batch_depth = 0
+    _batch_head: tuple[int, str] | None = None
+
     def __init__(self, path: str | Path, *, read_only: bool = False, signer=None):
         """`signer`: a KeyProvider that signs each record and the anchor; a writer without one
         uses the keyring the sidecar `<db>.signing` names, if there is one."""
@@ -209,10 +213,7 @@ class AuditLog:
         self._anchor_lock_path = self.anchor_path.with_name(self.anchor_path.name + ".lock")
         # Threads may share one AuditLog (and so one connection, whose transaction state is
         # shared too): one append at a time, and no read in the middle of an append.
-        self._lock = threading.RLock()
-        # A batch (see batch()): its open transaction's depth and the head it has appended so far.
-        self._batch_depth = 0
-        self._batch_head: tuple[int, str] | None = None
+        self._lock = threading.RLock()  # re-entered by the appends inside a batch
         if read_only:
             if not self.path.is_file():
                 raise AuditError(f"no audit database at {self.path}" if not self.path.exists()
@@ -316,6 +317,9 @@ class AuditLog:
         until the batch ends (its connection's transaction is the batch's)."""
         if self.read_only:
             raise AuditError(f"{self.path} was opened read-only")
+        if not isinstance(self._db, sqlite3.Connection):
+            yield self  # a log on another backend (a subclass) commits each append by itself
+            return
         with self._lock:
             if self._batch_depth:
                 self._batch_depth += 1

@@ -93,11 +93,13 @@ def _listener(ctl, options, relays: dict[str, list[str]]):
     from aidc.transport.ingest import IngestServer
 
     host, port, tls = options
-    if ctl.store.path is None:
-        # The listener opens its own store by file; on PostgreSQL it is not moved over yet.
-        raise AidcError("--listen needs state.backend sqlite for now (the listener's PostgreSQL store is not built yet)")
+    store = ctl.store.path
+    if store is None:  # PostgreSQL: the listener's own connection to the same database
+        from aidc.state import event_store_for
+
+        store = lambda: event_store_for(ctl.spec.state, ctl.audit.path.parent / "state.db")  # noqa: E731
     try:
-        return IngestServer(ctl.store.path, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays,
+        return IngestServer(store, ctl.audit.path, ctl.inventory, tls, host, port, relays=relays,
                             write_lock=ctl.write_lock)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -60,7 +60,10 @@ class IngestServer:
         # Guards this listener's store and audit connections; the controller of the same process
         # passes its own write lock, so their commits queue on one lock (FailoverController.write_lock).
         self._lock = write_lock or threading.Lock()
-        self.store, self.audit = Store(store_path), AuditLog(audit_path)
+        # A store file (SQLite), or a callable opening the listener's own connection to the
+        # controller's event store (PostgreSQL: `state.backend`).
+        self.store = store_path() if callable(store_path) else Store(store_path)
+        self.audit = AuditLog(audit_path)
         self.refusals = RefusalLog(self.audit, self.actor, lock=self._lock)
         limits = ServerLimits(header_timeout_s=request_timeout_s, body_timeout_s=request_timeout_s,
                               max_body_bytes=wire.MAX_BODY_BYTES)
