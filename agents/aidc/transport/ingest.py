@@ -114,15 +114,15 @@ class IngestServer:
             # log's first: a crash between the two may repeat records, never lose one.
             with self.store.transaction(), self.audit.batch():
                 for key, event in batch:
-                    if self.store.has_key(key):
+                    if self.store.ingest(key, event) is None:  # this key is here already
                         duplicates.append(key)
                         continue
-                    # Audited before the commit it describes: a crash may repeat the record, not lose it.
+                    # Audited before the store's commit (the audit batch commits first): a crash
+                    # may repeat the record, not lose it.
                     self.audit.append("transport.received", event.message, actor=self.actor, node=event.node,
                                       payload={"key": key, "client": client, "kind": event.kind.value,
                                                "action": event.action.value, "xid": event.xid,
                                                "observed_at": event.observed_at})
-                    self.store.ingest(key, event)
                     accepted.append(key)
         if accepted and self.on_ingest is not None:
             self.on_ingest()
