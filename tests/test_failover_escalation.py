@@ -14,14 +14,12 @@ import json
 
 import pytest
 
-from aidc.audit import AuditLog
 from aidc.errors import PolicyRefusal
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import FailoverController
 from aidc.failover.metrics import FailoverMetrics
 from aidc.failover.remediation import LADDER, RemediationGate, climb
 from aidc.spec import parse_spec
-from aidc.state import open_event_store
 from tests.test_failover import RecordingScheduler
 
 T0 = 1_790_000_000.0  # observation times are the agent's clock, given here
@@ -38,12 +36,9 @@ def fault(node="gpu-1", xid=8, action=Action.RESTART_APP, gpu=0, at=T0):
 
 
 @pytest.fixture
-def env(tmp_path, state_location):
+def env(store_and_audit):
     """A store on each state backend (tests/conftest.py: state_location) and an audit log."""
-    store, audit = open_event_store(*state_location), AuditLog(tmp_path / "audit.db")
-    yield store, audit
-    store.close()
-    audit.close()
+    return store_and_audit
 
 
 def controller(env, metrics=None, **policy):

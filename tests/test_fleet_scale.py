@@ -18,7 +18,6 @@ from aidc.errors import SpecError
 from aidc.events import Action, FaultEvent, FaultKind
 from aidc.failover.controller import BATCH, FailoverController
 from aidc.spec import MAX_NODES, parse_stack_text
-from aidc.state import open_event_store
 from aidc.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +66,8 @@ def fault(node: str, xid: int = 43, action: Action = Action.IGNORE) -> FaultEven
 
 
 @pytest.fixture
-def env(tmp_path, state_location):
-    store, audit = open_event_store(*state_location), AuditLog(tmp_path / "audit.db")
-    yield store, audit
-    store.close()
-    audit.close()
+def env(store_and_audit):
+    return store_and_audit
 
 
 # --- the spec ----------------------------------------------------------------------------------------
