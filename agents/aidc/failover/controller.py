@@ -111,6 +111,7 @@ class FailoverController:
         # commit before the scheduler is called, and the scheduler's out-of-service set, read once.
         self._acts: list | None = None
         self._wide: list[str] | None = None
+        self._out: list[str] | None = None
         self._more = False  # the last look found a full batch: look again without waiting
         # Held while a batch writes. The listener in this process takes the same lock around its
         # commits (aidc failover run), so the two writers queue here, woken at once, instead of
@@ -192,7 +193,7 @@ class FailoverController:
         first (a record is durable before the state it describes); then call the scheduler for
         the quarantines it decided, each after its intent is committed. False when the lease
         was lost (the rest waits for whoever holds it; an intent left is finished by recover())."""
-        self._acts, self._wide, held = [], None, True
+        self._acts, self._wide, self._out, held = [], None, None, True
         try:
             with self.write_lock, self.store.transaction(), self.audit.batch():
                 for event_id, event in batch:
@@ -204,11 +205,17 @@ class FailoverController:
                     if len(self._acts) > waiting:
                         self._acts[-1] = (len(decisions) - 1, self._acts[-1][1])
         finally:
-            acts, self._acts, self._wide = self._acts, None, None
-        for index, args in acts:
-            if may_act is not None and not may_act():
-                return False
-            decisions[index] = self._act(*args)
+            acts, self._acts, self._wide, self._out = self._acts, None, None, None
+        if not acts:
+            return held
+        # The batch's quarantines, their records in one audit commit before one store commit.
+        # A crash before these commits leaves the intents, which recover() finishes (the
+        # scheduler's calls are idempotent), as after a crash in any single quarantine.
+        with self.write_lock, self.store.transaction(), self.audit.batch():
+            for index, args in acts:
+                if may_act is not None and not may_act():
+                    return False
+                decisions[index] = self._act(*args)
         return held
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
@@ -312,7 +319,7 @@ class FailoverController:
         except Exception as exc:
             return self._failed(event_id, node, f"cannot read the out-of-service nodes from {self.scheduler.name}: "
                                 f"{exc}; the event stays pending and is retried", payload, exc)
-        unavailable += [n for n in self._would_quarantine if n not in unavailable]
+        unavailable = unavailable + [n for n in self._would_quarantine if n not in unavailable]
         # In dry-run the nodes it would have quarantined count as out: "would be", not "are".
         dry = "dry-run: " if self.dry_run else ""
         if node in unavailable:
@@ -324,7 +331,7 @@ class FailoverController:
         if len(unavailable) + 1 > self.max_unavailable:
             # Under dry-run the refusal is said as one ("WOULD BE REFUSED"), never as a plan to act.
             reason = (f"{'dry-run: WOULD BE REFUSED: ' if self.dry_run else ''}blast radius: {len(unavailable)} node(s) out of service"
-                      f" ({', '.join(unavailable) or '-'}), max_unavailable is {self.max_unavailable};"
+                      f" ({_some(unavailable)}), max_unavailable is {self.max_unavailable};"
                       " alerting instead of quarantining")
             return self._defer(event_id, node, "refused_blast_radius", reason, payload, alert=True)
         refusal = self.gate.admit(node, self.dry_run, ref=f"event {event_id}")
@@ -367,7 +374,17 @@ class FailoverController:
 
     def _unavailable(self) -> list[str]:
         """Nodes out of service: the scheduler's cluster-wide truth when it has one (plus this
-        controller's intents in flight), else the store's node states."""
+        controller's intents in flight), else the store's node states. Within a batch it is
+        read once and kept up to date by the batch's own intents (_quarantine, _drop_intent):
+        a storm's every refusal re-reading it made a batch's cost grow with the storm."""
+        if self._acts is not None and self._out is not None:
+            return self._out
+        out = self._read_unavailable()
+        if self._acts is not None:
+            self._out = out
+        return out
+
+    def _read_unavailable(self) -> list[str]:
         wide = getattr(self.scheduler, "out_of_service", None)
         # A name the scheduler does not list is no node out of service (an intent a store holds
         # from before names were checked would otherwise use up the blast radius for good).
@@ -398,6 +415,7 @@ class FailoverController:
 
     def _drop_intent(self, node: str, event_id: int | None) -> None:
         """An intent for a name the scheduler does not list can never be finished: drop it."""
+        self._out = None  # the batch's out-of-service list is read again
         self.audit.append("failover.intent_dropped", f"intent for {shown(node)} dropped: not a node "
                           f"{self.scheduler.name} knows", actor=self.actor,
                           payload={"name": shown(node), "event_id": event_id})
@@ -431,6 +449,8 @@ class FailoverController:
             # In a batch: the intent commits with the batch, and only then is the scheduler called
             # (_decide_batch). Counted out of service meanwhile: its node state is quarantining.
             self._acts.append((None, (event_id, node, reason, payload, retry, decided)))
+            if self._out is not None and node not in self._out:
+                self._out = sorted(self._out + [node])
             return Decision(node, "quarantine", reason, False, event_id,
                             decided_at=decided.ts if decided else time.time())
         return self._act(event_id, node, reason, payload, retry, decided)
@@ -503,6 +523,15 @@ class FailoverController:
             self.store.set_node_state(node, "in_service", reason, actor)
             bump_capacity(self.store)  # events deferred for capacity are decided again now
         return described
+
+
+def _some(names: list[str], shown_at_most: int = 20) -> str:
+    """Names for a sentence, at most `shown_at_most` of them: a storm's refusals would otherwise
+    each carry the whole out-of-service list into the audit log."""
+    if not names:
+        return "-"
+    rest = len(names) - shown_at_most
+    return ", ".join(names[:shown_at_most]) + (f" and {rest} more" if rest > 0 else "")
 
 
 def _with_warning(reason: str, warning: str | None) -> str:
