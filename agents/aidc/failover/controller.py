@@ -27,7 +27,9 @@ Crash safety: the intent (`quarantining`) is written before the scheduler is cal
 the event is marked handled only after; a restarted controller finishes an interrupted
 quarantine (the backend's calls are idempotent) and never acts twice on one event. Each
 audit record is appended before the store commit it describes, so a crash in between
-may repeat a record after the restart but never loses one.
+may repeat a record after the restart but never loses one. The loop does this per batch
+(`_decide_batch`): up to BATCH decisions in one audit commit, then one store commit; the
+batch's quarantines are then acted on, their intents already committed.
 
 A scheduler that cannot be reached (slurmctld down) leaves the event pending and its intent
 in place: it is retried on the next poll, audited once when it fails and once when it succeeds.
