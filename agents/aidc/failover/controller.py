@@ -183,8 +183,10 @@ class FailoverController:
         self.refusals.flush(expired_only=True)
         limit = 1000 if full else BATCH
         rows = self.store.pending(limit=limit, undecided_only=not full)
-        self._more = len(rows) == limit
         todo = [(i, e) for i, e in rows if not (backoff and self._retry_at.get(i, 0.0) > now)]
+        # Look again at once only if this look had work: a full page of events that all wait out
+        # their backoff (a scheduler down) must not spin the loop.
+        self._more = len(rows) == limit and bool(todo)
         for first in range(0, len(todo), BATCH):
             if not self._decide_batch(todo[first:first + BATCH], may_act, decisions):
                 break
