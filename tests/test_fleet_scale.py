@@ -152,6 +152,21 @@ def test_a_quarantine_the_scheduler_fails_keeps_its_committed_intent_for_the_ret
     assert store.node_state("gpu-7") == "quarantined" and ctl.scheduler.calls == ["gpu-7"]
 
 
+def test_events_that_all_wait_out_their_backoff_do_not_make_the_loop_look_again_at_once(env, monkeypatch):
+    from aidc.failover import controller
+
+    store, audit = env
+    monkeypatch.setattr(controller, "BATCH", 3)
+    for i in range(3):
+        store.append(fault(f"gpu-{i}"))
+    sched = CountingScheduler()
+    sched.known_nodes = lambda: (_ for _ in ()).throw(RuntimeError("API server down"))
+    ctl = FailoverController(parse_stack_text(stack(10)), store, audit, sched)
+    assert [d.verdict for d in ctl.run_once(backoff=True)] == ["error"] * 3
+    assert ctl.run_once(backoff=True) == []  # a full page, every event in its backoff
+    assert ctl._more is False  # so the loop waits for its poll or a wake, instead of spinning
+
+
 def test_the_loop_decides_more_events_than_a_batch_holds_without_waiting_for_a_poll(tmp_path):
     store, audit = Store(tmp_path / "state.db"), AuditLog(tmp_path / "audit.db")
     spec = parse_stack_text(stack(3 * BATCH))
