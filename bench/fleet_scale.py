@@ -277,10 +277,6 @@ def proc_rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def decided_count(state) -> int:
-    return state.count_decided()
-
-
 def sqlite_bytes(db: Path) -> int:
     """The database's size once its write-ahead log is folded in (the WAL's preallocated pages
     and the shared-memory index are not stored data)."""
@@ -518,7 +514,8 @@ def main() -> int:
     ap.add_argument("--storm", type=float, default=0.0,
                     help="fraction of nodes that raise a fatal fault (XID 79) within 30 s, e.g. 0.1")
     ap.add_argument("--state", choices=("sqlite", "postgres"), default="sqlite", help="the controller's state backend")
-    ap.add_argument("--dsn", help="with --state postgres: use this PostgreSQL instead of starting one")
+    ap.add_argument("--dsn", help="with --state postgres: use this PostgreSQL database (an empty one: its events are "
+                    "counted) instead of starting one")
     ap.add_argument("--generators", type=int, default=2, help="fleet processes (default 2)")
     ap.add_argument("--rack-size", type=int, default=5000, help="nodes per relay (default 5000)")
     ap.add_argument("--drain-s", type=float, default=60.0,
