@@ -102,3 +102,15 @@ def state_location(request, tmp_path):
         return "sqlite", str(tmp_path / "state.db")
     pytest.importorskip("psycopg", reason="psycopg 3 is not installed: pip install 'aidc[postgres]'")
     return "postgres", request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+def store_and_audit(tmp_path, state_location):
+    """(event store, audit log): the store on each state backend (state_location), the log a file."""
+    from aidc.audit import AuditLog
+    from aidc.state import open_event_store
+
+    store, audit = open_event_store(*state_location), AuditLog(tmp_path / "audit.db")
+    yield store, audit
+    store.close()
+    audit.close()

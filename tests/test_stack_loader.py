@@ -108,7 +108,7 @@ def test_every_size_has_an_upper_bound(tmp_path, line, key):
 
 
 def test_too_many_nodes_in_all_pools_together_is_refused(tmp_path):
-    pools = "[" + ", ".join(f"{{name: p{i}, count: 10000, gpu_model: SIM, gpus_per_node: 1}}" for i in range(8)) + "]"
+    pools = "[" + ", ".join(f"{{name: p{i}, count: 15000, gpu_model: SIM, gpus_per_node: 1}}" for i in range(8)) + "]"
     _refused(tmp_path, _stack_text(pools=pools), "aidc:cluster.node_pools", "nodes")
 
 

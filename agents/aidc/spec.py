@@ -33,7 +33,10 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 # Upper bounds for a real cluster, so that no value in a stack file can make the agent, the burn-in,
 # the Pulumi program or an error message handle more than a real cluster needs.
 MAX_STACK_BYTES = 1 << 20  # real stack files are a few KiB
-MAX_NODES = 50_000  # nodes in all pools together, spares included (200,000 GPUs at 8 a node is 25,000)
+# Nodes in all pools together, spares included (800,000 GPUs at 8 a node is 100,000). Sized by
+# what the controller was measured to hold (bench/fleet_scale.py, docs/benchmarks.md); nothing
+# in the spec, the inventory or the blast radius costs more than linear time in it.
+MAX_NODES = 100_000
 MAX_BUFFER_BYTES = 8 << 30  # burn-in buffers: the usual nccl-tests sweep ends at 8 GiB (-e 8G)
 MAX_VOLUME_BYTES = 1 << 60  # 1 EiB: larger than any parallel filesystem in service
 MAX_LISTED_PROBLEMS = 100  # `aidc spec check` lists this many problems of one file, then counts the rest
@@ -66,7 +69,7 @@ class _Strict(BaseModel):
 
 class NodePool(_Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
-    count: Annotated[int, Field(ge=1, le=10000)]
+    count: Annotated[int, Field(ge=1, le=MAX_NODES)]
     # The JSON Schema lists the catalog's models (read when the schema is made).
     gpu_model: Annotated[str, Field(max_length=256, json_schema_extra=lambda schema: schema.update(
         enum=sorted(gpu_models())))]
@@ -496,6 +499,25 @@ class Access(_Strict):
                           Literal["viewer", "operator", "approver"]], Field(max_length=1024)] = {}
 
 
+NODE_RANGE = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9_.-]*)\[(?P<first>[0-9]{1,6})-(?P<last>[0-9]{1,6})\]$")
+
+
+def expand_node_ranges(entries: list[str]) -> list[str]:
+    """Node names, with each `PREFIX[A-B]` entry standing for PREFIXA .. PREFIXB (A <= B, at most
+    MAX_NODES names in all): the form of the spec's derived names (`gpu-0`, `gpu-spare-3`)."""
+    names: list[str] = []
+    for entry in entries:
+        match = NODE_RANGE.match(entry)
+        if match is None:
+            names.append(entry)
+            continue
+        first, last = int(match["first"]), int(match["last"])
+        if first > last or len(names) + last - first + 1 > MAX_NODES:
+            raise ValueError(f"{entry!r}: a range [A-B] with A <= B, naming at most {MAX_NODES} nodes in all")
+        names += [f"{match['prefix']}{i}" for i in range(first, last + 1)]
+    return names
+
+
 CertName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")]
 
 
@@ -507,6 +529,13 @@ class Transport(_Strict):
     relays: Annotated[dict[CertName, Annotated[list[Annotated[str, Field(max_length=253)]],
                                                Field(min_length=1, max_length=MAX_NODES)]],
                       Field(max_length=1024)] = {}
+
+    @field_validator("relays")
+    @classmethod
+    def _expand_ranges(cls, relays: dict[str, list[str]]) -> dict[str, list[str]]:
+        # A rack's relay at fleet scale speaks for thousands of nodes: `gpu-[0-4999]` names them
+        # in one entry (a stack file stays a few KiB at 100,000 nodes); the lists hold names.
+        return {relay: expand_node_ranges(entries) for relay, entries in relays.items()}
 
 
 class NotifyTarget(_Strict):

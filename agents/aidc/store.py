@@ -87,6 +87,9 @@ class Store:
                         self._db.execute(f"ALTER TABLE events ADD COLUMN {name} {kind}")
         self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_key ON events(key)")
         self._db.execute("CREATE INDEX IF NOT EXISTS events_outbox ON events(forwarded_at, node, id)")
+        # node_history (escalation reads it for every event decided): without it each decision
+        # scanned every event stored, and a decision cost grew with the store.
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_node ON events(node, id)")
         if self._db.execute("SELECT 1 FROM events WHERE key IS NULL LIMIT 1").fetchone():
             store_id = self._store_id()
             with self.transaction():
@@ -102,6 +105,20 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self):
+        """One write transaction. A transaction opened inside another is part of it (the
+        failover loop decides a batch of events in one commit; each decision's own
+        transaction joins it), as PostgreSQL's nested transactions are savepoints of one."""
+        if self._db.in_transaction:
+            self._db.execute("SAVEPOINT nested")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK TO nested")
+                self._db.execute("RELEASE nested")
+                raise
+            else:
+                self._db.execute("RELEASE nested")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db

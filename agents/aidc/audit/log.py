@@ -4,7 +4,8 @@ Each record's hash covers its own fields and the previous record's hash, so edit
 deleting or reordering any row breaks the chain at that row. Truncating the tail
 leaves a valid but shorter chain; that is caught by the anchor file beside the
 database (`<db>.anchor`: the last sequence number and hash), rewritten after every
-append under a lock file (`<db>.anchor.lock`) so that it only ever moves forward. A
+append (or once per batch: `batch()` commits many records in one transaction, the
+controller's decision loop and the event listener use it) under a lock file (`<db>.anchor.lock`) so that it only ever moves forward. A
 writer creates the anchor (record 0) before the first record, so a log with rows and
 no anchor has lost it: writers refuse to append to it until a person runs
 `aidc audit reanchor` (an audited record of the gap).
@@ -26,6 +27,7 @@ verification failure, and writers refuse to append (before committing) until it 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -197,6 +199,10 @@ def default_actor(stage: str) -> str:
 
 
 class AuditLog:
+    # A batch (see batch()): its open transaction's depth and the head it has appended so far.
+    _batch_depth = 0
+    _batch_head: tuple[int, str] | None = None
+
     def __init__(self, path: str | Path, *, read_only: bool = False, signer=None):
         """`signer`: a KeyProvider that signs each record and the anchor; a writer without one
         uses the keyring the sidecar `<db>.signing` names, if there is one."""
@@ -207,7 +213,7 @@ class AuditLog:
         self._anchor_lock_path = self.anchor_path.with_name(self.anchor_path.name + ".lock")
         # Threads may share one AuditLog (and so one connection, whose transaction state is
         # shared too): one append at a time, and no read in the middle of an append.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by the appends inside a batch
         if read_only:
             if not self.path.is_file():
                 raise AuditError(f"no audit database at {self.path}" if not self.path.exists()
@@ -304,6 +310,44 @@ class AuditLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def batch(self):
+        """Append many records as one commit with one anchor update (signed when signing).
+
+        Inside the block every append joins one transaction, which commits when the block ends:
+        all its records or none, one fsync instead of one per record, and the anchor (the signed
+        head) rewritten once, naming the batch's last record. The caller's own store commit goes
+        after the block, so a record is still durable before the state change it describes.
+        Nested batches are part of the outermost one. Other threads using this AuditLog wait
+        until the batch ends (its connection's transaction is the batch's)."""
+        if self.read_only:
+            raise AuditError(f"{self.path} was opened read-only")
+        if not isinstance(self._db, sqlite3.Connection):
+            yield self  # a log on another backend (a subclass) commits each append by itself
+            return
+        with self._lock:
+            if self._batch_depth:
+                self._batch_depth += 1
+                try:
+                    yield self
+                finally:
+                    self._batch_depth -= 1
+                return
+            self._check_can_append()  # once for the batch: the anchor is this writer's until it ends
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batch_depth, self._batch_head = 1, None
+            try:
+                yield self
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                # Also after a rollback: the next append must read the head from the table.
+                head, self._batch_depth, self._batch_head = self._batch_head, 0, None
+        if head is not None:
+            self._write_anchor(*head)
+
     def append(self, kind: str, reason: str, *, actor: str, node: str | None = None,
                payload: dict | None = None) -> AuditRecord:
         if self.read_only:
@@ -311,10 +355,35 @@ class AuditLog:
         # Strict JSON: a non-finite float is written as its name, so every record stays readable
         # by strict consumers (and by SQLite's JSON functions).
         payload_json = strict_json.dumps(payload or {}, sort_keys=True)
+        with self._lock:
+            if self._batch_depth:  # checked when the batch began; it commits and anchors at its end
+                record = self._insert(kind, reason, actor, node, payload_json)
+                self._batch_head = (record.seq, record.hash)
+                return record
         # A bad or missing anchor is refused before the record commits: failing after the
         # commit would tell the caller its record was not written when it was.
         self._check_can_append()
         return self._append(kind, reason, actor, node, payload_json)
+
+    def _insert(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str) -> AuditRecord:
+        """One record (and its signature) into the open transaction (the write lock is held, so
+        within a batch the head this connection appended last is the chain's head)."""
+        if self._batch_head is not None:
+            row = self._batch_head
+        else:
+            row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        ts = time.time()
+        digest = record_hash(prev, seq, ts, actor, node, kind, reason, payload_json)
+        self._db.execute("INSERT INTO audit(seq, ts, actor, node, kind, reason, payload, prev_hash, hash) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (seq, ts, actor, node, kind, reason, payload_json, prev, digest))
+        if self.signer is not None:
+            self._db.execute(
+                "INSERT OR REPLACE INTO audit_signature(seq, key_id, key_version, signature) VALUES (?, ?, ?, ?)",
+                (seq, self.signer.key_id, self.signer.signing_key_version,
+                 base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode()))
+        return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
 
     def _append(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str,
                 force_anchor: bool = False) -> AuditRecord:
@@ -322,26 +391,13 @@ class AuditLog:
             # BEGIN IMMEDIATE serialises writers across processes: the chain has one head.
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-                ts = time.time()
-                digest = record_hash(prev, seq, ts, actor, node, kind, reason, payload_json)
-                self._db.execute(
-                    "INSERT INTO audit(seq, ts, actor, node, kind, reason, payload, prev_hash, hash) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (seq, ts, actor, node, kind, reason, payload_json, prev, digest),
-                )
-                if self.signer is not None:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO audit_signature(seq, key_id, key_version, signature) VALUES (?, ?, ?, ?)",
-                        (seq, self.signer.key_id, self.signer.signing_key_version,
-                         base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode()))
+                record = self._insert(kind, reason, actor, node, payload_json)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        self._write_anchor(seq, digest, force=force_anchor)
-        return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
+        self._write_anchor(record.seq, record.hash, force=force_anchor)
+        return record
 
     def _write_anchor(self, seq: int, digest: str, force: bool = False) -> None:
         # A writer that crashed between COMMIT and here leaves the anchor one record behind;

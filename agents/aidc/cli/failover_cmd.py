@@ -105,7 +105,8 @@ def _listener(ctl, options, relays: dict[str, list[str]], lab_dir: Path, api_tok
 
     host, port, tls = options
     # The listener keeps connections of its own (its requests run on another thread): on
-    # SQLite the controller's files, on PostgreSQL the same database, opened again.
+    # SQLite the controller's files, on PostgreSQL the same database, opened again. Its commits
+    # queue on the controller's write lock.
     if ctl.spec.state.backend == "sqlite":
         store_at, audit_at = ctl.store.path, ctl.audit.path
     else:
@@ -118,7 +119,7 @@ def _listener(ctl, options, relays: dict[str, list[str]], lab_dir: Path, api_tok
     tokens = load_token_map(api_token_map) if api_token_map is not None else None
     try:
         return IngestServer(store_at, audit_at, ctl.inventory, tls, host, port, relays=relays,
-                            spec=ctl.spec, roles=roles, token_map=tokens)
+                            write_lock=ctl.write_lock, spec=ctl.spec, roles=roles, token_map=tokens)
     except OSError as exc:
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -191,6 +192,8 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                  else (lambda: _audit_log(ctl.spec, lab_dir)))
     _install_if_new(ctl.spec, stack, lab_dir)
     listener = _listener(ctl, options, relays, lab_dir, api_token_map) if options else None
+    if listener is not None:
+        listener.on_ingest = ctl.wake.set  # new events are decided at once, not at the next poll
     if getattr(ctl.scheduler, "on_quarantine", None) and (lab_dir / "lab.json").exists():
         # Tells the lab's rendezvous (lab, lab on Slurm). Warm: the notification needs
         # torch.distributed; import it now, not on the failover path. A state directory with no

@@ -27,7 +27,9 @@ Crash safety: the intent (`quarantining`) is written before the scheduler is cal
 the event is marked handled only after; a restarted controller finishes an interrupted
 quarantine (the backend's calls are idempotent) and never acts twice on one event. Each
 audit record is appended before the store commit it describes, so a crash in between
-may repeat a record after the restart but never loses one.
+may repeat a record after the restart but never loses one. The loop does this per batch
+(`_decide_batch`): up to BATCH decisions in one audit commit, then one store commit; the
+batch's quarantines are then acted on, their intents already committed.
 
 A scheduler that cannot be reached (slurmctld down) leaves the event pending and its intent
 in place: it is retried on the next poll, audited once when it fails and once when it succeeds.
@@ -68,6 +70,10 @@ from aidc.store import Store
 
 OUT_OF_SERVICE = ("quarantining", "quarantined")
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
+# Events decided in one commit (one audit fsync and anchor update, one store commit). Larger
+# batches amortise more but hold the store's write lock longer (the listener waits on it) and
+# delay the commit of the batch's first decision.
+BATCH = 500
 
 
 class FailoverController:
@@ -80,7 +86,10 @@ class FailoverController:
         self.probe = None  # an aidc.probes.Probe: each loop turn is reported to /healthz and /readyz
         self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
         self.gate.refresh_metrics()
-        self.total_nodes = len(spec.nodes())
+        # The spec's node names, once: the blast radius reads them for every fatal event, and
+        # listing 100,000 nodes per decision made the cost of a decision grow with the fleet.
+        self.spec_names = frozenset(n.name for n in spec.nodes())
+        self.total_nodes = len(self.spec_names)
         self.inventory = NodeInventory(lambda: spec_inventory(scheduler, spec))
         self.refusals = RefusalLog(audit, self.actor)
         self.max_unavailable = spec.policy.max_unavailable_nodes(self.total_nodes)
@@ -106,6 +115,19 @@ class FailoverController:
         # The lease's fencing check, run inside each recording transaction (None: no fencing).
         self.fence = None
         self.wall_clock = time.time  # the store's clock: events' created_at
+        # Set by whoever stores new events in this process (the HTTPS listener, after its commit):
+        # the loop decides them at once instead of at its next poll.
+        self.wake = threading.Event()
+        # Within a batch (_decide_batch): the quarantines whose intents wait for the batch's
+        # commit before the scheduler is called, and the scheduler's out-of-service set, read once.
+        self._acts: list | None = None
+        self._wide: list[str] | None = None
+        self._out: list[str] | None = None
+        self._more = False  # the last look found a full batch: look again without waiting
+        # Held while a batch writes. The listener in this process takes the same lock around its
+        # commits (aidc failover run), so the two writers queue here, woken at once, instead of
+        # in SQLite's busy handler, which sleeps in growing steps of up to 100 ms.
+        self.write_lock = threading.Lock()
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -168,18 +190,53 @@ class FailoverController:
             self._recheck_due = now + self.spec.policy.deferred_recheck_s
         self.gate.refresh_metrics()  # a reset comes from another process (the CLI)
         self.refusals.flush(expired_only=True)
-        for event_id, event in self.store.pending(limit=1000 if full else 100, undecided_only=not full):
-            if backoff and self._retry_at.get(event_id, 0.0) > now:
-                continue
-            if may_act is not None and not may_act():
-                break
+        limit = 1000 if full else BATCH
+        rows = self.store.pending(limit=limit, undecided_only=not full)
+        todo = [(i, e) for i, e in rows if not (backoff and self._retry_at.get(i, 0.0) > now)]
+        # Look again at once only if this look had work: a full page of events that all wait out
+        # their backoff (a scheduler down) must not spin the loop.
+        self._more = len(rows) == limit and bool(todo)
+        for first in range(0, len(todo), BATCH):
+            batch, decided = todo[first:first + BATCH], len(decisions)
             try:
-                decisions.append(self.handle(event_id, event))
-            except NotLeader as exc:  # fenced: the lease moved on; nothing of this event was recorded
-                self.audit.append("failover.fenced", f"{exc}; this controller stops acting",
-                                  actor=self.actor, node=event.node, payload={"event_id": event_id})
+                if not self._decide_batch(batch, may_act, decisions):
+                    break
+            except NotLeader as exc:  # fenced: the lease moved on; nothing of this batch was recorded
+                del decisions[decided:]
+                self.audit.append("failover.fenced", f"{exc}; this controller stops acting", actor=self.actor,
+                                  payload={"event_ids": [event_id for event_id, _ in batch]})
                 break
         return decisions
+
+    def _decide_batch(self, batch: list[tuple[int, FaultEvent]], may_act, decisions: list[Decision]) -> bool:
+        """Decide `batch` in one store transaction and one audit batch, the audit log committed
+        first (a record is durable before the state it describes); then call the scheduler for
+        the quarantines it decided, each after its intent is committed. False when the lease
+        was lost (the rest waits for whoever holds it; an intent left is finished by recover())."""
+        self._acts, self._wide, self._out, held = [], None, None, True
+        try:
+            with self.write_lock, self.store.transaction(), self.audit.batch():
+                for event_id, event in batch:
+                    if may_act is not None and not may_act():
+                        held = False
+                        break
+                    waiting = len(self._acts)
+                    decisions.append(self.handle(event_id, event))
+                    if len(self._acts) > waiting:
+                        self._acts[-1] = (len(decisions) - 1, self._acts[-1][1])
+        finally:
+            acts, self._acts, self._wide, self._out = self._acts, None, None, None
+        if not acts:
+            return held
+        # The batch's quarantines, their records in one audit commit before one store commit.
+        # A crash before these commits leaves the intents, which recover() finishes (the
+        # scheduler's calls are idempotent), as after a crash in any single quarantine.
+        with self.write_lock, self.store.transaction(), self.audit.batch():
+            for index, args in acts:
+                if may_act is not None and not may_act():
+                    return False
+                decisions[index] = self._act(*args)
+        return held
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
         """Act on events until `stop`; with a `lease`, only while holding it (one controller acts)."""
@@ -193,7 +250,9 @@ class FailoverController:
                 # standby takes over when the leader stops, so it belongs behind the Service too).
                 self.probe.ready()
                 self.probe.turned(leader=self._held)
-            stop.wait(poll_s)
+            if not self._more:  # a backlog is decided batch after batch; otherwise wait for news
+                self.wake.wait(poll_s)
+            self.wake.clear()
         self.refusals.flush()
         if lease is not None and self._held:
             lease.release()
@@ -283,8 +342,10 @@ class FailoverController:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",
                                 payload)
-        if not self.dry_run and self.store.node_state(node) == "quarantining":
+        acting = self._acts is not None and any(args[1] == node for _, args in self._acts)
+        if not self.dry_run and not acting and self.store.node_state(node) == "quarantining":
             # An earlier attempt wrote the intent and then failed (scheduler unreachable): finish it.
+            # (Not an intent of this batch: that one is acted on when the batch commits.)
             return self._quarantine(event_id, node, self.store.get(f"intent_reason:{node}") or "retried quarantine",
                                     payload, retry=True)
         try:
@@ -292,7 +353,7 @@ class FailoverController:
         except Exception as exc:
             return self._failed(event_id, node, f"cannot read the out-of-service nodes from {self.scheduler.name}: "
                                 f"{exc}; the event stays pending and is retried", payload, exc)
-        unavailable += [n for n in self._would_quarantine if n not in unavailable]
+        unavailable = unavailable + [n for n in self._would_quarantine if n not in unavailable]
         # In dry-run the nodes it would have quarantined count as out: "would be", not "are".
         dry = "dry-run: " if self.dry_run else ""
         if node in unavailable:
@@ -304,7 +365,7 @@ class FailoverController:
         if len(unavailable) + 1 > self.max_unavailable:
             # Under dry-run the refusal is said as one ("WOULD BE REFUSED"), never as a plan to act.
             reason = (f"{'dry-run: WOULD BE REFUSED: ' if self.dry_run else ''}blast radius: {len(unavailable)} node(s) out of service"
-                      f" ({', '.join(unavailable) or '-'}), max_unavailable is {self.max_unavailable};"
+                      f" ({_some(unavailable)}), max_unavailable is {self.max_unavailable};"
                       " alerting instead of quarantining")
             return self._defer(event_id, node, "refused_blast_radius", reason, payload, alert=True)
         refusal = self.gate.admit(node, self.dry_run, ref=f"event {event_id}")
@@ -347,19 +408,34 @@ class FailoverController:
 
     def _unavailable(self) -> list[str]:
         """Nodes out of service: the scheduler's cluster-wide truth when it has one (plus this
-        controller's intents in flight), else the store's node states."""
+        controller's intents in flight), else the store's node states. Within a batch it is
+        read once and kept up to date by the batch's own intents (_quarantine, _drop_intent):
+        a storm's every refusal re-reading it made a batch's cost grow with the storm."""
+        if self._acts is not None and self._out is not None:
+            return self._out
+        out = self._read_unavailable()
+        if self._acts is not None:
+            self._out = out
+        return out
+
+    def _read_unavailable(self) -> list[str]:
         wide = getattr(self.scheduler, "out_of_service", None)
         # A name the scheduler does not list is no node out of service (an intent a store holds
         # from before names were checked would otherwise use up the blast radius for good).
         in_flight = [n for n in self.store.nodes_in_state("quarantining") if self.inventory.knows(n)]
         if wide is None:
             return [n for n in self.store.nodes_in_state(*OUT_OF_SERVICE) if self.inventory.knows(n)]
-        if getattr(self.scheduler, "reports_only_managed_nodes", False):
-            # Kubernetes: node names are the cluster's (hostnames), not the spec's derived names;
-            # the backend counts only nodes of aidc's pools (label aidc.dev/pool).
-            return sorted(set(wide()) | set(in_flight))
-        known = {n.name for n in self.spec.nodes()}
-        return sorted((set(wide()) & known) | set(in_flight))
+        if self._wide is None:  # once per batch: a scheduler round trip (scontrol, the API server)
+            out = wide()
+            self._wide = list(out if getattr(self.scheduler, "reports_only_managed_nodes", False)
+                              else set(out) & self.spec_names)
+        # Kubernetes: node names are the cluster's (hostnames), not the spec's derived names; the
+        # backend counts only nodes of aidc's pools (label aidc.dev/pool). Other backends: the
+        # spec's nodes. Outside a batch (a direct handle()) the read is not kept.
+        out_of_service = self._wide
+        if self._acts is None:
+            self._wide = None
+        return sorted(set(out_of_service) | set(in_flight))
 
     def _refuse_unknown(self, event_id: int, node: str) -> Decision:
         """Not a node of this scheduler: decided at once, never an intent (audited, aggregated)."""
@@ -373,6 +449,7 @@ class FailoverController:
 
     def _drop_intent(self, node: str, event_id: int | None) -> None:
         """An intent for a name the scheduler does not list can never be finished: drop it."""
+        self._out = None  # the batch's out-of-service list is read again
         self.audit.append("failover.intent_dropped", f"intent for {shown(node)} dropped: not a node "
                           f"{self.scheduler.name} knows", actor=self.actor,
                           payload={"name": shown(node), "event_id": event_id})
@@ -398,6 +475,22 @@ class FailoverController:
                 self.store.put(f"intent_event:{node}", str(event_id))
                 self.store.put(f"intent_reason:{node}", reason)
                 self.store.put(f"intent_action:{node}", payload["action"])
+                if self._acts is not None:
+                    # The breaker counts it from its intent: the batch's next decisions must see
+                    # it (recorded once per event: the record after the act changes nothing).
+                    self.gate.record(node, payload["action"], "failover", f"event {event_id}")
+        if self._acts is not None:
+            # In a batch: the intent commits with the batch, and only then is the scheduler called
+            # (_decide_batch). Counted out of service meanwhile: its node state is quarantining.
+            self._acts.append((None, (event_id, node, reason, payload, retry, decided)))
+            if self._out is not None and node not in self._out:
+                self._out = sorted(self._out + [node])
+            return Decision(node, "quarantine", reason, False, event_id,
+                            decided_at=decided.ts if decided else time.time())
+        return self._act(event_id, node, reason, payload, retry, decided)
+
+    def _act(self, event_id: int, node: str, reason: str, payload: dict, retry: bool, decided) -> Decision:
+        """Call the scheduler for a quarantine whose intent is committed, and record the outcome."""
         started = time.monotonic()
         try:
             warning = self.scheduler.quarantine(node, reason, event=str(event_id))
@@ -464,6 +557,15 @@ class FailoverController:
             self.store.set_node_state(node, "in_service", reason, actor)
             bump_capacity(self.store)  # events deferred for capacity are decided again now
         return described
+
+
+def _some(names: list[str], shown_at_most: int = 20) -> str:
+    """Names for a sentence, at most `shown_at_most` of them: a storm's refusals would otherwise
+    each carry the whole out-of-service list into the audit log."""
+    if not names:
+        return "-"
+    rest = len(names) - shown_at_most
+    return ", ".join(names[:shown_at_most]) + (f" and {rest} more" if rest > 0 else "")
 
 
 def _with_warning(reason: str, warning: str | None) -> str:

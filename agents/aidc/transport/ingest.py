@@ -9,7 +9,7 @@ name that is not one of the scheduler's nodes is refused with 422 and audited, a
 (aidc.nodenames). A valid batch is inserted under its idempotency keys (INSERT OR IGNORE) and
 committed before the answer, so a 200 means the events are durable, and a batch sent again
 after a lost answer changes nothing. The failover loop picks the new events up from the store
-like any other.
+like any other, woken by `on_ingest` when it runs in the same process.
 
 With `spec` given, the listener also serves the read-only health API (aidc.fleet.api,
 `GET /v1/...`) to the same mutual-TLS clients, with `roles` (viewer suffices) and an optional
@@ -48,8 +48,8 @@ class IngestServer:
 
     def __init__(self, store_path, audit_path, nodes: set[str] | NodeInventory, tls: TLSConfig, host: str,
                  port: int, *, relays: Mapping[str, Iterable[str]] | None = None, request_timeout_s: float = 10.0,
-                 log=None, spec=None, roles: Mapping[str, str] | None = None,
-                 token_map: Mapping[str, str] | None = None):
+                 log=None, write_lock: threading.Lock | None = None, spec=None,
+                 roles: Mapping[str, str] | None = None, token_map: Mapping[str, str] | None = None):
         if not tls.mutual:
             raise ValueError("the event listener needs mutual TLS (--client-ca): agents are known by their certificates")
         # The controller's NodeInventory (the scheduler's nodes), or a fixed set of names.
@@ -59,7 +59,12 @@ class IngestServer:
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc failover: {line}",
                                                file=sys.stderr, flush=True))
         self.actor = default_actor("failover-ingest")
-        self._lock = threading.Lock()
+        # Called after each commit that stored new events: the controller in this process
+        # (FailoverController.wake.set) decides them now rather than at its next poll.
+        self.on_ingest = None
+        # Guards this listener's store and audit connections; the controller of the same process
+        # passes its own write lock, so their commits queue on one lock (FailoverController.write_lock).
+        self._lock = write_lock or threading.Lock()
         # A path opens SQLite; a callable opens the connection itself (PostgreSQL: aidc.state).
         self.store = store_path() if callable(store_path) else Store(store_path)
         self.audit = audit_path() if callable(audit_path) else AuditLog(audit_path)
@@ -116,18 +121,22 @@ class IngestServer:
                           + (f" (nor of {len(foreign) - 1} other node(s))" if len(foreign) > 1 else ""))
         accepted, duplicates = [], []
         with self._lock:
-            with self.store.transaction():
+            # One store commit and one audit commit (one anchor update) per request, the audit
+            # log's first: a crash between the two may repeat records, never lose one.
+            with self.store.transaction(), self.audit.batch():
                 for key, event in batch:
-                    if self.store.has_key(key):
+                    if self.store.ingest(key, event) is None:  # this key is here already
                         duplicates.append(key)
                         continue
-                    # Audited before the commit it describes: a crash may repeat the record, not lose it.
+                    # Audited before the store's commit (the audit batch commits first): a crash
+                    # may repeat the record, not lose it.
                     self.audit.append("transport.received", event.message, actor=self.actor, node=event.node,
                                       payload={"key": key, "client": client, "kind": event.kind.value,
                                                "action": event.action.value, "xid": event.xid,
                                                "observed_at": event.observed_at})
-                    self.store.ingest(key, event)
                     accepted.append(key)
+        if accepted and self.on_ingest is not None:
+            self.on_ingest()
         return {"accepted": accepted, "duplicates": duplicates}
 
     # --- HTTP ------------------------------------------------------------------------------------
