@@ -204,7 +204,8 @@ class FailoverController:
             except NotLeader as exc:  # fenced: the lease moved on; nothing of this batch was recorded
                 del decisions[decided:]
                 self.audit.append("failover.fenced", f"{exc}; this controller stops acting", actor=self.actor,
-                                  payload={"event_ids": [event_id for event_id, _ in batch]})
+                                  node=batch[0][1].node, payload={"event_id": batch[0][0],
+                                                                  "event_ids": [event_id for event_id, _ in batch]})
                 break
         return decisions
 
