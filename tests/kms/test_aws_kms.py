@@ -90,3 +90,31 @@ def test_init_creates_keys_only_under_aliases(moto_kms):
     with pytest.raises(KmsError, match="creates keys under aliases"):
         create_provider(Kms(provider="aws-kms", key_id=arn, aws={"signing_key_id": "alias/s"}))
     assert os.environ["AWS_ENDPOINT_URL"] == moto_kms["endpoint"]
+
+
+def test_a_trainer_opens_the_key_from_the_mounted_key_reference(moto_kms, tmp_path):
+    """The aidc-kms ConfigMap's data (infra/aidc_infra/kms.py key_reference; the round trip is
+    tested in tests/infra), mounted as Kubernetes mounts it (one file per key, `..data` links),
+    opens the key without the stack file."""
+    from aidc.kms import create_provider, open_from_reference
+
+    alias = f"arn:aws:kms:us-east-1:111122223333:alias/ref-{uuid.uuid4().hex[:6]}"
+    create_provider(Kms(provider="aws-kms", key_id=alias)).close()
+    reference = {"provider": "aws-kms", "key_id": alias, "rotation_days": "90", "aws_region": "us-east-1",
+                 "envelope": "AES-256-GCM data key per checkpoint (aidc.checkpoint format 1), wrapped by key_id"}
+    mount = tmp_path / "aidc-kms"
+    (mount / "..2026_12_07").mkdir(parents=True)
+    for name, value in reference.items():
+        (mount / "..2026_12_07" / name).write_text(value)
+        (mount / name).symlink_to(f"..data/{name}")
+    (mount / "..data").symlink_to("..2026_12_07")
+    provider = open_from_reference(mount)
+    try:
+        data_key, wrapped = provider.new_data_key(b"job=j step=1")
+        assert provider.unwrap(wrapped, b"job=j step=1") == data_key
+        assert (provider.key_id, provider.status()["region"]) == (alias, "us-east-1")
+    finally:
+        provider.close()
+    (mount / "..2026_12_07" / "rotation_days").write_text("ninety")
+    with pytest.raises(KmsError, match="rotation_days is not a number"):
+        open_from_reference(mount)

@@ -41,7 +41,7 @@ AVAILABLE = tuple(PROVIDERS)
 
 __all__ = ["KeyProvider", "KmsError", "KmsUnavailable", "MissingKeyVersion", "UnwrapError", "WrappedKey",
            "open_provider", "create_provider", "keyring_path", "verify_with_pem", "public_key_algorithm",
-           "unavailable_reason", "missing_library", "AVAILABLE", "PROVIDERS", "ED25519", "ECDSA_P256_SHA256", "SIGNATURE_ALGORITHMS"]
+           "unavailable_reason", "missing_library", "kms_from_reference", "open_from_reference", "AVAILABLE", "PROVIDERS", "ED25519", "ECDSA_P256_SHA256", "SIGNATURE_ALGORITHMS"]
 
 
 def keyring_path(kms: Kms, lab_dir: str | os.PathLike | None = None) -> Path:
@@ -94,3 +94,50 @@ def create_provider(kms: Kms, lab_dir: str | os.PathLike | None = None) -> KeyPr
     if kms.provider == "pkcs11":
         return cls.create(kms.pkcs11, kms.key_id)
     return cls.create(kms)
+
+
+# The key reference Pulumi publishes (ConfigMap aidc-system/aidc-kms, infra/aidc_infra/kms.py):
+# flat string keys, sections flattened with a prefix. Keys it carries for people ("envelope")
+# are not settings.
+_REFERENCE_SECTIONS = ("pkcs11", "aws")
+_REFERENCE_INFORMATIONAL = {"envelope"}
+
+
+def kms_from_reference(data: dict[str, str]) -> Kms:
+    """The `Kms` settings from the key reference's data (as the ConfigMap holds them);
+    KmsError naming the problem when they are not valid settings."""
+    from pydantic import ValidationError
+
+    settings: dict = {}
+    for key, value in data.items():
+        if key in _REFERENCE_INFORMATIONAL:
+            continue
+        section = next((s for s in _REFERENCE_SECTIONS if key.startswith(s + "_")), None)
+        if key == "rotation_days":  # ConfigMap data is all strings; the spec's field is a number
+            if not value.isdigit():
+                raise KmsError(f"the KMS key reference's rotation_days is not a number: {value!r}")
+            settings[key] = int(value)
+        elif section is None:
+            settings[key] = value
+        else:
+            settings.setdefault(section, {})[key[len(section) + 1:]] = value
+    try:
+        return Kms.model_validate(settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "-"
+        raise KmsError(f"the KMS key reference is not valid settings: {where}: {first['msg']}") from None
+
+
+def open_from_reference(directory: str | os.PathLike) -> KeyProvider:
+    """Open the key a mounted key-reference ConfigMap names (one file per key, as Kubernetes
+    mounts a ConfigMap): how a trainer pod reaches the cluster's key without the stack file."""
+    root = Path(directory)
+    try:
+        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+        data = {p.name: p.read_text().strip() for p in files}
+    except OSError as exc:
+        raise KmsError(f"cannot read the KMS key reference at {root}: {exc.strerror or exc}") from None
+    if not data:
+        raise KmsError(f"no KMS key reference at {root} (mount the aidc-kms ConfigMap there)")
+    return open_provider(kms_from_reference(data))
