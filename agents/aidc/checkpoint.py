@@ -462,14 +462,20 @@ def _decrypt_threads() -> int:
 
 
 def load(path: str | os.PathLike, *, job: str, kms: KeyProvider, step: int | None = None,
-         map_location: Any = "cpu") -> Any:
-    """Load an encrypted checkpoint written by `save` (tensors and plain containers only)."""
+         map_location: Any = "cpu", decrypt_threads: int | None = None) -> Any:
+    """Load an encrypted checkpoint written by `save` (tensors and plain containers only).
+
+    `decrypt_threads`: threads that read and decrypt in parallel (default: one per core, 2-8;
+    1: this thread alone, no pool)."""
     import torch
 
     path = Path(path)
+    threads = _decrypt_threads() if decrypt_threads is None else decrypt_threads
+    if not isinstance(threads, int) or not 1 <= threads <= 64:
+        raise CheckpointError(f"{path}: decrypt_threads must be 1..64, not {decrypt_threads!r}")
     f, header, key = _open_checked(path, job, kms, step)
-    threads = _decrypt_threads()
-    with f, ThreadPoolExecutor(threads, thread_name_prefix="aidc-ckpt-decrypt") as pool:
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="aidc-ckpt-decrypt") if threads > 1 else None
+    with f, pool or contextlib.nullcontext():
         count, plain_len = _layout(path, header, os.fstat(f.fileno()).st_size - header.header_len)
         reader = _DecryptingReader(path, f, header, key, count, plain_len, pool, threads)
         reader.check_final()
