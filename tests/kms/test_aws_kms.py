@@ -16,6 +16,7 @@ from aidc.spec import Kms, parse_spec
 LAB = {"name": "x", "node_pools": [{"name": "gpu", "count": 2, "gpu_model": "SIM", "gpus_per_node": 2}]}
 
 
+@pytest.mark.slow
 def test_the_h100_reference_stack_checks_and_its_key_works_against_kms(moto_kms, aidc_cli):
     """As an operator on AWS would: check the stack, create its keys, read the status and the
     public key, all through the CLI, the endpoint coming from AWS_ENDPOINT_URL alone."""
