@@ -439,8 +439,16 @@ class _DecryptingReader(io.RawIOBase):
                 for k in range(lo, hi):
                     self._decrypt(first + k, dst[offsets[k]:offsets[k] + lengths[k]])
 
-            futures = [self._pool.submit(run, lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
-            errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
+            spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
+            # The calling thread decrypts the first run itself rather than waiting idle: one
+            # hand-off fewer per tensor, which is what a busy machine charges for.
+            futures = [self._pool.submit(run, lo, hi) for lo, hi in spans[1:]]
+            errors = []
+            try:
+                run(*spans[0])
+            except Exception as exc:  # wait for the helpers (they write into dst) before raising
+                errors.append(exc)
+            errors += [exc for exc in (f.exception() for f in futures) if exc is not None]
             if errors:
                 raise errors[0]
         return sum(lengths)
@@ -474,7 +482,8 @@ def load(path: str | os.PathLike, *, job: str, kms: KeyProvider, step: int | Non
     if not isinstance(threads, int) or not 1 <= threads <= 64:
         raise CheckpointError(f"{path}: decrypt_threads must be 1..64, not {decrypt_threads!r}")
     f, header, key = _open_checked(path, job, kms, step)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="aidc-ckpt-decrypt") if threads > 1 else None
+    # threads - 1 helpers: the calling thread decrypts one run of every tensor itself.
+    pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="aidc-ckpt-decrypt") if threads > 1 else None
     with f, pool or contextlib.nullcontext():
         count, plain_len = _layout(path, header, os.fstat(f.fileno()).st_size - header.header_len)
         reader = _DecryptingReader(path, f, header, key, count, plain_len, pool, threads)
