@@ -41,7 +41,8 @@ AVAILABLE = tuple(PROVIDERS)
 
 __all__ = ["KeyProvider", "KmsError", "KmsUnavailable", "MissingKeyVersion", "UnwrapError", "WrappedKey",
            "open_provider", "create_provider", "keyring_path", "verify_with_pem", "public_key_algorithm",
-           "unavailable_reason", "missing_library", "kms_from_reference", "open_from_reference", "AVAILABLE", "PROVIDERS", "ED25519", "ECDSA_P256_SHA256", "SIGNATURE_ALGORITHMS"]
+           "unavailable_reason", "missing_library", "kms_from_reference", "open_from_reference", "AVAILABLE",
+           "PROVIDERS", "ED25519", "ECDSA_P256_SHA256", "SIGNATURE_ALGORITHMS"]
 
 
 def keyring_path(kms: Kms, lab_dir: str | os.PathLike | None = None) -> Path:
@@ -78,22 +79,12 @@ def _provider_class(kms: Kms) -> type:
 
 def open_provider(kms: Kms, lab_dir: str | os.PathLike | None = None) -> KeyProvider:
     """Open the spec's existing key; KmsError now if it cannot be used."""
-    cls = _provider_class(kms)
-    if kms.provider == "local":
-        return cls(keyring_path(kms, lab_dir), kms.key_id)
-    if kms.provider == "pkcs11":
-        return cls(kms.pkcs11, kms.key_id)
-    return cls(kms)
+    return _provider_class(kms).from_spec(kms, lab_dir)
 
 
 def create_provider(kms: Kms, lab_dir: str | os.PathLike | None = None) -> KeyProvider:
     """Create the spec's key (KEK version 1 and a signing key); refuses if it exists."""
-    cls = _provider_class(kms)
-    if kms.provider == "local":
-        return cls.create(keyring_path(kms, lab_dir), kms.key_id)
-    if kms.provider == "pkcs11":
-        return cls.create(kms.pkcs11, kms.key_id)
-    return cls.create(kms)
+    return _provider_class(kms).create_from_spec(kms, lab_dir)
 
 
 # The key reference Pulumi publishes (ConfigMap aidc-system/aidc-kms, infra/aidc_infra/kms.py):

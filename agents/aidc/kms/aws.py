@@ -136,6 +136,14 @@ class AwsKmsProvider(KeyProvider):
         return meta
 
     @classmethod
+    def from_spec(cls, kms: Kms, lab_dir=None) -> "AwsKmsProvider":
+        return cls(kms)
+
+    @classmethod
+    def create_from_spec(cls, kms: Kms, lab_dir=None) -> "AwsKmsProvider":
+        return cls.create(kms)
+
+    @classmethod
     def create(cls, kms: Kms) -> "AwsKmsProvider":
         """Create the KEK and the signing key under their aliases; refuse if either alias exists.
         A key named by a key ARN or id is made by the infrastructure code, not here."""

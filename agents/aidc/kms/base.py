@@ -76,6 +76,17 @@ class KeyProvider(ABC):
     key_id: str
     signing_algorithm: str = ED25519  # one of SIGNATURE_ALGORITHMS
 
+    # -- opening from the spec (how aidc.kms.open_provider / create_provider reach a plugin) --
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, kms, lab_dir=None) -> "KeyProvider":
+        """Open the key the spec's `kms:` section names; KmsError now if it cannot be used."""
+
+    @classmethod
+    @abstractmethod
+    def create_from_spec(cls, kms, lab_dir=None) -> "KeyProvider":
+        """Create that key (KEK version 1 and a signing key); refuse if it exists."""
+
     # -- key-encryption keys ----------------------------------------------------------
     @abstractmethod
     def versions(self) -> list[int]:
