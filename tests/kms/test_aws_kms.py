@@ -23,13 +23,11 @@ def test_the_h100_reference_stack_checks_and_its_key_works_against_kms(moto_kms,
     check = aidc_cli("spec", "check", "--stack", "h100-example", "--json")
     assert check.returncode == 0, check.stderr
     assert json.loads(check.stdout)["warnings"] == []
-    missing = aidc_cli("kms", "status", "--stack", "h100-example")
-    if missing.returncode == 0:  # keys made by an earlier test in this moto session
-        pass
-    else:
-        assert "KMS has no key 'arn:aws:kms:us-east-1:111122223333:alias/aidc-h100-example'" in missing.stderr
-        made = aidc_cli("kms", "init", "--stack", "h100-example", "--json")
-        assert made.returncode == 0, made.stderr
+    missing = aidc_cli("kms", "status", "--stack", "h100-example")  # only this test makes the stack's keys
+    assert missing.returncode != 0
+    assert "KMS has no key 'arn:aws:kms:us-east-1:111122223333:alias/aidc-h100-example'" in missing.stderr
+    made = aidc_cli("kms", "init", "--stack", "h100-example", "--json")
+    assert made.returncode == 0, made.stderr
     status = aidc_cli("kms", "status", "--stack", "h100-example", "--json")
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
