@@ -6,13 +6,16 @@ export PYTHONPATH := $(CURDIR)/agents
 
 .PHONY: lab test test-fast system-deps lint clean lab-down lock image image-burnin
 
-$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
+$(STAMP): requirements.lock requirements-dev.lock requirements-aws.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# Exact pins with hashes: the runtime of every extra (torch is the 2.13.0 CPU build, on
 	# local disk here; elsewhere add PyTorch's CPU wheel index as an extra index) and the test
 	# tools. `make lock` regenerates them.
 	$(VENV)/bin/pip install --quiet --require-hashes -r requirements.lock -r requirements-dev.lock
+	# boto3 and moto (the aws-kms provider and its tests): --no-deps because botocore declares
+	# python-dateutil<3 and kubernetes 37 >=3; the lock pins everything else they need.
+	$(VENV)/bin/pip install --quiet --no-deps --require-hashes -r requirements-aws.lock
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
@@ -25,6 +28,12 @@ lock: $(STAMP)
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) $(addprefix --extra ,$(RUNTIME_EXTRAS)) -o requirements.lock pyproject.toml
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra agent -c requirements.lock -o requirements-agent.lock pyproject.toml
+	# The aws extras against the other locks' pins, all but python-dateutil (see the install above).
+	grep -h '^[A-Za-z0-9_.-]*==' requirements.lock requirements-dev.lock | grep -v '^python-dateutil==' \
+	  | sed 's/ .*//' | sort -u > aws-constraints.tmp
+	$(VENV)/bin/pip-compile $(filter-out --allow-unsafe,$(LOCK_FLAGS)) --unsafe-package python-dateutil \
+	  -c aws-constraints.tmp --extra aws --extra aws-test -o requirements-aws.lock pyproject.toml
+	rm -f aws-constraints.tmp
 
 # The agent/controller container image (Dockerfile), tagged as the spec's default agent.image.
 VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' agents/aidc/__init__.py)

@@ -75,7 +75,8 @@ def rewrite(site, new_rows: list[tuple], new_signatures: dict[int, str] | None =
             prev = digest
         if new_signatures is not None:
             conn.execute("DELETE FROM audit_signature")
-            conn.executemany("INSERT INTO audit_signature VALUES (?, 'audit-test', 1, ?)", new_signatures.items())
+            conn.executemany("INSERT INTO audit_signature(seq, key_id, key_version, signature) "
+                             "VALUES (?, 'audit-test', 1, ?)", new_signatures.items())
     anchor_path = db.with_name(db.name + ".anchor")
     anchor = json.loads(anchor_path.read_text())
     anchor.update(seq=len(new_rows), hash=prev)

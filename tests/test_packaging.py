@@ -123,8 +123,22 @@ def test_make_installs_both_locks_with_hashes_and_reinstalls_when_either_changes
     stamp_rule = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", makefile, re.M)
     assert {"requirements.lock", "requirements-dev.lock", "pyproject.toml"} <= set(stamp_rule[1].split())
     install = [line for line in stamp_rule[2].splitlines() if "-r requirements" in line]
-    assert len(install) == 1 and "--require-hashes" in install[0]
+    assert len(install) == 2 and all("--require-hashes" in line for line in install)
     assert "-r requirements.lock" in install[0] and "-r requirements-dev.lock" in install[0]
+    assert "--no-deps" in install[1] and "-r requirements-aws.lock" in install[1]
+    assert "requirements-aws.lock" in stamp_rule[1].split()
+
+
+def test_aws_lock_pins_the_aws_extras_with_hashes_and_agrees_with_the_other_locks():
+    """boto3 and moto live in their own lock, installed with --no-deps: botocore declares
+    python-dateutil<3, kubernetes 37 needs >=3. Every package they share with the other locks
+    is the very same pin, and the lock leaves python-dateutil to the runtime lock."""
+    aws = read_lock("requirements-aws.lock")
+    assert names(EXTRAS["aws"]) | names(EXTRAS["aws-test"]) <= set(aws)
+    assert all(entry["hashes"] for entry in aws.values()) and "python-dateutil" not in aws
+    for name in set(aws) & (set(RUNTIME_LOCK) | set(DEV_LOCK)):
+        other = RUNTIME_LOCK.get(name) or DEV_LOCK[name]
+        assert (aws[name]["version"], aws[name]["hashes"]) == (other["version"], other["hashes"]), name
 
 
 # ---- project files shipped in the wheel ----------------------------------------------------

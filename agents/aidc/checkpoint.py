@@ -28,6 +28,7 @@ import os
 import re
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,9 @@ def save(path: str | os.PathLike, state: Any, *, job: str, step: int, kms: KeyPr
         raise CheckpointError(f"{path}: step must be an integer >= 0, not {step!r}")
     if not 1 <= chunk_size <= 1 << 30:
         raise CheckpointError(f"{path}: chunk_size {chunk_size} out of range")
-    data_key = AESGCM.generate_key(256)
     prefix = os.urandom(_NONCE_PREFIX_BYTES)
     try:
-        wrapped = kms.wrap(data_key, _bound(job, step, chunk_size, prefix))
+        data_key, wrapped = kms.new_data_key(_bound(job, step, chunk_size, prefix))
     except KmsError as exc:
         raise CheckpointError(f"{path}: cannot wrap the data key: {exc}") from None
     header = Header(job, step, chunk_size, prefix, wrapped, kms.provider, 0)
@@ -335,15 +335,17 @@ class _DecryptingReader(io.RawIOBase):
     authenticated before any of its bytes are handed out; any chunk that fails stops the load
     with a CheckpointError, so the caller never gets a partly loaded state."""
 
-    def __init__(self, path: Path, f, header: Header, key: bytes, count: int, plain_len: int):
+    def __init__(self, path: Path, f, header: Header, key: bytes, count: int, plain_len: int,
+                 pool: ThreadPoolExecutor | None = None, threads: int = 1):
         super().__init__()
         self._path, self._fd, self._h, self._count, self._len = path, f.fileno(), header, count, plain_len
         self._aead, self._aad = AESGCM(key), header.bound()
         self._record = header.chunk_size + TAG_BYTES
-        self._sealed = bytearray(self._record)
+        self._buffers = threading.local()  # each decrypting thread reads into its own sealed buffer
         self._cache = bytearray(header.chunk_size)
         self._cached = -1
         self._pos = 0
+        self._pool, self._threads = pool, threads
 
     def readable(self) -> bool:
         return True
@@ -365,7 +367,10 @@ class _DecryptingReader(io.RawIOBase):
     def _decrypt(self, i: int, dst: memoryview) -> None:
         final = i == self._count - 1
         n = self._chunk_len(i) + TAG_BYTES
-        sealed = memoryview(self._sealed)[:n]
+        buffer = getattr(self._buffers, "sealed", None)
+        if buffer is None:
+            buffer = self._buffers.sealed = bytearray(self._record)
+        sealed = memoryview(buffer)[:n]
         if os.preadv(self._fd, [sealed], self._h.header_len + i * self._record) != n:
             raise CheckpointError(f"{self._path}: changed while being read")
         try:
@@ -392,7 +397,9 @@ class _DecryptingReader(io.RawIOBase):
             i, offset = divmod(self._pos, size)
             take = min(want - done, self._chunk_len(i) - offset)
             if offset == 0 and take == self._chunk_len(i):
-                self._decrypt(i, dst[done:done + take])  # a whole chunk: straight into the caller's memory
+                # Whole chunks: straight into the caller's memory, several at once when a pool is given.
+                whole = self._whole_chunks(i, dst[done:want])
+                take = self._decrypt_many(i, whole, dst[done:done + sum(whole)])
             else:
                 if self._cached != i:
                     self._decrypt(i, memoryview(self._cache)[:self._chunk_len(i)])
@@ -402,22 +409,84 @@ class _DecryptingReader(io.RawIOBase):
             self._pos += take
         return done
 
+    def _whole_chunks(self, first: int, dst: memoryview) -> list[int]:
+        """Lengths of the whole chunks from `first` on that fit in `dst`."""
+        lengths, room, i = [], len(dst), first
+        while i < self._count and self._chunk_len(i) <= room:
+            lengths.append(self._chunk_len(i))
+            room -= lengths[-1]
+            i += 1
+        return lengths
+
+    def _decrypt_many(self, first: int, lengths: list[int], dst: memoryview) -> int:
+        """Decrypt chunks first.. into consecutive slices of `dst`. A tensor spans many chunks:
+        with a pool they are read and decrypted by several threads at once (pread and the AEAD
+        release the GIL), so one core reads while another decrypts. Every chunk is
+        authenticated before this returns; the first failure is raised."""
+        offsets = [0]
+        for n in lengths[:-1]:
+            offsets.append(offsets[-1] + n)
+        if self._pool is None or len(lengths) < 2:
+            for k, n in enumerate(lengths):
+                self._decrypt(first + k, dst[offsets[k]:offsets[k] + n])
+        else:
+            # One contiguous run of chunks per thread: each reads ahead in file order, and a
+            # tensor costs a few queue round trips rather than one per chunk.
+            runs = self._threads
+            bounds = [len(lengths) * r // runs for r in range(runs + 1)]
+
+            def run(lo: int, hi: int) -> None:
+                for k in range(lo, hi):
+                    self._decrypt(first + k, dst[offsets[k]:offsets[k] + lengths[k]])
+
+            spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
+            # The calling thread decrypts the first run itself rather than waiting idle: one
+            # hand-off fewer per tensor, which is what a busy machine charges for.
+            futures = [self._pool.submit(run, lo, hi) for lo, hi in spans[1:]]
+            errors = []
+            try:
+                run(*spans[0])
+            except Exception as exc:  # wait for the helpers (they write into dst) before raising
+                errors.append(exc)
+            errors += [exc for exc in (f.exception() for f in futures) if exc is not None]
+            if errors:
+                raise errors[0]
+        return sum(lengths)
+
     def read(self, size: int = -1) -> bytes:
         n = max(0, self._len - self._pos) if size is None or size < 0 else size
         out = bytearray(n)
         return bytes(out[:self.readinto(out)])
 
 
+def _decrypt_threads() -> int:
+    """Threads that read and decrypt a load's chunks: one per usable core, at least 2 (one
+    reads while another decrypts), at most 8 (past that, the disk or memory bandwidth limits)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(2, min(8, cores))
+
+
 def load(path: str | os.PathLike, *, job: str, kms: KeyProvider, step: int | None = None,
-         map_location: Any = "cpu") -> Any:
-    """Load an encrypted checkpoint written by `save` (tensors and plain containers only)."""
+         map_location: Any = "cpu", decrypt_threads: int | None = None) -> Any:
+    """Load an encrypted checkpoint written by `save` (tensors and plain containers only).
+
+    `decrypt_threads`: threads that read and decrypt in parallel (default: one per core, 2-8;
+    1: this thread alone, no pool)."""
     import torch
 
     path = Path(path)
+    threads = _decrypt_threads() if decrypt_threads is None else decrypt_threads
+    if not isinstance(threads, int) or not 1 <= threads <= 64:
+        raise CheckpointError(f"{path}: decrypt_threads must be 1..64, not {decrypt_threads!r}")
     f, header, key = _open_checked(path, job, kms, step)
-    with f:
+    # threads - 1 helpers: the calling thread decrypts one run of every tensor itself.
+    pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="aidc-ckpt-decrypt") if threads > 1 else None
+    with f, pool or contextlib.nullcontext():
         count, plain_len = _layout(path, header, os.fstat(f.fileno()).st_size - header.header_len)
-        reader = _DecryptingReader(path, f, header, key, count, plain_len)
+        reader = _DecryptingReader(path, f, header, key, count, plain_len, pool, threads)
         reader.check_final()
         try:
             return torch.load(reader, map_location=map_location, weights_only=True)

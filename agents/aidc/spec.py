@@ -166,22 +166,39 @@ class Pkcs11(_Strict):
     pin_file: LongText | None = None
 
 
+KMS_KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$"
+
+
+class AwsKms(_Strict):
+    """AWS KMS settings (provider aws-kms). Credentials and the endpoint are boto3's own
+    (an instance or IRSA role, AWS_ENDPOINT_URL); they never live in the stack file."""
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")] | None = None  # default: the key ARN's
+    # The ECC_NIST_P256 signing key (KMS has no Ed25519). Default: the KEK alias + "-signing";
+    # required when key_id is a key ARN or id rather than an alias.
+    signing_key_id: Annotated[str, Field(pattern=KMS_KEY_ID_PATTERN)] | None = None
+
+
 class Kms(_Strict):
-    # local: a keyring directory on the node; pkcs11: an HSM. The cloud providers keep their
-    # place in the spec and the interface; this build cannot reach them (aidc.kms says so).
+    # local: a keyring directory on the node; pkcs11: an HSM; aws-kms: AWS KMS. The other cloud
+    # providers keep their place in the spec; `aidc spec check` says this build lacks them.
     provider: Literal["local", "pkcs11", "aws-kms", "vault-transit", "gcp-kms", "azure-keyvault"] = "local"
     # Key ids appear in token labels, headers and messages: printable, no spaces (ARNs fit).
-    key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")] = "aidc-lab-key"
+    key_id: Annotated[str, Field(pattern=KMS_KEY_ID_PATTERN)] = "aidc-lab-key"
     rotation_days: Annotated[int, Field(ge=1, le=3650)] = 90
     # local only: the keyring directory (None: /var/lib/aidc/keyring; the lab keeps its own
     # under the lab directory).
     keyring: LongText | None = None
     pkcs11: Pkcs11 | None = None
+    aws: AwsKms | None = None
 
     @model_validator(mode="after")
     def _provider_settings(self) -> "Kms":
         if self.provider == "pkcs11" and self.pkcs11 is None:
             raise ValueError("provider pkcs11 needs a pkcs11: section (module, token_label, pin_env or pin_file)")
+        if (self.provider == "aws-kms" and "alias/" not in self.key_id
+                and (self.aws is None or not self.aws.signing_key_id)):
+            raise ValueError("provider aws-kms with a key ARN or id needs aws.signing_key_id (an ECC_NIST_P256 "
+                             "SIGN_VERIFY key); with an alias key_id it defaults to the alias + '-signing'")
         return self
 
 

@@ -43,8 +43,9 @@ def encryption_configuration(spec: ClusterSpec) -> dict:
 
 
 def key_reference(spec: ClusterSpec) -> dict[str, str]:
-    """What the agent needs to envelope-encrypt checkpoints under the cluster's key (aidc.kms):
-    where the key lives, never a secret (a pkcs11 PIN stays in the named variable or file)."""
+    """What a trainer needs to envelope-encrypt checkpoints under the cluster's key: where the
+    key lives, never a secret (a pkcs11 PIN stays in the named variable or file). A pod that
+    mounts the ConfigMap opens the key with `aidc.kms.open_from_reference(<mount>)`."""
     kms = spec.kms
     ref = {"provider": kms.provider, "key_id": kms.key_id, "rotation_days": str(kms.rotation_days),
            "envelope": "AES-256-GCM data key per checkpoint (aidc.checkpoint format 1), wrapped by key_id"}
@@ -54,6 +55,9 @@ def key_reference(spec: ClusterSpec) -> dict[str, str]:
         ref.update({"pkcs11_module": kms.pkcs11.module, "pkcs11_token_label": kms.pkcs11.token_label})
         ref.update({f"pkcs11_{k}": v for k, v in (("pin_env", kms.pkcs11.pin_env),
                                                   ("pin_file", kms.pkcs11.pin_file)) if v})
+    if kms.aws is not None:
+        ref.update({f"aws_{k}": v for k, v in (("region", kms.aws.region),
+                                               ("signing_key_id", kms.aws.signing_key_id)) if v})
     return ref
 
 

@@ -19,6 +19,8 @@ def test_bench_reports_save_and_load_ratios_of_a_verified_round_trip(tmp_path):
     assert result["save_ratio"] > 0 and result["load_ratio"] > 0 and isinstance(result["goal_met"], bool)
     assert result["save_ratio_paired"] > 0 and result["load_ratio_paired"] > 0
     assert result["save_ratio_cpu"] > 0 and result["load_ratio_cpu"] > 0
+    # The single-thread load runs beside the parallel one, as the baseline of its gain.
+    assert result["load_ratio_1thread"] > 0 and result["decrypt_threads"] >= 2
     # One repeat: the per-repeat pair is the whole run, so its ratio is the ratio of the medians.
     assert abs(result["load_ratio_paired"] - result["load_ratio"]) < 0.002
     assert len(result["loadavg_1min"]) == 2 and all(x >= 0 for x in result["loadavg_1min"])

@@ -140,6 +140,21 @@ def test_a_flipped_payload_bit_fails_the_whole_load(tmp_path, keyring, where):
         load(path, job="job-a", kms=keyring)
 
 
+def test_parallel_and_single_thread_loads_agree_and_both_refuse_a_bad_chunk(tmp_path, keyring):
+    path = tmp_path / "step-7.ckpt"
+    _save(path, keyring)
+    for threads in (1, 3):
+        assert _same(load(path, job="job-a", kms=keyring, decrypt_threads=threads), _state())
+    with pytest.raises(CheckpointError, match="decrypt_threads must be 1..64"):
+        load(path, job="job-a", kms=keyring, decrypt_threads=0)
+    raw, h = bytearray(path.read_bytes()), read_header(path)
+    raw[h.header_len + 5 * (CHUNK + 16) + 3] ^= 0x01  # inside the big tensor, past its first chunks
+    path.write_bytes(bytes(raw))
+    for threads in (1, 3):
+        with pytest.raises(CheckpointError, match=r"payload chunk 5 of \d+ fails authentication"):
+            load(path, job="job-a", kms=keyring, decrypt_threads=threads)
+
+
 def test_flipped_header_bits_are_named(tmp_path, keyring):
     path = tmp_path / "step-7.ckpt"
     _save(path, keyring)

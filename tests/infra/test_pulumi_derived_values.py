@@ -125,6 +125,21 @@ def test_key_reference_says_where_a_pkcs11_key_lives_and_carries_no_pin():
     assert all(isinstance(v, str) for v in ref.values())  # ConfigMap data
 
 
+@pytest.mark.parametrize("kms", [
+    {"provider": "local", "keyring": "/srv/keyring"},
+    {"provider": "pkcs11", "pkcs11": {"token_label": "aidc", "pin_file": "/etc/aidc/pin"}},
+    {"provider": "aws-kms", "key_id": "arn:aws:kms:eu-west-1:111122223333:key/1a2b",
+     "aws": {"region": "eu-west-1", "signing_key_id": "alias/aidc-signing"}},
+])
+def test_the_key_reference_reads_back_as_the_specs_kms_settings(kms):
+    """What trainers read from the mounted aidc-kms ConfigMap (aidc.kms.open_from_reference) is
+    the stack's kms section, whole: nothing the provider needs is left out of the reference."""
+    from aidc.kms import kms_from_reference
+
+    spec = _spec(kms=kms)
+    assert kms_from_reference(key_reference(spec)) == spec.kms
+
+
 def test_agent_runs_privileged_only_to_read_a_kernel_log_device():
     assert needs_privilege(_spec()) is True
     plain = _spec(agent__kernel_log="/var/log/kern.log")

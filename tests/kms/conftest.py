@@ -44,3 +44,66 @@ def softhsm(tmp_path_factory):
         os.environ.pop("SOFTHSM2_CONF", None)
     else:
         os.environ["SOFTHSM2_CONF"] = previous
+
+
+# -- AWS KMS: moto's server on loopback, a real HTTP endpoint boto3 reaches through AWS_ENDPOINT_URL --
+MOTO_ACCOUNT = "111122223333"  # the account Pulumi.h100-example.yaml's key ARNs name
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def moto_missing() -> str | None:
+    import importlib.util
+
+    for module, package in (("boto3", "boto3"), ("moto", "moto[server]"), ("flask", "moto[server]")):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (pip install --no-deps --require-hashes -r requirements-aws.lock)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def moto_kms(tmp_path_factory):
+    """moto's server (started by PID, stopped at the end) and the environment that points boto3 at it."""
+    import socket
+    import sys
+    import time
+
+    reason = moto_missing()
+    if reason:
+        pytest.skip(reason)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  env={**os.environ, "MOTO_ACCOUNT_ID": MOTO_ACCOUNT}, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield {"endpoint": env["AWS_ENDPOINT_URL"], "env": env, "account": MOTO_ACCOUNT}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)

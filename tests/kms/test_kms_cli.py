@@ -74,8 +74,8 @@ def test_init_rotate_rewrap_and_status_on_a_lab_keyring(tmp_path, aidc_cli):
 
 def test_kms_bad_input_is_one_error_line(tmp_path, aidc_cli):
     _one_error_line(aidc_cli("kms", "status", "--lab-dir", str(tmp_path / "none")), "no keyring at", "aidc kms init")
-    aws = _stack(tmp_path, "{provider: aws-kms, key_id: 'arn:aws:kms:us-east-1:1:key/x'}")
-    _one_error_line(aidc_cli("kms", "rotate", "--stack", aws), "'aws-kms' is not available in this build")
+    vault = _stack(tmp_path, "{provider: vault-transit, key_id: 'transit/aidc'}")
+    _one_error_line(aidc_cli("kms", "rotate", "--stack", vault), "'vault-transit' is not available in this build")
     lab = tmp_path / "lab"
     assert aidc_cli("kms", "init", "--lab-dir", str(lab)).returncode == 0
     _one_error_line(aidc_cli("kms", "init", "--lab-dir", str(lab)), "a keyring already exists")

@@ -75,9 +75,13 @@ CREATE TABLE IF NOT EXISTS audit_signature (
     seq INTEGER PRIMARY KEY,
     key_id TEXT NOT NULL,
     key_version INTEGER NOT NULL,
-    signature TEXT NOT NULL
+    signature TEXT NOT NULL,
+    algorithm TEXT
 );
 """
+# The signing key's algorithm beside each signature (aidc.kms.SIGNATURE_ALGORITHMS); NULL in
+# rows written before keys named theirs, which are Ed25519. Logs made then gain the column.
+SIGNATURE_ALGORITHM_COLUMN = "ALTER TABLE audit_signature ADD COLUMN algorithm TEXT"
 # Domain separation: a record's signature can never stand in for an anchor's (or the reverse).
 RECORD_DOMAIN = b"aidc-audit-record-v1\0"
 ANCHOR_DOMAIN = b"aidc-audit-anchor-v1\0"
@@ -229,6 +233,11 @@ class AuditLog:
         enable_wal(self._db)  # retried: writers open a new log at the same moment
         self._db.executescript(SCHEMA)
         self._db.executescript(SIGNATURE_SCHEMA)
+        if "algorithm" not in {r[1] for r in self._db.execute("PRAGMA table_info(audit_signature)")}:
+            try:
+                self._db.execute(SIGNATURE_ALGORITHM_COLUMN)
+            except sqlite3.OperationalError:  # another writer added it first
+                pass
         if self.signer is None:
             self.signer = configured_signer(self.path)
         self._write_genesis_anchor()
@@ -380,9 +389,11 @@ class AuditLog:
                          (seq, ts, actor, node, kind, reason, payload_json, prev, digest))
         if self.signer is not None:
             self._db.execute(
-                "INSERT OR REPLACE INTO audit_signature(seq, key_id, key_version, signature) VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO audit_signature(seq, key_id, key_version, signature, algorithm) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (seq, self.signer.key_id, self.signer.signing_key_version,
-                 base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode()))
+                 base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode(),
+                 self.signer.signing_algorithm))
         return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
 
     def _append(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str,
@@ -421,6 +432,7 @@ class AuditLog:
         doc: dict = {"seq": seq, "hash": digest}
         if self.signer is not None:
             doc["signature"] = {"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
+                                "algorithm": self.signer.signing_algorithm,
                                 "value": base64.b64encode(self.signer.sign(
                                     signed_message(ANCHOR_DOMAIN, seq, digest))).decode()}
         # durable: on disk before the rename, so a crash cannot leave an empty anchor.
@@ -549,16 +561,19 @@ class AuditLog:
                            notes: list[str]) -> tuple[int | None, str] | None:
         from aidc.kms import verify_with_pem
 
-        def valid(domain: bytes, seq: int, digest: str, value: str) -> bool:
+        def valid(domain: bytes, seq: int, digest: str, value: str, algorithm) -> bool:
             try:
                 signature = base64.b64decode(value, validate=True)
             except ValueError:
                 return False
-            return verify_with_pem(public_key_pem, signed_message(domain, seq, digest), signature)
+            if algorithm is not None and not isinstance(algorithm, str):
+                return False
+            return verify_with_pem(public_key_pem, signed_message(domain, seq, digest), signature, algorithm)
 
         if anchor.signature is None:
             return anchor.seq or None, f"the anchor (record {anchor.seq}) is not signed"
-        if not valid(ANCHOR_DOMAIN, anchor.seq, anchor.hash, anchor.signature["value"]):
+        if not valid(ANCHOR_DOMAIN, anchor.seq, anchor.hash, anchor.signature["value"],
+                     anchor.signature.get("algorithm")):
             return (anchor.seq or None,
                     f"the anchor's signature (record {anchor.seq}) does not verify with this public key")
         signatures = self._signatures()
@@ -567,11 +582,11 @@ class AuditLog:
         first_signed = min((s for s in signatures if 1 <= s <= len(rows)), default=None)
         must_sign_after = anchor.seq if first_signed is None else min(first_signed - 1, anchor.seq)
         for seq, *_, digest in rows:
-            value = signatures.get(seq)
+            value, algorithm = signatures.get(seq, (None, None))
             if value is None:
                 if seq > must_sign_after:
                     return seq, f"record {seq} is not signed (written without the signing key)"
-            elif not valid(RECORD_DOMAIN, seq, digest, value):
+            elif not valid(RECORD_DOMAIN, seq, digest, value, algorithm):
                 return seq, f"record {seq}'s signature does not verify with this public key"
         if must_sign_after:
             notes.append(f"records 1-{must_sign_after} precede the first record signature; "
@@ -581,13 +596,17 @@ class AuditLog:
     def _anchor_missing(self) -> str:
         return f"anchor file {self.anchor_path} is missing"
 
-    def _signatures(self) -> dict[int, str]:
-        """Record signatures by seq (none when the log predates the signature table)."""
+    def _signatures(self) -> dict[int, tuple[str, str | None]]:
+        """(signature, algorithm) of each record by seq; none when the log predates the signature
+        table, algorithm None (Ed25519) in rows written before keys named theirs."""
         with self._lock:
             has_table = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                          "name = 'audit_signature'").fetchone()
-            return dict(self._db.execute("SELECT seq, signature FROM audit_signature").fetchall()
-                        if has_table else [])
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(audit_signature)")} if has_table else set()
+            # A log from before the algorithm column (read-only, so not migrated): all Ed25519.
+            algorithm = "algorithm" if "algorithm" in columns else "NULL"
+            return {seq: (value, alg) for seq, value, alg in self._db.execute(
+                f"SELECT seq, signature, {algorithm} FROM audit_signature").fetchall()} if has_table else {}
 
     def _stored_rows(self) -> list[tuple]:
         """Every record's columns in physical order (rowid), not seq order: verify must see rows

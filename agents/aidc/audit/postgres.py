@@ -81,6 +81,7 @@ class PostgresAuditLog(AuditLog):
         if self.signer is None:
             return None
         return json.dumps({"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
+                           "algorithm": self.signer.signing_algorithm,
                            "value": base64.b64encode(self.signer.sign(
                                signed_message(ANCHOR_DOMAIN, seq, digest))).decode()})
 
@@ -152,9 +153,11 @@ class PostgresAuditLog(AuditLog):
                                (seq, ts, actor, node, kind, reason, payload_json, prev, digest))
             if self.signer is not None:
                 self._conn.execute(
-                    "INSERT INTO audit_signature(seq, key_id, key_version, signature) VALUES (%s, %s, %s, %s)",
+                    "INSERT INTO audit_signature(seq, key_id, key_version, signature, algorithm) "
+                    "VALUES (%s, %s, %s, %s, %s)",
                     (seq, self.signer.key_id, self.signer.signing_key_version,
-                     base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode()))
+                     base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode(),
+                     self.signer.signing_algorithm))
             self._set_anchor(seq, digest)
         return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
 
@@ -164,9 +167,10 @@ class PostgresAuditLog(AuditLog):
         with self._lock:
             return self._conn.execute(f"SELECT {', '.join(COLUMNS)} FROM audit ORDER BY seq").fetchall()
 
-    def _signatures(self) -> dict[int, str]:
+    def _signatures(self) -> dict[int, tuple[str, str | None]]:
         with self._lock:
-            return dict(self._conn.execute("SELECT seq, signature FROM audit_signature").fetchall())
+            return {seq: (value, algorithm) for seq, value, algorithm in
+                    self._conn.execute("SELECT seq, signature, algorithm FROM audit_signature").fetchall()}
 
     def find(self, kind: str, **payload) -> list[AuditRecord]:
         sql, args = f"SELECT {', '.join(COLUMNS)} FROM audit WHERE kind = %s", [kind]

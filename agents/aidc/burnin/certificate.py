@@ -1,8 +1,9 @@
 """Burn-in certificates as signed documents that verify offline.
 
 A certificate is a node's latest `burnin.certificate` audit record, exported with every field
-the record's hash covers (so the hash can be recomputed from the document) and an Ed25519
-signature by the cluster's signing key over a domain-separated canonical encoding of the
+the record's hash covers (so the hash can be recomputed from the document) and a signature by
+the cluster's signing key (Ed25519, or ECDSA P-256 where the provider has no Ed25519: the
+algorithm is named in the signed document and must match the verifying key) over a domain-separated canonical encoding of the
 whole document. Export refuses a log that does not verify with that key's public half: a
 certificate vouches only for a record in an intact, signed history. Verifying needs the
 public key (`aidc kms public-key`) and nothing else: no log, no keyring.
@@ -42,7 +43,7 @@ def export_certificate(log: AuditLog, node: str, signer) -> dict:
     payload = json.loads(record["payload"])
     document = {"format": FORMAT, "node": node, "verdict": payload.get("verdict"), "reason": record["reason"],
                 "issued_at": time.time(), "audit_records": result.records, "record": record}
-    document["signature"] = {"algorithm": "Ed25519", "key_id": signer.key_id, "key_version": signer.signing_key_version}
+    document["signature"] = {"algorithm": signer.signing_algorithm, "key_id": signer.key_id, "key_version": signer.signing_key_version}
     document["signature"]["value"] = base64.b64encode(signer.sign(_signed_bytes(document))).decode()
     return document
 
@@ -65,7 +66,10 @@ def verify_certificate(text: str, public_key_pem: str) -> tuple[bool, str]:
     except ValueError:
         return False, "the signature is not base64"
     try:
-        signed = verify_with_pem(public_key_pem, _signed_bytes(document), signature_bytes)
+        algorithm = signature.get("algorithm")
+        if algorithm is not None and not isinstance(algorithm, str):
+            return False, "the signature's algorithm is not a name"
+        signed = verify_with_pem(public_key_pem, _signed_bytes(document), signature_bytes, algorithm)
     except KmsError as exc:
         return False, f"the public key: {exc}"
     if not signed:

@@ -50,7 +50,8 @@ def _checkpoint_files(paths: list[Path]) -> list[Path]:
 
 @app.command("init")
 def init(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
-    """Create the stack's key: KEK version 1 and an Ed25519 signing key. Refuses to replace one."""
+    """Create the stack's key: KEK version 1 and a signing key (Ed25519; ECDSA P-256 on AWS KMS).
+    Refuses to replace one."""
     from aidc.kms import create_provider
 
     kms, lab_dir = _spec_kms(stack, lab_dir)
@@ -109,7 +110,7 @@ def public_key(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON
     provider, _ = _open(stack, lab_dir)
     try:
         pem = provider.public_key_pem()
-        data = {"key_id": provider.key_id, "algorithm": "Ed25519",
+        data = {"key_id": provider.key_id, "algorithm": provider.signing_algorithm,
                 "signing_key_version": provider.signing_key_version, "pem": pem}
     finally:
         provider.close()
@@ -124,7 +125,8 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
         data = provider.status()
     finally:
         provider.close()
-    where = data.get("keyring") or f"token {data.get('token_label')}"
+    where = (data.get("keyring") or (f"token {data['token_label']}" if "token_label" in data else None)
+             or f"region {data.get('region')}")
     emit(data, as_json, f"key {data['key_id']} ({data['provider']}, {where}): KEK versions "
          f"{', '.join(map(str, data['kek_versions']))}, current {data['current_version']}; signing key "
          f"{data['signing_algorithm']} version {data['signing_key_version']}")

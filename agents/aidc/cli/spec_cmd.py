@@ -41,9 +41,14 @@ def show(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
 
 @app.command("check")
 def check(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """Validate the stack file; exit 0 when it is valid, 2 listing every problem (key path, expected) when not."""
+    """Validate the stack file; exit 0 when it is valid, 2 listing every problem (key path, expected) when not.
+
+    Also checks the KMS provider the stack names: one this build lacks is a problem (exit 2);
+    one whose library is not installed on this machine is a warning (the key may be used
+    elsewhere), so neither waits for the first checkpoint to be found out."""
     try:
         spec = load_stack(stack)
+        _check_kms_provider(stack, spec)
     except SpecError as exc:
         if as_json:  # the error document (aidc.cli.main) carries the `problems` list
             raise
@@ -54,7 +59,22 @@ def check(stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
             typer.echo(f"aidc: error: {exc.file}: (and {exc.problems_total - len(exc.problems)} more problem(s) "
                        f"not listed)", err=True)
         raise typer.Exit(exc.exit_code) from None
-    emit({"ok": True, "stack": stack, "nodes": len(spec.nodes())}, as_json, f"{stack}: valid ({len(spec.nodes())} nodes)")
+    from aidc.kms import missing_library
+
+    warnings = [w for w in (missing_library(spec.kms.provider),) if w]
+    for warning in warnings if not as_json else []:
+        typer.echo(f"aidc: warning: {warning}", err=True)
+    emit({"ok": True, "stack": stack, "nodes": len(spec.nodes()), "warnings": warnings}, as_json,
+         f"{stack}: valid ({len(spec.nodes())} nodes)")
+
+
+def _check_kms_provider(stack: str, spec) -> None:
+    from aidc.kms import unavailable_reason
+    from aidc.spec import stack_path
+
+    reason = unavailable_reason(spec.kms.provider)
+    if reason:
+        raise SpecError(str(stack_path(stack)), "kms.provider", f"a provider this build can use: {reason}")
 
 
 @app.command("schema")

@@ -49,6 +49,18 @@ class LocalKeyring(KeyProvider):
         self._signing_version = int(manifest["signing"]["version"])
         self._signing_key = self._load_signing_key(self._signing_version)
 
+    @classmethod
+    def from_spec(cls, kms, lab_dir=None) -> "LocalKeyring":
+        from aidc.kms import keyring_path
+
+        return cls(keyring_path(kms, lab_dir), kms.key_id)
+
+    @classmethod
+    def create_from_spec(cls, kms, lab_dir=None) -> "LocalKeyring":
+        from aidc.kms import keyring_path
+
+        return cls.create(keyring_path(kms, lab_dir), kms.key_id)
+
     # -- creation -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, key_id: str) -> "LocalKeyring":

@@ -83,6 +83,14 @@ class Pkcs11Provider(KeyProvider):
             raise KmsError(f"token {settings.token_label!r} holds no key {key_id!r} (create it with `aidc kms init`)")
 
     @classmethod
+    def from_spec(cls, kms, lab_dir=None) -> "Pkcs11Provider":
+        return cls(kms.pkcs11, kms.key_id)
+
+    @classmethod
+    def create_from_spec(cls, kms, lab_dir=None) -> "Pkcs11Provider":
+        return cls.create(kms.pkcs11, kms.key_id)
+
+    @classmethod
     def create(cls, settings: Pkcs11, key_id: str) -> "Pkcs11Provider":
         """Generate KEK version 1 and the signing key pair on the token; refuse if the key exists."""
         self = cls(settings, key_id, _create=True)

@@ -42,7 +42,7 @@ RUNBOOK_STATE = {
 }
 AUDIT_LOG = {
     "audit": ("seq", "ts", "actor", "node", "kind", "reason", "payload", "prev_hash", "hash"),
-    "audit_signature": ("seq", "key_id", "key_version", "signature"),
+    "audit_signature": ("seq", "key_id", "key_version", "signature", "algorithm"),
 }
 TABLES = {**EVENT_STORE, **RUNBOOK_STATE, **AUDIT_LOG}
 SERIALS = {"events": "events_id_seq", "remediations": "remediations_id_seq", "runs": "runs_id_seq"}
@@ -56,8 +56,16 @@ def _snapshot(path: Path, tables: dict[str, tuple[str, ...]]) -> dict[str, list[
     try:
         db.execute("BEGIN")
         present = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        return {t: [tuple(r) for r in db.execute(f"SELECT {', '.join(c)} FROM {t}")] if t in present else []
-                for t, c in tables.items()}
+        rows = {}
+        for table, columns in tables.items():
+            if table not in present:
+                rows[table] = []
+                continue
+            # A column an older file lacks reads as NULL (audit_signature.algorithm: Ed25519).
+            has = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            listed = ", ".join(c if c in has else "NULL" for c in columns)
+            rows[table] = [tuple(r) for r in db.execute(f"SELECT {listed} FROM {table}")]
+        return rows
     finally:
         db.close()
 
