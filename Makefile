@@ -54,9 +54,12 @@ lab: $(STAMP)
 lab-down: $(STAMP)
 	$(VENV)/bin/aidc lab down
 
-# Every test, the slow end-to-end ones included (CI runs exactly this).
+# Every test, the slow end-to-end ones included (CI runs exactly this). Two workers (pytest-xdist),
+# a test file each at a time: most end-to-end tests wait on daemons they start, so two overlap
+# well on two cores; a file's tests share their module fixtures on one worker.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # Unit tests only, for a quick loop while editing.
 test-fast: $(STAMP)
