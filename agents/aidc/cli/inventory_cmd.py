@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.inventory import inventory_host, inventory_list
 from aidc.spec import load_stack
 
-app = typer.Typer(help="Print an Ansible inventory (JSON) generated from the cluster spec.")
+app = typer.Typer(cls=VocabularyGroup, help="Print an Ansible inventory (JSON) generated from the cluster spec.")
 
 
 @app.callback(invoke_without_command=True)
