@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from aidc.cli import options
+from aidc.cli import config, options
 from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError, DeviceError
 from aidc.health.stragglers import STEP_TIMES_FILE
@@ -20,8 +20,9 @@ from aidc.spec import AGENT_METRICS_PORT
 app = options.group(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.")
 
 
-@app.command("run")
-def run(node: str = typer.Option(..., help="This node's name (as in the cluster spec)."),
+@app.command("run", context_settings=config.DAEMON_SETTINGS)
+def run(ctx: typer.Context,
+        node: str = typer.Option(..., help="This node's name (as in the cluster spec)."),
         backend: str = options.choice_option("nvml", "--backend", options.DEVICE_BACKENDS,
                                              "Device backend: nvml (real driver) or sim (lab)."),
         node_dir: Path = typer.Option(None, help="Simulated node directory (sim backend)."),
@@ -75,8 +76,20 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                   help="Compute this fraction above the fleet median counts as "
                                                        "slow (spec: policy.stragglers.tolerance)."),
         stall_after: float = STALL_AFTER_OPTION,
+        log_format: str = options.log_format_option("text"),
+        config_file: Path = config.config_option(),
+        print_config: bool = config.print_config_option(),
         as_json: bool = JSON_OPTION) -> None:
-    """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
+    """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted.
+
+    Every option can also come from AIDC_<OPTION> or a --config file (flag > env > file > default).
+    """
+    if print_config:
+        config.print_config(ctx, as_json)
+    from aidc.logs import DaemonLog
+
+    daemon_log = DaemonLog("aidc.agent", log_format)
+    daemon_log.capture("aidc")
     from aidc.device import open_backend
     from aidc.health.agent import run_agent
     from aidc.transport.forwarder import Forwarder, client_tls
@@ -120,8 +133,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         if not stop.is_set():
             scheme = "https" if metrics_tls else "http"
             where = f"{scheme}://{listen_address}:{port}/metrics" if port else "no metrics server"
-            print(f"aidc agent: watching {node} ({backend}), kernel log {kernel_log}, {where}",
-                  file=sys.stderr, flush=True)
+            daemon_log.say(f"watching {node} ({backend}), kernel log {kernel_log}, {where}", event="ready",
+                           node=node, backend=backend, port=port or None)
 
     threading.Thread(target=announce, daemon=True).start()
     forwarding = None

@@ -17,7 +17,7 @@ app = typer.Typer(cls=VocabularyGroup, help="Burn in nodes: GEMM and memory band
                        " training across nodes,"
                        " judged against the fleet median and the spec's floors.", no_args_is_help=True)
 
-STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+STACK_OPTION = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
 KNOWN_ANSWERS_OPTION = typer.Option(None, "--known-answers", help="Stored known answers of the SDC checks (default:"
                                     " <lab-dir>/known_answers.yaml, over the packaged ones).")
 RECORD_OPTION = typer.Option(False, "--record-known-answers", help="After the run, store the answers every GPU"
@@ -138,7 +138,7 @@ def certificate_export(
         node: str = typer.Argument(..., help="The node whose latest burn-in certificate to export."),
         db: Path = audit_db_option(..., "Audit database holding the certificate."),
         out: Path = typer.Option(..., "--out", help="Where to write the signed certificate (JSON)."),
-        stack: str = typer.Option(None, "--stack", "-s", help="Sign with this stack's key (default: the key the "
+        stack: str = typer.Option(None, "--stack", "-s", envvar="AIDC_STACK", help="Sign with this stack's key (default: the key the "
                                   "log is signed with, named by <db>.signing)."),
         lab_dir: Path = typer.Option(None, "--lab-dir", help="With --stack: the lab's own keyring."),
         as_json: bool = JSON_OPTION) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from aidc.audit import AuditLog
+from aidc.cli import config
 from aidc.cli import options as vocabulary
 from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError
@@ -103,10 +104,10 @@ def _listener(ctl, options, relays: dict[str, list[str]]):
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-@app.command("run")
-def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
+@app.command("run", context_settings=config.DAEMON_SETTINGS)
+def run(ctx: typer.Context, stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
-        poll: float = vocabulary.poll_interval_option(0.05, "Seconds between looks at the event store."),
+        poll_interval: float = vocabulary.poll_interval_option(0.05, "Seconds between looks at the event store."),
         lease_dir: Path = typer.Option(None, "--lease-dir",
                                        help="Controller lease directory; one controller acts at a time. Put it on "
                                             "a filesystem every controller host shares (default: LAB_DIR/lease). "
@@ -114,10 +115,10 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                             "(spec kubernetes.namespace/lease_name)."),
         lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
                                         help="Seconds without a heartbeat before another controller takes over."),
-        listen: str = typer.Option(None, "--ingest-address", metavar="HOST:PORT",
+        ingest_address: str = typer.Option(None, "--ingest-address", metavar="HOST:PORT",
                                    help="Also receive fault events from agents on other hosts here "
                                         "(HTTPS, mutual TLS; POST /v1/events)."),
-        tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM) for --listen."),
+        tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM) for --ingest-address."),
         tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
         client_ca: Path = typer.Option(None, "--client-ca", help="CA that signs the agents' client certificates; "
                                        "an agent may report only the node its certificate names (CN or DNS SAN)."),
@@ -130,12 +131,24 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                   "HOST:PORT/metrics, with /healthz and /readyz: 127.0.0.1 on a laptop; 0.0.0.0 or the pod IP "
                   "where Prometheus scrapes it (the Deployment). Default: no metrics server."),
         stall_after: float = STALL_AFTER_OPTION,
+        log_format: str = vocabulary.log_format_option("text"),
+        config_file: Path = config.config_option(),
+        print_config: bool = config.print_config_option(),
         ) -> None:
-    """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
+    """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease).
+
+    Every option can also come from AIDC_<OPTION> or a --config file (flag > env > file > the
+    stack's spec > default)."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
+    if print_config:
+        config.print_config(ctx, False, {"dry_run": load_stack(stack).policy.dry_run})
+    from aidc.logs import DaemonLog
+
+    daemon_log = DaemonLog("aidc.failover", log_format)
+    daemon_log.capture("aidc")
     from aidc.failover.lease import Lease
 
-    options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
+    options = _listen_options(ingest_address, tls_cert, tls_key, client_ca, allow_client)
     relays = _relays(stack, allow_client)
     metrics_listen = vocabulary.parse_listen(listen_address, None)
     metrics = probe = None
@@ -167,13 +180,16 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     if listener is not None:
         serving = threading.Thread(target=listener.serve_forever, name="event-listener", daemon=True)
         serving.start()
+    daemon_log.event("controller started", event="ready", stack=stack, state_dir=str(lab_dir),
+                     metrics=f"{listen_address}:{metrics_port}" if metrics_listen else None,
+                     ingest=ingest_address)
     try:
         if ctl.scheduler.name == "kubernetes":
             from aidc.failover.k8s_controller import run_on_kubernetes
 
-            run_on_kubernetes(ctl, stop, poll)
+            run_on_kubernetes(ctl, stop, poll_interval)
         else:
-            ctl.run(stop, poll, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
+            ctl.run(stop, poll_interval, lease=Lease(lease_dir or lab_dir / "lease", ttl_s=lease_ttl))
     finally:
         if listener is not None:
             listener.shutdown()

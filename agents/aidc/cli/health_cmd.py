@@ -118,7 +118,7 @@ def events(store: Path = typer.Option(..., help="The agent's event store (SQLite
 
 @app.command("check", context_settings={"help_option_names": ["--help", "-h"]})
 def check(node: str = typer.Option(..., "--node", help="This node's name (as in the cluster spec)."),
-          stack: str = typer.Option(None, "--stack", "-s", help="Cluster spec (name or file, e.g. /etc/aidc/stack.yaml): "
+          stack: str = typer.Option(None, "--stack", "-s", envvar="AIDC_STACK", help="Cluster spec (name or file, e.g. /etc/aidc/stack.yaml): "
                                     "the node's GPU count, policy.out_of_service_actions, the device backend "
                                     "and the window (2 x slurm.health_check_interval_s)."),
           backend: str = choice_option(None, "--backend", DEVICE_BACKENDS,

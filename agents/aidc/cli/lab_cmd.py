@@ -22,7 +22,7 @@ LAB_DIR = state_dir_option(lab=True, help="Where the lab keeps its nodes, logs, 
 
 
 @app.command("run")
-def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to bring the lab up from."),
+def run(stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack file to bring the lab up from."),
         lab_dir: Path = LAB_DIR,
         keep: bool = typer.Option(False, "--keep", help="Leave the lab's agents and services up afterwards."),
         scheduler: str = choice_option("lab", "--scheduler", ("lab", "slurm"),
@@ -132,7 +132,7 @@ def down(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
 
 
 @app.command("fabric")
-def fabric_up(stack: str = typer.Option("lab", "--stack", "-s", help="Stack whose fabric to bring up."),
+def fabric_up(stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack whose fabric to bring up."),
               lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Bring up (or show) the lab's netns fabric: a namespace per node, a shaped bridge per rail."""
     from aidc.lab import fabric

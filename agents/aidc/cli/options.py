@@ -17,7 +17,7 @@ A command that needs one of these takes it from here instead of declaring its ow
 | the audit log (SQLite file) | `--audit-db PATH`           |                   |
 | log lines                   | `--log-format text|json`    |                   |
 
-Fixed sets (`--backend`, `--scheduler`, `--dcgm-exporter`, `--log-format`) take one of their names
+Fixed sets (`--backend`, `--scheduler`, `--dcgm-exporter`, `--log-format`) take one of a fixed set of names,
 built from the registries, so a typo is a usage error that lists the valid names and shells
 complete them. Old spellings (DEPRECATED) are rewritten by `VocabularyGroup` before click parses
 the command line, with one warning line on stderr: they keep working for one release.
@@ -25,6 +25,7 @@ the command line, with one warning line on stderr: they keep working for one rel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -91,7 +92,10 @@ def rewrite_deprecated(command, args: list[str], warn=None) -> list[str]:
     """`args` with each old spelling the command no longer declares replaced by the new one; each
     replacement warned about once. Values after `--` are left alone."""
     names = option_names(command)
-    warn = warn or (lambda line: typer.echo(line, err=True))
+    if warn is None:
+        # AIDC_DEPRECATION_WARNINGS=off: for a script that parses stderr and cannot change yet.
+        quiet = os.environ.get("AIDC_DEPRECATION_WARNINGS", "").lower() == "off"
+        warn = (lambda _line: None) if quiet else (lambda line: typer.echo(line, err=True))
     out: list[str] = []
     ports: list[str] = []
     warned: set[str] = set()
@@ -230,11 +234,9 @@ def choice_option(default, flag: str, names, help: str):
 
 
 def choices_of(param) -> tuple[str, ...] | None:
-    """The fixed set an option takes (choice_option, or an Enum's choices), None for free text."""
-    choices = getattr(param.type, "choices", None)
-    if choices is not None:
-        return tuple(choices)
-    return getattr(getattr(param.type, "func", None), "choices", None)
+    """The fixed set an option takes (a choice_option), None for free text."""
+    info = getattr(getattr(param, "type_descriptor", None), "parameter_info", None)
+    return getattr(getattr(info, "parser", None), "choices", None)
 
 
 def log_format_option(default: str = "text"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli import config
 from aidc.cli import options as vocabulary
 from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError
@@ -205,9 +206,10 @@ def _project_runbook_docs() -> Path:
     return docs
 
 
-@app.command("serve")
-def serve(listen_address: str = vocabulary.listen_option("127.0.0.1:9097", "Where to listen for Alertmanager, "
-                                                          "/metrics, /healthz and /readyz (port 0: any free port)."),
+@app.command("serve", context_settings=config.DAEMON_SETTINGS)
+def serve(ctx: typer.Context,
+          listen_address: str = vocabulary.listen_option("127.0.0.1:9097", "Where to listen for Alertmanager, "
+                                                         "/metrics, /healthz and /readyz (port 0: any free port)."),
           token_file: Path = typer.Option(None, "--token-file",
                                           help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN); "
                                                "it authenticates as token:default."),
@@ -247,6 +249,8 @@ def serve(listen_address: str = vocabulary.listen_option("127.0.0.1:9097", "Wher
           request_workers: int = typer.Option(4, "--request-workers", min=1, max=256,
                                               help="Threads handling complete requests (slow clients use none)."),
           log_format: str = vocabulary.log_format_option("json"),
+          config_file: Path = config.config_option(),
+          print_config: bool = config.print_config_option(),
           stall_after: float = STALL_AFTER_OPTION) -> None:
     """Alertmanager webhook receiver. Resumes interrupted runs on start.
 
@@ -257,6 +261,8 @@ def serve(listen_address: str = vocabulary.listen_option("127.0.0.1:9097", "Wher
     """
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     audit_db = audit_db or lab_dir / "audit.db"
+    if print_config:
+        config.print_config(ctx, False)
     from aidc.runbook import tls
     from aidc.runbook.receiver import Limits, Receiver
 
