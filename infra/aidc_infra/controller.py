@@ -43,8 +43,8 @@ def stall_after_s(spec: ClusterSpec) -> float:
 
 
 def controller_command(spec: ClusterSpec) -> list[str]:
-    return ["aidc", "failover", "run", "--stack", spec.name, "--lab-dir", STATE_DIR,
-            "--metrics-port", str(METRICS_PORT), "--listen-address", "0.0.0.0",
+    return ["aidc", "failover", "run", "--stack", spec.name, "--state-dir", STATE_DIR,
+            "--listen-address", f"0.0.0.0:{METRICS_PORT}",
             "--stall-after", str(stall_after_s(spec))]
 
 
