@@ -129,7 +129,8 @@ def test_listen_addresses_take_one_form():
 
 @pytest.mark.parametrize("old,new", [
     (["runbook", "approve", "7", "--by", "Ann"], ["runbook", "approve", "7", "--actor", "Ann"]),
-    (["failover", "status", "--lab-dir", "x"], ["failover", "status", "--state-dir", "x"]),
+    (["failover", "status", "--lab-dir", "x"], ["failover", "status", "--state-dir", "x", "--stack", "lab"]),
+    (["failover", "status", "--lab-dir", "x", "-s", "prod"], ["failover", "status", "--state-dir", "x", "-s", "prod"]),
     (["failover", "run", "--poll=0.1"], ["failover", "run", "--poll-interval=0.1"]),
     (["audit", "verify", "--db", "a.db"], ["audit", "verify", "--audit-db", "a.db"]),
     (["runbook", "serve", "--host", "0.0.0.0", "--port", "0"], ["runbook", "serve", "--listen-address", "0.0.0.0:0"]),

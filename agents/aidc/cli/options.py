@@ -123,6 +123,11 @@ def rewrite_deprecated(command, args: list[str], warn=None) -> list[str]:
         i += 1
     if ports:
         out = _fold_port(command, out, ports[-1])
+    if "--lab-dir" in warned and "--stack" in names and not os.environ.get("AIDC_STACK") and not any(
+            w in ("--stack", "-s") or w.startswith("--stack=") for w in out):
+        # The old spelling keeps its old meaning for its last release: the lab stack unless named.
+        # Only --state-dir (the new spelling) asks for --stack outside the lab.
+        out = [*out, "--stack", LAB_STACK]
     return out
 
 
