@@ -4,7 +4,7 @@ has waited. Its own registry, so several controllers (tests) can live in one pro
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
 
 from aidc.probes import Probe, metrics_app, serve_wsgi
 
@@ -46,7 +46,7 @@ class FailoverMetrics:
     def serve(self, port: int, addr: str = "127.0.0.1", probe: Probe | None = None):
         """Serve /metrics (and with `probe`, /healthz and /readyz) on addr:port (loopback by
         default); returns the server."""
-        app = metrics_app(lambda: generate_latest(self.registry), CONTENT_TYPE_LATEST, probe)
+        app = metrics_app(make_wsgi_app(self.registry), probe)
         self._server = serve_wsgi(app, addr, port, name="failover-metrics")
         return self._server
 
