@@ -184,3 +184,18 @@ def test_production_commands_never_fall_back_to_the_lab(tmp_path):
     (tmp_path / "nodes").mkdir()
     assert options.resolve_stack_and_state_dir(None, tmp_path) == ("lab", tmp_path)
     assert options.resolve_stack_and_state_dir("h100-example", tmp_path) == ("h100-example", tmp_path)
+
+
+def test_deprecation_lines_can_be_silenced_for_scripts(monkeypatch, capsys):
+    import typer.main
+    from typer import _click
+
+    root = typer.main.get_command(app)
+    args = ["runbook", "approve", "7", "--by", "Ann"]
+    leaf = options._leaf(root, _click.Context(root), args)
+    monkeypatch.setenv("AIDC_DEPRECATION_WARNINGS", "off")
+    assert options.rewrite_deprecated(leaf, args)[-2:] == ["--actor", "Ann"]
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("AIDC_DEPRECATION_WARNINGS")
+    options.rewrite_deprecated(leaf, args)
+    assert capsys.readouterr().err == options.deprecation_line("--by", "--actor") + "\n"
