@@ -153,6 +153,7 @@ def test_old_spellings_are_rewritten_with_one_warning_each(old, new):
     assert all(w.startswith("aidc: warning: --") and "deprecated" in w for w in warnings)
 
 
+@pytest.mark.slow
 def test_an_old_spelling_still_runs_and_says_so_on_stderr(tmp_path, monkeypatch):
     """End to end through the real entry point: `--db` (old) reads the same audit log as `--audit-db`."""
     import subprocess

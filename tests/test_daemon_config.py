@@ -103,3 +103,32 @@ def test_text_logs_stay_sentences():
     log.say("watching gpu-1 (sim)")
     log.event("machine-only line")
     assert stream.getvalue() == "aidc agent: watching gpu-1 (sim)\n"
+
+
+@pytest.mark.slow
+def test_the_controller_logs_json_lines_in_the_receivers_schema(tmp_path):
+    """End to end: `aidc failover run --log-format json` starts, says so in one JSON line, stops on SIGTERM."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lab = tmp_path / "lab"
+    (lab / "nodes").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "aidc", "failover", "run", "--state-dir", str(lab),
+                             "--log-format", "json", "--listen-address", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        line = ""
+        while not line and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                line = proc.stderr.readline()
+        record = json.loads(line)
+        assert list(record)[:4] == ["ts", "level", "logger", "msg"]
+        assert record["logger"] == "aidc.failover" and record["event"] == "ready" and record["stack"] == "lab"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
