@@ -185,6 +185,8 @@ def test_production_commands_never_fall_back_to_the_lab(tmp_path):
     (tmp_path / "nodes").mkdir()
     assert options.resolve_stack_and_state_dir(None, tmp_path) == ("lab", tmp_path)
     assert options.resolve_stack_and_state_dir("h100-example", tmp_path) == ("h100-example", tmp_path)
+    lab_file = str(tmp_path / "Pulumi.lab.yaml")  # the lab stack named by its file is still the lab
+    assert options.resolve_stack_and_state_dir(lab_file, None) == (lab_file, options.LAB_STATE_DIR)
 
 
 def test_deprecation_lines_can_be_silenced_for_scripts(monkeypatch, capsys):

@@ -230,7 +230,7 @@ def choice_option(default, flag: str, names, help: str):
 
     def parse(value: str) -> str:
         if value not in names:
-            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(names)}")
+            raise typer.BadParameter(f"{value!r}; valid: {', '.join(names)}")
         return value
 
     parse.choices = names
@@ -263,6 +263,11 @@ def is_lab_dir(path: Path) -> bool:
     return (path / "lab.json").exists() or (path / "nodes").is_dir()
 
 
+def is_lab_stack(stack: str) -> bool:
+    """The lab stack, by name or by its file (`--stack Pulumi.lab.yaml`)."""
+    return stack == LAB_STACK or Path(stack).name == f"Pulumi.{LAB_STACK}.yaml"
+
+
 def resolve_stack_and_state_dir(stack: str | None, state_dir: Path | None) -> tuple[str, Path]:
     """Neither given: the lab (stack `lab` in .aidc/lab). Outside the lab both are named: a
     production command never falls back to the lab's directory or stack silently."""
@@ -273,7 +278,7 @@ def resolve_stack_and_state_dir(stack: str | None, state_dir: Path | None) -> tu
             return LAB_STACK, state_dir
         raise AidcError(f"--stack is required outside the lab (or AIDC_STACK): {state_dir} holds no lab")
     if state_dir is None:
-        if stack == LAB_STACK:
+        if is_lab_stack(stack):
             return stack, LAB_STATE_DIR
         raise AidcError(f"--state-dir is required for stack {stack} (or AIDC_STATE_DIR; e.g. /var/lib/aidc): "
                         "the lab's .aidc/lab is used only for the lab stack")
