@@ -347,3 +347,51 @@ def test_sdc_on_one_gpu_fails_exactly_that_node_and_gpu_through_kubernetes_jobs(
     assert out["launcher"] == "kubernetes"
     assert sorted(kubelet.seen.values()) == ["gpu-0", "gpu-1", "gpu-2"]
     assert_only_gpu_1_of_node_gpu_1_failed(out, lab)
+
+
+@pytest.mark.slow
+def test_a_runbook_recertifies_a_quarantined_node_through_a_job_and_releases_it_on_the_signed_pass(
+        tmp_path, apiserver, aidc_cli):
+    """fault -> quarantine (cordon + aidc's taint) -> the runbook's tests in a Job on that node alone,
+    tolerating the taint -> release only after the signed pass. (A failing recertification keeps
+    the node out: the same step code, shown end to end on Slurm and the lab, tests/slurm and
+    tests/runbook; a failing Job's node on Kubernetes: the SDC test above.)"""
+    from aidc.failover.kubernetes import QUARANTINE_TAINT, SPARE_TAINT
+    from tests.runbook.recertify_case import prepare, write_stack
+
+    pool = {"aidc.dev/pool": "gpu"}  # the nodes runbooks may act on are those of aidc's pools
+    for name in ("gpu-0", "gpu-1", "gpu-2"):
+        apiserver.add_node(name, labels=pool)
+    apiserver.add_node("gpu-spare-0", labels=pool,
+                       taints=[{"key": SPARE_TAINT, "value": "true", "effect": "NoSchedule"}])
+    stack = write_stack(tmp_path, "k8srecert", "kubernetes", kubernetes={
+        "kubeconfig": str(kubeconfig(tmp_path / "kubeconfig", apiserver.url)), "burnin": {"store_host": "127.0.0.1"}})
+    tainted_when_scheduled = []
+
+    class WatchingKubelet(Kubelet):
+        def _schedule(self, job):
+            node = pinned_node(job["spec"]["template"]["spec"])
+            tainted_when_scheduled.append(QUARANTINE_TAINT in {t["key"] for t in
+                                                               self.api.node(node)["spec"].get("taints", [])})
+            return super()._schedule(job)
+
+    with WatchingKubelet(apiserver) as kubelet:
+        out = aidc_cli("runbook", "run", *prepare(aidc_cli, tmp_path, stack, tmp_path / "site", "gpu-2"), timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert list(kubelet.seen.values()) == ["gpu-2"] and tainted_when_scheduled == [True]  # recertified in place
+    steps = {s["step_id"]: s for s in json.loads(out.stdout)["steps"]}
+    assert [steps[s]["status"] for s in ("out", "burn-in", "back")] == ["done"] * 3
+    result = steps["burn-in"]["result"]
+    assert (result["verdict"], result["launcher"], result["tests"]) == ("pass", "kubernetes",
+                                                                       ["gemm", "memcpy", "allreduce"])
+    node = apiserver.node("gpu-2")
+    assert QUARANTINE_TAINT not in {t["key"] for t in node["spec"].get("taints", [])}
+    assert not node["spec"].get("unschedulable")
+    with AuditLog(tmp_path / "audit.db") as audit:
+        (cert,) = audit.records(kind="burnin.certificate")
+        release = [r for r in audit.records(kind="runbook.step") if r.payload.get("step") == "back"]
+        assert audit.verify().ok
+    assert (cert.node, cert.payload["verdict"], cert.payload["tests"]) == ("gpu-2", "pass",
+                                                                         ["gemm", "memcpy", "allreduce"])
+    assert cert.payload["training"] == {} and release and release[-1].seq > cert.seq
+    assert apiserver.job_list(NAMESPACE) == [] and apiserver.secrets == {}

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from aidc.burnin.suite import ALL as ALL_TESTS
 from aidc.runbook.actuators import (AnsiblePlaybookRunner, CheckFailed, HttpMetrics, StageBurninRunner,
                                     StepUnavailable, expectation_met)
 from aidc.spec import load_stack
@@ -133,7 +134,7 @@ def test_burnin_steps_burn_in_only_the_node_through_the_stacks_launcher_against_
         name = "lab"
 
         def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, **kw):
-            seen.append(([n.name for n in nodes], timeout_s))
+            seen.append(([n.name for n in nodes], timeout_s, kw["tests"]))
             name = nodes[0].name
             verdict = {"gpu-1": FakeNodeResult(False, ["gemm 40% below the SIM baseline"])}.get(name,
                                                                                               FakeNodeResult(True))
@@ -148,7 +149,8 @@ def test_burnin_steps_burn_in_only_the_node_through_the_stacks_launcher_against_
     bad = runner.run("gpu-1", ["gemm"], 120)
     assert not bad.ok and bad.data["reasons"] == ["gemm 40% below the SIM baseline"] and bad.data["tests"] == ["gemm"]
     assert runner.run("gpu-2", [], 120).ok
-    assert seen == [(["gpu-1"], 120), (["gpu-2"], 120)]
+    # The runbook's tests reach the launcher (none listed: the launcher runs them all).
+    assert seen == [(["gpu-1"], 120, ["gemm"]), (["gpu-2"], 120, None)]
 
 
 def test_a_burnin_whose_certificate_was_not_judged_against_the_baseline_does_not_recertify(monkeypatch, tmp_path):
@@ -161,13 +163,13 @@ def test_a_burnin_whose_certificate_was_not_judged_against_the_baseline_does_not
     class Launcher:
         name = "lab"
 
-        def __init__(self, baseline_used):
-            self.baseline_used = baseline_used
+        def __init__(self, baseline_used, tests=ALL_TESTS):
+            self.baseline_used, self.tests = baseline_used, list(tests)
 
         def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, **kw):
             name = nodes[0].name
             audit.append("burnin.certificate", "passed burn-in", actor="t", node=name,
-                         payload={"verdict": "pass", "baseline": self.baseline_used})
+                         payload={"verdict": "pass", "baseline": self.baseline_used, "tests": self.tests})
             return types.SimpleNamespace(report=types.SimpleNamespace(nodes={name: FakeNodeResult(True)}), job_id=None)
 
     (tmp_path / "burnin-baselines.json").write_text(json.dumps(
@@ -181,3 +183,9 @@ def test_a_burnin_whose_certificate_was_not_judged_against_the_baseline_does_not
                         types.SimpleNamespace(LAUNCHER=Launcher({"gemm_fp32_tflops": 1.0})))
     judged = runner.run("gpu-1", [], 120)
     assert judged.ok and judged.data["certificate_seq"] == audit.records(kind="burnin.certificate")[-1].seq
+    # A pass of other tests than the runbook's is no recertification either.
+    monkeypatch.setitem(sys.modules, "aidc.burnin.launch.lab",
+                        types.SimpleNamespace(LAUNCHER=Launcher({"gemm_fp32_tflops": 1.0}, ["memcpy"])))
+    other = runner.run("gpu-1", ["gemm", "memcpy"], 120)
+    assert not other.ok
+    assert other.data["reasons"] == ["the certificate of gpu-1 does not name the tests the runbook asked for"]

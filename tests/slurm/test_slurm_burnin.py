@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -28,15 +29,16 @@ def burnin_stack(local_slurm, directory, device_timeout_s: float = 2.0, floors: 
 
 @pytest.mark.slow
 def test_burnin_through_slurm_certifies_only_the_named_nodes_in_one_job_sacct_shows(local_slurm, tmp_path, aidc_cli):
+    """Four nodes of five (the spare left out) in one srun job."""
     stack = burnin_stack(local_slurm, tmp_path)
     lab = tmp_path / "lab"
-    proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-2,gpu-0",
+    named = ["gpu-0", "gpu-1", "gpu-2", "gpu-3"]
+    proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-3,gpu-2,gpu-0,gpu-1",
                     "--timeout", "300", "--json", timeout=420)  # Slurm is reached through the stack's slurm.conf
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["launcher"] == "slurm" and out["job_id"].isdigit()
-    assert [(n["node"], n["verdict"], n["failed_gpus"]) for n in out["nodes"]] == [("gpu-0", "pass", []),
-                                                                                   ("gpu-2", "pass", [])]
+    assert [(n["node"], n["verdict"], n["failed_gpus"]) for n in out["nodes"]] == [(n, "pass", []) for n in named]
     # Every node ran the whole node program: per-GPU benches, the five collectives, three trainings.
     for node in out["nodes"]:
         assert len(node["gpus"]) == 2 and set(node["collectives"]) == {
@@ -45,11 +47,11 @@ def test_burnin_through_slurm_certifies_only_the_named_nodes_in_one_job_sacct_sh
     accounted = local_slurm.run("sacct", "-c", "-n", "-P", "-j", out["job_id"], "-o", "JobID,JobName,NodeList,State")
     rows = [line.split("|") for line in accounted.stdout.splitlines() if line.strip()]
     assert [(r[0], r[1], r[3]) for r in rows] == [(out["job_id"], "aidc-burnin", "COMPLETED")], accounted.stdout
-    assert rows[0][2] == "gpu-[0,2]"
+    assert rows[0][2] == "gpu-[0-3]"
     with AuditLog(lab / "audit.db") as audit:
         certs = audit.records(kind="burnin.certificate")
         assert audit.verify().ok
-    assert sorted(r.node for r in certs) == ["gpu-0", "gpu-2"]
+    assert sorted(r.node for r in certs) == named
     assert all(r.payload["launcher"] == {"name": "slurm", "job_id": out["job_id"]} for r in certs)
 
 
@@ -84,9 +86,13 @@ def test_a_burnin_job_past_its_timeout_is_cancelled_and_recorded_as_aborted(loca
     stack = burnin_stack(local_slurm, tmp_path, device_timeout_s=300)  # gpu-1 waits silently in a device call
     lab = tmp_path / "lab"
     inject(lab_node_dirs(load_stack(stack), lab)["gpu-1"], "hang", seconds=300)
+    tmp = tmp_path / "tmp"  # the command's and (srun passes its environment on) the tasks' temp dir
+    tmp.mkdir()
     proc = aidc_cli("burnin", "run", "--stack", str(stack), "--lab-dir", str(lab), "--nodes", "gpu-1,gpu-3",
-                    "--timeout", "60", "--json", timeout=300)
+                    "--timeout", "60", "--json", timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 2 and "timed out" in proc.stderr and "Traceback" not in proc.stderr
+    # The cancelled tasks (killed mid-run) and the command leave nothing of the run on disk.
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("aidc-burnin")] == []
     with AuditLog(lab / "audit.db") as audit:
         assert audit.records(kind="burnin.certificate") == []
         aborted = audit.records(kind="burnin.aborted")

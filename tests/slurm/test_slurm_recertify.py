@@ -53,6 +53,13 @@ def test_a_drained_node_is_recertified_alone_inside_aidcs_reservation_then_relea
         "delete ReservationName=aidc-recert-gpu-2", "update NodeName=gpu-2 State=RESUME"]
     certs = audit.records(kind="burnin.certificate")
     assert [(c.node, c.payload["verdict"]) for c in certs] == [("gpu-2", "pass")]
+    # The tests the runbook lists ran in the Slurm task, and only those: no training run.
+    assert certs[0].payload["tests"] == burnin["tests"] == ["gemm", "memcpy", "allreduce"]
+    assert certs[0].payload["training"] == {} and list(certs[0].payload["collectives"]) == ["all_reduce"]
+    assert certs[0].payload["metrics"]["gemm_fp32_tflops"] > 0 and certs[0].payload["gpus"][0]["known_answer"]
+    # Released only after that signed pass: the release step's record follows the certificate.
+    release = [r for r in audit.records(kind="runbook.step") if r.payload.get("step") == "back"]
+    assert release and release[-1].seq > certs[0].seq
     assert audit.verify().ok
 
 
@@ -75,6 +82,13 @@ def test_a_failing_recertification_keeps_the_node_drained_with_its_reasons(aidc_
     assert _reservations(local_slurm) in ("", "No reservations in the system")
     certs = audit.records(kind="burnin.certificate")
     assert [(c.node, c.payload["verdict"]) for c in certs] == [("gpu-1", "fail")]
+    # Its reasons are in the signed audit log (the certificate, the step's record) and in the report.
+    assert certs[0].payload["reasons"] == result["reasons"] and 1 in certs[0].payload["failed_gpus"]
+    assert any("silent data corruption" in r for r in result["reasons"])
+    step_records = [r for r in audit.records(kind="runbook.step") if r.payload.get("step") == "burn-in"]
+    assert step_records and step_records[-1].payload["result"]["reasons"] == result["reasons"]
+    assert all(r.payload.get("step") != "back" for r in audit.records(kind="runbook.step"))
+    assert audit.verify().ok
 
 
 def test_a_node_an_operator_drained_is_not_resumed_for_recertification(aidc_cli, local_slurm, tmp_path):

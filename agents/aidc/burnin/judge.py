@@ -28,6 +28,7 @@ from collections import Counter
 from aidc.burnin.collectives import metric_name
 from aidc.burnin.report import UNITS, NodeResult
 from aidc.burnin.storage import STORAGE_METRICS
+from aidc.burnin.suite import ALL as ALL_TESTS, collectives_of
 
 # Metrics compared across the fleet: measured per node, one node at a time (checkpoint storage
 # too, with its own tolerance). Each collective's busbw (`<op>_busbw_gbps`:
@@ -37,11 +38,22 @@ from aidc.burnin.storage import STORAGE_METRICS
 # from run to run with the scheduling of every rank, so these figures get their own tolerance
 # (`busbw_fleet_tolerance`).
 FLEET_METRICS = ("gemm_fp32_tflops", "gemm_bf16_tflops", "memcpy_gbps") + STORAGE_METRICS
+# The burn-in test that measures each per-node metric (aidc.burnin.suite; storage: every STORAGE_METRICS).
+METRIC_TEST = {"gemm_fp32_tflops": "gemm", "gemm_bf16_tflops": "gemm", "memcpy_gbps": "memcpy"}
 
 # FSDP and pipeline runs compute DDP's averaged gradient in another order: their parameters
 # may differ from DDP's by float rounding only (measured ~1e-7 after 20 steps of the burn-in model).
 PARALLEL_MATCH_TOLERANCE = 1e-4
 TRAINING_NAMES = {"ddp": "DDP", "fsdp": "FSDP", "pipeline": "pipeline"}
+
+
+def asked_for(metric: str, tests) -> bool:
+    """Whether the burn-in tests `tests` measure `metric`."""
+    if metric in STORAGE_METRICS:
+        return "storage" in tests
+    if metric in METRIC_TEST:
+        return METRIC_TEST[metric] in tests
+    return metric in {metric_name(op) for op in collectives_of(tests)}
 
 
 def mad(values: list[float]) -> float:
@@ -111,9 +123,14 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
     for n in nodes.values():
         n.reasons, n.notes, n.robust_z, n.failed_gpus = [], [], {}, []
         n.reasons += [f"measurement failed: {e}" for e in n.errors]
+        skipped = [t for t in ALL_TESTS if t not in n.tests]
+        if skipped:
+            n.notes.append(f"not run (not among the tests asked for): {', '.join(skipped)}")
         for metric in fleet_metrics(nodes):
             unit = UNITS[metric]
             if metric not in n.metrics:
+                if not asked_for(metric, n.tests):
+                    continue  # its test did not run: said once in the notes above
                 if metric in STORAGE_METRICS:  # measured only where the run names a checkpoint path
                     n.notes.append(f"{metric}: not measured (no checkpoint path in this run)")
                 elif not n.errors:
@@ -144,14 +161,15 @@ def judge(nodes: dict[str, NodeResult], floors: dict[str, dict[str, float]], tol
         if len(nodes) == 1 and n.collectives and link_rate_gbps and min_busbw_fraction:
             n.notes.append("collectives ran on one rank: checked for correct results; the link-rate floor"
                            " does not apply (one rank moves nothing over the fabric)")
-        n.reasons += _training_reasons(n, min_loss_drop)
+        if "train" in n.tests:
+            n.reasons += _training_reasons(n, min_loss_drop)
         n.reasons += _unstable_gemm_reasons(n)
         for reasons, notes, failed in (dcgm_verdict(n.dcgm), judge_soak(
                 {int(i): s for i, s in n.soak.get("series", {}).items()}, soak_max_clock_sag)):
             n.reasons += reasons
             n.notes += notes
             n.failed_gpus = sorted(set(n.failed_gpus) | set(failed))
-    judge_known_answers(nodes, known_answers or {})
+    judge_known_answers({name: n for name, n in nodes.items() if "gemm" in n.tests}, known_answers or {})
     for mode, what in TRAINING_NAMES.items():
         digests = {name: n.run(mode)["param_digest"] for name, n in nodes.items() if n.run(mode)}
         for name, reason in compare_digests(digests, f"{what} training").items():

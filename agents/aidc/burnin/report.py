@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from aidc.burnin.suite import ALL as ALL_TESTS
+
 # Units of every judged metric, so each figure is printed with its unit.
 UNITS = {
     "gemm_fp32_tflops": "TFLOP/s",
@@ -46,6 +48,9 @@ class NodeResult:
     # With --soak-s: {"seconds", "samples", "series": {"<gpu>": [{t, sm_clock_mhz, temperature_c,
     # power_w, throttle_reasons}]}} (aidc.burnin.soak).
     soak: dict = field(default_factory=dict)
+    # The burn-in tests this node ran (aidc.burnin.suite): a runbook's recertification runs those
+    # its step lists; what they do not cover is neither measured nor judged.
+    tests: list[str] = field(default_factory=lambda: list(ALL_TESTS))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,9 @@ from aidc.burnin.judge import judge
 from aidc.burnin.launch.store import keyed_store, store_secret
 from aidc.burnin.progress import BurninProgress, rich_bar
 from aidc.burnin.report import BurninReport, NodeResult
+from aidc.burnin.rundir import run_directory
 from aidc.burnin.storage import STORAGE_METRICS
+from aidc.burnin.suite import ALL as ALL_TESTS, collectives_of, select as select_tests
 from aidc.burnin.worker import PREFIX
 from aidc.errors import BurninError
 from aidc.files import shared_opener, write_atomic
@@ -200,10 +201,12 @@ PAIR_TIMEOUT_S = 30.0  # one pair test on a dead link gives up after this
 
 
 def node_config(spec: ClusterSpec, node, rank: int, names: list[str], *, timeout_s: float,
-                target_sample_s: float = 0.02, node_dir: Path | None = None, soak_s: float = 0.0) -> dict:
+                target_sample_s: float = 0.02, node_dir: Path | None = None, soak_s: float = 0.0,
+                tests: tuple[str, ...] = ALL_TESTS) -> dict:
     """The node program's work for one node (aidc.burnin.worker), whoever launches it: what to
     measure and against what; the launcher adds where the store is and where the result goes.
-    `node_dir`: the simulated node's directory (sim backend), else the stack's own devices."""
+    `node_dir`: the simulated node's directory (sim backend), else the stack's own devices.
+    `tests`: the burn-in tests to run (aidc.burnin.suite), every one by default."""
     policy = spec.policy.burnin
     if node_dir is not None:
         device = {"backend": "sim", "backend_kwargs": {"node_dir": str(node_dir)},
@@ -221,7 +224,7 @@ def node_config(spec: ClusterSpec, node, rank: int, names: list[str], *, timeout
             "storage_bytes": policy.storage_bytes, "storage_files": policy.storage_files,
             # Half the run's time: the peers wait in a barrier that expires with the whole run.
             "dcgm_diag_level": policy.dcgm_diag_level, "dcgm_timeout_s": timeout_s / 2,
-            "soak_s": soak_s}
+            "soak_s": soak_s, "tests": list(tests)}
 
 
 def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: AuditLog | None = None,
@@ -230,7 +233,8 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
                target_sample_s: float = 0.02, fabric=None, join_timeout_s: float | None = None,
                link_rate_gbps: float | None = None, known_answers: dict[str, dict[str, str]] | None = None,
                soak_s: float = 0.0, only: frozenset[str] | None = None,
-               baselines: dict[str, dict[str, float]] | None = None) -> BurninReport:
+               baselines: dict[str, dict[str, float]] | None = None,
+               tests: list[str] | tuple[str, ...] | None = None) -> BurninReport:
     """Burn in every node of the spec (spares included) on this machine; judge; certify.
 
     `node_dirs` maps node name -> simulated node directory (sim backend). `corrupt_nodes`
@@ -245,10 +249,12 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     get a line per phase and every few seconds (aidc.burnin.progress).
     A node that has not joined the rendezvous within `join_timeout_s` is named in the
     BurninError. `only`: burn in just these nodes (`aidc burnin run --nodes`). `baselines`: the
-    stored per-GPU-model figures every node is also held to (aidc.burnin.baseline). Raises BurninError
+    stored per-GPU-model figures every node is also held to (aidc.burnin.baseline). `tests`: run and
+    judge only these burn-in tests (aidc.burnin.suite; None: all, as `aidc burnin run`). Raises BurninError
     when the run cannot complete (recorded in the audit log as `burnin.aborted`); failed nodes are
     verdicts.
     """
+    tests = select_tests(tests)  # an unknown name is an error before anything starts
     all_nodes = [n for n in spec.nodes() if only is None or n.name in only]
     down = _links_down(fabric)
     nodes = [n for n in all_nodes if n.name not in down]
@@ -277,8 +283,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
     if not link_rate > 0:
         raise BurninError(f"the link rate must be positive, got {link_rate:g} GB/s")
     bar = _progress(progress, nodes=len(nodes), repeats=policy.repeats, sizes=sizes, train_steps=policy.train_steps)
-    with tempfile.TemporaryDirectory(prefix="aidc-burnin-") as tmp:
-        tmpdir = Path(tmp)
+    with run_directory("lab") as tmpdir:
         fleet = _Fleet(tmpdir)
         try:
             if not nodes:
@@ -289,7 +294,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             configs = {}
             for rank, node in enumerate(nodes):
                 cfg = {**node_config(spec, node, rank, names, timeout_s=timeout_s, target_sample_s=target_sample_s,
-                                     node_dir=node_dirs[node.name], soak_s=soak_s),
+                                     node_dir=node_dirs[node.name], soak_s=soak_s, tests=tests),
                        "store_port": store.port, "store_prefix": secret,
                        "corrupt_parameters": node.name in corrupt_nodes,
                        "result_path": str(tmpdir / f"{node.name}.result.json"),
@@ -317,7 +322,7 @@ def run_burnin(spec: ClusterSpec, node_dirs: dict[str, Path] | None, audit: Audi
             if bar:
                 bar.stop()
     report = _judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, fabric=fabric, down=down,
-                            all_nodes=all_nodes, known_answers=known_answers, baselines=baselines)
+                            all_nodes=all_nodes, known_answers=known_answers, baselines=baselines, tests=tests)
     if audit is not None:
         _certify(audit, report)
     return report
@@ -335,9 +340,10 @@ def record_abort(audit: AuditLog | None, exc: BurninError, nodes: list[str], tim
 def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duration_s: float, link_rate: float, *,
                    fabric=None, down: dict[str, str] | None = None, all_nodes: list | None = None,
                    known_answers: dict[str, dict[str, str]] | None = None,
-                   baselines: dict[str, dict[str, float]] | None = None) -> BurninReport:
+                   baselines: dict[str, dict[str, float]] | None = None,
+                   tests: tuple[str, ...] = ALL_TESTS) -> BurninReport:
     policy = spec.policy.burnin
-    results = {n.name: _node_result(n, raw[n.name], link_rate) for n in nodes}
+    results = {n.name: _node_result(n, raw[n.name], link_rate, tests) for n in nodes}
     first = raw[nodes[0].name]  # the slowest-rank figures are the same on every rank
     localisation = first.get("localisation") or {}
     culprits = localisation.get("culprits", [])
@@ -358,10 +364,11 @@ def _judged_report(spec: ClusterSpec, nodes: list, raw: dict[str, dict], duratio
     for n in all_nodes or nodes:  # a node with a rail down took part in nothing: that is its verdict
         if n.name in (down or {}):
             results[n.name] = NodeResult(node=n.name, gpu_model=n.gpu_model, spare=n.spare, passed=False,
-                                         reasons=[down[n.name]], notes=["not measured: a rail is down"])
+                                         reasons=[down[n.name]], notes=["not measured: a rail is down"],
+                                         tests=list(tests))
     results = {n.name: results[n.name] for n in all_nodes or nodes}
     fleet_info = {
-        "nodes": len(nodes), "fleet_tolerance": policy.fleet_tolerance,
+        "nodes": len(nodes), "tests": list(tests), "fleet_tolerance": policy.fleet_tolerance,
         "rule": "fail when more than fleet_tolerance below the fleet median; robust z (MAD) reported, not a rule"
                 " on its own",
         "stats": stats, "collectives": {op: with_link_fraction(rows, link_rate) for op, rows in
@@ -443,11 +450,11 @@ def _follow_until_done(fleet: _Fleet, bar, deadline: float, timeout_s: float, jo
             raise BurninError(f"burn-in timed out after {timeout_s:.0f} s (nodes still running were stopped)")
 
 
-def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
+def _node_result(node, raw: dict, link_rate: float, tests: tuple[str, ...] = ALL_TESTS) -> NodeResult:
     metrics = dict(raw["metrics"])
     errors = list(raw["errors"])
     collectives = {}
-    for op in COLLECTIVES:
+    for op in collectives_of(tests):
         rows = with_link_fraction(raw.get("collectives", {}).get(op, []), link_rate, own=True)
         if rows:  # over the sweep's largest sizes, on this node's own clock
             metrics[metric_name(op)] = node_busbw(rows)
@@ -457,7 +464,7 @@ def _node_result(node, raw: dict, link_rate: float) -> NodeResult:
     return NodeResult(node=node.name, gpu_model=node.gpu_model, spare=node.spare, metrics=metrics,
                       gpus=raw["gpus"], training=raw["training"], parallel=raw.get("parallel", {}),
                       collectives=collectives, errors=errors, dcgm=raw.get("dcgm", {}),
-                      soak=raw.get("soak", {}))
+                      soak=raw.get("soak", {}), tests=list(tests))
 
 
 def _certify(audit: AuditLog, report: BurninReport, launcher: dict | None = None) -> None:
@@ -473,7 +480,7 @@ def _certify(audit: AuditLog, report: BurninReport, launcher: dict | None = None
             "metrics": n.metrics, "robust_z": n.robust_z, "gpus": n.gpus, "training": training,
             "parallel": parallel, "collectives": n.collectives, "link_rate_gbps": report.fleet["link_rate_gbps"],
             "errors": n.errors, "spare": n.spare, "failed_gpus": n.failed_gpus, "dcgm": n.dcgm,
-            "soak": n.soak, "launcher": launcher,
+            "soak": n.soak, "launcher": launcher, "tests": n.tests,
             "floors": report.fleet["floors"].get(name, {}),  # what the report draws each figure against
             "baseline": report.fleet.get("baselines", {}).get(name, {}),
             "fleet": {k: report.fleet[k] for k in ("stats", "fleet_tolerance", "link_rate_gbit_s", "min_busbw_fraction",

@@ -8,7 +8,8 @@ never share cores while timing and a burst of load from elsewhere hits every nod
 alike instead of one. Then all nodes run the collective sweeps and the DDP, FSDP and
 pipeline training runs together; when the largest all_reduce is slow against the link rate
 (`link_rate_gbit_s` in the config: the scaled rail rate on the netns fabric), ring-neighbour
-pair tests localise the bad rail (`aidc.burnin.localise`).
+pair tests localise the bad rail (`aidc.burnin.localise`). Only the burn-in tests the config names
+run (`tests`, aidc.burnin.suite: a runbook's recertification asks for some; none named: all).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from aidc.files import SHARED_MODE, write_atomic
 
 PREFIX = "@@aidc "
+BENCHES = ("fp32", "bf16", "memcpy")  # a GPU's timed benches, sampled in rounds (those its tests asked for)
 DCGM_TIMEOUT_S = 3600.0  # a level-4 dcgmi diag runs for most of an hour
 
 
@@ -41,7 +43,10 @@ class NodeBenches:
     """This node's GEMM and memcpy benches, one set per GPU; device errors become reasons."""
 
     def __init__(self, cfg: dict):
+        from aidc.burnin.suite import select
+
         self.cfg, self.errors, self.gpus, self.slowdown = cfg, [], [], 1.0
+        self.tests = select(cfg.get("tests"))  # a config without the key: the whole suite
         self.device_of: dict[int, str] = {}
         self.storage = None  # aidc.burnin.storage.StorageBench on the node's checkpoint path
         self.dcgm: dict = {}  # aidc.burnin.dcgm.run_diag's result
@@ -53,8 +58,8 @@ class NodeBenches:
         from aidc.burnin.known_answer import computing_on, gpu_known_answers
         from aidc.burnin.memory import MemcpyBench
 
-        cfg = self.cfg
-        if cfg.get("storage_path"):
+        cfg, tests = self.cfg, self.tests
+        if "storage" in tests and cfg.get("storage_path"):
             from aidc.burnin.storage import StorageBench
 
             try:
@@ -62,7 +67,8 @@ class NodeBenches:
             except (OSError, ValueError) as exc:
                 self.errors.append(f"checkpoint storage: {exc}")
         # Before the benches, alone on the node: DCGM's stress tests must not share the GPUs.
-        self.dcgm = run_diag(cfg.get("dcgm_diag_level", 1), cfg.get("dcgm_timeout_s", DCGM_TIMEOUT_S))
+        if "dcgm" in tests:
+            self.dcgm = run_diag(cfg.get("dcgm_diag_level", 1), cfg.get("dcgm_timeout_s", DCGM_TIMEOUT_S))
         try:
             dev = _open_device(cfg)
             count = dev.gpu_count()
@@ -73,15 +79,18 @@ class NodeBenches:
         try:
             for i in range(count):
                 try:
-                    dev.telemetry(i)  # a GPU that fell off the bus cannot be certified
+                    dev.telemetry(i)  # a GPU that fell off the bus cannot be certified, whatever the tests
                     device = dev.torch_device(i)
                     corruption = dev.result_corruption(i)
-                    with computing_on(corruption):
-                        benches = {dtype: GemmBench(device, dtype, cfg["gemm_size"], self.slowdown,
-                                                    cfg["target_sample_s"]) for dtype in ("fp32", "bf16")}
-                    self.gpus.append({"index": i, "device": device, "corruption": corruption, **benches,
-                                      "memcpy": MemcpyBench(device, cfg["memcpy_bytes"]),
-                                      "known_answer": gpu_known_answers(device, cfg["gemm_size"], corruption)})
+                    gpu = {"index": i, "device": device, "corruption": corruption}
+                    if "gemm" in tests:
+                        with computing_on(corruption):
+                            gpu.update({dtype: GemmBench(device, dtype, cfg["gemm_size"], self.slowdown,
+                                                         cfg["target_sample_s"]) for dtype in ("fp32", "bf16")})
+                        gpu["known_answer"] = gpu_known_answers(device, cfg["gemm_size"], corruption)
+                    if "memcpy" in tests:
+                        gpu["memcpy"] = MemcpyBench(device, cfg["memcpy_bytes"])
+                    self.gpus.append(gpu)
                 except Exception as exc:
                     self.errors.append(f"gpu {i}: {exc}")
         finally:
@@ -105,8 +114,9 @@ class NodeBenches:
         for g in list(self.gpus):
             try:
                 with computing_on(g["corruption"]):
-                    for key in ("fp32", "bf16", "memcpy"):
-                        g[key].sample()
+                    for key in BENCHES:
+                        if key in g:
+                            g[key].sample()
             except Exception as exc:  # e.g. a CUDA error mid-run: that GPU fails, the run goes on
                 self.errors.append(f"gpu {g['index']}: {exc}")
                 self.gpus.remove(g)
@@ -116,7 +126,7 @@ class NodeBenches:
         from aidc.burnin.soak import sample_count, soak
         from aidc.burnin.timing import sync
 
-        if not self.gpus:
+        if not self.gpus or "gemm" not in self.tests:  # the soak's load is the GEMM bench
             return
         samples = sample_count(seconds)
         try:
@@ -135,20 +145,25 @@ class NodeBenches:
         gpus = []
         for g in self.gpus:
             try:
-                fp32, bf16 = g["fp32"].result().to_dict(), g["bf16"].result().to_dict()
-                known = {**g["known_answer"], "fingerprints": {**g["known_answer"]["fingerprints"],
-                                                               # the bench's own product, after the load
-                                                               "gemm_fp32_bench": fp32["result_digest"],
-                                                               "gemm_bf16_bench": bf16["result_digest"]}}
-                gpus.append({"index": g["index"], "device": g["device"], "gemm_fp32": fp32, "gemm_bf16": bf16,
-                             "memcpy": g["memcpy"].result().to_dict(), "known_answer": known})
+                entry = {"index": g["index"], "device": g["device"]}
+                if "fp32" in g:
+                    fp32, bf16 = g["fp32"].result().to_dict(), g["bf16"].result().to_dict()
+                    known = {**g["known_answer"], "fingerprints": {**g["known_answer"]["fingerprints"],
+                                                                   # the bench's own product, after the load
+                                                                   "gemm_fp32_bench": fp32["result_digest"],
+                                                                   "gemm_bf16_bench": bf16["result_digest"]}}
+                    entry.update(gemm_fp32=fp32, gemm_bf16=bf16, known_answer=known)
+                if "memcpy" in g:
+                    entry["memcpy"] = g["memcpy"].result().to_dict()
+                gpus.append(entry)
             except Exception as exc:
                 self.errors.append(f"gpu {g['index']}: {exc}")
         metrics = {}
-        if gpus:
-            metrics = {"gemm_fp32_tflops": min(g["gemm_fp32"]["tflops"] for g in gpus),
-                       "gemm_bf16_tflops": min(g["gemm_bf16"]["tflops"] for g in gpus),
-                       "memcpy_gbps": min(g["memcpy"]["gbps"] for g in gpus)}
+        if gpus and "gemm" in self.tests:
+            metrics.update(gemm_fp32_tflops=min(g["gemm_fp32"]["tflops"] for g in gpus),
+                           gemm_bf16_tflops=min(g["gemm_bf16"]["tflops"] for g in gpus))
+        if gpus and "memcpy" in self.tests:
+            metrics["memcpy_gbps"] = min(g["memcpy"]["gbps"] for g in gpus)
         if self.storage is not None:
             metrics.update(self.storage.result().metrics())
         return gpus, metrics
@@ -185,15 +200,26 @@ def _localise(cfg: dict, store, rows: list, node: str) -> dict | None:
 
 
 def main(config_path: str) -> int:
-    t_start = time.monotonic()
+    """The lab's way in: the config from a file, the result written to `result_path`."""
     cfg = json.loads(Path(config_path).read_text())
+    return run_node(cfg, lambda result: write_atomic(cfg["result_path"], json.dumps(result), SHARED_MODE))
+
+
+def run_node(cfg: dict, deliver) -> int:
+    """Run this node's part of the burn-in; `deliver(result)` gets its raw results (a JSON object)
+    before the final barrier. A scheduler's task (aidc.burnin.launch.node) delivers them to the
+    run's store, so nothing of the run, its secret included, is written to the node's disk."""
+    from aidc.burnin.suite import collectives_of, select
+
+    t_start = time.monotonic()
+    tests = select(cfg.get("tests"))
     _join_fabric(cfg)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(cfg.get("threads", 1))
     torch.set_num_interop_threads(1)
-    from aidc.burnin.collectives import COLLECTIVES, collective_sweep
+    from aidc.burnin.collectives import collective_sweep
     from aidc.burnin.known_answer import computing_on
     from aidc.burnin.train import run_ddp_training, run_fsdp_training, run_pipeline_training
 
@@ -229,7 +255,7 @@ def main(config_path: str) -> int:
 
     device = cfg.get("collective_device", "cpu")
     collectives = {}
-    for op in cfg.get("collectives", COLLECTIVES):
+    for op in cfg.get("collectives", collectives_of(tests)):
         rows = collective_sweep(op, device, cfg["sizes"],
                                 on_size=(lambda b, op=op: emit("collective", node=node, op=op, nbytes=b))
                                 if rank == 0 else None)
@@ -240,19 +266,22 @@ def main(config_path: str) -> int:
     on_step = (lambda mode: lambda s, l: emit("train", node=node, mode=mode, step=s, loss=l)) if rank == 0 else (
         lambda mode: None)
     ddp_parameters: dict = {}
-    with computing_on(benches.training_corruption()):
-        training = run_ddp_training(device, cfg["train_steps"], on_step=on_step("ddp"),
-                                    corrupt_after=cfg.get("corrupt_parameters", False), parameters_out=ddp_parameters)
-        phase_s["train_ddp"], t0 = time.monotonic() - t0, time.monotonic()
-        parallel = {}
-        for mode, run in (("fsdp", run_fsdp_training), ("pipeline", run_pipeline_training)):
-            parallel[mode] = run(device, cfg["train_steps"], on_step=on_step(mode), reference=ddp_parameters).to_dict()
-            phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
-    result = {"phase_s": phase_s, "node": node, "rank": rank, "gpus": gpus, "metrics": metrics, "errors": benches.errors,
-              "slowdown": benches.slowdown, "collectives": collectives, "training": training.to_dict(),
-              "parallel": parallel, "localisation": localisation, "dcgm": benches.dcgm,
+    training, parallel = {}, {}
+    if "train" in tests:
+        with computing_on(benches.training_corruption()):
+            training = run_ddp_training(device, cfg["train_steps"], on_step=on_step("ddp"),
+                                        corrupt_after=cfg.get("corrupt_parameters", False),
+                                        parameters_out=ddp_parameters).to_dict()
+            phase_s["train_ddp"], t0 = time.monotonic() - t0, time.monotonic()
+            for mode, run in (("fsdp", run_fsdp_training), ("pipeline", run_pipeline_training)):
+                parallel[mode] = run(device, cfg["train_steps"], on_step=on_step(mode),
+                                     reference=ddp_parameters).to_dict()
+                phase_s[f"train_{mode}"], t0 = time.monotonic() - t0, time.monotonic()
+    result = {"phase_s": phase_s, "node": node, "rank": rank, "tests": list(tests), "gpus": gpus, "metrics": metrics,
+              "errors": benches.errors, "slowdown": benches.slowdown, "collectives": collectives,
+              "training": training, "parallel": parallel, "localisation": localisation, "dcgm": benches.dcgm,
               "soak": benches.soak}
-    write_atomic(cfg["result_path"], json.dumps(result), SHARED_MODE)
+    deliver(result)
     # A barrier before tearing down: without it a rank can abort at exit (seen here with gloo).
     dist.barrier()
     dist.destroy_process_group()

@@ -120,8 +120,8 @@ class StageBurninRunner:
     `recertification` window (a maintenance reservation only aidc may use; the node is drained
     again, with the failure's reasons when it failed, before the reservation goes). The step
     passes only on a passing certificate of this run in the signed audit log. The node program
-    runs its whole suite: `tests` (what the runbook lists) is a subset of what is run and judged,
-    recorded in the result.
+    runs the tests the runbook lists (`tests`, aidc.burnin.suite; none listed: all of them) and is
+    judged on those alone; the certificate and the step's result name them.
     """
 
     def __init__(self, spec, lab_dir: Path, audit=None, scheduler=None):
@@ -132,6 +132,7 @@ class StageBurninRunner:
 
         from aidc.burnin import baseline
         from aidc.burnin.launch import launcher_for, select_nodes
+        from aidc.burnin.suite import select as select_tests
         from aidc.errors import BurninError
 
         try:
@@ -153,13 +154,16 @@ class StageBurninRunner:
                 spec = spec.model_copy(update={"slurm": spec.slurm.model_copy(update={"burnin": burnin})})
             since = self.audit.records(kind="burnin.certificate", node=node) if self.audit is not None else []
             result = launcher.run(spec, selected, lab_dir=self.lab_dir, audit=self.audit, progress=False,
-                                  timeout_s=timeout_s, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+                                  timeout_s=timeout_s, say=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                  tests=tests or None)
             verdict = result.report.nodes.get(node)
             passed = bool(verdict is not None and verdict.passed)
             reasons = list(verdict.reasons) if verdict is not None else [f"burn-in report has no result for {node}"]
             signed = self._certificate(node, len(since))
             if passed and (self.audit is not None and (signed is None or signed.payload.get("verdict") != "pass")):
                 passed, reasons = False, [f"no passing certificate of this burn-in for {node} in the audit log"]
+            elif passed and signed is not None and signed.payload.get("tests") != list(select_tests(tests or None)):
+                passed, reasons = False, [f"the certificate of {node} does not name the tests the runbook asked for"]
             elif passed and signed is not None and not signed.payload.get("baseline"):
                 # Fail closed: a lone node's pass judged without its baseline (floors only) proves nothing.
                 passed, reasons = False, [f"the {launcher.name} launcher did not judge {node} against the stored"
@@ -167,7 +171,8 @@ class StageBurninRunner:
             if opened is not None and not passed:
                 opened.failed(reasons)
         data = {"verdict": "pass" if passed else "fail", "reasons": reasons,
-                "failed_gpus": list(getattr(verdict, "failed_gpus", []) or []), "tests": tests,
+                "failed_gpus": list(getattr(verdict, "failed_gpus", []) or []),
+                "tests": list(select_tests(tests or None)),
                 "launcher": launcher.name, "job_id": result.job_id,
                 **({"reservation": opened.reservation} if opened is not None else {}),
                 **({"certificate_seq": signed.seq} if signed is not None else {})}

@@ -149,6 +149,7 @@ def parse_runbook(doc: object, file: str = "<memory>") -> Runbook:
     if dupes:
         raise RunbookError(f"{file}: steps: step ids must be unique, repeated: {', '.join(dupes)}")
     _check_variables(doc, file)
+    _check_burnin_tests(doc, file)
     return Runbook(
         name=doc["name"], title=doc["title"], summary=doc["summary"], trigger=doc["trigger"],
         steps=_steps(doc["steps"]), on_failure=_steps(doc.get("on_failure", []), "on-failure-"),
@@ -198,6 +199,20 @@ def _check_variables(doc: dict, file: str) -> None:
                 if not params[m.group(1)].get("required", True):
                     raise RunbookError(f"{file}: {where}: param {m.group(1)!r} is optional; a playbook "
                                        "only gets required params")
+
+
+def _check_burnin_tests(doc: dict, file: str) -> None:
+    """A burn-in step lists burn-in tests there are (aidc.burnin.suite), whatever schema a custom
+    runbook directory brings: an unknown one would otherwise be found only when a node waits for it."""
+    from aidc.burnin.suite import select
+    from aidc.errors import BurninError
+
+    for i, step in enumerate(doc["steps"]):
+        if step.get("kind") == "burnin":
+            try:
+                select(step.get("tests"))
+            except BurninError as exc:
+                raise RunbookError(f"{file}: steps[{i}].tests: {exc}") from None
 
 
 def load_runbook(path: str | Path) -> Runbook:

@@ -34,10 +34,10 @@ class Launcher(Protocol):
 
     def run(self, spec, nodes: list, *, lab_dir: Path, audit, progress: bool, timeout_s: float,
             say: Callable[[str], None], known_answers: dict[str, dict[str, str]] | None = None,
-            soak_s: float = 0.0) -> LaunchResult:
-        """Burn in `nodes` (spec.Node, in spec order), judge them (`known_answers`, `soak_s`: as
-        aidc.burnin.runner.run_burnin), certify them to `audit`. Raises BurninError when the run
-        cannot complete."""
+            soak_s: float = 0.0, tests: list[str] | tuple[str, ...] | None = None) -> LaunchResult:
+        """Burn in `nodes` (spec.Node, in spec order), judge them (`known_answers`, `soak_s`,
+        `tests`: as aidc.burnin.runner.run_burnin), certify them to `audit`. Raises BurninError when
+        the run cannot complete."""
 
 
 def registered_launchers() -> list[str]:

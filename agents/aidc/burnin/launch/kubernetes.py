@@ -98,10 +98,13 @@ class KubernetesLauncher:
     name = "kubernetes"
 
     def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
-            soak_s: float = 0.0) -> LaunchResult:
+            soak_s: float = 0.0, tests=None) -> LaunchResult:
         from aidc.burnin import baseline, runner
         from aidc.burnin.answers import load_all
         from aidc.burnin.launch.store import JobStore
+        from aidc.burnin.suite import select
+
+        tests = select(tests)  # an unknown name is an error before any Job
 
         host = _store_host(spec)  # before anything is created
         if known_answers is None:  # read before the Jobs: a bad file is an error now, not after them
@@ -116,7 +119,8 @@ class KubernetesLauncher:
         jobs = _Jobs(spec, run_id)
         try:
             with JobStore(host, timeout_s) as store:
-                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s)
+                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s,
+                                tests=tests)
                 jobs.create(nodes, f"{host}:{store.port}", store.secret, timeout_s)
                 say(f"burn-in {run_id}: {len(nodes)} Job(s) in namespace {spec.kubernetes.namespace}")
                 jobs.follow(started + timeout_s, timeout_s)
@@ -132,7 +136,7 @@ class KubernetesLauncher:
         finally:
             jobs.delete()
         report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, all_nodes=nodes,
-                                       known_answers=known_answers, baselines=baselines)
+                                       known_answers=known_answers, baselines=baselines, tests=tests)
         if audit is not None:
             runner._certify(audit, report, {"name": self.name, "job_id": run_id})
         return LaunchResult(report, run_id)

@@ -11,7 +11,7 @@ class LabLauncher:
     name = "lab"
 
     def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
-            soak_s: float = 0.0) -> LaunchResult:
+            soak_s: float = 0.0, tests=None) -> LaunchResult:
         from aidc.burnin import baseline
         from aidc.burnin.runner import lab_node_dirs, run_burnin  # torch is imported inside run_burnin
         from aidc.lab import fabric as lab_fabric
@@ -29,7 +29,7 @@ class LabLauncher:
         try:
             report = run_burnin(spec, dirs, audit, progress=progress, timeout_s=timeout_s, fabric=fabric,
                                 only=frozenset(n.name for n in nodes), known_answers=known_answers, soak_s=soak_s,
-                                baselines=baselines)
+                                baselines=baselines, tests=tests)
         finally:
             if fabric is not None and not already_up:
                 lab_fabric.teardown(lab_dir)

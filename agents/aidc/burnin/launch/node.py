@@ -3,20 +3,17 @@
 The task learns its node from its scheduler (AIDC_BURNIN_NODE: a Kubernetes pod's spec.nodeName
 through the downward API; SLURMD_NODENAME under Slurm), the run's store and secret from its
 environment (aidc.burnin.launch.slurm, aidc.burnin.launch.kubernetes), fetches that node's config from the store, runs the
-same node program as the lab (aidc.burnin.worker.main) and puts its raw results back as JSON.
+same node program as the lab (aidc.burnin.worker.run_node) and puts its raw results back as JSON.
+Nothing goes through the node's disk: a task killed by its scheduler leaves no file behind.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 from aidc.burnin.launch.slurm import ENV_SECRET, ENV_STORE, ENV_TIMEOUT
 from aidc.errors import BurninError
-from aidc.files import FILE_MODE, write_atomic
 
 
 ENV_NODE = "AIDC_BURNIN_NODE"  # set by the Kubernetes launcher's Job from the downward API
@@ -44,14 +41,9 @@ def main() -> int:
     client.put_json(f"job/{node}", {"job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get(ENV_JOB),
                                     "task": os.environ.get("SLURM_PROCID")})
     cfg = client.get_json(f"config/{node}")
-    with tempfile.TemporaryDirectory(prefix="aidc-burnin-node-") as tmp:  # 0700: the config holds the secret
-        result = Path(tmp) / "result.json"
-        path = Path(tmp) / "config.json"
-        write_atomic(path, json.dumps({**cfg, "store_prefix": secret, "result_path": str(result)}), FILE_MODE)
-        code = worker.main(str(path))
-        if code == 0:
-            client.put_json(f"result/{node}", json.loads(result.read_text()))
-    return code
+    # Config in, result out, in memory: the task leaves nothing on the node's disk, however it ends
+    # (a killed job left a directory with the run's secret behind per node when this used files).
+    return worker.run_node({**cfg, "store_prefix": secret}, lambda result: client.put_json(f"result/{node}", result))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from aidc.burnin.launch import LaunchResult
 from aidc.burnin.launch.store import JobStore
+from aidc.burnin.rundir import run_directory
 from aidc.errors import BurninError
 from aidc.files import private_opener
 
@@ -57,14 +57,17 @@ def srun_argv(spec, names: list[str], node_command: list[str]) -> list[str]:
         *node_command]
 
 
-def publish_configs(store, spec, nodes, host: str, *, timeout_s: float, node_dirs: dict, soak_s: float) -> None:
-    """Each node's config under `config/<node>` in the run's store, where its task fetches it by name."""
+def publish_configs(store, spec, nodes, host: str, *, timeout_s: float, node_dirs: dict, soak_s: float,
+                    tests: tuple[str, ...] | None = None) -> None:
+    """Each node's config under `config/<node>` in the run's store, where its task fetches it by name
+    (`tests`: the burn-in tests every node runs, aidc.burnin.suite; None: all)."""
     from aidc.burnin import runner
+    from aidc.burnin.suite import select
 
     names = [n.name for n in nodes]
     for rank, node in enumerate(nodes):
         cfg = {**runner.node_config(spec, node, rank, names, timeout_s=timeout_s,
-                                    node_dir=node_dirs.get(node.name), soak_s=soak_s),
+                                    node_dir=node_dirs.get(node.name), soak_s=soak_s, tests=select(tests)),
                **runner._fabric_config(spec, None, node.name, names),
                "store_host": host, "store_port": store.port}
         if host not in LOOPBACK:  # across machines: gloo's interface is the one its host name names
@@ -76,9 +79,12 @@ class SlurmLauncher:
     name = "slurm"
 
     def run(self, spec, nodes, *, lab_dir, audit, progress, timeout_s, say, known_answers=None,
-            soak_s: float = 0.0) -> LaunchResult:
+            soak_s: float = 0.0, tests=None) -> LaunchResult:
         from aidc.burnin import baseline, runner
         from aidc.burnin.answers import load_all
+        from aidc.burnin.suite import select
+
+        tests = select(tests)  # an unknown name is an error before the job
 
         if known_answers is None:  # read before the job: a bad file is an error now, not after it
             known_answers = load_all(None)
@@ -96,8 +102,9 @@ class SlurmLauncher:
                                train_steps=policy.train_steps)
         job = _Job(spec, names)
         try:
-            with JobStore(host, timeout_s) as store, tempfile.TemporaryDirectory(prefix="aidc-burnin-slurm-") as tmp:
-                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s)
+            with JobStore(host, timeout_s) as store, run_directory("slurm") as tmp:
+                publish_configs(store, spec, nodes, host, timeout_s=timeout_s, node_dirs=node_dirs, soak_s=soak_s,
+                                tests=tests)
                 job.start(Path(tmp), {ENV_STORE: f"{host}:{store.port}", ENV_SECRET: store.secret,
                                       ENV_TIMEOUT: str(timeout_s)})
                 job.follow(store, bar, started + timeout_s, timeout_s)
@@ -116,7 +123,7 @@ class SlurmLauncher:
             if bar:
                 bar.stop()
         report = runner._judged_report(spec, nodes, raw, time.monotonic() - started, link_rate, all_nodes=nodes,
-                                       known_answers=known_answers, baselines=baselines)
+                                       known_answers=known_answers, baselines=baselines, tests=tests)
         if audit is not None:
             runner._certify(audit, report, {"name": self.name, "job_id": job.job_id})
         return LaunchResult(report, job.job_id)
