@@ -96,10 +96,10 @@ def run(injections: int, workdir: Path) -> dict:
             procs.append(spawn([sys.executable, "-m", "aidc", "agent", "run", "--node", node, "--backend", "sim",
                                 "--node-dir", str(lab / "nodes" / node), "--kernel-log", str(lab / "nodes" / node / "kern.log"),
                                 "--store", str(workdir / f"store-{node}.db"), "--audit-db", str(workdir / f"agent-audit-{node}.db"),
-                                "--port", str(ports[node]), "--poll-interval", "0.05"], workdir / f"agent-{node}.log"))
+                                "--listen-address", f"127.0.0.1:{ports[node]}", "--poll-interval", "0.05"], workdir / f"agent-{node}.log"))
         serve_port = free_port()
-        procs.append(spawn([sys.executable, "-m", "aidc", "runbook", "serve", "--port", str(serve_port),
-                            "--token-file", str(workdir / "token"), "--lab-dir", str(lab),
+        procs.append(spawn([sys.executable, "-m", "aidc", "runbook", "serve", "--listen-address", f"127.0.0.1:{serve_port}",
+                            "--token-file", str(workdir / "token"), "--state-dir", str(lab), "--stack", "lab",
                             "--state-db", str(workdir / "state.db"), "--audit-db", str(workdir / "audit.db"),
                             "--runbooks", str(workdir / "runbooks"), "--prometheus", stack.prometheus_url],
                            workdir / "serve.log"))

@@ -278,11 +278,11 @@ def run(kills: int, seed: int, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "agents") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     aidc = [sys.executable, "-m", "aidc"]
     procs = {
-        "failover": Proc("failover", aidc + ["failover", "run", "--stack", str(stack), "--lab-dir", str(lab),
-                                             "--poll", "0.05"], work / "logs" / "failover.log", env),
+        "failover": Proc("failover", aidc + ["failover", "run", "--stack", str(stack), "--state-dir", str(lab),
+                                             "--poll-interval", "0.05"], work / "logs" / "failover.log", env),
         "receiver": Proc("receiver", aidc + [
-            "runbook", "serve", "--port", str(port), "--token-file", str(work / "token"), "--stack", str(stack),
-            "--lab-dir", str(lab), "--state-db", str(work / "runbook.db"), "--audit-db", str(lab / "audit.db"),
+            "runbook", "serve", "--listen-address", f"127.0.0.1:{port}", "--token-file", str(work / "token"), "--stack", str(stack),
+            "--state-dir", str(lab), "--state-db", str(work / "runbook.db"), "--audit-db", str(lab / "audit.db"),
             "--runbooks", str(work / "runbooks"), "--notify-file", str(work / "notify.jsonl")],
             work / "logs" / "receiver.log", env),
     }

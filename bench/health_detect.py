@@ -69,7 +69,7 @@ def main() -> int:
         agent = subprocess.Popen(
             [sys.executable, "-m", "aidc", "agent", "run", "--node", "n1", "--backend", "sim", "--node-dir",
              str(node), "--store", str(tmp / "store.db"), "--audit-db", str(tmp / "audit.db"),
-             "--port", str(polling.free_port()), "--poll-interval", str(args.poll), "--device-timeout", "5"],
+             "--listen-address", f"127.0.0.1:{polling.free_port()}", "--poll-interval", str(args.poll), "--device-timeout", "5"],
             stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True)
         try:
             polling.wait_for("the agent to start", lambda: "watching" in (tmp / "agent.err").read_text()

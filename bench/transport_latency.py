@@ -75,7 +75,7 @@ def main() -> int:
             create_node(lab / "nodes" / name, name, gpus=2, node_index=i)
         node_dir, agent_db, port = lab / "nodes" / NODE, tmp / "agent" / "store.db", polling.free_port()
         procs = [
-            start(["failover", "run", "--stack", "lab", "--lab-dir", str(lab), "--no-dry-run",
+            start(["failover", "run", "--stack", "lab", "--state-dir", str(lab), "--no-dry-run",
                    "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
                    "--client-ca", str(ca.cert_file)], tmp / "controller.log"),
             start(["agent", "run", "--node", NODE, "--backend", "sim", "--node-dir", str(node_dir),

@@ -80,8 +80,10 @@ class Probe:
 _REASONS = {200: "200 OK", 503: "503 Service Unavailable"}
 
 
-def metrics_app(render: Callable[[], bytes], content_type: str, probe: Probe | None):
-    """A WSGI app: /metrics (and /) from `render`, /healthz and /readyz from `probe`."""
+def metrics_app(metrics, probe: Probe | None):
+    """One WSGI app for one listening port: /healthz and /readyz from `probe`, /metrics (and /)
+    from `metrics`, a WSGI app: prometheus_client's own (make_wsgi_app: content negotiation,
+    gzip, `name[]` filters), or rendered_app where the text itself must differ (the agent)."""
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         answer = probe.answer(path) if probe is not None else None
@@ -94,6 +96,14 @@ def metrics_app(render: Callable[[], bytes], content_type: str, probe: Probe | N
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             wanted = "/metrics, /healthz, /readyz" if probe is not None else "/metrics"
             return [f"not found: {wanted}\n".encode()]
+        return metrics(environ, start_response)
+    return app
+
+
+def rendered_app(render: Callable[[], bytes], content_type: str):
+    """A WSGI app answering every request with `render()` (the agent's dcgm-exporter-compatible
+    text, which prometheus_client's own exposition cannot produce: see health.exporter.render)."""
+    def app(_environ, start_response):
         body = render()
         start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
         return [body]

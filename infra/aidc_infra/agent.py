@@ -45,8 +45,7 @@ def agent_command(spec) -> list[str]:
     """`aidc agent run` with the flags this spec implies; $(VAR) is expanded by the kubelet."""
     a = spec.agent
     return [*a.command, "--node", "$(AIDC_NODE)", "--backend", spec.device_backend,
-            "--store", f"{STATE_DIR}/state.db", "--audit-db", f"{STATE_DIR}/audit.db",
-            "--port", str(a.metrics_port), "--listen-address", "0.0.0.0",
+            "--state-dir", STATE_DIR, "--listen-address", f"0.0.0.0:{a.metrics_port}",
             "--poll-interval", str(a.poll_interval_s),
             "--device-timeout", str(a.device_timeout_s), "--kernel-log", a.kernel_log,
             "--dcgm-exporter", a.dcgm_exporter,

@@ -31,7 +31,7 @@ from aidc_infra.agent import CONFIG_DIR, MONITORING_API, STATE_DIR, probes, scra
 from aidc_infra.common import AGENT_NAMESPACE, PKG, managed_labels
 
 APP = "aidc-failover-controller"
-SCRATCH_DIR = "/run/aidc"  # --lab-dir of a controller whose state is in PostgreSQL
+SCRATCH_DIR = "/run/aidc"  # --state-dir of a controller whose state is in PostgreSQL
 CNPG_API = "postgresql.cnpg.io/v1"
 CLUSTER_RULES = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
@@ -53,9 +53,9 @@ def stall_after_s(spec: ClusterSpec) -> float:
 
 
 def controller_command(spec: ClusterSpec) -> list[str]:
-    lab_dir = SCRATCH_DIR if spec.state.backend == "postgres" else STATE_DIR
-    return ["aidc", "failover", "run", "--stack", spec.name, "--lab-dir", lab_dir,
-            "--metrics-port", str(METRICS_PORT), "--listen-address", "0.0.0.0",
+    state_dir = SCRATCH_DIR if spec.state.backend == "postgres" else STATE_DIR
+    return ["aidc", "failover", "run", "--stack", spec.name, "--state-dir", state_dir,
+            "--listen-address", f"0.0.0.0:{METRICS_PORT}",
             "--stall-after", str(stall_after_s(spec))]
 
 

@@ -23,4 +23,4 @@ def test_daemonset_command_is_aidc_agent_run_with_known_flags_only():
     assert flags and set(flags) <= known, set(flags) - known
     assert cmd[cmd.index("--node") + 1] == "$(AIDC_NODE)"
     assert cmd[cmd.index("--backend") + 1] == "nvml"
-    assert cmd[cmd.index("--port") + 1] == str(spec.agent.metrics_port)
+    assert cmd[cmd.index("--listen-address") + 1] == f"0.0.0.0:{spec.agent.metrics_port}"

@@ -7,12 +7,12 @@ import pytest
 
 
 @pytest.mark.parametrize("args, says", [
-    (("failover", "run", "--listen", "127.0.0.1:9443"), "--listen needs --tls-cert, --tls-key and --client-ca"),
-    (("failover", "run", "--listen", "nonsense", "--tls-cert", "a", "--tls-key", "b", "--client-ca", "c"),
-     "--listen nonsense: expected HOST:PORT"),
-    (("failover", "run", "--listen", "127.0.0.1:1", "--tls-cert", "/nonexistent.crt", "--tls-key", "b",
+    (("failover", "run", "--ingest-address", "127.0.0.1:9443"), "--ingest-address needs --tls-cert, --tls-key and --client-ca"),
+    (("failover", "run", "--ingest-address", "nonsense", "--tls-cert", "a", "--tls-key", "b", "--client-ca", "c"),
+     "--ingest-address nonsense: expected HOST:PORT"),
+    (("failover", "run", "--ingest-address", "127.0.0.1:1", "--tls-cert", "/nonexistent.crt", "--tls-key", "b",
       "--client-ca", "c"), "--tls-cert /nonexistent.crt: no such file"),
-    (("failover", "run", "--client-ca", "c", "--tls-cert", "a", "--tls-key", "b"), "need --listen HOST:PORT"),
+    (("failover", "run", "--client-ca", "c", "--tls-cert", "a", "--tls-key", "b"), "need --ingest-address HOST:PORT"),
     (("agent", "run", "--node", "gpu-0", "--store", "s.db", "--audit-db", "a.db", "--controller-url",
       "http://127.0.0.1:9443", "--tls-cert", "a", "--tls-key", "b", "--ca", "c"), "expected https://HOST:PORT"),
     (("agent", "run", "--node", "gpu-0", "--store", "s.db", "--audit-db", "a.db", "--controller-url",
@@ -32,7 +32,7 @@ def test_a_relay_the_spec_does_not_list_is_one_error_line(aidc_cli, tmp_path, pk
     # The lab stack lists no relays (transport.relays): --allow-client names nothing it may speak for.
     tls = ("--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key),
            "--client-ca", str(pki["ca"].cert_file))
-    proc = aidc_cli("failover", "run", "--listen", "127.0.0.1:0", *tls, "--allow-client", "relay",
+    proc = aidc_cli("failover", "run", "--ingest-address", "127.0.0.1:0", *tls, "--allow-client", "relay",
                     "--lab-dir", str(tmp_path / "lab"), cwd=tmp_path)
     assert proc.returncode == 2 and "--allow-client relay: not a relay of stack lab" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "lab").exists()

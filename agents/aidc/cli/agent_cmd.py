@@ -10,39 +10,43 @@ from pathlib import Path
 
 import typer
 
-from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, check_listen_address, emit
+from aidc.cli import config, options
+from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError, DeviceError
 from aidc.health.stragglers import STEP_TIMES_FILE
 from aidc.spec import StragglerPolicy
 from aidc.spec import AGENT_METRICS_PORT
 
-app = typer.Typer(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.",
-                  no_args_is_help=True)
+app = options.group(help="The node agent: watch GPUs and the kernel log, emit fault events, export metrics.")
 
 
-@app.command("run")
-def run(node: str = typer.Option(..., help="This node's name (as in the cluster spec)."),
-        backend: str = typer.Option("nvml", help="Device backend: nvml (real driver) or sim (lab)."),
+@app.command("run", context_settings=config.DAEMON_SETTINGS)
+def run(ctx: typer.Context,
+        node: str = typer.Option(..., help="This node's name (as in the cluster spec)."),
+        backend: str = options.choice_option("nvml", "--backend", options.DEVICE_BACKENDS,
+                                             "Device backend: nvml (real driver) or sim (lab)."),
         node_dir: Path = typer.Option(None, help="Simulated node directory (sim backend)."),
         kernel_log: Path = typer.Option(None, help="Kernel log to follow: a file or /dev/kmsg "
                                                    "(default: <node-dir>/kern.log for sim, /dev/kmsg for nvml)."),
-        store: Path = typer.Option(..., help="Durable event store (SQLite) that failover reads."),
-        audit_db: Path = typer.Option(..., help="Audit log database (SQLite)."),
-        port: int = typer.Option(AGENT_METRICS_PORT, min=0, max=65535,
-                                 help="Metrics port, also /healthz and /readyz (0: no server); dcgm-exporter has 9400."),
-        dcgm_exporter: str = typer.Option("absent", "--dcgm-exporter",
-                                          help="present: dcgm-exporter runs on this node too, so the DCGM_FI_* "
-                                               "series it exports by default are left to it; absent: export all."),
+        state_dir: Path = options.state_dir_option(help="Directory of this node's state: the event store "
+                                                        "(state.db) and audit log (audit.db); /var/lib/aidc."),
+        store: Path = typer.Option(None, help="Durable event store (SQLite) that failover reads "
+                                              "(default: STATE_DIR/state.db)."),
+        audit_db: Path = options.audit_db_option(None, "Audit log database (SQLite; default: STATE_DIR/audit.db)."),
+        dcgm_exporter: str = options.choice_option("absent", "--dcgm-exporter", options.DCGM_EXPORTER,
+                                                   "present: dcgm-exporter runs on this node too, so the DCGM_FI_* "
+                                                   "series it exports by default are left to it; absent: export all."),
         checkpoint_path: list[str] = typer.Option([], "--checkpoint-path",
                                                   help="Checkpoint volume to report the fill level of "
                                                        "(aidc_checkpoint_volume_used_ratio); repeatable."),
         sysfs_root: Path = typer.Option(None, "--sysfs-root",
                                         help="Where sysfs is mounted, for InfiniBand ports (nvml backend; "
                                              "default /sys). The sim backend keeps its own under --node-dir."),
-        listen_address: str = typer.Option("127.0.0.1", "--listen-address",
-                                           help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
-                                                "or the pod IP where Prometheus scrapes it (the DaemonSet)."),
-        poll_interval: float = typer.Option(1.0, min=0.001, help="Seconds between polls (device and kernel log)."),
+        listen_address: str = options.listen_option(
+            f"127.0.0.1:{AGENT_METRICS_PORT}",
+            "Where the metrics server (/metrics, /healthz, /readyz) listens: 127.0.0.1 on a laptop; 0.0.0.0 or the "
+            "pod IP where Prometheus scrapes it (the DaemonSet); port 0: no server. dcgm-exporter has 9400."),
+        poll_interval: float = options.poll_interval_option(1.0, "Seconds between polls (device and kernel log)."),
         device_timeout: float = typer.Option(2.0, min=0.01, help="Seconds before a device call counts as hung."),
         controller_url: str = typer.Option(None, "--controller-url",
                                            help="https://HOST:PORT of a failover controller on another host: "
@@ -72,12 +76,25 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
                                                   help="Compute this fraction above the fleet median counts as "
                                                        "slow (spec: policy.stragglers.tolerance)."),
         stall_after: float = STALL_AFTER_OPTION,
+        log_format: str = options.log_format_option("text"),
+        config_file: Path = config.config_option(),
+        print_config: bool = config.print_config_option(),
         as_json: bool = JSON_OPTION) -> None:
-    """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted."""
+    """Run until SIGTERM or SIGINT, then stop cleanly and print what was emitted.
+
+    Every option can also come from AIDC_<OPTION> or a --config file (flag > env > file > default).
+    """
+    if print_config:
+        config.print_config(ctx, as_json)
+    from aidc.logs import DaemonLog
+
+    daemon_log = DaemonLog("aidc.agent", log_format)
+    daemon_log.capture("aidc")
     from aidc.device import open_backend
     from aidc.health.agent import run_agent
     from aidc.transport.forwarder import Forwarder, client_tls
 
+    store, audit_db = _state_files(state_dir, store, audit_db)
     transport = client_tls(controller_url, tls_cert, tls_key, ca)
     if kubernetes and transport:
         raise typer.BadParameter("report through --kubernetes or to --controller-url, not both",
@@ -90,9 +107,7 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
 
         forwarder = KubernetesForwarder(store, node, NodeFaultPublisher(api_client_from(Kubernetes()), node))
 
-    if dcgm_exporter not in ("absent", "present"):
-        raise typer.BadParameter(f"present or absent, not {dcgm_exporter!r}", param_hint="--dcgm-exporter")
-    check_listen_address(listen_address)
+    listen_address, port = options.parse_listen(listen_address, AGENT_METRICS_PORT)
     metrics_tls = _metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_client_ca)
 
     if backend == "sim":
@@ -118,8 +133,8 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         if not stop.is_set():
             scheme = "https" if metrics_tls else "http"
             where = f"{scheme}://{listen_address}:{port}/metrics" if port else "no metrics server"
-            print(f"aidc agent: watching {node} ({backend}), kernel log {kernel_log}, {where}",
-                  file=sys.stderr, flush=True)
+            daemon_log.say(f"watching {node} ({backend}), kernel log {kernel_log}, {where}", event="ready",
+                           node=node, backend=backend, port=port or None)
 
     threading.Thread(target=announce, daemon=True).start()
     forwarding = None
@@ -151,6 +166,14 @@ def run(node: str = typer.Option(..., help="This node's name (as in the cluster 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _state_files(state_dir: Path | None, store: Path | None, audit_db: Path | None) -> tuple[Path, Path]:
+    """The event store and audit log: named one by one, or found in the state directory."""
+    if state_dir is None and (store is None or audit_db is None):
+        raise AidcError("aidc agent run needs --state-dir (or AIDC_STATE_DIR; /var/lib/aidc in production), "
+                        "or both --store and --audit-db")
+    return store or state_dir / "state.db", audit_db or state_dir / "audit.db"
 
 
 def _metrics_tls(cert: Path | None, key: Path | None, client_ca: Path | None):

@@ -6,20 +6,24 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import VocabularyGroup, audit_db_option, audit_db_path, stack_option, state_dir_option
+
 from aidc.audit import AuditLog
 from aidc.cli.output import JSON_OPTION, emit, timestamp
 from aidc.errors import AuditError
 from aidc.strict_json import finite
 
-app = typer.Typer(help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
+app = typer.Typer(cls=VocabularyGroup, help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
 
-DB_OPTION = typer.Option(Path(".aidc/lab/audit.db"), "--db",
-                         help="Audit database (SQLite). With --dsn or a postgres --stack, its directory is the "
-                              "state directory whose installation record names the signing key.")
+DB_OPTION = audit_db_option(None, "Audit database (SQLite; default: STATE_DIR/audit.db, the lab's when "
+                                  "no state directory is named and .aidc/lab holds a lab). With --dsn or a "
+                                  "postgres --stack, its directory is the state directory whose installation "
+                                  "record names the signing key.")
+STATE_DIR_OPTION = state_dir_option()
 DSN_OPTION = typer.Option(None, "--dsn", help="The log is in this PostgreSQL state database (state.backend "
-                          "postgres), not in --db; no password here: PGPASSWORD, ~/.pgpass or --stack.")
-STACK_OPTION = typer.Option(None, "--stack", "-s", help="Read the log where this stack's `state:` keeps it "
-                            "(SQLite: --db; postgres: its dsn, dsn_file or dsn_env).")
+                          "postgres), not in --audit-db; no password here: PGPASSWORD, ~/.pgpass or --stack.")
+STACK_OPTION = stack_option("Read the log where this stack's `state:` keeps it (SQLite: --audit-db; "
+                            "postgres: its dsn, dsn_file or dsn_env).")
 
 
 def _postgres_dsn(dsn: str | None, stack: str | None) -> str | None:
@@ -64,10 +68,11 @@ PUBLIC_KEY_OPTION = typer.Option(None, "--public-key", help="Signing public key 
 
 
 @app.command("verify")
-def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, dsn: str = DSN_OPTION,
-           stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
+def verify(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION, public_key: Path = PUBLIC_KEY_OPTION,
+           dsn: str = DSN_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Check every record's hash, the chain and the anchor (and signatures with the installation's key
     and --public-key); exit 1 naming the first bad record."""
+    db = audit_db_path(db, state_dir)
     pem = read_public_key(public_key) if public_key is not None else None
     with _open(db, dsn, stack) as log:
         result = log.verify(public_key_pem=pem)
@@ -82,9 +87,10 @@ def verify(db: Path = DB_OPTION, public_key: Path = PUBLIC_KEY_OPTION, dsn: str 
 
 @app.command("reanchor")
 def reanchor(reason: str = typer.Option(..., "--reason", help="Why the log is accepted as it stands (recorded)."),
-             db: Path = DB_OPTION, dsn: str = DSN_OPTION, stack: str = STACK_OPTION,
-             as_json: bool = JSON_OPTION) -> None:
+             db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION, dsn: str = DSN_OPTION,
+             stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Accept a log whose anchor is missing, damaged or ahead of it: record the gap and anchor it again."""
+    db = audit_db_path(db, state_dir)
     import getpass
 
     from aidc.audit.log import default_actor
@@ -100,10 +106,12 @@ def reanchor(reason: str = typer.Option(..., "--reason", help="Why the log is ac
 
 
 @app.command("show")
-def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this node."),
+def show(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION,
+         node: str = typer.Option(None, help="Only this node."),
          kind: str = typer.Option(None, help="Only this kind of record."), dsn: str = DSN_OPTION,
          stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """List audit records."""
+    db = audit_db_path(db, state_dir)
     with _open(db, dsn, stack) as log:
         recs = log.records(kind=kind, node=node)
     data = finite([{**r.__dict__, "dry_run": r.dry_run} for r in recs])  # an old NaN prints as "NaN"
@@ -113,9 +121,11 @@ def show(db: Path = DB_OPTION, node: str = typer.Option(None, help="Only this no
 
 
 @app.command("report")
-def report(db: Path = DB_OPTION, out: Path = typer.Option(Path(".aidc/report"), "--out", help="Output directory."),
+def report(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION,
+           out: Path = typer.Option(Path(".aidc/report"), "--out", help="Output directory."),
            dsn: str = DSN_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Write report.html (verdict, failover timeline, burn-in, collectives, goodput, records) and report.json."""
+    db = audit_db_path(db, state_dir)
     from aidc.audit.report import write_report
 
     with _open(db, dsn, stack) as log:

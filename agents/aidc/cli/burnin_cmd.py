@@ -7,14 +7,17 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import (VocabularyGroup, audit_db_option, choice_option, resolve_stack_and_state_dir,
+                              scheduler_names, stack_option, state_dir_option)
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.cli.requires import require
 
-app = typer.Typer(help="Burn in nodes: GEMM and memory bandwidth per node, collectives and DDP/FSDP/pipeline"
+app = typer.Typer(cls=VocabularyGroup, help="Burn in nodes: GEMM and memory bandwidth per node, collectives and DDP/FSDP/pipeline"
                        " training across nodes,"
                        " judged against the fleet median and the spec's floors.", no_args_is_help=True)
 
-STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+STACK_OPTION = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
 KNOWN_ANSWERS_OPTION = typer.Option(None, "--known-answers", help="Stored known answers of the SDC checks (default:"
                                     " <lab-dir>/known_answers.yaml, over the packaged ones).")
 RECORD_OPTION = typer.Option(False, "--record-known-answers", help="After the run, store the answers every GPU"
@@ -65,19 +68,21 @@ def _collectives_table(report) -> "object":
 
 
 @app.command("run")
-def run(stack: str = STACK_OPTION,
-        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab directory (nodes/<node> live here)."),
+def run(stack: str = stack_option(),
+        lab_dir: Path = state_dir_option(help="State directory (the lab's nodes/<node> live here); .aidc/lab "
+                                              "only for the lab stack."),
         audit_db: Path = typer.Option(None, "--audit-db", help="Audit database (default: <lab-dir>/audit.db)."),
         timeout: float = typer.Option(300.0, "--timeout", min=1.0,
                                      help="Seconds before the whole run is abandoned."),
         nodes: str = typer.Option(None, "--nodes", help="Burn in only these nodes (comma-separated names)."),
-        scheduler: str = typer.Option(None, "--scheduler", help="Launch through this scheduler instead of the"
+        scheduler: str = choice_option(None, "--scheduler", scheduler_names(), "Launch through this scheduler instead of the"
                                       " stack's: `slurm` on the lab stack burns in through the kept Slurm lab"
-                                      " in --lab-dir."),
+                                      " in --state-dir."),
         known_answers: Path = KNOWN_ANSWERS_OPTION, record_known_answers: bool = RECORD_OPTION,
         soak_s: float = SOAK_OPTION,
         as_json: bool = JSON_OPTION) -> None:
     """Burn in the stack's nodes (spares included) through its scheduler; exit 1 when any node fails."""
+    stack, lab_dir = resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.burnin.answers import load_all, record
 
     from aidc.audit.log import AuditLog
@@ -123,7 +128,7 @@ def run(stack: str = STACK_OPTION,
         raise typer.Exit(1)
 
 
-certificate_app = typer.Typer(help="Signed burn-in certificates: export one from the audit log, verify one offline.",
+certificate_app = typer.Typer(cls=VocabularyGroup, help="Signed burn-in certificates: export one from the audit log, verify one offline.",
                               no_args_is_help=True)
 app.add_typer(certificate_app, name="certificate")
 
@@ -131,9 +136,9 @@ app.add_typer(certificate_app, name="certificate")
 @certificate_app.command("export")
 def certificate_export(
         node: str = typer.Argument(..., help="The node whose latest burn-in certificate to export."),
-        db: Path = typer.Option(..., "--db", help="Audit database holding the certificate."),
+        db: Path = audit_db_option(..., "Audit database holding the certificate."),
         out: Path = typer.Option(..., "--out", help="Where to write the signed certificate (JSON)."),
-        stack: str = typer.Option(None, "--stack", "-s", help="Sign with this stack's key (default: the key the "
+        stack: str = typer.Option(None, "--stack", "-s", envvar="AIDC_STACK", help="Sign with this stack's key (default: the key the "
                                   "log is signed with, named by <db>.signing)."),
         lab_dir: Path = typer.Option(None, "--lab-dir", help="With --stack: the lab's own keyring."),
         as_json: bool = JSON_OPTION) -> None:
@@ -184,7 +189,7 @@ def certificate_verify(
         raise typer.Exit(1)
 
 
-baseline_app = typer.Typer(help="Per-GPU-model baselines a node burned in alone (recertification) is judged against.",
+baseline_app = typer.Typer(cls=VocabularyGroup, help="Per-GPU-model baselines a node burned in alone (recertification) is judged against.",
                            no_args_is_help=True)
 app.add_typer(baseline_app, name="baseline")
 
@@ -192,7 +197,7 @@ app.add_typer(baseline_app, name="baseline")
 @baseline_app.command("record")
 def baseline_record(
         stack: str = STACK_OPTION,
-        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab/state directory: the baselines are"
+        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--state-dir", envvar="AIDC_STATE_DIR", help="Lab/state directory: the baselines are"
                                      " stored as <lab-dir>/burnin-baselines.json."),
         audit_db: Path = typer.Option(None, "--from-audit", "--audit-db", help="Audit database holding the"
                                       " certificates (default: <lab-dir>/audit.db)."),
@@ -219,7 +224,7 @@ def baseline_record(
 
 @baseline_app.command("show")
 def baseline_show(
-        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab/state directory."),
+        lab_dir: Path = typer.Option(Path(".aidc/lab"), "--state-dir", envvar="AIDC_STATE_DIR", help="Lab/state directory."),
         as_json: bool = JSON_OPTION) -> None:
     """Print the stored per-GPU-model burn-in baselines."""
     from aidc.burnin import baseline

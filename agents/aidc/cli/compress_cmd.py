@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 
-app = typer.Typer(help="Compression benchmarks on real models (pruning, quantization, distillation, fusion).",
+app = typer.Typer(cls=VocabularyGroup, help="Compression benchmarks on real models (pruning, quantization, distillation, fusion).",
                   no_args_is_help=True)
 
 

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import DEVICE_BACKENDS, VocabularyGroup, choice_option
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.device import TimedBackend, open_backend
 from aidc.device import sim
 
-app = typer.Typer(help="Per-GPU telemetry through the nvml or sim backend; lab fault injection.",
+app = typer.Typer(cls=VocabularyGroup, help="Per-GPU telemetry through the nvml or sim backend; lab fault injection.",
                   no_args_is_help=True)
 
 
 @app.command("show")
-def show(backend: str = typer.Option("nvml", help="nvml (real driver) or sim (lab)."),
+def show(backend: str = choice_option("nvml", "--backend", DEVICE_BACKENDS, "nvml (real driver) or sim (lab)."),
          node_dir: Path = typer.Option(None, help="Simulated node directory (sim backend)."),
          timeout: float = typer.Option(2.0, help="Seconds before a device call counts as hung."),
          as_json: bool = JSON_OPTION) -> None:

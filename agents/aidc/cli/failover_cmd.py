@@ -9,17 +9,20 @@ from pathlib import Path
 
 import typer
 
-from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, check_listen_address, emit
+from aidc.audit import AuditLog
+from aidc.cli import config
+from aidc.cli import options as vocabulary
+from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError
 from aidc.spec import load_stack
 from aidc.store import Store
 
-app = typer.Typer(help="Fail over faulty nodes: quarantine within the blast radius, release by hand.",
-                  no_args_is_help=True)
+app = vocabulary.group(help="Fail over faulty nodes: quarantine within the blast radius, release by hand.")
 
-STACK = typer.Option("lab", "--stack", "-s", help="Stack file (scheduler, policy: max_unavailable, dry_run).")
-LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir",
-                       help="State directory: the event store and audit log (and the lab's nodes, scheduler 'lab').")
+STACK = vocabulary.stack_option("Stack file (scheduler, policy: max_unavailable, dry_run); `lab` only when the "
+                                 "state directory is the lab's.")
+LAB_DIR = vocabulary.state_dir_option(help="State directory: the event store and audit log (and the lab's nodes, "
+                                           "scheduler 'lab'); /var/lib/aidc in production, .aidc/lab for the lab.")
 
 
 def _state_db(lab_dir: Path) -> Path:
@@ -72,13 +75,13 @@ def _listen_options(listen: str | None, cert: Path | None, key: Path | None, cli
     tls = from_options(cert, key, client_ca)
     if listen is None:
         if tls is not None or allow_client:
-            raise AidcError("--tls-cert/--tls-key/--client-ca/--allow-client need --listen HOST:PORT")
+            raise AidcError("--tls-cert/--tls-key/--client-ca/--allow-client need --ingest-address HOST:PORT")
         return None
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise AidcError(f"--listen {listen}: expected HOST:PORT")
+        raise AidcError(f"--ingest-address {listen}: expected HOST:PORT")
     if tls is None or not tls.mutual:
-        raise AidcError("--listen needs --tls-cert, --tls-key and --client-ca: agents are known by their "
+        raise AidcError("--ingest-address needs --tls-cert, --tls-key and --client-ca: agents are known by their "
                         "client certificates")
     tls.server_context()  # unreadable or mismatched files: an error now, not after the controller started
     return host.strip("[]"), int(port), tls
@@ -124,10 +127,10 @@ def _listener(ctl, options, relays: dict[str, list[str]], lab_dir: Path, api_tok
         raise AidcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-@app.command("run")
-def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
+@app.command("run", context_settings=config.DAEMON_SETTINGS)
+def run(ctx: typer.Context, stack: str = STACK, lab_dir: Path = LAB_DIR,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
-        poll: float = typer.Option(0.05, help="Seconds between looks at the event store."),
+        poll_interval: float = vocabulary.poll_interval_option(0.05, "Seconds between looks at the event store."),
         lease: str = typer.Option(None, "--lease",
                                   help="Controller lease backend; one controller acts at a time: directory "
                                        "(--lease-dir, on a filesystem every controller host shares), postgres "
@@ -139,42 +142,54 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
                                        help="Lease directory for --lease directory (default: LAB_DIR/lease)."),
         lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=0.5, max=600,
                                         help="Seconds without a heartbeat before another controller takes over."),
-        listen: str = typer.Option(None, "--listen", help="HOST:PORT: also receive fault events from agents "
-                                   "on other hosts (HTTPS, mutual TLS; POST /v1/events) and serve the read-only "
-                                   "health API (GET /v1/fleet, /v1/nodes/...; role viewer; `aidc fleet nodes`)."),
+        ingest_address: str = typer.Option(None, "--ingest-address", metavar="HOST:PORT",
+                                   help="Also receive fault events from agents on other hosts here "
+                                        "(HTTPS, mutual TLS; POST /v1/events) and serve the read-only health "
+                                        "API (GET /v1/fleet, /v1/nodes/...; role viewer; `aidc fleet nodes`)."),
         api_token_map: Path = typer.Option(None, "--api-token-map",
                                            help="Token map for the health API (lines '<name> <sha256 hex of the "
                                                 "token>'): a bearer token adds token:<name> to the caller's "
                                                 "certificate identity for access.roles."),
-        tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM) for --listen."),
+        tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM) for --ingest-address."),
         tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
         client_ca: Path = typer.Option(None, "--client-ca", help="CA that signs the agents' client certificates; "
                                        "an agent may report only the node its certificate names (CN or DNS SAN)."),
         allow_client: list[str] = typer.Option([], "--allow-client",
                                                help="A certificate name that may report for other nodes (a relay): "
                                                     "for exactly those the spec's transport.relays lists for it."),
-        metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
-                                         help="Serve the controller's metrics (aidc_failover_breaker_open, "
-                                              "aidc_failover_escalations_total, aidc_failover_lease_held, "
-                                              "aidc_failover_oldest_undecided_event_age_seconds, and the "
-                                              "fleet-health figure aidc_fleet_healthy_gpu_ratio{pool}) on "
-                                              "LISTEN_ADDRESS:PORT/metrics, with /healthz and /readyz."),
-        listen_address: str = typer.Option("127.0.0.1", "--listen-address",
-                                           help="Address the metrics server binds: 127.0.0.1 on a laptop; 0.0.0.0 "
-                                                "or the pod IP where Prometheus scrapes it (the Deployment)."),
+        listen_address: str = vocabulary.listen_option(
+            None, "Serve the controller's metrics (aidc_failover_breaker_open, aidc_failover_escalations_total, "
+                  "aidc_failover_lease_held, aidc_failover_oldest_undecided_event_age_seconds, and the "
+                  "fleet-health figure aidc_fleet_healthy_gpu_ratio{pool}) on HOST:PORT/metrics, with /healthz "
+                  "and /readyz: 127.0.0.1 on a laptop; 0.0.0.0 or the pod IP where Prometheus scrapes it (the "
+                  "Deployment). Default: no metrics server."),
         stall_after: float = STALL_AFTER_OPTION,
+        log_format: str = vocabulary.log_format_option("text"),
+        config_file: Path = config.config_option(),
+        print_config: bool = config.print_config_option(),
         ) -> None:
-    """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease)."""
+    """Run the controller until SIGTERM/SIGINT (acting only while it holds the lease).
+
+    Every option can also come from AIDC_<OPTION> or a --config file (flag > env > file > the
+    stack's spec > default)."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
+    if print_config:
+        config.print_config(ctx, False, {"dry_run": load_stack(stack).policy.dry_run})
+    from aidc.logs import DaemonLog
+
+    daemon_log = DaemonLog("aidc.failover", log_format)
+    daemon_log.capture("aidc")
     from aidc.failover.leases import open_lease
 
-    options = _listen_options(listen, tls_cert, tls_key, client_ca, allow_client)
+    options = _listen_options(ingest_address, tls_cert, tls_key, client_ca, allow_client)
     if api_token_map is not None and options is None:
-        raise AidcError("--api-token-map needs --listen HOST:PORT (the health API is served on that listener)")
+        raise AidcError("--api-token-map needs --ingest-address HOST:PORT (the health API is served on that listener)")
     relays = _relays(stack, allow_client)
-    check_listen_address(listen_address)
+    metrics_listen = vocabulary.parse_listen(listen_address, None)
     elected = open_lease(lease, load_stack(stack), lab_dir, lease_dir, lease_ttl)  # None: the Kubernetes Lease
     metrics = probe = None
-    if metrics_port is not None:
+    if metrics_listen is not None:
+        listen_address, metrics_port = metrics_listen
         from aidc.failover.metrics import FailoverMetrics
         from aidc.probes import Probe
 
@@ -207,13 +222,16 @@ def run(stack: str = STACK, lab_dir: Path = LAB_DIR,
     if listener is not None:
         serving = threading.Thread(target=listener.serve_forever, name="event-listener", daemon=True)
         serving.start()
+    daemon_log.event("controller started", event="ready", stack=stack, state_dir=str(lab_dir),
+                     metrics=f"{listen_address}:{metrics_port}" if metrics_listen else None,
+                     ingest=ingest_address)
     try:
         if ctl.scheduler.name == "kubernetes":
             from aidc.failover.k8s_controller import run_on_kubernetes
 
-            run_on_kubernetes(ctl, stop, poll)
+            run_on_kubernetes(ctl, stop, poll_interval)
         else:
-            ctl.run(stop, poll, lease=elected)
+            ctl.run(stop, poll_interval, lease=elected)
     finally:
         if listener is not None:
             listener.shutdown()
@@ -250,6 +268,7 @@ def install(stack: str = STACK, lab_dir: Path = LAB_DIR,
             as_json: bool = JSON_OPTION) -> None:
     """Record the stack's roles and policy (and the audit signing key) as this state directory's
     installation: privileged commands and audit verifiers trust this record, not a caller's --stack."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.cli.audit_cmd import read_public_key
     from aidc.identity import cli_identity
     from aidc.installation import record
@@ -283,6 +302,7 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
                                          help="Override the spec's policy.dry_run (record, change nothing)."),
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node to service (an operator's decision, audited as theirs)."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.identity import authorize, cli_identity
     from aidc.installation import require
 
@@ -303,6 +323,7 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
 @app.command("status")
 def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Show node states and the fault events with their outcomes (on Slurm: what Slurm says)."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.failover.backends import open_scheduler
 
     spec = load_stack(stack)
@@ -363,6 +384,7 @@ def _breaker_view(gate) -> dict:
 @breaker_app.command("status")
 def breaker_status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Is the breaker open, why, and how many quarantines the window holds against its limit."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.failover.remediation import utc_text
 
     view = _breaker_view(_gate(stack, lab_dir))
@@ -384,6 +406,7 @@ def breaker_reset(reason: str = typer.Option(..., "--reason", help="Why it is sa
                   stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Close the breaker (a person's decision, needs the approver role; audited as theirs).
     Events it held back are decided again by the running controller."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.identity import authorize, cli_identity
     from aidc.installation import require
 

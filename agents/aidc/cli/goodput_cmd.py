@@ -6,10 +6,12 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import VocabularyGroup, listen_option, parse_listen
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import AidcError
 
-app = typer.Typer(help="Goodput of training jobs: ETTR from a job's step log, and the checkpoint interval to use.",
+app = typer.Typer(cls=VocabularyGroup, help="Goodput of training jobs: ETTR from a job's step log, and the checkpoint interval to use.",
                   no_args_is_help=True)
 
 JOB = typer.Option(..., "--job", help="The job's step log (JSONL written with aidc.goodput.StepLog; "
@@ -73,8 +75,7 @@ def advice_text(a: dict) -> str:
 
 @app.command("serve")
 def serve(jobs: list[str] = typer.Option(..., "--job", help="NAME=PATH of a job's step log; repeat for more jobs."),
-          port: int = typer.Option(9450, "--port", min=1, max=65535, help="Metrics port."),
-          listen_address: str = typer.Option("127.0.0.1", "--listen-address", help="Address to bind."),
+          listen_address: str = listen_option("127.0.0.1:9450", "Where /metrics listens."),
           ) -> None:
     """Export aidc_goodput_ettr{job} (and aidc_goodput_seconds{job,part}) for Prometheus, read from
     the step logs on each scrape. Runs until stopped."""
@@ -89,6 +90,7 @@ def serve(jobs: list[str] = typer.Option(..., "--job", help="NAME=PATH of a job'
         if not sep or not name or not path:
             raise AidcError(f"--job {item!r}: expected NAME=PATH")
         parsed[name] = Path(path)
+    listen_address, port = parse_listen(listen_address, 9450)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

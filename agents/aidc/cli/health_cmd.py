@@ -9,10 +9,12 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import DEVICE_BACKENDS, VocabularyGroup, choice_option
+
 from aidc.cli.output import JSON_OPTION, emit, emit_lines, timestamp
 from aidc.errors import AidcError, DeviceError
 
-app = typer.Typer(help="GPU fault detection: kernel-log parsing and XID classification.", no_args_is_help=True)
+app = typer.Typer(cls=VocabularyGroup, help="GPU fault detection: kernel-log parsing and XID classification.", no_args_is_help=True)
 
 
 class LogFileError(AidcError):
@@ -116,10 +118,11 @@ def events(store: Path = typer.Option(..., help="The agent's event store (SQLite
 
 @app.command("check", context_settings={"help_option_names": ["--help", "-h"]})
 def check(node: str = typer.Option(..., "--node", help="This node's name (as in the cluster spec)."),
-          stack: str = typer.Option(None, "--stack", "-s", help="Cluster spec (name or file, e.g. /etc/aidc/stack.yaml): "
+          stack: str = typer.Option(None, "--stack", "-s", envvar="AIDC_STACK", help="Cluster spec (name or file, e.g. /etc/aidc/stack.yaml): "
                                     "the node's GPU count, policy.out_of_service_actions, the device backend "
                                     "and the window (2 x slurm.health_check_interval_s)."),
-          backend: str = typer.Option(None, help="Device backend: nvml or sim (default: the spec's, else nvml)."),
+          backend: str = choice_option(None, "--backend", DEVICE_BACKENDS,
+                                       "Device backend: nvml or sim (default: the spec's, else nvml)."),
           node_dir: Path = typer.Option(None, help="Simulated node directory (sim backend)."),
           kernel_log: Path = typer.Option(None, help="Kernel log to look at: a file or /dev/kmsg (default: "
                                                      "<node-dir>/kern.log for sim, the spec's agent.kernel_log "

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.inventory import inventory_host, inventory_list
 from aidc.spec import load_stack
 
-app = typer.Typer(help="Print an Ansible inventory (JSON) generated from the cluster spec.")
+app = typer.Typer(cls=VocabularyGroup, help="Print an Ansible inventory (JSON) generated from the cluster spec.")
 
 
 @app.callback(invoke_without_command=True)
 def inventory(
-    stack: str = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path."),
+    stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack name (reads Pulumi.<stack>.yaml) or a path."),
     list_: bool = typer.Option(False, "--list", help="All groups and hosts (Ansible's dynamic-inventory call)."),
     host: str = typer.Option(None, "--host", help="One host's variables (Ansible's dynamic-inventory call)."),
     as_json: bool = JSON_OPTION,

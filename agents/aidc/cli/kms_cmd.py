@@ -6,13 +6,15 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.spec import load_stack
 
-app = typer.Typer(help="The key that encrypts checkpoints and signs records: create, rotate, inspect.",
+app = typer.Typer(cls=VocabularyGroup, help="The key that encrypts checkpoints and signs records: create, rotate, inspect.",
                   no_args_is_help=True)
 
-STACK = typer.Option("lab", "--stack", "-s", help="Stack file naming the key (kms: provider, key_id, ...).")
+STACK = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack file naming the key (kms: provider, key_id, ...).")
 LAB_DIR = typer.Option(None, "--lab-dir", help="Use the lab's own keyring (<lab-dir>/keyring, local provider).")
 
 

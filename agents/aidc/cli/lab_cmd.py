@@ -7,24 +7,26 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import VocabularyGroup, choice_option, state_dir_option
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.cli.requires import require
 from aidc.goodput.accounting import ETTR_DEFINITION
 from aidc.milestones import DEFINITIONS
 from aidc.spec import load_stack
 
-app = typer.Typer(help="Run the whole aidc loop on this machine: simulated GPUs, real processes, real faults.",
+app = typer.Typer(cls=VocabularyGroup, help="Run the whole aidc loop on this machine: simulated GPUs, real processes, real faults.",
                   no_args_is_help=True)
 
-LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Where the lab keeps its nodes, logs, state and audit log.")
+LAB_DIR = state_dir_option(lab=True, help="Where the lab keeps its nodes, logs, state and audit log.")
 
 
 @app.command("run")
-def run(stack: str = typer.Option("lab", "--stack", "-s", help="Stack file to bring the lab up from."),
+def run(stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack file to bring the lab up from."),
         lab_dir: Path = LAB_DIR,
         keep: bool = typer.Option(False, "--keep", help="Leave the lab's agents and services up afterwards."),
-        scheduler: str = typer.Option("lab", "--scheduler",
-                                      help="lab: the lab's own processes; slurm: a private real Slurm (root, "
+        scheduler: str = choice_option("lab", "--scheduler", ("lab", "slurm"),
+                                       "lab: the lab's own processes; slurm: a private real Slurm (root, "
                                            "`make system-deps`) runs the training as one job and drains the node."),
         as_json: bool = JSON_OPTION) -> None:
     """Certify the lab's nodes, train, inject XID 79, fail over to the spare, and audit it all.
@@ -130,7 +132,7 @@ def down(lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
 
 
 @app.command("fabric")
-def fabric_up(stack: str = typer.Option("lab", "--stack", "-s", help="Stack whose fabric to bring up."),
+def fabric_up(stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack whose fabric to bring up."),
               lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
     """Bring up (or show) the lab's netns fabric: a namespace per node, a shaped bridge per rail."""
     from aidc.lab import fabric

@@ -71,7 +71,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def build_app(only: str | None = None) -> typer.Typer:
     """The CLI with every group, or with the one group named `only`."""
+    from aidc.cli.options import VocabularyGroup
+
     cli = typer.Typer(
+        cls=VocabularyGroup,  # old spellings of the vocabulary (aidc.cli.options), -h everywhere
         name="aidc",
         help="aidc: burn in, watch, fail over and audit GPU training clusters, from one cluster spec.",
         no_args_is_help=True,

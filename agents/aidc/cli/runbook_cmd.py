@@ -8,19 +8,23 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli import config
+from aidc.cli import options as vocabulary
 from aidc.cli.output import JSON_OPTION, STALL_AFTER_OPTION, emit
 from aidc.errors import AidcError
 from aidc.identity import authorize, cli_identity, load_token_map
 from aidc.nodenames import shown
 from aidc.strict_json import finite
 
-app = typer.Typer(help="Guarded, audited runbooks triggered by Alertmanager or by hand.", no_args_is_help=True)
+app = vocabulary.group(help="Guarded, audited runbooks triggered by Alertmanager or by hand.")
 
 RUNBOOKS = typer.Option(None, "--runbooks", help="Runbook directory (default: runbooks/ or $AIDC_RUNBOOKS).")
-STACK = typer.Option("lab", "--stack", help="Stack name or Pulumi.<stack>.yaml path (nodes, policy, scheduler).")
-LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="Lab directory (lab scheduler: nodes/<node>/).")
+STACK = vocabulary.stack_option("Stack name or Pulumi.<stack>.yaml path (nodes, policy, scheduler); `lab` only "
+                                 "when the state directory is the lab's.")
+LAB_DIR = vocabulary.state_dir_option(help="State directory: the installation record and audit log (lab scheduler: "
+                                           "nodes/<node>/); .aidc/lab only for the lab stack.")
 STATE_DB = typer.Option(Path(".aidc/runbook/state.db"), "--state-db", help="Durable run state (SQLite).")
-AUDIT_DB = typer.Option(Path(".aidc/lab/audit.db"), "--audit-db", help="Audit log (SQLite).")
+AUDIT_DB = vocabulary.audit_db_option(None, "Audit log (SQLite; default: STATE_DIR/audit.db).")
 PROMETHEUS = typer.Option(None, "--prometheus", help="Prometheus base URL for check steps, e.g. http://127.0.0.1:9090.")
 NOTIFY_FILE = typer.Option(None, "--notify-file", help="Append notifications here as JSON lines.")
 INVENTORY = typer.Option(None, "--inventory",
@@ -81,6 +85,8 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
         inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Run a runbook on a node by hand (audited; the same guards as an alert-triggered run)."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
+    audit_db = audit_db or lab_dir / "audit.db"
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     if node not in engine.nodes:
         reason = f"{shown(node)} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}"
@@ -162,15 +168,16 @@ def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", hel
 
 @app.command("approve")
 def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook runs`)."),
-            by: str = typer.Option(None, "--by",
-                                   help="A note on who approves (e.g. a full name), recorded beside the "
-                                        "authenticated OS user, which is the approver."),
+            by: str = vocabulary.actor_option("A note on who approves (e.g. a full name), recorded beside the "
+                                              "authenticated OS user, which is the approver."),
             resume: bool = typer.Option(True, "--resume/--no-resume",
                                         help="Continue the run here (else a running `serve` picks it up)."),
             stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
             runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
             inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Approve a run's waiting `approve` step."""
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
+    audit_db = audit_db or lab_dir / "audit.db"
     engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
     identity = cli_identity()
     _trust_installation(engine, stack, lab_dir, identity, f"approve run {run_id}", None,
@@ -206,9 +213,10 @@ def _project_runbook_docs() -> Path:
     return docs
 
 
-@app.command("serve")
-def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-          port: int = typer.Option(9097, "--port", help="Port to listen on (0: any free port)."),
+@app.command("serve", context_settings=config.DAEMON_SETTINGS)
+def serve(ctx: typer.Context,
+          listen_address: str = vocabulary.listen_option("127.0.0.1:9097", "Where to listen for Alertmanager, "
+                                                         "/metrics, /healthz and /readyz (port 0: any free port)."),
           token_file: Path = typer.Option(None, "--token-file",
                                           help="File holding the bearer token (else $AIDC_RUNBOOK_TOKEN); "
                                                "it authenticates as token:default."),
@@ -247,9 +255,9 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
                                               "webhook max_alerts)."),
           request_workers: int = typer.Option(4, "--request-workers", min=1, max=256,
                                               help="Threads handling complete requests (slow clients use none)."),
-          log_format: str = typer.Option("json", "--log-format",
-                                         help="json: one JSON object per line on stderr (for log shippers); "
-                                              "text: a time and a sentence per line."),
+          log_format: str = vocabulary.log_format_option("json"),
+          config_file: Path = config.config_option(),
+          print_config: bool = config.print_config_option(),
           stall_after: float = STALL_AFTER_OPTION) -> None:
     """Alertmanager webhook receiver. Resumes interrupted runs on start.
 
@@ -258,11 +266,14 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     --tls-key, --client-ca), or both, in which case both are required. One request per
     connection; bodies only as Content-Length (no chunked), at most 1 MiB; no NaN/Infinity.
     """
+    stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
+    audit_db = audit_db or lab_dir / "audit.db"
+    if print_config:
+        config.print_config(ctx, False)
     from aidc.runbook import tls
     from aidc.runbook.receiver import Limits, Receiver
 
-    if log_format not in ("json", "text"):
-        raise typer.BadParameter(f"{log_format!r}; valid: json, text", param_hint="--log-format")
+    host, port = vocabulary.parse_listen(listen_address, 9097)
     if reserved_connections is not None and reserved_connections >= max_connections:
         raise typer.BadParameter(f"{reserved_connections} must be less than --max-connections ({max_connections})",
                                  param_hint="--reserved-connections")

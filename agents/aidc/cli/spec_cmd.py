@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import SpecError
 from aidc.spec import cluster_json_schema, load_stack
 
-app = typer.Typer(help="Show and validate the cluster spec (Pulumi.<stack>.yaml, key aidc:cluster).",
+app = typer.Typer(cls=VocabularyGroup, help="Show and validate the cluster spec (Pulumi.<stack>.yaml, key aidc:cluster).",
                   no_args_is_help=True)
 
-STACK_OPTION = typer.Option("lab", "--stack", "-s", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
+STACK_OPTION = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", help="Stack name (reads Pulumi.<stack>.yaml) or a path.")
 
 
 @app.command("show")

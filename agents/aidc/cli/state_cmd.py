@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 from aidc.errors import StateError
 
-app = typer.Typer(help="The controller's state: SQLite (one host) or PostgreSQL (every replica).",
+app = typer.Typer(cls=VocabularyGroup, help="The controller's state: SQLite (one host) or PostgreSQL (every replica).",
                   no_args_is_help=True)
 
 

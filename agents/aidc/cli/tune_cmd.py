@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 
+from aidc.cli.options import VocabularyGroup
+
 from aidc.cli.output import JSON_OPTION, emit
 
-app = typer.Typer(help="Advice measured on this machine: DataLoader workers and prefetch.", no_args_is_help=True)
+app = typer.Typer(cls=VocabularyGroup, help="Advice measured on this machine: DataLoader workers and prefetch.", no_args_is_help=True)
 
 DATASET = typer.Option(Path(".aidc/lab/datasets"), "--dataset",
                        help="Directory of sample files (*.sample); the lab's is .aidc/lab/datasets.")

@@ -4,7 +4,7 @@ has waited. Its own registry, so several controllers (tests) can live in one pro
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
 
 from aidc.probes import Probe, metrics_app, serve_wsgi
 
@@ -29,6 +29,9 @@ class FailoverMetrics:
         # The fleet-health figure (aidc.fleet.metrics), served beside these: its own registry,
         # since it is the fleet's figure, not the controller's state.
         self.fleet_registry = CollectorRegistry(auto_describe=True)
+        # ... and collected through the controller's registry, so the one WSGI app serves both
+        # (its names are not known at registration: a `name[]` filter does not select them).
+        self.registry.register(self.fleet_registry)
         self._server = None
 
     def add_fleet_health(self, spec, audit_path) -> None:
@@ -50,7 +53,7 @@ class FailoverMetrics:
         self.oldest_undecided_age.set(max(0.0, seconds))
 
     def _render(self) -> bytes:
-        return generate_latest(self.registry) + generate_latest(self.fleet_registry)
+        return generate_latest(self.registry)
 
     def text(self) -> str:
         return self._render().decode()
@@ -58,7 +61,7 @@ class FailoverMetrics:
     def serve(self, port: int, addr: str = "127.0.0.1", probe: Probe | None = None):
         """Serve /metrics (and with `probe`, /healthz and /readyz) on addr:port (loopback by
         default); returns the server."""
-        app = metrics_app(self._render, CONTENT_TYPE_LATEST, probe)
+        app = metrics_app(make_wsgi_app(self.registry), probe)
         self._server = serve_wsgi(app, addr, port, name="failover-metrics")
         return self._server
 

@@ -15,7 +15,7 @@ from aidc.device.base import GpuTelemetry
 from aidc.device.nvml import POWER_REASONS, THERMAL_REASONS, encode_clock_event_reasons
 from aidc.health.infiniband import COUNTERS as IB_COUNTERS
 from aidc.health.infiniband import IbPort
-from aidc.probes import Probe, metrics_app, serve_wsgi
+from aidc.probes import Probe, metrics_app, rendered_app, serve_wsgi
 
 # dcgm-exporter's labels on every GPU series (its metrics template, release 4.5.3-4.8.2):
 # gpu index, UUID, PCI bus id, device node name (nvidiaN), model name, host name.
@@ -275,7 +275,7 @@ class HealthMetrics:
         default), over HTTPS with `tls` (then plain HTTP is refused in the handshake; with a
         client CA, only its clients' certificates). Returns the server."""
         registry = self.registry
-        app = metrics_app(lambda: render(registry), CONTENT_TYPE_LATEST, probe)
+        app = metrics_app(rendered_app(lambda: render(registry), CONTENT_TYPE_LATEST), probe)
         self._server = serve_wsgi(app, addr, port, tls, name=f"metrics-{self.node}")
         return self._server
 

@@ -182,7 +182,7 @@ class LabCluster:
         return self.start(f"agent:{node}", self.aidc(
             "agent", "run", "--node", node, "--backend", "sim", "--node-dir", str(self.node_dir(node)),
             "--kernel-log", str(self.node_dir(node) / sim.KERNEL_LOG), "--store", str(self.store_path),
-            "--audit-db", str(self.audit_path), "--port", str(self.port(f"metrics:{node}")),
+            "--audit-db", str(self.audit_path), "--listen-address", f"127.0.0.1:{self.port(f'metrics:{node}')}",
             "--poll-interval", str(a.poll_interval_s), "--device-timeout", str(a.device_timeout_s),
             "--checkpoint-path", str(self.dir),
             "--straggler-window", str(self.spec.policy.stragglers.window_steps),
@@ -192,8 +192,8 @@ class LabCluster:
         # Its metrics and probes on loopback, for a Prometheus scraping the lab (PromStack's
         # controller_ports); a lab made before the port was recorded runs without them.
         port = self.info()["ports"].get("metrics:failover")
-        return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--lab-dir", str(self.dir),
-                                                *(["--metrics-port", str(port)] if port else [])))
+        return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--state-dir", str(self.dir),
+                                                *(["--listen-address", f"127.0.0.1:{port}"] if port else [])))
 
     def start_trainer(self, node: str, spare: bool = False) -> subprocess.Popen:
         lab = self.spec.lab

@@ -268,7 +268,7 @@ class LabRun:
         data["ports"]["goodput"] = port = free_port()
         c._write(data)
         c.start("goodput-exporter", c.aidc("goodput", "serve", "--job", f"{data['run_id']}={self.goodput_log}",
-                                           "--port", str(port)))
+                                           "--listen-address", f"127.0.0.1:{port}"))
 
     def _train_and_fail_over(self) -> None:
         lab = self.spec.lab

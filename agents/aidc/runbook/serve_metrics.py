@@ -6,13 +6,12 @@ a fixed set named after the status code, so a client cannot grow the series by i
 
 from __future__ import annotations
 
-import json
-import sys
 import threading
-from datetime import datetime, timezone
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from aidc.logs import JsonLines  # the one log schema of every daemon
 
 __all__ = ["CONTENT_TYPE_LATEST", "JsonLines", "ReceiverMetrics", "REFUSAL_REASONS"]
 
@@ -70,17 +69,3 @@ class ReceiverMetrics:
         return generate_latest(self.registry).decode()
 
 
-class JsonLines:
-    """A log callable writing one JSON object per line: ts (UTC, ISO 8601), level, logger, msg,
-    and the event's fields. Never raises on a value JSON cannot hold (it is written as text)."""
-
-    def __init__(self, logger: str, stream=None):
-        self.logger, self.stream = logger, stream
-
-    def __call__(self, msg: str, level: str = "info", **fields) -> None:
-        record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                  "level": level, "logger": self.logger, "msg": msg,
-                  **{k: v for k, v in fields.items() if v is not None}}
-        stream = self.stream or sys.stderr
-        stream.write(json.dumps(record, default=str, sort_keys=False) + "\n")
-        stream.flush()
