@@ -59,7 +59,7 @@ def test_compare_across_the_fault_shows_the_drop_and_the_recovery(aidc_cli, flee
 
 def test_health_now_gives_the_figure_and_its_parts_as_json_and_text(aidc_cli, fleet_lab):
     lab_dir, db, _ = fleet_lab
-    out = aidc_cli("fleet", "health", "--lab-dir", str(lab_dir.parent), "--json")  # LAB_DIR/audit.db
+    out = aidc_cli("fleet", "health", "--state-dir", str(lab_dir.parent), "--stack", "lab", "--json")  # STATE_DIR/audit.db
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert answer["fleet"] == {"healthy_gpu_ratio": 0.8, "installed_gpus": 10, "certified_gpus": 8,

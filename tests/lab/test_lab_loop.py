@@ -115,7 +115,7 @@ def test_the_readme_quickstart_runs_from_a_fresh_copy_certifies_fails_over_to_th
 
     # The fleet-health figure of the run (aidc.fleet): every installed GPU certified, the faulty
     # node's two out of service; across the run, the drop at its quarantine.
-    health = aidc_cli("fleet", "health", "--lab-dir", str(lab_dir), "--json")
+    health = aidc_cli("fleet", "health", "--state-dir", str(lab_dir), "--json")
     assert health.returncode == 0, health.stderr
     installed = 2 * len(summary["certified_nodes"])
     assert json.loads(health.stdout)["fleet"] == {
@@ -123,7 +123,7 @@ def test_the_readme_quickstart_runs_from_a_fresh_copy_certifies_fails_over_to_th
         "certified_gpus": installed, "in_service_gpus": installed - 2, "healthy_gpus": installed - 2}
     records = json.loads((lab_dir / "report" / "report.json").read_text())["records"]
     start, end = records[0]["ts"], records[-1]["ts"]
-    run = json.loads(aidc_cli("fleet", "health", "--lab-dir", str(lab_dir), "--json",
+    run = json.loads(aidc_cli("fleet", "health", "--state-dir", str(lab_dir), "--json",
                               "--compare", str(start), str(end)).stdout)
     assert run["before"]["fleet"]["healthy_gpus"] == 0 and run["after"]["fleet"]["healthy_gpus"] == installed - 2
     assert [c["node"] for c in run["changes"] if c["kind"] == "failover.action"] == [summary["victim"]]

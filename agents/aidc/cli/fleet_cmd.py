@@ -9,13 +9,16 @@ from typing import Optional
 
 import typer
 
+from aidc.cli import options as vocabulary
 from aidc.cli.output import JSON_OPTION, emit
 
-app = typer.Typer(help="Is the fleet good? The fleet-health figure (now, at a past time, before/after) "
+app = typer.Typer(cls=vocabulary.VocabularyGroup, help="Is the fleet good? The fleet-health figure (now, at a past time, before/after) "
                        "and the controller's health API (nodes, one node, one GPU).", no_args_is_help=True)
 
-STACK = typer.Option("lab", "--stack", "-s", help="Stack file: its node pools are the installed GPU capacity.")
-LAB_DIR = typer.Option(Path(".aidc/lab"), "--lab-dir", help="State directory holding the audit log (audit.db).")
+STACK = vocabulary.stack_option("Stack file: its node pools are the installed GPU capacity; `lab` only when the "
+                                 "state directory is the lab's.")
+STATE_DIR = vocabulary.state_dir_option(help="State directory holding the audit log (audit.db); .aidc/lab only "
+                                             "for the lab stack.")
 URL = typer.Option(..., "--url", envvar="AIDC_HEALTH_URL",
                    help="The controller's listener, https://HOST:PORT (`aidc failover run --listen`).")
 CERT = typer.Option(..., "--tls-cert", help="Client certificate (PEM) of the listener's client CA.")
@@ -63,8 +66,8 @@ def health(pool: Optional[str] = typer.Option(None, "--pool", help="One pool onl
            compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="T1 T2",
                                                              help="Before and after (an upgrade window): both "
                                                                   "figures, the change, and every move in between."),
-           stack: str = STACK, lab_dir: Path = LAB_DIR,
-           audit_db: Optional[Path] = typer.Option(None, "--audit-db", help="Audit log (default LAB_DIR/audit.db)."),
+           stack: str = STACK, state_dir: Path = STATE_DIR,
+           audit_db: Optional[Path] = vocabulary.audit_db_option(None, "Audit log (default STATE_DIR/audit.db)."),
            as_json: bool = JSON_OPTION) -> None:
     """The fleet-health figure: certified, in-service GPUs over installed GPUs, per pool and for
     the fleet, replayed from the audit log (so a past answer is the same whenever it is asked).
@@ -77,16 +80,17 @@ def health(pool: Optional[str] = typer.Option(None, "--pool", help="One pool onl
 
     if at is not None and compare is not None:
         raise typer.BadParameter("give --at or --compare, not both", param_hint="--at")
+    stack, state_dir = vocabulary.resolve_stack_and_state_dir(stack, state_dir)
     spec = load_stack(stack)
     check_pool(spec, pool)
     times = [parse_instant(t) for t in compare] if compare else [parse_instant(at) if at else time.time()]
-    db = audit_db or lab_dir / "audit.db"
+    db = audit_db or state_dir / "audit.db"
     rules = Rules.shipped()
     try:
         with AuditLog(db, read_only=True) as log:
             records = audit_records(log, rules)
     except AidcError as exc:
-        raise AidcError(f"{exc} (the figure is replayed from the audit log: --lab-dir or --audit-db)") from None
+        raise AidcError(f"{exc} (the figure is replayed from the audit log: --state-dir or --audit-db)") from None
     if compare:
         result = compare_figures(spec, records, times[0], times[1], pool, rules)
         emit(result, as_json, _compare_text(result))

@@ -145,8 +145,8 @@ def _emit_run(engine, run_id: int, as_json: bool) -> None:
 
 @app.command("runs")
 def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", help="Only this node."),
-         stack: str = typer.Option(None, "--stack", help="Read the runs where this stack's `state:` keeps "
-                                   "them (postgres: the shared database; sqlite: --state-db)."),
+         stack: str = vocabulary.stack_option("Read the runs where this stack's `state:` keeps them (postgres: "
+                                              "the shared database; sqlite: --state-db)."),
          as_json: bool = JSON_OPTION) -> None:
     """List runs and their status from the durable state."""
     from aidc.spec import load_stack
