@@ -214,6 +214,6 @@ def test_an_unreachable_api_is_one_clear_error(pki):
 
 
 def test_a_token_map_without_a_listener_is_one_clear_error(aidc_cli, tmp_path):
-    out = aidc_cli("failover", "run", "--lab-dir", str(tmp_path), "--api-token-map", str(tmp_path / "tokens"))
-    assert out.returncode == 2 and "--api-token-map needs --listen" in out.stderr
+    out = aidc_cli("failover", "run", "--state-dir", str(tmp_path), "--stack", "lab", "--api-token-map", str(tmp_path / "tokens"))
+    assert out.returncode == 2 and "--api-token-map needs --ingest-address" in out.stderr
     assert not (tmp_path / "state.db").exists()  # refused before anything was created

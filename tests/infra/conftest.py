@@ -13,16 +13,9 @@ for path in (HERE, ROOT / "infra", ROOT / "policy"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from pulumi_harness import Build, run_program  # noqa: E402
-
-_builds: dict[str, Build] = {}
-
-
-def build_of(stack_file: Path) -> Build:
-    key = str(stack_file)
-    if key not in _builds:
-        _builds[key] = run_program(stack_file)
-    return _builds[key]
+# Test modules import ROOT and build_of from pulumi_harness, not from `conftest`: several test
+# directories have a conftest.py, and which one `import conftest` finds depends on collection order.
+from pulumi_harness import Build, build_of  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -134,3 +134,14 @@ def run_program(stack_file: Path, config: dict[str, str] | None = None) -> Build
     stack = stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
     return run_under_mocks(stack, config if config is not None else stack_config(stack_file),
                            lambda: runpy.run_path(str(PROGRAM), run_name="__main__"))
+
+
+_builds: dict[str, Build] = {}
+
+
+def build_of(stack_file: Path) -> Build:
+    """The build of `stack_file`, made once per test session."""
+    key = str(stack_file)
+    if key not in _builds:
+        _builds[key] = run_program(stack_file)
+    return _builds[key]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from cel_admission import admit
-from conftest import ROOT, build_of
+from pulumi_harness import ROOT, build_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pulumi_schema_check import builtin_errors

@@ -7,7 +7,7 @@ import json
 import pulumi
 import pytest
 import yaml
-from conftest import ROOT
+from pulumi_harness import ROOT
 from pulumi_harness import run_program
 
 

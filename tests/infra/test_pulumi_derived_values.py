@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import ROOT
+from pulumi_harness import ROOT
 
 from aidc.errors import AidcError, SpecError
 from aidc.spec import load_stack, parse_spec

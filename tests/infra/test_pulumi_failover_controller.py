@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import ROOT, build_of
+from pulumi_harness import ROOT, build_of
 
 from aidc.errors import SpecError
 from aidc.spec import parse_spec
@@ -160,8 +160,8 @@ def test_a_controller_on_postgres_reads_the_dsn_from_the_cloudnative_pg_secret_a
     # No volume for state: only the ConfigMap and an in-memory scratch directory for per-pod files.
     assert [v["name"] for v in pod["volumes"]] == ["config", "scratch"]
     assert pod["volumes"][1]["emptyDir"]["medium"] == "Memory"
-    assert "--lab-dir" in container["command"] and \
-        container["command"][container["command"].index("--lab-dir") + 1] == "/run/aidc"
+    assert "--state-dir" in container["command"] and \
+        container["command"][container["command"].index("--state-dir") + 1] == "/run/aidc"
     assert {"name": "AIDC_STATE_DSN", "valueFrom": {"secretKeyRef": {"name": "aidc-state-app", "key": "uri"}}} \
         in container["env"]
     (cluster,) = of_parent(build, "postgresql.cnpg.io/v1:Cluster", CONTROLLER)

@@ -9,7 +9,7 @@ import json
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, build_of
+from pulumi_harness import ROOT, build_of
 from pulumi_schema_check import (
     builtin_errors, custom_resource_errors, custom_schemas, unknown_value_keys, values_file,
 )

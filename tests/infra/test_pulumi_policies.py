@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import yaml
-from conftest import ROOT, build_of
+from pulumi_harness import ROOT, build_of
 
 import aidc_policies as rules
 from aidc_policies import POLICIES, violations

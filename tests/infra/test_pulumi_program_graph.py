@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, build_of
+from pulumi_harness import ROOT, build_of
 
 from aidc.spec import load_stack
 

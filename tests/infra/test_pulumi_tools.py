@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import ROOT
+from pulumi_harness import ROOT
 
 TOOLS = ROOT / "infra" / "tools"
 
