@@ -51,7 +51,10 @@ import time
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
-from aidc.events import Decision, FaultEvent, FaultKind
+from aidc.events import Action, Decision, FaultEvent, FaultKind
+from aidc.failover.gpu_quarantine import GpuQuarantine
+from aidc.failover.offenders import OffenderRefused, Offenders
+from aidc.failover.offenders import refusal as offender_refusal
 from aidc.failover.provenance import REFUSED_SOURCE, key_node
 from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
@@ -73,6 +76,10 @@ class FailoverController:
         self.probe = None  # an aidc.probes.Probe: each loop turn is reported to /healthz and /readyz
         self.gate = RemediationGate(spec, store, audit, catalog=catalog, metrics=metrics, actor=self.actor)
         self.gate.refresh_metrics()
+        # Repeat offenders (policy.offenders) and one-GPU quarantines: aidc.failover.offenders,
+        # aidc.failover.gpu_quarantine.
+        self.offenders = Offenders(spec, store, audit, self.gate.catalog, metrics=metrics, actor=self.actor)
+        self.offenders.refresh_metrics()
         self.total_nodes = len(spec.nodes())
         self.inventory = NodeInventory(lambda: spec_inventory(scheduler, spec))
         self.refusals = RefusalLog(audit, self.actor)
@@ -97,6 +104,7 @@ class FailoverController:
         self._held = False
         self._lease_error: str | None = None
         self.wall_clock = time.time  # the store's clock: events' created_at
+        self.gpus = GpuQuarantine(self)
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -144,7 +152,7 @@ class FailoverController:
                     self.gate.record(node, self.store.get(f"intent_action:{node}") or "unknown", "failover",
                                      f"event {event_id}")
             finished.append(node)
-        return finished
+        return finished + self.gpus.recover()
 
     def run_once(self, may_act=None, backoff: bool = False) -> list[Decision]:
         """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
@@ -251,6 +259,14 @@ class FailoverController:
             reason = f"straggler, policy.stragglers.action is alert: node stays in service ({event.message})"
             self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
             return self._decide(event_id, node, "no_action", reason, payload)
+        mark = self.offenders.observe(event_id, event, self.dry_run)
+        if mark is not None:
+            payload["repeat_offender"] = mark["target"]
+            if action.value not in self.spec.policy.out_of_service_actions:
+                # Marked for repair: an offender is not left in service by a mild fault.
+                action = Action.CONTACT_SUPPORT
+                payload["action"] = action.value
+                escalated += f" (repeat offender {mark['target']}: out for repair)"
         if action.value not in self.spec.policy.out_of_service_actions:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",
@@ -265,6 +281,10 @@ class FailoverController:
             return self._failed(event_id, node, f"cannot read the out-of-service nodes from {self.scheduler.name}: "
                                 f"{exc}; the event stays pending and is retried", payload, exc)
         unavailable += [n for n in self._would_quarantine if n not in unavailable]
+        if self.gpus.applies(event, action):  # the fault stays in one GPU: take that GPU out, where possible
+            decided = self.gpus.decide(event_id, event, action, payload, escalated, unavailable)
+            if decided is not None:
+                return decided
         # In dry-run the nodes it would have quarantined count as out: "would be", not "are".
         dry = "dry-run: " if self.dry_run else ""
         if node in unavailable:
@@ -279,6 +299,9 @@ class FailoverController:
                       f" ({', '.join(unavailable) or '-'}), max_unavailable is {self.max_unavailable};"
                       " alerting instead of quarantining")
             return self._defer(event_id, node, "refused_blast_radius", reason, payload, alert=True)
+        too_many_gpus = self.gpus.node_refusal(node, unavailable)
+        if too_many_gpus:
+            return self._defer(event_id, node, "refused_blast_radius", too_many_gpus, payload, alert=True)
         refusal = self.gate.admit(node, self.dry_run, ref=f"event {event_id}")
         if refusal:
             return self._defer(event_id, node, "refused_breaker_open", refusal, payload)
@@ -417,6 +440,11 @@ class FailoverController:
             reason = f"{shown(node)} is not a node {self.scheduler.name} knows: release refused"
             self.refusals.refuse(node, "cli", actor, reason)
             raise UnknownNode(reason)
+        refused = offender_refusal(self.store, node)
+        if refused:  # recertification does not return a repeat offender (aidc.failover.offenders)
+            self.audit.append("failover.release_refused", refused, actor=actor, node=node,
+                              payload={"dry_run": self.dry_run, "reason": reason, "repeat_offender": True, **noted})
+            raise OffenderRefused(refused)
         if self.dry_run:
             self.audit.append("failover.release", f"dry-run: would release ({reason})", actor=actor, node=node,
                               payload={"dry_run": True, **noted})
