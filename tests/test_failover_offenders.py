@@ -41,11 +41,12 @@ def xid(code: int, gpu: int = 1, node: str = "gpu-1", at: float = T0) -> FaultEv
 
 
 def lab_dir(tmp_path):
-    """A lab directory with one directory per node, each GPU's rank a process group of its own
-    (lab.ranks: gpu); the groups are made-up ids, so quarantine has nothing real to stop."""
+    """A lab directory laid out for lab.ranks: gpu (a rank directory per GPU), with no processes:
+    quarantine has nothing to stop, the scheduler's markers say what it did."""
     lab = tmp_path / "lab"
     for i in range(4):
-        (lab / "nodes" / f"gpu-{i}").mkdir(parents=True)
+        for gpu in range(2):
+            (lab / "nodes" / f"gpu-{i}" / "ranks" / f"gpu{gpu}").mkdir(parents=True)
     return lab
 
 

@@ -122,8 +122,9 @@ class LabScheduler:
     # them takes that GPU out and leaves the node's other ranks training. With lab.ranks: node
     # the node's one rank spans all its GPUs, and no GPU can leave alone.
     def gpu_isolation(self, node: str) -> str | None:
-        """Why one GPU of `node` cannot be taken out alone (None: it can)."""
-        if self.process_groups(node):
+        """Why one GPU of `node` cannot be taken out alone (None: it can). A lab made with
+        lab.ranks: gpu has a rank directory per GPU (nodes/<node>/ranks/)."""
+        if not (self._node_dir(node) / "ranks").is_dir():
             return f"lab node {node} trains one rank across all its GPUs (lab.ranks: node)"
         return None
 
