@@ -204,3 +204,50 @@ def test_a_gpu_quarantine_interrupted_by_a_crash_is_finished_once_after_restart(
     assert again.run_once() == [] and calls == [("gpu-1", 1), ("gpu-1", 1)]
     assert gpu_state(store, "gpu-1", 1)["state"] == "quarantined" and sched.gpu_state("gpu-1", 1) == "quarantined"
     assert json.loads(json.dumps(gpu_state(store, "gpu-1", 1)))["event_id"] == 1
+
+
+def test_offender_list_clear_by_an_approver_and_gpu_release_through_the_cli(tmp_path, aidc_cli):
+    """The commands an on-call uses: list, a clear refused to an operator (audited), a clear by
+    an approver, a release of NODE/GPU refused while it offends."""
+    from aidc.identity import cli_identity
+    from aidc.installation import record as install
+    from aidc.spec import load_stack
+    from aidc.store import Store
+    from tests.test_failover_breaker_cli import write_stack
+
+    lab = tmp_path / "lab"
+    for gpu in range(2):
+        (lab / "nodes" / "gpu-1" / "ranks" / f"gpu{gpu}").mkdir(parents=True)
+    args = ("--lab-dir", str(lab))
+    for role, name in (("operator", "Pulumi.op.yaml"), ("approver", "Pulumi.ap.yaml")):
+        write_stack(tmp_path / name, roles={cli_identity(): role}, offenders={"max_faults": 3})
+    operator, approver = str(tmp_path / "Pulumi.op.yaml"), str(tmp_path / "Pulumi.ap.yaml")
+    store, audit = Store(lab / "state.db"), AuditLog(lab / "audit.db")
+    ctl = FailoverController(load_stack(approver), store, audit, LabScheduler(lab))
+    run(ctl, *(xid(64, at=T0 + 3600 * i) for i in range(1)))  # weight 3: marked at once
+    store.close()
+    audit.close()
+    listed = aidc_cli("failover", "offender", "list", "--stack", approver, *args, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert list(json.loads(listed.stdout)["offenders"]) == ["gpu-1/gpu1"]
+    install(lab, load_stack(approver), approver)
+    refused = aidc_cli("failover", "release", "gpu-1/1", "--reason", "burn-in passed", "--stack", approver, *args)
+    assert refused.returncode == 1 and "repeat offender" in refused.stderr and "Traceback" not in refused.stderr
+    install(lab, load_stack(operator), operator)
+    denied = aidc_cli("failover", "offender", "clear", "gpu-1/1", "--reason", "fine", "--stack", operator, *args)
+    assert denied.returncode == 3 and "needs role approver" in denied.stderr
+    install(lab, load_stack(approver), approver)
+    cleared = aidc_cli("failover", "offender", "clear", "gpu-1/gpu1", "--reason", "GPU replaced (RMA 123)",
+                       "--stack", approver, *args, "--json")
+    assert cleared.returncode == 0, cleared.stderr
+    assert json.loads(cleared.stdout)["cleared"] == "gpu-1/gpu1"
+    released = aidc_cli("failover", "release", "gpu-1/1", "--reason", "new GPU burned in", "--stack", approver,
+                        *args, "--json")
+    assert released.returncode == 0, released.stderr
+    assert json.loads(released.stdout)["released"] is True and not (lab / "nodes/gpu-1/quarantined-gpu1").exists()
+    audit = AuditLog(lab / "audit.db")
+    kinds = [r.kind for r in audit.records() if r.kind.startswith(("failover.offender", "failover.release",
+                                                                    "access.refused"))]
+    assert kinds == ["failover.offender", "failover.release_refused", "access.refused", "failover.offender.clear",
+                     "failover.release"]
+    audit.close()
