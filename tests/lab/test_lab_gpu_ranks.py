@@ -27,6 +27,9 @@ def small_stack(path: Path) -> Path:
     cluster["node_pools"][0].update(count=1, spares=1, gpus_per_node=2)
     cluster["fabric"] = {"kind": "loopback"}
     cluster["lab"].update(train_steps=40, inject_at_step=8, checkpoint_every=1)
+    # Loopback between processes on 2 shared cores measures their scheduling, not a link (0.6% of
+    # the 12.5 GB/s link seen under load): the floor here only catches a collective that stalls.
+    cluster["policy"]["burnin"]["min_busbw_fraction"] = 0.001
     path.write_text(yaml.safe_dump(doc))
     return path
 
