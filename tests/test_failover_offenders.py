@@ -230,6 +230,8 @@ def test_offender_list_clear_by_an_approver_and_gpu_release_through_the_cli(tmp_
     listed = aidc_cli("failover", "offender", "list", "--stack", approver, *args, "--json")
     assert listed.returncode == 0, listed.stderr
     assert list(json.loads(listed.stdout)["offenders"]) == ["gpu-1/gpu1"]
+    status = json.loads(aidc_cli("failover", "status", "--stack", approver, *args, "--json").stdout)
+    assert status["repeat_offenders"] == ["gpu-1/gpu1"] and status["gpus_out"]["gpu-1/gpu1"]["state"] == "quarantined"
     install(lab, load_stack(approver), approver)
     refused = aidc_cli("failover", "release", "gpu-1/1", "--reason", "burn-in passed", "--stack", approver, *args)
     assert refused.returncode == 1 and "repeat offender" in refused.stderr and "Traceback" not in refused.stderr

@@ -279,8 +279,13 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
     events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o,
                "pending": i in waiting} for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}
+    from aidc.failover.gpu_quarantine import gpus_out
+    from aidc.failover.offenders import marks
+
+    alone, offenders = gpus_out(store), marks(store)
     lines = [f"{n}: {s}" for n, s in sorted(states.items())]
-    data: dict = {"nodes": states, "events": events}
+    # GPUs taken out alone (their node in service) and repeat offenders, from this host's store.
+    data: dict = {"nodes": states, "events": events, "gpus_out": alone, "repeat_offenders": sorted(offenders)}
     scheduler = open_scheduler(spec, lab_dir, tell_rendezvous=False)
     wide = getattr(scheduler, "out_of_service", None)
     if wide is not None:
@@ -289,6 +294,8 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
         data["scheduler_out_of_service"] = out
         lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
             or [f"{scheduler.name}: no node out of service"]
+    lines += [f"{name}: {entry['state']} alone ({entry['reason']})" for name, entry in sorted(alone.items())]
+    lines += [f"{name}: repeat offender (`aidc failover offender list`)" for name in sorted(offenders)]
     text = "\n".join(lines + [event_line(e) for e in events])
     emit(data, as_json, text or "no events")
 
