@@ -135,3 +135,14 @@ def test_a_drain_waiting_out_its_eviction_timeout_is_not_taken_for_a_stuck_contr
     (dep,) = of_parent(build_of(path), "apps/v1:Deployment", CONTROLLER)
     cmd = dep.inputs["spec"]["template"]["spec"]["containers"][0]["command"]
     assert float(cmd[cmd.index("--stall-after") + 1]) > 600
+
+
+def test_with_dra_the_controller_may_also_manage_device_taint_rules_and_nothing_more(tmp_path):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
+    doc["config"]["aidc:cluster"].setdefault("kubernetes", {})["gpu_allocation"] = "dra"
+    path = tmp_path / "Pulumi.dra.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (role,) = of_parent(build_of(path), "rbac.authorization.k8s.io/v1:ClusterRole", CONTROLLER)
+    dra = [rule for rule in role.inputs["rules"] if rule["apiGroups"] == ["resource.k8s.io"]]
+    assert dra == [{"apiGroups": ["resource.k8s.io"], "resources": ["devicetaintrules"],
+                    "verbs": ["get", "create", "delete"]}]
