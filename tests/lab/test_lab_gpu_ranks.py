@@ -61,3 +61,6 @@ def test_a_fault_on_one_gpu_takes_out_its_rank_and_the_node_keeps_training(aidc_
     [resumed] = [r for r in records if r["kind"] == "lab.resume"]
     assert resumed["payload"]["taken_out"] == f"gpu-0/gpu{gpu}" and resumed["payload"]["node_kept_training"]
     assert summary["audit_verified"]
+    # The report says which GPU left and that its node kept training.
+    html = (lab_dir / "report" / "report.html").read_text()
+    assert f"gpu-0/gpu{gpu} taken out through lab" in html and f"gpu-0 kept training on gpu-0/gpu{1 - gpu}" in html

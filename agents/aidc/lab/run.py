@@ -306,7 +306,8 @@ class LabRun:
         c, lab = self.cluster, self.spec.lab
         primaries = [n.name for n in c.nodes if not n.spare]
         spares = [n.name for n in c.nodes if n.spare]
-        self.say(f"training: {lab.train_steps} steps on {', '.join(primaries)} (elastic, checkpoint every"
+        per = ", one rank per GPU" if c.ranks_per_gpu else ""
+        self.say(f"training: {lab.train_steps} steps on {', '.join(primaries)} (elastic{per}, checkpoint every"
                  f" {lab.checkpoint_every} step(s)); spare(s) {', '.join(spares)} wait warm")
         if self.slurm:
             job = c.start_training_job(primaries, spares)
