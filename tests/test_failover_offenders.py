@@ -253,3 +253,10 @@ def test_offender_list_clear_by_an_approver_and_gpu_release_through_the_cli(tmp_
     assert kinds == ["failover.offender", "failover.release_refused", "access.refused", "failover.offender.clear",
                      "failover.release"]
     audit.close()
+
+
+def test_slurm_says_why_a_fault_local_to_one_gpu_drains_the_node():
+    from aidc.failover.slurm import SlurmScheduler
+
+    why = SlurmScheduler.gpu_isolation(object.__new__(SlurmScheduler), "gpu-1")
+    assert "Slurm cannot take one named GPU out" in why and "which device" in why
