@@ -260,3 +260,17 @@ def test_slurm_says_why_a_fault_local_to_one_gpu_drains_the_node():
 
     why = SlurmScheduler.gpu_isolation(object.__new__(SlurmScheduler), "gpu-1")
     assert "Slurm cannot take one named GPU out" in why and "which device" in why
+
+
+def test_releasing_a_gpu_of_a_name_that_is_not_a_node_is_refused_and_audited(env, tmp_path):
+    from aidc.nodenames import UnknownNode
+
+    store, audit = env
+    ctl = FailoverController(spec(), store, audit, LabScheduler(lab_dir(tmp_path)))
+    with pytest.raises(UnknownNode, match="not a node lab knows"):
+        ctl.gpus.release("..", 1, "why", actor="user:alice")
+    from aidc.nodenames import AUDIT_KIND
+
+    [refused] = audit.records(kind=AUDIT_KIND)
+    assert refused.payload["name"] == ".." and refused.payload["where"] == "cli"
+    assert audit.records(kind="failover.release") == []

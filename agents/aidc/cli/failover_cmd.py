@@ -244,11 +244,14 @@ def release(node: str = typer.Argument(..., help="Node to return to service, or 
             as_json: bool = JSON_OPTION) -> None:
     """Return a quarantined node (or one GPU) to service (an approver's decision, audited as theirs).
     A repeat offender, or a node holding one, is refused: `aidc failover offender clear` first."""
-    from aidc.failover.offenders import parse_target
+    from aidc.failover.offenders import OffenderError, parse_target
     from aidc.identity import authorize, cli_identity
     from aidc.installation import require
 
-    name, gpu = parse_target(node)
+    try:
+        name, gpu = parse_target(node)
+    except OffenderError:  # not NODE/GPU: a name the controller refuses as no node (audited)
+        name, gpu = node, None
     ctl = _controller(stack, lab_dir, dry_run)
     identity = cli_identity()
     about = {"reason": reason, **({"note": actor} if actor else {})}

@@ -33,6 +33,7 @@ import time
 from aidc.events import Action, Decision, FaultEvent
 from aidc.failover.offenders import OffenderRefused, parse_target, refusal, target
 from aidc.failover.remediation import bump_capacity
+from aidc.nodenames import UnknownNode, shown
 
 GPUS_OUT_KEY = "failover.gpus_out"  # {"node/gpuN": {node, gpu, state, reason, event_id, at, scheduler}}
 
@@ -200,6 +201,10 @@ class GpuQuarantine:
         repeat offender (aidc.failover.offenders)."""
         ctl, name = self.ctl, target(node, gpu)
         noted = {"note": note} if note else {}
+        if not ctl.inventory.knows(node):
+            said = f"{shown(node)} is not a node {ctl.scheduler.name} knows: release refused"
+            ctl.refusals.refuse(node, "cli", actor, said)
+            raise UnknownNode(said)
         refused = refusal(ctl.store, node, gpu)
         if refused:
             ctl.audit.append("failover.release_refused", refused, actor=actor, node=node,

@@ -134,6 +134,8 @@ class Offenders:
         known = marks(self.store).get(name) or (self._dry_marks.get(name) if dry_run else None)
         if known is not None:
             return known
+        if self.catalog.traits(event.kind, event.xid, event.action)[1] == 0:
+            return None  # a fault that weighs nothing cannot be the one that crosses the line
         name, counted = self.weighed(event_id, event)
         total = round(sum(b["weight"] for b in counted), 3)
         if total < self.policy.max_faults:
