@@ -272,5 +272,5 @@ def test_releasing_a_gpu_of_a_name_that_is_not_a_node_is_refused_and_audited(env
     from aidc.nodenames import AUDIT_KIND
 
     [refused] = audit.records(kind=AUDIT_KIND)
-    assert refused.payload["name"] == ".." and refused.payload["where"] == "cli"
+    assert refused.payload["name"] == "'..'" and refused.payload["where"] == "cli"  # shown(), quoted
     assert audit.records(kind="failover.release") == []
