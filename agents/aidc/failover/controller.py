@@ -13,6 +13,12 @@ pending event it decides one verdict and records it:
                          aidc.failover.remediation): audit, don't act
 * `would_quarantine`     dry-run: what would have happened, audited, nothing changed
 * `quarantine`           the node is taken out of service through the scheduler backend
+* `quarantine_gpu`       a fault local to one GPU: that GPU alone is taken out, the node keeps
+                         its other GPUs (`would_quarantine_gpu` in dry-run; backends that cannot
+                         take the node instead, recorded as `gpu_fallback`): aidc.failover.gpu_quarantine
+
+A node or GPU marked a repeat offender (aidc.failover.offenders) leaves service on any fault,
+and `release` refuses it until an approver clears the mark.
 
 The action comes from the catalog, escalated by aidc.failover.remediation (repeats of the same
 fault on the same GPU, a node remediated too often), the gate the runbook engine shares.
