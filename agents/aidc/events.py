@@ -76,7 +76,7 @@ class Decision:
 
     node: str
     # "quarantine" | "already_quarantined" | "no_action" | "refused_blast_radius" | "refused_breaker_open"
-    # | "would_quarantine" | "refused_unknown_node"
+    # | "would_quarantine" | "refused_unknown_node" | "quarantine_gpu" | "would_quarantine_gpu"
     verdict: str
     reason: str
     dry_run: bool

@@ -310,6 +310,17 @@ class EscalationPolicy(_Strict):
     node_window_days: Annotated[float, Field(gt=0, le=365)] = 7
 
 
+class OffenderPolicy(_Strict):
+    """Repeat offenders, the escalation ladder's last rung (aidc.failover.offenders): a GPU (or
+    a node, for faults that reach beyond one GPU) whose faults weigh `max_faults` or more within
+    `window_days` is marked for repair/RMA, is not returned to service by recertification
+    (`aidc failover release`, a runbook's release step) and is cleared only by an approver
+    (`aidc failover offender clear`). Each fault counts its catalog `weight` (a fatal XID more
+    than a thermal event), once per burst (policy.escalation.burst_s)."""
+    max_faults: Annotated[float, Field(gt=0, le=10000)] = 4
+    window_days: Annotated[float, Field(gt=0, le=365)] = 30
+
+
 class BreakerPolicy(_Strict):
     """The failover circuit breaker: more quarantines than this in the window and failover stops
     acting and latches open until a person resets it (`aidc failover breaker reset`)."""
@@ -366,6 +377,12 @@ class Policy(_Strict):
     # max_unavailable: they are not training either, so quarantining more would widen the outage.
     count_down_nodes: bool = True
     escalation: EscalationPolicy = EscalationPolicy()
+    offenders: OffenderPolicy = OffenderPolicy()
+    # GPUs out of service at once (a quarantined node counts all its GPUs, a GPU taken out alone
+    # counts one): an int or a percentage of all GPUs. None: as many GPUs as max_unavailable
+    # nodes hold (the largest nodes), so the default allows what it allowed before GPUs counted.
+    max_unavailable_gpus: Annotated[int, Field(ge=0, le=MAX_NODES * 64)] | \
+        Annotated[str, Field(pattern=PERCENT_0_100)] | None = None
     breaker: BreakerPolicy = BreakerPolicy()
     # Events refused for capacity (blast radius, breaker open) stay pending; they are decided
     # again at once when aidc releases a node or a person resets the breaker, and at least this
@@ -376,6 +393,14 @@ class Policy(_Strict):
         if isinstance(self.max_unavailable, int):
             return self.max_unavailable
         return math.floor(total_nodes * int(self.max_unavailable[:-1]) / 100)
+
+    def max_unavailable_gpu_count(self, gpus_per_node: list[int]) -> int:
+        """The GPU blast radius for nodes holding `gpus_per_node` GPUs (policy.max_unavailable_gpus)."""
+        if self.max_unavailable_gpus is None:
+            return sum(sorted(gpus_per_node, reverse=True)[:self.max_unavailable_nodes(len(gpus_per_node))])
+        if isinstance(self.max_unavailable_gpus, int):
+            return self.max_unavailable_gpus
+        return math.floor(sum(gpus_per_node) * int(self.max_unavailable_gpus[:-1]) / 100)
 
 
 # The repository the root Dockerfile's image is pushed to (its build line names it too).
@@ -488,6 +513,15 @@ class Kubernetes(_Strict):
     state_secret: Annotated[str, Field(pattern=DNS_LABEL)] = "aidc-state-dsn"
     state_secret_key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]{1,253}$")] = "dsn"
     cloudnative_pg: CloudNativePG | None = None
+    # How the cluster hands out GPUs, which decides whether failover can take one GPU out:
+    # `dra` (a DRA driver publishes each GPU as a device: a DeviceTaintRule keeps pods off that
+    # one device) or `device_plugin` (the classic plugin: only the plugin itself can mark a GPU
+    # unhealthy, and only for new pods, so a fault local to one GPU quarantines the node).
+    gpu_allocation: Literal["dra", "device_plugin"] = "device_plugin"
+    # With `dra`: the driver's name and its device names (pool = the node's name, as NVIDIA's
+    # DRA driver publishes its ResourceSlices); `{index}` is the GPU's index on its node.
+    dra_driver: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")] = "gpu.nvidia.com"
+    dra_device_name: Annotated[str, Field(pattern=r"^[a-z0-9-]{0,40}\{index\}[a-z0-9-]{0,20}$")] = "gpu-{index}"
 
     @model_validator(mode="after")
     def _lease_timing(self) -> "Kubernetes":
@@ -502,6 +536,11 @@ class Lab(_Strict):
     inject_xid: Annotated[int, Field(ge=1, le=999)] = 79  # NVIDIA Xid codes are 1..~160
     checkpoint_every: Annotated[int, Field(ge=1, le=100000)] = 1
     base_port: Annotated[int, Field(ge=1024, le=60000)] = 29400
+    # One training rank per node (its GPUs together), or one per GPU: then a fault local to one
+    # GPU takes that GPU's rank out and the node's other ranks keep training (aidc lab run
+    # --ranks gpu). gpu_inject_xid is the fault the lab injects then: one that stays in one GPU.
+    ranks: Literal["node", "gpu"] = "node"
+    gpu_inject_xid: Annotated[int, Field(ge=1, le=999)] = 48
     # What one rail of the netns fabric is shaped to on this machine (Mbit/s): the spec's
     # link_speed_gbps scaled to what a few shared cores carry (gloo measured ~0.6-1 Gbit/s over
     # veths here, unshaped), so the shaping, not the CPU, sets the rate.
@@ -783,6 +822,7 @@ def stack_path(stack: str | os.PathLike) -> Path:
 # `function-after[...]`); those are not keys in the stack file, so they are left out.
 _UNION_BRANCH = re.compile(r"^(int|str|float|bool|constrained-\w+|function-\w+\[.*\])$")
 _UNION_FIELDS = {"max_unavailable": "an integer >= 0 or a percentage 0-100%",
+                 "max_unavailable_gpus": "an integer >= 0, a percentage 0-100% or null",
                  "max_quarantines": "an integer >= 1 or a percentage 1-100%"}
 # What a field of each type takes, in the stack file's words rather than Python's.
 _TYPE_WANTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",

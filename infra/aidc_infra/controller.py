@@ -40,6 +40,9 @@ CLUSTER_RULES = [
     {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
+# kubernetes.gpu_allocation: dra only: one GPU out is a DeviceTaintRule (aidc.failover.k8s_devices).
+DRA_RULES = [{"apiGroups": ["resource.k8s.io"], "resources": ["devicetaintrules"],
+              "verbs": ["get", "create", "delete"]}]
 LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
 RUN_AS = 10001  # the image's unprivileged user (Dockerfile)
 # /metrics, /healthz and /readyz of every replica; the agent's is 9402 (aidc.spec.AGENT_METRICS_PORT).
@@ -144,7 +147,8 @@ class FailoverControllerDeployment(pulumi.ComponentResource):
         meta = lambda n: {"name": n, "namespace": ns, "labels": labels}  # noqa: E731
         self.account = ServiceAccount(f"{name}-account", metadata=meta(APP), opts=placed)
         self.cluster_role = ClusterRole(f"{name}-role", metadata={"name": APP, "labels": labels},
-                                        rules=CLUSTER_RULES, opts=child)
+                                        rules=CLUSTER_RULES + (DRA_RULES if spec.kubernetes.gpu_allocation == "dra"
+                                                               else []), opts=child)
         self.cluster_binding = ClusterRoleBinding(
             f"{name}-binding", metadata={"name": APP, "labels": labels},
             role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": APP},

@@ -197,3 +197,12 @@ def test_a_dsn_the_controller_pods_cannot_read_is_refused_before_any_resource(st
     doc.setdefault("kubernetes", {}).update(kubernetes)
     with pytest.raises(SpecError, match=expected):
         parse_spec(doc)
+def test_with_dra_the_controller_may_also_manage_device_taint_rules_and_nothing_more(tmp_path):
+    doc = yaml.safe_load((ROOT / "Pulumi.h100-example.yaml").read_text())
+    doc["config"]["aidc:cluster"].setdefault("kubernetes", {})["gpu_allocation"] = "dra"
+    path = tmp_path / "Pulumi.dra.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (role,) = of_parent(build_of(path), "rbac.authorization.k8s.io/v1:ClusterRole", CONTROLLER)
+    dra = [rule for rule in role.inputs["rules"] if rule["apiGroups"] == ["resource.k8s.io"]]
+    assert dra == [{"apiGroups": ["resource.k8s.io"], "resources": ["devicetaintrules"],
+                    "verbs": ["get", "create", "delete"]}]

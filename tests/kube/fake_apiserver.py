@@ -9,6 +9,7 @@ client against this server. What it implements, and only that:
   merge, JSON merge, JSON patch), replace, delete; `nodes/{name}/status` patch and replace.
 * pods: list (all namespaces, or one; fieldSelector `spec.nodeName=`), eviction (a pod marked
   as protected by a PodDisruptionBudget answers 429, as the API does while the budget is spent).
+* devicetaintrules (resource.k8s.io/v1alpha3, cluster-scoped): create, list, get, delete.
 * events (core/v1 and events.k8s.io/v1): create. leases (coordination.k8s.io/v1): get, create, replace.
 * jobs (batch/v1): create, list (labelSelector on equality), get, get status, delete; secrets
   (core/v1): create, get, delete. No controller runs here: a Job gets no pods and no status
@@ -42,6 +43,8 @@ from urllib.parse import parse_qs, urlsplit
 import kubernetes_validate
 
 K8S_VERSION = "1.33"
+# resource.k8s.io's version serving DeviceTaintRule in that release (alpha, DRADeviceTaints gate).
+DRA_VERSION = "v1alpha3"
 # Strategic merge: lists merged by key rather than replaced (from the API's patchMergeKey tags).
 MERGE_KEYS = {("status", "conditions"): "type", ("status", "addresses"): "type"}
 
@@ -65,6 +68,8 @@ class FakeApiServer:
         self.leases: dict[tuple[str, str], dict] = {}
         self.jobs: dict[tuple[str, str], dict] = {}
         self.secrets: dict[tuple[str, str], dict] = {}
+        # DeviceTaintRules are cluster-scoped: keyed (None, name).
+        self.device_taint_rules: dict[tuple[None, str], dict] = {}
         self.events: list[dict] = []
         self.history: list[tuple[int, str, dict]] = []  # (rv, type, node) for node watches
         self.history_size = history
@@ -253,6 +258,9 @@ class FakeApiServer:
                     return self._namespaced(self.secrets, "Secret", "v1", method, ns, what[1:], doc, query)
         if parts[:3] == ["apis", "batch", "v1"] and parts[3:4] == ["namespaces"] and parts[5:6] == ["jobs"]:
             return self._namespaced(self.jobs, "Job", "batch/v1", method, parts[4], parts[6:], doc, query)
+        if parts[:4] == ["apis", "resource.k8s.io", DRA_VERSION, "devicetaintrules"]:
+            return self._namespaced(self.device_taint_rules, "DeviceTaintRule", f"resource.k8s.io/{DRA_VERSION}",
+                                    method, None, parts[4:], doc, query)
         if parts[:3] == ["apis", "events.k8s.io", "v1"] and parts[3:4] == ["namespaces"] and parts[5:] == ["events"]:
             return self._create_event(doc, "events.k8s.io/v1")
         if parts[:3] == ["apis", "coordination.k8s.io", "v1"] and parts[3:4] == ["namespaces"] \
@@ -303,8 +311,10 @@ class FakeApiServer:
                 return 200, copy.deepcopy(self._store_node(name, new, "MODIFIED"))
         raise ApiError(405, "MethodNotAllowed", method)
 
-    def _namespaced(self, store: dict, kind: str, api_version: str, method: str, ns: str, rest: list, doc, query):
-        """Create, list, get (and its status) and delete of a namespaced kind, as the API does them."""
+    def _namespaced(self, store: dict, kind: str, api_version: str, method: str, ns: str | None, rest: list, doc,
+                    query):
+        """Create, list, get (and its status) and delete of a namespaced kind (ns None: a
+        cluster-scoped one), as the API does them."""
         plural = kind.lower() + "s"
         with self.lock:
             if not rest and method == "POST":
@@ -317,7 +327,9 @@ class FakeApiServer:
                 if (ns, name) in store:
                     raise ApiError(409, "AlreadyExists", f'{plural} "{name}" already exists')
                 self.rv += 1
-                meta.update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=str(self.rv))
+                meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=str(self.rv))
+                if ns is not None:  # None: a cluster-scoped kind
+                    meta["namespace"] = ns
                 store[(ns, name)] = doc
                 return 201, copy.deepcopy(doc)
             if not rest and method == "GET":

@@ -78,3 +78,35 @@ def test_a_node_remediated_too_often_waits_for_a_person_even_where_policy_auto_a
     fakes.metrics.values['broken{Hostname="gpu-2"}'] = [1.0]
     other = engine.execute(engine.submit_alert(alert("NodeBroken", "gpu-2", fingerprint="fp2")).run_id)
     assert other.status == "done"
+
+
+RECERTIFY = """
+name: recertify
+title: Recertify a node
+summary: The node passed its burn-in again; return it to service.
+trigger:
+  alerts: [{alertname: NodeRecertified}]
+guards: [{guard: node_known}]
+steps:
+  - {id: back, kind: release, reason: "burn-in passed"}
+"""
+
+
+def test_a_release_step_does_not_return_a_repeat_offender(make_engine, fakes, gate):
+    import json
+
+    from aidc.failover.offenders import OFFENDERS_KEY
+
+    shared = gate()
+    with shared.store.transaction():
+        shared.store.put(OFFENDERS_KEY, json.dumps({"gpu-1/gpu0": {
+            "target": "gpu-1/gpu0", "node": "gpu-1", "gpu": 0, "reason": "faults weighing 4.5 within 30 days"}}))
+    engine = make_engine(RECERTIFY, policy=Policy(max_unavailable=4, runbook_auto_approve=["quarantine", "release"]))
+    engine.remediation = shared
+    run = engine.execute(engine.submit_alert(alert("NodeRecertified", "gpu-1")).run_id)
+    out = engine.state.steps(run.id)[0]
+    assert run.status == "failed" and out.result["refused"] == "repeat_offender"
+    assert "gpu-1/gpu0" in out.result["error"] and fakes.scheduler.calls == []
+    # A node that is no offender is released by the same runbook.
+    other = engine.execute(engine.submit_alert(alert("NodeRecertified", "gpu-2", fingerprint="fp2")).run_id)
+    assert other.status == "done" and ("release", "gpu-2") in fakes.scheduler.calls

@@ -150,7 +150,7 @@ class AuditRecord:
     def dry_run(self) -> bool:
         """Recorded by a dry-run (what would have happened): kept apart from incidents in reports."""
         p = self.payload if isinstance(self.payload, dict) else {}
-        return (p.get("dry_run") is True or p.get("verdict") == "would_quarantine"
+        return (p.get("dry_run") is True or p.get("verdict") in ("would_quarantine", "would_quarantine_gpu")
                 or self.reason.startswith("dry-run") or ".dry_run" in self.kind)
 
 

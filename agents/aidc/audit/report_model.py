@@ -122,7 +122,7 @@ def incidents(records: list[AuditRecord]) -> list[dict]:
             "fault": start if start.kind == "lab.inject" else None,
             "detect": first(lambda r: r.kind == "health.fault" and r.node == node),
             "decide": first(lambda r: r.kind == "failover.decision" and r.node == node
-                            and r.payload.get("verdict") == "quarantine"),
+                            and r.payload.get("verdict") in ("quarantine", "quarantine_gpu")),
             "quarantine": first(lambda r: r.kind == "failover.action" and r.node == node),
             "resume": first(lambda r: r.kind == "lab.resume" and r.payload.get("victim", node) == node),
         }

@@ -292,7 +292,8 @@ def install(stack: str = STACK, lab_dir: Path = LAB_DIR,
 
 
 @app.command("release")
-def release(node: str = typer.Argument(..., help="Node to return to service."),
+def release(node: str = typer.Argument(..., help="Node to return to service, or NODE/GPU for one GPU taken out "
+                                                 "alone (e.g. n1/3)."),
             reason: str = typer.Option(..., "--reason", help="Why (recorded in the audit log)."),
             actor: str = typer.Option(None, "--actor",
                                       help="A note on who releases it (e.g. a full name), recorded beside the "
@@ -301,16 +302,26 @@ def release(node: str = typer.Argument(..., help="Node to return to service."),
             dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run",
                                          help="Override the spec's policy.dry_run (record, change nothing)."),
             as_json: bool = JSON_OPTION) -> None:
-    """Return a quarantined node to service (an operator's decision, audited as theirs)."""
+    """Return a quarantined node (or one GPU) to service (an approver's decision, audited as theirs).
+    A repeat offender, or a node holding one, is refused: `aidc failover offender clear` first."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
+    from aidc.failover.offenders import OffenderError, parse_target
     from aidc.identity import authorize, cli_identity
     from aidc.installation import require
 
+    try:
+        name, gpu = parse_target(node)
+    except OffenderError:  # not NODE/GPU: a name the controller refuses as no node (audited)
+        name, gpu = node, None
     ctl = _controller(stack, lab_dir, dry_run)
     identity = cli_identity()
     about = {"reason": reason, **({"note": actor} if actor else {})}
-    installed = require(lab_dir, ctl.spec, stack, identity, f"release {node}", ctl.audit, node, about)
-    authorize(installed.roles, [identity], "approver", f"release {node}", ctl.audit, node, about)
+    installed = require(lab_dir, ctl.spec, stack, identity, f"release {node}", ctl.audit, name, about)
+    authorize(installed.roles, [identity], "approver", f"release {node}", ctl.audit, name, about)
+    if gpu is not None:
+        done = ctl.gpus.release(name, gpu, reason, identity, note=actor)
+        return emit({"node": name, "gpu": gpu, "released": not ctl.dry_run, **done}, as_json,
+                    f"{done['target']}: {'would be ' if ctl.dry_run else ''}released")
     decision = ctl.release(node, reason, identity, note=actor)
     # The controller settled dry-run (flag, else the spec's policy); report what it did.
     said = (decision or {}).get("decision")
@@ -333,8 +344,13 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
     events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o,
                "pending": i in waiting} for i, e, o in store.events()]
     states = {n: store.node_state(n) for n in {e["node"] for e in events} | set(store.nodes_in_state("quarantined", "quarantining"))}
+    from aidc.failover.gpu_quarantine import gpus_out
+    from aidc.failover.offenders import marks
+
+    alone, offenders = gpus_out(store), marks(store)
     lines = [f"{n}: {s}" for n, s in sorted(states.items())]
-    data: dict = {"nodes": states, "events": events}
+    # GPUs taken out alone (their node in service) and repeat offenders, from this host's store.
+    data: dict = {"nodes": states, "events": events, "gpus_out": alone, "repeat_offenders": sorted(offenders)}
     scheduler = open_scheduler(spec, lab_dir, tell_rendezvous=False)
     wide = getattr(scheduler, "out_of_service", None)
     if wide is not None:
@@ -343,6 +359,8 @@ def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPT
         data["scheduler_out_of_service"] = out
         lines = [f"{n}: {st['why_out']} ({st['state']}: {st['reason'] or 'no reason'})" for n, st in out.items()] \
             or [f"{scheduler.name}: no node out of service"]
+    lines += [f"{name}: {entry['state']} alone ({entry['reason']})" for name, entry in sorted(alone.items())]
+    lines += [f"{name}: repeat offender (`aidc failover offender list`)" for name in sorted(offenders)]
     text = "\n".join(lines + [event_line(e) for e in events])
     emit(data, as_json, text or "no events")
 
@@ -421,3 +439,56 @@ def breaker_reset(reason: str = typer.Option(..., "--reason", help="Why it is sa
     was = gate.reset(identity, reason, note=actor)
     emit({"reset": True, "was_open": bool(was.get("open")), "by": identity, "was": was}, as_json,
          "breaker reset" + ("" if was.get("open") else " (it was not open)"))
+
+
+offender_app = typer.Typer(help="Repeat offenders (policy.offenders): nodes and GPUs marked for repair/RMA, which "
+                                "recertification does not return to service until an approver clears them.",
+                           no_args_is_help=True)
+app.add_typer(offender_app, name="offender")
+
+
+def _offenders(stack: str, lab_dir: Path):
+    from aidc.failover.offenders import Offenders
+    from aidc.health.catalog import load_catalog
+
+    spec = load_stack(stack)
+    return Offenders(spec, _event_store(spec, lab_dir), AuditLog(lab_dir / "audit.db"), load_catalog())
+
+
+@offender_app.command("list")
+def offender_list(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """The nodes and GPUs marked repeat offenders, why, and the faults that counted."""
+    from aidc.failover.offenders import marks
+    from aidc.failover.remediation import utc_text
+
+    offenders = _offenders(stack, lab_dir)
+    current = marks(offenders.store)
+    lines = [f"{name}: marked {utc_text(m['marked_at'])}, {m['reason']}" for name, m in sorted(current.items())]
+    emit({"offenders": current, "max_faults": offenders.policy.max_faults,
+          "window_days": offenders.policy.window_days}, as_json, "\n".join(lines) or "no repeat offenders")
+
+
+@offender_app.command("clear")
+def offender_clear(target: str = typer.Argument(..., help="NODE or NODE/GPU (e.g. n1 or n1/3)."),
+                   reason: str = typer.Option(..., "--reason", help="Why it may return (repaired, replaced; audited)."),
+                   actor: str = typer.Option(None, "--actor", help="A note on who clears it (e.g. a full name), "
+                                             "recorded beside the authenticated OS user, which is the actor."),
+                   stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+    """Clear a repeat offender (needs the approver role; audited as theirs). It stays out of
+    service: `aidc failover release` returns it once it is repaired and recertified."""
+    from aidc.failover.offenders import parse_target
+    from aidc.identity import authorize, cli_identity
+    from aidc.installation import require
+
+    if not reason.strip():
+        raise AidcError("--reason must say why the node or GPU may return to service")
+    node, _ = parse_target(target)
+    offenders = _offenders(stack, lab_dir)
+    identity = cli_identity()
+    about = {"reason": reason, "target": target, **({"note": actor} if actor else {})}
+    action = f"clear repeat offender {target}"
+    installed = require(lab_dir, load_stack(stack), stack, identity, action, offenders.audit, node, about)
+    authorize(installed.roles, [identity], "approver", action, offenders.audit, node, about)
+    was = offenders.clear(target, identity, reason, note=actor)
+    emit({"cleared": was["target"], "by": identity, "was": was}, as_json,
+         f"{was['target']}: repeat offender cleared (was: {was['reason']})")

@@ -28,8 +28,14 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", h
         scheduler: str = choice_option("lab", "--scheduler", ("lab", "slurm"),
                                        "lab: the lab's own processes; slurm: a private real Slurm (root, "
                                            "`make system-deps`) runs the training as one job and drains the node."),
+        ranks: str = typer.Option(None, "--ranks",
+                                  help="node: one training rank per node, a fault takes the node out (default: the "
+                                       "stack's lab.ranks); gpu: one rank per GPU, and the lab injects a fault local "
+                                       "to one GPU (lab.gpu_inject_xid): only that GPU's rank leaves, its node's "
+                                       "other ranks keep training."),
         as_json: bool = JSON_OPTION) -> None:
     """Certify the lab's nodes, train, inject XID 79, fail over to the spare, and audit it all.
+    With --ranks gpu: inject a fault on one GPU and take only that GPU out.
 
     Exit 0 only when the loop completed, met its targets (steps_lost within the checkpoint
     interval) and the audit log verifies.
@@ -44,7 +50,14 @@ def run(stack: str = typer.Option("lab", "--stack", "-s", envvar="AIDC_STACK", h
     signal.signal(signal.SIGTERM, interrupted)
     if scheduler not in ("lab", "slurm"):
         raise typer.BadParameter(f"--scheduler must be lab or slurm, not {scheduler!r}")
+    if ranks not in (None, "node", "gpu"):
+        raise typer.BadParameter(f"must be node or gpu, not {ranks!r}", param_hint="--ranks")
     spec = load_stack(stack)
+    if ranks is not None:
+        spec = spec.model_copy(update={"lab": spec.lab.model_copy(update={"ranks": ranks})})
+    if ranks == "gpu" and scheduler == "slurm":
+        raise typer.BadParameter("one rank per GPU runs with the lab scheduler (Slurm drains the node: see "
+                                 "docs/architecture.md)", param_hint="--ranks")
     if spec.device_backend != "sim" or spec.scheduler != "lab":
         raise typer.BadParameter(f"stack {stack!r} is not a lab stack (device_backend sim, scheduler lab)")
     # Burn-in and training need torch, the nodes' agents prometheus_client: said before the lab
@@ -77,6 +90,9 @@ def summary_text(result) -> str:
         f"  scheduler         {result.scheduler}",
         f"  fabric            {_fabric_line(result.fabric)}",
         f"  fault             {fault}",
+        *([f"  taken out         gpu {result.victim_gpu} of {result.victim}; the node "
+           + ("kept training on its other GPUs" if result.node_kept_training else "did NOT keep training")]
+          if result.victim_gpu is not None else []),
         *([f"  drain reason      {figure(result.drain_reason)}   (sinfo -R)"] if result.scheduler == "slurm" else []),
         *(f"  {key:<17} {figure(getattr(result, key))}   ({DEFINITIONS[key]})"
           for key in ("detect_ms", "quarantine_ms", "resume_s")),

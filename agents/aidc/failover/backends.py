@@ -21,7 +21,17 @@ def _open_lab(spec, lab_dir: Path, audit, actor: str, tell_rendezvous: bool) -> 
     if tell_rendezvous:
         from aidc.lab.cluster import lab_scheduler
 
-        return lab_scheduler(lab_dir, world_size=len(spec.nodes(include_spares=False)))
+        import json
+
+        # The job's members: its nodes, or with a rank per GPU their GPUs (lab.ranks, as the lab
+        # recorded it: `aidc lab run --ranks` may override the stack's).
+        try:
+            ranks = json.loads((lab_dir / "lab.json").read_text()).get("ranks", spec.lab.ranks)
+        except (OSError, ValueError):
+            ranks = spec.lab.ranks
+        primaries = spec.nodes(include_spares=False)
+        members = sum(n.gpus for n in primaries) if ranks == "gpu" else len(primaries)
+        return lab_scheduler(lab_dir, world_size=members)
     from aidc.failover.scheduler import LabScheduler
 
     return LabScheduler(lab_dir)

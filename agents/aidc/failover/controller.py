@@ -13,6 +13,12 @@ pending event it decides one verdict and records it:
                          aidc.failover.remediation): audit, don't act
 * `would_quarantine`     dry-run: what would have happened, audited, nothing changed
 * `quarantine`           the node is taken out of service through the scheduler backend
+* `quarantine_gpu`       a fault local to one GPU: that GPU alone is taken out, the node keeps
+                         its other GPUs (`would_quarantine_gpu` in dry-run; backends that cannot
+                         take the node instead, recorded as `gpu_fallback`): aidc.failover.gpu_quarantine
+
+A node or GPU marked a repeat offender (aidc.failover.offenders) leaves service on any fault,
+and `release` refuses it until an approver clears the mark.
 
 The action comes from the catalog, escalated by aidc.failover.remediation (repeats of the same
 fault on the same GPU, a node remediated too often), the gate the runbook engine shares.
@@ -59,8 +65,11 @@ import time
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
-from aidc.events import Decision, FaultEvent, FaultKind
+from aidc.events import Action, Decision, FaultEvent, FaultKind
+from aidc.failover.gpu_quarantine import GpuQuarantine
 from aidc.failover.leader import NotLeader
+from aidc.failover.offenders import OffenderRefused, Offenders
+from aidc.failover.offenders import refusal as offender_refusal
 from aidc.failover.provenance import REFUSED_SOURCE, key_node
 from aidc.failover.remediation import CAPACITY_KEY, RemediationGate, bump_capacity
 from aidc.failover.scheduler import SchedulerBackend
@@ -90,6 +99,10 @@ class FailoverController:
         # listing 100,000 nodes per decision made the cost of a decision grow with the fleet.
         self.spec_names = frozenset(n.name for n in spec.nodes())
         self.total_nodes = len(self.spec_names)
+        # Repeat offenders (policy.offenders) and one-GPU quarantines: aidc.failover.offenders,
+        # aidc.failover.gpu_quarantine.
+        self.offenders = Offenders(spec, store, audit, self.gate.catalog, metrics=metrics, actor=self.actor)
+        self.offenders.refresh_metrics()
         self.inventory = NodeInventory(lambda: spec_inventory(scheduler, spec))
         self.refusals = RefusalLog(audit, self.actor)
         self.max_unavailable = spec.policy.max_unavailable_nodes(self.total_nodes)
@@ -128,6 +141,7 @@ class FailoverController:
         # commits (aidc failover run), so the two writers queue here, woken at once, instead of
         # in SQLite's busy handler, which sleeps in growing steps of up to 100 ms.
         self.write_lock = threading.Lock()
+        self.gpus = GpuQuarantine(self)
 
     # -- the loop ---------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -175,7 +189,7 @@ class FailoverController:
                     self.gate.record(node, self.store.get(f"intent_action:{node}") or "unknown", "failover",
                                      f"event {event_id}")
             finished.append(node)
-        return finished
+        return finished + self.gpus.recover()
 
     def run_once(self, may_act=None, backoff: bool = False) -> list[Decision]:
         """Decide every pending event; `may_act` (the lease's `held`) is asked before each one,
@@ -339,6 +353,14 @@ class FailoverController:
             reason = f"straggler, policy.stragglers.action is alert: node stays in service ({event.message})"
             self.audit.append("failover.alert", reason, actor=self.actor, node=node, payload=payload)
             return self._decide(event_id, node, "no_action", reason, payload)
+        mark = self.offenders.observe(event_id, event, self.dry_run)
+        if mark is not None:
+            payload["repeat_offender"] = mark["target"]
+            if action.value not in self.spec.policy.out_of_service_actions:
+                # Marked for repair: an offender is not left in service by a mild fault.
+                action = Action.CONTACT_SUPPORT
+                payload["action"] = action.value
+                escalated += f" (repeat offender {mark['target']}: out for repair)"
         if action.value not in self.spec.policy.out_of_service_actions:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",
@@ -355,6 +377,10 @@ class FailoverController:
             return self._failed(event_id, node, f"cannot read the out-of-service nodes from {self.scheduler.name}: "
                                 f"{exc}; the event stays pending and is retried", payload, exc)
         unavailable = unavailable + [n for n in self._would_quarantine if n not in unavailable]
+        if self.gpus.applies(event, action):  # the fault stays in one GPU: take that GPU out, where possible
+            decided = self.gpus.decide(event_id, event, action, payload, escalated, unavailable)
+            if decided is not None:
+                return decided
         # In dry-run the nodes it would have quarantined count as out: "would be", not "are".
         dry = "dry-run: " if self.dry_run else ""
         if node in unavailable:
@@ -369,6 +395,9 @@ class FailoverController:
                       f" ({_some(unavailable)}), max_unavailable is {self.max_unavailable};"
                       " alerting instead of quarantining")
             return self._defer(event_id, node, "refused_blast_radius", reason, payload, alert=True)
+        too_many_gpus = self.gpus.node_refusal(node, unavailable)
+        if too_many_gpus:
+            return self._defer(event_id, node, "refused_blast_radius", too_many_gpus, payload, alert=True)
         refusal = self.gate.admit(node, self.dry_run, ref=f"event {event_id}")
         if refusal:
             return self._defer(event_id, node, "refused_breaker_open", refusal, payload)
@@ -539,6 +568,11 @@ class FailoverController:
             reason = f"{shown(node)} is not a node {self.scheduler.name} knows: release refused"
             self.refusals.refuse(node, "cli", actor, reason)
             raise UnknownNode(reason)
+        refused = offender_refusal(self.store, node)
+        if refused:  # recertification does not return a repeat offender (aidc.failover.offenders)
+            self.audit.append("failover.release_refused", refused, actor=actor, node=node,
+                              payload={"dry_run": self.dry_run, "reason": reason, "repeat_offender": True, **noted})
+            raise OffenderRefused(refused)
         if self.dry_run:
             self.audit.append("failover.release", f"dry-run: would release ({reason})", actor=actor, node=node,
                               payload={"dry_run": True, **noted})

@@ -91,6 +91,17 @@ class LeaderGuarded:
     def known_nodes(self) -> set[str]:
         return self.backend.known_nodes()
 
+    def gpu_isolation(self, node: str) -> str | None:
+        return self.backend.gpu_isolation(node)
+
+    def quarantine_gpu(self, node: str, gpu: int, reason: str, event: str | None = None) -> str | None:
+        self.lease.check()
+        return self.backend.quarantine_gpu(node, gpu, reason, event=event)
+
+    def release_gpu(self, node: str, gpu: int, reason: str) -> str | None:
+        self.lease.check()
+        return self.backend.release_gpu(node, gpu, reason)
+
 
 def api_client_from(settings):
     """An API client: in-cluster credentials in a pod, else the kubeconfig (spec, $KUBECONFIG, ~/.kube/config)."""
@@ -180,6 +191,9 @@ class KubernetesScheduler:
         self.settings = settings
         self.count_down_nodes = count_down_nodes
         self._sleep, self._clock = sleep, clock
+        from aidc.failover.k8s_devices import DeviceTaints
+
+        self.devices = DeviceTaints(api_client, settings)  # one GPU out: a DRA device taint
 
     # -- the protocol ---------------------------------------------------------------
     @_reachable
@@ -242,6 +256,24 @@ class KubernetesScheduler:
             elif self.count_down_nodes and POOL_LABEL in (obj.metadata.labels or {}) and not _ready(obj):
                 out[name] = "not Ready"
         return out
+
+    # -- one GPU (aidc.failover.k8s_devices) ------------------------------------------
+    def gpu_isolation(self, node: str) -> str | None:
+        return self.devices.isolation(node)
+
+    @_reachable
+    def quarantine_gpu(self, node: str, gpu: int, reason: str, event: str | None = None) -> str | None:
+        _check_name(node)
+        return self.devices.taint(node, gpu, reason, event)
+
+    @_reachable
+    def release_gpu(self, node: str, gpu: int, reason: str) -> str | None:
+        _check_name(node)
+        return self.devices.untaint(node, gpu)
+
+    @_reachable
+    def gpu_state(self, node: str, gpu: int) -> str:
+        return "quarantined" if self.devices.tainted(node, gpu) else "in_service"
 
     @_reachable
     def managed_nodes(self) -> list[str]:

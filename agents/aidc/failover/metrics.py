@@ -26,6 +26,15 @@ class FailoverMetrics:
         self.oldest_undecided_age = Gauge("aidc_failover_oldest_undecided_event_age_seconds",
                                           "Seconds the oldest fault event without a decision has waited (0: none)",
                                           registry=self.registry)
+        # One series per node or GPU marked a repeat offender (aidc.failover.offenders); gpu=""
+        # for a node. Few by nature: a part is marked, then repaired or replaced.
+        self.repeat_offender = Gauge("aidc_failover_repeat_offender",
+                                     "1 for each node or GPU marked a repeat offender (for repair/RMA; an approver "
+                                     "clears it)", ("node", "gpu"), registry=self.registry)
+        self.gpus_out = Gauge("aidc_failover_gpus_out",
+                              "GPUs out of service as failover counts them for policy.max_unavailable_gpus",
+                              registry=self.registry)
+
         # The fleet-health figure (aidc.fleet.metrics), served beside these: its own registry,
         # since it is the fleet's figure, not the controller's state.
         self.fleet_registry = CollectorRegistry(auto_describe=True)
@@ -33,6 +42,12 @@ class FailoverMetrics:
         # (its names are not known at registration: a `name[]` filter does not select them).
         self.registry.register(self.fleet_registry)
         self._server = None
+
+    def offenders(self, marks) -> None:
+        self.repeat_offender.clear()
+        for mark in marks:
+            gpu = "" if mark.get("gpu") is None else str(mark["gpu"])
+            self.repeat_offender.labels(node=mark["node"], gpu=gpu).set(1)
 
     def add_fleet_health(self, spec, audit_path) -> None:
         """Serve the fleet-health figure of `spec`'s pools, replayed from this audit log."""

@@ -86,10 +86,16 @@ def sightings(history: list[tuple[int, FaultEvent, str | None]], event: FaultEve
     observation, one per burst; oldest first, this event's burst last."""
     key, start = fault_key(event), event.observed_at - window_s
     # A fault another node reported (refused_source) is no sighting of this node's fault.
-    same = sorted((e.observed_at, i, o) for i, e, o in history
-                  if o != REFUSED_SOURCE and fault_key(e) == key and e.gpu == event.gpu and start <= e.observed_at <= event.observed_at)
+    same = [(e.observed_at, i, o) for i, e, o in history
+            if o != REFUSED_SOURCE and fault_key(e) == key and e.gpu == event.gpu and start <= e.observed_at <= event.observed_at]
+    return bursts(same, burst_s)
+
+
+def bursts(rows: list[tuple[float, int, str | None]], burst_s: float) -> list[dict]:
+    """(observed_at, event id, outcome) rows of one fault, one entry per burst (rows closer than
+    `burst_s` to the burst's first count once), oldest first."""
     counted: list[dict] = []
-    for at, event_id, outcome in same:
+    for at, event_id, outcome in sorted(rows):
         if counted and at - counted[-1]["observed_at"] < burst_s:
             counted[-1]["events"].append(event_id)
             continue

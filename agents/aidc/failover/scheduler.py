@@ -62,10 +62,12 @@ class LabScheduler:
 
     name = "lab"
 
-    def __init__(self, lab_dir: str | os.PathLike, on_quarantine=None):
+    def __init__(self, lab_dir: str | os.PathLike, on_quarantine=None, on_quarantine_gpu=None):
         self.lab_dir = Path(lab_dir)
         # Called after the node is stopped, e.g. to tell the rendezvous at once.
         self.on_quarantine = on_quarantine
+        # The same for one GPU's rank (lab.ranks: gpu): on_quarantine_gpu(node, gpu).
+        self.on_quarantine_gpu = on_quarantine_gpu
 
     def _node_dir(self, node: str) -> Path:
         # A name from an event or a command line: never a path out of nodes/ (NodeNameError).
@@ -90,7 +92,9 @@ class LabScheduler:
         d = self._node_dir(node)
         self._journal(node, "quarantine", reason)
         write_atomic(d / "quarantined", json.dumps({"reason": reason, "event": event, "at": time.time()}), SHARED_MODE)
-        for pgid in self.process_groups(node):
+        # The node's workload: its one rank, or (lab.ranks: gpu) every GPU's rank.
+        ranks = [int(p.name[3:]) for p in (d / "ranks").glob("gpu*") if p.name[3:].isdigit()]
+        for pgid in self.process_groups(node) + [g for gpu in ranks for g in self.process_groups(node, gpu)]:
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -112,14 +116,55 @@ class LabScheduler:
     def state(self, node: str) -> str:
         return "quarantined" if (self._node_dir(node) / "quarantined").exists() else "in_service"
 
-    def process_groups(self, node: str) -> list[int]:
-        path = self._node_dir(node) / "pgids.json"
+    # -- one GPU (aidc.failover.gpu_quarantine) ------------------------------------------
+    # With lab.ranks: gpu every GPU trains in a rank of its own, started with its own elastic
+    # agent, whose process groups are listed in nodes/<node>/ranks/gpu<N>/pgids.json: stopping
+    # them takes that GPU out and leaves the node's other ranks training. With lab.ranks: node
+    # the node's one rank spans all its GPUs, and no GPU can leave alone.
+    def gpu_isolation(self, node: str) -> str | None:
+        """Why one GPU of `node` cannot be taken out alone (None: it can). A lab made with
+        lab.ranks: gpu has a rank directory per GPU (nodes/<node>/ranks/)."""
+        if not (self._node_dir(node) / "ranks").is_dir():
+            return f"lab node {node} trains one rank across all its GPUs (lab.ranks: node)"
+        return None
+
+    def quarantine_gpu(self, node: str, gpu: int, reason: str, event: str | None = None) -> str | None:
+        rank_dir = self.rank_dir(node, gpu)
+        self._journal(node, f"quarantine_gpu{gpu}", reason)
+        write_atomic(self._node_dir(node) / f"quarantined-gpu{gpu}",
+                     json.dumps({"reason": reason, "event": event, "at": time.time()}), SHARED_MODE)
+        for pgid in self.process_groups(node, gpu):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.on_quarantine_gpu and rank_dir.is_dir():
+            try:  # best effort, as for a node: the rank's heartbeat expires anyway
+                self.on_quarantine_gpu(node, gpu)
+            except Exception as exc:
+                return f"on_quarantine_gpu hook failed: {exc!r}"
+        return None
+
+    def release_gpu(self, node: str, gpu: int, reason: str) -> None:
+        self._journal(node, f"release_gpu{gpu}", reason)
+        (self._node_dir(node) / f"quarantined-gpu{gpu}").unlink(missing_ok=True)
+
+    def gpu_state(self, node: str, gpu: int) -> str:
+        return "quarantined" if (self._node_dir(node) / f"quarantined-gpu{gpu}").exists() else "in_service"
+
+    def rank_dir(self, node: str, gpu: int) -> Path:
+        """Where one GPU's rank keeps its pid, warm marker and process groups (lab.ranks: gpu)."""
+        return self._node_dir(node) / "ranks" / f"gpu{int(gpu)}"
+
+    def process_groups(self, node: str, gpu: int | None = None) -> list[int]:
+        path = (self._node_dir(node) if gpu is None else self.rank_dir(node, gpu)) / "pgids.json"
         try:
             return [int(p) for p in json.loads(path.read_text())]
         except (FileNotFoundError, ValueError):
             return []
 
-    def add_process_group(self, node: str, pgid: int) -> None:
-        path = self._node_dir(node) / "pgids.json"
-        groups = sorted(set(self.process_groups(node)) | {pgid})
+    def add_process_group(self, node: str, pgid: int, gpu: int | None = None) -> None:
+        path = (self._node_dir(node) if gpu is None else self.rank_dir(node, gpu)) / "pgids.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        groups = sorted(set(self.process_groups(node, gpu)) | {pgid})
         write_atomic(path, json.dumps(groups), SHARED_MODE)

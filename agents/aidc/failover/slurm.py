@@ -490,6 +490,11 @@ class SlurmScheduler:
         return [parse_node_line(line, aidc_user=self.user) for line in out.splitlines()
                 if line.strip() and "NodeName=" in line]
 
+    def gpu_isolation(self, node: str) -> str | None:
+        """Slurm cannot take out one named GPU: failover drains the node, and says why."""
+        return ("Slurm cannot take one named GPU out of service (`scontrol update Gres=gpu:N` lowers the count "
+                "without saying which device; the devices are slurmd's gres.conf)")
+
     def known_nodes(self) -> set[str]:
         return {st.name for st in self.all_nodes()}
 

@@ -78,7 +78,8 @@ def mtbf_from_audit(audit_db, job_nodes: int | None) -> Mtbf:
     finally:
         log.close()
     fatal = [r for r in records if r.kind == "failover.decision"
-             and r.payload.get("verdict") in ("quarantine", "would_quarantine")]
+             and r.payload.get("verdict") in ("quarantine", "would_quarantine",  # a GPU taken out alone too
+                                              "quarantine_gpu", "would_quarantine_gpu")]
     nodes = {r.node for r in records if r.node}
     window = (records[-1].ts - records[0].ts) if len(records) > 1 else 0.0
     if not fatal or window <= 0:

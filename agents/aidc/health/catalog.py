@@ -7,7 +7,7 @@ its version), and every classification reports which catalog version made it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -19,6 +19,11 @@ from aidc.events import Action, FaultKind
 
 CATALOG_FILE = "data/xid_catalog.yaml"
 FOLLOW_STATED = "follow_stated"
+# Where a fault reaches: one GPU (failover may take that GPU out alone) or the node.
+SCOPES = ("gpu", "node")
+# An operator's catalog written before scopes and weights: every fault takes the node, as it
+# did then, and counts 1 (the shipped catalog states both for every entry; a test keeps it so).
+DEFAULT_SCOPE, DEFAULT_WEIGHT = "node", 1
 
 # "GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)". The text is a
 # kernel-log line: ASCII digits only (int() would read "２" as 2), a code no longer than the
@@ -45,6 +50,11 @@ class XidCatalog:
     sxid: dict[str, Action]
     faults: dict[str, Action]
     source: dict
+    # Per fault kind: {scope, weight} (the XIDs keep theirs in their entries).
+    fault_traits: dict[str, dict] = field(default_factory=dict)
+    # unknown XIDs: {scope, weight}; NVSwitch SXids: {scope, weight: {severity: weight}}.
+    unknown_traits: dict = field(default_factory=lambda: {"scope": "node", "weight": 1.0})
+    sxid_traits: dict = field(default_factory=lambda: {"scope": "node", "weight": {}})
 
     def classify_xid(self, xid: int, text: str = "") -> Classification:
         entry = self.xids.get(int(xid))
@@ -60,6 +70,20 @@ class XidCatalog:
         `window_min`); empty for a fault that is not an XID or has none."""
         entry = self.xids.get(int(xid)) if xid is not None else None
         return {k: entry[k] for k in ("escalate", "sticky", "repeats", "window_min") if entry and k in entry}
+
+    def traits(self, kind: FaultKind, xid: int | None, action: Action | None = None) -> tuple[str, float]:
+        """(scope, weight) of a fault: whether it stays in one GPU, and what one sighting counts
+        towards a repeat offender. An NVSwitch SXid's weight is its severity's, found by the
+        action that severity classifies to (`action`)."""
+        if kind == FaultKind.XID and xid is not None:
+            entry = self.xids.get(int(xid)) or self.unknown_traits
+            return entry["scope"], float(entry["weight"])
+        if kind == FaultKind.NVSWITCH_SXID:
+            weights = self.sxid_traits["weight"]
+            severity = next((s for s, a in self.sxid.items() if a == action), None)
+            return self.sxid_traits["scope"], float(weights.get(severity, self.unknown_traits["weight"]))
+        entry = self.fault_traits.get(kind.value if isinstance(kind, FaultKind) else str(kind)) or self.unknown_traits
+        return entry["scope"], float(entry["weight"])
 
     def follows_stated(self, xid: int) -> bool:
         """True when the XID's action is the one its message text states (XID 154): an NVML
@@ -143,6 +167,8 @@ def _parse(data: dict, origin: str) -> XidCatalog:
         if "window_min" in entry and (type(entry["window_min"]) not in (int, float)
                                       or not 0 < entry["window_min"] <= 43200):
             bad(f"xids.{code}.window_min", f"minutes, above 0 and at most 43200, got {entry['window_min']!r}")
+        entry = {"scope": DEFAULT_SCOPE, "weight": DEFAULT_WEIGHT, **entry}
+        _check_traits(bad, f"xids.{code}", entry)
         xids[code] = entry
     recovery: dict[int, dict] = {}
     for code, entry in (data.get("recovery_actions") or {}).items():
@@ -154,12 +180,36 @@ def _parse(data: dict, origin: str) -> XidCatalog:
         bad("recovery_actions", "present when any XID uses follow_stated")
     sxid = {k: Action(action(f"sxid.{k}", v)) for k, v in (data.get("sxid") or {}).items()}
     faults: dict[str, Action] = {}
+    traits: dict[str, dict] = {}
     kinds = {k.value for k in FaultKind}
     for kind, entry in (data.get("faults") or {}).items():
         if kind not in kinds:
             bad(f"faults.{kind}", f"a fault kind ({', '.join(sorted(kinds))})")
         faults[kind] = Action(action(f"faults.{kind}.action", (entry or {}).get("action")))
-    return XidCatalog(version, unknown, xids, recovery, sxid, faults, data["source"])
+        entry = {"scope": DEFAULT_SCOPE, "weight": DEFAULT_WEIGHT, **(entry or {})}
+        _check_traits(bad, f"faults.{kind}", entry)
+        traits[kind] = {"scope": entry["scope"], "weight": float(entry["weight"])}
+    unknown_traits = {"scope": data.get("unknown_scope", "node"), "weight": data.get("unknown_weight", 1)}
+    _check_traits(bad, "unknown", unknown_traits, prefix="unknown_")
+    sxid_traits = data.get("sxid_traits") or {"scope": "node", "weight": {}}
+    if not isinstance(sxid_traits, dict) or not isinstance(sxid_traits.get("weight"), dict) \
+            or set(sxid_traits["weight"]) - set(sxid):
+        bad("sxid_traits", "{scope: gpu|node, weight: {<severity of sxid>: number}}")
+    for severity, weight in sxid_traits["weight"].items():
+        _check_traits(bad, f"sxid_traits.weight.{severity}", {"scope": sxid_traits.get("scope"), "weight": weight})
+    return XidCatalog(version, unknown, xids, recovery, sxid, faults, data["source"], traits,
+                      {"scope": unknown_traits["scope"], "weight": float(unknown_traits["weight"])}, sxid_traits)
+
+
+def _check_traits(bad, key: str, entry: dict, prefix: str = "") -> None:
+    """Every entry says its scope (gpu | node) and its repeat-offender weight (a number >= 0)."""
+    where = f"{key}." if not prefix else ""
+    if entry.get("scope") not in SCOPES:
+        bad(f"{where}{prefix}scope", f"gpu or node (is the fault local to one GPU?), got {entry.get('scope')!r}")
+    weight = entry.get("weight")
+    if type(weight) not in (int, float) or not 0 <= weight <= 100:
+        bad(f"{where}{prefix}weight", f"a number 0-100 (what one sighting counts towards a repeat offender), "
+            f"got {weight!r}")
 
 
 def load_catalog(path: str | Path | None = None) -> XidCatalog:

@@ -86,10 +86,16 @@ class LabCluster:
         for i, node in enumerate(self.nodes):
             sim.create_node(self.node_dir(node.name), node.name, node.gpus, node_index=i,
                             rails=self.spec.fabric.rails, link_speed_gbps=self.spec.fabric.link_speed_gbps)
+            if self.ranks_per_gpu:  # a rank per GPU: the lab scheduler may take one GPU out (its rank)
+                for gpu in range(node.gpus):
+                    (self.node_dir(node.name) / "ranks" / f"gpu{gpu}").mkdir(parents=True)
         ports = {"rdzv": free_port(), "metrics:failover": free_port(),
                  **{f"metrics:{n.name}": free_port() for n in self.nodes}}
         owner = {"name": "lab-run", "pid": os.getpid(), "start": start_ticks(os.getpid())} if owned else None
-        self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner})
+        # `ranks` (lab.ranks, maybe from `aidc lab run --ranks`): the controller's lab scheduler
+        # reads it to count the job's members (aidc.failover.backends).
+        self._write({"created_at": time.time(), "ports": ports, "processes": [], "run_id": RUN_ID, "owner": owner,
+                     "ranks": self.spec.lab.ranks})
 
     def bring_up_fabric(self) -> None:
         """The stack's netns fabric (a namespace per node, a shaped bridge per rail), or None:
@@ -126,8 +132,17 @@ class LabCluster:
         return self.info()["ports"][name]
 
     # -- processes ----------------------------------------------------------------
+    @property
+    def ranks_per_gpu(self) -> bool:
+        """lab.ranks: gpu, one training rank per GPU (else one per node)."""
+        return self.spec.lab.ranks == "gpu"
+
+    def members(self, node) -> list[str]:
+        """The training members a node brings: itself, or (lab.ranks: gpu) `node/gpuN` per GPU."""
+        return [f"{node.name}/gpu{g}" for g in range(node.gpus)] if self.ranks_per_gpu else [node.name]
+
     def start(self, name: str, argv: list[str], node: str | None = None, workload: bool = False,
-              netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+              netns: str | None = None, env: dict[str, str] | None = None, gpu: int | None = None) -> subprocess.Popen:
         """Start a lab process in its own group. A node's *workload* is what quarantine stops.
 
         `netns`: in that network namespace (`ip netns exec` execs the command: same pid)."""
@@ -141,9 +156,10 @@ class LabCluster:
         data["processes"].append({"name": name, "pid": proc.pid, "pgid": proc.pid, "node": node})
         self._write(data)
         if node and workload:
-            LabScheduler(self.dir).add_process_group(node, proc.pid)
+            LabScheduler(self.dir).add_process_group(node, proc.pid, gpu)
         if node:
-            write_atomic(self.node_dir(node) / f"{name.split(':')[0]}.pid", str(proc.pid), SHARED_MODE)
+            where = self.node_dir(node) if gpu is None else LabScheduler(self.dir).rank_dir(node, gpu)
+            write_atomic(where / f"{name.split(':')[0]}.pid", str(proc.pid), SHARED_MODE)
         return proc
 
     def aidc(self, *args: str) -> list[str]:
@@ -195,24 +211,32 @@ class LabCluster:
         return self.start("failover", self.aidc("failover", "run", "--stack", stack, "--state-dir", str(self.dir),
                                                 *(["--listen-address", f"127.0.0.1:{port}"] if port else [])))
 
-    def start_trainer(self, node: str, spare: bool = False) -> subprocess.Popen:
+    def start_trainer(self, node: str, spare: bool = False, gpu: int | None = None) -> subprocess.Popen:
+        """The node's elastic agent; with lab.ranks: gpu, one per GPU (`gpu` None: all of them,
+        the first one returned)."""
+        if self.ranks_per_gpu and gpu is None:
+            count = next(n.gpus for n in self.nodes if n.name == node)
+            return [self.start_trainer(node, spare, g) for g in range(count)][0]
         lab = self.spec.lab
-        primaries = sum(1 for n in self.nodes if not n.spare)
+        primaries = sum(len(self.members(n)) for n in self.nodes if not n.spare)
         fab = self.training_fabric
         store, local = (fab.store_addr, fab.nodes[node].mgmt_addr) if fab else ("127.0.0.1", "127.0.0.1")
-        return self.start(f"launcher:{node}", [
+        return self.start(f"launcher:{node}" + (f".gpu{gpu}" if gpu is not None else ""), [
             sys.executable, "-m", "aidc.lab.node_launcher", "--node", node, "--lab-dir", str(self.dir),
             "--rdzv", f"{store}:{self.port('rdzv')}", *(["--rdzv-trusted", fab.mgmt_cidr] if fab else []),
             "--local-addr", local, "--run-id", RUN_ID,
             "--nnodes", str(primaries),
             "--total-steps", str(lab.train_steps), "--checkpoint-every", str(lab.checkpoint_every),
-            "--start-gate", str(self.start_gate), *(["--spare"] if spare else [])], node=node, workload=True,
+            "--start-gate", str(self.start_gate), *(["--spare"] if spare else []),
+            *(["--gpu", str(gpu)] if gpu is not None else [])], node=node, workload=True, gpu=gpu,
             netns=fab.nodes[node].netns if fab else None,
             env={"GLOO_SOCKET_IFNAME": ",".join(fab.ifnames)} if fab else None)
 
     def restart_trainer(self, node: str, spare: bool = True) -> subprocess.Popen:
         """Start a node's elastic agent again (after a release); its old process groups are gone."""
         (self.node_dir(node) / "pgids.json").unlink(missing_ok=True)
+        for groups in (self.node_dir(node) / "ranks").glob("gpu*/pgids.json"):
+            groups.unlink()
         return self.start_trainer(node, spare=spare)
 
     @property
@@ -220,7 +244,14 @@ class LabCluster:
         return self.dir / "train" / "go"
 
     def warm_nodes(self) -> list[str]:
+        """Nodes whose elastic agents are all warm (with a rank per GPU: every GPU's)."""
+        if self.ranks_per_gpu:
+            return [n.name for n in self.nodes
+                    if all((self.node_dir(n.name) / "ranks" / f"gpu{g}" / "warm").exists() for g in range(n.gpus))]
         return [n.name for n in self.nodes if (self.node_dir(n.name) / "warm").exists()]
+
+    def launcher_pids(self, node: str, gpu: int | None = None) -> set[int]:
+        return launcher_pids(self.node_dir(node), gpu)
 
     def open_start_gate(self) -> None:
         self.start_gate.parent.mkdir(parents=True, exist_ok=True)
@@ -312,18 +343,26 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = None) -> None:
+def launcher_pids(where: Path, gpu: int | None = None) -> set[int]:
+    """The pids the rendezvous knows a node's elastic agents by (their launcher.pid files): its
+    one agent, or one GPU's, or (lab.ranks: gpu, `gpu` None) every GPU's."""
+    files = [where / "launcher.pid"] if gpu is None else [where / "ranks" / f"gpu{gpu}" / "launcher.pid"]
+    if gpu is None and (where / "ranks").is_dir():
+        files = sorted((where / "ranks").glob("gpu*/launcher.pid"))
+    return {int(f.read_text()) for f in files if f.exists()}
+
+
+def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = None, gpu: int | None = None) -> None:
     """Tell the lab's rendezvous at once that `node` is gone: with `world_size`, commit the
     next round with a warm spare in its place (`commit_next_round`; the lab's launchers stay
     in a round committed for them); where that does not apply, expire its heartbeat."""
     from aidc.failover.rendezvous import commit_next_round, evict
 
     where = node_dir(lab_dir / "nodes", node)
-    pid_file = where / "launcher.pid"
-    if not pid_file.exists():
+    pids = launcher_pids(where, gpu)  # the node's agent(s), or one GPU's (`gpu`)
+    if not pids:
         return
     info = json.loads((lab_dir / "lab.json").read_text())
-    pids = {int(pid_file.read_text())}
     started = time.time()
     committed = None
     if world_size:
@@ -332,7 +371,7 @@ def evict_from_rendezvous(lab_dir: Path, node: str, world_size: int | None = Non
     expired = [] if committed else _at_rendezvous(info, lambda host, port, trusted: evict(
         host, port, info["run_id"], pids=pids, trusted_networks=trusted))
     # Kept beside the node for the failover timeline (and the audit report).
-    write_atomic(where / "rendezvous-evicted.json", json.dumps(
+    write_atomic(where / ("rendezvous-evicted.json" if gpu is None else f"rendezvous-evicted-gpu{gpu}.json"), json.dumps(
         {"at": started, "took_s": time.time() - started, "expired": expired, "committed": committed}), SHARED_MODE)
 
 
@@ -349,6 +388,7 @@ def _at_rendezvous(info: dict, call):
 
 def lab_scheduler(lab_dir: str | os.PathLike, world_size: int | None = None) -> LabScheduler:
     """The lab's scheduler backend, wired to tell the rendezvous at once about a quarantine
-    (`world_size`: the job's nodes, to commit the next round directly)."""
+    (`world_size`: the job's members, nodes or GPU ranks, to commit the next round directly)."""
     lab_dir = Path(lab_dir)
-    return LabScheduler(lab_dir, on_quarantine=lambda node: evict_from_rendezvous(lab_dir, node, world_size))
+    return LabScheduler(lab_dir, on_quarantine=lambda node: evict_from_rendezvous(lab_dir, node, world_size),
+                        on_quarantine_gpu=lambda node, gpu: evict_from_rendezvous(lab_dir, node, world_size, gpu))

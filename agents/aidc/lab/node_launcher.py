@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-mode", choices=("async", "sync"), default="async",
                    help="async: snapshot in memory, write in the background; sync: write before the next step")
     p.add_argument("--start-gate", help="Once warm, touch <lab>/nodes/<node>/warm and wait for this file to exist")
+    p.add_argument("--gpu", type=int, default=None,
+                   help="Train this one GPU of the node in a rank of its own (lab.ranks: gpu): pid, warm marker and"
+                        " trace under nodes/<node>/ranks/gpu<N>/")
     p.add_argument("--spare", action="store_true",
                    help="Warm up now, join only once the first round is full (so this node is the spare)")
     args = p.parse_args(argv)
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         # The node's name builds its paths (pid file, trace, warm gate): only a name of the node
         # form, directly under nodes/.
         node_path = node_dir(Path(args.lab_dir) / "nodes", args.node)
+        if args.gpu is not None:  # this GPU's rank: its own pid and warm marker (the rendezvous knows it by pid)
+            node_path = node_path / "ranks" / f"gpu{args.gpu}"
+            node_path.mkdir(parents=True, exist_ok=True)
     except (KmsError, NodeNameError) as exc:
         print(f"aidc: error: {exc}", file=sys.stderr)
         return 2
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     from aidc.lab.trainer import train
 
     _fast_rendezvous_poll(args.poll)
-    TRACE["path"] = Path(args.lab_dir) / "train" / f"trace-{args.node}.log"
+    member = args.node if args.gpu is None else f"{args.node}-gpu{args.gpu}"
+    TRACE["path"] = Path(args.lab_dir) / "train" / f"trace-{member}.log"
     TRACE["path"].parent.mkdir(parents=True, exist_ok=True)
     _stay_in_committed_rounds()
     if args.start_gate:
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"lab_dir": args.lab_dir, "node": args.node, "job": args.run_id,
            "keyring": str(Path(args.lab_dir) / "keyring"), "total_steps": args.total_steps,
            "checkpoint_every": args.checkpoint_every, "seed": args.seed, "lr": args.lr,
-           "checkpoint_mode": args.checkpoint_mode}
+           "checkpoint_mode": args.checkpoint_mode, "gpu": args.gpu}
     try:
         elastic_launch(config, train)(cfg)
     except Exception as exc:  # reported by the lab from the exit code and the step log

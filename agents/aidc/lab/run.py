@@ -31,6 +31,11 @@ class LabResult:
     failed_nodes: list[str] = field(default_factory=list)
     victim: str | None = None
     xid: int | None = None
+    # lab.ranks: gpu: the GPU taken out alone, and whether its node's other ranks were in the
+    # first step after the fault (the node kept training).
+    ranks: str = "node"
+    victim_gpu: int | None = None
+    node_kept_training: bool | None = None
     # aidc.milestones.DEFINITIONS: fault -> quarantine decided, -> quarantined, -> training resumed.
     detect_ms: float | None = None
     quarantine_ms: float | None = None
@@ -148,7 +153,7 @@ class LabRun:
         else:
             self.cluster = LabCluster(spec, lab_dir, say=progress)
         self.say = progress
-        self.result = LabResult(scheduler=scheduler)
+        self.result = LabResult(scheduler=scheduler, ranks=spec.lab.ranks)
         self.actor = default_actor("lab")
         self.audit: AuditLog | None = None  # opened by bring_up(), once the lab directory exists
         # From bring_up() to the end of run(): torch's own warnings go to <lab>/logs/libraries.log.
@@ -276,7 +281,14 @@ class LabRun:
         self.progress = progress = TrainingProgress(self.steps_log, lab.train_steps, self.say)
         last = _wait(f"step {lab.inject_at_step}",
                      lambda: progress() or next((s for s in reversed(_read_jsonl(self.steps_log)) if s["step"] >= lab.inject_at_step), None), 180)
-        m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
+        if self.cluster.ranks_per_gpu:
+            # The last member of the step's world is one GPU's rank, "node/gpuN": a fault on that
+            # GPU alone, of a kind the catalog keeps in one GPU.
+            node, _, gpu = last["world"][-1].partition("/gpu")
+            m = self.inject_and_measure(node, lab.gpu_inject_xid, gpu=int(gpu))
+            self.result.victim_gpu, self.result.node_kept_training = m["gpu"], m["node_kept_training"]
+        else:
+            m = self.inject_and_measure(last["world"][-1], lab.inject_xid)
         self.result.victim, self.result.xid = m["victim"], m["xid"]
         self.result.detect_ms, self.result.quarantine_ms = m["detect_ms"], m["quarantine_ms"]
         self.result.resume_s, self.result.steps_lost = m["resume_s"], m["steps_lost"]
@@ -294,7 +306,8 @@ class LabRun:
         c, lab = self.cluster, self.spec.lab
         primaries = [n.name for n in c.nodes if not n.spare]
         spares = [n.name for n in c.nodes if n.spare]
-        self.say(f"training: {lab.train_steps} steps on {', '.join(primaries)} (elastic, checkpoint every"
+        per = ", one rank per GPU" if c.ranks_per_gpu else ""
+        self.say(f"training: {lab.train_steps} steps on {', '.join(primaries)} (elastic{per}, checkpoint every"
                  f" {lab.checkpoint_every} step(s)); spare(s) {', '.join(spares)} wait warm")
         if self.slurm:
             job = c.start_training_job(primaries, spares)
@@ -321,37 +334,46 @@ class LabRun:
         self._wait("the spare to wait on the rendezvous redundancy list", lambda: self._spares_waiting(spares),
                    120, 0.1)
 
-    def inject_and_measure(self, victim: str, xid: int = 79) -> dict:
-        """Write XID `xid` into `victim`'s kernel log; measure detection, resumption and loss."""
+    def inject_and_measure(self, victim: str, xid: int = 79, gpu: int = 0) -> dict:
+        """Write XID `xid` on `victim`'s GPU `gpu` into its kernel log; measure detection,
+        resumption and loss. With a rank per GPU the member that must leave is that GPU's rank."""
         c = self.cluster
         step_now = _read_jsonl(self.steps_log)[-1]["step"]
-        injected = sim.inject(c.node_dir(victim), "xid", 0, xid=xid)
+        injected = sim.inject(c.node_dir(victim), "xid", gpu, xid=xid)
         t_fault = injected["written_at"]
-        self.audit.append("lab.inject", f"injected XID {xid} on {victim} gpu 0", actor=self.actor,
+        self.audit.append("lab.inject", f"injected XID {xid} on {victim} gpu {gpu}", actor=self.actor,
                           node=victim, payload=injected)
-        self.say(f"fault: XID {xid} written to {victim}'s kernel log at step {step_now}")
+        self.say(f"fault: XID {xid} written to {victim}'s kernel log (gpu {gpu}) at step {step_now}")
+        gone = f"{victim}/gpu{gpu}" if c.ranks_per_gpu else victim
 
         decision = self._wait("the quarantine decision", lambda: self._quarantine_decision(victim, after=t_fault), 60)
         detect_ms = ms_after(t_fault, decision.ts)
         self._goodput_writer().fault(t_fault, node=victim, detected_t=decision.ts, what=f"XID {xid}")
         action = self._wait("the scheduler's quarantine", lambda: self._quarantine_action(victim, after=t_fault), 60)
         quarantine_ms = ms_after(t_fault, action.ts)
-        self.say(f"failover: quarantine of {victim} decided {detect_ms:.0f} ms after the fault, "
-                 f"{victim} quarantined {quarantine_ms:.0f} ms after it")
+        self.say(f"failover: quarantine of {gone} decided {detect_ms:.0f} ms after the fault, "
+                 f"{gone} out of service {quarantine_ms:.0f} ms after it")
 
         first_new = self._wait("a step on the new membership",
-                          lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and victim not in s["world"]), None), 120)
+                          lambda: next((s for s in _read_jsonl(self.steps_log) if s["t"] > t_fault and gone not in s["world"]), None), 120)
+        # With a rank per GPU: the node's other GPUs' ranks in the new membership = it kept training.
+        kept = [m for m in first_new["world"] if m.startswith(f"{victim}/")] if c.ranks_per_gpu else []
         resume_s = resume_s_after(self.goodput_log)
         start = next(s for s in _read_jsonl(c.dir / "train" / "starts.jsonl") if s["t"] > t_fault)
         done_before = max(s["step"] for s in _read_jsonl(self.steps_log) if s["t"] < start["t"])
         steps_lost = max(0, done_before - start["resumed_from"])
-        self.audit.append("lab.resume", f"training resumed on {', '.join(first_new['world'])}", actor=self.actor,
+        said = (f"; {victim} kept training on {', '.join(kept)}" if kept else
+                f"; {victim} has no rank in it" if c.ranks_per_gpu else "")
+        self.audit.append("lab.resume", f"training resumed on {', '.join(first_new['world'])}{said}", actor=self.actor,
                           payload={"resume_s": resume_s, "resumed_from_step": start["resumed_from"],
-                                   "steps_lost": steps_lost, "world": first_new["world"], "victim": victim})
+                                   "steps_lost": steps_lost, "world": first_new["world"], "victim": victim,
+                                   **({"victim_gpu": gpu, "taken_out": gone, "node_kept_training": bool(kept),
+                                       "node_ranks_training": kept} if c.ranks_per_gpu else {})})
         self.say(f"resumed: step {first_new['step']} on {', '.join(first_new['world'])} {resume_s:.2f} s"
-                 f" after the fault, {steps_lost} step(s) lost")
+                 f" after the fault, {steps_lost} step(s) lost{said}")
         return {"victim": victim, "xid": xid, "detect_ms": detect_ms, "quarantine_ms": quarantine_ms,
-                "resume_s": resume_s, "steps_lost": steps_lost, "world": first_new["world"]}
+                "resume_s": resume_s, "steps_lost": steps_lost, "world": first_new["world"], "gpu": gpu,
+                "node_kept_training": bool(kept)}
 
     def return_to_service(self, node: str) -> None:
         """Repair a quarantined lab node and bring it back as the new warm spare (operator path)."""
@@ -408,12 +430,12 @@ class LabRun:
         state = c.read_rendezvous_state()
         if state is None:
             return False
-        pids = {int((c.node_dir(n) / "launcher.pid").read_text()) for n in spares}
+        pids = set().union(*(c.launcher_pids(n) for n in spares)) if spares else set()
         return pids <= {node.pid for node in state.redundancy_list}
 
     def _quarantine_decision(self, node: str, after: float = 0.0):
         for rec in self.audit.records(kind="failover.decision", node=node):
-            if rec.payload.get("verdict") == "quarantine" and rec.ts > after:
+            if rec.payload.get("verdict") in ("quarantine", "quarantine_gpu") and rec.ts > after:
                 return rec
         return None
 

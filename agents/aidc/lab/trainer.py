@@ -111,7 +111,9 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     members: list[str | None] = [None] * world
-    dist.all_gather_object(members, node)
+    # A member is its node, or with one rank per GPU (lab.ranks: gpu) "node/gpuN".
+    member = node if cfg.get("gpu") is None else f"{node}/gpu{cfg['gpu']}"
+    dist.all_gather_object(members, member)
     _trace(lab, node, f"process group ready: rank {rank} of {world}")
 
     # Encrypted checkpoints, a fresh data key each, wrapped by the lab's keyring and bound to
@@ -146,7 +148,9 @@ def _train(cfg: dict, lab: Path, node: str) -> int:
         })
         goodput.start(start_step - 1, world=members, restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
-    step_times = StepTimeReport(lab / "nodes" / node / STEP_TIMES_FILE, node, rank, members)
+    # The node's agent follows one step-time file per node: with a rank per GPU, GPU 0's rank keeps it.
+    times_dir = lab / "nodes" / node if not cfg.get("gpu") else lab / "nodes" / node / "ranks" / f"gpu{cfg['gpu']}"
+    step_times = StepTimeReport(times_dir / STEP_TIMES_FILE, node, rank, members)
     probe = cfg.get("link_probe")
     links = LinkProbe(rank, world, probe["rails"], probe["every"], probe.get("nbytes", 128 << 10)) if probe else None
     for step in range(start_step, cfg["total_steps"] + 1):

@@ -363,6 +363,15 @@ class Engine:
             return None  # _blast_radius has refused already
         return self.remediation.admit(run.node, ref=f"run {run.id}")
 
+    def _offender(self, step: Step, node: str | None) -> str | None:
+        """A release step does not return a repeat offender (aidc.failover.offenders), whatever
+        its burn-in said: the failover store's mark decides, cleared only by an approver."""
+        if step.kind != "release" or self.remediation is None or node is None:
+            return None
+        from aidc.failover.offenders import refusal
+
+        return refusal(self.remediation.store, node)
+
     def _step_def(self, rb: Runbook, row: StepRow) -> Step:
         if row.phase == "main":
             return rb.steps[row.idx]
@@ -424,6 +433,9 @@ class Engine:
         refusal = self._gate(rb, step, self.state.steps(run.id), row.idx if row.phase == "main" else 10**9, run.node)
         if refusal:
             return self._fail_step(run, rb, row, {"error": refusal}, 0.0, base)
+        offender = self._offender(step, run.node)
+        if offender:
+            return self._fail_step(run, rb, row, {"error": offender, "refused": "repeat_offender"}, 0.0, base)
         if resumed:
             reconciled = self._reconcile(run, row, step)
             if reconciled is not None:
