@@ -113,7 +113,7 @@ def test_a_node_answer_gives_health_events_quarantine_and_a_certificate_that_ver
     # Recertified and released: healthy, nothing open, no quarantine; the XID 79 is history.
     assert node["health"] == "healthy" and node["quarantine"] is None and node["open_events"] == []
     assert node["scheduler_state"] == "in_service"
-    assert node["repeat_offender"] is None and node["repeat_offender_tracking"] == "not tracked"
+    assert node["repeat_offender"] is None and node["repeat_offender_tracking"] == "policy.offenders"
     failed = client.node("gpu-2")
     assert failed["health"] == "uncertified" and failed["certificate"]["verdict"] == "fail"
     assert [g["health"] for g in failed["gpu_health"]] == ["uncertified", "uncertified"]
@@ -176,7 +176,7 @@ def test_fleet_nodes_node_and_gpu_are_clients_of_the_api(aidc_cli, listener, pki
     assert [n["node"] for n in json.loads(nodes.stdout)["nodes"]] == ["gpu-0", "gpu-1", "gpu-2", "gpu-3",
                                                                       "gpu-spare-0"]
     gpu = aidc_cli("fleet", "gpu", VICTIM, "0", *tls)
-    assert gpu.returncode == 0 and f"{VICTIM} gpu 0: healthy" in gpu.stdout and "not tracked" in gpu.stdout
+    assert gpu.returncode == 0 and f"{VICTIM} gpu 0: healthy" in gpu.stdout and "repeat offender: no" in gpu.stdout
     node = aidc_cli("fleet", "node", "gpu-2", *tls)
     assert "gpu-2" in node.stdout and "uncertified" in node.stdout
     missing = aidc_cli("fleet", "node", "gpu-9", *tls, "--json")
@@ -217,3 +217,34 @@ def test_a_token_map_without_a_listener_is_one_clear_error(aidc_cli, tmp_path):
     out = aidc_cli("failover", "run", "--state-dir", str(tmp_path), "--stack", "lab", "--api-token-map", str(tmp_path / "tokens"))
     assert out.returncode == 2 and "--api-token-map needs --ingest-address" in out.stderr
     assert not (tmp_path / "state.db").exists()  # refused before anything was created
+
+
+def test_a_gpu_marked_a_repeat_offender_shows_on_its_gpu_and_node_answers(fleet_lab, pki, tmp_path):
+    """The mark failover keeps (aidc.failover.offenders) is what the API serves, in the contract."""
+    from aidc.failover.offenders import OFFENDERS_KEY
+    from aidc.store import Store
+
+    lab_dir, db, _ = fleet_lab
+    spec = load_stack("lab")
+    store = Store(tmp_path / "state.db")
+    mark = {"target": "gpu-2/gpu1", "node": "gpu-2", "gpu": 1, "reason": "3 faults weighing 6 in 30 days",
+            "weight": 6, "max_faults": 4, "window_days": 30, "marked_at": 1.0, "event_id": 7, "state": "repair",
+            "history": [], "catalog_version": "t"}
+    store.put(OFFENDERS_KEY, json.dumps({"gpu-2/gpu1": mark}))
+    store.close()
+    tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["ca"].cert_file)
+    server = IngestServer(tmp_path / "state.db", db, {n.name for n in spec.nodes()}, tls, "127.0.0.1",
+                          polling.free_port(), log=lambda line: None, spec=spec, roles=ROLES)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = HealthClient(f"https://127.0.0.1:{server.port}", tls_of(pki, "viewer-bot"))
+        gpu = client.gpu("gpu-2", 1)
+        check_contract("/v1/nodes/gpu-2/gpus/1", 200, gpu)
+        check_contract("/v1/nodes/gpu-2", 200, client.node("gpu-2"))
+        assert gpu["repeat_offender"]["target"] == "gpu-2/gpu1" and gpu["repeat_offender"]["state"] == "repair"
+        assert client.gpu("gpu-2", 0)["repeat_offender"] is None  # the node's other GPU does not offend
+        assert client.node("gpu-2")["repeat_offender"] is None  # nor does the node itself
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)

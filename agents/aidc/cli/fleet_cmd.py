@@ -113,6 +113,10 @@ def _client(url: str, cert: Path, key: Path, ca: Path, token_file: Path | None):
     return HealthClient(url, ClientTLS(cert, key, ca), token)
 
 
+def _offender_text(mark: dict | None) -> str:
+    return "no" if mark is None else f"{mark['target']} marked for {mark['state']} ({mark['reason']})"
+
+
 def _node_line(n: dict) -> str:
     return (f"{n['node']:<16} {n['pool']:<10} {n['health']:<12} {n['healthy_gpus']}/{n['installed_gpus']} GPUs "
             f"healthy, scheduler {n['scheduler_state']}, {n['open_events'] if isinstance(n['open_events'], int) else len(n['open_events'])} open event(s)")
@@ -153,5 +157,5 @@ def gpu(name: str = typer.Argument(..., help="Node name."),
     answer = _client(url, tls_cert, tls_key, ca, token_file).gpu(name, index)
     text = (f"{name} gpu {index}: {answer['health']} (certified: {answer['certified']}, in service: "
             f"{answer['in_service']}), {len(answer['open_events'])} open event(s), repeat offender: "
-            f"{answer['repeat_offender'] if answer['repeat_offender'] is not None else answer['repeat_offender_tracking']}")
+            f"{_offender_text(answer['repeat_offender'])}")
     emit(answer, as_json, text)

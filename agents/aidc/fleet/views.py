@@ -6,18 +6,19 @@ burn-in certificate signed for export (aidc.burnin.certificate) and the repeat-o
 Open events: a node's fault events recorded after its last return to service (or ever, if it
 never left), except those failover decided need no action; for a GPU, those naming that GPU.
 
-Repeat offenders are tracked by another part of aidc that does not exist yet: until it does,
-`repeat_offender` is null and `repeat_offender_tracking` says "not tracked".
+Repeat offenders are failover's (aidc.failover.offenders, policy.offenders): `repeat_offender` is
+the mark of the node or GPU (or, for a GPU, its node's), null when neither offends.
 """
 
 from __future__ import annotations
 
+from aidc.failover.offenders import offender_state
 from aidc.fleet.figure import Replay, Standing
 
 # Outcomes that close an event without a quarantine: the fault needs nothing, or it was not a
 # fault this cluster may act on (another node's key, a name that is no node).
 CLOSED_OUTCOMES = ("no_action", "refused_unknown_node", "refused_source")
-NOT_TRACKED = "not tracked"
+TRACKED_BY = "policy.offenders"
 
 
 class NotFound(Exception):
@@ -42,13 +43,13 @@ def open_events(store, standing: Standing, gpu: int | None = None) -> list[dict]
     return out
 
 
-def _repeat_offender() -> dict:
-    return {"repeat_offender": None, "repeat_offender_tracking": NOT_TRACKED}
+def _repeat_offender(store, node: str, gpu: int | None = None) -> dict:
+    return {"repeat_offender": offender_state(store, node, gpu), "repeat_offender_tracking": TRACKED_BY}
 
 
 def node_summary(store, standing: Standing) -> dict:
     return {**standing.to_dict(), "scheduler_state": store.node_state(standing.node),
-            "open_events": len(open_events(store, standing)), **_repeat_offender()}
+            "open_events": len(open_events(store, standing)), **_repeat_offender(store, standing.node)}
 
 
 def fleet_view(replay: Replay, now: float, store) -> dict:
@@ -102,4 +103,4 @@ def gpu_view(replay: Replay, store, node: str, index: int, certificate) -> dict:
     quarantine = standing.out_record if (standing.node_out or index in standing.gpus_out) else None
     return {"node": node, "pool": standing.pool, **gpu_health(standing, index), "quarantine": quarantine,
             "open_events": open_events(store, standing, gpu=index), "certificate": document,
-            "certificate_missing": missing, **_repeat_offender()}
+            "certificate_missing": missing, **_repeat_offender(store, node, index)}
