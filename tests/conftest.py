@@ -17,6 +17,16 @@ os.environ["AIDC_DEPRECATION_WARNINGS"] = "off"
 os.environ["PYTHONPATH"] = str(ROOT / "agents") + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 
+def pytest_configure(config):
+    # Ansible's templating replaces sys.intern process-wide, and torch._dynamo, when first
+    # imported, registers a stand-in for sys.intern and refuses the patched one. Import it first,
+    # so that which test files a worker ran before torch's (pytest-xdist) does not matter.
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:  # no torch here: the tests that need it skip or fail on their own
+        pass
+
+
 @pytest.fixture
 def aidc_cli():
     """Run the aidc CLI as a user would, in a subprocess; returns CompletedProcess."""

@@ -23,7 +23,8 @@ PENDING: dict[str, str] = {}
 # node agent; test_failover_breaker_cli.py scrapes a running controller for them.
 SERVED_BY_CONTROLLER = {"aidc_failover_breaker_open", "aidc_failover_lease_held",
                         "aidc_failover_oldest_undecided_event_age_seconds",
-                        "aidc_fleet_healthy_gpu_ratio"}  # the fleet-health figure (aidc.fleet.metrics)
+                        "aidc_fleet_healthy_gpu_ratio",  # the fleet-health figure (aidc.fleet.metrics)
+                        "aidc_failover_repeat_offender"}  # marks of aidc.failover.offenders
 # Series that exist only once something happened: no sample before the first XID, or before a
 # training job reports its step times (the straggler judgement's relative performance).
 BORN_OF_EVENTS = {"aidc_xid_errors_total", "aidc_burnin_relative_perf"}

@@ -66,9 +66,9 @@ def test_an_evicting_backend_quarantines_first_and_a_failed_eviction_does_not_un
     assert backend.state("gpu-1") == "quarantined" and backend.name == "lab"
 
 
-def test_scheduler_other_than_lab_or_slurm_is_refused_in_one_line(aidc_cli, tmp_path):
-    out = aidc_cli("lab", "run", "--scheduler", "pbs", "--lab-dir", str(tmp_path / "lab"))
-    assert out.returncode == 2 and "lab or slurm" in out.stderr and "Traceback" not in out.stderr
+def test_scheduler_other_than_lab_or_slurm_is_refused_naming_the_choices(aidc_cli, tmp_path):
+    out = aidc_cli("lab", "run", "--scheduler", "pbs", "--state-dir", str(tmp_path / "lab"))
+    assert out.returncode == 2 and "'pbs'; valid: lab, slurm" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "lab").exists()
 
 

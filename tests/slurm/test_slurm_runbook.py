@@ -78,7 +78,8 @@ def test_a_kubernetes_stack_without_credentials_is_one_clear_error(aidc_cli, tmp
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
     env["KUBECONFIG"] = str(tmp_path / "no-such-kubeconfig")
     out = aidc_cli("runbook", "run", "agent-down", "--node", "gpu-0", "--stack", str(stack),
-                   "--state-db", str(tmp_path / "s.db"), "--audit-db", str(tmp_path / "a.db"), env=env)
+                   "--state-dir", str(tmp_path), "--state-db", str(tmp_path / "s.db"),
+                   "--audit-db", str(tmp_path / "a.db"), env=env)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "aidc: error: no Kubernetes credentials" in out.stderr
 

@@ -250,7 +250,8 @@ class FailoverController:
             for index, args in acts:
                 if may_act is not None and not may_act():
                     return False
-                decisions[index] = self._act(*args)
+                # A node's quarantine (arguments of _act), or another path's deferred act (a GPU's).
+                decisions[index] = args() if callable(args) else self._act(*args)
         return held
 
     def run(self, stop: threading.Event, poll_s: float = 0.05, lease=None) -> None:
@@ -365,7 +366,7 @@ class FailoverController:
             return self._decide(event_id, node, "no_action",
                                 f"{event.kind.value} asks for {action.value}{escalated}: node stays in service",
                                 payload)
-        acting = self._acts is not None and any(args[1] == node for _, args in self._acts)
+        acting = self._acts is not None and any(not callable(args) and args[1] == node for _, args in self._acts)
         if not self.dry_run and not acting and self.store.node_state(node) == "quarantining":
             # An earlier attempt wrote the intent and then failed (scheduler unreachable): finish it.
             # (Not an intent of this batch: that one is acted on when the batch commits.)

@@ -27,6 +27,7 @@ PostgreSQL stores hold them alike.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -151,6 +152,20 @@ class GpuQuarantine:
                 _put(ctl.store, name, {"node": node, "gpu": gpu, "state": "quarantining", "reason": reason,
                                        "event_id": event_id, "action": payload["action"], "at": time.time(),
                                        "scheduler": ctl.scheduler.name})
+        if ctl._acts is not None:
+            # In a batch: the intent commits with the batch, then the scheduler is called
+            # (FailoverController._decide_batch), as for a node; a crash in between leaves the
+            # intent for recover().
+            ctl._acts.append((None, functools.partial(self._act, event_id, node, gpu, reason, payload, retry,
+                                                      decided)))
+            return Decision(node, "quarantine_gpu", reason, False, event_id,
+                            decided_at=decided.ts if decided else time.time())
+        return self._act(event_id, node, gpu, reason, payload, retry, decided)
+
+    def _act(self, event_id: int, node: str, gpu: int, reason: str, payload: dict, retry: bool,
+             decided) -> Decision:
+        """Call the scheduler for a GPU quarantine whose intent is committed; record the outcome."""
+        ctl, name = self.ctl, target(node, gpu)
         try:
             warning = ctl.scheduler.quarantine_gpu(node, gpu, reason, event=str(event_id))
         except Exception as exc:  # the intent stays (the GPU counts as out); the next poll retries
