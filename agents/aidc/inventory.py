@@ -41,8 +41,8 @@ def cluster_vars(spec: ClusterSpec) -> dict[str, Any]:
         "aidc_slurm": spec.slurm.model_dump(mode="json"),
         "aidc_controller": spec.controller.model_dump(mode="json"),
         "aidc_state": spec.state.model_dump(mode="json"),
-        # Where agents send their events (None: nowhere); derived, so that the role need not.
-        "aidc_agent_controller_url": spec.agent_controller_url(),
+        # Where agents send their events ("": nowhere); derived here, so that the role need not.
+        "aidc_agent_controller_url": spec.agent_controller_url() or "",
         # The whole spec, so the agent role can install exactly what the controller validated.
         "aidc_cluster_spec": spec.model_dump(mode="json"),
     }

@@ -34,6 +34,17 @@ def agent_wheel(tmp_path_factory) -> Path:
     return next(out.glob("aidc-*.whl"))
 
 
+@pytest.fixture(scope="session")
+def agent_wheelhouse(tmp_path_factory) -> Path:
+    """A wheel of every dependency in requirements-agent.lock, checked against its hashes, as an
+    air-gapped site prepares it (pip reads its configured indexes and cache: no other network)."""
+    out = tmp_path_factory.mktemp("wheelhouse")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--require-hashes", "--no-deps",
+                    "--only-binary", ":all:", "--python-version", "3.11", "-r", str(ROOT / "requirements-agent.lock"),
+                    "-d", str(out)], check=True, capture_output=True, timeout=600)
+    return out
+
+
 @pytest.fixture(scope="module")
 def make_target(sandbox_ready):
     """Factory: make_target(stack, node, **extravars) -> Target; every sandbox is removed afterwards."""

@@ -57,7 +57,7 @@ def test_listed_addresses_become_ansible_host_and_the_management_address_in_node
     assert {n: (v["ansible_host"], v["aidc_management_address"]) for n, v in hostvars.items()} == {
         "gpu-0": ("10.0.0.11", "10.0.0.11"), "gpu-1": ("10.0.0.12", "10.0.0.12"),
         "gpu-spare-0": ("10.0.0.19", "10.0.0.19")}
-    assert inv["all"]["vars"]["aidc_agent_controller_url"] is None  # no controller: events stay on the node
+    assert inv["all"]["vars"]["aidc_agent_controller_url"] == ""  # no controller: events stay on the node
     # Without addresses the inventory names none (Ansible resolves the node's name).
     assert "ansible_host" not in inventory_list(load_stack(H100_STACK))["_meta"]["hostvars"]["h100-0"]
 
