@@ -248,8 +248,8 @@ class Target:
         self.sandbox, self.inventory, self.node, self.extravars = sandbox, inventory, node, extravars
 
     def converge(self, check: bool = False, diff: bool = False, tags: tuple[str, ...] = (),
-                 on_event=None, **extra) -> PlaybookResult:
+                 on_event=None, timeout_s: int = 300, **extra) -> PlaybookResult:
         return run_playbook(SITE_PLAYBOOK, inventory=self.inventory, limit=self.node, check=check, diff=diff,
-                            tags=tags, on_event=on_event, timeout_s=300,
+                            tags=tags, on_event=on_event, timeout_s=timeout_s,
                             extravars={**self.sandbox.connection_vars(), **SANDBOX_VARS, **self.extravars,
                                        **extra})

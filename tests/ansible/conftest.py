@@ -35,14 +35,21 @@ def agent_wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def agent_wheelhouse(tmp_path_factory) -> Path:
+def agent_wheelhouse():
     """A wheel of every dependency in requirements-agent.lock, checked against its hashes, as an
-    air-gapped site prepares it (pip reads its configured indexes and cache: no other network)."""
-    out = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--require-hashes", "--no-deps",
-                    "--only-binary", ":all:", "--python-version", "3.11", "-r", str(ROOT / "requirements-agent.lock"),
-                    "-d", str(out)], check=True, capture_output=True, timeout=600)
-    return out
+    air-gapped site prepares it (pip reads its configured indexes and cache: no other network).
+    Under /var/tmp, not /tmp: a sandbox sees this machine's files except /tmp (its own tmpfs), so
+    the wheelhouse is on the target already, as on a site's shared filesystem."""
+    out = Path(tempfile.mkdtemp(prefix="aidc-wheelhouse-", dir="/var/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--require-hashes", "--no-deps",
+                        "--only-binary", ":all:", "--python-version", "3.11", "-r",
+                        str(ROOT / "requirements-agent.lock"), "-d", str(out)], check=True, capture_output=True,
+                       timeout=600)
+        out.chmod(0o755)
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,7 @@ change either. See ansible_sandbox.py for why the target is an overlay root in i
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -22,40 +19,11 @@ from aidc.polling import stop_process_group
 from ansible_sandbox import ROOT, unit_service
 from runbook.certs import CA
 
-pytestmark = pytest.mark.slow
+# Three converges, the first installing aidc and its dependencies for real: minutes on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 LAB_STACK = ROOT / "Pulumi.lab.yaml"
 REPORT_TASK = "Report what this host gets, and what is skipped and why"
-# The lab's pool on a network of its own: gpu-0..3, then gpu-spare-0; a controller host; metrics
-# over mutual TLS. Nothing outside the namespaces this test makes carries these addresses.
-NODE_ADDRESSES = ["10.251.0.10", "10.251.0.11", "10.251.0.12", "10.251.0.13", "10.251.0.19"]
-CONTROLLER_ADDRESS = "10.251.0.2"  # also the scraper's: the host on the other end of the wire
-
-
-def production_shaped_lab(directory: Path) -> Path:
-    """The lab stack as a site without Kubernetes writes it: real host addresses, a controller
-    host, events forwarded over mutual TLS and /metrics served over it."""
-    doc = load_stack_yaml(LAB_STACK.read_text())
-    cluster = doc["config"]["aidc:cluster"]
-    cluster["node_pools"][0]["addresses"] = NODE_ADDRESSES
-    cluster["controller"] = {"hosts": [{"name": "ctl-0", "address": CONTROLLER_ADDRESS}]}
-    cluster["agent"]["metrics_tls"] = "mutual"
-    path = directory / "Pulumi.site.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def site_pki(directory: Path) -> tuple[Path, dict]:
-    """aidc_pki_dir as the role reads it (ca.crt, <node>.crt, <node>.key), and a scraper's certificate."""
-    ca = CA.create(directory / "ca", "aidc-site-ca")
-    pki = directory / "pki"
-    pki.mkdir()
-    shutil.copy(ca.cert_file, pki / "ca.crt")
-    ca.issue(pki, "gpu-0", server=True, client_too=True, addresses=(NODE_ADDRESSES[0],))
-    scraper = ca.issue(directory / "ca", "prometheus", server=False)
-    return pki, {"ca": str(ca.cert_file), "cert": str(scraper.cert), "key": str(scraper.key)}
-
-
 @pytest.fixture(scope="module")
 def lab_runs(make_target, agent_wheel, agent_wheelhouse, tmp_path_factory):
     """Converge, converge again, then check+diff, all on node gpu-0 of the lab stack, installing
@@ -64,10 +32,12 @@ def lab_runs(make_target, agent_wheel, agent_wheelhouse, tmp_path_factory):
     stack = production_shaped_lab(work)
     pki, scraper = site_pki(work)
     target = make_target(stack, "gpu-0", aidc_agent_wheel=str(agent_wheel),
-                         aidc_agent_wheelhouse=str(agent_wheelhouse), aidc_pki_dir=str(pki),
+                         aidc_agent_wheelhouse=str(agent_wheelhouse), aidc_agent_wheelhouse_on_host=True,
+                         aidc_agent_pki_dir=str(pki),
                          aidc_agent_pip_env={"PIP_CONFIG_FILE": "/dev/null"})
     events: list[dict] = []
-    first = target.converge(on_event=events.append)
+    # The first converge installs aidc and its dependencies: minutes on a loaded machine.
+    first = target.converge(on_event=events.append, timeout_s=900)
     second = target.converge()
     check = target.converge(check=True, diff=True)
     return {"target": target, "stack": stack, "scraper": scraper, "first": first, "second": second,
@@ -182,8 +152,8 @@ def test_the_agent_extra_is_installed_from_the_wheelhouse_with_every_dependency(
     assert {"aidc", "prometheus_client", "nvidia_ml_py", "kubernetes", "python_pkcs11"} <= installed
     assert "torch" not in installed  # burn-in does not run on a lab-scheduler node
     changed = {t.task for t in lab_runs["first"].changed_tasks}
-    assert {"Install aidc's dependencies from the hashed lock", "Install aidc itself (its dependencies are the lock's)",
-            "Copy the wheelhouse (air-gapped sites)"} <= changed
+    assert {"Install aidc's dependencies from the hashed lock",
+            "Install aidc itself (its dependencies are the lock's)"} <= changed
     checked = [e for e in lab_runs["events"] if e.get("event") == "runner_on_ok"
                and e["event_data"].get("task") == "Check that every installed package has its dependencies"]
     assert checked and "No broken requirements found." in checked[0]["event_data"]["res"]["stdout"]
@@ -197,24 +167,6 @@ def test_the_rendered_unit_passes_systemd_analyze_verify(lab_runs):
     assert "aidc-agent.service" not in done.stderr, done.stderr  # no warning about the unit itself
 
 
-def _scrape(netns: str, url: str, scraper: dict, timeout_s: float = 45.0) -> str:
-    """GET url from inside `netns` (this machine's python3, a TLS client with the scraper's
-    certificate), retried until the agent answers or the time is up."""
-    code = ("import ssl, sys, urllib.request\n"
-            "ctx = ssl.create_default_context(cafile=sys.argv[2]); ctx.load_cert_chain(sys.argv[3], sys.argv[4])\n"
-            "print(urllib.request.urlopen(sys.argv[1], context=ctx, timeout=5).read().decode())\n")
-    deadline, last = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        done = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code, url,
-                               scraper["ca"], scraper["cert"], scraper["key"]],
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode == 0:
-            return done.stdout
-        last = done.stderr[-500:]
-        time.sleep(0.5)
-    raise AssertionError(f"no metrics from {url} within {timeout_s} s: {last}")
-
-
 def test_the_units_command_runs_as_its_user_and_is_scraped_from_another_host(lab_runs):
     """The unit's ExecStart, word for word, as its User in its WorkingDirectory with its
     Environment only (no PYTHONPATH: the code is the wheel's), scraped over mutual TLS from a
@@ -226,7 +178,7 @@ def test_the_units_command_runs_as_its_user_and_is_scraped_from_another_host(lab
                                                     cwd=service["WorkingDirectory"], env=service["Environment"]),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        page = _scrape(peer, f"https://{NODE_ADDRESSES[0]}:9402/metrics", lab_runs["scraper"])
+        page = scrape(peer, f"https://{NODE_ADDRESSES[0]}:9402/metrics", lab_runs["scraper"])
     finally:
         stop_process_group(agent)
         out, err = agent.communicate(timeout=30)
