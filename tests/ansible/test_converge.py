@@ -13,17 +13,18 @@ import subprocess
 import pytest
 import yaml
 
-from aidc.spec import load_stack
-from aidc.stack_yaml import load_stack_yaml
 from aidc.polling import stop_process_group
+from aidc.spec import load_stack
 from ansible_sandbox import ROOT, unit_service
-from runbook.certs import CA
+from site_stack import CONTROLLER_ADDRESS, NODE_ADDRESSES, production_shaped_lab, scrape, site_pki
 
 # Three converges, the first installing aidc and its dependencies for real: minutes on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 LAB_STACK = ROOT / "Pulumi.lab.yaml"
 REPORT_TASK = "Report what this host gets, and what is skipped and why"
+
+
 @pytest.fixture(scope="module")
 def lab_runs(make_target, agent_wheel, agent_wheelhouse, tmp_path_factory):
     """Converge, converge again, then check+diff, all on node gpu-0 of the lab stack, installing
