@@ -49,10 +49,12 @@ def site_pki(directory: Path) -> tuple[Path, dict]:
     return pki, {"ca": str(ca.cert_file), "cert": str(scraper.cert), "key": str(scraper.key)}
 
 
-def scrape(netns: str, url: str, scraper: dict, timeout_s: float = 45.0, any_status: bool = False) -> str:
+def scrape(netns: str, url: str, scraper: dict, timeout_s: float = 45.0, any_status: bool = False,
+           alive: subprocess.Popen | None = None) -> str:
     """GET url from inside `netns` (this machine's python3, a TLS client with the scraper's
     certificate), retried until the server answers or the time is up. `any_status`: an HTTP
-    error status is an answer too (returned as "HTTP <code>")."""
+    error status is an answer too (returned as "HTTP <code>"). `alive`: the server's process, whose
+    exit ends the wait at once."""
     code = ("import ssl, sys, urllib.error, urllib.request\n"
             "ctx = ssl.create_default_context(cafile=sys.argv[2]); ctx.load_cert_chain(sys.argv[3], sys.argv[4])\n"
             "try:\n"
@@ -62,6 +64,8 @@ def scrape(netns: str, url: str, scraper: dict, timeout_s: float = 45.0, any_sta
             "    print(f'HTTP {exc.code}')\n")
     deadline, last = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the server exited ({alive.returncode}) before {url} answered")
         done = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", code, url,
                                scraper["ca"], scraper["cert"], scraper["key"], "1" if any_status else "0"],
                               capture_output=True, text=True, timeout=30)

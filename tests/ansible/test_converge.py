@@ -152,6 +152,9 @@ def test_the_agent_extra_is_installed_from_the_wheelhouse_with_every_dependency(
     installed = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
     assert {"aidc", "prometheus_client", "nvidia_ml_py", "kubernetes", "python_pkcs11"} <= installed
     assert "torch" not in installed  # burn-in does not run on a lab-scheduler node
+    # Made from the distribution's python3, which every user may run (not root's PATH's first).
+    config = target.sandbox.written("/opt/aidc/venv/pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in config
     changed = {t.task for t in lab_runs["first"].changed_tasks}
     assert {"Install aidc's dependencies from the hashed lock",
             "Install aidc itself (its dependencies are the lock's)"} <= changed
@@ -179,10 +182,12 @@ def test_the_units_command_runs_as_its_user_and_is_scraped_from_another_host(lab
                                                     cwd=service["WorkingDirectory"], env=service["Environment"]),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        page = scrape(peer, f"https://{NODE_ADDRESSES[0]}:9402/metrics", lab_runs["scraper"])
+        page = scrape(peer, f"https://{NODE_ADDRESSES[0]}:9402/metrics", lab_runs["scraper"], timeout_s=120,
+                      alive=agent)
     finally:
         stop_process_group(agent)
         out, err = agent.communicate(timeout=30)
+        print(err[-3000:])  # shown by pytest when the test fails
     assert 'aidc_agent_info{' in page and 'Hostname="gpu-0"' in page and 'backend="sim"' in page, err[-2000:]
     assert "aidc agent: watching gpu-0 (sim)" in err and f"https://{NODE_ADDRESSES[0]}:9402/metrics" in err
 
