@@ -21,11 +21,12 @@ NODE_ADDRESSES = ["10.251.0.10", "10.251.0.11", "10.251.0.12", "10.251.0.13", "1
 CONTROLLER_ADDRESS = "10.251.0.2"  # also the scraper's: the host on the other end of the wire
 
 
-def production_shaped_lab(directory: Path) -> Path:
+def production_shaped_lab(directory: Path, scheduler: str = "lab") -> Path:
     """The lab stack as a site without Kubernetes writes it: real host addresses, a controller
     host, events forwarded over mutual TLS and /metrics served over it."""
     doc = load_stack_yaml(LAB_STACK.read_text())
     cluster = doc["config"]["aidc:cluster"]
+    cluster["scheduler"] = scheduler
     cluster["node_pools"][0]["addresses"] = NODE_ADDRESSES
     cluster["controller"] = {"hosts": [{"name": "ctl-0", "address": CONTROLLER_ADDRESS}]}
     cluster["agent"]["metrics_tls"] = "mutual"

@@ -29,7 +29,9 @@ UNITS = ("aidc-failover.service", "aidc-runbook.service")
 def controller(make_target, agent_wheel, agent_wheelhouse, tmp_path_factory):
     work = tmp_path_factory.mktemp("site")
     pki, scraper = site_pki(work)
-    target = make_target(production_shaped_lab(work), "ctl-0", aidc_agent_wheel=str(agent_wheel),
+    # A Slurm site: the role's reason to exist (the lab scheduler's controller also needs torch,
+    # for the lab's rendezvous, which the agent extra leaves out).
+    target = make_target(production_shaped_lab(work, scheduler="slurm"), "ctl-0", aidc_agent_wheel=str(agent_wheel),
                          aidc_agent_wheelhouse=str(agent_wheelhouse), aidc_agent_wheelhouse_on_host=True,
                          aidc_agent_pki_dir=str(pki), aidc_agent_pip_env={"PIP_CONFIG_FILE": "/dev/null"})
     runs = [target.converge(timeout_s=900), target.converge(), target.converge(check=True, diff=True)]
