@@ -100,7 +100,8 @@ def test_both_units_commands_serve_at_the_management_address_from_another_host(c
                                        env=service["Environment"]),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
         metrics = scrape(peer, f"http://{CONTROLLER_ADDRESS}:9403/metrics", controller["scraper"], timeout_s=90)
-        receiver = scrape(peer, f"https://{CONTROLLER_ADDRESS}:9097/healthz", controller["scraper"], timeout_s=90)
+        receiver = scrape(peer, f"https://{CONTROLLER_ADDRESS}:9097/healthz", controller["scraper"], timeout_s=90,
+                          alive=procs[1])
         events = scrape(peer, f"https://{CONTROLLER_ADDRESS}:9443/healthz", controller["scraper"], timeout_s=30,
                         any_status=True)
     finally:
@@ -108,6 +109,7 @@ def test_both_units_commands_serve_at_the_management_address_from_another_host(c
         for proc in procs:
             stop_process_group(proc)
             errors.append(proc.communicate(timeout=30)[1][-1500:])
+        print("\n".join(errors))  # shown by pytest when the test fails
     assert "aidc_failover_lease_held" in metrics, errors
     assert receiver.strip(), errors
     assert events.startswith("HTTP "), (events, errors)  # the events listener answered over mutual TLS
