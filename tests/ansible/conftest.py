@@ -23,11 +23,20 @@ def sandbox_ready():
 @pytest.fixture(scope="session")
 def agent_wheel(tmp_path_factory) -> Path:
     """The aidc wheel built on the controller, as an offline site ships the agent."""
+    from aidc.shipped import SHIPPED
+
     src = tmp_path_factory.mktemp("wheel-src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "setup.py", "MANIFEST.in"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "agents" / "aidc", src / "agents" / "aidc",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    # The project files setup.py puts into the wheel (runbooks, playbooks, ...): the controller's
+    # runbook receiver reads its runbooks from there.
+    for rel in SHIPPED:
+        if (ROOT / rel).is_dir():
+            shutil.copytree(ROOT / rel, src / rel, ignore=shutil.ignore_patterns("__pycache__", ".ansible"))
+        else:
+            shutil.copy(ROOT / rel, src / rel)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
