@@ -162,8 +162,9 @@ def test_spec_schema_for_the_whole_stack_file_validates_the_files_themselves(aid
 # one of these key paths, of pydantic's type value_error, may pass the schema.
 SCHEMA_CANNOT_EXPRESS = {
     (): "pool names and derived node names unique, total nodes <= MAX_NODES, relays list nodes of "
-        "this cluster, cluster-api pools need a patch release, controller pods' DSN from a Secret",
-    ("node_pools",): "total nodes across pools <= MAX_NODES",
+        "this cluster, cluster-api pools need a patch release, controller pods' DSN from a Secret, "
+        "addresses and machine names unique",
+    ("node_pools",): "total nodes across pools <= MAX_NODES; one address per node when listed",
     ("fabric",): "hcas/rail_ifnames as many as rails; RoCE needs gid_index; rails >= 1 for some kinds",
     ("fabric", "ipam_cidr"): "an IPv4 network with no host bits set",
     ("kms",): "provider pkcs11 needs a pkcs11 section",
@@ -172,6 +173,11 @@ SCHEMA_CANNOT_EXPRESS = {
     ("state",): "backend sqlite takes no DSN source, backend postgres exactly one",
     ("storage", "datasets", "size"): "at most 1024Pi",
     ("storage", "checkpoints", "size"): "at most 1024Pi",
+    ("node_pools", "addresses"): "IP addresses",
+    ("agent", "listen_address"): "management or an IP address",
+    ("agent", "controller_url"): "an https://HOST:PORT URL",
+    ("controller",): "distinct host names and ports",
+    ("controller", "hosts", "address"): "an IP address",
 }
 
 

@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 # What a wheel carries, relative to the project root (setup.py reads this list too).
-SHIPPED = ("Pulumi.yaml", "Pulumi.lab.yaml", "Pulumi.h100-example.yaml", "runbooks", "playbooks", "dashboards")
+SHIPPED = ("Pulumi.yaml", "Pulumi.lab.yaml", "Pulumi.h100-example.yaml", "runbooks", "playbooks", "dashboards",
+           # The hashed lock the playbooks' aidc_install role installs the agent extra's dependencies from.
+           "requirements-agent.lock")
 SHIPPED_DIR = "_project"
 
 

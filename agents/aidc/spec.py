@@ -51,6 +51,15 @@ PERCENT_0_100 = r"^([0-9]{1,2}|0[0-9]{2}|100)%$"
 PERCENT_1_100 = r"^(0{0,2}[1-9]|0?[1-9][0-9]|100)%$"
 
 
+def _ip_address(value: str) -> str:
+    """An IPv4 or IPv6 address (no name: an agent binds it, a certificate may name it)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"an IP address such as 10.0.0.11, not {value!r}") from None
+    return value
+
+
 @lru_cache(maxsize=1)
 def gpu_models() -> dict[str, dict]:
     """The GPU model catalog (versioned data file `data/gpu_models.yaml`)."""
@@ -83,6 +92,24 @@ class NodePool(_Strict):
     # Cluster API only: the infrastructure provider's machine template kind that the site's
     # tooling creates under the name `<cluster>-<pool>` (group infrastructure.cluster.x-k8s.io).
     machine_template_kind: ShortText = "Metal3MachineTemplate"
+    # Management addresses of the pool's machines, one per node in node order (`<pool>-0`.. then
+    # `<pool>-spare-0`..): Ansible reaches the node there (the inventory's ansible_host) and the
+    # agent's metrics server binds there (agent.listen_address "management"). Empty: none known.
+    addresses: Annotated[list[Annotated[str, Field(max_length=45)]], Field(max_length=11000)] = []
+
+    @field_validator("addresses")
+    @classmethod
+    def _ip_addresses(cls, values: list[str]) -> list[str]:
+        for value in values:
+            _ip_address(value)
+        return values
+
+    @model_validator(mode="after")
+    def _one_address_per_node(self) -> "NodePool":
+        if self.addresses and len(self.addresses) != self.count + self.spares:
+            raise ValueError(f"addresses lists {len(self.addresses)} but the pool has {self.count + self.spares} "
+                             "nodes (count + spares), one address each in node order")
+        return self
 
     @field_validator("gpu_model")
     @classmethod
@@ -409,6 +436,9 @@ AGENT_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-agent"
 BURNIN_IMAGE_REPOSITORY = "ghcr.io/aidc-project/aidc-burnin"
 
 
+CertNameText = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")]
+
+
 # The agent's default metrics port: beside dcgm-exporter's 9400, which the GPU Operator deploys.
 AGENT_METRICS_PORT = 9402
 
@@ -431,6 +461,73 @@ class Agent(_Strict):
     # (kube-prometheus-stack: `release: <its Helm release name>`).
     service_monitor_labels: Annotated[dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=63)]],
                                       Field(max_length=16)] = {}
+    # Outside Kubernetes (the aidc_agent role's unit): the address the metrics server binds,
+    # "management" (the node's management address: its pool's `addresses`, or the inventory's
+    # aidc_management_address) or an IP address (0.0.0.0: every interface).
+    listen_address: ShortText = "management"
+    # Where the agent forwards its fault events (HTTPS, mutual TLS, the certificate and key the
+    # role installs): https://HOST:PORT; None: the first `controller.hosts` entry's events port,
+    # or nowhere when there is none (a controller on the same host reads the store itself).
+    controller_url: LongText | None = None
+    # /metrics over HTTPS with the node's certificate ("tls"), and only for scrapers with a
+    # client certificate from the site's CA ("mutual"); "off": plain HTTP.
+    metrics_tls: Literal["off", "tls", "mutual"] = "off"
+
+    @field_validator("listen_address")
+    @classmethod
+    def _management_or_ip(cls, value: str) -> str:
+        return value if value == "management" else _ip_address(value)
+
+    @field_validator("controller_url")
+    @classmethod
+    def _https_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ValueError(f"https://HOST:PORT (events travel only over mutual TLS), not {value!r}")
+        return value
+
+
+class ControllerHost(_Strict):
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    address: Annotated[str, Field(max_length=45)]
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return _ip_address(value)
+
+
+class Controller(_Strict):
+    """The failover controller and the runbook receiver on a host of their own, for sites without
+    Kubernetes (the aidc_controller role; Kubernetes runs the controller as a Deployment)."""
+    # The machines (the inventory's `aidc_controllers` group); one acts at a time (the lease).
+    hosts: Annotated[list[ControllerHost], Field(max_length=5)] = []
+    # `aidc failover run --listen ADDRESS:PORT`: the agents' fault events (HTTPS, mutual TLS).
+    events_port: Annotated[int, Field(ge=1, le=65535)] = 9443
+    # `aidc failover run --metrics-port`: the controller's own metrics, /healthz and /readyz.
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9403
+    # `aidc runbook serve --port`: Alertmanager's webhook (HTTPS, mutual TLS).
+    runbook_port: Annotated[int, Field(ge=1, le=65535)] = 9097
+    # The certificate name Alertmanager presents to the runbook receiver (its client certificate).
+    alertmanager_client: CertNameText = "alertmanager"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Controller":
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"controller host names must be unique, got {names}")
+        ports = [self.events_port, self.metrics_port, self.runbook_port]
+        if len(set(ports)) != 3:
+            raise ValueError(f"events_port, metrics_port and runbook_port must differ, got {ports}")
+        return self
 
 
 class SlurmBurnin(_Strict):
@@ -574,7 +671,7 @@ def expand_node_ranges(entries: list[str]) -> list[str]:
     return names
 
 
-CertName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")]
+CertName = CertNameText
 
 
 class Transport(_Strict):
@@ -673,6 +770,7 @@ class ClusterSpec(_Strict):
     transport: Transport = Transport()
     notify: Annotated[list[NotifyTarget], Field(max_length=16)] = []
     state: State = State()
+    controller: Controller = Controller()
 
     @field_validator("node_pools")
     @classmethod
@@ -696,6 +794,21 @@ class ClusterSpec(_Strict):
                 raise ValueError(f"unique node names, but {node.name!r} comes from both pool {owner[node.name]!r} "
                                  f"and pool {node.pool!r}; rename one pool")
             owner[node.name] = node.pool
+        return self
+
+    @model_validator(mode="after")
+    def _unique_machines(self) -> "ClusterSpec":
+        nodes = {n.name for n in self.nodes()}
+        for host in self.controller.hosts:
+            if host.name in nodes:
+                raise ValueError(f"controller host {host.name!r} is also a node's name; name it apart")
+        seen: dict[str, str] = {}
+        named = [(n.name, a) for p in self.node_pools for n, a in zip(self._pool_nodes(p), p.addresses)]
+        for name, address in named + [(h.name, h.address) for h in self.controller.hosts]:
+            key = str(ipaddress.ip_address(address))
+            if key in seen:
+                raise ValueError(f"one address per machine, but {address} is given to both {seen[key]} and {name}")
+            seen[key] = name
         return self
 
     @model_validator(mode="after")
@@ -736,12 +849,25 @@ class ClusterSpec(_Strict):
     def nodes(self, include_spares: bool = True) -> list["Node"]:
         out: list[Node] = []
         for pool in self.node_pools:
-            out += [Node(f"{pool.name}-{i}", pool.name, pool.gpu_model, pool.gpus_per_node, False)
-                    for i in range(pool.count)]
-            if include_spares:
-                out += [Node(f"{pool.name}-spare-{i}", pool.name, pool.gpu_model, pool.gpus_per_node, True)
-                        for i in range(pool.spares)]
+            out += [n for n in self._pool_nodes(pool) if include_spares or not n.spare]
         return out
+
+    @staticmethod
+    def _pool_nodes(pool: NodePool) -> list["Node"]:
+        """The pool's nodes in node order (workers, then spares), each with its management address."""
+        names = [(f"{pool.name}-{i}", False) for i in range(pool.count)] + \
+                [(f"{pool.name}-spare-{i}", True) for i in range(pool.spares)]
+        addresses = pool.addresses or [None] * len(names)
+        return [Node(name, pool.name, pool.gpu_model, pool.gpus_per_node, spare, address)
+                for (name, spare), address in zip(names, addresses)]
+
+    def agent_controller_url(self) -> str | None:
+        """Where agents forward their events: agent.controller_url, else the first controller host."""
+        if self.agent.controller_url or not self.controller.hosts:
+            return self.agent.controller_url
+        address = ipaddress.ip_address(self.controller.hosts[0].address)
+        host = f"[{address}]" if address.version == 6 else str(address)
+        return f"https://{host}:{self.controller.events_port}"
 
     def floors(self, gpu_model: str) -> dict[str, float]:
         return {**gpu_models()[gpu_model]["floors"], **self.policy.burnin.floors}
@@ -797,6 +923,7 @@ class Node:
     gpu_model: str
     gpus: int
     spare: bool
+    address: str | None = None  # the management address (its pool's `addresses`), if listed
 
 
 def project_root(start: Path | None = None) -> Path:

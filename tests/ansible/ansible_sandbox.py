@@ -127,6 +127,7 @@ class SandboxHost:
         self.netns = f"aidc-ans-{os.getpid()}-{secrets.token_hex(3)}"
         self.key = base / "client_key"
         self.holder: subprocess.Popen | None = None
+        self.peers: list[str] = []  # namespaces wired to this one (wire())
 
     # --- setup -----------------------------------------------------------------------------
     def _write_ssh_files(self) -> None:
@@ -178,6 +179,32 @@ class SandboxHost:
             "ansible_python_interpreter": "/usr/bin/python3",
         }
 
+    def command(self, argv: list[str], *, user: str = "root", cwd: str = "/",
+                env: dict[str, str] | None = None) -> list[str]:
+        """The command line that runs `argv` inside the sandbox (its namespaces and root) as
+        `user`, in `cwd`, with `env` and nothing of this process's environment (no PYTHONPATH)."""
+        base = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+        inner = ["env", "-i", "-C", cwd, *(f"{k}={v}" for k, v in {**base, **(env or {})}.items())]
+        if user != "root":
+            inner += ["/usr/sbin/runuser", "-u", user, "--"]
+        return ["nsenter", "--target", str(self.holder.pid), "--mount", "--net", "--",
+                "chroot", str(self.base / "merged"), *inner, *argv]
+
+    def wire(self, address: str, peer_address: str, prefix: int = 24) -> str:
+        """A second network namespace joined to this one by a veth pair (this end `address`, the
+        peer `peer_address`): a host on the network, such as a Prometheus server. Returns its name;
+        `stop()` removes it."""
+        peer = self.netns + "-p"
+        subprocess.run(["ip", "netns", "add", peer], check=True)
+        self.peers.append(peer)
+        subprocess.run(["ip", "link", "add", "eth0", "netns", self.netns, "type", "veth",
+                        "peer", "name", "eth0", "netns", peer], check=True)
+        for ns, addr in ((self.netns, address), (peer, peer_address)):
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefix}", "dev", "eth0"], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        return peer
+
     def written(self, path: str) -> Path:
         """Where a file the playbook wrote at `path` (absolute, inside the target) is on this machine."""
         return self.upper / path.lstrip("/")
@@ -186,10 +213,32 @@ class SandboxHost:
     def stop(self) -> None:
         if self.holder is not None:
             stop_process_group(self.holder)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+        for ns in [self.netns, *self.peers]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         deadline = time.monotonic() + 5
         while Path(f"/run/netns/{self.netns}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def unit_service(text: str) -> dict:
+    """What a systemd unit's [Service] section says about its main process: User,
+    WorkingDirectory, Environment (a dict) and ExecStart (split as systemd splits it)."""
+    import shlex
+
+    section, out = None, {"Environment": {}}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == "Service" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            if key == "Environment":
+                out["Environment"].update(item.split("=", 1) for item in shlex.split(value))
+            elif key == "ExecStart":
+                out["ExecStart"] = shlex.split(value)
+            else:
+                out[key] = value
+    return out
 
 
 class Target:
@@ -199,8 +248,8 @@ class Target:
         self.sandbox, self.inventory, self.node, self.extravars = sandbox, inventory, node, extravars
 
     def converge(self, check: bool = False, diff: bool = False, tags: tuple[str, ...] = (),
-                 on_event=None, **extra) -> PlaybookResult:
+                 on_event=None, timeout_s: int = 300, **extra) -> PlaybookResult:
         return run_playbook(SITE_PLAYBOOK, inventory=self.inventory, limit=self.node, check=check, diff=diff,
-                            tags=tags, on_event=on_event, timeout_s=300,
+                            tags=tags, on_event=on_event, timeout_s=timeout_s,
                             extravars={**self.sandbox.connection_vars(), **SANDBOX_VARS, **self.extravars,
                                        **extra})

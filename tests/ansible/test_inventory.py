@@ -19,7 +19,8 @@ from ansible_sandbox import H100_STACK, ROOT, inventory_script
 def test_h100_inventory_has_one_group_per_pool_a_spares_group_and_host_vars_from_the_spec():
     spec = load_stack(H100_STACK)
     inv = inventory_list(spec)
-    assert inv["all"]["children"] == ["pool_h100", "spares"]
+    assert inv["all"]["children"] == ["pool_h100", "spares", "aidc_controllers"]
+    assert inv["aidc_controllers"] == {"hosts": []}  # the fixture names no controller host
     assert len(inv["pool_h100"]["hosts"]) == 64 + 2
     assert inv["spares"]["hosts"] == ["h100-spare-0", "h100-spare-1"]
     assert inv["_meta"]["hostvars"]["h100-63"] == {
@@ -42,6 +43,66 @@ def test_pool_names_with_dashes_become_underscored_group_names():
     assert inv["pool_h100_a"]["hosts"] == ["h100-a-0"]
     assert inv["pool_l40s"]["hosts"] == ["l40s-0", "l40s-1"]
     assert inventory_host(spec, "l40s-1")["aidc_gpus"] == 4
+
+
+def _addressed_spec(**controller):
+    return parse_spec({"name": "x", "scheduler": "slurm", "node_pools": [
+        {"name": "gpu", "count": 2, "spares": 1, "gpu_model": "SIM", "gpus_per_node": 2,
+         "addresses": ["10.0.0.11", "10.0.0.12", "10.0.0.19"]}], "controller": controller})
+
+
+def test_listed_addresses_become_ansible_host_and_the_management_address_in_node_order():
+    inv = inventory_list(_addressed_spec())
+    hostvars = inv["_meta"]["hostvars"]
+    assert {n: (v["ansible_host"], v["aidc_management_address"]) for n, v in hostvars.items()} == {
+        "gpu-0": ("10.0.0.11", "10.0.0.11"), "gpu-1": ("10.0.0.12", "10.0.0.12"),
+        "gpu-spare-0": ("10.0.0.19", "10.0.0.19")}
+    assert inv["all"]["vars"]["aidc_agent_controller_url"] == ""  # no controller: events stay on the node
+    # Without addresses the inventory names none (Ansible resolves the node's name).
+    assert "ansible_host" not in inventory_list(load_stack(H100_STACK))["_meta"]["hostvars"]["h100-0"]
+
+
+def test_controller_hosts_form_their_own_group_and_the_agents_default_controller_url():
+    spec = _addressed_spec(hosts=[{"name": "ctl-0", "address": "10.0.0.2"}], events_port=9555)
+    inv = inventory_list(spec)
+    assert inv["aidc_controllers"] == {"hosts": ["ctl-0"]}
+    assert "aidc_controllers" in inv["all"]["children"]
+    assert inv["_meta"]["hostvars"]["ctl-0"] == {"aidc_controller_name": "ctl-0", "ansible_host": "10.0.0.2",
+                                                 "aidc_management_address": "10.0.0.2"}
+    assert inventory_host(spec, "ctl-0")["aidc_controller_name"] == "ctl-0"
+    assert inv["all"]["vars"]["aidc_agent_controller_url"] == "https://10.0.0.2:9555"
+    v6 = parse_spec({**spec.model_dump(mode="json"), "controller": {"hosts": [{"name": "c", "address": "fd00::2"}]}})
+    assert v6.agent_controller_url() == "https://[fd00::2]:9443"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"addresses": ["10.0.0.11"]}, "addresses lists 1 but the pool has 3 nodes"),
+    ({"addresses": ["10.0.0.11", "gpu-host", "10.0.0.19"]}, "an IP address such as 10.0.0.11, not 'gpu-host'"),
+    ({"addresses": ["10.0.0.11", "10.0.0.11", "10.0.0.19"]}, "10.0.0.11 is given to both gpu-0 and gpu-1"),
+])
+def test_pool_addresses_are_one_ip_per_node_and_unique(change, expected):
+    pool = {"name": "gpu", "count": 2, "spares": 1, "gpu_model": "SIM", "gpus_per_node": 2, **change}
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "x", "node_pools": [pool]})
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ({"controller": {"hosts": [{"name": "gpu-0", "address": "10.0.0.2"}]}}, "controller host 'gpu-0' is also a node"),
+    ({"controller": {"hosts": [{"name": "c", "address": "10.0.0.12"}]}}, "10.0.0.12 is given to both gpu-1 and c"),
+    ({"controller": {"events_port": 9097}}, "events_port, metrics_port and runbook_port must differ"),
+    ({"agent": {"controller_url": "http://10.0.0.2:9443"}}, "https://HOST:PORT"),
+    ({"agent": {"controller_url": "https://10.0.0.2"}}, "https://HOST:PORT"),
+    ({"agent": {"listen_address": "gpu-0.example"}}, "an IP address"),
+    ({"agent": {"metrics_tls": "yes"}}, "'off', 'tls' or 'mutual'"),
+])
+def test_agent_and_controller_settings_are_validated_with_their_key(section, expected):
+    data = _addressed_spec().model_dump(mode="json")
+    for key, value in section.items():
+        data[key] = {**data[key], **value}
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    assert expected in str(err.value)
 
 
 def test_unknown_host_is_a_spec_error_naming_known_nodes():

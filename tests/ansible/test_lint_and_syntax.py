@@ -45,7 +45,10 @@ def test_site_playbook_passes_syntax_check_with_the_generated_inventory(tmp_path
 def test_site_playbook_lists_one_role_per_concern_in_the_documented_order():
     import yaml
 
-    [play] = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
+    play, controller_play = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
+    # Controller hosts run the controller's play only; training nodes never get it.
+    assert play["hosts"] == "all:!aidc_controllers" and controller_play["hosts"] == "aidc_controllers"
+    assert [r["role"] for r in controller_play["roles"]] == ["aidc_controller"]
     roles = [r["role"] for r in play["roles"]]
     assert roles == ["preflight", "kernel_prereqs", "nouveau_blocklist", "nvidia_driver", "fabric_manager",
                      "cuda", "rdma", "nccl", "dcgm", "tuning", "aidc_agent", "slurm_node"]
@@ -55,5 +58,5 @@ def test_site_playbook_lists_one_role_per_concern_in_the_documented_order():
     assert guards["fabric_manager"] == "preflight_has_nvswitch"
     assert guards["rdma"] == "preflight_has_rdma"
     assert guards["slurm_node"] == 'aidc_scheduler == "slurm"'
-    for role in roles:
+    for role in roles + ["aidc_controller", "aidc_install"]:
         assert (ROOT / "playbooks" / "roles" / role / "tasks" / "main.yml").is_file()

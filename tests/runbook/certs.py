@@ -47,16 +47,21 @@ class CA:
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(name, key, cert, cert_file)
 
-    def issue(self, directory: Path, common_name: str, *, server: bool) -> Issued:
+    def issue(self, directory: Path, common_name: str, *, server: bool, client_too: bool = False,
+              addresses: tuple[str, ...] = ("127.0.0.1",)) -> Issued:
+        """A leaf certificate; `client_too`: for both ends (a node's, which serves /metrics and
+        reports to the controller); `addresses`: the IP addresses a server certificate names."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        usages = [usage] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if server and client_too else [])
         builder = (_builder(subject, self.cert.subject, key.public_key())
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+                [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses] + [x509.DNSName("localhost")]),
+                critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         issued = Issued(directory / f"{common_name}.crt", directory / f"{common_name}.key")
         issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

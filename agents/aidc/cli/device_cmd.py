@@ -73,3 +73,20 @@ def inject(node_dir: Path = typer.Argument(..., help="Simulated node directory (
         raise typer.BadParameter(f"applies to the faults link and sdc, not {fault}", param_hint="--rate")
     done = sim.inject(node_dir, fault, gpu, xid=xid, factor=factor, seconds=seconds, rate=rate)
     emit(done, as_json, f"injected {fault} on gpu {gpu} of {node_dir}" + "".join(f"\n  {l}" for l in done["lines"]))
+
+
+@app.command("sim-node")
+def sim_node(node_dir: Path = typer.Argument(..., help="Directory of the simulated node (created)."),
+             node: str = typer.Option(..., "--node", help="The node's name (as in the cluster spec)."),
+             gpus: int = typer.Option(..., "--gpus", min=1, max=16, help="Simulated GPUs on the node."),
+             rails: int = typer.Option(0, "--rails", min=0, max=32, help="Simulated InfiniBand ports, one per rail."),
+             as_json: bool = JSON_OPTION) -> None:
+    """Lay out one simulated node for the sim backend (healthy GPUs, an empty kernel log), as the
+    lab does for each of its nodes; the aidc_agent role runs it on hosts of a `device_backend: sim`
+    stack. A node directory that exists already is left as it is (its faults stay)."""
+    state = node_dir / sim.STATE_FILE
+    created = not state.exists()
+    if created:
+        sim.create_node(node_dir, node, gpus, rails=rails)
+    emit({"node_dir": str(node_dir), "node": node, "created": created}, as_json,
+         f"{'created' if created else 'kept'} simulated node {node} in {node_dir}")
