@@ -241,7 +241,9 @@ def test_a_dsn_with_a_password_is_refused_on_the_command_line_but_not_from_the_e
         with pytest.raises(typer.BadParameter, match="AIDC_STATE"):
             options.parse_state(secret)
         assert options.parse_state(secret, from_command_line=False).location == secret
-        assert "hunter2" not in repr(options.parse_state(secret, from_command_line=False))
+        shown = options.parse_state(secret, from_command_line=False)  # --print-config prints str()
+        assert "hunter2" not in repr(shown) and "hunter2" not in str(shown) and str(shown).startswith("postgres:")
+    assert str(options.parse_state("/var/lib/aidc/state.db")) == "sqlite:/var/lib/aidc/state.db"
     with pytest.raises(typer.BadParameter, match="names no"):
         options.parse_state("sqlite:")
 

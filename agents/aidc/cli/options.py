@@ -342,8 +342,16 @@ class StateLocation:
     def __init__(self, backend: str, location: str):
         self.backend, self.location = backend, location
 
-    def __repr__(self) -> str:  # never the DSN: it may carry a password (from the environment)
-        return f"StateLocation({self.backend})"
+    def __str__(self) -> str:
+        """As the user wrote it (`--print-config` shows this), save a DSN's password (which
+        AIDC_STATE may carry)."""
+        from aidc.spec import dsn_has_password
+
+        if self.backend == "postgres" and dsn_has_password(self.location):
+            return f"{self.backend}:<a DSN with a password, not shown>"
+        return f"{self.backend}:{self.location}"
+
+    __repr__ = __str__
 
     def spec_state(self):
         """This location as a stack's `state:` section, which it overrides. Built unvalidated: a
