@@ -207,8 +207,8 @@ def test_deprecation_lines_can_be_silenced_for_scripts(monkeypatch, capsys):
 
 
 # The commands that open the event store, the run state or the audit log.
-STATE_COMMANDS = {("failover", "run"), ("failover", "status"), ("failover", "release"), ("failover", "breaker", "status"),
-                  ("failover", "breaker", "reset"), ("failover", "offender", "list"),
+STATE_COMMANDS = {("failover", "run"), ("failover", "status"), ("failover", "release"),
+                  ("failover", "breaker", "status"), ("failover", "breaker", "reset"), ("failover", "offender", "list"),
                   ("failover", "offender", "clear"), ("runbook", "run"), ("runbook", "approve"), ("runbook", "runs"),
                   ("runbook", "serve"), ("audit", "verify"), ("audit", "show"), ("audit", "report"),
                   ("audit", "reanchor")}

@@ -17,9 +17,9 @@ from aidc.strict_json import finite
 app = typer.Typer(cls=VocabularyGroup, help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
 
 DB_OPTION = audit_db_option(None, "Audit database (SQLite; default: STATE_DIR/audit.db, the lab's when "
-                                  "no state directory is named and .aidc/lab holds a lab). With --state postgres:DSN or a "
-                                  "postgres --stack, its directory is the state directory whose installation "
-                                  "record names the signing key.")
+                                  "no state directory is named and .aidc/lab holds a lab). With --state "
+                                  "postgres:DSN or a postgres --stack, its directory is the state directory "
+                                  "whose installation record names the signing key.")
 STATE_DIR_OPTION = state_dir_option()
 STATE_OPTION = state_option("The audit log (postgres: the state database holding it, not --audit-db; sqlite: "
                             "PATH is the log's file, as --audit-db).")

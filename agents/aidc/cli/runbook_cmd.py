@@ -38,7 +38,8 @@ def _engine(stack, lab_dir, state: State | None, audit_db, runbooks, prometheus=
             inventory=None):
     from aidc.runbook.context import EngineOptions, build_engine
 
-    return build_engine(EngineOptions(stack=stack, lab_dir=lab_dir, state_db=vocabulary.sqlite_path(state, RUN_STATE_DB),
+    return build_engine(EngineOptions(stack=stack, lab_dir=lab_dir,
+                                      state_db=vocabulary.sqlite_path(state, RUN_STATE_DB),
                                       state=state.spec_state() if state is not None else None, audit_db=audit_db,
                                       runbooks=runbooks, prometheus=prometheus, notify_file=notify_file,
                                       inventory=inventory))
