@@ -139,6 +139,8 @@ def test_listen_addresses_take_one_form():
      ["failover", "run", "--listen-address", "[::]:9101"]),
     (["failover", "run", "--listen", "0.0.0.0:8443"], ["failover", "run", "--ingest-address", "0.0.0.0:8443"]),
     (["kms", "status", "--lab-dir", "x"], ["kms", "status", "--lab-dir", "x"]),  # kms: the lab's keyring, kept
+    (["audit", "show", "--dsn", "host=/run/pg"], ["audit", "show", "--state", "host=/run/pg"]),
+    (["runbook", "runs", "--state-db", "r.db"], ["runbook", "runs", "--state", "r.db"]),
 ])
 def test_old_spellings_are_rewritten_with_one_warning_each(old, new):
     import typer.main
@@ -202,3 +204,71 @@ def test_deprecation_lines_can_be_silenced_for_scripts(monkeypatch, capsys):
     monkeypatch.delenv("AIDC_DEPRECATION_WARNINGS")
     options.rewrite_deprecated(leaf, args)
     assert capsys.readouterr().err == options.deprecation_line("--by", "--actor") + "\n"
+
+
+# The commands that open the event store, the run state or the audit log.
+STATE_COMMANDS = {("failover", "run"), ("failover", "status"), ("failover", "release"),
+                  ("failover", "breaker", "status"), ("failover", "breaker", "reset"), ("failover", "offender", "list"),
+                  ("failover", "offender", "clear"), ("runbook", "run"), ("runbook", "approve"), ("runbook", "runs"),
+                  ("runbook", "serve"), ("audit", "verify"), ("audit", "show"), ("audit", "report"),
+                  ("audit", "reanchor")}
+
+
+def test_one_state_flag_on_every_command_that_opens_the_state():
+    taking = {path: param for path, name, param in every_option() if name == "--state"}
+    assert set(taking) >= STATE_COMMANDS
+    for path, param in taking.items():
+        assert param.envvar == options.STATE_ENV and param.metavar == "LOCATION", path
+
+
+@pytest.mark.parametrize("text,backend,location", [
+    ("sqlite:/var/lib/aidc/state.db", "sqlite", "/var/lib/aidc/state.db"),
+    ("/var/lib/aidc/state.db", "sqlite", "/var/lib/aidc/state.db"),  # a bare path is SQLite
+    ("postgres:host=db1 dbname=aidc", "postgres", "host=db1 dbname=aidc"),
+    ("postgresql://aidc@db1/aidc", "postgres", "postgresql://aidc@db1/aidc"),
+    ("postgres:postgresql://aidc@db1/aidc", "postgres", "postgresql://aidc@db1/aidc"),
+    ("host=/run/postgresql dbname=aidc", "postgres", "host=/run/postgresql dbname=aidc"),
+])
+def test_the_state_flag_names_a_sqlite_file_or_a_postgres_dsn(text, backend, location):
+    state = options.parse_state(text)
+    assert (state.backend, state.location) == (backend, location)
+    spec_state = state.spec_state()
+    assert spec_state.backend == backend and spec_state.dsn == (location if backend == "postgres" else None)
+
+
+def test_a_dsn_with_a_password_is_refused_on_the_command_line_but_not_from_the_environment():
+    for secret in ("postgresql://aidc:hunter2@db1/aidc", "host=db1 password=hunter2"):
+        with pytest.raises(typer.BadParameter, match="AIDC_STATE"):
+            options.parse_state(secret)
+        assert options.parse_state(secret, from_command_line=False).location == secret
+        shown = options.parse_state(secret, from_command_line=False)  # --print-config prints str()
+        assert "hunter2" not in repr(shown) and "hunter2" not in str(shown) and str(shown).startswith("postgres:")
+    assert str(options.parse_state("/var/lib/aidc/state.db")) == "sqlite:/var/lib/aidc/state.db"
+    with pytest.raises(typer.BadParameter, match="names no"):
+        options.parse_state("sqlite:")
+
+
+def test_the_password_check_knows_where_the_value_came_from(monkeypatch, tmp_path):
+    secret = "postgresql://aidc:hunter2@127.0.0.1:1/aidc"
+    import re
+
+    def said(result) -> str:  # the error box's text, unwrapped
+        return re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)
+
+    refused = CliRunner().invoke(app, ["audit", "show", "--state", secret])
+    assert refused.exit_code == 2 and "password is refused on the command line" in said(refused)
+    monkeypatch.setenv(options.STATE_ENV, secret)
+    accepted = CliRunner().invoke(app, ["audit", "show", "--state-dir", str(tmp_path)])
+    assert accepted.exit_code != 0 and "refused" not in said(accepted)  # past the check, to no server
+    assert "cannot reach the state database" in str(accepted.exception or "") + said(accepted)
+    assert "hunter2" not in said(accepted)
+
+
+def test_the_state_flag_overrides_the_stacks_state_section():
+    from aidc.spec import load_stack
+
+    spec = load_stack("lab")
+    assert options.with_state(spec, None) is spec
+    moved = options.with_state(spec, options.parse_state("postgres:host=/run/pg dbname=aidc"))
+    assert (moved.state.backend, moved.state.dsn) == ("postgres", "host=/run/pg dbname=aidc")
+    assert spec.state.backend == "sqlite"  # the loaded stack is not changed

@@ -126,7 +126,7 @@ class PostgresAuditLog(AuditLog):
 
     def _cut_tail_refusal(self, count: int) -> str:
         return (f"{self.path} holds {count} audit records but its audit_anchor row is missing: the tail may have "
-                "been cut. Nothing was written; a person must re-anchor it (`aidc audit reanchor --dsn ... "
+                "been cut. Nothing was written; a person must re-anchor it (`aidc audit reanchor --state postgres:DSN "
                 "--reason ...`), which records the gap")
 
     def _keyless_writer_refusal(self) -> str:

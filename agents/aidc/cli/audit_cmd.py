@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from aidc.cli.options import VocabularyGroup, audit_db_option, audit_db_path, stack_option, state_dir_option
+from aidc.cli.options import (StateLocation, VocabularyGroup, audit_db_option, audit_db_path, stack_option,
+                              state_dir_option, state_option)
 
 from aidc.audit import AuditLog
 from aidc.cli.output import JSON_OPTION, emit, timestamp
@@ -16,22 +17,31 @@ from aidc.strict_json import finite
 app = typer.Typer(cls=VocabularyGroup, help="Verify the tamper-evident audit log and write reports.", no_args_is_help=True)
 
 DB_OPTION = audit_db_option(None, "Audit database (SQLite; default: STATE_DIR/audit.db, the lab's when "
-                                  "no state directory is named and .aidc/lab holds a lab). With --dsn or a "
-                                  "postgres --stack, its directory is the state directory whose installation "
-                                  "record names the signing key.")
+                                  "no state directory is named and .aidc/lab holds a lab). With --state "
+                                  "postgres:DSN or a postgres --stack, its directory is the state directory "
+                                  "whose installation record names the signing key.")
 STATE_DIR_OPTION = state_dir_option()
-DSN_OPTION = typer.Option(None, "--dsn", help="The log is in this PostgreSQL state database (state.backend "
-                          "postgres), not in --audit-db; no password here: PGPASSWORD, ~/.pgpass or --stack.")
+STATE_OPTION = state_option("The audit log (postgres: the state database holding it, not --audit-db; sqlite: "
+                            "PATH is the log's file, as --audit-db).")
 STACK_OPTION = stack_option("Read the log where this stack's `state:` keeps it (SQLite: --audit-db; "
                             "postgres: its dsn, dsn_file or dsn_env).")
 
 
-def _postgres_dsn(dsn: str | None, stack: str | None) -> str | None:
-    """The PostgreSQL database holding the log, or None for the SQLite file --db."""
-    if dsn is not None and stack is not None:
-        raise AuditError("--dsn and --stack both name the state database: give one")
-    if dsn is not None:
-        return dsn
+def _db(db: Path | None, state_dir: Path | None, state: StateLocation | None) -> Path:
+    """The SQLite log (or, with a PostgreSQL log, the state directory's audit.db beside its
+    installation record): --state sqlite:PATH, --audit-db, or STATE_DIR/audit.db."""
+    if state is not None and state.backend == "sqlite":
+        if db is not None:
+            raise AuditError("--audit-db and --state sqlite:PATH both name the audit log: give one")
+        return Path(state.location)
+    return audit_db_path(db, state_dir)
+
+
+def _postgres_dsn(state: StateLocation | None, stack: str | None) -> str | None:
+    """The PostgreSQL database holding the log, or None for the SQLite file --db. --state
+    overrides the stack's `state:`."""
+    if state is not None:
+        return state.location if state.backend == "postgres" else None
     if stack is None:
         return None
     from aidc.spec import load_stack
@@ -41,9 +51,9 @@ def _postgres_dsn(dsn: str | None, stack: str | None) -> str | None:
     return resolve_dsn(state) if state.backend == "postgres" else None
 
 
-def _open(db: Path, dsn: str | None = None, stack: str | None = None, read_only: bool = True) -> AuditLog:
+def _open(db: Path, state: StateLocation | None = None, stack: str | None = None, read_only: bool = True) -> AuditLog:
     # Read-only: reading a log never changes it, and another program's file is refused, not converted.
-    location = _postgres_dsn(dsn, stack)
+    location = _postgres_dsn(state, stack)
     if location is None:
         return AuditLog(db, read_only=read_only)
     from aidc.audit.log import configured_signer
@@ -69,12 +79,12 @@ PUBLIC_KEY_OPTION = typer.Option(None, "--public-key", help="Signing public key 
 
 @app.command("verify")
 def verify(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION, public_key: Path = PUBLIC_KEY_OPTION,
-           dsn: str = DSN_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
+           state: StateLocation = STATE_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Check every record's hash, the chain and the anchor (and signatures with the installation's key
     and --public-key); exit 1 naming the first bad record."""
-    db = audit_db_path(db, state_dir)
+    db = _db(db, state_dir, state)
     pem = read_public_key(public_key) if public_key is not None else None
-    with _open(db, dsn, stack) as log:
+    with _open(db, state, stack) as log:
         result = log.verify(public_key_pem=pem)
     what = "chain intact, anchor and records signed" if result.signed else "chain intact"
     text = (f"{log.path}: OK, {result.records} records, {what}" if result.ok
@@ -87,19 +97,19 @@ def verify(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION, public_key:
 
 @app.command("reanchor")
 def reanchor(reason: str = typer.Option(..., "--reason", help="Why the log is accepted as it stands (recorded)."),
-             db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION, dsn: str = DSN_OPTION,
+             db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION, state: StateLocation = STATE_OPTION,
              stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Accept a log whose anchor is missing, damaged or ahead of it: record the gap and anchor it again."""
-    db = audit_db_path(db, state_dir)
+    db = _db(db, state_dir, state)
     import getpass
 
     from aidc.audit.log import default_actor
 
-    on_postgres = _postgres_dsn(dsn, stack) is not None
+    on_postgres = _postgres_dsn(state, stack) is not None
     if not on_postgres and not db.is_file():
         raise AuditError(f"no audit database at {db}")
-    _open(db, dsn, stack).close()  # another program's file is refused before anything is written
-    with _open(db, dsn, stack, read_only=False) as log:
+    _open(db, state, stack).close()  # another program's file is refused before anything is written
+    with _open(db, state, stack, read_only=False) as log:
         record = log.reanchor(reason, actor=default_actor(f"reanchor:{getpass.getuser()}"))
     emit({"seq": record.seq, "hash": record.hash, **record.payload}, as_json,
          f"{log.path}: re-anchored at record {record.seq} ({record.payload['problem']})")
@@ -108,11 +118,11 @@ def reanchor(reason: str = typer.Option(..., "--reason", help="Why the log is ac
 @app.command("show")
 def show(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION,
          node: str = typer.Option(None, help="Only this node."),
-         kind: str = typer.Option(None, help="Only this kind of record."), dsn: str = DSN_OPTION,
+         kind: str = typer.Option(None, help="Only this kind of record."), state: StateLocation = STATE_OPTION,
          stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """List audit records."""
-    db = audit_db_path(db, state_dir)
-    with _open(db, dsn, stack) as log:
+    db = _db(db, state_dir, state)
+    with _open(db, state, stack) as log:
         recs = log.records(kind=kind, node=node)
     data = finite([{**r.__dict__, "dry_run": r.dry_run} for r in recs])  # an old NaN prints as "NaN"
     text = "\n".join(f"{r.seq:5d} {timestamp(r.ts)} {r.kind:22s} {r.node or '-':12s} {r.actor:28s} "
@@ -123,11 +133,11 @@ def show(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION,
 @app.command("report")
 def report(db: Path = DB_OPTION, state_dir: Path = STATE_DIR_OPTION,
            out: Path = typer.Option(Path(".aidc/report"), "--out", help="Output directory."),
-           dsn: str = DSN_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
+           state: StateLocation = STATE_OPTION, stack: str = STACK_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Write report.html (verdict, failover timeline, burn-in, collectives, goodput, records) and report.json."""
-    db = audit_db_path(db, state_dir)
+    db = _db(db, state_dir, state)
     from aidc.audit.report import write_report
 
-    with _open(db, dsn, stack) as log:
+    with _open(db, state, stack) as log:
         html_path, json_path, _ = write_report(log, out)
     emit({"html": str(html_path), "json": str(json_path)}, as_json, f"wrote {html_path} and {json_path}")

@@ -23,6 +23,14 @@ STACK = vocabulary.stack_option("Stack file (scheduler, policy: max_unavailable,
                                  "state directory is the lab's.")
 LAB_DIR = vocabulary.state_dir_option(help="State directory: the event store and audit log (and the lab's nodes, "
                                            "scheduler 'lab'); /var/lib/aidc in production, .aidc/lab for the lab.")
+STATE = vocabulary.state_option("The event store and audit log (sqlite: PATH is the event store file, default "
+                                "STATE_DIR/state.db, the audit log stays STATE_DIR/audit.db).")
+State = vocabulary.StateLocation
+
+
+def _spec(stack: str, state: State | None = None):
+    """The stack, its `state:` replaced by --state when one was given."""
+    return vocabulary.with_state(load_stack(stack), state)
 
 
 def _state_db(lab_dir: Path) -> Path:
@@ -34,13 +42,18 @@ def _state_db(lab_dir: Path) -> Path:
     return path
 
 
-def _event_store(spec, lab_dir: Path, create: bool = False):
-    """The event store the stack's `state:` names: LAB_DIR/state.db (SQLite, which must exist
-    unless `create`), or the shared PostgreSQL database."""
+def _event_store(spec, lab_dir: Path, create: bool = False, state: State | None = None):
+    """The event store the stack's `state:` names: LAB_DIR/state.db or --state's file (SQLite,
+    which must exist unless `create`), or the shared PostgreSQL database."""
     from aidc.state import event_store_for
 
     if spec.state.backend == "sqlite":
-        return Store(lab_dir / "state.db" if create else _state_db(lab_dir))
+        path = vocabulary.sqlite_path(state, lab_dir / "state.db")
+        if not create and not path.exists():
+            if state is not None:
+                raise AidcError(f"no event store at {path} (--state)")
+            _state_db(lab_dir)
+        return Store(path)
     return event_store_for(spec.state, lab_dir / "state.db")
 
 
@@ -53,15 +66,16 @@ def _audit_log(spec, lab_dir: Path):
     return audit_log_for(spec.state, lab_dir / "audit.db")
 
 
-def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False, metrics=None):
+def _controller(stack: str, lab_dir: Path, dry_run: bool | None, create: bool = False, metrics=None,
+                state: State | None = None):
     from aidc.audit.log import default_actor
     from aidc.failover.backends import check_backend, open_scheduler
     from aidc.failover.controller import FailoverController
 
-    spec = load_stack(stack)
+    spec = _spec(stack, state)
     check_backend(spec)
     # The controller of a new lab may start before any agent has created the store.
-    store = _event_store(spec, lab_dir, create)
+    store = _event_store(spec, lab_dir, create, state)
     audit = _audit_log(spec, lab_dir)
     scheduler = open_scheduler(spec, lab_dir, audit=audit, actor=default_actor("failover"))
     return FailoverController(spec, store, audit, scheduler, dry_run=dry_run, metrics=metrics)
@@ -128,7 +142,7 @@ def _listener(ctl, options, relays: dict[str, list[str]], lab_dir: Path, api_tok
 
 
 @app.command("run", context_settings=config.DAEMON_SETTINGS)
-def run(ctx: typer.Context, stack: str = STACK, lab_dir: Path = LAB_DIR,
+def run(ctx: typer.Context, stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE,
         dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run", help="Override the spec's policy.dry_run."),
         poll_interval: float = vocabulary.poll_interval_option(0.05, "Seconds between looks at the event store."),
         lease: str = typer.Option(None, "--lease",
@@ -186,7 +200,7 @@ def run(ctx: typer.Context, stack: str = STACK, lab_dir: Path = LAB_DIR,
         raise AidcError("--api-token-map needs --ingest-address HOST:PORT (the health API is served on that listener)")
     relays = _relays(stack, allow_client)
     metrics_listen = vocabulary.parse_listen(listen_address, None)
-    elected = open_lease(lease, load_stack(stack), lab_dir, lease_dir, lease_ttl)  # None: the Kubernetes Lease
+    elected = open_lease(lease, _spec(stack, state), lab_dir, lease_dir, lease_ttl)  # None: the Kubernetes Lease
     metrics = probe = None
     if metrics_listen is not None:
         listen_address, metrics_port = metrics_listen
@@ -200,7 +214,7 @@ def run(ctx: typer.Context, stack: str = STACK, lab_dir: Path = LAB_DIR,
         except OSError as exc:
             raise AidcError(f"cannot serve metrics on {listen_address}:{metrics_port}: "
                             f"{exc.strerror or exc}") from None
-    ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics)
+    ctl = _controller(stack, lab_dir, dry_run, create=True, metrics=metrics, state=state)
     ctl.probe = probe
     if metrics is not None:
         metrics.add_fleet_health(ctl.spec, ctl.audit.path if ctl.spec.state.backend == "sqlite"
@@ -298,7 +312,7 @@ def release(node: str = typer.Argument(..., help="Node to return to service, or 
             actor: str = typer.Option(None, "--actor",
                                       help="A note on who releases it (e.g. a full name), recorded beside the "
                                            "authenticated OS user, which is the actor."),
-            stack: str = STACK, lab_dir: Path = LAB_DIR,
+            stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE,
             dry_run: bool = typer.Option(None, "--dry-run/--no-dry-run",
                                          help="Override the spec's policy.dry_run (record, change nothing)."),
             as_json: bool = JSON_OPTION) -> None:
@@ -313,7 +327,7 @@ def release(node: str = typer.Argument(..., help="Node to return to service, or 
         name, gpu = parse_target(node)
     except OffenderError:  # not NODE/GPU: a name the controller refuses as no node (audited)
         name, gpu = node, None
-    ctl = _controller(stack, lab_dir, dry_run)
+    ctl = _controller(stack, lab_dir, dry_run, state=state)
     identity = cli_identity()
     about = {"reason": reason, **({"note": actor} if actor else {})}
     installed = require(lab_dir, ctl.spec, stack, identity, f"release {node}", ctl.audit, name, about)
@@ -332,13 +346,13 @@ def release(node: str = typer.Argument(..., help="Node to return to service, or 
 
 
 @app.command("status")
-def status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+def status(stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE, as_json: bool = JSON_OPTION) -> None:
     """Show node states and the fault events with their outcomes (on Slurm: what Slurm says)."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.failover.backends import open_scheduler
 
-    spec = load_stack(stack)
-    store = _event_store(spec, lab_dir)
+    spec = _spec(stack, state)
+    store = _event_store(spec, lab_dir, state=state)
     waiting = {i for i, _ in store.pending(limit=100000)}
     # A refused event keeps its verdict as outcome while it waits, pending, for capacity.
     events = [{"id": i, "node": e.node, "kind": e.kind.value, "xid": e.xid, "action": e.action.value, "outcome": o,
@@ -383,11 +397,11 @@ breaker_app = typer.Typer(help="The circuit breaker: failover stops acting after
 app.add_typer(breaker_app, name="breaker")
 
 
-def _gate(stack: str, lab_dir: Path):
+def _gate(stack: str, lab_dir: Path, state: State | None = None):
     from aidc.failover.remediation import RemediationGate
 
-    spec = load_stack(stack)
-    return RemediationGate(spec, _event_store(spec, lab_dir), _audit_log(spec, lab_dir))
+    spec = _spec(stack, state)
+    return RemediationGate(spec, _event_store(spec, lab_dir, state=state), _audit_log(spec, lab_dir))
 
 
 def _breaker_view(gate) -> dict:
@@ -400,12 +414,13 @@ def _breaker_view(gate) -> dict:
 
 
 @breaker_app.command("status")
-def breaker_status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+def breaker_status(stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE,
+                   as_json: bool = JSON_OPTION) -> None:
     """Is the breaker open, why, and how many quarantines the window holds against its limit."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     from aidc.failover.remediation import utc_text
 
-    view = _breaker_view(_gate(stack, lab_dir))
+    view = _breaker_view(_gate(stack, lab_dir, state))
     state = view["breaker"]
     if state.get("open"):
         text = f"breaker OPEN since {utc_text(state['opened_at'])}: {state['reason']}"
@@ -421,7 +436,8 @@ def breaker_status(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = 
 def breaker_reset(reason: str = typer.Option(..., "--reason", help="Why it is safe to act again (audited)."),
                   actor: str = typer.Option(None, "--actor", help="A note on who resets it (e.g. a full name), "
                                             "recorded beside the authenticated OS user, which is the actor."),
-                  stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+                  stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE,
+                  as_json: bool = JSON_OPTION) -> None:
     """Close the breaker (a person's decision, needs the approver role; audited as theirs).
     Events it held back are decided again by the running controller."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
@@ -430,7 +446,7 @@ def breaker_reset(reason: str = typer.Option(..., "--reason", help="Why it is sa
 
     if not reason.strip():
         raise AidcError("--reason must say why it is safe for failover to act again")
-    gate = _gate(stack, lab_dir)
+    gate = _gate(stack, lab_dir, state)
     identity = cli_identity()
     about = {"reason": reason, **({"note": actor} if actor else {})}
     action = "reset the failover circuit breaker"
@@ -447,21 +463,22 @@ offender_app = typer.Typer(help="Repeat offenders (policy.offenders): nodes and 
 app.add_typer(offender_app, name="offender")
 
 
-def _offenders(stack: str, lab_dir: Path):
+def _offenders(stack: str, lab_dir: Path, state: State | None = None):
     from aidc.failover.offenders import Offenders
     from aidc.health.catalog import load_catalog
 
-    spec = load_stack(stack)
-    return Offenders(spec, _event_store(spec, lab_dir), AuditLog(lab_dir / "audit.db"), load_catalog())
+    spec = _spec(stack, state)
+    return Offenders(spec, _event_store(spec, lab_dir, state=state), AuditLog(lab_dir / "audit.db"), load_catalog())
 
 
 @offender_app.command("list")
-def offender_list(stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+def offender_list(stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE,
+                  as_json: bool = JSON_OPTION) -> None:
     """The nodes and GPUs marked repeat offenders, why, and the faults that counted."""
     from aidc.failover.offenders import marks
     from aidc.failover.remediation import utc_text
 
-    offenders = _offenders(stack, lab_dir)
+    offenders = _offenders(stack, lab_dir, state)
     current = marks(offenders.store)
     lines = [f"{name}: marked {utc_text(m['marked_at'])}, {m['reason']}" for name, m in sorted(current.items())]
     emit({"offenders": current, "max_faults": offenders.policy.max_faults,
@@ -473,7 +490,8 @@ def offender_clear(target: str = typer.Argument(..., help="NODE or NODE/GPU (e.g
                    reason: str = typer.Option(..., "--reason", help="Why it may return (repaired, replaced; audited)."),
                    actor: str = typer.Option(None, "--actor", help="A note on who clears it (e.g. a full name), "
                                              "recorded beside the authenticated OS user, which is the actor."),
-                   stack: str = STACK, lab_dir: Path = LAB_DIR, as_json: bool = JSON_OPTION) -> None:
+                   stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE,
+                   as_json: bool = JSON_OPTION) -> None:
     """Clear a repeat offender (needs the approver role; audited as theirs). It stays out of
     service: `aidc failover release` returns it once it is repaired and recertified."""
     from aidc.failover.offenders import parse_target
@@ -483,7 +501,7 @@ def offender_clear(target: str = typer.Argument(..., help="NODE or NODE/GPU (e.g
     if not reason.strip():
         raise AidcError("--reason must say why the node or GPU may return to service")
     node, _ = parse_target(target)
-    offenders = _offenders(stack, lab_dir)
+    offenders = _offenders(stack, lab_dir, state)
     identity = cli_identity()
     about = {"reason": reason, "target": target, **({"note": actor} if actor else {})}
     action = f"clear repeat offender {target}"

@@ -15,6 +15,7 @@ A command that needs one of these takes it from here instead of declaring its ow
 | where a daemon listens      | `--listen-address HOST:PORT`|                   |
 | seconds between looks       | `--poll-interval S`         |                   |
 | the audit log (SQLite file) | `--audit-db PATH`           |                   |
+| the state database          | `--state sqlite:PATH|postgres:DSN` | `AIDC_STATE` |
 | log lines                   | `--log-format text|json`    |                   |
 
 Fixed sets (`--backend`, `--scheduler`, `--dcgm-exporter`, `--log-format`) take one of a fixed set of names,
@@ -48,6 +49,8 @@ DEPRECATED = {
     "--listen": "--ingest-address",
     "--port": "--listen-address",
     "--metrics-port": "--listen-address",
+    "--dsn": "--state",
+    "--state-db": "--state",
 }
 PORT_SPELLINGS = ("--port", "--metrics-port")
 REMOVED_IN = "the next release"
@@ -323,3 +326,109 @@ def audit_db_path(audit_db: Path | None, state_dir: Path | None) -> Path:
     if is_lab_dir(LAB_STATE_DIR):
         return LAB_STATE_DIR / "audit.db"
     raise AidcError("name the audit log: --audit-db PATH, or --state-dir DIR (or AIDC_STATE_DIR) holding audit.db")
+
+
+# ---- the state's location ----
+
+STATE_ENV = "AIDC_STATE"
+
+
+class StateLocation:
+    """Where a command's state lives, from `--state` (or AIDC_STATE): `backend` is a state backend
+    name (aidc.state) and `location` its argument, a SQLite file path or a PostgreSQL DSN."""
+
+    __slots__ = ("backend", "location")
+
+    def __init__(self, backend: str, location: str):
+        self.backend, self.location = backend, location
+
+    def __str__(self) -> str:
+        """As the user wrote it (`--print-config` shows this), save a DSN's password (which
+        AIDC_STATE may carry)."""
+        from aidc.spec import dsn_has_password
+
+        if self.backend == "postgres" and dsn_has_password(self.location):
+            return f"{self.backend}:<a DSN with a password, not shown>"
+        return f"{self.backend}:{self.location}"
+
+    __repr__ = __str__
+
+    def spec_state(self):
+        """This location as a stack's `state:` section, which it overrides. Built unvalidated: a
+        password is allowed here because it came from the environment (the command line's is
+        refused in parse_state), while the stack file's validator refuses any."""
+        from aidc.spec import State
+
+        if self.backend == "sqlite":
+            return State()
+        return State.model_construct(backend=self.backend, dsn=self.location, dsn_file=None, dsn_env=None)
+
+
+def parse_state(value: str, from_command_line: bool = True, flag: str = "--state") -> StateLocation:
+    """`sqlite:PATH`, `postgres:DSN`, a bare `postgresql://...` URI or `host=...` key/value DSN
+    (PostgreSQL), or a bare PATH (SQLite). A DSN with a password on the command line is refused:
+    the process list and shell history show it."""
+    import re
+
+    scheme, colon, rest = value.partition(":")
+    if colon and scheme == "sqlite":
+        backend, location = "sqlite", rest
+    elif colon and scheme in ("postgres", "postgresql") and not rest.startswith("//"):
+        backend, location = "postgres", rest
+    elif re.match(r"^postgres(ql)?://", value) or re.match(r"^\s*\w+\s*=", value):
+        backend, location = "postgres", value
+    else:
+        backend, location = "sqlite", value
+    if not location.strip():
+        raise typer.BadParameter(f"{value!r} names no {'file' if backend == 'sqlite' else 'database'}: "
+                                 "sqlite:PATH or postgres:DSN", param_hint=flag)
+    state = StateLocation(backend, location)
+    if from_command_line:
+        refuse_password(state, flag)
+    return state
+
+
+def refuse_password(state: StateLocation, flag: str = "--state") -> None:
+    from aidc.spec import dsn_has_password
+
+    if state.backend == "postgres" and dsn_has_password(state.location):
+        raise typer.BadParameter(f"a DSN with a password is refused on the command line (ps and shell "
+                                 f"history show it): set {STATE_ENV}, or use the stack's state.dsn_env or "
+                                 "state.dsn_file, PGPASSWORD or ~/.pgpass", param_hint=flag)
+
+
+def _parse_state_text(value):
+    # The parser only reads the form; _state_callback, which knows where the value came from,
+    # refuses a password given on the command line.
+    return value if isinstance(value, StateLocation) else parse_state(value, from_command_line=False)
+
+
+def _state_callback(ctx: typer.Context, param: typer.CallbackParam, value):
+    if value is None:
+        return None
+    source = ctx.get_parameter_source(param.name)
+    if source is None or source.name != "ENVIRONMENT":
+        refuse_password(value)
+    return value
+
+
+def state_option(help: str | None = None):
+    """--state LOCATION (or AIDC_STATE): the state database, overriding the stack's `state:`."""
+    text = ("Where the state is, overriding the stack's `state:`: postgres:DSN (or a bare postgresql:// "
+            "or host=... DSN), or sqlite:PATH (or a bare PATH). No password on the command line: "
+            f"{STATE_ENV}, the stack's dsn_env/dsn_file, PGPASSWORD or ~/.pgpass.")
+    return typer.Option(None, "--state", envvar=STATE_ENV, show_envvar=True, metavar="LOCATION",
+                        parser=_parse_state_text, callback=_state_callback,
+                        help=(help + " " + text) if help else text)
+
+
+def with_state(spec, state: StateLocation | None):
+    """The stack `spec` with its `state:` replaced by `--state` when one was given."""
+    if state is None:
+        return spec
+    return spec.model_copy(update={"state": state.spec_state()})
+
+
+def sqlite_path(state: StateLocation | None, default: Path) -> Path:
+    """The SQLite file a command opens: --state's when it names one, else `default`."""
+    return Path(state.location) if state is not None and state.backend == "sqlite" else default

@@ -23,7 +23,10 @@ STACK = vocabulary.stack_option("Stack name or Pulumi.<stack>.yaml path (nodes, 
                                  "when the state directory is the lab's.")
 LAB_DIR = vocabulary.state_dir_option(help="State directory: the installation record and audit log (lab scheduler: "
                                            "nodes/<node>/); .aidc/lab only for the lab stack.")
-STATE_DB = typer.Option(Path(".aidc/runbook/state.db"), "--state-db", help="Durable run state (SQLite).")
+RUN_STATE_DB = Path(".aidc/runbook/state.db")
+STATE = vocabulary.state_option(f"The durable run state (and, on postgres, the audit log and failover store; "
+                                f"sqlite: PATH is the run state file, default {RUN_STATE_DB}).")
+State = vocabulary.StateLocation
 AUDIT_DB = vocabulary.audit_db_option(None, "Audit log (SQLite; default: STATE_DIR/audit.db).")
 PROMETHEUS = typer.Option(None, "--prometheus", help="Prometheus base URL for check steps, e.g. http://127.0.0.1:9090.")
 NOTIFY_FILE = typer.Option(None, "--notify-file", help="Append notifications here as JSON lines.")
@@ -31,10 +34,13 @@ INVENTORY = typer.Option(None, "--inventory",
                          help="Ansible inventory for playbook steps (default: playbooks/inventory/aidc_spec.sh).")
 
 
-def _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus=None, notify_file=None, inventory=None):
+def _engine(stack, lab_dir, state: State | None, audit_db, runbooks, prometheus=None, notify_file=None,
+            inventory=None):
     from aidc.runbook.context import EngineOptions, build_engine
 
-    return build_engine(EngineOptions(stack=stack, lab_dir=lab_dir, state_db=state_db, audit_db=audit_db,
+    return build_engine(EngineOptions(stack=stack, lab_dir=lab_dir,
+                                      state_db=vocabulary.sqlite_path(state, RUN_STATE_DB),
+                                      state=state.spec_state() if state is not None else None, audit_db=audit_db,
                                       runbooks=runbooks, prometheus=prometheus, notify_file=notify_file,
                                       inventory=inventory))
 
@@ -81,13 +87,13 @@ def run(name: str = typer.Argument(..., help="Runbook name."),
         node: str = typer.Option(..., "--node", help="The node to run it on."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print each step and what it would do; change nothing."),
         label: list[str] = typer.Option([], "--label", help="KEY=VALUE an alert would carry (e.g. gpu=0); repeatable."),
-        stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
+        stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE, audit_db: Path = AUDIT_DB,
         runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
         inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Run a runbook on a node by hand (audited; the same guards as an alert-triggered run)."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     audit_db = audit_db or lab_dir / "audit.db"
-    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    engine = _engine(stack, lab_dir, state, audit_db, runbooks, prometheus, notify_file, inventory)
     if node not in engine.nodes:
         reason = f"{shown(node)} is not a node of stack {stack!r}; nodes: {', '.join(engine.nodes)}"
         engine.refusals.refuse(node, "cli", cli_identity(), reason)
@@ -144,17 +150,18 @@ def _emit_run(engine, run_id: int, as_json: bool) -> None:
 
 
 @app.command("runs")
-def runs(state_db: Path = STATE_DB, node: str = typer.Option(None, "--node", help="Only this node."),
+def runs(state: State = STATE, node: str = typer.Option(None, "--node", help="Only this node."),
          stack: str = vocabulary.stack_option("Read the runs where this stack's `state:` keeps them (postgres: "
-                                              "the shared database; sqlite: --state-db)."),
+                                              "the shared database; sqlite: --state's file)."),
          as_json: bool = JSON_OPTION) -> None:
     """List runs and their status from the durable state."""
     from aidc.spec import load_stack
     from aidc.state import open_run_state, resolve_dsn
 
-    state = load_stack(stack).state if stack is not None else None
-    if state is not None and state.backend != "sqlite":
-        st = open_run_state(state.backend, resolve_dsn(state))
+    state_db = vocabulary.sqlite_path(state, RUN_STATE_DB)
+    named = state.spec_state() if state is not None else load_stack(stack).state if stack is not None else None
+    if named is not None and named.backend != "sqlite":
+        st = open_run_state(named.backend, resolve_dsn(named))
     elif not state_db.exists():
         raise AidcError(f"no run state at {state_db}")
     else:
@@ -172,13 +179,13 @@ def approve(run_id: int = typer.Argument(..., help="Run id (see `aidc runbook ru
                                               "authenticated OS user, which is the approver."),
             resume: bool = typer.Option(True, "--resume/--no-resume",
                                         help="Continue the run here (else a running `serve` picks it up)."),
-            stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
+            stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE, audit_db: Path = AUDIT_DB,
             runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
             inventory: Path = INVENTORY, as_json: bool = JSON_OPTION) -> None:
     """Approve a run's waiting `approve` step."""
     stack, lab_dir = vocabulary.resolve_stack_and_state_dir(stack, lab_dir)
     audit_db = audit_db or lab_dir / "audit.db"
-    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    engine = _engine(stack, lab_dir, state, audit_db, runbooks, prometheus, notify_file, inventory)
     identity = cli_identity()
     _trust_installation(engine, stack, lab_dir, identity, f"approve run {run_id}", None,
                         {"run_id": run_id, **({"note": by} if by else {})})
@@ -223,7 +230,7 @@ def serve(ctx: typer.Context,
           token_map: Path = typer.Option(None, "--token-map",
                                          help="File of '<name> <sha256 hex of a token>' lines: each token "
                                               "authenticates as token:<name> (the tokens are stored nowhere)."),
-          stack: str = STACK, lab_dir: Path = LAB_DIR, state_db: Path = STATE_DB, audit_db: Path = AUDIT_DB,
+          stack: str = STACK, lab_dir: Path = LAB_DIR, state: State = STATE, audit_db: Path = AUDIT_DB,
           runbooks: Path = RUNBOOKS, prometheus: str = PROMETHEUS, notify_file: Path = NOTIFY_FILE,
           inventory: Path = INVENTORY,
           tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM server certificate: serve HTTPS."),
@@ -298,7 +305,7 @@ def serve(ctx: typer.Context,
                     max_alerts=max_alerts, request_workers=request_workers, max_per_source=max_per_source,
                     reserved_connections=reserved_connections, handshake_timeout_s=handshake_timeout)
     _ensure_file_descriptors(max_connections)
-    engine = _engine(stack, lab_dir, state_db, audit_db, runbooks, prometheus, notify_file, inventory)
+    engine = _engine(stack, lab_dir, state, audit_db, runbooks, prometheus, notify_file, inventory)
     engine.recover_audit()  # records a crash of older code left out (runs finished without one)
     try:
         receiver = Receiver(engine, token or None, host, port, tls=tls_config, limits=limits, token_map=tokens,

@@ -28,7 +28,7 @@ def migrate(
     audit_from: str = typer.Option(None, "--audit-from", help="sqlite:PATH, the audit log (default: audit.db beside "
                                    "the event store, when there is one). It must verify, or nothing moves."),
     runbook_from: str = typer.Option(None, "--runbook-from", help="sqlite:PATH, the runbook engine's run state "
-                                     "(`aidc runbook serve --state-db`; stop the engine first)."),
+                                     "(`aidc runbook serve --state sqlite:PATH`; stop the engine first)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would move and check the source audit log "
                                  "and the destination; write nothing."),
     as_json: bool = JSON_OPTION,

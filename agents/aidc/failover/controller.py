@@ -65,6 +65,7 @@ import time
 from aidc.audit import AuditLog
 from aidc.audit.log import default_actor
 from aidc.errors import AidcError
+from aidc.retry import Backoff, RetryPolicy
 from aidc.events import Action, Decision, FaultEvent, FaultKind
 from aidc.failover.gpu_quarantine import GpuQuarantine
 from aidc.failover.leader import NotLeader
@@ -79,6 +80,7 @@ from aidc.store import Store
 
 OUT_OF_SERVICE = ("quarantining", "quarantined")
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
+EVENT_RETRY = RetryPolicy(attempts=None, base_s=RETRY_FIRST_S, cap_s=RETRY_MAX_S)  # no limit: the event waits
 # Events decided in one commit (one audit fsync and anchor update, one store commit). Larger
 # batches amortise more but hold the store's write lock longer (the listener waits on it) and
 # delay the commit of the batch's first decision.
@@ -116,7 +118,7 @@ class FailoverController:
         # A failed event is retried with capped exponential backoff, not on every 50 ms poll:
         # an API server that is down is not hammered by every pending event.
         self._retry_at: dict[int, float] = {}
-        self._retry_delay: dict[int, float] = {}
+        self._retry_backoff: dict[int, Backoff] = {}
         # Events refused for capacity are decided again (a full pass) when the store's capacity
         # counter moves, and every policy.deferred_recheck_s (monotonic); the polls between
         # read only undecided events, so a thousand waiting events cost nothing per poll.
@@ -532,7 +534,7 @@ class FailoverController:
         took_ms = (time.monotonic() - started) * 1000
         self._errors.pop(event_id, None)
         self._retry_at.pop(event_id, None)
-        self._retry_delay.pop(event_id, None)
+        self._retry_backoff.pop(event_id, None)
         self.audit.append("failover.action", _with_warning(f"quarantined through {self.scheduler.name}", warning),
                           actor=self.actor, node=node,
                           payload={"event_id": event_id, "scheduler": self.scheduler.name, "warning": warning,
@@ -547,8 +549,7 @@ class FailoverController:
 
     def _failed(self, event_id: int, node: str, reason: str, payload: dict, exc: Exception) -> Decision:
         """Audit a failure once per event (not on every poll), leave the event pending, back off."""
-        delay = min(self._retry_delay.get(event_id, RETRY_FIRST_S / 2) * 2, RETRY_MAX_S)
-        self._retry_delay[event_id] = delay
+        delay = self._retry_backoff.setdefault(event_id, Backoff(EVENT_RETRY)).failed()
         self._retry_at[event_id] = time.monotonic() + delay
         if self._errors.get(event_id) != str(exc):
             self._errors[event_id] = str(exc)

@@ -145,13 +145,14 @@ class KubernetesFaultSource:
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None,
             backoff_s: float = 1.0) -> None:
-        delay = backoff_s
+        from aidc.retry import Backoff, RetryPolicy
+
+        backoff = Backoff(RetryPolicy(attempts=None, base_s=backoff_s, cap_s=30.0))
         while not stop.is_set():
             try:
                 self.watch.watch_once(self.handle, stop)
-                delay = backoff_s
+                backoff.succeeded()
             except Exception as exc:  # API server away: say so, wait, try again from where we were
                 if on_error:
                     on_error(exc)
-                stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                stop.wait(backoff.failed())

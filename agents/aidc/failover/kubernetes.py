@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from aidc.errors import AidcError
+from aidc.retry import Backoff, RetryPolicy
 
 GROUP = "aidc.dev"
 QUARANTINE_TAINT = f"{GROUP}/quarantine"
@@ -45,6 +46,9 @@ PROMOTED_FOR = f"{GROUP}/promoted-for"  # spare annotation: the quarantined node
 CONDITION = "AidcGpuHealthy"
 POOL_LABEL = f"{GROUP}/pool"                # set on every node of aidc's node pools (infra/)
 CONFLICT_RETRIES = 8
+# Evictions a PodDisruptionBudget refused (429) are tried again, waiting 0.5 s doubling to 8 s,
+# until settings.eviction_timeout_s.
+EVICTION_RETRY = RetryPolicy(attempts=None, base_s=0.5, cap_s=8.0)
 FIELD_MANAGER = "aidc"                      # who the API server records for aidc's node writes
 # Pods eviction leaves alone beyond kubectl drain's rules: the system-critical priority classes
 # (their values start here), and the cluster's own namespace.
@@ -288,7 +292,7 @@ class KubernetesScheduler:
     def evict_pods(self, node: str) -> list[str]:
         """Evict the node's workload pods; returns those a disruption budget kept past the timeout."""
         deadline = self._clock() + self.settings.eviction_timeout_s
-        delay = 0.5
+        backoff = Backoff(EVICTION_RETRY)
         pending = [p for p in self._call(self.core.list_pod_for_all_namespaces,
                                          field_selector=f"spec.nodeName={node}").items
                    if _evictable(p, self.own_pod)]
@@ -308,10 +312,10 @@ class KubernetesScheduler:
                     raise KubernetesError(f"evicting {pod.metadata.namespace}/{pod.metadata.name}: "
                                           f"{exc.status} {exc.reason}") from None
             pending = refused
+            delay = backoff.failed()
             if not pending or self._clock() + delay > deadline:
                 break
             self._sleep(delay)
-            delay = min(delay * 2, 8.0)
         return [f"{p.metadata.namespace}/{p.metadata.name}" for p in pending]
 
     # -- spares ----------------------------------------------------------------------

@@ -30,6 +30,8 @@ class EngineOptions:
     # The failover store whose escalation history and circuit breaker runbook quarantines share
     # (aidc.failover.remediation); None: LAB_DIR/state.db when it exists, else none.
     remediation_db: Path | None = None
+    # A spec.State that replaces the stack's `state:` (the CLI's --state); None: the stack's.
+    state: object | None = None
 
 
 def scheduler_for(spec: ClusterSpec, lab_dir: Path, audit: AuditLog | None = None) -> SchedulerBackend:
@@ -50,6 +52,8 @@ def agent_url_for(spec: ClusterSpec):
 
 def build_engine(opts: EngineOptions) -> Engine:
     spec = load_stack(opts.stack)
+    if opts.state is not None:
+        spec = spec.model_copy(update={"state": opts.state})
     check_backend(spec)
     catalog = Catalog.load(opts.runbooks)
     # The stack's `state:` names where runs and the audit log live: these files, or PostgreSQL.

@@ -95,28 +95,35 @@ def pagerduty_event(routing_key: str, severity: str, message: str, context: dict
     }
 
 
+def _worth_another_try(exc: BaseException) -> bool:
+    # A 4xx other than 429 means the payload or the key is wrong: sending it again changes nothing.
+    return not isinstance(exc, urllib.error.HTTPError) or exc.code == 429 or exc.code >= 500
+
+
 def post_json(url: str, body: dict, what: str, timeout_s: float = 5.0, attempts: int = 3,
               backoff_s: float = 0.5, sleep: Callable[[float], None] = time.sleep) -> int:
     """POST `body`; the HTTP status of the accepting answer, or NotifyError naming why not."""
+    from aidc.retry import RetryPolicy
+
     data = json.dumps(body, sort_keys=True, default=str).encode()
-    last = ""
-    for attempt in range(attempts):
-        if attempt:
-            sleep(backoff_s * 2 ** (attempt - 1))
+
+    def once() -> int:
         request = urllib.request.Request(url, data=data, method="POST",
                                          headers={"Content-Type": "application/json",
                                                   "User-Agent": f"aidc/{__version__}"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as answer:
-                return answer.status
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(300).decode("utf-8", "replace").strip()
-            last = f"HTTP {exc.code}" + (f": {detail}" if detail else "")
-            if exc.code != 429 and exc.code < 500:
-                break  # the payload or the key is wrong: sending it again changes nothing
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(getattr(exc, "reason", None) or exc)
-    raise NotifyError(f"{what}: not delivered after {attempt + 1} attempt(s): {last}")
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            return answer.status
+
+    policy = RetryPolicy(attempts=attempts, base_s=backoff_s, cap_s=60.0, retry_on=(urllib.error.URLError, OSError))
+    try:
+        return policy.call(once, retryable=_worth_another_try, sleep=sleep)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(300).decode("utf-8", "replace").strip()
+        last = f"HTTP {exc.code}" + (f": {detail}" if detail else "")
+        tries = exc.attempts
+    except (urllib.error.URLError, OSError) as exc:
+        last, tries = str(getattr(exc, "reason", None) or exc), exc.attempts
+    raise NotifyError(f"{what}: not delivered after {tries} attempt(s): {last}")
 
 
 class SlackNotifier:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import random
 import sqlite3
 import ssl
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aidc.errors import AidcError
+from aidc.retry import Backoff, RetryPolicy
 from aidc.store import Store
 from aidc.transport import wire
 
@@ -83,17 +83,19 @@ class OutboxForwarder:
         self.batch_size = batch_size
         self.poll_s, self.timeout_s = poll_s, timeout_s
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        # Full jitter over a capped exponential: agents that lost the controller together do not
+        # all come back at the same instant. No limit on tries: the events wait in the store.
+        self.backoff = Backoff(RetryPolicy(attempts=None, base_s=backoff_base_s, cap_s=backoff_max_s, jitter="full"))
         self.log = log or (lambda line: print(f"{time.strftime('%H:%M:%S')} aidc agent: {line}",
                                                file=sys.stderr, flush=True))
         self.wake = threading.Event()
         self.forwarded = 0
-        self.failures = 0  # consecutive failed tries (0: the last one went through)
         self.failed_tries = 0  # all of them, since start
 
-    def backoff_s(self) -> float:
-        """Full jitter over a capped exponential: agents that lost the controller together
-        do not all come back at the same instant."""
-        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** min(self.failures, 30)))
+    @property
+    def failures(self) -> int:
+        """Consecutive failed tries (0: the last one went through)."""
+        return self.backoff.failures
 
     # --- the thread -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -105,17 +107,15 @@ class OutboxForwarder:
                     sent = self.forward_once(store)
                 except (TransportError, sqlite3.Error) as exc:
                     # sqlite3.Error: the store busy or unreadable for a moment; the events stay in it.
-                    self.failures += 1
                     self.failed_tries += 1
-                    wait = self.backoff_s()
+                    wait = self.backoff.failed()
                     if self.failures == 1 or self.failures % 10 == 0:  # first failure and then every tenth
                         self.log(f"{exc}; {self._queued(store)} event(s) queued, "
                                  f"retrying (try {self.failures}, next in {wait:.2f} s)")
                     stop.wait(wait)
                     continue
                 if self.failures:
-                    self.log(f"{self.sink} reachable again after {self.failures} failed tries")
-                    self.failures = 0
+                    self.log(f"{self.sink} reachable again after {self.backoff.succeeded()} failed tries")
                 if sent < self.batch_size:  # caught up: wait for new events
                     self.wake.wait(self.poll_s)
                     self.wake.clear()
