@@ -173,7 +173,7 @@ def test_runbook_serve_with_a_kubernetes_stack_drains_through_the_api_on_an_aler
     books.mkdir()
     (books / "drain-and-back.yaml").write_text(DRAIN_AND_BACK)
     serve = ServeProcess(tmp_path, "s3cret", ["--stack", str(stack), "--runbooks", str(books),
-                                              "--state-db", str(tmp_path / "rb.db"),
+                                              "--state-dir", str(tmp_path), "--state-db", str(tmp_path / "rb.db"),
                                               "--audit-db", str(tmp_path / "audit.db")]).start()
     try:
         serve.post({"version": "4", "status": "firing", "receiver": "aidc", "groupKey": "{}:{}",
