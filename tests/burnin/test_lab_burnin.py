@@ -199,7 +199,7 @@ def test_missing_node_directories_are_named(tmp_path):
 def test_lab_cli_fails_the_slowed_node_naming_the_fleet_median_and_certifies_the_rest(tmp_path, aidc_cli):
     lab = tmp_path / "lab"
     setup = aidc_cli("burnin", "run", "--help")
-    assert setup.returncode == 0 and "--lab-dir" in setup.stdout
+    assert setup.returncode == 0 and "--state-dir" in setup.stdout
     from aidc.burnin.runner import lab_node_dirs
     from aidc.spec import load_stack
 

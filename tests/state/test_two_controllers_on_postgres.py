@@ -38,9 +38,8 @@ import yaml
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: pip install 'aidc[postgres]'")
 
-from aidc.audit import AuditLog  # noqa: E402
 from aidc.events import Action, FaultEvent, FaultKind  # noqa: E402
-from aidc.state import open_event_store  # noqa: E402
+from aidc.state import open_audit_log, open_event_store  # noqa: E402
 
 TTL_S = 2.0
 NODES = [f"gpu-{i}" for i in range(10)]
@@ -115,6 +114,18 @@ def _stack(directory: Path, policy: dict) -> Path:
     path = directory / "Pulumi.pgpair.yaml"
     path.write_text(yaml.safe_dump({"config": {"aidc:cluster": spec}}))
     return path
+
+
+
+class _AuditOf:
+    """The records one controller process wrote to the shared audit log (PostgreSQL, state.backend
+    postgres): its actor ends with its pid (aidc.audit.log.default_actor)."""
+
+    def __init__(self, log, pid: int):
+        self.log, self.suffix = log, f":{pid}"
+
+    def records(self, kind: str | None = None):
+        return [r for r in self.log.records(kind=kind) if r.actor.endswith(self.suffix)]
 
 
 def _controller(hosts: Hosts, host: str, stack: Path, state: Path, dsn: str) -> subprocess.Popen:
@@ -229,7 +240,9 @@ def test_the_leader_killed_mid_storm_is_replaced_within_the_ttl_and_nothing_is_l
 
     # No action repeated: one quarantine per node from in service; a second call on the same node
     # only as the new leader's finishing of an intent the dead one wrote (audited "resumed").
-    actions = [r for h in ("a", "b") for r in AuditLog(states[h] / "audit.db").records(kind="failover.action")]
+    # One audit log for both controllers, in the state database.
+    shared = open_audit_log("postgres", hosts.local_dsn(database), read_only=True)
+    actions = shared.records(kind="failover.action")
     resumed = {r.node for r in actions if r.payload.get("resumed")}
     for node, calls in journal.items():
         assert [c["was"] for c in calls if c["op"] == "quarantine"][0] == "in_service"
@@ -239,7 +252,7 @@ def test_the_leader_killed_mid_storm_is_replaced_within_the_ttl_and_nothing_is_l
     assert sorted(r["node"] for r in store.remediations(since=0)) == sorted(out)
     assert sorted(outcomes[e] for e in outcomes if outcomes[e] == "quarantine") == ["quarantine"] * len(out)
 
-    standby_audit = AuditLog(states[standby] / "audit.db")
+    standby_audit = _AuditOf(shared, procs[standby].pid)
     if limit == "max_unavailable":
         assert len(out) == policy["max_unavailable"]  # the limit bound, across the takeover
         assert set(outcomes.values()) == {"quarantine", "refused_blast_radius"}
@@ -253,6 +266,7 @@ def test_the_leader_killed_mid_storm_is_replaced_within_the_ttl_and_nothing_is_l
         assert not [r for r in standby_audit.records(kind="failover.action") if not r.payload.get("resumed")]
     lease_records = standby_audit.records(kind="failover.lease")
     assert lease_records[0].reason == "controller lease acquired" and lease_records[0].payload["token"] == 2
+    shared.close()
     db.close()
     store.close()
 
@@ -345,14 +359,17 @@ def test_on_kubernetes_the_lease_elects_postgres_fences_and_a_killed_leader_lose
     outcomes = [o for _, _, o in store.events()]
     assert sorted(outcomes) == ["quarantine"] * 3 + ["refused_blast_radius"] * 7  # every event decided once
     assert len(tainted()) == 3 and set(store.nodes_in_state("quarantined", "quarantining")) == set(tainted())
-    actions = [r for h in ("a", "b") for r in AuditLog(states[h] / "audit.db").records(kind="failover.action")]
+    # One audit log for both controllers, in the state database.
+    shared = open_audit_log("postgres", hosts.local_dsn(database), read_only=True)
+    actions = shared.records(kind="failover.action")
     fresh = [r.payload["event_id"] for r in actions if not r.payload.get("resumed")]
     assert len(fresh) == len(set(fresh)) and {r.node for r in actions} == set(tainted())
     assert sorted(r["node"] for r in store.remediations(since=0)) == tainted()
     # Two terms of the Lease, two fencing tokens: the dead leader's and its successor's.
     assert db.execute("SELECT token FROM controller_lease WHERE name = %s", (K8S_FENCE,)).fetchone()[0] == 2
-    acquired = AuditLog(states[standby] / "audit.db").records(kind="failover.lease")[0]
+    acquired = _AuditOf(shared, procs[standby].pid).records(kind="failover.lease")[0]
     assert acquired.reason == "controller lease acquired" and acquired.payload["token"] == 2
     assert api.invalid == []
+    shared.close()
     db.close()
     store.close()

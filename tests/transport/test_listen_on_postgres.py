@@ -82,6 +82,6 @@ def test_a_listening_controller_on_postgres_decides_agents_events_and_survives_a
     verified = aidc_cli("audit", "verify", "--stack", str(stack), "--db", str(lab / "audit.db"), "--json", env=env)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["ok"]
-    shown = aidc_cli("audit", "show", "--stack", str(stack), "--json", env=env)
+    shown = aidc_cli("audit", "show", "--stack", str(stack), "--state-dir", str(lab), "--json", env=env)
     kinds = [r["kind"] for r in json.loads(shown.stdout)]
     assert kinds.count("transport.received") == len(outcomes()) and kinds.count("failover.action") == 1
