@@ -178,7 +178,7 @@ class GpuQuarantine:
     def _done(self, event_id: int, node: str, gpu: int, reason: str, warning: str | None, retry: bool,
               decision_seq: int | None) -> None:
         ctl, name = self.ctl, target(node, gpu)
-        for memo in (ctl._errors, ctl._retry_at, ctl._retry_delay):
+        for memo in (ctl._errors, ctl._retry_at, ctl._retry_backoff):
             memo.pop(event_id, None)
         said = f"{name} taken out through {ctl.scheduler.name}; {node} keeps its other GPUs in service"
         ctl.audit.append("failover.action", f"{said}; {warning}" if warning else said, actor=ctl.actor, node=node,
