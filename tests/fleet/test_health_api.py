@@ -6,6 +6,7 @@ clients."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import ssl
@@ -46,6 +47,22 @@ def listener(fleet_lab, pki):
     yield server
     server.shutdown()
     thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(pki, store_path, audit_path):
+    """A listener with the health API over these store and audit files, for one test."""
+    tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["ca"].cert_file)
+    spec = load_stack("lab")
+    server = IngestServer(store_path, audit_path, {n.name for n in spec.nodes()}, tls, "127.0.0.1",
+                          polling.free_port(), log=lambda line: None, spec=spec, roles=ROLES)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
 
 
 def tls_of(pki, name: str) -> ClientTLS:
@@ -147,20 +164,11 @@ def test_a_valid_token_adds_its_identity_and_a_wrong_one_is_401(listener, pki):
 
 def test_refusals_are_audited_once_and_repeats_are_summarised(pki, tmp_path):
     copy = tmp_path / "audit.db"  # a log of its own: the records counted are this test's
-    tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["ca"].cert_file)
-    spec = load_stack("lab")
-    server = IngestServer(tmp_path / "state.db", copy, {n.name for n in spec.nodes()}, tls, "127.0.0.1",
-                          polling.free_port(), log=lambda line: None, spec=spec, roles=ROLES)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(pki, tmp_path / "state.db", copy) as server:
         client = HealthClient(f"https://127.0.0.1:{server.port}", tls_of(pki, "no-role-bot"))
         for _ in range(5):
             with pytest.raises(PolicyRefusal, match="needs role viewer"):
                 client.nodes()
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
     with AuditLog(copy, read_only=True) as log:
         refused = log.records(kind="access.refused")
     assert [r.actor for r in refused] == ["cert:no-role-bot"] * 2
@@ -225,19 +233,13 @@ def test_a_gpu_marked_a_repeat_offender_shows_on_its_gpu_and_node_answers(fleet_
     from aidc.store import Store
 
     lab_dir, db, _ = fleet_lab
-    spec = load_stack("lab")
     store = Store(tmp_path / "state.db")
     mark = {"target": "gpu-2/gpu1", "node": "gpu-2", "gpu": 1, "reason": "3 faults weighing 6 in 30 days",
             "weight": 6, "max_faults": 4, "window_days": 30, "marked_at": 1.0, "event_id": 7, "state": "repair",
             "history": [], "catalog_version": "t"}
     store.put(OFFENDERS_KEY, json.dumps({"gpu-2/gpu1": mark}))
     store.close()
-    tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["ca"].cert_file)
-    server = IngestServer(tmp_path / "state.db", db, {n.name for n in spec.nodes()}, tls, "127.0.0.1",
-                          polling.free_port(), log=lambda line: None, spec=spec, roles=ROLES)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(pki, tmp_path / "state.db", db) as server:
         client = HealthClient(f"https://127.0.0.1:{server.port}", tls_of(pki, "viewer-bot"))
         gpu = client.gpu("gpu-2", 1)
         check_contract("/v1/nodes/gpu-2/gpus/1", 200, gpu)
@@ -245,6 +247,3 @@ def test_a_gpu_marked_a_repeat_offender_shows_on_its_gpu_and_node_answers(fleet_
         assert gpu["repeat_offender"]["target"] == "gpu-2/gpu1" and gpu["repeat_offender"]["state"] == "repair"
         assert client.gpu("gpu-2", 0)["repeat_offender"] is None  # the node's other GPU does not offend
         assert client.node("gpu-2")["repeat_offender"] is None  # nor does the node itself
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
