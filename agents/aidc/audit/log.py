@@ -390,11 +390,21 @@ class AuditLog:
         if self.signer is not None:
             self._db.execute(
                 "INSERT OR REPLACE INTO audit_signature(seq, key_id, key_version, signature, algorithm) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (seq, self.signer.key_id, self.signer.signing_key_version,
-                 base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode(),
-                 self.signer.signing_algorithm))
+                "VALUES (?, ?, ?, ?, ?)", (seq, *self._record_signature(seq, digest)))
         return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
+
+    # What this writer's signer puts beside a record and on the anchor, the same on every backend.
+    def _record_signature(self, seq: int, digest: str) -> tuple:
+        """(key_id, key_version, signature, algorithm) of record `seq`."""
+        return (self.signer.key_id, self.signer.signing_key_version,
+                base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode(),
+                self.signer.signing_algorithm)
+
+    def _anchor_signature(self, seq: int, digest: str) -> dict:
+        """The anchor's signature document (key, version, algorithm, value) for head `seq`."""
+        return {"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
+                "algorithm": self.signer.signing_algorithm,
+                "value": base64.b64encode(self.signer.sign(signed_message(ANCHOR_DOMAIN, seq, digest))).decode()}
 
     def _append(self, kind: str, reason: str, actor: str, node: str | None, payload_json: str,
                 force_anchor: bool = False) -> AuditRecord:
@@ -431,10 +441,7 @@ class AuditLog:
         """Write the anchor (signed when there is a signer); the caller holds the anchor lock."""
         doc: dict = {"seq": seq, "hash": digest}
         if self.signer is not None:
-            doc["signature"] = {"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
-                                "algorithm": self.signer.signing_algorithm,
-                                "value": base64.b64encode(self.signer.sign(
-                                    signed_message(ANCHOR_DOMAIN, seq, digest))).decode()}
+            doc["signature"] = self._anchor_signature(seq, digest)
         # durable: on disk before the rename, so a crash cannot leave an empty anchor.
         write_atomic(self.anchor_path, json.dumps(doc), durable=True)
 

@@ -20,15 +20,14 @@ of records are also refused by a trigger (defence in depth: the table owner can 
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
 from pathlib import Path
 
 from aidc import strict_json
-from aidc.audit.log import (ANCHOR_DOMAIN, COLUMNS, GENESIS, RECORD_DOMAIN, Anchor, AuditLog, AuditRecord,
-                            BadAnchor, record_hash, signed_message)
+from aidc.audit.log import (COLUMNS, GENESIS, Anchor, AuditLog, AuditRecord,
+                            BadAnchor, record_hash)
 from aidc.errors import AuditError, StateError
 
 # pg_advisory_xact_lock key for appending to the chain: the same number in every replica.
@@ -80,10 +79,7 @@ class PostgresAuditLog(AuditLog):
     def _signed_head(self, seq: int, digest: str) -> str | None:
         if self.signer is None:
             return None
-        return json.dumps({"key_id": self.signer.key_id, "key_version": self.signer.signing_key_version,
-                           "algorithm": self.signer.signing_algorithm,
-                           "value": base64.b64encode(self.signer.sign(
-                               signed_message(ANCHOR_DOMAIN, seq, digest))).decode()})
+        return json.dumps(self._anchor_signature(seq, digest))
 
     def _set_anchor(self, seq: int, digest: str) -> None:
         """Move the head (inside the caller's transaction, which holds APPEND_LOCK)."""
@@ -154,10 +150,7 @@ class PostgresAuditLog(AuditLog):
             if self.signer is not None:
                 self._conn.execute(
                     "INSERT INTO audit_signature(seq, key_id, key_version, signature, algorithm) "
-                    "VALUES (%s, %s, %s, %s, %s)",
-                    (seq, self.signer.key_id, self.signer.signing_key_version,
-                     base64.b64encode(self.signer.sign(signed_message(RECORD_DOMAIN, seq, digest))).decode(),
-                     self.signer.signing_algorithm))
+                    "VALUES (%s, %s, %s, %s, %s)", (seq, *self._record_signature(seq, digest)))
             self._set_anchor(seq, digest)
         return AuditRecord(seq, ts, actor, node, kind, reason, json.loads(payload_json), prev, digest)
 
